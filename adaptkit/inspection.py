@@ -1,0 +1,89 @@
+"""`adaptkit inspect`: what a path holds, from headers and config files alone (no tensor data).
+
+The dict returned by `inspect(path)` is the `--json` output; its keys are stable:
+
+  path, kind ("model" | "adapter" | "quantized-model"), format, tensors, parameters, bytes,
+  dtypes {name: {tensors, parameters}}, shards [{file, tensors, bytes}], metadata,
+  model (config.json summary or null), adapter (null, or: variant, format, base_model,
+  target_modules, targeted_modules, trainable_parameters, modules_to_save, and the variant's
+  figures such as rank, ranks, alpha, scaling, modules {path: {rank, alpha, scaling}}),
+  quantization (null, or {method}).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .adapter import read_adapter
+from .io import TensorStore, open_store
+
+DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+MODEL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size",
+                "torch_dtype", "dtype")
+
+
+def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """Describe the model, adapter or quantized model at `path` (see the module docstring)."""
+    store = open_store(path, allow_pickle=allow_pickle)
+    report = _tensor_figures(store)
+    report["path"] = str(Path(path))
+    adapter = read_adapter(store)
+    quantizer = None if adapter else _detect_quantizer(store)
+    report["kind"] = "adapter" if adapter else "quantized-model" if quantizer else "model"
+    report["format"] = adapter.format if adapter else _file_format(store)
+    config = store.json_file("config.json") if not adapter else None
+    report["model"] = {k: config[k] for k in MODEL_FIELDS if k in config} if config else None
+    report["adapter"] = _adapter_figures(adapter) if adapter else None
+    report["quantization"] = {"method": quantizer} if quantizer else None
+    return report
+
+
+def _file_format(store: TensorStore) -> str:
+    return "pickle" if any(f.suffix != ".safetensors" for f in store.files) else "safetensors"
+
+
+def _tensor_figures(store: TensorStore) -> dict[str, Any]:
+    dtypes: dict[str, dict[str, int]] = {}
+    shards: dict[str, dict[str, Any]] = {}
+    for info in store.infos.values():
+        d = dtypes.setdefault(DTYPE_NAMES[info.dtype], {"tensors": 0, "parameters": 0})
+        d["tensors"] += 1
+        d["parameters"] += info.numel
+        s = shards.setdefault(info.file.name, {"file": info.file.name, "tensors": 0, "bytes": info.file.stat().st_size})
+        s["tensors"] += 1
+    return {
+        "tensors": len(store),
+        "parameters": sum(i.numel for i in store.infos.values()),
+        "bytes": sum(s["bytes"] for s in shards.values()),
+        "dtypes": dtypes,
+        "shards": list(shards.values()),
+        "metadata": dict(store.metadata),
+    }
+
+
+def _adapter_figures(adapter) -> dict[str, Any]:
+    variant = registry.get("variant", adapter.variant)
+    cfg = adapter.config
+    figures = {
+        "variant": adapter.variant,
+        "format": adapter.format,
+        "base_model": adapter.base_model,
+        "target_modules": cfg.get("target_modules"),
+        "targeted_modules": len(adapter.modules),
+        "trainable_parameters": adapter.numel(),
+        "modules_to_save": sorted(adapter.saved),
+    }
+    figures.update(variant.describe(adapter))
+    return figures
+
+
+def _detect_quantizer(store: TensorStore) -> str | None:
+    for name in registry.names("quantizer"):
+        if registry.get("quantizer", name).detect(store):
+            return name
+    return None

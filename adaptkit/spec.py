@@ -1,0 +1,120 @@
+"""The plugin contracts. The core talks to plugins only through these; it never names a variant.
+
+Each kind is a Protocol checked when a plugin is first loaded (`registry.get`). Members listed in
+a Protocol are required; optional hooks are looked up with `getattr` where they are used, with
+the default behaviour in the core.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from .io import TensorStore
+
+
+@dataclass
+class AdapterFiles:
+    """A saved adapter in canonical form, its tensors still on disk.
+
+    `modules` maps each adapted module's path (e.g. `model.layers.0.self_attn.q_proj`) to its
+    tensors by role (`lora_A`, `lora_B`, ...: the variant's `param_names`) as keys of `store`.
+    `shared` holds tensors used by every module (a role -> key); `saved` holds full replacement
+    tensors (PEFT's `modules_to_save`) by parameter path.
+    """
+
+    variant: str
+    config: dict[str, Any]
+    store: TensorStore
+    format: str
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)
+    saved: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def shape(self, module: str, role: str) -> tuple[int, ...]:
+        return self.store.info(self.modules[module][role]).shape
+
+    def tensor(self, module: str, role: str) -> torch.Tensor:
+        return self.store.get(self.modules[module][role])
+
+    def shared_tensor(self, role: str) -> torch.Tensor:
+        return self.store.get(self.shared[role])
+
+    def numel(self) -> int:
+        keys = [k for roles in self.modules.values() for k in roles.values()]
+        keys += list(self.shared.values()) + list(self.saved.values())
+        return sum(self.store.info(k).numel for k in keys)
+
+
+@runtime_checkable
+class Variant(Protocol):
+    """An adapter variant. Tensor plane: describe a saved adapter and form each module's ΔW.
+
+    `param_names` are the roles of its tensors as they appear in PEFT-style keys
+    (`<module>.<role>[.weight]`); `config_keys` are the config fields it understands (others warn).
+    """
+
+    name: str
+    param_names: Sequence[str]
+    config_keys: frozenset[str]
+
+    def describe(self, adapter: AdapterFiles) -> dict[str, Any]:
+        """Figures for `inspect`: ranks, alpha, scaling, per-module details. Shapes only, no data."""
+
+    def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW for one module, shaped like the base weight (float32). `base` is the base weight, for
+        variants whose delta depends on it; others ignore it."""
+
+
+@runtime_checkable
+class MergeMethod(Protocol):
+    """A merge operator over one tensor position, never seeing files.
+
+    `params` maps each parameter name to its default (`None` = required); recipes are checked
+    against it. `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
+    the merged tensor; `base` is None when the recipe has no base model.
+    """
+
+    name: str
+    params: Mapping[str, Any]
+
+    def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, **params: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """Packs a float tensor into storage tensors and back. `detect` must need headers only."""
+
+    name: str
+
+    def quantize(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def detect(self, store: TensorStore) -> bool: ...
+
+
+@runtime_checkable
+class Format(Protocol):
+    """A file layout for adapters. `detect` runs on every `inspect`, so the module must import
+    cheaply (no torch at module level) and look at keys, metadata and JSON files only."""
+
+    name: str
+
+    def detect(self, store: TensorStore) -> bool: ...
+
+    def read(self, store: TensorStore) -> AdapterFiles: ...
+
+
+PROTOCOLS = {"variant": Variant, "merge": MergeMethod, "quantizer": Quantizer, "format": Format}
+
+
+def required_members(protocol: type) -> list[str]:
+    return sorted(getattr(protocol, "__protocol_attrs__", set()) or set())

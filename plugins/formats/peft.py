@@ -1,0 +1,83 @@
+"""PEFT's adapter folders: `adapter_config.json` + `adapter_model.safetensors` (the canonical format).
+
+Keys are `base_model.model.<module path>.<role>[.weight]` where `<role>` is one of the variant's
+`param_names` (`lora_A`, `lora_B`, ...); tensors shared by all modules sit directly under
+`base_model.` (VeRA's `vera_A`); every other key is a full tensor of a `modules_to_save` module
+(PEFT also saves resized embeddings as `<module>.base_layer.weight`). The variant is the lower-cased
+`peft_type` (LORA -> lora), or `adaptkit_variant` for variants PEFT lacks. Unknown config keys
+(a newer PEFT) load with a warning. This module imports no torch: it only reads names.
+"""
+from __future__ import annotations
+
+import warnings
+
+from adaptkit import registry
+from adaptkit.errors import AdaptkitError
+from adaptkit.spec import AdapterFiles
+
+CONFIG_FILE = "adapter_config.json"
+PREFIXES = ("base_model.model.", "base_model.")
+# Fields every PEFT config has, whatever the variant.
+COMMON_KEYS = frozenset({
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "modules_to_save", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "adaptkit_variant", "adaptkit_version",
+})
+
+
+class AdapterConfigWarning(UserWarning):
+    """An adapter config field this version does not know; it is ignored."""
+
+
+class PeftFormat:
+    """PEFT adapter folders (adapter_config.json + adapter_model.safetensors)."""
+
+    name = "peft"
+
+    def detect(self, store) -> bool:
+        return (store.root / CONFIG_FILE).is_file()
+
+    def read(self, store) -> AdapterFiles:
+        config = store.json_file(CONFIG_FILE) or {}
+        variant_name = config.get("adaptkit_variant") or str(config.get("peft_type", "")).lower()
+        if not variant_name:
+            raise AdaptkitError(f"{store.root / CONFIG_FILE}: no 'peft_type' or 'adaptkit_variant'")
+        variant = registry.get("variant", variant_name)
+        unknown = sorted(set(config) - COMMON_KEYS - set(variant.config_keys))
+        if unknown:
+            warnings.warn(
+                f"{store.root / CONFIG_FILE}: ignoring unknown config keys {', '.join(unknown)} (written by a newer PEFT?)",
+                AdapterConfigWarning, stacklevel=2,
+            )
+        adapter = AdapterFiles(variant_name, config, store, self.name)
+        roles = set(variant.param_names)
+        for key in store.keys():
+            module, role = split_key(strip_prefix(key), roles)
+            if role is None:
+                adapter.saved[module.replace(".base_layer.", ".")] = key
+            elif module:
+                adapter.modules.setdefault(module, {})[role] = key
+            else:
+                adapter.shared[role] = key
+        if not adapter.modules and not adapter.shared and not adapter.saved:
+            raise AdaptkitError(f"{store.root}: adapter has no tensors")
+        return adapter
+
+
+def strip_prefix(key: str) -> str:
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def split_key(key: str, roles: set[str]) -> tuple[str, str | None]:
+    """'a.b.lora_A.weight' -> ('a.b', 'lora_A'); a key with no role -> (key, None)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in roles:
+            return ".".join(parts[:i]), part
+    return key, None
+
+
+PEFT = PeftFormat()
