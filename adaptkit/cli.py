@@ -122,3 +122,89 @@ def inspect_cmd(path, as_json, allow_pickle):
 
 def main() -> None:
     cli(prog_name="adaptkit")
+
+
+def _quick_recipe(method, base, models, params, rank) -> dict:
+    import yaml
+
+    entries = []
+    for spec in models:
+        path, sep, weight = spec.rpartition(":")
+        try:
+            value = float(weight) if sep else None
+        except ValueError:
+            value = None
+        # The quick form's weight defaults to 1 (recipes, like mergekit's, must give it).
+        entries.append({"model": path, "parameters": {"weight": value}} if value is not None
+                       else {"model": spec, "parameters": {"weight": 1.0}})
+    parameters = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AdaptkitError(f"--param expects key=value, got '{item}'")
+        parameters[key.strip()] = yaml.safe_load(value)
+    recipe = {"merge_method": method or ("task_arithmetic" if base else "linear"), "models": entries,
+              "parameters": parameters}
+    if base:
+        recipe["base_model"] = base
+    if rank:
+        recipe["output"] = {"kind": "adapter", "rank": rank}
+    return recipe
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
+@click.option("--method", help="Quick form: merge method (default: task_arithmetic with --base, else linear).")
+@click.option("--base", help="Quick form: base model (folder or org/name[@rev]).")
+@click.option("-m", "--model", "models", multiple=True, metavar="PATH[:WEIGHT]", help="Quick form: an input, repeatable.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Quick form: a method parameter, repeatable.")
+@click.option("--rank", type=int, help="Quick form: merge adapters into an adapter of this rank.")
+@click.option("--seed", type=int, help="Seed for random methods (DARE); overrides the recipe's.")
+@click.option("--dtype", help="Output dtype for floating tensors (float32, bfloat16, float16).")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--threads", type=int, help="Tensors merged in parallel (default: min(4, cores)).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the merge succeeds).")
+@click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
+@click.option("--allow-pickle", is_flag=True, help="Read pickle checkpoints (torch.load weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, shard_size, threads, force, dry_run,
+          allow_nonfinite, allow_pickle, as_json):
+    """Merge models or adapters by a recipe (mergekit's YAML format) or the quick form.
+
+    Modes: models -> model; base + adapters -> model (each adapter's ΔW added into the streamed
+    base); adapters -> adapter (`output: {kind: adapter, rank: R}` or --rank).
+
+    \b
+    Examples:
+      adaptkit merge soup.yaml -o merged/
+      adaptkit merge --method ties --base B -m A:0.5 -m C:0.5 -p density=0.5 -o merged/
+      adaptkit merge --base llama -m my-lora -o llama-merged/        # merge-and-unload
+      adaptkit merge --method linear -m lora1:0.5 -m lora2:0.5 --rank 16 -o lora-mix/
+      adaptkit merge soup.yaml -o merged/ --dry-run
+    """
+    from .merge import Plan, run_merge
+    from .recipe import load_recipe
+    from .report import human_bytes
+
+    if bool(recipe) == bool(models):
+        raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")
+    spec = recipe if recipe else _quick_recipe(method, base, models, params, rank)
+    parsed = load_recipe(spec)
+    if dry_run:
+        plan = Plan(parsed, allow_pickle=allow_pickle, dtype=dtype)
+        summary = plan.summary(threads or 1)
+        if as_json:
+            return emit_json(summary)
+        click.echo(f"{summary['method']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters from "
+                   f"{len(summary['inputs'])} input(s); output {human_bytes(summary['output_bytes'])}, "
+                   f"estimated peak {human_bytes(summary['estimated_peak_bytes'])}")
+        return
+    report = run_merge(parsed, out, force=force, shard_size=shard_size, threads=threads, seed=seed, dtype=dtype,
+                       allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, progress=not ctx.obj["quiet"])
+    if as_json:
+        return emit_json(report)
+    click.echo(f"merged {report['tensors']} tensors with {report['method']} into {report['output']} "
+               f"({len(report['files'])} file(s), {report['seconds']:.1f} s)")

@@ -117,4 +117,7 @@ PROTOCOLS = {"variant": Variant, "merge": MergeMethod, "quantizer": Quantizer, "
 
 
 def required_members(protocol: type) -> list[str]:
-    return sorted(getattr(protocol, "__protocol_attrs__", set()) or set())
+    """The members a Protocol requires: annotated attributes and methods it declares."""
+    names = set(getattr(protocol, "__annotations__", {}))
+    names |= {k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_")}
+    return sorted(names)

@@ -135,6 +135,7 @@ class ShardedWriter:
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data, as safetensors writes it
         f = self._files[id(shard)]
         f.write(struct.pack("<Q", len(raw)) + raw)
+        f.flush()
         shard.data_start = 8 + len(raw)
         total = sum(end - begin for begin, end in shard.entries.values())
         f.truncate(shard.data_start + total)
@@ -154,9 +155,11 @@ class ShardedWriter:
         if name in shard.written:
             raise AdaptkitError(f"tensor '{name}' written twice")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(_byte_dtype()).numpy()
-        f = self._files[id(shard)]
-        f.seek(shard.data_start + shard.entries[name][0])
-        f.write(memoryview(data))
+        # pwrite at an absolute offset: worker threads may write different tensors concurrently.
+        fd, view, offset = self._files[id(shard)].fileno(), memoryview(data), shard.data_start + shard.entries[name][0]
+        while view:  # pwrite may write less than asked (Linux caps one call near 2 GiB)
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
         shard.written.add(name)
 
     def close(self) -> list[Path]:

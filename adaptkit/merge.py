@@ -1,0 +1,162 @@
+"""The merge engine: stream every tensor position through a merge operator into sharded output.
+
+Inputs are opened lazily (memory-mapped); for each tensor name the engine reads that tensor from
+every input in float32, resolves the recipe's parameters for it (gradients, filters), calls the
+operator, rounds once to the output dtype and writes it at its place in the output — a few tensors
+in flight at a time, so peak memory follows the largest tensor, not the model. Random operators get
+one generator per input seeded from (seed, tensor name, input index): output bytes do not depend on
+thread count or order. Adapters enter as `base+adapter` inputs (see `sources.py`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import registry
+from .dtypes import code_to_torch, parse_dtype, torch_to_code
+from .errors import AdaptkitError
+from .recipe import Recipe, load_recipe, resolve_params
+from .sources import ModelSource, check_same_architecture, open_input
+from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output, copy_side_files
+
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]:
+    """One generator per input, seeded from (seed, tensor name, input index)."""
+    gens = []
+    for i in range(count):
+        digest = hashlib.sha256(f"{seed}\0{name}\0{i}".encode()).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
+    return gens
+
+
+def layer_positions(names: list[str], config: dict | None) -> dict[str, float]:
+    """t ∈ [0, 1] per tensor: layer i of N -> i / (N − 1); outside the layers -> 0 (mergekit's rule)."""
+    indices = {n: int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))}
+    config = config or {}
+    count = config.get("num_hidden_layers") or config.get("n_layer") or (max(indices.values(), default=-1) + 1)
+    return {n: (indices[n] / (count - 1) if n in indices and count > 1 else 0.0) for n in names}
+
+
+class Plan:
+    """What a merge will do: inputs, tensor layout, output dtypes and a memory estimate."""
+
+    def __init__(self, recipe: Recipe, *, allow_pickle: bool = False, dtype: str | None = None):
+        self.recipe = recipe
+        self.method = registry.get("merge", recipe.method)
+        self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base else None
+        self.inputs = [open_input(ref, allow_pickle=allow_pickle, base=recipe.base) for ref in recipe.models]
+        everything = ([self.base] if self.base else []) + self.inputs
+        check_same_architecture(everything)
+        reference = self.base or self.inputs[0]
+        self.names = reference.keys()
+        for source in everything:
+            source.check_matches(reference)
+        out = parse_dtype(dtype or recipe.out_dtype or recipe.dtype)
+        self.layout = []
+        for name in self.names:
+            info = reference.info(name)
+            floating = code_to_torch(info.dtype).is_floating_point
+            self.layout.append((name, torch_to_code(out) if out and floating else info.dtype, info.shape))
+        self.positions = layer_positions(self.names, reference.config)
+
+    @property
+    def sources(self) -> list[ModelSource]:
+        return ([self.base] if self.base else []) + self.inputs
+
+    def peak_bytes(self, threads: int) -> int:
+        largest = max((4 * _numel(shape) for _, _, shape in self.layout), default=0)
+        return largest * (len(self.sources) + 2) * threads
+
+    def summary(self, threads: int) -> dict[str, Any]:
+        return {"method": self.recipe.method, "inputs": [str(s.ref) for s in self.inputs],
+                "base": str(self.base.ref) if self.base else None, "tensors": len(self.layout),
+                "parameters": sum(_numel(s) for _, _, s in self.layout),
+                "output_bytes": sum(_numel(s) * code_to_torch(d).itemsize for _, d, s in self.layout),
+                "estimated_peak_bytes": self.peak_bytes(threads), "threads": threads}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False) -> torch.Tensor:
+    """The merged tensor `name` in float32 (or the reference's own tensor for non-float ones)."""
+    reference = plan.base or plan.inputs[0]
+    if not code_to_torch(reference.info(name).dtype).is_floating_point:
+        return reference.get(name, float32=False)
+    tensors = [source.get(name) for source in plan.inputs]
+    base = plan.base.get(name) if plan.base else None
+    if not allow_nonfinite:
+        for source, t in zip(plan.sources, ([base] if base is not None else []) + tensors):
+            if not torch.isfinite(t).all():
+                raise AdaptkitError(f"tensor '{name}' of {source.ref} has NaN or Inf values (--allow-nonfinite to merge anyway)")
+    params = resolve_params(plan.recipe, plan.method, name, plan.positions[name])
+    if getattr(plan.method, "random", False):
+        params["generators"] = seeded_generators(plan.recipe.seed, name, len(tensors))
+    return plan.method.merge(tensors, base, **params)
+
+
+def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: bool = False,
+              shard_size: int | str = DEFAULT_SHARD_SIZE, threads: int | None = None, seed: int | None = None,
+              dtype: str | None = None, allow_nonfinite: bool = False, allow_pickle: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json)."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if seed is not None:
+        recipe.seed = seed
+    start = time.perf_counter()
+    plan = Plan(recipe, allow_pickle=allow_pickle, dtype=dtype)
+    threads = threads or min(4, os.cpu_count() or 1)
+    metadata = {"format": "pt", "adaptkit.merge_method": recipe.method, "adaptkit.seed": str(recipe.seed)}
+    with atomic_output(out, force=force) as tmp:
+        writer = ShardedWriter(tmp, plan.layout, shard_size=shard_size, metadata=metadata)
+        try:
+            _stream(plan, writer, threads, allow_nonfinite, progress)
+        except BaseException:
+            writer.abort()
+            raise
+        files = writer.close()
+        side = plan.base or plan.inputs[0]
+        copy_side_files(side.root, tmp)
+    report = plan.summary(threads)
+    report.update(output=str(out), files=[f.name for f in files], seconds=round(time.perf_counter() - start, 3),
+                  seed=recipe.seed)
+    return report
+
+
+def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool) -> None:
+    dtypes = {name: code_to_torch(code) for name, code, _ in plan.layout}
+
+    def one(name: str) -> int:
+        merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite)
+        writer.write(name, merged.to(dtypes[name]))
+        return merged.numel()
+
+    bar = tqdm(total=len(plan.names), unit="tensor", desc=f"merge {plan.recipe.method}", disable=not progress,
+               leave=False)
+    pending: set = set()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for name in plan.names:
+            if len(pending) >= threads * 2:  # bounded prefetch: memory stays a few tensors deep
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()
+                    bar.update()
+            pending.add(pool.submit(one, name))
+        for f in pending:
+            f.result()
+            bar.update()
+    bar.close()

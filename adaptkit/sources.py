@@ -1,0 +1,134 @@
+"""Merge inputs: a model's tensors in float32, with `base+adapter` adapters added on the fly.
+
+An input that is an adapter (and a recipe base is given) becomes `base+adapter`, so merging adapters
+into a base (mode 2) is the same streaming merge as merging models. ΔW comes from each adapter's
+variant plugin; a saved full module (`modules_to_save`) replaces the base tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import registry
+from .adapter import read_adapter
+from .errors import AdaptkitError
+from .io import TensorInfo, TensorStore, open_store
+from .recipe import Ref
+from .spec import AdapterFiles
+
+
+def resolve_path(ref: str) -> Path:
+    """A local path, or a Hub reference `org/name[@rev]` fetched through huggingface_hub."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    from .hub import download
+
+    return download(ref)
+
+
+class ModelSource:
+    """One merge input: a model store plus adapters merged into it, read tensor by tensor."""
+
+    def __init__(self, ref: Ref, store: TensorStore, adapters: list[AdapterFiles]):
+        self.ref = ref
+        self.store = store
+        self.adapters = adapters
+        self.config = store.json_file("config.json")
+        self._deltas: dict[str, list[tuple[AdapterFiles, str]]] = {}
+        self._saved: dict[str, tuple[AdapterFiles, str]] = {}
+        for adapter in adapters:
+            self._index(adapter)
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def _index(self, adapter: AdapterFiles) -> None:
+        for module in adapter.modules:
+            key = _weight_key(self.store, module)
+            if key is None:
+                raise AdaptkitError(f"adapter {adapter.store.root} targets '{module}', which {self.ref.model} does not "
+                                    "have: an adapter for a different base?")
+            self._deltas.setdefault(key, []).append((adapter, module))
+        for name, key in adapter.saved.items():
+            target = name if name in self.store else _weight_key(self.store, name.removesuffix(".weight"))
+            if target is None:
+                raise AdaptkitError(f"adapter {adapter.store.root} saves '{name}', which {self.ref.model} does not have")
+            self._saved[target] = (adapter, key)
+
+    def keys(self) -> list[str]:
+        return self.store.keys()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.store.info(name)
+
+    def get(self, name: str, *, float32: bool = True) -> torch.Tensor:
+        if name in self._saved:
+            adapter, key = self._saved[name]
+            return adapter.store.get(key).float()
+        tensor = self.store.get(name)
+        if not float32:
+            return tensor
+        tensor = tensor.float()
+        for adapter, module in self._deltas.get(name, ()):
+            delta = registry.get("variant", adapter.variant).delta(adapter, module, base=tensor)
+            if delta.shape != tensor.shape:
+                raise AdaptkitError(f"adapter {adapter.store.root}: module '{module}' gives ΔW of shape "
+                                    f"{tuple(delta.shape)} but {self.ref.model} has {tuple(tensor.shape)}: wrong base model?")
+            tensor = tensor + delta
+        return tensor
+
+    def check_matches(self, reference: ModelSource) -> None:
+        """Same tensor names and shapes as the reference input, or one clear error."""
+        mine, theirs = set(self.keys()), set(reference.keys())
+        if mine != theirs:
+            missing = sorted(theirs - mine)
+            if missing:
+                raise AdaptkitError(f"tensor '{missing[0]}' of {reference.ref} is missing from {self.ref}")
+            raise AdaptkitError(f"{self.ref} has tensor '{sorted(mine - theirs)[0]}' that {reference.ref} lacks")
+        for name in reference.keys():
+            a, b = self.info(name).shape, reference.info(name).shape
+            if a != b:
+                raise AdaptkitError(f"tensor '{name}' has shape {a} in {self.ref} but {b} in {reference.ref}")
+
+
+def _weight_key(store: TensorStore, module: str) -> str | None:
+    for key in (f"{module}.weight", module):
+        if key in store:
+            return key
+    return None
+
+
+def open_input(ref: Ref, *, allow_pickle: bool = False, base: Ref | None = None) -> ModelSource:
+    """Open a recipe input. A bare adapter with a recipe base becomes `base+adapter`."""
+    store = open_store(resolve_path(ref.model), allow_pickle=allow_pickle)
+    adapters = [_must_be_adapter(a, allow_pickle) for a in ref.adapters]
+    lone = read_adapter(store)
+    if lone is not None:
+        if base is None:
+            raise AdaptkitError(f"{ref.model} is an adapter: give a base model to merge it into "
+                                "(base_model / --base), or ask for an adapter output")
+        return open_input(Ref(base.model, base.adapters + (ref.model,) + ref.adapters), allow_pickle=allow_pickle)
+    return ModelSource(ref, store, adapters)
+
+
+def _must_be_adapter(ref: str, allow_pickle: bool) -> AdapterFiles:
+    adapter = read_adapter(resolve_path(ref), allow_pickle=allow_pickle)
+    if adapter is None:
+        raise AdaptkitError(f"'{ref}' after '+' must be an adapter, but it is a full model")
+    return adapter
+
+
+def check_same_architecture(sources: list[ModelSource]) -> None:
+    seen: dict[str, Any] = {}
+    for source in sources:
+        cfg = source.config or {}
+        arch = (cfg.get("model_type"), tuple(cfg.get("architectures") or ()))
+        if arch[0] is None:
+            continue
+        if seen and arch[0] != seen["arch"][0]:
+            raise AdaptkitError(f"different architectures: {seen['ref']} is {seen['arch'][0]}, {source.ref} is {arch[0]}")
+        seen = seen or {"arch": arch, "ref": source.ref}

@@ -1,0 +1,99 @@
+"""Parameter binding and input checks shared by the built-in merge operators (not a plugin).
+
+Every operator binds its keyword arguments the same way: defaults filled in, an unknown name
+refused with the nearest known one, a missing required value refused, and each per-model
+parameter turned into one value per input tensor (a scalar is broadcast).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from adaptkit.errors import AdaptkitError, closest
+
+
+def frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A read-only view, so that no caller can change an operator's defaults for everyone."""
+    return MappingProxyType(dict(mapping))
+
+
+class Operator:
+    """Common base of the built-in merge operators; subclasses set the class attributes."""
+
+    name: str = ""
+    params: Mapping[str, Any] = frozen({})
+    per_model: frozenset[str] = frozenset()
+    random: bool = False
+
+    def error(self, message: str) -> AdaptkitError:
+        return AdaptkitError(f"{self.name}: {message}")
+
+    def bind(self, given: Mapping[str, Any], count: int) -> dict[str, Any]:
+        """All parameters by name, defaults filled in; per-model ones as lists of `count` values."""
+        for key in given:
+            if key not in self.params:
+                hint = closest(key, self.params)
+                known = ", ".join(self.params) or "none"
+                did_you = f"; did you mean '{hint}'?" if hint else f" (parameters: {known})"
+                raise self.error(f"unknown parameter '{key}'{did_you}")
+        bound = {}
+        for key, default in self.params.items():
+            value = given.get(key, default)
+            if key in self.per_model:
+                value = self._per_input(key, value, count)
+            elif value is None:
+                raise self.error(f"parameter '{key}' is required")
+            bound[key] = value
+        return bound
+
+    def _per_input(self, key: str, value: Any, count: int) -> list[Any]:
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            values = list(value)
+            if len(values) != count:
+                raise self.error(f"'{key}' has {len(values)} values for {count} input models")
+        else:
+            values = [value] * count
+        if any(v is None for v in values):
+            raise self.error(f"parameter '{key}' is required for every input model")
+        return values
+
+    def real(self, key: str, value: Any) -> float:
+        # bool is an int subclass: `weight: true` in a recipe is a typo, not 1.0.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise self.error(f"'{key}' must be a finite number, got {value!r}")
+        return float(value)
+
+    def flag(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(f"'{key}' must be true or false, got {value!r}")
+        return value
+
+    def check_inputs(self, tensors: Sequence[torch.Tensor], minimum: int = 1) -> None:
+        if len(tensors) < minimum:
+            raise self.error(f"needs at least {minimum} input model{'s' if minimum > 1 else ''}, got {len(tensors)}")
+        shape = tensors[0].shape
+        for tensor in tensors[1:]:
+            if tensor.shape != shape:
+                raise self.error(f"input shapes differ: {tuple(shape)} and {tuple(tensor.shape)}")
+
+    def need_base(self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        if base is None:
+            raise self.error("needs a base model")
+        if base.shape != tensors[0].shape:
+            raise self.error(f"base shape {tuple(base.shape)} differs from the inputs' {tuple(tensors[0].shape)}")
+        return base
+
+    def endpoints(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two ends (A, B) of an interpolation: both inputs, or the base and the one input."""
+        if len(tensors) == 1 and base is not None:
+            self.check_inputs([base, tensors[0]])
+            return base, tensors[0]
+        if len(tensors) != 2:
+            raise self.error(f"needs exactly 2 input models (or a base and 1 model), got {len(tensors)}")
+        self.check_inputs(tensors)
+        return tensors[0], tensors[1]

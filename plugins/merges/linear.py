@@ -1,0 +1,79 @@
+"""Weight averaging: weighted sums (model soups) and two-model interpolation (WiSE-FT)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._base import Operator, frozen
+
+
+class Linear(Operator):
+    """Weighted sum of the input models, divided by the sum of the weights when `normalize`.
+
+    θ = Σᵢ wᵢ·θᵢ / Σᵢ wᵢ   (without `normalize`: θ = Σᵢ wᵢ·θᵢ).
+    As in mergekit, the base model is not an input of its own: list it among the models to
+    include it. Parameters as mergekit's `linear`: `weight` (per model, required),
+    `normalize` (default true). Weights summing to zero with `normalize` are an error
+    (mergekit divides by zero).
+    Wortsman et al. 2022, "Model soups", arXiv 2203.05482.
+    """
+
+    name = "linear"
+    params = frozen({"weight": None, "normalize": True})
+    per_model = frozenset({"weight"})
+
+    def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
+        self.check_inputs(tensors)
+        bound = self.bind(params, len(tensors))
+        weights = [self.real("weight", w) for w in bound["weight"]]
+        normalize = self.flag("normalize", bound["normalize"])
+        total = sum(weights)
+        if normalize and abs(total) < 1e-8:
+            raise self.error(f"weights {weights} sum to zero; cannot normalize (set normalize: false)")
+        out = torch.zeros_like(tensors[0])
+        for tensor, weight in zip(tensors, weights):
+            out.add_(tensor, alpha=weight)
+        return out.div_(total) if normalize else out
+
+
+class Average(Operator):
+    """Uniform average of the input models (uniform model soup).
+
+    θ = (1/N)·Σᵢ θᵢ. The base model is not an input of its own.
+    Wortsman et al. 2022, "Model soups", arXiv 2203.05482.
+    """
+
+    name = "average"
+
+    def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
+        self.check_inputs(tensors)
+        self.bind(params, len(tensors))
+        out = torch.zeros_like(tensors[0])
+        for tensor in tensors:
+            out.add_(tensor)
+        return out.div_(len(tensors))
+
+
+class Interpolate(Operator):
+    """Linear interpolation between two models (WiSE-FT): (1 − α)·A + α·B.
+
+    θ = (1 − α)·A + α·B. A and B are the two input models in order; with a base model and a
+    single input, A is the base (zero-shot) and B the input (fine-tuned), as in WiSE-FT.
+    α = 0 gives A, α = 1 gives B; values outside [0, 1] extrapolate.
+    Wortsman et al. 2022, "Robust fine-tuning of zero-shot models", arXiv 2109.01903.
+    """
+
+    name = "interpolate"
+    params = frozen({"alpha": None})
+
+    def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
+        a, b = self.endpoints(tensors, base)
+        alpha = self.real("alpha", self.bind(params, len(tensors))["alpha"])
+        return a * (1 - alpha) + b * alpha
+
+
+LINEAR = Linear()
+AVERAGE = Average()
+INTERPOLATE = Interpolate()

@@ -1,0 +1,250 @@
+"""The task-arithmetic family: task arithmetic, TIES, DARE, magnitude pruning and breadcrumbs.
+
+All of them are one function, `TaskArithmetic.merge`, configured by a sparsifier, a sign
+consensus and defaults:
+
+    τᵢ = θᵢ − θ₀                                  task vector of input i
+    τᵢ' = sparsify(τᵢ; densityᵢ[, gammaᵢ])         keep a `density` fraction, optionally rescaled
+    δᵢ = wᵢ·τᵢ'                                    weight
+    mᵢ = [sign δᵢ = s],  s = sign Σⱼ δⱼ             sign consensus (TIES), else mᵢ = 1
+    δ = Σᵢ mᵢ·δᵢ / Σᵢ mᵢ·wᵢ                         divided only with `normalize`
+    θ = θ₀ + λ·δ
+
+Parameter names and defaults are mergekit's (`weight`, `density`, `gamma`, `lambda`,
+`normalize`, `rescale`, `int8_mask`). Where we differ from mergekit, on purpose:
+
+- `rescale: true` divides the kept values by `density`, as the DARE paper does (an unbiased
+  estimate of τ); mergekit's `rescale: true` instead scales the kept values so that their L1
+  norm equals the unpruned one — ask for that with `rescale: l1`.
+- Magnitude selection uses `torch.kthvalue` (linear time) instead of a full sort. Entries of
+  equal magnitude at the cut are kept in order of position (lower flat index first), so the
+  result is deterministic; mergekit's argsort leaves that order unspecified.
+- Kept counts are ⌊density·n⌋ (at least 1) without float noise: 0.29·100 keeps 29, not 28.
+- Breadcrumbs keeps a tensor whole when γ·n < 1 (too small to hold one outlier); mergekit
+  still prunes it to `density`.
+- Bad values are errors: density outside (0, 1], gamma outside [0, 1), weights summing to zero
+  with `normalize`, density ≠ 1 where nothing is sparsified. `int8_mask` is accepted, unused.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._base import Operator, frozen
+
+SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
+CONSENSUS = (None, "sum", "count")
+
+
+def keep_count(fraction: float, n: int) -> int:
+    """⌊fraction·n⌋, tolerant of float noise in the product."""
+    return int(math.floor(fraction * n + 1e-6))
+
+
+def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k largest entries of a flat tensor; among equal values the lower index wins."""
+    n = magnitude.numel()
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    mask = magnitude > threshold
+    tied = magnitude == threshold
+    need = k - int(mask.sum())
+    if int(tied.sum()) > need:
+        tied &= torch.cumsum(tied, dim=0) <= need
+    return mask | tied
+
+
+def outlier_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the γ·n largest, then the smallest, keeping density·n entries."""
+    n = magnitude.numel()
+    keep = max(1, keep_count(density, n))
+    # The outlier cut shrinks when needed to keep the requested density (as mergekit does).
+    drop_top = min(keep_count(gamma, n), n - keep)
+    return top_mask(magnitude, keep + drop_top) & ~top_mask(magnitude, drop_top)
+
+
+def rescaled(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool | str) -> torch.Tensor:
+    kept = delta * keep
+    if rescale is True:
+        return kept.div_(density)
+    if rescale == "l1":
+        before, after = delta.abs().sum(), kept.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            kept.mul_(before / after)
+    return kept
+
+
+def sparsify(delta: torch.Tensor, method: str | None, density: float, gamma: float,
+             rescale: bool | str, generator: torch.Generator | None) -> torch.Tensor:
+    """One task vector with all but a `density` fraction of its entries set to zero."""
+    if method is None or density >= 1:
+        return delta
+    if method == "magnitude_outliers" and gamma > 0 and keep_count(gamma, delta.numel()) == 0:
+        return delta
+    if method == "random":
+        # Drawn from the caller's generator only: the result must not depend on thread order.
+        keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device) < density
+    else:
+        flat = delta.abs().reshape(-1)
+        if method == "magnitude":
+            mask = top_mask(flat, max(1, keep_count(density, flat.numel())))
+        else:
+            mask = outlier_mask(flat, density, gamma)
+        keep = mask.reshape(delta.shape)
+    return rescaled(delta, keep, density, rescale)
+
+
+def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus: str | None,
+            normalize: bool) -> torch.Tensor:
+    """Σᵢ mᵢ·δᵢ (÷ Σᵢ mᵢ·wᵢ with `normalize`), mᵢ the agreement with the elected sign."""
+    mixed = torch.zeros_like(deltas[0])
+    if consensus is None:
+        for delta in deltas:
+            mixed.add_(delta)
+        return mixed.div_(sum(weights)) if normalize else mixed
+    votes = torch.zeros_like(mixed)
+    for delta in deltas:
+        votes.add_(delta if consensus == "sum" else delta.sign())
+    # A tie (sum exactly 0) elects +, as in the TIES reference code and mergekit.
+    elected = torch.where(votes >= 0, 1.0, -1.0)
+    divisor = torch.zeros_like(mixed)
+    for delta, weight in zip(deltas, weights):
+        agree = delta.sign() == elected
+        mixed.add_(delta * agree)
+        divisor.add_(agree.to(divisor.dtype), alpha=weight)
+    if not normalize:
+        return mixed
+    return mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+
+
+@dataclass
+class Settings:
+    weight: list[float]
+    density: list[float]
+    gamma: list[float]
+    scale: float
+    normalize: bool
+    rescale: bool | str
+
+
+class TaskArithmetic(Operator):
+    """Generalized task arithmetic: θ₀ + λ·Σᵢ mᵢ·wᵢ·sparsify(θᵢ − θ₀), normalized on request.
+
+    One function behind task_arithmetic, ties, dare_*, magnitude_prune and breadcrumbs*; the
+    module docstring gives the formula and where it differs from mergekit.
+    Ilharco et al. 2023, "Editing models with task arithmetic", arXiv 2212.04089.
+    """
+
+    def __init__(self, name: str, *, sparsify: str | None = None, consensus: str | None = None,
+                 normalize: bool = False, rescale: bool = False, about: str = ""):
+        if sparsify not in SPARSIFIERS or consensus not in CONSENSUS:
+            raise ValueError(f"unknown sparsify={sparsify!r} or consensus={consensus!r}")
+        self.name, self.sparsify, self.consensus, self.about = name, sparsify, consensus, about
+        self.random = sparsify == "random"
+        params = {"weight": None, "density": 1.0, "lambda": 1.0, "normalize": normalize,
+                  "rescale": rescale, "int8_mask": False}
+        per_model = {"weight", "density"}
+        if sparsify == "magnitude_outliers":
+            params["gamma"] = 0.01
+            per_model.add("gamma")
+        self.params = frozen(params)
+        self.per_model = frozenset(per_model)
+
+    def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
+              generators: Sequence[torch.Generator] | None = None, **params: Any) -> torch.Tensor:
+        self.check_inputs(tensors)
+        base = self.need_base(base, tensors)
+        s = self.settings(self.bind(params, len(tensors)))
+        generators = self.check_generators(generators, len(tensors))
+        deltas = []
+        for i, tensor in enumerate(tensors):
+            delta = sparsify(tensor - base, self.sparsify, s.density[i], s.gamma[i], s.rescale, generators[i])
+            deltas.append(delta.mul_(s.weight[i]))
+        mixed = combine(deltas, s.weight, self.consensus, s.normalize)
+        if s.scale != 1:
+            mixed.mul_(s.scale)
+        return mixed.add_(base)
+
+    def settings(self, bound: dict[str, Any]) -> Settings:
+        weight = [self.real("weight", w) for w in bound["weight"]]
+        density = [self.real("density", d) for d in bound["density"]]
+        gamma = [self.real("gamma", g) for g in bound.get("gamma", [0.0] * len(weight))]
+        for d in density:
+            if not 0 < d <= 1:
+                raise self.error(f"density must be in (0, 1], got {d}")
+            if d != 1 and self.sparsify is None:
+                raise self.error(f"density {d} has no effect: {self.name} keeps every entry (use ties, dare_linear or magnitude_prune)")
+        for g in gamma:
+            if not 0 <= g < 1:
+                raise self.error(f"gamma must be in [0, 1), got {g}")
+        rescale = bound["rescale"]
+        if not (isinstance(rescale, bool) or rescale == "l1"):
+            raise self.error(f"rescale must be true (÷ density, as the DARE paper), false or 'l1' (mergekit's L1 matching), got {rescale!r}")
+        normalize = self.flag("normalize", bound["normalize"])
+        self.flag("int8_mask", bound["int8_mask"])
+        if normalize and abs(sum(weight)) < 1e-8:
+            raise self.error(f"weights {weight} sum to zero; cannot normalize (set normalize: false)")
+        return Settings(weight, density, gamma, self.real("lambda", bound["lambda"]), normalize, rescale)
+
+    def check_generators(self, generators: Sequence[torch.Generator] | None, count: int) -> list:
+        if not self.random:
+            return [None] * count
+        if generators is None or len(generators) != count:
+            got = "none" if generators is None else len(generators)
+            raise self.error(f"draws random masks and needs one torch.Generator per input ({count}), got {got}")
+        return list(generators)
+
+
+TASK_ARITHMETIC = TaskArithmetic(
+    "task_arithmetic",
+    about="Task arithmetic: add the weighted sum of task vectors to the base model.\n\n"
+    "θ = θ₀ + λ·Σᵢ wᵢ·(θᵢ − θ₀), divided by Σᵢ wᵢ with `normalize` (default false).\n"
+    "Ilharco et al. 2023, \"Editing models with task arithmetic\", arXiv 2212.04089.",
+)
+TIES = TaskArithmetic(
+    "ties", sparsify="magnitude", consensus="sum", normalize=True,
+    about="TIES: trim task vectors by magnitude to `density`, elect a sign, take the disjoint mean.\n\n"
+    "τᵢ' = top-density |τᵢ| entries of τᵢ = θᵢ − θ₀; s = sign Σᵢ wᵢ·τᵢ'; mᵢ = [sign wᵢ·τᵢ' = s];\n"
+    "θ = θ₀ + λ·Σᵢ mᵢ·wᵢ·τᵢ' / Σᵢ mᵢ·wᵢ (normalize, default true).\n"
+    "Yadav et al. 2023, \"TIES-Merging\", arXiv 2306.01708.",
+)
+DARE_LINEAR = TaskArithmetic(
+    "dare_linear", sparsify="random", rescale=True,
+    about="DARE: drop task-vector entries with probability 1 − density, rescale, add up linearly.\n\n"
+    "τᵢ' = mᵢ ⊙ τᵢ / density, mᵢ ~ Bernoulli(density) (`rescale: l1` matches ‖τᵢ‖₁ instead);\n"
+    "θ = θ₀ + λ·Σᵢ wᵢ·τᵢ' (÷ Σᵢ wᵢ with `normalize`, default false).\n"
+    "Yu et al. 2024, \"Language models are Super Mario\", arXiv 2311.03099.",
+)
+DARE_TIES = TaskArithmetic(
+    "dare_ties", sparsify="random", consensus="sum", rescale=True,
+    about="DARE with TIES sign consensus: random drop and rescale, then elect a sign and merge.\n\n"
+    "τᵢ' = mᵢ ⊙ τᵢ / density, mᵢ ~ Bernoulli(density) (`rescale: l1` matches ‖τᵢ‖₁ instead);\n"
+    "s = sign Σᵢ wᵢ·τᵢ'; θ = θ₀ + λ·Σᵢ [sign wᵢ·τᵢ' = s]·wᵢ·τᵢ' (normalize default false).\n"
+    "Yu et al. 2024, arXiv 2311.03099; Yadav et al. 2023, arXiv 2306.01708.",
+)
+MAGNITUDE_PRUNE = TaskArithmetic(
+    "magnitude_prune", sparsify="magnitude",
+    about="Task arithmetic on task vectors pruned by magnitude to `density` (no sign consensus).\n\n"
+    "τᵢ' = top-density |τᵢ| entries of τᵢ = θᵢ − θ₀; θ = θ₀ + λ·Σᵢ wᵢ·τᵢ' (÷ Σᵢ wᵢ with `normalize`).\n"
+    "The trim step of TIES, Yadav et al. 2023, arXiv 2306.01708.",
+)
+BREADCRUMBS = TaskArithmetic(
+    "breadcrumbs", sparsify="magnitude_outliers",
+    about="Model Breadcrumbs: drop the largest `gamma` and the smallest entries of task vectors, keep `density`.\n\n"
+    "τᵢ' = τᵢ without its γ·n largest-magnitude entries and its smallest, density·n kept;\n"
+    "θ = θ₀ + λ·Σᵢ wᵢ·τᵢ'. A tensor with γ·n < 1 is kept whole.\n"
+    "Davari & Belilovsky 2023, \"Model Breadcrumbs\", arXiv 2312.06795.",
+)
+BREADCRUMBS_TIES = TaskArithmetic(
+    "breadcrumbs_ties", sparsify="magnitude_outliers", consensus="sum",
+    about="Model Breadcrumbs with TIES sign consensus.\n\n"
+    "τᵢ' as in breadcrumbs; s = sign Σᵢ wᵢ·τᵢ'; θ = θ₀ + λ·Σᵢ [sign wᵢ·τᵢ' = s]·wᵢ·τᵢ'.\n"
+    "Davari & Belilovsky 2023, arXiv 2312.06795; Yadav et al. 2023, arXiv 2306.01708.",
+)

@@ -1,0 +1,419 @@
+"""Merge operators (tensor level): each against its paper's formula written out here, and against
+mergekit's own implementation on the same inputs.
+
+The formulas below are computed in float64 with plain torch, independently of the plugin code.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from mergekit.merge_methods import registry as mk_registry
+from mergekit.merge_methods.base import ParameterScope, TensorGroup
+from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+from mergekit.sparsify import SparsificationMethod
+from torch.testing import assert_close
+
+from adaptkit import registry
+from adaptkit.errors import AdaptkitError
+from adaptkit.spec import MergeMethod
+
+NAMES = ["linear", "average", "interpolate", "slerp", "task_arithmetic", "ties", "dare_linear",
+         "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties", "model_stock"]
+TIGHT = dict(rtol=1e-5, atol=1e-6)
+
+
+def op(name):
+    return registry.get("merge", name)
+
+
+def make(shape=(10, 20), count=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return [base + 0.1 * torch.randn(shape, generator=g) for _ in range(count)], base
+
+
+def mergekit_method(name):
+    if name == "magnitude_prune":  # not a mergekit method; its generalized class configured alike
+        return GeneralizedTaskArithmeticMerge(
+            consensus_method=None, sparsification_method=SparsificationMethod.magnitude,
+            default_normalize=False, default_rescale=False, method_name="magnitude_prune",
+            method_pretty_name=None, method_reference_url=None)
+    return mk_registry.get(name)
+
+
+def mergekit(name, tensors, base=None, **params):
+    inputs = ([base] if base is not None else []) + list(tensors)
+    group = TensorGroup.from_tensors(inputs, base_index=0 if base is not None else None)
+    return mergekit_method(name)([group], parameters=params)[0]
+
+
+def top_fraction(tau, density):
+    """τ with all but its ⌊density·n⌋ (≥ 1) largest-magnitude entries zeroed (no ties in test data)."""
+    flat = tau.reshape(-1)
+    k = max(1, int(round(density * flat.numel(), 9)))
+    order = torch.sort(flat.abs(), descending=True).indices
+    kept = torch.zeros_like(flat)
+    kept[order[:k]] = flat[order[:k]]
+    return kept.reshape(tau.shape)
+
+
+def disjoint_merge(deltas, weights, normalize):
+    """TIES steps 2-3: elect the sign of Σ wᵢτᵢ, sum the agreeing wᵢτᵢ, divide by Σ of their wᵢ."""
+    weighted = [w * d for w, d in zip(weights, deltas)]
+    elected = torch.sign(sum(weighted))
+    elected[elected == 0] = 1
+    agree = [torch.sign(d) == elected for d in weighted]
+    total = sum(d * a for d, a in zip(weighted, agree))
+    if not normalize:
+        return total
+    count = sum(w * a.double() for w, a in zip(weights, agree))
+    return total / torch.where(count == 0, torch.ones_like(count), count)
+
+
+def f64(tensors, base=None):
+    return [t.double() for t in tensors], (base.double() if base is not None else None)
+
+
+# ---- the paper's formulas -------------------------------------------------------------------
+
+
+def test_linear_average_interpolate_formulas():
+    tensors, base = make()
+    x, _ = f64(tensors)
+    w = [0.2, 0.5, 0.7]
+    soup = (w[0] * x[0] + w[1] * x[1] + w[2] * x[2]) / (w[0] + w[1] + w[2])
+    assert_close(op("linear").merge(tensors, None, weight=w).double(), soup, **TIGHT)
+    raw = w[0] * x[0] + w[1] * x[1] + w[2] * x[2]
+    assert_close(op("linear").merge(tensors, base, weight=w, normalize=False).double(), raw, **TIGHT)
+    assert_close(op("average").merge(tensors, None).double(), (x[0] + x[1] + x[2]) / 3, **TIGHT)
+    alpha = 0.3
+    wise = (1 - alpha) * x[0] + alpha * x[1]
+    assert_close(op("interpolate").merge(tensors[:2], None, alpha=alpha).double(), wise, **TIGHT)
+    wise_base = (1 - alpha) * base.double() + alpha * x[1]
+    assert_close(op("interpolate").merge(tensors[1:2], base, alpha=alpha).double(), wise_base, **TIGHT)
+
+
+def test_slerp_formula():
+    (a, b), _ = make(count=2)
+    t = 0.3
+    x, y = a.double().reshape(-1), b.double().reshape(-1)
+    omega = math.acos(float(x @ y / (x.norm() * y.norm())))
+    expected = (math.sin((1 - t) * omega) * a.double() + math.sin(t * omega) * b.double()) / math.sin(omega)
+    out = op("slerp").merge([a, b], None, t=t)
+    assert out.dtype == torch.float32
+    assert_close(out.double(), expected, **TIGHT)
+    assert_close(op("slerp").merge([a, b], None, t=0.0), a, **TIGHT)
+    assert_close(op("slerp").merge([a, b], None, t=1.0), b, **TIGHT)
+    # Nearly parallel (cos Ω > 0.9995): plain lerp, as mergekit.
+    c = a * 2 + 1e-4 * b
+    assert_close(op("slerp").merge([a, c], None, t=t).double(), (1 - t) * a.double() + t * c.double(), **TIGHT)
+
+
+def test_task_arithmetic_formula():
+    tensors, base = make()
+    x, b = f64(tensors, base)
+    w, lam = [1.0, 0.5, -0.25], 0.8
+    expected = b + lam * sum(wi * (xi - b) for wi, xi in zip(w, x))
+    out = op("task_arithmetic").merge(tensors, base, weight=w, **{"lambda": lam})
+    assert_close(out.double(), expected, **TIGHT)
+    normalized = b + sum(wi * (xi - b) for wi, xi in zip(w, x)) / sum(w)
+    assert_close(op("task_arithmetic").merge(tensors, base, weight=w, normalize=True).double(), normalized, **TIGHT)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_formula(normalize):
+    tensors, base = make()
+    x, b = f64(tensors, base)
+    w, dens, lam = [1.0, 0.6, 0.8], [0.3, 0.5, 0.2], 1.2
+    trimmed = [top_fraction(xi - b, d) for xi, d in zip(x, dens)]
+    expected = b + lam * disjoint_merge(trimmed, w, normalize)
+    out = op("ties").merge(tensors, base, weight=w, density=dens, normalize=normalize, **{"lambda": lam})
+    assert_close(out.double(), expected, **TIGHT)
+
+
+def test_magnitude_prune_formula():
+    tensors, base = make()
+    x, b = f64(tensors, base)
+    w, dens = [0.5, 1.0, 0.3], [0.1, 0.35, 0.5]
+    expected = b + sum(wi * top_fraction(xi - b, d) for wi, xi, d in zip(w, x, dens))
+    assert_close(op("magnitude_prune").merge(tensors, base, weight=w, density=dens).double(), expected, **TIGHT)
+
+
+def breadcrumbs_mask(tau, density, gamma):
+    """Breadcrumbs: rank |τ| ascending; drop the ⌊γn⌋ largest and the smallest, ⌊density·n⌋ kept."""
+    n = tau.numel()
+    keep, top = int(round(density * n, 9)), int(round(gamma * n, 9))
+    bottom = max(0, n - keep - top)
+    ranks = torch.empty(n, dtype=torch.long)
+    ranks[torch.argsort(tau.abs().reshape(-1))] = torch.arange(n)
+    return ((ranks >= bottom) & (ranks < bottom + keep)).reshape(tau.shape)
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_formula(name):
+    tensors, base = make()
+    x, b = f64(tensors, base)
+    w, dens, gammas = [1.0, 0.7, 0.4], [0.5, 0.3, 0.9], [0.05, 0.1, 0.2]
+    kept = [(xi - b) * breadcrumbs_mask(xi - b, d, g) for xi, d, g in zip(x, dens, gammas)]
+    assert (kept[0] != 0).sum() == 100 and (kept[2] != 0).sum() == 180
+    if name == "breadcrumbs":
+        expected = b + sum(wi * k for wi, k in zip(w, kept))
+    else:
+        expected = b + disjoint_merge(kept, w, normalize=False)
+    out = op(name).merge(tensors, base, weight=w, density=dens, gamma=gammas)
+    assert_close(out.double(), expected, **TIGHT)
+
+
+def seeded(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def dare_masks(tensors, base, dens, seeds):
+    """Each input's keep mask, read off a single-input dare_linear run on its own generator."""
+    masks = []
+    for t, d, s in zip(tensors, dens, seeds):
+        out = op("dare_linear").merge([t], base, weight=1.0, density=d, rescale=False, generators=seeded(s))
+        masks.append((out - base) != 0)
+    return masks
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_formula(name):
+    tensors, base = make(shape=(40, 50))
+    x, b = f64(tensors, base)
+    w, dens, seeds = [1.0, 0.5, 0.8], [0.3, 0.5, 0.9], [11, 12, 13]
+    masks = dare_masks(tensors, base, dens, seeds)
+    for m, d in zip(masks, dens):  # Bernoulli(density) keep rate, within 4 standard deviations
+        assert abs(m.double().mean().item() - d) < 4 * math.sqrt(d * (1 - d) / m.numel())
+    rescaled = [m * (xi - b) / d for m, xi, d in zip(masks, x, dens)]
+    if name == "dare_linear":
+        expected = b + sum(wi * r for wi, r in zip(w, rescaled))
+    else:
+        expected = b + disjoint_merge(rescaled, w, normalize=False)
+    out = op(name).merge(tensors, base, weight=w, density=dens, generators=seeded(*seeds))
+    assert_close(out.double(), expected, **TIGHT)
+
+
+@pytest.mark.parametrize("shape", [(10, 20), (30,)])
+def test_model_stock_formula(shape):
+    tensors, base = make(shape=shape)
+    x, b = f64(tensors, base)
+    n = len(x)
+    taus = [(xi - b).reshape(-1) for xi in x]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cos = sum(float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm())) for i, j in pairs) / len(pairs)
+    t = n * cos / (1 + (n - 1) * cos)
+    expected = t * sum(x) / n + (1 - t) * b
+    assert_close(op("model_stock").merge(tensors, base).double(), expected, **TIGHT)
+
+
+# ---- against mergekit ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["linear", "slerp", "model_stock", "task_arithmetic", "ties",
+                                  "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_params_match_mergekit(name):
+    spec = mk_registry.get(name).spec
+    theirs = {p.name: (None if p.required else p.default) for p in spec.parameters}
+    assert dict(op(name).params) == theirs
+    assert op(name).per_model == {p.name for p in spec.parameters if p.scope != ParameterScope.SHARED}
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_matches_mergekit(normalize):
+    tensors, _ = make()
+    w = [0.2, 0.5, 0.7]
+    assert_close(op("linear").merge(tensors, None, weight=w, normalize=normalize),
+                 mergekit("linear", tensors, weight=w, normalize=normalize), **TIGHT)
+
+
+@pytest.mark.parametrize("case", ["generic", "parallel", "antiparallel", "zero"])
+def test_slerp_matches_mergekit(case):
+    (a, b), _ = make(count=2)
+    b = {"generic": b, "parallel": 3 * a + 1e-5 * b, "antiparallel": -a, "zero": torch.zeros_like(a)}[case]
+    for t in (0.0, 0.25, 0.6, 1.0):
+        assert_close(op("slerp").merge([a, b], None, t=t), mergekit("slerp", [b], a, t=t), **TIGHT)
+        assert_close(op("slerp").merge([b], a, t=t), mergekit("slerp", [b], a, t=t), **TIGHT)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(10, 20), (30,), (4, 5, 6)])
+def test_model_stock_matches_mergekit(filter_wise, shape):
+    tensors, base = make(shape=shape, count=4)
+    ours = op("model_stock").merge(tensors, base, filter_wise=filter_wise)
+    assert_close(ours, mergekit("model_stock", tensors, base, filter_wise=filter_wise), **TIGHT)
+
+
+GTA_CASES = [
+    ("task_arithmetic", {"weight": [1.0, 0.5, -0.3], "lambda": 0.7}),
+    ("task_arithmetic", {"weight": [1.0, 0.5, 0.3], "normalize": True}),
+    ("ties", {"weight": [1.0, 0.6, 0.8], "density": [0.3, 0.5, 1.0]}),
+    ("ties", {"weight": [1.0, 0.6, 0.8], "density": 0.25, "normalize": False, "lambda": 1.5}),
+    ("magnitude_prune", {"weight": [0.5, 1.0, 0.3], "density": [0.1, 0.35, 0.5]}),
+    ("breadcrumbs", {"weight": [1.0, 0.7, 0.4], "density": [0.5, 0.3, 0.9], "gamma": [0.05, 0.1, 0.2]}),
+    ("breadcrumbs", {"weight": 1.0, "density": 0.5}),
+    ("breadcrumbs_ties", {"weight": [1.0, 0.7, 0.4], "density": 0.5, "gamma": 0.1, "normalize": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), GTA_CASES)
+def test_task_arithmetic_family_matches_mergekit(name, params):
+    tensors, base = make()
+    assert_close(op(name).merge(tensors, base, **params), mergekit(name, tensors, base, **params), **TIGHT)
+
+
+def generators_like_global_rng(seed, shape, densities):
+    """One generator per input, in the state torch's global RNG has when mergekit (seeded with
+    `seed`) draws that input's mask: mergekit draws `bernoulli(full(shape, density))` per input in
+    order, and nothing for density 1."""
+    tracker = torch.Generator().manual_seed(seed)
+    generators = []
+    for density in densities:
+        g = torch.Generator()
+        g.set_state(tracker.get_state())
+        generators.append(g)
+        if density < 1:
+            torch.bernoulli(torch.full(shape, density), generator=tracker)
+    return generators
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_l1_matches_mergekit_with_same_masks(name):
+    tensors, base = make(shape=(30, 40))
+    params = {"weight": [1.0, 0.5, 0.8], "density": [0.3, 1.0, 0.6]}
+    gens = generators_like_global_rng(1234, base.shape, params["density"])
+    ours = op(name).merge(tensors, base, rescale="l1", generators=gens, **params)
+    torch.manual_seed(1234)
+    theirs = mergekit(name, tensors, base, rescale=True, **params)
+    assert_close(ours, theirs, **TIGHT)
+    assert torch.equal(ours == base, theirs == base)
+    # Our default rescale is the paper's 1/density, not mergekit's L1 matching.
+    paper = op(name).merge(tensors, base, generators=generators_like_global_rng(1234, base.shape, params["density"]), **params)
+    assert not torch.allclose(paper, theirs)
+
+
+# ---- half precision, randomness, bad input, registry -------------------------------------------
+
+
+def test_bf16_inputs_upcast_give_the_float32_result():
+    tensors, base = make(shape=(64, 64))
+    tensors = [t.bfloat16().float() for t in tensors]
+    base = base.bfloat16().float()
+    w = [0.3, 0.3, 0.4]
+    x, b = f64(tensors, base)
+    exact = b + sum(wi * (xi - b) for wi, xi in zip(w, x))
+    ours = op("task_arithmetic").merge(tensors, base, weight=w)
+    in_bf16 = mergekit("task_arithmetic", [t.bfloat16() for t in tensors], base.bfloat16(), weight=w)
+    assert in_bf16.dtype == torch.bfloat16
+    err_ours = (ours.double() - exact).abs().max().item()
+    err_bf16 = (in_bf16.double() - exact).abs().max().item()
+    assert err_ours < 1e-6
+    assert err_bf16 > 100 * err_ours
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_is_deterministic_and_uses_only_its_generators(name):
+    tensors, base = make()
+    params = {"weight": [1.0, 0.5, 0.8], "density": 0.5}
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    first = op(name).merge(tensors, base, generators=seeded(1, 2, 3), **params)
+    torch.manual_seed(2)
+    again = op(name).merge(tensors, base, generators=seeded(1, 2, 3), **params)
+    assert first.numpy().tobytes() == again.numpy().tobytes()
+    other = op(name).merge(tensors, base, generators=seeded(4, 5, 6), **params)
+    assert not torch.equal(first, other)
+    torch.set_rng_state(state)
+    op(name).merge(tensors, base, generators=seeded(1, 2, 3), **params)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+BAD = [
+    ("ties", {"weight": 1.0, "density": 0.0}, "density"),
+    ("ties", {"weight": 1.0, "density": 1.5}, "density"),
+    ("dare_linear", {"weight": 1.0, "density": [0.5, -0.1, 0.5], "generators": seeded(1, 2, 3)}, "density"),
+    ("magnitude_prune", {"weight": 1.0, "density": 2}, "density"),
+    ("breadcrumbs", {"weight": 1.0, "density": 0.5, "gamma": 1.0}, "gamma"),
+    ("task_arithmetic", {"weight": 1.0, "density": 0.5}, "density"),
+    ("task_arithmetic", {"weight": [1.0, -1.0, 0.0], "normalize": True}, "sum to zero"),
+    ("ties", {"weight": [1.0, -0.5, -0.5], "density": 0.5}, "sum to zero"),
+    ("linear", {"weight": [1.0, -1.0, 0.0]}, "sum to zero"),
+    ("linear", {}, "'weight' is required"),
+    ("linear", {"weight": [1.0, 2.0]}, "2 values for 3"),
+    ("ties", {"weight": 1.0, "densty": 0.5}, "did you mean 'density'"),
+    ("dare_ties", {"weight": 1.0, "density": 0.5}, "torch.Generator"),
+    ("dare_ties", {"weight": 1.0, "rescale": "l2", "generators": seeded(1, 2, 3)}, "rescale"),
+    ("ties", {"weight": 1.0, "normalize": "yes"}, "normalize"),
+    ("slerp", {"t": 0.5}, "exactly 2"),
+    ("interpolate", {"alpha": 0.5}, "exactly 2"),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "message"), BAD)
+def test_bad_parameters_are_one_line_errors(name, params, message):
+    tensors, base = make()
+    with pytest.raises(AdaptkitError, match=message) as info:
+        op(name).merge(tensors, base, **params)
+    assert "\n" not in str(info.value) and str(info.value).startswith(name)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                                  "breadcrumbs", "breadcrumbs_ties", "model_stock"])
+def test_missing_base_is_an_error(name):
+    tensors, _ = make()
+    extra = {"generators": seeded(1, 2, 3)} if op(name).random else {}
+    params = {} if name == "model_stock" else {"weight": 1.0}
+    with pytest.raises(AdaptkitError, match="needs a base model"):
+        op(name).merge(tensors, None, **params, **extra)
+
+
+def test_input_counts():
+    tensors, base = make()
+    with pytest.raises(AdaptkitError, match="at least 2"):
+        op("model_stock").merge(tensors[:1], base)
+    with pytest.raises(AdaptkitError, match="exactly 2"):
+        op("slerp").merge(tensors[:1], None, t=0.5)
+
+
+def test_breadcrumbs_keeps_a_tiny_tensor():
+    tensors, base = make(shape=(10,))  # γ·n = 0.01·10 < 1: no single outlier to drop
+    ours = op("breadcrumbs").merge(tensors, base, weight=1.0, density=0.5)
+    assert_close(ours, op("task_arithmetic").merge(tensors, base, weight=1.0), **TIGHT)
+    pruned = mergekit("breadcrumbs", tensors, base, weight=1.0, density=0.5)  # mergekit prunes it anyway
+    assert not torch.allclose(pruned, ours)
+
+
+def test_magnitude_ties_are_broken_by_position():
+    base = torch.zeros(8)
+    x = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 3.0, 2.0, 0.1])
+    out = op("magnitude_prune").merge([x], base, weight=1.0, density=0.375)  # keeps 3 of 8
+    assert torch.equal(out, torch.tensor([0.0, -2.0, 2.0, 0.0, 0.0, 3.0, 0.0, 0.0]))
+    out = op("breadcrumbs").merge([x], base, weight=1.0, density=0.25, gamma=0.125)  # drop 3.0, keep 2
+    assert torch.equal(out, torch.tensor([0.0, -2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+
+
+def test_sign_election_tie_goes_positive():
+    base = torch.zeros(3)
+    tensors = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, 1.0, 0.5])]  # Σ τ = [0, -1, 1]
+    ours = op("ties").merge(tensors, base, weight=1.0)
+    assert torch.equal(ours, torch.tensor([1.0, -2.0, 0.5]))
+    assert torch.equal(ours, mergekit("ties", tensors, base, weight=1.0))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registry_loads_every_operator(name):
+    obj = op(name)
+    assert isinstance(obj, MergeMethod) and obj.name == name
+    assert set(obj.per_model) <= set(obj.params)
+    line, problem = registry.describe(registry.entry("merge", name))
+    assert problem is None and line and "\n" not in line
+    text = getattr(obj, "about", "") or type(obj).__doc__
+    assert text.splitlines()[0] == line and "arXiv" in text
+    assert obj.random == name.startswith("dare")
+    tensors, base = make(shape=(4, 6), count=2)
+    params = {k: v for k, v in {"weight": 1.0, "t": 0.5, "alpha": 0.5}.items() if k in obj.params}
+    extra = {"generators": seeded(1, 2)} if obj.random else {}
+    out = obj.merge(tensors, base, **params, **extra) if name != "model_stock" else obj.merge(tensors, base)
+    assert out.shape == base.shape and out.dtype == torch.float32
