@@ -78,8 +78,8 @@ def _adapter_figures(adapter) -> dict[str, Any]:
         "trainable_parameters": adapter.numel(),
         "modules_to_save": sorted(adapter.saved),
     }
-    figures.update(variant.describe(adapter))
-    return figures
+    # The variant adds its own figures; the core's keys keep their meaning whatever a plugin returns.
+    return {**variant.describe(adapter), **figures}
 
 
 def _detect_quantizer(store: TensorStore) -> str | None:

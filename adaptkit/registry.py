@@ -15,6 +15,7 @@ import importlib.metadata
 import importlib.resources
 import importlib.util
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from functools import cache
@@ -57,13 +58,18 @@ def _builtin_entries() -> list[PluginEntry]:
     return [PluginEntry(kind, name, target, BUILTIN) for kind, items in table.items() for name, target in items.items()]
 
 
+def _normalized(name: str) -> str:
+    """Distribution names compare as PEP 503 says: case and runs of -_. do not matter."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _third_party_entries() -> list[PluginEntry]:
-    wanted = {w.strip() for w in os.environ.get("ADAPTKIT_PLUGINS", "").split(",") if w.strip()}
+    wanted = {_normalized(w) for w in os.environ.get("ADAPTKIT_PLUGINS", "").split(",") if w.strip()}
     entries = []
     for kind in KINDS:
         for ep in importlib.metadata.entry_points(group=f"adaptkit.{kind}"):
             dist = ep.dist.name if ep.dist else "unknown distribution"
-            if wanted and dist not in wanted and ep.name not in wanted:
+            if wanted and _normalized(dist) not in wanted and _normalized(ep.name) not in wanted:
                 continue
             source = f"{dist} {ep.dist.version}" if ep.dist else dist
             entries.append(PluginEntry(kind, ep.name, ep.value, source))

@@ -66,10 +66,12 @@ class ModelSource:
         return self.store.info(name)
 
     def get(self, name: str, *, float32: bool = True) -> torch.Tensor:
+        # A saved full tensor replaces the base one; adapter deltas then apply on top of it.
         if name in self._saved:
             adapter, key = self._saved[name]
-            return adapter.store.get(key).float()
-        tensor = self.store.get(name)
+            tensor = adapter.store.get(key)
+        else:
+            tensor = self.store.get(name)
         if not float32:
             return tensor
         tensor = tensor.float()

@@ -78,12 +78,14 @@ class MergeMethod(Protocol):
     """A merge operator over one tensor position, never seeing files.
 
     `params` maps each parameter name to its default (`None` = required); recipes are checked
-    against it. `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
+    against it. Operators drawing random numbers set `random = True` and take `generators`, one
+    seeded torch.Generator per input. `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
     the merged tensor; `base` is None when the recipe has no base model.
     """
 
     name: str
     params: Mapping[str, Any]
+    per_model: frozenset[str]  # parameters given per input model (passed as one value per input)
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, **params: Any) -> torch.Tensor: ...
 

@@ -1,0 +1,330 @@
+"""The merge engine end to end: against mergekit (models) and PEFT (base + adapters), determinism,
+recipes, and bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from adaptkit.errors import AdaptkitError
+from adaptkit.merge import layer_positions, run_merge
+from adaptkit.recipe import evaluate
+from builders import tiny_gpt2, tiny_llama
+
+
+def state(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A base and three fine-tunes of a tiny Llama (float32)."""
+    root = tmp_path_factory.mktemp("models")
+    base = tiny_llama(seed=0)
+    base.save_pretrained(root / "base")
+    for i in range(1, 4):
+        ft = tiny_llama(seed=0)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        ft.save_pretrained(root / f"ft{i}")
+    return root
+
+
+def mergekit_merge(recipe: dict, out) -> dict[str, torch.Tensor]:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions
+    from mergekit.merge import run_merge as mk_run
+
+    mk_run(MergeConfiguration.model_validate(recipe), str(out),
+           MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False))
+    return state(out)
+
+
+def recipe_for(models, method, params, global_params=None, base=True, n=3):
+    recipe = {"merge_method": method, "dtype": "float32",
+              "models": [{"model": str(models / f"ft{i}"), "parameters": p} for i, p in zip(range(1, n + 1), params)]}
+    if base:
+        recipe["base_model"] = str(models / "base")
+    if global_params:
+        recipe["parameters"] = global_params
+    return recipe
+
+
+CASES = {
+    "linear": ("linear", [{"weight": 0.2}, {"weight": 0.3}, {"weight": [0.1, 0.9]}], None, False),
+    "task_arithmetic": ("task_arithmetic", [{"weight": 0.5}, {"weight": -0.3}, {"weight": 0.8}], {"lambda": 0.9}, True),
+    "ties": ("ties", [{"weight": 0.4, "density": 0.5}, {"weight": 0.3, "density": [0.2, 0.9]},
+                      {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.2}], "density": 0.7}], None, True),
+    "breadcrumbs": ("breadcrumbs", [{"weight": 0.5, "density": 0.8, "gamma": 0.05}] * 3, None, True),
+    "model_stock": ("model_stock", [{}, {}, {}], None, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_models_merge_equals_mergekit(models, tmp_path, case):
+    method, params, global_params, base = CASES[case]
+    recipe = recipe_for(models, method, params, global_params, base)
+    ours = run_merge(recipe, tmp_path / "ours", progress=False)
+    assert ours["tensors"] == len(state(models / "base"))
+    expected = mergekit_merge(recipe, tmp_path / "mk")
+    got = state(tmp_path / "ours")
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_slerp_equals_mergekit(models, tmp_path):
+    recipe = {"merge_method": "slerp", "base_model": str(models / "ft1"), "dtype": "float32",
+              "models": [{"model": str(models / "ft1")}, {"model": str(models / "ft2")}],
+              "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]}}
+    run_merge(recipe, tmp_path / "ours", progress=False)
+    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_rule_matches_mergekit():
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)] + ["model.embed_tokens.weight", "lm_head.weight"]
+    t = layer_positions(names, {"num_hidden_layers": 4})
+    assert [t[n] for n in names] == [0, 1 / 3, 2 / 3, 1, 0, 0]
+    assert evaluate([0.0, 1.0, 0.5], names[1], t[names[1]]) == pytest.approx(2 / 3)
+    assert evaluate([{"filter": "mlp", "value": [0, 1]}, {"value": 7}], names[3], 1.0) == 1
+    assert evaluate([{"filter": "attn", "value": 3}, {"value": 7}], names[3], 1.0) == 7
+
+
+def test_bf16_inputs_computed_in_float32_rounded_once(models, tmp_path):
+    recipe = recipe_for(models, "linear", [{"weight": 1 / 3}] * 3, base=False)
+    recipe["dtype"] = "bfloat16"
+    run_merge(recipe, tmp_path / "out", progress=False)
+    got = state(tmp_path / "out")
+    inputs = [state(models / f"ft{i}") for i in (1, 2, 3)]
+    for name, tensor in got.items():
+        expected = sum(x[name].float() / 3 for x in inputs)  # the float32 formula
+        assert tensor.dtype == torch.bfloat16
+        # One rounding of the float32 result: within half a bf16 ulp (2^-9 relative), plus float32
+        # summation-order noise where the inputs cancel.
+        torch.testing.assert_close(tensor.float(), expected, rtol=2**-8, atol=1e-7, msg=name)
+
+
+def test_dare_is_deterministic_across_reruns_and_threads(models, tmp_path):
+    recipe = recipe_for(models, "dare_ties", [{"weight": 0.5, "density": 0.5}] * 3)
+    run_merge(recipe, tmp_path / "a", threads=1, seed=7, progress=False)
+    run_merge(recipe, tmp_path / "b", threads=2, seed=7, progress=False)
+    run_merge(recipe, tmp_path / "c", threads=2, seed=8, progress=False)
+    a, b, c = ((tmp_path / x / "model.safetensors").read_bytes() for x in "abc")
+    assert a == b and a != c
+
+
+# -- mode 2: base + adapters -> model, against PEFT's merge_and_unload ------------------------------
+
+def peft_adapter(model, out, **config):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(model, LoraConfig(init_lora_weights=False, **config)).save_pretrained(out)
+    return out
+
+
+def peft_merged(model, adapter_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()
+
+
+ADAPTERS = {
+    "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rslora_patterns": dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear",
+                            rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}),
+    "embedding_modules_to_save": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
+                                      modules_to_save=["lm_head"]),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", ADAPTERS)
+def test_base_plus_adapter_equals_peft_merge_and_unload(llama_dir, tmp_path, case):
+    torch.manual_seed(1)
+    adapter = peft_adapter(tiny_llama(), tmp_path / "adapter", **ADAPTERS[case])
+    if case == "embedding_modules_to_save":  # make the saved lm_head differ from the base
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        tensors["base_model.model.lm_head.weight"] += 1.0
+        save_file(tensors, adapter / "adapter_model.safetensors")
+    run_merge({"merge_method": "task_arithmetic", "base_model": str(llama_dir),
+               "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}, tmp_path / "out", progress=False)
+    expected, got = peft_merged(tiny_llama(), adapter), state(tmp_path / "out")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gpt2_fan_in_fan_out_equals_peft(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    adapter = peft_adapter(tiny_gpt2(), tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True,
+                           target_modules=["c_attn", "c_proj"])
+    run_merge({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+               "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}, tmp_path / "out", progress=False)
+    expected, got = peft_merged(tiny_gpt2(), adapter), state(tmp_path / "out")
+    for name, tensor in expected.items():
+        if name in got:
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_weighted_adapters_and_plus_reference(llama_dir, tmp_path):
+    a = peft_adapter(tiny_llama(), tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
+    b = peft_adapter(tiny_llama(seed=3), tmp_path / "b", r=2, lora_alpha=2, target_modules=["q_proj", "k_proj"])
+    run_merge({"merge_method": "task_arithmetic", "base_model": str(llama_dir),
+               "models": [{"model": str(a), "parameters": {"weight": 0.5}},
+                          {"model": str(b), "parameters": {"weight": -1.0}}]}, tmp_path / "out", progress=False)
+    # `base+adapter` references give the same thing as bare adapters with a base.
+    run_merge({"merge_method": "task_arithmetic", "base_model": str(llama_dir),
+               "models": [{"model": f"{llama_dir}+{a}", "parameters": {"weight": 0.5}},
+                          {"model": f"{llama_dir}+{b}", "parameters": {"weight": -1.0}}]}, tmp_path / "plus", progress=False)
+    base, pa, pb = state(llama_dir), peft_merged(tiny_llama(), a), peft_merged(tiny_llama(), b)
+    got, plus = state(tmp_path / "out"), state(tmp_path / "plus")
+    for name in base:
+        expected = base[name] + 0.5 * (pa[name] - base[name]) - (pb[name] - base[name])
+        torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(plus[name], got[name], rtol=0, atol=0)
+
+
+# -- recipes and the CLI ------------------------------------------------------------------------------
+
+def test_cli_recipe_and_quick_form(models, tmp_path):
+    from click.testing import CliRunner
+
+    from adaptkit.cli import cli
+
+    recipe = recipe_for(models, "ties", [{"weight": 0.5, "density": 0.5}] * 3)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    runner = CliRunner()
+    r1 = runner.invoke(cli, ["--quiet", "merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o1"), "--json"])
+    assert r1.exit_code == 0, r1.output
+    assert json.loads(r1.output)["method"] == "ties"
+    quick = ["--quiet", "merge", "--method", "ties", "--base", str(models / "base"), "-p", "density=0.5",
+             *[arg for i in (1, 2, 3) for arg in ("-m", f"{models / f'ft{i}'}:0.5")], "-o", str(tmp_path / "o2")]
+    assert runner.invoke(cli, quick).exit_code == 0
+    assert (tmp_path / "o1/model.safetensors").read_bytes() == (tmp_path / "o2/model.safetensors").read_bytes()
+    dry = runner.invoke(cli, ["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o3"), "--dry-run", "--json"])
+    assert json.loads(dry.output)["tensors"] == len(state(models / "base")) and not (tmp_path / "o3").exists()
+    assert (tmp_path / "o1" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"merge_methd": "ties"}, "unknown key 'merge_methd'; did you mean 'merge_method'"),
+    ({"merge_method": "tie"}, "unknown merge method 'tie'; did you mean 'ties'"),
+    ({"parameters": {"desnity": 0.5}}, "'ties' has no parameter 'desnity'; did you mean 'density'"),
+    ({"slices": []}, "'slices' is a mergekit feature adaptkit does not support yet"),
+])
+def test_recipe_errors_name_the_nearest(models, tmp_path, change, message):
+    recipe = recipe_for(models, "ties", [{"weight": 0.5}] * 3)
+    if "merge_methd" in change:
+        recipe.pop("merge_method")
+    recipe.update(change)
+    with pytest.raises(AdaptkitError, match=message):
+        run_merge(recipe, tmp_path / "out", progress=False)
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+def edited_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_shape_mismatch(models, tmp_path):
+    bad = edited_copy(models / "ft2", tmp_path / "bad", lambda t: t.update({"lm_head.weight": torch.zeros(3, 3)}))
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    recipe["models"][1]["model"] = str(bad)
+    with pytest.raises(AdaptkitError, match=r"'lm_head.weight' has shape \(3, 3\) in .*bad but \(128, 32\)"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_missing_tensor(models, tmp_path):
+    bad = edited_copy(models / "ft2", tmp_path / "bad", lambda t: t.pop("lm_head.weight"))
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    recipe["models"][1]["model"] = str(bad)
+    with pytest.raises(AdaptkitError, match="tensor 'lm_head.weight' of .* is missing from .*bad"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_different_architectures(models, tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    recipe["models"][1]["model"] = str(tmp_path / "gpt2")
+    with pytest.raises(AdaptkitError, match="different architectures: .* is llama, .* is gpt2"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_adapter_for_a_different_base(models, tmp_path):
+    adapter = peft_adapter(tiny_llama(hidden_size=48), tmp_path / "wide", r=2, lora_alpha=2, target_modules=["q_proj"])
+    with pytest.raises(AdaptkitError, match=r"q_proj' gives ΔW of shape \(48, 48\) but .* has \(32, 32\): wrong base"):
+        run_merge({"merge_method": "task_arithmetic", "base_model": str(models / "base"),
+                   "models": [{"model": str(adapter), "parameters": {"weight": 1}}]}, tmp_path / "out", progress=False)
+    gpt = peft_adapter(tiny_gpt2(), tmp_path / "gpt", r=2, lora_alpha=2, target_modules=["c_attn"])
+    with pytest.raises(AdaptkitError, match="targets 'transformer.h.0.attn.c_attn', which .* does not have"):
+        run_merge({"merge_method": "task_arithmetic", "base_model": str(models / "base"),
+                   "models": [{"model": str(gpt), "parameters": {"weight": 1}}]}, tmp_path / "out", progress=False)
+
+
+def test_weights_summing_to_zero_with_normalize(models, tmp_path):
+    recipe = recipe_for(models, "linear", [{"weight": 1}, {"weight": -1}], base=False, n=2)
+    with pytest.raises(AdaptkitError, match="sum to zero"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("density", [0, 1.5, -0.1])
+def test_density_out_of_range(models, tmp_path, density):
+    with pytest.raises(AdaptkitError, match="density"):
+        run_merge(recipe_for(models, "ties", [{"weight": 1, "density": density}] * 3), tmp_path / "o", progress=False)
+
+
+def test_nan_input(models, tmp_path):
+    def poison(t):
+        t["model.norm.weight"][0] = float("nan")
+
+    bad = edited_copy(models / "ft2", tmp_path / "bad", poison)
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    recipe["models"][1]["model"] = str(bad)
+    with pytest.raises(AdaptkitError, match="'model.norm.weight' of .*bad has NaN or Inf"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    run_merge(recipe, tmp_path / "out", allow_nonfinite=True, progress=False)
+    assert torch.isnan(state(tmp_path / "out")["model.norm.weight"][0])
+
+
+def test_existing_output_and_killed_run(models, tmp_path, monkeypatch):
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(AdaptkitError, match="already exists"):
+        run_merge(recipe, out, progress=False)
+    from adaptkit import merge as engine
+
+    calls = {"n": 0}
+    real = engine.merge_tensor
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # as if killed mid-way
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "merge_tensor", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(recipe, out, force=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.txt").read_text() == "old"
+    with pytest.raises(KeyboardInterrupt):
+        calls["n"] = 0
+        run_merge(recipe, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
