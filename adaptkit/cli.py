@@ -127,6 +127,9 @@ def main() -> None:
 def _quick_recipe(method, base, models, params, rank) -> dict:
     import yaml
 
+    method = method or ("task_arithmetic" if base else "linear")
+    # The quick form's weight defaults to 1 where the method has one (recipes, like mergekit's, must give it).
+    takes_weight = method in registry.names("merge") and "weight" in registry.get("merge", method).params
     entries = []
     for spec in models:
         path, sep, weight = spec.rpartition(":")
@@ -134,17 +137,16 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
             value = float(weight) if sep else None
         except ValueError:
             value = None
-        # The quick form's weight defaults to 1 (recipes, like mergekit's, must give it).
-        entries.append({"model": path, "parameters": {"weight": value}} if value is not None
-                       else {"model": spec, "parameters": {"weight": 1.0}})
+        if value is None:
+            path, value = spec, 1.0
+        entries.append({"model": path, "parameters": {"weight": value}} if takes_weight else {"model": path})
     parameters = {}
     for item in params:
         key, sep, value = item.partition("=")
         if not sep:
             raise AdaptkitError(f"--param expects key=value, got '{item}'")
         parameters[key.strip()] = yaml.safe_load(value)
-    recipe = {"merge_method": method or ("task_arithmetic" if base else "linear"), "models": entries,
-              "parameters": parameters}
+    recipe = {"merge_method": method, "models": entries, "parameters": parameters}
     if base:
         recipe["base_model"] = base
     if rank:
