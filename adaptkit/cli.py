@@ -162,7 +162,7 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
 @click.option("-m", "--model", "models", multiple=True, metavar="PATH[:WEIGHT]", help="Quick form: an input, repeatable.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Quick form: a method parameter, repeatable.")
 @click.option("--rank", type=int, help="Quick form: merge adapters into an adapter of this rank.")
-@click.option("--seed", type=int, help="Seed for random methods (DARE); overrides the recipe's.")
+@click.option("--seed", type=int, help="Seed for random merge methods; overrides the recipe's.")
 @click.option("--dtype", help="Output dtype for floating tensors (float32, bfloat16, float16).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--threads", type=int, help="Tensors merged in parallel (default: min(4, cores)).")
@@ -182,7 +182,7 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, sha
     \b
     Examples:
       adaptkit merge soup.yaml -o merged/
-      adaptkit merge --method ties --base B -m A:0.5 -m C:0.5 -p density=0.5 -o merged/
+      adaptkit merge --method task_arithmetic --base B -m A:0.5 -m C:0.5 -p lambda=0.9 -o merged/
       adaptkit merge --base llama -m my-lora -o llama-merged/        # merge-and-unload
       adaptkit merge --method linear -m lora1:0.5 -m lora2:0.5 --rank 16 -o lora-mix/
       adaptkit merge soup.yaml -o merged/ --dry-run
