@@ -195,6 +195,17 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, sha
         raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")
     spec = recipe if recipe else _quick_recipe(method, base, models, params, rank)
     parsed = load_recipe(spec)
+    if dtype:
+        parsed.out_dtype = dtype
+    if dry_run and parsed.output_kind == "adapter":
+        from .adapter_merge import plan_adapters
+
+        summary = plan_adapters(parsed, allow_pickle=allow_pickle)
+        if as_json:
+            return emit_json(summary)
+        click.echo(f"{summary['method']}: {summary['modules']} modules of {len(summary['inputs'])} "
+                   f"{summary['variant']} adapter(s) -> one adapter, rank {summary['rank']}")
+        return
     if dry_run:
         plan = Plan(parsed, allow_pickle=allow_pickle, dtype=dtype)
         summary = plan.summary(threads or 1)

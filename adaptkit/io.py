@@ -1,16 +1,17 @@
-"""The tensor store: any weights on disk as a lazy, memory-mapped mapping of name -> tensor.
+"""The tensor store: any weights on disk as a lazy mapping of name -> tensor.
 
 `open_store(path)` accepts a single `.safetensors` file, a folder with `model.safetensors`,
 shards with a `*.safetensors.index.json`, a PEFT adapter folder, a Hub cache folder
 (`models--org--name`, resolved through `refs/main`) or one of its snapshots. Keys, shapes, dtypes
 and metadata come from the headers alone; no tensor data is read (and torch is not imported)
-until `get(name)` is called. Pickle checkpoints are refused unless `allow_pickle=True`, and even
+until `get(name)` is called, and then only that tensor (or a range of its rows) is read. Pickle checkpoints are refused unless `allow_pickle=True`, and even
 then are loaded with `torch.load(weights_only=True)`, which executes no code.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # absolute byte offset of the data in `file` (safetensors only)
 
     @property
     def numel(self) -> int:
@@ -85,11 +87,11 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise CorruptFileError(f"{path}: safetensors header is not valid JSON (corrupt or not safetensors)") from None
     metadata = header.pop("__metadata__", None) or {}
     data_len = size - 8 - n
-    infos = {name: _tensor_info(path, name, entry, data_len) for name, entry in header.items()}
+    infos = {name: _tensor_info(path, name, entry, data_len, 8 + n) for name, entry in header.items()}
     return infos, metadata
 
 
-def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry: Any, data_len: int, data_start: int) -> TensorInfo:
     try:
         dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
     except (KeyError, TypeError, ValueError):
@@ -100,7 +102,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo
         raise CorruptFileError(
             f"{path}: truncated: tensor '{name}' ends at byte {end} of the data but only {data_len} bytes are present"
         )
-    info = TensorInfo(name, dtype, shape, path)
+    info = TensorInfo(name, dtype, shape, path, data_start + begin)
     if end - begin != info.nbytes or begin < 0:
         raise CorruptFileError(f"{path}: tensor '{name}' spans {end - begin} bytes but its shape needs {info.nbytes}")
     return info
@@ -125,7 +127,7 @@ class TensorStore:
         self.infos = infos
         self.metadata = metadata
         self.index = index
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, int] = {}
         self._pickled: dict[str, Any] | None = None
 
     # -- what is there (headers only) -------------------------------------------------------
@@ -157,21 +159,57 @@ class TensorStore:
         return read_json(path) if path.is_file() else None
 
     # -- data (on demand) --------------------------------------------------------------------
-    def get(self, name: str):
-        """The tensor `name`, memory-mapped from its file (a torch.Tensor)."""
+    def get(self, name: str, rows: tuple[int, int] | None = None):
+        """The tensor `name` (a torch.Tensor), or only its rows [start, stop) along dim 0.
+
+        Data is read with positioned reads into a fresh buffer rather than through a memory map:
+        mapped file pages count towards the process's RSS for as long as the map lives, so a merge
+        reading every tensor of several models would grow to their total size; reads keep the peak
+        at the tensors actually in flight (the OS page cache still serves repeated reads).
+        """
         info = self.info(name)
         if self._pickled is not None:
-            return self._pickled[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
+            tensor = self._pickled[name]
+            return tensor if rows is None else tensor[rows[0]:rows[1]]
+        return self._read(info, rows)
 
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+    def _read(self, info: TensorInfo, rows: tuple[int, int] | None):
+        import torch
+
+        from .dtypes import code_to_torch
+
+        shape, offset = list(info.shape), info.offset
+        if rows is not None:
+            row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
+            offset += rows[0] * row_bytes
+            shape[0] = rows[1] - rows[0]
+        size = math.prod(shape) * DTYPE_SIZES[info.dtype]
+        buffer = torch.empty(size, dtype=torch.uint8)
+        view, fd = memoryview(buffer.numpy()), self._fd(info.file)
+        while view:
+            n = os.preadv(fd, [view], offset)
+            if n <= 0:
+                raise CorruptFileError(f"{info.file}: unexpected end of file reading '{info.name}'")
+            view, offset = view[n:], offset + n
+        return buffer.view(code_to_torch(info.dtype)).reshape(shape)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._handles.get(path)
+        if fd is None:
+            fd = self._handles[path] = os.open(path, os.O_RDONLY)
+        return fd
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         self._pickled = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def __enter__(self) -> TensorStore:
         return self

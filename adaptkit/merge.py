@@ -28,6 +28,9 @@ from .sources import ModelSource, check_same_architecture, open_input
 from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output, copy_side_files
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
+#: Elementwise operators see big tensors in row blocks of about this many elements (64 MB in float32),
+#: so a 1B-parameter model's embeddings never sit in memory several times over.
+BLOCK_ELEMENTS = 16 * 1024 * 1024
 
 
 def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]:
@@ -75,6 +78,8 @@ class Plan:
 
     def peak_bytes(self, threads: int) -> int:
         largest = max((4 * _numel(shape) for _, _, shape in self.layout), default=0)
+        if getattr(self.method, "elementwise", False):
+            largest = min(largest, 4 * BLOCK_ELEMENTS)
         return largest * (len(self.sources) + 2) * threads
 
     def summary(self, threads: int) -> dict[str, Any]:
@@ -92,13 +97,25 @@ def _numel(shape) -> int:
     return n
 
 
-def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False) -> torch.Tensor:
-    """The merged tensor `name` in float32 (or the reference's own tensor for non-float ones)."""
+def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
+    """[None] (the whole tensor), or row ranges when the operator is elementwise and the tensor big."""
+    shape = (plan.base or plan.inputs[0]).info(name).shape
+    numel = _numel(shape)
+    if (not getattr(plan.method, "elementwise", False) or numel <= BLOCK_ELEMENTS or len(shape) < 2
+            or any(source.has_deltas(name) for source in plan.sources)):
+        return [None]
+    step = max(1, BLOCK_ELEMENTS // (numel // shape[0]))
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The merged tensor `name` (or its rows) in float32; non-float tensors come from the reference."""
     reference = plan.base or plan.inputs[0]
     if not code_to_torch(reference.info(name).dtype).is_floating_point:
-        return reference.get(name, float32=False)
-    tensors = [source.get(name) for source in plan.inputs]
-    base = plan.base.get(name) if plan.base else None
+        return reference.get(name, float32=False, rows=rows)
+    tensors = [source.get(name, rows=rows) for source in plan.inputs]
+    base = plan.base.get(name, rows=rows) if plan.base else None
     if not allow_nonfinite:
         for source, t in zip(plan.sources, ([base] if base is not None else []) + tensors):
             if not torch.isfinite(t).all():
@@ -117,6 +134,9 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if seed is not None:
         recipe.seed = seed
+    if recipe.output_kind == "adapter":
+        from .adapter_merge import merge_adapters
+        return merge_adapters(recipe, out, force=force, progress=progress, allow_pickle=allow_pickle)
     start = time.perf_counter()
     plan = Plan(recipe, allow_pickle=allow_pickle, dtype=dtype)
     threads = threads or min(4, os.cpu_count() or 1)
@@ -140,10 +160,10 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
 def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool) -> None:
     dtypes = {name: code_to_torch(code) for name, code, _ in plan.layout}
 
-    def one(name: str) -> int:
-        merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite)
-        writer.write(name, merged.to(dtypes[name]))
-        return merged.numel()
+    def one(name: str) -> None:
+        for rows in row_blocks(plan, name):
+            merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
+            writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
 
     bar = tqdm(total=len(plan.names), unit="tensor", desc=f"merge {plan.recipe.method}", disable=not progress,
                leave=False)

@@ -65,13 +65,18 @@ class ModelSource:
     def info(self, name: str) -> TensorInfo:
         return self.store.info(name)
 
-    def get(self, name: str, *, float32: bool = True) -> torch.Tensor:
+    def has_deltas(self, name: str) -> bool:
+        return name in self._deltas
+
+    def get(self, name: str, *, float32: bool = True, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name` (float32 unless asked otherwise), or rows [start, stop) of it.
+        Row blocks are only for tensors no adapter changes (see `has_deltas`)."""
         # A saved full tensor replaces the base one; adapter deltas then apply on top of it.
         if name in self._saved:
             adapter, key = self._saved[name]
-            tensor = adapter.store.get(key)
+            tensor = adapter.store.get(key, rows=rows)
         else:
-            tensor = self.store.get(name)
+            tensor = self.store.get(name, rows=rows)
         if not float32:
             return tensor
         tensor = tensor.float()

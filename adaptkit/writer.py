@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -82,7 +83,7 @@ class _Shard:
     path: Path
     entries: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (begin, end)
     data_start: int = 0
-    written: set[str] = field(default_factory=set)
+    written: dict[str, int] = field(default_factory=dict)  # name -> bytes written so far
 
 
 class ShardedWriter:
@@ -102,6 +103,7 @@ class ShardedWriter:
         self.layout = {name: TensorInfo(name, dtype, tuple(shape), Path()) for name, dtype, shape in layout}
         self.shards = self._plan(parse_size(shard_size), stem)
         self._where = {name: shard for shard in self.shards for name in shard.entries}
+        self._lock = threading.Lock()
         self._files = {id(s): open(s.path, "wb") for s in self.shards}
         for shard in self.shards:
             self._write_header(shard)
@@ -140,33 +142,39 @@ class ShardedWriter:
         total = sum(end - begin for begin, end in shard.entries.values())
         f.truncate(shard.data_start + total)
 
-    def write(self, name: str, tensor) -> None:
-        """Write one tensor (any device/dtype matching the layout) at its place in its shard."""
+    def write(self, name: str, tensor, row: int = 0) -> None:
+        """Write a tensor at its place in its shard, or a block of its rows starting at `row`
+        (for tensors merged in pieces). Threads may write different tensors or rows concurrently."""
         from .dtypes import torch_to_code
 
         info = self.layout.get(name)
         if info is None:
             raise AdaptkitError(f"tensor '{name}' is not in the output layout")
-        if torch_to_code(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
-            raise AdaptkitError(
-                f"tensor '{name}': got {torch_to_code(tensor.dtype)} {tuple(tensor.shape)}, layout says {info.dtype} {info.shape}"
-            )
+        shape = tuple(tensor.shape)
+        fits = shape == info.shape or (row + (shape[0] if shape else 0) <= (info.shape[0] if info.shape else 0)
+                                       and shape[1:] == info.shape[1:] and len(shape) == len(info.shape))
+        if torch_to_code(tensor.dtype) != info.dtype or not fits:
+            raise AdaptkitError(f"tensor '{name}': got {torch_to_code(tensor.dtype)} {shape} at row {row}, "
+                                f"layout says {info.dtype} {info.shape}")
         shard = self._where[name]
-        if name in shard.written:
-            raise AdaptkitError(f"tensor '{name}' written twice")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(_byte_dtype()).numpy()
-        # pwrite at an absolute offset: worker threads may write different tensors concurrently.
-        fd, view, offset = self._files[id(shard)].fileno(), memoryview(data), shard.data_start + shard.entries[name][0]
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        offset = shard.data_start + shard.entries[name][0] + row * row_bytes
+        fd, view = self._files[id(shard)].fileno(), memoryview(data)
         while view:  # pwrite may write less than asked (Linux caps one call near 2 GiB)
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
-        shard.written.add(name)
+        with self._lock:
+            done = shard.written.get(name, 0) + data.nbytes
+            if done > info.nbytes:
+                raise AdaptkitError(f"tensor '{name}' written twice")
+            shard.written[name] = done
 
     def close(self) -> list[Path]:
         """Finish the files; returns their paths. Fails if a tensor of the layout was never written."""
         for f in self._files.values():
             f.close()
-        missing = [n for s in self.shards for n in s.entries if n not in s.written]
+        missing = [n for s in self.shards for n in s.entries if s.written.get(n, 0) < self.layout[n].nbytes]
         if missing:
             raise AdaptkitError(f"output incomplete: {len(missing)} tensors never written (first: '{missing[0]}')")
         if len(self.shards) > 1:

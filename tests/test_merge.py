@@ -328,3 +328,30 @@ def test_existing_output_and_killed_run(models, tmp_path, monkeypatch):
         calls["n"] = 0
         run_merge(recipe, tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("method, params", [("linear", {"weight": 0.3}), ("task_arithmetic", {"weight": 0.6})])
+def test_row_blocks_give_the_same_bytes(models, tmp_path, monkeypatch, method, params):
+    """Elementwise operators see big tensors in row blocks; the output must not change."""
+    from adaptkit import merge as engine
+
+    recipe = recipe_for(models, method, [params] * 3, base=method != "linear")
+    run_merge(recipe, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)
+    plan = engine.Plan(engine.load_recipe(recipe))
+    assert len(engine.row_blocks(plan, "model.embed_tokens.weight")) > 10
+    run_merge(recipe, tmp_path / "blocks", progress=False, threads=2)
+    assert (tmp_path / "whole/model.safetensors").read_bytes() == (tmp_path / "blocks/model.safetensors").read_bytes()
+
+
+def test_adapter_output_dry_run(tmp_path):
+    from click.testing import CliRunner
+
+    from adaptkit.cli import cli
+
+    a = peft_adapter(tiny_llama(), tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
+    b = peft_adapter(tiny_llama(), tmp_path / "b", r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"])
+    r = CliRunner().invoke(cli, ["merge", "--method", "linear", "-m", str(a), "-m", str(b), "--rank", "4",
+                                 "-o", str(tmp_path / "o"), "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["modules"] == 4 and json.loads(r.output)["rank"] == 4 and not (tmp_path / "o").exists()

@@ -29,6 +29,7 @@ class Operator:
     params: Mapping[str, Any] = frozen({})
     per_model: frozenset[str] = frozenset()
     random: bool = False
+    elementwise: bool = False  # each output element depends only on the same element of the inputs
 
     def error(self, message: str) -> AdaptkitError:
         return AdaptkitError(f"{self.name}: {message}")

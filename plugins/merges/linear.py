@@ -21,6 +21,7 @@ class Linear(Operator):
     """
 
     name = "linear"
+    elementwise = True
     params = frozen({"weight": None, "normalize": True})
     per_model = frozenset({"weight"})
 
@@ -46,6 +47,7 @@ class Average(Operator):
     """
 
     name = "average"
+    elementwise = True
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         self.check_inputs(tensors)
@@ -66,6 +68,7 @@ class Interpolate(Operator):
     """
 
     name = "interpolate"
+    elementwise = True
     params = frozen({"alpha": None})
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:

@@ -147,7 +147,7 @@ class TaskArithmetic(Operator):
         if sparsify not in SPARSIFIERS or consensus not in CONSENSUS:
             raise ValueError(f"unknown sparsify={sparsify!r} or consensus={consensus!r}")
         self.name, self.sparsify, self.consensus, self.about = name, sparsify, consensus, about
-        self.random = sparsify == "random"
+        self.random, self.elementwise = sparsify == "random", sparsify is None
         params = {"weight": None, "density": 1.0, "lambda": 1.0, "normalize": normalize,
                   "rescale": rescale, "int8_mask": False}
         per_model = {"weight", "density"}

@@ -119,4 +119,58 @@ class LoRA:
         return out.T if transposed else out
 
 
+    # -- factors (adapters -> adapter merging) ---------------------------------------------------
+    def factors(self, adapter: AdapterFiles, module: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) in float32 with ΔW = s·B·A (A r × in, B out × r), before the transpose that
+        `factor_layout` reports. DoRA modules have no such form: W' = m ⊙ (W + s·B·A) / ‖·‖_row."""
+        roles = adapter.modules[module]
+        if "lora_magnitude_vector" in roles:
+            raise AdaptkitError(f"{module}: a DoRA module rescales W + s·B·A by a learned magnitude, so its ΔW is not "
+                                "low-rank and concatenation cannot be exact; use another merge method with a base model")
+        a_role, b_role, _ = self._factors(roles)
+        a = adapter.tensor(module, a_role).float()
+        b = adapter.tensor(module, b_role).float()
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdaptkitError(f"{module}: LoRA on convolution layers is not supported yet (A is {tuple(a.shape)})")
+        return a, b, self.scaling(adapter, module)
+
+    def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
+        """`embedding`: A is r × num_embeddings; `transposed`: the base weight is (s·B·A)ᵀ
+        (embeddings, and `Conv1D` layers with `fan_in_fan_out`)."""
+        embedding = self._factors(adapter.modules[module])[2]
+        return {"embedding": embedding, "transposed": embedding or bool(adapter.config.get("fan_in_fan_out"))}
+
+    def write_lowrank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layouts: dict[str, dict[str, bool]],
+                      template: dict[str, Any], out_dir) -> list:
+        """Write a PEFT LoRA folder with ΔW = B·A per module: scale 1, so lora_alpha = rank per module
+        (`rank_pattern`/`alpha_pattern` where ranks differ), no rsLoRA, no DoRA. `template` is an input's
+        config (base model, task type); `layouts` come from `factor_layout` (embedding, transposed)."""
+        import json
+        from collections import Counter
+        from pathlib import Path
+
+        from adaptkit.writer import save_tensors
+
+        ranks = {m: int(a.shape[0]) for m, (a, _) in factors.items()}
+        r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+        flips = {layouts[m]["transposed"] for m in factors if not layouts[m]["embedding"]}
+        if len(flips) > 1:
+            raise AdaptkitError("the merged modules mix fan_in_fan_out and plain layers; one LoRA config cannot hold both")
+        other = {m: k for m, k in sorted(ranks.items()) if k != r}
+        config = dict(template, peft_type="LORA", r=r, lora_alpha=r, rank_pattern=other, alpha_pattern=dict(other),
+                      use_rslora=False, use_dora=False, target_modules=sorted(factors), fan_in_fan_out=flips == {True},
+                      modules_to_save=None, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
+                      lora_bias=False, trainable_token_indices=None, target_parameters=None)
+        tensors = {}
+        for module, (a, b) in factors.items():
+            a_name, b_name = (("lora_embedding_A", "lora_embedding_B") if layouts[module]["embedding"]
+                              else ("lora_A.weight", "lora_B.weight"))
+            tensors[f"base_model.model.{module}.{a_name}"] = a.contiguous()
+            tensors[f"base_model.model.{module}.{b_name}"] = b.contiguous()
+        out_dir = Path(out_dir)
+        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
+        return [out_dir / "adapter_config.json", *files]
+
+
 LORA = LoRA()

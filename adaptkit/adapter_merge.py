@@ -1,0 +1,253 @@
+"""Mode 3 of merging: adapters -> adapter (`output: {kind: adapter, rank: R}`, CLI `--rank R`).
+
+Every input must be an adapter of one variant whose plugin offers the low-rank hooks
+`factors(adapter, module) -> (A, B, s)` (ΔW = s·B·A, A r × in, B out × r), `factor_layout(adapter,
+module) -> {embedding, transposed}` and `write_lowrank(factors, layouts, template, out_dir)`, which
+writes an adapter of that variant with ΔW = B·A (scale 1) per module.
+
+- `concat` is exact: per module, with weights wᵢ and scales sᵢ,
+      A = [A₁; A₂; …] (rows stacked),  B = [w₁s₁B₁ | w₂s₂B₂ | …] (columns stacked),
+      B·A = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = Σᵢ wᵢ·ΔWᵢ,
+  of rank Σᵢ rᵢ over the adapters that have the module (the requested rank only asks for an
+  adapter output).
+- Any other merge operator runs on the updates themselves: τᵢ = ΔWᵢ (the variant's `delta`, zeros
+  where an adapter lacks the module) with base 0, so θ = merge(ΔW₁, …; 0) is the merged update. It
+  is re-factored to rank k = min(R, out, in) by truncated SVD, the best rank-k approximation in the
+  Frobenius norm (Eckart–Young): ΔW ≈ U_k S_k V_kᵀ, B = U_k·√S_k, A = √S_k·V_kᵀ; the report gives
+  each module's relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import registry
+from .adapter import read_adapter
+from .dtypes import code_to_torch, parse_dtype
+from .errors import AdaptkitError
+from .merge import layer_positions, seeded_generators
+from .recipe import Recipe, resolve_params
+from .sources import open_input, resolve_path
+from .spec import AdapterFiles
+from .writer import atomic_output
+
+LOWRANK_HOOKS = ("factor_layout", "write_lowrank")
+
+
+def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed: int | None = None,
+                   progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
+    """Merge the recipe's adapters into one adapter in the folder `out`; returns a report (the CLI's
+    --json) with each module's rank and relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F (0 for `concat`)."""
+    if seed is not None:
+        recipe.seed = seed
+    start = time.perf_counter()
+    adapters = read_inputs(recipe, allow_pickle)
+    method = registry.get("merge", recipe.method)
+    exact = getattr(method, "factor_space", False)  # an operator on the factors themselves: no SVD
+    variant = check_variant(adapters, exact=exact)
+    rank = None if exact else requested_rank(recipe)
+    modules = sorted({m for a in adapters for m in a.modules})
+    if not modules:
+        raise AdaptkitError("the input adapters have no low-rank modules to merge")
+    base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base else None
+    positions = layer_positions([f"{m}.weight" for m in modules], base.config if base else None)
+    bar = tqdm(modules, unit="module", desc=f"merge {recipe.method}", disable=not progress, leave=False)
+    if rank is None:
+        factors, layouts = concat_factors(recipe, method, variant, adapters, bar, positions)
+        errors = {m: 0.0 for m in modules}
+    else:
+        factors, layouts, errors = svd_factors(recipe, method, variant, adapters, bar, positions, base, rank)
+    bar.close()
+    dropped = warn_dropped(adapters)
+    dtype = parse_dtype(recipe.out_dtype or recipe.dtype) or input_dtype(adapters[0])
+    factors = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
+    with atomic_output(out, force=force) as tmp:
+        files = variant.write_lowrank(factors, layouts, dict(adapters[0].config), tmp)
+    report = {"method": recipe.method, "output_kind": "adapter", "variant": variant.name,
+              "inputs": [str(r) for r in recipe.models], "base": str(recipe.base) if recipe.base else None,
+              "output": str(out), "files": [Path(f).name for f in files], "dropped": dropped, "seed": recipe.seed}
+    report.update(rank_report(recipe, factors, errors, rank))
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def plan_adapters(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """What an adapter output would be, without computing it (`merge --dry-run`)."""
+    adapters = read_inputs(recipe, allow_pickle)
+    method = registry.get("merge", recipe.method)
+    exact = getattr(method, "factor_space", False)
+    variant = check_variant(adapters, exact=exact)
+    modules = sorted({m for a in adapters for m in a.modules})
+    return {"method": recipe.method, "output_kind": "adapter", "variant": variant.name,
+            "inputs": [str(r) for r in recipe.models], "modules": len(modules),
+            "rank": "sum of the inputs' ranks" if exact else requested_rank(recipe)}
+
+
+def rank_report(recipe: Recipe, factors: dict, errors: dict[str, float], rank: int | None) -> dict[str, Any]:
+    ranks = {m: int(a.shape[0]) for m, (a, _) in factors.items()}
+    report = {"modules": len(factors), "tensors": 2 * len(factors), "rank": rank or max(ranks.values()),
+              "ranks": ranks, "errors": errors, "max_error": max(errors.values())}
+    if rank is None:
+        report["note"] = (f"{recipe.method} is exact: each module's rank is the sum of the inputs' ranks there "
+                          f"(up to {report['rank']}); the requested rank only asks for an adapter output")
+        if recipe.output_rank and recipe.output_rank != report["rank"]:
+            warnings.warn(f"{recipe.method}: the output rank is the sum of the inputs' ranks (up to {report['rank']}), "
+                          f"not the requested {recipe.output_rank}", stacklevel=3)
+    return report
+
+
+def read_inputs(recipe: Recipe, allow_pickle: bool = False) -> list[AdapterFiles]:
+    """Each recipe input as an adapter; a full model or a `model+adapter` input is an error."""
+    adapters = []
+    for ref in recipe.models:
+        adapter = None if ref.adapters else read_adapter(resolve_path(ref.model), allow_pickle=allow_pickle)
+        if adapter is None:
+            raise AdaptkitError(f"{ref} is not an adapter: an adapter output (output kind adapter, --rank) merges "
+                                "adapters only; drop the rank to merge into a model")
+        adapters.append(adapter)
+    return adapters
+
+
+def check_variant(adapters: list[AdapterFiles], *, exact: bool):
+    """The inputs' one variant plugin, which must offer the low-rank hooks."""
+    names = {}
+    for adapter in adapters:
+        names.setdefault(adapter.variant, adapter.store.root)
+    if len(names) > 1:
+        listing = ", ".join(f"{v} ({root})" for v, root in names.items())
+        raise AdaptkitError(f"the input adapters mix variants: {listing}; an adapter output needs one variant")
+    variant = registry.get("variant", adapters[0].variant)
+    missing = [h for h in (("factors",) if exact else ()) + LOWRANK_HOOKS if not callable(getattr(variant, h, None))]
+    if missing:
+        raise AdaptkitError(f"variant '{variant.name}' cannot be merged into an adapter: its plugin lacks the "
+                            f"{', '.join(missing)} hook(s)")
+    return variant
+
+
+def requested_rank(recipe: Recipe) -> int:
+    rank = recipe.output_rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdaptkitError(f"'{recipe.method}' into an adapter re-factors by SVD and needs output.rank "
+                            f"(--rank) as a positive integer, got {rank!r}")
+    return rank
+
+
+def module_weights(recipe: Recipe, method, module: str, t: float) -> list[float]:
+    weights = resolve_params(recipe, method, f"{module}.weight", t)["weight"]
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise AdaptkitError(f"{recipe.method}: 'weight' must be a finite number for every input, got {w!r}")
+    return [float(w) for w in weights]
+
+
+def concat_factors(recipe, method, variant, adapters, bar, positions):
+    """Per module A = [A₁; A₂; …], B = [w₁s₁B₁ | w₂s₂B₂ | …]: B·A = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ exactly.
+
+    An input whose layout is transposed against the output's enters as (s·B·A)ᵀ = s·Aᵀ·Bᵀ."""
+    factors, layouts = {}, {}
+    for module in bar:
+        weights = module_weights(recipe, method, module, positions[f"{module}.weight"])
+        parts_a, parts_b = [], []
+        for adapter, w in zip(adapters, weights):
+            if module not in adapter.modules:
+                continue
+            a, b, s = variant.factors(adapter, module)
+            layout = variant.factor_layout(adapter, module)
+            layouts.setdefault(module, layout)
+            if layout["transposed"] != layouts[module]["transposed"]:
+                a, b = b.T, a.T
+            parts_a.append(a)
+            parts_b.append(b * (w * s))
+        if len({a.shape[1] for a in parts_a}) > 1 or len({b.shape[0] for b in parts_b}) > 1:
+            raise AdaptkitError(f"{module}: the adapters' factors have different shapes (adapters for different bases?)")
+        factors[module] = (torch.cat(parts_a, dim=0), torch.cat(parts_b, dim=1))
+    return factors, layouts
+
+
+def module_deltas(variant, adapters, module: str, base) -> tuple[list[torch.Tensor], dict[str, bool]]:
+    """ΔWᵢ of one module for every input (zeros where an adapter lacks it) and the output layout."""
+    weight = None
+    if base is not None:
+        key = next((k for k in (f"{module}.weight", module) if k in base.store), None)
+        if key is None:
+            raise AdaptkitError(f"the adapters target '{module}', which {base.ref} does not have")
+        weight = base.get(key)
+    deltas, layout = [], None
+    for adapter in adapters:
+        if module not in adapter.modules:
+            deltas.append(None)
+            continue
+        deltas.append(variant.delta(adapter, module, base=weight))
+        layout = layout or variant.factor_layout(adapter, module)
+    shapes = {tuple(d.shape) for d in deltas if d is not None} | ({tuple(weight.shape)} if weight is not None else set())
+    if len(shapes) > 1:
+        raise AdaptkitError(f"{module}: the inputs give ΔW of shapes {sorted(shapes)} (adapters for different bases?)")
+    shape = shapes.pop()
+    return [d if d is not None else torch.zeros(shape) for d in deltas], layout
+
+
+def svd_factors(recipe, method, variant, adapters, bar, positions, base, rank):
+    """Merge each module's ΔWᵢ with the operator (base 0), then truncated SVD to `rank`."""
+    factors, layouts, errors, clamped = {}, {}, {}, []
+    random = getattr(method, "random", False)
+    for module in bar:
+        name = f"{module}.weight"
+        deltas, layout = module_deltas(variant, adapters, module, base)
+        params = resolve_params(recipe, method, name, positions[name])
+        if random:
+            params["generators"] = seeded_generators(recipe.seed, name, len(deltas))
+        merged = method.merge(deltas, torch.zeros_like(deltas[0]), **params)
+        target = merged.T if layout["transposed"] else merged
+        if rank > min(target.shape):
+            clamped.append(f"{module} ({target.shape[0]}×{target.shape[1]})")
+        seed = seeded_generators(recipe.seed, name, 1)[0].initial_seed()
+        b, a, errors[module] = refactor(target, rank, seed=seed)
+        factors[module], layouts[module] = (a, b), layout
+    if clamped:
+        warnings.warn(f"rank {rank} exceeds min(out, in) of {len(clamped)} module(s), e.g. {clamped[0]}: "
+                      "using min(out, in) there (exact)", stacklevel=3)
+    return factors, layouts, errors
+
+
+def refactor(delta: torch.Tensor, rank: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B, A, error): ΔW ≈ B·A with B = U_k·√S_k, A = √S_k·V_kᵀ, k = min(rank, out, in), and
+    error = ‖ΔW − B·A‖_F / ‖ΔW‖_F (0 for ΔW = 0).
+
+    A rank far below the dimensions (4k < min(out, in)) uses randomized SVD (Halko et al. 2011,
+    `torch.svd_lowrank`, 4 power iterations, seeded so reruns are identical); otherwise a full SVD."""
+    delta = delta.float()
+    k = min(rank, *delta.shape)
+    if 4 * k < min(delta.shape):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(delta, q=min(k + 8, *delta.shape), niter=4)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    root = s[:k].sqrt()
+    b = u[:, :k] * root
+    a = root[:, None] * vh[:k]
+    norm = torch.linalg.norm(delta)
+    error = float(torch.linalg.norm(delta - b @ a) / norm) if norm > 0 else 0.0
+    return b.contiguous(), a.contiguous(), error
+
+
+def warn_dropped(adapters: list[AdapterFiles]) -> list[str]:
+    """Full tensors saved beside the low-rank ones (modules_to_save) do not go into the output."""
+    dropped = sorted({name for a in adapters for name in a.saved})
+    if dropped:
+        warnings.warn(f"{len(dropped)} full tensor(s) saved with the input adapters (modules_to_save, e.g. "
+                      f"'{dropped[0]}') are not merged into the adapter output and are left out", stacklevel=3)
+    return dropped
+
+
+def input_dtype(adapter: AdapterFiles) -> torch.dtype:
+    """The dtype of the adapter's first low-rank tensor (the output keeps it unless told otherwise)."""
+    roles = next(iter(adapter.modules.values()))
+    return code_to_torch(adapter.store.info(next(iter(roles.values()))).dtype)
