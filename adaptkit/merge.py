@@ -9,10 +9,13 @@ thread count or order. Adapters enter as `base+adapter` inputs (see `sources.py`
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
+import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -28,9 +31,46 @@ from .sources import ModelSource, check_same_architecture, open_input
 from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output, copy_side_files
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
-#: Elementwise operators see big tensors in row blocks of about this many elements (64 MB in float32),
+#: Elementwise operators see big tensors in row blocks of about this many elements (16 MB in float32),
 #: so a 1B-parameter model's embeddings never sit in memory several times over.
-BLOCK_ELEMENTS = 16 * 1024 * 1024
+BLOCK_ELEMENTS = 4 * 1024 * 1024
+#: Tensors merged at once share this many bytes of working memory (a bigger one runs alone).
+WORKING_MEMORY = 768 * 1024 * 1024
+
+
+class ByteBudget:
+    """Lets worker threads start a tensor only while the working memory in use fits the budget."""
+
+    def __init__(self, total: int):
+        self.total = self.free = total
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int):
+        nbytes = min(nbytes, self.total)
+        with self._cond:
+            self._cond.wait_for(lambda: self.free >= nbytes)
+            self.free -= nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += nbytes
+                self._cond.notify_all()
+
+
+def _keep_freed_memory_for_reuse() -> None:
+    """glibc serves every block above its mmap threshold (at most 32 MB) with fresh pages and unmaps
+    them on free, and first-touching fresh pages costs more than the arithmetic of a merge. Keeping
+    large blocks in the heap instead lets each tensor reuse the last one's memory; the working-memory
+    budget bounds how large that heap gets."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-8, 1)  # M_ARENA_MAX: worker threads share one heap instead of each keeping its own
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]:
@@ -76,11 +116,19 @@ class Plan:
     def sources(self) -> list[ModelSource]:
         return ([self.base] if self.base else []) + self.inputs
 
+    def working_bytes(self, numel: int) -> int:
+        """Working memory of one tensor (or block): float32 copies of the inputs, the result, and
+        for whole-tensor operators their task vectors and masks besides."""
+        per_element = 4 * (len(self.sources) + 2)
+        if not getattr(self.method, "elementwise", False):
+            per_element += 4 * len(self.inputs) + 8
+        return numel * per_element
+
     def peak_bytes(self, threads: int) -> int:
-        largest = max((4 * _numel(shape) for _, _, shape in self.layout), default=0)
+        largest = max((_numel(shape) for _, _, shape in self.layout), default=0)
         if getattr(self.method, "elementwise", False):
-            largest = min(largest, 4 * BLOCK_ELEMENTS)
-        return largest * (len(self.sources) + 2) * threads
+            largest = min(largest, BLOCK_ELEMENTS)
+        return max(self.working_bytes(largest), min(WORKING_MEMORY, self.working_bytes(largest) * threads))
 
     def summary(self, threads: int) -> dict[str, Any]:
         return {"method": self.recipe.method, "inputs": [str(s.ref) for s in self.inputs],
@@ -95,6 +143,12 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """NaN and ±Inf propagate into a sum, so one fast reduction settles the usual all-finite case;
+    only a non-finite sum (which large finite values can also give) needs the exact check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
@@ -118,7 +172,7 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
     base = plan.base.get(name, rows=rows) if plan.base else None
     if not allow_nonfinite:
         for source, t in zip(plan.sources, ([base] if base is not None else []) + tensors):
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise AdaptkitError(f"tensor '{name}' of {source.ref} has NaN or Inf values (--allow-nonfinite to merge anyway)")
     params = resolve_params(plan.recipe, plan.method, name, plan.positions[name])
     if getattr(plan.method, "random", False):
@@ -159,14 +213,31 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
 
 def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool) -> None:
     dtypes = {name: code_to_torch(code) for name, code, _ in plan.layout}
+    shapes = {name: shape for name, _, shape in plan.layout}
+    budget = ByteBudget(WORKING_MEMORY)
+    _keep_freed_memory_for_reuse()
 
     def one(name: str) -> None:
         for rows in row_blocks(plan, name):
-            merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
-            writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
+            numel = _numel(shapes[name]) if rows is None else _numel(shapes[name]) // shapes[name][0] * (rows[1] - rows[0])
+            with budget.hold(plan.working_bytes(numel)):
+                merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
+                writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
+                del merged
 
     bar = tqdm(total=len(plan.names), unit="tensor", desc=f"merge {plan.recipe.method}", disable=not progress,
                leave=False)
+    intra_op = torch.get_num_threads()
+    # Worker threads times torch's own threads must not oversubscribe the cores.
+    torch.set_num_threads(max(1, intra_op // threads))
+    try:
+        _run_all(plan, one, threads, bar)
+    finally:
+        torch.set_num_threads(intra_op)
+    bar.close()
+
+
+def _run_all(plan: Plan, one, threads: int, bar) -> None:
     pending: set = set()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for name in plan.names:
@@ -179,4 +250,3 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
         for f in pending:
             f.result()
             bar.update()
-    bar.close()

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen
+from ._select import top_mask
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
 CONSENSUS = (None, "sum", "count")
@@ -43,22 +44,6 @@ CONSENSUS = (None, "sum", "count")
 def keep_count(fraction: float, n: int) -> int:
     """⌊fraction·n⌋, tolerant of float noise in the product."""
     return int(math.floor(fraction * n + 1e-6))
-
-
-def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k largest entries of a flat tensor; among equal values the lower index wins."""
-    n = magnitude.numel()
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    mask = magnitude > threshold
-    tied = magnitude == threshold
-    need = k - int(mask.sum())
-    if int(tied.sum()) > need:
-        tied &= torch.cumsum(tied, dim=0) <= need
-    return mask | tied
 
 
 def outlier_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -71,11 +56,13 @@ def outlier_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch
 
 
 def rescaled(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool | str) -> torch.Tensor:
-    kept = delta * keep
+    """`delta` (changed in place) with dropped entries zeroed and the rest rescaled."""
+    before = delta.abs().sum() if rescale == "l1" else None
+    kept = delta.masked_fill_(~keep, 0)
     if rescale is True:
         return kept.div_(density)
-    if rescale == "l1":
-        before, after = delta.abs().sum(), kept.abs().sum()
+    if before is not None:
+        after = kept.abs().sum()
         if before >= 1e-7 and after >= 1e-7:
             kept.mul_(before / after)
     return kept
@@ -113,12 +100,13 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus:
     for delta in deltas:
         votes.add_(delta if consensus == "sum" else delta.sign())
     # A tie (sum exactly 0) elects +, as in the TIES reference code and mergekit.
-    elected = torch.where(votes >= 0, 1.0, -1.0)
-    divisor = torch.zeros_like(mixed)
+    positive = votes.ge_(0).bool()
+    divisor = torch.zeros_like(mixed) if normalize else None
     for delta, weight in zip(deltas, weights):
-        agree = delta.sign() == elected
-        mixed.add_(delta * agree)
-        divisor.add_(agree.to(divisor.dtype), alpha=weight)
+        agree = torch.where(positive, delta > 0, delta < 0)  # sign(δ) equals the elected sign
+        mixed.add_(delta.masked_fill_(~agree, 0))
+        if divisor is not None:
+            divisor.add_(agree, alpha=weight)
     if not normalize:
         return mixed
     return mixed.div_(divisor.masked_fill_(divisor == 0, 1))
