@@ -355,3 +355,34 @@ def test_adapter_output_dry_run(tmp_path):
                                  "-o", str(tmp_path / "o"), "--dry-run", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["modules"] == 4 and json.loads(r.output)["rank"] == 4 and not (tmp_path / "o").exists()
+
+
+def test_sharded_output_loads_in_transformers(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    report = run_merge(recipe, tmp_path / "out", shard_size="30KB", progress=False)
+    assert len(report["files"]) > 1 and (tmp_path / "out/model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = (state(models / "ft1")["lm_head.weight"] + state(models / "ft2")["lm_head.weight"]) / 2
+    torch.testing.assert_close(model.lm_head.weight.detach(), expected)
+
+
+def test_hub_reference_resolves_from_the_cache(models, tmp_path, monkeypatch):
+    """`org/name@rev` goes through huggingface_hub; offline, a cached snapshot is used."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny-ft" / "snapshots" / ("a" * 40)
+    shutil.copytree(models / "ft1", snapshot)
+    (cache / "models--org--tiny-ft" / "refs").mkdir()
+    (cache / "models--org--tiny-ft" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    recipe["models"][0]["model"] = "org/tiny-ft"
+    run_merge(recipe, tmp_path / "out", progress=False)
+    expected = (state(models / "ft1")["lm_head.weight"] + state(models / "ft2")["lm_head.weight"]) / 2
+    torch.testing.assert_close(state(tmp_path / "out")["lm_head.weight"], expected)
+    recipe["models"][0]["model"] = "org/not-cached@v2"
+    with pytest.raises(AdaptkitError, match="org/not-cached@v2: not a local path, and the Hub cannot be reached"):
+        run_merge(recipe, tmp_path / "out2", progress=False)
