@@ -165,7 +165,7 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
 @click.option("--seed", type=int, help="Seed for random merge methods; overrides the recipe's.")
 @click.option("--dtype", help="Output dtype for floating tensors (float32, bfloat16, float16).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@click.option("--threads", type=int, help="Tensors merged in parallel (default: min(4, cores)).")
+@click.option("--threads", type=int, help="Tensors merged in parallel (default: 2 for elementwise methods, else 1 using all cores).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the merge succeeds).")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")

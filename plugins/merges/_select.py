@@ -31,20 +31,18 @@ def kth_largest(magnitude: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int
 
 
 def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k largest entries of a flat tensor; among equal values the lower index wins."""
+    """0/1 float mask of the k largest entries of a flat tensor; among equal values the lower index
+    wins. (Float masks: elementwise float arithmetic is several times cheaper than bool masks.)"""
     n = magnitude.numel()
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
     magnitude = magnitude.float().contiguous()
+    if k >= n:
+        return torch.ones_like(magnitude)
+    if k <= 0:
+        return torch.zeros_like(magnitude)
     threshold, above, equal = kth_largest(magnitude, k)
-    mask = magnitude > threshold
     need = k - above
-    if need > 0:
-        tied = magnitude == threshold
-        if equal > need:  # keep only the first `need` tied entries
-            last = int(tied.nonzero()[need - 1])
-            tied[last + 1:] = False
-        mask |= tied
+    tied = (magnitude == threshold).nonzero().reshape(-1)[:need] if need > 0 else None
+    mask = torch.sub(magnitude, threshold).clamp_(min=0).sign_()  # 1 where strictly above
+    if tied is not None:
+        mask[tied] = 1  # the first `need` entries equal to the threshold
     return mask

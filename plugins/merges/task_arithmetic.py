@@ -52,13 +52,14 @@ def outlier_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch
     keep = max(1, keep_count(density, n))
     # The outlier cut shrinks when needed to keep the requested density (as mergekit does).
     drop_top = min(keep_count(gamma, n), n - keep)
-    return top_mask(magnitude, keep + drop_top) & ~top_mask(magnitude, drop_top)
+    return top_mask(magnitude, keep + drop_top).sub_(top_mask(magnitude, drop_top))
 
 
 def rescaled(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool | str) -> torch.Tensor:
-    """`delta` (changed in place) with dropped entries zeroed and the rest rescaled."""
+    """`delta` (changed in place) with dropped entries zeroed (`keep` is a 0/1 float mask) and the rest
+    rescaled."""
     before = delta.abs().sum() if rescale == "l1" else None
-    kept = delta.masked_fill_(~keep, 0)
+    kept = delta.mul_(keep)
     if rescale is True:
         return kept.div_(density)
     if before is not None:
@@ -77,7 +78,9 @@ def sparsify(delta: torch.Tensor, method: str | None, density: float, gamma: flo
         return delta
     if method == "random":
         # Drawn from the caller's generator only: the result must not depend on thread order.
-        keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device) < density
+        # keep = [u < density] as a 0/1 float mask: float arithmetic is far cheaper than bool masks here.
+        u = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device)
+        keep = u.neg_().add_(density).clamp_(min=0).sign_()
     else:
         flat = delta.abs().reshape(-1)
         if method == "magnitude":
@@ -99,12 +102,12 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus:
     votes = torch.zeros_like(mixed)
     for delta in deltas:
         votes.add_(delta if consensus == "sum" else delta.sign())
-    # A tie (sum exactly 0) elects +, as in the TIES reference code and mergekit.
-    positive = votes.ge_(0).bool()
+    # A tie (sum exactly 0) elects +, as in the TIES reference code and mergekit: sign(sign(v) + ½).
+    elected = votes.sign_().add_(0.5).sign_()
     divisor = torch.zeros_like(mixed) if normalize else None
     for delta, weight in zip(deltas, weights):
-        agree = torch.where(positive, delta > 0, delta < 0)  # sign(δ) equals the elected sign
-        mixed.add_(delta.masked_fill_(~agree, 0))
+        agree = torch.mul(delta, elected).clamp_(min=0).sign_()  # 1 where sign(δ) is the elected sign
+        mixed.addcmul_(delta, agree)
         if divisor is not None:
             divisor.add_(agree, alpha=weight)
     if not normalize:
