@@ -214,7 +214,7 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
 def default_threads(plan: Plan) -> int:
     """Row blocks of elementwise operators overlap reading and arithmetic well on two workers; a
     whole-tensor operator runs fastest on one worker using all of torch's own threads (measured:
-    TIES on two workers took twice as long, the workers fighting over memory bandwidth)."""
+    trim-and-elect merges on two workers took twice as long, the workers fighting over memory bandwidth)."""
     return min(2, os.cpu_count() or 1) if getattr(plan.method, "elementwise", False) else 1
 
 
