@@ -96,7 +96,8 @@ class Plan:
     def __init__(self, recipe: Recipe, *, allow_pickle: bool = False, dtype: str | None = None):
         self.recipe = recipe
         self.method = registry.get("merge", recipe.method)
-        self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base else None
+        takes_base = getattr(self.method, "takes_base", True)
+        self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base and takes_base else None
         self.inputs = [open_input(ref, allow_pickle=allow_pickle, base=recipe.base) for ref in recipe.models]
         everything = ([self.base] if self.base else []) + self.inputs
         check_same_architecture(everything)

@@ -109,6 +109,11 @@ def load_recipe(source: str | Path | dict) -> Recipe:
                     parameters=dict(data.get("parameters") or {}), dtype=data.get("dtype"),
                     out_dtype=data.get("out_dtype"), seed=int(data.get("seed", 0)),
                     tokenizer_source=data.get("tokenizer_source"))
+    if recipe.base and not getattr(method, "takes_base", True) and str(recipe.base) not in map(str, models):
+        # mergekit's rule: a base model the method has no separate use for is one more input,
+        # with only the global parameters.
+        models.append(recipe.base)
+        model_params.append({})
     output = data.get("output") or {}
     _check_keys("output", output, OUTPUT_KEYS)
     recipe.output_kind = output.get("kind", "model")

@@ -61,6 +61,8 @@ def recipe_for(models, method, params, global_params=None, base=True, n=3):
 
 CASES = {
     "linear": ("linear", [{"weight": 0.2}, {"weight": 0.3}, {"weight": [0.1, 0.9]}], None, False),
+    # mergekit makes a base that linear has no use for one more input, with the global parameters.
+    "linear_with_base": ("linear", [{"weight": 0.2}, {"weight": 0.3}, {"weight": 0.5}], {"weight": 0.4}, True),
     "task_arithmetic": ("task_arithmetic", [{"weight": 0.5}, {"weight": -0.3}, {"weight": 0.8}], {"lambda": 0.9}, True),
     "ties": ("ties", [{"weight": 0.4, "density": 0.5}, {"weight": 0.3, "density": [0.2, 0.9]},
                       {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.2}], "density": 0.7}], None, True),

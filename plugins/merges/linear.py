@@ -22,6 +22,7 @@ class Linear(Operator):
 
     name = "linear"
     elementwise = True
+    takes_base = False
     params = frozen({"weight": None, "normalize": True})
     per_model = frozenset({"weight"})
 
@@ -48,6 +49,7 @@ class Average(Operator):
 
     name = "average"
     elementwise = True
+    takes_base = False
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         self.check_inputs(tensors)
