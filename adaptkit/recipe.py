@@ -109,17 +109,18 @@ def load_recipe(source: str | Path | dict) -> Recipe:
                     parameters=dict(data.get("parameters") or {}), dtype=data.get("dtype"),
                     out_dtype=data.get("out_dtype"), seed=int(data.get("seed", 0)),
                     tokenizer_source=data.get("tokenizer_source"))
-    if recipe.base and not getattr(method, "takes_base", True) and str(recipe.base) not in map(str, models):
-        # mergekit's rule: a base model the method has no separate use for is one more input,
-        # with only the global parameters.
-        models.append(recipe.base)
-        model_params.append({})
     output = data.get("output") or {}
     _check_keys("output", output, OUTPUT_KEYS)
     recipe.output_kind = output.get("kind", "model")
     recipe.output_rank = output.get("rank")
     if recipe.output_kind not in ("model", "adapter"):
         raise AdaptkitError(f"output.kind must be 'model' or 'adapter', got '{recipe.output_kind}'")
+    if (recipe.output_kind == "model" and recipe.base and not getattr(method, "takes_base", True)
+            and str(recipe.base) not in map(str, models)):
+        # mergekit's rule: a base model the method has no separate use for is one more input,
+        # with only the global parameters. (For an adapter output the base only serves ΔW.)
+        models.append(recipe.base)
+        model_params.append({})
     check_parameters(recipe, method)
     return recipe
 
