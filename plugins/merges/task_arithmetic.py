@@ -16,9 +16,11 @@ Parameter names and defaults are mergekit's (`weight`, `density`, `gamma`, `lamb
 - `rescale: true` divides the kept values by `density`, as the DARE paper does (an unbiased
   estimate of τ); mergekit's `rescale: true` instead scales the kept values so that their L1
   norm equals the unpruned one — ask for that with `rescale: l1`.
-- Magnitude selection uses `torch.kthvalue` (linear time) instead of a full sort. Entries of
-  equal magnitude at the cut are kept in order of position (lower flat index first), so the
-  result is deterministic; mergekit's argsort leaves that order unspecified.
+- Magnitude selection is an exact radix select over blocks (linear time, bounded memory) instead
+  of a full sort. Entries of equal magnitude at the cut are kept in order of position (lower flat
+  index first), so the result is deterministic; mergekit's argsort leaves that order unspecified.
+- Everything runs over blocks of the flattened tensor: the temporaries stay a few MB however big
+  the tensor, and computing in float32 costs no extra memory.
 - Kept counts are ⌊density·n⌋ (at least 1) without float noise: 0.29·100 keeps 29, not 28.
 - Breadcrumbs keeps a tensor whole when γ·n < 1 (too small to hold one outlier); mergekit
   still prunes it to `density`.
@@ -27,7 +29,6 @@ Parameter names and defaults are mergekit's (`weight`, `density`, `gamma`, `lamb
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,60 +36,11 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen
-from ._select import top_mask
+from ._select import block_ranges
+from ._sparsify import keep_count, l1_factor, sparsifier
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
 CONSENSUS = (None, "sum", "count")
-
-
-def keep_count(fraction: float, n: int) -> int:
-    """⌊fraction·n⌋, tolerant of float noise in the product."""
-    return int(math.floor(fraction * n + 1e-6))
-
-
-def outlier_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the γ·n largest, then the smallest, keeping density·n entries."""
-    n = magnitude.numel()
-    keep = max(1, keep_count(density, n))
-    # The outlier cut shrinks when needed to keep the requested density (as mergekit does).
-    drop_top = min(keep_count(gamma, n), n - keep)
-    return top_mask(magnitude, keep + drop_top).sub_(top_mask(magnitude, drop_top))
-
-
-def rescaled(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool | str) -> torch.Tensor:
-    """`delta` (changed in place) with dropped entries zeroed (`keep` is a 0/1 float mask) and the rest
-    rescaled."""
-    before = delta.abs().sum() if rescale == "l1" else None
-    kept = delta.mul_(keep)
-    if rescale is True:
-        return kept.div_(density)
-    if before is not None:
-        after = kept.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            kept.mul_(before / after)
-    return kept
-
-
-def sparsify(delta: torch.Tensor, method: str | None, density: float, gamma: float,
-             rescale: bool | str, generator: torch.Generator | None) -> torch.Tensor:
-    """One task vector with all but a `density` fraction of its entries set to zero."""
-    if method is None or density >= 1:
-        return delta
-    if method == "magnitude_outliers" and gamma > 0 and keep_count(gamma, delta.numel()) == 0:
-        return delta
-    if method == "random":
-        # Drawn from the caller's generator only: the result must not depend on thread order.
-        # keep = [u < density] as a 0/1 float mask: float arithmetic is far cheaper than bool masks here.
-        u = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device)
-        keep = u.neg_().add_(density).clamp_(min=0).sign_()
-    else:
-        flat = delta.abs().reshape(-1)
-        if method == "magnitude":
-            mask = top_mask(flat, max(1, keep_count(density, flat.numel())))
-        else:
-            mask = outlier_mask(flat, density, gamma)
-        keep = mask.reshape(delta.shape)
-    return rescaled(delta, keep, density, rescale)
 
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus: str | None,
@@ -154,14 +106,29 @@ class TaskArithmetic(Operator):
         base = self.need_base(base, tensors)
         s = self.settings(self.bind(params, len(tensors)))
         generators = self.check_generators(generators, len(tensors))
-        deltas = []
-        for i, tensor in enumerate(tensors):
-            delta = sparsify(tensor - base, self.sparsify, s.density[i], s.gamma[i], s.rescale, generators[i])
-            deltas.append(delta.mul_(s.weight[i]))
-        mixed = combine(deltas, s.weight, self.consensus, s.normalize)
-        if s.scale != 1:
-            mixed.mul_(s.scale)
-        return mixed.add_(base)
+        base_flat, n = base.reshape(-1), base.numel()
+        flat = [t.reshape(-1) for t in tensors]
+        ranges = block_ranges(n)
+
+        def task_vector(i: int):
+            return lambda s, e: flat[i][s:e] - base_flat[s:e]
+
+        keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i])
+                 for i in range(len(tensors))]
+        factors = [1.0 if k is None or s.rescale is False else
+                   1 / s.density[i] if s.rescale is True else l1_factor(task_vector(i), ranges, k)
+                   for i, k in enumerate(keeps)]
+        out = torch.empty_like(base_flat)
+        for start, stop in ranges:  # blocks: temporaries stay a few MB whatever the tensor size
+            deltas = []
+            for i, keep in enumerate(keeps):
+                delta = flat[i][start:stop] - base_flat[start:stop]
+                if keep is not None:
+                    delta.mul_(keep.mask(start, delta))
+                deltas.append(delta.mul_(factors[i]).mul_(s.weight[i]))
+            mixed = combine(deltas, s.weight, self.consensus, s.normalize)
+            out[start:stop] = mixed.mul_(s.scale).add_(base_flat[start:stop])
+        return out.view(base.shape)
 
     def settings(self, bound: dict[str, Any]) -> Settings:
         weight = [self.real("weight", w) for w in bound["weight"]]
