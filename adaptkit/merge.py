@@ -169,8 +169,11 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
     reference = plan.base or plan.inputs[0]
     if not code_to_torch(reference.info(name).dtype).is_floating_point:
         return reference.get(name, float32=False, rows=rows)
-    tensors = [source.get(name, rows=rows) for source in plan.inputs]
-    base = plan.base.get(name, rows=rows) if plan.base else None
+    # Operators that upcast block by block get inputs as stored (half the memory for bf16 models);
+    # inputs with adapter deltas come in float32 either way.
+    lazy = getattr(plan.method, "block_upcast", False)
+    tensors = [source.get(name, rows=rows, float32=not lazy or source.has_deltas(name)) for source in plan.inputs]
+    base = plan.base.get(name, rows=rows, float32=not lazy or plan.base.has_deltas(name)) if plan.base else None
     if not allow_nonfinite:
         for source, t in zip(plan.sources, ([base] if base is not None else []) + tensors):
             if not all_finite(t):

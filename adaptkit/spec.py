@@ -81,7 +81,8 @@ class MergeMethod(Protocol):
     against it. Operators drawing random numbers set `random = True` and take `generators`, one
     seeded torch.Generator per input. Operators with no separate use for a base set
     `takes_base = False`: a recipe's base model is then one more input (as in mergekit).
-    `elementwise = True` lets the engine hand big tensors over in row blocks. `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
+    `elementwise = True` lets the engine hand big tensors over in row blocks; `block_upcast = True`
+    takes floating inputs in their stored dtype (it computes in float32 block by block). `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
     the merged tensor; `base` is None when the recipe has no base model.
     """
 

@@ -388,3 +388,26 @@ def test_hub_reference_resolves_from_the_cache(models, tmp_path, monkeypatch):
     recipe["models"][0]["model"] = "org/not-cached@v2"
     with pytest.raises(AdaptkitError, match="org/not-cached@v2: not a local path, and the Hub cannot be reached"):
         run_merge(recipe, tmp_path / "out2", progress=False)
+
+
+def test_half_precision_inputs_upcast_block_by_block(models, tmp_path):
+    """bf16 inputs reach the task-arithmetic family as stored; the result equals the float32 formula
+    on the upcast inputs, rounded once."""
+    from adaptkit import registry
+
+    half = {}
+    for name in ("base", "ft1", "ft2"):
+        (tmp_path / name).mkdir()
+        tensors = {k: v.to(torch.bfloat16) for k, v in state(models / name).items()}
+        save_file(tensors, tmp_path / name / "model.safetensors")
+        shutil.copy(models / name / "config.json", tmp_path / name / "config.json")
+        half[name] = tensors
+    recipe = {"merge_method": "ties", "base_model": str(tmp_path / "base"),
+              "models": [{"model": str(tmp_path / n), "parameters": {"weight": 0.6, "density": 0.4}} for n in ("ft1", "ft2")]}
+    run_merge(recipe, tmp_path / "out", progress=False)
+    got = state(tmp_path / "out")
+    ties = registry.get("merge", "ties")
+    for name, tensor in got.items():
+        expected = ties.merge([half["ft1"][name].float(), half["ft2"][name].float()], half["base"][name].float(),
+                              weight=[0.6, 0.6], density=[0.4, 0.4])
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected.to(torch.bfloat16)), name

@@ -91,6 +91,7 @@ class TaskArithmetic(Operator):
             raise ValueError(f"unknown sparsify={sparsify!r} or consensus={consensus!r}")
         self.name, self.sparsify, self.consensus, self.about = name, sparsify, consensus, about
         self.random, self.elementwise = sparsify == "random", sparsify is None
+        self.block_upcast = True  # takes inputs in their stored dtype and upcasts block by block
         params = {"weight": None, "density": 1.0, "lambda": 1.0, "normalize": normalize,
                   "rescale": rescale, "int8_mask": False}
         per_model = {"weight", "density"}
@@ -111,23 +112,24 @@ class TaskArithmetic(Operator):
         ranges = block_ranges(n)
 
         def task_vector(i: int):
-            return lambda s, e: flat[i][s:e] - base_flat[s:e]
+            # Inputs may come in half precision (`block_upcast`); each block is computed in float32.
+            return lambda s, e: flat[i][s:e].float() - base_flat[s:e].float()
 
         keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i])
                  for i in range(len(tensors))]
         factors = [1.0 if k is None or s.rescale is False else
                    1 / s.density[i] if s.rescale is True else l1_factor(task_vector(i), ranges, k)
                    for i, k in enumerate(keeps)]
-        out = torch.empty_like(base_flat)
+        out = torch.empty_like(base_flat, dtype=torch.float32)
         for start, stop in ranges:  # blocks: temporaries stay a few MB whatever the tensor size
             deltas = []
             for i, keep in enumerate(keeps):
-                delta = flat[i][start:stop] - base_flat[start:stop]
+                delta = task_vector(i)(start, stop)
                 if keep is not None:
                     delta.mul_(keep.mask(start, delta))
                 deltas.append(delta.mul_(factors[i]).mul_(s.weight[i]))
             mixed = combine(deltas, s.weight, self.consensus, s.normalize)
-            out[start:stop] = mixed.mul_(s.scale).add_(base_flat[start:stop])
+            out[start:stop] = mixed.mul_(s.scale).add_(base_flat[start:stop].float())
         return out.view(base.shape)
 
     def settings(self, bound: dict[str, Any]) -> Settings:
