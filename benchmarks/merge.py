@@ -29,8 +29,9 @@ Models (built once into benchmarks/_work/merge/, bf16, safetensors via save_pret
             adaptkit (linear, task_arithmetic); target peak RSS < 1.5 GB. --scale-peer: mergekit too.
 
 One recipe per method serves both tools (weights 0.3/0.3/0.4; ties/dare_ties density 0.5;
-dtype bfloat16). linear's recipe has no base_model: mergekit makes base_model an input of linear
-(and then demands a weight for it), while adaptkit's linear ignores it.
+dtype bfloat16). linear's recipe has no base_model: mergekit makes base_model one more input of
+linear and then demands a weight for it (adaptkit does the same since 0feee1f; before, it ignored
+base_model for linear).
 
     .venv/bin/python benchmarks/merge.py [--quick] [--scale [--scale-peer] | --scale-only] [--runs N]
                                          [--code REV]
