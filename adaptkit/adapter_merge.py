@@ -31,9 +31,9 @@ from . import registry
 from .adapter import read_adapter
 from .dtypes import code_to_torch, parse_dtype
 from .errors import AdaptkitError
-from .merge import layer_positions, seeded_generators
+from .merge import layer_positions, operator_params, seeded_generators
 from .recipe import Recipe, resolve_params
-from .sources import open_input, resolve_path
+from .sources import open_input, resolve_path, weight_key
 from .spec import AdapterFiles
 from .writer import atomic_output
 
@@ -174,7 +174,7 @@ def module_deltas(variant, adapters, module: str, base) -> tuple[list[torch.Tens
     """ΔWᵢ of one module for every input (zeros where an adapter lacks it) and the output layout."""
     weight = None
     if base is not None:
-        key = next((k for k in (f"{module}.weight", module) if k in base.store), None)
+        key = weight_key(base.store, module)
         if key is None:
             raise AdaptkitError(f"the adapters target '{module}', which {base.ref} does not have")
         weight = base.get(key)
@@ -195,13 +195,10 @@ def module_deltas(variant, adapters, module: str, base) -> tuple[list[torch.Tens
 def svd_factors(recipe, method, variant, adapters, bar, positions, base, rank):
     """Merge each module's ΔWᵢ with the operator (base 0), then truncated SVD to `rank`."""
     factors, layouts, errors, clamped = {}, {}, {}, []
-    random = getattr(method, "random", False)
     for module in bar:
         name = f"{module}.weight"
         deltas, layout = module_deltas(variant, adapters, module, base)
-        params = resolve_params(recipe, method, name, positions[name])
-        if random:
-            params["generators"] = seeded_generators(recipe.seed, name, len(deltas))
+        params = operator_params(recipe, method, name, positions[name], len(deltas))
         merged = method.merge(deltas, torch.zeros_like(deltas[0]), **params)
         target = merged.T if layout["transposed"] else merged
         if rank > min(target.shape):

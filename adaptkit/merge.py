@@ -1,9 +1,10 @@
 """The merge engine: stream every tensor position through a merge operator into sharded output.
 
-Inputs are opened lazily (memory-mapped); for each tensor name the engine reads that tensor from
-every input in float32, resolves the recipe's parameters for it (gradients, filters), calls the
-operator, rounds once to the output dtype and writes it at its place in the output — a few tensors
-in flight at a time, so peak memory follows the largest tensor, not the model. Random operators get
+Inputs are opened lazily; for each tensor name the engine reads that tensor (or a block of its rows,
+for elementwise operators) from every input — in float32, or as stored for operators that upcast
+block by block — resolves the recipe's parameters for it (gradients, filters), calls the operator,
+rounds once to the output dtype and writes it at its place in the output. A working-memory budget
+keeps a few tensors in flight, so peak memory follows the largest tensor, not the model. Random operators get
 one generator per input seeded from (seed, tensor name, input index): output bytes do not depend on
 thread count or order. Adapters enter as `base+adapter` inputs (see `sources.py`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import re
 import threading
@@ -82,6 +84,14 @@ def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]
     return gens
 
 
+def operator_params(recipe: Recipe, method, name: str, t: float, count: int) -> dict[str, Any]:
+    """The operator's keyword arguments at one tensor position, with seeded generators if it is random."""
+    params = resolve_params(recipe, method, name, t)
+    if getattr(method, "random", False):
+        params["generators"] = seeded_generators(recipe.seed, name, count)
+    return params
+
+
 def layer_positions(names: list[str], config: dict | None) -> dict[str, float]:
     """t ∈ [0, 1] per tensor: layer i of N -> i / (N − 1); outside the layers -> 0 (mergekit's rule)."""
     indices = {n: int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))}
@@ -99,11 +109,10 @@ class Plan:
         takes_base = getattr(self.method, "takes_base", True)
         self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base and takes_base else None
         self.inputs = [open_input(ref, allow_pickle=allow_pickle, base=recipe.base) for ref in recipe.models]
-        everything = ([self.base] if self.base else []) + self.inputs
-        check_same_architecture(everything)
+        check_same_architecture(self.sources)
         reference = self.base or self.inputs[0]
         self.names = reference.keys()
-        for source in everything:
+        for source in self.sources:
             source.check_matches(reference)
         out = parse_dtype(dtype or recipe.out_dtype or recipe.dtype)
         self.layout = []
@@ -126,7 +135,7 @@ class Plan:
         return numel * per_element
 
     def peak_bytes(self, threads: int) -> int:
-        largest = max((_numel(shape) for _, _, shape in self.layout), default=0)
+        largest = max((math.prod(shape) for _, _, shape in self.layout), default=0)
         if getattr(self.method, "elementwise", False):
             largest = min(largest, BLOCK_ELEMENTS)
         return max(self.working_bytes(largest), min(WORKING_MEMORY, self.working_bytes(largest) * threads))
@@ -134,16 +143,9 @@ class Plan:
     def summary(self, threads: int) -> dict[str, Any]:
         return {"method": self.recipe.method, "inputs": [str(s.ref) for s in self.inputs],
                 "base": str(self.base.ref) if self.base else None, "tensors": len(self.layout),
-                "parameters": sum(_numel(s) for _, _, s in self.layout),
-                "output_bytes": sum(_numel(s) * code_to_torch(d).itemsize for _, d, s in self.layout),
+                "parameters": sum(math.prod(s) for _, _, s in self.layout),
+                "output_bytes": sum(math.prod(s) * code_to_torch(d).itemsize for _, d, s in self.layout),
                 "estimated_peak_bytes": self.peak_bytes(threads), "threads": threads}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -155,7 +157,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
     """[None] (the whole tensor), or row ranges when the operator is elementwise and the tensor big."""
     shape = (plan.base or plan.inputs[0]).info(name).shape
-    numel = _numel(shape)
+    numel = math.prod(shape)
     if (not getattr(plan.method, "elementwise", False) or numel <= BLOCK_ELEMENTS or len(shape) < 2
             or any(source.has_deltas(name) for source in plan.sources)):
         return [None]
@@ -178,9 +180,7 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
         for source, t in zip(plan.sources, ([base] if base is not None else []) + tensors):
             if not all_finite(t):
                 raise AdaptkitError(f"tensor '{name}' of {source.ref} has NaN or Inf values (--allow-nonfinite to merge anyway)")
-    params = resolve_params(plan.recipe, plan.method, name, plan.positions[name])
-    if getattr(plan.method, "random", False):
-        params["generators"] = seeded_generators(plan.recipe.seed, name, len(tensors))
+    params = operator_params(plan.recipe, plan.method, name, plan.positions[name], len(tensors))
     return plan.method.merge(tensors, base, **params)
 
 
@@ -230,11 +230,10 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
 
     def one(name: str) -> None:
         for rows in row_blocks(plan, name):
-            numel = _numel(shapes[name]) if rows is None else _numel(shapes[name]) // shapes[name][0] * (rows[1] - rows[0])
+            numel = math.prod(shapes[name]) if rows is None else math.prod(shapes[name]) // shapes[name][0] * (rows[1] - rows[0])
             with budget.hold(plan.working_bytes(numel)):
                 merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
                 writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
-                del merged
 
     bar = tqdm(total=len(plan.names), unit="tensor", desc=f"merge {plan.recipe.method}", disable=not progress,
                leave=False)

@@ -48,13 +48,13 @@ class ModelSource:
 
     def _index(self, adapter: AdapterFiles) -> None:
         for module in adapter.modules:
-            key = _weight_key(self.store, module)
+            key = weight_key(self.store, module)
             if key is None:
                 raise AdaptkitError(f"adapter {adapter.store.root} targets '{module}', which {self.ref.model} does not "
                                     "have: an adapter for a different base?")
             self._deltas.setdefault(key, []).append((adapter, module))
         for name, key in adapter.saved.items():
-            target = name if name in self.store else _weight_key(self.store, name.removesuffix(".weight"))
+            target = name if name in self.store else weight_key(self.store, name.removesuffix(".weight"))
             if target is None:
                 raise AdaptkitError(f"adapter {adapter.store.root} saves '{name}', which {self.ref.model} does not have")
             self._saved[target] = (adapter, key)
@@ -102,7 +102,8 @@ class ModelSource:
                 raise AdaptkitError(f"tensor '{name}' has shape {a} in {self.ref} but {b} in {reference.ref}")
 
 
-def _weight_key(store: TensorStore, module: str) -> str | None:
+def weight_key(store: TensorStore, module: str) -> str | None:
+    """The key of a module's weight in a model store (`<module>.weight`, or the module path itself)."""
     for key in (f"{module}.weight", module):
         if key in store:
             return key

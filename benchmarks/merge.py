@@ -320,7 +320,7 @@ def measure(cmd: list[str], log: Path, interval: float = 0.02) -> Run:
     stamps.unlink(missing_ok=True)
     wrapped = [TIME, "-f", "%M", "-o", str(hwm_file), *cmd] if TIME else cmd
     with open(log, "wb") as out:
-        wall0, start = time.time(), time.perf_counter()
+        start = time.perf_counter()
         # cwd: not the repository root, whose adaptkit/ would shadow a --code snapshot for `python -c`
         proc = subprocess.Popen(wrapped, stdout=out, stderr=subprocess.STDOUT, env={**ENV, "BENCH_STAMPS": str(stamps)},
                                 cwd=WORK)

@@ -37,7 +37,7 @@ import torch
 
 from ._base import Operator, frozen
 from ._select import block_ranges
-from ._sparsify import keep_count, l1_factor, sparsifier
+from ._sparsify import l1_factor, sparsifier
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
 CONSENSUS = (None, "sum", "count")
