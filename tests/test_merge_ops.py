@@ -133,6 +133,23 @@ def test_ties_formula(normalize):
     assert_close(out.double(), expected, **TIGHT)
 
 
+@pytest.mark.parametrize("k", [1, 13, 50, 97, 120, 199])
+def test_magnitude_cut_over_blocks_keeps_ties_lowest_index_first(monkeypatch, k):
+    """The radix select over blocks keeps exactly the k largest; at the threshold, ties are kept in
+    flat order — checked with blocks far smaller than the tensor and values full of ties."""
+    from adaptkit_plugins.merges import _select
+
+    monkeypatch.setattr(_select, "BLOCK", 16)
+    g = torch.Generator().manual_seed(3)
+    magnitude = torch.randint(0, 6, (200,), generator=g).float() * 0.25
+    cut = _select.top_cut(lambda s, e: magnitude[s:e].clone(), magnitude.numel(), k)
+    ours = torch.cat([cut.mask(magnitude[s:e], s) for s, e in _select.block_ranges(200)])
+    order = sorted(range(200), key=lambda i: (-magnitude[i].item(), i))  # stable: lower index first
+    expected = torch.zeros(200)
+    expected[order[:k]] = 1
+    assert torch.equal(ours, expected)
+
+
 def test_magnitude_prune_formula():
     tensors, base = make()
     x, b = f64(tensors, base)

@@ -32,16 +32,17 @@ class Cut:
 
     def mask(self, magnitude: torch.Tensor, start: int) -> torch.Tensor:
         """0/1 float mask of the kept entries of a block starting at flat index `start`.
-        (Float masks: elementwise float arithmetic is several times cheaper than bool masks.)"""
+        (Comparisons write straight into float tensors: several times faster than making bool
+        tensors and converting them, and float masks are cheap to multiply by.)"""
         if self.threshold == float("inf"):
             return torch.zeros_like(magnitude)
         if self.threshold == -1.0:
             return torch.ones_like(magnitude)
-        mask = torch.sub(magnitude, self.threshold).clamp_(min=0).sign_()
-        if self.last_tie >= start:
-            tied = magnitude == self.threshold
-            tied[self.last_tie - start + 1:] = False
-            mask.add_(tied)
+        tied_here = self.last_tie - start + 1  # entries of this block that may keep a tie
+        compare = torch.ge if tied_here >= magnitude.numel() else torch.gt
+        mask = compare(magnitude, self.threshold, out=torch.empty_like(magnitude))
+        if 0 < tied_here < magnitude.numel():
+            mask[:tied_here].add_(torch.eq(magnitude[:tied_here], self.threshold, out=torch.empty_like(magnitude[:tied_here])))
         return mask
 
 
@@ -65,8 +66,10 @@ def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
     high_bin, above = _from_top(high, k)
     low = torch.zeros(1 << 16, dtype=torch.int64)
     for s, e in ranges:
-        bits = blocks(s, e).view(torch.int32)
-        low += torch.bincount(bits[(bits >> 16) == high_bin] & 0xFFFF, minlength=1 << 16)
+        # Entries of the high bin map to 1..2¹⁶, lower ones to 0 and higher ones to 2¹⁶ + 1: one
+        # clamp instead of selecting the bin's entries (several times faster).
+        offsets = blocks(s, e).view(torch.int32).sub_((high_bin << 16) - 1).clamp_(0, (1 << 16) + 1)
+        low += torch.bincount(offsets, minlength=(1 << 16) + 2)[1:-1]
     low_bin, above_low = _from_top(low, k - above)
     threshold = float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))
     need, equal = k - above - above_low, int(low[low_bin])
@@ -77,8 +80,9 @@ def _nth_tie(blocks: Blocks, ranges, threshold: float, need: int) -> int:
     """Flat index of the `need`-th entry equal to the threshold."""
     seen = 0
     for s, e in ranges:
-        tied = (blocks(s, e) == threshold).nonzero().reshape(-1)
-        if seen + tied.numel() >= need:
-            return s + int(tied[need - seen - 1])
-        seen += tied.numel()
+        block = blocks(s, e)
+        count = int(torch.eq(block, threshold, out=torch.empty_like(block)).sum())
+        if seen + count >= need:
+            return s + int((block == threshold).nonzero()[need - seen - 1])
+        seen += count
     raise AssertionError("fewer ties than counted")

@@ -50,7 +50,7 @@ class Keep:
         if self.method == "random":
             # keep = [u < density] from the caller's generator only: no dependence on thread order.
             u = torch.rand(block.shape, generator=self.generator, dtype=torch.float32)
-            return u.neg_().add_(self.density).clamp_(min=0).sign_()
+            return torch.lt(u, self.density, out=u)  # a float result: see `Cut.mask`
         magnitude = block.abs()
         (first, _), *rest = self.cuts
         mask = first.mask(magnitude, start)

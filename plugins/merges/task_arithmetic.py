@@ -64,7 +64,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus:
             divisor.add_(agree, alpha=weight)
     if not normalize:
         return mixed
-    return mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+    return mixed.div_(divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor))))  # 0 → 1
 
 
 @dataclass
