@@ -11,4 +11,14 @@ from .errors import AdaptkitError
 from .inspection import inspect
 from .io import open_store
 
-__all__ = ["AdaptkitError", "__version__", "inspect", "open_store"]
+
+def __getattr__(name):
+    # The module plane needs torch; `import adaptkit` (and `adaptkit inspect`) must not.
+    if name in ("inject", "load_adapter", "Adapters"):
+        from . import adapters
+
+        return getattr(adapters, name)
+    raise AttributeError(f"module 'adaptkit' has no attribute {name!r}")
+
+
+__all__ = ["AdaptkitError", "Adapters", "__version__", "inject", "inspect", "load_adapter", "open_store"]

@@ -8,11 +8,17 @@ Embeddings store A as r × num_embeddings and B as dim × r: ΔE = s · (B·A)�
 
 DoRA (`use_dora`, Liu et al. 2024, arXiv 2402.09353) rescales each output row of the updated weight
 to a learned magnitude m: W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row, so its ΔW needs the base W.
+
+On a live model (the module plane, `_lora_module.py`) the same class runs the side branch;
+configured instances add LoRA-FA (A frozen; Zhang et al. 2023, arXiv 2308.03303) and LoRA+ (B's
+learning rate `loraplus_lr_ratio` × A's; Hayou et al. 2024, arXiv 2402.12354). Both save as PEFT
+LoRA folders (with `adaptkit_variant` so adaptkit restores the training setting; PEFT ignores it).
 """
 from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.errors import AdaptkitError
@@ -42,9 +48,11 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 class LoRA:
     """LoRA: low-rank update s·B·A (rsLoRA and DoRA through its config)."""
 
-    name = "lora"
+    def __init__(self, name: str = "lora", *, freeze_a: bool = False, lr_ratio: float | None = None):
+        self.name, self.freeze_a, self.lr_ratio = name, freeze_a, lr_ratio
+
     param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    config_keys = LORA_CONFIG_KEYS
+    config_keys = LORA_CONFIG_KEYS | {"loraplus_lr_ratio"}
 
     # -- shapes --------------------------------------------------------------------------------
     @staticmethod
@@ -146,19 +154,16 @@ class LoRA:
         (`rank_pattern`/`alpha_pattern` where ranks differ), no rsLoRA, no DoRA. `template` is an input's
         config (base model, task type); `layouts` come from `factor_layout` (embedding, transposed)."""
         import json
-        from collections import Counter
         from pathlib import Path
 
         from adaptkit.writer import save_tensors
 
         ranks = {m: int(a.shape[0]) for m, (a, _) in factors.items()}
-        r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
         flips = {layouts[m]["transposed"] for m in factors if not layouts[m]["embedding"]}
         if len(flips) > 1:
             raise AdaptkitError("the merged modules mix fan_in_fan_out and plain layers; one LoRA config cannot hold both")
-        other = {m: k for m, k in sorted(ranks.items()) if k != r}
-        config = dict(template, peft_type="LORA", r=r, lora_alpha=r, rank_pattern=other, alpha_pattern=dict(other),
-                      use_rslora=False, use_dora=False, target_modules=sorted(factors), fan_in_fan_out=flips == {True},
+        config = dict(template, peft_type="LORA", **rank_config(ranks, ranks), use_rslora=False, use_dora=False,
+                      target_modules=sorted(factors), fan_in_fan_out=flips == {True},
                       modules_to_save=None, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
                       lora_bias=False, trainable_token_indices=None, target_parameters=None)
         tensors = {}
@@ -172,5 +177,103 @@ class LoRA:
         files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
         return [out_dir / "adapter_config.json", *files]
 
+    # -- module plane (see _lora_module.py) -----------------------------------------------------
+    @property
+    def defaults(self) -> dict[str, Any]:
+        found = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+                 "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+        return {**found, "loraplus_lr_ratio": self.lr_ratio} if self.lr_ratio else found
+
+    def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
+        r = int(pattern_value(config["rank_pattern"], path, config["r"]))
+        alpha = float(pattern_value(config["alpha_pattern"], path, config["lora_alpha"]))
+        limit = min(target.in_features, target.out_features)
+        if not 0 < r <= limit:
+            raise AdaptkitError(f"{path}: rank {r} does not fit a {target.out_features} × {target.in_features} layer "
+                                f"(1 to {limit})")
+        if not 0 <= config["lora_dropout"] < 1:
+            raise AdaptkitError(f"lora_dropout must be in [0, 1), got {config['lora_dropout']}")
+        scaling = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+        return {"r": r, "alpha": alpha, "scaling": scaling, "dropout": float(config["lora_dropout"]),
+                "use_dora": bool(config["use_dora"]), "init": config["init_lora_weights"]}
+
+    def create(self, target, settings, weight, shared):
+        return _module().create(target, settings, weight, trainable_a=not self.freeze_a)
+
+    def forward(self, branch, base_layer, x, result):
+        return _module().forward(branch, base_layer, x, result, frozen_a=self.freeze_a)
+
+    def weight_delta(self, branch, weight):
+        return _module().weight_delta(branch, weight)
+
+    def delta_needs_base(self, branch) -> bool:
+        return "lora_magnitude_vector" in branch.params
+
+    def on_remove(self, layer, branch) -> None:
+        _module().restore_pissa(layer, branch)
+
+    def stored_key(self, role: str, target) -> str:
+        return f"{role}.weight" if role in ("lora_A", "lora_B") else role
+
+    def save_tensors(self, branch) -> dict[str, torch.Tensor]:
+        """The branch's tensors as PEFT stores them. PiSSA factors are saved as a LoRA of rank 2r
+        on the original W: s·(B·A − B₀·A₀) = s·[B, −B₀]·[A; A₀], exact."""
+        import torch
+
+        p = {k: v.detach() for k, v in branch.params.items()}
+        if "initial_A" not in p:
+            return p
+        a_role, b_role = ("lora_A", "lora_B") if "lora_A" in p else ("lora_embedding_A", "lora_embedding_B")
+        p[a_role] = torch.cat([p[a_role], p.pop("initial_A")])
+        p[b_role] = torch.cat([p[b_role], -p.pop("initial_B")], dim=1)
+        return p
+
+    def file_config(self, config: dict[str, Any], settings: dict[str, dict], transposed: bool) -> dict[str, Any]:
+        pissa = config["init_lora_weights"] == "pissa"
+        ranks = {m: s["r"] * (2 if pissa else 1) for m, s in settings.items()}
+        root = math.sqrt if config["use_rslora"] else float
+        alphas = {m: settings[m]["scaling"] * root(ranks[m]) for m in ranks}  # same scaling at the saved rank
+        found = {"peft_type": "LORA", **rank_config(ranks, alphas), "lora_dropout": config["lora_dropout"],
+                 "use_rslora": bool(config["use_rslora"]), "use_dora": bool(config["use_dora"]),
+                 "fan_in_fan_out": transposed, "init_lora_weights": True, "bias": "none"}
+        if self.name != "lora":
+            found["adaptkit_variant"] = self.name
+        if self.lr_ratio:
+            found["loraplus_lr_ratio"] = config["loraplus_lr_ratio"]
+        return found
+
+    def config_from_file(self, adapter: AdapterFiles) -> dict[str, Any]:
+        cfg = adapter.config
+        found = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", cfg.get("r", 8)),
+                 "lora_dropout": cfg.get("lora_dropout", 0.0), "use_rslora": bool(cfg.get("use_rslora")),
+                 "use_dora": bool(cfg.get("use_dora")), "rank_pattern": cfg.get("rank_pattern") or {},
+                 "alpha_pattern": cfg.get("alpha_pattern") or {}}
+        if self.lr_ratio:
+            found["loraplus_lr_ratio"] = cfg.get("loraplus_lr_ratio", self.lr_ratio)
+        return found
+
+    def param_groups(self, named: list[tuple[str, Any]], lr: float, config: dict[str, Any]) -> list[dict]:
+        """LoRA+: B (and embedding B) at `loraplus_lr_ratio` × lr, everything else at lr."""
+        ratio = config.get("loraplus_lr_ratio") or 1.0
+        fast = [p for n, p in named if n.endswith(("lora_B", "lora_embedding_B"))]
+        slow = [p for n, p in named if not n.endswith(("lora_B", "lora_embedding_B"))]
+        return [g for g in ({"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}) if g["params"]]
+
+
+def rank_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
+    """r and lora_alpha for the most common rank, `rank_pattern`/`alpha_pattern` for the rest."""
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    alpha = Counter(alphas[m] for m in ranks if ranks[m] == r).most_common(1)[0][0] if ranks else r
+    return {"r": r, "lora_alpha": alpha, "rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r},
+            "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha}}
+
+
+def _module():
+    from . import _lora_module  # torch-heavy: imported on first use, so `inspect` stays torch-free
+
+    return _lora_module
+
 
 LORA = LoRA()
+LORA_FA = LoRA("lora_fa", freeze_a=True)
+LORA_PLUS = LoRA("lora_plus", lr_ratio=16.0)

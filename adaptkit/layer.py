@@ -1,0 +1,149 @@
+"""The one adapted-layer wrapper: a frozen base layer with named adapter branches beside it.
+
+Every variant runs through `AdaptedLayer`; a variant only says how its branch changes the base
+layer's output (`forward`) and what weight change it amounts to (`weight_delta`). The core keeps
+the bookkeeping common to all of them: which adapters are active, merged or disabled.
+
+Weights are handled in "math" layout, out × in, whatever the base layer stores: `nn.Linear`
+stores that already; GPT-2's `Conv1D` and `nn.Embedding` store in × out (`Target.transposed`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdaptkitError
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an adapter needs to know about the layer it sits on."""
+
+    kind: str  # "linear" (nn.Linear, Conv1D) or "embedding"
+    in_features: int  # for embeddings: the number of embeddings
+    out_features: int  # for embeddings: the embedding dimension
+    transposed: bool  # the weight is stored in × out
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> Target | None:
+        """The target description of a layer adapters can wrap, or None."""
+        if isinstance(layer, nn.Linear):
+            return cls("linear", layer.in_features, layer.out_features, False)
+        if isinstance(layer, nn.Embedding):
+            return cls("embedding", layer.num_embeddings, layer.embedding_dim, True)
+        if type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None and layer.weight.dim() == 2:
+            n_in, n_out = layer.weight.shape  # transformers' Conv1D: y = x·W + b with W in × out
+            return cls("linear", n_in, n_out, True)
+        return None
+
+
+class Branch(nn.Module):
+    """One named adapter on one layer: the variant, its per-layer settings and its tensors."""
+
+    def __init__(self, variant: Any, target: Target, settings: dict[str, Any], params: nn.ParameterDict):
+        super().__init__()
+        self.variant, self.target, self.settings = variant, target, settings
+        self.params = params
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - branches are called through AdaptedLayer
+        raise TypeError("a Branch is run by its AdaptedLayer")
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus adapters: y = base(x), then each active, unmerged adapter's branch."""
+
+    def __init__(self, base_layer: nn.Module, path: str, target: Target):
+        super().__init__()
+        self.base_layer, self.path, self.target = base_layer, path, target
+        self.branches = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: dict[str, torch.Tensor | None] = {}  # name -> the ΔW added, kept when it depends on W
+        self.disabled = False
+
+    # Code that reads `layer.weight` / `layer.bias` keeps working on a wrapped layer.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active:
+            if name not in self.merged:
+                branch = self.branches[name]
+                result = branch.variant.forward(branch, self.base_layer, x, result)
+        return result
+
+    # -- weights in math layout ----------------------------------------------------------------
+    def math_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.target.transposed else w
+
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW (out × in) that adapter `name` adds to the current base weight."""
+        branch = self.branches[name]
+        with torch.no_grad():
+            return branch.variant.weight_delta(branch, self.math_weight().float()).to(self.base_layer.weight.dtype)
+
+    def _add(self, delta: torch.Tensor, sign: int) -> None:
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.add_(delta.T if self.target.transposed else delta, alpha=sign)
+
+    def merge(self, name: str) -> None:
+        if name in self.merged:
+            return
+        delta = self.delta(name)
+        self._add(delta, +1)
+        branch = self.branches[name]
+        depends_on_w = getattr(branch.variant, "delta_needs_base", lambda _: False)(branch)
+        self.merged[name] = delta if depends_on_w else None
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        delta = self.merged.pop(name)
+        self._add(self.delta(name) if delta is None else delta, -1)
+
+    def check_unmerged(self, action: str) -> None:
+        if self.merged:
+            raise AdaptkitError(f"{self.path}: cannot {action} while adapters {sorted(self.merged)} are merged; unmerge() first")
+
+
+class ReplacedModule(nn.Module):
+    """A module trained whole (PEFT's `modules_to_save`): the original plus one copy per adapter;
+    the active adapter's copy runs, the original when adapters are disabled."""
+
+    def __init__(self, original: nn.Module, path: str):
+        super().__init__()
+        self.original, self.path = original, path
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        module = self.original if self.disabled or self.active not in self.copies else self.copies[self.active]
+        return module.weight
+
+    def add(self, name: str) -> nn.Module:
+        import copy
+
+        replacement = copy.deepcopy(self.original)
+        for p in replacement.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = replacement
+        return replacement
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active not in self.copies:
+            return self.original(*args, **kwargs)
+        return self.copies[self.active](*args, **kwargs)

@@ -1,0 +1,132 @@
+"""LoRA's module plane (not a plugin; used by `lora.py`): initialization, the side branch, ΔW.
+
+    y = W·x + s·B·A·dropout(x)                       LoRA
+    y = m/‖W + s·B·A‖_row ⊙ (W·x + s·B·A·dropout(x))  DoRA (the norm is detached, as in the paper §4.3)
+
+Initializations (PEFT's `init_lora_weights`): True — A Kaiming-uniform, B zero (embeddings: A
+zero, B normal); "gaussian" — A ~ N(0, 1/r²); False — both random (non-trivial, for tests);
+"pissa" — A = √S_r·V_rᵀ, B = U_r·√S_r from the top singular vectors of W/s, and W becomes the
+residual W − s·B·A (Meng et al. 2024, arXiv 2404.02948).
+
+LoRA-FA (Zhang et al. 2023, arXiv 2308.03303) freezes A; its branch keeps only the r-dimensional
+A·x for the backward pass (`FrozenAProduct`), not x.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptkit.errors import AdaptkitError
+
+
+class FrozenAProduct(torch.autograd.Function):
+    """B·(A·x) with A frozen: saves h = A·x (r per token) instead of x (d_in per token)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        h = F.linear(x, a)
+        ctx.save_for_backward(h, a, b)
+        return F.linear(h, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, a, b = ctx.saved_tensors
+        grad_h = grad @ b
+        grad_b = grad.reshape(-1, grad.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+        grad_x = grad_h @ a if ctx.needs_input_grad[0] else None
+        return grad_x, None, grad_b
+
+
+def initial_factors(target, settings, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as `settings["init"]` asks; PiSSA also turns `weight` (out × in) into the residual."""
+    r, init = settings["r"], settings["init"]
+    n_out, n_in = target.out_features, target.in_features
+    a, b = torch.empty(r, n_in), torch.empty(n_out, r)
+    if target.kind == "embedding" and init in (True, "gaussian"):
+        return nn.init.zeros_(a), nn.init.normal_(b)
+    if init is True:
+        return nn.init.kaiming_uniform_(a, a=math.sqrt(5)), nn.init.zeros_(b)
+    if init == "gaussian":
+        return nn.init.normal_(a, std=1 / r), nn.init.zeros_(b)
+    if init is False:
+        return nn.init.kaiming_uniform_(a, a=math.sqrt(5)), nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = (s[:r] / settings["scaling"]).sqrt()
+        a, b = root[:, None] * vh[:r], u[:, :r] * root
+        weight.sub_((settings["scaling"] * (b @ a)).to(weight.dtype))
+        return a.contiguous(), b.contiguous()
+    raise AdaptkitError(f"init_lora_weights must be true, false, 'gaussian' or 'pissa', got {init!r}")
+
+
+def create(target, settings, weight, trainable_a: bool = True) -> nn.ParameterDict:
+    if settings["use_dora"] and target.kind == "embedding":
+        raise AdaptkitError("DoRA on embedding layers is not supported; leave embeddings out of target_modules")
+    initial = weight.clone() if settings["init"] == "pissa" else None
+    a, b = initial_factors(target, settings, weight)
+    embedding = target.kind == "embedding"
+    names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    params = nn.ParameterDict({names[0]: nn.Parameter(a, requires_grad=trainable_a), names[1]: nn.Parameter(b)})
+    if settings["use_dora"]:
+        merged = weight.float() + settings["scaling"] * (b @ a)
+        params["lora_magnitude_vector"] = nn.Parameter(torch.linalg.norm(merged, dim=1))
+    if initial is not None:  # PiSSA: the starting factors, to rebuild the original W (save, remove)
+        params["initial_A"] = nn.Parameter(a.clone(), requires_grad=False)
+        params["initial_B"] = nn.Parameter(b.clone(), requires_grad=False)
+    return params
+
+
+def factors(params: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor]:
+    if "lora_A" in params:
+        return params["lora_A"], params["lora_B"]
+    return params["lora_embedding_A"], params["lora_embedding_B"]
+
+
+def forward(branch, base_layer, x, result, frozen_a: bool = False):
+    s, p = branch.settings, branch.params
+    a, b = factors(p)
+    if branch.target.kind == "embedding":
+        hidden = F.embedding(x, a.T, padding_idx=getattr(base_layer, "padding_idx", None))
+        return result + (hidden @ b.T * s["scaling"]).to(result.dtype)
+    dropped = F.dropout(x, s["dropout"], branch.training) if s["dropout"] else x
+    dropped = dropped.to(a.dtype)
+    if frozen_a:
+        lora = FrozenAProduct.apply(dropped, a, b)
+    else:
+        lora = F.linear(F.linear(dropped, a), b)
+    lora = lora * s["scaling"]
+    if "lora_magnitude_vector" not in p:
+        return result + lora.to(result.dtype)
+    weight = base_layer.weight.T if branch.target.transposed else base_layer.weight
+    norm = torch.linalg.norm(weight.to(a.dtype) + s["scaling"] * (b @ a), dim=1).detach()
+    scale = p["lora_magnitude_vector"] / norm
+    bias = getattr(base_layer, "bias", None)
+    if s["dropout"]:
+        base = F.linear(dropped, weight.to(a.dtype))
+    else:
+        base = result if bias is None else result - bias
+    return result + ((scale - 1) * base + scale * lora).to(result.dtype)
+
+
+def weight_delta(branch, weight: torch.Tensor) -> torch.Tensor:
+    """ΔW (out × in) in float32; DoRA's depends on the base weight."""
+    s, p = branch.settings, branch.params
+    a, b = factors(p)
+    update = s["scaling"] * (b.float() @ a.float())
+    if "lora_magnitude_vector" not in p:
+        return update
+    merged = weight + update
+    return (p["lora_magnitude_vector"].float() / torch.linalg.norm(merged, dim=1))[:, None] * merged - weight
+
+
+def restore_pissa(layer, branch) -> None:
+    """Put back the original W = residual + s·B₀·A₀ when a PiSSA adapter is removed."""
+    p = branch.params
+    if "initial_A" in p:
+        with torch.no_grad():
+            delta = branch.settings["scaling"] * (p["initial_B"] @ p["initial_A"])
+            w = layer.base_layer.weight
+            w.add_((delta.T if layer.target.transposed else delta).to(w.dtype))
