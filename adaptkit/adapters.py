@@ -140,10 +140,12 @@ class Adapters:
         return [m for m in self.model.modules() if isinstance(m, ReplacedModule)]
 
     def _set_disabled(self, disabled: bool) -> None:
-        for layer in adapted_layers(self.model).values():
-            if disabled:
+        layers = adapted_layers(self.model).values()
+        if disabled:
+            for layer in layers:
                 layer.check_unmerged("disable adapters")
-            layer.disabled = disabled
+        for layer in layers:
+            layer.set_disabled(disabled)
         for module in self._replaced():
             module.disabled = disabled
 
@@ -210,10 +212,7 @@ class Adapters:
         adapter = self.adapters[self._pick(name)[0]]
         for path in adapter.layers:
             layer = self.model.get_submodule(path)
-            layer.unmerge(name)
-            if hasattr(adapter.variant, "on_remove"):
-                adapter.variant.on_remove(layer, layer.branches[name])
-            del layer.branches[name]
+            layer.drop(name)
             if not layer.branches:
                 unwrap(self.model, path)
         for module in self._replaced():
@@ -224,9 +223,8 @@ class Adapters:
 
     def _unwrap_all(self) -> None:
         for path, layer in adapted_layers(self.model).items():
-            for name in list(layer.branches):
-                if hasattr(layer.branches[name].variant, "on_remove") and name not in layer.merged:
-                    layer.branches[name].variant.on_remove(layer, layer.branches[name])
+            for name in [n for n in layer.branches if n not in layer.merged]:
+                layer.drop(name)  # merged adapters stay in the weights; the rest leave no trace
             unwrap(self.model, path)
         for module in self._replaced():
             parent, leaf = _parent(self.model, module.path), module.path.rsplit(".", 1)[-1]
@@ -263,6 +261,38 @@ class Adapters:
             for path in adapter.saved:
                 for pname, p in self.model.get_submodule(path).copies[n].named_parameters():
                     yield f"{path}.{pname}", p
+
+    # -- training hooks (the training loop calls these; variants fill them in) -------------------
+    def _layers(self, name: str) -> list[tuple[AdaptedLayer, Branch]]:
+        return [(layer, layer.branches[name]) for layer in
+                (self.model.get_submodule(p) for p in self.adapters[name].layers)]
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups for the active adapters: the variant's own grouping (LoRA+'s
+        faster B) where it has one, else one group at `lr`."""
+        groups = []
+        for name in self.active:
+            named = [(n, p) for n, p in self.parameters(name) if p.requires_grad]
+            hook = getattr(self.adapters[name].variant, "param_groups", None)
+            groups += hook(named, lr, self.adapters[name].config) if hook else [{"params": [p for _, p in named], "lr": lr}]
+        return [g for g in groups if g["params"]]
+
+    def step_end(self, step: int) -> None:
+        """Call after each optimizer step (`step` counts from 1): variants that move weights or
+        budgets between steps (Delta-LoRA, AdaLoRA) do it here."""
+        for name in self.active:
+            hook = getattr(self.adapters[name].variant, "on_step_end", None)
+            if hook:
+                hook(self._layers(name), self.adapters[name].config, step)
+
+    def extra_loss(self):
+        """Regularization terms variants add to the training loss (0 when none)."""
+        total = 0.0
+        for name in self.active:
+            hook = getattr(self.adapters[name].variant, "extra_loss", None)
+            if hook:
+                total = total + hook(self._layers(name), self.adapters[name].config)
+        return total
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, out: str | Path, name: str | None = None, *, force: bool = False) -> Path:

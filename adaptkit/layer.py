@@ -113,6 +113,37 @@ class AdaptedLayer(nn.Module):
         delta = self.merged.pop(name)
         self._add(self.delta(name) if delta is None else delta, -1)
 
+    def resident(self, name: str) -> torch.Tensor | None:
+        """The part of adapter `name` that lives inside the base weight itself (math layout): PiSSA's
+        residual, Delta-LoRA's updates of W. Taken out when adapters are disabled or removed."""
+        branch = self.branches[name]
+        hook = getattr(branch.variant, "resident", None)
+        if hook is None:
+            return None
+        with torch.no_grad():
+            found = hook(branch)
+        return None if found is None else found.to(self.base_layer.weight.dtype)
+
+    def set_disabled(self, disabled: bool) -> None:
+        if disabled == self.disabled:
+            return
+        if disabled:
+            self.check_unmerged("disable adapters")
+        for name in self.branches:
+            found = self.resident(name)
+            if found is not None:
+                self._add(found, -1 if disabled else +1)
+        self.disabled = disabled
+
+    def drop(self, name: str) -> None:
+        """Remove adapter `name`, leaving the base weight as it was before the adapter came."""
+        self.unmerge(name)
+        found = None if self.disabled else self.resident(name)
+        if found is not None:
+            self._add(found, -1)
+        del self.branches[name]
+        self.active = [n for n in self.active if n != name]
+
     def check_unmerged(self, action: str) -> None:
         if self.merged:
             raise AdaptkitError(f"{self.path}: cannot {action} while adapters {sorted(self.merged)} are merged; unmerge() first")

@@ -73,6 +73,35 @@ class Variant(Protocol):
         variants whose delta depends on it; others ignore it."""
 
 
+class ModuleVariant(Protocol):
+    """The module plane of a variant (optional: a variant without it cannot go on a live model).
+
+    `defaults` are the config keys `inject` accepts (besides the targeting keys) with defaults.
+    Per layer: `settings(config, path, target)` resolves that layer's settings (rank, scaling, …)
+    and rejects impossible ones; `create(target, settings, weight, shared)` returns the layer's
+    tensors by role as an `nn.ParameterDict` (requires_grad set as the variant trains them;
+    `weight` is the base weight out × in, `shared` a ParameterDict for tensors every layer of
+    the adapter uses); `forward(branch, base_layer, x, result)` returns the layer output with the
+    branch applied; `weight_delta(branch, weight)` gives ΔW (out × in, float32) for merging.
+    Files: `stored_key(role, target)` names a tensor in PEFT's layout, `file_config(config,
+    settings_by_path, transposed)` and `config_from_file(adapter_files)` translate configs.
+
+    Optional hooks: `save_tensors(branch)` (what to write, if not the tensors themselves),
+    `delta_needs_base(branch)`, `resident(branch)` (a change the variant keeps inside the base
+    weight, taken out on disable/remove), `prepare(model, config)` (choose targets its own way),
+    `param_groups(named_params, lr, config)`, `on_step_end(layers, config, step)` and
+    `extra_loss(layers, config)` with `layers` a list of (AdaptedLayer, Branch).
+    """
+
+    defaults: Mapping[str, Any]
+
+    def settings(self, config: Mapping[str, Any], path: str, target: Any) -> dict[str, Any]: ...
+
+    def create(self, target: Any, settings: Mapping[str, Any], weight: torch.Tensor, shared: Any) -> Any: ...
+
+    def forward(self, branch: Any, base_layer: Any, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor: ...
+
+
 @runtime_checkable
 class MergeMethod(Protocol):
     """A merge operator over one tensor position, never seeing files.

@@ -120,13 +120,3 @@ def weight_delta(branch, weight: torch.Tensor) -> torch.Tensor:
         return update
     merged = weight + update
     return (p["lora_magnitude_vector"].float() / torch.linalg.norm(merged, dim=1))[:, None] * merged - weight
-
-
-def restore_pissa(layer, branch) -> None:
-    """Put back the original W = residual + s·B₀·A₀ when a PiSSA adapter is removed."""
-    p = branch.params
-    if "initial_A" in p:
-        with torch.no_grad():
-            delta = branch.settings["scaling"] * (p["initial_B"] @ p["initial_A"])
-            w = layer.base_layer.weight
-            w.add_((delta.T if layer.target.transposed else delta).to(w.dtype))

@@ -209,8 +209,10 @@ class LoRA:
     def delta_needs_base(self, branch) -> bool:
         return "lora_magnitude_vector" in branch.params
 
-    def on_remove(self, layer, branch) -> None:
-        _module().restore_pissa(layer, branch)
+    def resident(self, branch):
+        """PiSSA leaves W − s·B₀·A₀ in the base layer; that change is −s·B₀·A₀."""
+        p = branch.params
+        return -branch.settings["scaling"] * (p["initial_B"] @ p["initial_A"]) if "initial_A" in p else None
 
     def stored_key(self, role: str, target) -> str:
         return f"{role}.weight" if role in ("lora_A", "lora_B") else role
