@@ -1,6 +1,6 @@
 """The module plane: adapters on a live `torch.nn` model, by name.
 
-    handle = adaptkit.inject(model, "lora", r=16, lora_alpha=32, target_modules="all-linear")
+    handle = adaptkit.inject(model, variant_name, r=16, lora_alpha=32, target_modules="all-linear")
     handle.save("out/")                                  # PEFT's layout where PEFT has the variant
     handle = adaptkit.load_adapter(model, "out/", name="b")
     handle.set_active("b"); handle.merge(); handle.unmerge(); handle.remove()
@@ -21,7 +21,7 @@ from torch import nn
 
 from . import registry
 from .errors import AdaptkitError, unknown_name
-from .inject import _matches, _parent, adapted_layers, find_targets, unwrap, wrap
+from .targets import _matches, _parent, adapted_layers, find_targets, unwrap, wrap
 from .layer import AdaptedLayer, Branch, ReplacedModule
 
 TARGETING = {"target_modules": None, "exclude_modules": None, "layers_to_transform": None,
@@ -74,7 +74,7 @@ class Adapters:
         if name in self.adapters:
             raise AdaptkitError(f"an adapter named '{name}' is already on this model; pick another name or remove it")
         variant = registry.get("variant", variant) if isinstance(variant, str) else variant
-        if not hasattr(variant, "create"):
+        if not hasattr(variant, "defaults"):
             raise AdaptkitError(f"variant '{variant.name}' has no module plane (it cannot be put on a model)")
         config = variant_config(variant, config)
         if hasattr(variant, "prepare"):
@@ -88,7 +88,7 @@ class Adapters:
             layer = wrap(self.model, path, target)
             weight = layer.math_weight().detach()
             params = variant.create(target, settings[path], weight, adapter.shared)
-            layer.branches[name] = Branch(variant, target, settings[path], params)
+            layer.branches[name] = Branch(variant, target, settings[path], params).train(layer.training)
             adapter.layers.append(path)
         adapter.saved = self._add_saved(name, config["modules_to_save"])
         self.adapters[name] = adapter
@@ -108,7 +108,7 @@ class Adapters:
             parent, leaf = _parent(self.model, path), path.rsplit(".", 1)[-1]
             module = getattr(parent, leaf)
             if not isinstance(module, ReplacedModule):
-                module = ReplacedModule(module, path)
+                module = ReplacedModule(module, path).train(module.training)
                 setattr(parent, leaf, module)
             module.add(name)
         return paths
@@ -278,8 +278,8 @@ class Adapters:
         return [g for g in groups if g["params"]]
 
     def step_end(self, step: int) -> None:
-        """Call after each optimizer step (`step` counts from 1): variants that move weights or
-        budgets between steps (Delta-LoRA, AdaLoRA) do it here."""
+        """Call after each optimizer step (`step` counts from 1): variants that move base weights or
+        rank budgets between steps do it here."""
         for name in self.active:
             hook = getattr(self.adapters[name].variant, "on_step_end", None)
             if hook:
@@ -306,7 +306,7 @@ class Adapters:
         return load_adapter_into(self, source, name, swap=swap)
 
 
-def inject(model: nn.Module, variant: str | Any = "lora", *, name: str = "default", **config: Any) -> Adapters:
+def inject(model: nn.Module, variant: str | Any, *, name: str = "default", **config: Any) -> Adapters:
     """Put a new adapter on `model` and return the model's handle (see `Adapters`)."""
     return Adapters.of(model).add(variant, name=name, **config)
 

@@ -160,10 +160,16 @@ class ReplacedModule(nn.Module):
         self.active: str | None = None
         self.disabled = False
 
-    @property
-    def weight(self) -> torch.Tensor:
-        module = self.original if self.disabled or self.active not in self.copies else self.copies[self.active]
-        return module.weight
+    def _current(self) -> nn.Module:
+        return self.original if self.disabled or self.active not in self.copies else self.copies[self.active]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "copies" not in self._modules:
+                raise
+            return getattr(self._current(), name)  # `lm_head.weight`, a decoder layer's attributes, ...
 
     def add(self, name: str) -> nn.Module:
         import copy
@@ -175,6 +181,4 @@ class ReplacedModule(nn.Module):
         return replacement
 
     def forward(self, *args, **kwargs):
-        if self.disabled or self.active not in self.copies:
-            return self.original(*args, **kwargs)
-        return self.copies[self.active](*args, **kwargs)
+        return self._current()(*args, **kwargs)

@@ -95,7 +95,7 @@ def wrap(model: nn.Module, path: str, target: Target) -> AdaptedLayer:
     layer = getattr(parent, leaf)
     if isinstance(layer, AdaptedLayer):
         return layer
-    wrapped = AdaptedLayer(layer, path, target)
+    wrapped = AdaptedLayer(layer, path, target).train(layer.training)
     setattr(parent, leaf, wrapped)
     return wrapped
 

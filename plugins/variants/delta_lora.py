@@ -1,0 +1,216 @@
+"""Delta-LoRA: LoRA whose frozen weight also moves with the factors (Zi et al. 2023, arXiv 2309.02411).
+
+The branch is plain LoRA without dropout, y = W·x + s·B·A·x (A r × in, B out × r, s = α / r, or
+α / √r with rsLoRA). After each optimizer step t past `start_step` K, the base weight takes the
+change of the product as well, scaled by `update_ratio` λ (the paper's default 2):
+
+    W ← W + λ·s·(B_t·A_t − B_{t−1}·A_{t−1}),   so after step T:   W_T = W_0 + λ·s·(B_T·A_T − B_K·A_K).
+
+W gets no gradient and no optimizer state; the paper drops the branch's dropout so that the change
+of B·A follows the gradient of W, so `lora_dropout` ≠ 0 is refused. Each layer keeps that change
+of W in factored form, frozen: `delta_A` = [A_u; A_K] (2r × in), `delta_B` = [B_u, −B_K] (out × 2r),
+R = λ·s·delta_B·delta_A, where (A_u, B_u) are the factors at the last `step_end` and (A_K, B_K) those
+at step K (they follow the factors until then, so R = 0). R is the layer's `resident` change: the
+core takes it out on disable()/remove() and puts it back on enable().
+
+Files: a PEFT-like folder whose config says `adaptkit_variant: delta_lora` with `start_step` and
+`update_ratio`; keys `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`, `.delta_A`,
+`.delta_B`. R is saved exactly, whenever the save happens; loading adds it to the fresh base's W.
+`peft_type` is `DELTA_LORA`, so PEFT refuses the folder rather than load the branch without R.
+The total change against the original base is ΔW = s·B·A + R; with (A_u, B_u) = (A, B), as after
+every `step_end`, it is an exact LoRA of rank 2r with the same s: A' = [A; A_K],
+B' = [(1+λ)·B, −λ·B_K] (rank r before step K). `delta` gives ΔW (merging into a base), the
+`factors` hooks give A', B' (adapter merging), and `to_lora` writes a PEFT LoRA folder.
+
+Hot-swapping (`load_adapter(..., swap=True)`) is refused: the old R inside W is not known then.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from adaptkit.errors import AdaptkitError
+from adaptkit.spec import AdapterFiles
+
+from .lora import LORA_CONFIG_KEYS, LoRA, _module
+
+LOADED = "loaded_state"  # internal config key: module -> (delta_A, delta_B) read by config_from_file
+
+
+class DeltaLoRA(LoRA):
+    """Delta-LoRA: LoRA that also moves the frozen W by λ·s·Δ(B·A) after each step."""
+
+    param_names = ("lora_A", "lora_B", "delta_A", "delta_B")
+    config_keys = LORA_CONFIG_KEYS | {"start_step", "update_ratio"}
+
+    def __init__(self, name: str = "delta_lora"):
+        super().__init__(name)
+
+    # -- tensor plane ----------------------------------------------------------------------------
+    def describe(self, adapter: AdapterFiles) -> dict[str, Any]:
+        cfg = adapter.config
+        return {**super().describe(adapter), "start_step": cfg.get("start_step"), "update_ratio": cfg.get("update_ratio")}
+
+    def factors(self, adapter: AdapterFiles, module: str):
+        """(A', B', s) with s·B'·A' the total change vs the original base: s·B·A + λ·s·delta_B·delta_A."""
+        a, b, s = super().factors(adapter, module)
+        roles = adapter.modules[module]
+        if "delta_A" not in roles or "delta_B" not in roles:
+            raise AdaptkitError(f"{module}: a Delta-LoRA module needs delta_A and delta_B (the change of W) beside A, B")
+        da, db = adapter.tensor(module, "delta_A").float(), adapter.tensor(module, "delta_B").float()
+        return (*total_factors(a, b, da, db, float(adapter.config.get("update_ratio", 2.0))), s)
+
+    def delta(self, adapter: AdapterFiles, module: str, base=None):
+        a, b, s = self.factors(adapter, module)
+        update = s * (b @ a)
+        return update.T if adapter.config.get("fan_in_fan_out") else update
+
+    def write_lowrank(self, factors, layouts, template: dict[str, Any], out_dir) -> list:
+        """A plain PEFT LoRA folder (the Delta-LoRA config fields dropped)."""
+        template = {k: v for k, v in template.items() if k not in ("adaptkit_variant", "start_step", "update_ratio")}
+        return super().write_lowrank(factors, layouts, template, out_dir)
+
+    # -- module plane ----------------------------------------------------------------------------
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {**super().defaults, "start_step": 500, "update_ratio": 2.0, LOADED: None}
+
+    def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
+        if config["lora_dropout"]:
+            raise AdaptkitError(f"delta_lora: lora_dropout must be 0, got {config['lora_dropout']}; Delta-LoRA removes "
+                                "the dropout from the branch so that the change of B·A follows the gradient of W")
+        if target.kind == "embedding":
+            raise AdaptkitError(f"{path}: delta_lora adapts linear layers only; leave embeddings out of target_modules")
+        if config["use_dora"] or config["init_lora_weights"] == "pissa":
+            raise AdaptkitError("delta_lora: use_dora and PiSSA init are not supported (W already moves with B·A)")
+        step, ratio = config["start_step"], config["update_ratio"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise AdaptkitError(f"delta_lora: start_step must be an integer ≥ 0, got {step!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise AdaptkitError(f"delta_lora: update_ratio must be a number, got {ratio!r}")
+        found = {**super().settings(config, path, target), "update_ratio": float(ratio)}
+        state = config.get(LOADED) or {}
+        match = [m for m in state if m == path or path.endswith("." + m) or m.endswith("." + path)]
+        if len(match) == 1:
+            found["loaded"] = state.pop(match[0])
+        return found
+
+    def create(self, target, settings, weight, shared):
+        import torch
+        from torch import nn
+
+        loaded = settings.pop("loaded", None)
+        params = _module().create(target, settings, weight)
+        a, b = params["lora_A"].detach(), params["lora_B"].detach()
+        if loaded is None:  # not started: the snapshot follows the factors, R = 0
+            da, db = torch.cat([a, a]), torch.cat([b, -b], dim=1)
+        else:  # a saved adapter: its change of W goes into this base's W (the core copies the factors next)
+            da, db = (t.to(a) for t in loaded)
+            if da.shape != (2 * a.shape[0], a.shape[1]) or db.shape != (b.shape[0], 2 * a.shape[0]):
+                raise AdaptkitError(f"delta_lora: saved delta_A/delta_B {tuple(da.shape)}/{tuple(db.shape)} do not fit "
+                                    f"a rank-{a.shape[0]} {b.shape[0]} × {a.shape[1]} layer")
+            with torch.no_grad():
+                weight.add_((settings["update_ratio"] * settings["scaling"] * (db @ da)).to(weight))
+        params["delta_A"] = nn.Parameter(da.contiguous(), requires_grad=False)
+        params["delta_B"] = nn.Parameter(db.contiguous(), requires_grad=False)
+        return params
+
+    def forward(self, branch, base_layer, x, result):
+        _check_not_swapped(branch)
+        return _module().forward(branch, base_layer, x, result)
+
+    def resident(self, branch):
+        """R = λ·s·delta_B·delta_A, the change of W since the adapter came (None before step K)."""
+        _check_not_swapped(branch)
+        p, r = branch.params, branch.params["lora_A"].shape[0]
+        if not started(p["delta_A"], p["delta_B"], r):
+            return None
+        s = branch.settings
+        return s["update_ratio"] * s["scaling"] * (p["delta_B"].float() @ p["delta_A"].float())
+
+    def on_step_end(self, layers, config: dict[str, Any], step: int) -> None:
+        """After optimizer step `step` (from 1): up to `start_step` the snapshot follows the factors;
+        past it W ← W + λ·s·(B·A − B_u·A_u) and (A_u, B_u) ← (A, B). A disabled layer's W holds no R,
+        so only the factors move there (enable() puts the new R in)."""
+        import torch
+
+        with torch.no_grad():
+            for layer, branch in layers:
+                _check_not_swapped(branch)
+                p = branch.params
+                a, b, da, db = p["lora_A"], p["lora_B"], p["delta_A"], p["delta_B"]
+                r = a.shape[0]
+                if step <= config["start_step"]:
+                    da.copy_(torch.cat([a, a]))
+                    db.copy_(torch.cat([b, -b], dim=1))
+                    continue
+                if not layer.disabled:
+                    change = torch.cat([b, -db[:, :r]], dim=1).float() @ torch.cat([a, da[:r]]).float()
+                    weight = layer.math_weight()
+                    weight.add_((branch.settings["update_ratio"] * branch.settings["scaling"] * change).to(weight.dtype))
+                da[:r].copy_(a)
+                db[:, :r].copy_(b)
+
+    def file_config(self, config: dict[str, Any], settings: dict[str, dict], transposed: bool) -> dict[str, Any]:
+        return {**super().file_config(config, settings, transposed), "peft_type": "DELTA_LORA",
+                "adaptkit_variant": self.name, "start_step": config["start_step"], "update_ratio": config["update_ratio"]}
+
+    def config_from_file(self, adapter: AdapterFiles) -> dict[str, Any]:
+        cfg = adapter.config
+        state = {}
+        for module, roles in adapter.modules.items():
+            if "delta_A" not in roles or "delta_B" not in roles:
+                raise AdaptkitError(f"{module}: a Delta-LoRA module needs delta_A and delta_B (the change of W) beside A, B")
+            state[module] = (adapter.tensor(module, "delta_A"), adapter.tensor(module, "delta_B"))
+        return {**super().config_from_file(adapter), "start_step": cfg.get("start_step", 500),
+                "update_ratio": cfg.get("update_ratio", 2.0), LOADED: state}
+
+
+def started(da, db, r: int) -> bool:
+    """Whether W has moved: the applied factors differ from the start-step ones."""
+    import torch
+
+    return not (torch.equal(da[:r], da[r:]) and torch.equal(db[:, :r], -db[:, r:]))
+
+
+def total_factors(a, b, da, db, ratio: float):
+    """(A', B') with B'·A' = B·A + λ·delta_B·delta_A: rank r before step K, 2r when the applied factors
+    are the current ones ([A; A_K], [(1+λ)·B, −λ·B_K]), else 3r ([A; delta_A], [B, λ·delta_B])."""
+    import torch
+
+    r = a.shape[0]
+    if not started(da, db, r):
+        return a, b
+    if torch.equal(da[:r], a) and torch.equal(db[:, :r], b):
+        return torch.cat([a, da[r:]]), torch.cat([(1 + ratio) * b, ratio * db[:, r:]], dim=1)
+    return torch.cat([a, da]), torch.cat([b, ratio * db], dim=1)
+
+
+def _check_not_swapped(branch) -> None:
+    if "loaded" in branch.settings:
+        raise AdaptkitError("a delta_lora adapter cannot be hot-swapped (swap=True): the base weight holds the old "
+                            "adapter's change of W; remove() it and load_adapter() the new one instead")
+
+
+def to_lora(source: str | Path | AdapterFiles, out: str | Path, *, force: bool = False) -> Path:
+    """Export a saved Delta-LoRA adapter as a PEFT LoRA folder with the same total change of W
+    (exact: rank 2r, scale folded into B). Loads in `peft.PeftModel.from_pretrained`."""
+    from adaptkit.adapter import read_adapter
+    from adaptkit.writer import atomic_output
+
+    adapter = source if isinstance(source, AdapterFiles) else read_adapter(source)
+    if adapter is None or adapter.variant != DELTA_LORA.name:
+        raise AdaptkitError(f"{source}: not a delta_lora adapter")
+    if adapter.saved:
+        warnings.warn(f"to_lora: modules_to_save {sorted(adapter.saved)} are left out of the LoRA", stacklevel=2)
+    factors, layouts = {}, {}
+    for module in sorted(adapter.modules):
+        a, b, s = DELTA_LORA.factors(adapter, module)
+        factors[module], layouts[module] = (a, s * b), DELTA_LORA.factor_layout(adapter, module)
+    with atomic_output(out, force=force) as tmp:
+        DELTA_LORA.write_lowrank(factors, layouts, dict(adapter.config), tmp)
+    return Path(out)
+
+
+DELTA_LORA = DeltaLoRA()
