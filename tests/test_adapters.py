@@ -289,26 +289,7 @@ def test_lora_fa_keeps_a_frozen_and_saves_only_the_rank_activation():
     lora_bytes, lora_a_same = saved_bytes("lora")
     fa_bytes, fa_a_same = saved_bytes("lora_fa")
     assert fa_a_same and not lora_a_same
-    assert fa_bytes < lora_bytes  # x (256 per token) is not kept for A's gradient, only A·x (4)
-
-
-def test_lora_fa_gradients_equal_plain_lora_with_a_frozen():
-    torch.manual_seed(3)
-    x = torch.randn(5, 8, requires_grad=True)
-    nets = []
-    for variant in ("lora", "lora_fa"):
-        torch.manual_seed(4)
-        net = nn.Sequential(nn.Linear(8, 6))
-        ak.inject(net, variant, r=3, target_modules=["0"], init_lora_weights=False)
-        nets.append(net)
-    nets[0][0].branches["default"].params["lora_A"].requires_grad_(False)
-    grads = []
-    for net in nets:
-        x.grad = None
-        net(x).pow(2).sum().backward()
-        grads.append((x.grad.clone(), net[0].branches["default"].params["lora_B"].grad.clone()))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert fa_bytes < lora_bytes  # x (256 per token) is not kept for A's gradient; B's needs only A·x (4)
 
 
 def test_gaussian_and_pissa_inits():

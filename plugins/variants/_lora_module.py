@@ -8,8 +8,9 @@ zero, B normal); "gaussian" — A ~ N(0, 1/r²); False — both random (non-triv
 "pissa" — A = √S_r·V_rᵀ, B = U_r·√S_r from the top singular vectors of W/s, and W becomes the
 residual W − s·B·A (Meng et al. 2024, arXiv 2404.02948).
 
-LoRA-FA (Zhang et al. 2023, arXiv 2308.03303) freezes A; its branch keeps only the r-dimensional
-A·x for the backward pass (`FrozenAProduct`), not x.
+LoRA-FA (Zhang et al. 2023, arXiv 2308.03303) freezes A. Autograd then keeps only the
+r-dimensional A·x for B's gradient, not the layer input x (A's gradient, which needs x, is never
+formed); benchmarks/adapters.py measures the saved activations.
 """
 from __future__ import annotations
 
@@ -20,24 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.errors import AdaptkitError
-
-
-class FrozenAProduct(torch.autograd.Function):
-    """B·(A·x) with A frozen: saves h = A·x (r per token) instead of x (d_in per token)."""
-
-    @staticmethod
-    def forward(ctx, x, a, b):
-        h = F.linear(x, a)
-        ctx.save_for_backward(h, a, b)
-        return F.linear(h, b)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, a, b = ctx.saved_tensors
-        grad_h = grad @ b
-        grad_b = grad.reshape(-1, grad.shape[-1]).T @ h.reshape(-1, h.shape[-1])
-        grad_x = grad_h @ a if ctx.needs_input_grad[0] else None
-        return grad_x, None, grad_b
 
 
 def initial_factors(target, settings, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +68,7 @@ def factors(params: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor]:
     return params["lora_embedding_A"], params["lora_embedding_B"]
 
 
-def forward(branch, base_layer, x, result, frozen_a: bool = False):
+def forward(branch, base_layer, x, result):
     s, p = branch.settings, branch.params
     a, b = factors(p)
     if branch.target.kind == "embedding":
@@ -93,11 +76,7 @@ def forward(branch, base_layer, x, result, frozen_a: bool = False):
         return result + (hidden @ b.T * s["scaling"]).to(result.dtype)
     dropped = F.dropout(x, s["dropout"], branch.training) if s["dropout"] else x
     dropped = dropped.to(a.dtype)
-    if frozen_a:
-        lora = FrozenAProduct.apply(dropped, a, b)
-    else:
-        lora = F.linear(F.linear(dropped, a), b)
-    lora = lora * s["scaling"]
+    lora = F.linear(F.linear(dropped, a), b) * s["scaling"]
     if "lora_magnitude_vector" not in p:
         return result + lora.to(result.dtype)
     weight = base_layer.weight.T if branch.target.transposed else base_layer.weight

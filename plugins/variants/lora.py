@@ -201,7 +201,7 @@ class LoRA:
         return _module().create(target, settings, weight, trainable_a=not self.freeze_a)
 
     def forward(self, branch, base_layer, x, result):
-        return _module().forward(branch, base_layer, x, result, frozen_a=self.freeze_a)
+        return _module().forward(branch, base_layer, x, result)
 
     def weight_delta(self, branch, weight):
         return _module().weight_delta(branch, weight)
