@@ -52,7 +52,10 @@ def save_adapter(handle: Adapters, name: str, out: str | Path, *, force: bool = 
     with atomic_output(out, force=force) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-        save_tensors(tmp, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
+        metadata = {"format": "pt"}
+        if config.get("adaptkit_variant"):  # a variant PEFT lacks: the file says what it is on its own too
+            metadata.update(adaptkit_variant=config["adaptkit_variant"], adaptkit_config=json.dumps(config, sort_keys=True))
+        save_tensors(tmp, tensors, shard_size=2**62, metadata=metadata, stem="adapter_model")
     return Path(out)
 
 
