@@ -181,7 +181,7 @@ class Adapters:
 
     def _mergeable(self, name: str) -> None:
         variant = self.adapters[name].variant
-        if not hasattr(variant, "weight_delta"):
+        if self.adapters[name].layers and not hasattr(variant, "weight_delta"):
             raise AdaptkitError(f"adapter '{name}' ({variant.name}) changes activations, not weights; it cannot be merged")
 
     def _pick(self, names, default=None) -> list[str]:
