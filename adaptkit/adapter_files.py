@@ -124,11 +124,19 @@ def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: 
         layer = model.get_submodule(live)
         branch = layer.branches[name]
         if swap:
+            layer.check_unmerged("hot-swap an adapter")
             branch.settings.update(variant.settings(variant_config(variant, variant.config_from_file(files)), live, branch.target))
+        # What a variant keeps inside W follows its tensors: out with the old ones, in with the new.
+        held = None if layer.disabled else layer.resident(name)
+        if held is not None:
+            layer.add_to_weight(held, -1)
         for role, key in files.modules[module].items():
             if role not in branch.params:
                 raise AdaptkitError(f"{module}: the adapter has a '{role}' tensor this {variant.name} config does not use")
             _copy(branch.params[role], files.store.get(key), f"{module}.{role}")
+        held = None if layer.disabled else layer.resident(name)
+        if held is not None:
+            layer.add_to_weight(held, +1)
     for role, key in files.shared.items():
         _copy(adapter.shared[role], files.store.get(key), role)
     _load_saved_modules(handle, name, files, sorted(files.modules))

@@ -93,7 +93,7 @@ class AdaptedLayer(nn.Module):
         with torch.no_grad():
             return branch.variant.weight_delta(branch, self.math_weight().float()).to(self.base_layer.weight.dtype)
 
-    def _add(self, delta: torch.Tensor, sign: int) -> None:
+    def add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
         with torch.no_grad():
             w = self.base_layer.weight
             w.add_(delta.T if self.target.transposed else delta, alpha=sign)
@@ -102,7 +102,7 @@ class AdaptedLayer(nn.Module):
         if name in self.merged:
             return
         delta = self.delta(name)
-        self._add(delta, +1)
+        self.add_to_weight(delta, +1)
         branch = self.branches[name]
         depends_on_w = getattr(branch.variant, "delta_needs_base", lambda _: False)(branch)
         self.merged[name] = delta if depends_on_w else None
@@ -111,7 +111,7 @@ class AdaptedLayer(nn.Module):
         if name not in self.merged:
             return
         delta = self.merged.pop(name)
-        self._add(self.delta(name) if delta is None else delta, -1)
+        self.add_to_weight(self.delta(name) if delta is None else delta, -1)
 
     def resident(self, name: str) -> torch.Tensor | None:
         """The part of adapter `name` that lives inside the base weight itself (math layout): PiSSA's
@@ -132,7 +132,7 @@ class AdaptedLayer(nn.Module):
         for name in self.branches:
             found = self.resident(name)
             if found is not None:
-                self._add(found, -1 if disabled else +1)
+                self.add_to_weight(found, -1 if disabled else +1)
         self.disabled = disabled
 
     def drop(self, name: str) -> None:
@@ -140,7 +140,7 @@ class AdaptedLayer(nn.Module):
         self.unmerge(name)
         found = None if self.disabled else self.resident(name)
         if found is not None:
-            self._add(found, -1)
+            self.add_to_weight(found, -1)
         del self.branches[name]
         self.active = [n for n in self.active if n != name]
 

@@ -111,9 +111,10 @@ def test_save_load_merge_and_export_give_the_trained_model(kind, tmp_path):
     fresh = build()
     ak.load_adapter(fresh, tmp_path / "adapter")
     torch.testing.assert_close(logits(fresh), trained, **TOL)
-    with pytest.raises(AdaptkitError, match="hot-swapped"):
-        ak.load_adapter(fresh, tmp_path / "adapter", swap=True)
-        logits(fresh)
+    ak.load_adapter(fresh, tmp_path / "adapter", swap=True)  # hot-swap: the old R leaves W, the new one enters
+    torch.testing.assert_close(logits(fresh), trained, **TOL)
+    ak.Adapters.of(fresh).remove()
+    torch.testing.assert_close(logits(fresh), logits(build()), **TOL)
 
     # mode 2: base + adapter -> model
     build().save_pretrained(tmp_path / "base")

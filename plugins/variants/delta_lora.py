@@ -22,7 +22,8 @@ every `step_end`, it is an exact LoRA of rank 2r with the same s: A' = [A; A_K],
 B' = [(1+λ)·B, −λ·B_K] (rank r before step K). `delta` gives ΔW (merging into a base), the
 `factors` hooks give A', B' (adapter merging), and `to_lora` writes a PEFT LoRA folder.
 
-Hot-swapping (`load_adapter(..., swap=True)`) is refused: the old R inside W is not known then.
+Loading and hot-swapping (`load_adapter(..., swap=True)`) go through `resident`: the core takes
+the old R out of W before the tensors change and puts the new R in after.
 """
 from __future__ import annotations
 
@@ -34,8 +35,6 @@ from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
 from .lora import LORA_CONFIG_KEYS, LoRA, _module
-
-LOADED = "loaded_state"  # internal config key: module -> (delta_A, delta_B) read by config_from_file
 
 
 class DeltaLoRA(LoRA):
@@ -74,7 +73,7 @@ class DeltaLoRA(LoRA):
     # -- module plane ----------------------------------------------------------------------------
     @property
     def defaults(self) -> dict[str, Any]:
-        return {**super().defaults, "start_step": 500, "update_ratio": 2.0, LOADED: None}
+        return {**super().defaults, "start_step": 500, "update_ratio": 2.0}
 
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
         if config["lora_dropout"]:
@@ -89,40 +88,21 @@ class DeltaLoRA(LoRA):
             raise AdaptkitError(f"delta_lora: start_step must be an integer ≥ 0, got {step!r}")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise AdaptkitError(f"delta_lora: update_ratio must be a number, got {ratio!r}")
-        found = {**super().settings(config, path, target), "update_ratio": float(ratio)}
-        state = config.get(LOADED) or {}
-        match = [m for m in state if m == path or path.endswith("." + m) or m.endswith("." + path)]
-        if len(match) == 1:
-            found["loaded"] = state.pop(match[0])
-        return found
+        return {**super().settings(config, path, target), "update_ratio": float(ratio)}
 
     def create(self, target, settings, weight, shared):
         import torch
         from torch import nn
 
-        loaded = settings.pop("loaded", None)
         params = _module().create(target, settings, weight)
         a, b = params["lora_A"].detach(), params["lora_B"].detach()
-        if loaded is None:  # not started: the snapshot follows the factors, R = 0
-            da, db = torch.cat([a, a]), torch.cat([b, -b], dim=1)
-        else:  # a saved adapter: its change of W goes into this base's W (the core copies the factors next)
-            da, db = (t.to(a) for t in loaded)
-            if da.shape != (2 * a.shape[0], a.shape[1]) or db.shape != (b.shape[0], 2 * a.shape[0]):
-                raise AdaptkitError(f"delta_lora: saved delta_A/delta_B {tuple(da.shape)}/{tuple(db.shape)} do not fit "
-                                    f"a rank-{a.shape[0]} {b.shape[0]} × {a.shape[1]} layer")
-            with torch.no_grad():
-                weight.add_((settings["update_ratio"] * settings["scaling"] * (db @ da)).to(weight))
+        da, db = torch.cat([a, a]), torch.cat([b, -b], dim=1)  # not started: R = 0 (a loaded R comes via `resident`)
         params["delta_A"] = nn.Parameter(da.contiguous(), requires_grad=False)
         params["delta_B"] = nn.Parameter(db.contiguous(), requires_grad=False)
         return params
 
-    def forward(self, branch, base_layer, x, result):
-        _check_not_swapped(branch)
-        return _module().forward(branch, base_layer, x, result)
-
     def resident(self, branch):
         """R = λ·s·delta_B·delta_A, the change of W since the adapter came (None before step K)."""
-        _check_not_swapped(branch)
         p, r = branch.params, branch.params["lora_A"].shape[0]
         if not started(p["delta_A"], p["delta_B"], r):
             return None
@@ -137,7 +117,6 @@ class DeltaLoRA(LoRA):
 
         with torch.no_grad():
             for layer, branch in layers:
-                _check_not_swapped(branch)
                 p = branch.params
                 a, b, da, db = p["lora_A"], p["lora_B"], p["delta_A"], p["delta_B"]
                 r = a.shape[0]
@@ -157,14 +136,12 @@ class DeltaLoRA(LoRA):
                 "adaptkit_variant": self.name, "start_step": config["start_step"], "update_ratio": config["update_ratio"]}
 
     def config_from_file(self, adapter: AdapterFiles) -> dict[str, Any]:
-        cfg = adapter.config
-        state = {}
         for module, roles in adapter.modules.items():
             if "delta_A" not in roles or "delta_B" not in roles:
                 raise AdaptkitError(f"{module}: a Delta-LoRA module needs delta_A and delta_B (the change of W) beside A, B")
-            state[module] = (adapter.tensor(module, "delta_A"), adapter.tensor(module, "delta_B"))
+        cfg = adapter.config
         return {**super().config_from_file(adapter), "start_step": cfg.get("start_step", 500),
-                "update_ratio": cfg.get("update_ratio", 2.0), LOADED: state}
+                "update_ratio": cfg.get("update_ratio", 2.0)}
 
 
 def started(da, db, r: int) -> bool:
@@ -185,12 +162,6 @@ def total_factors(a, b, da, db, ratio: float):
     if torch.equal(da[:r], a) and torch.equal(db[:, :r], b):
         return torch.cat([a, da[r:]]), torch.cat([(1 + ratio) * b, ratio * db[:, r:]], dim=1)
     return torch.cat([a, da]), torch.cat([b, ratio * db], dim=1)
-
-
-def _check_not_swapped(branch) -> None:
-    if "loaded" in branch.settings:
-        raise AdaptkitError("a delta_lora adapter cannot be hot-swapped (swap=True): the base weight holds the old "
-                            "adapter's change of W; remove() it and load_adapter() the new one instead")
 
 
 def to_lora(source: str | Path | AdapterFiles, out: str | Path, *, force: bool = False) -> Path:
