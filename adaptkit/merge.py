@@ -33,9 +33,10 @@ from .sources import ModelSource, check_same_architecture, open_input
 from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output, copy_side_files
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
-#: Elementwise operators see big tensors in row blocks of about this many elements (16 MB in float32),
-#: so a 1B-parameter model's embeddings never sit in memory several times over.
-BLOCK_ELEMENTS = 4 * 1024 * 1024
+#: Elementwise operators see big tensors in row blocks of about this many elements (4 MB in float32),
+#: so a 1B-parameter model's embeddings never sit in memory several times over. (Measured on the
+#: 168M benchmark: 1M-element blocks took 50–250 MB less peak memory than 4M and were no slower.)
+BLOCK_ELEMENTS = 1024 * 1024
 #: Tensors merged at once share this many bytes of working memory (a bigger one runs alone).
 WORKING_MEMORY = 768 * 1024 * 1024
 
