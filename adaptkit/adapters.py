@@ -82,12 +82,13 @@ class Adapters:
         adapter = Adapter(name, variant, config)
         targets = {} if config["target_modules"] is None and config["modules_to_save"] else find_targets(
             self.model, config["target_modules"], exclude_modules=config["exclude_modules"],
-            layers_to_transform=config["layers_to_transform"], layers_pattern=config["layers_pattern"])
+            layers_to_transform=config["layers_to_transform"], layers_pattern=config["layers_pattern"],
+            target_of=getattr(variant, "target_of", None))
         settings = {path: variant.settings(config, path, target) for path, target in targets.items()}
         for path, target in targets.items():  # all checks pass before any layer is touched
             layer = wrap(self.model, path, target)
-            weight = layer.math_weight().detach()
-            params = variant.create(target, settings[path], weight, adapter.shared)
+            weight = layer.math_weight()
+            params = variant.create(target, settings[path], None if weight is None else weight.detach(), adapter.shared)
             layer.branches[name] = Branch(variant, target, settings[path], params).train(layer.training)
             adapter.layers.append(path)
         adapter.saved = self._add_saved(name, config["modules_to_save"])

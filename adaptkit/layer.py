@@ -22,7 +22,7 @@ from .errors import AdaptkitError
 class Target:
     """What an adapter needs to know about the layer it sits on."""
 
-    kind: str  # "linear" (nn.Linear, Conv1D) or "embedding"
+    kind: str  # "linear" (nn.Linear, Conv1D), "embedding", or what a variant's `target_of` says ("block")
     in_features: int  # for embeddings: the number of embeddings
     out_features: int  # for embeddings: the embedding dimension
     transposed: bool  # the weight is stored in × out
@@ -47,6 +47,7 @@ class Branch(nn.Module):
         super().__init__()
         self.variant, self.target, self.settings = variant, target, settings
         self.params = params
+        self.transforms_input = hasattr(variant, "transform_input")  # e.g. scaling the input features
 
     def forward(self, *args, **kwargs):  # pragma: no cover - branches are called through AdaptedLayer
         raise TypeError("a Branch is run by its AdaptedLayer")
@@ -63,28 +64,33 @@ class AdaptedLayer(nn.Module):
         self.merged: dict[str, torch.Tensor | None] = {}  # name -> the ΔW added, kept when it depends on W
         self.disabled = False
 
-    # Code that reads `layer.weight` / `layer.bias` keeps working on a wrapped layer.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "base_layer" not in self._modules:
+                raise
+            return getattr(self._modules["base_layer"], name)  # `.weight`, `.bias`, a block's attributes
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return result
-        for name in self.active:
-            if name not in self.merged:
-                branch = self.branches[name]
-                result = branch.variant.forward(branch, self.base_layer, x, result)
+            return self.base_layer(x, *args, **kwargs)
+        running = [self.branches[n] for n in self.active if n not in self.merged]
+        inner = x
+        for branch in running:
+            if branch.transforms_input:
+                inner = branch.variant.transform_input(branch, inner)
+        result = self.base_layer(inner, *args, **kwargs)
+        for branch in running:
+            result = branch.variant.forward(branch, self.base_layer, x, result)
         return result
 
     # -- weights in math layout ----------------------------------------------------------------
-    def math_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
+    def math_weight(self) -> torch.Tensor | None:
+        """The base weight out × in (a view), or None for a layer without one (a whole block)."""
+        w = getattr(self.base_layer, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            return None
         return w.T if self.target.transposed else w
 
     def delta(self, name: str) -> torch.Tensor:

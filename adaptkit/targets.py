@@ -46,8 +46,11 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def find_targets(model: nn.Module, target_modules: Any, *, exclude_modules: Any = None,
-                 layers_to_transform: int | Iterable[int] | None = None, layers_pattern: Any = None) -> dict[str, Target]:
-    """Path -> Target for every module an adapter config selects (already wrapped ones included)."""
+                 layers_to_transform: int | Iterable[int] | None = None, layers_pattern: Any = None,
+                 target_of: Any = None) -> dict[str, Target]:
+    """Path -> Target for every module an adapter config selects (already wrapped ones included).
+    `target_of(module)` is a variant's own test of what it can wrap (default: `Target.of`)."""
+    target_of = target_of or Target.of
     if target_modules is None:
         raise AdaptkitError("no target_modules given (a list of module-name suffixes, a regex, or 'all-linear')")
     head = _output_head(model)
@@ -60,7 +63,7 @@ def find_targets(model: nn.Module, target_modules: Any, *, exclude_modules: Any 
         if not path or (inside_wrapper and path.startswith(inside_wrapper)):
             continue
         layer = module.base_layer if isinstance(module, AdaptedLayer) else module  # matched as if unwrapped
-        target = module.target if isinstance(module, AdaptedLayer) else Target.of(module)
+        target = module.target if isinstance(module, AdaptedLayer) else target_of(module)
         if target_modules == ALL_LINEAR:
             selected = target is not None and target.kind == "linear" and layer is not head
         else:
@@ -84,7 +87,7 @@ def _parent(model: nn.Module, path: str) -> nn.Module:
 
 
 def _examples(model: nn.Module, count: int = 6) -> list[str]:
-    names = [p for p, m in model.named_modules() if Target.of(m) is not None]
+    names = [p for p, m in model.named_modules() if Target.of(m) is not None and p]
     leaves = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in names))
     return (leaves or [p for p, _ in model.named_modules() if p])[:count]
 
