@@ -53,6 +53,35 @@ class AdapterFiles:
         return sum(self.store.info(k).numel for k in keys)
 
 
+@dataclass
+class LowRankModule:
+    """One module of a plain low-rank adapter: ΔW = alpha / r · B·A (√r with rsLoRA), r = A.shape[0].
+    A is r × in (embeddings: r × num_embeddings), B out × r; convolutions keep their kernel dims
+    (A r × in × kh × kw, B out × r × 1 × 1). `transposed`: the base weight is stored in × out
+    (GPT-2 Conv1D, `fan_in_fan_out`)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+    embedding: bool = False
+    transposed: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass
+class LowRankAdapter:
+    """The canonical form every adapter converts through: plain LoRA modules by module path, whole
+    tensors of modules trained in full (`saved`, by parameter path), and config fields worth
+    keeping (base model, task type, use_rslora)."""
+
+    modules: dict[str, LowRankModule] = field(default_factory=dict)
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
 @runtime_checkable
 class Variant(Protocol):
     """An adapter variant. Tensor plane: describe a saved adapter and form each module's ΔW.
@@ -141,7 +170,12 @@ class Quantizer(Protocol):
 @runtime_checkable
 class Format(Protocol):
     """A file layout for adapters. `detect` runs on every `inspect`, so the module must import
-    cheaply (no torch at module level) and look at keys, metadata and JSON files only."""
+    cheaply (no torch at module level) and look at keys, metadata and JSON files only.
+
+    A format that can be written (a target of `adaptkit convert --to NAME`) also has
+    `write(adapter: LowRankAdapter, out_dir: Path) -> list[Path]`, writing into an existing
+    (temporary) folder; the caller renames it into place.
+    """
 
     name: str
 

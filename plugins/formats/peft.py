@@ -64,6 +64,46 @@ class PeftFormat:
         return adapter
 
 
+    def write(self, adapter, out_dir) -> list:
+        """A PEFT LoRA folder: r and lora_alpha of the most common module, `rank_pattern` and
+        `alpha_pattern` for the rest (exact module paths), whole tensors as `modules_to_save`."""
+        import json
+        from collections import Counter
+        from pathlib import Path
+
+        from adaptkit.writer import save_tensors
+
+        modules = adapter.modules
+        flips = {m.transposed for m in modules.values() if not m.embedding}
+        if len(flips) > 1:
+            raise AdaptkitError("the modules mix fan_in_fan_out and plain layers; one LoRA config cannot hold both")
+        ranks = {p: m.rank for p, m in modules.items()}
+        r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+        alphas = {p: float(m.alpha) for p, m in modules.items()}
+        alpha = Counter(a for p, a in alphas.items() if ranks[p] == r).most_common(1)[0][0] if ranks else float(r)
+        saved_modules = sorted({key.rsplit(".", 1)[0] for key in adapter.saved})
+        config = {"task_type": None, "base_model_name_or_path": None, **adapter.config, "peft_type": "LORA",
+                  "r": r, "lora_alpha": alpha, "rank_pattern": {p: k for p, k in sorted(ranks.items()) if k != r},
+                  "alpha_pattern": {p: a for p, a in sorted(alphas.items()) if a != alpha},
+                  "use_rslora": bool(adapter.config.get("use_rslora")), "use_dora": False,
+                  "target_modules": sorted(modules) or "dummy-target-modules", "fan_in_fan_out": flips == {True},
+                  "modules_to_save": saved_modules or None, "init_lora_weights": True, "bias": "none",
+                  "lora_dropout": 0.0, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+                  "exclude_modules": None}
+        config.pop("adaptkit_variant", None)
+        tensors = {}
+        for path, m in modules.items():
+            a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight")
+            tensors[f"base_model.model.{path}.{a_name}"] = m.a.contiguous()
+            tensors[f"base_model.model.{path}.{b_name}"] = m.b.contiguous()
+        for key, tensor in adapter.saved.items():
+            tensors[f"base_model.model.{key}"] = tensor.contiguous()
+        out_dir = Path(out_dir)
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
+        return [out_dir / CONFIG_FILE, *files]
+
+
 def strip_prefix(key: str) -> str:
     for prefix in PREFIXES:
         if key.startswith(prefix):

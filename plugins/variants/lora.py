@@ -153,29 +153,12 @@ class LoRA:
         """Write a PEFT LoRA folder with ΔW = B·A per module: scale 1, so lora_alpha = rank per module
         (`rank_pattern`/`alpha_pattern` where ranks differ), no rsLoRA, no DoRA. `template` is an input's
         config (base model, task type); `layouts` come from `factor_layout` (embedding, transposed)."""
-        import json
-        from pathlib import Path
+        from adaptkit import registry
+        from adaptkit.spec import LowRankAdapter, LowRankModule
 
-        from adaptkit.writer import save_tensors
-
-        ranks = {m: int(a.shape[0]) for m, (a, _) in factors.items()}
-        flips = {layouts[m]["transposed"] for m in factors if not layouts[m]["embedding"]}
-        if len(flips) > 1:
-            raise AdaptkitError("the merged modules mix fan_in_fan_out and plain layers; one LoRA config cannot hold both")
-        config = dict(template, peft_type="LORA", **rank_config(ranks, ranks), use_rslora=False, use_dora=False,
-                      target_modules=sorted(factors), fan_in_fan_out=flips == {True},
-                      modules_to_save=None, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
-                      lora_bias=False, trainable_token_indices=None, target_parameters=None)
-        tensors = {}
-        for module, (a, b) in factors.items():
-            a_name, b_name = (("lora_embedding_A", "lora_embedding_B") if layouts[module]["embedding"]
-                              else ("lora_A.weight", "lora_B.weight"))
-            tensors[f"base_model.model.{module}.{a_name}"] = a.contiguous()
-            tensors[f"base_model.model.{module}.{b_name}"] = b.contiguous()
-        out_dir = Path(out_dir)
-        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
-        return [out_dir / "adapter_config.json", *files]
+        modules = {m: LowRankModule(a, b, float(a.shape[0]), **layouts[m]) for m, (a, b) in factors.items()}
+        keep = {k: template[k] for k in ("base_model_name_or_path", "task_type", "revision") if k in template}
+        return registry.get("format", "peft").write(LowRankAdapter(modules, {}, keep), out_dir)
 
     # -- module plane (see _lora_module.py) -----------------------------------------------------
     @property
