@@ -340,3 +340,6 @@ def sweep(a, b, alphas, eval_cmd, eval_py, out, force, as_json):
         click.echo(f"  alpha {step['alpha']:<6g} score {step['score']:.6g}")
     best = max(result.steps, key=lambda s: s["score"])
     click.echo(f"best alpha {best['alpha']:g} (score {result.score:.6g}) in {out}")
+
+
+from . import cli_convert  # noqa: E402,F401  (registers `convert` and `extract` on `cli`)

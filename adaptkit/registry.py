@@ -49,13 +49,28 @@ def _check_kind(kind: str) -> None:
         raise unknown_name("plugin kind", kind, KINDS)
 
 
-def _builtin_entries() -> list[PluginEntry]:
+def _builtin_table() -> dict:
     text = importlib.resources.files("adaptkit_plugins").joinpath("registry.toml").read_text()
     table = tomllib.loads(text)
-    unknown = set(table) - set(KINDS)
+    unknown = set(table) - set(KINDS) - {"default"}
     if unknown:
         raise PluginError(f"registry.toml: unknown section [{sorted(unknown)[0]}] (kinds: {', '.join(KINDS)})")
+    return table
+
+
+def _builtin_entries() -> list[PluginEntry]:
+    table = {k: v for k, v in _builtin_table().items() if k in KINDS}
     return [PluginEntry(kind, name, target, BUILTIN) for kind, items in table.items() for name, target in items.items()]
+
+
+def default(kind: str) -> str:
+    """The plugin of `kind` the core uses when none is named (registry.toml's [default] table):
+    the canonical adapter format that outputs are written in, and its low-rank variant."""
+    _check_kind(kind)
+    try:
+        return _builtin_table()["default"][kind]
+    except KeyError:
+        raise PluginError(f"registry.toml names no default {kind}") from None
 
 
 def _normalized(name: str) -> str:

@@ -81,7 +81,10 @@ class PeftFormat:
         r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
         alphas = {p: float(m.alpha) for p, m in modules.items()}
         alpha = Counter(a for p, a in alphas.items() if ranks[p] == r).most_common(1)[0][0] if ranks else float(r)
-        saved_modules = sorted({key.rsplit(".", 1)[0] for key in adapter.saved})
+        # A whole tensor of an adapted module (a changed bias) goes into its base layer, as PEFT
+        # saves it; other whole tensors are modules_to_save.
+        inside = {key: key.rsplit(".", 1)[0] in modules for key in adapter.saved}
+        saved_modules = sorted({key.rsplit(".", 1)[0] for key in adapter.saved if not inside[key]})
         config = {"task_type": None, "base_model_name_or_path": None, **adapter.config, "peft_type": "LORA",
                   "r": r, "lora_alpha": alpha, "rank_pattern": {p: k for p, k in sorted(ranks.items()) if k != r},
                   "alpha_pattern": {p: a for p, a in sorted(alphas.items()) if a != alpha},
@@ -97,7 +100,8 @@ class PeftFormat:
             tensors[f"base_model.model.{path}.{a_name}"] = m.a.contiguous()
             tensors[f"base_model.model.{path}.{b_name}"] = m.b.contiguous()
         for key, tensor in adapter.saved.items():
-            tensors[f"base_model.model.{key}"] = tensor.contiguous()
+            module, leaf = key.rsplit(".", 1)
+            tensors[f"base_model.model.{module}.base_layer.{leaf}" if inside[key] else f"base_model.model.{key}"] = tensor.contiguous()
         out_dir = Path(out_dir)
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")

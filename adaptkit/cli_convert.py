@@ -1,0 +1,86 @@
+"""`adaptkit convert` and `adaptkit extract` (registered on the main command group by cli.py)."""
+from __future__ import annotations
+
+import click
+
+from .cli import CONTEXT, cli, emit_json
+
+
+def _summary(report: dict) -> str:
+    modules = report["modules"]
+    exact = all(m["exact"] for m in modules.values())
+    ranks = sorted({m["rank"] for m in modules.values()})
+    error = "exact" if exact else f"max relative error {report['max_error']:.4g}, mean {report['mean_error']:.4g}"
+    saved = f", {len(report['saved'])} whole tensor(s)" if report["saved"] else ""
+    return f"{len(modules)} module(s), rank {'/'.join(map(str, ranks)) or '-'} ({error}){saved}"
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("adapter")
+@click.option("--to", "to", required=True, help="Target format: peft (alias: lora) or another writable format "
+              "plugin (see `adaptkit plugins --kind format`).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--rank", type=int, help="Re-factor every module to this rank (truncated SVD).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
+@click.option("--base", help="Base model, for variants whose ΔW depends on the base weight.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (ranks and errors per module) as JSON.")
+def convert(adapter, to, out, rank, energy, base, force, as_json):
+    """Convert an adapter to another format or variant, or resize its rank.
+
+    Variants with an exact low-rank form (LoRA and the variants built from shared or scaled
+    factors) convert exactly; others (ΔW depending on the base weight, whole-module fine-tunes)
+    are factored by SVD at --rank/--energy with the error reported per module. The input format
+    is detected; `adaptkit plugins --kind format` lists the formats.
+
+    \b
+    Examples:
+      adaptkit convert my-adapter/ --to peft -o my-lora/
+      adaptkit convert my-lora/ --to peft --rank 8 -o my-lora-r8/
+      adaptkit convert sd-lora.safetensors --to peft -o sd-lora-peft/
+      adaptkit convert my-lora/ --to FORMAT -o converted/
+    """
+    from . import registry
+    from .convert import convert as run, writable_formats
+
+    # The plain low-rank variant's name stands for the canonical format (`--to lora`).
+    fmt = registry.default("format") if to == registry.default("variant") else to
+    if fmt not in writable_formats():
+        from .errors import unknown_name
+
+        raise unknown_name("target format", to, [*writable_formats(), registry.default("variant")])
+    report = run(adapter, fmt, out, rank=rank, energy=energy, base=base, force=force)
+    if as_json:
+        return emit_json(report)
+    click.echo(f"converted {report['from']} -> {fmt}: {_summary(report)} into {out}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="The fine-tuned model (folder or org/name[@rev]).")
+@click.option("--base", required=True, help="The model it was fine-tuned from.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (a PEFT LoRA).")
+@click.option("--rank", type=int, help="LoRA rank of every module.")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
+@click.option("--embed-lora", is_flag=True, help="Factor embeddings and the output head too (default: keep them whole).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (ranks and errors per module) as JSON.")
+@click.pass_context
+def extract(ctx, model, base, out, rank, energy, embed_lora, force, as_json):
+    """Extract a LoRA from a full fine-tune: ΔW = FT − base of each matrix, truncated SVD.
+
+    A = √S·Vᵀ and B = U·√S per module (lora_alpha = rank, so the scale is 1); changed vectors
+    (norms, biases) and, unless --embed-lora, embeddings and the output head are saved whole as
+    modules_to_save. Works on GPT-2 Conv1D layers and on half-precision models.
+
+    \b
+    Examples:
+      adaptkit extract --model my-finetune --base meta-llama/Llama-3.2-1B --rank 32 -o my-lora/
+      adaptkit extract --model ft/ --base base/ --energy 0.9 -o lora/ --json
+    """
+    from .convert import extract as run
+
+    report = run(model, base, out, rank=rank, energy=energy, embed_lora=embed_lora, force=force,
+                 progress=not (ctx.obj or {}).get("quiet"))
+    if as_json:
+        return emit_json(report)
+    click.echo(f"extracted {_summary(report)} into {out}")

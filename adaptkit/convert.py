@@ -1,0 +1,207 @@
+"""Conversions between adapters, all through one canonical form (`spec.LowRankAdapter`).
+
+- `to_lowrank(adapter)`: any adapter as plain low-rank modules. Exact where the variant can give
+  its factors (the `factors` hook); otherwise ΔW from the
+  variant (with the base weights where it needs them) factored by truncated SVD at the asked rank,
+  the relative error reported per module. `rank`/`energy` also resize exact factors.
+- `extract(model, base)`: a full fine-tune as a LoRA: each changed matrix's ΔW factored; changed
+  vectors, and embeddings unless `embed_lora`, kept whole (`modules_to_save`).
+- `write(lowrank, fmt, out)`: through the format plugin's `write`, atomically.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import registry
+from .adapter import read_adapter
+from .errors import AdaptkitError
+from .io import open_store
+from .lowrank import Factored, factor_matrix, factor_product
+from .sources import resolve_path
+from .spec import AdapterFiles, LowRankAdapter, LowRankModule
+from .writer import atomic_output
+
+#: Names of embedding tables and output heads (whole tensors unless `embed_lora`).
+EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
+                        r"embed_positions|shared|lm_head|embed_out)\.weight$")
+#: transformers model types whose linear layers are GPT-2 `Conv1D` (weights stored in × out).
+CONV1D_MODELS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+
+
+@dataclass
+class Report:
+    """What a conversion did, per module: ranks and relative Frobenius errors."""
+
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    saved: list[str] = field(default_factory=list)
+    clamped: list[str] = field(default_factory=list)
+
+    def add(self, module: str, f: Factored | None, rank: int, exact: bool) -> None:
+        self.modules[module] = {"rank": rank, "error": 0.0 if f is None else f.error, "exact": exact}
+        if f is not None and f.clamped:
+            self.clamped.append(module)
+
+    def as_dict(self) -> dict[str, Any]:
+        errors = [m["error"] for m in self.modules.values()]
+        return {"modules": self.modules, "saved": self.saved, "clamped": self.clamped,
+                "max_error": max(errors, default=0.0), "mean_error": sum(errors) / len(errors) if errors else 0.0}
+
+    def warn_clamped(self) -> None:
+        if self.clamped:
+            warnings.warn(f"rank above the matrix rank in {len(self.clamped)} module(s) (e.g. {self.clamped[0]}): "
+                          "clamped to the matrix rank", stacklevel=3)
+
+
+def _check_rank(rank: int | None, energy: float | None) -> None:
+    if rank is not None and energy is not None:
+        raise AdaptkitError("give a rank or an energy fraction, not both")
+    if rank is not None and rank < 1:
+        raise AdaptkitError(f"rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise AdaptkitError(f"energy must be in (0, 1], got {energy}")
+
+
+def _base_weight(base, module: str) -> torch.Tensor | None:
+    if base is None:
+        return None
+    key = f"{module}.weight"
+    if key not in base:
+        raise AdaptkitError(f"the base model has no '{key}'; is it the adapter's base?")
+    return base.get(key)
+
+
+def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float | None = None,
+               base: str | Path | None = None) -> tuple[LowRankAdapter, Report]:
+    """`adapter` as plain low-rank modules (see the module docstring)."""
+    _check_rank(rank, energy)
+    variant = registry.get("variant", adapter.variant)
+    base_store = open_store(resolve_path(str(base))) if base is not None else None
+    out, report = LowRankAdapter(config=_kept_config(adapter.config)), Report()
+    resize = rank is not None or energy is not None
+    for module in sorted(adapter.modules):
+        exact = _exact_factors(variant, adapter, module)
+        if exact is not None:
+            a, b, s, layout = exact
+            if not resize:
+                alpha = s * (a.shape[0] ** 0.5 if out.config.get("use_rslora") else a.shape[0])
+                out.modules[module] = LowRankModule(a, b, alpha, **layout)
+                report.add(module, None, a.shape[0], True)
+                continue
+            f = factor_product(a.float(), b.float(), s, rank, energy)
+        else:
+            if not resize:
+                raise AdaptkitError(f"{module}: a {variant.name} module is not a low-rank product; give --rank or "
+                                    "--energy to factor its ΔW by SVD")
+            layout = {"embedding": False, "transposed": bool(adapter.config.get("fan_in_fan_out"))}
+            delta = variant.delta(adapter, module, _base_weight(base_store, module)).float()
+            f = factor_matrix(delta.T if layout["transposed"] else delta, rank, energy)
+        out.modules[module] = LowRankModule(f.a, f.b, float(f.rank), **layout)
+        report.add(module, f, f.rank, False)
+    if resize:
+        out.config["use_rslora"] = False
+    for key, name in adapter.saved.items():
+        out.saved[key] = adapter.store.get(name)
+        report.saved.append(key)
+    report.warn_clamped()
+    return out, report
+
+
+def _exact_factors(variant, adapter: AdapterFiles, module: str):
+    """(A, B, s, layout) in the stored dtype where the variant has an exact low-rank form, else None."""
+    if not hasattr(variant, "factors"):
+        return None
+    try:
+        a, b, s = variant.factors(adapter, module)
+    except AdaptkitError:
+        return None  # e.g. a module rescaled by its base weight: factored by SVD instead
+    roles = adapter.modules[module]
+    stored = adapter.store.info(next(iter(roles.values()))).dtype
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+    return a.to(dtype), b.to(dtype), float(s), variant.factor_layout(adapter, module)
+
+
+def _kept_config(config: dict[str, Any]) -> dict[str, Any]:
+    keep = ("base_model_name_or_path", "task_type", "revision", "use_rslora")
+    return {k: config[k] for k in keep if k in config}
+
+
+def write(lowrank: LowRankAdapter, fmt: str, out: str | Path, *, force: bool = False) -> list[Path]:
+    """Write `lowrank` in format `fmt` into the folder `out` (temporary folder, renamed at the end)."""
+    plugin = registry.get("format", fmt)
+    if not hasattr(plugin, "write"):
+        raise AdaptkitError(f"format '{fmt}' can be read but not written (writable: {', '.join(writable_formats())})")
+    with atomic_output(out, force=force) as tmp:
+        files = plugin.write(lowrank, tmp)
+    return [Path(out) / Path(f).name for f in files]
+
+
+def writable_formats() -> list[str]:
+    return [n for n in registry.names("format") if hasattr(registry.get("format", n), "write")]
+
+
+def convert(source: str | Path, to: str, out: str | Path, *, rank: int | None = None, energy: float | None = None,
+            base: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+    """Read the adapter at `source` (any known format) and write it in format `to`; the report."""
+    adapter = read_adapter(resolve_path(str(source)))
+    if adapter is None:
+        raise AdaptkitError(f"{source}: holds a full model, not an adapter (use `adaptkit extract` for fine-tunes)")
+    lowrank, report = to_lowrank(adapter, rank=rank, energy=energy, base=base)
+    files = write(lowrank, to, out, force=force)
+    return {"source": str(source), "from": f"{adapter.format}/{adapter.variant}", "to": to,
+            "files": [str(f) for f in files], **report.as_dict()}
+
+
+def extract(model: str | Path, base: str | Path, out: str | Path, *, rank: int | None = None,
+            energy: float | None = None, embed_lora: bool = False, force: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """A PEFT LoRA folder approximating `model` − `base` (see the module docstring); the report."""
+    if rank is None and energy is None:
+        raise AdaptkitError("give --rank R or --energy E")
+    _check_rank(rank, energy)
+    ft, ref = open_store(resolve_path(str(model))), open_store(resolve_path(str(base)))
+    missing = [k for k in ref.keys() if k not in ft]
+    if missing:
+        raise AdaptkitError(f"the fine-tune lacks '{missing[0]}' of the base ({len(missing)} tensors); a different architecture?")
+    config = ref.json_file("config.json") or {}
+    transposed = config.get("model_type") in CONV1D_MODELS
+    lowrank = LowRankAdapter(config={"base_model_name_or_path": str(base)})
+    report = Report()
+    for name in tqdm(ref.keys(), unit="tensor", desc="extract", disable=not progress, leave=False):
+        _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, transposed)
+    report.warn_clamped()
+    files = write(lowrank, registry.default("format"), out, force=force)
+    return {"model": str(model), "base": str(base), "files": [str(f) for f in files], **report.as_dict()}
+
+
+def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, transposed) -> None:
+    a_info, b_info = ft.info(name), ref.info(name)
+    if a_info.shape != b_info.shape:
+        raise AdaptkitError(f"'{name}': fine-tune {tuple(a_info.shape)} vs base {tuple(b_info.shape)}")
+    tuned = ft.get(name)
+    if not tuned.is_floating_point():
+        return
+    delta = tuned.float() - ref.get(name).float()
+    if not bool(delta.any()):
+        return  # unchanged
+    embedding = EMBEDDINGS.search(name) is not None
+    is_matrix = delta.dim() == 2 and name.endswith(".weight")
+    if not is_matrix or (embedding and not embed_lora):
+        lowrank.saved[name] = tuned
+        report.saved.append(name)
+        return
+    module = name[: -len(".weight")]
+    as_embedding = embedding and not name.endswith(("lm_head.weight", "embed_out.weight"))
+    flip = as_embedding or transposed  # math layout out × in
+    f = factor_matrix(delta.T if flip else delta, rank, energy)
+    lowrank.modules[module] = LowRankModule(f.a.to(tuned.dtype), f.b.to(tuned.dtype), float(f.rank),
+                                            embedding=as_embedding, transposed=flip)
+    report.add(module, f, f.rank, False)
+
+
