@@ -130,10 +130,13 @@ def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: 
         held = None if layer.disabled else layer.resident(name)
         if held is not None:
             layer.add_to_weight(held, -1)
-        for role, key in files.modules[module].items():
-            if role not in branch.params:
-                raise AdaptkitError(f"{module}: the adapter has a '{role}' tensor this {variant.name} config does not use")
-            _copy(branch.params[role], files.store.get(key), f"{module}.{role}")
+        if hasattr(variant, "load_tensors"):  # the branch keeps them in another form than the file
+            variant.load_tensors(branch, {role: files.store.get(key) for role, key in files.modules[module].items()})
+        else:
+            for role, key in files.modules[module].items():
+                if role not in branch.params:
+                    raise AdaptkitError(f"{module}: the adapter has a '{role}' tensor this {variant.name} config does not use")
+                _copy(branch.params[role], files.store.get(key), f"{module}.{role}")
         held = None if layer.disabled else layer.resident(name)
         if held is not None:
             layer.add_to_weight(held, +1)

@@ -123,6 +123,8 @@ def check_variant(adapters: list[AdapterFiles], *, exact: bool):
         listing = ", ".join(f"{v} ({root})" for v, root in names.items())
         raise AdaptkitError(f"the input adapters mix variants: {listing}; an adapter output needs one variant")
     variant = registry.get("variant", adapters[0].variant)
+    for adapter in adapters if hasattr(variant, "check_mergeable") else ():
+        variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
     missing = [h for h in (("factors",) if exact else ()) + LOWRANK_HOOKS if not callable(getattr(variant, h, None))]
     if missing:
         raise AdaptkitError(f"variant '{variant.name}' cannot be merged into an adapter: its plugin lacks the "

@@ -196,6 +196,7 @@ class Adapters:
     def merge_and_unload(self, names: str | Iterable[str] | None = None) -> nn.Module:
         """Merge the adapters into the base weights, put saved modules in place, remove every wrapper."""
         for name in self._pick(names):
+            self._mergeable(name)
             for path in self.adapters[name].layers:
                 self.model.get_submodule(path).merge(name)
         for module in self._replaced():

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from . import registry
 from .adapter import read_adapter
+from .dtypes import code_to_torch
 from .errors import AdaptkitError
 from .io import open_store
 from .lowrank import Factored, factor_matrix, factor_product
@@ -82,6 +84,8 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
     """`adapter` as plain low-rank modules (see the module docstring)."""
     _check_rank(rank, energy)
     variant = registry.get("variant", adapter.variant)
+    if hasattr(variant, "check_mergeable"):
+        variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
     base_store = open_store(resolve_path(str(base))) if base is not None else None
     out, report = LowRankAdapter(config=_kept_config(adapter.config)), Report()
     resize = rank is not None or energy is not None
@@ -180,22 +184,33 @@ def extract(model: str | Path, base: str | Path, out: str | Path, *, rank: int |
     return {"model": str(model), "base": str(base), "files": [str(f) for f in files], **report.as_dict()}
 
 
+def _changed(name: str, ft, ref, block_rows: int) -> bool:
+    """Whether the fine-tune changed `name`, compared in row blocks (no full-size copies)."""
+    shape = ref.info(name).shape
+    if len(shape) < 2:
+        return not torch.equal(ft.get(name), ref.get(name))
+    return any(not torch.equal(ft.get(name, rows=(r, min(r + block_rows, shape[0]))),
+                               ref.get(name, rows=(r, min(r + block_rows, shape[0]))))
+               for r in range(0, shape[0], block_rows))
+
+
 def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, transposed) -> None:
     a_info, b_info = ft.info(name), ref.info(name)
     if a_info.shape != b_info.shape:
         raise AdaptkitError(f"'{name}': fine-tune {tuple(a_info.shape)} vs base {tuple(b_info.shape)}")
-    tuned = ft.get(name)
-    if not tuned.is_floating_point():
+    if not code_to_torch(b_info.dtype).is_floating_point:
         return
-    delta = tuned.float() - ref.get(name).float()
-    if not bool(delta.any()):
-        return  # unchanged
+    row = max(1, math.prod(b_info.shape[1:]))
+    if not _changed(name, ft, ref, max(1, (1 << 20) // row)):
+        return
     embedding = EMBEDDINGS.search(name) is not None
-    is_matrix = delta.dim() == 2 and name.endswith(".weight")
+    is_matrix = len(b_info.shape) == 2 and name.endswith(".weight")
     if not is_matrix or (embedding and not embed_lora):
-        lowrank.saved[name] = tuned
+        lowrank.saved[name] = ft.get(name)  # kept whole, as stored
         report.saved.append(name)
         return
+    tuned = ft.get(name)
+    delta = tuned.float().sub_(ref.get(name).float())
     module = name[: -len(".weight")]
     as_embedding = embedding and not name.endswith(("lm_head.weight", "embed_out.weight"))
     flip = as_embedding or transposed  # math layout out × in
@@ -203,5 +218,3 @@ def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, trans
     lowrank.modules[module] = LowRankModule(f.a.to(tuned.dtype), f.b.to(tuned.dtype), float(f.rank),
                                             embedding=as_embedding, transposed=flip)
     report.add(module, f, f.rank, False)
-
-

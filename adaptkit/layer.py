@@ -62,6 +62,7 @@ class AdaptedLayer(nn.Module):
         self.branches = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: dict[str, torch.Tensor | None] = {}  # name -> the ΔW added, kept when it depends on W
+        self.merged_bias: dict[str, torch.Tensor] = {}  # name -> the change a merge made to the bias
         self.disabled = False
 
     def __getattr__(self, name: str):
@@ -112,12 +113,23 @@ class AdaptedLayer(nn.Module):
         branch = self.branches[name]
         depends_on_w = getattr(branch.variant, "delta_needs_base", lambda _: False)(branch)
         self.merged[name] = delta if depends_on_w else None
+        bias, hook = getattr(self.base_layer, "bias", None), getattr(branch.variant, "bias_delta", None)
+        if hook is not None and isinstance(bias, torch.Tensor):  # a branch that also changes the bias (output scaling)
+            with torch.no_grad():
+                change = hook(branch, bias.float())
+                if change is not None:
+                    self.merged_bias[name] = change.to(bias.dtype)
+                    bias.add_(self.merged_bias[name])
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
         delta = self.merged.pop(name)
         self.add_to_weight(self.delta(name) if delta is None else delta, -1)
+        change = self.merged_bias.pop(name, None)
+        if change is not None:
+            with torch.no_grad():
+                self.base_layer.bias.sub_(change)
 
     def resident(self, name: str) -> torch.Tensor | None:
         """The part of adapter `name` that lives inside the base weight itself (math layout): PiSSA's

@@ -47,12 +47,17 @@ class ModelSource:
         return self.store.root
 
     def _index(self, adapter: AdapterFiles) -> None:
+        variant = registry.get("variant", adapter.variant)
+        if hasattr(variant, "check_mergeable"):
+            variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
         for module in adapter.modules:
             key = weight_key(self.store, module)
             if key is None:
                 raise AdaptkitError(f"adapter {adapter.store.root} targets '{module}', which {self.ref.model} does not "
                                     "have: an adapter for a different base?")
-            self._deltas.setdefault(key, []).append((adapter, module))
+            self._deltas.setdefault(key, []).append((adapter, module, "delta"))
+            if hasattr(variant, "delta_bias") and f"{module}.bias" in self.store:  # it changes the bias too
+                self._deltas.setdefault(f"{module}.bias", []).append((adapter, module, "delta_bias"))
         for name, key in adapter.saved.items():
             target = name if name in self.store else weight_key(self.store, name.removesuffix(".weight"))
             if target is None:
@@ -80,8 +85,10 @@ class ModelSource:
         if not float32:
             return tensor
         tensor = tensor.float()
-        for adapter, module in self._deltas.get(name, ()):
-            delta = registry.get("variant", adapter.variant).delta(adapter, module, base=tensor)
+        for adapter, module, hook in self._deltas.get(name, ()):
+            delta = getattr(registry.get("variant", adapter.variant), hook)(adapter, module, base=tensor)
+            if delta is None:
+                continue
             if delta.shape != tensor.shape:
                 raise AdaptkitError(f"adapter {adapter.store.root}: module '{module}' gives ΔW of shape "
                                     f"{tuple(delta.shape)} but {self.ref.model} has {tuple(tensor.shape)}: wrong base model?")

@@ -99,7 +99,11 @@ class Variant(Protocol):
 
     def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW for one module, shaped like the base weight (float32). `base` is the base weight, for
-        variants whose delta depends on it; others ignore it."""
+        variants whose delta depends on it; others ignore it.
+
+        Optional: `delta_bias(adapter, module, base)` — the change to the module's bias (`base` the
+        bias), or None; `check_mergeable(adapter)` — raises AdaptkitError for an adapter with no
+        weight-space form (it edits activations), before any merge reads it."""
 
 
 class ModuleVariant(Protocol):
@@ -115,11 +119,13 @@ class ModuleVariant(Protocol):
     Files: `stored_key(role, target)` names a tensor in PEFT's layout, `file_config(config,
     settings_by_path, transposed)` and `config_from_file(adapter_files)` translate configs.
 
-    Optional hooks: `save_tensors(branch)` (what to write, if not the tensors themselves),
-    `delta_needs_base(branch)`, `resident(branch)` (a change the variant keeps inside the base
-    weight, taken out on disable/remove), `prepare(model, config)` (choose targets its own way),
-    `param_groups(named_params, lr, config)`, `on_step_end(layers, config, step)` and
-    `extra_loss(layers, config)` with `layers` a list of (AdaptedLayer, Branch);
+    Optional hooks: `save_tensors(branch)` (what to write, if not the tensors themselves) and
+    `load_tensors(branch, tensors)` (set the branch from the file's tensors by role, if not by copying),
+    `delta_needs_base(branch)`, `bias_delta(branch, bias)` (the change merging makes to the layer's
+    bias, or None; kept to be taken out exactly on unmerge), `resident(branch)` (a change the
+    variant keeps inside the base weight, taken out on disable/remove), `prepare(model, config)`
+    (choose targets its own way), `param_groups(named_params, lr, config)`, `on_step_end(layers,
+    config, step)` and `extra_loss(layers, config)` with `layers` a list of (AdaptedLayer, Branch);
     `transform_input(branch, x)` (changes the base layer's input, e.g. scaling features);
     `target_of(module)` (what the variant can wrap, default `layer.Target.of`: activation-space
     variants wrap whole blocks; `weight` is then None and there is no `weight_delta`).
