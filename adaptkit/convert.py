@@ -3,7 +3,8 @@
 - `to_lowrank(adapter)`: any adapter as plain low-rank modules. Exact where the variant can give
   its factors (the `factors` hook); otherwise ΔW from the
   variant (with the base weights where it needs them) factored by truncated SVD at the asked rank,
-  the relative error reported per module. `rank`/`energy` also resize exact factors.
+  the relative error reported per module. `rank`/`energy` also resize exact factors, and with a
+  base, turn matrices trained whole into low-rank changes (W' − W by SVD).
 - `extract(model, base)`: a full fine-tune as a LoRA: each changed matrix's ΔW factored; changed
   vectors, and embeddings unless `embed_lora`, kept whole (`modules_to_save`).
 - `write(lowrank, fmt, out)`: through the format plugin's `write`, atomically.
@@ -111,10 +112,26 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
     if resize:
         out.config["use_rslora"] = False
     for key, name in adapter.saved.items():
-        out.saved[key] = adapter.store.get(name)
+        whole = adapter.store.get(name)
+        if resize and base_store is not None and _factorable(key, whole, base_store):
+            # A module trained whole, as a low-rank change of the base: ΔW = W' − W by SVD.
+            module = key[: -len(".weight")]
+            flip = bool(adapter.config.get("fan_in_fan_out"))
+            delta = whole.float() - base_store.get(key).float()
+            f = factor_matrix(delta.T if flip else delta, rank, energy)
+            out.modules[module] = LowRankModule(f.a, f.b, float(f.rank), transposed=flip)
+            report.add(module, f, f.rank, False)
+            continue
+        out.saved[key] = whole
         report.saved.append(key)
     report.warn_clamped()
     return out, report
+
+
+def _factorable(key: str, tensor: torch.Tensor, base) -> bool:
+    """A whole matrix (not an embedding table) the base also has, with the same shape."""
+    return (tensor.dim() == 2 and key.endswith(".weight") and EMBEDDINGS.search(key) is None
+            and key in base and tuple(base.info(key).shape) == tuple(tensor.shape))
 
 
 def _exact_factors(variant, adapter: AdapterFiles, module: str):

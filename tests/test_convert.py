@@ -225,12 +225,23 @@ def test_convert_partial_fine_tune_by_svd(tmp_path):
     base = tiny_llama()
     model = copy.deepcopy(base)
     handle = ak.inject(model, "partial", modules=["model.layers.1.mlp.down_proj"])
+    torch.manual_seed(5)
     with torch.no_grad():
         for _, p in handle.parameters():
-            p.add_(0.01)
+            p.add_(0.01 * torch.randn_like(p))
     handle.save(tmp_path / "p")
     lowrank, report = to_lowrank(read_adapter(tmp_path / "p"))
-    assert lowrank.saved and not lowrank.modules  # whole modules stay whole when converting to LoRA
+    assert lowrank.saved and not lowrank.modules  # without a rank, whole modules stay whole
+    base.save_pretrained(tmp_path / "base")
+    report = convert(tmp_path / "p", "peft", tmp_path / "l", rank=2, base=tmp_path / "base")
+    module = "model.layers.1.mlp.down_proj"
+    delta = dict(model.named_parameters())[f"{module}.copies.default.weight"].detach() - \
+        dict(base.named_parameters())[f"{module}.weight"].detach()
+    assert 0.1 < report["modules"][module]["error"] == pytest.approx(optimal_error(delta, 2), rel=1e-4)
+    full = convert(tmp_path / "p", "peft", tmp_path / "f", rank=32, base=tmp_path / "base")
+    assert full["max_error"] < 1e-5
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "f").eval()
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-4, rtol=1e-4)
 
 
 # ---- CLI -------------------------------------------------------------------------------------
