@@ -91,6 +91,11 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
     out, report = LowRankAdapter(config=_kept_config(adapter.config)), Report()
     resize = rank is not None or energy is not None
     for module in sorted(adapter.modules):
+        stored = _as_stored(variant, adapter, module) if not resize else None
+        if stored is not None:  # lossless: tensors and alpha exactly as in the file
+            out.modules[module] = stored
+            report.add(module, None, stored.rank, True)
+            continue
         exact = _exact_factors(variant, adapter, module)
         if exact is not None:
             a, b, s, layout = exact
@@ -132,6 +137,15 @@ def _factorable(key: str, tensor: torch.Tensor, base) -> bool:
     """A whole matrix (not an embedding table) the base also has, with the same shape."""
     return (tensor.dim() == 2 and key.endswith(".weight") and EMBEDDINGS.search(key) is None
             and key in base and tuple(base.info(key).shape) == tuple(tensor.shape))
+
+
+def _as_stored(variant, adapter: AdapterFiles, module: str) -> LowRankModule | None:
+    if not hasattr(variant, "lowrank_module"):
+        return None
+    try:
+        return variant.lowrank_module(adapter, module)
+    except AdaptkitError:
+        return None
 
 
 def _exact_factors(variant, adapter: AdapterFiles, module: str):

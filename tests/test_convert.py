@@ -267,3 +267,29 @@ def test_cli_convert_and_extract(tmp_path):
     assert result.exit_code == 1 and "did you mean 'peft'" in result.output
     result = run("convert", str(tmp_path / "base"), "--to", "peft", "-o", str(tmp_path / "q"))
     assert result.exit_code == 1 and "full model, not an adapter" in result.output
+
+
+def test_kohya_with_conv_layers_converts_to_peft_and_back_losslessly(tmp_path):
+    """SD 1.x kohya files hold 1×1 convolution factors (proj_in/proj_out): they pass through as stored."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    half = lambda *shape: torch.randn(*shape, generator=g).half()  # noqa: E731
+    prefix = "lora_unet_down_blocks_0_attentions_0_"
+    original = {
+        f"{prefix}proj_in.lora_down.weight": half(4, 32, 1, 1), f"{prefix}proj_in.lora_up.weight": half(32, 4, 1, 1),
+        f"{prefix}proj_in.alpha": torch.tensor(2.0).half(),
+        f"{prefix}transformer_blocks_0_attn1_to_q.lora_down.weight": half(8, 32),
+        f"{prefix}transformer_blocks_0_attn1_to_q.lora_up.weight": half(32, 8),
+        f"{prefix}transformer_blocks_0_attn1_to_q.alpha": torch.tensor(3.0).half(),
+    }
+    save_file(original, tmp_path / "sd.safetensors")
+    result = run("convert", str(tmp_path / "sd.safetensors"), "--to", "peft", "-o", str(tmp_path / "peft"))
+    assert result.exit_code == 0, result.output
+    result = run("convert", str(tmp_path / "peft"), "--to", "kohya", "-o", str(tmp_path / "back"))
+    assert result.exit_code == 0, result.output
+    (back_file,) = (tmp_path / "back").glob("*.safetensors")
+    back = load_file(back_file)
+    assert back.keys() == original.keys()
+    for key, tensor in original.items():
+        assert torch.equal(back[key].to(tensor.dtype), tensor), key

@@ -142,6 +142,20 @@ class LoRA:
             raise AdaptkitError(f"{module}: LoRA on convolution layers is not supported yet (A is {tuple(a.shape)})")
         return a, b, self.scaling(adapter, module)
 
+    def lowrank_module(self, adapter: AdapterFiles, module: str):
+        """The module as stored, for lossless conversion: A, B untouched (convolution kernels too) and
+        its exact alpha. DoRA modules have no such form."""
+        from adaptkit.spec import LowRankModule
+
+        roles = adapter.modules[module]
+        extra = set(roles) - {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
+        if extra:  # DoRA's magnitude, a subclass's own tensors: not the plain product
+            raise AdaptkitError(f"{module}: {', '.join(sorted(extra))} make it more than a plain low-rank product")
+        a_role, b_role, embedding = self._factors(roles)
+        return LowRankModule(adapter.tensor(module, a_role), adapter.tensor(module, b_role),
+                             float(self.module_alpha(adapter, module)), embedding,
+                             embedding or bool(adapter.config.get("fan_in_fan_out")))
+
     def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
         """`embedding`: A is r × num_embeddings; `transposed`: the base weight is (s·B·A)ᵀ
         (embeddings, and `Conv1D` layers with `fan_in_fan_out`)."""

@@ -1,0 +1,123 @@
+"""Helpers the single-file LoRA formats share (no torch at import time).
+
+- `lora_config(ranks, alphas)`: the LoRA config stating every module's rank and alpha exactly:
+  r / lora_alpha of the most common module, `rank_pattern` / `alpha_pattern` for the rest, one
+  pattern per distinct value, `exact(paths)` = `^(?:p1|p2|…)` of the escaped paths: under PEFT's
+  pattern rule `(.*\\.)?(PATTERN)$` it matches those paths and nothing else. (One pattern per value,
+  not per path: the rule compiles a regex per pattern and lookup, and hundreds of patterns make
+  `inspect` of a file whose alphas all differ take many seconds.)
+- `scalar(store, key)`: a one-element tensor's value read straight from the file (kohya's `alpha`).
+- `lowrank_from_lora(adapter_files)`: any plain-LoRA adapter (variant with `module_alpha`) as a
+  `LowRankAdapter`, the form format writers take; a converter can use it as it is.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter
+from typing import Any
+
+from adaptkit import registry
+from adaptkit.errors import AdaptkitError
+from adaptkit.spec import AdapterFiles, LowRankAdapter, LowRankModule
+
+_STRUCT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B",
+           "BOOL": "<?"}
+PLAIN_ROLES = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
+
+
+class MissingAlphaWarning(UserWarning):
+    """LoRA modules stored without their alpha; alpha = rank (scale 1) is assumed."""
+
+
+def exact(paths, optional: str = "") -> str:
+    """A pattern matching exactly `paths` (each optionally preceded by `optional`) under PEFT's rule."""
+    escaped = [re.escape(p) for p in sorted(paths)]
+    body = escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
+    return "^" + (f"(?:{re.escape(optional)})?" if optional else "") + body
+
+
+def patterns(values: dict[str, Any], default: Any, optional: str = "") -> dict[str, Any]:
+    """{exact pattern: value} for the paths whose value differs from `default`, one per value."""
+    groups: dict[Any, list[str]] = {}
+    for path, value in values.items():
+        if value != default:
+            groups.setdefault(value, []).append(path)
+    return {exact(paths, optional): number(value) for value, paths in sorted(groups.items())}
+
+
+def number(x: float) -> int | float:
+    """8.0 -> 8 (configs read as people write them); 0.5 stays 0.5."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def most_common(values) -> Any:
+    counts = Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))  # ties: the smallest, so the choice is stable
+
+
+def lora_config(ranks: dict[str, int], alphas: dict[str, float], optional: str = "") -> dict[str, Any]:
+    if not ranks:
+        raise AdaptkitError("adapter has no LoRA modules")
+    r = most_common(ranks.values())
+    alpha = most_common(alphas[m] for m in ranks if ranks[m] == r)
+    return {"peft_type": "LORA", "r": r, "lora_alpha": number(alpha),
+            "rank_pattern": patterns(ranks, r, optional), "alpha_pattern": patterns(alphas, alpha, optional),
+            "target_modules": sorted(ranks), "use_rslora": False, "fan_in_fan_out": False,
+            "base_model_name_or_path": None}
+
+
+def scalar(store, key: str) -> float:
+    info = store.info(key)
+    if info.numel != 1:
+        raise AdaptkitError(f"{info.file}: '{key}' should hold one number but has shape {list(info.shape)}")
+    fmt = _STRUCT.get("F32" if info.dtype == "BF16" else info.dtype)
+    if info.file.suffix != ".safetensors" or fmt is None:
+        return float(store.get(key).reshape(-1)[0])
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        raw = f.read(info.nbytes)
+    if info.dtype == "BF16":
+        raw = b"\x00\x00" + raw  # bfloat16 is the high half of a float32
+    return float(struct.unpack(fmt, raw)[0])
+
+
+def sample(keys, n: int = 3) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def lowrank_from_lora(adapter: AdapterFiles) -> LowRankAdapter:
+    """Tensors and per-module alphas of a plain LoRA adapter, loaded into memory."""
+    variant = registry.get("variant", adapter.variant)
+    if not hasattr(variant, "module_alpha") or adapter.shared:
+        raise AdaptkitError(f"a {adapter.variant} adapter is not a plain LoRA; convert it to lora first")
+    modules = {}
+    for path, roles in adapter.modules.items():
+        extra = sorted(set(roles) - PLAIN_ROLES)
+        if extra:
+            raise AdaptkitError(f"{path}: {', '.join(extra)} has no plain LoRA form (DoRA?)")
+        embedding = "lora_embedding_A" in roles
+        a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        transposed = embedding or bool(adapter.config.get("fan_in_fan_out"))
+        modules[path] = LowRankModule(adapter.tensor(path, a_role), adapter.tensor(path, b_role),
+                                      float(variant.module_alpha(adapter, path)), embedding, transposed)
+    saved = {path: adapter.store.get(key) for path, key in adapter.saved.items()}
+    keep = ("base_model_name_or_path", "task_type", "revision", "use_rslora")
+    return LowRankAdapter(modules, saved, {k: adapter.config[k] for k in keep if k in adapter.config})
+
+
+def plain_modules(adapter: LowRankAdapter, fmt: str, *, fold_rslora: bool = True) -> dict[str, LowRankModule]:
+    """The modules of `adapter` as a Stable Diffusion LoRA file holds them: out × in weights, no
+    embeddings, no whole tensors; with `fold_rslora`, scale alpha / r (rsLoRA's alpha / √r folded
+    into alpha as alpha·√r)."""
+    if adapter.saved:
+        raise AdaptkitError(f"{fmt} files hold LoRA factors only, not whole tensors ({sample(sorted(adapter.saved))})")
+    rs = fold_rslora and bool(adapter.config.get("use_rslora"))
+    found = {}
+    for path, m in adapter.modules.items():
+        if m.embedding or m.transposed:
+            raise AdaptkitError(f"{path}: {fmt} files have no form for embedding or fan_in_fan_out (Conv1D) LoRA")
+        alpha = m.alpha * m.rank ** 0.5 if rs else m.alpha
+        found[path] = LowRankModule(m.a, m.b, float(alpha))
+    return found
