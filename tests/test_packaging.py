@@ -101,7 +101,7 @@ class Venv:
 
 def _builtins(registry_toml: Path) -> set[tuple[str, str]]:
     table = tomllib.loads(registry_toml.read_text())
-    return {(kind, name) for kind, items in table.items() for name in items}
+    return {(kind, name) for kind, items in table.items() if kind != "default" for name in items}
 
 
 # -- fixtures: one wheel and one virtual environment for the whole module --------------------------

@@ -105,3 +105,12 @@ def test_builtin_descriptions_match_docstrings():
         obj = registry.get(e.kind, e.name)
         doc = getattr(obj, "about", None) or type(obj).__doc__ or ""
         assert registry.describe(e)[0] == doc.strip().splitlines()[0], e.name
+
+
+def test_defaults_name_registered_plugins():
+    """registry.toml's [default] table (what the core writes when nothing else is asked) names real plugins."""
+    for kind in ("format", "variant"):
+        name = registry.default(kind)
+        assert name in registry.names(kind)
+        registry.get(kind, name)
+    assert hasattr(registry.get("format", registry.default("format")), "write")
