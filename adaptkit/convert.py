@@ -99,6 +99,9 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
         exact = _exact_factors(variant, adapter, module)
         if exact is not None:
             a, b, s, layout = exact
+            if a.shape[0] == 0:  # pruned to rank 0: no change, no module
+                report.add(module, None, 0, True)
+                continue
             if not resize:
                 alpha = s * (a.shape[0] ** 0.5 if out.config.get("use_rslora") else a.shape[0])
                 out.modules[module] = LowRankModule(a, b, alpha, **layout)

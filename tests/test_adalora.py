@@ -16,7 +16,7 @@ import adaptkit as ak
 from adaptkit import registry
 from adaptkit.adapter import read_adapter
 from adaptkit.errors import AdaptkitError
-from adaptkit_plugins.variants.adalora import to_lora
+from adaptkit.convert import convert
 from builders import tiny_gpt2, tiny_llama
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -341,7 +341,7 @@ def test_gpt2_conv1d_fan_in_fan_out_round_trips_through_peft(tmp_path):
         delta = registry.get("variant", "adalora").delta(files, module)
         torch.testing.assert_close(delta, pm.base_model.model.get_submodule(module).get_delta_weight("default").detach(),
                                    atol=1e-6, rtol=1e-5)
-    to_lora(tmp_path / "a", tmp_path / "lora")
+    convert(tmp_path / "a", "peft", tmp_path / "lora")
     torch.testing.assert_close(logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora")), expected, **TOL)
 
 
@@ -350,7 +350,7 @@ def test_export_to_lora_is_exact_at_the_kept_rank(tmp_path):
     expected = logits(model)
     handle.save(tmp_path / "a")
     pattern = handle.adapters["default"].config["rank_pattern"]
-    to_lora(tmp_path / "a", tmp_path / "lora")
+    convert(tmp_path / "a", "peft", tmp_path / "lora")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and not {"init_r", "target_r", "total_step"} & set(config)
     keys = load_file(tmp_path / "lora" / "adapter_model.safetensors")
@@ -360,8 +360,6 @@ def test_export_to_lora_is_exact_at_the_kept_rank(tmp_path):
         assert (0 if a is None else a.shape[0]) == sum(mask), module  # rank-0 modules are left out
     lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
     torch.testing.assert_close(logits(lora), expected, **TOL)
-    with pytest.raises(AdaptkitError, match="not an adalora adapter"):
-        to_lora(tmp_path / "lora", tmp_path / "again")
 
 
 def test_bad_settings_are_refused():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import adaptkit as ak
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge import run_merge
-from adaptkit_plugins.variants.delta_lora import to_lora
+from adaptkit.convert import convert
 from builders import tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -127,7 +127,7 @@ def test_save_load_merge_and_export_give_the_trained_model(kind, tmp_path):
     # export to a plain PEFT LoRA of rank 2r
     from peft import PeftModel
 
-    to_lora(tmp_path / "adapter", tmp_path / "lora")
+    convert(tmp_path / "adapter", "peft", tmp_path / "lora")
     exported = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert exported["peft_type"] == "LORA" and exported["r"] == 2 * R and "adaptkit_variant" not in exported
     peft_model = PeftModel.from_pretrained(build(), tmp_path / "lora").eval()
@@ -140,10 +140,14 @@ def test_save_load_merge_and_export_give_the_trained_model(kind, tmp_path):
         result = CliRunner().invoke(cli, ["--quiet", "merge", "--method", "concat", "-m", str(tmp_path / "adapter"),
                                           "--rank", str(2 * R), "-o", str(tmp_path / "concat")])
         assert result.exit_code == 0, result.output
-        ours, concat = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("lora", "concat"))
-        assert ours.keys() == concat.keys()
-        for key in ours:
-            torch.testing.assert_close(concat[key], ours[key], msg=key)
+        from adaptkit import registry
+        from adaptkit.adapter import read_adapter
+
+        ours, concat = (read_adapter(tmp_path / d) for d in ("lora", "concat"))
+        assert ours.modules.keys() == concat.modules.keys()
+        lora = registry.get("variant", "lora")
+        for module in ours.modules:  # the same ΔW (concat folds the scale into B, convert keeps alpha)
+            torch.testing.assert_close(lora.delta(concat, module), lora.delta(ours, module), msg=module)
 
 
 def test_before_start_step_nothing_moves_and_the_export_is_rank_r(tmp_path):
@@ -152,7 +156,7 @@ def test_before_start_step_nothing_moves_and_the_export_is_rank_r(tmp_path):
     for path in handle.adapters["default"].layers:
         assert torch.equal(model.get_submodule(path).base_layer.weight, base.get_submodule(path).weight), path
     handle.save(tmp_path / "adapter")
-    to_lora(tmp_path / "adapter", tmp_path / "lora")
+    convert(tmp_path / "adapter", "peft", tmp_path / "lora")
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == R
 
 
@@ -169,7 +173,7 @@ def test_saving_between_optimizer_step_and_step_end_is_exact(tmp_path):
     fresh = build()
     ak.load_adapter(fresh, tmp_path / "adapter")
     torch.testing.assert_close(logits(fresh), trained, **TOL)
-    to_lora(tmp_path / "adapter", tmp_path / "lora")
+    convert(tmp_path / "adapter", "peft", tmp_path / "lora")
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 3 * R
     torch.testing.assert_close(logits(PeftModel.from_pretrained(build(), tmp_path / "lora")), trained, **TOL)
 

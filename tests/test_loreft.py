@@ -24,7 +24,7 @@ from adaptkit.convert import convert
 from adaptkit.errors import AdaptkitError
 from adaptkit.layer import AdaptedLayer
 from adaptkit.merge import run_merge
-from adaptkit_plugins.variants.loreft import LOREFT, positions
+from adaptkit_plugins.variants.loreft import positions
 from builders import tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -196,7 +196,6 @@ def test_every_merge_and_export_path_refuses_in_one_line(llama_dir, tmp_path):
     files = read_adapter(tmp_path / "reft")
     for call in (lambda: convert(tmp_path / "reft", "peft", tmp_path / "lora"),  # `adaptkit convert` (to LoRA)
                  lambda: convert(tmp_path / "reft", "peft", tmp_path / "lora", rank=2, base=llama_dir),
-                 lambda: LOREFT.to_lora(tmp_path / "reft", tmp_path / "lora"),
                  lambda: registry.get("variant", "loreft").delta(files, sorted(files.modules)[0])):
         with pytest.raises(AdaptkitError, match=NOT_WEIGHTS) as err:
             call()

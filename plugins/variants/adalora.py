@@ -22,12 +22,10 @@ Files are PEFT's: `peft_type: ADALORA`, keys `base_model.model.<module>.lora_A|l
 `rank_pattern` {"<module>.lora_E": [kept?] × init_r}. With a rank_pattern the tensors are saved with the
 kept rows only and loaded at that rank (PEFT's resize), ranknum staying init_r; as in PEFT, a save
 between two mask steps drops the rows the last mask zeroed even if the optimizer has moved them since.
-`to_lora` writes an exact plain LoRA of the rows whose E ≠ 0: A' = (A ⊙ E)[kept], B' = c·B[:, kept].
+`adaptkit convert --to lora` writes an exact plain LoRA of the rows whose E ≠ 0: A' = (A ⊙ E)[kept], B' = c·B[:, kept].
 """
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Any
 
 from adaptkit.errors import AdaptkitError
@@ -199,29 +197,6 @@ class AdaLoRA:
             if set(adapter.modules[module]) != set(self.param_names):
                 raise AdaptkitError(f"{module}: an AdaLoRA module needs lora_A, lora_E and lora_B")
         return {k: adapter.config.get(k, v) for k, v in DEFAULTS.items()}
-
-
-def to_lora(source: str | Path | AdapterFiles, out: str | Path, *, force: bool = False) -> Path:
-    """Export a saved AdaLoRA adapter as a PEFT LoRA folder with the same ΔW (exact: each module at its
-    number of nonzero E entries, scale folded into B; modules with none left out)."""
-    from adaptkit.adapter import read_adapter
-    from adaptkit.writer import atomic_output
-
-    adapter = source if isinstance(source, AdapterFiles) else read_adapter(source)
-    if adapter is None or adapter.variant != ADALORA.name:
-        raise AdaptkitError(f"{source}: not an adalora adapter")
-    if adapter.saved:
-        warnings.warn(f"to_lora: modules_to_save {sorted(adapter.saved)} are left out of the LoRA", stacklevel=2)
-    factors, layouts = {}, {}
-    for module in sorted(adapter.modules):
-        a, b, c = ADALORA.factors(adapter, module)
-        if a.shape[0]:
-            factors[module], layouts[module] = (a, c * b), ADALORA.factor_layout(adapter, module)
-    if not factors:
-        raise AdaptkitError(f"{source}: every AdaLoRA module is pruned to rank 0; the adapter changes nothing")
-    with atomic_output(out, force=force) as tmp:
-        ADALORA.write_lowrank(factors, layouts, dict(adapter.config), tmp)
-    return Path(out)
 
 
 def _budget():

@@ -20,15 +20,13 @@ Files: a PEFT-like folder whose config says `adaptkit_variant: delta_lora` with 
 The total change against the original base is ΔW = s·B·A + R; with (A_u, B_u) = (A, B), as after
 every `step_end`, it is an exact LoRA of rank 2r with the same s: A' = [A; A_K],
 B' = [(1+λ)·B, −λ·B_K] (rank r before step K). `delta` gives ΔW (merging into a base), the
-`factors` hooks give A', B' (adapter merging), and `to_lora` writes a PEFT LoRA folder.
+`factors` hooks give A', B' (adapter merging), and `adaptkit convert --to lora` writes a PEFT LoRA folder.
 
 Loading and hot-swapping (`load_adapter(..., swap=True)`) go through `resident`: the core takes
 the old R out of W before the tensors change and puts the new R in after.
 """
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Any
 
 from adaptkit.errors import AdaptkitError
@@ -162,26 +160,6 @@ def total_factors(a, b, da, db, ratio: float):
     if torch.equal(da[:r], a) and torch.equal(db[:, :r], b):
         return torch.cat([a, da[r:]]), torch.cat([(1 + ratio) * b, ratio * db[:, r:]], dim=1)
     return torch.cat([a, da]), torch.cat([b, ratio * db], dim=1)
-
-
-def to_lora(source: str | Path | AdapterFiles, out: str | Path, *, force: bool = False) -> Path:
-    """Export a saved Delta-LoRA adapter as a PEFT LoRA folder with the same total change of W
-    (exact: rank 2r, scale folded into B). Loads in `peft.PeftModel.from_pretrained`."""
-    from adaptkit.adapter import read_adapter
-    from adaptkit.writer import atomic_output
-
-    adapter = source if isinstance(source, AdapterFiles) else read_adapter(source)
-    if adapter is None or adapter.variant != DELTA_LORA.name:
-        raise AdaptkitError(f"{source}: not a delta_lora adapter")
-    if adapter.saved:
-        warnings.warn(f"to_lora: modules_to_save {sorted(adapter.saved)} are left out of the LoRA", stacklevel=2)
-    factors, layouts = {}, {}
-    for module in sorted(adapter.modules):
-        a, b, s = DELTA_LORA.factors(adapter, module)
-        factors[module], layouts[module] = (a, s * b), DELTA_LORA.factor_layout(adapter, module)
-    with atomic_output(out, force=force) as tmp:
-        DELTA_LORA.write_lowrank(factors, layouts, dict(adapter.config), tmp)
-    return Path(out)
 
 
 DELTA_LORA = DeltaLoRA()

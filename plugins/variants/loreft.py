@@ -85,10 +85,6 @@ class LoReFT:
     def check_mergeable(self, adapter: AdapterFiles) -> None:
         raise AdaptkitError(f"adapter {adapter.store.root}: {NOT_WEIGHTS}")
 
-    def to_lora(self, adapter, out_dir, *, force: bool = False):
-        raise AdaptkitError(f"adapter {getattr(getattr(adapter, 'store', None), 'root', adapter)}: {NOT_WEIGHTS}")
-
-    # -- module plane ----------------------------------------------------------------------------
     def target_of(self, module):
         """A decoder block of width d: its `hidden_size`, else the size of its first norm layer."""
         import torch

@@ -16,7 +16,7 @@ Files: PEFT's layout under adaptkit's name (`adaptkit_variant: tied_lora`, no `p
 lacks the variant). Per layer `<module>.tied_u` and `<module>.tied_v`; each shape group g once, as
 `base_model.tied_A_<g>` and `base_model.tied_B_<g>` (numbered, since the reader splits keys by a
 fixed list of roles), with `tied_groups` in the config giving each group's shape and modules.
-Export to plain LoRA is exact, A_l = diag(u_l)·A and B_l = diag(v_l)·B: `to_lora` keeps r and
+Export to plain LoRA is exact, A_l = diag(u_l)·A and B_l = diag(v_l)·B: `adaptkit convert --to lora` keeps r and
 lora_alpha; the `factors` hooks let adapter → adapter merges (`concat`) take Tied-LoRA inputs.
 """
 from __future__ import annotations
@@ -125,39 +125,6 @@ class TiedLoRA:
         """Merged factors are no longer tied: the output is a plain PEFT LoRA folder."""
         return registry.get("variant", "lora").write_lowrank(factors, layouts, plain_config(template), out_dir)
 
-    def to_lora(self, adapter: AdapterFiles | str, out_dir, *, force: bool = False):
-        """Write the adapter (files or a folder) as a plain PEFT LoRA folder at the same r and
-        lora_alpha, exactly: A_l = diag(u_l)·A, B_l = diag(v_l)·B. Returns the folder."""
-        import json
-        from pathlib import Path
-
-        from adaptkit.adapter import read_adapter
-        from adaptkit.writer import atomic_output, save_tensors
-
-        if not isinstance(adapter, AdapterFiles):
-            adapter = read_adapter(adapter)
-        if adapter is None or adapter.variant != self.name:
-            raise AdaptkitError(f"to_lora needs a {self.name} adapter, got {getattr(adapter, 'variant', 'a full model')}")
-        tensors = {}
-        for module in sorted(adapter.modules):
-            a, b, _ = self.factors(adapter, module)
-            dtype = adapter.tensor(module, "tied_u").dtype
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype).contiguous()
-        tensors.update({key: adapter.store.get(key) for key in adapter.saved.values()})
-        cfg = adapter.config
-        config = {**plain_config(cfg), "peft_type": "LORA", "r": self.rank(adapter),
-                  "lora_alpha": cfg.get("lora_alpha", self.rank(adapter)), "lora_dropout": cfg.get("lora_dropout", 0.0),
-                  "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")), "target_modules": sorted(adapter.modules),
-                  "modules_to_save": sorted({p.rsplit(".", 1)[0] for p in adapter.saved}) or None,
-                  "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "bias": "none",
-                  "init_lora_weights": True}
-        with atomic_output(out_dir, force=force) as tmp:
-            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_tensors(tmp, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
-        return Path(out_dir)
-
-    # -- module plane --------------------------------------------------------------------------
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
         if target.kind != "linear":
             raise AdaptkitError(f"{path}: Tied-LoRA adapts linear layers only; leave embeddings out of target_modules")

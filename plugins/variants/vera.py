@@ -17,7 +17,7 @@ Files: PEFT's VERA folder: per layer `<module>.vera_lambda_b` / `.vera_lambda_d`
 `adaptkit_in_features` (PEFT ignores it with a warning) when a layer is narrower than A or A is not
 saved; without it (PEFT's own files) `delta` takes the size from the base weight given, else A's width.
 Export: ΔW_l = B_l·A_l, A_l = diag(d_l)·A[:, :in_l], B_l = diag(b_l)·B[:out_l], an exact LoRA of rank r
-at scale 1: `factors` feeds adapter merges (`concat`, SVD), `to_lora` writes a PEFT LoRA folder.
+at scale 1: `factors` feeds adapter merges (`concat`, SVD), `adaptkit convert --to lora` writes a PEFT LoRA folder.
 
 One projection per model (PEFT's rule): all VeRA adapters on one live model share one
 `projection_prng_key`, so combining them there (active together, merged together, hot-swapped) never
@@ -110,36 +110,6 @@ class VeRA:
         plain = {k: v for k, v in template.items() if k not in OWN_KEYS}
         return registry.get("variant", "lora").write_lowrank(factors, layouts, plain, out_dir)
 
-    def to_lora(self, adapter: AdapterFiles | str, out_dir, *, force: bool = False):
-        """Write the adapter (files or a folder) as a plain PEFT LoRA folder, exactly: rank r,
-        lora_alpha = r (scale 1), A_l = diag(d_l)·A[:, :in_l], B_l = diag(b_l)·B[:out_l]."""
-        import json
-        from pathlib import Path
-
-        from adaptkit.adapter import read_adapter
-        from adaptkit.writer import atomic_output, save_tensors
-
-        adapter = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter)
-        if adapter is None or adapter.variant != self.name:
-            raise AdaptkitError(f"to_lora needs a {self.name} adapter, got {getattr(adapter, 'variant', 'a full model')}")
-        tensors = {}
-        for module in sorted(adapter.modules):
-            dtype = adapter.tensor(module, "vera_lambda_b").dtype
-            for role, t in zip("AB", self.factors(adapter, module)):
-                tensors[f"base_model.model.{module}.lora_{role}.weight"] = t.to(dtype).contiguous()
-        tensors.update({key: adapter.store.get(key) for key in adapter.saved.values()})  # modules_to_save as they are
-        cfg, r = adapter.config, self.rank(adapter)
-        config = {**{k: v for k, v in cfg.items() if k not in OWN_KEYS}, "peft_type": "LORA", "r": r, "lora_alpha": r,
-                  "lora_dropout": cfg.get("vera_dropout", 0.0), "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
-                  "target_modules": sorted(adapter.modules), "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
-                  "modules_to_save": sorted({p.rsplit(".", 1)[0] for p in adapter.saved}) or None,
-                  "use_rslora": False, "use_dora": False, "init_lora_weights": True}
-        with atomic_output(out_dir, force=force) as tmp:
-            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_tensors(tmp, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
-        return Path(out_dir)
-
-    # -- module plane --------------------------------------------------------------------------
     def prepare(self, model, config: dict[str, Any]) -> dict[str, Any]:
         """Refuse a second projection key on the model; size A and B over all targeted layers."""
         from adaptkit.adapters import Adapters
