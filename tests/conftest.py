@@ -66,3 +66,14 @@ def fake_plugin_dist(tmp_path, monkeypatch):
     for name in list(sys.modules):
         if name.startswith("fakeplug"):
             del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread is faster than several contending ones (restored afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,12 +24,7 @@ CONFIG = dict(init_r=6, target_r=2, lora_alpha=8, target_modules=["q_proj", "v_p
               total_step=10, tinit=2, tfinal=3, deltaT=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def batch(step: int) -> torch.Tensor:

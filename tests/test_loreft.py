@@ -31,12 +31,7 @@ IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 NOT_WEIGHTS = re.escape("LoReFT edits activations (hidden states), not weights")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def logits(model, ids=IDS):

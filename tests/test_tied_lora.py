@@ -29,13 +29,7 @@ ALL_TRAIN = ["".join(c.upper() if on else c for c, on in zip("vbua", bits))
              for bits in itertools.product([False, True], repeat=4) if any(bits)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than several contending ones (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def mlp(seed=0):

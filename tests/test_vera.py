@@ -30,12 +30,7 @@ SHAPES = ["q_proj", "v_proj", "up_proj", "down_proj"]  # out 32/16/64/32, in 32/
 VERA = registry.get("variant", "vera")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def logits(model, ids=IDS):

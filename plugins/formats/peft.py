@@ -10,6 +10,8 @@ Keys are `base_model.model.<module path>.<role>[.weight]` where `<role>` is one 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
+from typing import Any
 
 from adaptkit import registry
 from adaptkit.errors import AdaptkitError
@@ -68,7 +70,6 @@ class PeftFormat:
         """A PEFT LoRA folder: r and lora_alpha of the most common module, `rank_pattern` and
         `alpha_pattern` for the rest (exact module paths), whole tensors as `modules_to_save`."""
         import json
-        from collections import Counter
         from pathlib import Path
 
         from adaptkit.writer import save_tensors
@@ -78,17 +79,13 @@ class PeftFormat:
         if len(flips) > 1:
             raise AdaptkitError("the modules mix fan_in_fan_out and plain layers; one LoRA config cannot hold both")
         ranks = {p: m.rank for p, m in modules.items()}
-        r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
         alphas = {p: float(m.alpha) for p, m in modules.items()}
-        alpha = Counter(a for p, a in alphas.items() if ranks[p] == r).most_common(1)[0][0] if ranks else float(r)
         # A whole tensor of an adapted module (a changed bias) goes into its base layer, as PEFT
         # saves it; other whole tensors are modules_to_save.
         inside = {key: key.rsplit(".", 1)[0] in modules for key in adapter.saved}
         saved_modules = sorted({key.rsplit(".", 1)[0] for key in adapter.saved if not inside[key]})
         config = {"task_type": None, "base_model_name_or_path": None, **adapter.config, "peft_type": "LORA",
-                  "r": r, "lora_alpha": alpha, "rank_pattern": {p: k for p, k in sorted(ranks.items()) if k != r},
-                  "alpha_pattern": {p: a for p, a in sorted(alphas.items()) if a != alpha},
-                  "use_rslora": bool(adapter.config.get("use_rslora")), "use_dora": False,
+                  **rank_config(ranks, alphas), "use_rslora": bool(adapter.config.get("use_rslora")), "use_dora": False,
                   "target_modules": sorted(modules) or "dummy-target-modules", "fan_in_fan_out": flips == {True},
                   "modules_to_save": saved_modules or None, "init_lora_weights": True, "bias": "none",
                   "lora_dropout": 0.0, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
@@ -106,6 +103,14 @@ class PeftFormat:
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
         return [out_dir / CONFIG_FILE, *files]
+
+
+def rank_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
+    """r and lora_alpha of the most common rank, `rank_pattern`/`alpha_pattern` for the other modules."""
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    alpha = Counter(alphas[m] for m in ranks if ranks[m] == r).most_common(1)[0][0] if ranks else r
+    return {"r": r, "lora_alpha": alpha, "rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r},
+            "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha}}
 
 
 def strip_prefix(key: str) -> str:

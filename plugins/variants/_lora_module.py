@@ -97,5 +97,22 @@ def weight_delta(branch, weight: torch.Tensor) -> torch.Tensor:
     update = s["scaling"] * (b.float() @ a.float())
     if "lora_magnitude_vector" not in p:
         return update
+    return dora_change(p["lora_magnitude_vector"].float(), weight, update)
+
+
+def dora_change(magnitude: torch.Tensor, weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W, all out × in."""
     merged = weight + update
-    return (p["lora_magnitude_vector"].float() / torch.linalg.norm(merged, dim=1))[:, None] * merged - weight
+    return (magnitude / torch.linalg.norm(merged, dim=1))[:, None] * merged - weight
+
+
+def save_tensors(branch) -> dict[str, torch.Tensor]:
+    """The branch's tensors as PEFT stores them. PiSSA factors are saved as a LoRA of rank 2r on the
+    original W: s·(B·A − B₀·A₀) = s·[B, −B₀]·[A; A₀], exact."""
+    p = {k: v.detach() for k, v in branch.params.items()}
+    if "initial_A" not in p:
+        return p
+    a_role, b_role = ("lora_A", "lora_B") if "lora_A" in p else ("lora_embedding_A", "lora_embedding_B")
+    p[a_role] = torch.cat([p[a_role], p.pop("initial_A")])
+    p[b_role] = torch.cat([p[b_role], -p.pop("initial_B")], dim=1)
+    return p

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
+
+from ..formats.peft import rank_config
 
 if TYPE_CHECKING:
     import torch
@@ -77,13 +78,8 @@ class LoRA:
 
     def describe(self, adapter: AdapterFiles) -> dict[str, Any]:
         cfg = adapter.config
-        per_module = {}
-        for module in sorted(adapter.modules):
-            per_module[module] = {
-                "rank": self.module_rank(adapter, module),
-                "alpha": self.module_alpha(adapter, module),
-                "scaling": self.scaling(adapter, module),
-            }
+        per_module = {m: {"rank": self.module_rank(adapter, m), "alpha": self.module_alpha(adapter, m),
+                          "scaling": self.scaling(adapter, m)} for m in sorted(adapter.modules)}
         ranks = sorted({m["rank"] for m in per_module.values()})
         return {
             "rank": ranks[0] if len(ranks) == 1 else None,
@@ -115,17 +111,10 @@ class LoRA:
     def _dora_delta(self, adapter, module, update, base):
         if base is None:
             raise AdaptkitError(f"{module}: a DoRA adapter's ΔW depends on the base weight; give the base model")
-        transposed = bool(adapter.config.get("fan_in_fan_out"))
-        w = base.float().T if transposed else base.float()
-        upd = update.T if transposed else update
-        merged = w + upd
-        import torch  # here, not at the top: `inspect` loads this plugin and must stay torch-free
-
-        m = adapter.tensor(module, "lora_magnitude_vector").float()
-        new = (m / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
-        out = new - w
-        return out.T if transposed else out
-
+        flip = bool(adapter.config.get("fan_in_fan_out"))  # math layout (out × in) for the row norms
+        w, upd = (base.float().T, update.T) if flip else (base.float(), update)
+        change = _module().dora_change(adapter.tensor(module, "lora_magnitude_vector").float(), w, upd)
+        return change.T if flip else change
 
     # -- factors (adapters -> adapter merging) ---------------------------------------------------
     def factors(self, adapter: AdapterFiles, module: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -151,10 +140,9 @@ class LoRA:
         extra = set(roles) - {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
         if extra:  # DoRA's magnitude, a subclass's own tensors: not the plain product
             raise AdaptkitError(f"{module}: {', '.join(sorted(extra))} make it more than a plain low-rank product")
-        a_role, b_role, embedding = self._factors(roles)
+        a_role, b_role, _ = self._factors(roles)
         return LowRankModule(adapter.tensor(module, a_role), adapter.tensor(module, b_role),
-                             float(self.module_alpha(adapter, module)), embedding,
-                             embedding or bool(adapter.config.get("fan_in_fan_out")))
+                             float(self.module_alpha(adapter, module)), **self.factor_layout(adapter, module))
 
     def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
         """`embedding`: A is r × num_embeddings; `transposed`: the base weight is (s·B·A)ᵀ
@@ -214,18 +202,8 @@ class LoRA:
     def stored_key(self, role: str, target) -> str:
         return f"{role}.weight" if role in ("lora_A", "lora_B") else role
 
-    def save_tensors(self, branch) -> dict[str, torch.Tensor]:
-        """The branch's tensors as PEFT stores them. PiSSA factors are saved as a LoRA of rank 2r
-        on the original W: s·(B·A − B₀·A₀) = s·[B, −B₀]·[A; A₀], exact."""
-        import torch
-
-        p = {k: v.detach() for k, v in branch.params.items()}
-        if "initial_A" not in p:
-            return p
-        a_role, b_role = ("lora_A", "lora_B") if "lora_A" in p else ("lora_embedding_A", "lora_embedding_B")
-        p[a_role] = torch.cat([p[a_role], p.pop("initial_A")])
-        p[b_role] = torch.cat([p[b_role], -p.pop("initial_B")], dim=1)
-        return p
+    def save_tensors(self, branch) -> dict[str, torch.Tensor]:  # PiSSA: see _lora_module.save_tensors
+        return _module().save_tensors(branch)
 
     def file_config(self, config: dict[str, Any], settings: dict[str, dict], transposed: bool) -> dict[str, Any]:
         pissa = config["init_lora_weights"] == "pissa"
@@ -257,14 +235,6 @@ class LoRA:
         fast = [p for n, p in named if n.endswith(("lora_B", "lora_embedding_B"))]
         slow = [p for n, p in named if not n.endswith(("lora_B", "lora_embedding_B"))]
         return [g for g in ({"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}) if g["params"]]
-
-
-def rank_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
-    """r and lora_alpha for the most common rank, `rank_pattern`/`alpha_pattern` for the rest."""
-    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
-    alpha = Counter(alphas[m] for m in ranks if ranks[m] == r).most_common(1)[0][0] if ranks else r
-    return {"r": r, "lora_alpha": alpha, "rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r},
-            "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha}}
 
 
 def _module():
