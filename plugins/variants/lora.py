@@ -49,8 +49,8 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 class LoRA:
     """LoRA: low-rank update s·B·A (rsLoRA and DoRA through its config)."""
 
-    def __init__(self, name: str = "lora", *, freeze_a: bool = False, lr_ratio: float | None = None):
-        self.name, self.freeze_a, self.lr_ratio = name, freeze_a, lr_ratio
+    def __init__(self, name: str = "lora", *, freeze_a: bool = False, lr_ratio: float | None = None, about: str = ""):
+        self.name, self.freeze_a, self.lr_ratio, self.about = name, freeze_a, lr_ratio, about
 
     param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     config_keys = LORA_CONFIG_KEYS | {"loraplus_lr_ratio"}
@@ -244,5 +244,7 @@ def _module():
 
 
 LORA = LoRA()
-LORA_FA = LoRA("lora_fa", freeze_a=True)
-LORA_PLUS = LoRA("lora_plus", lr_ratio=16.0)
+LORA_FA = LoRA("lora_fa", freeze_a=True,
+               about="LoRA-FA: LoRA with A random and frozen; only B trains, and less activation memory is kept.")
+LORA_PLUS = LoRA("lora_plus", lr_ratio=16.0,
+                 about="LoRA+: LoRA with B's learning rate loraplus_lr_ratio × A's (default 16).")
