@@ -223,14 +223,19 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, sha
                f"({len(report['files'])} file(s), {report['seconds']:.1f} s)")
 
 
-def _evaluator(eval_cmd: str | None, eval_py: str | None):
-    """A score function from a shell command template ({model} -> folder) or a module:function."""
+def _evaluator(eval_cmd: str | None, eval_py: str | None, eval_data: str | None = None, task: str | None = None):
+    """A score function from a shell command template ({model} -> folder), a module:function, or
+    evaluation data (JSON lines: −loss for causal LM, accuracy for classification)."""
     import importlib
     import shlex
     import subprocess
 
-    if bool(eval_cmd) == bool(eval_py):
-        raise AdaptkitError("give exactly one of --eval-cmd 'CMD {model}' or --eval-py module:function")
+    if sum(map(bool, (eval_cmd, eval_py, eval_data))) != 1:
+        raise AdaptkitError("give exactly one of --eval DATA.jsonl, --eval-cmd 'CMD {model}' or --eval-py module:function")
+    if eval_data:
+        from .evaluate import scorer
+
+        return scorer(eval_data, task=task)
     if eval_py:
         module, _, attr = eval_py.partition(":")
         try:
@@ -260,8 +265,18 @@ def soup():
     Examples:
       adaptkit soup uniform -m ft1 -m ft2 -m ft3 -o soup/
       adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval-cmd "python score.py {model}" -o soup/
+      adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval dev.jsonl -o soup/
       adaptkit soup sweep zero-shot fine-tuned --alphas 0,0.25,0.5,0.75,1 --eval-py my_eval:score -o best/
     """
+
+
+def _eval_options(f):
+    f = click.option("--task", type=click.Choice(["causal-lm", "classification"]),
+                     help="With --eval: the task (default: from the records).")(f)
+    f = click.option("--eval-py", help="module:function taking the model folder and returning a score.")(f)
+    f = click.option("--eval-cmd", help="Shell command scoring {model} (a folder); its last output line is the score.")(f)
+    return click.option("--eval", "eval_data", type=click.Path(dir_okay=False),
+                        help="JSON lines to score on: −loss (causal LM) or accuracy (classification).")(f)
 
 
 def _soup_options(f):
@@ -290,21 +305,21 @@ def uniform(models, out, force, as_json):
 
 @soup.command(context_settings=CONTEXT)
 @click.option("-m", "--model", "models", multiple=True, required=True, help="A candidate, repeatable.")
-@click.option("--eval-cmd", help="Shell command scoring {model} (a folder); its last output line is the score.")
-@click.option("--eval-py", help="module:function taking the model folder and returning a score.")
+@_eval_options
 @_soup_options
-def greedy(models, eval_cmd, eval_py, out, force, as_json):
+def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json):
     """Greedy soup: rank candidates by score; add each only if the soup does not get worse.
 
-    Higher scores are better (negate a loss).
+    Higher scores are better (negate a loss); --eval DATA scores each soup on JSON lines.
 
     \b
-    Example:
+    Examples:
       adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval-cmd "python score.py {model}" -o soup/
+      adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval dev.jsonl -o soup/
     """
     from . import soup as soups
 
-    result = soups.greedy(models, _evaluator(eval_cmd, eval_py), out=out, force=force)
+    result = soups.greedy(models, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force)
     if as_json:
         return emit_json({"ingredients": result.ingredients, "score": result.score, "scores": result.scores,
                           "steps": result.steps, "output": out})
@@ -317,15 +332,15 @@ def greedy(models, eval_cmd, eval_py, out, force, as_json):
 @click.argument("a")
 @click.argument("b")
 @click.option("--alphas", default="0,0.25,0.5,0.75,1", show_default=True, help="Comma-separated α values.")
-@click.option("--eval-cmd", help="Shell command scoring {model} (a folder); its last output line is the score.")
-@click.option("--eval-py", help="module:function taking the model folder and returning a score.")
+@_eval_options
 @_soup_options
-def sweep(a, b, alphas, eval_cmd, eval_py, out, force, as_json):
+def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json):
     """Score θ(α) = (1 − α)·A + α·B for each α and keep the best (WiSE-FT).
 
     \b
-    Example:
+    Examples:
       adaptkit soup sweep zero-shot fine-tuned --alphas 0,0.5,1 --eval-cmd "python score.py {model}" -o best/
+      adaptkit soup sweep zero-shot fine-tuned --eval dev.jsonl -o best/
     """
     from . import soup as soups
 
@@ -333,7 +348,7 @@ def sweep(a, b, alphas, eval_cmd, eval_py, out, force, as_json):
         values = [float(x) for x in alphas.split(",") if x.strip()]
     except ValueError:
         raise AdaptkitError(f"--alphas must be numbers separated by commas, got '{alphas}'") from None
-    result = soups.sweep(a, b, values, _evaluator(eval_cmd, eval_py), out=out, force=force)
+    result = soups.sweep(a, b, values, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force)
     if as_json:
         return emit_json({"scores": result.scores, "score": result.score, "steps": result.steps, "output": out})
     for step in result.steps:
@@ -343,3 +358,4 @@ def sweep(a, b, alphas, eval_cmd, eval_py, out, force, as_json):
 
 
 from . import cli_convert  # noqa: E402,F401  (registers `convert` and `extract` on `cli`)
+from . import cli_train  # noqa: E402,F401  (registers `train` and `eval` on `cli`)
