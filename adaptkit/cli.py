@@ -149,8 +149,9 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
     recipe = {"merge_method": method, "models": entries, "parameters": parameters}
     if base:
         recipe["base_model"] = base
-    if rank:
-        recipe["output"] = {"kind": "adapter", "rank": rank}
+    factor_space = method in registry.names("merge") and getattr(registry.get("merge", method), "factor_space", False)
+    if rank or (factor_space and not base):  # an operator on adapters' factors makes an adapter
+        recipe["output"] = {"kind": "adapter", "rank": rank} if rank else {"kind": "adapter"}
     return recipe
 
 

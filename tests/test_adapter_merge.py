@@ -326,6 +326,11 @@ def test_cli_concat_quick_form(loras, tmp_path):
     assert report["method"] == "concat" and "sum of the inputs' ranks" in report["note"]
     assert report["ranks"]["model.layers.0.self_attn.q_proj"] == 6
     assert_close_deltas(deltas(out), weighted_sum([a, b], [1.0, -0.5]))
+    # concat needs no --rank: an operator on adapters' factors makes an adapter (ranks add up)
+    plain = CliRunner().invoke(cli, ["-q", "merge", "--method", "concat", "-m", f"{a}:1", "-m", f"{b}:-0.5",
+                                     "-o", str(tmp_path / "no-rank")], catch_exceptions=False)
+    assert plain.exit_code == 0, plain.output
+    assert_close_deltas(deltas(tmp_path / "no-rank"), weighted_sum([a, b], [1.0, -0.5]))
     text = CliRunner().invoke(cli, ["-q", "merge", "--method", "linear", "-m", f"{a}:0.5", "-m", f"{b}:0.5",
                                     "--rank", "4", "-o", str(tmp_path / "lin")], catch_exceptions=False)
     assert text.exit_code == 0 and "with linear into" in text.stdout
