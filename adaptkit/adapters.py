@@ -296,6 +296,23 @@ class Adapters:
                 total = total + hook(self._layers(name), self.adapters[name].config)
         return total
 
+    def train_state(self) -> dict:
+        """Training state variants keep outside their tensors (e.g. importance averages), by
+        "adapter/key", for checkpoints; empty when no variant keeps any."""
+        found = {}
+        for name in self.active:
+            hook = getattr(self.adapters[name].variant, "train_state", None)
+            if hook:
+                found.update({f"{name}/{k}": v for k, v in hook(self._layers(name), self.adapters[name].config).items()})
+        return found
+
+    def load_train_state(self, tensors: dict) -> None:
+        for name in self.active:
+            hook = getattr(self.adapters[name].variant, "load_train_state", None)
+            mine = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
+            if hook and mine:
+                hook(self._layers(name), self.adapters[name].config, mine)
+
     # -- files ----------------------------------------------------------------------------------
     def save(self, out: str | Path, name: str | None = None, *, force: bool = False) -> Path:
         from .adapter_files import save_adapter

@@ -79,6 +79,9 @@ def finish(work: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+TRAIN_STATE = "train_state/"  # prefix of variants' own state in state.safetensors
+
+
 # -- live tensors ---------------------------------------------------------------------------------
 def live_tensors(handle) -> dict:
     """The adapter's tensors as they live on the model (state_dict names), cloned to the CPU."""
@@ -92,13 +95,17 @@ def live_tensors(handle) -> dict:
     return {k: state[k].detach().to("cpu").clone().contiguous() for k in keys}
 
 
-def load_live(model, path: Path) -> None:
+def load_live(model, path: Path) -> dict:
+    """Put the checkpoint's tensors back on the model; returns the variants' own training state."""
     from safetensors.torch import load_file
 
-    result = model.load_state_dict(load_file(path), strict=False)
+    tensors = load_file(path)
+    extra = {k[len(TRAIN_STATE):]: tensors.pop(k) for k in list(tensors) if k.startswith(TRAIN_STATE)}
+    result = model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise AdaptkitError(f"{path}: checkpoint tensor '{result.unexpected_keys[0]}' is not on this model; was it made "
                             "with other settings?")
+    return extra
 
 
 # -- random number generators ---------------------------------------------------------------------
@@ -141,7 +148,8 @@ def save(work: Path, step: int, *, handle, optimizer, scheduler, scaler, rngs: l
 
     target = work / FOLDER / f"step-{step}"
     with atomic_output(target, force=True) as tmp:
-        save_file(live_tensors(handle), str(tmp / "state.safetensors"))
+        extra = {f"{TRAIN_STATE}{k}": v.detach().to("cpu").contiguous() for k, v in handle.train_state().items()}
+        save_file({**live_tensors(handle), **extra}, str(tmp / "state.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs}, tmp / "trainer_state.pt")
         handle.save(tmp / "adapter")
@@ -158,7 +166,7 @@ def load(folder: Path, *, handle, optimizer, scheduler, scaler, rank: int, args:
 
     state = json.loads((folder / "state.json").read_text())
     check_args(state.get("args", {}), args, folder)
-    load_live(handle.model, folder / "state.safetensors")
+    handle.load_train_state(load_live(handle.model, folder / "state.safetensors"))
     trainer = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])

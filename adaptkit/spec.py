@@ -126,6 +126,8 @@ class ModuleVariant(Protocol):
     variant keeps inside the base weight, taken out on disable/remove), `prepare(model, config)`
     (choose targets its own way), `param_groups(named_params, lr, config)`, `on_step_end(layers,
     config, step)` and `extra_loss(layers, config)` with `layers` a list of (AdaptedLayer, Branch);
+    `train_state(layers, config)` / `load_train_state(layers, config, tensors)` (state kept outside
+    the tensors, e.g. importance averages, saved in training checkpoints);
     `transform_input(branch, x)` (changes the base layer's input, e.g. scaling features);
     `target_of(module)` (what the variant can wrap, default `layer.Target.of`: activation-space
     variants wrap whole blocks; `weight` is then None and there is no `weight_delta`).

@@ -5,8 +5,9 @@ Gradients: PEFT reads `p.grad` in `update_and_allocate`, so its loop must call i
 `zero_grad()`. Here every trained tensor carries a post-accumulate-grad hook that keeps a copy of its
 accumulated gradient until the next `step_end`, so `step_end` may come before or after `zero_grad()`
 (either kind) and gradient accumulation over micro-batches gives the summed gradient, as in PEFT.
-The hooks and the importance EMAs live beside each layer's ParameterDict (a weak map, not saved);
-a deep copy of the model gets fresh hooks at its first `step_end` (until then `p.grad` is read).
+The hooks and the importance EMAs live beside each layer's ParameterDict (a weak map); training
+checkpoints save and restore them through the `train_state` hooks, so a resumed run is exact. A
+deep copy of the model gets fresh hooks at its first `step_end` (until then `p.grad` is read).
 """
 from __future__ import annotations
 
@@ -29,6 +30,24 @@ def state(params) -> dict:
             if params[role].requires_grad:
                 params[role].register_post_accumulate_grad_hook(_catcher(found["grad"], role))
     return found
+
+
+def train_state(layers) -> dict:
+    """{"<layer path>.<grad|ipt|unc>.<role>": tensor} of every layer's allocator state."""
+    found = {}
+    for layer, branch in layers:
+        for kind, tensors in state(branch.params).items():
+            found.update({f"{layer.path}.{kind}.{role}": t.detach().clone() for role, t in tensors.items()})
+    return found
+
+
+def load_train_state(layers, tensors: dict) -> None:
+    for layer, branch in layers:
+        current = state(branch.params)  # registers the gradient hooks as a fresh run would
+        for kind, held in current.items():
+            held.clear()
+            prefix = f"{layer.path}.{kind}."
+            held.update({k[len(prefix):]: t.clone() for k, t in tensors.items() if k.startswith(prefix)})
 
 
 def _catcher(grads: dict, role: str):

@@ -171,6 +171,13 @@ class AdaLoRA:
     def extra_loss(self, layers, config: dict[str, Any]):
         return _budget().orth_loss(layers, config)
 
+    def train_state(self, layers, config: dict[str, Any]) -> dict:
+        """The importance averages and caught gradients, for checkpoints (resume stays exact)."""
+        return _budget().train_state(layers)
+
+    def load_train_state(self, layers, config: dict[str, Any], tensors: dict) -> None:
+        _budget().load_train_state(layers, tensors)
+
     # -- files -----------------------------------------------------------------------------------
     def stored_key(self, role: str, target) -> str:
         return role
