@@ -1,0 +1,107 @@
+"""Shared pieces of the quantizer plugins: input checks, header-only key lookups, blockwise absmax
+and bitsandbytes' 8-bit dynamic map with its blockwise quantizer (for NF4/FP4 double quantization).
+
+No torch at module level: plugins are listed (and `detect` runs) without importing it.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from adaptkit.errors import AdaptkitError
+
+if TYPE_CHECKING:
+    import torch
+
+    from adaptkit.io import TensorStore
+
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def require_float(name: str, tensor: torch.Tensor) -> None:
+    """Refuse what a quantizer cannot take: non-tensors, non-float dtypes, empty tensors."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise AdaptkitError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise AdaptkitError(f"{name}: can only quantize floating-point tensors, got {tensor.dtype}")
+    if tensor.numel() == 0:
+        raise AdaptkitError(f"{name}: cannot quantize an empty tensor (shape {tuple(tensor.shape)})")
+
+
+def require_keys(name: str, packed: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in packed]
+    if missing:
+        raise AdaptkitError(f"{name}: packed tensors lack {', '.join(missing)} (have: {', '.join(sorted(packed)) or 'none'})")
+
+
+def bases_with(store: TensorStore, suffix: str) -> list[str]:
+    """Keys K such that `K + suffix` and K are both in the store (headers only)."""
+    keys = set(store.keys())
+    return [k[: -len(suffix)] for k in keys if k.endswith(suffix) and k[: -len(suffix)] in keys]
+
+
+def rows_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as rows × columns: dim 0 is the output row (a 1-D or 0-D tensor is one row)."""
+    return tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+def blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """max |x| over consecutive blocks of `blocksize` of a flat float32 tensor; the last block
+    holds the remainder when the length is not a multiple (bitsandbytes' rule)."""
+    import torch
+
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = flat[:full].reshape(-1, blocksize).abs().max(dim=-1)[0]
+    if full < n:
+        absmax = torch.cat([absmax, flat[full:].abs().max().unsqueeze(0)])
+    return absmax
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(True, 7, 8)`; Dettmers 2015,
+    arXiv 1511.04561): a dynamic exponent (powers of ten 1e-6 … 1) with a shrinking linear fraction,
+    plus 0 and 1.0, 256 sorted float32 values. Built exactly as bitsandbytes builds it."""
+    import torch
+
+    signed, max_exponent_bits, total_bits = True, 7, 8
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    # additional_items = 2 ** (7 - 7) - 1 = 0: no extra linear region for these settings
+    data.append(0)
+    data.append(1.0)
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization as bitsandbytes' CPU kernel does it (`quantize_blockwise`):
+    per block of `blocksize`, absmax = max |x|; x / absmax is mapped to the nearest value of the
+    sorted `code` (the largest code value ≤ x, moved one up only when the next value is strictly
+    nearer: ties go down). Returns (uint8 indices, float32 absmax per block)."""
+    import torch
+
+    flat = values.reshape(-1).float()
+    absmax = blockwise_absmax(flat, blocksize)
+    scale = absmax.repeat_interleave(blocksize)[: flat.numel()]
+    normed = flat / scale
+    idx = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, code.numel() - 1)
+    up = (idx + 1).clamp(max=code.numel() - 1)
+    nearer_up = (normed - code[up]).abs() < (normed - code[idx]).abs()
+    idx = torch.where(nearer_up, up, idx)
+    return idx.to(torch.uint8).reshape(values.shape), absmax
+
+
+def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """code[q] · absmax of its block, float32 (bitsandbytes' `dequantize_blockwise`)."""
+    flat = code[q.reshape(-1).long()]
+    return (flat * absmax.float().repeat_interleave(blocksize)[: flat.numel()]).reshape(q.shape)

@@ -1,0 +1,66 @@
+"""Binary weights: sign with a per-row mean-absolute scale (XNOR-Net, Rastegari et al. 2016,
+arXiv 1603.05279; BitNet's 1-bit weights, arXiv 2310.11453).
+
+W_q = sign(W) with sign(0) = +1, α_r = mean_j |W_rj| per output row r (dim 0; other dims
+flattened; a 1-D tensor is one row), Ŵ_rj = α_r · W_q,rj — the α minimizing ‖W_r − α·sign(W_r)‖².
+
+Packing: 1 bit per value over the flattened tensor (1 = +1, 0 = −1), eight per byte, the first in
+the high bit; the last byte is padded with zero bits. Keys: `weight` (uint8, ceil(n/8)),
+`weight.alpha` (float32, rows), `weight.shape` (int64 dims). Dequantizing gives float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from adaptkit.errors import AdaptkitError
+
+from ._common import bases_with, require_float, require_keys, rows_view
+
+if TYPE_CHECKING:
+    import torch
+
+    from adaptkit.io import TensorStore
+
+
+class Binary:
+    """Binary ±α weights, α the mean |W| per output row, 1 bit per value."""
+
+    name = "binary"
+
+    def quantize(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        require_float(self.name, tensor)
+        w = tensor.detach().cpu().float()
+        alpha = rows_view(w).abs().mean(dim=1)
+        bits = (w.reshape(-1) >= 0).to(torch.uint8)
+        bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8)).reshape(-1, 8)
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        packed = (bits * weights).sum(dim=1).to(torch.uint8)
+        return {"weight": packed, "weight.alpha": alpha, "weight.shape": torch.tensor(list(tensor.shape), dtype=torch.int64)}
+
+    def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import math
+
+        import torch
+
+        require_keys(self.name, packed, ("weight", "weight.alpha", "weight.shape"))
+        shape = [int(d) for d in packed["weight.shape"].tolist()]
+        data = packed["weight"].reshape(-1)
+        n = math.prod(shape)
+        if data.dtype != torch.uint8 or data.numel() != -(n // -8):
+            raise AdaptkitError(f"{self.name}: weight must be {-(n // -8)} uint8 bytes for shape {shape}")
+        bits = torch.stack([(data >> s) & 1 for s in range(7, -1, -1)], dim=1).reshape(-1)[:n]
+        signs = bits.float() * 2 - 1
+        rows = signs.reshape(1, -1) if len(shape) < 2 else signs.reshape(shape[0], -1)
+        alpha = packed["weight.alpha"].float().reshape(-1, 1)
+        if alpha.shape[0] != rows.shape[0]:
+            raise AdaptkitError(f"{self.name}: weight.alpha has {alpha.shape[0]} rows, shape {shape} has {rows.shape[0]}")
+        return (rows * alpha).reshape(shape)
+
+    def detect(self, store: TensorStore) -> bool:
+        return any(f"{k}.shape" in store and store.info(k).dtype == "U8" for k in bases_with(store, ".alpha"))
+
+
+BINARY = Binary()

@@ -1,0 +1,77 @@
+"""INT8: symmetric absmax quantization per output row (or per block of N columns of a row).
+
+For each row r of W (dim 0; the other dims flattened into columns; a 1-D tensor is one row):
+s_r = max_j |W_rj| and q_rj = round(W_rj / s_r · 127) ∈ [−127, 127] (round half to even, as
+torch.round); Ŵ_rj = q_rj · s_r / 127, so |W − Ŵ| ≤ s_r / 254 elementwise. A zero row stores
+s = 0 and q = 0. The same absmax row statistics as LLM.int8() (Dettmers et al. 2022,
+arXiv 2208.07339; bitsandbytes' SCB). With `block_size=N` each row is cut into blocks of N
+columns (the last one shorter), one scale per block.
+
+Keys: `weight` (int8, the tensor's shape), `weight.scale` (float32: rows, or rows × blocks).
+Dequantizing gives float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from adaptkit.errors import AdaptkitError
+
+from ._common import bases_with, require_float, require_keys, rows_view
+
+if TYPE_CHECKING:
+    import torch
+
+    from adaptkit.io import TensorStore
+
+
+class Int8:
+    """INT8 symmetric absmax quantization per output row (LLM.int8 row statistics)."""
+
+    def __init__(self, name: str = "int8", *, block_size: int | None = None):
+        if block_size is not None and block_size < 1:
+            raise AdaptkitError(f"int8 block_size must be positive, got {block_size}")
+        self.name, self.block_size = name, block_size
+
+    def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows × blocks × N view (zero-padded; zeros change no absmax)."""
+        import torch
+
+        n = self.block_size or max(rows.shape[1], 1)
+        pad = -rows.shape[1] % n
+        return torch.nn.functional.pad(rows, (0, pad)).reshape(rows.shape[0], -1, n)
+
+    def quantize(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        require_float(self.name, tensor)
+        w = tensor.detach().cpu().float()
+        rows = rows_view(w)
+        blocks = self._blocks(rows)
+        s = blocks.abs().amax(dim=-1)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.round(blocks / safe.unsqueeze(-1) * 127).clamp(-127, 127).to(torch.int8)
+        q = q.reshape(rows.shape[0], -1)[:, : rows.shape[1]].reshape(w.shape)
+        return {"weight": q, "weight.scale": s if self.block_size else s.reshape(-1)}
+
+    def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        require_keys(self.name, packed, ("weight", "weight.scale"))
+        q, s = packed["weight"], packed["weight.scale"].float()
+        if q.dtype != torch.int8:
+            raise AdaptkitError(f"{self.name}: weight must be int8, got {q.dtype}")
+        rows = rows_view(q).float()
+        blocks = self._blocks(rows)
+        if s.reshape(-1).numel() != blocks.shape[0] * blocks.shape[1]:
+            raise AdaptkitError(f"{self.name}: weight.scale has {s.numel()} values, expected "
+                                f"{blocks.shape[0] * blocks.shape[1]} (block_size {self.block_size})")
+        out = blocks * (s.reshape(blocks.shape[0], -1, 1) / 127)
+        return out.reshape(rows.shape[0], -1)[:, : rows.shape[1]].reshape(q.shape)
+
+    def detect(self, store: TensorStore) -> bool:
+        return any(store.info(k).dtype == "I8" and store.info(f"{k}.scale").dtype == "F32"
+                   for k in bases_with(store, ".scale"))
+
+
+INT8 = Int8()

@@ -1,0 +1,71 @@
+"""Ternary weights of BitNet b1.58 (Ma et al. 2024, arXiv 2402.17764): absmean quantization.
+
+γ = mean |W| over the whole tensor, W_q = clip(round(W / (γ + ε)), −1, 1) with ε = 1e-5 (round
+half to even), Ŵ = W_q · γ.
+
+Packing: 2 bits per value, code = W_q + 1 ∈ {0, 1, 2}, four values per byte over the flattened
+tensor, the first in the two high bits; the last byte is padded with code 1 (zero).
+Keys: `weight` (uint8, ceil(n/4)), `weight.gamma` (float32, 0-dim), `weight.shape` (int64 dims).
+Dequantizing gives float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from adaptkit.errors import AdaptkitError
+
+from ._common import bases_with, require_float, require_keys
+
+if TYPE_CHECKING:
+    import torch
+
+    from adaptkit.io import TensorStore
+
+EPS = 1e-5
+
+
+class Ternary:
+    """Ternary {−1, 0, 1}·γ weights with the absmean scale (BitNet b1.58), 2 bits per value."""
+
+    name = "ternary"
+
+    def codes(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_q as int8 in {−1, 0, 1}, γ)."""
+        import torch
+
+        w = tensor.detach().cpu().float()
+        gamma = w.abs().mean()
+        return torch.clamp(torch.round(w / (gamma + EPS)), -1, 1).to(torch.int8), gamma
+
+    def quantize(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        require_float(self.name, tensor)
+        q, gamma = self.codes(tensor)
+        c = (q.reshape(-1) + 1).to(torch.uint8)
+        c = torch.nn.functional.pad(c, (0, -c.numel() % 4), value=1).reshape(-1, 4)
+        packed = (c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]
+        return {"weight": packed, "weight.gamma": gamma, "weight.shape": torch.tensor(list(tensor.shape), dtype=torch.int64)}
+
+    def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import math
+
+        import torch
+
+        require_keys(self.name, packed, ("weight", "weight.gamma", "weight.shape"))
+        shape = [int(d) for d in packed["weight.shape"].tolist()]
+        data = packed["weight"].reshape(-1)
+        n = math.prod(shape)
+        if data.dtype != torch.uint8 or data.numel() != -(n // -4):
+            raise AdaptkitError(f"{self.name}: weight must be {-(n // -4)} uint8 bytes for shape {shape}")
+        c = torch.stack([(data >> s) & 3 for s in (6, 4, 2, 0)], dim=1).reshape(-1)[:n]
+        if (c > 2).any():
+            raise AdaptkitError(f"{self.name}: invalid 2-bit code 3 in weight")
+        return ((c.float() - 1) * packed["weight.gamma"].float()).reshape(shape)
+
+    def detect(self, store: TensorStore) -> bool:
+        return any(f"{k}.shape" in store and store.info(k).dtype == "U8" for k in bases_with(store, ".gamma"))
+
+
+TERNARY = Ternary()
