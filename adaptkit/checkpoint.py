@@ -22,12 +22,11 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from .errors import AdaptkitError
-from .writer import atomic_output
+from .writer import atomic_output, move_into_place
 
 FOLDER = "checkpoints"
 # Arguments that may change between an interrupted run and its resumption; any other change is an error.
@@ -70,13 +69,7 @@ def open_work(out: Path, *, force: bool, resume: bool) -> Path:
 
 def finish(work: Path, out: Path) -> None:
     """Rename the run folder to `out`, replacing an old one only now."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    work.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    move_into_place(work, out)
 
 
 TRAIN_STATE = "train_state/"  # prefix of variants' own state in state.safetensors

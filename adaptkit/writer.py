@@ -55,11 +55,16 @@ def atomic_output(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_into_place(tmp, out)
+
+
+def move_into_place(folder: Path, out: Path) -> None:
+    """Rename `folder` to `out`; an old `out` is set aside first and deleted only after the rename."""
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
-    tmp.rename(out)
+    folder.rename(out)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
