@@ -359,4 +359,5 @@ def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json)
 
 
 from . import cli_convert  # noqa: E402,F401  (registers `convert` and `extract` on `cli`)
+from . import cli_quantize  # noqa: E402,F401  (registers `quantize` on `cli`)
 from . import cli_train  # noqa: E402,F401  (registers `train` and `eval` on `cli`)

@@ -64,6 +64,9 @@ def code_values(quant_type: str) -> torch.Tensor:
     return data / data.abs().max()
 
 
+CHUNK_BLOCKS = 16384
+
+
 class FourBit:
     """4-bit blockwise quantizer (NF4 or FP4, QLoRA), optionally with double quantization."""
 
@@ -107,18 +110,28 @@ class FourBit:
 
         order = torch.argsort(code)
         bounds = (code[order[:-1]] + code[order[1:]]) / 2
+        remap = None if torch.equal(order, torch.arange(order.numel())) else order.to(torch.uint8)
         n, b = flat.numel(), self.blocksize
         full = n - n % b
         blocks = flat[:full].reshape(-1, b)
         absmax = blocks.abs().max(dim=-1)[0]
-        scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+        inverse = 1.0 / absmax.clamp(min=1e-38)
+        codes = []
+        # Chunks of 16384 blocks (1M values) keep the temporaries in cache.
+        for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
+            part = blocks[start:start + CHUNK_BLOCKS]
+            scaled = torch.clamp(part * inverse[start:start + CHUNK_BLOCKS, None], -1, 1).reshape(-1)
+            codes.append(torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8))
         if full < n:
             am = flat[full:].abs().max().clamp(min=1e-38)
             absmax = torch.cat([absmax, am.unsqueeze(0)])
-            scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
-        if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(scaled, (0, 1))
-        q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
+            codes.append(torch.bucketize(torch.clamp(flat[full:] / am, -1, 1), bounds, out_int32=True).to(torch.uint8))
+        q = torch.cat(codes) if len(codes) != 1 else codes[0]
+        if remap is not None:
+            q = remap[q.long()]
+        if q.numel() % 2:  # an odd count: the last low nibble holds the code of 0.0, as bitsandbytes packs it
+            zero = torch.bucketize(torch.zeros(1), bounds).to(torch.uint8)
+            q = torch.cat([q, zero if remap is None else remap[zero.long()]])
         return ((q[::2] << 4) | q[1::2]).unsqueeze(1), absmax
 
     # -- dequantize --------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+"""`adaptkit quantize` (registered on the main command group by cli.py)."""
+from __future__ import annotations
+
+import click
+
+from .cli import CONTEXT, cli, emit_json
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--method", "-m", required=True, help="Quantizer plugin (see `adaptkit plugins --kind quantizer`).")
+@click.option("--skip", default="", help="Comma-separated name parts to keep unquantized (e.g. lm_head,embed).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (error per tensor, sizes) as JSON.")
+@click.pass_context
+def quantize(ctx, model, method, skip, out, force, as_json):
+    """Quantize every floating 2-D weight matrix of a model with a quantizer plugin.
+
+    Other tensors (norms, biases, skipped or non-float ones) are copied unchanged; config and
+    tokenizer files come along. Reports the relative error ‖Ŵ − W‖/‖W‖ of each tensor.
+
+    \b
+    Examples:
+      adaptkit quantize ./model --method int8 -o model-int8/
+      adaptkit quantize ./model --method METHOD --skip lm_head,embed -o out/ --json
+    """
+    from .quantize import run_quantize
+
+    report = run_quantize(model, method, out, skip=[s.strip() for s in skip.split(",")], force=force,
+                          progress=not (ctx.obj or {}).get("quiet"))
+    if as_json:
+        return emit_json(report)
+    worst = sorted(report["tensors"].items(), key=lambda kv: -kv[1]["error"])[:5]
+    if worst:
+        click.echo(f"{'tensor':<50} relative error")
+        for name, row in worst:
+            click.echo(f"{name:<50} {row['error']:.4g}")
+    mb = 1000**2
+    click.echo(f"{report['quantized']} tensor(s) quantized with {method}, {report['copied']} copied; "
+               f"{report['bytes_before'] / mb:.2f} MB -> {report['bytes_after'] / mb:.2f} MB; "
+               f"relative error mean {report['mean_error']:.4g}, max {report['max_error']:.4g}; into {out}")

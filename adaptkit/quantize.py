@@ -1,0 +1,124 @@
+"""Post-training quantization of a whole model with one quantizer plugin (`adaptkit quantize`).
+
+Every floating-point 2-D `*.weight` tensor whose name contains no `skip` item is packed by the
+quantizer; its packed tensors (keys relative to "weight", e.g. "weight", "weight.<stat>") are
+stored under the tensor's own name (`a.b.weight` -> `a.b.weight`, `a.b.weight.<stat>`). All other
+tensors are copied as they are. The writer needs the layout up front, so a first pass quantizes
+each tensor to learn its packed shapes and dtypes and its error, one tensor at a time; a second
+pass quantizes again and writes. Memory stays at a few copies of the largest tensor.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .errors import AdaptkitError
+from .io import open_store
+from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output, copy_side_files
+
+METADATA_KEY = "adaptkit_quantization"
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def packed_names(name: str, packed: Iterable[str]) -> dict[str, str]:
+    """Plugin key -> stored name: the leading "weight" of each key becomes the tensor's full name."""
+    out = {}
+    for key in packed:
+        if key != "weight" and not key.startswith("weight."):
+            raise AdaptkitError(f"quantizer key '{key}' does not start with 'weight'")
+        out[key] = name + key[len("weight"):]
+    return out
+
+
+def select(store, skip: Iterable[str] = ()) -> list[str]:
+    """The tensors to quantize: floating 2-D `*.weight` whose name contains no skip item."""
+    skip = [s for s in skip if s]
+    return [k for k in store.keys()
+            if k.endswith(".weight") and store.info(k).dtype in FLOAT_CODES and len(store.info(k).shape) == 2
+            and not any(s in k for s in skip)]
+
+
+def relative_error(quantizer, packed: dict, original) -> float:
+    w = original.float()
+    norm = w.norm().item()
+    diff = (quantizer.dequantize(packed).float() - w).norm().item()
+    return diff / norm if norm else diff
+
+
+def run_quantize(model: str | Path, method: str, out: str | Path, *, skip: Iterable[str] = (), force: bool = False,
+                 shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict[str, Any]:
+    """Quantize `model` with quantizer plugin `method` into the folder `out`; returns the report."""
+    from tqdm import tqdm
+
+    from .dtypes import torch_to_code
+
+    start = time.perf_counter()
+    quantizer = registry.get("quantizer", method)
+    store = open_store(model)
+    for name in registry.names("quantizer"):
+        if registry.get("quantizer", name).detect(store):
+            raise AdaptkitError(f"{model}: already quantized ({name}); quantize a floating-point model")
+    chosen = set(select(store, skip))
+    names = list(store.keys())
+    layout: list[tuple[str, str, tuple[int, ...]]] = []
+    errors: dict[str, float] = {}
+    bar = tqdm(total=2 * len(names), unit="tensor", desc=f"quantize {method}", disable=not progress, leave=False)
+    for name in names:  # pass 1: packed layout and errors
+        info = store.info(name)
+        if name in chosen:
+            w = store.get(name)
+            packed = quantizer.quantize(w)
+            errors[name] = relative_error(quantizer, packed, w)
+            stored = packed_names(name, packed)
+            layout += [(stored[k], torch_to_code(t.dtype), tuple(t.shape)) for k, t in packed.items()]
+            del w, packed
+        else:
+            layout.append((name, info.dtype, tuple(info.shape)))
+        bar.update()
+    taken = [n for n, _, _ in layout]
+    if len(set(taken)) != len(taken):
+        clash = next(n for n in taken if taken.count(n) > 1)
+        raise AdaptkitError(f"packed tensor '{clash}' collides with another tensor of the model")
+    metadata = {"format": "pt", METADATA_KEY: method}
+    with atomic_output(out, force=force) as tmp:
+        writer = ShardedWriter(tmp, layout, shard_size=shard_size, metadata=metadata)
+        try:
+            for name in names:  # pass 2: write
+                t = store.get(name)
+                if name in chosen:
+                    packed = quantizer.quantize(t)
+                    for key, stored in packed_names(name, packed).items():
+                        writer.write(stored, packed[key])
+                    del packed
+                else:
+                    writer.write(name, t)
+                del t
+                bar.update()
+        except BaseException:
+            writer.abort()
+            raise
+        files = writer.close()
+        copy_side_files(store.root, tmp)
+    bar.close()
+    store.close()
+    before = sum(store.info(n).nbytes for n in names)
+    after = sum(math.prod(shape) * _size(code) for _, code, shape in layout)
+    values = list(errors.values())
+    return {
+        "model": str(model), "output": str(out), "method": method, "skip": [s for s in skip if s],
+        "files": [f.name for f in files], "tensors": {n: {"error": e} for n, e in errors.items()},
+        "quantized": len(errors), "copied": len(names) - len(errors),
+        "bytes_before": before, "bytes_after": after,
+        "mean_error": sum(values) / len(values) if values else 0.0, "max_error": max(values, default=0.0),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _size(code: str) -> int:
+    from .io import DTYPE_SIZES
+
+    return DTYPE_SIZES[code]

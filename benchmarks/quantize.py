@@ -1,0 +1,67 @@
+"""NF4 quantization throughput: adaptkit's `nf4` plugin against `bitsandbytes.functional.quantize_4bit`.
+
+Job: every 2-D weight of the 168M Llama-shaped base of benchmarks/merge.py (bf16; built there if
+missing), quantized with block size 64, without and with double quantization, by each tool in turn
+in one process (tensors read once beforehand; the median of 3 passes per tool). Prints seconds,
+parameters per second and the ratio (adaptkit throughput / bitsandbytes throughput; target ≥ 1.0),
+and checks that both produce the same codes.
+
+    .venv/bin/python benchmarks/quantize.py
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import merge as bench  # noqa: E402
+
+
+def tensors() -> dict:
+    from adaptkit.io import open_store
+
+    folder = bench.WORK / "default" / "models" / "base"
+    if not bench.has_weights(folder):
+        bench.build_with_model(bench.WORK / "default" / "models", bench.SHAPES["default"])
+    store = open_store(folder)
+    return {k: store.get(k) for k in store.keys() if k.endswith(".weight") and len(store.info(k).shape) == 2}
+
+
+def timed(fn, weights: dict, passes: int = 3) -> float:
+    runs = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for w in weights.values():
+            fn(w)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    import torch
+    from bitsandbytes import functional as bnb
+
+    from adaptkit import registry
+
+    warnings.filterwarnings("ignore")
+    weights = tensors()
+    params = sum(w.numel() for w in weights.values())
+    print(f"{len(weights)} matrices, {params / 1e6:.1f}M parameters (bf16); torch threads {torch.get_num_threads()}")
+    print("\n| job | bitsandbytes s | adaptkit s | throughput ratio (target ≥ 1.0) |\n|---|---|---|---|")
+    for name, double in (("nf4", False), ("nf4_dq", True)):
+        ours = registry.get("quantizer", name)
+        sample = next(iter(weights.values()))
+        packed, _ = bnb.quantize_4bit(sample, blocksize=64, quant_type="nf4", compress_statistics=double)
+        assert torch.equal(ours.quantize(sample)["weight"].reshape(-1), packed.reshape(-1)), "codes differ"
+        theirs_s = timed(lambda w: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double), weights)
+        ours_s = timed(ours.quantize, weights)
+        ratio = theirs_s / ours_s
+        print(f"| {name} ({params / 1e6:.0f}M params) | {theirs_s:.2f} | {ours_s:.2f} | "
+              f"{ratio:.2f} {'✓' if ratio >= 1 else '✗'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
