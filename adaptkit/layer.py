@@ -53,8 +53,28 @@ class Branch(nn.Module):
         raise TypeError("a Branch is run by its AdaptedLayer")
 
 
-class AdaptedLayer(nn.Module):
+class Forwarding(nn.Module):
+    """A wrapper that answers for the module it wraps: attributes it lacks (`.weight`, `.bias`, a
+    decoder layer's own fields) come from `_current()`, so code reading them keeps working."""
+
+    _parts: tuple[str, ...] = ()  # the submodules `_current` reads (absent while __init__ runs)
+
+    def _current(self) -> nn.Module:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not all(part in self._modules for part in self._parts):
+                raise
+            return getattr(self._current(), name)
+
+
+class AdaptedLayer(Forwarding):
     """A base layer plus adapters: y = base(x), then each active, unmerged adapter's branch."""
+
+    _parts = ("base_layer",)
 
     def __init__(self, base_layer: nn.Module, path: str, target: Target):
         super().__init__()
@@ -65,13 +85,8 @@ class AdaptedLayer(nn.Module):
         self.merged_bias: dict[str, torch.Tensor] = {}  # name -> the change a merge made to the bias
         self.disabled = False
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "base_layer" not in self._modules:
-                raise
-            return getattr(self._modules["base_layer"], name)  # `.weight`, `.bias`, a block's attributes
+    def _current(self) -> nn.Module:
+        return self._modules["base_layer"]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
@@ -167,9 +182,11 @@ class AdaptedLayer(nn.Module):
             raise AdaptkitError(f"{self.path}: cannot {action} while adapters {sorted(self.merged)} are merged; unmerge() first")
 
 
-class ReplacedModule(nn.Module):
+class ReplacedModule(Forwarding):
     """A module trained whole (PEFT's `modules_to_save`): the original plus one copy per adapter;
     the active adapter's copy runs, the original when adapters are disabled."""
+
+    _parts = ("original", "copies")
 
     def __init__(self, original: nn.Module, path: str):
         super().__init__()
@@ -180,14 +197,6 @@ class ReplacedModule(nn.Module):
 
     def _current(self) -> nn.Module:
         return self.original if self.disabled or self.active not in self.copies else self.copies[self.active]
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "copies" not in self._modules:
-                raise
-            return getattr(self._current(), name)  # `lm_head.weight`, a decoder layer's attributes, ...
 
     def add(self, name: str) -> nn.Module:
         import copy
