@@ -77,3 +77,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """`cache(folder, "org/name")`: put `folder` in a Hub cache as that repo's main snapshot; the Hub
+    client runs offline against that cache."""
+    import shutil
+
+    root = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(root))
+
+    def cache(folder: Path, repo: str, revision: str = "a" * 40) -> None:
+        repo_dir = root / ("models--" + repo.replace("/", "--"))
+        shutil.copytree(folder, repo_dir / "snapshots" / revision)
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(revision)
+
+    return cache

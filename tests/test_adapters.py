@@ -389,21 +389,12 @@ def test_disable_while_merged_is_refused():
     assert math.isfinite(logits(model).sum().item())
 
 
-def test_load_adapter_from_a_hub_reference(tmp_path, monkeypatch):
+def test_load_adapter_from_a_hub_reference(tmp_path, offline_hub):
     """`org/name` goes through huggingface_hub (offline here: a cached snapshot is used)."""
-    import shutil
-
     base = tiny_llama()
     pm = peft_model(base, r=4, target_modules=["q_proj"])
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--org--tiny-lora" / "snapshots" / ("b" * 40)
     pm.save_pretrained(tmp_path / "saved")
-    shutil.copytree(tmp_path / "saved", snapshot)
-    (cache / "models--org--tiny-lora" / "refs").mkdir()
-    (cache / "models--org--tiny-lora" / "refs" / "main").write_text("b" * 40)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    offline_hub(tmp_path / "saved", "org/tiny-lora", "b" * 40)
     model = copy.deepcopy(base)
     ak.load_adapter(model, "org/tiny-lora")
     torch.testing.assert_close(logits(model), logits(pm), **TOL)

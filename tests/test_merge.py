@@ -370,16 +370,9 @@ def test_sharded_output_loads_in_transformers(models, tmp_path):
     torch.testing.assert_close(model.lm_head.weight.detach(), expected)
 
 
-def test_hub_reference_resolves_from_the_cache(models, tmp_path, monkeypatch):
+def test_hub_reference_resolves_from_the_cache(models, tmp_path, offline_hub):
     """`org/name@rev` goes through huggingface_hub; offline, a cached snapshot is used."""
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--org--tiny-ft" / "snapshots" / ("a" * 40)
-    shutil.copytree(models / "ft1", snapshot)
-    (cache / "models--org--tiny-ft" / "refs").mkdir()
-    (cache / "models--org--tiny-ft" / "refs" / "main").write_text("a" * 40)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    offline_hub(models / "ft1", "org/tiny-ft")
     recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
     recipe["models"][0]["model"] = "org/tiny-ft"
     run_merge(recipe, tmp_path / "out", progress=False)
