@@ -23,6 +23,7 @@ from . import registry
 from .errors import AdaptkitError, unknown_name
 from .targets import _matches, _parent, adapted_layers, find_targets, unwrap, wrap
 from .layer import AdaptedLayer, Branch, ReplacedModule
+from .quantized import QuantizedLinear
 
 TARGETING = {"target_modules": None, "exclude_modules": None, "layers_to_transform": None,
              "layers_pattern": None, "modules_to_save": None}
@@ -91,6 +92,16 @@ class Adapters:
             params = variant.create(target, settings[path], None if weight is None else weight.detach(), adapter.shared)
             layer.branches[name] = Branch(variant, target, settings[path], params).train(layer.training)
             adapter.layers.append(path)
+            if isinstance(layer.base_layer, QuantizedLinear) and (getattr(variant, "moves_base_weight", False)
+                                                                   or layer.resident(name) is not None):
+                for done in adapter.layers:
+                    wrapped = self.model.get_submodule(done)
+                    del wrapped.branches[name]
+                    if not wrapped.branches:
+                        unwrap(self.model, done)
+                raise AdaptkitError(f"{path}: a {variant.name} adapter with these settings changes the base weight "
+                                    f"itself, which a quantized ({layer.base_layer.method}) base cannot hold; "
+                                    "train it on a floating-point base")
         adapter.saved = self._add_saved(name, config["modules_to_save"])
         self.adapters[name] = adapter
         self._freeze_base()
@@ -164,6 +175,16 @@ class Adapters:
             yield
         finally:
             self.enable()
+
+    def quantization_aware(self, method: str | None) -> None:
+        """Quantization-aware training (or None to stop): every adapted layer computes with
+        Q(W + ΔW), quantized by the quantizer plugin `method`, gradients passing straight through."""
+        if method is not None:
+            registry.get("quantizer", method)
+            for name in self.active:
+                self._mergeable(name)  # only weight-space adapters have a W + ΔW to quantize
+        for path in {p for name in self.adapters for p in self.adapters[name].layers}:
+            self.model.get_submodule(path).fake_quant = method
 
     # -- merging --------------------------------------------------------------------------------
     def merge(self, names: str | Iterable[str] | None = None) -> None:

@@ -58,6 +58,10 @@ def _metrics(result: dict) -> str:
               help="bf16: autocast (CPU or GPU); fp16: autocast with loss scaling (GPU only).")
 @click.option("--base-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="dtype the frozen base is loaded in.")
+@click.option("--quantize", metavar="METHOD", help="Keep the frozen base quantized with this quantizer (QLoRA: nf4); "
+              "the linear layers are unpacked one at a time as they run.")
+@click.option("--qat", metavar="METHOD", help="Quantization-aware training: compute with the quantized W + ΔW "
+              "(int8, nf4, ternary, …), so the merged model quantizes with less loss.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialization, dropout and shuffling.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (and at the end).")
 @click.option("--save-every", type=int, help="Checkpoint every N steps into OUT/checkpoints/step-N/.")
@@ -68,7 +72,7 @@ def _metrics(result: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the training report (training.json) as JSON.")
 @click.pass_context
 def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_size, grad_accum, max_steps, epochs, warmup,
-              weight_decay, max_grad_norm, max_length, precision, base_dtype, seed, eval_every, save_every,
+              weight_decay, max_grad_norm, max_length, precision, base_dtype, quantize, qat, seed, eval_every, save_every,
               keep_checkpoints, resume, force, out, as_json):
     """Train an adapter on JSON lines: {"text"}, {"prompt","completion"} or {"text","label"}.
 
@@ -80,6 +84,9 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
       adaptkit train --base minilm --variant lora --set r=8 --data train.jsonl --eval dev.jsonl -o sentiment/
       adaptkit train --base ./llama --variant lora --set r=16 --set lora_alpha=32 \\
           --data chat.jsonl --max-steps 1000 --precision bf16 --save-every 100 -o out/
+      adaptkit train --base ./llama --variant lora --quantize nf4 --base-dtype bfloat16 \
+          --precision bf16 --data chat.jsonl -o qlora/      # QLoRA; the adapter loads on the bf16 base
+      adaptkit train --base ./llama --variant lora --qat ternary --data chat.jsonl -o qat/
       adaptkit train ... -o out/ --resume          # continue an interrupted run
     """
     from .train import train
@@ -88,7 +95,8 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
                    batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
                    warmup=int(warmup) if warmup >= 1 else warmup, max_length=max_length, precision=precision, seed=seed,
                    eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints,
-                   weight_decay=weight_decay, max_grad_norm=max_grad_norm, base_dtype=base_dtype, resume=resume,
+                   weight_decay=weight_decay, max_grad_norm=max_grad_norm, base_dtype=base_dtype, quantize=quantize,
+                   qat=qat, resume=resume,
                    force=force, progress=not (ctx.obj or {}).get("quiet"))
     if int(os.environ.get("RANK", "0")) != 0:
         return

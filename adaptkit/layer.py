@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdaptkitError
+from .quantized import QuantizedLinear, fake_quantize
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class Target:
     @classmethod
     def of(cls, layer: nn.Module) -> Target | None:
         """The target description of a layer adapters can wrap, or None."""
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, (nn.Linear, QuantizedLinear)):
             return cls("linear", layer.in_features, layer.out_features, False)
         if isinstance(layer, nn.Embedding):
             return cls("embedding", layer.num_embeddings, layer.embedding_dim, True)
@@ -84,6 +86,7 @@ class AdaptedLayer(Forwarding):
         self.merged: dict[str, torch.Tensor | None] = {}  # name -> the ΔW added, kept when it depends on W
         self.merged_bias: dict[str, torch.Tensor] = {}  # name -> the change a merge made to the bias
         self.disabled = False
+        self.fake_quant: str | None = None  # quantization-aware training: the quantizer of W + ΔW
 
     def _current(self) -> nn.Module:
         return self._modules["base_layer"]
@@ -92,6 +95,8 @@ class AdaptedLayer(Forwarding):
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
         running = [self.branches[n] for n in self.active if n not in self.merged]
+        if self.fake_quant is not None and running:
+            return self._fake_quantized_forward(x, running)
         inner = x
         for branch in running:
             if branch.transforms_input:
@@ -100,6 +105,24 @@ class AdaptedLayer(Forwarding):
         for branch in running:
             result = branch.variant.forward(branch, self.base_layer, x, result)
         return result
+
+    def _fake_quantized_forward(self, x: torch.Tensor, running: list[Branch]) -> torch.Tensor:
+        """y = x·Q(W + ΣΔW)ᵀ + b + Σ Δb: the merged layer as it will be once quantized, with the
+        straight-through estimator carrying the gradient to each ΔW (QAT)."""
+        w = self.math_weight().float()
+        effective = w
+        bias = getattr(self.base_layer, "bias", None)
+        bias = None if bias is None else bias.float()
+        for branch in running:
+            effective = effective + branch.variant.weight_delta(branch, w)
+            hook = getattr(branch.variant, "bias_delta", None)
+            change = None if hook is None or bias is None else hook(branch, bias)
+            bias = bias if change is None else bias + change
+        q = fake_quantize(effective, self.fake_quant)
+        if self.target.kind == "embedding":
+            return F.embedding(x, q.T.to(self.base_layer.weight.dtype), self.base_layer.padding_idx)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return F.linear(x.to(dtype), q.to(dtype), None if bias is None else bias.to(dtype))
 
     # -- weights in math layout ----------------------------------------------------------------
     def math_weight(self) -> torch.Tensor | None:
@@ -116,6 +139,8 @@ class AdaptedLayer(Forwarding):
             return branch.variant.weight_delta(branch, self.math_weight().float()).to(self.base_layer.weight.dtype)
 
     def add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
+        if isinstance(self.base_layer, QuantizedLinear):  # packed: unpack, add, pack again
+            return self.base_layer.add_to_weight(delta, sign)
         with torch.no_grad():
             w = self.base_layer.weight
             w.add_(delta.T if self.target.transposed else delta, alpha=sign)

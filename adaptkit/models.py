@@ -66,9 +66,10 @@ def _loading_bars(progress: bool):
 
 
 def build_model(folder: Path, task: str, *, num_labels: int | None = None, dtype: str = "float32",
-                progress: bool = False):
+                progress: bool = False, quantize: str | None = None):
     """(model, new_modules): the model for `task` and the paths of modules that did not come from the
-    checkpoint (a classification head made fresh, or resized to num_labels), which must train whole."""
+    checkpoint (a classification head made fresh, or resized to num_labels), which must train whole.
+    With `quantize` (a quantizer plugin) the linear layers are loaded packed (QLoRA): see quantized.py."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -78,6 +79,8 @@ def build_model(folder: Path, task: str, *, num_labels: int | None = None, dtype
     if task == "classification":
         options.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    if quantize is not None:
+        return _build_quantized(folder, auto, task, num_labels, getattr(torch, dtype), quantize)
     try:
         with _loading_bars(progress):
             model, info = auto.from_pretrained(str(folder), **options)
@@ -86,6 +89,20 @@ def build_model(folder: Path, task: str, *, num_labels: int | None = None, dtype
     keys = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
     new = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
     return model, [m for m in new if not any(m.startswith(o + ".") for o in new)]
+
+
+def _build_quantized(folder: Path, auto, task: str, num_labels: int | None, dtype, method: str):
+    from transformers import AutoConfig
+
+    from .quantized import load_quantized
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise AdaptkitError(f"{folder}: cannot read the model config ({str(e).splitlines()[0]})") from None
+    if task == "classification":
+        config.num_labels = num_labels
+    return load_quantized(folder, auto, config, method=method, dtype=dtype)
 
 
 def training_info(folder: str | Path) -> dict | None:

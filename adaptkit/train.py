@@ -32,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, registry
 from .data import Batches, Dataset, collate, load_dataset
 from .errors import AdaptkitError
 from .evaluate import autocast, default_device, evaluate_model
@@ -75,19 +75,24 @@ def train(base: str | Path, variant: str, data: str | Path, out: str | Path, *, 
           grad_accum: int = 1, max_steps: int | None = None, epochs: float | None = None, warmup: float = 0,
           max_length: int | None = None, precision: str = "fp32", seed: int = 0, eval_every: int | None = None,
           save_every: int | None = None, keep_checkpoints: int | None = None, weight_decay: float = 0.0,
-          max_grad_norm: float = 1.0, base_dtype: str = "float32", resume: bool = False, force: bool = False,
-          progress: bool = True, device: str | None = None, callback: Callable | None = None) -> dict:
+          max_grad_norm: float = 1.0, base_dtype: str = "float32", quantize: str | None = None, qat: str | None = None,
+          resume: bool = False, force: bool = False, progress: bool = True, device: str | None = None,
+          callback: Callable | None = None) -> dict:
     """Train adapter `variant` on `base` with `data` (JSON lines) into the folder `out`; returns the
     training report (also OUT/training.json). `callback(view)` runs before step 1 (step 0) and after
     every step, with `view.step`, `.record`, `.model`, `.handle`, `.optimizer`, `.scheduler`, `.rank`."""
     if grad_accum < 1 or batch_size < 1:
         raise AdaptkitError("batch_size and grad_accum must be at least 1")
+    for method in (quantize, qat):
+        if method is not None:
+            registry.get("quantizer", method)  # an unknown name fails now, with the nearest known one
     args = {"base": str(base), "variant": variant, "settings": dict(settings or {}), "data": str(data),
             "eval_data": None if eval_data is None else str(eval_data), "task": task, "lr": lr,
             "batch_size": batch_size, "grad_accum": grad_accum, "max_steps": max_steps, "epochs": epochs,
             "warmup": warmup, "max_length": max_length, "precision": precision, "seed": seed, "eval_every": eval_every,
             "save_every": save_every, "keep_checkpoints": keep_checkpoints, "weight_decay": weight_decay,
-            "max_grad_norm": max_grad_norm, "base_dtype": base_dtype, "resume": resume, "force": force,
+            "max_grad_norm": max_grad_norm, "base_dtype": base_dtype, "quantize": quantize, "qat": qat,
+            "resume": resume, "force": force,
             "progress": progress}
     try:
         args = json.loads(json.dumps(args))
@@ -149,10 +154,12 @@ def _prepare(run: Run) -> None:
     run.total = a["max_steps"] or max(1, round((a["epochs"] or 1) * per_epoch))
     labels = run.train_set.labels
     model, new = build_model(folder, run.train_set.task, num_labels=len(labels) if labels else None,
-                             dtype=a["base_dtype"], progress=a["progress"] and run.main)
+                             dtype=a["base_dtype"], progress=a["progress"] and run.main, quantize=a["quantize"])
     if model.config.pad_token_id is None:
         model.config.pad_token_id = run.tokenizer.pad_token_id
     run.model, run.handle = model, _inject(model, a["variant"], a["settings"], new, run.total)
+    if a["qat"]:
+        run.handle.quantization_aware(a["qat"])
     run.cast = autocast(a["precision"], run.device)
     if a["precision"] != "fp32":  # mixed precision: the trained tensors stay float32
         for p in model.parameters():
@@ -173,7 +180,6 @@ def _default_length(tokenizer, folder: Path) -> int:
 def _inject(model, name: str, settings: dict, new: list[str], total: int):
     """adaptkit.inject with the generic defaults (see the module docstring)."""
     import adaptkit
-    from . import registry
     from .adapters import variant_config
 
     variant = registry.get("variant", name)

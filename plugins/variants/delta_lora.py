@@ -40,6 +40,7 @@ class DeltaLoRA(LoRA):
 
     param_names = ("lora_A", "lora_B", "delta_A", "delta_B")
     config_keys = LORA_CONFIG_KEYS | {"start_step", "update_ratio"}
+    moves_base_weight = True  # W itself trains (on_step_end): a quantized base cannot hold that
 
     def __init__(self, name: str = "delta_lora"):
         super().__init__(name)

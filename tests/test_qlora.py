@@ -1,0 +1,254 @@
+"""Adapters on quantized bases (QLoRA) and quantization-aware training (QAT)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+import adaptkit
+from adaptkit import registry
+from adaptkit.cli import cli
+from adaptkit.errors import AdaptkitError
+from adaptkit.quantized import QuantizedLinear, fake_quantize, load_quantized, quantize_model
+from text_models import bert_dir, counting, llama_dir, sentiment, write_jsonl
+
+QUANTIZERS = registry.names("quantizer")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    return {"llama": llama_dir(root / "llama"), "bert": bert_dir(root / "bert"),
+            "counting": write_jsonl(root / "counting.jsonl", counting()),
+            "sentiment": write_jsonl(root / "sentiment.jsonl", sentiment())}
+
+
+def causal_lm(folder, method=None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if method is None:
+        return AutoModelForCausalLM.from_pretrained(folder)
+    return load_quantized(folder, AutoModelForCausalLM, AutoConfig.from_pretrained(folder), method=method,
+                          dtype=torch.float32)[0]
+
+
+IDS = torch.tensor([[2, 5, 6, 7, 8, 9], [2, 9, 10, 11, 12, 13]])
+
+
+# -- the quantized layer ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", QUANTIZERS)
+def test_quantized_linear_computes_with_the_dequantized_weight(method):
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 40), torch.randn(24)
+    layer = QuantizedLinear.from_weight(method, w, b)
+    quantizer = registry.get("quantizer", method)
+    w_hat = quantizer.dequantize(quantizer.quantize(w)).float()
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, w_hat, b), rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    torch.testing.assert_close(x.grad, grad @ w_hat, rtol=1e-5, atol=1e-5)  # ∂L/∂x = ∂L/∂y · Ŵ
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert torch.equal(layer.weight, w_hat)
+
+
+def test_the_backward_keeps_no_dequantized_weight():
+    layer = QuantizedLinear.from_weight("nf4", torch.randn(256, 256))
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        layer(x).sum().backward()
+    assert all(n < 256 * 256 for n in saved)
+
+
+def test_loading_quantized_equals_quantizing_the_loaded_model(env):
+    """The streaming loader (linear layers never made in full precision) gives the same model as
+    loading in float and quantizing after; the LM head stays float (as QLoRA keeps it)."""
+    streamed, whole = causal_lm(env["llama"], "nf4"), causal_lm(env["llama"])
+    assert quantize_model(whole, "nf4") == 14
+    assert torch.equal(streamed(IDS).logits, whole(IDS).logits)
+    plain = [p for p, m in streamed.named_modules() if isinstance(m, nn.Linear)]
+    assert plain == ["lm_head"] and not any(t.is_meta for t in streamed.state_dict().values())
+
+
+def test_a_new_head_is_initialized_and_listed(env):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(env["bert"])
+    config.num_labels = 3
+    model, new = load_quantized(env["bert"], AutoModelForSequenceClassification, config, method="int8",
+                                dtype=torch.float32)
+    assert new == ["classifier"]
+    assert isinstance(model.classifier, nn.Linear) and 0.005 < model.classifier.weight.std() < 0.05
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, QuantizedLinear)
+
+
+# -- QLoRA ------------------------------------------------------------------------------------------
+def lora_grads(model, seed=0):
+    torch.manual_seed(seed)
+    handle = adaptkit.inject(model, "lora", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian")
+    loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    return handle, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_gradients_match_the_float_base(env):
+    """A QLoRA step's adapter gradients are exactly those of the float model whose weights are the
+    dequantized ones, and close to those on the original float base."""
+    _, quantized = lora_grads(causal_lm(env["llama"], "nf4"))
+    dequantized_base = causal_lm(env["llama"])
+    quantize_model(dequantized_base, "nf4")
+    for module in dequantized_base.modules():  # back to nn.Linear holding Ŵ
+        for name, child in module.named_children():
+            if isinstance(child, QuantizedLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight.data = child.weight
+                setattr(module, name, linear)
+    _, reference = lora_grads(dequantized_base)
+    _, original = lora_grads(causal_lm(env["llama"]))
+    assert quantized.keys() == reference.keys() == original.keys() and len(quantized) == 28
+    for name in quantized:
+        torch.testing.assert_close(quantized[name], reference[name], rtol=1e-4, atol=1e-6)
+    flat = lambda g: torch.cat([t.reshape(-1) for t in g.values()])  # noqa: E731
+    q, o = flat(quantized), flat(original)
+    assert F.cosine_similarity(q, o, dim=0) > 0.95
+    assert (q - o).norm() / o.norm() < 0.3
+
+
+@pytest.mark.parametrize("settings", [{"init_lora_weights": "pissa"}, {}])
+def test_variants_that_move_the_base_weight_are_refused(env, settings):
+    model = causal_lm(env["llama"], "nf4")
+    variant = "lora" if settings else "delta_lora"
+    with pytest.raises(AdaptkitError, match="quantized \\(nf4\\) base cannot hold"):
+        adaptkit.inject(model, variant, r=2, target_modules=["q_proj"], **settings)
+    assert not any(type(m).__name__ == "AdaptedLayer" for m in model.modules())  # nothing left behind
+
+
+def test_merging_into_a_quantized_layer_rounds_again(env):
+    model = causal_lm(env["llama"], "int8")
+    handle, _ = lora_grads(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+        before = model(IDS).logits
+        handle.merge()
+        after = model(IDS).logits
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, QuantizedLinear)
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+
+
+def test_train_quantize_nf4_then_load_on_the_float_base(env, tmp_path, one_thread):
+    out = tmp_path / "qlora"
+    result = CliRunner().invoke(cli, ["-q", "train", "--base", str(env["llama"]), "--variant", "lora", "--set", "r=4",
+                                      "--set", "lora_alpha=8", "--quantize", "nf4", "--data", str(env["counting"]),
+                                      "--lr", "3e-2", "--max-steps", "10", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["args"]["quantize"] == "nf4"
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 0.05
+    # the adapter is a plain LoRA: on the quantized base it gives what it gave in training,
+    # on the float base nearly that, and PEFT loads it
+    quantized = causal_lm(env["llama"], "nf4")
+    adaptkit.load_adapter(quantized, out)
+    floating = causal_lm(env["llama"])
+    adaptkit.load_adapter(floating, out)
+    with torch.no_grad():
+        q, f = quantized(IDS).logits, floating(IDS).logits
+    assert (q - f).abs().max() < 0.1 * f.abs().max()
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(causal_lm(env["llama"]), out)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(IDS).logits, f, rtol=1e-5, atol=1e-5)
+
+
+def test_train_quantized_classification(env, tmp_path, one_thread):
+    from adaptkit.train import train
+
+    report = train(env["bert"], "lora", env["sentiment"], tmp_path / "cls", settings={"r": 4}, quantize="nf4",
+                   lr=5e-2, max_steps=3, progress=False)
+    assert report["steps"] == 3
+    saved = json.loads((tmp_path / "cls" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["classifier"]
+
+
+def test_unknown_quantizer_names_the_nearest(env, tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--base", str(env["llama"]), "--variant", "lora", "--quantize", "nf5",
+                                      "--data", str(env["counting"]), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "nf4" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+# -- QAT ----------------------------------------------------------------------------------------------
+def test_fake_quantize_is_q_forward_identity_backward():
+    w = torch.randn(8, 16, requires_grad=True)
+    q = fake_quantize(w, "ternary")
+    ternary = registry.get("quantizer", "ternary")
+    assert torch.equal(q, ternary.dequantize(ternary.quantize(w.detach())))
+    g = torch.randn_like(q)
+    q.backward(g)
+    assert torch.equal(w.grad, g)
+
+
+def qat_toy(qat: str | None, method="ternary", steps=150):
+    """A two-layer MLP taught a low-rank change by LoRA; returns the loss of the merged model
+    after quantizing its weights with `method`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in (teacher[0], teacher[2]):
+            layer.weight.add_(0.075 * torch.randn(layer.weight.shape[0], 2) @ torch.randn(2, layer.weight.shape[1]))
+    x = torch.randn(512, 32)
+    y = teacher(x).detach()
+    handle = adaptkit.inject(model, "lora", target_modules=["0", "2"], r=4, lora_alpha=4)
+    handle.quantization_aware(qat)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    handle.quantization_aware(None)
+    merged = handle.merge_and_unload()
+    quantize_model(merged, method, skip=())
+    with torch.no_grad():
+        return F.mse_loss(merged(x), y).item()
+
+
+def test_qat_makes_the_quantized_merge_better():
+    plain, aware = qat_toy(None), qat_toy("ternary")
+    assert aware < 0.75 * plain, (aware, plain)
+
+
+def test_qat_forward_is_the_quantized_merged_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    handle = adaptkit.inject(model, "lora", target_modules=["0"], r=2, init_lora_weights="gaussian")
+    x = torch.randn(4, 16)
+    handle.quantization_aware("int8")
+    y = model(x)
+    layer = model[0]
+    w = layer.base_layer.weight + layer.delta("default")
+    int8 = registry.get("quantizer", "int8")
+    expected = F.linear(x, int8.dequantize(int8.quantize(w)), layer.base_layer.bias)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_qat_cli_and_activation_variants_refused(env, tmp_path, one_thread):
+    result = CliRunner().invoke(cli, ["-q", "train", "--base", str(env["llama"]), "--variant", "lora", "--set", "r=4",
+                                      "--qat", "int8", "--data", str(env["counting"]), "--max-steps", "2",
+                                      "-o", str(tmp_path / "qat"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["args"]["qat"] == "int8"
+    result = CliRunner().invoke(cli, ["-q", "train", "--base", str(env["llama"]), "--variant", "loreft",
+                                      "--set", "layers=[0]", "--qat", "int8", "--data", str(env["counting"]),
+                                      "--max-steps", "1", "-o", str(tmp_path / "reft")])
+    assert result.exit_code == 1 and "cannot be merged" in result.output
