@@ -171,10 +171,12 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickle checkpoints (torch.load weights_only=True).")
+@click.option("--requantize", is_flag=True, help="With a quantized base: pack the result again with the base's "
+              "quantizer (default: write it unpacked, bfloat16) and report the extra rounding error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, shard_size, threads, force, dry_run,
-          allow_nonfinite, allow_pickle, as_json):
+          allow_nonfinite, allow_pickle, requantize, as_json):
     """Merge models or adapters by a recipe (mergekit's YAML format) or the quick form.
 
     Modes: models -> model; base + adapters -> model (each adapter's ΔW added into the streamed
@@ -187,6 +189,7 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, sha
       adaptkit merge --base llama -m my-lora -o llama-merged/        # merge-and-unload
       adaptkit merge --method linear -m lora1:0.5 -m lora2:0.5 --rank 16 -o lora-mix/
       adaptkit merge soup.yaml -o merged/ --dry-run
+      adaptkit merge --base llama-nf4 -m my-qlora -o merged/ --requantize   # into a quantized base
     """
     from .merge import Plan, run_merge
     from .recipe import load_recipe
@@ -217,11 +220,16 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, sha
                    f"estimated peak {human_bytes(summary['estimated_peak_bytes'])}")
         return
     report = run_merge(parsed, out, force=force, shard_size=shard_size, threads=threads, seed=seed, dtype=dtype,
-                       allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, progress=not ctx.obj["quiet"])
+                       allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, requantize=requantize,
+                       progress=not ctx.obj["quiet"])
     if as_json:
         return emit_json(report)
     click.echo(f"merged {report['tensors']} tensors with {report['method']} into {report['output']} "
                f"({len(report['files'])} file(s), {report['seconds']:.1f} s)")
+    again = report.get("requantized")
+    if again:
+        click.echo(f"re-quantized {again['quantized']} tensor(s) with {again['method']}: extra rounding error "
+                   f"(relative) mean {again['mean_error']:.4g}, max {again['max_error']:.4g}")
 
 
 def _evaluator(eval_cmd: str | None, eval_py: str | None, eval_data: str | None = None, task: str | None = None):

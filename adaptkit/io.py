@@ -147,6 +147,10 @@ class TensorStore:
     def __len__(self) -> int:
         return len(self.infos)
 
+    def packed(self, name: str) -> bool:
+        """Whether `name` is unpacked from several stored tensors (then it is read whole)."""
+        return False
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self.infos[name]

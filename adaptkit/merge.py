@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from . import registry
 from .dtypes import code_to_torch, parse_dtype, torch_to_code
 from .errors import AdaptkitError
+from .io import open_store
 from .recipe import Recipe, load_recipe, resolve_params
 from .sources import ModelSource, check_same_architecture, open_input
 from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output, copy_side_files
@@ -115,7 +117,9 @@ class Plan:
         self.names = reference.keys()
         for source in self.sources:
             source.check_matches(reference)
-        out = parse_dtype(dtype or recipe.out_dtype or recipe.dtype)
+        # a quantized input has no one dtype to keep: the output is bfloat16 unless asked otherwise
+        unpacked = "bfloat16" if any(hasattr(s.store, "method") for s in self.sources) else None
+        out = parse_dtype(dtype or recipe.out_dtype or recipe.dtype or unpacked)
         self.layout = []
         for name in self.names:
             info = reference.info(name)
@@ -160,7 +164,7 @@ def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
     shape = (plan.base or plan.inputs[0]).info(name).shape
     numel = math.prod(shape)
     if (not getattr(plan.method, "elementwise", False) or numel <= BLOCK_ELEMENTS or len(shape) < 2
-            or any(source.has_deltas(name) for source in plan.sources)):
+            or any(source.has_deltas(name) or source.store.packed(name) for source in plan.sources)):
         return [None]
     step = max(1, BLOCK_ELEMENTS // (numel // shape[0]))
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
@@ -188,32 +192,63 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
 def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: bool = False,
               shard_size: int | str = DEFAULT_SHARD_SIZE, threads: int | None = None, seed: int | None = None,
               dtype: str | None = None, allow_nonfinite: bool = False, allow_pickle: bool = False,
-              progress: bool = True) -> dict[str, Any]:
-    """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json)."""
+              requantize: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json).
+
+    Quantized inputs are read unpacked (unpacked.py), and the output is floating point; with
+    `requantize` the tensors the quantized base had packed are packed again with its quantizer,
+    and the report's `requantized` gives that extra rounding error (relative, per tensor)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if seed is not None:
         recipe.seed = seed
     if recipe.output_kind == "adapter":
+        if requantize:
+            raise AdaptkitError("--requantize applies to model outputs; this recipe makes an adapter")
         from .adapter_merge import merge_adapters
         return merge_adapters(recipe, out, force=force, progress=progress, allow_pickle=allow_pickle)
     start = time.perf_counter()
     plan = Plan(recipe, allow_pickle=allow_pickle, dtype=dtype)
     threads = threads or default_threads(plan)
-    metadata = {"format": "pt", "adaptkit.merge_method": recipe.method, "adaptkit.seed": str(recipe.seed)}
-    with atomic_output(out, force=force) as tmp:
-        writer = ShardedWriter(tmp, plan.layout, shard_size=shard_size, metadata=metadata)
-        try:
-            _stream(plan, writer, threads, allow_nonfinite, progress)
-        except BaseException:
-            writer.abort()
-            raise
-        files = writer.close()
-        side = plan.base or plan.inputs[0]
-        copy_side_files(side.root, tmp)
+    packed = _quantized_base(plan) if requantize else None
     report = plan.summary(threads)
-    report.update(output=str(out), files=[f.name for f in files], seconds=round(time.perf_counter() - start, 3),
+    with atomic_output(out, force=force) as tmp:
+        folder = tmp / ".unquantized" if packed else tmp
+        folder.mkdir(exist_ok=True)
+        files = _write(plan, folder, threads, shard_size, allow_nonfinite, progress)
+        if packed:
+            from .quantize import quantize_into
+
+            method, names = packed
+            with open_store(folder) as merged:
+                again = quantize_into(merged, method, names, tmp, shard_size=shard_size, progress=progress)
+            shutil.rmtree(folder)
+            files = again.pop("files")
+            report["requantized"] = again
+    report.update(output=str(out), files=[Path(f).name for f in files], seconds=round(time.perf_counter() - start, 3),
                   seed=recipe.seed)
     return report
+
+
+def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: bool, progress: bool) -> list[Path]:
+    metadata = {"format": "pt", "adaptkit.merge_method": plan.recipe.method, "adaptkit.seed": str(plan.recipe.seed)}
+    writer = ShardedWriter(folder, plan.layout, shard_size=shard_size, metadata=metadata)
+    try:
+        _stream(plan, writer, threads, allow_nonfinite, progress)
+    except BaseException:
+        writer.abort()
+        raise
+    files = writer.close()
+    copy_side_files((plan.base or plan.inputs[0]).root, folder)
+    return files
+
+
+def _quantized_base(plan: Plan) -> tuple[str, set[str]]:
+    """(quantizer, names it packed) of the quantized model the merge starts from."""
+    for source in plan.sources:
+        method = getattr(source.store, "method", None)
+        if method is not None:
+            return method, {n for n in plan.names if source.store.packed(n)}
+    raise AdaptkitError("--requantize: no input is a quantized model (to quantize the result, run adaptkit quantize)")
 
 
 def default_threads(plan: Plan) -> int:

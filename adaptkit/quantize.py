@@ -49,20 +49,35 @@ def relative_error(quantizer, packed: dict, original) -> float:
     return diff / norm if norm else diff
 
 
-def run_quantize(model: str | Path, method: str, out: str | Path, *, skip: Iterable[str] = (), force: bool = False,
+def run_quantize(model: str | Path, method: str, out: str | Path, *, skip: Iterable[str] = (),
+                 only: Iterable[str] | None = None, force: bool = False,
                  shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict[str, Any]:
-    """Quantize `model` with quantizer plugin `method` into the folder `out`; returns the report."""
-    from tqdm import tqdm
-
-    from .dtypes import torch_to_code
-
+    """Quantize `model` with quantizer plugin `method` into the folder `out`; returns the report.
+    `only` names the tensors to quantize exactly (else every 2-D float weight not in `skip`)."""
     start = time.perf_counter()
     quantizer = registry.get("quantizer", method)
     store = open_store(model)
     for name in registry.names("quantizer"):
         if registry.get("quantizer", name).detect(store):
             raise AdaptkitError(f"{model}: already quantized ({name}); quantize a floating-point model")
-    chosen = set(select(store, skip))
+    chosen = set(select(store, skip)) if only is None else set(only)
+    with atomic_output(out, force=force) as tmp:
+        report = quantize_into(store, method, chosen, tmp, shard_size=shard_size, progress=progress)
+    store.close()
+    report.update(model=str(model), output=str(out), skip=[s for s in skip if s],
+                  seconds=round(time.perf_counter() - start, 3))
+    return report
+
+
+def quantize_into(store, method: str, chosen: set[str], folder: Path, *, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                  progress: bool = True) -> dict[str, Any]:
+    """Write `store` into the existing `folder` with the tensors in `chosen` packed by `method`;
+    returns the report's figures (files, per-tensor error, counts, bytes)."""
+    from tqdm import tqdm
+
+    from .dtypes import torch_to_code
+
+    quantizer = registry.get("quantizer", method)
     names = list(store.keys())
     layout: list[tuple[str, str, tuple[int, ...]]] = []
     errors: dict[str, float] = {}
@@ -84,37 +99,33 @@ def run_quantize(model: str | Path, method: str, out: str | Path, *, skip: Itera
         clash = next(n for n in taken if taken.count(n) > 1)
         raise AdaptkitError(f"packed tensor '{clash}' collides with another tensor of the model")
     metadata = {"format": "pt", METADATA_KEY: method}
-    with atomic_output(out, force=force) as tmp:
-        writer = ShardedWriter(tmp, layout, shard_size=shard_size, metadata=metadata)
-        try:
-            for name in names:  # pass 2: write
-                t = store.get(name)
-                if name in chosen:
-                    packed = quantizer.quantize(t)
-                    for key, stored in packed_names(name, packed).items():
-                        writer.write(stored, packed[key])
-                    del packed
-                else:
-                    writer.write(name, t)
-                del t
-                bar.update()
-        except BaseException:
-            writer.abort()
-            raise
-        files = writer.close()
-        copy_side_files(store.root, tmp)
+    writer = ShardedWriter(folder, layout, shard_size=shard_size, metadata=metadata)
+    try:
+        for name in names:  # pass 2: write
+            t = store.get(name)
+            if name in chosen:
+                packed = quantizer.quantize(t)
+                for key, stored in packed_names(name, packed).items():
+                    writer.write(stored, packed[key])
+                del packed
+            else:
+                writer.write(name, t)
+            del t
+            bar.update()
+    except BaseException:
+        writer.abort()
+        raise
+    files = writer.close()
+    copy_side_files(store.root, folder)
     bar.close()
-    store.close()
     before = sum(store.info(n).nbytes for n in names)
     after = sum(math.prod(shape) * _size(code) for _, code, shape in layout)
     values = list(errors.values())
     return {
-        "model": str(model), "output": str(out), "method": method, "skip": [s for s in skip if s],
-        "files": [f.name for f in files], "tensors": {n: {"error": e} for n, e in errors.items()},
+        "method": method, "files": [f.name for f in files], "tensors": {n: {"error": e} for n, e in errors.items()},
         "quantized": len(errors), "copied": len(names) - len(errors),
         "bytes_before": before, "bytes_after": after,
         "mean_error": sum(values) / len(values) if values else 0.0, "max_error": max(values, default=0.0),
-        "seconds": round(time.perf_counter() - start, 3),
     }
 
 

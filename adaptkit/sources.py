@@ -17,6 +17,7 @@ from .errors import AdaptkitError
 from .io import TensorInfo, TensorStore, open_store
 from .recipe import Ref
 from .spec import AdapterFiles
+from .unpacked import open_unpacked
 
 
 def resolve_path(ref: str) -> Path:
@@ -119,7 +120,7 @@ def weight_key(store: TensorStore, module: str) -> str | None:
 
 def open_input(ref: Ref, *, allow_pickle: bool = False, base: Ref | None = None) -> ModelSource:
     """Open a recipe input. A bare adapter with a recipe base becomes `base+adapter`."""
-    store = open_store(resolve_path(ref.model), allow_pickle=allow_pickle)
+    store = open_unpacked(open_store(resolve_path(ref.model), allow_pickle=allow_pickle))
     adapters = [_must_be_adapter(a, allow_pickle) for a in ref.adapters]
     lone = read_adapter(store)
     if lone is not None:

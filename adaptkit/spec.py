@@ -165,7 +165,12 @@ class MergeMethod(Protocol):
 
 @runtime_checkable
 class Quantizer(Protocol):
-    """Packs a float tensor into storage tensors and back. `detect` must need headers only."""
+    """Packs a float tensor into storage tensors and back. `detect` must need headers only.
+
+    Keys of the packed dict start with "weight" ("weight", "weight.<stat>"); stored models put them
+    under the tensor's name. Optional: `unpacked_shape(shapes, read)` — the original shape from the
+    packed tensors' shapes (key -> shape) and `read(key)` for small ones, without unpacking.
+    """
 
     name: str
 

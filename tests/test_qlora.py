@@ -252,3 +252,78 @@ def test_qat_cli_and_activation_variants_refused(env, tmp_path, one_thread):
                                       "--set", "layers=[0]", "--qat", "int8", "--data", str(env["counting"]),
                                       "--max-steps", "1", "-o", str(tmp_path / "reft")])
     assert result.exit_code == 1 and "cannot be merged" in result.output
+
+
+# -- merging into a quantized base (adaptkit merge) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def quantized_base(env, tmp_path_factory):
+    from adaptkit.quantize import run_quantize
+
+    root = tmp_path_factory.mktemp("qbase")
+    run_quantize(env["llama"], "nf4", root / "nf4", skip=["lm_head"], progress=False)
+    model = causal_lm(env["llama"])
+    torch.manual_seed(1)
+    handle = adaptkit.inject(model, "lora", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                             init_lora_weights="gaussian")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    handle.save(root / "adapter")
+    deltas = {f"{layer.path}.weight": layer.delta("default") for layer, _ in handle._layers("default")}
+    return {"base": root / "nf4", "adapter": root / "adapter", "deltas": deltas}
+
+
+def test_merge_into_a_quantized_base_writes_bf16(quantized_base, tmp_path):
+    from safetensors.torch import load_file
+
+    from adaptkit.io import open_store
+    from adaptkit.unpacked import open_unpacked
+
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["-q", "merge", "--base", str(quantized_base["base"]), "-m",
+                                      str(quantized_base["adapter"]), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    merged = load_file(out / "model.safetensors")
+    base = open_unpacked(open_store(quantized_base["base"]))
+    assert set(merged) == set(base.keys()) and "lm_head.weight" in merged
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = (base.get(name) + quantized_base["deltas"][name]).to(torch.bfloat16)
+    assert torch.equal(merged[name], expected)  # Ŵ + ΔW, rounded once
+    untouched = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(merged[untouched], base.get(untouched).to(torch.bfloat16))
+
+
+def test_merge_requantize_packs_again_and_reports_the_error(quantized_base, tmp_path):
+    from adaptkit.inspection import inspect
+    from adaptkit.io import open_store
+
+    out = tmp_path / "requantized"
+    result = CliRunner().invoke(cli, ["-q", "merge", "--base", str(quantized_base["base"]), "-m",
+                                      str(quantized_base["adapter"]), "-o", str(out), "--requantize", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["requantized"]
+    assert report["method"] == "nf4" and report["quantized"] == 15 and 0 < report["mean_error"] < 0.2
+    assert inspect(out)["kind"] == "quantized-model"
+    nf4 = registry.get("quantizer", "nf4")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with open_store(out) as store, open_store(quantized_base["base"]) as before:
+        assert "lm_head.weight.absmax" not in store and store.info("lm_head.weight").dtype == "BF16"
+        packed = {k.replace(name, "weight", 1): store.get(k) for k in store.keys() if k.startswith(name)}
+        old = nf4.dequantize({k.replace(name, "weight", 1): before.get(k) for k in before.keys() if k.startswith(name)})
+    merged = (old.float() + quantized_base["deltas"][name]).to(torch.bfloat16)
+    expected = nf4.quantize(merged)
+    assert packed.keys() == expected.keys()
+    for key in packed:
+        assert torch.equal(packed[key], expected[key]), key
+    text = CliRunner().invoke(cli, ["-q", "merge", "--base", str(quantized_base["base"]), "-m",
+                                    str(quantized_base["adapter"]), "-o", str(tmp_path / "again"), "--requantize"])
+    assert "extra rounding error" in text.output
+
+
+def test_requantize_needs_a_quantized_input(env, quantized_base, tmp_path):
+    result = CliRunner().invoke(cli, ["merge", "--base", str(env["llama"]), "-m", str(quantized_base["adapter"]),
+                                      "-o", str(tmp_path / "x"), "--requantize"])
+    assert result.exit_code == 1 and "no input is a quantized model" in result.output
+    assert not (tmp_path / "x").exists()

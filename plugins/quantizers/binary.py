@@ -59,6 +59,9 @@ class Binary:
             raise AdaptkitError(f"{self.name}: weight.alpha has {alpha.shape[0]} rows, shape {shape} has {rows.shape[0]}")
         return (rows * alpha).reshape(shape)
 
+    def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
+        return tuple(read("weight.shape").tolist())
+
     def detect(self, store: TensorStore) -> bool:
         return any(f"{k}.shape" in store and store.info(k).dtype == "U8" for k in bases_with(store, ".alpha"))
 

@@ -173,6 +173,10 @@ class FourBit:
         values = code[nibbles] * absmax.float().repeat_interleave(b)[:n]
         return values.reshape(shape).to(getattr(torch, state["dtype"]))
 
+    def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
+        """The shape of the packed tensor, from its quant-state JSON alone."""
+        return tuple(self.state({self.state_key: read(self.state_key)})["shape"])
+
     # -- detect (headers only) -----------------------------------------------------------------
     def detect(self, store: TensorStore) -> bool:
         suffix = f".quant_state.bitsandbytes__{self.quant_type}"

@@ -69,6 +69,9 @@ class Int8:
         out = blocks * (s.reshape(blocks.shape[0], -1, 1) / 127)
         return out.reshape(rows.shape[0], -1)[:, : rows.shape[1]].reshape(q.shape)
 
+    def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
+        return tuple(shapes["weight"])  # the int8 codes keep the tensor's shape
+
     def detect(self, store: TensorStore) -> bool:
         return any(store.info(k).dtype == "I8" and store.info(f"{k}.scale").dtype == "F32"
                    for k in bases_with(store, ".scale"))

@@ -64,6 +64,9 @@ class Ternary:
             raise AdaptkitError(f"{self.name}: invalid 2-bit code 3 in weight")
         return ((c.float() - 1) * packed["weight.gamma"].float()).reshape(shape)
 
+    def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
+        return tuple(read("weight.shape").tolist())
+
     def detect(self, store: TensorStore) -> bool:
         return any(f"{k}.shape" in store and store.info(k).dtype == "U8" for k in bases_with(store, ".gamma"))
 
