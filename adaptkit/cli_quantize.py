@@ -9,12 +9,13 @@ from .cli import CONTEXT, cli, emit_json
 @cli.command(context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--method", "-m", required=True, help="Quantizer plugin (see `adaptkit plugins --kind quantizer`).")
+@click.option("--double-quant", is_flag=True, help="Quantize the block scales too (QLoRA's double quantization: nf4, fp4).")
 @click.option("--skip", default="", help="Comma-separated name parts to keep unquantized (e.g. lm_head,embed).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (error per tensor, sizes) as JSON.")
 @click.pass_context
-def quantize(ctx, model, method, skip, out, force, as_json):
+def quantize(ctx, model, method, double_quant, skip, out, force, as_json):
     """Quantize every floating 2-D weight matrix of a model with a quantizer plugin.
 
     Other tensors (norms, biases, skipped or non-float ones) are copied unchanged; config and
@@ -23,10 +24,18 @@ def quantize(ctx, model, method, skip, out, force, as_json):
     \b
     Examples:
       adaptkit quantize ./model --method int8 -o model-int8/
+      adaptkit quantize ./model --method nf4 --double-quant --skip lm_head -o model-nf4/
       adaptkit quantize ./model --method METHOD --skip lm_head,embed -o out/ --json
     """
+    from . import registry
+    from .errors import AdaptkitError
     from .quantize import run_quantize
 
+    if double_quant:
+        form = getattr(registry.get("quantizer", method), "double_quant_form", None)
+        if form is None:
+            raise AdaptkitError(f"--double-quant: the {method} quantizer has no double-quantized form")
+        method = form
     report = run_quantize(model, method, out, skip=[s.strip() for s in skip.split(",")], force=force,
                           progress=not (ctx.obj or {}).get("quiet"))
     if as_json:

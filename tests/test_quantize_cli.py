@@ -116,3 +116,13 @@ def test_crash_leaves_no_output(llama_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         run_quantize(llama_dir, "int8", tmp_path / "o", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_double_quant_flag_picks_the_double_quantized_form(llama_dir, tmp_path):
+    res = _run("quantize", llama_dir, "--method", "nf4", "--double-quant", "-o", tmp_path / "dq", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["method"] == "nf4_dq"
+    assert any(k.endswith(".weight.nested_absmax") for k in open_store(tmp_path / "dq").keys())
+    res = _run("quantize", llama_dir, "--method", "int8", "--double-quant", "-o", tmp_path / "x")
+    assert res.exit_code == 1 and "int8 quantizer has no double-quantized form" in res.output
+    assert not (tmp_path / "x").exists()

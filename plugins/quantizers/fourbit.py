@@ -191,5 +191,6 @@ class FourBit:
 
 NF4 = FourBit("nf4", "nf4", about="NF4 4-bit NormalFloat, blocks of 64 absmax (QLoRA; bitsandbytes layout)")
 FP4 = FourBit("fp4", "fp4", about="FP4 4-bit float (e2m1), blocks of 64 absmax (bitsandbytes layout)")
+NF4.double_quant_form, FP4.double_quant_form = "nf4_dq", "fp4_dq"  # what `--double-quant` picks
 NF4_DQ = FourBit("nf4_dq", "nf4", double_quant=True, about="NF4 with double quantization of the absmax (QLoRA DQ)")
 FP4_DQ = FourBit("fp4_dq", "fp4", double_quant=True, about="FP4 with double quantization of the absmax")
