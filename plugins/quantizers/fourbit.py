@@ -169,8 +169,13 @@ class FourBit:
         data = packed["weight"].reshape(-1).view(torch.uint8) if packed["weight"].dtype != torch.uint8 else packed["weight"].reshape(-1)
         if data.numel() * 2 < n or absmax.numel() != -(n // -b):
             raise AdaptkitError(f"{self.name}: packed sizes do not fit shape {shape} with blocksize {b}")
-        nibbles = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:n].long()
-        values = code[nibbles] * absmax.float().repeat_interleave(b)[:n]
+        # one lookup per byte: row k of `pairs` is (code[k >> 4], code[k & 15])
+        pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+        values = pairs.index_select(0, data.int()).reshape(-1)[:n]
+        absmax, full = absmax.float(), n - n % b
+        values[:full].view(-1, b).mul_(absmax[: full // b, None])
+        if full < n:
+            values[full:].mul_(absmax[-1])
         return values.reshape(shape).to(getattr(torch, state["dtype"]))
 
     def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
