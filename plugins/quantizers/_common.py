@@ -83,21 +83,34 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(data, dtype=torch.float32)
 
 
+LUT_SIZE = 65536
+
+
+def nearest_code_table(code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CPU lookup table: [−1, 1] cut into 65536 points v_i = −1 + 2i/65535, each
+    mapped to the code nearest to it (the number of code midpoints below v_i)."""
+    import torch
+
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    points = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, points, side="left")
+
+
 def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization as bitsandbytes' CPU kernel does it (`quantize_blockwise`):
-    per block of `blocksize`, absmax = max |x|; x / absmax is mapped to the nearest value of the
-    sorted `code` (the largest code value ≤ x, moved one up only when the next value is strictly
-    nearer: ties go down). Returns (uint8 indices, float32 absmax per block)."""
+    """8-bit blockwise quantization as bitsandbytes' CPU kernel does it (`quantize_blockwise`,
+    0.50): per block of `blocksize`, absmax = max |x|; t = clamp(x · (1/absmax), −1, 1) goes to
+    the table entry ⌊((t + 1) · 0.5) · 65535 + 0.5⌋ of `nearest_code_table` (so a value lying
+    between two table points can take the code nearest the point, not itself — as bitsandbytes
+    stores it); a block whose absmax is 0 stores code 0. Returns (uint8 codes, float32 absmax)."""
     import torch
 
     flat = values.reshape(-1).float()
     absmax = blockwise_absmax(flat, blocksize)
-    scale = absmax.repeat_interleave(blocksize)[: flat.numel()]
-    normed = flat / scale
-    idx = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, code.numel() - 1)
-    up = (idx + 1).clamp(max=code.numel() - 1)
-    nearer_up = (normed - code[up]).abs() < (normed - code[idx]).abs()
-    idx = torch.where(nearer_up, up, idx)
+    inverse = (1.0 / absmax).repeat_interleave(blocksize)[: flat.numel()]
+    scaled = torch.clamp(flat * inverse, -1, 1)
+    points = ((scaled + 1) * 0.5 * (LUT_SIZE - 1) + 0.5).long()
+    idx = nearest_code_table(code)[points]
+    idx = torch.where(absmax.repeat_interleave(blocksize)[: flat.numel()] == 0, 0, idx)
     return idx.to(torch.uint8).reshape(values.shape), absmax
 
 
