@@ -3,9 +3,11 @@
 Every floating-point 2-D `*.weight` tensor whose name contains no `skip` item is packed by the
 quantizer; its packed tensors (keys relative to "weight", e.g. "weight", "weight.<stat>") are
 stored under the tensor's own name (`a.b.weight` -> `a.b.weight`, `a.b.weight.<stat>`). All other
-tensors are copied as they are. The writer needs the layout up front, so a first pass quantizes
-each tensor to learn its packed shapes and dtypes and its error, one tensor at a time; a second
-pass quantizes again and writes. Memory stays at a few copies of the largest tensor.
+tensors are copied as they are. The writer needs the layout up front: a first pass asks the
+quantizer's `packed_layout(tensor)` for the packed shapes and dtypes (cheap: 4-bit double
+quantization needs the block absmax for its state's JSON), or quantizes to learn them when the
+plugin has no such method; the second pass quantizes, measures the error and writes, one tensor at a
+time. Memory stays at a few copies of the largest tensor.
 """
 from __future__ import annotations
 
@@ -54,12 +56,14 @@ def run_quantize(model: str | Path, method: str, out: str | Path, *, skip: Itera
                  shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict[str, Any]:
     """Quantize `model` with quantizer plugin `method` into the folder `out`; returns the report.
     `only` names the tensors to quantize exactly (else every 2-D float weight not in `skip`)."""
+    from .unpacked import detect_quantizer
+
     start = time.perf_counter()
-    quantizer = registry.get("quantizer", method)
+    registry.get("quantizer", method)  # an unknown name fails before any reading
     store = open_store(model)
-    for name in registry.names("quantizer"):
-        if registry.get("quantizer", name).detect(store):
-            raise AdaptkitError(f"{model}: already quantized ({name}); quantize a floating-point model")
+    found = detect_quantizer(store)
+    if found is not None:
+        raise AdaptkitError(f"{model}: already quantized ({found}); quantize a floating-point model")
     chosen = set(select(store, skip)) if only is None else set(only)
     with atomic_output(out, force=force) as tmp:
         report = quantize_into(store, method, chosen, tmp, shard_size=shard_size, progress=progress)
@@ -82,18 +86,20 @@ def quantize_into(store, method: str, chosen: set[str], folder: Path, *, shard_s
     layout: list[tuple[str, str, tuple[int, ...]]] = []
     errors: dict[str, float] = {}
     bar = tqdm(total=2 * len(names), unit="tensor", desc=f"quantize {method}", disable=not progress, leave=False)
-    for name in names:  # pass 1: packed layout and errors
+    planned = getattr(quantizer, "packed_layout", None)
+    for name in names:  # pass 1: the packed layout (the writer places every tensor up front)
         info = store.info(name)
         if name in chosen:
             w = store.get(name)
-            packed = quantizer.quantize(w)
-            errors[name] = relative_error(quantizer, packed, w)
-            stored = packed_names(name, packed)
-            layout += [(stored[k], torch_to_code(t.dtype), tuple(t.shape)) for k, t in packed.items()]
-            del w, packed
+            shapes = planned(w) if planned else {k: (torch_to_code(t.dtype), tuple(t.shape))
+                                                 for k, t in quantizer.quantize(w).items()}
+            stored = packed_names(name, shapes)
+            layout += [(stored[k], code, shape) for k, (code, shape) in shapes.items()]
+            del w
         else:
             layout.append((name, info.dtype, tuple(info.shape)))
         bar.update()
+    expected = {n: (code, shape) for n, code, shape in layout}
     taken = [n for n, _, _ in layout]
     if len(set(taken)) != len(taken):
         clash = next(n for n in taken if taken.count(n) > 1)
@@ -105,7 +111,11 @@ def quantize_into(store, method: str, chosen: set[str], folder: Path, *, shard_s
             t = store.get(name)
             if name in chosen:
                 packed = quantizer.quantize(t)
+                errors[name] = relative_error(quantizer, packed, t)
                 for key, stored in packed_names(name, packed).items():
+                    if expected.get(stored) != (torch_to_code(packed[key].dtype), tuple(packed[key].shape)):
+                        raise AdaptkitError(f"quantizer {method}: '{stored}' came out {tuple(packed[key].shape)} "
+                                            f"{packed[key].dtype}, not as its packed_layout said {expected.get(stored)}")
                     writer.write(stored, packed[key])
                 del packed
             else:

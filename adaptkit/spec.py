@@ -169,7 +169,9 @@ class Quantizer(Protocol):
 
     Keys of the packed dict start with "weight" ("weight", "weight.<stat>"); stored models put them
     under the tensor's name. Optional: `unpacked_shape(shapes, read)` — the original shape from the
-    packed tensors' shapes (key -> shape) and `read(key)` for small ones, without unpacking.
+    packed tensors' shapes (key -> shape) and `read(key)` for small ones, without unpacking;
+    `packed_layout(tensor)` — {key: (safetensors dtype code, shape)} that `quantize` will return,
+    computed without quantizing (saves the writer's planning pass).
     """
 
     name: str

@@ -108,7 +108,7 @@ def test_crash_leaves_no_output(llama_dir, tmp_path, monkeypatch):
 
     def flaky(self, tensor):
         calls["n"] += 1
-        if calls["n"] > 20:  # fails in the writing pass
+        if calls["n"] > 5:  # fails in the writing pass, with some tensors written
             raise RuntimeError("boom")
         return real(self, tensor)
 

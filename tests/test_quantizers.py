@@ -212,3 +212,15 @@ def test_8bit_blockwise_equals_bitsandbytes_and_its_rule(seed):
     assert agree.float().mean() > 0.999  # float32 rounding of t may move a value to the next point
     off = (code[ours.long()].double() - t).abs() - (code[nearest_to_point].double() - t).abs()
     assert off.max() < 2 / 65535
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", registry.names("quantizer"))
+def test_packed_layout_says_what_quantize_returns(name, shape):
+    from adaptkit.dtypes import torch_to_code
+
+    quant = q(name)
+    torch.manual_seed(1)
+    t = torch.randn(shape, dtype=torch.bfloat16)
+    packed = quant.quantize(t)
+    assert quant.packed_layout(t) == {k: (torch_to_code(v.dtype), tuple(v.shape)) for k, v in packed.items()}

@@ -40,6 +40,10 @@ class Binary:
         packed = (bits * weights).sum(dim=1).to(torch.uint8)
         return {"weight": packed, "weight.alpha": alpha, "weight.shape": torch.tensor(list(tensor.shape), dtype=torch.int64)}
 
+    def packed_layout(self, tensor: torch.Tensor) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {"weight": ("U8", (-(tensor.numel() // -8),)), "weight.alpha": ("F32", (rows_view(tensor).shape[0],)),
+                "weight.shape": ("I64", (tensor.dim(),))}
+
     def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         import math
 

@@ -90,9 +90,9 @@ class FourBit:
             raise AdaptkitError(f"{self.name}: takes float32, float16 or bfloat16 tensors (as bitsandbytes), got {tensor.dtype}")
         tensor = tensor.detach().cpu()
         code = code_values(self.quant_type)
-        packed, absmax = self._codes(tensor.reshape(-1).float(), code)
-        state = {"quant_type": self.quant_type, "blocksize": self.blocksize,
-                 "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+        flat = tensor.reshape(-1).float()
+        absmax = self._absmax(flat)
+        packed = self._codes(flat, code, absmax)
         out = {"weight": packed, "weight.absmax": absmax, "weight.quant_map": code}
         if self.double_quant:
             offset = absmax.mean()
@@ -100,11 +100,43 @@ class FourBit:
             out["weight.absmax"] = qabsmax
             out["weight.nested_absmax"] = nested_absmax
             out["weight.nested_quant_map"] = dynamic_map()
-            state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset.item())
-        out[self.state_key] = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+        out[self.state_key] = self._state_bytes(tensor, absmax)
         return out
 
-    def _codes(self, flat: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _state_bytes(self, tensor: torch.Tensor, absmax: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
+        state = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                 "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+        if self.double_quant:
+            state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=absmax.mean().item())
+        return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+
+    def packed_layout(self, tensor: torch.Tensor) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """{key: (dtype, shape)} of `quantize(tensor)` without quantizing: only the block absmax is
+        computed (the double-quantized state's JSON holds their mean)."""
+        n, blocks = tensor.numel(), -(tensor.numel() // -self.blocksize)
+        absmax = self._absmax(tensor.detach().cpu().reshape(-1).float()) if self.double_quant else None
+        layout = {"weight": ("U8", (-(n // -2), 1)), "weight.absmax": ("U8" if self.double_quant else "F32", (blocks,)),
+                  "weight.quant_map": ("F32", (16,))}
+        if self.double_quant:
+            layout["weight.nested_absmax"] = ("F32", (-(blocks // -NESTED_BLOCKSIZE),))
+            layout["weight.nested_quant_map"] = ("F32", (256,))
+        layout[self.state_key] = ("U8", (self._state_bytes(tensor, absmax).numel(),))
+        return layout
+
+    def _absmax(self, flat: torch.Tensor) -> torch.Tensor:
+        """max |x| per block; a short last block's is kept ≥ 1e-38, as bitsandbytes stores it."""
+        import torch
+
+        n, b = flat.numel(), self.blocksize
+        full = n - n % b
+        absmax = flat[:full].reshape(-1, b).abs().max(dim=-1)[0]
+        if full < n:
+            absmax = torch.cat([absmax, flat[full:].abs().max().clamp(min=1e-38).unsqueeze(0)])
+        return absmax
+
+    def _codes(self, flat: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' quantize_4bit kernel (backends/default/ops.py), step for step."""
         import torch
 
@@ -114,8 +146,7 @@ class FourBit:
         n, b = flat.numel(), self.blocksize
         full = n - n % b
         blocks = flat[:full].reshape(-1, b)
-        absmax = blocks.abs().max(dim=-1)[0]
-        inverse = 1.0 / absmax.clamp(min=1e-38)
+        inverse = 1.0 / absmax[: full // b].clamp(min=1e-38)
         codes = []
         # Chunks of 16384 blocks (1M values) keep the temporaries in cache.
         for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
@@ -123,8 +154,7 @@ class FourBit:
             scaled = torch.clamp(part * inverse[start:start + CHUNK_BLOCKS, None], -1, 1).reshape(-1)
             codes.append(torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8))
         if full < n:
-            am = flat[full:].abs().max().clamp(min=1e-38)
-            absmax = torch.cat([absmax, am.unsqueeze(0)])
+            am = absmax[-1]
             codes.append(torch.bucketize(torch.clamp(flat[full:] / am, -1, 1), bounds, out_int32=True).to(torch.uint8))
         q = torch.cat(codes) if len(codes) != 1 else codes[0]
         if remap is not None:
@@ -132,7 +162,7 @@ class FourBit:
         if q.numel() % 2:  # an odd count: the last low nibble holds the code of 0.0, as bitsandbytes packs it
             zero = torch.bucketize(torch.zeros(1), bounds).to(torch.uint8)
             q = torch.cat([q, zero if remap is None else remap[zero.long()]])
-        return ((q[::2] << 4) | q[1::2]).unsqueeze(1), absmax
+        return ((q[::2] << 4) | q[1::2]).unsqueeze(1)
 
     # -- dequantize --------------------------------------------------------------------------
     def state(self, packed: Mapping[str, torch.Tensor]) -> dict:

@@ -54,6 +54,12 @@ class Int8:
         q = q.reshape(rows.shape[0], -1)[:, : rows.shape[1]].reshape(w.shape)
         return {"weight": q, "weight.scale": s if self.block_size else s.reshape(-1)}
 
+    def packed_layout(self, tensor: torch.Tensor) -> dict[str, tuple[str, tuple[int, ...]]]:
+        rows = rows_view(tensor)
+        blocks = -(rows.shape[1] // -self.block_size) if self.block_size else 1
+        scale = (rows.shape[0], blocks) if self.block_size else (rows.shape[0],)
+        return {"weight": ("I8", tuple(tensor.shape)), "weight.scale": ("F32", scale)}
+
     def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         import torch
 
