@@ -9,7 +9,7 @@ from .cli import CONTEXT, cli, emit_json
 @cli.command(context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--method", "-m", required=True, help="Quantizer plugin (see `adaptkit plugins --kind quantizer`).")
-@click.option("--double-quant", is_flag=True, help="Quantize the block scales too (QLoRA's double quantization: nf4, fp4).")
+@click.option("--double-quant", is_flag=True, help="Quantize the block scales too (QLoRA's double quantization; the 4-bit methods).")
 @click.option("--skip", default="", help="Comma-separated name parts to keep unquantized (e.g. lm_head,embed).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
@@ -24,7 +24,7 @@ def quantize(ctx, model, method, double_quant, skip, out, force, as_json):
     \b
     Examples:
       adaptkit quantize ./model --method int8 -o model-int8/
-      adaptkit quantize ./model --method nf4 --double-quant --skip lm_head -o model-nf4/
+      adaptkit quantize ./model --method METHOD --double-quant --skip lm_head -o model-4bit/
       adaptkit quantize ./model --method METHOD --skip lm_head,embed -o out/ --json
     """
     from . import registry

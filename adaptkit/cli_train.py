@@ -58,10 +58,10 @@ def _metrics(result: dict) -> str:
               help="bf16: autocast (CPU or GPU); fp16: autocast with loss scaling (GPU only).")
 @click.option("--base-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="dtype the frozen base is loaded in.")
-@click.option("--quantize", metavar="METHOD", help="Keep the frozen base quantized with this quantizer (QLoRA: nf4); "
+@click.option("--quantize", metavar="METHOD", help="Keep the frozen base quantized with this quantizer (QLoRA: a 4-bit method; see `adaptkit plugins --kind quantizer`); "
               "the linear layers are unpacked one at a time as they run.")
 @click.option("--qat", metavar="METHOD", help="Quantization-aware training: compute with the quantized W + ΔW "
-              "(int8, nf4, ternary, …), so the merged model quantizes with less loss.")
+              "(any quantizer plugin), so the merged model quantizes with less loss.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialization, dropout and shuffling.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (and at the end).")
 @click.option("--save-every", type=int, help="Checkpoint every N steps into OUT/checkpoints/step-N/.")
@@ -84,7 +84,7 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
       adaptkit train --base minilm --variant lora --set r=8 --data train.jsonl --eval dev.jsonl -o sentiment/
       adaptkit train --base ./llama --variant lora --set r=16 --set lora_alpha=32 \\
           --data chat.jsonl --max-steps 1000 --precision bf16 --save-every 100 -o out/
-      adaptkit train --base ./llama --variant lora --quantize nf4 --base-dtype bfloat16 \
+      adaptkit train --base ./llama --variant lora --quantize METHOD --base-dtype bfloat16 \
           --precision bf16 --data chat.jsonl -o qlora/      # QLoRA; the adapter loads on the bf16 base
       adaptkit train --base ./llama --variant lora --qat ternary --data chat.jsonl -o qat/
       adaptkit train ... -o out/ --resume          # continue an interrupted run

@@ -79,6 +79,7 @@ def build_model(folder: Path, task: str, *, num_labels: int | None = None, dtype
     if task == "classification":
         options.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    quantize = quantize or _stored_quantizer(folder)
     if quantize is not None:
         return _build_quantized(folder, auto, task, num_labels, getattr(torch, dtype), quantize)
     try:
@@ -89,6 +90,18 @@ def build_model(folder: Path, task: str, *, num_labels: int | None = None, dtype
     keys = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
     new = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
     return model, [m for m in new if not any(m.startswith(o + ".") for o in new)]
+
+
+def _stored_quantizer(folder: Path) -> str | None:
+    """The quantizer a checkpoint folder was packed with (`adaptkit quantize`, bitsandbytes), or None."""
+    from .io import open_store
+    from .unpacked import detect_quantizer
+
+    try:
+        with open_store(folder) as store:
+            return detect_quantizer(store)
+    except AdaptkitError:
+        return None  # no weights we can read: transformers says why
 
 
 def _build_quantized(folder: Path, auto, task: str, num_labels: int | None, dtype, method: str):

@@ -72,7 +72,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Ŵ, for code that reads a layer's weight (merging, DoRA's norms). Writing to it changes
+        """Ŵ, for code that reads a layer's weight (merging, weight-norm variants). Writing to it changes
         nothing: change the packed weight with `add_to_weight`."""
         return self.dequantized()
 
@@ -210,12 +210,18 @@ def load_quantized(folder: Path, auto: Any, config: Any, *, method: str, dtype: 
     quantized with `method` straight from the checkpoint in `folder`. Modules in `skip` (and the
     LM head) stay in `dtype`; layers the checkpoint lacks (a new head) are initialized and listed."""
     from .io import open_store
+    from .unpacked import UnpackedStore, detect_quantizer
 
     registry.get("quantizer", method)
+    raw = open_store(folder)
+    stored = detect_quantizer(raw)  # a quantized checkpoint: its packed layers are taken as they are
+    if stored is not None and stored != method:
+        raw.close()
+        raise AdaptkitError(f"{folder} is quantized with {stored}; load it with that method, not {method}")
+    store = UnpackedStore(raw, stored) if stored else raw
     with _linears_on_meta():
         model = auto.from_config(config, dtype=dtype, trust_remote_code=False)
     skip = list(skip) + default_skip(model)
-    store = open_store(folder)
     try:
         state = model.state_dict(keep_vars=True)
         names = _checkpoint_names(store.keys(), set(state), getattr(model, "base_model_prefix", ""))
@@ -231,7 +237,12 @@ def load_quantized(folder: Path, auto: Any, config: Any, *, method: str, dtype: 
                 bias = store.get(bias_key).to(dtype) if module.bias is not None and bias_key else None
                 if module.bias is not None and bias is None:
                     continue  # no stored bias: made whole below like any new layer
-                _replace(model, path, QuantizedLinear.from_weight(method, store.get(key).to(dtype), bias))
+                if store.packed(key):
+                    packed = {k: raw.get(name) for k, name in store.groups[key].items()}
+                    layer = QuantizedLinear(method, packed, module.in_features, module.out_features, bias)
+                else:
+                    layer = QuantizedLinear.from_weight(method, store.get(key).to(dtype), bias)
+                _replace(model, path, layer)
                 loaded.update({f"{path}.weight", f"{path}.bias"})
             elif shape_ok:  # kept in full precision (skipped); layers the checkpoint lacks are made below
                 module.to_empty(device="cpu", recurse=False)

@@ -327,3 +327,32 @@ def test_requantize_needs_a_quantized_input(env, quantized_base, tmp_path):
                                       "-o", str(tmp_path / "x"), "--requantize"])
     assert result.exit_code == 1 and "no input is a quantized model" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_quantized_checkpoint_trains_and_evaluates_as_it_is(env, quantized_base, tmp_path, one_thread):
+    """A folder `adaptkit quantize` wrote is a QLoRA base by itself: its packed layers are used as
+    stored (equal to quantizing the float checkpoint while loading), and eval reads it too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adaptkit.models import build_model
+
+    packed, _ = build_model(quantized_base["base"], "causal-lm")
+    streamed = causal_lm(env["llama"], "nf4")
+    layer = packed.model.layers[1].mlp.down_proj
+    assert isinstance(layer, QuantizedLinear) and layer.method == "nf4"
+    assert torch.equal(layer.weight, streamed.model.layers[1].mlp.down_proj.weight)
+    with torch.no_grad():  # embeddings were packed by PTQ: unpacked into the embedding table
+        expected = registry.get("quantizer", "nf4").dequantize(registry.get("quantizer", "nf4").quantize(
+            streamed.model.embed_tokens.weight))
+        assert torch.equal(packed.model.embed_tokens.weight, expected)
+    with pytest.raises(AdaptkitError, match="quantized with nf4; load it with that method, not int8"):
+        load_quantized(quantized_base["base"], AutoModelForCausalLM, AutoConfig.from_pretrained(quantized_base["base"]),
+                       method="int8", dtype=torch.float32)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["-q", "train", "--base", str(quantized_base["base"]), "--variant", "lora",
+                                      "--set", "r=2", "--data", str(env["counting"]), "--max-steps", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["-q", "eval", str(quantized_base["base"]), "--adapter", str(out),
+                                      "--data", str(env["counting"]), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["loss"] > 0
