@@ -18,7 +18,11 @@ def __getattr__(name):
         from . import adapters
 
         return getattr(adapters, name)
+    if name == "hub":  # ak.hub.search(...), ak.hub.pull(...): imported on first use
+        import importlib
+
+        return importlib.import_module(".hub", __name__)
     raise AttributeError(f"module 'adaptkit' has no attribute {name!r}")
 
 
-__all__ = ["AdaptkitError", "Adapters", "__version__", "inject", "inspect", "load_adapter", "open_store"]
+__all__ = ["AdaptkitError", "Adapters", "__version__", "hub", "inject", "inspect", "load_adapter", "open_store"]

@@ -72,9 +72,16 @@ def _source_folder(source: str | Path) -> Path:
         if not (path / CONFIG_FILE).is_file():
             raise AdaptkitError(f"{path}: no {CONFIG_FILE} here; not an adapter folder")
         return path
-    if "/" in str(source) and not str(source).startswith((".", "/", "~")):
+    if ("/" in str(source) and not str(source).startswith((".", "/", "~"))) or _locked_name(str(source)):
         return resolve_path(str(source))
     raise AdaptkitError(f"{source}: no such adapter folder")
+
+
+def _locked_name(source: str) -> bool:
+    """A name pinned in ./adaptkit.lock (see `adaptkit hub pull`)."""
+    from .hub import lock_entry
+
+    return lock_entry(source) is not None
 
 
 def _live_paths(handle: Adapters, name: str, modules: list[str]) -> dict[str, str]:

@@ -189,7 +189,7 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, sha
       adaptkit merge --base llama -m my-lora -o llama-merged/        # merge-and-unload
       adaptkit merge --method linear -m lora1:0.5 -m lora2:0.5 --rank 16 -o lora-mix/
       adaptkit merge soup.yaml -o merged/ --dry-run
-      adaptkit merge --base llama-nf4 -m my-qlora -o merged/ --requantize   # into a quantized base
+      adaptkit merge --base llama-4bit/ -m my-qlora -o merged/ --requantize   # into a quantized base
     """
     from .merge import Plan, run_merge
     from .recipe import load_recipe
@@ -369,3 +369,4 @@ def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json)
 from . import cli_convert  # noqa: E402,F401  (registers `convert` and `extract` on `cli`)
 from . import cli_quantize  # noqa: E402,F401  (registers `quantize` on `cli`)
 from . import cli_train  # noqa: E402,F401  (registers `train` and `eval` on `cli`)
+from . import cli_hub  # noqa: E402,F401  (registers `hub search|pull|sync|push` on `cli`)

@@ -28,8 +28,15 @@ MODEL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers
 
 
 def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
-    """Describe the model, adapter or quantized model at `path` (see the module docstring)."""
-    store = open_store(path, allow_pickle=allow_pickle)
+    """Describe the model, adapter or quantized model at `path` (see the module docstring); a lock
+    name or `org/name[@rev]` is resolved through `adaptkit.hub`."""
+    local = Path(path).expanduser()
+    if not local.exists():
+        from . import hub
+
+        if hub.is_reference(str(path)):
+            local = hub.resolve(str(path))
+    store = open_store(local, allow_pickle=allow_pickle)
     report = _tensor_figures(store)
     report["path"] = str(Path(path))
     adapter = read_adapter(store)

@@ -21,13 +21,14 @@ from .unpacked import open_unpacked
 
 
 def resolve_path(ref: str) -> Path:
-    """A local path, or a Hub reference `org/name[@rev]` fetched through huggingface_hub."""
+    """A local path, a name pinned in ./adaptkit.lock, or a Hub reference `org/name[@rev]` fetched
+    through huggingface_hub (see `adaptkit.hub.resolve`)."""
     path = Path(ref).expanduser()
     if path.exists():
         return path
-    from .hub import download
+    from .hub import resolve
 
-    return download(ref)
+    return resolve(ref)
 
 
 class ModelSource:
