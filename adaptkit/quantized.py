@@ -44,10 +44,15 @@ class QuantizedLinear(nn.Module):
         for name in self._keys:
             delattr(self, name)
         self._keys = {}
+        # small tensors the plugin reads on the host (a JSON state, a shape) stay on the CPU, so
+        # unpacking on a GPU never waits for a device-to-host copy
+        host = set(getattr(self.quantizer, "host_keys", ()))
+        self._host = {key: tensor.cpu() for key, tensor in packed.items() if key in host}
         for key, tensor in packed.items():
-            name = "packed_" + key.replace(".", "_")
-            self.register_buffer(name, tensor)
-            self._keys[name] = key
+            if key not in host:
+                name = "packed_" + key.replace(".", "_")
+                self.register_buffer(name, tensor)
+                self._keys[name] = key
 
     @classmethod
     def from_weight(cls, method: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedLinear:
@@ -57,18 +62,13 @@ class QuantizedLinear(nn.Module):
         return cls(method, packed, in_features, out_features, bias).to(weight.device)
 
     def packed(self) -> dict[str, torch.Tensor]:
-        """The packed tensors under the plugin's keys (on the layer's device)."""
-        return {key: getattr(self, name) for name, key in self._keys.items()}
+        """The packed tensors under the plugin's keys (on the layer's device; `host_keys` on the CPU)."""
+        return {**{key: getattr(self, name) for name, key in self._keys.items()}, **self._host}
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Ŵ (out × in): a fresh tensor each call. Quantizers work on the CPU; a layer on another
-        device unpacks there and moves the result (the packed bytes are what crosses)."""
-        packed = self.packed()
-        device = next(iter(packed.values())).device
-        if device.type != "cpu":
-            packed = {k: v.cpu() for k, v in packed.items()}
-        w = self.quantizer.dequantize(packed).reshape(self.out_features, self.in_features)
-        return w.to(device=device, dtype=dtype or w.dtype)
+        """Ŵ (out × in): a fresh tensor each call, made on the layer's device."""
+        w = self.quantizer.dequantize(self.packed()).reshape(self.out_features, self.in_features)
+        return w if dtype is None else w.to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:

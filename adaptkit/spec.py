@@ -171,7 +171,8 @@ class Quantizer(Protocol):
     under the tensor's name. Optional: `unpacked_shape(shapes, read)` — the original shape from the
     packed tensors' shapes (key -> shape) and `read(key)` for small ones, without unpacking;
     `packed_layout(tensor)` — {key: (safetensors dtype code, shape)} that `quantize` will return,
-    computed without quantizing (saves the writer's planning pass).
+    computed without quantizing (saves the writer's planning pass); `host_keys` — packed keys that
+    `dequantize` reads on the host (a layer on a GPU keeps them on the CPU).
     """
 
     name: str

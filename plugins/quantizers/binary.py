@@ -40,6 +40,8 @@ class Binary:
         packed = (bits * weights).sum(dim=1).to(torch.uint8)
         return {"weight": packed, "weight.alpha": alpha, "weight.shape": torch.tensor(list(tensor.shape), dtype=torch.int64)}
 
+    host_keys = ("weight.shape",)  # read on the host when unpacking
+
     def packed_layout(self, tensor: torch.Tensor) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {"weight": ("U8", (-(tensor.numel() // -8),)), "weight.alpha": ("F32", (rows_view(tensor).shape[0],)),
                 "weight.shape": ("I64", (tensor.dim(),))}

@@ -81,6 +81,11 @@ class FourBit:
     def state_key(self) -> str:
         return f"weight.quant_state.bitsandbytes__{self.quant_type}"
 
+    @property
+    def host_keys(self) -> tuple[str, ...]:
+        """Read on the host when unpacking: a layer on a GPU keeps these on the CPU."""
+        return (self.state_key,)
+
     # -- quantize ----------------------------------------------------------------------------
     def quantize(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         import torch
@@ -199,14 +204,21 @@ class FourBit:
         data = packed["weight"].reshape(-1).view(torch.uint8) if packed["weight"].dtype != torch.uint8 else packed["weight"].reshape(-1)
         if data.numel() * 2 < n or absmax.numel() != -(n // -b):
             raise AdaptkitError(f"{self.name}: packed sizes do not fit shape {shape} with blocksize {b}")
-        # one lookup per byte: row k of `pairs` is (code[k >> 4], code[k & 15])
+        # one lookup per byte: row k of `pairs` is (code[k >> 4], code[k & 15]); float32 products
+        # rounded once to the stored dtype, made in chunks so no whole float32 copy is ever held
         pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
-        values = pairs.index_select(0, data.int()).reshape(-1)[:n]
-        absmax, full = absmax.float(), n - n % b
-        values[:full].view(-1, b).mul_(absmax[: full // b, None])
-        if full < n:
-            values[full:].mul_(absmax[-1])
-        return values.reshape(shape).to(getattr(torch, state["dtype"]))
+        scale = absmax.float()
+        out = torch.empty(n, dtype=getattr(torch, state["dtype"]), device=data.device)
+        step = CHUNK_BLOCKS * b
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            values = pairs.index_select(0, data[start // 2:(stop + 1) // 2].int()).reshape(-1)[: stop - start]
+            full = (stop - start) - (stop - start) % b
+            values[:full].view(-1, b).mul_(scale[start // b: (start + full) // b, None])
+            if full < stop - start:
+                values[full:].mul_(scale[-1])
+            out[start:stop] = values
+        return out.reshape(shape)
 
     def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
         """The shape of the packed tensor, from its quant-state JSON alone."""

@@ -48,6 +48,8 @@ class Ternary:
         packed = (c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]
         return {"weight": packed, "weight.gamma": gamma, "weight.shape": torch.tensor(list(tensor.shape), dtype=torch.int64)}
 
+    host_keys = ("weight.shape",)  # read on the host when unpacking
+
     def packed_layout(self, tensor: torch.Tensor) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {"weight": ("U8", (-(tensor.numel() // -4),)), "weight.gamma": ("F32", ()),
                 "weight.shape": ("I64", (tensor.dim(),))}

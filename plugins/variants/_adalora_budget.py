@@ -47,7 +47,8 @@ def load_train_state(layers, tensors: dict) -> None:
         for kind, held in current.items():
             held.clear()
             prefix = f"{layer.path}.{kind}."
-            held.update({k[len(prefix):]: t.clone() for k, t in tensors.items() if k.startswith(prefix)})
+            device = branch.params["lora_E"].device  # checkpoints are read onto the CPU
+            held.update({k[len(prefix):]: t.to(device, copy=True) for k, t in tensors.items() if k.startswith(prefix)})
 
 
 def _catcher(grads: dict, role: str):

@@ -1,0 +1,68 @@
+"""CUDA paths, run where a GPU is present (skipped elsewhere; CI has none): fp16 training with loss
+scaling, QLoRA layers unpacked on the GPU, and training resumed byte-identically with CUDA RNG state."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptkit.quantized import QuantizedLinear
+from adaptkit.train import train
+from text_models import counting, llama_dir, write_jsonl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    return {"llama": llama_dir(root / "llama"), "counting": write_jsonl(root / "counting.jsonl", counting())}
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_trains_on_the_gpu(env, tmp_path, precision):
+    out = tmp_path / precision
+    train(env["llama"], "lora", env["counting"], out, settings={"r": 4, "lora_alpha": 8}, lr=3e-2, max_steps=8,
+          precision=precision, progress=False, device="cuda")
+    seen = losses(out)
+    assert all(x == x for x in seen) and seen[-1] < seen[0]
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4_dq", "int8"])
+def test_quantized_layer_on_the_gpu_equals_the_cpu(method):
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_weight(method, torch.randn(96, 128), torch.randn(96))
+    x = torch.randn(4, 128)
+    expected = layer(x)
+    gpu = layer.cuda()
+    host = set(getattr(gpu.quantizer, "host_keys", ()))
+    assert all(t.is_cuda != (k in host) for k, t in gpu.packed().items())  # host-read keys stay on the CPU
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_qlora_resumes_byte_identically_on_the_gpu(env, tmp_path, precision):
+    """Dropout draws from the CUDA generator and fp16 keeps a loss scale: both must come back."""
+    options = dict(settings={"r": 4, "lora_alpha": 8, "lora_dropout": 0.1}, lr=3e-2, quantize="nf4",
+                   precision=precision, batch_size=3, max_steps=6, save_every=2, progress=False, device="cuda")
+    train(env["llama"], "lora", env["counting"], tmp_path / "full", **options)
+
+    def interrupt(view):
+        if view.step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(env["llama"], "lora", env["counting"], tmp_path / "cut", callback=interrupt, **options)
+    train(env["llama"], "lora", env["counting"], tmp_path / "cut", resume=True, **options)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert (full / "adapter_model.safetensors").read_bytes() == (cut / "adapter_model.safetensors").read_bytes()
+    assert losses(full) and [round(x, 6) for x in losses(full)] == [round(x, 6) for x in losses(cut)]
