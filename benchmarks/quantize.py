@@ -6,11 +6,18 @@ in one process (tensors read once beforehand; the median of 3 passes per tool). 
 parameters per second and the ratio (adaptkit throughput / bitsandbytes throughput; target ≥ 1.0),
 and checks that both produce the same codes.
 
+Then peak memory of post-training quantization of the whole model folder, each job in a fresh
+process: `adaptkit quantize --method nf4` (streamed, one tensor at a time) against the usual
+bitsandbytes script (safetensors `load_file` of the model, `quantize_4bit` of every matrix,
+`save_file` of the result). Target: peak RSS bounded like merges (imports + a few tensors, not
+the model), reported as a ratio to the bitsandbytes script.
+
     .venv/bin/python benchmarks/quantize.py
 """
 from __future__ import annotations
 
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -63,5 +70,52 @@ def main() -> None:
               f"{ratio:.2f} {'✓' if ratio >= 1 else '✗'} |", flush=True)
 
 
+PTQ_JOBS = {
+    "bitsandbytes script": """
+import resource, sys, torch
+from safetensors.torch import load_file, save_file
+from bitsandbytes import functional as F
+weights = load_file(sys.argv[1] + "/model.safetensors")
+out = {}
+for name, w in weights.items():
+    if name.endswith(".weight") and w.dim() == 2:
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        out[name] = packed
+        out.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
+    else:
+        out[name] = w
+save_file(out, sys.argv[2] + "/model.safetensors")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+""",
+    "adaptkit quantize": """
+import resource, shutil, sys
+from adaptkit.quantize import run_quantize
+shutil.rmtree(sys.argv[2])
+run_quantize(sys.argv[1], "nf4", sys.argv[2], progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+""",
+}
+
+
+def ptq_memory() -> None:
+    import tempfile
+
+    folder = bench.WORK / "default" / "models" / "base"
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+    rows = {}
+    for name, code in PTQ_JOBS.items():
+        with tempfile.TemporaryDirectory(dir=bench.WORK) as out:
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", code, str(folder), out], capture_output=True, text=True, check=True)
+            rows[name] = (float(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start)
+    print(f"\nPTQ of the whole folder ({size:.0f} MB bf16) to NF4, fresh process each:\n")
+    print("| job | peak RSS MB | wall s |\n|---|---|---|")
+    for name, (peak, seconds) in rows.items():
+        print(f"| {name} | {peak:.0f} | {seconds:.1f} |")
+    ratio = rows["adaptkit quantize"][0] / rows["bitsandbytes script"][0]
+    print(f"\npeak RSS ratio adaptkit / bitsandbytes script: {ratio:.2f}")
+
+
 if __name__ == "__main__":
     main()
+    ptq_memory()

@@ -205,11 +205,12 @@ class FourBit:
         if data.numel() * 2 < n or absmax.numel() != -(n // -b):
             raise AdaptkitError(f"{self.name}: packed sizes do not fit shape {shape} with blocksize {b}")
         # one lookup per byte: row k of `pairs` is (code[k >> 4], code[k & 15]); float32 products
-        # rounded once to the stored dtype, made in chunks so no whole float32 copy is ever held
+        # rounded once to the stored dtype. On the CPU in chunks, so no whole float32 copy is ever
+        # held; a GPU takes the tensor at once (each chunk costs kernel launches there).
         pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
         scale = absmax.float()
         out = torch.empty(n, dtype=getattr(torch, state["dtype"]), device=data.device)
-        step = CHUNK_BLOCKS * b
+        step = CHUNK_BLOCKS * b if data.device.type == "cpu" else n + (n % 2)
         for start in range(0, n, step):
             stop = min(start + step, n)
             values = pairs.index_select(0, data[start // 2:(stop + 1) // 2].int()).reshape(-1)[: stop - start]
