@@ -258,13 +258,15 @@ class Adapters:
 
     # -- counting -------------------------------------------------------------------------------
     def trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; shared tensors counted once."""
+        """(trainable, total) parameter counts; shared tensors counted once, a quantized layer's
+        weight as the out × in values it packs."""
         seen, trainable, total = set(), 0, 0
         for p in self.model.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
                 trainable += p.numel() if p.requires_grad else 0
+        total += sum(m.in_features * m.out_features for m in self.model.modules() if isinstance(m, QuantizedLinear))
         return trainable, total
 
     def describe(self) -> str:

@@ -356,3 +356,10 @@ def test_a_quantized_checkpoint_trains_and_evaluates_as_it_is(env, quantized_bas
                                       "--data", str(env["counting"]), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["loss"] > 0
+
+
+def test_parameter_counts_include_packed_weights(env):
+    floating, quantized = causal_lm(env["llama"]), causal_lm(env["llama"], "nf4")
+    a = adaptkit.inject(floating, "lora", r=2, target_modules="all-linear").trainable_parameters()
+    b = adaptkit.inject(quantized, "lora", r=2, target_modules="all-linear").trainable_parameters()
+    assert a == b
