@@ -45,10 +45,14 @@ def select(store, skip: Iterable[str] = ()) -> list[str]:
 
 
 def relative_error(quantizer, packed: dict, original) -> float:
-    w = original.float()
-    norm = w.norm().item()
-    diff = (quantizer.dequantize(packed).float() - w).norm().item()
-    return diff / norm if norm else diff
+    """‖Ŵ − W‖ / ‖W‖ (‖Ŵ − W‖ when W = 0), summed in float64 over chunks of 1M values."""
+    w, restored = original.reshape(-1), quantizer.dequantize(packed).reshape(-1)
+    diff = norm = 0.0
+    for start in range(0, w.numel(), 1 << 20):
+        part = w[start:start + (1 << 20)].double()
+        diff += (restored[start:start + (1 << 20)].double() - part).square().sum().item()
+        norm += part.square().sum().item()
+    return math.sqrt(diff / norm) if norm else math.sqrt(diff)
 
 
 def run_quantize(model: str | Path, method: str, out: str | Path, *, skip: Iterable[str] = (),

@@ -53,8 +53,6 @@ def build() -> tuple[Path, Path]:
 
 def child(base: str, data: str, config: str) -> None:
     """One configuration; prints a JSON line with peak RSS (MB) and seconds."""
-    import resource
-
     settings = json.loads(config)
     start = time.perf_counter()
     from adaptkit.data import load_dataset
@@ -68,7 +66,8 @@ def child(base: str, data: str, config: str) -> None:
               max_length=64, precision="bf16", base_dtype="bfloat16", force=True, progress=False, **settings)
     import torch
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM is this process's own high-water mark (a forked child's ru_maxrss starts at the parent's)
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     print(json.dumps({"peak_mb": peak, "gpu_mb": gpu, "seconds": time.perf_counter() - start}))
 

@@ -7,7 +7,7 @@ parameters per second and the ratio (adaptkit throughput / bitsandbytes throughp
 and checks that both produce the same codes.
 
 Then peak memory of post-training quantization of the whole model folder, each job in a fresh
-process: `adaptkit quantize --method nf4` (streamed, one tensor at a time) against the usual
+process (its own high-water mark, VmHWM: a forked child's ru_maxrss starts at the parent's): `adaptkit quantize --method nf4` (streamed, one tensor at a time) against the usual
 bitsandbytes script (safetensors `load_file` of the model, `quantize_4bit` of every matrix,
 `save_file` of the result). Target: peak RSS bounded like merges (imports + a few tensors, not
 the model), reported as a ratio to the bitsandbytes script.
@@ -72,7 +72,7 @@ def main() -> None:
 
 PTQ_JOBS = {
     "bitsandbytes script": """
-import resource, sys, torch
+import sys, torch
 from safetensors.torch import load_file, save_file
 from bitsandbytes import functional as F
 weights = load_file(sys.argv[1] + "/model.safetensors")
@@ -85,14 +85,14 @@ for name, w in weights.items():
     else:
         out[name] = w
 save_file(out, sys.argv[2] + "/model.safetensors")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
 """,
     "adaptkit quantize": """
-import resource, shutil, sys
+import shutil, sys
 from adaptkit.quantize import run_quantize
 shutil.rmtree(sys.argv[2])
 run_quantize(sys.argv[1], "nf4", sys.argv[2], progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
 """,
 }
 

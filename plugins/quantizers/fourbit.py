@@ -95,7 +95,7 @@ class FourBit:
             raise AdaptkitError(f"{self.name}: takes float32, float16 or bfloat16 tensors (as bitsandbytes), got {tensor.dtype}")
         tensor = tensor.detach().cpu()
         code = code_values(self.quant_type)
-        flat = tensor.reshape(-1).float()
+        flat = tensor.reshape(-1)  # in its own dtype: float32 only chunk by chunk (exact either way)
         absmax = self._absmax(flat)
         packed = self._codes(flat, code, absmax)
         out = {"weight": packed, "weight.absmax": absmax, "weight.quant_map": code}
@@ -121,7 +121,7 @@ class FourBit:
         """{key: (dtype, shape)} of `quantize(tensor)` without quantizing: only the block absmax is
         computed (the double-quantized state's JSON holds their mean)."""
         n, blocks = tensor.numel(), -(tensor.numel() // -self.blocksize)
-        absmax = self._absmax(tensor.detach().cpu().reshape(-1).float()) if self.double_quant else None
+        absmax = self._absmax(tensor.detach().cpu().reshape(-1)) if self.double_quant else None
         layout = {"weight": ("U8", (-(n // -2), 1)), "weight.absmax": ("U8" if self.double_quant else "F32", (blocks,)),
                   "weight.quant_map": ("F32", (16,))}
         if self.double_quant:
@@ -136,9 +136,9 @@ class FourBit:
 
         n, b = flat.numel(), self.blocksize
         full = n - n % b
-        absmax = flat[:full].reshape(-1, b).abs().max(dim=-1)[0]
+        absmax = flat[:full].reshape(-1, b).abs().max(dim=-1)[0].float()  # a max is exact in any dtype
         if full < n:
-            absmax = torch.cat([absmax, flat[full:].abs().max().clamp(min=1e-38).unsqueeze(0)])
+            absmax = torch.cat([absmax, flat[full:].abs().max().float().clamp(min=1e-38).unsqueeze(0)])
         return absmax
 
     def _codes(self, flat: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -155,12 +155,12 @@ class FourBit:
         codes = []
         # Chunks of 16384 blocks (1M values) keep the temporaries in cache.
         for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
-            part = blocks[start:start + CHUNK_BLOCKS]
+            part = blocks[start:start + CHUNK_BLOCKS].float()
             scaled = torch.clamp(part * inverse[start:start + CHUNK_BLOCKS, None], -1, 1).reshape(-1)
             codes.append(torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8))
         if full < n:
             am = absmax[-1]
-            codes.append(torch.bucketize(torch.clamp(flat[full:] / am, -1, 1), bounds, out_int32=True).to(torch.uint8))
+            codes.append(torch.bucketize(torch.clamp(flat[full:].float() / am, -1, 1), bounds, out_int32=True).to(torch.uint8))
         q = torch.cat(codes) if len(codes) != 1 else codes[0]
         if remap is not None:
             q = remap[q.long()]

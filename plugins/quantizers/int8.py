@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from adaptkit.io import TensorStore
 
 
+CHUNK = 1 << 20  # values quantized at a time: float32 temporaries stay a few MB
+
+
 class Int8:
     """INT8 symmetric absmax quantization per output row (LLM.int8 row statistics)."""
 
@@ -45,14 +48,19 @@ class Int8:
         import torch
 
         require_float(self.name, tensor)
-        w = tensor.detach().cpu().float()
-        rows = rows_view(w)
-        blocks = self._blocks(rows)
-        s = blocks.abs().amax(dim=-1)
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.round(blocks / safe.unsqueeze(-1) * 127).clamp(-127, 127).to(torch.int8)
-        q = q.reshape(rows.shape[0], -1)[:, : rows.shape[1]].reshape(w.shape)
-        return {"weight": q, "weight.scale": s if self.block_size else s.reshape(-1)}
+        rows = rows_view(tensor.detach().cpu())
+        q = torch.empty(rows.shape, dtype=torch.int8)
+        scales = []
+        step = max(1, CHUNK // max(rows.shape[1], 1))  # rows are independent: a chunk of rows at a time
+        for start in range(0, rows.shape[0], step):
+            blocks = self._blocks(rows[start:start + step].float())
+            s = blocks.abs().amax(dim=-1)
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            part = torch.round(blocks / safe.unsqueeze(-1) * 127).clamp(-127, 127).to(torch.int8)
+            q[start:start + step] = part.reshape(blocks.shape[0], -1)[:, : rows.shape[1]]
+            scales.append(s)
+        s = torch.cat(scales)
+        return {"weight": q.reshape(tensor.shape), "weight.scale": s if self.block_size else s.reshape(-1)}
 
     def packed_layout(self, tensor: torch.Tensor) -> dict[str, tuple[str, tuple[int, ...]]]:
         rows = rows_view(tensor)
@@ -67,13 +75,18 @@ class Int8:
         q, s = packed["weight"], packed["weight.scale"].float()
         if q.dtype != torch.int8:
             raise AdaptkitError(f"{self.name}: weight must be int8, got {q.dtype}")
-        rows = rows_view(q).float()
-        blocks = self._blocks(rows)
-        if s.reshape(-1).numel() != blocks.shape[0] * blocks.shape[1]:
+        rows = rows_view(q)
+        per_row = -(rows.shape[1] // -self.block_size) if self.block_size else 1
+        if s.reshape(-1).numel() != rows.shape[0] * per_row:
             raise AdaptkitError(f"{self.name}: weight.scale has {s.numel()} values, expected "
-                                f"{blocks.shape[0] * blocks.shape[1]} (block_size {self.block_size})")
-        out = blocks * (s.reshape(blocks.shape[0], -1, 1) / 127)
-        return out.reshape(rows.shape[0], -1)[:, : rows.shape[1]].reshape(q.shape)
+                                f"{rows.shape[0] * per_row} (block_size {self.block_size})")
+        scale = s.reshape(rows.shape[0], per_row, 1) / 127
+        out = torch.empty(rows.shape, dtype=torch.float32, device=q.device)
+        step = max(1, CHUNK // max(rows.shape[1], 1))
+        for start in range(0, rows.shape[0], step):
+            blocks = self._blocks(rows[start:start + step].float()) * scale[start:start + step]
+            out[start:start + step] = blocks.reshape(blocks.shape[0], -1)[:, : rows.shape[1]]
+        return out.reshape(q.shape)
 
     def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
         return tuple(shapes["weight"])  # the int8 codes keep the tensor's shape
