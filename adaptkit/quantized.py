@@ -285,10 +285,13 @@ def load_quantized(folder: Path, auto: Any, config: Any, *, method: str, dtype: 
         model.tie_weights()
     missing = [n for n, _ in model.named_parameters() if n not in loaded]  # tied copies are listed once
     new = sorted({n.rsplit(".", 1)[0] for n in missing if "." in n})
+    # linear layers that are not nn.Linear (GPT-2's Conv1D) were made and loaded whole: pack them now
+    quantize_model(model, method, skip=skip + new)
     quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
     if quantized == 0:
         raise AdaptkitError(f"{folder}: no linear layer of the checkpoint could be quantized (names did not match the model)")
     for p in model.parameters():
         p.requires_grad_(False)
+    model.eval()  # as from_pretrained leaves it
     return model, [m for m in new if not any(m.startswith(o + ".") for o in new)]
 

@@ -363,3 +363,22 @@ def test_parameter_counts_include_packed_weights(env):
     a = adaptkit.inject(floating, "lora", r=2, target_modules="all-linear").trainable_parameters()
     b = adaptkit.inject(quantized, "lora", r=2, target_modules="all-linear").trainable_parameters()
     assert a == b
+
+
+def test_gpt2_conv1d_layers_are_quantized_too(tmp_path):
+    """GPT-2's Conv1D layers (weights stored in × out) are packed in math layout (out × in)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from builders import tiny_gpt2
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    model, new = load_quantized(tmp_path / "gpt2", AutoModelForCausalLM, AutoConfig.from_pretrained(tmp_path / "gpt2"),
+                                method="nf4", dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    assert new == [] and quantize_model(reference, "nf4") == 8
+    attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(attn, QuantizedLinear) and (attn.out_features, attn.in_features) == (96, 32)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    adaptkit.inject(model, "lora", r=2, target_modules=["c_attn"])
+    assert model(ids).logits.shape == (1, 4, 128)
