@@ -224,3 +224,17 @@ def test_packed_layout_says_what_quantize_returns(name, shape):
     t = torch.randn(shape, dtype=torch.bfloat16)
     packed = quant.quantize(t)
     assert quant.packed_layout(t) == {k: (torch_to_code(v.dtype), tuple(v.shape)) for k, v in packed.items()}
+
+
+def test_int8_per_row_and_per_block_files_are_told_apart(tmp_path):
+    from safetensors.torch import save_file
+
+    from adaptkit.io import open_store
+    from adaptkit.unpacked import detect_quantizer
+
+    t = torch.randn(6, 130)
+    for name in ("int8", "int8_block"):
+        packed = q(name).quantize(t)
+        save_file({k.replace("weight", "layer.weight", 1): v for k, v in packed.items()}, tmp_path / f"{name}.safetensors")
+        assert detect_quantizer(open_store(tmp_path / f"{name}.safetensors")) == name
+    assert q("int8_block").quantize(t)["weight.scale"].shape == (6, 3)  # 64 + 64 + 2 columns

@@ -31,10 +31,10 @@ CHUNK = 1 << 20  # values quantized at a time: float32 temporaries stay a few MB
 class Int8:
     """INT8 symmetric absmax quantization per output row (LLM.int8 row statistics)."""
 
-    def __init__(self, name: str = "int8", *, block_size: int | None = None):
+    def __init__(self, name: str = "int8", *, block_size: int | None = None, about: str = ""):
         if block_size is not None and block_size < 1:
             raise AdaptkitError(f"int8 block_size must be positive, got {block_size}")
-        self.name, self.block_size = name, block_size
+        self.name, self.block_size, self.about = name, block_size, about
 
     def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
         """rows × blocks × N view (zero-padded; zeros change no absmax)."""
@@ -92,8 +92,17 @@ class Int8:
         return tuple(shapes["weight"])  # the int8 codes keep the tensor's shape
 
     def detect(self, store: TensorStore) -> bool:
-        return any(store.info(k).dtype == "I8" and store.info(f"{k}.scale").dtype == "F32"
-                   for k in bases_with(store, ".scale"))
+        """int8 codes with float32 scales: one per row (1-D), or rows × blocks of this block size."""
+        for k in bases_with(store, ".scale"):
+            codes, scale = store.info(k), store.info(f"{k}.scale")
+            if codes.dtype != "I8" or scale.dtype != "F32":
+                continue
+            if self.block_size is None:
+                return len(scale.shape) == 1
+            columns = codes.numel // max(codes.shape[0], 1) if codes.shape else 1
+            return len(scale.shape) == 2 and scale.shape[1] == -(columns // -self.block_size)
+        return False
 
 
 INT8 = Int8()
+INT8_BLOCK = Int8("int8_block", block_size=64, about="INT8 symmetric absmax per block of 64 columns of a row")
