@@ -7,7 +7,9 @@
    scored on either task with that task's own head.
 4. The two bodies merged three ways with `adaptkit merge`: task arithmetic and TIES (on the ΔWs,
    re-factored to rank 16 by SVD) and concat (exact, rank 8 + 8).
-5. `adaptkit eval` of every body on both tasks, and one table.
+5. QLoRA: the sentiment LoRA trained again on a 4-bit (NF4) MiniLM (`--quantize nf4`); its adapter
+   is evaluated on the float MiniLM like the others (with its own head on sentiment).
+6. `adaptkit eval` of every body on both tasks, and one table.
 
 Runs in a few minutes on 2 CPU cores.
 """
@@ -64,6 +66,12 @@ def main() -> None:
         bodies[f"{task} LoRA"], heads[task] = work / f"{task}-body", work / f"{task}-head"
         split_head(work / task, bodies[f"{task} LoRA"], heads[task])
     run("inspect", str(work / "sentiment"))
+    # QLoRA: the same sentiment LoRA trained on a 4-bit (NF4) MiniLM, then used on the float one
+    run("--quiet", "train", "--base", "minilm", "--variant", "lora", "--set", "r=8", "--set", "lora_alpha=16",
+        "--quantize", "nf4", "--data", str(DATA / "sentiment_train.jsonl"), "--max-steps", "40", "--batch-size", "16",
+        "--lr", "1e-3", "--warmup", "0.1", "-o", str(work / "sentiment-qlora"))
+    bodies["sentiment QLoRA (nf4 base)"] = work / "sentiment-qlora-body"
+    split_head(work / "sentiment-qlora", bodies["sentiment QLoRA (nf4 base)"], work / "sentiment-qlora-head")
 
     a, b = (str(bodies[f"{t} LoRA"]) for t in TASKS)
     merges = {"task arithmetic (rank 16)": ["--method", "task_arithmetic", "-m", f"{a}:1", "-m", f"{b}:1", "--rank", "16"],
@@ -77,8 +85,9 @@ def main() -> None:
     print("\n$ adaptkit eval minilm --adapter BODY --adapter TASK-HEAD --data TASK_eval.jsonl --json   # for each cell")
     print("\naccuracy on each task's evaluation set (each body with that task's own head):\n")
     print(f"  {'model':<30}" + "".join(f"{t:>12}" for t in TASKS))
+    own_heads = {"sentiment QLoRA (nf4 base)": {"sentiment": work / "sentiment-qlora-head"}}
     for label, body in bodies.items():
-        scores = [accuracy(body, heads[t], t) for t in TASKS]
+        scores = [accuracy(body, own_heads.get(label, {}).get(t, heads[t]), t) for t in TASKS]
         print(f"  {label:<30}" + "".join(f"{s:>12.3f}" for s in scores), flush=True)
     print(f"\nfiles in {work}")
 
