@@ -188,24 +188,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_equal_one_with_double_accumulation(env, tmp_path, monkeypatch):
+DDP_CASES = {  # AdaLoRA: its importance must come from the all-reduced gradient, or ranks' masks differ
+    "lora": (dict(r=4), 3),
+    "adalora": (dict(init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, lora_alpha=8), 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DDP_CASES))
+def test_ddp_two_processes_equal_one_with_double_accumulation(name, env, tmp_path, monkeypatch):
     """Rank 1 is `python -m adaptkit train` in a subprocess, rank 0 this process (torchrun would set the
     same variables; one subprocess instead of three keeps the test fast)."""
+    settings, steps = DDP_CASES[name]
     data = write_jsonl(tmp_path / "d.jsonl", counting(n=12))
     rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     environment = {**os.environ, **rendezvous, "RANK": "1", "LOCAL_RANK": "1", "OMP_NUM_THREADS": "1",
                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", "adaptkit", "-q", "train", "--base", str(env["llama"]), "--variant", "lora", "--set",
-           "r=4", "--data", str(data), "--lr", "3e-2", "--batch-size", "3", "--max-steps", "3", "-o", str(tmp_path / "two")]
+    options = [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "adaptkit", "-q", "train", "--base", str(env["llama"]), "--variant", name, *options,
+           "--data", str(data), "--lr", "3e-2", "--batch-size", "3", "--max-steps", str(steps), "-o", str(tmp_path / "two")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     one = tmp_path / "one"  # one process, twice the accumulation: the same global batch of 6 (while rank 1 starts)
-    train(env["llama"], "lora", data, one, settings=dict(r=4), lr=3e-2, batch_size=3, grad_accum=2, max_steps=3,
+    train(env["llama"], name, data, one, settings=settings, lr=3e-2, batch_size=3, grad_accum=2, max_steps=steps,
           progress=False)
     for key, value in {**rendezvous, "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     try:
-        report = train(env["llama"], "lora", data, tmp_path / "two", settings=dict(r=4), lr=3e-2, batch_size=3,
-                       max_steps=3, progress=False)
+        report = train(env["llama"], name, data, tmp_path / "two", settings=settings, lr=3e-2, batch_size=3,
+                       max_steps=steps, progress=False)
     finally:
         stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0 and stdout == "", stderr[-3000:]  # rank 1 writes nothing
@@ -216,6 +225,8 @@ def test_ddp_two_processes_equal_one_with_double_accumulation(env, tmp_path, mon
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     first, second = metrics(one), metrics(tmp_path / "two")
     assert [m["loss"] for m in first] == pytest.approx([m["loss"] for m in second], rel=1e-5)
+    patterns = [json.loads((run / "adapter_config.json").read_text()).get("rank_pattern") for run in (one, tmp_path / "two")]
+    assert patterns[0] == patterns[1]
 
 
 def test_prompt_tokens_carry_no_loss(env, tmp_path):

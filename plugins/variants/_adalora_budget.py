@@ -75,7 +75,11 @@ def _update_importance(branch, beta1: float, beta2: float) -> None:
     found = state(branch.params)
     for role in ROLES:
         p = branch.params[role]
-        grad = found["grad"].get(role, p.grad)
+        # The gradient the optimizer used (clipped; under DDP the all-reduced mean) while it is there.
+        # After zero_grad() it is gone or all zeros: then the one a hook kept at backward time.
+        grad = p.grad
+        if grad is None or not grad.any():
+            grad = found["grad"].get(role, grad)
         if grad is None:
             raise AdaptkitError(f"adalora: {role} has no gradient at step_end; call step_end after backward() "
                                 "and optimizer.step() of every training step")

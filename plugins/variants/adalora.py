@@ -7,8 +7,9 @@ scaling = lora_alpha (float(r) if lora_alpha ≤ 0), ranknum = init_r (kept when
     y = W·x + (dropout(x) · (A ⊙ E)ᵀ · Bᵀ) · scaling / (init_r + 1e-5)
 
 Init (PEFT's): E = 0, A, B ~ N(0, 0.02²); `init_lora_weights=False` leaves all three N(0, 1).
-Budget (`step_end(step)` after each optimizer step, before or after `zero_grad()`: gradient hooks keep
-what it needs; `_adalora_budget.py`): importance of every entry I = |w·∇w|, smoothed
+Budget (`step_end(step)` after each optimizer step, best before `zero_grad()`: it then uses the
+gradient the optimizer used — under DDP the all-reduced one —, after it what gradient hooks kept;
+`_adalora_budget.py`): importance of every entry I = |w·∇w|, smoothed
 Ī ← β₁Ī + (1−β₁)I, uncertainty Ū ← β₂Ū + (1−β₂)|I − Ī|; triplet i scores
 S_i = Ī·Ū(E_i) + mean_j Ī·Ū(A_ij) + mean_k Ī·Ū(B_ki). The budget is Σ init_r up to `tinit`, then
 b(t) = target + (init − target)·(1 − (t − tinit)/(T − tinit))³ with T = total_step − tfinal, every
