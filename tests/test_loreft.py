@@ -220,3 +220,29 @@ def test_one_line_config_errors():
             ak.inject(copy.deepcopy(model), "loreft", **config)
     handle = ak.inject(model, "loreft", layers=-1)  # negative indices count from the end
     assert handle.adapters["default"].layers == ["model.layers.1"]
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForMaskedLM(cfg).eval()
+
+
+def test_post_norm_encoder_blocks_bert(tmp_path):
+    """A BertLayer has no norm of its own at the top level (its LayerNorms sit in attention.output and
+    output): the width comes from the last norm inside it, the hidden size, not the 64-wide FFN."""
+    base, model, handle = trained(tiny_bert)
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+    assert len(layers) == 2 and all(layer.target.in_features == 32 for layer in layers)
+    assert rotations(model)[0].shape == (2, 32)
+    losses = train(model, handle, steps=6)
+    assert losses[-1] < losses[0]
+    handle.save(tmp_path / "bert")
+    fresh = copy.deepcopy(base)
+    ak.load_adapter(fresh, tmp_path / "bert")
+    assert torch.equal(logits(fresh), logits(model))
+    with handle.disabled():
+        assert torch.equal(logits(model), logits(base))

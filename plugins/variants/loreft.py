@@ -86,16 +86,20 @@ class LoReFT:
         raise AdaptkitError(f"adapter {adapter.store.root}: {NOT_WEIGHTS}")
 
     def target_of(self, module):
-        """A decoder block of width d: its `hidden_size`, else the size of its first norm layer."""
+        """A block of width d: its `hidden_size`, else the size of its first own norm layer (pre-norm
+        decoders), else of the last norm inside it (post-norm encoders: BERT's output LayerNorm)."""
         import torch
 
         from adaptkit.layer import Target
 
+        def norms(modules):
+            return [m.weight for m in modules if "norm" in type(m).__name__.lower()
+                    and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1]
+
         d = getattr(module, "hidden_size", None)
         if not isinstance(d, int):
-            norms = [m.weight for m in module.children() if "norm" in type(m).__name__.lower()
-                     and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1]
-            d = int(norms[0].shape[0]) if norms else None
+            own, inside = norms(module.children()), norms(list(module.modules())[1:])
+            d = int(own[0].shape[0]) if own else int(inside[-1].shape[0]) if inside else None
         return Target("block", d, d, False) if d else None
 
     def prepare(self, model, config: dict[str, Any]) -> dict[str, Any]:
