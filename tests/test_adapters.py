@@ -43,6 +43,7 @@ LLAMA_CASES = {
     "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     "rslora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], use_rslora=True),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True),
+    "dora+embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True),
     "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
                      rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3}),
     "embedding+saved": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"]),

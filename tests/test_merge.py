@@ -148,6 +148,7 @@ ADAPTERS = {
     "embedding_modules_to_save": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
                                       modules_to_save=["lm_head"]),
     "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj"]),
+    "dora_embedding": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"]),
 }
 
 

@@ -46,8 +46,6 @@ def initial_factors(target, settings, weight: torch.Tensor) -> tuple[torch.Tenso
 
 
 def create(target, settings, weight, trainable_a: bool = True) -> nn.ParameterDict:
-    if settings["use_dora"] and target.kind == "embedding":
-        raise AdaptkitError("DoRA on embedding layers is not supported; leave embeddings out of target_modules")
     initial = weight.clone() if settings["init"] == "pissa" else None
     a, b = initial_factors(target, settings, weight)
     embedding = target.kind == "embedding"
@@ -73,7 +71,13 @@ def forward(branch, base_layer, x, result):
     a, b = factors(p)
     if branch.target.kind == "embedding":
         hidden = F.embedding(x, a.T, padding_idx=getattr(base_layer, "padding_idx", None))
-        return result + (hidden @ b.T * s["scaling"]).to(result.dtype)
+        lora = hidden @ b.T * s["scaling"]
+        if "lora_magnitude_vector" not in p:
+            return result + lora.to(result.dtype)
+        # DoRA: one magnitude per embedding dimension (a column of the table), as PEFT's embeddings
+        norm = torch.linalg.norm(base_layer.weight.T.to(a.dtype) + s["scaling"] * (b @ a), dim=1).detach()
+        scale = p["lora_magnitude_vector"] / norm
+        return result + ((scale - 1) * result + scale * lora).to(result.dtype)
     dropped = F.dropout(x, s["dropout"], branch.training) if s["dropout"] else x
     dropped = dropped.to(a.dtype)
     lora = F.linear(F.linear(dropped, a), b) * s["scaling"]

@@ -8,6 +8,8 @@ Embeddings store A as r × num_embeddings and B as dim × r: ΔE = s · (B·A)�
 
 DoRA (`use_dora`, Liu et al. 2024, arXiv 2402.09353) rescales each output row of the updated weight
 to a learned magnitude m: W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row, so its ΔW needs the base W.
+On an embedding table (math layout dim × num_embeddings) that is one magnitude per embedding
+dimension, as PEFT's DoRA embeddings.
 
 On a live model (the module plane, `_lora_module.py`) the same class runs the side branch;
 configured instances add LoRA-FA (A frozen; Zhang et al. 2023, arXiv 2308.03303) and LoRA+ (B's
@@ -106,12 +108,13 @@ class LoRA:
             update = update.T
         if "lora_magnitude_vector" not in roles:
             return update
-        return self._dora_delta(adapter, module, update, base)
+        return self._dora_delta(adapter, module, update, base, embedding)
 
-    def _dora_delta(self, adapter, module, update, base):
+    def _dora_delta(self, adapter, module, update, base, embedding: bool = False):
         if base is None:
             raise AdaptkitError(f"{module}: a DoRA adapter's ΔW depends on the base weight; give the base model")
-        flip = bool(adapter.config.get("fan_in_fan_out"))  # math layout (out × in) for the row norms
+        # math layout (out × in) for the row norms: embeddings and fan_in_fan_out store in × out
+        flip = embedding or bool(adapter.config.get("fan_in_fan_out"))
         w, upd = (base.float().T, update.T) if flip else (base.float(), update)
         change = _module().dora_change(adapter.tensor(module, "lora_magnitude_vector").float(), w, upd)
         return change.T if flip else change
