@@ -48,9 +48,9 @@ def relative_error(quantizer, packed: dict, original) -> float:
     """‖Ŵ − W‖ / ‖W‖ (‖Ŵ − W‖ when W = 0), summed in float64 over chunks of 1M values."""
     w, restored = original.reshape(-1), quantizer.dequantize(packed).reshape(-1)
     diff = norm = 0.0
-    for start in range(0, w.numel(), 1 << 20):
-        part = w[start:start + (1 << 20)].double()
-        diff += (restored[start:start + (1 << 20)].double() - part).square().sum().item()
+    for chunk in zip(w.split(1 << 20), restored.split(1 << 20)):
+        part = chunk[0].double()
+        diff += (chunk[1].double() - part).square().sum().item()
         norm += part.square().sum().item()
     return math.sqrt(diff / norm) if norm else math.sqrt(diff)
 

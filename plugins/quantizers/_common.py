@@ -118,3 +118,33 @@ def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch
     """code[q] · absmax of its block, float32 (bitsandbytes' `dequantize_blockwise`)."""
     flat = code[q.reshape(-1).long()]
     return (flat * absmax.float().repeat_interleave(blocksize)[: flat.numel()]).reshape(q.shape)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, fill: int = 0) -> torch.Tensor:
+    """Codes of `bits` bits (1, 2 or 4) packed 8 // bits to a byte, the first in the highest bits;
+    the last byte is padded with the code `fill`."""
+    import torch
+
+    per = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    rows = torch.nn.functional.pad(flat, (0, -flat.numel() % per), value=fill).reshape(-1, per)
+    packed = torch.zeros(rows.shape[0], dtype=torch.uint8, device=codes.device)
+    for i in range(per):
+        packed |= rows[:, i] << (8 - bits * (i + 1))
+    return packed
+
+
+def unpacked_codes(name: str, packed: Mapping[str, torch.Tensor], stat: str, bits: int) -> tuple[list[int], torch.Tensor]:
+    """(shape, codes) of a tensor packed by `pack_codes` with its shape in `weight.shape`; the sizes
+    are checked against each other."""
+    import math
+
+    import torch
+
+    require_keys(name, packed, ("weight", stat, "weight.shape"))
+    shape = [int(d) for d in packed["weight.shape"].tolist()]
+    data, n, per = packed["weight"].reshape(-1), math.prod(shape), 8 // bits
+    if data.dtype != torch.uint8 or data.numel() != -(n // -per):
+        raise AdaptkitError(f"{name}: weight must be {-(n // -per)} uint8 bytes for shape {shape}")
+    shifts = range(8 - bits, -1, -bits)
+    return shape, torch.stack([(data >> s) & ((1 << bits) - 1) for s in shifts], dim=1).reshape(-1)[:n]

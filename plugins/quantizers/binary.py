@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from adaptkit.errors import AdaptkitError
 
-from ._common import bases_with, require_float, require_keys, rows_view
+from ._common import bases_with, pack_codes, require_float, rows_view, unpacked_codes
 
 if TYPE_CHECKING:
     import torch
@@ -34,10 +34,7 @@ class Binary:
         require_float(self.name, tensor)
         w = tensor.detach().cpu().float()
         alpha = rows_view(w).abs().mean(dim=1)
-        bits = (w.reshape(-1) >= 0).to(torch.uint8)
-        bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8)).reshape(-1, 8)
-        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-        packed = (bits * weights).sum(dim=1).to(torch.uint8)
+        packed = pack_codes(w >= 0, bits=1)
         return {"weight": packed, "weight.alpha": alpha, "weight.shape": torch.tensor(list(tensor.shape), dtype=torch.int64)}
 
     host_keys = ("weight.shape",)  # read on the host when unpacking
@@ -47,17 +44,7 @@ class Binary:
                 "weight.shape": ("I64", (tensor.dim(),))}
 
     def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        import math
-
-        import torch
-
-        require_keys(self.name, packed, ("weight", "weight.alpha", "weight.shape"))
-        shape = [int(d) for d in packed["weight.shape"].tolist()]
-        data = packed["weight"].reshape(-1)
-        n = math.prod(shape)
-        if data.dtype != torch.uint8 or data.numel() != -(n // -8):
-            raise AdaptkitError(f"{self.name}: weight must be {-(n // -8)} uint8 bytes for shape {shape}")
-        bits = torch.stack([(data >> s) & 1 for s in range(7, -1, -1)], dim=1).reshape(-1)[:n]
+        shape, bits = unpacked_codes(self.name, packed, "weight.alpha", bits=1)
         signs = bits.float() * 2 - 1
         rows = signs.reshape(1, -1) if len(shape) < 2 else signs.reshape(shape[0], -1)
         alpha = packed["weight.alpha"].float().reshape(-1, 1)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from adaptkit.errors import AdaptkitError
 
-from ._common import bases_with, require_float, require_keys
+from ._common import bases_with, pack_codes, require_float, unpacked_codes
 
 if TYPE_CHECKING:
     import torch
@@ -43,9 +43,7 @@ class Ternary:
 
         require_float(self.name, tensor)
         q, gamma = self.codes(tensor)
-        c = (q.reshape(-1) + 1).to(torch.uint8)
-        c = torch.nn.functional.pad(c, (0, -c.numel() % 4), value=1).reshape(-1, 4)
-        packed = (c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]
+        packed = pack_codes(q + 1, bits=2, fill=1)
         return {"weight": packed, "weight.gamma": gamma, "weight.shape": torch.tensor(list(tensor.shape), dtype=torch.int64)}
 
     host_keys = ("weight.shape",)  # read on the host when unpacking
@@ -55,17 +53,7 @@ class Ternary:
                 "weight.shape": ("I64", (tensor.dim(),))}
 
     def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        import math
-
-        import torch
-
-        require_keys(self.name, packed, ("weight", "weight.gamma", "weight.shape"))
-        shape = [int(d) for d in packed["weight.shape"].tolist()]
-        data = packed["weight"].reshape(-1)
-        n = math.prod(shape)
-        if data.dtype != torch.uint8 or data.numel() != -(n // -4):
-            raise AdaptkitError(f"{self.name}: weight must be {-(n // -4)} uint8 bytes for shape {shape}")
-        c = torch.stack([(data >> s) & 3 for s in (6, 4, 2, 0)], dim=1).reshape(-1)[:n]
+        shape, c = unpacked_codes(self.name, packed, "weight.gamma", bits=2)
         if (c > 2).any():
             raise AdaptkitError(f"{self.name}: invalid 2-bit code 3 in weight")
         return ((c.float() - 1) * packed["weight.gamma"].float()).reshape(shape)

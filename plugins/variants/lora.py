@@ -83,16 +83,9 @@ class LoRA:
         per_module = {m: {"rank": self.module_rank(adapter, m), "alpha": self.module_alpha(adapter, m),
                           "scaling": self.scaling(adapter, m)} for m in sorted(adapter.modules)}
         ranks = sorted({m["rank"] for m in per_module.values()})
-        return {
-            "rank": ranks[0] if len(ranks) == 1 else None,
-            "ranks": ranks,
-            "alpha": cfg.get("lora_alpha"),
-            "scaling": sorted({m["scaling"] for m in per_module.values()}),
-            "use_rslora": bool(cfg.get("use_rslora")),
-            "use_dora": bool(cfg.get("use_dora")),
-            "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
-            "modules": per_module,
-        }
+        flags = {key: bool(cfg.get(key)) for key in ("use_rslora", "use_dora", "fan_in_fan_out")}
+        return {"rank": ranks[0] if len(ranks) == 1 else None, "ranks": ranks, "alpha": cfg.get("lora_alpha"),
+                "scaling": sorted({m["scaling"] for m in per_module.values()}), **flags, "modules": per_module}
 
     # -- ΔW ------------------------------------------------------------------------------------
     def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
