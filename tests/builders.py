@@ -26,3 +26,23 @@ def tiny_gpt2(seed: int = 0):
     torch.manual_seed(seed)
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
     return GPT2LMHeadModel(cfg).eval()
+
+
+def fit_to_teacher(student, teacher, handle, steps: int = 40, lr: float = 5e-2) -> list[float]:
+    """AdamW on the adapter of `student` towards `teacher`'s outputs on fixed random inputs (an MLP
+    taking 8 features); the loss of each step."""
+    import torch
+    from torch import nn
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = teacher(x)
+    opt = torch.optim.AdamW(handle.param_groups(lr), weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(student(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
