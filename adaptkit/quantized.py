@@ -242,8 +242,7 @@ def load_quantized(folder: Path, auto: Any, config: Any, *, method: str, dtype: 
         names = _checkpoint_names(store.keys(), set(state), getattr(model, "base_model_prefix", ""))
         loaded: set[str] = set()
         for path, module in list(model.named_modules()):
-            found = _linear_weight(module) if isinstance(module, nn.Linear) else None
-            if found is None or not found[0].is_meta:
+            if not isinstance(module, nn.Linear) or not module.weight.is_meta:
                 continue
             key = names.get(f"{path}.weight")
             shape_ok = key is not None and tuple(store.info(key).shape) == (module.out_features, module.in_features)
