@@ -215,10 +215,11 @@ class FourBit:
             stop = min(start + step, n)
             values = pairs.index_select(0, data[start // 2:(stop + 1) // 2].int()).reshape(-1)[: stop - start]
             full = (stop - start) - (stop - start) % b
-            values[:full].view(-1, b).mul_(scale[start // b: (start + full) // b, None])
+            # product and rounding to the stored dtype in one pass, straight into the output
+            torch.mul(values[:full].view(-1, b), scale[start // b: (start + full) // b, None],
+                      out=out[start:start + full].view(-1, b))
             if full < stop - start:
-                values[full:].mul_(scale[-1])
-            out[start:stop] = values
+                torch.mul(values[full:], scale[-1], out=out[start + full:stop])
         return out.reshape(shape)
 
     def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
