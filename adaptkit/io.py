@@ -122,6 +122,8 @@ def read_json(path: Path) -> dict:
 class TensorStore:
     """A read-only mapping name -> tensor over one or more weight files, read lazily."""
 
+    method: str | None = None  # the quantizer packed weights are unpacked with (unpacked.UnpackedStore)
+
     def __init__(self, root: Path, infos: dict[str, TensorInfo], metadata: dict[str, str], *, index: Path | None = None):
         self.root = root
         self.infos = infos

@@ -118,7 +118,7 @@ class Plan:
         for source in self.sources:
             source.check_matches(reference)
         # a quantized input has no one dtype to keep: the output is bfloat16 unless asked otherwise
-        unpacked = "bfloat16" if any(hasattr(s.store, "method") for s in self.sources) else None
+        unpacked = "bfloat16" if any(s.store.method for s in self.sources) else None
         out = parse_dtype(dtype or recipe.out_dtype or recipe.dtype or unpacked)
         self.layout = []
         for name in self.names:
@@ -245,9 +245,8 @@ def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: 
 def _quantized_base(plan: Plan) -> tuple[str, set[str]]:
     """(quantizer, names it packed) of the quantized model the merge starts from."""
     for source in plan.sources:
-        method = getattr(source.store, "method", None)
-        if method is not None:
-            return method, {n for n in plan.names if source.store.packed(n)}
+        if source.store.method is not None:
+            return source.store.method, {n for n in plan.names if source.store.packed(n)}
     raise AdaptkitError("--requantize: no input is a quantized model (to quantize the result, run adaptkit quantize)")
 
 
