@@ -91,6 +91,9 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
     out, report = LowRankAdapter(config=_kept_config(adapter.config)), Report()
     resize = rank is not None or energy is not None
     for module in sorted(adapter.modules):
+        if hasattr(variant, "delta_bias") and variant.delta_bias(adapter, module, None) is not None:
+            raise AdaptkitError(f"{module}: the adapter changes the layer's bias too, which low-rank factors cannot "
+                                "hold; merge it into the base model instead")
         stored = _as_stored(variant, adapter, module) if not resize else None
         if stored is not None:  # lossless: tensors and alpha exactly as in the file
             out.modules[module] = stored

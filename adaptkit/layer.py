@@ -154,10 +154,15 @@ class AdaptedLayer(Forwarding):
         depends_on_w = getattr(branch.variant, "delta_needs_base", lambda _: False)(branch)
         self.merged[name] = delta if depends_on_w else None
         bias, hook = getattr(self.base_layer, "bias", None), getattr(branch.variant, "bias_delta", None)
-        if hook is not None and isinstance(bias, torch.Tensor):  # a branch that also changes the bias (output scaling)
+        if hook is not None:  # a branch that also changes the bias (output scaling, a trained bias)
+            bias = bias if isinstance(bias, torch.Tensor) else None
             with torch.no_grad():
-                change = hook(branch, bias.float())
-                if change is not None:
+                change = hook(branch, None if bias is None else bias.float())
+            if change is not None and bias is None:
+                self.unmerge(name)
+                raise AdaptkitError(f"{self.path}: adapter '{name}' changes the bias, but this layer has none to merge it into")
+            if change is not None:
+                with torch.no_grad():
                     self.merged_bias[name] = change.to(bias.dtype)
                     bias.add_(self.merged_bias[name])
 

@@ -60,6 +60,9 @@ class ModelSource:
             self._deltas.setdefault(key, []).append((adapter, module, "delta"))
             if hasattr(variant, "delta_bias") and f"{module}.bias" in self.store:  # it changes the bias too
                 self._deltas.setdefault(f"{module}.bias", []).append((adapter, module, "delta_bias"))
+            elif hasattr(variant, "delta_bias") and variant.delta_bias(adapter, module, base=None) is not None:
+                raise AdaptkitError(f"adapter {adapter.store.root} changes the bias of '{module}', which has none "
+                                    f"in {self.ref.model}")
         for name, key in adapter.saved.items():
             target = name if name in self.store else weight_key(self.store, name.removesuffix(".weight"))
             if target is None:

@@ -122,9 +122,10 @@ class ModuleVariant(Protocol):
     Optional hooks: `save_tensors(branch)` (what to write, if not the tensors themselves) and
     `load_tensors(branch, tensors)` (set the branch from the file's tensors by role, if not by copying),
     `delta_needs_base(branch)`, `bias_delta(branch, bias)` (the change merging makes to the layer's
-    bias, or None; kept to be taken out exactly on unmerge), `resident(branch)` (a change the
-    variant keeps inside the base weight, taken out on disable/remove), `moves_base_weight = True`
-(the variant trains W itself, so it cannot go on a quantized base layer), `prepare(model, config)`
+    bias, or None; `bias` is None where the layer has none; kept to be taken out exactly on unmerge),
+    `resident(branch)` (a change the variant keeps inside the base weight, taken out on
+    disable/remove), `moves_base_weight = True` (the variant trains W itself, so it cannot go on a
+    quantized base layer), `prepare(model, config)`
     (choose targets its own way), `param_groups(named_params, lr, config)`, `on_step_end(layers,
     config, step)` and `extra_loss(layers, config)` with `layers` a list of (AdaptedLayer, Branch);
     `train_state(layers, config)` / `load_train_state(layers, config, tensors)` (state kept outside

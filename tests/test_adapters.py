@@ -401,3 +401,83 @@ def test_load_adapter_from_a_hub_reference(tmp_path, offline_hub):
     torch.testing.assert_close(logits(model), logits(pm), **TOL)
     with pytest.raises(AdaptkitError, match="the Hub cannot be reached"):
         ak.load_adapter(copy.deepcopy(base), "org/missing@v1", name="x")
+
+
+def peft_lora_bias(base, tmp_path):
+    """A PEFT LoRA with `lora_bias` (a bias on B), its biases moved off zero, saved."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft_model(base, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_bias=True)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "peft")
+    return pm
+
+
+def test_lora_bias_both_ways_and_merged(tmp_path):
+    """PEFT's lora_bias: y += s·(B·A·x + β). Loaded and saved both ways with equal outputs; merged,
+    the layer's bias takes s·β (live and on disk), as PEFT's merge_and_unload."""
+    from adaptkit.merge import run_merge
+
+    base = tiny_gpt2()
+    pm = peft_lora_bias(base, tmp_path)
+    expected = logits(pm)
+    model = copy.deepcopy(base)
+    handle = ak.load_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(logits(model), expected, **TOL)
+    handle.save(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["lora_bias"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(theirs), expected, **TOL)
+
+    handle.merge()
+    torch.testing.assert_close(logits(model), expected, **TOL)
+    merged = pm.merge_and_unload().state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.endswith("c_attn.base_layer.bias"):
+            torch.testing.assert_close(tensor, merged[name.replace(".base_layer", "")], **TOL)
+    base.save_pretrained(tmp_path / "base")
+    run_merge({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+               "models": [{"model": str(tmp_path / "peft"), "parameters": {"weight": 1.0}}]}, tmp_path / "out",
+              progress=False)
+    from safetensors.torch import load_file
+
+    on_disk = load_file(tmp_path / "out" / "model.safetensors")
+    for name in ("transformer.h.0.attn.c_attn.bias", "transformer.h.1.mlp.c_fc.bias", "transformer.h.0.attn.c_attn.weight"):
+        torch.testing.assert_close(on_disk[name], merged[name], **TOL)
+
+
+def test_lora_bias_trains_and_refuses_what_cannot_hold_it(tmp_path):
+    from adaptkit.convert import convert
+    from adaptkit.merge import run_merge
+
+    model = tiny_llama()  # no biases in its linear layers
+    handle = ak.inject(model, "lora", r=2, target_modules=["q_proj"], lora_bias=True)
+    beta = [p for n, p in handle.parameters() if n.endswith("lora_B_bias")]
+    assert len(beta) == 2 and all(p.requires_grad and not p.any() for p in beta)
+    model(IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in beta)
+    with torch.no_grad():
+        beta[0].add_(1.0)
+    before = logits(model)
+    with pytest.raises(AdaptkitError, match="changes the bias, but this layer has none"):
+        handle.merge()
+    torch.testing.assert_close(logits(model), before, **TOL)  # nothing half-merged
+    handle.save(tmp_path / "a")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    with pytest.raises(AdaptkitError, match="changes the bias of 'model.layers.0.self_attn.q_proj', which has none"):
+        run_merge({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+                   "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}]}, tmp_path / "m",
+                  progress=False)
+    for rank in (None, 2):
+        with pytest.raises(AdaptkitError, match="changes the layer's bias too"):
+            convert(tmp_path / "a", "kohya", tmp_path / "k", rank=rank)
+    with pytest.raises(AdaptkitError, match="lora_bias"):
+        run_merge({"merge_method": "concat", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}] * 2},
+                  tmp_path / "c", progress=False)
+    with pytest.raises(AdaptkitError, match="lora_bias works on linear layers without DoRA"):
+        ak.inject(tiny_llama(), "lora", r=2, target_modules=["q_proj"], lora_bias=True, use_dora=True)

@@ -121,11 +121,12 @@ def strip_prefix(key: str) -> str:
 
 
 def split_key(key: str, roles: set[str]) -> tuple[str, str | None]:
-    """'a.b.lora_A.weight' -> ('a.b', 'lora_A'); a key with no role -> (key, None)."""
+    """'a.b.lora_A.weight' -> ('a.b', 'lora_A'); 'a.b.lora_B.bias' -> ('a.b', 'lora_B_bias') (PEFT's
+    `lora_bias`); a key with no role -> (key, None)."""
     parts = key.split(".")
     for i, part in enumerate(parts):
         if part in roles:
-            return ".".join(parts[:i]), part
+            return ".".join(parts[:i]), f"{part}_bias" if parts[i + 1:] == ["bias"] else part
     return key, None
 
 

@@ -51,6 +51,8 @@ def create(target, settings, weight, trainable_a: bool = True) -> nn.ParameterDi
     embedding = target.kind == "embedding"
     names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     params = nn.ParameterDict({names[0]: nn.Parameter(a, requires_grad=trainable_a), names[1]: nn.Parameter(b)})
+    if settings.get("bias"):  # PEFT's lora_bias: B's bias starts at zero
+        params["lora_B_bias"] = nn.Parameter(torch.zeros(b.shape[0], dtype=b.dtype, device=b.device))
     if settings["use_dora"]:
         merged = weight.float() + settings["scaling"] * (b @ a)
         params["lora_magnitude_vector"] = nn.Parameter(torch.linalg.norm(merged, dim=1))
@@ -80,7 +82,7 @@ def forward(branch, base_layer, x, result):
         return result + ((scale - 1) * result + scale * lora).to(result.dtype)
     dropped = F.dropout(x, s["dropout"], branch.training) if s["dropout"] else x
     dropped = dropped.to(a.dtype)
-    lora = F.linear(F.linear(dropped, a), b) * s["scaling"]
+    lora = F.linear(F.linear(dropped, a), b, p["lora_B_bias"] if "lora_B_bias" in p else None) * s["scaling"]
     if "lora_magnitude_vector" not in p:
         return result + lora.to(result.dtype)
     weight = base_layer.weight.T if branch.target.transposed else base_layer.weight

@@ -156,8 +156,8 @@ class IA3Variant:
         """ΔW (out × in): W·diag(l) − W for feed-forward layers, diag(l)·W − W otherwise."""
         return weight * branch.params["ia3_l"].float() - weight
 
-    def bias_delta(self, branch, bias: torch.Tensor) -> torch.Tensor | None:
-        if branch.settings["feedforward"]:
+    def bias_delta(self, branch, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if branch.settings["feedforward"] or bias is None:
             return None
         return bias * branch.params["ia3_l"].float().flatten() - bias
 

@@ -9,7 +9,8 @@ Embeddings store A as r × num_embeddings and B as dim × r: ΔE = s · (B·A)�
 DoRA (`use_dora`, Liu et al. 2024, arXiv 2402.09353) rescales each output row of the updated weight
 to a learned magnitude m: W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row, so its ΔW needs the base W.
 On an embedding table (math layout dim × num_embeddings) that is one magnitude per embedding
-dimension, as PEFT's DoRA embeddings.
+dimension, as PEFT's DoRA embeddings. `lora_bias` (PEFT's) gives B a bias β, so the layer's bias
+changes too: Δb = s·β (not with DoRA nor on embeddings, as in PEFT).
 
 On a live model (the module plane, `_lora_module.py`) the same class runs the side branch;
 configured instances add LoRA-FA (A frozen; Zhang et al. 2023, arXiv 2308.03303) and LoRA+ (B's
@@ -26,6 +27,7 @@ from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
 from ..formats.peft import rank_config
+from ._lora_lowrank import LowRankForms
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +50,7 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-class LoRA:
+class LoRA(LowRankForms):
     """LoRA: low-rank update s·B·A (rsLoRA and DoRA through its config)."""
 
     def __init__(self, name: str = "lora", *, freeze_a: bool = False, lr_ratio: float | None = None, about: str = ""):
@@ -103,6 +105,12 @@ class LoRA:
             return update
         return self._dora_delta(adapter, module, update, base, embedding)
 
+    def delta_bias(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Δb = s·β of a module with a bias on B (`lora_bias`), else None."""
+        if "lora_B_bias" not in adapter.modules[module]:
+            return None
+        return self.scaling(adapter, module) * adapter.tensor(module, "lora_B_bias").float()
+
     def _dora_delta(self, adapter, module, update, base, embedding: bool = False):
         if base is None:
             raise AdaptkitError(f"{module}: a DoRA adapter's ΔW depends on the base weight; give the base model")
@@ -112,57 +120,11 @@ class LoRA:
         change = _module().dora_change(adapter.tensor(module, "lora_magnitude_vector").float(), w, upd)
         return change.T if flip else change
 
-    # -- factors (adapters -> adapter merging) ---------------------------------------------------
-    def factors(self, adapter: AdapterFiles, module: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A, B, s) in float32 with ΔW = s·B·A (A r × in, B out × r), before the transpose that
-        `factor_layout` reports. DoRA modules have no such form: W' = m ⊙ (W + s·B·A) / ‖·‖_row."""
-        roles = adapter.modules[module]
-        if "lora_magnitude_vector" in roles:
-            raise AdaptkitError(f"{module}: a DoRA module rescales W + s·B·A by a learned magnitude, so its ΔW is not "
-                                "low-rank and concatenation cannot be exact; use another merge method with a base model")
-        a_role, b_role, _ = self._factors(roles)
-        a = adapter.tensor(module, a_role).float()
-        b = adapter.tensor(module, b_role).float()
-        if a.dim() != 2 or b.dim() != 2:
-            raise AdaptkitError(f"{module}: LoRA on convolution layers is not supported yet (A is {tuple(a.shape)})")
-        return a, b, self.scaling(adapter, module)
-
-    def lowrank_module(self, adapter: AdapterFiles, module: str):
-        """The module as stored, for lossless conversion: A, B untouched (convolution kernels too) and
-        its exact alpha. DoRA modules have no such form."""
-        from adaptkit.spec import LowRankModule
-
-        roles = adapter.modules[module]
-        extra = set(roles) - {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
-        if extra:  # DoRA's magnitude, a subclass's own tensors: not the plain product
-            raise AdaptkitError(f"{module}: {', '.join(sorted(extra))} make it more than a plain low-rank product")
-        a_role, b_role, _ = self._factors(roles)
-        return LowRankModule(adapter.tensor(module, a_role), adapter.tensor(module, b_role),
-                             float(self.module_alpha(adapter, module)), **self.factor_layout(adapter, module))
-
-    def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
-        """`embedding`: A is r × num_embeddings; `transposed`: the base weight is (s·B·A)ᵀ
-        (embeddings, and `Conv1D` layers with `fan_in_fan_out`)."""
-        embedding = self._factors(adapter.modules[module])[2]
-        return {"embedding": embedding, "transposed": embedding or bool(adapter.config.get("fan_in_fan_out"))}
-
-    def write_lowrank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layouts: dict[str, dict[str, bool]],
-                      template: dict[str, Any], out_dir) -> list:
-        """Write a PEFT LoRA folder with ΔW = B·A per module: scale 1, so lora_alpha = rank per module
-        (`rank_pattern`/`alpha_pattern` where ranks differ), no rsLoRA, no DoRA. `template` is an input's
-        config (base model, task type); `layouts` come from `factor_layout` (embedding, transposed)."""
-        from adaptkit import registry
-        from adaptkit.spec import LowRankAdapter, LowRankModule
-
-        modules = {m: LowRankModule(a, b, float(a.shape[0]), **layouts[m]) for m, (a, b) in factors.items()}
-        keep = {k: template[k] for k in ("base_model_name_or_path", "task_type", "revision") if k in template}
-        return registry.get("format", "peft").write(LowRankAdapter(modules, {}, keep), out_dir)
-
     # -- module plane (see _lora_module.py) -----------------------------------------------------
     @property
     def defaults(self) -> dict[str, Any]:
         found = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-                 "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+                 "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False}
         return {**found, "loraplus_lr_ratio": self.lr_ratio} if self.lr_ratio else found
 
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
@@ -174,9 +136,11 @@ class LoRA:
                                 f"(1 to {limit})")
         if not 0 <= config["lora_dropout"] < 1:
             raise AdaptkitError(f"lora_dropout must be in [0, 1), got {config['lora_dropout']}")
+        if config["lora_bias"] and (config["use_dora"] or target.kind == "embedding"):
+            raise AdaptkitError(f"{path}: lora_bias works on linear layers without DoRA (as in PEFT)")
         scaling = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
         return {"r": r, "alpha": alpha, "scaling": scaling, "dropout": float(config["lora_dropout"]),
-                "use_dora": bool(config["use_dora"]), "init": config["init_lora_weights"]}
+                "use_dora": bool(config["use_dora"]), "init": config["init_lora_weights"], "bias": bool(config["lora_bias"])}
 
     def create(self, target, settings, weight, shared):
         return _module().create(target, settings, weight, trainable_a=not self.freeze_a)
@@ -190,12 +154,19 @@ class LoRA:
     def delta_needs_base(self, branch) -> bool:
         return "lora_magnitude_vector" in branch.params
 
+    def bias_delta(self, branch, bias):
+        """s·β when B has a bias (`lora_bias`)."""
+        p = branch.params
+        return branch.settings["scaling"] * p["lora_B_bias"].float() if "lora_B_bias" in p else None
+
     def resident(self, branch):
         """PiSSA leaves W − s·B₀·A₀ in the base layer; that change is −s·B₀·A₀."""
         p = branch.params
         return -branch.settings["scaling"] * (p["initial_B"] @ p["initial_A"]) if "initial_A" in p else None
 
     def stored_key(self, role: str, target) -> str:
+        if role == "lora_B_bias":
+            return "lora_B.bias"
         return f"{role}.weight" if role in ("lora_A", "lora_B") else role
 
     def save_tensors(self, branch) -> dict[str, torch.Tensor]:  # PiSSA: see _lora_module.save_tensors
@@ -208,7 +179,8 @@ class LoRA:
         alphas = {m: settings[m]["scaling"] * root(ranks[m]) for m in ranks}  # same scaling at the saved rank
         found = {"peft_type": "LORA", **rank_config(ranks, alphas), "lora_dropout": config["lora_dropout"],
                  "use_rslora": bool(config["use_rslora"]), "use_dora": bool(config["use_dora"]),
-                 "fan_in_fan_out": transposed, "init_lora_weights": True, "bias": "none"}
+                 "fan_in_fan_out": transposed, "init_lora_weights": True, "bias": "none",
+                 "lora_bias": bool(config["lora_bias"])}
         if self.name != "lora":
             found["adaptkit_variant"] = self.name
         if self.lr_ratio:
@@ -220,7 +192,7 @@ class LoRA:
         found = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", cfg.get("r", 8)),
                  "lora_dropout": cfg.get("lora_dropout", 0.0), "use_rslora": bool(cfg.get("use_rslora")),
                  "use_dora": bool(cfg.get("use_dora")), "rank_pattern": cfg.get("rank_pattern") or {},
-                 "alpha_pattern": cfg.get("alpha_pattern") or {}}
+                 "alpha_pattern": cfg.get("alpha_pattern") or {}, "lora_bias": bool(cfg.get("lora_bias"))}
         if self.lr_ratio:
             found["loraplus_lr_ratio"] = cfg.get("loraplus_lr_ratio", self.lr_ratio)
         return found
