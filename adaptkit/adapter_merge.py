@@ -125,6 +125,11 @@ def check_variant(adapters: list[AdapterFiles], *, exact: bool):
     variant = registry.get("variant", adapters[0].variant)
     for adapter in adapters if hasattr(variant, "check_mergeable") else ():
         variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
+    for adapter in adapters if hasattr(variant, "delta_bias") else ():
+        for module in adapter.modules:
+            if variant.delta_bias(adapter, module, None) is not None:
+                raise AdaptkitError(f"{adapter.store.root}: '{module}' changes the layer's bias too, which an "
+                                    "adapter-to-adapter merge cannot carry; merge it into a base model")
     missing = [h for h in (("factors",) if exact else ()) + LOWRANK_HOOKS if not callable(getattr(variant, h, None))]
     if missing:
         raise AdaptkitError(f"variant '{variant.name}' cannot be merged into an adapter: its plugin lacks the "

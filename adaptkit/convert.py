@@ -80,6 +80,22 @@ def _base_weight(base, module: str) -> torch.Tensor | None:
     return base.get(key)
 
 
+def _new_bias(variant, adapter: AdapterFiles, module: str, base) -> torch.Tensor | None:
+    """The module's bias after the adapter (b + Δb) where the adapter changes it, else None. Factors
+    cannot hold a bias change, so it travels whole; that needs the base model's bias."""
+    if not hasattr(variant, "delta_bias"):
+        return None
+    key = f"{module}.bias"
+    bias = base.get(key) if base is not None and key in base else None
+    change = variant.delta_bias(adapter, module, None if bias is None else bias.float())
+    if change is None:
+        return None
+    if bias is None:
+        raise AdaptkitError(f"{module}: the adapter changes the layer's bias too; "
+                            + ("give --base, to save the new bias whole" if base is None else "the base has no bias there"))
+    return (bias.float() + change).to(bias.dtype)
+
+
 def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float | None = None,
                base: str | Path | None = None) -> tuple[LowRankAdapter, Report]:
     """`adapter` as plain low-rank modules (see the module docstring)."""
@@ -91,9 +107,10 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
     out, report = LowRankAdapter(config=_kept_config(adapter.config)), Report()
     resize = rank is not None or energy is not None
     for module in sorted(adapter.modules):
-        if hasattr(variant, "delta_bias") and variant.delta_bias(adapter, module, None) is not None:
-            raise AdaptkitError(f"{module}: the adapter changes the layer's bias too, which low-rank factors cannot "
-                                "hold; merge it into the base model instead")
+        bias = _new_bias(variant, adapter, module, base_store)
+        if bias is not None:  # saved whole in the module's base layer, as PEFT saves a trained bias
+            out.saved[f"{module}.bias"] = bias
+            report.saved.append(f"{module}.bias")
         stored = _as_stored(variant, adapter, module) if not resize else None
         if stored is not None:  # lossless: tensors and alpha exactly as in the file
             out.modules[module] = stored

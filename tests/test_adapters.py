@@ -449,6 +449,18 @@ def test_lora_bias_both_ways_and_merged(tmp_path):
     on_disk = load_file(tmp_path / "out" / "model.safetensors")
     for name in ("transformer.h.0.attn.c_attn.bias", "transformer.h.1.mlp.c_fc.bias", "transformer.h.0.attn.c_attn.weight"):
         torch.testing.assert_close(on_disk[name], merged[name], **TOL)
+    # converted to a plain LoRA (factors as stored; the new bias whole in the base layer), then to
+    # kohya, which holds factors only: refused in one line
+    from adaptkit.convert import convert
+
+    convert(tmp_path / "peft", "peft", tmp_path / "plain", base=tmp_path / "base")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text()).get("lora_bias") is not True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain").eval()
+    torch.testing.assert_close(logits(plain), expected, **TOL)
+    with pytest.raises(AdaptkitError, match="not whole tensors"):
+        convert(tmp_path / "peft", "kohya", tmp_path / "k", base=tmp_path / "base")
 
 
 def test_lora_bias_trains_and_refuses_what_cannot_hold_it(tmp_path):
@@ -474,8 +486,10 @@ def test_lora_bias_trains_and_refuses_what_cannot_hold_it(tmp_path):
                    "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}]}, tmp_path / "m",
                   progress=False)
     for rank in (None, 2):
-        with pytest.raises(AdaptkitError, match="changes the layer's bias too"):
-            convert(tmp_path / "a", "kohya", tmp_path / "k", rank=rank)
+        with pytest.raises(AdaptkitError, match="changes the layer's bias too; give --base"):
+            convert(tmp_path / "a", "peft", tmp_path / "k", rank=rank)
+    with pytest.raises(AdaptkitError, match="changes the layer's bias too; the base has no bias there"):
+        convert(tmp_path / "a", "peft", tmp_path / "k", base=tmp_path / "base")
     with pytest.raises(AdaptkitError, match="lora_bias"):
         run_merge({"merge_method": "concat", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}] * 2},
                   tmp_path / "c", progress=False)

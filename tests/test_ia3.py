@@ -200,3 +200,24 @@ def test_inspect_reports_feedforward_modules(tmp_path):
     found = ak.inspect(tmp_path / "a")["adapter"]
     assert found["variant"] == "ia3" and found["targeted_modules"] == 4
     assert found["feedforward_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_convert_to_lora_keeps_the_bias_change(tmp_path):
+    """IA3 on GPT-2's c_attn scales its output, bias included. As a LoRA (by SVD, with --base) the
+    weight change becomes factors and the new bias travels whole in the module's base layer, as PEFT
+    saves a trained bias: PEFT's LoRA on the base then gives the IA3 model's outputs."""
+    from adaptkit.convert import convert
+
+    base = tiny_gpt2()
+    pm = peft_ia3(base, ["c_attn", "c_fc"], ["c_fc"])
+    pm.save_pretrained(tmp_path / "ia3")
+    base.save_pretrained(tmp_path / "base")
+    report = convert(tmp_path / "ia3", "peft", tmp_path / "lora", rank=32, base=tmp_path / "base")
+    assert "transformer.h.0.attn.c_attn.bias" in report["saved"]
+    assert "transformer.h.0.mlp.c_fc.bias" not in report["saved"]  # input scaling leaves the bias alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    torch.testing.assert_close(logits(lora), logits(pm), atol=1e-4, rtol=1e-4)
+    with pytest.raises(AdaptkitError, match="give the base model"):  # its ΔW needs W anyway
+        convert(tmp_path / "ia3", "peft", tmp_path / "x", rank=32)

@@ -19,9 +19,6 @@ class LowRankForms:
         """(A, B, s) in float32 with ΔW = s·B·A (A r × in, B out × r), before the transpose that
         `factor_layout` reports. DoRA modules have no such form: W' = m ⊙ (W + s·B·A) / ‖·‖_row."""
         roles = adapter.modules[module]
-        if "lora_B_bias" in roles:
-            raise AdaptkitError(f"{module}: a LoRA with a bias on B (lora_bias) changes the layer's bias, which an "
-                                "adapter-to-adapter merge cannot carry; merge it into a base model")
         if "lora_magnitude_vector" in roles:
             raise AdaptkitError(f"{module}: a DoRA module rescales W + s·B·A by a learned magnitude, so its ΔW is not "
                                 "low-rank and concatenation cannot be exact; use another merge method with a base model")
@@ -34,11 +31,11 @@ class LowRankForms:
 
     def lowrank_module(self, adapter: AdapterFiles, module: str):
         """The module as stored, for lossless conversion: A, B untouched (convolution kernels too) and
-        its exact alpha. DoRA modules have no such form."""
+        its exact alpha (a bias on B is the converter's: see `delta_bias`). DoRA modules have no such form."""
         from adaptkit.spec import LowRankModule
 
         roles = adapter.modules[module]
-        extra = set(roles) - {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
+        extra = set(roles) - {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_B_bias"}
         if extra:  # DoRA's magnitude, a subclass's own tensors: not the plain product
             raise AdaptkitError(f"{module}: {', '.join(sorted(extra))} make it more than a plain low-rank product")
         a_role, b_role, _ = self._factors(roles)
