@@ -198,7 +198,11 @@ def remote_adapter_files(api, repo: str, commit: str) -> dict[str, Expected]:
                                 "its folder; refused")
     files = {f.path: f for f in tree if isinstance(f, RepoFile)}
     if ADAPTER_CONFIG not in files:
-        raise AdaptkitError(_not_an_adapter(api, repo, commit, files))
+        single = _single_file_adapter(api, repo, commit, files)
+        if single is None:
+            raise AdaptkitError(_not_an_adapter(api, repo, commit, files))
+        wanted = [single] + ([CARD] if CARD in files else [])
+        return {p: Expected(files[p].size, files[p].lfs.sha256 if files[p].lfs else None, files[p].blob_id) for p in wanted}
     weights = [p for p in files if "/" not in p and p.startswith("adapter_model") and p.endswith(".safetensors")]
     weights = weights or [p for p in files if "/" not in p and p.startswith("adapter_model")
                           and p.endswith((".bin", ".pt"))]
@@ -207,6 +211,27 @@ def remote_adapter_files(api, repo: str, commit: str) -> dict[str, Expected]:
                             "(adapter_model.safetensors)")
     wanted = [ADAPTER_CONFIG, *sorted(weights)] + ([CARD] if CARD in files else [])
     return {p: Expected(files[p].size, files[p].lfs.sha256 if files[p].lfs else None, files[p].blob_id) for p in wanted}
+
+
+def _single_file_adapter(api, repo: str, commit: str, files: dict) -> str | None:
+    """The one root-level .safetensors file a format plugin reads as an adapter (kohya's and diffusers'
+    LoRAs ship as a single file, no adapter_config.json), judged from its header alone (a ranged read;
+    a full model's weights are never downloaded for this); None if there is none."""
+    from .adapter import detect_format
+    from .io import TensorInfo, TensorStore
+
+    if "config.json" in files:  # a transformers model folder
+        return None
+    found = []
+    for path in sorted(p for p in files if "/" not in p and p.endswith(".safetensors")):
+        header = call(lambda: api.parse_safetensors_file_metadata(repo, path, revision=commit), repo=repo, rev=commit)
+        infos = {k: TensorInfo(k, t.dtype, tuple(t.shape), Path(path)) for k, t in header.tensors.items()}
+        if detect_format(TensorStore(Path(f"{repo}@{commit}"), infos, dict(header.metadata or {}))) is not None:
+            found.append(path)  # formats detect from headers alone (their contract)
+    if len(found) > 1:
+        raise AdaptkitError(f"{repo}@{commit[:7]} holds several single-file adapters ({', '.join(found[:4])}); "
+                            "one adapter per repository is supported")
+    return found[0] if found else None
 
 
 def _not_an_adapter(api, repo: str, commit: str, files: dict) -> str:

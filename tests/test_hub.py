@@ -356,3 +356,40 @@ def test_lock_file_round_trips(tmp_path):
     assert lockfile.read(tmp_path / "adaptkit.lock").entries == {entry.name: entry}
     assert not entry.pinned and lockfile.Entry("n", "org/x", "c" * 40, "c" * 40).pinned
     assert lockfile.read(tmp_path / "missing.lock").entries == {}
+
+
+def kohya_file_bytes() -> bytes:
+    """A kohya (sd-scripts) LoRA file: one UNet and one text-encoder module."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, width in {"lora_unet_down_blocks_0_attentions_0_proj_in": 320,
+                        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": 768}.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, width, dtype=torch.float16)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(width, 4, dtype=torch.float16)
+        tensors[f"{name}.alpha"] = torch.tensor(4.0, dtype=torch.float16)
+    return save(tensors, metadata={"ss_network_module": "networks.lora", "ss_network_dim": "4"})
+
+
+def test_single_file_kohya_lora_is_pulled_by_its_header(fake_hub):
+    """kohya's and diffusers' LoRAs ship as one .safetensors file without adapter_config.json: the
+    file's header (a ranged read) tells the format; only that file and the card are downloaded."""
+    weights = kohya_file_bytes()
+    fake_hub.add("sd/pixel-art-lora", {"pixel-art.safetensors": weights, "README.md": b"# pixel art\n",
+                                       "preview.png": b"\x89PNG not really"}, tags=["lora", "stable-diffusion"])
+    report = ak.hub.pull("sd/pixel-art-lora", name="pixel")
+    assert sorted(report["files"]) == ["README.md", "pixel-art.safetensors"] and report["variant"] == "lora"
+    assert report["files"]["pixel-art.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert not fake_hub.count("GET", r"/preview\.png")
+    info = json.loads(run("inspect", "pixel", "--json").output)
+    assert info["kind"] == "adapter" and info["adapter"]["format"] == "kohya"
+    fake_hub.add("sd/two-loras", {"a.safetensors": weights, "b.safetensors": weights})
+    one_line_error(run("hub", "pull", "sd/two-loras"), "several single-file adapters (a.safetensors, b.safetensors)")
+    fake_hub.add("sd/not-lora", {"model.safetensors": _tensor_bytes()})
+    one_line_error(run("hub", "pull", "sd/not-lora"), "no adapter_config.json (it holds model.safetensors)")
+
+
+def _tensor_bytes() -> bytes:
+    from safetensors.torch import save
+
+    return save({"conv.weight": torch.zeros(2, 2)})
