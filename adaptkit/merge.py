@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import math
 import os
 import re
@@ -215,6 +216,8 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
         folder = tmp / ".unquantized" if packed else tmp
         folder.mkdir(exist_ok=True)
         files = _write(plan, folder, threads, shard_size, allow_nonfinite, progress)
+        if not packed and any(s.store.method for s in plan.sources):
+            _drop_quantization_config(folder)
         if packed:
             from .quantize import quantize_into
 
@@ -240,6 +243,16 @@ def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: 
     files = writer.close()
     copy_side_files((plan.base or plan.inputs[0]).root, folder)
     return files
+
+
+def _drop_quantization_config(folder: Path) -> None:
+    """An unpacked output keeps the base's config.json minus `quantization_config` (which transformers
+    would otherwise act on when loading the floating-point weights)."""
+    path = folder / "config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        if config.pop("quantization_config", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _quantized_base(plan: Plan) -> tuple[str, set[str]]:

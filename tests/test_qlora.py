@@ -382,3 +382,21 @@ def test_gpt2_conv1d_layers_are_quantized_too(tmp_path):
     assert torch.equal(model(ids).logits, reference(ids).logits)
     adaptkit.inject(model, "lora", r=2, target_modules=["c_attn"])
     assert model(ids).logits.shape == (1, 4, 128)
+
+
+def test_a_bitsandbytes_quantization_config_is_dropped_from_unpacked_outputs(quantized_base, tmp_path):
+    """A base saved by transformers with bitsandbytes carries `quantization_config`; a bf16 merge of it
+    must not (transformers would act on it), a re-packed one keeps it."""
+    import shutil
+
+    base = tmp_path / "bnb-base"
+    shutil.copytree(quantized_base["base"], base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (base / "config.json").write_text(json.dumps(config))
+    for flags, kept in (([], False), (["--requantize"], True)):
+        out = tmp_path / f"out{len(flags)}"
+        result = CliRunner().invoke(cli, ["-q", "merge", "--base", str(base), "-m", str(quantized_base["adapter"]),
+                                          "-o", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        assert ("quantization_config" in json.loads((out / "config.json").read_text())) is kept
