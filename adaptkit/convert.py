@@ -5,7 +5,7 @@
   variant (with the base weights where it needs them) factored by truncated SVD at the asked rank,
   the relative error reported per module. `rank`/`energy` also resize exact factors, and with a
   base, turn matrices trained whole into low-rank changes (W' − W by SVD). A change an adapter
-  makes to a layer's bias (IA3's output scaling, LoRA's `lora_bias`) cannot be factors: the new
+  makes to a layer's bias (an output scaling, a trained bias on B) cannot be factors: the new
   bias b + Δb travels whole, in the module's base layer as PEFT saves a trained bias (needs the base).
 - `extract(model, base)`: a full fine-tune as a LoRA: each changed matrix's ΔW factored; changed
   vectors, and embeddings unless `embed_lora`, kept whole (`modules_to_save`).

@@ -214,8 +214,8 @@ def remote_adapter_files(api, repo: str, commit: str) -> dict[str, Expected]:
 
 
 def _single_file_adapter(api, repo: str, commit: str, files: dict) -> str | None:
-    """The one root-level .safetensors file a format plugin reads as an adapter (kohya's and diffusers'
-    LoRAs ship as a single file, no adapter_config.json), judged from its header alone (a ranged read;
+    """The one root-level .safetensors file a format plugin reads as an adapter (Stable Diffusion LoRAs
+    often ship as a single file, no adapter_config.json), judged from its header alone (a ranged read;
     a full model's weights are never downloaded for this); None if there is none."""
     from .adapter import detect_format
     from .io import TensorInfo, TensorStore

@@ -71,10 +71,30 @@ def run_quantize(model: str | Path, method: str, out: str | Path, *, skip: Itera
     chosen = set(select(store, skip)) if only is None else set(only)
     with atomic_output(out, force=force) as tmp:
         report = quantize_into(store, method, chosen, tmp, shard_size=shard_size, progress=progress)
+        _describe_for_transformers(store, method, chosen, tmp)
     store.close()
     report.update(model=str(model), output=str(out), skip=[s for s in skip if s],
                   seconds=round(time.perf_counter() - start, 3))
     return report
+
+
+def _describe_for_transformers(store, method: str, chosen: set[str], folder: Path) -> None:
+    """Where the quantizer has a transformers loading config (`transformers_config`), put it in
+    config.json as `quantization_config`, the weights left unpacked as its skipped modules, so
+    `from_pretrained` loads the folder quantized (transformers packs linear layers only: embeddings
+    must be skipped for it)."""
+    import json
+
+    hook = getattr(registry.get("quantizer", method), "transformers_config", None)
+    path = folder / "config.json"
+    if hook is None or not path.is_file() or not chosen:
+        return
+    skipped = sorted({k.rsplit(".", 1)[0] for k in select(store) if k not in chosen})
+    dtypes = sorted({store.info(k).dtype for k in chosen})
+    dtype = {"BF16": "bfloat16", "F16": "float16"}.get(dtypes[0], "float32") if len(dtypes) == 1 else "float32"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = hook(skipped, dtype)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def quantize_into(store, method: str, chosen: set[str], folder: Path, *, shard_size: int | str = DEFAULT_SHARD_SIZE,

@@ -173,7 +173,9 @@ class Quantizer(Protocol):
     packed tensors' shapes (key -> shape) and `read(key)` for small ones, without unpacking;
     `packed_layout(tensor)` — {key: (safetensors dtype code, shape)} that `quantize` will return,
     computed without quantizing (saves the writer's planning pass); `host_keys` — packed keys that
-    `dequantize` reads on the host (a layer on a GPU keeps them on the CPU).
+    `dequantize` reads on the host (a layer on a GPU keeps them on the CPU);
+    `transformers_config(skipped_modules, compute_dtype)` — the `quantization_config` under which
+    transformers loads the files (written into config.json by `adaptkit quantize`).
     """
 
     name: str

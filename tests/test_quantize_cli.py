@@ -126,3 +126,28 @@ def test_double_quant_flag_picks_the_double_quantized_form(llama_dir, tmp_path):
     res = _run("quantize", llama_dir, "--method", "int8", "--double-quant", "-o", tmp_path / "x")
     assert res.exit_code == 1 and "int8 quantizer has no double-quantized form" in res.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4_dq"])
+def test_transformers_with_bitsandbytes_loads_our_4bit_files(llama_dir, tmp_path, method):
+    """config.json gets bitsandbytes' quantization_config; transformers' own from_pretrained then
+    builds Linear4bit layers from our bytes, and its logits equal our loader's exactly."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from adaptkit.models import build_model
+
+    out = tmp_path / method
+    assert _run("quantize", llama_dir, "--method", method, "--skip", "lm_head,embed", "-o", out).exit_code == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["bnb_4bit_use_double_quant"] == method.endswith("_dq")
+    assert "lm_head" in config["llm_int8_skip_modules"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(theirs.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    ours, _ = build_model(out, "causal-lm")
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)

@@ -226,6 +226,13 @@ class FourBit:
         """The shape of the packed tensor, from its quant-state JSON alone."""
         return tuple(self.state({self.state_key: read(self.state_key)})["shape"])
 
+    def transformers_config(self, skipped: list[str], compute_dtype: str) -> dict:
+        """The `quantization_config` transformers reads to load these files with bitsandbytes."""
+        return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                "bnb_4bit_quant_type": self.quant_type, "bnb_4bit_use_double_quant": self.double_quant,
+                "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8",
+                "llm_int8_skip_modules": skipped}
+
     # -- detect (headers only) -----------------------------------------------------------------
     def detect(self, store: TensorStore) -> bool:
         suffix = f".quant_state.bitsandbytes__{self.quant_type}"
