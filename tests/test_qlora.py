@@ -400,3 +400,25 @@ def test_a_bitsandbytes_quantization_config_is_dropped_from_unpacked_outputs(qua
                                           "-o", str(out), *flags])
         assert result.exit_code == 0, result.output
         assert ("quantization_config" in json.loads((out / "config.json").read_text())) is kept
+
+
+def test_a_checkpoint_bitsandbytes_saved_through_transformers_loads_exactly(env, tmp_path):
+    """transformers + bitsandbytes quantize on load (NF4, double quantization) and save; our loader
+    takes those packed layers as they are and gives the same logits; QLoRA trains on it."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from adaptkit.models import build_model
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = AutoModelForCausalLM.from_pretrained(env["llama"], quantization_config=config, dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "bnb")
+    ours, _ = build_model(tmp_path / "bnb", "causal-lm")
+    layer = ours.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantizedLinear) and layer.method == "nf4_dq"
+    with torch.no_grad():
+        assert torch.equal(ours(IDS).logits, theirs(IDS).logits)
