@@ -200,8 +200,7 @@ class FourBit:
             raise AdaptkitError(f"{self.name}: absmax is 8-bit but weight.nested_absmax is missing")
         code = packed["weight.quant_map"].float() if "weight.quant_map" in packed else code_values(state["quant_type"])
         shape, b = state["shape"], state["blocksize"]
-        n = math.prod(shape)
-        data = packed["weight"].reshape(-1).view(torch.uint8) if packed["weight"].dtype != torch.uint8 else packed["weight"].reshape(-1)
+        n, data = math.prod(shape), packed["weight"].reshape(-1).view(torch.uint8)  # codes in any storage dtype: its bytes
         if data.numel() * 2 < n or absmax.numel() != -(n // -b):
             raise AdaptkitError(f"{self.name}: packed sizes do not fit shape {shape} with blocksize {b}")
         # one lookup per byte: row k of `pairs` is (code[k >> 4], code[k & 15]); float32 products
@@ -235,13 +234,10 @@ class FourBit:
 
     # -- detect (headers only) -----------------------------------------------------------------
     def detect(self, store: TensorStore) -> bool:
-        suffix = f".quant_state.bitsandbytes__{self.quant_type}"
-        keys = set(store.keys())
-        for key in keys:
-            if key.endswith(suffix):
-                base = key[: -len(suffix)]
-                if base in keys and f"{base}.absmax" in keys:
-                    return (f"{base}.nested_absmax" in keys) == self.double_quant
+        suffix, keys = f".quant_state.bitsandbytes__{self.quant_type}", set(store.keys())
+        for base in (k[: -len(suffix)] for k in keys if k.endswith(suffix)):
+            if base in keys and f"{base}.absmax" in keys:
+                return (f"{base}.nested_absmax" in keys) == self.double_quant
         return False
 
 
