@@ -66,3 +66,16 @@ def test_qlora_resumes_byte_identically_on_the_gpu(env, tmp_path, precision):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert (full / "adapter_model.safetensors").read_bytes() == (cut / "adapter_model.safetensors").read_bytes()
     assert losses(full) and [round(x, 6) for x in losses(full)] == [round(x, 6) for x in losses(cut)]
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4_dq"])
+@pytest.mark.parametrize("shape", [(96, 128), (7, 65), (1001,)])
+def test_4bit_unpacking_on_the_gpu_is_bit_identical(method, shape):
+    from adaptkit import registry
+
+    quantizer = registry.get("quantizer", method)
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        packed = quantizer.quantize(torch.randn(shape).to(dtype))
+        on_gpu = {k: v.cuda() if "quant_state" not in k else v for k, v in packed.items()}
+        assert torch.equal(quantizer.dequantize(on_gpu).cpu(), quantizer.dequantize(packed))

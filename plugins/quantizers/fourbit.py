@@ -29,6 +29,7 @@ Dequantizing gives the original dtype, as bitsandbytes does.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -199,16 +200,18 @@ class FourBit:
         elif absmax.dtype == torch.uint8:
             raise AdaptkitError(f"{self.name}: absmax is 8-bit but weight.nested_absmax is missing")
         code = packed["weight.quant_map"].float() if "weight.quant_map" in packed else code_values(state["quant_type"])
-        shape, b = state["shape"], state["blocksize"]
-        n, data = math.prod(shape), packed["weight"].reshape(-1).view(torch.uint8)  # codes in any storage dtype: its bytes
+        shape, b, n = state["shape"], state["blocksize"], math.prod(state["shape"])
+        data = packed["weight"].reshape(-1).view(torch.uint8)  # codes in any storage dtype: its bytes
         if data.numel() * 2 < n or absmax.numel() != -(n // -b):
             raise AdaptkitError(f"{self.name}: packed sizes do not fit shape {shape} with blocksize {b}")
+        dtype = getattr(torch, state["dtype"])
+        if data.is_cuda and importlib.util.find_spec("triton"):  # one fused kernel, same arithmetic
+            from ._fourbit_triton import unpack
+            return unpack(data, code, absmax, n, b, dtype).reshape(shape)
         # one lookup per byte: row k of `pairs` is (code[k >> 4], code[k & 15]); float32 products
-        # rounded once to the stored dtype. On the CPU in chunks, so no whole float32 copy is ever
-        # held; a GPU takes the tensor at once (each chunk costs kernel launches there).
-        pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
-        scale = absmax.float()
-        out = torch.empty(n, dtype=getattr(torch, state["dtype"]), device=data.device)
+        # rounded once to the stored dtype; on the CPU in chunks (no whole float32 copy is held)
+        pairs, scale = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1), absmax.float()
+        out = torch.empty(n, dtype=dtype, device=data.device)
         step = CHUNK_BLOCKS * b if data.device.type == "cpu" else n + (n % 2)
         for start in range(0, n, step):
             stop = min(start + step, n)
@@ -221,8 +224,7 @@ class FourBit:
                 torch.mul(values[full:], scale[-1], out=out[start + full:stop])
         return out.reshape(shape)
 
-    def unpacked_shape(self, shapes, read) -> tuple[int, ...]:
-        """The shape of the packed tensor, from its quant-state JSON alone."""
+    def unpacked_shape(self, shapes, read) -> tuple[int, ...]:  # from the quant-state JSON alone
         return tuple(self.state({self.state_key: read(self.state_key)})["shape"])
 
     def transformers_config(self, skipped: list[str], compute_dtype: str) -> dict:
