@@ -109,18 +109,18 @@ class AdaptedLayer(Forwarding):
     def _fake_quantized_forward(self, x: torch.Tensor, running: list[Branch]) -> torch.Tensor:
         """y = x·Q(W + ΣΔW)ᵀ + b + Σ Δb: the merged layer as it will be once quantized, with the
         straight-through estimator carrying the gradient to each ΔW (QAT)."""
-        w = self.math_weight().float()
-        effective = w
+        weight = self.math_weight()
+        w = effective = weight.float()
         bias = getattr(self.base_layer, "bias", None)
         bias = None if bias is None else bias.float()
         for branch in running:
             effective = effective + branch.variant.weight_delta(branch, w)
             hook = getattr(branch.variant, "bias_delta", None)
-            change = None if hook is None or bias is None else hook(branch, bias)
-            bias = bias if change is None else bias + change
+            change = None if hook is None else hook(branch, bias)  # a trained bias needs no base bias
+            bias = change if bias is None else bias if change is None else bias + change
         q = fake_quantize(effective, self.fake_quant)
         if self.target.kind == "embedding":
-            return F.embedding(x, q.T.to(self.base_layer.weight.dtype), self.base_layer.padding_idx)
+            return F.embedding(x, q.T.to(weight.dtype), self.base_layer.padding_idx)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return F.linear(x.to(dtype), q.to(dtype), None if bias is None else bias.to(dtype))
 
@@ -136,7 +136,8 @@ class AdaptedLayer(Forwarding):
         """ΔW (out × in) that adapter `name` adds to the current base weight."""
         branch = self.branches[name]
         with torch.no_grad():
-            return branch.variant.weight_delta(branch, self.math_weight().float()).to(self.base_layer.weight.dtype)
+            w = self.math_weight()  # read once: a quantized layer unpacks its weight on every read
+            return branch.variant.weight_delta(branch, w.float()).to(w.dtype)
 
     def add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
         if isinstance(self.base_layer, QuantizedLinear):  # packed: unpack, add, pack again
