@@ -385,3 +385,51 @@ def test_example_outer_delta_and_describe(example_modules, tmp_path):
     adapter = spec.AdapterFiles("outer", config, store, "peft", modules=modules)
     u, v = (tensors[f"base_model.model.layers.0.q_proj.{r}"] for r in ("outer_u", "outer_v"))
     assert torch.allclose(outer.delta(adapter, "layers.0.q_proj", base=torch.zeros(8, 4)), torch.outer(u, v))
+
+
+# -- pins ------------------------------------------------------------------------------------------
+def _pins() -> dict[str, str]:
+    """constraints.txt as {canonical name: version}."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: '{line}' is not NAME==VERSION"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_pins_satisfy_the_package_metadata():
+    """Every dependency the metadata declares (core and every extra) is pinned, within its range."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        declared += extra
+    pins = _pins()
+    for text in declared:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is declared in pyproject.toml but not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject.toml's '{req.specifier}'"
+
+
+def test_installed_versions_are_the_pinned_ones():
+    """The environment the tests run in is the pinned one (a stale venv fails here, not mysteriously later)."""
+    from importlib.metadata import distributions
+
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins = _pins()
+    for dist in distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in pins and name != "adaptkit":
+            assert Version(dist.version).public == Version(pins[name]).public, \
+                f"{name} {dist.version} is installed but constraints.txt pins {pins[name]}: run `make clean test`"

@@ -1,0 +1,148 @@
+"""The CLI boundary: usage errors, OS faults, undecodable text, runaway nesting, memory, Hub id
+validation and missing extras each end in one line with exit 1; --debug shows the traceback and,
+with --quiet, may follow the subcommand."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import sys
+
+import click
+import pytest
+
+from adaptkit.cli import _add_global_options, cli, one_line
+from adaptkit.errors import AdaptkitError
+from hostile import assert_one_line_error, run_cli, run_process
+from text_models import counting, llama_dir, write_jsonl
+
+
+@pytest.fixture
+def afile(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    return tmp_path / "afile"
+
+
+# -- usage errors: (id, args, fragment) ------------------------------------------------------------
+USAGE = [
+    ("missing -o", lambda d: ["merge", "-m", d / "a"], "missing option '-o' / '--out' (see 'adaptkit merge --help')"),
+    ("-o is a file", lambda d: ["merge", "-m", d / "a", "-o", d / "afile"], "is a file"),
+    ("unknown option", lambda d: ["--frobnicate"], "no such option '--frobnicate'"),
+    ("unknown option after subcommand", lambda d: ["inspect", d, "--frobnicate"], "no such option"),
+    ("unknown command", lambda d: ["mrege"], "no such command 'mrege'"),
+    ("not an int", lambda d: ["merge", "-m", d / "a", "-o", d / "o", "--seed", "x"], "'x' is not a valid integer"),
+    ("bad choice", lambda d: ["plugins", "--kind", "nope"], "'nope' is not one of"),
+    ("extra argument", lambda d: ["inspect", d, d], "unexpected extra argument"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", [(a, f) for _, a, f in USAGE], ids=[i for i, _, _ in USAGE])
+def test_usage_errors_are_one_line(tmp_path, afile, args, fragment):
+    assert_one_line_error(run_cli(*args(tmp_path)), fragment)
+
+
+def test_usage_error_in_a_real_process_is_one_line(tmp_path):
+    proc = run_process("merge", "-m", tmp_path / "a")
+    assert_one_line_error(proc, "missing option '-o'")
+
+
+# -- OS faults at the boundary ---------------------------------------------------------------------
+def test_output_under_a_file_names_the_path(tmp_path, afile, peft_lora_dir):
+    line = assert_one_line_error(run_cli("convert", peft_lora_dir, "--to", "peft", "-o", afile / "out"), str(afile))
+    assert "not a directory" in line or "not a folder" in line
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (OSError(errno.ENOSPC, "No space left on device", "out/model.safetensors"),
+     "out/model.safetensors: no space left on device"),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/x"), "/root/x: permission denied"),
+    (OSError(errno.EBUSY, "Device or resource busy", "/mnt/x"), "/mnt/x: device or resource busy"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "a/b"), "a/b: not a directory"),
+    (OSError(errno.EXDEV, "Invalid cross-device link", "a", None, "b"), "a -> b: invalid cross-device link"),
+    (UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"), "input is not UTF-8 text (byte 0xff at offset 2)"),
+    (RecursionError("maximum recursion depth exceeded"), "input is nested too deeply to read"),
+    (MemoryError(), "out of memory"),
+    (AdaptkitError("x: bad"), "x: bad"),
+])
+def test_one_line_for_each_fault_class(exc, expected):
+    assert one_line(exc) == expected
+
+
+def test_a_bug_keeps_its_traceback():
+    assert one_line(ValueError("internal")) is None
+    assert one_line(ModuleNotFoundError("No module named 'nonexistent_thing'", name="nonexistent_thing")) is None
+
+
+def test_hub_validation_error_is_one_line():
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    with pytest.raises(HFValidationError) as info:
+        validate_repo_id("a/b/c/d")
+    line = one_line(info.value)
+    assert line and "\n" not in line and "a/b/c/d" in line
+
+
+def _failing_command(exc):
+    @click.command("boom")
+    def boom():
+        """Raise.
+
+        Example: adaptkit boom
+        """
+        raise exc
+    _add_global_options(boom)  # as cli.add_command does
+    return boom
+
+
+@pytest.mark.parametrize("exc,fragment", [
+    (OSError(errno.ENOSPC, "No space left on device", "out/x.safetensors"), "out/x.safetensors: no space left"),
+    (RecursionError(), "nested too deeply"),
+    (AdaptkitError("bad\nname\x1b[31m"), "bad name\\x1b[31m"),  # one line, control characters shown escaped
+])
+def test_faults_raised_by_a_command_end_in_one_line(monkeypatch, exc, fragment):
+    monkeypatch.setitem(cli.commands, "boom", _failing_command(exc))
+    assert_one_line_error(run_cli("boom"), fragment)
+
+
+def test_debug_and_quiet_after_the_subcommand(tmp_path, monkeypatch):
+    monkeypatch.setitem(cli.commands, "boom", _failing_command(OSError(errno.EIO, "I/O error", "f")))
+    assert isinstance(run_cli("boom", "--debug").exception, OSError)  # the traceback, not one line
+    assert isinstance(run_cli("--debug", "boom").exception, OSError)
+    assert_one_line_error(run_cli("boom", "-q"), "f: I/O error")
+    proc = run_process("inspect", tmp_path / "missing", "--debug")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    proc = run_process("inspect", tmp_path / "missing", "-q")
+    assert_one_line_error(proc, "no such file or folder")
+
+
+def test_quiet_after_the_subcommand_silences_warnings(peft_lora_dir, tmp_path):
+    copy = tmp_path / "a"
+    shutil.copytree(peft_lora_dir, copy)
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    cfg["future_key"] = 1
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    assert "warning:" in run_process("inspect", copy).stderr
+    assert run_process("inspect", copy, "--quiet").stderr == ""
+
+
+# -- a missing optional extra ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    return llama_dir(root / "llama"), write_jsonl(root / "d.jsonl", counting(4))
+
+
+@pytest.mark.parametrize("args", [
+    lambda m, d, o: ["train", "--base", m, "--variant", "lora", "--data", d, "-o", o],
+    lambda m, d, o: ["eval", m, "--data", d],
+    lambda m, d, o: ["soup", "greedy", "-m", m, "-m", m, "--eval", d, "-o", o],
+], ids=["train", "eval", "soup greedy --eval"])
+def test_without_the_train_extra_one_line_names_it(tiny_text, tmp_path, monkeypatch, args):
+    """As after `pip install adaptkit` without extras: importing transformers fails."""
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ModuleNotFoundError
+    model, data = tiny_text
+    result = run_cli(*args(model, data, tmp_path / "out"))
+    assert_one_line_error(result, "this needs the optional package 'transformers': pip install 'adaptkit[train]'")
+    assert not (tmp_path / "out").exists()
