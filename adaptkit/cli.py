@@ -9,6 +9,7 @@ import warnings
 import click
 
 from . import __version__, registry
+from .cli_types import POSITIVE
 from .errors import AdaptkitError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -278,11 +279,11 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
 @click.option("--base", help="Quick form: base model (folder or org/name[@rev]).")
 @click.option("-m", "--model", "models", multiple=True, metavar="PATH[:WEIGHT]", help="Quick form: an input, repeatable.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Quick form: a method parameter, repeatable.")
-@click.option("--rank", type=int, help="Quick form: merge adapters into an adapter of this rank.")
+@click.option("--rank", type=POSITIVE, help="Quick form: merge adapters into an adapter of this rank.")
 @click.option("--seed", type=int, help="Seed for random merge methods; overrides the recipe's.")
 @click.option("--dtype", help="Output dtype for floating tensors (float32, bfloat16, float16).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@click.option("--threads", type=int, help="Tensors merged in parallel (default: 2 for elementwise methods, else 1 using all cores).")
+@click.option("--threads", type=POSITIVE, help="Tensors merged in parallel (default: 2 for elementwise methods, else 1 using all cores).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the merge succeeds).")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
