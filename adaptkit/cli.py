@@ -260,9 +260,12 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
     parameters = {}
     for item in params:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise AdaptkitError(f"--param expects key=value, got '{item}'")
-        parameters[key.strip()] = yaml.safe_load(value)
+        try:
+            parameters[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise AdaptkitError(f"--param {key.strip()}: not a YAML value ({str(e).splitlines()[0]})") from None
     recipe = {"merge_method": method, "models": entries, "parameters": parameters}
     if base:
         recipe["base_model"] = base
@@ -365,9 +368,17 @@ def _evaluator(eval_cmd: str | None, eval_py: str | None, eval_data: str | None 
     if eval_py:
         module, _, attr = eval_py.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
+            function = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as e:
             raise AdaptkitError(f"--eval-py {eval_py}: {e}") from None
+
+        def run_function(model) -> float:
+            try:
+                return float(function(model))
+            except Exception as e:  # noqa: BLE001 (the user's code: its failure is said in one line)
+                raise AdaptkitError(f"--eval-py {eval_py} failed on {model}: {type(e).__name__}: {e}") from e
+
+        return run_function
 
     def run_command(model) -> float:
         cmd = eval_cmd.replace("{model}", shlex.quote(str(model)))

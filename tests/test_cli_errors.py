@@ -33,6 +33,21 @@ USAGE = [
     ("not an int", lambda d: ["merge", "-m", d / "a", "-o", d / "o", "--seed", "x"], "'x' is not a valid integer"),
     ("bad choice", lambda d: ["plugins", "--kind", "nope"], "'nope' is not one of"),
     ("extra argument", lambda d: ["inspect", d, d], "unexpected extra argument"),
+    ("threads 0", lambda d: ["merge", "-m", d / "a", "-o", d / "o", "--threads", "0"], "'--threads': 0 is not in the range x>=1"),
+    ("threads -1", lambda d: ["merge", "-m", d / "a", "-o", d / "o", "--threads", "-1"], "-1 is not in the range x>=1"),
+    ("rank 0", lambda d: ["merge", "-m", d / "a", "-o", d / "o", "--rank", "0"], "'--rank': 0 is not in the range"),
+    ("lr nan", lambda d: ["train", "--base", d, "--variant", "lora", "--data", d / "afile", "-o", d / "o", "--lr", "nan"],
+     "'--lr': 'nan' is not a finite number"),
+    ("lr 0", lambda d: ["train", "--base", d, "--variant", "lora", "--data", d / "afile", "-o", d / "o", "--lr", "0"],
+     "'--lr': 0.0 is not in the range x>0"),
+    ("batch size 0", lambda d: ["eval", d, "--data", d / "afile", "--batch-size", "0"], "'--batch-size': 0 is not in the range"),
+    ("energy 0", lambda d: ["convert", d, "--to", "peft", "--energy", "0", "-o", d / "o"], "0.0 is not in the range 0<x<=1"),
+    ("energy inf", lambda d: ["extract", "--model", d, "--base", d, "--energy", "inf", "-o", d / "o"],
+     "'inf' is not a finite number"),
+    ("param without key", lambda d: ["merge", "-m", d / "a", "-m", d / "b", "-o", d / "o", "-p", "=1"],
+     "--param expects key=value, got '=1'"),
+    ("param not YAML", lambda d: ["merge", "-m", d / "a", "-m", d / "b", "-o", d / "o", "-p", "weight=[1,2"],
+     "--param weight: not a YAML value"),
 ]
 
 
@@ -145,4 +160,11 @@ def test_without_the_train_extra_one_line_names_it(tiny_text, tmp_path, monkeypa
     model, data = tiny_text
     result = run_cli(*args(model, data, tmp_path / "out"))
     assert_one_line_error(result, "this needs the optional package 'transformers': pip install 'adaptkit[train]'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_function_that_fails_is_one_line(tiny_text, tmp_path):
+    model, _ = tiny_text
+    result = run_cli("soup", "greedy", "-m", model, "-m", model, "--eval-py", "os:getcwd", "-o", tmp_path / "out")
+    assert_one_line_error(result, f"--eval-py os:getcwd failed on {model}: TypeError:")
     assert not (tmp_path / "out").exists()
