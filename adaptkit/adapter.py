@@ -20,4 +20,10 @@ def read_adapter(source: TensorStore | str | Path, *, allow_pickle: bool = False
     """The adapter in `source` in canonical form, or None when it holds a full model."""
     store = source if isinstance(source, TensorStore) else open_store(source, allow_pickle=allow_pickle)
     fmt = detect_format(store)
-    return registry.get("format", fmt).read(store) if fmt else None
+    if fmt is None:
+        return None
+    adapter = registry.get("format", fmt).read(store)
+    check = getattr(registry.get("variant", adapter.variant), "check_files", None)
+    if check is not None:
+        check(adapter)  # a config that contradicts its tensors is refused before anything uses either
+    return adapter

@@ -17,7 +17,9 @@ from . import registry
 from .adapter import read_adapter
 from .adapters import variant_config
 from .errors import AdaptkitError
-from .writer import atomic_output, save_tensors
+from .readers import dump_json
+from .outputs import atomic_output
+from .writer import save_tensors
 
 if TYPE_CHECKING:
     from .adapters import Adapters
@@ -49,12 +51,14 @@ def save_adapter(handle: Adapters, name: str, out: str | Path, *, force: bool = 
               "target_modules": sorted(adapter.layers) or DUMMY_TARGETS,
               "modules_to_save": sorted(adapter.saved) or None, "exclude_modules": None,
               "layers_to_transform": None, "layers_pattern": None}
+    text = dump_json(config, Path(out) / CONFIG_FILE)  # NaN refused before anything is written
     with atomic_output(out, force=force) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_FILE).write_text(text)
         tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
         metadata = {"format": "pt"}
         if config.get("adaptkit_variant"):  # a variant PEFT lacks: the file says what it is on its own too
-            metadata.update(adaptkit_variant=config["adaptkit_variant"], adaptkit_config=json.dumps(config, sort_keys=True))
+            metadata.update(adaptkit_variant=config["adaptkit_variant"],
+                            adaptkit_config=json.dumps(config, sort_keys=True, allow_nan=False))
         save_tensors(tmp, tensors, shard_size=2**62, metadata=metadata, stem="adapter_model")
     return Path(out)
 
@@ -106,9 +110,10 @@ def _copy(param: torch.nn.Parameter | torch.Tensor, tensor: torch.Tensor, what: 
         param.copy_(tensor.to(param.dtype))
 
 
-def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: bool = False) -> Adapters:
+def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: bool = False,
+                      allow_pickle: bool = False) -> Adapters:
     folder = _source_folder(source)
-    files = read_adapter(folder)
+    files = read_adapter(folder, allow_pickle=allow_pickle)
     if files is None:
         raise AdaptkitError(f"{folder}: holds a full model, not an adapter")
     variant = registry.get("variant", files.variant)

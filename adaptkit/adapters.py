@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from . import registry
+from . import registry, validate
 from .errors import AdaptkitError, unknown_name
 from .targets import _matches, _parent, adapted_layers, find_targets, unwrap, wrap
 from .layer import AdaptedLayer, Branch, ReplacedModule
@@ -50,7 +50,9 @@ def variant_config(variant: Any, config: dict[str, Any]) -> dict[str, Any]:
     for key in config:
         if key not in known:
             raise unknown_name(f"{variant.name} parameter", key, known)
-    return {**known, **config}
+    found = {**known, **config}
+    validate.adapter_config(found, variant, f"{variant.name} settings")  # 2.5 is no rank, "(" no regex
+    return found
 
 
 class Adapters:
@@ -342,10 +344,11 @@ class Adapters:
 
         return save_adapter(self, self._pick(name, default=[self.active[0]] if self.active else [])[0], out, force=force)
 
-    def load(self, source: str | Path, name: str = "default", *, swap: bool = False) -> Adapters:
+    def load(self, source: str | Path, name: str = "default", *, swap: bool = False,
+             allow_pickle: bool = False) -> Adapters:
         from .adapter_files import load_adapter_into
 
-        return load_adapter_into(self, source, name, swap=swap)
+        return load_adapter_into(self, source, name, swap=swap, allow_pickle=allow_pickle)
 
 
 def inject(model: nn.Module, variant: str | Any, *, name: str = "default", **config: Any) -> Adapters:
@@ -353,9 +356,11 @@ def inject(model: nn.Module, variant: str | Any, *, name: str = "default", **con
     return Adapters.of(model).add(variant, name=name, **config)
 
 
-def load_adapter(model: nn.Module, source: str | Path, *, name: str = "default", swap: bool = False) -> Adapters:
+def load_adapter(model: nn.Module, source: str | Path, *, name: str = "default", swap: bool = False,
+                 allow_pickle: bool = False) -> Adapters:
     """Load a saved adapter (adaptkit's or PEFT's folder, or a Hub ref `org/name[@rev]`) onto `model`.
-    `swap=True` replaces the weights of the existing adapter `name` in place (hot-swap)."""
-    return Adapters.of(model).load(source, name, swap=swap)
+    `swap=True` replaces the weights of the existing adapter `name` in place (hot-swap);
+    `allow_pickle=True` reads an adapter_model.bin (torch.load weights_only=True)."""
+    return Adapters.of(model).load(source, name, swap=swap, allow_pickle=allow_pickle)
 
 

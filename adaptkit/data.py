@@ -14,32 +14,34 @@ into disjoint contiguous shards, one per process, each cut into micro-batches.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import readers
 from .errors import AdaptkitError
+from .paths import regular_file
+from .validate import short
 
 TASKS = ("causal-lm", "classification")
 IGNORE = -100  # label of positions that carry no loss (prompt tokens, padding)
+#: Most classes a classification label set may have (an integer label is a class id below it):
+#: a label of 10**9 would otherwise ask for a billion-way head.
+MAX_CLASSES = 10_000
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; invalid JSON or a non-object is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdaptkitError(f"{path}: no such data file")
+    """(line number, record) for every non-blank line; bytes that are not UTF-8, invalid JSON, nesting
+    deeper than `readers.MAX_DEPTH` or a non-object is an error naming file:line."""
+    path = regular_file(path, "data file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = readers.decode(raw, path, line=n)
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AdaptkitError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            record = readers.parse_json(line.rstrip("\r\n"), path, line=n)  # an error at its end is on line n
             if not isinstance(record, dict):
                 raise AdaptkitError(f"{path}:{n}: a record must be a JSON object, got {type(record).__name__}")
             rows.append((n, record))
@@ -81,14 +83,21 @@ class Labels:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise AdaptkitError(f"{where}: 'label' must be an integer or a string, got {type(value).__name__}")
         if isinstance(value, int):
-            if value < 0 or (self.fixed and value >= len(self.names)):
-                raise AdaptkitError(f"{where}: label {value} is not a class id (0 to {len(self.names) - 1 if self.fixed else 'n'})")
+            top = len(self.names) if self.fixed else MAX_CLASSES
+            if not 0 <= value < top:
+                raise AdaptkitError(f"{where}: label {short(value)} is not a class id (0 to {top - 1}"
+                                    + (")" if self.fixed else f": at most {MAX_CLASSES} classes)"))
             if not self.fixed:
                 self.names += list(range(len(self.names), value + 1))
             return value
         if value not in self.names:
             if self.fixed:
-                raise AdaptkitError(f"{where}: label '{value}' is not one of the trained labels {self.names}")
+                more = f", … {len(self.names)} in all" if len(self.names) > 5 else ""
+                raise AdaptkitError(f"{where}: label {short(value)} is not one of the trained labels "
+                                    f"({', '.join(short(n) for n in self.names[:5])}{more})")
+            if len(self.names) >= MAX_CLASSES:
+                raise AdaptkitError(f"{where}: label {short(value)} would be class {MAX_CLASSES + 1}; "
+                                    f"at most {MAX_CLASSES} classes")
             self.names.append(value)
         return self.names.index(value)
 
@@ -100,7 +109,8 @@ def _check_label_kinds(path: Path, rows: list[tuple[int, dict]]) -> None:
             raise AdaptkitError(f"{path}:{n}: missing field 'label' (classification needs 'text' and 'label')")
         here = "a string" if isinstance(record["label"], str) else "an integer"
         if kind and here != kind and not isinstance(record["label"], bool):
-            raise AdaptkitError(f"{path}:{n}: label {record['label']!r} is {here}, earlier labels are {kind[kind.index(' ') + 1:]}s")
+            raise AdaptkitError(f"{path}:{n}: label {short(record['label'])} is {here}, earlier labels are "
+                                f"{kind[kind.index(' ') + 1:]}s")
         kind = kind or here
 
 

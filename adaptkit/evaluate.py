@@ -11,7 +11,6 @@ own label names, else as `adaptkit.data` maps them (ints as ids, strings in firs
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import warnings
@@ -19,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import readers, validate
 from .data import IGNORE, Dataset, collate, detect_task, eval_batches, load_dataset, read_jsonl
 from .errors import AdaptkitError
 from .models import build_model, load_tokenizer, resolve_base, training_info
@@ -88,7 +88,9 @@ def _split_ref(model_ref: str | Path, adapters: Sequence[str | Path]) -> tuple[s
     if (Path(model_ref) / "adapter_config.json").is_file():
         adapters = [str(model_ref), *adapters]
         info = training_info(model_ref)
-        config = json.loads((Path(model_ref) / "adapter_config.json").read_text())
+        path = Path(model_ref) / "adapter_config.json"
+        config = readers.read_json(path)
+        validate.check_fields(config, validate.ADAPTER_FIELDS, path)
         base = (info or {}).get("base") or config.get("base_model_name_or_path")
         if not base:
             raise AdaptkitError(f"{model_ref}: an adapter that does not name its base model; give the base as MODEL "
@@ -102,23 +104,32 @@ def _label_names(info: dict | None, folder: Path) -> list | None:
     """Class names by id: the adapter's training.json, else the model's own non-generic id2label."""
     if info and info.get("labels") is not None:
         return info["labels"]
-    names = json.loads((folder / "config.json").read_text()).get("id2label") or {}
+    names = _model_config(folder).get("id2label") or {}
     if names and any(v != f"LABEL_{k}" for k, v in names.items()):
+        if sorted(names) != sorted(map(str, range(len(names)))):
+            raise AdaptkitError(f"{folder / 'config.json'}: id2label must map the class ids 0 to {len(names) - 1}, "
+                                f"got keys such as {validate.short(next(iter(names)))}")
         return [names[str(i)] for i in range(len(names))]
     return None
+
+
+def _model_config(folder: Path) -> dict:
+    """The model's config.json, the fields adaptkit reads checked."""
+    path = folder / "config.json"
+    return validate.model_config(readers.read_json(path), path)
 
 
 def _num_labels(folder: Path, names: list | None, dataset: Dataset) -> int:
     if names is not None:
         return len(names)
-    config = json.loads((folder / "config.json").read_text())
+    config = _model_config(folder)
     trained = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ())
     return max(len(dataset.labels or ()), config.get("num_labels", 0) if trained else 0)
 
 
 def evaluate(model_ref: str | Path, data: str | Path, adapters: Sequence[str | Path] = (), *, task: str | None = None,
              batch_size: int = 8, max_length: int = 512, precision: str = "fp32", device: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
     """Evaluate a model (a folder, `org/name[@rev]` or `minilm`) with `adapters` on it, active together."""
     import adaptkit
 
@@ -129,12 +140,12 @@ def evaluate(model_ref: str | Path, data: str | Path, adapters: Sequence[str | P
     names = _label_names(info, folder) if task == "classification" else None
     dataset = load_dataset(data, tokenizer, task=task, max_length=max_length, labels=names)
     num_labels = _num_labels(folder, names, dataset) if task == "classification" else None
-    model, new = build_model(folder, task, num_labels=num_labels, progress=progress)
+    model, new = build_model(folder, task, num_labels=num_labels, progress=progress, allow_pickle=allow_pickle)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     saved = []
     for i, adapter in enumerate(adapters):
-        handle = adaptkit.load_adapter(model, adapter, name=f"adapter{i}")
+        handle = adaptkit.load_adapter(model, adapter, name=f"adapter{i}", allow_pickle=allow_pickle)
         saved += handle.adapters[f"adapter{i}"].saved
     if adapters:
         handle.set_active(handle.names)

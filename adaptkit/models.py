@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 from pathlib import Path
 
 from .errors import AdaptkitError
@@ -66,16 +65,18 @@ def _loading_bars(progress: bool):
 
 
 def build_model(folder: Path, task: str, *, num_labels: int | None = None, dtype: str = "float32",
-                progress: bool = False, quantize: str | None = None):
+                progress: bool = False, quantize: str | None = None, allow_pickle: bool = False):
     """(model, new_modules): the model for `task` and the paths of modules that did not come from the
     checkpoint (a classification head made fresh, or resized to num_labels), which must train whole.
-    With `quantize` (a quantizer plugin) the linear layers are loaded packed (QLoRA): see quantized.py."""
+    With `quantize` (a quantizer plugin) the linear layers are loaded packed (QLoRA): see quantized.py.
+    Pickle weights (pytorch_model.bin) are read only with `allow_pickle`, as everywhere else."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if dtype not in DTYPES:
         raise AdaptkitError(f"unknown dtype '{dtype}' (known: {', '.join(DTYPES)})")
-    options = {"dtype": getattr(torch, dtype), "trust_remote_code": False, "output_loading_info": True}
+    options = {"dtype": getattr(torch, dtype), "trust_remote_code": False, "output_loading_info": True,
+               "use_safetensors": None if allow_pickle else True}
     if task == "classification":
         options.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
@@ -86,6 +87,11 @@ def build_model(folder: Path, task: str, *, num_labels: int | None = None, dtype
         with _loading_bars(progress):
             model, info = auto.from_pretrained(str(folder), **options)
     except (OSError, ValueError) as e:
+        pickled = [folder / n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (folder / n).exists()]
+        if pickled and not allow_pickle:
+            from .io import pickle_refusal
+
+            raise pickle_refusal(pickled[0]) from None
         raise AdaptkitError(f"{folder}: cannot build a {task} model ({str(e).splitlines()[0]})") from None
     keys = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
     new = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
@@ -119,6 +125,25 @@ def _build_quantized(folder: Path, auto, task: str, num_labels: int | None, dtyp
 
 
 def training_info(folder: str | Path) -> dict | None:
-    """The training.json `adaptkit train` writes beside an adapter, if there is one."""
+    """The training.json `adaptkit train` writes beside an adapter, if there is one; the fields
+    evaluation reads (base, task, labels) are checked."""
+    from . import readers
+    from . import validate as v
+    from .data import MAX_CLASSES, TASKS
+
     path = Path(folder) / "training.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    info = readers.read_json(path)
+    class_name = v.either(v.integer, v.text, must="an integer or a string")
+    v.check_fields(info, {"base": v.optional(v.text), "task": v.optional(v.choice(*TASKS)),
+                          "labels": v.optional(v.list_of(class_name))}, path)
+    labels = info.get("labels") or []
+    if len(labels) > MAX_CLASSES:
+        raise AdaptkitError(f"{path}: labels names {len(labels)} classes, more than {MAX_CLASSES}")
+    seen: set = set()
+    for label in labels:
+        if (type(label), label) in seen:
+            raise AdaptkitError(f"{path}: labels names class {v.short(label)} twice")
+        seen.add((type(label), label))
+    return info

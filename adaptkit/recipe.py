@@ -17,16 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import registry
+from . import readers, registry
+from . import validate as v
 from .errors import AdaptkitError, closest, unknown_name
+from .paths import regular_file
+from .validate import short
 
 RECIPE_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
                "seed", "output"}
 NOT_SUPPORTED = {"slices", "modules", "tokenizer", "chat_template"}
 MODEL_KEYS = {"model", "parameters"}
 OUTPUT_KEYS = {"kind", "rank"}
+FIELD_TYPES = {"merge_method": v.text, "base_model": v.optional(v.either(v.text, v.mapping, must="a path or repo id")),
+               "parameters": v.optional(v.mapping), "dtype": v.optional(v.text), "out_dtype": v.optional(v.text),
+               "tokenizer_source": v.optional(v.text), "seed": v.count, "output": v.optional(v.mapping)}
+OUTPUT_TYPES = {"kind": v.text, "rank": v.optional(v.positive_int)}
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,14 @@ class Ref:
     adapters: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, text: Any) -> Ref:
+    def parse(cls, text: Any, where: str = "model reference") -> Ref:
         if isinstance(text, dict) and "model" in text:  # mergekit also writes {model: {path: ...}}
             text = text["model"].get("path") if isinstance(text["model"], dict) else text["model"]
         if not isinstance(text, str) or not text.strip():
-            raise AdaptkitError(f"model reference must be a path or repo id, got {text!r}")
+            raise AdaptkitError(f"{where} must be a path or repo id, got {short(text)}")
         model, *adapters = text.split("+")
+        if not all(part.strip() for part in (model, *adapters)):
+            raise AdaptkitError(f"model reference {short(text)} has an empty part around '+'")
         return cls(model, tuple(adapters))
 
     def __str__(self) -> str:
@@ -66,6 +73,8 @@ class Recipe:
 
 def _check_keys(where: str, given: dict, allowed: set[str], unsupported: set[str] = frozenset()) -> None:
     for key in given:
+        if not isinstance(key, str):
+            raise AdaptkitError(f"{where}: keys must be names, got {short(key)}")
         if key in unsupported:
             raise AdaptkitError(f"{where}: '{key}' is a mergekit feature adaptkit does not support yet")
         if key not in allowed:
@@ -75,46 +84,45 @@ def _check_keys(where: str, given: dict, allowed: set[str], unsupported: set[str
 
 
 def load_recipe(source: str | Path | dict) -> Recipe:
-    """Read and check a recipe from a YAML file, YAML text or a dict."""
+    """Read and check a recipe from a YAML file or a dict; messages name the file (else "recipe")."""
     if isinstance(source, dict):
-        data = source
+        data, src = source, "recipe"
     else:
-        path = Path(source)
-        try:
-            data = yaml.safe_load(path.read_text()) if path.is_file() else None
-        except yaml.YAMLError as e:
-            raise AdaptkitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        path = regular_file(source, "recipe file")
+        data, src = readers.read_yaml(path), str(path)
         if data is None:
-            raise AdaptkitError(f"{path}: no such recipe file (or it is empty)")
+            raise AdaptkitError(f"{path}: the recipe is empty")
     if not isinstance(data, dict):
-        raise AdaptkitError("recipe must be a mapping with at least 'merge_method' and 'models'")
-    _check_keys("recipe", data, RECIPE_KEYS, NOT_SUPPORTED)
+        raise AdaptkitError(f"{src}: a recipe is a mapping with at least 'merge_method' and 'models', got {short(data)}")
+    _check_keys(src, data, RECIPE_KEYS, NOT_SUPPORTED)
+    v.check_fields(data, FIELD_TYPES, src)
     if "merge_method" not in data:
-        raise AdaptkitError("recipe: 'merge_method' is missing")
-    method_name = str(data["merge_method"])
+        raise AdaptkitError(f"{src}: 'merge_method' is missing")
+    method_name = data["merge_method"]
     if method_name not in registry.names("merge"):
         raise unknown_name("merge method", method_name, registry.names("merge"))
     method = registry.get("merge", method_name)
     entries = data.get("models") or []
     if not isinstance(entries, list) or not entries:
-        raise AdaptkitError("recipe: 'models' must be a non-empty list")
+        raise AdaptkitError(f"{src}: models must be a non-empty list, got {short(entries)}")
     models, model_params = [], []
     for i, entry in enumerate(entries):
         entry = entry if isinstance(entry, dict) else {"model": entry}
-        _check_keys(f"models[{i}]", entry, MODEL_KEYS)
-        models.append(Ref.parse(entry.get("model")))
-        model_params.append(dict(entry.get("parameters") or {}))
+        _check_keys(f"{src}: models[{i}]", entry, MODEL_KEYS)
+        models.append(Ref.parse(entry.get("model"), f"{src}: models[{i}].model"))
+        model_params.append(_parameters(f"{src}: models[{i}].parameters", entry.get("parameters")))
     recipe = Recipe(method_name, models, model_params,
-                    base=Ref.parse(data["base_model"]) if data.get("base_model") else None,
-                    parameters=dict(data.get("parameters") or {}), dtype=data.get("dtype"),
-                    out_dtype=data.get("out_dtype"), seed=int(data.get("seed", 0)),
+                    base=Ref.parse(data["base_model"], f"{src}: base_model") if data.get("base_model") else None,
+                    parameters=_parameters(f"{src}: parameters", data.get("parameters")), dtype=data.get("dtype"),
+                    out_dtype=data.get("out_dtype"), seed=data.get("seed", 0),
                     tokenizer_source=data.get("tokenizer_source"))
     output = data.get("output") or {}
-    _check_keys("output", output, OUTPUT_KEYS)
+    _check_keys(f"{src}: output", output, OUTPUT_KEYS)
+    v.check_fields(output, OUTPUT_TYPES, f"{src}: output")
     recipe.output_kind = output.get("kind", "model")
     recipe.output_rank = output.get("rank")
     if recipe.output_kind not in ("model", "adapter"):
-        raise AdaptkitError(f"output.kind must be 'model' or 'adapter', got '{recipe.output_kind}'")
+        raise AdaptkitError(f"{src}: output.kind must be 'model' or 'adapter', got {short(recipe.output_kind)}")
     if (recipe.output_kind == "model" and recipe.base and not getattr(method, "takes_base", True)
             and str(recipe.base) not in map(str, models)):
         # mergekit's rule: a base model the method has no separate use for is one more input,
@@ -123,6 +131,56 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         model_params.append({})
     check_parameters(recipe, method)
     return recipe
+
+
+def _parameters(where: str, given: Any) -> dict[str, Any]:
+    """A `parameters` mapping whose every value is a setting (see the module docstring)."""
+    if given is None:
+        return {}
+    v.mapping(given, where)
+    for key, setting in given.items():
+        if not isinstance(key, str):
+            raise AdaptkitError(f"{where}: keys must be parameter names, got {short(key)}")
+        _check_setting(setting, f"{where}.{key}")
+    return dict(given)
+
+
+def _check_setting(setting: Any, where: str) -> None:
+    """A scalar (a finite number, true/false, a string), a gradient (a non-empty list of scalars) or
+    conditions (a `{filter, value}` mapping or a list of them; `value` a scalar or a gradient)."""
+    if isinstance(setting, dict) or (isinstance(setting, list) and any(isinstance(e, dict) for e in setting)):
+        for i, cond in enumerate(setting if isinstance(setting, list) else [setting]):
+            here = f"{where}[{i}]" if isinstance(setting, list) else where
+            if not isinstance(cond, dict):
+                raise AdaptkitError(f"{here}: a list of conditions holds only {{filter, value}} mappings, "
+                                    f"got {short(cond)}")
+            _check_keys(here, cond, {"filter", "value"})
+            if "value" not in cond:
+                raise AdaptkitError(f"{here}: a condition needs a 'value'")
+            v.check_fields(cond, {"filter": v.optional(v.text)}, here)
+            if isinstance(cond["value"], dict):
+                raise AdaptkitError(f"{here}.value must be a number, a string or a list of them, "
+                                    f"got {short(cond['value'])}")
+            _check_setting(cond["value"], f"{here}.value")
+        return
+    if isinstance(setting, list):
+        if not setting:
+            raise AdaptkitError(f"{where}: an empty list is no value")
+        for i, item in enumerate(setting):
+            if isinstance(item, list):
+                raise AdaptkitError(f"{where}[{i}]: a gradient holds numbers, not lists")
+            _check_scalar(item, f"{where}[{i}]")
+        return
+    _check_scalar(setting, where)
+
+
+def _check_scalar(value: Any, where: str) -> None:
+    if isinstance(value, bool) or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        v.number(value, where)
+        return
+    raise AdaptkitError(f"{where} must be a number, true/false or a string, got {short(value)}")
 
 
 def check_parameters(recipe: Recipe, method) -> None:
@@ -152,6 +210,8 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     if not setting:
         return None
     if all(not isinstance(e, dict) for e in setting):
+        if not 0 <= t <= 1:  # see check_positions
+            raise _past_layers(tensor_name, t)
         numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
         if not numeric:
             return setting[int(t * (len(setting) - 1))]
@@ -165,6 +225,28 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
         if filt is None or filt == "*" or filt in tensor_name:
             return evaluate(cond.get("value"), tensor_name, t)
     return None
+
+
+def check_positions(recipe: Recipe, positions: dict[str, float]) -> None:
+    """Before any work: a gradient has no value for a tensor past the last layer the model's config
+    counts (num_hidden_layers smaller than the tensors' layer indices: the config contradicts them)."""
+    settings = [*recipe.parameters.values(), *(s for p in recipe.model_params for s in p.values())]
+    if not any(_has_gradient(s) for s in settings):
+        return
+    past = next((name for name, t in positions.items() if t > 1), None)
+    if past is not None:
+        raise _past_layers(past, positions[past])
+
+
+def _past_layers(tensor_name: str, t: float) -> AdaptkitError:
+    return AdaptkitError(f"tensor '{tensor_name}' lies past the last layer the model's config.json counts "
+                         f"(position {t:.3g} of 1), so a gradient has no value there")
+
+
+def _has_gradient(setting: Any) -> bool:
+    """A list of values, or conditions one of whose values is such a list (see `_check_setting`)."""
+    conditions = [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else []
+    return any(not isinstance(c, dict) or isinstance(c.get("value"), list) for c in conditions)
 
 
 def resolve_params(recipe: Recipe, method, tensor_name: str, t: float) -> dict[str, Any]:

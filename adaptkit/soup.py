@@ -10,6 +10,7 @@ to get a folder, or leave it out to get the state dict back (fine for small mode
 """
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +19,21 @@ from typing import Any
 
 from .errors import AdaptkitError
 from .merge import run_merge
+from .validate import short
 
 Evaluate = Callable[[Path], float]
+
+
+def _finite(value: Any, what: str) -> float:
+    """`value` as a finite float, else an error naming `what`: NaN has no order, so a soup chosen by
+    comparing it would be chosen by accident (and ±inf wins or loses whatever the models are)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise AdaptkitError(f"{what} must be a number, got {short(value)}") from None
+    if not math.isfinite(number):
+        raise AdaptkitError(f"{what} is {number}; a soup needs finite numbers")
+    return number
 
 
 def _merge(recipe: dict, out: str | Path | None, **options: Any):
@@ -68,7 +82,7 @@ def greedy(candidates: Sequence[str | Path], evaluate: Evaluate, out: str | Path
     """Greedy soup: rank candidates by score, add each only if the soup does not get worse."""
     if not candidates:
         raise AdaptkitError("greedy soup needs at least one candidate")
-    scores = {str(c): float(evaluate(Path(c))) for c in candidates}
+    scores = {str(c): _finite(evaluate(Path(c)), f"candidate {c}: the score") for c in candidates}
     ranked = sorted(scores, key=scores.get, reverse=True)
     chosen, best = [ranked[0]], scores[ranked[0]]
     steps = [{"added": ranked[0], "score": best, "kept": True}]
@@ -76,7 +90,7 @@ def greedy(candidates: Sequence[str | Path], evaluate: Evaluate, out: str | Path
         for i, candidate in enumerate(ranked[1:]):
             trial = Path(tmp) / f"trial{i}"
             uniform(chosen + [candidate], out=trial, **options)
-            score = float(evaluate(trial))
+            score = _finite(evaluate(trial), f"the soup with candidate {candidate} added: the score")
             kept = score >= best
             steps.append({"added": candidate, "score": score, "kept": kept})
             if kept:
@@ -91,12 +105,14 @@ def sweep(a: str | Path, b: str | Path, alphas: Sequence[float], evaluate: Evalu
     """Score θ(α) for each α; the best one is written to `out` (or returned as a state dict)."""
     if not alphas:
         raise AdaptkitError("sweep needs at least one alpha")
+    for alpha in alphas:
+        _finite(alpha, "sweep alpha")
     steps = []
     with tempfile.TemporaryDirectory(prefix="adaptkit-sweep-") as tmp:
         for i, alpha in enumerate(alphas):
             folder = Path(tmp) / f"alpha{i}"
             interpolate(a, b, alpha, out=folder, **options)
-            steps.append({"alpha": float(alpha), "score": float(evaluate(folder))})
+            steps.append({"alpha": float(alpha), "score": _finite(evaluate(folder), f"alpha {alpha}: the score")})
     best = max(steps, key=lambda s: s["score"])
     result = SoupResult([str(a), str(b)], best["score"], {str(s["alpha"]): s["score"] for s in steps}, steps)
     result.output = interpolate(a, b, best["alpha"], out=out, **options)

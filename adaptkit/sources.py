@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from . import registry
+from . import registry, validate
 from .adapter import read_adapter
 from .errors import AdaptkitError
-from .io import TensorInfo, TensorStore, open_store
+from .io import WEIGHT_SUFFIXES, TensorStore, open_store
+from .safetensors_file import TensorInfo
 from .recipe import Ref
 from .spec import AdapterFiles
 from .unpacked import open_unpacked
@@ -22,13 +23,34 @@ from .unpacked import open_unpacked
 
 def resolve_path(ref: str) -> Path:
     """A local path, a name pinned in ./adaptkit.lock, or a Hub reference `org/name[@rev]` fetched
-    through huggingface_hub (see `adaptkit.hub.resolve`)."""
+    through huggingface_hub (see `adaptkit.hub.resolve`). Anything else names a missing folder."""
     path = Path(ref).expanduser()
     if path.exists():
         return path
+    if not _hub_reference(ref):
+        raise AdaptkitError(f"{ref}: no such {'file' if path.suffix in WEIGHT_SUFFIXES else 'folder'}")
     from .hub import resolve
 
     return resolve(ref)
+
+
+def _hub_reference(ref: str) -> bool:
+    """A name pinned in ./adaptkit.lock, or `org/name[@rev]` whose repo id huggingface_hub accepts
+    (`./model` matches the pattern but is no repo id: it is a path)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .hub import lock_entry
+    from .hub_client import REPO_REF
+
+    found = REPO_REF.match(ref)
+    if found is not None:
+        try:
+            validate_repo_id(found.group("repo"))
+            return True
+        except HFValidationError:
+            pass
+    return lock_entry(ref) is not None
 
 
 class ModelSource:
@@ -38,7 +60,7 @@ class ModelSource:
         self.ref = ref
         self.store = store
         self.adapters = adapters
-        self.config = store.json_file("config.json")
+        self.config = validate.model_config(store.json_file("config.json"), store.root / "config.json")
         self._deltas: dict[str, list[tuple[AdapterFiles, str]]] = {}
         self._saved: dict[str, tuple[AdapterFiles, str]] = {}
         for adapter in adapters:

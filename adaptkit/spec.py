@@ -88,6 +88,9 @@ class Variant(Protocol):
 
     `param_names` are the roles of its tensors as they appear in PEFT-style keys
     (`<module>.<role>[.weight]`); `config_keys` are the config fields it understands (others warn).
+    Optional: `config_types` — field -> checker (`adaptkit.validate`), applied to adapter_config.json
+    and to `inject`'s settings; `check_files(adapter)` — raises AdaptkitError where the config
+    contradicts the stored tensors (ranks, magnitude vectors), from shapes alone, as each adapter is read.
     """
 
     name: str

@@ -247,7 +247,7 @@ def test_prompt_tokens_carry_no_loss(env, tmp_path):
 
 
 @pytest.mark.parametrize("line, problem", [
-    ('{"text": "one two"', "invalid JSON"),
+    ('{"text": "one two"', "not valid JSON"),
     ('{"txt": "one"}', "missing field 'text'"),
     ('{"text": 3}', "field 'text' must be a string"),
     ('[1, 2]', "must be a JSON object"),

@@ -20,11 +20,11 @@ a text encoder's config is written so that it fits CLIPTextModel with or without
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
 
+from adaptkit import readers, validate
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
@@ -119,7 +119,8 @@ class DiffusersFormat:
                 tensors[f"{component}.{inner}.lora_B.weight"] = m.b.contiguous()
             config = _component_config(component, mods, bool(adapter.config.get("use_rslora")))
             packed.update({f"{component}.{k}": v for k, v in config.items()})
-        metadata = {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+        text = readers.dump_json(packed, f"the '{METADATA_KEY}' metadata", end="")  # NaN refused by name
+        metadata = {"format": "pt", METADATA_KEY: text}
         return save_tensors(out_dir, tensors, shard_size=2**62, metadata=metadata, stem=FILE_NAME.split(".")[0])
 
 
@@ -148,10 +149,7 @@ def _metadata(store, where) -> dict | None:
     raw = store.metadata.get(METADATA_KEY)
     if not raw:
         return None
-    try:
-        found = json.loads(raw)
-    except ValueError:
-        raise AdaptkitError(f"{where}: the '{METADATA_KEY}' metadata is not valid JSON") from None
+    found = readers.parse_json(raw, f"{where}: the '{METADATA_KEY}' metadata")  # bounded nesting
     if not isinstance(found, dict):
         raise AdaptkitError(f"{where}: the '{METADATA_KEY}' metadata is not a JSON object")
     return found
@@ -160,7 +158,7 @@ def _metadata(store, where) -> dict | None:
 def _alphas_from_metadata(meta, scope, ranks, alphas, where) -> bool:
     """Fill in `alphas` (per module) from the LoraConfig(s) in the metadata; returns use_rslora.
     Components that differ in use_rslora are made plain by folding √r into their alphas."""
-    from adaptkit_plugins.variants.lora import pattern_value
+    from adaptkit_plugins.variants.lora import LORA_TYPES, pattern_value
 
     rslora, missing = {}, 0
     for path, (component, inner) in scope.items():
@@ -171,6 +169,7 @@ def _alphas_from_metadata(meta, scope, ranks, alphas, where) -> bool:
         if not config:
             alphas[path], missing = float(ranks[path]), missing + 1
             continue
+        validate.check_fields(config, LORA_TYPES, f"{where}: '{METADATA_KEY}' metadata")
         default = config.get("lora_alpha", config.get("r", ranks[path]))
         alphas[path] = float(pattern_value(config.get("alpha_pattern") or {}, inner, default))
         rslora[path] = bool(config.get("use_rslora"))

@@ -13,7 +13,7 @@ import warnings
 from collections import Counter
 from typing import Any
 
-from adaptkit import registry
+from adaptkit import readers, registry, validate
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
@@ -41,10 +41,13 @@ class PeftFormat:
 
     def read(self, store) -> AdapterFiles:
         config = store.json_file(CONFIG_FILE) or {}
+        where = store.root / CONFIG_FILE
+        validate.check_fields(config, validate.ADAPTER_FIELDS, where)
         variant_name = config.get("adaptkit_variant") or str(config.get("peft_type", "")).lower()
         if not variant_name:
-            raise AdaptkitError(f"{store.root / CONFIG_FILE}: no 'peft_type' or 'adaptkit_variant'")
+            raise AdaptkitError(f"{where}: no 'peft_type' or 'adaptkit_variant'")
         variant = registry.get("variant", variant_name)
+        validate.check_fields(config, getattr(variant, "config_types", {}), where)
         unknown = sorted(set(config) - COMMON_KEYS - set(variant.config_keys))
         if unknown:
             warnings.warn(
@@ -69,7 +72,6 @@ class PeftFormat:
     def write(self, adapter, out_dir) -> list:
         """A PEFT LoRA folder: r and lora_alpha of the most common module, `rank_pattern` and
         `alpha_pattern` for the rest (exact module paths), whole tensors as `modules_to_save`."""
-        import json
         from pathlib import Path
 
         from adaptkit.writer import save_tensors
@@ -100,7 +102,7 @@ class PeftFormat:
             module, leaf = key.rsplit(".", 1)
             tensors[f"base_model.model.{module}.base_layer.{leaf}" if inside[key] else f"base_model.model.{key}"] = tensor.contiguous()
         out_dir = Path(out_dir)
-        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (out_dir / CONFIG_FILE).write_text(readers.dump_json(config, CONFIG_FILE))
         files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
         return [out_dir / CONFIG_FILE, *files]
 

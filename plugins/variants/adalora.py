@@ -29,13 +29,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from adaptkit import validate as v
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
-from .lora import LORA, LORA_CONFIG_KEYS
+from .lora import LORA, LORA_CONFIG_KEYS, LORA_TYPES
 
 OWN = {"init_r": 12, "target_r": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
        "orth_reg_weight": 0.5, "total_step": None}
+# rank_pattern is AdaLoRA's own: "<module>.lora_E" -> the kept-row mask (not LoRA's regex -> rank).
+TYPES = {**LORA_TYPES, "init_r": v.count, "target_r": v.count, "tinit": v.count, "tfinal": v.count,
+         "deltaT": v.positive_int, "beta1": v.number, "beta2": v.number, "orth_reg_weight": v.number,
+         "total_step": v.optional(v.positive_int), "rank_pattern": v.optional(v.map_of(v.list_of(v.flag)))}
 DEFAULTS = {"lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": True, **OWN, "rank_pattern": None}
 
 
@@ -54,6 +59,7 @@ class AdaLoRA:
     name = "adalora"
     param_names = ("lora_A", "lora_B", "lora_E")
     config_keys = LORA_CONFIG_KEYS | set(OWN)
+    config_types = TYPES
     defaults = DEFAULTS
 
     # -- tensor plane --------------------------------------------------------------------------
@@ -85,6 +91,17 @@ class AdaLoRA:
         return {"rank": ranks[0] if len(ranks) == 1 else None, "ranks": ranks, "alpha": cfg.get("lora_alpha"),
                 "scaling": sorted({v["scaling"] for v in modules.values()}), "pruned": bool(cfg.get("rank_pattern")),
                 **{k: cfg.get(k) for k in OWN}, "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")), "modules": modules}
+
+    def check_files(self, adapter: AdapterFiles) -> None:
+        """Each module's A (r × in), E (r × 1) and B (out × r) agree on r (shapes only; r may be 0:
+        the budget can prune every row of a layer)."""
+        for module in sorted(adapter.modules):
+            if set(adapter.modules[module]) != set(self.param_names):
+                continue  # reported by `_tensors` where the module is used
+            a, e, b = (adapter.shape(module, role) for role in ("lora_A", "lora_E", "lora_B"))
+            if len(a) != 2 or len(b) != 2 or tuple(e) != (a[0], 1) or b[1] != a[0]:
+                raise AdaptkitError(f"{v.adapter_source(adapter)}: module '{module}': lora_A {list(a)}, lora_E "
+                                    f"{list(e)} and lora_B {list(b)} do not agree on one rank")
 
     def _tensors(self, adapter: AdapterFiles, module: str):
         roles = adapter.modules[module]

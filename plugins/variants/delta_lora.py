@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from adaptkit import validate as v
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
-from .lora import LORA_CONFIG_KEYS, LoRA, _module
+from .lora import LORA_CONFIG_KEYS, LORA_TYPES, LoRA, _module
 
 
 class DeltaLoRA(LoRA):
@@ -40,6 +41,7 @@ class DeltaLoRA(LoRA):
 
     param_names = ("lora_A", "lora_B", "delta_A", "delta_B")
     config_keys = LORA_CONFIG_KEYS | {"start_step", "update_ratio"}
+    config_types = {**LORA_TYPES, "start_step": v.count, "update_ratio": v.number}
     moves_base_weight = True  # W itself trains (on_step_end): a quantized base cannot hold that
 
     def __init__(self, name: str = "delta_lora"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from adaptkit import validate as v
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
@@ -61,6 +62,8 @@ class IA3Variant:
     name = "ia3"
     param_names = ("ia3_l",)
     config_keys = frozenset({"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"})
+    config_types = {"feedforward_modules": v.optional(v.targets), "fan_in_fan_out": v.optional(v.flag),
+                    "init_ia3_weights": v.flag}
     defaults = {"feedforward_modules": None, "fan_in_fan_out": False, "init_ia3_weights": True}
 
     # -- tensor plane --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from adaptkit import validate as v
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
@@ -42,6 +43,16 @@ LORA_CONFIG_KEYS = frozenset({
 })
 
 
+# What each LoRA field must be, in a file and in `inject`'s settings (adaptkit.validate checks).
+LORA_TYPES = {
+    "r": v.positive_int, "lora_alpha": v.number, "lora_dropout": v.fraction, "use_rslora": v.optional(v.flag),
+    "use_dora": v.optional(v.flag), "fan_in_fan_out": v.optional(v.flag), "lora_bias": v.optional(v.flag),
+    "rank_pattern": v.optional(v.patterns(v.positive_int)), "alpha_pattern": v.optional(v.patterns(v.number)),
+    "init_lora_weights": v.either(v.flag, v.text, must="true, false or an initialization name"),
+    "bias": v.optional(v.text), "loraplus_lr_ratio": v.optional(v.number),
+}
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern/alpha_pattern lookup: the first pattern matching the end of the path."""
     for pattern, value in (patterns or {}).items():
@@ -58,6 +69,7 @@ class LoRA(LowRankForms):
 
     param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     config_keys = LORA_CONFIG_KEYS | {"loraplus_lr_ratio"}
+    config_types = LORA_TYPES
 
     # -- shapes --------------------------------------------------------------------------------
     @staticmethod
@@ -79,6 +91,33 @@ class LoRA(LowRankForms):
     def scaling(self, adapter: AdapterFiles, module: str) -> float:
         r, alpha = self.module_rank(adapter, module), self.module_alpha(adapter, module)
         return alpha / math.sqrt(r) if adapter.config.get("use_rslora") else alpha / r
+
+    def check_files(self, adapter: AdapterFiles) -> None:
+        """The config agrees with the tensors, module by module: A (r × in) chains into B (out × r)
+        with r ≥ 1, r is the rank `r` / `rank_pattern` give, DoRA magnitudes (out) are there exactly
+        when `use_dora` says so, and alpha is finite. Shapes only: no tensor data is read."""
+        cfg, where = adapter.config, v.adapter_source(adapter)
+        dora = bool(cfg.get("use_dora"))
+        stated = adapter.format == "peft"  # other formats derive use_dora from the tensors (mixed is fine there)
+        for module in sorted(adapter.modules):
+            roles = adapter.modules[module]
+            a_role, b_role, _ = self._factors(roles)
+            a, b = adapter.shape(module, a_role), adapter.shape(module, b_role)
+            if len(a) < 2 or len(b) < 2 or a[0] != b[1] or a[0] < 1:
+                raise AdaptkitError(f"{where}: module '{module}': {a_role} {list(a)} and {b_role} {list(b)} do not "
+                                    "form a rank ≥ 1 product")
+            said = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r"))
+            if said is not None and said != a[0]:
+                raise AdaptkitError(f"{where}: module '{module}' stores rank {a[0]} but the config says "
+                                    f"{v.short(said)} (r / rank_pattern)")
+            if stated and dora != ("lora_magnitude_vector" in roles):
+                raise AdaptkitError(f"{where}: use_dora is {str(dora).lower()} but module '{module}' has "
+                                    f"{'no' if dora else 'a'} lora_magnitude_vector")
+            m = adapter.shape(module, "lora_magnitude_vector") if "lora_magnitude_vector" in roles else None
+            if m is not None and math.prod(m) != b[0]:  # one per output (PEFT keeps conv's as out × 1 × 1 × 1)
+                raise AdaptkitError(f"{where}: module '{module}': lora_magnitude_vector {list(m)} should hold "
+                                    f"{b[0]} values, one per output")
+            v.number(self.module_alpha(adapter, module), f"{where}: module '{module}' alpha")
 
     def describe(self, adapter: AdapterFiles) -> dict[str, Any]:
         cfg = adapter.config

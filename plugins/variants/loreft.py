@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from adaptkit import validate as v
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
@@ -68,6 +69,9 @@ class LoReFT:
     name = "loreft"
     param_names = ("loreft_R", "loreft_W", "loreft_b")
     config_keys = frozenset({"r", "layers", "first_n", "last_n", "orthogonal_map"})
+    config_types = {"r": v.positive_int, "first_n": v.count, "last_n": v.count, "orthogonal_map": v.text,
+                    "layers": v.optional(v.either(v.integer, v.list_of(v.optional(v.integer)),
+                                                  must="a layer index or a list of them"))}
     defaults = {"layers": None, "r": 4, "first_n": 1, "last_n": 1, "orthogonal_map": "matrix_exp"}
 
     # -- tensor plane: no ΔW ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from adaptkit import validate as v
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
@@ -23,6 +24,7 @@ class Partial:
     name = "partial"
     param_names: tuple[str, ...] = ()  # every tensor in the file is a whole module's
     config_keys = frozenset({"r", "lora_alpha", "last_layers", "modules", "layers_pattern"})
+    config_types = {"modules": v.optional(v.targets), "last_layers": v.optional(v.positive_int)}
     defaults = {"modules": None, "last_layers": None}  # plus layers_pattern, a targeting key
 
     def describe(self, adapter: AdapterFiles) -> dict[str, Any]:

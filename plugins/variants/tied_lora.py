@@ -26,6 +26,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from adaptkit import registry
+from adaptkit import validate as v
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
@@ -59,6 +60,10 @@ class TiedLoRA:
     name = "tied_lora"
     param_names = ("tied_u", "tied_v", *(f"tied_{f}_{g}" for f in "AB" for g in range(MAX_GROUPS)))
     config_keys = frozenset({"r", "lora_alpha", "lora_dropout", "train", "fan_in_fan_out", "tied_groups"})
+    config_types = {"r": v.optional(v.positive_int), "lora_alpha": v.number, "lora_dropout": v.fraction,
+                    "fan_in_fan_out": v.optional(v.flag),
+                    "tied_groups": v.optional(v.list_of(v.record({
+                        "modules": v.list_of(v.text), "in_features": v.positive_int, "out_features": v.positive_int})))}
     defaults = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "train": "VBUA", "tied_groups": None}
 
     # -- tensor plane --------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import math
 from typing import Any
 
 from adaptkit import registry
+from adaptkit import validate as v
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles
 
@@ -56,6 +57,9 @@ class VeRA:
     name = "vera"
     param_names = ("vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B")
     config_keys = VERA_CONFIG_KEYS
+    config_types = {"r": v.optional(v.positive_int), "projection_prng_key": v.integer, "save_projection": v.flag,
+                    "vera_dropout": v.fraction, "d_initial": v.number, "init_weights": v.flag,
+                    "fan_in_fan_out": v.optional(v.flag), "adaptkit_in_features": v.optional(v.map_of(v.positive_int))}
     defaults = {"r": 256, "projection_prng_key": 0, "save_projection": True, "vera_dropout": 0.0, "d_initial": 0.1,
                 "init_weights": True}
 
