@@ -14,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import registry
+from . import registry, validate
 from .adapter import read_adapter
 from .io import TensorStore, open_store
+from .outputs import recover_output
 
 DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3",
@@ -31,6 +32,7 @@ def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """Describe the model, adapter or quantized model at `path` (see the module docstring); a lock
     name or `org/name[@rev]` is resolved through `adaptkit.hub`."""
     local = Path(path).expanduser()
+    recover_output(local)  # an output a killed run had set aside comes back first
     if not local.exists():
         from . import hub
 
@@ -43,7 +45,7 @@ def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     quantizer = None if adapter else _detect_quantizer(store)
     report["kind"] = "adapter" if adapter else "quantized-model" if quantizer else "model"
     report["format"] = adapter.format if adapter else _file_format(store)
-    config = store.json_file("config.json") if not adapter else None
+    config = validate.model_config(store.json_file("config.json"), store.root / "config.json") if not adapter else None
     report["model"] = {k: config[k] for k in MODEL_FIELDS if k in config} if config else None
     report["adapter"] = _adapter_figures(adapter) if adapter else None
     report["quantization"] = {"method": quantizer} if quantizer else None

@@ -6,27 +6,27 @@ shards with a `*.safetensors.index.json`, a PEFT adapter folder, a Hub cache fol
 and metadata come from the headers alone; no tensor data is read (and torch is not imported)
 until `get(name)` is called, and then only that tensor (or a range of its rows) is read. Pickle checkpoints are refused unless `allow_pickle=True`, and even
 then are loaded with `torch.load(weights_only=True)`, which executes no code.
+
+Files we did not write are checked before use: a safetensors header against the library's own
+rules (see `read_safetensors_header`), every file opened only once `regular_file` says it is one
+(a FIFO or device would block or never end), and every name a folder or an index hands us kept
+inside that folder (`member`, `inside`), links followed.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AdaptkitError, CorruptFileError
+from .errors import AdaptkitError, CorruptFileError, printable, short
+from .paths import inside, member, regular_file
+from .safetensors_file import DTYPE_SIZES, TensorInfo, read_safetensors_header
 
-#: safetensors dtype codes -> bytes per element.
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
-#: Largest header we accept (the safetensors library uses the same bound).
-MAX_HEADER = 100 * 1024 * 1024
+#: What a Hub cache `refs/<name>` file may hold: a commit hash or a revision name, one path component.
+REF_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -41,82 +41,12 @@ FOLDER_CANDIDATES = (
 )
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives and what it is, known from a header without reading data."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    offset: int = 0  # absolute byte offset of the data in `file` (safetensors only)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.dtype]
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: (tensor infos, `__metadata__`).
-
-    Validation covers everything that can be known without reading tensor data, so a truncated
-    or corrupt file fails here with a message naming the file and the fault.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptFileError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CorruptFileError(
-                f"{path}: header length {n} is larger than the file ({size} bytes): truncated or not safetensors"
-            )
-        if n > MAX_HEADER:
-            raise CorruptFileError(f"{path}: header of {n} bytes exceeds the {MAX_HEADER}-byte limit")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise CorruptFileError(f"{path}: safetensors header is not valid JSON (corrupt or not safetensors)") from None
-    metadata = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
-    infos = {name: _tensor_info(path, name, entry, data_len, 8 + n) for name, entry in header.items()}
-    return infos, metadata
-
-
-def _tensor_info(path: Path, name: str, entry: Any, data_len: int, data_start: int) -> TensorInfo:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise CorruptFileError(f"{path}: malformed header entry for tensor '{name}'") from None
-    if dtype not in DTYPE_SIZES:
-        raise CorruptFileError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
-    if end > data_len:
-        raise CorruptFileError(
-            f"{path}: truncated: tensor '{name}' ends at byte {end} of the data but only {data_len} bytes are present"
-        )
-    info = TensorInfo(name, dtype, shape, path, data_start + begin)
-    if end - begin != info.nbytes or begin < 0:
-        raise CorruptFileError(f"{path}: tensor '{name}' spans {end - begin} bytes but its shape needs {info.nbytes}")
-    return info
-
-
 def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CorruptFileError(f"{path}: expected a JSON object")
-    return value
+    """The JSON object in the file `path`: a regular file (never a FIFO or device), UTF-8, nesting
+    bounded (see adaptkit.validate); each fault one line naming the file (and line)."""
+    from .readers import read_json as read_json_text
+
+    return read_json_text(regular_file(path, "JSON file"))
 
 
 class TensorStore:
@@ -160,9 +90,10 @@ class TensorStore:
             raise AdaptkitError(f"{self.root}: no tensor named '{name}'") from None
 
     def json_file(self, name: str) -> dict | None:
-        """A JSON file beside the weights (config.json, adapter_config.json), or None."""
+        """A JSON file beside the weights (config.json, adapter_config.json), or None. One that is
+        not a regular file, or links outside the folder, is refused rather than taken as absent."""
         path = self.root / name
-        return read_json(path) if path.is_file() else None
+        return read_json(inside(path, self.root)) if os.path.lexists(path) else None
 
     # -- data (on demand) --------------------------------------------------------------------
     def get(self, name: str, rows: tuple[int, int] | None = None):
@@ -234,6 +165,7 @@ def open_store(path: str | Path, *, allow_pickle: bool = False) -> TensorStore:
         raise AdaptkitError(f"{path}: no such file or folder")
     if path.is_dir():
         return _open_folder(_hub_cache_snapshot(path), allow_pickle)
+    regular_file(path, "weights file")
     if path.name.endswith(".index.json"):
         return _open_index(path, allow_pickle)
     if path.suffix == ".safetensors":
@@ -245,30 +177,45 @@ def open_store(path: str | Path, *, allow_pickle: bool = False) -> TensorStore:
 
 
 def _hub_cache_snapshot(folder: Path) -> Path:
-    """`models--org--name` in the HF cache -> the snapshot its `refs/main` points at."""
+    """`models--org--name` in the HF cache -> the snapshot its `refs/main` points at.
+
+    The ref must hold a commit hash or a revision name (never echoed when it does not), and the
+    snapshot must lie inside the repo folder."""
     ref = folder / "refs" / "main"
-    if folder.name.startswith("models--") and ref.is_file():
-        snapshot = folder / "snapshots" / ref.read_text().strip()
-        if snapshot.is_dir():
-            return snapshot
-    return folder
+    if not folder.name.startswith("models--") or not os.path.lexists(ref):
+        return folder
+    with open(regular_file(ref, "Hub cache ref"), "rb") as f:
+        raw = f.read(256)
+    name = raw.decode("ascii", errors="replace").strip()
+    if not REF_NAME.fullmatch(name) or ".." in name:
+        raise CorruptFileError(f"{ref}: holds no commit hash or revision name; refused")
+    snapshot = folder / "snapshots" / name
+    if not snapshot.is_dir():
+        raise AdaptkitError(f"{ref}: names the snapshot '{name}', which is not in {folder / 'snapshots'}")
+    return inside(snapshot, folder)
+
+
+def _weight_file(path: Path) -> bool:
+    """Whether a folder entry may be a weights file: anything present but a folder (a FIFO or a
+    device is picked up here, to be refused by name when opened, never skipped silently)."""
+    return os.path.lexists(path) and not path.is_dir()
 
 
 def _open_folder(folder: Path, allow_pickle: bool) -> TensorStore:
     for name in FOLDER_CANDIDATES:
         candidate = folder / name
-        if candidate.is_file():
-            return open_store(candidate, allow_pickle=allow_pickle)
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    files = indexes or sorted(folder.glob("*.safetensors"))
+        if _weight_file(candidate):
+            return open_store(inside(candidate, folder), allow_pickle=allow_pickle)
+    indexes = sorted(p for p in folder.glob("*.safetensors.index.json") if _weight_file(p))
+    files = indexes or sorted(p for p in folder.glob("*.safetensors") if _weight_file(p))
     if len(files) == 1:
-        return open_store(files[0], allow_pickle=allow_pickle)
+        return open_store(inside(files[0], folder), allow_pickle=allow_pickle)
     if len(files) > 1:
         names = ", ".join(f.name for f in files[:4])
         raise AdaptkitError(f"{folder}: several weight files and no index ({names}); pass one file")
-    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and _weight_file(p))
     if pickles:
-        return _open_pickle(pickles, folder, allow_pickle)
+        return _open_pickle([inside(p, folder) for p in pickles], folder, allow_pickle)
     raise AdaptkitError(f"{folder}: no weights found (looked for *.safetensors, an index, or pickle files)")
 
 
@@ -277,46 +224,91 @@ def _open_index(index_path: Path, allow_pickle: bool) -> TensorStore:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CorruptFileError(f"{index_path}: no 'weight_map' in the index")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CorruptFileError(f"{index_path}: weight_map['{printable(name)}'] is {short(shard)}, not a file name")
     folder = index_path.parent
-    shards = list(dict.fromkeys(weight_map.values()))
-    for shard in shards:
-        if not (folder / shard).is_file():
-            raise AdaptkitError(f"{index_path.name}: shard '{shard}' named in the index is missing from {folder}")
+    shards = {shard: member(folder, shard, index_path) for shard in dict.fromkeys(weight_map.values())}
+    for shard, path in shards.items():
+        if not os.path.lexists(path):
+            raise AdaptkitError(f"{index_path.name}: shard '{printable(shard)}' named in the index is missing from {folder}")
     if any(Path(s).suffix in PICKLE_SUFFIXES for s in shards):
-        return _open_pickle([folder / s for s in shards], folder, allow_pickle)
+        return _open_pickle(list(shards.values()), folder, allow_pickle)
     infos: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
-    for shard in shards:
-        shard_infos, shard_meta = read_safetensors_header(folder / shard)
+    for shard, path in shards.items():
+        shard_infos, shard_meta = read_safetensors_header(path)
+        twice = next((name for name in shard_infos if name in infos), None)
+        if twice is not None:
+            raise CorruptFileError(f"{index_path}: tensor '{printable(twice)}' is in both "
+                                   f"{infos[twice].file.name} and {path.name}")
         infos.update(shard_infos)
         metadata = metadata or shard_meta
     missing = [name for name in weight_map if name not in infos]
     if missing:
-        raise CorruptFileError(f"{index_path.name}: tensor '{missing[0]}' is in the index but in no shard")
+        raise CorruptFileError(f"{index_path.name}: tensor '{printable(missing[0])}' is in the index but in no shard")
     return TensorStore(folder, infos, metadata, index=index_path)
+
+
+def pickle_refusal(path: Path) -> AdaptkitError:
+    """The one-line refusal of a pickle checkpoint read without --allow-pickle."""
+    return AdaptkitError(
+        f"{path}: pickle checkpoints can run code and are refused; convert to safetensors, "
+        "or pass --allow-pickle (loads with torch.load(weights_only=True))"
+    )
 
 
 def _open_pickle(paths: list[Path], root: Path, allow_pickle: bool) -> TensorStore:
     if not allow_pickle:
-        raise AdaptkitError(
-            f"{paths[0]}: pickle checkpoints can run code and are refused; convert to safetensors, "
-            "or pass --allow-pickle (loads with torch.load(weights_only=True))"
-        )
-    import torch
-
+        raise pickle_refusal(paths[0])
     from .dtypes import torch_to_code
 
     tensors: dict[str, Any] = {}
     infos: dict[str, TensorInfo] = {}
     for path in paths:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many types for a bad pickle
-            raise CorruptFileError(f"{path}: cannot load pickle checkpoint safely ({str(e).splitlines()[0]})") from None
-        for name, t in loaded.items():
-            if isinstance(t, torch.Tensor):
-                tensors[name] = t
-                infos[name] = TensorInfo(name, torch_to_code(t.dtype), tuple(t.shape), path)
+        for name, t in _state_dict(path, _load_pickle(regular_file(path, "checkpoint"))).items():
+            tensors[name] = t
+            infos[name] = TensorInfo(name, torch_to_code(t.dtype), tuple(t.shape), path)
     store = TensorStore(root, infos, {})
     store._pickled = tensors
     return store
+
+
+def _load_pickle(path: Path) -> Any:
+    """`torch.load(weights_only=True)` of `path`, which builds tensors and plain containers only and
+    runs no code. The legacy (pre-1.6, non-zip) format is read too, without a memory map (it has none).
+    A refusal names the file but never the pickle's contents (they are the untrusted part)."""
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: our error says what matters
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise CorruptFileError(f"{path}: cannot load pickle checkpoint safely: torch.load(weights_only=True) refuses "
+                               "it (it holds objects other than tensors and plain containers, or is not a checkpoint)") from None
+    except (MemoryError, OSError):
+        raise
+    except Exception as e:  # a cut or damaged archive: torch raises RuntimeError, EOFError, ...
+        raise CorruptFileError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: truncated or corrupt)") from None
+
+
+def _state_dict(path: Path, loaded: Any) -> dict[str, Any]:
+    """The name -> tensor mapping in a loaded checkpoint: the object itself, or its 'state_dict' (Lightning
+    and Stable Diffusion .ckpt files keep it there beside training state). Anything else is refused:
+    silently dropping what is not a tensor would merge a model that is missing parts."""
+    import torch
+
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise CorruptFileError(f"{path}: the checkpoint holds {type(loaded).__name__}, not a mapping of names to tensors")
+    for name, value in loaded.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CorruptFileError(f"{path}: the checkpoint's entry {short(name)} is {type(value).__name__}, not a tensor "
+                                   "(a mapping of names to tensors is needed)")
+    return loaded

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import registry
-from .errors import AdaptkitError
+from .errors import AdaptkitError, CorruptFileError
+from .errors import printable
 from .io import TensorStore
 
 UNPACKED_DTYPE = "BF16"
@@ -64,8 +65,26 @@ class UnpackedStore(TensorStore):
         hook = getattr(self.quantizer, "unpacked_shape", None)
         if hook is not None:
             shapes = {key: tuple(self.inner.info(stored).shape) for key, stored in group.items()}
-            return tuple(hook(shapes, lambda key: self.inner.get(group[key])))
-        return tuple(self.quantizer.dequantize(self._packed(name)).shape)
+            shape = tuple(self._unpack(name, lambda: hook(shapes, lambda key: self.inner.get(group[key]))))
+        else:
+            shape = tuple(self._unpack(name, lambda: self.quantizer.dequantize(self._packed(name))).shape)
+        if not all(type(d) is int and d >= 0 for d in shape):  # e.g. a stored shape tensor of floats
+            raise CorruptFileError(f"{self.inner.root}: cannot unpack '{name}': its packed tensors give the shape "
+                                   f"{printable(str(shape), 60)}")
+        return shape
+
+    def _unpack(self, name: str, compute):
+        """`compute()` on the packed tensors of `name`, its faults one line naming the tensor: packed
+        tensors from a file we did not write may not fit together (a cut code table, a float where
+        the quantizer needs an index), and the quantizer then fails inside torch."""
+        try:
+            return compute()
+        except AdaptkitError as e:
+            raise AdaptkitError(f"{self.inner.root}: cannot unpack '{name}': {e}") from None
+        except (IndexError, RuntimeError, TypeError, ValueError) as e:
+            reason = (str(e).splitlines() or [""])[0][:100]
+            raise CorruptFileError(f"{self.inner.root}: cannot unpack '{name}' from its packed tensors "
+                                   f"({type(e).__name__}: {reason})") from None
 
     def packed(self, name: str) -> bool:
         return name in self.groups
@@ -73,10 +92,7 @@ class UnpackedStore(TensorStore):
     def get(self, name: str, rows: tuple[int, int] | None = None):
         if name not in self.groups:
             return self.inner.get(name, rows=rows)
-        try:
-            tensor = self.quantizer.dequantize(self._packed(name)).float()
-        except AdaptkitError as e:
-            raise AdaptkitError(f"{self.root}: cannot unpack '{name}': {e}") from None
+        tensor = self._unpack(name, lambda: self.quantizer.dequantize(self._packed(name)).float())
         return tensor if rows is None else tensor[rows[0]:rows[1]]
 
     def close(self) -> None:
