@@ -31,11 +31,11 @@ from . import registry
 from .adapter import read_adapter
 from .dtypes import code_to_torch, parse_dtype
 from .errors import AdaptkitError
-from .merge import layer_positions, operator_params, seeded_generators
-from .recipe import Recipe, resolve_params
+from .merge import layer_positions, operator_params, recipe_inputs, seeded_generators
+from .recipe import Recipe, check_positions, resolve_params
 from .sources import open_input, resolve_path, weight_key
 from .spec import AdapterFiles
-from .writer import atomic_output
+from .outputs import atomic_output, check_output
 
 LOWRANK_HOOKS = ("factor_layout", "write_lowrank")
 
@@ -48,6 +48,7 @@ def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed
         recipe.seed = seed
     start = time.perf_counter()
     adapters = read_inputs(recipe, allow_pickle)
+    check_output(out, force=force, inputs=recipe_inputs(recipe))  # before the work, not after it
     method = registry.get("merge", recipe.method)
     exact = getattr(method, "factor_space", False)  # an operator on the factors themselves: no SVD
     variant = check_variant(adapters, exact=exact)
@@ -57,6 +58,7 @@ def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed
         raise AdaptkitError("the input adapters have no low-rank modules to merge")
     base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base else None
     positions = layer_positions([f"{m}.weight" for m in modules], base.config if base else None)
+    check_positions(recipe, positions)
     bar = tqdm(modules, unit="module", desc=f"merge {recipe.method}", disable=not progress, leave=False)
     if rank is None:
         factors, layouts = concat_factors(recipe, method, variant, adapters, bar, positions)
@@ -67,7 +69,7 @@ def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed
     dropped = warn_dropped(adapters)
     dtype = parse_dtype(recipe.out_dtype or recipe.dtype) or input_dtype(adapters[0])
     factors = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=recipe_inputs(recipe)) as tmp:
         files = variant.write_lowrank(factors, layouts, dict(adapters[0].config), tmp)
     report = {"method": recipe.method, "output_kind": "adapter", "variant": variant.name,
               "inputs": [str(r) for r in recipe.models], "base": str(recipe.base) if recipe.base else None,

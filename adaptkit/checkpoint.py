@@ -22,11 +22,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from .errors import AdaptkitError
-from .writer import atomic_output, move_into_place
+from .outputs import atomic_output, check_output, move_into_place, output_lock
+from .readers import read_json
 
 FOLDER = "checkpoints"
 # Arguments that may change between an interrupted run and its resumption; any other change is an error.
@@ -48,9 +51,19 @@ def latest(work: Path) -> Path | None:
     return work / FOLDER / f"step-{found[-1]}" if found else None
 
 
+def lock_output(out: Path, hold: ExitStack, *, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Before a run loads anything (main process only): OUT may not be inside an input, be one or
+    hold one (`inputs`: the run's input paths), an OUT a killed run had set aside is put back, and
+    OUT's lock is taken into `hold` for the rest of the run, so a second run on the same OUT fails
+    in one line instead of sharing its run folder."""
+    check_output(out, force=True, inputs=inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hold.enter_context(output_lock(out))
+
+
 def open_work(out: Path, *, force: bool, resume: bool) -> Path:
-    """The run folder (main process only): fresh, or kept for `resume` (a finished OUT is copied
-    back into it to continue). An existing OUT needs force or resume."""
+    """The run folder (main process only, under `lock_output`): fresh, or kept for `resume` (a
+    finished OUT is copied back into it to continue). An existing OUT needs force or resume."""
     work = work_folder(out)
     if resume:
         if not work.exists() and out.exists():
@@ -157,7 +170,7 @@ def load(folder: Path, *, handle, optimizer, scheduler, scaler, rank: int, args:
     """Restore a checkpoint into a freshly built run; returns its state.json. RNGs are set last."""
     import torch
 
-    state = json.loads((folder / "state.json").read_text())
+    state = read_json(folder / "state.json")
     check_args(state.get("args", {}), args, folder)
     handle.load_train_state(load_live(handle.model, folder / "state.safetensors"))
     trainer = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)

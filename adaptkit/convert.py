@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .io import open_store
 from .lowrank import Factored, factor_matrix, factor_product
 from .sources import resolve_path
 from .spec import AdapterFiles, LowRankAdapter, LowRankModule
-from .writer import atomic_output
+from .outputs import atomic_output, check_output
 
 #: Names of embedding tables and output heads (whole tensors unless `embed_lora`).
 EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
@@ -99,13 +100,13 @@ def _new_bias(variant, adapter: AdapterFiles, module: str, base) -> torch.Tensor
 
 
 def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float | None = None,
-               base: str | Path | None = None) -> tuple[LowRankAdapter, Report]:
+               base: str | Path | None = None, allow_pickle: bool = False) -> tuple[LowRankAdapter, Report]:
     """`adapter` as plain low-rank modules (see the module docstring)."""
     _check_rank(rank, energy)
     variant = registry.get("variant", adapter.variant)
     if hasattr(variant, "check_mergeable"):
         variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
-    base_store = open_store(resolve_path(str(base))) if base is not None else None
+    base_store = open_store(resolve_path(str(base)), allow_pickle=allow_pickle) if base is not None else None
     out, report = LowRankAdapter(config=_kept_config(adapter.config)), Report()
     resize = rank is not None or energy is not None
     for module in sorted(adapter.modules):
@@ -192,12 +193,14 @@ def _kept_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in keep if k in config}
 
 
-def write(lowrank: LowRankAdapter, fmt: str, out: str | Path, *, force: bool = False) -> list[Path]:
-    """Write `lowrank` in format `fmt` into the folder `out` (temporary folder, renamed at the end)."""
+def write(lowrank: LowRankAdapter, fmt: str, out: str | Path, *, force: bool = False,
+          inputs: Iterable[str | Path | None] = ()) -> list[Path]:
+    """Write `lowrank` in format `fmt` into the folder `out` (temporary folder, renamed at the end);
+    `inputs` are the run's input paths (the output may not be inside one, nor hold one)."""
     plugin = registry.get("format", fmt)
     if not hasattr(plugin, "write"):
         raise AdaptkitError(f"format '{fmt}' can be read but not written (writable: {', '.join(writable_formats())})")
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=inputs) as tmp:
         files = plugin.write(lowrank, tmp)
     return [Path(out) / Path(f).name for f in files]
 
@@ -207,36 +210,39 @@ def writable_formats() -> list[str]:
 
 
 def convert(source: str | Path, to: str, out: str | Path, *, rank: int | None = None, energy: float | None = None,
-            base: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+            base: str | Path | None = None, force: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
     """Read the adapter at `source` (any known format) and write it in format `to`; the report."""
-    adapter = read_adapter(resolve_path(str(source)))
+    adapter = read_adapter(resolve_path(str(source)), allow_pickle=allow_pickle)
     if adapter is None:
         raise AdaptkitError(f"{source}: holds a full model, not an adapter (use `adaptkit extract` for fine-tunes)")
-    lowrank, report = to_lowrank(adapter, rank=rank, energy=energy, base=base)
-    files = write(lowrank, to, out, force=force)
+    check_output(out, force=force, inputs=[source, base])  # before the work, not after it
+    lowrank, report = to_lowrank(adapter, rank=rank, energy=energy, base=base, allow_pickle=allow_pickle)
+    files = write(lowrank, to, out, force=force, inputs=[source, base])
     return {"source": str(source), "from": f"{adapter.format}/{adapter.variant}", "to": to,
             "files": [str(f) for f in files], **report.as_dict()}
 
 
 def extract(model: str | Path, base: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, embed_lora: bool = False, force: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            allow_pickle: bool = False, progress: bool = True) -> dict[str, Any]:
     """A PEFT LoRA folder approximating `model` − `base` (see the module docstring); the report."""
     if rank is None and energy is None:
         raise AdaptkitError("give --rank R or --energy E")
     _check_rank(rank, energy)
-    ft, ref = open_store(resolve_path(str(model))), open_store(resolve_path(str(base)))
+    ft = open_store(resolve_path(str(model)), allow_pickle=allow_pickle)
+    ref = open_store(resolve_path(str(base)), allow_pickle=allow_pickle)
     missing = [k for k in ref.keys() if k not in ft]
     if missing:
         raise AdaptkitError(f"the fine-tune lacks '{missing[0]}' of the base ({len(missing)} tensors); a different architecture?")
     config = ref.json_file("config.json") or {}
     transposed = config.get("model_type") in CONV1D_MODELS
+    check_output(out, force=force, inputs=[model, base])  # before the work, not after it
     lowrank = LowRankAdapter(config={"base_model_name_or_path": str(base)})
     report = Report()
     for name in tqdm(ref.keys(), unit="tensor", desc="extract", disable=not progress, leave=False):
         _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, transposed)
     report.warn_clamped()
-    files = write(lowrank, registry.default("format"), out, force=force)
+    files = write(lowrank, registry.default("format"), out, force=force, inputs=[model, base])
     return {"model": str(model), "base": str(base), "files": [str(f) for f in files], **report.as_dict()}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import math
 import os
 import re
@@ -31,9 +30,11 @@ from . import registry
 from .dtypes import code_to_torch, parse_dtype, torch_to_code
 from .errors import AdaptkitError
 from .io import open_store
-from .recipe import Recipe, load_recipe, resolve_params
+from .recipe import Recipe, check_positions, load_recipe, resolve_params
 from .sources import ModelSource, check_same_architecture, open_input
-from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output, copy_side_files
+from .readers import dump_json, read_json
+from .outputs import atomic_output
+from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, copy_side_files
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 #: Elementwise operators see big tensors in row blocks of about this many elements (4 MB in float32),
@@ -127,6 +128,7 @@ class Plan:
             floating = code_to_torch(info.dtype).is_floating_point
             self.layout.append((name, torch_to_code(out) if out and floating else info.dtype, info.shape))
         self.positions = layer_positions(self.names, reference.config)
+        check_positions(recipe, self.positions)
 
     @property
     def sources(self) -> list[ModelSource]:
@@ -212,7 +214,7 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
     threads = threads or default_threads(plan)
     packed = _quantized_base(plan) if requantize else None
     report = plan.summary(threads)
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=recipe_inputs(recipe)) as tmp:
         folder = tmp / ".unquantized" if packed else tmp
         folder.mkdir(exist_ok=True)
         files = _write(plan, folder, threads, shard_size, allow_nonfinite, progress)
@@ -230,6 +232,12 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
     report.update(output=str(out), files=[Path(f).name for f in files], seconds=round(time.perf_counter() - start, 3),
                   seed=recipe.seed)
     return report
+
+
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """The paths a recipe reads (models, adapters after '+', base), for `atomic_output`'s checks."""
+    refs = [*recipe.models, *([recipe.base] if recipe.base else [])]
+    return [path for ref in refs for path in (ref.model, *ref.adapters)]
 
 
 def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: bool, progress: bool) -> list[Path]:
@@ -250,9 +258,9 @@ def _drop_quantization_config(folder: Path) -> None:
     would otherwise act on when loading the floating-point weights)."""
     path = folder / "config.json"
     if path.is_file():
-        config = json.loads(path.read_text())
+        config = read_json(path)
         if config.pop("quantization_config", None) is not None:
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            path.write_text(dump_json(config, "config.json"))
 
 
 def _quantized_base(plan: Plan) -> tuple[str, set[str]]:

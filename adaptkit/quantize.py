@@ -7,7 +7,8 @@ tensors are copied as they are. The writer needs the layout up front: a first pa
 quantizer's `packed_layout(tensor)` for the packed shapes and dtypes (cheap: 4-bit double
 quantization needs the block absmax for its state's JSON), or quantizes to learn them when the
 plugin has no such method; the second pass quantizes, measures the error and writes, one tensor at a
-time. Memory stays at a few copies of the largest tensor.
+time. Memory stays at a few copies of the largest tensor. The output's temporary folder is made only
+when the second pass starts (the output is checked before the first).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Any
 from . import registry
 from .errors import AdaptkitError
 from .io import open_store
-from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output, copy_side_files
+from .outputs import atomic_output, check_output
+from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, copy_side_files
 
 METADATA_KEY = "adaptkit_quantization"
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -57,20 +59,23 @@ def relative_error(quantizer, packed: dict, original) -> float:
 
 def run_quantize(model: str | Path, method: str, out: str | Path, *, skip: Iterable[str] = (),
                  only: Iterable[str] | None = None, force: bool = False,
-                 shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict[str, Any]:
+                 shard_size: int | str = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
     """Quantize `model` with quantizer plugin `method` into the folder `out`; returns the report.
     `only` names the tensors to quantize exactly (else every 2-D float weight not in `skip`)."""
     from .unpacked import detect_quantizer
 
     start = time.perf_counter()
     registry.get("quantizer", method)  # an unknown name fails before any reading
-    store = open_store(model)
+    store = open_store(model, allow_pickle=allow_pickle)
     found = detect_quantizer(store)
     if found is not None:
         raise AdaptkitError(f"{model}: already quantized ({found}); quantize a floating-point model")
     chosen = set(select(store, skip)) if only is None else set(only)
-    with atomic_output(out, force=force) as tmp:
-        report = quantize_into(store, method, chosen, tmp, shard_size=shard_size, progress=progress)
+    check_output(out, force=force, inputs=[model])  # before the planning pass, not after it
+    layout = plan_layout(store, method, chosen, progress=progress)
+    with atomic_output(out, force=force, inputs=[model]) as tmp:  # the temporary folder appears as writing starts
+        report = quantize_into(store, method, chosen, tmp, layout=layout, shard_size=shard_size, progress=progress)
         _describe_for_transformers(store, method, chosen, tmp)
     store.close()
     report.update(model=str(model), output=str(out), skip=[s for s in skip if s],
@@ -83,7 +88,7 @@ def _describe_for_transformers(store, method: str, chosen: set[str], folder: Pat
     config.json as `quantization_config`, the weights left unpacked as its skipped modules, so
     `from_pretrained` loads the folder quantized (transformers packs linear layers only: embeddings
     must be skipped for it)."""
-    import json
+    from .readers import dump_json, read_json
 
     hook = getattr(registry.get("quantizer", method), "transformers_config", None)
     path = folder / "config.json"
@@ -92,15 +97,15 @@ def _describe_for_transformers(store, method: str, chosen: set[str], folder: Pat
     skipped = sorted({k.rsplit(".", 1)[0] for k in select(store) if k not in chosen})
     dtypes = sorted({store.info(k).dtype for k in chosen})
     dtype = {"BF16": "bfloat16", "F16": "float16"}.get(dtypes[0], "float32") if len(dtypes) == 1 else "float32"
-    config = json.loads(path.read_text())
+    config = read_json(path)
     config["quantization_config"] = hook(skipped, dtype)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    path.write_text(dump_json(config, "config.json"))
 
 
-def quantize_into(store, method: str, chosen: set[str], folder: Path, *, shard_size: int | str = DEFAULT_SHARD_SIZE,
-                  progress: bool = True) -> dict[str, Any]:
-    """Write `store` into the existing `folder` with the tensors in `chosen` packed by `method`;
-    returns the report's figures (files, per-tensor error, counts, bytes)."""
+def plan_layout(store, method: str, chosen: set[str], *,
+                progress: bool = True) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Pass 1: the output's (name, dtype code, shape) in order, the tensors in `chosen` as `method`
+    packs them (the writer places every tensor up front)."""
     from tqdm import tqdm
 
     from .dtypes import torch_to_code
@@ -108,10 +113,9 @@ def quantize_into(store, method: str, chosen: set[str], folder: Path, *, shard_s
     quantizer = registry.get("quantizer", method)
     names = list(store.keys())
     layout: list[tuple[str, str, tuple[int, ...]]] = []
-    errors: dict[str, float] = {}
-    bar = tqdm(total=2 * len(names), unit="tensor", desc=f"quantize {method}", disable=not progress, leave=False)
+    bar = tqdm(total=len(names), unit="tensor", desc=f"plan {method}", disable=not progress, leave=False)
     planned = getattr(quantizer, "packed_layout", None)
-    for name in names:  # pass 1: the packed layout (the writer places every tensor up front)
+    for name in names:
         info = store.info(name)
         if name in chosen:
             w = store.get(name)
@@ -123,15 +127,33 @@ def quantize_into(store, method: str, chosen: set[str], folder: Path, *, shard_s
         else:
             layout.append((name, info.dtype, tuple(info.shape)))
         bar.update()
-    expected = {n: (code, shape) for n, code, shape in layout}
+    bar.close()
     taken = [n for n, _, _ in layout]
     if len(set(taken)) != len(taken):
         clash = next(n for n in taken if taken.count(n) > 1)
         raise AdaptkitError(f"packed tensor '{clash}' collides with another tensor of the model")
+    return layout
+
+
+def quantize_into(store, method: str, chosen: set[str], folder: Path, *, layout: list | None = None,
+                  shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict[str, Any]:
+    """Write `store` into the existing `folder` with the tensors in `chosen` packed by `method`
+    (pass 2; `layout` from `plan_layout`, made here if not given); returns the report's figures
+    (files, per-tensor error, counts, bytes)."""
+    from tqdm import tqdm
+
+    from .dtypes import torch_to_code
+
+    quantizer = registry.get("quantizer", method)
+    names = list(store.keys())
+    layout = plan_layout(store, method, chosen, progress=progress) if layout is None else layout
+    errors: dict[str, float] = {}
+    bar = tqdm(total=len(names), unit="tensor", desc=f"quantize {method}", disable=not progress, leave=False)
+    expected = {n: (code, shape) for n, code, shape in layout}
     metadata = {"format": "pt", METADATA_KEY: method}
     writer = ShardedWriter(folder, layout, shard_size=shard_size, metadata=metadata)
     try:
-        for name in names:  # pass 2: write
+        for name in names:
             t = store.get(name)
             if name in chosen:
                 packed = quantizer.quantize(t)
@@ -164,6 +186,6 @@ def quantize_into(store, method: str, chosen: set[str], folder: Path, *, shard_s
 
 
 def _size(code: str) -> int:
-    from .io import DTYPE_SIZES
+    from .safetensors_file import DTYPE_SIZES
 
     return DTYPE_SIZES[code]

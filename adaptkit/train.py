@@ -26,13 +26,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import checkpoint, registry
+from . import checkpoint, readers, registry, validate
 from .data import Batches, Dataset, collate, load_dataset
 from .errors import AdaptkitError
 from .evaluate import autocast, default_device, evaluate_model
@@ -64,6 +64,8 @@ class Run:
     start: int = 0
     elapsed: float = 0.0
     last: dict = field(default_factory=dict)
+    allow_pickle: bool = False  # a permission, not a setting: not in `args`, which resume compares
+    held: ExitStack = field(default_factory=ExitStack)  # the output's lock (main process), released at the end
 
     @property
     def main(self) -> bool:
@@ -77,7 +79,7 @@ def train(base: str | Path, variant: str, data: str | Path, out: str | Path, *, 
           save_every: int | None = None, keep_checkpoints: int | None = None, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, base_dtype: str = "float32", quantize: str | None = None, qat: str | None = None,
           resume: bool = False, force: bool = False, progress: bool = True, device: str | None = None,
-          callback: Callable | None = None) -> dict:
+          callback: Callable | None = None, allow_pickle: bool = False) -> dict:
     """Train adapter `variant` on `base` with `data` (JSON lines) into the folder `out`; returns the
     training report (also OUT/training.json). `callback(view)` runs before step 1 (step 0) and after
     every step, with `view.step`, `.record`, `.model`, `.handle`, `.optimizer`, `.scheduler`, `.rank`."""
@@ -86,6 +88,8 @@ def train(base: str | Path, variant: str, data: str | Path, out: str | Path, *, 
     for method in (quantize, qat):
         if method is not None:
             registry.get("quantizer", method)  # an unknown name fails now, with the nearest known one
+    # settings of the wrong type (r=2.5, a bad regex) fail now, not after the model is loaded
+    validate.adapter_config(settings or {}, registry.get("variant", variant), f"{variant} settings")
     args = {"base": str(base), "variant": variant, "settings": dict(settings or {}), "data": str(data),
             "eval_data": None if eval_data is None else str(eval_data), "task": task, "lr": lr,
             "batch_size": batch_size, "grad_accum": grad_accum, "max_steps": max_steps, "epochs": epochs,
@@ -99,12 +103,17 @@ def train(base: str | Path, variant: str, data: str | Path, out: str | Path, *, 
     except TypeError as e:
         raise AdaptkitError(f"settings must be JSON values (numbers, strings, lists, dicts): {e}") from None
     world, rank, device, created = _distributed(device)
+    run = None
     try:
-        run = Run(args, Path(out), world, rank, device)
+        run = Run(args, Path(out), world, rank, device, allow_pickle=allow_pickle)
+        if run.main:  # before anything loads
+            checkpoint.lock_output(run.out, run.held, inputs=[base, data, args["eval_data"]])
         _prepare(run)
         _loop(run, callback)
         return _finish(run)
     finally:
+        if run is not None:
+            run.held.close()
         if created:
             import torch.distributed as dist
 
@@ -154,7 +163,8 @@ def _prepare(run: Run) -> None:
     run.total = a["max_steps"] or max(1, round((a["epochs"] or 1) * per_epoch))
     labels = run.train_set.labels
     model, new = build_model(folder, run.train_set.task, num_labels=len(labels) if labels else None,
-                             dtype=a["base_dtype"], progress=a["progress"] and run.main, quantize=a["quantize"])
+                             dtype=a["base_dtype"], progress=a["progress"] and run.main, quantize=a["quantize"],
+                             allow_pickle=run.allow_pickle)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = run.tokenizer.pad_token_id
     run.model, run.handle = model, _inject(model, a["variant"], a["settings"], new, run.total)
@@ -172,7 +182,8 @@ def _prepare(run: Run) -> None:
 
 
 def _default_length(tokenizer, folder: Path) -> int:
-    config = json.loads((folder / "config.json").read_text())
+    path = folder / "config.json"
+    config = validate.model_config(readers.read_json(path), path)
     limits = [512, tokenizer.model_max_length, config.get("max_position_embeddings") or 512]
     return int(min(x for x in limits if isinstance(x, int) and x > 0))
 

@@ -1,10 +1,9 @@
-"""Outputs that appear whole or not at all.
+"""Safetensors shards written as tensors arrive.
 
-`atomic_output(out)` yields a temporary folder beside `out` and renames it into place only when
-the block finishes; on any error (or Ctrl-C) the temporary folder is removed and an existing `out`
-is left untouched. `ShardedWriter` streams tensors into safetensors shards inside such a folder:
-the layout (names, dtypes, shapes) is known up front, so each shard's header is written first and
-every tensor goes straight to its final offset as it arrives, in any order, never buffered.
+`ShardedWriter` streams tensors into safetensors shards inside such a folder: the layout (names,
+dtypes, shapes) is known up front, so each shard's header is written first and every tensor goes
+straight to its final offset as it arrives, in any order, never buffered.
+Outputs as a whole (temporary folder, lock, rename into place) are `adaptkit.outputs`.
 """
 from __future__ import annotations
 
@@ -14,14 +13,15 @@ import re
 import shutil
 import struct
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdaptkitError
-from .io import DTYPE_SIZES, PICKLE_SUFFIXES, TensorInfo
+from .io import PICKLE_SUFFIXES
+from .paths import inside
+from .safetensors_file import DTYPE_SIZES, TensorInfo
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
@@ -41,44 +41,17 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-@contextmanager
-def atomic_output(out: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` when the block ends without error."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise AdaptkitError(f"{out}: output already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    move_into_place(tmp, out)
-
-
-def move_into_place(folder: Path, out: Path) -> None:
-    """Rename `folder` to `out`; an old `out` is set aside first and deleted only after the rename."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    folder.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def copy_side_files(source: Path, dest: Path) -> list[str]:
-    """Copy config, tokenizer and other non-weight files from `source` folder into `dest`."""
+    """Copy config, tokenizer and other non-weight files from `source` folder into `dest`
+    (plain files only: sub-folders, e.g. other outputs or checkpoints kept there, are not copied;
+    a file linking out of `source` is refused, as everywhere a folder is read)."""
     copied = []
     for item in sorted(source.iterdir()):
         if item.name.startswith(".") or item.suffix in (".safetensors", *PICKLE_SUFFIXES):
             continue
-        if item.name.endswith(".index.json") or item.name == "adaptkit.lock":
+        if item.name.endswith(".index.json") or item.name == "adaptkit.lock" or not item.is_file():
             continue
-        target = dest / item.name
-        shutil.copytree(item, target) if item.is_dir() else shutil.copyfile(item, target)
+        shutil.copyfile(inside(item, source), dest / item.name)  # a link out of `source` is refused
         copied.append(item.name)
     return copied
 
@@ -141,11 +114,12 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data, as safetensors writes it
         f = self._files[id(shard)]
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.flush()
         shard.data_start = 8 + len(raw)
         total = sum(end - begin for begin, end in shard.entries.values())
-        f.truncate(shard.data_start + total)
+        with _named(shard.path):
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.flush()
+            f.truncate(shard.data_start + total)
 
     def write(self, name: str, tensor, row: int = 0) -> None:
         """Write a tensor at its place in its shard, or a block of its rows starting at `row`
@@ -166,9 +140,10 @@ class ShardedWriter:
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         offset = shard.data_start + shard.entries[name][0] + row * row_bytes
         fd, view = self._files[id(shard)].fileno(), memoryview(data)
-        while view:  # pwrite may write less than asked (Linux caps one call near 2 GiB)
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        with _named(shard.path):
+            while view:  # pwrite may write less than asked (Linux caps one call near 2 GiB)
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
         with self._lock:
             done = shard.written.get(name, 0) + data.nbytes
             if done > info.nbytes:
@@ -195,6 +170,17 @@ class ShardedWriter:
             f.close()
 
 
+@contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """OS errors of writes (a full disk comes without a file name) name the file written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def _byte_dtype():
     import torch
 
@@ -217,5 +203,4 @@ def save_tensors(folder: str | Path, tensors: dict, *, shard_size: int | str = D
     return writer.close()
 
 
-__all__ = ["DEFAULT_SHARD_SIZE", "DTYPE_SIZES", "ShardedWriter", "atomic_output", "copy_side_files",
-           "parse_size", "save_tensors"]
+__all__ = ["DEFAULT_SHARD_SIZE", "DTYPE_SIZES", "ShardedWriter", "copy_side_files", "parse_size", "save_tensors"]
