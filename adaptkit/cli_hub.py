@@ -4,14 +4,8 @@ from __future__ import annotations
 import click
 
 from .cli import CONTEXT, Group, cli, emit_json
+from .cli_types import ALLOW_PICKLE
 from .lockfile import LOCK_FILE
-
-
-def _quiet_client() -> None:
-    # huggingface_hub logs each retry as a warning; our errors already say what failed, in one line.
-    from huggingface_hub.utils import logging
-
-    logging.set_verbosity_error()
 
 
 def _lock_option(f):
@@ -35,7 +29,6 @@ def hub():
       adaptkit hub sync --update
       adaptkit hub push ./my-lora me/my-lora --private
     """
-    _quiet_client()
 
 
 @hub.command(context_settings=CONTEXT)
@@ -57,7 +50,7 @@ def search(query, tags, base_model, author, sort, limit, as_json):
       adaptkit hub search french --base-model meta-llama/Llama-3.2-1B --sort likes --limit 5
       adaptkit hub search --tag lora --author my-org --json
     """
-    from .hub import search as run
+    from .hub_search import search as run
 
     rows = run(query, tags=tags or None, base_model=base_model, author=author, sort=sort, limit=limit)
     if as_json:
@@ -79,8 +72,9 @@ def search(query, tags, base_model, author, sort, limit, as_json):
 @click.option("--name", help="The name to pin it under (default: the repository's name).")
 @_lock_option
 @click.option("--json", "as_json", is_flag=True, help="Print the lock entry and what was downloaded as JSON.")
+@ALLOW_PICKLE
 @click.pass_context
-def pull(ctx, ref, name, lock, as_json):
+def pull(ctx, ref, name, lock, as_json, allow_pickle):
     """Download an adapter (config, weights, card) into the HF cache and pin it in adaptkit.lock.
 
     Each file's size and hash are checked against the Hub's; the entry records the commit and
@@ -94,7 +88,7 @@ def pull(ctx, ref, name, lock, as_json):
     """
     from .hub import pull as run
 
-    report = run(ref, name=name, lock=lock, progress=not (ctx.obj or {}).get("quiet"))
+    report = run(ref, name=name, lock=lock, progress=not (ctx.obj or {}).get("quiet"), allow_pickle=allow_pickle)
     if as_json:
         return emit_json(report)
     files = report["files"]
@@ -109,8 +103,9 @@ def pull(ctx, ref, name, lock, as_json):
 @click.option("--offline", is_flag=True, help="Verify from the cache alone (also when HF_HUB_OFFLINE=1).")
 @_lock_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (keys: lock, offline, ok, entries).")
+@ALLOW_PICKLE
 @click.pass_context
-def sync(ctx, update, offline, lock, as_json):
+def sync(ctx, update, offline, lock, as_json, allow_pickle):
     """Re-resolve, download and verify every adapter in adaptkit.lock.
 
     Files missing from the cache are downloaded, and every file is checked against the lock's
@@ -126,7 +121,8 @@ def sync(ctx, update, offline, lock, as_json):
     """
     from .hub import sync as run
 
-    report = run(update=update, offline=offline, lock=lock, progress=not (ctx.obj or {}).get("quiet"))
+    report = run(update=update, offline=offline, lock=lock, progress=not (ctx.obj or {}).get("quiet"),
+                 allow_pickle=allow_pickle)
     if as_json:
         emit_json(report)
     else:
@@ -165,7 +161,8 @@ def _sync_line(row: dict, update: bool) -> str:
 @click.option("-m", "--message", help="Commit message.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON (keys: repo, commit, url, files, private).")
-def push(folder, repo, private, message, as_json):
+@ALLOW_PICKLE
+def push(folder, repo, private, message, as_json, allow_pickle):
     """Upload an adapter folder with a generated model card (base model, variant, rank; tags peft, lora, adaptkit).
 
     The repository is created if needed; a README.md already in DIR keeps its text.
@@ -177,7 +174,7 @@ def push(folder, repo, private, message, as_json):
     """
     from .hub import push as run
 
-    report = run(folder, repo, private=private, message=message)
+    report = run(folder, repo, private=private, message=message, allow_pickle=allow_pickle)
     if as_json:
         return emit_json(report)
     click.echo(f"pushed {len(report['files'])} file(s) to {report['repo']}@{report['commit'][:7]}"

@@ -12,32 +12,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import lockfile, registry
-from .errors import AdaptkitError, unknown_name
+from . import lockfile
+from .errors import AdaptkitError
 from .hub_cache import Expected, download_file, expected_from_lock, materialize
-from .hub_client import REPO_REF, api as client, call, endpoint, is_offline, transient
+from .hub_client import (REPO_REF, HubUnreachable, api as client, call, detail, endpoint, explain, hub_session,
+                         is_offline, quoted, repo_problem, revision_problem, shown)
+from .hub_search import default_tags, search  # the module's public face: ak.hub.search
 from .lockfile import LOCK_FILE, Entry, FileRecord
 
 # Only what loading a model needs: weights, configs, tokenizers, model cards.
 WANTED = ["*.safetensors", "*.json", "*.model", "*.txt", "*.md", "tokenizer*"]
-SORTS = {"downloads": "downloads", "likes": "likes", "updated": "lastModified"}
-EXPAND = ["downloads", "likes", "lastModified", "tags", "cardData", "library_name"]
 ADAPTER_CONFIG = "adapter_config.json"
 CARD = "README.md"
 
 
-def default_tags() -> tuple[str, ...]:
-    """The tags adapters carry on the Hub: the plain low-rank variant's, the canonical format's
-    (PEFT's layout) and "adapter"."""
-    return registry.default("variant"), registry.default("format"), "adapter"
-
-
 def parse_ref(ref: str) -> tuple[str, str | None]:
-    """'org/name@rev' -> ('org/name', 'rev'); anything else is an error."""
+    """'org/name@rev' -> ('org/name', 'rev'); anything else is an error (the repo id checked by
+    huggingface_hub's rules, the revision a name that stays under the cache's refs/)."""
+    problem = ref_problem(ref)
+    if problem:
+        raise AdaptkitError(f"{shown(ref)}: no such file or folder, and not a Hub reference (org/name[@revision]): "
+                            f"{problem}")
     m = REPO_REF.match(ref)
-    if not m:
-        raise AdaptkitError(f"{ref}: no such file or folder, and not a Hub reference (org/name[@revision])")
     return m.group("repo"), m.group("rev")
+
+
+def ref_problem(ref) -> str | None:
+    """Why `ref` is not `org/name[@revision]`, or None if it is one."""
+    m = REPO_REF.match(ref) if isinstance(ref, str) else None
+    if not m and isinstance(ref, str) and "/" not in ref:
+        return "no 'org/' before the name"
+    if not m:
+        return "it holds characters or parts a Hub reference cannot have"
+    return repo_problem(m.group("repo")) or (revision_problem(m.group("rev")) if m.group("rev") else None)
+
+
+def is_hub_ref(ref: str) -> bool:
+    """`org/name[@rev]` with a repo id and revision huggingface_hub accepts (`../models` matches the
+    pattern, but is a path)."""
+    return ref_problem(ref) is None
 
 
 def resolve(ref: str) -> Path:
@@ -49,26 +62,30 @@ def resolve(ref: str) -> Path:
     entry = lock_entry(ref)
     if entry is not None:
         return locked_folder(entry)
-    if not REPO_REF.match(ref):
+    if not is_hub_ref(ref):
         where = f"not a name in {LOCK_FILE}, " if Path(LOCK_FILE).is_file() else ""
-        raise AdaptkitError(f"{ref}: no such file or folder, {where}and not a Hub reference (org/name[@revision])")
+        raise AdaptkitError(f"{shown(ref)}: no such file or folder, {where}and not a Hub reference "
+                            "(org/name[@revision])")
     return download(ref)
 
 
 def lock_entry(ref: str) -> Entry | None:
-    """The ./adaptkit.lock entry `ref` stands for: a lock name, or an `org/name` (no @rev) pinned there."""
+    """The ./adaptkit.lock entry `ref` stands for: a lock name, an `org/name` pinned there, or an
+    `org/name@<commit>` pinned at that very commit (its files are verified against the lock, and need
+    no Hub once cached)."""
     if not Path(LOCK_FILE).is_file():
         return None
     lock = lockfile.read(LOCK_FILE)
     entry = lock.entries.get(ref)
-    if entry is None and REPO_REF.match(ref) and "@" not in ref:
-        entry = lock.by_repo(ref)
+    if entry is None and is_hub_ref(ref):
+        repo, rev = parse_ref(ref)
+        entry = lock.by_repo(repo, commit=rev) if rev is None or lockfile.COMMIT.match(rev) else None
     return entry
 
 
 def is_reference(ref: str) -> bool:
     """`org/name[@rev]` or a name pinned in ./adaptkit.lock: something `resolve` looks up, not a path."""
-    return bool(REPO_REF.match(ref)) or lock_entry(ref) is not None
+    return is_hub_ref(ref) or lock_entry(ref) is not None
 
 
 def download(ref: str) -> Path:
@@ -77,93 +94,47 @@ def download(ref: str) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 
-    try:
-        return Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=WANTED,
-                                                      endpoint=endpoint(), local_files_only=is_offline()))
-    except errors.RevisionNotFoundError:
-        raise AdaptkitError(f"{ref}: revision '{revision}' not found in {repo}") from None
-    except errors.RepositoryNotFoundError:
-        raise AdaptkitError(f"{ref}: no such file or folder, and no Hub repository '{repo}'") from None
-    except Exception as e:
-        if isinstance(e, OSError) or transient(e):  # LocalEntryNotFoundError is an OSError too
-            raise AdaptkitError(f"{ref}: not a local path, and the Hub cannot be reached ({type(e).__name__})") \
-                from None
-        raise
-
-
-# ---------------------------------------------------------------------------------------------- search
-
-
-def search(query: str | None = None, *, tags=None, base_model: str | None = None,
-           author: str | None = None, sort: str = "downloads", limit: int = 20) -> list[dict]:
-    """Adapters on the Hub carrying any of `tags` (default: `default_tags()`; the Hub ANDs its filters,
-    so one query per tag) and matching `query` in their id, `base_model` and `author`: the best `limit`
-    by `sort` (downloads | likes | updated). Rows: repo, variant, base_model, downloads, likes, updated, tags."""
-    tags = default_tags() if tags is None else tags
-    if sort not in SORTS:
-        raise unknown_name("sort", sort, SORTS)
-    if limit < 1:
-        raise AdaptkitError(f"limit must be at least 1, got {limit}")
-    api = client()
-    found: dict[str, dict] = {}
-    for tag in list(tags) or [None]:
-        filters = [f for f in (tag, f"base_model:{base_model}" if base_model else None) if f]
-        models = call(lambda: list(api.list_models(filter=filters or None, search=query, author=author,
-                                                   sort=SORTS[sort], limit=limit, expand=EXPAND)),
-                      what="search", retries=0)  # listing pages are retried by huggingface_hub itself
-        for model in models:
-            found.setdefault(model.id, _row(model))
-    blank = "" if sort == "updated" else 0  # rows are keyed like the sorts; one without the figure goes last
-    return sorted(found.values(), key=lambda r: (r[sort] or blank, r["repo"]), reverse=True)[:limit]
-
-
-def _row(model) -> dict:
-    tags = list(model.tags or [])
-    return {"repo": model.id, "variant": _variant_from_tags(tags), "base_model": _base_from(tags, model.card_data),
-            "downloads": model.downloads or 0, "likes": model.likes or 0,
-            "updated": model.last_modified.isoformat() if model.last_modified else None, "tags": tags}
-
-
-def _variant_from_tags(tags: list[str]) -> str | None:
-    """The first tag naming a registered variant; the plain low-rank one only when no other is there
-    (it rides along with more specific ones)."""
-    known, plain = set(registry.names("variant")), registry.default("variant")
-    found = [t.lower() for t in tags if t.lower() in known]
-    specific = [t for t in found if t != plain]
-    return (specific or found or [None])[0]
-
-
-def _base_from(tags: list[str], card) -> str | None:
-    """The base model from `base_model:[relation:]org/name` tags, else the card's `base_model`."""
-    bases = [t.split(":", 1)[1] for t in tags if t.startswith("base_model:")]
-    for base in bases:
-        relation, _, rest = base.partition(":")
-        if rest and relation == "adapter":
-            return rest
-    plain = [b for b in bases if ":" not in b]
-    if plain:
-        return plain[0]
-    base = getattr(card, "base_model", None) if card is not None else None
-    if isinstance(card, dict):
-        base = card.get("base_model")
-    if isinstance(base, list):
-        base = base[0] if base else None
-    return base or None
+    with hub_session():  # a refused connection is not retried; huggingface_hub falls back to the cache itself
+        try:
+            return Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=WANTED,
+                                                          endpoint=endpoint(), local_files_only=is_offline()))
+        except errors.RevisionNotFoundError:
+            raise AdaptkitError(f"{ref}: revision '{revision}' not found in {repo}") from None
+        except errors.RepositoryNotFoundError:
+            raise AdaptkitError(f"{ref}: no such file or folder, and no Hub repository '{repo}'") from None
+        except Exception as e:
+            explained = explain(e, repo=repo, rev=revision, file=None, what=None, tries=1)
+            if isinstance(explained, HubUnreachable):
+                raise AdaptkitError(f"{ref}: not a local path, and the Hub cannot be reached at {explained.endpoint} "
+                                    f"({explained.why}); the cache does not hold it either") from None
+            if is_offline() and isinstance(e, errors.LocalEntryNotFoundError):
+                raise AdaptkitError(f"{ref}: not a local path, and the Hub cannot be reached (HF_HUB_OFFLINE is set "
+                                    "and the cache does not hold it)") from None
+            if explained is None and isinstance(e, (ValueError, KeyError, TypeError, AttributeError)):
+                # huggingface_hub refusing a file name that would leave the snapshot folder (ValueError), or
+                # an answer it cannot read (a field missing or of the wrong kind)
+                raise AdaptkitError(f"{ref}: huggingface_hub refused what the Hub at {endpoint()} sent "
+                                    f"({type(e).__name__}: {detail(e)})") from None
+            if explained is None:
+                raise
+            raise explained from None
 
 
 # ------------------------------------------------------------------------------------------------ pull
 
 
-def pull(ref: str, *, name: str | None = None, lock: str | Path = LOCK_FILE, progress: bool = False) -> dict:
+def pull(ref: str, *, name: str | None = None, lock: str | Path = LOCK_FILE, progress: bool = False,
+         allow_pickle: bool = False) -> dict:
     """Download the adapter `org/name[@rev]` (config, weights, card) into the HF cache, verify each file
     against the Hub's size and hash, and pin it as `name` (default: the repo's name) in the lock."""
-    m = REPO_REF.match(ref)
-    if not m:
-        raise AdaptkitError(f"{ref}: not a Hub reference (org/name[@revision])")
-    repo, revision = m.group("repo"), m.group("rev") or "main"
+    problem = ref_problem(ref)
+    if problem:
+        raise AdaptkitError(f"{shown(ref)}: not a Hub reference (org/name[@revision]): {problem}")
+    repo, revision = parse_ref(ref)
+    revision = revision or "main"
     name = name or repo.split("/")[1]
     if not lockfile.NAME.match(name):
-        raise AdaptkitError(f"'{name}' cannot be a lock name: use letters, digits, '.', '_' and '-' (--name)")
+        raise AdaptkitError(f"{shown(name)} cannot be a lock name: use letters, digits, '.', '_' and '-' (--name)")
     locked = lockfile.read(lock)
     taken = locked.entries.get(name)
     if taken is not None and taken.repo != repo:
@@ -172,10 +143,10 @@ def pull(ref: str, *, name: str | None = None, lock: str | Path = LOCK_FILE, pro
         raise AdaptkitError(f"pulling {ref} needs the Hub, but HF_HUB_OFFLINE is set "
                             "(`adaptkit hub sync --offline` checks what the cache holds)")
     api = client()
-    commit = call(lambda: api.model_info(repo, revision=revision), repo=repo, rev=revision).sha
+    commit = resolve_commit(api, repo, revision)
     remote = remote_adapter_files(api, repo, commit)
     fetched = materialize(repo, commit, remote, offline=False, progress=progress)
-    figures = _figures(fetched.folder)
+    figures = _figures(fetched.folder, allow_pickle)
     locked.entries[name] = Entry(name=name, repo=repo, revision=revision, commit=commit, files=fetched.records,
                                  variant=figures.get("variant"), base_model=figures.get("base_model"))
     locked.write()
@@ -185,17 +156,29 @@ def pull(ref: str, *, name: str | None = None, lock: str | Path = LOCK_FILE, pro
             "downloaded": fetched.downloaded, "repaired": fetched.repaired}
 
 
+def resolve_commit(api, repo: str, revision: str) -> str:
+    """The commit `revision` of `repo` is at on the Hub: 40 hex digits, or the answer is refused (the
+    commit names a folder of the cache)."""
+    from huggingface_hub import constants
+
+    info = call(lambda: api.model_info(repo, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT),
+                repo=repo, rev=revision)
+    if not (isinstance(info.sha, str) and lockfile.COMMIT.match(info.sha)):
+        raise AdaptkitError(f"the Hub at {endpoint()} gave {quoted(info.sha)} as the commit of {repo}@{revision}, "
+                            "not 40 hex digits; refused")
+    return info.sha
+
+
 def remote_adapter_files(api, repo: str, commit: str) -> dict[str, Expected]:
     """The adapter's files at `commit` (config, weights, card) with what each must hash to; a repo
     whose file names leave its folder, or that holds no adapter, is an error saying what it is."""
     from huggingface_hub.hf_api import RepoFile
 
-    tree = call(lambda: list(api.list_repo_tree(repo, revision=commit, recursive=True)), repo=repo, rev=commit,
-                retries=0)  # retried by huggingface_hub itself
+    tree = call(lambda: _listing(api, repo, commit), repo=repo, rev=commit, retries=0)  # retried by huggingface_hub
     for item in tree:
-        if not lockfile.safe_file_name(item.path):
-            raise AdaptkitError(f"{repo}@{commit[:7]} lists a file named '{item.path}', which would land outside "
-                                "its folder; refused")
+        problem = _listing_problem(item, isinstance(item, RepoFile))
+        if problem:
+            raise AdaptkitError(f"{repo}@{commit[:7]} lists a file named {quoted(item.path)}, {problem}; refused")
     files = {f.path: f for f in tree if isinstance(f, RepoFile)}
     if ADAPTER_CONFIG not in files:
         single = _single_file_adapter(api, repo, commit, files)
@@ -213,12 +196,41 @@ def remote_adapter_files(api, repo: str, commit: str) -> dict[str, Expected]:
     return {p: Expected(files[p].size, files[p].lfs.sha256 if files[p].lfs else None, files[p].blob_id) for p in wanted}
 
 
+def _listing(api, repo: str, commit: str) -> list:
+    """The recursive tree listing of `repo@commit`; one whose entries huggingface_hub cannot read (a field
+    missing or of the wrong kind) is refused in one line."""
+    try:
+        return list(api.list_repo_tree(repo, revision=commit, recursive=True))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise AdaptkitError(f"the Hub at {endpoint()} sent a listing of {repo}@{commit[:7]} that cannot be read "
+                            f"({type(e).__name__}: {shown(str(e), 40)}); refused") from None
+
+
+def _listing_problem(item, is_file: bool) -> str | None:
+    """What is wrong with one entry of a tree listing (a server's answer, not to be trusted), or None:
+    a name that would leave the download folder, a size or hash that is not one."""
+    if not lockfile.safe_file_name(item.path):
+        return "which would land outside its folder"
+    if not is_file:
+        return None
+    size = getattr(item, "size", None)
+    if type(size) is not int or size < 0:
+        return f"with size {quoted(size, 30)}, not a byte count"
+    lfs = getattr(item, "lfs", None)
+    if lfs is not None and not (isinstance(lfs.sha256, str) and lockfile.SHA256.match(lfs.sha256)):
+        return f"with sha256 {quoted(lfs.sha256, 30)}, not 64 hex digits"
+    if lfs is None and not (isinstance(item.blob_id, str) and lockfile.COMMIT.match(item.blob_id)):
+        return f"with git blob id {quoted(item.blob_id, 30)}, not 40 hex digits"
+    return None
+
+
 def _single_file_adapter(api, repo: str, commit: str, files: dict) -> str | None:
     """The one root-level .safetensors file a format plugin reads as an adapter (Stable Diffusion LoRAs
     often ship as a single file, no adapter_config.json), judged from its header alone (a ranged read;
     a full model's weights are never downloaded for this); None if there is none."""
     from .adapter import detect_format
-    from .io import TensorInfo, TensorStore
+    from .io import TensorStore
+    from .safetensors_file import TensorInfo
 
     if "config.json" in files:  # a transformers model folder
         return None
@@ -259,10 +271,10 @@ def _read_json(path: str | Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _figures(folder: Path) -> dict:
+def _figures(folder: Path, allow_pickle: bool = False) -> dict:
     from .inspection import inspect
 
-    return inspect(folder)["adapter"] or {}
+    return inspect(folder, allow_pickle=allow_pickle)["adapter"] or {}
 
 
 # ------------------------------------------------------------------------------------------ lock names
@@ -271,7 +283,12 @@ def _figures(folder: Path) -> dict:
 def locked_folder(entry: Entry) -> Path:
     """The cached snapshot of a lock entry, every file verified against the lock (fetched if missing
     and the Hub can be reached)."""
-    fetched = materialize(entry.repo, entry.commit, expected_from_lock(entry), offline=is_offline())
+    try:
+        fetched = materialize(entry.repo, entry.commit, expected_from_lock(entry), offline=is_offline())
+    except HubUnreachable as e:  # only asked for when the cache lacks a file (or holds a bad one)
+        raise AdaptkitError(f"{entry.name} ({LOCK_FILE}: {entry.repo}@{entry.commit[:7]}): not all of it is in the "
+                            f"cache, and the Hub cannot be reached at {e.endpoint} ({e.why}); run `adaptkit hub sync` "
+                            "once it can be") from None
     bad = fetched.missing + fetched.corrupt
     if bad:
         state = "not in the cache" if bad[0] in fetched.missing else "corrupt in the cache"
@@ -283,7 +300,8 @@ def locked_folder(entry: Entry) -> Path:
 # ------------------------------------------------------------------------------------------------ sync
 
 
-def sync(*, update: bool = False, offline: bool = False, lock: str | Path = LOCK_FILE, progress: bool = False) -> dict:
+def sync(*, update: bool = False, offline: bool = False, lock: str | Path = LOCK_FILE, progress: bool = False,
+         allow_pickle: bool = False) -> dict:
     """For every lock entry: re-resolve its revision on the Hub, download what the cache lacks and verify
     every file against the lock. `update` moves unpinned entries (a branch or tag, not a commit) to
     the revision's newest commit and reports the file diff. `offline` (or HF_HUB_OFFLINE) checks the
@@ -299,14 +317,16 @@ def sync(*, update: bool = False, offline: bool = False, lock: str | Path = LOCK
         if offline:
             fetched = materialize(entry.repo, entry.commit, expected_from_lock(entry), offline=True)
         else:
-            latest = call(lambda: api.model_info(entry.repo, revision=entry.revision),
-                          repo=entry.repo, rev=entry.revision).sha
+            try:
+                latest = resolve_commit(api, entry.repo, entry.revision)
+            except HubUnreachable as e:
+                raise AdaptkitError(f"{e}, or run `adaptkit hub sync --offline` to check the cache alone") from None
             row["latest"] = latest
             if update and latest != entry.commit and not entry.pinned:
                 fetched = materialize(entry.repo, latest, remote_adapter_files(api, entry.repo, latest), offline=False,
                                       progress=progress)
                 row["diff"] = _diff(entry.files, fetched.records)
-                figures = _figures(fetched.folder)
+                figures = _figures(fetched.folder, allow_pickle)
                 entry.commit, entry.files = latest, fetched.records
                 entry.variant, entry.base_model = figures.get("variant"), figures.get("base_model")
                 row["commit"], changed = latest, True
@@ -332,7 +352,8 @@ def _diff(old: dict[str, FileRecord], new: dict[str, FileRecord]) -> dict[str, l
 # ------------------------------------------------------------------------------------------------ push
 
 
-def push(folder: str | Path, repo: str, *, private: bool = False, message: str | None = None) -> dict:
+def push(folder: str | Path, repo: str, *, private: bool = False, message: str | None = None,
+         allow_pickle: bool = False) -> dict:
     """Upload the adapter in `folder` to `repo` (created if needed) with a generated model card
     (base model, variant, rank; tags: the canonical format and variant, adaptkit, its own variant).
     Returns {repo, commit, url, files, private}."""
@@ -342,11 +363,12 @@ def push(folder: str | Path, repo: str, *, private: bool = False, message: str |
     from .inspection import inspect
 
     folder = Path(folder).expanduser()
-    if not REPO_REF.match(repo) or "@" in repo:
-        raise AdaptkitError(f"{repo}: not a repository id (org/name)")
+    problem = repo_problem(repo)
+    if problem:
+        raise AdaptkitError(f"{shown(repo)}: not a repository id (org/name): {problem}")
     if not folder.is_dir():
         raise AdaptkitError(f"{folder}: no such adapter folder")
-    report = inspect(folder)
+    report = inspect(folder, allow_pickle=allow_pickle)
     if report["kind"] != "adapter":
         raise AdaptkitError(f"{folder} is a {report['kind']}, not an adapter: `hub push` uploads adapters")
     if is_offline():
@@ -365,3 +387,7 @@ def push(folder: str | Path, repo: str, *, private: bool = False, message: str |
                                           commit_message=message or f"Upload {variant} adapter with adaptkit"),
                 repo=repo, retries=0)
     return {"repo": repo, "commit": info.oid, "url": info.commit_url, "files": [*files, CARD], "private": private}
+
+
+__all__ = ["default_tags", "download", "is_hub_ref", "is_reference", "lock_entry", "locked_folder", "parse_ref", "pull",
+           "push", "ref_problem", "remote_adapter_files", "resolve", "resolve_commit", "search", "sync"]

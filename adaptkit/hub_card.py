@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from . import registry
-from .hub_client import REPO_REF
+from .hub_client import repo_problem
 
 
 def model_card(adapter: dict, repo: str, existing: str | None = None) -> str:
@@ -19,7 +19,7 @@ def model_card(adapter: dict, repo: str, existing: str | None = None) -> str:
     fmt, plain = registry.default("format"), registry.default("variant")
     tags = list(dict.fromkeys([*(meta.get("tags") or []), fmt, plain, "adaptkit", variant]))
     meta.update(library_name=fmt, tags=tags)
-    if base and REPO_REF.match(base) and "@" not in base:  # a local path is no Hub base_model
+    if base and repo_problem(base) is None:  # a local path (or anything else) is no Hub base_model
         meta["base_model"] = base
     rank = adapter.get("rank")
     ranks = adapter.get("ranks")

@@ -49,6 +49,7 @@ class Repo:
     card: dict | None = None
     extra_tree: list[dict] = field(default_factory=list)  # listed, never served (e.g. '../' names)
     hidden: set[str] = field(default_factory=set)  # listed, but 404 when fetched
+    info_override: dict = field(default_factory=dict)  # fields of /api/models answers replaced (e.g. a crafted sha)
 
     def commit(self, rev: str) -> Commit | None:
         sha = self.refs.get(rev, rev)
@@ -314,7 +315,7 @@ class HubHandler(BaseHTTPRequestHandler):
     def _info(self, query, repo, rev):
         found, commit = self._repo(repo, rev)
         if commit is not None:
-            self._json(200, self._model(found, commit, blobs=query.get("blobs") == ["True"]))
+            self._json(200, {**self._model(found, commit, blobs=query.get("blobs") == ["True"]), **found.info_override})
 
     def _tree(self, query, repo, rev, sub):
         found, commit = self._repo(repo, rev)
