@@ -2,149 +2,16 @@
 from __future__ import annotations
 
 import json
-import re
-import sys
 import warnings
 
 import click
 
 from . import __version__, registry
-from .cli_types import POSITIVE
+from .cli_boundary import Group, be_quiet, one_line_warning
+from .cli_types import ALLOW_PICKLE, POSITIVE
 from .errors import AdaptkitError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class Group(click.Group):
-    """The CLI boundary: every failure a user can meet ends as one line on stderr and exit 1.
-
-    AdaptkitError, click's usage errors, OS errors (disk full, permissions, a parent that is a
-    file, ...), undecodable text, runaway nesting, memory exhaustion, Hub validation errors and a
-    missing optional dependency are each said in one line (`one_line`); --debug shows the
-    traceback instead. Anything else is a bug and keeps its traceback. `--debug` and `--quiet` are
-    accepted after the subcommand too: every command registered on a Group gets them.
-    """
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.ClickException as e:  # a usage error before any command ran
-            _fail(_usage_line(e))
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except click.ClickException as e:
-            if _debug(ctx):
-                raise
-            _fail(_usage_line(e))
-        except Exception as e:  # noqa: BLE001 (sorted below: one line, or a bug's traceback)
-            line = one_line(e)
-            if line is None or _debug(ctx):
-                raise
-            _fail(line)
-
-    def add_command(self, cmd, name=None):
-        _add_global_options(cmd)
-        super().add_command(cmd, name)
-
-
-def _debug(ctx) -> bool:
-    return bool(ctx.find_root().obj and ctx.find_root().obj.get("debug"))
-
-
-def _fail(line: str, code: int = 1):
-    click.echo(f"error: {_printable(line)}", err=True)
-    sys.exit(code)
-
-
-def _printable(text: str, limit: int = 600) -> str:
-    """One line of visible characters: control characters escaped, long text cut."""
-    text = " ".join(str(text).split())
-    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _usage_line(e: click.ClickException) -> str:
-    where = ""
-    if isinstance(e, click.UsageError) and e.ctx is not None:
-        where = f" (see '{e.ctx.command_path} --help')"
-    return f"{_lower_first(e.format_message().rstrip('.'))}{where}"
-
-
-def _lower_first(text: str) -> str:
-    """'No such option' -> 'no such option', as our own messages read; 'I/O error' stays."""
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text
-
-
-def one_line(e: BaseException) -> str | None:
-    """The one line that says `e` to a user, or None when `e` is a bug (which keeps its traceback)."""
-    if isinstance(e, AdaptkitError):
-        return str(e)
-    if isinstance(e, ModuleNotFoundError) and e.name:
-        return missing_extra(e.name)
-    if isinstance(e, OSError):
-        what = _lower_first((e.strerror or str(e)).rstrip("."))
-        paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
-        return f"{' -> '.join(paths)}: {what}" if paths else what
-    if isinstance(e, UnicodeDecodeError):
-        return f"input is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
-    if isinstance(e, RecursionError):
-        return "input is nested too deeply to read"
-    if isinstance(e, MemoryError):
-        return "out of memory"
-    if type(e).__name__ == "HFValidationError" and type(e).__module__.startswith("huggingface_hub"):
-        return str(e).strip().splitlines()[0]
-    return None
-
-
-def missing_extra(module: str) -> str | None:
-    """'pip install adaptkit[EXTRA]' advice when `module` is an optional dependency of adaptkit
-    (read from the installed package's metadata, so no extra is named here)."""
-    from importlib.metadata import PackageNotFoundError, requires
-
-    def canonical(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    try:
-        declared = requires("adaptkit") or ()
-    except PackageNotFoundError:
-        return None
-    for line in declared:
-        name, extra = re.match(r"\s*([A-Za-z0-9._-]+)", line), _EXTRA.search(line)
-        if name and extra and canonical(name[1]) == canonical(module.split(".")[0]):
-            return f"this needs the optional package '{name[1]}': pip install 'adaptkit[{extra[1]}]'"
-    return None
-
-
-_EXTRA = re.compile(r"extra\s*==\s*[\"']([^\"']+)[\"']")
-
-
-def _set_debug(ctx, param, value):
-    if value:
-        ctx.find_root().obj["debug"] = True
-
-
-def _set_quiet(ctx, param, value):
-    if value:
-        ctx.find_root().obj["quiet"] = True
-        warnings.simplefilter("ignore")
-
-
-def _add_global_options(cmd: click.Command) -> None:
-    """--debug and -q/--quiet after a subcommand mean what they mean before it."""
-    if any(p.name == "debug_after" for p in cmd.params):
-        return
-    cmd.params.append(click.Option(["--debug", "debug_after"], is_flag=True, expose_value=False,
-                                   callback=_set_debug, help="Show full tracebacks for errors."))
-    cmd.params.append(click.Option(["-q", "--quiet", "quiet_after"], is_flag=True, expose_value=False,
-                                   callback=_set_quiet, help="No progress bars or warnings."))
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"warning: {_printable(message)}", err=True)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -162,9 +29,9 @@ def cli(ctx, debug, quiet):
       adaptkit inspect ./model --json | jq .parameters
     """
     ctx.obj = {"debug": debug, "quiet": quiet}
-    warnings.showwarning = _one_line_warning
+    warnings.showwarning = one_line_warning
     if quiet:
-        warnings.simplefilter("ignore")
+        be_quiet(ctx)
 
 
 def emit_json(data) -> None:
@@ -208,7 +75,7 @@ def plugins(kind, check, as_json):
 @cli.command(name="inspect", context_settings=CONTEXT)
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (stable keys, below).")
-@click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt pickle checkpoints (torch.load weights_only=True).")
+@ALLOW_PICKLE
 def inspect_cmd(path, as_json, allow_pickle):
     """Describe a model, adapter or quantized model without reading tensor data.
 
@@ -242,7 +109,7 @@ def main() -> None:
 
 
 def _quick_recipe(method, base, models, params, rank) -> dict:
-    import yaml
+    from .readers import load_yaml
 
     method = method or ("task_arithmetic" if base else "linear")
     # The quick form's weight defaults to 1 where the method has one (recipes, like mergekit's, must give it).
@@ -262,10 +129,7 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise AdaptkitError(f"--param expects key=value, got '{item}'")
-        try:
-            parameters[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise AdaptkitError(f"--param {key.strip()}: not a YAML value ({str(e).splitlines()[0]})") from None
+        parameters[key.strip()] = load_yaml(value, f"--param {key.strip()}")
     recipe = {"merge_method": method, "models": entries, "parameters": parameters}
     if base:
         recipe["base_model"] = base
@@ -290,7 +154,7 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the merge succeeds).")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
-@click.option("--allow-pickle", is_flag=True, help="Read pickle checkpoints (torch.load weights_only=True).")
+@ALLOW_PICKLE
 @click.option("--requantize", is_flag=True, help="With a quantized base: pack the result again with the base's "
               "quantizer (default: write it unpacked, bfloat16) and report the extra rounding error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -417,6 +281,7 @@ def _eval_options(f):
 
 
 def _soup_options(f):
+    f = ALLOW_PICKLE(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(f)
     f = click.option("--force", is_flag=True, help="Replace an existing output folder.")(f)
     return click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")(f)
@@ -425,7 +290,7 @@ def _soup_options(f):
 @soup.command(context_settings=CONTEXT)
 @click.option("-m", "--model", "models", multiple=True, required=True, help="An ingredient, repeatable.")
 @_soup_options
-def uniform(models, out, force, as_json):
+def uniform(models, out, force, as_json, allow_pickle):
     """Average the models: θ = (1/k)·Σ θᵢ.
 
     \b
@@ -434,7 +299,7 @@ def uniform(models, out, force, as_json):
     """
     from . import soup as soups
 
-    soups.uniform(models, out=out, force=force)
+    soups.uniform(models, out=out, force=force, allow_pickle=allow_pickle)
     if as_json:
         return emit_json({"ingredients": list(models), "output": out})
     click.echo(f"uniform soup of {len(models)} models in {out}")
@@ -444,7 +309,7 @@ def uniform(models, out, force, as_json):
 @click.option("-m", "--model", "models", multiple=True, required=True, help="A candidate, repeatable.")
 @_eval_options
 @_soup_options
-def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json):
+def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json, allow_pickle):
     """Greedy soup: rank candidates by score; add each only if the soup does not get worse.
 
     Higher scores are better (negate a loss); --eval DATA scores each soup on JSON lines.
@@ -456,7 +321,8 @@ def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json):
     """
     from . import soup as soups
 
-    result = soups.greedy(models, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force)
+    result = soups.greedy(models, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force,
+                          allow_pickle=allow_pickle)
     if as_json:
         return emit_json({"ingredients": result.ingredients, "score": result.score, "scores": result.scores,
                           "steps": result.steps, "output": out})
@@ -471,7 +337,7 @@ def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json):
 @click.option("--alphas", default="0,0.25,0.5,0.75,1", show_default=True, help="Comma-separated α values.")
 @_eval_options
 @_soup_options
-def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json):
+def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json, allow_pickle):
     """Score θ(α) = (1 − α)·A + α·B for each α and keep the best (WiSE-FT).
 
     \b
@@ -485,7 +351,8 @@ def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json)
         values = [float(x) for x in alphas.split(",") if x.strip()]
     except ValueError:
         raise AdaptkitError(f"--alphas must be numbers separated by commas, got '{alphas}'") from None
-    result = soups.sweep(a, b, values, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force)
+    result = soups.sweep(a, b, values, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force,
+                         allow_pickle=allow_pickle)
     if as_json:
         return emit_json({"scores": result.scores, "score": result.score, "steps": result.steps, "output": out})
     for step in result.steps:

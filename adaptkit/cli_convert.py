@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .cli import CONTEXT, cli, emit_json
+from .cli_types import ALLOW_PICKLE, Finite, POSITIVE
 
 
 def _summary(report: dict) -> str:
@@ -20,12 +21,13 @@ def _summary(report: dict) -> str:
 @click.option("--to", "to", required=True, help="Target format: peft (alias: lora) or another writable format "
               "plugin (see `adaptkit plugins --kind format`).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--rank", type=int, help="Re-factor every module to this rank (truncated SVD).")
-@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
+@click.option("--rank", type=POSITIVE, help="Re-factor every module to this rank (truncated SVD).")
+@click.option("--energy", type=Finite(0, 1, min_open=True), help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
 @click.option("--base", help="Base model, for variants whose ΔW depends on the base weight.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@ALLOW_PICKLE
 @click.option("--json", "as_json", is_flag=True, help="Print the report (ranks and errors per module) as JSON.")
-def convert(adapter, to, out, rank, energy, base, force, as_json):
+def convert(adapter, to, out, rank, energy, base, force, allow_pickle, as_json):
     """Convert an adapter to another format or variant, or resize its rank.
 
     Variants with an exact low-rank form (LoRA and the variants built from shared or scaled
@@ -49,7 +51,7 @@ def convert(adapter, to, out, rank, energy, base, force, as_json):
         from .errors import unknown_name
 
         raise unknown_name("target format", to, [*writable_formats(), registry.default("variant")])
-    report = run(adapter, fmt, out, rank=rank, energy=energy, base=base, force=force)
+    report = run(adapter, fmt, out, rank=rank, energy=energy, base=base, force=force, allow_pickle=allow_pickle)
     if as_json:
         return emit_json(report)
     click.echo(f"converted {report['from']} -> {fmt}: {_summary(report)} into {out}")
@@ -59,13 +61,14 @@ def convert(adapter, to, out, rank, energy, base, force, as_json):
 @click.option("--model", required=True, help="The fine-tuned model (folder or org/name[@rev]).")
 @click.option("--base", required=True, help="The model it was fine-tuned from.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (a PEFT LoRA).")
-@click.option("--rank", type=int, help="LoRA rank of every module.")
-@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
+@click.option("--rank", type=POSITIVE, help="LoRA rank of every module.")
+@click.option("--energy", type=Finite(0, 1, min_open=True), help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
 @click.option("--embed-lora", is_flag=True, help="Factor embeddings and the output head too (default: keep them whole).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@ALLOW_PICKLE
 @click.option("--json", "as_json", is_flag=True, help="Print the report (ranks and errors per module) as JSON.")
 @click.pass_context
-def extract(ctx, model, base, out, rank, energy, embed_lora, force, as_json):
+def extract(ctx, model, base, out, rank, energy, embed_lora, force, allow_pickle, as_json):
     """Extract a LoRA from a full fine-tune: ΔW = FT − base of each matrix, truncated SVD.
 
     A = √S·Vᵀ and B = U·√S per module (lora_alpha = rank, so the scale is 1); changed vectors
@@ -80,7 +83,7 @@ def extract(ctx, model, base, out, rank, energy, embed_lora, force, as_json):
     from .convert import extract as run
 
     report = run(model, base, out, rank=rank, energy=energy, embed_lora=embed_lora, force=force,
-                 progress=not (ctx.obj or {}).get("quiet"))
+                 allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))
     if as_json:
         return emit_json(report)
     click.echo(f"extracted {_summary(report)} into {out}")

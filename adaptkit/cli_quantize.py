@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .cli import CONTEXT, cli, emit_json
+from .cli_types import ALLOW_PICKLE
 
 
 @cli.command(context_settings=CONTEXT)
@@ -13,9 +14,10 @@ from .cli import CONTEXT, cli, emit_json
 @click.option("--skip", default="", help="Comma-separated name parts to keep unquantized (e.g. lm_head,embed).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@ALLOW_PICKLE
 @click.option("--json", "as_json", is_flag=True, help="Print the report (error per tensor, sizes) as JSON.")
 @click.pass_context
-def quantize(ctx, model, method, double_quant, skip, out, force, as_json):
+def quantize(ctx, model, method, double_quant, skip, out, force, allow_pickle, as_json):
     """Quantize every floating 2-D weight matrix of a model with a quantizer plugin.
 
     Other tensors (norms, biases, skipped or non-float ones) are copied unchanged; config and
@@ -37,7 +39,7 @@ def quantize(ctx, model, method, double_quant, skip, out, force, as_json):
             raise AdaptkitError(f"--double-quant: the {method} quantizer has no double-quantized form")
         method = form
     report = run_quantize(model, method, out, skip=[s.strip() for s in skip.split(",")], force=force,
-                          progress=not (ctx.obj or {}).get("quiet"))
+                          allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))
     if as_json:
         return emit_json(report)
     worst = sorted(report["tensors"].items(), key=lambda kv: -kv[1]["error"])[:5]

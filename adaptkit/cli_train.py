@@ -7,6 +7,7 @@ import os
 import click
 
 from .cli import CONTEXT, cli, emit_json
+from .cli_types import ALLOW_PICKLE, Finite, POSITIVE
 from .errors import AdaptkitError
 
 TASK = click.Choice(["causal-lm", "classification"])
@@ -45,15 +46,15 @@ def _metrics(result: dict) -> str:
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training data (JSON lines).")
 @click.option("--eval", "eval_data", type=click.Path(dir_okay=False), help="Evaluation data (JSON lines).")
 @click.option("--task", type=TASK, help="Task (default: classification if records have 'label', else causal-lm).")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per micro-batch and process.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
-@click.option("--epochs", type=float, help="Passes over the data (default 1).")
-@click.option("--warmup", type=float, default=0, show_default=True, help="Warm-up steps, or a fraction of all steps if < 1.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: none).")
-@click.option("--max-length", type=int, help="Truncate examples to this many tokens (default: min(512, the model's)).")
+@click.option("--lr", type=Finite(0, min_open=True), default=1e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True, help="Examples per micro-batch and process.")
+@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-steps", type=POSITIVE, help="Optimizer steps (overrides --epochs).")
+@click.option("--epochs", type=Finite(0, min_open=True), help="Passes over the data (default 1).")
+@click.option("--warmup", type=Finite(0), default=0, show_default=True, help="Warm-up steps, or a fraction of all steps if < 1.")
+@click.option("--weight-decay", type=Finite(0), default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--max-grad-norm", type=Finite(0), default=1.0, show_default=True, help="Gradient clipping (0: none).")
+@click.option("--max-length", type=POSITIVE, help="Truncate examples to this many tokens (default: min(512, the model's)).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="bf16: autocast (CPU or GPU); fp16: autocast with loss scaling (GPU only).")
 @click.option("--base-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
@@ -63,17 +64,18 @@ def _metrics(result: dict) -> str:
 @click.option("--qat", metavar="METHOD", help="Quantization-aware training: compute with the quantized W + ΔW "
               "(any quantizer plugin), so the merged model quantizes with less loss.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialization, dropout and shuffling.")
-@click.option("--eval-every", type=int, help="Evaluate every N steps (and at the end).")
-@click.option("--save-every", type=int, help="Checkpoint every N steps into OUT/checkpoints/step-N/.")
-@click.option("--keep-checkpoints", type=int, help="Keep only the last N checkpoints.")
+@click.option("--eval-every", type=POSITIVE, help="Evaluate every N steps (and at the end).")
+@click.option("--save-every", type=POSITIVE, help="Checkpoint every N steps into OUT/checkpoints/step-N/.")
+@click.option("--keep-checkpoints", type=POSITIVE, help="Keep only the last N checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint (an interrupted run, or OUT).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once training finishes).")
+@ALLOW_PICKLE
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training report (training.json) as JSON.")
 @click.pass_context
 def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_size, grad_accum, max_steps, epochs, warmup,
               weight_decay, max_grad_norm, max_length, precision, base_dtype, quantize, qat, seed, eval_every, save_every,
-              keep_checkpoints, resume, force, out, as_json):
+              keep_checkpoints, resume, force, allow_pickle, out, as_json):
     """Train an adapter on JSON lines: {"text"}, {"prompt","completion"} or {"text","label"}.
 
     Several processes: run it under `torchrun --nproc_per_node N -m adaptkit train ...` (DDP; each
@@ -96,7 +98,7 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
                    warmup=int(warmup) if warmup >= 1 else warmup, max_length=max_length, precision=precision, seed=seed,
                    eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints,
                    weight_decay=weight_decay, max_grad_norm=max_grad_norm, base_dtype=base_dtype, quantize=quantize,
-                   qat=qat, resume=resume,
+                   qat=qat, resume=resume, allow_pickle=allow_pickle,
                    force=force, progress=not (ctx.obj or {}).get("quiet"))
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -110,12 +112,13 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
 @click.option("--adapter", "adapters", multiple=True, help="An adapter to put on MODEL, repeatable (active together).")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Evaluation data (JSON lines).")
 @click.option("--task", type=TASK, help="Task (default: the adapter's, else from the records).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per batch.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True, help="Examples per batch.")
+@click.option("--max-length", type=POSITIVE, default=512, show_default=True, help="Truncate examples to this many tokens.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@ALLOW_PICKLE
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON (task, loss, perplexity|accuracy, examples).")
 @click.pass_context
-def eval_cmd(ctx, model, adapters, data, task, batch_size, max_length, precision, as_json):
+def eval_cmd(ctx, model, adapters, data, task, batch_size, max_length, precision, allow_pickle, as_json):
     """Evaluate a model, or a model with adapters: loss and perplexity, or loss and accuracy.
 
     MODEL is a folder, org/name[@rev], 'minilm', or an adapter folder trained by `adaptkit train`
@@ -129,7 +132,7 @@ def eval_cmd(ctx, model, adapters, data, task, batch_size, max_length, precision
     from .evaluate import evaluate
 
     result = evaluate(model, data, adapters, task=task, batch_size=batch_size, max_length=max_length,
-                      precision=precision, progress=not (ctx.obj or {}).get("quiet"))
+                      precision=precision, allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))
     if as_json:
         return emit_json(result)
     click.echo(f"{result['task']}: {_metrics(result)}  ({result['examples']} examples)")

@@ -25,4 +25,8 @@ POSITIVE = click.IntRange(min=1)
 #: Counts where zero means "none" (warm-up steps, gradient clipping off).
 NON_NEGATIVE = click.IntRange(min=0)
 
-__all__ = ["Finite", "NON_NEGATIVE", "POSITIVE"]
+#: The one --allow-pickle, on every command that reads a checkpoint (one option, one meaning).
+ALLOW_PICKLE = click.option("--allow-pickle", is_flag=True,
+                            help="Read .bin/.pt/.ckpt pickle checkpoints (torch.load weights_only=True, no code run).")
+
+__all__ = ["ALLOW_PICKLE", "Finite", "NON_NEGATIVE", "POSITIVE"]

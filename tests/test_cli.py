@@ -66,6 +66,8 @@ def test_warning_is_one_line(peft_lora_dir, tmp_path):
         f"warning: {copy / 'adapter_config.json'}: ignoring unknown config keys future_key (written by a newer PEFT?)"]
     quiet = subprocess.run([sys.executable, "-m", "adaptkit", "--quiet", "inspect", str(copy)], capture_output=True, text=True)
     assert quiet.stderr == ""
+    after = subprocess.run([sys.executable, "-m", "adaptkit", "inspect", str(copy), "-q"], capture_output=True, text=True)
+    assert after.returncode == 0 and after.stderr == ""  # --quiet after the subcommand too
 
 
 def test_plugins_listing():

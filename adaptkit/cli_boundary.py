@@ -1,0 +1,166 @@
+"""The CLI boundary: every failure a user can meet ends as one line on stderr and exit 1.
+
+AdaptkitError, click's usage errors, OS errors (disk full, permissions, a parent that is a file,
+...), undecodable text, runaway nesting, memory exhaustion, Hub validation errors and a missing
+optional dependency are each said in one line (`one_line`); --debug shows the traceback instead.
+Anything else is a bug and keeps its traceback. `--debug` and `--quiet` are accepted after the
+subcommand too: every command registered on a `Group` gets them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+
+import click
+
+from .errors import AdaptkitError
+
+
+class Group(click.Group):
+    """A click group whose commands end every user-facing failure in one line (the module docstring)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as e:  # a usage error before any command ran
+            _fail(_usage_line(e))
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while an output was written (cleaned up)
+            if _debug(ctx):
+                raise
+            terminated = type(e).__name__ == "Terminated"
+            _fail("terminated" if terminated else "interrupted", 143 if terminated else 130)
+        except click.ClickException as e:
+            if _debug(ctx):
+                raise
+            _fail(_usage_line(e))
+        except Exception as e:  # noqa: BLE001 (sorted below: one line, or a bug's traceback)
+            line = one_line(e)
+            if line is None or _debug(ctx):
+                raise
+            _fail(line)
+
+    def add_command(self, cmd, name=None):
+        add_global_options(cmd)
+        super().add_command(cmd, name)
+
+
+def _debug(ctx) -> bool:
+    return bool(ctx.find_root().obj and ctx.find_root().obj.get("debug"))
+
+
+def _fail(line: str, code: int = 1):
+    click.echo(f"error: {_printable(line)}", err=True)
+    sys.exit(code)
+
+
+def _printable(text: str, limit: int = 600) -> str:
+    """One line of visible characters: control characters escaped, long text cut."""
+    text = " ".join(str(text).split())
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _usage_line(e: click.ClickException) -> str:
+    where = ""
+    if isinstance(e, click.UsageError) and e.ctx is not None:
+        where = f" (see '{e.ctx.command_path} --help')"
+    return f"{_lower_first(e.format_message().rstrip('.'))}{where}"
+
+
+def _lower_first(text: str) -> str:
+    """'No such option' -> 'no such option', as our own messages read; 'I/O error' stays."""
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+
+
+def one_line(e: BaseException) -> str | None:
+    """The one line that says `e` to a user, or None when `e` is a bug (which keeps its traceback)."""
+    if isinstance(e, AdaptkitError):
+        return str(e)
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        return missing_extra(e.name)
+    if isinstance(e, OSError):
+        what = _lower_first((e.strerror or str(e)).rstrip("."))
+        paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+        return f"{' -> '.join(paths)}: {what}" if paths else what
+    if isinstance(e, UnicodeDecodeError):
+        return f"input is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+    if isinstance(e, RecursionError):
+        return "input is nested too deeply to read"
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    if type(e).__name__ == "HFValidationError" and type(e).__module__.startswith("huggingface_hub"):
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+def missing_extra(module: str) -> str | None:
+    """'pip install adaptkit[EXTRA]' advice when `module` is an optional dependency of adaptkit
+    (read from the installed package's metadata, so no extra is named here)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    try:
+        declared = requires("adaptkit") or ()
+    except PackageNotFoundError:
+        return None
+    for line in declared:
+        name, extra = re.match(r"\s*([A-Za-z0-9._-]+)", line), _EXTRA.search(line)
+        if name and extra and canonical(name[1]) == canonical(module.split(".")[0]):
+            return f"this needs the optional package '{name[1]}': pip install 'adaptkit[{extra[1]}]'"
+    return None
+
+
+_EXTRA = re.compile(r"extra\s*==\s*[\"']([^\"']+)[\"']")
+
+
+def _set_debug(ctx, param, value):
+    if value:
+        ctx.find_root().obj["debug"] = True
+
+
+def _set_quiet(ctx, param, value):
+    if value:
+        ctx.find_root().obj["quiet"] = True
+        be_quiet(ctx)
+
+
+def be_quiet(ctx) -> None:
+    """No warnings and no progress bars, huggingface_hub's included, until the command ends."""
+    warnings.simplefilter("ignore")
+    before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub when it is imported
+
+    def restore():
+        if before is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = before
+
+    ctx.find_root().call_on_close(restore)
+
+
+def add_global_options(cmd: click.Command) -> None:
+    """--debug and -q/--quiet after a subcommand mean what they mean before it."""
+    if any(p.name == "debug_after" for p in cmd.params):
+        return
+    cmd.params.append(click.Option(["--debug", "debug_after"], is_flag=True, expose_value=False,
+                                   callback=_set_debug, help="Show full tracebacks for errors."))
+    cmd.params.append(click.Option(["-q", "--quiet", "quiet_after"], is_flag=True, expose_value=False,
+                                   callback=_set_quiet, help="No progress bars or warnings."))
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {_printable(message)}", err=True)
+
+
+__all__ = ["Group", "add_global_options", "be_quiet", "missing_extra", "one_line", "one_line_warning"]
