@@ -10,10 +10,7 @@ from .spec import AdapterFiles
 
 def detect_format(store: TensorStore) -> str | None:
     """The name of the first format plugin that recognizes `store` as an adapter, or None."""
-    for name in registry.names("format"):
-        if registry.get("format", name).detect(store):
-            return name
-    return None
+    return registry.detect("format", store)
 
 
 def read_adapter(source: TensorStore | str | Path, *, allow_pickle: bool = False) -> AdapterFiles | None:

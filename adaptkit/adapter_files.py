@@ -69,6 +69,7 @@ def _base_name(model) -> str | None:
 
 
 def _source_folder(source: str | Path) -> Path:
+    from .hub import is_reference
     from .sources import resolve_path
 
     path = Path(source).expanduser()
@@ -76,16 +77,9 @@ def _source_folder(source: str | Path) -> Path:
         if not (path / CONFIG_FILE).is_file():
             raise AdaptkitError(f"{path}: no {CONFIG_FILE} here; not an adapter folder")
         return path
-    if ("/" in str(source) and not str(source).startswith((".", "/", "~"))) or _locked_name(str(source)):
+    if is_reference(str(source)):
         return resolve_path(str(source))
     raise AdaptkitError(f"{source}: no such adapter folder")
-
-
-def _locked_name(source: str) -> bool:
-    """A name pinned in ./adaptkit.lock (see `adaptkit hub pull`)."""
-    from .hub import lock_entry
-
-    return lock_entry(source) is not None
 
 
 def _live_paths(handle: Adapters, name: str, modules: list[str]) -> dict[str, str]:

@@ -5,20 +5,21 @@ Every input must be an adapter of one variant whose plugin offers the low-rank h
 module) -> {embedding, transposed}` and `write_lowrank(factors, layouts, template, out_dir)`, which
 writes an adapter of that variant with ΔW = B·A (scale 1) per module.
 
-- `concat` is exact: per module, with weights wᵢ and scales sᵢ,
-      A = [A₁; A₂; …] (rows stacked),  B = [w₁s₁B₁ | w₂s₂B₂ | …] (columns stacked),
-      B·A = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = Σᵢ wᵢ·ΔWᵢ,
-  of rank Σᵢ rᵢ over the adapters that have the module (the requested rank only asks for an
-  adapter output).
+- A method that acts on the factors themselves (its plugin offers `merge_factors(factors,
+  **params) -> (A, B)`) is exact: per module it gets each input's (Aᵢ, Bᵢ, sᵢ) in the output's
+  layout, None where an input lacks the module, with the recipe's parameters at that position,
+  and returns the output's factors with ΔW = B·A (scale 1); the engine does no SVD and reports
+  error 0, and each module's rank is the sum of the inputs' ranks there (the requested rank only
+  asks for an adapter output).
 - Any other merge operator runs on the updates themselves: τᵢ = ΔWᵢ (the variant's `delta`, zeros
   where an adapter lacks the module) with base 0, so θ = merge(ΔW₁, …; 0) is the merged update. It
-  is re-factored to rank k = min(R, out, in) by truncated SVD, the best rank-k approximation in the
-  Frobenius norm (Eckart–Young): ΔW ≈ U_k S_k V_kᵀ, B = U_k·√S_k, A = √S_k·V_kᵀ; the report gives
-  each module's relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F.
+  is re-factored to rank k = min(R, out, in) by truncated SVD (`lowrank.factor_matrix`, randomized
+  for a rank far below the dimensions), the best rank-k approximation in the Frobenius norm
+  (Eckart–Young): ΔW ≈ U_k S_k V_kᵀ, B = U_k·√S_k, A = √S_k·V_kᵀ; the report gives each module's
+  relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F.
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from pathlib import Path
@@ -31,8 +32,9 @@ from . import registry
 from .adapter import read_adapter
 from .dtypes import code_to_torch, parse_dtype
 from .errors import AdaptkitError
+from .lowrank import factor_matrix
 from .merge import layer_positions, operator_params, recipe_inputs, seeded_generators
-from .recipe import Recipe, check_positions, resolve_params
+from .recipe import Recipe, check_positions
 from .sources import open_input, resolve_path, weight_key
 from .spec import AdapterFiles
 from .outputs import atomic_output, check_output
@@ -43,14 +45,14 @@ LOWRANK_HOOKS = ("factor_layout", "write_lowrank")
 def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed: int | None = None,
                    progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
     """Merge the recipe's adapters into one adapter in the folder `out`; returns a report (the CLI's
-    --json) with each module's rank and relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F (0 for `concat`)."""
+    --json) with each module's rank and relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F (0 in factor space)."""
     if seed is not None:
         recipe.seed = seed
     start = time.perf_counter()
     adapters = read_inputs(recipe, allow_pickle)
     check_output(out, force=force, inputs=recipe_inputs(recipe))  # before the work, not after it
     method = registry.get("merge", recipe.method)
-    exact = getattr(method, "factor_space", False)  # an operator on the factors themselves: no SVD
+    exact = factor_merge(method) is not None  # an operator on the factors themselves: no SVD
     variant = check_variant(adapters, exact=exact)
     rank = None if exact else requested_rank(recipe)
     modules = sorted({m for a in adapters for m in a.modules})
@@ -61,7 +63,7 @@ def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed
     check_positions(recipe, positions)
     bar = tqdm(modules, unit="module", desc=f"merge {recipe.method}", disable=not progress, leave=False)
     if rank is None:
-        factors, layouts = concat_factors(recipe, method, variant, adapters, bar, positions)
+        factors, layouts = merged_factors(recipe, method, variant, adapters, bar, positions)
         errors = {m: 0.0 for m in modules}
     else:
         factors, layouts, errors = svd_factors(recipe, method, variant, adapters, bar, positions, base, rank)
@@ -83,12 +85,18 @@ def plan_adapters(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, An
     """What an adapter output would be, without computing it (`merge --dry-run`)."""
     adapters = read_inputs(recipe, allow_pickle)
     method = registry.get("merge", recipe.method)
-    exact = getattr(method, "factor_space", False)
+    exact = factor_merge(method) is not None
     variant = check_variant(adapters, exact=exact)
     modules = sorted({m for a in adapters for m in a.modules})
     return {"method": recipe.method, "output_kind": "adapter", "variant": variant.name,
             "inputs": [str(r) for r in recipe.models], "modules": len(modules),
             "rank": "sum of the inputs' ranks" if exact else requested_rank(recipe)}
+
+
+def factor_merge(method):
+    """The merge method's `merge_factors` when it acts on the inputs' low-rank factors, else None."""
+    hook = getattr(method, "merge_factors", None)
+    return hook if callable(hook) else None
 
 
 def rank_report(recipe: Recipe, factors: dict, errors: dict[str, float], rank: int | None) -> dict[str, Any]:
@@ -147,35 +155,30 @@ def requested_rank(recipe: Recipe) -> int:
     return rank
 
 
-def module_weights(recipe: Recipe, method, module: str, t: float) -> list[float]:
-    weights = resolve_params(recipe, method, f"{module}.weight", t)["weight"]
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise AdaptkitError(f"{recipe.method}: 'weight' must be a finite number for every input, got {w!r}")
-    return [float(w) for w in weights]
-
-
-def concat_factors(recipe, method, variant, adapters, bar, positions):
-    """Per module A = [A₁; A₂; …], B = [w₁s₁B₁ | w₂s₂B₂ | …]: B·A = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ exactly.
+def merged_factors(recipe, method, variant, adapters, bar, positions):
+    """Per module, the method's `merge_factors` over each input's (Aᵢ, Bᵢ, sᵢ) (None where an input
+    lacks the module), with the recipe's parameters at that position.
 
     An input whose layout is transposed against the output's enters as (s·B·A)ᵀ = s·Aᵀ·Bᵀ."""
     factors, layouts = {}, {}
     for module in bar:
-        weights = module_weights(recipe, method, module, positions[f"{module}.weight"])
-        parts_a, parts_b = [], []
-        for adapter, w in zip(adapters, weights):
+        name = f"{module}.weight"
+        inputs = []
+        for adapter in adapters:
             if module not in adapter.modules:
+                inputs.append(None)
                 continue
             a, b, s = variant.factors(adapter, module)
             layout = variant.factor_layout(adapter, module)
             layouts.setdefault(module, layout)
             if layout["transposed"] != layouts[module]["transposed"]:
                 a, b = b.T, a.T
-            parts_a.append(a)
-            parts_b.append(b * (w * s))
-        if len({a.shape[1] for a in parts_a}) > 1 or len({b.shape[0] for b in parts_b}) > 1:
+            inputs.append((a, b, s))
+        present = [f for f in inputs if f is not None]
+        if len({a.shape[1] for a, _, _ in present}) > 1 or len({b.shape[0] for _, b, _ in present}) > 1:
             raise AdaptkitError(f"{module}: the adapters' factors have different shapes (adapters for different bases?)")
-        factors[module] = (torch.cat(parts_a, dim=0), torch.cat(parts_b, dim=1))
+        params = operator_params(recipe, method, name, positions[name], len(inputs))
+        factors[module] = method.merge_factors(inputs, **params)
     return factors, layouts
 
 
@@ -213,35 +216,12 @@ def svd_factors(recipe, method, variant, adapters, bar, positions, base, rank):
         if rank > min(target.shape):
             clamped.append(f"{module} ({target.shape[0]}×{target.shape[1]})")
         seed = seeded_generators(recipe.seed, name, 1)[0].initial_seed()
-        b, a, errors[module] = refactor(target, rank, seed=seed)
-        factors[module], layouts[module] = (a, b), layout
+        f = factor_matrix(target, rank, keep_rank=True, seed=seed)
+        factors[module], layouts[module], errors[module] = (f.a, f.b), layout, f.error
     if clamped:
         warnings.warn(f"rank {rank} exceeds min(out, in) of {len(clamped)} module(s), e.g. {clamped[0]}: "
                       "using min(out, in) there (exact)", stacklevel=3)
     return factors, layouts, errors
-
-
-def refactor(delta: torch.Tensor, rank: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B, A, error): ΔW ≈ B·A with B = U_k·√S_k, A = √S_k·V_kᵀ, k = min(rank, out, in), and
-    error = ‖ΔW − B·A‖_F / ‖ΔW‖_F (0 for ΔW = 0).
-
-    A rank far below the dimensions (4k < min(out, in)) uses randomized SVD (Halko et al. 2011,
-    `torch.svd_lowrank`, 4 power iterations, seeded so reruns are identical); otherwise a full SVD."""
-    delta = delta.float()
-    k = min(rank, *delta.shape)
-    if 4 * k < min(delta.shape):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(delta, q=min(k + 8, *delta.shape), niter=4)
-        vh = v.T
-    else:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    root = s[:k].sqrt()
-    b = u[:, :k] * root
-    a = root[:, None] * vh[:k]
-    norm = torch.linalg.norm(delta)
-    error = float(torch.linalg.norm(delta - b @ a) / norm) if norm > 0 else 0.0
-    return b.contiguous(), a.contiguous(), error
 
 
 def warn_dropped(adapters: list[AdapterFiles]) -> list[str]:

@@ -4,7 +4,9 @@ AdaptkitError, click's usage errors, OS errors (disk full, permissions, a parent
 ...), undecodable text, runaway nesting, memory exhaustion, Hub validation errors and a missing
 optional dependency are each said in one line (`one_line`); --debug shows the traceback instead.
 Anything else is a bug and keeps its traceback. `--debug` and `--quiet` are accepted after the
-subcommand too: every command registered on a `Group` gets them.
+subcommand too: every command registered on a `Group` gets them. A command runs with the process's
+malloc tuned for its work where that was measured to pay (`allocator.tuning`: the command owns the
+process, a library call never changes it).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import warnings
 
 import click
 
+from . import allocator
 from .errors import AdaptkitError
 
 
@@ -29,7 +32,8 @@ class Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with allocator.tuning():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while an output was written (cleaned up)

@@ -84,7 +84,9 @@ def lock_entry(ref: str) -> Entry | None:
 
 
 def is_reference(ref: str) -> bool:
-    """`org/name[@rev]` or a name pinned in ./adaptkit.lock: something `resolve` looks up, not a path."""
+    """`org/name[@rev]` or a name pinned in ./adaptkit.lock: something `resolve` looks up, not a path.
+    Every reader of a path that may name a Hub repository asks this (merge inputs, bases, `inspect`,
+    `load_adapter`); it imports huggingface_hub only to check a repo id, never at module import."""
     return is_hub_ref(ref) or lock_entry(ref) is not None
 
 

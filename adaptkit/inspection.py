@@ -16,14 +16,10 @@ from typing import Any
 
 from . import registry, validate
 from .adapter import read_adapter
+from .dtypes import NAMES as DTYPE_NAMES
 from .io import TensorStore, open_store
 from .outputs import recover_output
 
-DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-}
 MODEL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size",
                 "torch_dtype", "dtype")
 
@@ -42,7 +38,7 @@ def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     report = _tensor_figures(store)
     report["path"] = str(Path(path))
     adapter = read_adapter(store)
-    quantizer = None if adapter else _detect_quantizer(store)
+    quantizer = None if adapter else registry.detect("quantizer", store)
     report["kind"] = "adapter" if adapter else "quantized-model" if quantizer else "model"
     report["format"] = adapter.format if adapter else _file_format(store)
     config = validate.model_config(store.json_file("config.json"), store.root / "config.json") if not adapter else None
@@ -89,10 +85,3 @@ def _adapter_figures(adapter) -> dict[str, Any]:
     }
     # The variant adds its own figures; the core's keys keep their meaning whatever a plugin returns.
     return {**variant.describe(adapter), **figures}
-
-
-def _detect_quantizer(store: TensorStore) -> str | None:
-    for name in registry.names("quantizer"):
-        if registry.get("quantizer", name).detect(store):
-            return name
-    return None

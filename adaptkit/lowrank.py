@@ -11,7 +11,15 @@ The optimal rank-k approximation (Eckart–Young) with relative error ‖ΔW −
   the singular vectors of the short side; the long side's are Mᵀ·u/σ for the kept ones only. It
   gives the whole spectrum, so choosing the rank by an energy fraction costs nothing extra.
 
-Ranks above a matrix's numerical rank are clamped (with a warning by the caller).
+and one approximate route, where the caller gives a seed and the rank is far below the dimensions
+(4k < min(out, in), as when an adapter merge re-factors every module of a model to rank 16):
+randomized SVD (Halko et al. 2011, `torch.svd_lowrank`, 4 power iterations, k + 8 vectors, the
+generator seeded so reruns are identical). It finds only the top k + 8 singular values, so its
+error is measured as ‖ΔW − B·A‖_F / ‖ΔW‖_F instead of read off the spectrum.
+
+Ranks above a matrix's numerical rank are clamped (with a warning by the caller), unless the caller
+keeps the rank asked for (`keep_rank`: an adapter output has the rank the user gave, k = min(rank,
+out, in), its last factors near zero).
 """
 from __future__ import annotations
 
@@ -50,10 +58,10 @@ def _numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
     return int((s > tol).sum())
 
 
-def _finish(u, s, vh, rank, energy, shape) -> Factored:
+def _finish(u, s, vh, rank, energy, shape, keep_rank: bool = False) -> Factored:
     """Factors from a (partial) SVD: `u`/`vh` may be callables giving the first k vectors."""
     numerical = _numerical_rank(s, shape)
-    k = _choose(s, rank, energy, numerical)
+    k = min(rank, *shape) if keep_rank else _choose(s, rank, energy, numerical)
     u = u(k) if callable(u) else u[:, :k]
     vh = vh(k) if callable(vh) else vh[:k]
     root = s[:k].clamp_min(0).sqrt()
@@ -63,14 +71,21 @@ def _finish(u, s, vh, rank, energy, shape) -> Factored:
     return Factored((root[:, None] * vh).float().contiguous(), (u * root).float().contiguous(), k, rank, numerical, error)
 
 
-def factor_matrix(m: torch.Tensor, rank: int | None = None, energy: float | None = None) -> Factored:
-    """B·A ≈ m (out × in) at `rank`, or the smallest rank keeping `energy` of Σσ²."""
+def factor_matrix(m: torch.Tensor, rank: int | None = None, energy: float | None = None, *,
+                  keep_rank: bool = False, seed: int | None = None) -> Factored:
+    """B·A ≈ m (out × in) at `rank`, or the smallest rank keeping `energy` of Σσ².
+
+    `keep_rank`: k = min(rank, out, in) even past m's numerical rank. `seed`: a rank far below the
+    dimensions takes the randomized route (the module docstring), seeded with it."""
     m = m.float()
     out_f, in_f = m.shape
-    if min(out_f, in_f) <= 64 or min(out_f, in_f) * 4 > max(out_f, in_f) * 3:
-        # Square-ish or small: a direct SVD costs about the same as the Gram route.
+    if seed is not None and rank is not None and 4 * min(rank, out_f, in_f) < min(out_f, in_f):
+        return _randomized(m, rank, seed, keep_rank)
+    if keep_rank or min(out_f, in_f) <= 64 or min(out_f, in_f) * 4 > max(out_f, in_f) * 3:
+        # Square-ish or small: a direct SVD costs about the same as the Gram route. A kept rank may
+        # reach past the numerical rank, where the Gram route's Mᵀu/σ has no σ to divide by.
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        return _finish(u, s, vh, rank, energy, (out_f, in_f))
+        return _finish(u, s, vh, rank, energy, (out_f, in_f), keep_rank)
     wide = in_f > out_f
     small = m if wide else m.T  # k × n with k < n
     # A float32 Gram matrix loses nothing that matters here (measured: the truncation error agrees
@@ -87,6 +102,17 @@ def factor_matrix(m: torch.Tensor, rank: int | None = None, energy: float | None
     if wide:
         return _finish(near, s, lambda k: far(k).T, rank, energy, (out_f, in_f))
     return _finish(far, s, lambda k: near[:, :k].T, rank, energy, (out_f, in_f))
+
+
+def _randomized(m: torch.Tensor, rank: int, seed: int, keep_rank: bool) -> Factored:
+    k = min(rank, *m.shape)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(m, q=min(k + 8, *m.shape), niter=4)
+    f = _finish(u, s, v.T, rank, None, tuple(m.shape), keep_rank)
+    norm = torch.linalg.norm(m)
+    f.error = float(torch.linalg.norm(m - f.b @ f.a) / norm) if norm > 0 else 0.0
+    return f
 
 
 def factor_product(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int | None = None,

@@ -10,7 +10,6 @@ thread count or order. Adapters enter as `base+adapter` inputs (see `sources.py`
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import math
 import os
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import registry
+from . import allocator, registry
 from .dtypes import code_to_torch, parse_dtype, torch_to_code
 from .errors import AdaptkitError
 from .io import open_store
@@ -64,20 +63,6 @@ class ByteBudget:
             with self._cond:
                 self.free += nbytes
                 self._cond.notify_all()
-
-
-def _keep_freed_memory_for_reuse() -> None:
-    """glibc serves every block above its mmap threshold (at most 32 MB) with fresh pages and unmaps
-    them on free, and first-touching fresh pages costs more than the arithmetic of a merge. Keeping
-    large blocks in the heap instead lets each tensor reuse the last one's memory; the working-memory
-    budget bounds how large that heap gets."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-        libc.mallopt(-8, 1)  # M_ARENA_MAX: worker threads share one heap instead of each keeping its own
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]:
@@ -282,7 +267,7 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
     dtypes = {name: code_to_torch(code) for name, code, _ in plan.layout}
     shapes = {name: shape for name, _, shape in plan.layout}
     budget = ByteBudget(WORKING_MEMORY)
-    _keep_freed_memory_for_reuse()
+    allocator.tune("merge")  # freed tensors' memory kept for the next one (the command only: allocator.py)
 
     def one(name: str) -> None:
         for rows in row_blocks(plan, name):

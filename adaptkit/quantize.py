@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
+from .dtypes import FLOAT_CODES, SIZES, compute_dtype
 from .errors import AdaptkitError
 from .io import open_store
 from .outputs import atomic_output, check_output
 from .writer import DEFAULT_SHARD_SIZE, ShardedWriter, copy_side_files
 
 METADATA_KEY = "adaptkit_quantization"
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 def packed_names(name: str, packed: Iterable[str]) -> dict[str, str]:
@@ -96,7 +96,7 @@ def _describe_for_transformers(store, method: str, chosen: set[str], folder: Pat
         return
     skipped = sorted({k.rsplit(".", 1)[0] for k in select(store) if k not in chosen})
     dtypes = sorted({store.info(k).dtype for k in chosen})
-    dtype = {"BF16": "bfloat16", "F16": "float16"}.get(dtypes[0], "float32") if len(dtypes) == 1 else "float32"
+    dtype = compute_dtype(dtypes[0]) if len(dtypes) == 1 else "float32"
     config = read_json(path)
     config["quantization_config"] = hook(skipped, dtype)
     path.write_text(dump_json(config, "config.json"))
@@ -175,7 +175,7 @@ def quantize_into(store, method: str, chosen: set[str], folder: Path, *, layout:
     copy_side_files(store.root, folder)
     bar.close()
     before = sum(store.info(n).nbytes for n in names)
-    after = sum(math.prod(shape) * _size(code) for _, code, shape in layout)
+    after = sum(math.prod(shape) * SIZES[code] for _, code, shape in layout)
     values = list(errors.values())
     return {
         "method": method, "files": [f.name for f in files], "tensors": {n: {"error": e} for n, e in errors.items()},
@@ -183,9 +183,3 @@ def quantize_into(store, method: str, chosen: set[str], folder: Path, *, layout:
         "bytes_before": before, "bytes_after": after,
         "mean_error": sum(values) / len(values) if values else 0.0, "max_error": max(values, default=0.0),
     }
-
-
-def _size(code: str) -> int:
-    from .safetensors_file import DTYPE_SIZES
-
-    return DTYPE_SIZES[code]

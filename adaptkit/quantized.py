@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
+from . import allocator, registry
 from .errors import AdaptkitError
 
 
@@ -153,7 +153,7 @@ def quantize_model(model: nn.Module, method: str, *, skip: Iterable[str] | None 
     in place, except the modules in `skip` (paths, or names of the last path part; default: the
     LM head). Returns how many were replaced."""
     registry.get("quantizer", method)  # unknown names fail before any work
-    _transients_outside_the_heap()
+    allocator.tune("quantized")  # transient weights mapped, not heaped (the command only: allocator.py)
     skip = default_skip(model) if skip is None else list(skip)
     count = 0
     for path, module in list(model.named_modules()):
@@ -205,19 +205,6 @@ def _checkpoint_names(stored: Iterable[str], wanted: set[str], prefix: str) -> d
     return found
 
 
-def _transients_outside_the_heap() -> None:
-    """Each quantized layer makes a full-precision weight every time it runs, then drops it. glibc
-    would serve those from its heap (its mmap threshold rises to 32 MB after the first such free),
-    where they fragment around long-lived tensors and the heap only grows; above a fixed 1 MB
-    threshold they are mapped and unmapped, so freed weights go straight back to the OS."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def load_quantized(folder: Path, auto: Any, config: Any, *, method: str, dtype: torch.dtype,
                    skip: Iterable[str] = ()) -> tuple[nn.Module, list[str]]:
     """(model, new modules): a transformers model built from `config` whose linear layers are
@@ -227,7 +214,7 @@ def load_quantized(folder: Path, auto: Any, config: Any, *, method: str, dtype: 
     from .unpacked import UnpackedStore, detect_quantizer
 
     registry.get("quantizer", method)
-    _transients_outside_the_heap()
+    allocator.tune("quantized")
     raw = open_store(folder)
     stored = detect_quantizer(raw)  # a quantized checkpoint: its packed layers are taken as they are
     if stored is not None and stored != method:

@@ -16,16 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .dtypes import SIZES as DTYPE_SIZES
 from .errors import CorruptFileError, printable, short
 from .paths import regular_file
 from .readers import DuplicateKey, json_kind, unique_keys
-
-
-#: safetensors dtype codes -> bytes per element.
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
 
 
 #: Largest header we accept (the safetensors library uses the same bound).

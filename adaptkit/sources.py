@@ -27,30 +27,11 @@ def resolve_path(ref: str) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path
-    if not _hub_reference(ref):
+    from . import hub
+
+    if not hub.is_reference(ref):
         raise AdaptkitError(f"{ref}: no such {'file' if path.suffix in WEIGHT_SUFFIXES else 'folder'}")
-    from .hub import resolve
-
-    return resolve(ref)
-
-
-def _hub_reference(ref: str) -> bool:
-    """A name pinned in ./adaptkit.lock, or `org/name[@rev]` whose repo id huggingface_hub accepts
-    (`./model` matches the pattern but is no repo id: it is a path)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    from .hub import lock_entry
-    from .hub_client import REPO_REF
-
-    found = REPO_REF.match(ref)
-    if found is not None:
-        try:
-            validate_repo_id(found.group("repo"))
-            return True
-        except HFValidationError:
-            pass
-    return lock_entry(ref) is not None
+    return hub.resolve(ref)
 
 
 class ModelSource:

@@ -21,10 +21,7 @@ UNPACKED_DTYPE = "BF16"
 
 def detect_quantizer(store: TensorStore) -> str | None:
     """The name of the quantizer plugin whose layout `store` has, or None (headers only)."""
-    for name in registry.names("quantizer"):
-        if registry.get("quantizer", name).detect(store):
-            return name
-    return None
+    return registry.detect("quantizer", store)
 
 
 def packed_groups(store: TensorStore) -> dict[str, dict[str, str]]:

@@ -55,6 +55,7 @@ def child(base: str, data: str, config: str) -> None:
     """One configuration; prints a JSON line with peak RSS (MB) and seconds."""
     settings = json.loads(config)
     start = time.perf_counter()
+    from adaptkit import allocator
     from adaptkit.data import load_dataset
     from adaptkit.models import load_tokenizer
     from adaptkit.train import train  # the baseline makes the same imports as a training run
@@ -62,8 +63,10 @@ def child(base: str, data: str, config: str) -> None:
     if settings is None:
         load_dataset(data, load_tokenizer(Path(base)), max_length=64)
     else:
-        train(base, "lora", data, WORK / "out", settings={"r": 16, "lora_alpha": 32}, max_steps=2, batch_size=2,
-              max_length=64, precision="bf16", base_dtype="bfloat16", force=True, progress=False, **settings)
+        with allocator.tuning():  # malloc tuned as `adaptkit train` has it (allocator.py)
+            train(base, "lora", data, WORK / "out", settings={"r": 16, "lora_alpha": 32}, max_steps=2,
+                  batch_size=2, max_length=64, precision="bf16", base_dtype="bfloat16", force=True, progress=False,
+                  **settings)
     import torch
 
     # VmHWM is this process's own high-water mark (a forked child's ru_maxrss starts at the parent's)

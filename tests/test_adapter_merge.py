@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from adaptkit import registry
-from adaptkit.adapter_merge import refactor
+from adaptkit.lowrank import factor_matrix
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge import run_merge
@@ -246,6 +246,12 @@ def test_dora_needs_the_base_and_then_matches_peft(loras, llama_dir, tmp_path):
     want = {n.removesuffix(".weight"): w - base[n] for n, w in peft_merged(tiny_llama(), loras / "dora").items()
             if not torch.equal(w, base[n])}
     assert_close_deltas(deltas(tmp_path / "out"), want)
+
+
+def refactor(m, rank, seed=0):
+    """(B, A, error) as the adapter merge re-factors: the rank kept, randomized where far below."""
+    f = factor_matrix(m, rank, keep_rank=True, seed=seed)
+    return f.b, f.a, f.error
 
 
 def refactor_matches_full_svd_on_a_random_matrix():

@@ -13,16 +13,13 @@
 from __future__ import annotations
 
 import re
-import struct
 from collections import Counter
 from typing import Any
 
-from adaptkit import registry
+from adaptkit import dtypes, registry
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import AdapterFiles, LowRankAdapter, LowRankModule
 
-_STRUCT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B",
-           "BOOL": "<?"}
 PLAIN_ROLES = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
 
 
@@ -71,15 +68,13 @@ def scalar(store, key: str) -> float:
     info = store.info(key)
     if info.numel != 1:
         raise AdaptkitError(f"{info.file}: '{key}' should hold one number but has shape {list(info.shape)}")
-    fmt = _STRUCT.get("F32" if info.dtype == "BF16" else info.dtype)
-    if info.file.suffix != ".safetensors" or fmt is None:
-        return float(store.get(key).reshape(-1)[0])
-    with open(info.file, "rb") as f:
-        f.seek(info.offset)
-        raw = f.read(info.nbytes)
-    if info.dtype == "BF16":
-        raw = b"\x00\x00" + raw  # bfloat16 is the high half of a float32
-    return float(struct.unpack(fmt, raw)[0])
+    if info.file.suffix == ".safetensors":
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            value = dtypes.scalar(info.dtype, f.read(info.nbytes))
+        if value is not None:
+            return float(value)
+    return float(store.get(key).reshape(-1)[0])
 
 
 def sample(keys, n: int = 3) -> str:

@@ -15,8 +15,6 @@ if TYPE_CHECKING:
 
     from adaptkit.io import TensorStore
 
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
-
 
 def require_float(name: str, tensor: torch.Tensor) -> None:
     """Refuse what a quantizer cannot take: non-tensors, non-float dtypes, empty tensors."""

@@ -34,6 +34,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from adaptkit.dtypes import COMPUTE
 from adaptkit.errors import AdaptkitError
 
 from ._common import (dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit,
@@ -54,7 +55,6 @@ NF4_CODE = (
 FP4_RAW = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-_DTYPES = {"float32", "float16", "bfloat16"}
 
 
 def code_values(quant_type: str) -> torch.Tensor:
@@ -180,7 +180,7 @@ class FourBit:
         except (ValueError, UnicodeDecodeError) as exc:
             raise AdaptkitError(f"{self.name}: unreadable {keys[0]}: {exc}") from None
         if state.get("quant_type") not in ("nf4", "fp4") or state.get("blocksize") not in BLOCKSIZES \
-                or state.get("dtype") not in _DTYPES or not isinstance(state.get("shape"), list):
+                or state.get("dtype") not in COMPUTE or not isinstance(state.get("shape"), list):
             raise AdaptkitError(f"{self.name}: {keys[0]} is not a 4-bit quant state: {state}")
         return state
 

@@ -1,0 +1,65 @@
+"""glibc malloc settings for the `adaptkit` command; the library itself changes no process-wide state.
+
+Two workloads run better with glibc's malloc tuned:
+
+- "merge" (the merge engine): glibc serves every block above its mmap threshold (at most 32 MB)
+  with fresh pages and unmaps them on free, and first-touching fresh pages costs more than the
+  arithmetic of a merge. Keeping large blocks in the heap (mmap and trim thresholds at 1 GiB) lets
+  each tensor reuse the last one's memory; one arena makes the worker threads share one heap
+  instead of each keeping its own. The engine's working-memory budget bounds how large that heap
+  gets. (`benchmarks/merge.py` measures merges through the command.)
+- "quantized" (quantized base layers, QLoRA): each layer makes a full-precision weight every time
+  it runs, then drops it. glibc would serve those from its heap (its mmap threshold rises to 32 MB
+  after the first such free), where they fragment around long-lived tensors and the heap only
+  grows; above a fixed 1 MB threshold they are mapped and unmapped, so freed weights go straight
+  back to the OS. (`benchmarks/qlora.py`, benchmarks/RESULTS.md: QLoRA training on the CPU peaked
+  at 1117 MB of RSS before this and chunked 4-bit unpacking, at 699 MB after.)
+
+mallopt settings hold for the whole process and cannot be read back, so they cannot be restored:
+a library must not make them for its caller. The `adaptkit` command opts in for the length of
+each command (`tuning()`, entered by the CLI boundary); the merge engine and the quantized-model
+loader call `tune(workload)` as their work starts, which does nothing outside such a block (a
+script or notebook importing adaptkit) or with a C library other than glibc. A benchmark that
+measures these workloads through the library enters `tuning()` itself.
+"""
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
+
+#: mallopt (parameter, value) pairs per workload, applied in this order.
+SETTINGS = {
+    "merge": ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30), (M_ARENA_MAX, 1)),
+    "quantized": ((M_MMAP_THRESHOLD, 1 << 20),),
+}
+_allowed: ContextVar[bool] = ContextVar("adaptkit_allocator_tuning", default=False)
+
+
+@contextmanager
+def tuning() -> Iterator[None]:
+    """Let `tune` change this process's malloc settings within the block (a whole-process run of
+    adaptkit: the command line, a benchmark)."""
+    token = _allowed.set(True)
+    try:
+        yield
+    finally:
+        _allowed.reset(token)
+
+
+def tune(workload: str) -> bool:
+    """Apply `workload`'s settings (SETTINGS) when the process opted in with `tuning()`; returns
+    whether they were applied."""
+    settings = SETTINGS[workload]
+    if not _allowed.get():
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        for parameter, value in settings:
+            libc.mallopt(parameter, value)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+    return True
