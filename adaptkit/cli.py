@@ -111,7 +111,7 @@ def main() -> None:
 def _quick_recipe(method, base, models, params, rank) -> dict:
     from .readers import load_yaml
 
-    method = method or ("task_arithmetic" if base else "linear")
+    method = method or registry.default("merge", "quick_with_base" if base else "quick")
     # The quick form's weight defaults to 1 where the method has one (recipes, like mergekit's, must give it).
     takes_weight = method in registry.names("merge") and "weight" in registry.get("merge", method).params
     entries = []
@@ -133,7 +133,9 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
     recipe = {"merge_method": method, "models": entries, "parameters": parameters}
     if base:
         recipe["base_model"] = base
-    factor_space = method in registry.names("merge") and getattr(registry.get("merge", method), "factor_space", False)
+    from .adapter_merge import factor_merge  # the merge command imports the engine next anyway
+
+    factor_space = method in registry.names("merge") and factor_merge(registry.get("merge", method)) is not None
     if rank or (factor_space and not base):  # an operator on adapters' factors makes an adapter
         recipe["output"] = {"kind": "adapter", "rank": rank} if rank else {"kind": "adapter"}
     return recipe

@@ -25,7 +25,7 @@ def quantize(ctx, model, method, double_quant, skip, out, force, allow_pickle, a
 
     \b
     Examples:
-      adaptkit quantize ./model --method int8 -o model-int8/
+      adaptkit quantize ./model --method METHOD -o model-q/    # METHOD: `adaptkit plugins --kind quantizer`
       adaptkit quantize ./model --method METHOD --double-quant --skip lm_head -o model-4bit/
       adaptkit quantize ./model --method METHOD --skip lm_head,embed -o out/ --json
     """

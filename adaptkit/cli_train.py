@@ -88,7 +88,7 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
           --data chat.jsonl --max-steps 1000 --precision bf16 --save-every 100 -o out/
       adaptkit train --base ./llama --variant lora --quantize METHOD --base-dtype bfloat16 \
           --precision bf16 --data chat.jsonl -o qlora/      # QLoRA; the adapter loads on the bf16 base
-      adaptkit train --base ./llama --variant lora --qat ternary --data chat.jsonl -o qat/
+      adaptkit train --base ./llama --variant lora --qat METHOD --data chat.jsonl -o qat/
       adaptkit train ... -o out/ --resume          # continue an interrupted run
     """
     from .train import train

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import registry
 from .adapter import read_adapter
-from .dtypes import code_to_torch
+from .dtypes import code_to_torch, compute_dtype, parse_dtype
 from .errors import AdaptkitError
 from .io import open_store
 from .lowrank import Factored, factor_matrix, factor_product
@@ -107,7 +107,7 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
     if hasattr(variant, "check_mergeable"):
         variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
     base_store = open_store(resolve_path(str(base)), allow_pickle=allow_pickle) if base is not None else None
-    out, report = LowRankAdapter(config=_kept_config(adapter.config)), Report()
+    out, report = LowRankAdapter.keeping(adapter.config), Report()
     resize = rank is not None or energy is not None
     for module in sorted(adapter.modules):
         bias = _new_bias(variant, adapter, module, base_store)
@@ -126,8 +126,7 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
                 report.add(module, None, 0, True)
                 continue
             if not resize:
-                alpha = s * (a.shape[0] ** 0.5 if out.config.get("use_rslora") else a.shape[0])
-                out.modules[module] = LowRankModule(a, b, alpha, **layout)
+                out.modules[module] = LowRankModule(a, b, out.alpha_for(s, a.shape[0]), **layout)
                 report.add(module, None, a.shape[0], True)
                 continue
             f = factor_product(a.float(), b.float(), s, rank, energy)
@@ -141,7 +140,7 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
         out.modules[module] = LowRankModule(f.a, f.b, float(f.rank), **layout)
         report.add(module, f, f.rank, False)
     if resize:
-        out.config["use_rslora"] = False
+        out.plain_scaling()
     for key, name in adapter.saved.items():
         whole = adapter.store.get(name)
         if resize and base_store is not None and _factorable(key, whole, base_store):
@@ -184,13 +183,8 @@ def _exact_factors(variant, adapter: AdapterFiles, module: str):
         return None  # e.g. a module rescaled by its base weight: factored by SVD instead
     roles = adapter.modules[module]
     stored = adapter.store.info(next(iter(roles.values()))).dtype
-    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+    dtype = parse_dtype(compute_dtype(stored))
     return a.to(dtype), b.to(dtype), float(s), variant.factor_layout(adapter, module)
-
-
-def _kept_config(config: dict[str, Any]) -> dict[str, Any]:
-    keep = ("base_model_name_or_path", "task_type", "revision", "use_rslora")
-    return {k: config[k] for k in keep if k in config}
 
 
 def write(lowrank: LowRankAdapter, fmt: str, out: str | Path, *, force: bool = False,

@@ -63,14 +63,18 @@ def _builtin_entries() -> list[PluginEntry]:
     return [PluginEntry(kind, name, target, BUILTIN) for kind, items in table.items() for name, target in items.items()]
 
 
-def default(kind: str) -> str:
+def default(kind: str, role: str | None = None) -> str:
     """The plugin of `kind` the core uses when none is named (registry.toml's [default] table):
-    the canonical adapter format that outputs are written in, and its low-rank variant."""
+    the canonical adapter format that outputs are written in, and its low-rank variant. Kinds the
+    core uses in several roles have a table of them (`[default.merge]`: the merge methods behind
+    `adaptkit merge`'s quick form and the soups); `role` picks one."""
     _check_kind(kind)
-    try:
-        return _builtin_table()["default"][kind]
-    except KeyError:
-        raise PluginError(f"registry.toml names no default {kind}") from None
+    found = _builtin_table().get("default", {}).get(kind)
+    if role is not None:
+        found = found.get(role) if isinstance(found, dict) else None
+    if not isinstance(found, str):
+        raise PluginError(f"registry.toml names no default {kind}{f' for {role}' if role else ''}")
+    return found
 
 
 def _normalized(name: str) -> str:
@@ -142,6 +146,17 @@ def get(kind: str, name: str):
     if key not in _loaded:
         _loaded[key] = _load(entry(kind, name))
     return _loaded[key]
+
+
+def detect(kind: str, store) -> str | None:
+    """The name of the first plugin of `kind`, in name order, whose `detect(store)` says yes, or None.
+
+    Formats recognize adapters and quantizers their packed layouts this way; asking in the
+    registry's order keeps the answer independent of which plugins happen to be imported."""
+    for name in names(kind):
+        if get(kind, name).detect(store):
+            return name
+    return None
 
 
 def _load(e: PluginEntry):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import registry
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -52,12 +54,12 @@ def format_inspect(r: dict[str, Any]) -> str:
         row("base model", a["base_model"] or "(not recorded)")
         if "ranks" in a:
             row("rank", a["rank"] if a["rank"] is not None else f"{min(a['ranks'])}..{max(a['ranks'])} (varies)")
-        for key in ("alpha", "scaling"):
-            if key in a:
+        for key in getattr(registry.get("variant", a["variant"]), "inspect_rows", ()):
+            if isinstance(a.get(key), bool):  # a flag: shown when set
+                if a[key]:
+                    row(key, "yes")
+            elif key in a:
                 row(key, _fmt(a[key]))
-        for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
-            if a.get(key):
-                row(key, "yes")
         row("target modules", _fmt(a["target_modules"]))
         row("targeted modules", a["targeted_modules"])
         if a["modules_to_save"]:

@@ -7,6 +7,8 @@ interpolates θ(α) = (1 − α)·θ₀ + α·θ₁. Every function streams thro
 to get a folder, or leave it out to get the state dict back (fine for small models).
 
 `evaluate` is any callable taking a model folder and returning a score where higher is better.
+The merge methods are the registry's defaults for the roles "soup" (a uniform average) and
+"interpolation" (two models and one parameter, the mix), so no method is named here.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import registry
 from .errors import AdaptkitError
 from .merge import run_merge
 from .validate import short
@@ -55,14 +58,15 @@ def _merge(recipe: dict, out: str | Path | None, **options: Any):
 
 def uniform(models: Sequence[str | Path], out: str | Path | None = None, **options: Any):
     """θ = (1/k)·Σ θᵢ over `models`; a folder if `out` is given, else a state dict."""
-    recipe = {"merge_method": "average", "models": [{"model": str(m)} for m in models]}
+    recipe = {"merge_method": registry.default("merge", "soup"), "models": [{"model": str(m)} for m in models]}
     return _merge(recipe, out, **options)
 
 
 def interpolate(a: str | Path, b: str | Path, alpha: float, out: str | Path | None = None, **options: Any):
     """θ(α) = (1 − α)·θ_a + α·θ_b (WiSE-FT with a = zero-shot, b = fine-tuned)."""
-    recipe = {"merge_method": "interpolate", "models": [{"model": str(a)}, {"model": str(b)}],
-              "parameters": {"alpha": alpha}}
+    method = registry.default("merge", "interpolation")
+    (mix,) = registry.get("merge", method).params  # the role's method has one parameter, the mix
+    recipe = {"merge_method": method, "models": [{"model": str(a)}, {"model": str(b)}], "parameters": {mix: alpha}}
     return _merge(recipe, out, **options)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +81,23 @@ class LowRankAdapter:
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
+    #: The config fields a conversion keeps from its input; `use_rslora` is the rule its alphas
+    #: follow (scale alpha / √r instead of alpha / r), read by every format's writer.
+    KEPT: ClassVar[tuple[str, ...]] = ("base_model_name_or_path", "task_type", "revision", "use_rslora")
+
+    @classmethod
+    def keeping(cls, config: Mapping[str, Any]) -> LowRankAdapter:
+        """An empty adapter with the fields of `config` that a conversion keeps."""
+        return cls(config={k: config[k] for k in cls.KEPT if k in config})
+
+    def alpha_for(self, scale: float, rank: int) -> float:
+        """The alpha that gives a module of `rank` the scale `scale` under this adapter's rule."""
+        return scale * (rank ** 0.5 if self.config.get("use_rslora") else rank)
+
+    def plain_scaling(self) -> None:
+        """Read every alpha as alpha / r from now on (modules refactored at a new rank are written so)."""
+        self.config["use_rslora"] = False
+
 
 @runtime_checkable
 class Variant(Protocol):
@@ -90,7 +107,10 @@ class Variant(Protocol):
     (`<module>.<role>[.weight]`); `config_keys` are the config fields it understands (others warn).
     Optional: `config_types` — field -> checker (`adaptkit.validate`), applied to adapter_config.json
     and to `inject`'s settings; `check_files(adapter)` — raises AdaptkitError where the config
-    contradicts the stored tensors (ranks, magnitude vectors), from shapes alone, as each adapter is read.
+    contradicts the stored tensors (ranks, magnitude vectors), from shapes alone, as each adapter is read;
+    `inspect_rows` — the `describe` figures `adaptkit inspect` prints as rows after the rank, in order
+    (a true/false figure as "yes" when true), default none (the LoRA family, adalora, tied_lora: alpha,
+    scaling and their flags; ia3, vera: fan_in_fan_out).
     """
 
     name: str
@@ -133,6 +153,8 @@ class ModuleVariant(Protocol):
     config, step)` and `extra_loss(layers, config)` with `layers` a list of (AdaptedLayer, Branch);
     `train_state(layers, config)` / `load_train_state(layers, config, tensors)` (state kept outside
     the tensors, e.g. importance averages, saved in training checkpoints);
+    `train_settings(steps)` (settings `train` fills in where left unset, from the run's number of
+    optimizer steps; default none; adalora's budget schedule length);
     `transform_input(branch, x)` (changes the base layer's input, e.g. scaling features);
     `target_of(module)` (what the variant can wrap, default `layer.Target.of`: activation-space
     variants wrap whole blocks; `weight` is then None and there is no `weight_delta`).
@@ -158,6 +180,10 @@ class MergeMethod(Protocol):
     `elementwise = True` lets the engine hand big tensors over in row blocks; `block_upcast = True`
     takes floating inputs in their stored dtype (it computes in float32 block by block). `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
     the merged tensor; `base` is None when the recipe has no base model.
+    Optional: `merge_factors(factors, **params) -> (A, B)` — the method merges adapters' low-rank
+    factors exactly, not their ΔW: per module each input's (A, B, s) (None where an input lacks the
+    module) in, the output's factors with ΔW = B·A out (`adaptkit.adapter_merge`; the quick form of
+    `adaptkit merge` then makes an adapter); default none: merged as ΔW, refactored by SVD (concat).
     """
 
     name: str
@@ -178,7 +204,9 @@ class Quantizer(Protocol):
     computed without quantizing (saves the writer's planning pass); `host_keys` — packed keys that
     `dequantize` reads on the host (a layer on a GPU keeps them on the CPU);
     `transformers_config(skipped_modules, compute_dtype)` — the `quantization_config` under which
-    transformers loads the files (written into config.json by `adaptkit quantize`).
+    transformers loads the files (written into config.json by `adaptkit quantize`);
+    `double_quant_form` — the name of the quantizer that is this one with its block scales quantized
+    too (what `adaptkit quantize --double-quant` picks), default none (nf4, fp4).
     """
 
     name: str

@@ -7,9 +7,9 @@ Each optimizer step: for each of `grad_accum` micro-batches, loss = (model loss 
 `handle.param_groups(lr)`; LR schedule step (linear warm-up, then cosine decay to 0);
 `handle.step_end(step)`; zero_grad. Settings go to `adaptkit.inject` unchanged, with three generic
 defaults: `target_modules="all-linear"` when neither the user nor the variant's `prepare` chooses
-targets; a config key `total_step` left unset gets the run's number of steps; and modules the
-checkpoint lacks (a new classification head) train whole as `modules_to_save` (and stay out of
-the targets).
+targets; settings the variant's `train_settings(steps)` hook derives from the run's number of
+steps, where left unset; and modules the checkpoint lacks (a new classification head) train
+whole as `modules_to_save` (and stay out of the targets).
 
 Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) the same function trains with
 DistributedDataParallel (gloo on CPU, nccl on GPU): every global batch of
@@ -201,8 +201,9 @@ def _inject(model, name: str, settings: dict, new: list[str], total: int):
         config.setdefault("modules_to_save", new)
         if isinstance(config.get("exclude_modules") or [], list):
             config["exclude_modules"] = list(config.get("exclude_modules") or []) + new
-    if "total_step" in variant.defaults and variant.defaults["total_step"] is None:
-        config.setdefault("total_step", total)
+    derive = getattr(variant, "train_settings", None)
+    for key, value in (derive(total) if derive else {}).items():
+        config.setdefault(key, value)
     if "target_modules" not in config:
         prepare = getattr(variant, "prepare", None)
         probe = prepare(model, variant_config(variant, {**config, "modules_to_save": None})) if prepare else {}

@@ -61,6 +61,7 @@ class AdaLoRA:
     config_keys = LORA_CONFIG_KEYS | set(OWN)
     config_types = TYPES
     defaults = DEFAULTS
+    inspect_rows = ("alpha", "scaling", "fan_in_fan_out")
 
     # -- tensor plane --------------------------------------------------------------------------
     def kept_rank(self, adapter: AdapterFiles, module: str) -> int:
@@ -188,6 +189,10 @@ class AdaLoRA:
 
     def extra_loss(self, layers, config: dict[str, Any]):
         return _budget().orth_loss(layers, config)
+
+    def train_settings(self, steps: int) -> dict[str, Any]:
+        """The budget schedule spans the run: `total_step`, where left unset, is its number of steps."""
+        return {"total_step": steps}
 
     def train_state(self, layers, config: dict[str, Any]) -> dict:
         """The importance averages and caught gradients, for checkpoints (resume stays exact)."""

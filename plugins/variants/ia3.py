@@ -65,6 +65,7 @@ class IA3Variant:
     config_types = {"feedforward_modules": v.optional(v.targets), "fan_in_fan_out": v.optional(v.flag),
                     "init_ia3_weights": v.flag}
     defaults = {"feedforward_modules": None, "fan_in_fan_out": False, "init_ia3_weights": True}
+    inspect_rows = ("fan_in_fan_out",)
 
     # -- tensor plane --------------------------------------------------------------------------
     def _vector(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None) -> torch.Tensor:

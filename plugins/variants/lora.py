@@ -70,6 +70,7 @@ class LoRA(LowRankForms):
     param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     config_keys = LORA_CONFIG_KEYS | {"loraplus_lr_ratio"}
     config_types = LORA_TYPES
+    inspect_rows = ("alpha", "scaling", "use_rslora", "use_dora", "fan_in_fan_out")
 
     # -- shapes --------------------------------------------------------------------------------
     @staticmethod

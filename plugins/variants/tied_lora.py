@@ -60,6 +60,7 @@ class TiedLoRA:
     name = "tied_lora"
     param_names = ("tied_u", "tied_v", *(f"tied_{f}_{g}" for f in "AB" for g in range(MAX_GROUPS)))
     config_keys = frozenset({"r", "lora_alpha", "lora_dropout", "train", "fan_in_fan_out", "tied_groups"})
+    inspect_rows = ("alpha", "scaling", "fan_in_fan_out")
     config_types = {"r": v.optional(v.positive_int), "lora_alpha": v.number, "lora_dropout": v.fraction,
                     "fan_in_fan_out": v.optional(v.flag),
                     "tied_groups": v.optional(v.list_of(v.record({

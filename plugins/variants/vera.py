@@ -57,6 +57,7 @@ class VeRA:
     name = "vera"
     param_names = ("vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B")
     config_keys = VERA_CONFIG_KEYS
+    inspect_rows = ("fan_in_fan_out",)
     config_types = {"r": v.optional(v.positive_int), "projection_prng_key": v.integer, "save_projection": v.flag,
                     "vera_dropout": v.fraction, "d_initial": v.number, "init_weights": v.flag,
                     "fan_in_fan_out": v.optional(v.flag), "adaptkit_in_features": v.optional(v.map_of(v.positive_int))}
