@@ -10,7 +10,7 @@ import click
 import pytest
 
 from adaptkit.cli import cli
-from adaptkit.cli_boundary import add_global_options, one_line
+from adaptkit.cli.boundary import add_global_options, one_line
 from adaptkit.errors import AdaptkitError
 from adaptkit.outputs import Terminated
 from hostile import assert_one_line_error, run_cli, run_process

@@ -58,7 +58,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "modules": None,  # reports count adapted modules under it; mergekit recipes' `modules` section
     "layers": None,  # the attribute transformers models keep their blocks under (targets.LAYER_LISTS)
     "train": None,  # the `train` command and its progress bar
-    "alpha": frozenset({"soup", "cli"}),  # WiSE-FT's α in soup.sweep's results (each step's "alpha")
+    "alpha": frozenset({"soup"}),  # WiSE-FT's α in the results of soup.sweep and of cli/soup.py's sweep
     "linear": frozenset({"layer", "targets"}),  # the kind of an nn.Linear layer (layer.Target.kind)
     "int8": frozenset({"dtypes"}),  # torch.int8's name in the dtype table
 }
@@ -188,7 +188,7 @@ CASES = [
      "'total_step' is a config key of variant adalora"),
     ("LoRA's flags in a report", "report", 'for key in ("use_rslora", "use_dora"):\n    pass',
      "'use_rslora' is a config key of variant adalora"),
-    ("a quantizer by name", "cli_quantize", 'q = registry.get("quantizer", "nf4")', "'nf4' is the quantizer plugin"),
+    ("a quantizer by name", "cli/quantize", 'q = registry.get("quantizer", "nf4")', "'nf4' is the quantizer plugin"),
     ("a format by name", "convert", 'write(lowrank, "kohya", out)', "'kohya' is the format plugin"),
     ("a merge parameter", "soup", 'recipe["parameters"] = {"density": 0.5}',
      "'density' is a parameter of merge method"),

@@ -271,7 +271,7 @@ def test_bad_labels_name_the_line(env, tmp_path):
 
 
 def test_set_values_are_parsed():
-    from adaptkit.cli_train import parse_settings
+    from adaptkit.cli.train import parse_settings
 
     parsed = parse_settings(("r=8", "lora_alpha=1e1", "use_rslora=true", 'target_modules=["q_proj", "v_proj"]',
                              "exclude_modules=[o_proj]", "init_lora_weights=gaussian", "total_step=null"))

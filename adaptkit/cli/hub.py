@@ -1,11 +1,11 @@
-"""`adaptkit hub search|pull|sync|push` (registered on the main command group by cli.py)."""
+"""`adaptkit hub search|pull|sync|push` (the group is added to the root group in adaptkit/cli/__init__.py)."""
 from __future__ import annotations
 
 import click
 
-from .cli import CONTEXT, Group, cli, emit_json
-from .cli_types import ALLOW_PICKLE
-from .lockfile import LOCK_FILE
+from ..lockfile import LOCK_FILE
+from .boundary import Group
+from .options import ALLOW_PICKLE, CONTEXT, emit_json
 
 
 def _lock_option(f):
@@ -13,7 +13,7 @@ def _lock_option(f):
                         help="The lock file.")(f)
 
 
-@cli.group(cls=Group, context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def hub():
     """Find adapters on the Hugging Face Hub, pull them pinned into adaptkit.lock, sync, push.
 
@@ -50,7 +50,7 @@ def search(query, tags, base_model, author, sort, limit, as_json):
       adaptkit hub search french --base-model meta-llama/Llama-3.2-1B --sort likes --limit 5
       adaptkit hub search --tag lora --author my-org --json
     """
-    from .hub_search import search as run
+    from ..hub_search import search as run
 
     rows = run(query, tags=tags or None, base_model=base_model, author=author, sort=sort, limit=limit)
     if as_json:
@@ -86,7 +86,7 @@ def pull(ctx, ref, name, lock, as_json, allow_pickle):
       adaptkit hub pull org/my-lora@v1.0 --name my-lora
       adaptkit hub pull org/my-lora@0123456789abcdef0123456789abcdef01234567 --json
     """
-    from .hub import pull as run
+    from ..hub import pull as run
 
     report = run(ref, name=name, lock=lock, progress=not (ctx.obj or {}).get("quiet"), allow_pickle=allow_pickle)
     if as_json:
@@ -119,7 +119,7 @@ def sync(ctx, update, offline, lock, as_json, allow_pickle):
       adaptkit hub sync --update
       HF_HUB_OFFLINE=1 adaptkit hub sync --json
     """
-    from .hub import sync as run
+    from ..hub import sync as run
 
     report = run(update=update, offline=offline, lock=lock, progress=not (ctx.obj or {}).get("quiet"),
                  allow_pickle=allow_pickle)
@@ -172,7 +172,7 @@ def push(folder, repo, private, message, as_json, allow_pickle):
       adaptkit hub push ./my-lora me/my-lora
       adaptkit hub push ./my-lora my-org/my-lora --private -m "rank 16, 3 epochs"
     """
-    from .hub import push as run
+    from ..hub import push as run
 
     report = run(folder, repo, private=private, message=message, allow_pickle=allow_pickle)
     if as_json:

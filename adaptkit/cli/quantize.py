@@ -1,13 +1,12 @@
-"""`adaptkit quantize` (registered on the main command group by cli.py)."""
+"""`adaptkit quantize` (added to the root group in adaptkit/cli/__init__.py)."""
 from __future__ import annotations
 
 import click
 
-from .cli import CONTEXT, cli, emit_json
-from .cli_types import ALLOW_PICKLE
+from .options import ALLOW_PICKLE, CONTEXT, emit_json
 
 
-@cli.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--method", "-m", required=True, help="Quantizer plugin (see `adaptkit plugins --kind quantizer`).")
 @click.option("--double-quant", is_flag=True, help="Quantize the block scales too (QLoRA's double quantization; the 4-bit methods).")
@@ -29,12 +28,12 @@ def quantize(ctx, model, method, double_quant, skip, out, force, allow_pickle, a
       adaptkit quantize ./model --method METHOD --double-quant --skip lm_head -o model-4bit/
       adaptkit quantize ./model --method METHOD --skip lm_head,embed -o out/ --json
     """
-    from . import registry
-    from .errors import AdaptkitError
-    from .quantize import run_quantize
+    from .. import registry, spec
+    from ..errors import AdaptkitError
+    from ..quantize import run_quantize
 
     if double_quant:
-        form = getattr(registry.get("quantizer", method), "double_quant_form", None)
+        form = spec.option(registry.get("quantizer", method), "double_quant_form")
         if form is None:
             raise AdaptkitError(f"--double-quant: the {method} quantizer has no double-quantized form")
         method = form

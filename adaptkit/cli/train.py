@@ -1,4 +1,4 @@
-"""`adaptkit train` and `adaptkit eval` (registered on the main command group by cli.py)."""
+"""`adaptkit train` and `adaptkit eval` (added to the root group in adaptkit/cli/__init__.py)."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,8 @@ import os
 
 import click
 
-from .cli import CONTEXT, cli, emit_json
-from .cli_types import ALLOW_PICKLE, Finite, POSITIVE
-from .errors import AdaptkitError
+from ..errors import AdaptkitError
+from .options import ALLOW_PICKLE, CONTEXT, Finite, POSITIVE, emit_json
 
 TASK = click.Choice(["causal-lm", "classification"])
 
@@ -38,7 +37,7 @@ def _metrics(result: dict) -> str:
     return "  ".join(f"{k} {result[k]:.4f}" for k in keys)
 
 
-@cli.command(name="train", context_settings=CONTEXT)
+@click.command(name="train", context_settings=CONTEXT)
 @click.option("--base", required=True, help="Base model: a folder, org/name[@rev], or 'minilm' (packaged all-MiniLM-L6-v2).")
 @click.option("--variant", required=True, help="Adapter variant (see `adaptkit plugins --kind variant`).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="A variant setting, repeatable "
@@ -91,7 +90,7 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
       adaptkit train --base ./llama --variant lora --qat METHOD --data chat.jsonl -o qat/
       adaptkit train ... -o out/ --resume          # continue an interrupted run
     """
-    from .train import train
+    from ..train import train
 
     report = train(base, variant, data, out, settings=parse_settings(settings), eval_data=eval_data, task=task, lr=lr,
                    batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
@@ -107,7 +106,7 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
     click.echo(f"trained a {variant} adapter for {report['steps']} steps: {_metrics(report['metrics'])} -> {out}")
 
 
-@cli.command(name="eval", context_settings=CONTEXT)
+@click.command(name="eval", context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--adapter", "adapters", multiple=True, help="An adapter to put on MODEL, repeatable (active together).")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Evaluation data (JSON lines).")
@@ -129,7 +128,7 @@ def eval_cmd(ctx, model, adapters, data, task, batch_size, max_length, precision
       adaptkit eval minilm --adapter sentiment/ --data test.jsonl
       adaptkit eval sentiment/ --data test.jsonl --json
     """
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     result = evaluate(model, data, adapters, task=task, batch_size=batch_size, max_length=max_length,
                       precision=precision, allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))

@@ -1,10 +1,9 @@
-"""`adaptkit convert` and `adaptkit extract` (registered on the main command group by cli.py)."""
+"""`adaptkit convert` and `adaptkit extract` (added to the root group in adaptkit/cli/__init__.py)."""
 from __future__ import annotations
 
 import click
 
-from .cli import CONTEXT, cli, emit_json
-from .cli_types import ALLOW_PICKLE, Finite, POSITIVE
+from .options import ALLOW_PICKLE, CONTEXT, Finite, POSITIVE, emit_json
 
 
 def _summary(report: dict) -> str:
@@ -16,7 +15,7 @@ def _summary(report: dict) -> str:
     return f"{len(modules)} module(s), rank {'/'.join(map(str, ranks)) or '-'} ({error}){saved}"
 
 
-@cli.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("adapter")
 @click.option("--to", "to", required=True, help="Target format: peft (alias: lora) or another writable format "
               "plugin (see `adaptkit plugins --kind format`).")
@@ -42,13 +41,13 @@ def convert(adapter, to, out, rank, energy, base, force, allow_pickle, as_json):
       adaptkit convert sd-lora.safetensors --to peft -o sd-lora-peft/
       adaptkit convert my-lora/ --to FORMAT -o converted/
     """
-    from . import registry
-    from .convert import convert as run, writable_formats
+    from .. import registry
+    from ..convert import convert as run, writable_formats
 
     # The plain low-rank variant's name stands for the canonical format (`--to lora`).
     fmt = registry.default("format") if to == registry.default("variant") else to
     if fmt not in writable_formats():
-        from .errors import unknown_name
+        from ..errors import unknown_name
 
         raise unknown_name("target format", to, [*writable_formats(), registry.default("variant")])
     report = run(adapter, fmt, out, rank=rank, energy=energy, base=base, force=force, allow_pickle=allow_pickle)
@@ -57,7 +56,7 @@ def convert(adapter, to, out, rank, energy, base, force, allow_pickle, as_json):
     click.echo(f"converted {report['from']} -> {fmt}: {_summary(report)} into {out}")
 
 
-@cli.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.option("--model", required=True, help="The fine-tuned model (folder or org/name[@rev]).")
 @click.option("--base", required=True, help="The model it was fine-tuned from.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (a PEFT LoRA).")
@@ -80,7 +79,7 @@ def extract(ctx, model, base, out, rank, energy, embed_lora, force, allow_pickle
       adaptkit extract --model my-finetune --base meta-llama/Llama-3.2-1B --rank 32 -o my-lora/
       adaptkit extract --model ft/ --base base/ --energy 0.9 -o lora/ --json
     """
-    from .convert import extract as run
+    from ..convert import extract as run
 
     report = run(model, base, out, rank=rank, energy=energy, embed_lora=embed_lora, force=force,
                  allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))

@@ -17,8 +17,8 @@ import warnings
 
 import click
 
-from . import allocator
-from .errors import AdaptkitError
+from .. import allocator
+from ..errors import AdaptkitError
 
 
 class Group(click.Group):

@@ -1,0 +1,56 @@
+"""The `adaptkit` command line. User errors print one line and exit 1 (a traceback with --debug).
+
+This module makes the root group and adds every command to it, in one place below. Each command
+(or family: `soup`, `hub`) lives in a module of its own that imports only from `options`
+(what the commands share), `boundary` (one-line errors) and the library, never from here, so the
+command line has no import cycle and a new command is one module plus one `add_command` line.
+"""
+from __future__ import annotations
+
+import warnings
+
+import click
+
+from .. import __version__
+from . import convert, hub, inspect, merge, plugins, quantize, soup, train
+from .boundary import Group, be_quiet, one_line_warning
+from .options import CONTEXT
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="adaptkit")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or warnings.")
+@click.pass_context
+def cli(ctx, debug, quiet):
+    """adaptkit: parameter-efficient adapters and model merging.
+
+    \b
+    Examples:
+      adaptkit plugins
+      adaptkit inspect ./my-adapter
+      adaptkit inspect ./model --json | jq .parameters
+    """
+    ctx.obj = {"debug": debug, "quiet": quiet}
+    warnings.showwarning = one_line_warning
+    if quiet:
+        be_quiet(ctx)
+
+
+cli.add_command(plugins.plugins)
+cli.add_command(inspect.inspect_cmd)
+cli.add_command(merge.merge)
+cli.add_command(soup.soup)
+cli.add_command(convert.convert)
+cli.add_command(convert.extract)
+cli.add_command(quantize.quantize)
+cli.add_command(train.train_cmd)
+cli.add_command(train.eval_cmd)
+cli.add_command(hub.hub)
+
+
+def main() -> None:
+    cli(prog_name="adaptkit")
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,118 @@
+"""`adaptkit merge` (added to the root group in adaptkit/cli/__init__.py)."""
+from __future__ import annotations
+
+import click
+
+from .. import registry
+from ..errors import AdaptkitError
+from .options import ALLOW_PICKLE, CONTEXT, POSITIVE, emit_json
+
+
+def _quick_recipe(method, base, models, params, rank) -> dict:
+    from ..readers import load_yaml
+
+    method = method or registry.default("merge", "quick_with_base" if base else "quick")
+    # The quick form's weight defaults to 1 where the method has one (recipes, like mergekit's, must give it).
+    takes_weight = method in registry.names("merge") and "weight" in registry.get("merge", method).params
+    entries = []
+    for spec in models:
+        path, sep, weight = spec.rpartition(":")
+        try:
+            value = float(weight) if sep else None
+        except ValueError:
+            value = None
+        if value is None:
+            path, value = spec, 1.0
+        entries.append({"model": path, "parameters": {"weight": value}} if takes_weight else {"model": path})
+    parameters = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AdaptkitError(f"--param expects key=value, got '{item}'")
+        parameters[key.strip()] = load_yaml(value, f"--param {key.strip()}")
+    recipe = {"merge_method": method, "models": entries, "parameters": parameters}
+    if base:
+        recipe["base_model"] = base
+    from ..adapter_merge import factor_merge  # the merge command imports the engine next anyway
+
+    factor_space = method in registry.names("merge") and factor_merge(registry.get("merge", method)) is not None
+    if rank or (factor_space and not base):  # an operator on adapters' factors makes an adapter
+        recipe["output"] = {"kind": "adapter", "rank": rank} if rank else {"kind": "adapter"}
+    return recipe
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
+@click.option("--method", help="Quick form: merge method (default: task_arithmetic with --base, else linear).")
+@click.option("--base", help="Quick form: base model (folder or org/name[@rev]).")
+@click.option("-m", "--model", "models", multiple=True, metavar="PATH[:WEIGHT]", help="Quick form: an input, repeatable.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Quick form: a method parameter, repeatable.")
+@click.option("--rank", type=POSITIVE, help="Quick form: merge adapters into an adapter of this rank.")
+@click.option("--seed", type=int, help="Seed for random merge methods; overrides the recipe's.")
+@click.option("--dtype", help="Output dtype for floating tensors (float32, bfloat16, float16).")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--threads", type=POSITIVE, help="Tensors merged in parallel (default: 2 for elementwise methods, else 1 using all cores).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the merge succeeds).")
+@click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
+@ALLOW_PICKLE
+@click.option("--requantize", is_flag=True, help="With a quantized base: pack the result again with the base's "
+              "quantizer (default: write it unpacked, bfloat16) and report the extra rounding error.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, shard_size, threads, force, dry_run,
+          allow_nonfinite, allow_pickle, requantize, as_json):
+    """Merge models or adapters by a recipe (mergekit's YAML format) or the quick form.
+
+    Modes: models -> model; base + adapters -> model (each adapter's ΔW added into the streamed
+    base); adapters -> adapter (`output: {kind: adapter, rank: R}` or --rank).
+
+    \b
+    Examples:
+      adaptkit merge soup.yaml -o merged/
+      adaptkit merge --method task_arithmetic --base B -m A:0.5 -m C:0.5 -p lambda=0.9 -o merged/
+      adaptkit merge --base llama -m my-lora -o llama-merged/        # merge-and-unload
+      adaptkit merge --method linear -m lora1:0.5 -m lora2:0.5 --rank 16 -o lora-mix/
+      adaptkit merge soup.yaml -o merged/ --dry-run
+      adaptkit merge --base llama-4bit/ -m my-qlora -o merged/ --requantize   # into a quantized base
+    """
+    from ..merge import Plan, run_merge
+    from ..recipe import load_recipe
+    from ..report import human_bytes
+
+    if bool(recipe) == bool(models):
+        raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")
+    spec = recipe if recipe else _quick_recipe(method, base, models, params, rank)
+    parsed = load_recipe(spec)
+    if dtype:
+        parsed.out_dtype = dtype
+    if dry_run and parsed.output_kind == "adapter":
+        from ..adapter_merge import plan_adapters
+
+        summary = plan_adapters(parsed, allow_pickle=allow_pickle)
+        if as_json:
+            return emit_json(summary)
+        click.echo(f"{summary['method']}: {summary['modules']} modules of {len(summary['inputs'])} "
+                   f"{summary['variant']} adapter(s) -> one adapter, rank {summary['rank']}")
+        return
+    if dry_run:
+        plan = Plan(parsed, allow_pickle=allow_pickle, dtype=dtype)
+        summary = plan.summary(threads or 1)
+        if as_json:
+            return emit_json(summary)
+        click.echo(f"{summary['method']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters from "
+                   f"{len(summary['inputs'])} input(s); output {human_bytes(summary['output_bytes'])}, "
+                   f"estimated peak {human_bytes(summary['estimated_peak_bytes'])}")
+        return
+    report = run_merge(parsed, out, force=force, shard_size=shard_size, threads=threads, seed=seed, dtype=dtype,
+                       allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, requantize=requantize,
+                       progress=not ctx.obj["quiet"])
+    if as_json:
+        return emit_json(report)
+    click.echo(f"merged {report['tensors']} tensors with {report['method']} into {report['output']} "
+               f"({len(report['files'])} file(s), {report['seconds']:.1f} s)")
+    again = report.get("requantized")
+    if again:
+        click.echo(f"re-quantized {again['quantized']} tensor(s) with {again['method']}: extra rounding error "
+                   f"(relative) mean {again['mean_error']:.4g}, max {again['max_error']:.4g}")
