@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import registry
+from . import registry, spec
 from .io import TensorStore, open_store
 from .spec import AdapterFiles
 
@@ -20,7 +20,7 @@ def read_adapter(source: TensorStore | str | Path, *, allow_pickle: bool = False
     if fmt is None:
         return None
     adapter = registry.get("format", fmt).read(store)
-    check = getattr(registry.get("variant", adapter.variant), "check_files", None)
-    if check is not None:
-        check(adapter)  # a config that contradicts its tensors is refused before anything uses either
+    variant = registry.get("variant", adapter.variant)
+    if isinstance(variant, spec.FileCheck):
+        variant.check_files(adapter)  # a config that contradicts its tensors is refused before anything uses either
     return adapter

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import registry
+from . import registry, spec
 from .adapter import read_adapter
 from .adapters import variant_config
 from .errors import AdaptkitError
@@ -36,7 +36,7 @@ def save_adapter(handle: Adapters, name: str, out: str | Path, *, force: bool = 
     variant, tensors, settings, transposed = adapter.variant, {}, {}, False
     for path in adapter.layers:
         branch = model.get_submodule(path).branches[name]
-        stored = variant.save_tensors(branch) if hasattr(variant, "save_tensors") else dict(branch.params)
+        stored = variant.save_tensors(branch) if isinstance(variant, spec.SavesTensors) else dict(branch.params)
         for role, tensor in stored.items():
             tensors[f"{PREFIX}{path}.{variant.stored_key(role, branch.target)}"] = tensor.detach()
         settings[path] = branch.settings
@@ -111,7 +111,7 @@ def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: 
     if files is None:
         raise AdaptkitError(f"{folder}: holds a full model, not an adapter")
     variant = registry.get("variant", files.variant)
-    if not hasattr(variant, "config_from_file"):
+    if not isinstance(variant, spec.LiveModule):
         raise AdaptkitError(f"variant '{variant.name}' cannot be loaded onto a live model")
     model = handle.model
     saved = {k.rsplit(".", 1)[0] for k in files.saved}
@@ -136,7 +136,7 @@ def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: 
         held = None if layer.disabled else layer.resident(name)
         if held is not None:
             layer.add_to_weight(held, -1)
-        if hasattr(variant, "load_tensors"):  # the branch keeps them in another form than the file
+        if isinstance(variant, spec.LoadsTensors):  # the branch keeps them in another form than the file
             variant.load_tensors(branch, {role: files.store.get(key) for role, key in files.modules[module].items()})
         else:
             for role, key in files.modules[module].items():

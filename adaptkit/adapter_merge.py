@@ -1,9 +1,9 @@
 """Mode 3 of merging: adapters -> adapter (`output: {kind: adapter, rank: R}`, CLI `--rank R`).
 
 Every input must be an adapter of one variant whose plugin offers the low-rank hooks
-`factors(adapter, module) -> (A, B, s)` (ΔW = s·B·A, A r × in, B out × r), `factor_layout(adapter,
-module) -> {embedding, transposed}` and `write_lowrank(factors, layouts, template, out_dir)`, which
-writes an adapter of that variant with ΔW = B·A (scale 1) per module.
+(`spec.Factors`, `spec.LowRankWriter`): `factors(adapter, module) -> (A, B, s)` (ΔW = s·B·A, A r × in,
+B out × r), `factor_layout(adapter, module) -> {embedding, transposed}` and `write_lowrank(factors,
+layouts, template, out_dir)`, which writes an adapter of that variant with ΔW = B·A (scale 1) per module.
 
 - A method that acts on the factors themselves (its plugin offers `merge_factors(factors,
   **params) -> (A, B)`) is exact: per module it gets each input's (Aᵢ, Bᵢ, sᵢ) in the output's
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import registry
+from . import registry, spec
 from .adapter import read_adapter
 from .dtypes import code_to_torch, parse_dtype
 from .errors import AdaptkitError
@@ -38,9 +38,6 @@ from .recipe import Recipe, check_positions
 from .sources import open_input, resolve_path, weight_key
 from .spec import AdapterFiles
 from .outputs import atomic_output, check_output
-
-LOWRANK_HOOKS = ("factor_layout", "write_lowrank")
-
 
 def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed: int | None = None,
                    progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
@@ -95,8 +92,7 @@ def plan_adapters(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, An
 
 def factor_merge(method):
     """The merge method's `merge_factors` when it acts on the inputs' low-rank factors, else None."""
-    hook = getattr(method, "merge_factors", None)
-    return hook if callable(hook) else None
+    return method.merge_factors if isinstance(method, spec.FactorMerge) else None
 
 
 def rank_report(recipe: Recipe, factors: dict, errors: dict[str, float], rank: int | None) -> dict[str, Any]:
@@ -133,15 +129,17 @@ def check_variant(adapters: list[AdapterFiles], *, exact: bool):
         listing = ", ".join(f"{v} ({root})" for v, root in names.items())
         raise AdaptkitError(f"the input adapters mix variants: {listing}; an adapter output needs one variant")
     variant = registry.get("variant", adapters[0].variant)
-    for adapter in adapters if hasattr(variant, "check_mergeable") else ():
+    for adapter in adapters if isinstance(variant, spec.MergeCheck) else ():
         variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
-    for adapter in adapters if hasattr(variant, "delta_bias") else ():
+    for adapter in adapters if isinstance(variant, spec.StoredBiasDelta) else ():
         for module in adapter.modules:
             if variant.delta_bias(adapter, module, None) is not None:
                 raise AdaptkitError(f"{adapter.store.root}: '{module}' changes the layer's bias too, which an "
                                     "adapter-to-adapter merge cannot carry; merge it into a base model")
-    missing = [h for h in (("factors",) if exact else ()) + LOWRANK_HOOKS if not callable(getattr(variant, h, None))]
-    if missing:
+    needed = (spec.Factors, spec.LowRankWriter) if exact else (spec.LowRankWriter,)
+    if not all(isinstance(variant, p) for p in needed):
+        members = dict.fromkeys(k for p in needed for k, v in vars(p).items() if callable(v) and not k.startswith("_"))
+        missing = [h for h in members if not callable(getattr(variant, h, None))]  # in declaration order
         raise AdaptkitError(f"variant '{variant.name}' cannot be merged into an adapter: its plugin lacks the "
                             f"{', '.join(missing)} hook(s)")
     return variant

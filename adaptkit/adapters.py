@@ -6,7 +6,7 @@
     handle.set_active("b"); handle.merge(); handle.unmerge(); handle.remove()
 
 One `Adapters` handle per model holds every adapter on it. A variant plugin supplies the
-arithmetic (see `spec.ModuleVariant`); this module only wraps layers, keeps names, and moves
+arithmetic (see `spec.LiveModule`); this module only wraps layers, keeps names, and moves
 tensors between the model and files.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from . import registry, validate
+from . import registry, spec, validate
 from .errors import AdaptkitError, unknown_name
 from .targets import _matches, _parent, adapted_layers, find_targets, unwrap, wrap
 from .layer import AdaptedLayer, Branch, ReplacedModule
@@ -77,16 +77,16 @@ class Adapters:
         if name in self.adapters:
             raise AdaptkitError(f"an adapter named '{name}' is already on this model; pick another name or remove it")
         variant = registry.get("variant", variant) if isinstance(variant, str) else variant
-        if not hasattr(variant, "defaults"):
+        if not isinstance(variant, spec.LiveModule):
             raise AdaptkitError(f"variant '{variant.name}' has no module plane (it cannot be put on a model)")
         config = variant_config(variant, config)
-        if hasattr(variant, "prepare"):
+        if isinstance(variant, spec.ChoosesTargets):
             config = variant.prepare(self.model, config)  # variants choose targets their own way (last k layers)
         adapter = Adapter(name, variant, config)
         targets = {} if config["target_modules"] is None and config["modules_to_save"] else find_targets(
             self.model, config["target_modules"], exclude_modules=config["exclude_modules"],
             layers_to_transform=config["layers_to_transform"], layers_pattern=config["layers_pattern"],
-            target_of=getattr(variant, "target_of", None))
+            target_of=variant.target_of if isinstance(variant, spec.Intervention) else None)
         settings = {path: variant.settings(config, path, target) for path, target in targets.items()}
         for path, target in targets.items():  # all checks pass before any layer is touched
             layer = wrap(self.model, path, target)
@@ -94,7 +94,7 @@ class Adapters:
             params = variant.create(target, settings[path], None if weight is None else weight.detach(), adapter.shared)
             layer.branches[name] = Branch(variant, target, settings[path], params).train(layer.training)
             adapter.layers.append(path)
-            if isinstance(layer.base_layer, QuantizedLinear) and (getattr(variant, "moves_base_weight", False)
+            if isinstance(layer.base_layer, QuantizedLinear) and (spec.option(variant, "moves_base_weight")
                                                                    or layer.resident(name) is not None):
                 for done in adapter.layers:
                     wrapped = self.model.get_submodule(done)
@@ -205,7 +205,7 @@ class Adapters:
 
     def _mergeable(self, name: str) -> None:
         variant = self.adapters[name].variant
-        if self.adapters[name].layers and not hasattr(variant, "weight_delta"):
+        if self.adapters[name].layers and not isinstance(variant, spec.WeightSpace):
             raise AdaptkitError(f"adapter '{name}' ({variant.name}) changes activations, not weights; it cannot be merged")
 
     def _pick(self, names, default=None) -> list[str]:
@@ -300,25 +300,26 @@ class Adapters:
         groups = []
         for name in self.active:
             named = [(n, p) for n, p in self.parameters(name) if p.requires_grad]
-            hook = getattr(self.adapters[name].variant, "param_groups", None)
-            groups += hook(named, lr, self.adapters[name].config) if hook else [{"params": [p for _, p in named], "lr": lr}]
+            variant = self.adapters[name].variant
+            groups += (variant.param_groups(named, lr, self.adapters[name].config) if isinstance(variant, spec.ParamGroups)
+                       else [{"params": [p for _, p in named], "lr": lr}])
         return [g for g in groups if g["params"]]
 
     def step_end(self, step: int) -> None:
         """Call after each optimizer step (`step` counts from 1): variants that move base weights or
         rank budgets between steps do it here."""
         for name in self.active:
-            hook = getattr(self.adapters[name].variant, "on_step_end", None)
-            if hook:
-                hook(self._layers(name), self.adapters[name].config, step)
+            variant = self.adapters[name].variant
+            if isinstance(variant, spec.StepEnd):
+                variant.on_step_end(self._layers(name), self.adapters[name].config, step)
 
     def extra_loss(self):
         """Regularization terms variants add to the training loss (0 when none)."""
         total = 0.0
         for name in self.active:
-            hook = getattr(self.adapters[name].variant, "extra_loss", None)
-            if hook:
-                total = total + hook(self._layers(name), self.adapters[name].config)
+            variant = self.adapters[name].variant
+            if isinstance(variant, spec.ExtraLoss):
+                total = total + variant.extra_loss(self._layers(name), self.adapters[name].config)
         return total
 
     def train_state(self) -> dict:
@@ -326,17 +327,18 @@ class Adapters:
         "adapter/key", for checkpoints; empty when no variant keeps any."""
         found = {}
         for name in self.active:
-            hook = getattr(self.adapters[name].variant, "train_state", None)
-            if hook:
-                found.update({f"{name}/{k}": v for k, v in hook(self._layers(name), self.adapters[name].config).items()})
+            variant = self.adapters[name].variant
+            if isinstance(variant, spec.TrainState):
+                state = variant.train_state(self._layers(name), self.adapters[name].config)
+                found.update({f"{name}/{k}": v for k, v in state.items()})
         return found
 
     def load_train_state(self, tensors: dict) -> None:
         for name in self.active:
-            hook = getattr(self.adapters[name].variant, "load_train_state", None)
+            variant = self.adapters[name].variant
             mine = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
-            if hook and mine:
-                hook(self._layers(name), self.adapters[name].config, mine)
+            if isinstance(variant, spec.TrainState) and mine:
+                variant.load_train_state(self._layers(name), self.adapters[name].config, mine)
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, out: str | Path, name: str | None = None, *, force: bool = False) -> Path:

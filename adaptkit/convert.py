@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import registry
+from . import registry, spec
 from .adapter import read_adapter
 from .dtypes import code_to_torch, compute_dtype, parse_dtype
 from .errors import AdaptkitError
@@ -86,7 +86,7 @@ def _base_weight(base, module: str) -> torch.Tensor | None:
 def _new_bias(variant, adapter: AdapterFiles, module: str, base) -> torch.Tensor | None:
     """The module's bias after the adapter (b + Δb) where the adapter changes it, else None. Factors
     cannot hold a bias change, so it travels whole; that needs the base model's bias."""
-    if not hasattr(variant, "delta_bias"):
+    if not isinstance(variant, spec.StoredBiasDelta):
         return None
     key = f"{module}.bias"
     bias = base.get(key) if base is not None and key in base else None
@@ -104,7 +104,7 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
     """`adapter` as plain low-rank modules (see the module docstring)."""
     _check_rank(rank, energy)
     variant = registry.get("variant", adapter.variant)
-    if hasattr(variant, "check_mergeable"):
+    if isinstance(variant, spec.MergeCheck):
         variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
     base_store = open_store(resolve_path(str(base)), allow_pickle=allow_pickle) if base is not None else None
     out, report = LowRankAdapter.keeping(adapter.config), Report()
@@ -165,7 +165,7 @@ def _factorable(key: str, tensor: torch.Tensor, base) -> bool:
 
 
 def _as_stored(variant, adapter: AdapterFiles, module: str) -> LowRankModule | None:
-    if not hasattr(variant, "lowrank_module"):
+    if not isinstance(variant, spec.LowRankStored):
         return None
     try:
         return variant.lowrank_module(adapter, module)
@@ -175,7 +175,7 @@ def _as_stored(variant, adapter: AdapterFiles, module: str) -> LowRankModule | N
 
 def _exact_factors(variant, adapter: AdapterFiles, module: str):
     """(A, B, s, layout) in the stored dtype where the variant has an exact low-rank form, else None."""
-    if not hasattr(variant, "factors"):
+    if not isinstance(variant, spec.Factors):
         return None
     try:
         a, b, s = variant.factors(adapter, module)
@@ -192,7 +192,7 @@ def write(lowrank: LowRankAdapter, fmt: str, out: str | Path, *, force: bool = F
     """Write `lowrank` in format `fmt` into the folder `out` (temporary folder, renamed at the end);
     `inputs` are the run's input paths (the output may not be inside one, nor hold one)."""
     plugin = registry.get("format", fmt)
-    if not hasattr(plugin, "write"):
+    if not isinstance(plugin, spec.Writable):
         raise AdaptkitError(f"format '{fmt}' can be read but not written (writable: {', '.join(writable_formats())})")
     with atomic_output(out, force=force, inputs=inputs) as tmp:
         files = plugin.write(lowrank, tmp)
@@ -200,7 +200,7 @@ def write(lowrank: LowRankAdapter, fmt: str, out: str | Path, *, force: bool = F
 
 
 def writable_formats() -> list[str]:
-    return [n for n in registry.names("format") if hasattr(registry.get("format", n), "write")]
+    return [n for n in registry.names("format") if isinstance(registry.get("format", n), spec.Writable)]
 
 
 def convert(source: str | Path, to: str, out: str | Path, *, rank: int | None = None, energy: float | None = None,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import spec
 from .errors import AdaptkitError
 from .quantized import QuantizedLinear, fake_quantize
 
@@ -49,7 +50,7 @@ class Branch(nn.Module):
         super().__init__()
         self.variant, self.target, self.settings = variant, target, settings
         self.params = params
-        self.transforms_input = hasattr(variant, "transform_input")  # e.g. scaling the input features
+        self.transforms_input = isinstance(variant, spec.TransformsInput)  # e.g. scaling the input features
 
     def forward(self, *args, **kwargs):  # pragma: no cover - branches are called through AdaptedLayer
         raise TypeError("a Branch is run by its AdaptedLayer")
@@ -115,8 +116,8 @@ class AdaptedLayer(Forwarding):
         bias = None if bias is None else bias.float()
         for branch in running:
             effective = effective + branch.variant.weight_delta(branch, w)
-            hook = getattr(branch.variant, "bias_delta", None)
-            change = None if hook is None else hook(branch, bias)  # a trained bias needs no base bias
+            variant = branch.variant  # a trained bias needs no base bias:
+            change = variant.bias_delta(branch, bias) if isinstance(variant, spec.LiveBiasDelta) else None
             bias = change if bias is None else bias if change is None else bias + change
         q = fake_quantize(effective, self.fake_quant)
         if self.target.kind == "embedding":
@@ -152,13 +153,14 @@ class AdaptedLayer(Forwarding):
         delta = self.delta(name)
         self.add_to_weight(delta, +1)
         branch = self.branches[name]
-        depends_on_w = getattr(branch.variant, "delta_needs_base", lambda _: False)(branch)
+        variant = branch.variant
+        depends_on_w = isinstance(variant, spec.BaseDependent) and variant.delta_needs_base(branch)
         self.merged[name] = delta if depends_on_w else None
-        bias, hook = getattr(self.base_layer, "bias", None), getattr(branch.variant, "bias_delta", None)
-        if hook is not None:  # a branch that also changes the bias (output scaling, a trained bias)
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(variant, spec.LiveBiasDelta):  # it also changes the bias (output scaling, a trained bias)
             bias = bias if isinstance(bias, torch.Tensor) else None
             with torch.no_grad():
-                change = hook(branch, None if bias is None else bias.float())
+                change = variant.bias_delta(branch, None if bias is None else bias.float())
             if change is not None and bias is None:
                 self.unmerge(name)
                 raise AdaptkitError(f"{self.path}: adapter '{name}' changes the bias, but this layer has none to merge it into")
@@ -181,11 +183,10 @@ class AdaptedLayer(Forwarding):
         """The part of adapter `name` that lives inside the base weight itself (math layout): PiSSA's
         residual, Delta-LoRA's updates of W. Taken out when adapters are disabled or removed."""
         branch = self.branches[name]
-        hook = getattr(branch.variant, "resident", None)
-        if hook is None:
+        if not isinstance(branch.variant, spec.Resident):
             return None
         with torch.no_grad():
-            found = hook(branch)
+            found = branch.variant.resident(branch)
         return None if found is None else found.to(self.base_layer.weight.dtype)
 
     def set_disabled(self, disabled: bool) -> None:

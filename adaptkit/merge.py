@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import allocator, registry
+from . import allocator, registry, spec
 from .dtypes import code_to_torch, parse_dtype, torch_to_code
 from .errors import AdaptkitError
 from .io import open_store
@@ -77,7 +77,7 @@ def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]
 def operator_params(recipe: Recipe, method, name: str, t: float, count: int) -> dict[str, Any]:
     """The operator's keyword arguments at one tensor position, with seeded generators if it is random."""
     params = resolve_params(recipe, method, name, t)
-    if getattr(method, "random", False):
+    if spec.option(method, "random"):
         params["generators"] = seeded_generators(recipe.seed, name, count)
     return params
 
@@ -96,7 +96,7 @@ class Plan:
     def __init__(self, recipe: Recipe, *, allow_pickle: bool = False, dtype: str | None = None):
         self.recipe = recipe
         self.method = registry.get("merge", recipe.method)
-        takes_base = getattr(self.method, "takes_base", True)
+        takes_base = spec.option(self.method, "takes_base")
         self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base and takes_base else None
         self.inputs = [open_input(ref, allow_pickle=allow_pickle, base=recipe.base) for ref in recipe.models]
         check_same_architecture(self.sources)
@@ -123,13 +123,13 @@ class Plan:
         """Working memory of one tensor (or block): float32 copies of the inputs, the result, and
         for whole-tensor operators their task vectors and masks besides."""
         per_element = 4 * (len(self.sources) + 2)
-        if not getattr(self.method, "elementwise", False):
+        if not spec.option(self.method, "elementwise"):
             per_element += 4 * len(self.inputs) + 8
         return numel * per_element
 
     def peak_bytes(self, threads: int) -> int:
         largest = max((math.prod(shape) for _, _, shape in self.layout), default=0)
-        if getattr(self.method, "elementwise", False):
+        if spec.option(self.method, "elementwise"):
             largest = min(largest, BLOCK_ELEMENTS)
         return max(self.working_bytes(largest), min(WORKING_MEMORY, self.working_bytes(largest) * threads))
 
@@ -151,7 +151,7 @@ def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
     """[None] (the whole tensor), or row ranges when the operator is elementwise and the tensor big."""
     shape = (plan.base or plan.inputs[0]).info(name).shape
     numel = math.prod(shape)
-    if (not getattr(plan.method, "elementwise", False) or numel <= BLOCK_ELEMENTS or len(shape) < 2
+    if (not spec.option(plan.method, "elementwise") or numel <= BLOCK_ELEMENTS or len(shape) < 2
             or any(source.has_deltas(name) or source.store.packed(name) for source in plan.sources)):
         return [None]
     step = max(1, BLOCK_ELEMENTS // (numel // shape[0]))
@@ -166,7 +166,7 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
         return reference.get(name, float32=False, rows=rows)
     # Operators that upcast block by block get inputs as stored (half the memory for bf16 models);
     # inputs with adapter deltas come in float32 either way.
-    lazy = getattr(plan.method, "block_upcast", False)
+    lazy = spec.option(plan.method, "block_upcast")
     tensors = [source.get(name, rows=rows, float32=not lazy or source.has_deltas(name)) for source in plan.inputs]
     base = plan.base.get(name, rows=rows, float32=not lazy or plan.base.has_deltas(name)) if plan.base else None
     if not allow_nonfinite:
@@ -260,7 +260,7 @@ def default_threads(plan: Plan) -> int:
     """Row blocks of elementwise operators overlap reading and arithmetic well on two workers; a
     whole-tensor operator runs fastest on one worker using all of torch's own threads (measured:
     trim-and-elect merges on two workers took twice as long, the workers fighting over memory bandwidth)."""
-    return min(2, os.cpu_count() or 1) if getattr(plan.method, "elementwise", False) else 1
+    return min(2, os.cpu_count() or 1) if spec.option(plan.method, "elementwise") else 1
 
 
 def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool) -> None:

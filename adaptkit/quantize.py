@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import registry
+from . import registry, spec
 from .dtypes import FLOAT_CODES, SIZES, compute_dtype
 from .errors import AdaptkitError
 from .io import open_store
@@ -90,15 +90,15 @@ def _describe_for_transformers(store, method: str, chosen: set[str], folder: Pat
     must be skipped for it)."""
     from .readers import dump_json, read_json
 
-    hook = getattr(registry.get("quantizer", method), "transformers_config", None)
+    quantizer = registry.get("quantizer", method)
     path = folder / "config.json"
-    if hook is None or not path.is_file() or not chosen:
+    if not isinstance(quantizer, spec.TransformersConfig) or not path.is_file() or not chosen:
         return
     skipped = sorted({k.rsplit(".", 1)[0] for k in select(store) if k not in chosen})
     dtypes = sorted({store.info(k).dtype for k in chosen})
     dtype = compute_dtype(dtypes[0]) if len(dtypes) == 1 else "float32"
     config = read_json(path)
-    config["quantization_config"] = hook(skipped, dtype)
+    config["quantization_config"] = quantizer.transformers_config(skipped, dtype)
     path.write_text(dump_json(config, "config.json"))
 
 
@@ -114,7 +114,7 @@ def plan_layout(store, method: str, chosen: set[str], *,
     names = list(store.keys())
     layout: list[tuple[str, str, tuple[int, ...]]] = []
     bar = tqdm(total=len(names), unit="tensor", desc=f"plan {method}", disable=not progress, leave=False)
-    planned = getattr(quantizer, "packed_layout", None)
+    planned = quantizer.packed_layout if isinstance(quantizer, spec.PackedLayout) else None
     for name in names:
         info = store.info(name)
         if name in chosen:

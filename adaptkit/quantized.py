@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import allocator, registry
+from . import allocator, registry, spec
 from .errors import AdaptkitError
 
 
@@ -46,7 +46,7 @@ class QuantizedLinear(nn.Module):
         self._keys = {}
         # small tensors the plugin reads on the host (a JSON state, a shape) stay on the CPU, so
         # unpacking on a GPU never waits for a device-to-host copy
-        host = set(getattr(self.quantizer, "host_keys", ()))
+        host = set(spec.option(self.quantizer, "host_keys"))
         self._host = {key: tensor.cpu() for key, tensor in packed.items() if key in host}
         for key, tensor in packed.items():
             if key not in host:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import readers, registry
+from . import readers, registry, spec
 from . import validate as v
 from .errors import AdaptkitError, closest, unknown_name
 from .paths import regular_file
@@ -123,7 +123,7 @@ def load_recipe(source: str | Path | dict) -> Recipe:
     recipe.output_rank = output.get("rank")
     if recipe.output_kind not in ("model", "adapter"):
         raise AdaptkitError(f"{src}: output.kind must be 'model' or 'adapter', got {short(recipe.output_kind)}")
-    if (recipe.output_kind == "model" and recipe.base and not getattr(method, "takes_base", True)
+    if (recipe.output_kind == "model" and recipe.base and not spec.option(method, "takes_base")
             and str(recipe.base) not in map(str, models)):
         # mergekit's rule: a base model the method has no separate use for is one more input,
         # with only the global parameters. (For an adapter output the base only serves ΔW.)

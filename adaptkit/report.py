@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import registry
+from . import registry, spec
 
 
 def human_bytes(n: float) -> str:
@@ -54,7 +54,7 @@ def format_inspect(r: dict[str, Any]) -> str:
         row("base model", a["base_model"] or "(not recorded)")
         if "ranks" in a:
             row("rank", a["rank"] if a["rank"] is not None else f"{min(a['ranks'])}..{max(a['ranks'])} (varies)")
-        for key in getattr(registry.get("variant", a["variant"]), "inspect_rows", ()):
+        for key in spec.option(registry.get("variant", a["variant"]), "inspect_rows"):
             if isinstance(a.get(key), bool):  # a flag: shown when set
                 if a[key]:
                     row(key, "yes")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import registry, validate
+from . import registry, spec, validate
 from .adapter import read_adapter
 from .errors import AdaptkitError
 from .io import WEIGHT_SUFFIXES, TensorStore, open_store
@@ -53,7 +53,7 @@ class ModelSource:
 
     def _index(self, adapter: AdapterFiles) -> None:
         variant = registry.get("variant", adapter.variant)
-        if hasattr(variant, "check_mergeable"):
+        if isinstance(variant, spec.MergeCheck):
             variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
         for module in adapter.modules:
             key = weight_key(self.store, module)
@@ -61,9 +61,9 @@ class ModelSource:
                 raise AdaptkitError(f"adapter {adapter.store.root} targets '{module}', which {self.ref.model} does not "
                                     "have: an adapter for a different base?")
             self._deltas.setdefault(key, []).append((adapter, module, "delta"))
-            if hasattr(variant, "delta_bias") and f"{module}.bias" in self.store:  # it changes the bias too
+            if isinstance(variant, spec.StoredBiasDelta) and f"{module}.bias" in self.store:  # it changes the bias too
                 self._deltas.setdefault(f"{module}.bias", []).append((adapter, module, "delta_bias"))
-            elif hasattr(variant, "delta_bias") and variant.delta_bias(adapter, module, base=None) is not None:
+            elif isinstance(variant, spec.StoredBiasDelta) and variant.delta_bias(adapter, module, base=None) is not None:
                 raise AdaptkitError(f"adapter {adapter.store.root} changes the bias of '{module}', which has none "
                                     f"in {self.ref.model}")
         for name, key in adapter.saved.items():

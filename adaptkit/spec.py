@@ -1,14 +1,24 @@
 """The plugin contracts. The core talks to plugins only through these; it never names a variant.
 
 Each kind is a Protocol checked when a plugin is first loaded (`registry.get`). Members listed in
-a Protocol are required; optional hooks are looked up with `getattr` where they are used, with
-the default behaviour in the core.
+a kind's Protocol are required. Everything else a plugin may offer is an optional capability: a
+small `runtime_checkable` Protocol (in `adaptkit.capabilities`, re-exported here; members that only
+make sense together share one), which the core tests with `isinstance(plugin, spec.Capability)`
+(member presence only) where it uses it, or an attribute read with `option(plugin, name)`. `HOOKS` lists every optional hook with its Protocol,
+what the core does when it is absent, and the built-ins that define it (tests/test_spec_hooks.py
+keeps it in step with the registry and the core).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from .capabilities import (BaseDependent, ChoosesTargets, ExtraLoss, FactorMerge, Factors, FileCheck, Intervention,
+                           LiveBiasDelta, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
+                           PackedLayout, ParamGroups, QuantizerOptions, Resident, SavesTensors, StepEnd,
+                           StoredBiasDelta, TrainSettings, TrainState, TransformersConfig, TransformsInput,
+                           UnpackedShape, VariantOptions, WeightSpace, Writable)
 
 if TYPE_CHECKING:
     import torch
@@ -105,12 +115,8 @@ class Variant(Protocol):
 
     `param_names` are the roles of its tensors as they appear in PEFT-style keys
     (`<module>.<role>[.weight]`); `config_keys` are the config fields it understands (others warn).
-    Optional: `config_types` — field -> checker (`adaptkit.validate`), applied to adapter_config.json
-    and to `inject`'s settings; `check_files(adapter)` — raises AdaptkitError where the config
-    contradicts the stored tensors (ranks, magnitude vectors), from shapes alone, as each adapter is read;
-    `inspect_rows` — the `describe` figures `adaptkit inspect` prints as rows after the rank, in order
-    (a true/false figure as "yes" when true), default none (the LoRA family, adalora, tied_lora: alpha,
-    scaling and their flags; ia3, vera: fan_in_fan_out).
+    Optional capabilities: `VariantOptions`, `FileCheck`, `MergeCheck`, `StoredBiasDelta`, `Factors`,
+    `LowRankStored`, `LowRankWriter`; the module plane: `LiveModule`.
     """
 
     name: str
@@ -122,45 +128,32 @@ class Variant(Protocol):
 
     def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW for one module, shaped like the base weight (float32). `base` is the base weight, for
-        variants whose delta depends on it; others ignore it.
-
-        Optional: `delta_bias(adapter, module, base)` — the change to the module's bias (`base` the
-        bias), or None; `check_mergeable(adapter)` — raises AdaptkitError for an adapter with no
-        weight-space form (it edits activations), before any merge reads it."""
+        variants whose delta depends on it; others ignore it."""
 
 
-class ModuleVariant(Protocol):
-    """The module plane of a variant (optional: a variant without it cannot go on a live model).
+@runtime_checkable
+class LiveModule(Protocol):
+    """The module plane of a variant: it can go on a live model (`inject`, `train`, `load`).
 
-    `defaults` are the config keys `inject` accepts (besides the targeting keys) with defaults.
-    Per layer: `settings(config, path, target)` resolves that layer's settings (rank, scaling, …)
-    and rejects impossible ones; `create(target, settings, weight, shared)` returns the layer's
-    tensors by role as an `nn.ParameterDict` (requires_grad set as the variant trains them;
-    `weight` is the base weight out × in, `shared` a ParameterDict for tensors every layer of
-    the adapter uses); `forward(branch, base_layer, x, result)` returns the layer output with the
-    branch applied; `weight_delta(branch, weight)` gives ΔW (out × in, float32) for merging.
-    Files: `stored_key(role, target)` names a tensor in PEFT's layout, `file_config(config,
-    settings_by_path, transposed)` and `config_from_file(adapter_files)` translate configs.
-
-    Optional hooks: `save_tensors(branch)` (what to write, if not the tensors themselves) and
-    `load_tensors(branch, tensors)` (set the branch from the file's tensors by role, if not by copying),
-    `delta_needs_base(branch)`, `bias_delta(branch, bias)` (the change merging makes to the layer's
-    bias, or None; `bias` is None where the layer has none; kept to be taken out exactly on unmerge),
-    `resident(branch)` (a change the variant keeps inside the base weight, taken out on
-    disable/remove), `moves_base_weight = True` (the variant trains W itself, so it cannot go on a
-    quantized base layer), `prepare(model, config)`
-    (choose targets its own way), `param_groups(named_params, lr, config)`, `on_step_end(layers,
-    config, step)` and `extra_loss(layers, config)` with `layers` a list of (AdaptedLayer, Branch);
-    `train_state(layers, config)` / `load_train_state(layers, config, tensors)` (state kept outside
-    the tensors, e.g. importance averages, saved in training checkpoints);
-    `train_settings(steps)` (settings `train` fills in where left unset, from the run's number of
-    optimizer steps; default none; adalora's budget schedule length);
-    `transform_input(branch, x)` (changes the base layer's input, e.g. scaling features);
-    `target_of(module)` (what the variant can wrap, default `layer.Target.of`: activation-space
-    variants wrap whole blocks; `weight` is then None and there is no `weight_delta`).
-    """
+    `defaults` are the config keys `inject` accepts (besides the targeting keys) with defaults;
+    `file_config(config, settings_by_path, transposed)` and `config_from_file(adapter_files)`
+    translate configs to and from adapter_config.json. A variant that adapts layers (not only
+    whole modules to save, as partial) is also a `LayerVariant`."""
 
     defaults: Mapping[str, Any]
+
+    def file_config(self, config: Mapping[str, Any], settings: Mapping[str, Any], transposed: bool) -> dict[str, Any]: ...
+
+    def config_from_file(self, adapter: AdapterFiles) -> dict[str, Any]: ...
+
+
+class LayerVariant(Protocol):
+    """Per adapted layer: `settings(config, path, target)` resolves that layer's settings (rank,
+    scaling, …) and rejects impossible ones; `create(target, settings, weight, shared)` returns the
+    layer's tensors by role as an `nn.ParameterDict` (requires_grad set as the variant trains them;
+    `weight` is the base weight out × in, None for a whole block; `shared` a ParameterDict for
+    tensors every layer of the adapter uses); `forward(branch, base_layer, x, result)` returns the
+    layer output with the branch applied; `stored_key(role, target)` names a tensor in PEFT's layout."""
 
     def settings(self, config: Mapping[str, Any], path: str, target: Any) -> dict[str, Any]: ...
 
@@ -168,22 +161,17 @@ class ModuleVariant(Protocol):
 
     def forward(self, branch: Any, base_layer: Any, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor: ...
 
+    def stored_key(self, role: str, target: Any) -> str: ...
+
 
 @runtime_checkable
 class MergeMethod(Protocol):
     """A merge operator over one tensor position, never seeing files.
 
     `params` maps each parameter name to its default (`None` = required); recipes are checked
-    against it. Operators drawing random numbers set `random = True` and take `generators`, one
-    seeded torch.Generator per input. Operators with no separate use for a base set
-    `takes_base = False`: a recipe's base model is then one more input (as in mergekit).
-    `elementwise = True` lets the engine hand big tensors over in row blocks; `block_upcast = True`
-    takes floating inputs in their stored dtype (it computes in float32 block by block). `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
+    against it. `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
     the merged tensor; `base` is None when the recipe has no base model.
-    Optional: `merge_factors(factors, **params) -> (A, B)` — the method merges adapters' low-rank
-    factors exactly, not their ΔW: per module each input's (A, B, s) (None where an input lacks the
-    module) in, the output's factors with ΔW = B·A out (`adaptkit.adapter_merge`; the quick form of
-    `adaptkit merge` then makes an adapter); default none: merged as ΔW, refactored by SVD (concat).
+    Optional: `MergeOptions`, `FactorMerge`.
     """
 
     name: str
@@ -198,15 +186,8 @@ class Quantizer(Protocol):
     """Packs a float tensor into storage tensors and back. `detect` must need headers only.
 
     Keys of the packed dict start with "weight" ("weight", "weight.<stat>"); stored models put them
-    under the tensor's name. Optional: `unpacked_shape(shapes, read)` — the original shape from the
-    packed tensors' shapes (key -> shape) and `read(key)` for small ones, without unpacking;
-    `packed_layout(tensor)` — {key: (safetensors dtype code, shape)} that `quantize` will return,
-    computed without quantizing (saves the writer's planning pass); `host_keys` — packed keys that
-    `dequantize` reads on the host (a layer on a GPU keeps them on the CPU);
-    `transformers_config(skipped_modules, compute_dtype)` — the `quantization_config` under which
-    transformers loads the files (written into config.json by `adaptkit quantize`);
-    `double_quant_form` — the name of the quantizer that is this one with its block scales quantized
-    too (what `adaptkit quantize --double-quant` picks), default none (nf4, fp4).
+    under the tensor's name. Optional: `QuantizerOptions`, `UnpackedShape`, `PackedLayout`,
+    `TransformersConfig`.
     """
 
     name: str
@@ -222,10 +203,7 @@ class Quantizer(Protocol):
 class Format(Protocol):
     """A file layout for adapters. `detect` runs on every `inspect`, so the module must import
     cheaply (no torch at module level) and look at keys, metadata and JSON files only.
-
-    A format that can be written (a target of `adaptkit convert --to NAME`) also has
-    `write(adapter: LowRankAdapter, out_dir: Path) -> list[Path]`, writing into an existing
-    (temporary) folder; the caller renames it into place.
+    Optional: `Writable`.
     """
 
     name: str
@@ -243,3 +221,60 @@ def required_members(protocol: type) -> list[str]:
     names = set(getattr(protocol, "__annotations__", {}))
     names |= {k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_")}
     return sorted(names)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """An optional hook: the Protocol that declares it, and what the core does without it (for an
+    attribute, the value `option` gives)."""
+
+    protocol: type
+    default: Any
+
+
+# Every optional hook. The comment on each row lists the built-ins (registry names) defining it, `all`
+# where every built-in of its kind does; factor_layout is also a member of LowRankWriter.
+# tests/test_spec_hooks.py derives them from the registry and fails when a row is out of date.
+HOOKS: dict[str, Hook] = {
+    "config_types": Hook(VariantOptions, {}),  # all
+    "inspect_rows": Hook(VariantOptions, ()),  # adalora delta_lora ia3 lora lora_fa lora_plus tied_lora vera
+    "moves_base_weight": Hook(VariantOptions, False),  # delta_lora
+    "check_files": Hook(FileCheck, "no check"),  # adalora delta_lora lora lora_fa lora_plus
+    "check_mergeable": Hook(MergeCheck, "every adapter has a ΔW"),  # loreft
+    "delta_bias": Hook(StoredBiasDelta, "the bias stays"),  # delta_lora ia3 lora lora_fa lora_plus
+    "factors": Hook(Factors, "ΔW by SVD"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
+    "factor_layout": Hook(Factors, "no adapter output"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
+    "lowrank_module": Hook(LowRankStored, "from factors or by SVD"),  # delta_lora lora lora_fa lora_plus
+    "write_lowrank": Hook(LowRankWriter, "no adapter output"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
+    "weight_delta": Hook(WeightSpace, "cannot be merged"),  # adalora delta_lora ia3 lora lora_fa lora_plus tied_lora vera
+    "delta_needs_base": Hook(BaseDependent, "ΔW recomputed on unmerge"),  # delta_lora ia3 lora lora_fa lora_plus
+    "bias_delta": Hook(LiveBiasDelta, "the bias stays"),  # delta_lora ia3 lora lora_fa lora_plus
+    "resident": Hook(Resident, "nothing inside W"),  # delta_lora lora lora_fa lora_plus
+    "transform_input": Hook(TransformsInput, "the input as it is"),  # ia3
+    "target_of": Hook(Intervention, "layer.Target.of"),  # loreft
+    "prepare": Hook(ChoosesTargets, "config as given"),  # ia3 loreft partial vera
+    "save_tensors": Hook(SavesTensors, "its tensors"),  # adalora delta_lora lora lora_fa lora_plus loreft tied_lora vera
+    "load_tensors": Hook(LoadsTensors, "copied by role"),  # loreft
+    "param_groups": Hook(ParamGroups, "one group at lr"),  # delta_lora lora lora_fa lora_plus loreft
+    "on_step_end": Hook(StepEnd, "nothing"),  # adalora delta_lora
+    "extra_loss": Hook(ExtraLoss, "0"),  # adalora
+    "train_state": Hook(TrainState, "none kept"),  # adalora
+    "load_train_state": Hook(TrainState, "nothing restored"),  # adalora
+    "train_settings": Hook(TrainSettings, "none"),  # adalora
+    "random": Hook(MergeOptions, False),  # all
+    "takes_base": Hook(MergeOptions, True),  # average linear
+    "elementwise": Hook(MergeOptions, False),  # all
+    "block_upcast": Hook(MergeOptions, False),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties magnitude_prune task_arithmetic ties
+    "merge_factors": Hook(FactorMerge, "merged as ΔW, refactored by SVD"),  # concat
+    "host_keys": Hook(QuantizerOptions, ()),  # binary fp4 fp4_dq nf4 nf4_dq ternary
+    "double_quant_form": Hook(QuantizerOptions, None),  # fp4 nf4
+    "unpacked_shape": Hook(UnpackedShape, "unpacks to see"),  # all
+    "packed_layout": Hook(PackedLayout, "quantizes to see"),  # all
+    "transformers_config": Hook(TransformersConfig, "config.json unchanged"),  # fp4 fp4_dq nf4 nf4_dq
+    "write": Hook(Writable, "read-only format"),  # all
+}
+
+
+def option(plugin: Any, name: str) -> Any:
+    """The plugin's optional attribute `name` (an attribute member of a Protocol in HOOKS), or its default."""
+    return getattr(plugin, name, HOOKS[name].default)

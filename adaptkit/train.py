@@ -32,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import checkpoint, readers, registry, validate
+from . import checkpoint, readers, registry, spec, validate
 from .data import Batches, Dataset, collate, load_dataset
 from .errors import AdaptkitError
 from .evaluate import autocast, default_device, evaluate_model
@@ -194,19 +194,18 @@ def _inject(model, name: str, settings: dict, new: list[str], total: int):
     from .adapters import variant_config
 
     variant = registry.get("variant", name)
-    if not hasattr(variant, "defaults"):
+    if not isinstance(variant, spec.LiveModule):
         raise AdaptkitError(f"variant '{name}' has no module plane; it cannot be trained")
     config = dict(settings)
     if new:
         config.setdefault("modules_to_save", new)
         if isinstance(config.get("exclude_modules") or [], list):
             config["exclude_modules"] = list(config.get("exclude_modules") or []) + new
-    derive = getattr(variant, "train_settings", None)
-    for key, value in (derive(total) if derive else {}).items():
+    for key, value in (variant.train_settings(total) if isinstance(variant, spec.TrainSettings) else {}).items():
         config.setdefault(key, value)
     if "target_modules" not in config:
-        prepare = getattr(variant, "prepare", None)
-        probe = prepare(model, variant_config(variant, {**config, "modules_to_save": None})) if prepare else {}
+        probe = (variant.prepare(model, variant_config(variant, {**config, "modules_to_save": None}))
+                 if isinstance(variant, spec.ChoosesTargets) else {})
         if probe.get("target_modules") is None and not probe.get("modules_to_save"):
             config["target_modules"] = "all-linear"
     handle = adaptkit.inject(model, variant, **config)

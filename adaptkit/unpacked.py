@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import registry
+from . import registry, spec
 from .errors import AdaptkitError, CorruptFileError
 from .errors import printable
 from .io import TensorStore
@@ -59,8 +59,8 @@ class UnpackedStore(TensorStore):
 
     def _shape(self, name: str) -> tuple[int, ...]:
         group = self.groups[name]
-        hook = getattr(self.quantizer, "unpacked_shape", None)
-        if hook is not None:
+        if isinstance(self.quantizer, spec.UnpackedShape):
+            hook = self.quantizer.unpacked_shape
             shapes = {key: tuple(self.inner.info(stored).shape) for key, stored in group.items()}
             shape = tuple(self._unpack(name, lambda: hook(shapes, lambda key: self.inner.get(group[key]))))
         else:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import spec
 from .errors import AdaptkitError, short  # short: values in this module's messages (and its users')
 
 Check = Callable[[Any, str], Any]
@@ -218,7 +219,7 @@ MODEL_FIELDS: dict[str, Check] = {
 
 def adapter_config(config: Mapping[str, Any], variant: Any, where: str | Path) -> None:
     """The shared fields and the variant's own (`config_types`) have the types they must have."""
-    check_fields(config, {**ADAPTER_FIELDS, **getattr(variant, "config_types", {})}, where)
+    check_fields(config, {**ADAPTER_FIELDS, **spec.option(variant, "config_types")}, where)
 
 
 def adapter_source(adapter: Any) -> Path:

@@ -1,0 +1,210 @@
+"""The optional capabilities of plugins, one small Protocol each (see `adaptkit.spec`).
+
+A plugin offers a capability by defining its members; the core tests `isinstance(plugin, P)` where
+it uses one (runtime_checkable: members present, signatures not checked) and otherwise does what
+`spec.HOOKS` gives as the default. Members that only make sense together share one Protocol;
+attributes with a default are grouped per kind (`…Options`) and read with `spec.option`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from .spec import AdapterFiles, LowRankAdapter, LowRankModule
+
+# Variants, tensor plane (a saved adapter):
+
+@runtime_checkable
+class VariantOptions(Protocol):
+    """Attributes a variant may set (read with `option`): `config_types` field -> checker (`adaptkit.validate`)
+    for adapter_config.json and `inject`'s settings; `inspect_rows` the `describe` figures `adaptkit inspect`
+    prints after the rank (a true flag as "yes"); `moves_base_weight` the variant trains W itself (so not on a
+    quantized base layer)."""
+    config_types: Mapping[str, Any]
+    inspect_rows: Sequence[str]
+    moves_base_weight: bool
+
+
+@runtime_checkable
+class FileCheck(Protocol):
+    """Raises AdaptkitError where the config contradicts the stored tensors (ranks, magnitudes), from shapes."""
+    def check_files(self, adapter: AdapterFiles) -> None: ...
+
+
+@runtime_checkable
+class MergeCheck(Protocol):
+    """Raises AdaptkitError for an adapter with no weight-space form (it edits activations), before a merge."""
+    def check_mergeable(self, adapter: AdapterFiles) -> None: ...
+
+
+@runtime_checkable
+class StoredBiasDelta(Protocol):
+    """The change a stored module makes to its layer's bias (`base` the bias or None), or None."""
+    def delta_bias(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None) -> torch.Tensor | None: ...
+
+
+@runtime_checkable
+class Factors(Protocol):
+    """An exact low-rank form of a stored module: (A, B, s) with ΔW = s·B·A (A r × in, B out × r; raises
+    AdaptkitError for a module without one), and how it lies against the base ({embedding, transposed})."""
+    def factors(self, adapter: AdapterFiles, module: str) -> tuple[torch.Tensor, torch.Tensor, float]: ...
+    def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]: ...
+
+
+@runtime_checkable
+class LowRankStored(Protocol):
+    """A stored module as a `LowRankModule` exactly as in the file (lossless), or AdaptkitError."""
+    def lowrank_module(self, adapter: AdapterFiles, module: str) -> LowRankModule: ...
+
+
+@runtime_checkable
+class LowRankWriter(Protocol):
+    """Writes an adapter of the variant from factors (module -> (A, B), ΔW = B·A) laid out as `factor_layout`
+    says, keeping `template`'s config fields, into `out_dir`; returns the files (merging into an adapter)."""
+    def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]: ...
+    def write_lowrank(self, factors: Mapping, layouts: Mapping, template: dict[str, Any], out_dir: Any) -> list: ...
+
+
+# Variants, module plane (a live `layer.Branch`; `layers` is a list of (AdaptedLayer, Branch)):
+
+@runtime_checkable
+class WeightSpace(Protocol):
+    """ΔW (out × in, float32) of a branch given the base weight, for merging; without it a variant edits
+    activations and cannot be merged."""
+    def weight_delta(self, branch: Any, weight: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class BaseDependent(Protocol):
+    """Whether the branch's ΔW depends on W (DoRA): the ΔW merged is kept, to take out exactly on unmerge."""
+    def delta_needs_base(self, branch: Any) -> bool: ...
+
+
+@runtime_checkable
+class LiveBiasDelta(Protocol):
+    """The change merging makes to the layer's bias (None where it has none), or None."""
+    def bias_delta(self, branch: Any, bias: torch.Tensor | None) -> torch.Tensor | None: ...
+
+
+@runtime_checkable
+class Resident(Protocol):
+    """A change kept inside the base weight (PiSSA's residual, updates of W), out on disable/remove, or None."""
+    def resident(self, branch: Any) -> torch.Tensor | None: ...
+
+
+@runtime_checkable
+class TransformsInput(Protocol):
+    """Changes the base layer's input (e.g. scaling features)."""
+    def transform_input(self, branch: Any, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    """What the variant wraps, for an activation-space variant (whole blocks; `create` gets weight None)."""
+    def target_of(self, module: Any) -> Any: ...
+
+
+@runtime_checkable
+class ChoosesTargets(Protocol):
+    """The config with the variant's own targets chosen (last k layers, modules to save)."""
+    def prepare(self, model: Any, config: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class SavesTensors(Protocol):
+    """What to write for a branch, by role, where not its tensors themselves."""
+    def save_tensors(self, branch: Any) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class LoadsTensors(Protocol):
+    """Sets a branch from the file's tensors by role, where not by copying them."""
+    def load_tensors(self, branch: Any, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+
+@runtime_checkable
+class ParamGroups(Protocol):
+    """The variant's optimizer parameter groups (LoRA+'s faster B)."""
+    def param_groups(self, named_params: list, lr: float, config: Mapping[str, Any]) -> list[dict]: ...
+
+
+@runtime_checkable
+class StepEnd(Protocol):
+    """Runs after each optimizer step (from 1): moving base weights or rank budgets."""
+    def on_step_end(self, layers: list, config: Mapping[str, Any], step: int) -> None: ...
+
+
+@runtime_checkable
+class ExtraLoss(Protocol):
+    """A regularization term added to the training loss."""
+    def extra_loss(self, layers: list, config: Mapping[str, Any]) -> Any: ...
+
+
+@runtime_checkable
+class TrainState(Protocol):
+    """State kept outside the tensors (importance averages) by key, saved in and restored from checkpoints."""
+    def train_state(self, layers: list, config: Mapping[str, Any]) -> dict[str, torch.Tensor]: ...
+    def load_train_state(self, layers: list, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+
+@runtime_checkable
+class TrainSettings(Protocol):
+    """Settings `train` fills in where left unset, from the run's number of optimizer steps."""
+    def train_settings(self, steps: int) -> dict[str, Any]: ...
+
+
+# Merge methods, quantizers, formats:
+
+@runtime_checkable
+class MergeOptions(Protocol):
+    """Attributes a merge method may set (read with `option`): `random` it draws random numbers and takes
+    `generators`, one seeded torch.Generator per input; `takes_base` False: a recipe's base is one more input
+    (as in mergekit); `elementwise` big tensors may come in row blocks; `block_upcast` floating inputs come
+    in their stored dtype (the method computes in float32 block by block)."""
+    random: bool
+    takes_base: bool
+    elementwise: bool
+    block_upcast: bool
+
+
+@runtime_checkable
+class FactorMerge(Protocol):
+    """Merges adapters' low-rank factors exactly, not their ΔW: per module each input's (A, B, s) (None where
+    it lacks the module) in, the output's (A, B) with ΔW = B·A out (`adaptkit.adapter_merge`)."""
+    def merge_factors(self, factors: Sequence, **params: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class QuantizerOptions(Protocol):
+    """Attributes a quantizer may set (read with `option`): `host_keys` packed keys `dequantize` reads on the
+    host (a layer on a GPU keeps them on the CPU); `double_quant_form` the quantizer that is this one with its
+    block scales quantized too (what `adaptkit quantize --double-quant` picks)."""
+    host_keys: Sequence[str]
+    double_quant_form: str | None
+
+
+@runtime_checkable
+class UnpackedShape(Protocol):
+    """The original shape from the packed tensors' shapes (key -> shape) and `read(key)`, without unpacking."""
+    def unpacked_shape(self, shapes: Mapping[str, tuple[int, ...]], read: Any) -> tuple[int, ...]: ...
+
+
+@runtime_checkable
+class PackedLayout(Protocol):
+    """{key: (safetensors dtype code, shape)} that `quantize` will return, computed without quantizing."""
+    def packed_layout(self, tensor: torch.Tensor) -> dict[str, tuple[str, tuple[int, ...]]]: ...
+
+
+@runtime_checkable
+class TransformersConfig(Protocol):
+    """The `quantization_config` under which transformers loads the files (written into config.json)."""
+    def transformers_config(self, skipped_modules: list[str], compute_dtype: str) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Writable(Protocol):
+    """A format that can be written (`convert --to NAME`): into an existing (temporary) folder."""
+    def write(self, adapter: LowRankAdapter, out_dir: Any) -> list: ...
