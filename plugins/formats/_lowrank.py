@@ -16,9 +16,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from adaptkit import dtypes, registry
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles, LowRankAdapter, LowRankModule
+from adaptkit.plugin import AdapterFiles, AdaptkitError, LowRankAdapter, LowRankModule, dtypes, registry
 
 PLAIN_ROLES = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
 

@@ -16,7 +16,7 @@ UNets with two layers per block (SD 1.x, 2.x and SDXL all have two): `sgm_to_dif
 """
 from __future__ import annotations
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError
 
 # Component names of diffusers' UNet2DConditionModel (SD 1.x, 2.x, SDXL and common options).
 UNET_WORDS = frozenset({

@@ -24,9 +24,7 @@ import math
 import re
 import warnings
 
-from adaptkit import readers, validate
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError, dump_json, parse_json, validate
 
 from ._lowrank import MissingAlphaWarning, lora_config, plain_modules, sample, scalar
 from ._sdnames import COMPONENTS, UNET_TOP, split_component
@@ -103,7 +101,7 @@ class DiffusersFormat:
 
     def write(self, adapter, out_dir) -> list:
         """Write `<out_dir>/pytorch_lora_weights.safetensors`; see the module docstring."""
-        from adaptkit.writer import save_tensors
+        from adaptkit.plugin import save_tensors
 
         modules = plain_modules(adapter, "diffusers", fold_rslora=False)
         if not modules:
@@ -119,7 +117,7 @@ class DiffusersFormat:
                 tensors[f"{component}.{inner}.lora_B.weight"] = m.b.contiguous()
             config = _component_config(component, mods, bool(adapter.config.get("use_rslora")))
             packed.update({f"{component}.{k}": v for k, v in config.items()})
-        text = readers.dump_json(packed, f"the '{METADATA_KEY}' metadata", end="")  # NaN refused by name
+        text = dump_json(packed, f"the '{METADATA_KEY}' metadata", end="")  # NaN refused by name
         metadata = {"format": "pt", METADATA_KEY: text}
         return save_tensors(out_dir, tensors, shard_size=2**62, metadata=metadata, stem=FILE_NAME.split(".")[0])
 
@@ -149,7 +147,7 @@ def _metadata(store, where) -> dict | None:
     raw = store.metadata.get(METADATA_KEY)
     if not raw:
         return None
-    found = readers.parse_json(raw, f"{where}: the '{METADATA_KEY}' metadata")  # bounded nesting
+    found = parse_json(raw, f"{where}: the '{METADATA_KEY}' metadata")  # bounded nesting
     if not isinstance(found, dict):
         raise AdaptkitError(f"{where}: the '{METADATA_KEY}' metadata is not a JSON object")
     return found

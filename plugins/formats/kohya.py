@@ -28,8 +28,7 @@ import json
 import re
 import warnings
 
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError
 
 from ._lowrank import MissingAlphaWarning, lora_config, most_common, number, plain_modules, sample, scalar
 from ._sdnames import diffusers_to_sgm, flatten, kohya_text_path, split_component, text_path, unet_path
@@ -90,7 +89,7 @@ class KohyaFormat:
         """Write `<out_dir>/lora.safetensors`; see the module docstring for names and metadata."""
         import torch
 
-        from adaptkit.writer import save_tensors
+        from adaptkit.plugin import save_tensors
 
         if unet_names not in ("diffusers", "sgm"):
             raise AdaptkitError(f"unet_names must be 'diffusers' or 'sgm', not '{unet_names}'")

@@ -13,9 +13,7 @@ import warnings
 from collections import Counter
 from typing import Any
 
-from adaptkit import readers, registry, validate
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError, dump_json, registry, validate
 
 CONFIG_FILE = "adapter_config.json"
 PREFIXES = ("base_model.model.", "base_model.")
@@ -74,7 +72,7 @@ class PeftFormat:
         `alpha_pattern` for the rest (exact module paths), whole tensors as `modules_to_save`."""
         from pathlib import Path
 
-        from adaptkit.writer import save_tensors
+        from adaptkit.plugin import save_tensors
 
         modules = adapter.modules
         flips = {m.transposed for m in modules.values() if not m.embedding}
@@ -102,7 +100,7 @@ class PeftFormat:
             module, leaf = key.rsplit(".", 1)
             tensors[f"base_model.model.{module}.base_layer.{leaf}" if inside[key] else f"base_model.model.{key}"] = tensor.contiguous()
         out_dir = Path(out_dir)
-        (out_dir / CONFIG_FILE).write_text(readers.dump_json(config, CONFIG_FILE))
+        (out_dir / CONFIG_FILE).write_text(dump_json(config, CONFIG_FILE))
         files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
         return [out_dir / CONFIG_FILE, *files]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from adaptkit.errors import AdaptkitError, closest
+from adaptkit.plugin import AdaptkitError, closest
 
 
 def frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError
 
 from ._base import Operator, frozen
 

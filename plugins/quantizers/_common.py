@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError
 
 if TYPE_CHECKING:
     import torch
 
-    from adaptkit.io import TensorStore
+    from adaptkit.plugin import TensorStore
 
 
 def require_float(name: str, tensor: torch.Tensor) -> None:

@@ -34,8 +34,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from adaptkit.dtypes import COMPUTE
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError, dtypes
 
 from ._common import (dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit,
                       require_float, require_keys)
@@ -43,7 +42,7 @@ from ._common import (dequantize_blockwise_8bit, dynamic_map, quantize_blockwise
 if TYPE_CHECKING:
     import torch
 
-    from adaptkit.io import TensorStore
+    from adaptkit.plugin import TensorStore
 
 # bitsandbytes' get_4bit_type: NF4 as listed; FP4 as indexed (sign bit, 2 exponent, 1 mantissa), / 12.
 NF4_CODE = (
@@ -180,7 +179,7 @@ class FourBit:
         except (ValueError, UnicodeDecodeError) as exc:
             raise AdaptkitError(f"{self.name}: unreadable {keys[0]}: {exc}") from None
         if state.get("quant_type") not in ("nf4", "fp4") or state.get("blocksize") not in BLOCKSIZES \
-                or state.get("dtype") not in COMPUTE or not isinstance(state.get("shape"), list):
+                or state.get("dtype") not in dtypes.COMPUTE or not isinstance(state.get("shape"), list):
             raise AdaptkitError(f"{self.name}: {keys[0]} is not a 4-bit quant state: {state}")
         return state
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError
 
 from ._common import bases_with, require_float, require_keys, rows_view
 
 if TYPE_CHECKING:
     import torch
 
-    from adaptkit.io import TensorStore
+    from adaptkit.plugin import TensorStore
 
 
 CHUNK = 1 << 20  # values quantized at a time: float32 temporaries stay a few MB

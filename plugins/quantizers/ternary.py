@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError
 
 from ._common import bases_with, pack_codes, require_float, unpacked_codes
 
 if TYPE_CHECKING:
     import torch
 
-    from adaptkit.io import TensorStore
+    from adaptkit.plugin import TensorStore
 
 EPS = 1e-5
 

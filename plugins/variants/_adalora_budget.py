@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError
 
 ROLES = ("lora_A", "lora_E", "lora_B")
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

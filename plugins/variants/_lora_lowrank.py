@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +31,7 @@ class LowRankForms:
     def lowrank_module(self, adapter: AdapterFiles, module: str):
         """The module as stored, for lossless conversion: A, B untouched (convolution kernels too) and
         its exact alpha (a bias on B is the converter's: see `delta_bias`). DoRA modules have no such form."""
-        from adaptkit.spec import LowRankModule
+        from adaptkit.plugin import LowRankModule
 
         roles = adapter.modules[module]
         extra = set(roles) - {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_B_bias"}
@@ -53,8 +52,7 @@ class LowRankForms:
         """Write a PEFT LoRA folder with ΔW = B·A per module: scale 1, so lora_alpha = rank per module
         (`rank_pattern`/`alpha_pattern` where ranks differ), no rsLoRA, no DoRA. `template` is an input's
         config (base model, task type); `layouts` come from `factor_layout` (embedding, transposed)."""
-        from adaptkit import registry
-        from adaptkit.spec import LowRankAdapter, LowRankModule
+        from adaptkit.plugin import LowRankAdapter, LowRankModule, registry
 
         modules = {m: LowRankModule(a, b, float(a.shape[0]), **layouts[m]) for m, (a, b) in factors.items()}
         keep = {k: template[k] for k in ("base_model_name_or_path", "task_type", "revision") if k in template}

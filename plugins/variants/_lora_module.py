@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError
 
 
 def initial_factors(target, settings, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from adaptkit import validate as v
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError
+from adaptkit.plugin import validate as v
 
 from .lora import LORA_CONFIG_KEYS, LORA_TYPES, LoRA, _module
 

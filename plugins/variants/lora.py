@@ -23,9 +23,8 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from adaptkit import validate as v
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError
+from adaptkit.plugin import validate as v
 
 from ..formats.peft import rank_config
 from ._lora_lowrank import LowRankForms

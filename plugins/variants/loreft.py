@@ -29,9 +29,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from adaptkit import validate as v
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError
+from adaptkit.plugin import validate as v
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +93,7 @@ class LoReFT:
         decoders), else of the last norm inside it (post-norm encoders: BERT's output LayerNorm)."""
         import torch
 
-        from adaptkit.layer import Target
+        from adaptkit.plugin import Target
 
         def norms(modules):
             return [m.weight for m in modules if "norm" in type(m).__name__.lower()
@@ -217,7 +216,7 @@ class LoReFT:
         set_rotation(p.rotation, rot.to(p["loreft_W"].device))
 
     def file_config(self, config: dict[str, Any], settings: dict[str, dict], transposed: bool) -> dict[str, Any]:
-        from adaptkit.targets import layer_index
+        from adaptkit.plugin import layer_index
 
         one = next(iter(settings.values()), {"r": config["r"], "first_n": config["first_n"], "last_n": config["last_n"]})
         return {"adaptkit_variant": self.name, "r": one["r"], "first_n": one["first_n"], "last_n": one["last_n"],

@@ -13,9 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from adaptkit import validate as v
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError
+from adaptkit.plugin import validate as v
 
 
 class Partial:
@@ -60,7 +59,7 @@ class Partial:
 
 def last_blocks(model, layers_pattern=None) -> list[str]:
     """Paths of the numbered layers (`….layers.N`), in index order."""
-    from adaptkit.targets import LAYER_LISTS
+    from adaptkit.plugin import LAYER_LISTS
 
     names = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or LAYER_LISTS)
     pattern = re.compile(rf"(?:.*\.)?(?:{'|'.join(map(re.escape, names))})\.(\d+)")

@@ -25,10 +25,8 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from adaptkit import registry
-from adaptkit import validate as v
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError, registry
+from adaptkit.plugin import validate as v
 
 if TYPE_CHECKING:
     import torch

@@ -31,10 +31,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from adaptkit import registry
-from adaptkit import validate as v
-from adaptkit.errors import AdaptkitError
-from adaptkit.spec import AdapterFiles
+from adaptkit.plugin import AdapterFiles, AdaptkitError, registry
+from adaptkit.plugin import validate as v
 
 VERA_CONFIG_KEYS = frozenset({"r", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
                               "fan_in_fan_out", "bias", "init_weights", "adaptkit_in_features"})
@@ -117,8 +115,7 @@ class VeRA:
 
     def prepare(self, model, config: dict[str, Any]) -> dict[str, Any]:
         """Refuse a second projection key on the model; size A and B over all targeted layers."""
-        from adaptkit.adapters import Adapters
-        from adaptkit.targets import find_targets
+        from adaptkit.plugin import Adapters, find_targets
 
         for other in Adapters.of(model).adapters.values():
             if other.variant.name == self.name and other.config["projection_prng_key"] != config["projection_prng_key"]:

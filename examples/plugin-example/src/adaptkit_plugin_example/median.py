@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from adaptkit.errors import AdaptkitError
+from adaptkit.plugin import AdaptkitError
 
 if TYPE_CHECKING:
     import torch
