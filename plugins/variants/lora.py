@@ -20,13 +20,13 @@ LoRA folders (with `adaptkit_variant` so adaptkit restores the training setting;
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.plugin import AdapterFiles, AdaptkitError
 from adaptkit.plugin import validate as v
 
 from ..formats.peft import rank_config
+from ._lora_checks import check_files, pattern_value
 from ._lora_lowrank import LowRankForms
 
 if TYPE_CHECKING:
@@ -50,14 +50,6 @@ LORA_TYPES = {
     "init_lora_weights": v.either(v.flag, v.text, must="true, false or an initialization name"),
     "bias": v.optional(v.text), "loraplus_lr_ratio": v.optional(v.number),
 }
-
-
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: the first pattern matching the end of the path."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
 
 
 class LoRA(LowRankForms):
@@ -93,31 +85,8 @@ class LoRA(LowRankForms):
         return alpha / math.sqrt(r) if adapter.config.get("use_rslora") else alpha / r
 
     def check_files(self, adapter: AdapterFiles) -> None:
-        """The config agrees with the tensors, module by module: A (r × in) chains into B (out × r)
-        with r ≥ 1, r is the rank `r` / `rank_pattern` give, DoRA magnitudes (out) are there exactly
-        when `use_dora` says so, and alpha is finite. Shapes only: no tensor data is read."""
-        cfg, where = adapter.config, v.adapter_source(adapter)
-        dora = bool(cfg.get("use_dora"))
-        stated = adapter.format == "peft"  # other formats derive use_dora from the tensors (mixed is fine there)
-        for module in sorted(adapter.modules):
-            roles = adapter.modules[module]
-            a_role, b_role, _ = self._factors(roles)
-            a, b = adapter.shape(module, a_role), adapter.shape(module, b_role)
-            if len(a) < 2 or len(b) < 2 or a[0] != b[1] or a[0] < 1:
-                raise AdaptkitError(f"{where}: module '{module}': {a_role} {list(a)} and {b_role} {list(b)} do not "
-                                    "form a rank ≥ 1 product")
-            said = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r"))
-            if said is not None and said != a[0]:
-                raise AdaptkitError(f"{where}: module '{module}' stores rank {a[0]} but the config says "
-                                    f"{v.short(said)} (r / rank_pattern)")
-            if stated and dora != ("lora_magnitude_vector" in roles):
-                raise AdaptkitError(f"{where}: use_dora is {str(dora).lower()} but module '{module}' has "
-                                    f"{'no' if dora else 'a'} lora_magnitude_vector")
-            m = adapter.shape(module, "lora_magnitude_vector") if "lora_magnitude_vector" in roles else None
-            if m is not None and math.prod(m) != b[0]:  # one per output (PEFT keeps conv's as out × 1 × 1 × 1)
-                raise AdaptkitError(f"{where}: module '{module}': lora_magnitude_vector {list(m)} should hold "
-                                    f"{b[0]} values, one per output")
-            v.number(self.module_alpha(adapter, module), f"{where}: module '{module}' alpha")
+        """The config agrees with the tensors (`_lora_checks.check_files`)."""
+        check_files(self, adapter)
 
     def describe(self, adapter: AdapterFiles) -> dict[str, Any]:
         cfg = adapter.config
