@@ -472,3 +472,23 @@ def test_quantized_inputs_that_do_not_unpack_are_one_line(tmp_path, case, build,
     out = tmp_path / "out"
     assert_one_line_error(run_cli("--quiet", "merge", "--method", "linear", "-m", model, "-m", model, "-o", out), fragment)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("state,fragment", [
+    (b"[1, 2]", "is not a 4-bit quant state (quant_type nf4|fp4, blocksize, dtype, shape)"),
+    (b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [-1, 4]}', "is not a 4-bit quant state"),
+    (b'{"quant_type": "nf4", "quant_type": "fp4"}', "duplicate key 'quant_type'"),
+    (b"\xff\xfe", "is not UTF-8 JSON"),
+], ids=["a list", "negative shape", "duplicate key", "not UTF-8"])
+def test_a_hostile_4bit_quant_state_is_one_line(state, fragment):
+    """The quant state bitsandbytes stores as bytes in a tensor is read as JSON we did not write."""
+    import torch
+
+    from adaptkit import registry
+    from adaptkit.errors import AdaptkitError
+
+    nf4 = registry.get("quantizer", "nf4")
+    packed = {"weight.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)}
+    with pytest.raises(AdaptkitError) as info:
+        nf4.state(packed)
+    assert fragment in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 200

@@ -34,7 +34,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from adaptkit.plugin import AdaptkitError, dtypes
+from adaptkit.plugin import AdaptkitError, dtypes, parse_json
 
 from ._common import (dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit,
                       require_float, require_keys)
@@ -175,12 +175,16 @@ class FourBit:
         if len(keys) != 1:
             raise AdaptkitError(f"{self.name}: expected one weight.quant_state.bitsandbytes__nf4|fp4 tensor, found {len(keys)}")
         try:
-            state = json.loads(bytes(packed[keys[0]].to("cpu").reshape(-1).tolist()).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AdaptkitError(f"{self.name}: unreadable {keys[0]}: {exc}") from None
-        if state.get("quant_type") not in ("nf4", "fp4") or state.get("blocksize") not in BLOCKSIZES \
-                or state.get("dtype") not in dtypes.COMPUTE or not isinstance(state.get("shape"), list):
-            raise AdaptkitError(f"{self.name}: {keys[0]} is not a 4-bit quant state: {state}")
+            text = bytes(packed[keys[0]].to("cpu").reshape(-1).tolist()).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise AdaptkitError(f"{self.name}: {keys[0]} is not UTF-8 JSON") from None
+        state = parse_json(text, f"{self.name}: {keys[0]}")  # nesting and duplicate keys bounded
+        shape = state.get("shape") if isinstance(state, dict) else None
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) \
+                or state.get("quant_type") not in ("nf4", "fp4") or state.get("blocksize") not in BLOCKSIZES \
+                or state.get("dtype") not in dtypes.COMPUTE:
+            raise AdaptkitError(f"{self.name}: {keys[0]} is not a 4-bit quant state (quant_type nf4|fp4, blocksize, "
+                                "dtype, shape)")
         return state
 
     def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
