@@ -32,7 +32,7 @@ from . import registry, spec
 from .adapter import read_adapter
 from .dtypes import code_to_torch, parse_dtype
 from .errors import AdaptkitError
-from .lowrank import factor_matrix
+from .lowrank import factor_matrix, module_delta
 from .merge import layer_positions, operator_params, recipe_inputs, seeded_generators
 from .recipe import Recipe, check_positions
 from .sources import open_input, resolve_path, weight_key
@@ -193,7 +193,7 @@ def module_deltas(variant, adapters, module: str, base) -> tuple[list[torch.Tens
         if module not in adapter.modules:
             deltas.append(None)
             continue
-        deltas.append(variant.delta(adapter, module, base=weight))
+        deltas.append(module_delta(variant, adapter, module, weight))
         layout = layout or variant.factor_layout(adapter, module)
     shapes = {tuple(d.shape) for d in deltas if d is not None} | ({tuple(weight.shape)} if weight is not None else set())
     if len(shapes) > 1:

@@ -29,7 +29,7 @@ from .adapter import read_adapter
 from .dtypes import code_to_torch, compute_dtype, parse_dtype
 from .errors import AdaptkitError
 from .io import open_store
-from .lowrank import Factored, factor_matrix, factor_product
+from .lowrank import Factored, factor_matrix, factor_product, module_delta
 from .sources import resolve_path
 from .spec import AdapterFiles, LowRankAdapter, LowRankModule
 from .outputs import atomic_output, check_output
@@ -135,7 +135,7 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
                 raise AdaptkitError(f"{module}: a {variant.name} module is not a low-rank product; give --rank or "
                                     "--energy to factor its ΔW by SVD")
             layout = {"embedding": False, "transposed": bool(adapter.config.get("fan_in_fan_out"))}
-            delta = variant.delta(adapter, module, _base_weight(base_store, module)).float()
+            delta = module_delta(variant, adapter, module, _base_weight(base_store, module)).float()
             f = factor_matrix(delta.T if layout["transposed"] else delta, rank, energy)
         out.modules[module] = LowRankModule(f.a, f.b, float(f.rank), **layout)
         report.add(module, f, f.rank, False)

@@ -24,8 +24,12 @@ out, in), its last factors near zero).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from . import spec
+from .errors import AdaptkitError
 
 
 @dataclass
@@ -123,3 +127,19 @@ def factor_product(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int | N
     qa, ra = torch.linalg.qr(a.T)
     uc, s, vch = torch.linalg.svd(scale * (rb @ ra.T))
     return _finish(qb @ uc, s, (qa @ vch.T).T, rank, energy, (b.shape[0], a.shape[1]))
+
+
+def module_delta(variant: Any, adapter: spec.AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW of one stored module, shaped like the base weight (float32): the variant's own `delta` where it
+    has one (`spec.StoredDelta`), else s·B·A from its `factors`, transposed where `factor_layout` says the
+    base weight lies in × out (an embedding, or `fan_in_fan_out`), as LoRA's own ΔW is. So a variant whose
+    ΔW is its low-rank product need not define `delta` at all."""
+    if isinstance(variant, spec.StoredDelta):
+        return variant.delta(adapter, module, base)
+    if not isinstance(variant, spec.Factors):
+        raise AdaptkitError(f"adapter {adapter.store.root}: module '{module}' of a {variant.name} adapter has no ΔW "
+                            "(the variant defines neither delta nor factors)")
+    a, b, s = variant.factors(adapter, module)
+    layout = variant.factor_layout(adapter, module)
+    update = s * (b.float() @ a.float())
+    return update.T if layout.get("embedding") or layout.get("transposed") else update

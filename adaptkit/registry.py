@@ -171,6 +171,10 @@ def _load(e: PluginEntry):
     if not isinstance(obj, protocol):
         missing = [a for a in spec.required_members(protocol) if not hasattr(obj, a)]
         raise PluginError(f"{e.kind} plugin '{e.name}' ({e.source}) does not fulfil the {e.kind} contract: missing {', '.join(missing)}")
+    if e.kind == "variant" and not isinstance(obj, (spec.StoredDelta, spec.Factors, spec.MergeCheck)):
+        # ΔW comes from `delta` or is formed from `factors`; a variant with neither edits activations and must say so
+        raise PluginError(f"variant plugin '{e.name}' ({e.source}) does not fulfil the variant contract: missing delta "
+                          "(or factors and factor_layout; or check_mergeable, for a variant that edits activations)")
     if getattr(obj, "name", None) != e.name:
         raise PluginError(f"{e.kind} plugin '{e.name}' ({e.source}): object says its name is '{getattr(obj, 'name', None)}'")
     return obj

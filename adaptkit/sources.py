@@ -15,6 +15,7 @@ from . import registry, spec, validate
 from .adapter import read_adapter
 from .errors import AdaptkitError
 from .io import WEIGHT_SUFFIXES, TensorStore, open_store
+from .lowrank import module_delta
 from .safetensors_file import TensorInfo
 from .recipe import Ref
 from .spec import AdapterFiles
@@ -94,7 +95,9 @@ class ModelSource:
             return tensor
         tensor = tensor.float()
         for adapter, module, hook in self._deltas.get(name, ()):
-            delta = getattr(registry.get("variant", adapter.variant), hook)(adapter, module, base=tensor)
+            variant = registry.get("variant", adapter.variant)
+            delta = module_delta(variant, adapter, module, tensor) if hook == "delta" \
+                else variant.delta_bias(adapter, module, base=tensor)
             if delta is None:
                 continue
             if delta.shape != tensor.shape:

@@ -6,6 +6,10 @@
   pattern rule `(.*\\.)?(PATTERN)$` it matches those paths and nothing else. (One pattern per value,
   not per path: the rule compiles a regex per pattern and lookup, and hundreds of patterns make
   `inspect` of a file whose alphas all differ take many seconds.)
+- `pattern_value(patterns, module, default)`: the same rule read back (PEFT's lookup), and
+  `LORA_TYPES`, what each LoRA config field must be. They live here, not in the lora variant, so
+  that the formats (diffusers reads a LoraConfig from metadata) and the LoRA-family variants share
+  them while plugin imports keep pointing one way, variants -> formats.
 - `scalar(store, key)`: a one-element tensor's value read straight from the file (kohya's `alpha`).
 - `lowrank_from_lora(adapter_files)`: any plain-LoRA adapter (variant with `module_alpha`) as a
   `LowRankAdapter`, the form format writers take; a converter can use it as it is.
@@ -17,8 +21,19 @@ from collections import Counter
 from typing import Any
 
 from adaptkit.plugin import AdapterFiles, AdaptkitError, LowRankAdapter, LowRankModule, dtypes, registry
+from adaptkit.plugin import validate as v
 
 PLAIN_ROLES = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
+
+
+# What each LoRA field must be, in a file and in `inject`'s settings (adaptkit.validate checks).
+LORA_TYPES = {
+    "r": v.positive_int, "lora_alpha": v.number, "lora_dropout": v.fraction, "use_rslora": v.optional(v.flag),
+    "use_dora": v.optional(v.flag), "fan_in_fan_out": v.optional(v.flag), "lora_bias": v.optional(v.flag),
+    "rank_pattern": v.optional(v.patterns(v.positive_int)), "alpha_pattern": v.optional(v.patterns(v.number)),
+    "init_lora_weights": v.either(v.flag, v.text, must="true, false or an initialization name"),
+    "bias": v.optional(v.text), "loraplus_lr_ratio": v.optional(v.number),
+}
 
 
 class MissingAlphaWarning(UserWarning):
@@ -30,6 +45,14 @@ def exact(paths, optional: str = "") -> str:
     escaped = [re.escape(p) for p in sorted(paths)]
     body = escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
     return "^" + (f"(?:{re.escape(optional)})?" if optional else "") + body
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first pattern matching the end of the path."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
 
 
 def patterns(values: dict[str, Any], default: Any, optional: str = "") -> dict[str, Any]:

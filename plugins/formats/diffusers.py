@@ -26,7 +26,7 @@ import warnings
 
 from adaptkit.plugin import AdapterFiles, AdaptkitError, dump_json, parse_json, validate
 
-from ._lowrank import MissingAlphaWarning, lora_config, plain_modules, sample, scalar
+from ._lowrank import LORA_TYPES, MissingAlphaWarning, lora_config, pattern_value, plain_modules, sample, scalar
 from ._sdnames import COMPONENTS, UNET_TOP, split_component
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
@@ -156,8 +156,6 @@ def _metadata(store, where) -> dict | None:
 def _alphas_from_metadata(meta, scope, ranks, alphas, where) -> bool:
     """Fill in `alphas` (per module) from the LoraConfig(s) in the metadata; returns use_rslora.
     Components that differ in use_rslora are made plain by folding √r into their alphas."""
-    from adaptkit_plugins.variants.lora import LORA_TYPES, pattern_value
-
     rslora, missing = {}, 0
     for path, (component, inner) in scope.items():
         if path in alphas:

@@ -2,19 +2,11 @@
 from __future__ import annotations
 
 import math
-import re
-from typing import Any
 
 from adaptkit.plugin import AdapterFiles, AdaptkitError
 from adaptkit.plugin import validate as v
 
-
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: the first pattern matching the end of the path."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+from ..formats._lowrank import pattern_value
 
 
 def check_files(variant, adapter: AdapterFiles) -> None:

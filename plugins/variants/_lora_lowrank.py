@@ -49,11 +49,11 @@ class LowRankForms:
 
     def write_lowrank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layouts: dict[str, dict[str, bool]],
                       template: dict[str, Any], out_dir) -> list:
-        """Write a PEFT LoRA folder with ΔW = B·A per module: scale 1, so lora_alpha = rank per module
-        (`rank_pattern`/`alpha_pattern` where ranks differ), no rsLoRA, no DoRA. `template` is an input's
-        config (base model, task type); `layouts` come from `factor_layout` (embedding, transposed)."""
+        """Write an adapter in the default format (a PEFT LoRA folder) with ΔW = B·A per module: scale 1, so
+        lora_alpha = rank per module (`rank_pattern`/`alpha_pattern` where ranks differ), no rsLoRA, no DoRA.
+        `template` is an input's config (base model, task type); `layouts` come from `factor_layout`."""
         from adaptkit.plugin import LowRankAdapter, LowRankModule, registry
 
         modules = {m: LowRankModule(a, b, float(a.shape[0]), **layouts[m]) for m, (a, b) in factors.items()}
         keep = {k: template[k] for k in ("base_model_name_or_path", "task_type", "revision") if k in template}
-        return registry.get("format", "peft").write(LowRankAdapter(modules, {}, keep), out_dir)
+        return registry.get("format", registry.default("format")).write(LowRankAdapter(modules, {}, keep), out_dir)

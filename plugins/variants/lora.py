@@ -23,10 +23,10 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.plugin import AdapterFiles, AdaptkitError
-from adaptkit.plugin import validate as v
 
+from ..formats._lowrank import LORA_TYPES, pattern_value
 from ..formats.peft import rank_config
-from ._lora_checks import check_files, pattern_value
+from ._lora_checks import check_files
 from ._lora_lowrank import LowRankForms
 
 if TYPE_CHECKING:
@@ -40,16 +40,6 @@ LORA_CONFIG_KEYS = frozenset({
     "ensure_weight_tying", "alora_invocation_tokens", "arrow_config", "qalora_group_size", "use_qalora",
     "lora_ga_config", "kasa_config", "monteclora_config", "velora_config", "use_bdlora",
 })
-
-
-# What each LoRA field must be, in a file and in `inject`'s settings (adaptkit.validate checks).
-LORA_TYPES = {
-    "r": v.positive_int, "lora_alpha": v.number, "lora_dropout": v.fraction, "use_rslora": v.optional(v.flag),
-    "use_dora": v.optional(v.flag), "fan_in_fan_out": v.optional(v.flag), "lora_bias": v.optional(v.flag),
-    "rank_pattern": v.optional(v.patterns(v.positive_int)), "alpha_pattern": v.optional(v.patterns(v.number)),
-    "init_lora_weights": v.either(v.flag, v.text, must="true, false or an initialization name"),
-    "bias": v.optional(v.text), "loraplus_lr_ratio": v.optional(v.number),
-}
 
 
 class LoRA(LowRankForms):

@@ -126,8 +126,9 @@ class TiedLoRA:
         return update.T if adapter.config.get("fan_in_fan_out") else update
 
     def write_lowrank(self, factors, layouts, template: dict[str, Any], out_dir) -> list:
-        """Merged factors are no longer tied: the output is a plain PEFT LoRA folder."""
-        return registry.get("variant", "lora").write_lowrank(factors, layouts, plain_config(template), out_dir)
+        """Merged factors are no longer tied: the output is a plain adapter of the canonical low-rank variant."""
+        lowrank = registry.get("variant", registry.default("variant"))
+        return lowrank.write_lowrank(factors, layouts, plain_config(template), out_dir)
 
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
         if target.kind != "linear":

@@ -109,9 +109,9 @@ class VeRA:
         return (b @ a).T if adapter.config.get("fan_in_fan_out") else b @ a
 
     def write_lowrank(self, factors, layouts, template: dict[str, Any], out_dir) -> list:
-        """Merged factors share no projection: the output is a plain PEFT LoRA folder."""
+        """Merged factors share no projection: the output is a plain adapter of the canonical low-rank variant."""
         plain = {k: v for k, v in template.items() if k not in OWN_KEYS}
-        return registry.get("variant", "lora").write_lowrank(factors, layouts, plain, out_dir)
+        return registry.get("variant", registry.default("variant")).write_lowrank(factors, layouts, plain, out_dir)
 
     def prepare(self, model, config: dict[str, Any]) -> dict[str, Any]:
         """Refuse a second projection key on the model; size A and B over all targeted layers."""
