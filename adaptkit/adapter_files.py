@@ -1,15 +1,17 @@
-"""Saving adapters from a live model and loading saved ones onto it (PEFT's folder layout).
+"""Saving adapters from a live model and loading saved ones onto it, in any format plugin.
 
-Keys are `base_model.model.<module path>.<stored name>`, shared tensors `base_model.<role>`, and
-modules trained whole are saved as their full tensors under their own path, as PEFT does. The
-config's `target_modules` lists the adapted paths exactly, so PEFT and adaptkit pick the same
-layers whatever the original pattern was.
+Saving gathers a `LiveAdapter` (tensors by module path and the variant's stored key, the variant's
+file config) and hands it to the format: the default one (PEFT's folder) lays it out itself
+(`capabilities.LiveWriter`); a format that only writes low-rank adapters (`Writable`) gets it as the
+default format writes it, read back in low-rank form exactly as stored, so a variant the format
+cannot hold as it is is refused by name rather than refactored.
 """
 from __future__ import annotations
 
-import json
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,50 +19,95 @@ from . import registry, spec
 from .adapter import read_adapter
 from .adapters import variant_config
 from .errors import AdaptkitError
-from .readers import dump_json
 from .outputs import atomic_output
-from .writer import save_tensors
+from .spec import AdapterFiles, LowRankAdapter
 
 if TYPE_CHECKING:
     from .adapters import Adapters
 
-PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
-CONFIG_FILE = "adapter_config.json"
-DUMMY_TARGETS = "dummy-target-modules"  # PEFT's marker for "no adapted layers, only saved modules"
+@dataclass
+class LiveAdapter:
+    """A live adapter's tensors and config, as a format's `write_live` takes them (`capabilities.LiveWriter`):
+    per adapted module path its tensors by the variant's stored key (`lora_A.weight`), tensors shared by
+    all modules by role, per module trained whole its state dict, and the variant's `file_config`."""
+
+    variant: str
+    config: dict[str, Any]
+    base_model: str | None
+    modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def save_adapter(handle: Adapters, name: str, out: str | Path, *, force: bool = False) -> Path:
+def save_adapter(handle: Adapters, name: str, out: str | Path, *, force: bool = False,
+                 format: str | None = None) -> Path:
+    """Write adapter `name` into the folder `out` in `format` (default: registry.default("format")): through
+    the format's `write_live`, else as the canonical format read back in low-rank form for its `write`."""
     if name not in handle.adapters:
         raise AdaptkitError("no adapter to save" if not name else f"no adapter named '{name}'")
+    default = registry.default("format")
+    plugin = registry.get("format", format or default)
+    live = live_adapter(handle, name)
+    if isinstance(plugin, spec.LiveWriter):
+        with atomic_output(out, force=force) as tmp:
+            plugin.write_live(live, tmp)
+        return Path(out)
+    canonical = registry.get("format", default)
+    if not isinstance(plugin, spec.Writable) or not isinstance(canonical, spec.LiveWriter):
+        raise AdaptkitError(f"format '{plugin.name}' cannot be written from a live model")
+    with tempfile.TemporaryDirectory() as scratch:
+        canonical.write_live(live, Path(scratch))
+        lowrank = _stored_lowrank(read_adapter(scratch), plugin.name)
+        with atomic_output(out, force=force) as tmp:
+            try:
+                plugin.write(lowrank, tmp)
+            except AdaptkitError as e:
+                raise _cannot(live.variant, plugin.name, str(e)) from None
+    return Path(out)
+
+
+def live_adapter(handle: Adapters, name: str) -> LiveAdapter:
+    """Adapter `name`'s tensors (detached, on the CPU, contiguous) and config, off the model."""
     adapter, model = handle.adapters[name], handle.model
-    variant, tensors, settings, transposed = adapter.variant, {}, {}, False
+    variant, settings, transposed = adapter.variant, {}, False
+    live = LiveAdapter(variant.name, {}, _base_name(model))
     for path in adapter.layers:
         branch = model.get_submodule(path).branches[name]
         stored = variant.save_tensors(branch) if isinstance(variant, spec.SavesTensors) else dict(branch.params)
-        for role, tensor in stored.items():
-            tensors[f"{PREFIX}{path}.{variant.stored_key(role, branch.target)}"] = tensor.detach()
+        live.modules[path] = {variant.stored_key(role, branch.target): _cpu(t) for role, t in stored.items()}
         settings[path] = branch.settings
         transposed |= branch.target.transposed and branch.target.kind != "embedding"
-    for role, tensor in adapter.shared.items():
-        tensors[f"{SHARED_PREFIX}{role}"] = tensor.detach()
+    live.shared = {role: _cpu(tensor) for role, tensor in adapter.shared.items()}
     for path in adapter.saved:
-        for pname, tensor in model.get_submodule(path).copies[name].state_dict().items():
-            tensors[f"{PREFIX}{path}.{pname}"] = tensor.detach()
-    config = {"task_type": None, "base_model_name_or_path": _base_name(model), "inference_mode": True,
-              **variant.file_config(adapter.config, settings, transposed),
-              "target_modules": sorted(adapter.layers) or DUMMY_TARGETS,
-              "modules_to_save": sorted(adapter.saved) or None, "exclude_modules": None,
-              "layers_to_transform": None, "layers_pattern": None}
-    text = dump_json(config, Path(out) / CONFIG_FILE)  # NaN refused before anything is written
-    with atomic_output(out, force=force) as tmp:
-        (tmp / CONFIG_FILE).write_text(text)
-        tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-        metadata = {"format": "pt"}
-        if config.get("adaptkit_variant"):  # a variant PEFT lacks: the file says what it is on its own too
-            metadata.update(adaptkit_variant=config["adaptkit_variant"],
-                            adaptkit_config=json.dumps(config, sort_keys=True, allow_nan=False))
-        save_tensors(tmp, tensors, shard_size=2**62, metadata=metadata, stem="adapter_model")
-    return Path(out)
+        live.saved[path] = {p: _cpu(t) for p, t in model.get_submodule(path).copies[name].state_dict().items()}
+    live.config = variant.file_config(adapter.config, settings, transposed)
+    return live
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _stored_lowrank(adapter: AdapterFiles, fmt: str) -> LowRankAdapter:
+    """`adapter` as low-rank modules exactly as stored (no refactoring: a format that cannot hold the
+    variant as it is refuses it)."""
+    variant = registry.get("variant", adapter.variant)
+    if not isinstance(variant, spec.LowRankStored):
+        raise _cannot(adapter.variant, fmt, "it has no plain low-rank form")
+    if adapter.shared:
+        raise _cannot(adapter.variant, fmt, f"tensors shared by all modules: {', '.join(sorted(adapter.shared))[:60]}")
+    lowrank = LowRankAdapter.keeping(adapter.config)
+    for module in sorted(adapter.modules):
+        try:
+            lowrank.modules[module] = variant.lowrank_module(adapter, module)
+        except AdaptkitError as e:
+            raise _cannot(adapter.variant, fmt, str(e)) from None
+    lowrank.saved = {key: adapter.store.get(name) for key, name in adapter.saved.items()}
+    return lowrank
+
+
+def _cannot(variant: str, fmt: str, why: str) -> AdaptkitError:
+    return AdaptkitError(f"{variant} adapters cannot be written as {fmt} ({why})")
 
 
 def _base_name(model) -> str | None:
@@ -74,9 +121,7 @@ def _source_folder(source: str | Path) -> Path:
 
     path = Path(source).expanduser()
     if path.exists():
-        if not (path / CONFIG_FILE).is_file():
-            raise AdaptkitError(f"{path}: no {CONFIG_FILE} here; not an adapter folder")
-        return path
+        return path  # read_adapter finds its format, or says what it holds
     if is_reference(str(source)):
         return resolve_path(str(source))
     raise AdaptkitError(f"{source}: no such adapter folder")

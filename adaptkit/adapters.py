@@ -2,6 +2,7 @@
 
     handle = adaptkit.inject(model, variant_name, r=16, lora_alpha=32, target_modules="all-linear")
     handle.save("out/")                                  # PEFT's layout where PEFT has the variant
+    handle.save("out/", format="kohya")                  # or any format plugin that can hold it
     handle = adaptkit.load_adapter(model, "out/", name="b")
     handle.set_active("b"); handle.merge(); handle.unmerge(); handle.remove()
 
@@ -27,8 +28,6 @@ from .quantized import QuantizedLinear
 
 TARGETING = {"target_modules": None, "exclude_modules": None, "layers_to_transform": None,
              "layers_pattern": None, "modules_to_save": None}
-PREFIX = "base_model.model."
-SHARED_PREFIX = "base_model."
 HANDLE_ATTR = "_adaptkit_adapters"
 
 
@@ -341,10 +340,13 @@ class Adapters:
                 variant.load_train_state(self._layers(name), self.adapters[name].config, mine)
 
     # -- files ----------------------------------------------------------------------------------
-    def save(self, out: str | Path, name: str | None = None, *, force: bool = False) -> Path:
+    def save(self, out: str | Path, name: str | None = None, *, force: bool = False, format: str | None = None) -> Path:
+        """Write adapter `name` (default: the first active) into the folder `out` in `format` (a format
+        plugin; default the canonical one, PEFT's folder)."""
         from .adapter_files import save_adapter
 
-        return save_adapter(self, self._pick(name, default=[self.active[0]] if self.active else [])[0], out, force=force)
+        picked = self._pick(name, default=[self.active[0]] if self.active else [])[0]
+        return save_adapter(self, picked, out, force=force, format=format)
 
     def load(self, source: str | Path, name: str = "default", *, swap: bool = False,
              allow_pickle: bool = False) -> Adapters:

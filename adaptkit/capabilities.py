@@ -41,6 +41,15 @@ class MergeCheck(Protocol):
 
 
 @runtime_checkable
+class StoredDelta(Protocol):
+    """ΔW of a stored module, shaped like the base weight (float32), where the variant computes it itself
+    (`base` the base weight, for variants whose ΔW depends on it; others ignore it). Without it the core
+    forms s·B·A from `Factors` (`adaptkit.lowrank.module_delta`); a variant with neither must refuse merges
+    (`MergeCheck`: it edits activations)."""
+    def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class StoredBiasDelta(Protocol):
     """The change a stored module makes to its layer's bias (`base` the bias or None), or None."""
     def delta_bias(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None) -> torch.Tensor | None: ...
@@ -208,3 +217,12 @@ class TransformersConfig(Protocol):
 class Writable(Protocol):
     """A format that can be written (`convert --to NAME`): into an existing (temporary) folder."""
     def write(self, adapter: LowRankAdapter, out_dir: Any) -> list: ...
+
+
+@runtime_checkable
+class LiveWriter(Protocol):
+    """A format that lays out a live model's adapter itself (`handle.save`, `train`): `live` is an
+    `adapter_files.LiveAdapter` (tensors by module path and the variant's stored key, tensors shared by all
+    modules, modules trained whole, the variant's file config); writes into an existing (temporary) folder.
+    Without it the adapter reaches the format's `write` in low-rank form, where the variant has one as stored."""
+    def write_live(self, live: Any, out_dir: Any) -> list: ...

@@ -82,16 +82,17 @@ def evaluate_model(model, dataset: Dataset, tokenizer, *, batch_size: int = 8, d
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(dataset), "tokens": count}
 
 
-def _split_ref(model_ref: str | Path, adapters: Sequence[str | Path]) -> tuple[str, list[str], dict | None]:
-    """(base ref, adapters, training info): MODEL may itself be an adapter folder trained here."""
+def _split_ref(model_ref: str | Path, adapters: Sequence[str | Path],
+               allow_pickle: bool = False) -> tuple[str, list[str], dict | None]:
+    """(base ref, adapters, training info): MODEL may itself be an adapter folder trained here (any format)."""
+    from .adapter import read_adapter
+
     adapters = [str(a) for a in adapters]
-    if (Path(model_ref) / "adapter_config.json").is_file():
+    adapter = read_adapter(model_ref, allow_pickle=allow_pickle) if Path(model_ref).is_dir() else None
+    if adapter is not None:
         adapters = [str(model_ref), *adapters]
         info = training_info(model_ref)
-        path = Path(model_ref) / "adapter_config.json"
-        config = readers.read_json(path)
-        validate.check_fields(config, validate.ADAPTER_FIELDS, path)
-        base = (info or {}).get("base") or config.get("base_model_name_or_path")
+        base = (info or {}).get("base") or adapter.config.get("base_model_name_or_path")
         if not base:
             raise AdaptkitError(f"{model_ref}: an adapter that does not name its base model; give the base as MODEL "
                                 "and the adapter with --adapter")
@@ -133,7 +134,7 @@ def evaluate(model_ref: str | Path, data: str | Path, adapters: Sequence[str | P
     """Evaluate a model (a folder, `org/name[@rev]` or `minilm`) with `adapters` on it, active together."""
     import adaptkit
 
-    base, adapters, info = _split_ref(model_ref, adapters)
+    base, adapters, info = _split_ref(model_ref, adapters, allow_pickle)
     task = task or (info or {}).get("task") or detect_task(read_jsonl(data))
     folder = resolve_base(base)
     tokenizer = load_tokenizer(folder)

@@ -361,6 +361,7 @@ def push(folder: str | Path, repo: str, *, private: bool = False, message: str |
     Returns {repo, commit, url, files, private}."""
     from huggingface_hub import CommitOperationAdd
 
+    from .adapter import read_adapter
     from .hub_card import model_card
     from .inspection import inspect
 
@@ -375,8 +376,10 @@ def push(folder: str | Path, repo: str, *, private: bool = False, message: str |
         raise AdaptkitError(f"{folder} is a {report['kind']}, not an adapter: `hub push` uploads adapters")
     if is_offline():
         raise AdaptkitError(f"pushing to {repo} needs the Hub, but HF_HUB_OFFLINE is set")
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CARD and (
-        p.name == ADAPTER_CONFIG or p.name.startswith("adapter_model")))
+    # What the adapter's format plugin reads (weights, a shard index, its JSON config), whatever the format.
+    store = read_adapter(folder, allow_pickle=allow_pickle).store
+    used = [*store.files, *([store.index] if store.index else []), *store.json_read]
+    files = sorted({p.relative_to(store.root).as_posix() for p in used} - {CARD})
     existing = (folder / CARD).read_text(encoding="utf-8") if (folder / CARD).is_file() else None
     card = model_card(report["adapter"], repo, existing)
     operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]

@@ -61,6 +61,7 @@ class TensorStore:
         self.index = index
         self._handles: dict[Path, int] = {}
         self._pickled: dict[str, Any] | None = None
+        self.json_read: list[Path] = []  # the JSON files `json_file` found: with `files`, what a reader used
 
     # -- what is there (headers only) -------------------------------------------------------
     @property
@@ -93,7 +94,11 @@ class TensorStore:
         """A JSON file beside the weights (config.json, adapter_config.json), or None. One that is
         not a regular file, or links outside the folder, is refused rather than taken as absent."""
         path = self.root / name
-        return read_json(inside(path, self.root)) if os.path.lexists(path) else None
+        if not os.path.lexists(path):
+            return None
+        found = read_json(inside(path, self.root))
+        self.json_read.append(path)
+        return found
 
     # -- data (on demand) --------------------------------------------------------------------
     def get(self, name: str, rows: tuple[int, int] | None = None):

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from .capabilities import (BaseDependent, ChoosesTargets, ExtraLoss, FactorMerge, Factors, FileCheck, Intervention,
-                           LiveBiasDelta, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
+                           LiveBiasDelta, LiveWriter, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
                            PackedLayout, ParamGroups, QuantizerOptions, Resident, SavesTensors, StepEnd,
-                           StoredBiasDelta, TrainSettings, TrainState, TransformersConfig, TransformsInput,
+                           StoredBiasDelta, StoredDelta, TrainSettings, TrainState, TransformersConfig, TransformsInput,
                            UnpackedShape, VariantOptions, WeightSpace, Writable)
 
 if TYPE_CHECKING:
@@ -111,12 +111,14 @@ class LowRankAdapter:
 
 @runtime_checkable
 class Variant(Protocol):
-    """An adapter variant. Tensor plane: describe a saved adapter and form each module's ΔW.
+    """An adapter variant. Tensor plane: describe a saved adapter and give each module's ΔW.
 
     `param_names` are the roles of its tensors as they appear in PEFT-style keys
     (`<module>.<role>[.weight]`); `config_keys` are the config fields it understands (others warn).
-    Optional capabilities: `VariantOptions`, `FileCheck`, `MergeCheck`, `StoredBiasDelta`, `Factors`,
-    `LowRankStored`, `LowRankWriter`; the module plane: `LiveModule`.
+    ΔW comes from `StoredDelta` or, failing that, from `Factors` (`adaptkit.lowrank.module_delta`); a
+    variant with neither edits activations and says so in `MergeCheck` (`registry.get` checks one of
+    the three). Optional capabilities: `VariantOptions`, `FileCheck`, `MergeCheck`, `StoredDelta`,
+    `StoredBiasDelta`, `Factors`, `LowRankStored`, `LowRankWriter`; the module plane: `LiveModule`.
     """
 
     name: str
@@ -125,10 +127,6 @@ class Variant(Protocol):
 
     def describe(self, adapter: AdapterFiles) -> dict[str, Any]:
         """Figures for `inspect`: ranks, alpha, scaling, per-module details. Shapes only, no data."""
-
-    def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
-        """ΔW for one module, shaped like the base weight (float32). `base` is the base weight, for
-        variants whose delta depends on it; others ignore it."""
 
 
 @runtime_checkable
@@ -203,7 +201,7 @@ class Quantizer(Protocol):
 class Format(Protocol):
     """A file layout for adapters. `detect` runs on every `inspect`, so the module must import
     cheaply (no torch at module level) and look at keys, metadata and JSON files only.
-    Optional: `Writable`.
+    Optional: `Writable`, `LiveWriter`.
     """
 
     name: str
@@ -241,6 +239,7 @@ HOOKS: dict[str, Hook] = {
     "moves_base_weight": Hook(VariantOptions, False),  # delta_lora
     "check_files": Hook(FileCheck, "no check"),  # adalora delta_lora lora lora_fa lora_plus
     "check_mergeable": Hook(MergeCheck, "every adapter has a ΔW"),  # loreft
+    "delta": Hook(StoredDelta, "s·B·A from factors"),  # all
     "delta_bias": Hook(StoredBiasDelta, "the bias stays"),  # delta_lora ia3 lora lora_fa lora_plus
     "factors": Hook(Factors, "ΔW by SVD"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
     "factor_layout": Hook(Factors, "no adapter output"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
@@ -272,6 +271,7 @@ HOOKS: dict[str, Hook] = {
     "packed_layout": Hook(PackedLayout, "quantizes to see"),  # all
     "transformers_config": Hook(TransformersConfig, "config.json unchanged"),  # fp4 fp4_dq nf4 nf4_dq
     "write": Hook(Writable, "read-only format"),  # all
+    "write_live": Hook(LiveWriter, "written as the default format, read back in low-rank form"),  # peft
 }
 
 

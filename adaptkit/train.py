@@ -79,15 +79,18 @@ def train(base: str | Path, variant: str, data: str | Path, out: str | Path, *, 
           save_every: int | None = None, keep_checkpoints: int | None = None, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, base_dtype: str = "float32", quantize: str | None = None, qat: str | None = None,
           resume: bool = False, force: bool = False, progress: bool = True, device: str | None = None,
-          callback: Callable | None = None, allow_pickle: bool = False) -> dict:
-    """Train adapter `variant` on `base` with `data` (JSON lines) into the folder `out`; returns the
-    training report (also OUT/training.json). `callback(view)` runs before step 1 (step 0) and after
-    every step, with `view.step`, `.record`, `.model`, `.handle`, `.optimizer`, `.scheduler`, `.rank`."""
+          callback: Callable | None = None, allow_pickle: bool = False, format: str | None = None) -> dict:
+    """Train adapter `variant` on `base` with `data` (JSON lines) into the folder `out`, the adapter in
+    `format` (a format plugin; default the canonical one); returns the training report (also
+    OUT/training.json). `callback(view)` runs before step 1 (step 0) and after every step, with
+    `view.step`, `.record`, `.model`, `.handle`, `.optimizer`, `.scheduler`, `.rank`."""
     if grad_accum < 1 or batch_size < 1:
         raise AdaptkitError("batch_size and grad_accum must be at least 1")
     for method in (quantize, qat):
         if method is not None:
             registry.get("quantizer", method)  # an unknown name fails now, with the nearest known one
+    if format is not None:
+        registry.get("format", format)
     # settings of the wrong type (r=2.5, a bad regex) fail now, not after the model is loaded
     validate.adapter_config(settings or {}, registry.get("variant", variant), f"{variant} settings")
     args = {"base": str(base), "variant": variant, "settings": dict(settings or {}), "data": str(data),
@@ -96,7 +99,7 @@ def train(base: str | Path, variant: str, data: str | Path, out: str | Path, *, 
             "warmup": warmup, "max_length": max_length, "precision": precision, "seed": seed, "eval_every": eval_every,
             "save_every": save_every, "keep_checkpoints": keep_checkpoints, "weight_decay": weight_decay,
             "max_grad_norm": max_grad_norm, "base_dtype": base_dtype, "quantize": quantize, "qat": qat,
-            "resume": resume, "force": force,
+            "resume": resume, "force": force, **({"format": format} if format is not None else {}),
             "progress": progress}
     try:
         args = json.loads(json.dumps(args))
@@ -375,7 +378,7 @@ def _finish(run: Run) -> dict:
               "adaptkit_version": adaptkit.__version__, "args": a}
     if run.main:
         staging = run.work / ".adapter"
-        run.handle.save(staging, force=True)
+        run.handle.save(staging, force=True, format=a.get("format"))
         for item in staging.iterdir():
             os.replace(item, run.work / item.name)
         shutil.rmtree(staging)

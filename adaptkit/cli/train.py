@@ -62,6 +62,8 @@ def _metrics(result: dict) -> str:
               "the linear layers are unpacked one at a time as they run.")
 @click.option("--qat", metavar="METHOD", help="Quantization-aware training: compute with the quantized W + ΔW "
               "(any quantizer plugin), so the merged model quantizes with less loss.")
+@click.option("--format", "fmt", metavar="FORMAT", help="Write the adapter in this format (see `adaptkit plugins "
+              "--kind format`; default: PEFT's folder) where it can hold the variant.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialization, dropout and shuffling.")
 @click.option("--eval-every", type=POSITIVE, help="Evaluate every N steps (and at the end).")
 @click.option("--save-every", type=POSITIVE, help="Checkpoint every N steps into OUT/checkpoints/step-N/.")
@@ -73,7 +75,7 @@ def _metrics(result: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the training report (training.json) as JSON.")
 @click.pass_context
 def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_size, grad_accum, max_steps, epochs, warmup,
-              weight_decay, max_grad_norm, max_length, precision, base_dtype, quantize, qat, seed, eval_every, save_every,
+              weight_decay, max_grad_norm, max_length, precision, base_dtype, quantize, qat, fmt, seed, eval_every, save_every,
               keep_checkpoints, resume, force, allow_pickle, out, as_json):
     """Train an adapter on JSON lines: {"text"}, {"prompt","completion"} or {"text","label"}.
 
@@ -97,7 +99,7 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
                    warmup=int(warmup) if warmup >= 1 else warmup, max_length=max_length, precision=precision, seed=seed,
                    eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints,
                    weight_decay=weight_decay, max_grad_norm=max_grad_norm, base_dtype=base_dtype, quantize=quantize,
-                   qat=qat, resume=resume, allow_pickle=allow_pickle,
+                   qat=qat, resume=resume, allow_pickle=allow_pickle, format=fmt,
                    force=force, progress=not (ctx.obj or {}).get("quiet"))
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -6,6 +6,8 @@ Keys are `base_model.model.<module path>.<role>[.weight]` where `<role>` is one 
 (PEFT also saves resized embeddings as `<module>.base_layer.weight`). The variant is the lower-cased
 `peft_type` (LORA -> lora), or `adaptkit_variant` for variants PEFT lacks. Unknown config keys
 (a newer PEFT) load with a warning. This module imports no torch: it only reads names.
+Written by `write_live` (a live model's adapter, any variant: what `handle.save` and `train` write by
+default) and `write` (a low-rank adapter: `convert`, `extract`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from typing import Any
 from adaptkit.plugin import AdapterFiles, AdaptkitError, dump_json, registry, validate
 
 CONFIG_FILE = "adapter_config.json"
+WEIGHTS_STEM = "adapter_model"  # adapter_model.safetensors (or its shards; adapter_model.bin from older PEFT)
 PREFIXES = ("base_model.model.", "base_model.")
+DUMMY_TARGETS = "dummy-target-modules"  # PEFT's marker for "no adapted layers, only saved modules"
 # Fields every PEFT config has, whatever the variant.
 COMMON_KEYS = frozenset({
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
@@ -66,6 +70,32 @@ class PeftFormat:
             raise AdaptkitError(f"{store.root}: adapter has no tensors")
         return adapter
 
+    def write_live(self, live, out_dir) -> list:
+        """A live adapter (`adapter_files.LiveAdapter`) as PEFT saves it: keys `base_model.model.<module
+        path>.<stored key>`, shared tensors `base_model.<role>`, modules trained whole as their full
+        tensors under their own path; `target_modules` lists the adapted paths exactly, so PEFT and
+        adaptkit pick the same layers whatever the original pattern was."""
+        import json
+        from pathlib import Path
+
+        from adaptkit.plugin import save_tensors
+
+        config = {"task_type": None, "base_model_name_or_path": live.base_model, "inference_mode": True,
+                  **live.config, "target_modules": sorted(live.modules) or DUMMY_TARGETS,
+                  "modules_to_save": sorted(live.saved) or None, "exclude_modules": None,
+                  "layers_to_transform": None, "layers_pattern": None}
+        text = dump_json(config, CONFIG_FILE)  # NaN refused before a tensor is written
+        tensors = {f"{PREFIXES[0]}{path}.{key}": t for path, stored in live.modules.items() for key, t in stored.items()}
+        tensors |= {f"{PREFIXES[1]}{role}": t for role, t in live.shared.items()}
+        tensors |= {f"{PREFIXES[0]}{path}.{p}": t for path, state in live.saved.items() for p, t in state.items()}
+        metadata = {"format": "pt"}
+        if config.get("adaptkit_variant"):  # a variant PEFT lacks: the file says what it is on its own too
+            metadata.update(adaptkit_variant=config["adaptkit_variant"],
+                            adaptkit_config=json.dumps(config, sort_keys=True, allow_nan=False))
+        out_dir = Path(out_dir)
+        (out_dir / CONFIG_FILE).write_text(text)
+        files = save_tensors(out_dir, tensors, shard_size=2**62, metadata=metadata, stem=WEIGHTS_STEM)
+        return [out_dir / CONFIG_FILE, *files]
 
     def write(self, adapter, out_dir) -> list:
         """A PEFT LoRA folder: r and lora_alpha of the most common module, `rank_pattern` and
@@ -86,7 +116,7 @@ class PeftFormat:
         saved_modules = sorted({key.rsplit(".", 1)[0] for key in adapter.saved if not inside[key]})
         config = {"task_type": None, "base_model_name_or_path": None, **adapter.config, "peft_type": "LORA",
                   **rank_config(ranks, alphas), "use_rslora": bool(adapter.config.get("use_rslora")), "use_dora": False,
-                  "target_modules": sorted(modules) or "dummy-target-modules", "fan_in_fan_out": flips == {True},
+                  "target_modules": sorted(modules) or DUMMY_TARGETS, "fan_in_fan_out": flips == {True},
                   "modules_to_save": saved_modules or None, "init_lora_weights": True, "bias": "none",
                   "lora_dropout": 0.0, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
                   "exclude_modules": None}
@@ -101,7 +131,7 @@ class PeftFormat:
             tensors[f"base_model.model.{module}.base_layer.{leaf}" if inside[key] else f"base_model.model.{key}"] = tensor.contiguous()
         out_dir = Path(out_dir)
         (out_dir / CONFIG_FILE).write_text(dump_json(config, CONFIG_FILE))
-        files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem="adapter_model")
+        files = save_tensors(out_dir, tensors, shard_size=2**62, metadata={"format": "pt"}, stem=WEIGHTS_STEM)
         return [out_dir / CONFIG_FILE, *files]
 
 
