@@ -2,7 +2,7 @@
 
     handle = adaptkit.inject(model, variant_name, r=16, lora_alpha=32, target_modules="all-linear")
     handle.save("out/")                                  # PEFT's layout where PEFT has the variant
-    handle.save("out/", format="kohya")                  # or any format plugin that can hold it
+    handle.save("out/", format=name)                     # any format plugin that can hold it (kohya, ...)
     handle = adaptkit.load_adapter(model, "out/", name="b")
     handle.set_active("b"); handle.merge(); handle.unmerge(); handle.remove()
 

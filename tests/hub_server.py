@@ -417,3 +417,18 @@ class HubHandler(BaseHTTPRequestHandler):
         sha = self.server_hub.commit(repo, added, remove=removed, branch=rev)
         self._json(200, {"commitUrl": f"{self.server_hub.url}/{repo}/commit/{sha}", "commitOid": sha,
                          "pullRequestUrl": None})
+
+
+def online(monkeypatch, url: str, folder) -> None:
+    """Point huggingface_hub (and adaptkit's Hub client) at the test server `url`, with its cache,
+    token file and adaptkit.lock in `folder`, fast retries, and HF_HUB_OFFLINE unset."""
+    from adaptkit import hub_client
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(folder / "hf-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(folder / "no-token"))
+    monkeypatch.setattr(hub_client, "BACKOFF", 0.001)
+    monkeypatch.chdir(folder)  # adaptkit.lock lives in the working folder

@@ -14,7 +14,7 @@ from safetensors.torch import save
 from adaptkit import hub, hub_client, lockfile
 from adaptkit.errors import AdaptkitError
 from hostile import assert_one_line_error, run_cli, run_process
-from hub_server import FakeHub, refused_url
+from hub_server import FakeHub, online, refused_url
 
 REPO = "org/tiny-lora"
 COMMIT = "c" * 40
@@ -340,13 +340,7 @@ CRAFTED = [
 def crafted_hub(tmp_path, monkeypatch):
     server = FakeHub().start()
     server.add(REPO, adapter_files(), tags=["lora"])
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(hub_client, "BACKOFF", 0.001)
-    monkeypatch.chdir(tmp_path)
+    online(monkeypatch, server.url, tmp_path)
     yield server
     server.stop()
 

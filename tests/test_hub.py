@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import adaptkit as ak
-from adaptkit import hub, hub_client, lockfile
+from adaptkit import hub, lockfile
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
 from builders import tiny_llama
-from hub_server import FakeHub, refused_url
+from hub_server import FakeHub, online, refused_url
 
 BASE_ID = "org/tiny-llama"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
@@ -45,17 +45,6 @@ def folders(tmp_path_factory):
             "lora2": adapter("lora2", "lora", 2, r=4, target_modules=["q_proj"], init_lora_weights=False),
             "ia3": adapter("ia3", "ia3", 3, target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
                            init_ia3_weights=False)}
-
-
-def online(monkeypatch, url: str, folder: Path) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(folder / "hf-cache"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(folder / "no-token"))
-    monkeypatch.setattr(hub_client, "BACKOFF", 0.001)
-    monkeypatch.chdir(folder)  # adaptkit.lock lives in the working folder
 
 
 def offline(monkeypatch) -> None:

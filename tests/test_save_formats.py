@@ -11,12 +11,11 @@ import torch
 from torch import nn
 
 import adaptkit as ak
-from adaptkit import hub_client
 from adaptkit.adapter import read_adapter
 from adaptkit.errors import AdaptkitError
 from builders import tiny_llama
 from hostile import assert_one_line_error, leftovers, run_cli
-from hub_server import FakeHub
+from hub_server import FakeHub, online
 
 ATTN = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
 SD_PATHS = [f"{ATTN}.to_q", f"{ATTN}.to_v", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
@@ -110,14 +109,7 @@ def test_train_writes_the_format_asked_for(tmp_path):
 @pytest.fixture
 def hub_server(tmp_path, monkeypatch):
     server = FakeHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(hub_client, "BACKOFF", 0.001)
-    monkeypatch.chdir(tmp_path)
+    online(monkeypatch, server.url, tmp_path)
     yield server
     server.stop()
 

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from adaptkit.plugin import AdaptkitError, dtypes, parse_json
 
-from ._common import (dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit,
-                      require_float, require_keys)
+from ._common import dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit, require_float, require_keys
 
 if TYPE_CHECKING:
     import torch
@@ -174,22 +174,19 @@ class FourBit:
         keys = [k for k in packed if k.startswith("weight.quant_state.bitsandbytes__")]
         if len(keys) != 1:
             raise AdaptkitError(f"{self.name}: expected one weight.quant_state.bitsandbytes__nf4|fp4 tensor, found {len(keys)}")
-        try:
-            text = bytes(packed[keys[0]].to("cpu").reshape(-1).tolist()).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
-            raise AdaptkitError(f"{self.name}: {keys[0]} is not UTF-8 JSON") from None
-        state = parse_json(text, f"{self.name}: {keys[0]}")  # nesting and duplicate keys bounded
+        where = f"{self.name}: {keys[0]}"
+        try:  # JSON we did not write: nesting and duplicate keys bounded
+            state = parse_json(bytes(packed[keys[0]].to("cpu").reshape(-1).tolist()).decode("utf-8"), where)
+        except UnicodeDecodeError:
+            raise AdaptkitError(f"{where} is not UTF-8 JSON") from None
         shape = state.get("shape") if isinstance(state, dict) else None
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) \
                 or state.get("quant_type") not in ("nf4", "fp4") or state.get("blocksize") not in BLOCKSIZES \
                 or state.get("dtype") not in dtypes.COMPUTE:
-            raise AdaptkitError(f"{self.name}: {keys[0]} is not a 4-bit quant state (quant_type nf4|fp4, blocksize, "
-                                "dtype, shape)")
+            raise AdaptkitError(f"{where} is not a 4-bit quant state (quant_type nf4|fp4, blocksize, dtype, shape)")
         return state
 
     def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        import math
-
         import torch
 
         require_keys(self.name, packed, ("weight", "weight.absmax"))
