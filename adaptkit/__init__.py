@@ -8,14 +8,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import AdaptkitError
-from .inspection import inspect
+from .files.inspection import inspect
 from .io import open_store
 
 
 def __getattr__(name):
     # The module plane needs torch; `import adaptkit` (and `adaptkit inspect`) must not.
     if name in ("inject", "load_adapter", "Adapters"):
-        from . import adapters
+        from .live import adapters
 
         return getattr(adapters, name)
     if name == "hub":  # ak.hub.search(...), ak.hub.pull(...): imported on first use

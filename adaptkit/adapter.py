@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from . import registry, spec
-from .io import TensorStore, open_store
+from .io.store import TensorStore, open_store
 from .spec import AdapterFiles
 
 
@@ -24,3 +25,21 @@ def read_adapter(source: TensorStore | str | Path, *, allow_pickle: bool = False
     if isinstance(variant, spec.FileCheck):
         variant.check_files(adapter)  # a config that contradicts its tensors is refused before anything uses either
     return adapter
+
+
+def describe(adapter: AdapterFiles) -> dict[str, Any]:
+    """The figures `adaptkit inspect` reports for an adapter (and a Hub card shows): the core's keys,
+    then whatever the variant's `describe` adds (rank, alpha, ...)."""
+    variant = registry.get("variant", adapter.variant)
+    cfg = adapter.config
+    figures = {
+        "variant": adapter.variant,
+        "format": adapter.format,
+        "base_model": adapter.base_model,
+        "target_modules": cfg.get("target_modules"),
+        "targeted_modules": len(adapter.modules),
+        "trainable_parameters": adapter.numel(),
+        "modules_to_save": sorted(adapter.saved),
+    }
+    # The variant adds its own figures; the core's keys keep their meaning whatever a plugin returns.
+    return {**variant.describe(adapter), **figures}

@@ -7,7 +7,7 @@ attributes with a default are grouped per kind (`…Options`) and read with `spe
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class MergeCheck(Protocol):
 class StoredDelta(Protocol):
     """ΔW of a stored module, shaped like the base weight (float32), where the variant computes it itself
     (`base` the base weight, for variants whose ΔW depends on it; others ignore it). Without it the core
-    forms s·B·A from `Factors` (`adaptkit.lowrank.module_delta`); a variant with neither must refuse merges
+    forms s·B·A from `Factors` (`adaptkit.files.lowrank.module_delta`); a variant with neither must refuse merges
     (`MergeCheck`: it edits activations)."""
     def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -182,7 +182,7 @@ class MergeOptions(Protocol):
 @runtime_checkable
 class FactorMerge(Protocol):
     """Merges adapters' low-rank factors exactly, not their ΔW: per module each input's (A, B, s) (None where
-    it lacks the module) in, the output's (A, B) with ΔW = B·A out (`adaptkit.adapter_merge`)."""
+    it lacks the module) in, the output's (A, B) with ΔW = B·A out (`adaptkit.merge.to_adapter`)."""
     def merge_factors(self, factors: Sequence, **params: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -222,7 +222,27 @@ class Writable(Protocol):
 @runtime_checkable
 class LiveWriter(Protocol):
     """A format that lays out a live model's adapter itself (`handle.save`, `train`): `live` is an
-    `adapter_files.LiveAdapter` (tensors by module path and the variant's stored key, tensors shared by all
+    `adaptkit.live.files.LiveAdapter` (tensors by module path and the variant's stored key, tensors shared by all
     modules, modules trained whole, the variant's file config); writes into an existing (temporary) folder.
     Without it the adapter reaches the format's `write` in low-rank form, where the variant has one as stored."""
     def write_live(self, live: Any, out_dir: Any) -> list: ...
+
+
+@runtime_checkable
+class RemoteLayout(Protocol):
+    """A format whose adapters are a set of named files in a Hub repository (`hub pull` downloads just those):
+    `remote_files(names)` picks them from the repository's file names (None: not this format's layout; an
+    AdaptkitError: its layout, incomplete); `remote_hint` names what marks the layout, for a message about a
+    repository that holds no adapter. Without it a format's adapters are found as one root-level .safetensors
+    file its `detect` accepts from the header."""
+    remote_hint: str
+    def remote_files(self, names: Collection[str]) -> list[str] | None: ...
+
+
+@runtime_checkable
+class FormatOptions(Protocol):
+    """Attributes a format may set (read with `option`): `hub_library` the Hub's `library_name` for its
+    adapters (the library that loads them), `card_usage` a Markdown line for the model card `hub push`
+    writes, with `{repo}` standing for the repository."""
+    hub_library: str | None
+    card_usage: str

@@ -37,21 +37,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from . import dtypes, registry, validate
+from . import registry, validate
+from .io import dtypes
 from .errors import AdaptkitError, closest
-from .io import TensorStore
-from .readers import dump_json, parse_json
+from .io.store import TensorStore
+from .io.readers import dump_json, parse_json
 from .spec import AdapterFiles, LowRankAdapter, LowRankModule
-from .writer import save_tensors
+from .io.writer import save_tensors
 
 if TYPE_CHECKING:
-    from .adapters import Adapters
-    from .layer import Target
-    from .targets import LAYER_LISTS, find_targets, layer_index
+    from .live.adapters import Adapters
+    from .live.layer import Target
+    from .live.targets import LAYER_LISTS, find_targets, layer_index
 
 # The module plane's names: their modules import torch, so they are imported when first asked for.
-_NEEDS_TORCH = {"Adapters": ".adapters", "Target": ".layer", "LAYER_LISTS": ".targets",
-                "find_targets": ".targets", "layer_index": ".targets"}
+_NEEDS_TORCH = {"Adapters": ".live.adapters", "Target": ".live.layer", "LAYER_LISTS": ".live.targets",
+                "find_targets": ".live.targets", "layer_index": ".live.targets"}
 
 
 def __getattr__(name: str):

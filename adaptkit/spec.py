@@ -14,16 +14,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from .capabilities import (BaseDependent, ChoosesTargets, ExtraLoss, FactorMerge, Factors, FileCheck, Intervention,
+from .capabilities import (BaseDependent, ChoosesTargets, ExtraLoss, FactorMerge, Factors, FileCheck, FormatOptions,
+                           Intervention,
                            LiveBiasDelta, LiveWriter, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
-                           PackedLayout, ParamGroups, QuantizerOptions, Resident, SavesTensors, StepEnd,
+                           PackedLayout, ParamGroups, QuantizerOptions, RemoteLayout, Resident, SavesTensors, StepEnd,
                            StoredBiasDelta, StoredDelta, TrainSettings, TrainState, TransformersConfig, TransformsInput,
                            UnpackedShape, VariantOptions, WeightSpace, Writable)
 
 if TYPE_CHECKING:
     import torch
 
-    from .io import TensorStore
+    from .io.store import TensorStore
 
 
 @dataclass
@@ -115,7 +116,7 @@ class Variant(Protocol):
 
     `param_names` are the roles of its tensors as they appear in PEFT-style keys
     (`<module>.<role>[.weight]`); `config_keys` are the config fields it understands (others warn).
-    ΔW comes from `StoredDelta` or, failing that, from `Factors` (`adaptkit.lowrank.module_delta`); a
+    ΔW comes from `StoredDelta` or, failing that, from `Factors` (`adaptkit.files.lowrank.module_delta`); a
     variant with neither edits activations and says so in `MergeCheck` (`registry.get` checks one of
     the three). Optional capabilities: `VariantOptions`, `FileCheck`, `MergeCheck`, `StoredDelta`,
     `StoredBiasDelta`, `Factors`, `LowRankStored`, `LowRankWriter`; the module plane: `LiveModule`.
@@ -201,7 +202,7 @@ class Quantizer(Protocol):
 class Format(Protocol):
     """A file layout for adapters. `detect` runs on every `inspect`, so the module must import
     cheaply (no torch at module level) and look at keys, metadata and JSON files only.
-    Optional: `Writable`, `LiveWriter`.
+    Optional: `Writable`, `LiveWriter`, `RemoteLayout`, `FormatOptions`.
     """
 
     name: str
@@ -272,6 +273,10 @@ HOOKS: dict[str, Hook] = {
     "transformers_config": Hook(TransformersConfig, "config.json unchanged"),  # fp4 fp4_dq nf4 nf4_dq
     "write": Hook(Writable, "read-only format"),  # all
     "write_live": Hook(LiveWriter, "written as the default format, read back in low-rank form"),  # peft
+    "remote_files": Hook(RemoteLayout, "one root-level .safetensors file it detects"),  # peft
+    "remote_hint": Hook(RemoteLayout, None),  # peft
+    "hub_library": Hook(FormatOptions, None),  # diffusers peft
+    "card_usage": Hook(FormatOptions, ""),  # all
 }
 
 

@@ -1,5 +1,5 @@
 """Checking what files we did not write say, before anything uses it (reading them, bounded, is
-`adaptkit.readers`).
+`adaptkit.io.readers`).
 
 `check_fields(config, FIELDS, where)` checks each field present against its checker, such as
 `positive_int`, `number`, `flag`, `text`, `texts`, `mapping`, `patterns(check)`, `optional(check)`;
@@ -223,13 +223,10 @@ def adapter_config(config: Mapping[str, Any], variant: Any, where: str | Path) -
 
 
 def adapter_source(adapter: Any) -> Path:
-    """The file an adapter's config comes from, for messages: adapter_config.json in a PEFT folder,
-    else its weights file."""
-    from . import registry
-
-    if adapter.format == registry.default("format"):  # the canonical folder: the config is its own file
-        return adapter.store.root / "adapter_config.json"
-    return (adapter.store.files or [adapter.store.root])[0]
+    """The file an adapter's config comes from, for messages: the JSON file its format read (a config
+    file of its own), else its weights file (a config in the header's metadata)."""
+    store = adapter.store
+    return (store.json_read or store.files or [store.root])[0]
 
 
 def model_config(config: Mapping[str, Any] | None, where: str | Path) -> dict | None:

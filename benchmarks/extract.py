@@ -31,7 +31,7 @@ def ensure_models() -> dict[str, Path]:
         paths.update(bench.build_with_model(work / "models", bench.SHAPES["default"]))
     ft = work / "models" / "ft-lowrank"
     if not bench.has_weights(ft):
-        from adaptkit.merge import run_merge
+        from adaptkit.merge.engine import run_merge
 
         run_merge({"merge_method": "task_arithmetic", "base_model": str(paths["base"]), "dtype": "bfloat16",
                    "models": [{"model": str(paths["ft1"]), "parameters": {"weight": 1.0}},
@@ -48,14 +48,13 @@ def mergekit_cmd(paths, out: Path) -> list[str]:
 
 
 def adaptkit_cmd(paths, out: Path) -> list[str]:
-    return bench.stamped("import adaptkit.convert\nfrom adaptkit.cli import main",
+    return bench.stamped("import adaptkit.files.convert\nfrom adaptkit.cli import main",
                          ["adaptkit", "--quiet", "extract", "--model", str(paths["ft"]), "--base", str(paths["base"]),
                           "--rank", str(RANK), "-o", str(out), "--force"], "sys.exit(main())")
 
 
 def errors(folder: Path, paths) -> dict[str, float]:
     """Module -> relative error of its factors against the true ΔW."""
-    import torch
     from safetensors import safe_open
 
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -34,7 +34,7 @@ def main() -> None:
     from bitsandbytes import functional as F
 
     from adaptkit import registry
-    from adaptkit.quantized import QuantizedLinear
+    from adaptkit.quant.quantized import QuantizedLinear
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bitsandbytes {bnb.__version__}")
     torch.manual_seed(0)

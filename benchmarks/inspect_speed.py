@@ -20,7 +20,7 @@ def build() -> None:
         return
     import torch
 
-    from adaptkit.writer import atomic_output, save_tensors
+    from adaptkit.io.writer import atomic_output, save_tensors
 
     hidden, inter, layers, vocab = 1024, 2816, 15, 32000
     tensors = {"model.embed_tokens.weight": torch.zeros(vocab, hidden), "lm_head.weight": torch.zeros(vocab, hidden)}

@@ -176,7 +176,7 @@ def build_streamed(work: Path, shape: dict) -> dict[str, Path]:
         return paths
     import torch
 
-    from adaptkit.writer import ShardedWriter, atomic_output
+    from adaptkit.io.writer import ShardedWriter, atomic_output
 
     layout = llama_layout(shape)
     print(f"building a {sum(_numel(s) for _, s in layout) / 1e6:.0f}M-parameter Llama-shaped base + 3 fine-tunes "
@@ -269,7 +269,7 @@ def use_snapshot(rev: str) -> str:
         (snap / "plugins").rename(snap / "adaptkit_plugins")  # its registry.toml links to ../registry.toml
         (snap / ".done").touch()
     ENV["PYTHONPATH"] = str(snap)  # found before the editable install's finder
-    sys.path.insert(0, str(snap))  # this process's own imports (adaptkit.writer for --scale) too
+    sys.path.insert(0, str(snap))  # this process's own imports (adaptkit.io.writer for --scale) too
     where = subprocess.run([sys.executable, "-c", "import adaptkit, adaptkit_plugins; "
                             "print(adaptkit.__file__, adaptkit_plugins.__file__)"],
                            env=ENV, cwd=WORK, capture_output=True, text=True, check=True).stdout.strip()

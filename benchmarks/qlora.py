@@ -56,9 +56,9 @@ def child(base: str, data: str, config: str) -> None:
     settings = json.loads(config)
     start = time.perf_counter()
     from adaptkit import allocator
-    from adaptkit.data import load_dataset
-    from adaptkit.models import load_tokenizer
-    from adaptkit.train import train  # the baseline makes the same imports as a training run
+    from adaptkit.train.data import load_dataset
+    from adaptkit.train.models import load_tokenizer
+    from adaptkit.train.loop import train  # the baseline makes the same imports as a training run
 
     if settings is None:
         load_dataset(data, load_tokenizer(Path(base)), max_length=64)
@@ -77,7 +77,7 @@ def child(base: str, data: str, config: str) -> None:
 
 def main() -> None:
     base, data = build()
-    from adaptkit.io import open_store
+    from adaptkit.io.store import open_store
 
     with open_store(base) as store:
         weights = sum(store.info(k).nbytes for k in store.keys()) / 2**20

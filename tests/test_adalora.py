@@ -16,7 +16,7 @@ import adaptkit as ak
 from adaptkit import registry
 from adaptkit.adapter import read_adapter
 from adaptkit.errors import AdaptkitError
-from adaptkit.convert import convert
+from adaptkit.files.convert import convert
 from builders import tiny_gpt2, tiny_llama
 
 TOL = dict(atol=1e-5, rtol=1e-5)

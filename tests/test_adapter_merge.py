@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from adaptkit import registry
-from adaptkit.lowrank import factor_matrix
+from adaptkit.files.lowrank import factor_matrix
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
-from adaptkit.merge import run_merge
+from adaptkit.merge.engine import run_merge
 from builders import tiny_gpt2, tiny_llama
 
 PREFIX = "base_model.model."

@@ -127,7 +127,7 @@ def test_partial_fine_tuning_last_layers_round_trips_through_peft(tmp_path):
 
 
 def test_partial_merges_into_the_base_on_disk(tmp_path):
-    from adaptkit.merge import run_merge as run
+    from adaptkit.merge.engine import run_merge as run
 
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
@@ -419,7 +419,7 @@ def peft_lora_bias(base, tmp_path):
 def test_lora_bias_both_ways_and_merged(tmp_path):
     """PEFT's lora_bias: y += s·(B·A·x + β). Loaded and saved both ways with equal outputs; merged,
     the layer's bias takes s·β (live and on disk), as PEFT's merge_and_unload."""
-    from adaptkit.merge import run_merge
+    from adaptkit.merge.engine import run_merge
 
     base = tiny_gpt2()
     pm = peft_lora_bias(base, tmp_path)
@@ -451,7 +451,7 @@ def test_lora_bias_both_ways_and_merged(tmp_path):
         torch.testing.assert_close(on_disk[name], merged[name], **TOL)
     # converted to a plain LoRA (factors as stored; the new bias whole in the base layer), then to
     # kohya, which holds factors only: refused in one line
-    from adaptkit.convert import convert
+    from adaptkit.files.convert import convert
 
     convert(tmp_path / "peft", "peft", tmp_path / "plain", base=tmp_path / "base")
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text()).get("lora_bias") is not True
@@ -464,8 +464,8 @@ def test_lora_bias_both_ways_and_merged(tmp_path):
 
 
 def test_lora_bias_trains_and_refuses_what_cannot_hold_it(tmp_path):
-    from adaptkit.convert import convert
-    from adaptkit.merge import run_merge
+    from adaptkit.files.convert import convert
+    from adaptkit.merge.engine import run_merge
 
     model = tiny_llama()  # no biases in its linear layers
     handle = ak.inject(model, "lora", r=2, target_modules=["q_proj"], lora_bias=True)

@@ -12,7 +12,7 @@ import pytest
 from adaptkit.cli import cli
 from adaptkit.cli.boundary import add_global_options, one_line
 from adaptkit.errors import AdaptkitError
-from adaptkit.outputs import Terminated
+from adaptkit.io.outputs import Terminated
 from hostile import assert_one_line_error, run_cli, run_process
 from text_models import counting, llama_dir, write_jsonl
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 import adaptkit as ak
 from adaptkit.adapter import read_adapter
 from adaptkit.cli import cli
-from adaptkit.convert import convert, extract, to_lowrank
+from adaptkit.files.convert import convert, extract, to_lowrank
 from adaptkit.errors import AdaptkitError
-from adaptkit.lowrank import factor_matrix, factor_product
+from adaptkit.files.lowrank import factor_matrix, factor_product
 from builders import tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))

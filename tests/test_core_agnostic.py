@@ -13,7 +13,7 @@ standing as statements of their own, are prose and everything else is code) is h
    or attribute declared in spec.py) or in registry.toml (`registry.default(kind, role)`).
    ALLOWED lists the few words the core shares with PEFT and mergekit, or that name something of
    its own, each with its reason; an entry may limit the word to the modules where it means that
-   (`"linear"`, a layer kind in layer.py, is still the merge method anywhere else).
+   (`"linear"`, a layer kind in live/layer.py, is still the merge method anywhere else).
 2. No plugin module is imported (`import adaptkit_plugins...`, or its dotted name as a string):
    the core reaches plugins through the registry only.
 3. No hook that one plugin alone defines is looked up, unless spec.py declares it. A lookup is
@@ -247,7 +247,7 @@ def test_allow_list_is_needed():
 ROLES = [
     ("quick", lambda m: True),
     ("quick_with_base", lambda m: True),
-    ("soup", lambda m: not m.params),  # adaptkit.soup.uniform passes no parameters
+    ("soup", lambda m: not m.params),  # adaptkit.merge.soup.uniform passes no parameters
     ("interpolation", lambda m: len(m.params) == 1),  # its one parameter is the mix
 ]
 

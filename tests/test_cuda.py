@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from adaptkit.quantized import QuantizedLinear
-from adaptkit.train import train
+from adaptkit.quant.quantized import QuantizedLinear
+from adaptkit.train.loop import train
 from text_models import counting, llama_dir, write_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import adaptkit as ak
 from adaptkit.errors import AdaptkitError
-from adaptkit.merge import run_merge
-from adaptkit.convert import convert
+from adaptkit.merge.engine import run_merge
+from adaptkit.files.convert import convert
 from builders import tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from adaptkit.errors import AdaptkitError
-from adaptkit.io import open_store
-from adaptkit.safetensors_file import MAX_HEADER
+from adaptkit.io.store import open_store
+from adaptkit.io.safetensors_file import MAX_HEADER
 
 from hostile import assert_one_line_error, run_cli, run_process
 
@@ -217,7 +217,7 @@ def test_fifos_and_devices_are_refused_without_hanging(tmp_path, case, build, ex
 
 
 def test_regular_file_names_what_it_refuses(tmp_path):
-    from adaptkit.paths import regular_file
+    from adaptkit.io.paths import regular_file
 
     os.mkfifo(tmp_path / "data.jsonl")
     with pytest.raises(AdaptkitError, match="this data file is a named pipe"):
@@ -409,7 +409,7 @@ def test_quantize_and_convert_read_pickles_only_when_allowed(tmp_path):
 
 def test_load_adapter_and_build_model_take_allow_pickle(tmp_path):
     import adaptkit
-    from adaptkit.models import build_model
+    from adaptkit.train.models import build_model
 
     from builders import tiny_llama
 
@@ -441,7 +441,7 @@ def quantized(method: str, victim: str, change):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        from adaptkit.quantize import run_quantize
+        from adaptkit.quant.quantize import run_quantize
 
         (tmp / "m").mkdir()
         save_file({"layer.weight": torch.randn(64, 64), "layer.bias": torch.randn(64)}, tmp / "m" / "model.safetensors")

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save
 
-from adaptkit import hub, hub_client, lockfile
+from adaptkit.hub import repos as hub
+from adaptkit.hub import client as hub_client
+from adaptkit.hub import lockfile
 from adaptkit.errors import AdaptkitError
 from hostile import assert_one_line_error, run_cli, run_process
 from hub_server import FakeHub, online, refused_url

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import adaptkit as ak
-from adaptkit import hub, lockfile
+from adaptkit.hub import repos as hub
+from adaptkit.hub import lockfile
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
 from builders import tiny_llama

@@ -144,7 +144,7 @@ def test_merge_unmerge_equal_peft_merge_and_tensor_delta(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_merge_into_a_saved_base_equals_the_adapted_model(arch, tmp_path):
-    from adaptkit.merge import run_merge
+    from adaptkit.merge.engine import run_merge
 
     build, targets, ff = ARCHS[arch]
     base = build()
@@ -206,7 +206,7 @@ def test_convert_to_lora_keeps_the_bias_change(tmp_path):
     """IA3 on GPT-2's c_attn scales its output, bias included. As a LoRA (by SVD, with --base) the
     weight change becomes factors and the new bias travels whole in the module's base layer, as PEFT
     saves a trained bias: PEFT's LoRA on the base then gives the IA3 model's outputs."""
-    from adaptkit.convert import convert
+    from adaptkit.files.convert import convert
 
     base = tiny_gpt2()
     pm = peft_ia3(base, ["c_attn", "c_fc"], ["c_fc"])

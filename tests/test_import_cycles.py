@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -69,14 +70,23 @@ def targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, 
     return found
 
 
-def import_graph() -> dict[str, dict[str, list[str]]]:
-    """importer -> {imported: ["path:line: the import statement", ...]} over every module of the package."""
+def all_imports(tree: ast.Module):
+    """Every import statement that can run, late ones inside functions included (not `if TYPE_CHECKING:`)."""
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+               for stmt in node.body for n in ast.walk(stmt)}
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skipped]
+
+
+def import_graph(late: bool = False) -> dict[str, dict[str, list[str]]]:
+    """importer -> {imported: ["path:line: the import statement", ...]} over every module of the package;
+    `late`: counting the imports inside functions too."""
     paths = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
     graph: dict[str, dict[str, list[str]]] = {}
     for name, path in paths.items():
         source = path.read_text()
         edges: dict[str, list[str]] = defaultdict(list)
-        for node in import_time_imports(ast.parse(source, str(path)).body):
+        tree = ast.parse(source, str(path))
+        for node in all_imports(tree) if late else import_time_imports(tree.body):
             for target in targets(node, name, path.name == "__init__.py", set(paths)):
                 if target != name:
                     where = f"{path.relative_to(ROOT.parent)}:{node.lineno}"
@@ -110,8 +120,8 @@ def describe(graph: dict[str, dict[str, list[str]]], cycle: list[str]) -> str:
 def test_the_graph_sees_imports():
     """The reader finds real edges, resolves relative imports and skips late imports inside functions."""
     graph = import_graph()
-    assert {"adaptkit.errors", "adaptkit.inspection", "adaptkit.io"} <= set(graph["adaptkit"])
-    assert "adaptkit.adapters" not in graph["adaptkit"]  # imported in `__getattr__`, on first use
+    assert {"adaptkit.errors", "adaptkit.files.inspection", "adaptkit.io"} <= set(graph["adaptkit"])
+    assert "adaptkit.live.adapters" not in graph["adaptkit"]  # imported in `__getattr__`, on first use
     assert {"adaptkit.allocator", "adaptkit.errors"} <= set(graph["adaptkit.cli.boundary"])  # `from ..`
     assert "adaptkit.cli.merge" in graph["adaptkit.cli"]  # `from . import merge` in a package's __init__
 
@@ -145,3 +155,45 @@ def test_no_import_cycles():
     graph = import_graph()
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(describe(graph, c) for c in found)
+
+
+# The layers of the package, lowest first (README "Architecture"): a module imports only from its own layer
+# and those below, late imports inside functions included, so no two layers depend on each other.
+LAYERS = [
+    ("errors", ["adaptkit.errors"]),
+    ("io", ["adaptkit.io"]),
+    ("plugin contracts and registry", ["adaptkit.spec", "adaptkit.capabilities", "adaptkit.registry",
+                                       "adaptkit.validate", "adaptkit.allocator", "adaptkit.adapter"]),
+    ("quant", ["adaptkit.quant"]),
+    ("hub", ["adaptkit.hub"]),
+    ("files", ["adaptkit.files"]),
+    ("live", ["adaptkit.live"]),
+    ("merge", ["adaptkit.merge"]),
+    ("train", ["adaptkit.train"]),
+    ("entry points", ["adaptkit.cli", "adaptkit.plugin", "adaptkit.__main__", "adaptkit"]),
+]
+
+
+def layer_of(module: str) -> int:
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if module in prefixes or any(module.startswith(p + ".") for p in prefixes if p != "adaptkit"):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS: place it")
+
+
+def test_layers_import_downwards_only():
+    graph = import_graph(late=True)
+    assert [LAYERS[layer_of(m)][0] for m in ("adaptkit.io.store", "adaptkit.hub", "adaptkit", "adaptkit.cli.merge")] == [
+        "io", "hub", "entry points", "entry points"]
+    version = re.compile(r".*: from \.+ import __version__$")  # the package's one constant, read by any layer
+    upward = [f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]}):\n    " + "\n    ".join(where)
+              for a, edges in graph.items() for b, where in edges.items()
+              if layer_of(b) > layer_of(a) and not all(version.match(w) for w in where)]
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_no_mutual_dependencies_even_through_late_imports():
+    """A late import inside a function breaks no cycle in the design, only at import time."""
+    graph = import_graph(late=True)
+    found = cycles(graph)
+    assert not found, "modules that need each other:\n" + "\n".join(describe(graph, c) for c in found)

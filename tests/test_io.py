@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptkit.errors import AdaptkitError, CorruptFileError
-from adaptkit.io import open_store
-from adaptkit.safetensors_file import read_safetensors_header
-from adaptkit.outputs import atomic_output
-from adaptkit.writer import ShardedWriter, copy_side_files, parse_size, save_tensors
+from adaptkit.io.store import open_store
+from adaptkit.io.safetensors_file import read_safetensors_header
+from adaptkit.io.outputs import atomic_output
+from adaptkit.io.writer import ShardedWriter, copy_side_files, parse_size, save_tensors
 
 
 def sample_tensors():

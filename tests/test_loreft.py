@@ -20,10 +20,10 @@ from safetensors import safe_open
 import adaptkit as ak
 from adaptkit import registry
 from adaptkit.adapter import read_adapter
-from adaptkit.convert import convert
+from adaptkit.files.convert import convert
 from adaptkit.errors import AdaptkitError
-from adaptkit.layer import AdaptedLayer
-from adaptkit.merge import run_merge
+from adaptkit.live.layer import AdaptedLayer
+from adaptkit.merge.engine import run_merge
 from adaptkit_plugins.variants.loreft import positions
 from builders import tiny_gpt2, tiny_llama
 

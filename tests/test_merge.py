@@ -11,8 +11,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from adaptkit.errors import AdaptkitError
-from adaptkit.merge import layer_positions, run_merge
-from adaptkit.recipe import evaluate
+from adaptkit.merge.engine import layer_positions, run_merge
+from adaptkit.merge.recipe import evaluate
 from builders import tiny_gpt2, tiny_llama
 
 
@@ -312,7 +312,7 @@ def test_existing_output_and_killed_run(models, tmp_path, monkeypatch):
     (out / "keep.txt").write_text("old")
     with pytest.raises(AdaptkitError, match="already exists"):
         run_merge(recipe, out, progress=False)
-    from adaptkit import merge as engine
+    from adaptkit.merge import engine
 
     calls = {"n": 0}
     real = engine.merge_tensor
@@ -336,7 +336,7 @@ def test_existing_output_and_killed_run(models, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method, params", [("linear", {"weight": 0.3}), ("task_arithmetic", {"weight": 0.6})])
 def test_row_blocks_give_the_same_bytes(models, tmp_path, monkeypatch, method, params):
     """Elementwise operators see big tensors in row blocks; the output must not change."""
-    from adaptkit import merge as engine
+    from adaptkit.merge import engine
 
     recipe = recipe_for(models, method, [params] * 3, base=method != "linear")
     run_merge(recipe, tmp_path / "whole", progress=False)

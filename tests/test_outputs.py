@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from adaptkit.errors import AdaptkitError
-from adaptkit.outputs import Terminated, atomic_output, beside, recover_output
-from adaptkit.writer import copy_side_files
+from adaptkit.io.outputs import Terminated, atomic_output, beside, recover_output
+from adaptkit.io.writer import copy_side_files
 from hostile import assert_one_line_error, leftovers, run_cli
 
 MERGE = ["--quiet", "merge", "--method", "average", "-m", "{t}/model", "-m", "{t}/model"]
@@ -254,7 +254,7 @@ def test_recover_output_leaves_a_folder_another_run_is_writing(work):
 
 
 def test_training_output_is_checked_against_its_inputs(work):
-    from adaptkit import checkpoint
+    from adaptkit.train import checkpoint
     from adaptkit.errors import AdaptkitError
 
     data = work / "data.jsonl"
@@ -349,7 +349,7 @@ def _cli_child(args: list[str], log: str) -> None:
 @pytest.fixture(scope="module")
 def forkserver():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["adaptkit.cli", "adaptkit.merge", "adaptkit.quantize", "adaptkit.convert"])
+    context.set_forkserver_preload(["adaptkit.cli", "adaptkit.merge", "adaptkit.quant.quantize", "adaptkit.files.convert"])
     return context
 
 
@@ -403,7 +403,7 @@ def test_kill_at_random_points(work, forkserver, command):
 
 def test_a_second_training_on_the_same_output_fails_in_one_line(tmp_path):
     """`train` holds its output's lock for the whole run (its run folder would be shared otherwise)."""
-    from adaptkit.outputs import output_lock
+    from adaptkit.io.outputs import output_lock
     from text_models import counting, llama_dir, write_jsonl
 
     base, data = llama_dir(tmp_path / "llama"), write_jsonl(tmp_path / "d.jsonl", counting(4))

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from adaptkit import registry, spec
-from adaptkit.io import open_store
+from adaptkit.io.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "plugin-example"

@@ -14,7 +14,7 @@ import adaptkit
 from adaptkit import registry
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
-from adaptkit.quantized import QuantizedLinear, fake_quantize, load_quantized, quantize_model
+from adaptkit.quant.quantized import QuantizedLinear, fake_quantize, load_quantized, quantize_model
 from text_models import bert_dir, counting, llama_dir, sentiment, write_jsonl
 
 QUANTIZERS = registry.names("quantizer")
@@ -171,7 +171,7 @@ def test_train_quantize_nf4_then_load_on_the_float_base(env, tmp_path, one_threa
 
 
 def test_train_quantized_classification(env, tmp_path, one_thread):
-    from adaptkit.train import train
+    from adaptkit.train.loop import train
 
     report = train(env["bert"], "lora", env["sentiment"], tmp_path / "cls", settings={"r": 4}, quantize="nf4",
                    lr=5e-2, max_steps=3, progress=False)
@@ -257,7 +257,7 @@ def test_qat_cli_and_activation_variants_refused(env, tmp_path, one_thread):
 # -- merging into a quantized base (adaptkit merge) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def quantized_base(env, tmp_path_factory):
-    from adaptkit.quantize import run_quantize
+    from adaptkit.quant.quantize import run_quantize
 
     root = tmp_path_factory.mktemp("qbase")
     run_quantize(env["llama"], "nf4", root / "nf4", skip=["lm_head"], progress=False)
@@ -277,8 +277,8 @@ def quantized_base(env, tmp_path_factory):
 def test_merge_into_a_quantized_base_writes_bf16(quantized_base, tmp_path):
     from safetensors.torch import load_file
 
-    from adaptkit.io import open_store
-    from adaptkit.unpacked import open_unpacked
+    from adaptkit.io.store import open_store
+    from adaptkit.quant.unpacked import open_unpacked
 
     out = tmp_path / "merged"
     result = CliRunner().invoke(cli, ["-q", "merge", "--base", str(quantized_base["base"]), "-m",
@@ -296,8 +296,8 @@ def test_merge_into_a_quantized_base_writes_bf16(quantized_base, tmp_path):
 
 
 def test_merge_requantize_packs_again_and_reports_the_error(quantized_base, tmp_path):
-    from adaptkit.inspection import inspect
-    from adaptkit.io import open_store
+    from adaptkit.files.inspection import inspect
+    from adaptkit.io.store import open_store
 
     out = tmp_path / "requantized"
     result = CliRunner().invoke(cli, ["-q", "merge", "--base", str(quantized_base["base"]), "-m",
@@ -334,7 +334,7 @@ def test_a_quantized_checkpoint_trains_and_evaluates_as_it_is(env, quantized_bas
     stored (equal to quantizing the float checkpoint while loading), and eval reads it too."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from adaptkit.models import build_model
+    from adaptkit.train.models import build_model
 
     packed, _ = build_model(quantized_base["base"], "causal-lm")
     streamed = causal_lm(env["llama"], "nf4")
@@ -409,7 +409,7 @@ def test_a_checkpoint_bitsandbytes_saved_through_transformers_loads_exactly(env,
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from adaptkit.models import build_model
+    from adaptkit.train.models import build_model
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from adaptkit import registry
 from adaptkit.cli import cli
-from adaptkit.io import open_store
-from adaptkit.quantize import packed_names, run_quantize
-from adaptkit.writer import save_tensors
+from adaptkit.io.store import open_store
+from adaptkit.quant.quantize import packed_names, run_quantize
+from adaptkit.io.writer import save_tensors
 
 from builders import tiny_llama
 
@@ -136,7 +136,7 @@ def test_transformers_with_bitsandbytes_loads_our_4bit_files(llama_dir, tmp_path
 
     from transformers import AutoModelForCausalLM
 
-    from adaptkit.models import build_model
+    from adaptkit.train.models import build_model
 
     out = tmp_path / method
     assert _run("quantize", llama_dir, "--method", method, "--skip", "lm_head,embed", "-o", out).exit_code == 0

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from adaptkit import registry
 from adaptkit.errors import AdaptkitError
-from adaptkit.io import open_store
+from adaptkit.io.store import open_store
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -217,7 +217,7 @@ def test_8bit_blockwise_equals_bitsandbytes_and_its_rule(seed):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", registry.names("quantizer"))
 def test_packed_layout_says_what_quantize_returns(name, shape):
-    from adaptkit.dtypes import torch_to_code
+    from adaptkit.io.dtypes import torch_to_code
 
     quant = q(name)
     torch.manual_seed(1)
@@ -229,8 +229,8 @@ def test_packed_layout_says_what_quantize_returns(name, shape):
 def test_int8_per_row_and_per_block_files_are_told_apart(tmp_path):
     from safetensors.torch import save_file
 
-    from adaptkit.io import open_store
-    from adaptkit.unpacked import detect_quantizer
+    from adaptkit.io.store import open_store
+    from adaptkit.quant.unpacked import detect_quantizer
 
     t = torch.randn(6, 130)
     for name in ("int8", "int8_block"):

@@ -13,6 +13,7 @@ from torch import nn
 import adaptkit as ak
 from adaptkit.adapter import read_adapter
 from adaptkit.errors import AdaptkitError
+from adaptkit.hub.card import split_card
 from builders import tiny_llama
 from hostile import assert_one_line_error, leftovers, run_cli
 from hub_server import FakeHub, online
@@ -114,11 +115,12 @@ def hub_server(tmp_path, monkeypatch):
     server.stop()
 
 
-@pytest.mark.parametrize("fmt, uploaded", [
-    ("kohya", ["README.md", "lora.safetensors"]),
-    ("peft", ["README.md", "adapter_config.json", "adapter_model.safetensors"]),
+@pytest.mark.parametrize("fmt, uploaded, library, usage", [
+    ("kohya", ["README.md", "lora.safetensors"], None, "AUTOMATIC1111, ComfyUI"),
+    ("peft", ["README.md", "adapter_config.json", "adapter_model.safetensors"], "peft", "PeftModel.from_pretrained"),
+    ("diffusers", ["README.md", "pytorch_lora_weights.safetensors"], "diffusers", "pipe.load_lora_weights"),
 ])
-def test_hub_push_uploads_the_adapter_whatever_its_format(fmt, uploaded, hub_server, tmp_path):
+def test_hub_push_uploads_the_adapter_whatever_its_format(fmt, uploaded, library, usage, hub_server, tmp_path):
     folder = tmp_path / fmt
     trained(sd_like(), "lora", r=2, target_modules=["to_q", "to_v"]).save(folder, format=fmt)
     (folder / "notes.txt").write_text("not part of the adapter\n")
@@ -128,6 +130,11 @@ def test_hub_push_uploads_the_adapter_whatever_its_format(fmt, uploaded, hub_ser
     files = hub_server.repos[f"me/{fmt}-lora"].commit("main").files
     assert sorted(set(files) - {".gitattributes"}) == uploaded  # the server adds .gitattributes
     assert all(files[n] == (folder / n).read_bytes() for n in uploaded if n != "README.md")
+    # The card is the adapter's format's: its tag, the Hub library that loads it (kohya files have none),
+    # and how to use it; a kohya file is not called a PEFT folder.
+    meta, body = split_card(files["README.md"].decode())
+    assert meta["tags"] == [fmt, "lora", "adaptkit"] and meta.get("library_name") == library
+    assert usage in body and (fmt == "peft") == ("PEFT" in body)
     pulled = ak.hub.pull(f"me/{fmt}-lora")
     assert sorted(pulled["files"]) == uploaded
 

@@ -17,7 +17,7 @@ from adaptkit import registry
 from adaptkit.adapter import detect_format, read_adapter
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
-from adaptkit.io import open_store
+from adaptkit.io.store import open_store
 from adaptkit.spec import LowRankAdapter, LowRankModule
 from adaptkit_plugins.formats._lowrank import MissingAlphaWarning, lowrank_from_lora
 from adaptkit_plugins.formats._sdnames import (diffusers_to_sgm, flatten, kohya_text_path, sgm_to_diffusers, text_path,

@@ -2,7 +2,7 @@
 it found it:
 
 - plugin detection (`registry.detect`) serves formats, quantizers and `inspect`;
-- one dtype table (`adaptkit.dtypes`) serves sizes, report names, struct decoding, torch and the
+- one dtype table (`adaptkit.io.dtypes`) serves sizes, report names, struct decoding, torch and the
   dtypes models compute in;
 - one Hub-reference test (`hub.is_reference`) serves merge inputs, `inspect` and `load_adapter`;
 - a merge in factor space is a capability of its plugin (`merge_factors`), not a name in the core;
@@ -25,14 +25,15 @@ import torch
 from safetensors.numpy import save_file
 
 import adaptkit as ak
-from adaptkit import allocator, dtypes, registry
+from adaptkit import allocator, registry
+from adaptkit.io import dtypes
 from adaptkit.adapter import detect_format, read_adapter
 from adaptkit.errors import AdaptkitError
-from adaptkit.inspection import inspect
-from adaptkit.io import open_store
-from adaptkit.lowrank import factor_matrix
-from adaptkit.merge import run_merge
-from adaptkit.unpacked import detect_quantizer
+from adaptkit.files.inspection import inspect
+from adaptkit.io.store import open_store
+from adaptkit.files.lowrank import factor_matrix
+from adaptkit.merge.engine import run_merge
+from adaptkit.quant.unpacked import detect_quantizer
 from hostile import assert_one_line_error, run_cli
 
 Q = "model.layers.{}.self_attn.q_proj"
@@ -131,7 +132,7 @@ def test_compute_dtype_of_a_stored_tensor(code, expected):
 def test_inspect_imports_no_torch(tmp_path):
     """The table is read without torch: `inspect` of a model, an adapter and a packed model stays torch-free."""
     folders = [model(tmp_path / "m"), lora(tmp_path / "a"), quantized(tmp_path / "q")]
-    code = ("import sys; from adaptkit.inspection import inspect; "
+    code = ("import sys; from adaptkit.files.inspection import inspect; "
             "reports = [inspect(p) for p in sys.argv[1:]]; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, *map(str, folders)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -257,7 +258,7 @@ def merge_call(tmp_path):
 
 
 def quantize_call(tmp_path):
-    from adaptkit.quantized import quantize_model
+    from adaptkit.quant.quantized import quantize_model
 
     quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 4)), "int8", skip=[])
 

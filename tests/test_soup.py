@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from adaptkit import soup
+from adaptkit.merge import soup
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
 

@@ -1,7 +1,7 @@
 """ΔW from factors: a variant need not define `delta` when its ΔW is its low-rank product.
 
 The core forms ΔW = s·B·A from `factors`, transposed where `factor_layout` says the base weight lies
-in × out (`adaptkit.lowrank.module_delta`), so a third-party variant with only `factors` and
+in × out (`adaptkit.files.lowrank.module_delta`), so a third-party variant with only `factors` and
 `factor_layout` merges into a base (`adaptkit merge --base ... -m adapter`). The registry refuses a
 variant with no ΔW at all (no `delta`, no `factors`) unless it says it edits activations
 (`check_mergeable`).

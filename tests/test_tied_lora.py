@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import adaptkit as ak
-from adaptkit.convert import convert
+from adaptkit.files.convert import convert
 from adaptkit import registry
 from adaptkit.adapter import read_adapter
 from adaptkit.cli import cli

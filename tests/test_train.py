@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from adaptkit import registry
 from adaptkit.cli import cli
-from adaptkit.data import IGNORE, collate, load_dataset
+from adaptkit.train.data import IGNORE, collate, load_dataset
 from adaptkit.errors import AdaptkitError
-from adaptkit.models import load_tokenizer
-from adaptkit.train import train
+from adaptkit.train.models import load_tokenizer
+from adaptkit.train.loop import train
 from text_models import bert_dir, counting, llama_dir, sentiment, write_jsonl
 
 # Settings per module-plane variant for the toy task (a new variant needs an entry: a test checks).

@@ -14,7 +14,7 @@ import torch
 import adaptkit as ak
 from adaptkit import registry
 from adaptkit.adapter import read_adapter
-from adaptkit.layer import AdaptedLayer, ReplacedModule
+from adaptkit.live.layer import AdaptedLayer, ReplacedModule
 from builders import tiny_llama
 
 CONFIGS = {

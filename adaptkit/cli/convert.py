@@ -42,7 +42,7 @@ def convert(adapter, to, out, rank, energy, base, force, allow_pickle, as_json):
       adaptkit convert my-lora/ --to FORMAT -o converted/
     """
     from .. import registry
-    from ..convert import convert as run, writable_formats
+    from ..files.convert import convert as run, writable_formats
 
     # The plain low-rank variant's name stands for the canonical format (`--to lora`).
     fmt = registry.default("format") if to == registry.default("variant") else to
@@ -79,7 +79,7 @@ def extract(ctx, model, base, out, rank, energy, embed_lora, force, allow_pickle
       adaptkit extract --model my-finetune --base meta-llama/Llama-3.2-1B --rank 32 -o my-lora/
       adaptkit extract --model ft/ --base base/ --energy 0.9 -o lora/ --json
     """
-    from ..convert import extract as run
+    from ..files.convert import extract as run
 
     report = run(model, base, out, rank=rank, energy=energy, embed_lora=embed_lora, force=force,
                  allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..lockfile import LOCK_FILE
+from ..hub.lockfile import LOCK_FILE
 from .boundary import Group
 from .options import ALLOW_PICKLE, CONTEXT, emit_json
 
@@ -50,7 +50,7 @@ def search(query, tags, base_model, author, sort, limit, as_json):
       adaptkit hub search french --base-model meta-llama/Llama-3.2-1B --sort likes --limit 5
       adaptkit hub search --tag lora --author my-org --json
     """
-    from ..hub_search import search as run
+    from ..hub import search as run
 
     rows = run(query, tags=tags or None, base_model=base_model, author=author, sort=sort, limit=limit)
     if as_json:

@@ -29,8 +29,8 @@ def inspect_cmd(path, as_json, allow_pickle):
       adaptkit inspect ./llama-lora
       adaptkit inspect ./model/model.safetensors.index.json --json
     """
-    from ..inspection import inspect
-    from ..report import format_inspect
+    from ..files.inspection import inspect
+    from .report import format_inspect
 
     report = inspect(path, allow_pickle=allow_pickle)
     if as_json:

@@ -9,7 +9,7 @@ from .options import ALLOW_PICKLE, CONTEXT, POSITIVE, emit_json
 
 
 def _quick_recipe(method, base, models, params, rank) -> dict:
-    from ..readers import load_yaml
+    from ..io.readers import load_yaml
 
     method = method or registry.default("merge", "quick_with_base" if base else "quick")
     # The quick form's weight defaults to 1 where the method has one (recipes, like mergekit's, must give it).
@@ -33,7 +33,7 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
     recipe = {"merge_method": method, "models": entries, "parameters": parameters}
     if base:
         recipe["base_model"] = base
-    from ..adapter_merge import factor_merge  # the merge command imports the engine next anyway
+    from ..merge.to_adapter import factor_merge  # the merge command imports the engine next anyway
 
     factor_space = method in registry.names("merge") and factor_merge(registry.get("merge", method)) is not None
     if rank or (factor_space and not base):  # an operator on adapters' factors makes an adapter
@@ -77,9 +77,9 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, sha
       adaptkit merge soup.yaml -o merged/ --dry-run
       adaptkit merge --base llama-4bit/ -m my-qlora -o merged/ --requantize   # into a quantized base
     """
-    from ..merge import Plan, run_merge
-    from ..recipe import load_recipe
-    from ..report import human_bytes
+    from ..merge.engine import Plan, run_merge
+    from ..merge.recipe import load_recipe
+    from .report import human_bytes
 
     if bool(recipe) == bool(models):
         raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")
@@ -88,7 +88,7 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, sha
     if dtype:
         parsed.out_dtype = dtype
     if dry_run and parsed.output_kind == "adapter":
-        from ..adapter_merge import plan_adapters
+        from ..merge.to_adapter import plan_adapters
 
         summary = plan_adapters(parsed, allow_pickle=allow_pickle)
         if as_json:

@@ -30,7 +30,7 @@ def quantize(ctx, model, method, double_quant, skip, out, force, allow_pickle, a
     """
     from .. import registry, spec
     from ..errors import AdaptkitError
-    from ..quantize import run_quantize
+    from ..quant.quantize import run_quantize
 
     if double_quant:
         form = spec.option(registry.get("quantizer", method), "double_quant_form")

@@ -18,7 +18,7 @@ def _evaluator(eval_cmd: str | None, eval_py: str | None, eval_data: str | None 
     if sum(map(bool, (eval_cmd, eval_py, eval_data))) != 1:
         raise AdaptkitError("give exactly one of --eval DATA.jsonl, --eval-cmd 'CMD {model}' or --eval-py module:function")
     if eval_data:
-        from ..evaluate import scorer
+        from ..train.evaluate import scorer
 
         return scorer(eval_data, task=task)
     if eval_py:
@@ -89,7 +89,7 @@ def uniform(models, out, force, as_json, allow_pickle):
     Example:
       adaptkit soup uniform -m ft1 -m ft2 -m ft3 -o soup/
     """
-    from .. import soup as soups
+    from ..merge import soup as soups
 
     soups.uniform(models, out=out, force=force, allow_pickle=allow_pickle)
     if as_json:
@@ -111,7 +111,7 @@ def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json, allo
       adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval-cmd "python score.py {model}" -o soup/
       adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval dev.jsonl -o soup/
     """
-    from .. import soup as soups
+    from ..merge import soup as soups
 
     result = soups.greedy(models, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force,
                           allow_pickle=allow_pickle)
@@ -137,7 +137,7 @@ def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json,
       adaptkit soup sweep zero-shot fine-tuned --alphas 0,0.5,1 --eval-cmd "python score.py {model}" -o best/
       adaptkit soup sweep zero-shot fine-tuned --eval dev.jsonl -o best/
     """
-    from .. import soup as soups
+    from ..merge import soup as soups
 
     try:
         values = [float(x) for x in alphas.split(",") if x.strip()]

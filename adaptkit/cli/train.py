@@ -92,7 +92,7 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
       adaptkit train --base ./llama --variant lora --qat METHOD --data chat.jsonl -o qat/
       adaptkit train ... -o out/ --resume          # continue an interrupted run
     """
-    from ..train import train
+    from ..train.loop import train
 
     report = train(base, variant, data, out, settings=parse_settings(settings), eval_data=eval_data, task=task, lr=lr,
                    batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
@@ -130,7 +130,7 @@ def eval_cmd(ctx, model, adapters, data, task, batch_size, max_length, precision
       adaptkit eval minilm --adapter sentiment/ --data test.jsonl
       adaptkit eval sentiment/ --data test.jsonl --json
     """
-    from ..evaluate import evaluate
+    from ..train.evaluate import evaluate
 
     result = evaluate(model, data, adapters, task=task, batch_size=batch_size, max_length=max_length,
                       precision=precision, allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))

@@ -56,6 +56,8 @@ class DiffusersFormat:
     """diffusers LoRA files (pytorch_lora_weights.safetensors: unet./text_encoder.… lora_A/lora_B)."""
 
     name = "diffusers"
+    hub_library = "diffusers"
+    card_usage = 'diffusers loads it: `pipe.load_lora_weights("{repo}")`.'
 
     def detect(self, store) -> bool:
         keys = store.keys()

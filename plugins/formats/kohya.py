@@ -42,6 +42,7 @@ class KohyaFormat:
     """kohya / A1111 Stable Diffusion LoRA files (lora_unet_… .lora_down/.lora_up/.alpha)."""
 
     name = "kohya"
+    card_usage = "A kohya-ss LoRA file, as Stable Diffusion front ends (AUTOMATIC1111, ComfyUI) load it from their LoRA folder."
 
     def detect(self, store) -> bool:
         # Every kohya-style SD network file starts its keys with `lora_`; other layouts never do.

@@ -37,9 +37,23 @@ class PeftFormat:
     """PEFT adapter folders (adapter_config.json + adapter_model.safetensors)."""
 
     name = "peft"
+    hub_library = "peft"  # the Hub's library_name: PEFT loads these folders
+    card_usage = 'It is a PEFT folder too: `PeftModel.from_pretrained(model, "{repo}")`.'
+    remote_hint = CONFIG_FILE
 
     def detect(self, store) -> bool:
         return (store.root / CONFIG_FILE).is_file()
+
+    def remote_files(self, names) -> list[str] | None:
+        """The config and the root-level weights (safetensors, else an older PEFT's pickle) of a Hub repo."""
+        if CONFIG_FILE not in names:
+            return None
+        weights = [p for p in names if "/" not in p and p.startswith(WEIGHTS_STEM) and p.endswith(".safetensors")]
+        weights = weights or [p for p in names if "/" not in p and p.startswith(WEIGHTS_STEM)
+                              and p.endswith((".bin", ".pt"))]
+        if not weights:
+            raise AdaptkitError(f"has {CONFIG_FILE} but no adapter weights ({WEIGHTS_STEM}.safetensors)")
+        return [CONFIG_FILE, *sorted(weights)]
 
     def read(self, store) -> AdapterFiles:
         config = store.json_file(CONFIG_FILE) or {}
@@ -71,7 +85,7 @@ class PeftFormat:
         return adapter
 
     def write_live(self, live, out_dir) -> list:
-        """A live adapter (`adapter_files.LiveAdapter`) as PEFT saves it: keys `base_model.model.<module
+        """A live adapter (`adaptkit.live.files.LiveAdapter`) as PEFT saves it: keys `base_model.model.<module
         path>.<stored key>`, shared tensors `base_model.<role>`, modules trained whole as their full
         tensors under their own path; `target_modules` lists the adapted paths exactly, so PEFT and
         adaptkit pick the same layers whatever the original pattern was."""

@@ -5,7 +5,7 @@
 so stacking the A factors by rows and the scaled B factors by columns gives an adapter of rank
 Σᵢ rᵢ with scale 1 that reproduces the weighted sum of the inputs' updates exactly. This needs the
 inputs' factors, not their tensors at one position: the adapter-output engine
-(`adaptkit.adapter_merge`) hands them to `merge_factors`; as a tensor operator (a model output)
+(`adaptkit.merge.to_adapter`) hands them to `merge_factors`; as a tensor operator (a model output)
 it refuses.
 """
 from __future__ import annotations

@@ -1,0 +1,68 @@
+"""Human-readable text for the CLI's reports (the `--json` forms are the dicts themselves)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import registry, spec
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def format_inspect(r: dict[str, Any]) -> str:
+    lines = [r["path"]]
+
+    def row(label: str, value: Any) -> None:
+        lines.append(f"  {label:<21}{value}")
+
+    what = r["kind"]
+    if r["model"]:
+        arch = ", ".join(r["model"].get("architectures") or [])
+        what += f" ({r['model'].get('model_type', '?')}{', ' + arch if arch else ''})"
+    if r["quantization"]:
+        what += f", {r['quantization']['method']}"
+    row("kind", f"{what}; {r['format']} format")
+    row("tensors", f"{r['tensors']} in {len(r['shards'])} file(s), {human_count(r['parameters'])} parameters, "
+        f"{human_bytes(r['bytes'])}")
+    row("dtypes", "; ".join(f"{k}: {v['tensors']} tensors" for k, v in sorted(r["dtypes"].items())))
+    if len(r["shards"]) > 1:
+        for s in r["shards"]:
+            row("", f"{s['file']}  {s['tensors']} tensors, {human_bytes(s['bytes'])}")
+    a = r["adapter"]
+    if a:
+        row("variant", a["variant"])
+        row("base model", a["base_model"] or "(not recorded)")
+        if "ranks" in a:
+            row("rank", a["rank"] if a["rank"] is not None else f"{min(a['ranks'])}..{max(a['ranks'])} (varies)")
+        for key in spec.option(registry.get("variant", a["variant"]), "inspect_rows"):
+            if isinstance(a.get(key), bool):  # a flag: shown when set
+                if a[key]:
+                    row(key, "yes")
+            elif key in a:
+                row(key, _fmt(a[key]))
+        row("target modules", _fmt(a["target_modules"]))
+        row("targeted modules", a["targeted_modules"])
+        if a["modules_to_save"]:
+            row("modules to save", _fmt(a["modules_to_save"]))
+        row("trainable parameters", f"{human_count(a['trainable_parameters'])} ({a['trainable_parameters']})")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""`adaptkit inspect`: what a path holds, from headers and config files alone (no tensor data).
+
+The dict returned by `inspect(path)` is the `--json` output; its keys are stable:
+
+  path, kind ("model" | "adapter" | "quantized-model"), format, tensors, parameters, bytes,
+  dtypes {name: {tensors, parameters}}, shards [{file, tensors, bytes}], metadata,
+  model (config.json summary or null), adapter (null, or: variant, format, base_model,
+  target_modules, targeted_modules, trainable_parameters, modules_to_save, and the variant's
+  figures such as rank, ranks, alpha, scaling, modules {path: {rank, alpha, scaling}}),
+  quantization (null, or {method}).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import registry, validate
+from ..adapter import describe, read_adapter
+from ..io.dtypes import NAMES as DTYPE_NAMES
+from ..io.store import TensorStore, open_store
+from ..hub.repos import is_reference, resolve
+from ..io.outputs import recover_output
+
+MODEL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size",
+                "torch_dtype", "dtype")
+
+
+def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """Describe the model, adapter or quantized model at `path` (see the module docstring); a lock
+    name or `org/name[@rev]` is resolved through `adaptkit.hub`."""
+    local = Path(path).expanduser()
+    recover_output(local)  # an output a killed run had set aside comes back first
+    if not local.exists() and is_reference(str(path)):
+        local = resolve(str(path))
+    store = open_store(local, allow_pickle=allow_pickle)
+    report = _tensor_figures(store)
+    report["path"] = str(Path(path))
+    adapter = read_adapter(store)
+    quantizer = None if adapter else registry.detect("quantizer", store)
+    report["kind"] = "adapter" if adapter else "quantized-model" if quantizer else "model"
+    report["format"] = adapter.format if adapter else _file_format(store)
+    config = validate.model_config(store.json_file("config.json"), store.root / "config.json") if not adapter else None
+    report["model"] = {k: config[k] for k in MODEL_FIELDS if k in config} if config else None
+    report["adapter"] = describe(adapter) if adapter else None
+    report["quantization"] = {"method": quantizer} if quantizer else None
+    return report
+
+
+def _file_format(store: TensorStore) -> str:
+    return "pickle" if any(f.suffix != ".safetensors" for f in store.files) else "safetensors"
+
+
+def _tensor_figures(store: TensorStore) -> dict[str, Any]:
+    dtypes: dict[str, dict[str, int]] = {}
+    shards: dict[str, dict[str, Any]] = {}
+    for info in store.infos.values():
+        d = dtypes.setdefault(DTYPE_NAMES[info.dtype], {"tensors": 0, "parameters": 0})
+        d["tensors"] += 1
+        d["parameters"] += info.numel
+        s = shards.setdefault(info.file.name, {"file": info.file.name, "tensors": 0, "bytes": info.file.stat().st_size})
+        s["tensors"] += 1
+    return {
+        "tensors": len(store),
+        "parameters": sum(i.numel for i in store.infos.values()),
+        "bytes": sum(s["bytes"] for s in shards.values()),
+        "dtypes": dtypes,
+        "shards": list(shards.values()),
+        "metadata": dict(store.metadata),
+    }

@@ -1,0 +1,311 @@
+"""The tensor store: any weights on disk as a lazy mapping of name -> tensor.
+
+`open_store(path)` accepts a single `.safetensors` file, a folder with `model.safetensors`,
+shards with a `*.safetensors.index.json`, a PEFT adapter folder, a Hub cache folder
+(`models--org--name`, resolved through `refs/main`) or one of its snapshots. Keys, shapes, dtypes
+and metadata come from the headers alone; no tensor data is read (and torch is not imported)
+until `get(name)` is called, and then only that tensor (or a range of its rows) is read. Pickle checkpoints are refused unless `allow_pickle=True`, and even
+then are loaded with `torch.load(weights_only=True)`, which executes no code.
+
+Files we did not write are checked before use: a safetensors header against the library's own
+rules (see `read_safetensors_header`), every file opened only once `regular_file` says it is one
+(a FIFO or device would block or never end), and every name a folder or an index hands us kept
+inside that folder (`member`, `inside`), links followed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import AdaptkitError, CorruptFileError, printable, short
+from .paths import inside, member, regular_file
+from .safetensors_file import DTYPE_SIZES, TensorInfo, read_safetensors_header
+
+#: What a Hub cache `refs/<name>` file may hold: a commit hash or a revision name, one path component.
+REF_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in the file `path`: a regular file (never a FIFO or device), UTF-8, nesting
+    bounded (see adaptkit.validate); each fault one line naming the file (and line)."""
+    from .readers import read_json as read_json_text
+
+    return read_json_text(regular_file(path, "JSON file"))
+
+
+class TensorStore:
+    """A read-only mapping name -> tensor over one or more weight files, read lazily."""
+
+    method: str | None = None  # the quantizer packed weights are unpacked with (unpacked.UnpackedStore)
+
+    def __init__(self, root: Path, infos: dict[str, TensorInfo], metadata: dict[str, str], *, index: Path | None = None):
+        self.root = root
+        self.infos = infos
+        self.metadata = metadata
+        self.index = index
+        self._handles: dict[Path, int] = {}
+        self._pickled: dict[str, Any] | None = None
+        self.json_read: list[Path] = []  # the JSON files `json_file` found: with `files`, what a reader used
+
+    # -- what is there (headers only) -------------------------------------------------------
+    @property
+    def files(self) -> list[Path]:
+        return list(dict.fromkeys(info.file for info in self.infos.values()))
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def packed(self, name: str) -> bool:
+        """Whether `name` is unpacked from several stored tensors (then it is read whole)."""
+        return False
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise AdaptkitError(f"{self.root}: no tensor named '{name}'") from None
+
+    def json_file(self, name: str) -> dict | None:
+        """A JSON file beside the weights (config.json, adapter_config.json), or None. One that is
+        not a regular file, or links outside the folder, is refused rather than taken as absent."""
+        path = self.root / name
+        if not os.path.lexists(path):
+            return None
+        found = read_json(inside(path, self.root))
+        self.json_read.append(path)
+        return found
+
+    # -- data (on demand) --------------------------------------------------------------------
+    def get(self, name: str, rows: tuple[int, int] | None = None):
+        """The tensor `name` (a torch.Tensor), or only its rows [start, stop) along dim 0.
+
+        Data is read with positioned reads into a fresh buffer rather than through a memory map:
+        mapped file pages count towards the process's RSS for as long as the map lives, so a merge
+        reading every tensor of several models would grow to their total size; reads keep the peak
+        at the tensors actually in flight (the OS page cache still serves repeated reads).
+        """
+        info = self.info(name)
+        if self._pickled is not None:
+            tensor = self._pickled[name]
+            return tensor if rows is None else tensor[rows[0]:rows[1]]
+        return self._read(info, rows)
+
+    def _read(self, info: TensorInfo, rows: tuple[int, int] | None):
+        import torch
+
+        from .dtypes import code_to_torch
+
+        shape, offset = list(info.shape), info.offset
+        if rows is not None:
+            row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
+            offset += rows[0] * row_bytes
+            shape[0] = rows[1] - rows[0]
+        size = math.prod(shape) * DTYPE_SIZES[info.dtype]
+        buffer = torch.empty(size, dtype=torch.uint8)
+        view, fd = memoryview(buffer.numpy()), self._fd(info.file)
+        while view:
+            n = os.preadv(fd, [view], offset)
+            if n <= 0:
+                raise CorruptFileError(f"{info.file}: unexpected end of file reading '{info.name}'")
+            view, offset = view[n:], offset + n
+        return buffer.view(code_to_torch(info.dtype)).reshape(shape)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._handles.get(path)
+        if fd is None:
+            fd = self._handles[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
+        self._handles.clear()
+        self._pickled = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __enter__(self) -> TensorStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TensorStore({str(self.root)!r}, {len(self)} tensors in {len(self.files)} file(s))"
+
+
+def open_store(path: str | Path, *, allow_pickle: bool = False) -> TensorStore:
+    """Open weights at `path` (file or folder) lazily; see the module docstring for what is accepted."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise AdaptkitError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _open_folder(_hub_cache_snapshot(path), allow_pickle)
+    regular_file(path, "weights file")
+    if path.name.endswith(".index.json"):
+        return _open_index(path, allow_pickle)
+    if path.suffix == ".safetensors":
+        infos, meta = read_safetensors_header(path)
+        return TensorStore(path.parent, infos, meta)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _open_pickle([path], path.parent, allow_pickle)
+    raise AdaptkitError(f"{path}: not a weights file (expected .safetensors, an index .json, or a folder)")
+
+
+def _hub_cache_snapshot(folder: Path) -> Path:
+    """`models--org--name` in the HF cache -> the snapshot its `refs/main` points at.
+
+    The ref must hold a commit hash or a revision name (never echoed when it does not), and the
+    snapshot must lie inside the repo folder."""
+    ref = folder / "refs" / "main"
+    if not folder.name.startswith("models--") or not os.path.lexists(ref):
+        return folder
+    with open(regular_file(ref, "Hub cache ref"), "rb") as f:
+        raw = f.read(256)
+    name = raw.decode("ascii", errors="replace").strip()
+    if not REF_NAME.fullmatch(name) or ".." in name:
+        raise CorruptFileError(f"{ref}: holds no commit hash or revision name; refused")
+    snapshot = folder / "snapshots" / name
+    if not snapshot.is_dir():
+        raise AdaptkitError(f"{ref}: names the snapshot '{name}', which is not in {folder / 'snapshots'}")
+    return inside(snapshot, folder)
+
+
+def _weight_file(path: Path) -> bool:
+    """Whether a folder entry may be a weights file: anything present but a folder (a FIFO or a
+    device is picked up here, to be refused by name when opened, never skipped silently)."""
+    return os.path.lexists(path) and not path.is_dir()
+
+
+def _open_folder(folder: Path, allow_pickle: bool) -> TensorStore:
+    """The weights in a folder, whichever tool wrote it (no file name is special): a safetensors shard
+    index, else the one .safetensors file; failing both, a pickle shard index, else the pickle files."""
+    indexes = sorted(p for p in folder.glob("*.safetensors.index.json") if _weight_file(p))
+    files = indexes or sorted(p for p in folder.glob("*.safetensors") if _weight_file(p))
+    if len(files) == 1:
+        return open_store(inside(files[0], folder), allow_pickle=allow_pickle)
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files[:4])
+        raise AdaptkitError(f"{folder}: several weight files and no index ({names}); pass one file")
+    pickle_indexes = sorted(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}.index.json") if _weight_file(p))
+    if len(pickle_indexes) == 1:
+        return open_store(inside(pickle_indexes[0], folder), allow_pickle=allow_pickle)
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and _weight_file(p))
+    if pickles:
+        return _open_pickle([inside(p, folder) for p in pickles], folder, allow_pickle)
+    raise AdaptkitError(f"{folder}: no weights found (looked for *.safetensors, an index, or pickle files)")
+
+
+def _open_index(index_path: Path, allow_pickle: bool) -> TensorStore:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptFileError(f"{index_path}: no 'weight_map' in the index")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CorruptFileError(f"{index_path}: weight_map['{printable(name)}'] is {short(shard)}, not a file name")
+    folder = index_path.parent
+    shards = {shard: member(folder, shard, index_path) for shard in dict.fromkeys(weight_map.values())}
+    for shard, path in shards.items():
+        if not os.path.lexists(path):
+            raise AdaptkitError(f"{index_path.name}: shard '{printable(shard)}' named in the index is missing from {folder}")
+    if any(Path(s).suffix in PICKLE_SUFFIXES for s in shards):
+        return _open_pickle(list(shards.values()), folder, allow_pickle)
+    infos: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for shard, path in shards.items():
+        shard_infos, shard_meta = read_safetensors_header(path)
+        twice = next((name for name in shard_infos if name in infos), None)
+        if twice is not None:
+            raise CorruptFileError(f"{index_path}: tensor '{printable(twice)}' is in both "
+                                   f"{infos[twice].file.name} and {path.name}")
+        infos.update(shard_infos)
+        metadata = metadata or shard_meta
+    missing = [name for name in weight_map if name not in infos]
+    if missing:
+        raise CorruptFileError(f"{index_path.name}: tensor '{printable(missing[0])}' is in the index but in no shard")
+    return TensorStore(folder, infos, metadata, index=index_path)
+
+
+def pickle_refusal(path: Path) -> AdaptkitError:
+    """The one-line refusal of a pickle checkpoint read without --allow-pickle."""
+    return AdaptkitError(
+        f"{path}: pickle checkpoints can run code and are refused; convert to safetensors, "
+        "or pass --allow-pickle (loads with torch.load(weights_only=True))"
+    )
+
+
+def _open_pickle(paths: list[Path], root: Path, allow_pickle: bool) -> TensorStore:
+    if not allow_pickle:
+        raise pickle_refusal(paths[0])
+    from .dtypes import torch_to_code
+
+    tensors: dict[str, Any] = {}
+    infos: dict[str, TensorInfo] = {}
+    for path in paths:
+        for name, t in _state_dict(path, _load_pickle(regular_file(path, "checkpoint"))).items():
+            tensors[name] = t
+            infos[name] = TensorInfo(name, torch_to_code(t.dtype), tuple(t.shape), path)
+    store = TensorStore(root, infos, {})
+    store._pickled = tensors
+    return store
+
+
+def _load_pickle(path: Path) -> Any:
+    """`torch.load(weights_only=True)` of `path`, which builds tensors and plain containers only and
+    runs no code. The legacy (pre-1.6, non-zip) format is read too, without a memory map (it has none).
+    A refusal names the file but never the pickle's contents (they are the untrusted part)."""
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: our error says what matters
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise CorruptFileError(f"{path}: cannot load pickle checkpoint safely: torch.load(weights_only=True) refuses "
+                               "it (it holds objects other than tensors and plain containers, or is not a checkpoint)") from None
+    except (MemoryError, OSError):
+        raise
+    except Exception as e:  # a cut or damaged archive: torch raises RuntimeError, EOFError, ...
+        raise CorruptFileError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: truncated or corrupt)") from None
+
+
+def _state_dict(path: Path, loaded: Any) -> dict[str, Any]:
+    """The name -> tensor mapping in a loaded checkpoint: the object itself, or its 'state_dict' (Lightning
+    and Stable Diffusion .ckpt files keep it there beside training state). Anything else is refused:
+    silently dropping what is not a tensor would merge a model that is missing parts."""
+    import torch
+
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise CorruptFileError(f"{path}: the checkpoint holds {type(loaded).__name__}, not a mapping of names to tensors")
+    for name, value in loaded.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CorruptFileError(f"{path}: the checkpoint's entry {short(name)} is {type(value).__name__}, not a tensor "
+                                   "(a mapping of names to tensors is needed)")
+    return loaded

@@ -1,0 +1,206 @@
+"""Safetensors shards written as tensors arrive.
+
+`ShardedWriter` streams tensors into safetensors shards inside such a folder: the layout (names,
+dtypes, shapes) is known up front, so each shard's header is written first and every tensor goes
+straight to its final offset as it arrives, in any order, never buffered.
+Outputs as a whole (temporary folder, lock, rename into place) are `adaptkit.io.outputs`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AdaptkitError
+from .store import PICKLE_SUFFIXES
+from .paths import inside
+from .safetensors_file import DTYPE_SIZES, TensorInfo
+
+DEFAULT_SHARD_SIZE = 2 * 1000**3
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000; '500MiB' -> 524_288_000; integers pass through."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise AdaptkitError(f"cannot read size '{text}' (examples: 2GB, 500MB, 1GiB)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise AdaptkitError(f"size must be positive, got '{text}'")
+    return size
+
+
+def copy_side_files(source: Path, dest: Path) -> list[str]:
+    """Copy config, tokenizer and other non-weight files from `source` folder into `dest`
+    (plain files only: sub-folders, e.g. other outputs or checkpoints kept there, are not copied;
+    a file linking out of `source` is refused, as everywhere a folder is read)."""
+    copied = []
+    for item in sorted(source.iterdir()):
+        if item.name.startswith(".") or item.suffix in (".safetensors", *PICKLE_SUFFIXES):
+            continue
+        if item.name.endswith(".index.json") or item.name == "adaptkit.lock" or not item.is_file():
+            continue
+        shutil.copyfile(inside(item, source), dest / item.name)  # a link out of `source` is refused
+        copied.append(item.name)
+    return copied
+
+
+@dataclass
+class _Shard:
+    path: Path
+    entries: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (begin, end)
+    data_start: int = 0
+    written: dict[str, int] = field(default_factory=dict)  # name -> bytes written so far
+
+
+class ShardedWriter:
+    """Write tensors with a known layout into `folder` as `<stem>.safetensors` or numbered shards.
+
+    `layout` gives (name, dtype code, shape) for every tensor in output order; shards are cut so
+    none exceeds `shard_size` bytes (a single larger tensor gets a shard of its own). Call
+    `write(name, tensor)` once per name, then `close()`, which checks all were written and writes
+    the index when there is more than one shard.
+    """
+
+    def __init__(self, folder: str | Path, layout: Iterable[tuple[str, str, tuple[int, ...]]], *,
+                 shard_size: int | str = DEFAULT_SHARD_SIZE, metadata: dict[str, str] | None = None,
+                 stem: str = "model"):
+        self.folder = Path(folder)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self.layout = {name: TensorInfo(name, dtype, tuple(shape), Path()) for name, dtype, shape in layout}
+        self.shards = self._plan(parse_size(shard_size), stem)
+        self._where = {name: shard for shard in self.shards for name in shard.entries}
+        self._lock = threading.Lock()
+        self._files = {id(s): open(s.path, "wb") for s in self.shards}
+        for shard in self.shards:
+            self._write_header(shard)
+
+    def _plan(self, limit: int, stem: str) -> list[_Shard]:
+        groups: list[list[TensorInfo]] = [[]]
+        size = 0
+        for info in self.layout.values():
+            if groups[-1] and size + info.nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(info)
+            size += info.nbytes
+        n = len(groups)
+        names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        shards = []
+        for name, group in zip(names, groups):
+            shard, offset = _Shard(self.folder / name), 0
+            for info in group:
+                shard.entries[info.name] = (offset, offset + info.nbytes)
+                offset += info.nbytes
+            shards.append(shard)
+        return shards
+
+    def _write_header(self, shard: _Shard) -> None:
+        header: dict = {"__metadata__": self.metadata} if self.metadata else {}
+        for name, (begin, end) in shard.entries.items():
+            info = self.layout[name]
+            header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [begin, end]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data, as safetensors writes it
+        f = self._files[id(shard)]
+        shard.data_start = 8 + len(raw)
+        total = sum(end - begin for begin, end in shard.entries.values())
+        with _named(shard.path):
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.flush()
+            f.truncate(shard.data_start + total)
+
+    def write(self, name: str, tensor, row: int = 0) -> None:
+        """Write a tensor at its place in its shard, or a block of its rows starting at `row`
+        (for tensors merged in pieces). Threads may write different tensors or rows concurrently."""
+        from .dtypes import torch_to_code
+
+        info = self.layout.get(name)
+        if info is None:
+            raise AdaptkitError(f"tensor '{name}' is not in the output layout")
+        shape = tuple(tensor.shape)
+        fits = shape == info.shape or (row + (shape[0] if shape else 0) <= (info.shape[0] if info.shape else 0)
+                                       and shape[1:] == info.shape[1:] and len(shape) == len(info.shape))
+        if torch_to_code(tensor.dtype) != info.dtype or not fits:
+            raise AdaptkitError(f"tensor '{name}': got {torch_to_code(tensor.dtype)} {shape} at row {row}, "
+                                f"layout says {info.dtype} {info.shape}")
+        shard = self._where[name]
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(_byte_dtype()).numpy()
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        offset = shard.data_start + shard.entries[name][0] + row * row_bytes
+        fd, view = self._files[id(shard)].fileno(), memoryview(data)
+        with _named(shard.path):
+            while view:  # pwrite may write less than asked (Linux caps one call near 2 GiB)
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        with self._lock:
+            done = shard.written.get(name, 0) + data.nbytes
+            if done > info.nbytes:
+                raise AdaptkitError(f"tensor '{name}' written twice")
+            shard.written[name] = done
+
+    def close(self) -> list[Path]:
+        """Finish the files; returns their paths. Fails if a tensor of the layout was never written."""
+        for f in self._files.values():
+            f.close()
+        missing = [n for s in self.shards for n in s.entries if s.written.get(n, 0) < self.layout[n].nbytes]
+        if missing:
+            raise AdaptkitError(f"output incomplete: {len(missing)} tensors never written (first: '{missing[0]}')")
+        if len(self.shards) > 1:
+            total = sum(info.nbytes for info in self.layout.values())
+            index = {"metadata": {"total_size": total, **self.metadata},
+                     "weight_map": {name: s.path.name for s in self.shards for name in s.entries}}
+            stem = self.shards[0].path.name.split("-00001-of-")[0]
+            (self.folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [s.path for s in self.shards]
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+@contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """OS errors of writes (a full disk comes without a file name) name the file written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+def save_tensors(folder: str | Path, tensors: dict, *, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 metadata: dict[str, str] | None = None, stem: str = "model") -> list[Path]:
+    """Write an in-memory state dict into `folder` (which must exist) through `ShardedWriter`."""
+    from .dtypes import torch_to_code
+
+    layout = [(name, torch_to_code(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
+    writer = ShardedWriter(folder, layout, shard_size=shard_size, metadata=metadata, stem=stem)
+    try:
+        for name, t in tensors.items():
+            writer.write(name, t)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+__all__ = ["DEFAULT_SHARD_SIZE", "DTYPE_SIZES", "ShardedWriter", "copy_side_files", "parse_size", "save_tensors"]

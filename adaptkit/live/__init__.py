@@ -1,0 +1,5 @@
+"""Adapters on a live `torch.nn` model (the module plane): the `Adapters` handle (`adapters`), the one
+adapted-layer wrapper (`layer`), choosing and wrapping target layers (`targets`), and saving a live
+adapter through a format plugin or loading a saved one onto the model (`files`)."""
+
+__all__ = ["adapters", "files", "layer", "targets"]

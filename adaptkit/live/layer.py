@@ -1,0 +1,243 @@
+"""The one adapted-layer wrapper: a frozen base layer with named adapter branches beside it.
+
+Every variant runs through `AdaptedLayer`; a variant only says how its branch changes the base
+layer's output (`forward`) and what weight change it amounts to (`weight_delta`). The core keeps
+the bookkeeping common to all of them: which adapters are active, merged or disabled.
+
+Weights are handled in "math" layout, out × in, whatever the base layer stores: `nn.Linear`
+stores that already; GPT-2's `Conv1D` and `nn.Embedding` store in × out (`Target.transposed`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import spec
+from ..errors import AdaptkitError
+from ..quant.quantized import QuantizedLinear, fake_quantize
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an adapter needs to know about the layer it sits on."""
+
+    kind: str  # "linear" (nn.Linear, Conv1D), "embedding", or what a variant's `target_of` says ("block")
+    in_features: int  # for embeddings: the number of embeddings
+    out_features: int  # for embeddings: the embedding dimension
+    transposed: bool  # the weight is stored in × out
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> Target | None:
+        """The target description of a layer adapters can wrap, or None."""
+        if isinstance(layer, (nn.Linear, QuantizedLinear)):
+            return cls("linear", layer.in_features, layer.out_features, False)
+        if isinstance(layer, nn.Embedding):
+            return cls("embedding", layer.num_embeddings, layer.embedding_dim, True)
+        if type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None and layer.weight.dim() == 2:
+            n_in, n_out = layer.weight.shape  # transformers' Conv1D: y = x·W + b with W in × out
+            return cls("linear", n_in, n_out, True)
+        return None
+
+
+class Branch(nn.Module):
+    """One named adapter on one layer: the variant, its per-layer settings and its tensors."""
+
+    def __init__(self, variant: Any, target: Target, settings: dict[str, Any], params: nn.ParameterDict):
+        super().__init__()
+        self.variant, self.target, self.settings = variant, target, settings
+        self.params = params
+        self.transforms_input = isinstance(variant, spec.TransformsInput)  # e.g. scaling the input features
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - branches are called through AdaptedLayer
+        raise TypeError("a Branch is run by its AdaptedLayer")
+
+
+class Forwarding(nn.Module):
+    """A wrapper that answers for the module it wraps: attributes it lacks (`.weight`, `.bias`, a
+    decoder layer's own fields) come from `_current()`, so code reading them keeps working."""
+
+    _parts: tuple[str, ...] = ()  # the submodules `_current` reads (absent while __init__ runs)
+
+    def _current(self) -> nn.Module:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not all(part in self._modules for part in self._parts):
+                raise
+            return getattr(self._current(), name)
+
+
+class AdaptedLayer(Forwarding):
+    """A base layer plus adapters: y = base(x), then each active, unmerged adapter's branch."""
+
+    _parts = ("base_layer",)
+
+    def __init__(self, base_layer: nn.Module, path: str, target: Target):
+        super().__init__()
+        self.base_layer, self.path, self.target = base_layer, path, target
+        self.branches = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: dict[str, torch.Tensor | None] = {}  # name -> the ΔW added, kept when it depends on W
+        self.merged_bias: dict[str, torch.Tensor] = {}  # name -> the change a merge made to the bias
+        self.disabled = False
+        self.fake_quant: str | None = None  # quantization-aware training: the quantizer of W + ΔW
+
+    def _current(self) -> nn.Module:
+        return self._modules["base_layer"]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        running = [self.branches[n] for n in self.active if n not in self.merged]
+        if self.fake_quant is not None and running:
+            return self._fake_quantized_forward(x, running)
+        inner = x
+        for branch in running:
+            if branch.transforms_input:
+                inner = branch.variant.transform_input(branch, inner)
+        result = self.base_layer(inner, *args, **kwargs)
+        for branch in running:
+            result = branch.variant.forward(branch, self.base_layer, x, result)
+        return result
+
+    def _fake_quantized_forward(self, x: torch.Tensor, running: list[Branch]) -> torch.Tensor:
+        """y = x·Q(W + ΣΔW)ᵀ + b + Σ Δb: the merged layer as it will be once quantized, with the
+        straight-through estimator carrying the gradient to each ΔW (QAT)."""
+        weight = self.math_weight()
+        w = effective = weight.float()
+        bias = getattr(self.base_layer, "bias", None)
+        bias = None if bias is None else bias.float()
+        for branch in running:
+            effective = effective + branch.variant.weight_delta(branch, w)
+            variant = branch.variant  # a trained bias needs no base bias:
+            change = variant.bias_delta(branch, bias) if isinstance(variant, spec.LiveBiasDelta) else None
+            bias = change if bias is None else bias if change is None else bias + change
+        q = fake_quantize(effective, self.fake_quant)
+        if self.target.kind == "embedding":
+            return F.embedding(x, q.T.to(weight.dtype), self.base_layer.padding_idx)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return F.linear(x.to(dtype), q.to(dtype), None if bias is None else bias.to(dtype))
+
+    # -- weights in math layout ----------------------------------------------------------------
+    def math_weight(self) -> torch.Tensor | None:
+        """The base weight out × in (a view), or None for a layer without one (a whole block)."""
+        w = getattr(self.base_layer, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            return None
+        return w.T if self.target.transposed else w
+
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW (out × in) that adapter `name` adds to the current base weight."""
+        branch = self.branches[name]
+        with torch.no_grad():
+            w = self.math_weight()  # read once: a quantized layer unpacks its weight on every read
+            return branch.variant.weight_delta(branch, w.float()).to(w.dtype)
+
+    def add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
+        if isinstance(self.base_layer, QuantizedLinear):  # packed: unpack, add, pack again
+            return self.base_layer.add_to_weight(delta, sign)
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.add_(delta.T if self.target.transposed else delta, alpha=sign)
+
+    def merge(self, name: str) -> None:
+        if name in self.merged:
+            return
+        delta = self.delta(name)
+        self.add_to_weight(delta, +1)
+        branch = self.branches[name]
+        variant = branch.variant
+        depends_on_w = isinstance(variant, spec.BaseDependent) and variant.delta_needs_base(branch)
+        self.merged[name] = delta if depends_on_w else None
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(variant, spec.LiveBiasDelta):  # it also changes the bias (output scaling, a trained bias)
+            bias = bias if isinstance(bias, torch.Tensor) else None
+            with torch.no_grad():
+                change = variant.bias_delta(branch, None if bias is None else bias.float())
+            if change is not None and bias is None:
+                self.unmerge(name)
+                raise AdaptkitError(f"{self.path}: adapter '{name}' changes the bias, but this layer has none to merge it into")
+            if change is not None:
+                with torch.no_grad():
+                    self.merged_bias[name] = change.to(bias.dtype)
+                    bias.add_(self.merged_bias[name])
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        delta = self.merged.pop(name)
+        self.add_to_weight(self.delta(name) if delta is None else delta, -1)
+        change = self.merged_bias.pop(name, None)
+        if change is not None:
+            with torch.no_grad():
+                self.base_layer.bias.sub_(change)
+
+    def resident(self, name: str) -> torch.Tensor | None:
+        """The part of adapter `name` that lives inside the base weight itself (math layout): PiSSA's
+        residual, Delta-LoRA's updates of W. Taken out when adapters are disabled or removed."""
+        branch = self.branches[name]
+        if not isinstance(branch.variant, spec.Resident):
+            return None
+        with torch.no_grad():
+            found = branch.variant.resident(branch)
+        return None if found is None else found.to(self.base_layer.weight.dtype)
+
+    def set_disabled(self, disabled: bool) -> None:
+        if disabled == self.disabled:
+            return
+        if disabled:
+            self.check_unmerged("disable adapters")
+        for name in self.branches:
+            found = self.resident(name)
+            if found is not None:
+                self.add_to_weight(found, -1 if disabled else +1)
+        self.disabled = disabled
+
+    def drop(self, name: str) -> None:
+        """Remove adapter `name`, leaving the base weight as it was before the adapter came."""
+        self.unmerge(name)
+        found = None if self.disabled else self.resident(name)
+        if found is not None:
+            self.add_to_weight(found, -1)
+        del self.branches[name]
+        self.active = [n for n in self.active if n != name]
+
+    def check_unmerged(self, action: str) -> None:
+        if self.merged:
+            raise AdaptkitError(f"{self.path}: cannot {action} while adapters {sorted(self.merged)} are merged; unmerge() first")
+
+
+class ReplacedModule(Forwarding):
+    """A module trained whole (PEFT's `modules_to_save`): the original plus one copy per adapter;
+    the active adapter's copy runs, the original when adapters are disabled."""
+
+    _parts = ("original", "copies")
+
+    def __init__(self, original: nn.Module, path: str):
+        super().__init__()
+        self.original, self.path = original, path
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def _current(self) -> nn.Module:
+        return self.original if self.disabled or self.active not in self.copies else self.copies[self.active]
+
+    def add(self, name: str) -> nn.Module:
+        import copy
+
+        replacement = copy.deepcopy(self.original)
+        for p in replacement.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = replacement
+        return replacement
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)

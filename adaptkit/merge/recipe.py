@@ -1,0 +1,307 @@
+"""Merge recipes: mergekit's YAML configuration format, checked strictly, plus adaptkit's additions.
+
+mergekit keys: `models` (each `model:` with optional `parameters:`), `base_model`, `merge_method`,
+`parameters`, `dtype`, `out_dtype`, `tokenizer_source`. Additions: `seed` (for random methods),
+`output: {kind: model|adapter, rank: R}`. A model reference is a folder, `org/name[@rev]`, or
+`base+adapter` (the adapter merged into that model first), as mergekit writes them.
+
+A parameter value is a scalar, a gradient (a list of numbers interpolated over the layer index:
+layer i of N takes position t = i / (N − 1); tensors outside the layers take t = 0, the first value),
+or a list of `{filter: substring, value: ...}` conditions where the first matching filter (or one
+without a filter) wins — the same rules as mergekit, so its recipes give the same numbers.
+Unlike mergekit, an unknown key, method or parameter is an error naming the nearest valid one.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import registry, spec
+from ..io import readers
+from .. import validate as v
+from ..errors import AdaptkitError, closest, unknown_name
+from ..io.paths import regular_file
+from ..validate import short
+
+if TYPE_CHECKING:
+    import torch
+
+RECIPE_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
+               "seed", "output"}
+NOT_SUPPORTED = {"slices", "modules", "tokenizer", "chat_template"}
+MODEL_KEYS = {"model", "parameters"}
+OUTPUT_KEYS = {"kind", "rank"}
+FIELD_TYPES = {"merge_method": v.text, "base_model": v.optional(v.either(v.text, v.mapping, must="a path or repo id")),
+               "parameters": v.optional(v.mapping), "dtype": v.optional(v.text), "out_dtype": v.optional(v.text),
+               "tokenizer_source": v.optional(v.text), "seed": v.count, "output": v.optional(v.mapping)}
+OUTPUT_TYPES = {"kind": v.text, "rank": v.optional(v.positive_int)}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A model reference: `path_or_repo` plus adapters to merge into it first (`base+adapter`)."""
+
+    model: str
+    adapters: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: Any, where: str = "model reference") -> Ref:
+        if isinstance(text, dict) and "model" in text:  # mergekit also writes {model: {path: ...}}
+            text = text["model"].get("path") if isinstance(text["model"], dict) else text["model"]
+        if not isinstance(text, str) or not text.strip():
+            raise AdaptkitError(f"{where} must be a path or repo id, got {short(text)}")
+        model, *adapters = text.split("+")
+        if not all(part.strip() for part in (model, *adapters)):
+            raise AdaptkitError(f"model reference {short(text)} has an empty part around '+'")
+        return cls(model, tuple(adapters))
+
+    def __str__(self) -> str:
+        return "+".join((self.model, *self.adapters))
+
+
+@dataclass
+class Recipe:
+    method: str
+    models: list[Ref]
+    model_params: list[dict[str, Any]]
+    base: Ref | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    seed: int = 0
+    output_kind: str = "model"
+    output_rank: int | None = None
+    tokenizer_source: str | None = None
+
+
+def _check_keys(where: str, given: dict, allowed: set[str], unsupported: set[str] = frozenset()) -> None:
+    for key in given:
+        if not isinstance(key, str):
+            raise AdaptkitError(f"{where}: keys must be names, got {short(key)}")
+        if key in unsupported:
+            raise AdaptkitError(f"{where}: '{key}' is a mergekit feature adaptkit does not support yet")
+        if key not in allowed:
+            hint = closest(key, allowed)
+            raise AdaptkitError(f"{where}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
+                                + f" (valid: {', '.join(sorted(allowed))})")
+
+
+def load_recipe(source: str | Path | dict) -> Recipe:
+    """Read and check a recipe from a YAML file or a dict; messages name the file (else "recipe")."""
+    if isinstance(source, dict):
+        data, src = source, "recipe"
+    else:
+        path = regular_file(source, "recipe file")
+        data, src = readers.read_yaml(path), str(path)
+        if data is None:
+            raise AdaptkitError(f"{path}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise AdaptkitError(f"{src}: a recipe is a mapping with at least 'merge_method' and 'models', got {short(data)}")
+    _check_keys(src, data, RECIPE_KEYS, NOT_SUPPORTED)
+    v.check_fields(data, FIELD_TYPES, src)
+    if "merge_method" not in data:
+        raise AdaptkitError(f"{src}: 'merge_method' is missing")
+    method_name = data["merge_method"]
+    if method_name not in registry.names("merge"):
+        raise unknown_name("merge method", method_name, registry.names("merge"))
+    method = registry.get("merge", method_name)
+    entries = data.get("models") or []
+    if not isinstance(entries, list) or not entries:
+        raise AdaptkitError(f"{src}: models must be a non-empty list, got {short(entries)}")
+    models, model_params = [], []
+    for i, entry in enumerate(entries):
+        entry = entry if isinstance(entry, dict) else {"model": entry}
+        _check_keys(f"{src}: models[{i}]", entry, MODEL_KEYS)
+        models.append(Ref.parse(entry.get("model"), f"{src}: models[{i}].model"))
+        model_params.append(_parameters(f"{src}: models[{i}].parameters", entry.get("parameters")))
+    recipe = Recipe(method_name, models, model_params,
+                    base=Ref.parse(data["base_model"], f"{src}: base_model") if data.get("base_model") else None,
+                    parameters=_parameters(f"{src}: parameters", data.get("parameters")), dtype=data.get("dtype"),
+                    out_dtype=data.get("out_dtype"), seed=data.get("seed", 0),
+                    tokenizer_source=data.get("tokenizer_source"))
+    output = data.get("output") or {}
+    _check_keys(f"{src}: output", output, OUTPUT_KEYS)
+    v.check_fields(output, OUTPUT_TYPES, f"{src}: output")
+    recipe.output_kind = output.get("kind", "model")
+    recipe.output_rank = output.get("rank")
+    if recipe.output_kind not in ("model", "adapter"):
+        raise AdaptkitError(f"{src}: output.kind must be 'model' or 'adapter', got {short(recipe.output_kind)}")
+    if (recipe.output_kind == "model" and recipe.base and not spec.option(method, "takes_base")
+            and str(recipe.base) not in map(str, models)):
+        # mergekit's rule: a base model the method has no separate use for is one more input,
+        # with only the global parameters. (For an adapter output the base only serves ΔW.)
+        models.append(recipe.base)
+        model_params.append({})
+    check_parameters(recipe, method)
+    return recipe
+
+
+def _parameters(where: str, given: Any) -> dict[str, Any]:
+    """A `parameters` mapping whose every value is a setting (see the module docstring)."""
+    if given is None:
+        return {}
+    v.mapping(given, where)
+    for key, setting in given.items():
+        if not isinstance(key, str):
+            raise AdaptkitError(f"{where}: keys must be parameter names, got {short(key)}")
+        _check_setting(setting, f"{where}.{key}")
+    return dict(given)
+
+
+def _check_setting(setting: Any, where: str) -> None:
+    """A scalar (a finite number, true/false, a string), a gradient (a non-empty list of scalars) or
+    conditions (a `{filter, value}` mapping or a list of them; `value` a scalar or a gradient)."""
+    if isinstance(setting, dict) or (isinstance(setting, list) and any(isinstance(e, dict) for e in setting)):
+        for i, cond in enumerate(setting if isinstance(setting, list) else [setting]):
+            here = f"{where}[{i}]" if isinstance(setting, list) else where
+            if not isinstance(cond, dict):
+                raise AdaptkitError(f"{here}: a list of conditions holds only {{filter, value}} mappings, "
+                                    f"got {short(cond)}")
+            _check_keys(here, cond, {"filter", "value"})
+            if "value" not in cond:
+                raise AdaptkitError(f"{here}: a condition needs a 'value'")
+            v.check_fields(cond, {"filter": v.optional(v.text)}, here)
+            if isinstance(cond["value"], dict):
+                raise AdaptkitError(f"{here}.value must be a number, a string or a list of them, "
+                                    f"got {short(cond['value'])}")
+            _check_setting(cond["value"], f"{here}.value")
+        return
+    if isinstance(setting, list):
+        if not setting:
+            raise AdaptkitError(f"{where}: an empty list is no value")
+        for i, item in enumerate(setting):
+            if isinstance(item, list):
+                raise AdaptkitError(f"{where}[{i}]: a gradient holds numbers, not lists")
+            _check_scalar(item, f"{where}[{i}]")
+        return
+    _check_scalar(setting, where)
+
+
+def _check_scalar(value: Any, where: str) -> None:
+    if isinstance(value, bool) or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        v.number(value, where)
+        return
+    raise AdaptkitError(f"{where} must be a number, true/false or a string, got {short(value)}")
+
+
+def check_parameters(recipe: Recipe, method) -> None:
+    """Every parameter is one the method has; per-model ones may also be given globally."""
+    known = set(method.params)
+    per_model = set(getattr(method, "per_model", ()))
+    for where, params, allowed in [("parameters", recipe.parameters, known)] + [
+            (f"models[{i}].parameters", p, per_model) for i, p in enumerate(recipe.model_params)]:
+        for key in params:
+            if key not in allowed:
+                hint = closest(key, known)
+                raise AdaptkitError(
+                    f"{where}: '{recipe.method}' has no parameter '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
+                    + f" (parameters: {', '.join(sorted(allowed)) or 'none'})")
+    missing = [k for k, default in method.params.items() if default is None and k not in recipe.parameters
+               and not (k in per_model and all(k in p for p in recipe.model_params))]
+    if missing:
+        raise AdaptkitError(f"'{recipe.method}' needs parameter '{missing[0]}'")
+
+
+def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
+    """A parameter's value for one tensor at layer position t ∈ [0, 1] (mergekit's rules)."""
+    if isinstance(setting, dict) and "value" in setting:
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        return None
+    if all(not isinstance(e, dict) for e in setting):
+        if not 0 <= t <= 1:  # see check_positions
+            raise _past_layers(tensor_name, t)
+        numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+        if not numeric:
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        filt = cond.get("filter")
+        if filt is None or filt == "*" or filt in tensor_name:
+            return evaluate(cond.get("value"), tensor_name, t)
+    return None
+
+
+def check_positions(recipe: Recipe, positions: dict[str, float]) -> None:
+    """Before any work: a gradient has no value for a tensor past the last layer the model's config
+    counts (num_hidden_layers smaller than the tensors' layer indices: the config contradicts them)."""
+    settings = [*recipe.parameters.values(), *(s for p in recipe.model_params for s in p.values())]
+    if not any(_has_gradient(s) for s in settings):
+        return
+    past = next((name for name, t in positions.items() if t > 1), None)
+    if past is not None:
+        raise _past_layers(past, positions[past])
+
+
+def _past_layers(tensor_name: str, t: float) -> AdaptkitError:
+    return AdaptkitError(f"tensor '{tensor_name}' lies past the last layer the model's config.json counts "
+                         f"(position {t:.3g} of 1), so a gradient has no value there")
+
+
+def _has_gradient(setting: Any) -> bool:
+    """A list of values, or conditions one of whose values is such a list (see `_check_setting`)."""
+    conditions = [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else []
+    return any(not isinstance(c, dict) or isinstance(c.get("value"), list) for c in conditions)
+
+
+def resolve_params(recipe: Recipe, method, tensor_name: str, t: float) -> dict[str, Any]:
+    """All parameters of one tensor position: scalars, and per-model ones as lists."""
+    per_model = set(getattr(method, "per_model", ()))
+    out: dict[str, Any] = {}
+    for key, default in method.params.items():
+        if key in per_model:
+            values = []
+            for params in recipe.model_params:
+                setting = params.get(key, recipe.parameters.get(key, default))
+                values.append(evaluate(setting, tensor_name, t))
+            out[key] = values
+        else:
+            out[key] = evaluate(recipe.parameters.get(key, default), tensor_name, t)
+    return out
+
+
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]:
+    """One generator per input, seeded from (seed, tensor name, input index)."""
+    import torch
+
+    gens = []
+    for i in range(count):
+        digest = hashlib.sha256(f"{seed}\0{name}\0{i}".encode()).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
+    return gens
+
+
+def operator_params(recipe: Recipe, method, name: str, t: float, count: int) -> dict[str, Any]:
+    """The operator's keyword arguments at one tensor position, with seeded generators if it is random."""
+    params = resolve_params(recipe, method, name, t)
+    if spec.option(method, "random"):
+        params["generators"] = seeded_generators(recipe.seed, name, count)
+    return params
+
+
+def layer_positions(names: list[str], config: dict | None) -> dict[str, float]:
+    """t ∈ [0, 1] per tensor: layer i of N -> i / (N − 1); outside the layers -> 0 (mergekit's rule)."""
+    indices = {n: int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))}
+    config = config or {}
+    count = config.get("num_hidden_layers") or config.get("n_layer") or (max(indices.values(), default=-1) + 1)
+    return {n: (indices[n] / (count - 1) if n in indices and count > 1 else 0.0) for n in names}
+
+
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """The paths a recipe reads (models, adapters after '+', base), for `atomic_output`'s checks."""
+    refs = [*recipe.models, *([recipe.base] if recipe.base else [])]
+    return [path for ref in refs for path in (ref.model, *ref.adapters)]

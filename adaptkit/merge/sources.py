@@ -1,0 +1,148 @@
+"""Merge inputs: a model's tensors in float32, with `base+adapter` adapters added on the fly.
+
+An input that is an adapter (and a recipe base is given) becomes `base+adapter`, so merging adapters
+into a base (mode 2) is the same streaming merge as merging models. ΔW comes from each adapter's
+variant plugin; a saved full module (`modules_to_save`) replaces the base tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import registry, spec, validate
+from ..adapter import read_adapter
+from ..errors import AdaptkitError
+from ..hub.repos import resolve_path
+from ..io.store import TensorStore, open_store
+from ..files.lowrank import module_delta
+from ..io.safetensors_file import TensorInfo
+from .recipe import Ref
+from ..spec import AdapterFiles
+from ..quant.unpacked import open_unpacked
+
+
+class ModelSource:
+    """One merge input: a model store plus adapters merged into it, read tensor by tensor."""
+
+    def __init__(self, ref: Ref, store: TensorStore, adapters: list[AdapterFiles]):
+        self.ref = ref
+        self.store = store
+        self.adapters = adapters
+        self.config = validate.model_config(store.json_file("config.json"), store.root / "config.json")
+        self._deltas: dict[str, list[tuple[AdapterFiles, str]]] = {}
+        self._saved: dict[str, tuple[AdapterFiles, str]] = {}
+        for adapter in adapters:
+            self._index(adapter)
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def _index(self, adapter: AdapterFiles) -> None:
+        variant = registry.get("variant", adapter.variant)
+        if isinstance(variant, spec.MergeCheck):
+            variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
+        for module in adapter.modules:
+            key = weight_key(self.store, module)
+            if key is None:
+                raise AdaptkitError(f"adapter {adapter.store.root} targets '{module}', which {self.ref.model} does not "
+                                    "have: an adapter for a different base?")
+            self._deltas.setdefault(key, []).append((adapter, module, "delta"))
+            if isinstance(variant, spec.StoredBiasDelta) and f"{module}.bias" in self.store:  # it changes the bias too
+                self._deltas.setdefault(f"{module}.bias", []).append((adapter, module, "delta_bias"))
+            elif isinstance(variant, spec.StoredBiasDelta) and variant.delta_bias(adapter, module, base=None) is not None:
+                raise AdaptkitError(f"adapter {adapter.store.root} changes the bias of '{module}', which has none "
+                                    f"in {self.ref.model}")
+        for name, key in adapter.saved.items():
+            target = name if name in self.store else weight_key(self.store, name.removesuffix(".weight"))
+            if target is None:
+                raise AdaptkitError(f"adapter {adapter.store.root} saves '{name}', which {self.ref.model} does not have")
+            self._saved[target] = (adapter, key)
+
+    def keys(self) -> list[str]:
+        return self.store.keys()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.store.info(name)
+
+    def has_deltas(self, name: str) -> bool:
+        return name in self._deltas
+
+    def get(self, name: str, *, float32: bool = True, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name` (float32 unless asked otherwise), or rows [start, stop) of it.
+        Row blocks are only for tensors no adapter changes (see `has_deltas`)."""
+        # A saved full tensor replaces the base one; adapter deltas then apply on top of it.
+        if name in self._saved:
+            adapter, key = self._saved[name]
+            tensor = adapter.store.get(key, rows=rows)
+        else:
+            tensor = self.store.get(name, rows=rows)
+        if not float32:
+            return tensor
+        tensor = tensor.float()
+        for adapter, module, hook in self._deltas.get(name, ()):
+            variant = registry.get("variant", adapter.variant)
+            delta = module_delta(variant, adapter, module, tensor) if hook == "delta" \
+                else variant.delta_bias(adapter, module, base=tensor)
+            if delta is None:
+                continue
+            if delta.shape != tensor.shape:
+                raise AdaptkitError(f"adapter {adapter.store.root}: module '{module}' gives ΔW of shape "
+                                    f"{tuple(delta.shape)} but {self.ref.model} has {tuple(tensor.shape)}: wrong base model?")
+            tensor = tensor + delta
+        return tensor
+
+    def check_matches(self, reference: ModelSource) -> None:
+        """Same tensor names and shapes as the reference input, or one clear error."""
+        mine, theirs = set(self.keys()), set(reference.keys())
+        if mine != theirs:
+            missing = sorted(theirs - mine)
+            if missing:
+                raise AdaptkitError(f"tensor '{missing[0]}' of {reference.ref} is missing from {self.ref}")
+            raise AdaptkitError(f"{self.ref} has tensor '{sorted(mine - theirs)[0]}' that {reference.ref} lacks")
+        for name in reference.keys():
+            a, b = self.info(name).shape, reference.info(name).shape
+            if a != b:
+                raise AdaptkitError(f"tensor '{name}' has shape {a} in {self.ref} but {b} in {reference.ref}")
+
+
+def weight_key(store: TensorStore, module: str) -> str | None:
+    """The key of a module's weight in a model store (`<module>.weight`, or the module path itself)."""
+    for key in (f"{module}.weight", module):
+        if key in store:
+            return key
+    return None
+
+
+def open_input(ref: Ref, *, allow_pickle: bool = False, base: Ref | None = None) -> ModelSource:
+    """Open a recipe input. A bare adapter with a recipe base becomes `base+adapter`."""
+    store = open_unpacked(open_store(resolve_path(ref.model), allow_pickle=allow_pickle))
+    adapters = [_must_be_adapter(a, allow_pickle) for a in ref.adapters]
+    lone = read_adapter(store)
+    if lone is not None:
+        if base is None:
+            raise AdaptkitError(f"{ref.model} is an adapter: give a base model to merge it into "
+                                "(base_model / --base), or ask for an adapter output")
+        return open_input(Ref(base.model, base.adapters + (ref.model,) + ref.adapters), allow_pickle=allow_pickle)
+    return ModelSource(ref, store, adapters)
+
+
+def _must_be_adapter(ref: str, allow_pickle: bool) -> AdapterFiles:
+    adapter = read_adapter(resolve_path(ref), allow_pickle=allow_pickle)
+    if adapter is None:
+        raise AdaptkitError(f"'{ref}' after '+' must be an adapter, but it is a full model")
+    return adapter
+
+
+def check_same_architecture(sources: list[ModelSource]) -> None:
+    seen: dict[str, Any] = {}
+    for source in sources:
+        cfg = source.config or {}
+        arch = (cfg.get("model_type"), tuple(cfg.get("architectures") or ()))
+        if arch[0] is None:
+            continue
+        if seen and arch[0] != seen["arch"][0]:
+            raise AdaptkitError(f"different architectures: {seen['ref']} is {seen['arch'][0]}, {source.ref} is {arch[0]}")
+        seen = seen or {"arch": arch, "ref": source.ref}
