@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import adaptkit as ak
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
-from adaptkit.train.evaluate import evaluate
+from adaptkit.train.evaluation import evaluate
 from adaptkit.train.models import load_tokenizer
 from adaptkit.train.loop import train
 from text_models import bert_dir, counting, llama_dir, save_tokenizer, sentiment, write_jsonl

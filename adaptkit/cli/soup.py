@@ -18,7 +18,7 @@ def _evaluator(eval_cmd: str | None, eval_py: str | None, eval_data: str | None 
     if sum(map(bool, (eval_cmd, eval_py, eval_data))) != 1:
         raise AdaptkitError("give exactly one of --eval DATA.jsonl, --eval-cmd 'CMD {model}' or --eval-py module:function")
     if eval_data:
-        from ..train.evaluate import scorer
+        from ..train.evaluation import scorer
 
         return scorer(eval_data, task=task)
     if eval_py:

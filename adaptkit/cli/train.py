@@ -130,7 +130,7 @@ def eval_cmd(ctx, model, adapters, data, task, batch_size, max_length, precision
       adaptkit eval minilm --adapter sentiment/ --data test.jsonl
       adaptkit eval sentiment/ --data test.jsonl --json
     """
-    from ..train.evaluate import evaluate
+    from ..train.evaluation import evaluate
 
     result = evaluate(model, data, adapters, task=task, batch_size=batch_size, max_length=max_length,
                       precision=precision, allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))

@@ -2,4 +2,16 @@
 adapters added on the fly (`sources`), the streaming engine that writes a model (`engine`), merging
 adapters into an adapter (`to_adapter`) and model soups (`soup`). The methods are merge plugins."""
 
-__all__ = ["engine", "recipe", "soup", "sources", "to_adapter"]
+import importlib
+
+# The public functions, imported on first use (they need torch; the submodules stay importable alone).
+_EXPORTS = {'run_merge': '.engine', 'Plan': '.engine', 'load_recipe': '.recipe', 'merge_adapters': '.to_adapter'}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ['Plan', 'engine', 'load_recipe', 'merge_adapters', 'recipe', 'run_merge', 'soup', 'sources', 'to_adapter']

@@ -37,7 +37,7 @@ from . import checkpoint
 from ..io import readers
 from .data import Batches, Dataset, collate, load_dataset
 from ..errors import AdaptkitError
-from .evaluate import autocast, default_device, evaluate_model
+from .evaluation import autocast, default_device, evaluate_model
 from .models import build_model, load_tokenizer, resolve_base
 
 

@@ -1,6 +1,6 @@
 """Evaluation: loss and perplexity (causal LM) or loss and accuracy (classification) on JSON lines.
 
-    adaptkit.train.evaluate.evaluate("minilm", "test.jsonl", adapters=["out/"])      # -> {"loss": ..., "accuracy": ...}
+    adaptkit.train.evaluate("minilm", "test.jsonl", adapters=["out/"])      # -> {"loss": ..., "accuracy": ...}
     soup.greedy(candidates, scorer("dev.jsonl"), out="soup/")                 # −loss or accuracy as the score
 
 Causal LM loss is the mean over every predicted token of the whole set (padding and prompt tokens
