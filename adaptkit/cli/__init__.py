@@ -12,7 +12,7 @@ import warnings
 import click
 
 from .. import __version__
-from . import convert, hub, inspect, merge, plugins, quantize, soup, train
+from . import convert, hub, inspect, merge, moe, plugins, quantize, soup, train
 from .boundary import Group, be_quiet, one_line_warning
 from .options import CONTEXT
 
@@ -40,6 +40,7 @@ def cli(ctx, debug, quiet):
 cli.add_command(plugins.plugins)
 cli.add_command(inspect.inspect_cmd)
 cli.add_command(merge.merge)
+cli.add_command(moe.moe)
 cli.add_command(soup.soup)
 cli.add_command(convert.convert)
 cli.add_command(convert.extract)

@@ -1,0 +1,55 @@
+"""`adaptkit moe` (added to the root group in adaptkit/cli/__init__.py)."""
+from __future__ import annotations
+
+import click
+
+from .options import ALLOW_PICKLE, CONTEXT, emit_json
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
+@click.option("--seed", type=int, help="Seed for random gates and expert noise (mergekit's --random-seed gives the same numbers).")
+@click.option("--dtype", help="Output dtype (float32, bfloat16, float16); overrides the config's dtype.")
+@click.option("--device", default="cpu", show_default=True, help="Where the base model runs for gate_mode hidden (cpu, cuda).")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--allow-same-experts", "--i-understand-this-is-not-useful-without-training", "allow_same", is_flag=True,
+              help="Allow every expert to be the same model with prompt-based gates (e.g. to train the MoE further).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the build succeeds).")
+@click.option("--dry-run", is_flag=True, help="Check the config and inputs and print the plan; write nothing.")
+@ALLOW_PICKLE
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, force, dry_run, allow_pickle, as_json):
+    """Build a Mixtral mixture of experts from Llama or Mistral models (mergekit-moe's YAML).
+
+    Attention, norms and embeddings come from base_model; each expert's MLPs become one expert per
+    layer; the routers come from gate_mode: hidden (the base's hidden states for each expert's
+    positive_prompts), cheap_embed (the prompts' token embeddings) or random.
+
+    \b
+    Examples:
+      adaptkit moe clowncar.yml -o clowncar-moe/
+      adaptkit moe upcycle.yml -o moe/ --seed 0 --dtype bfloat16   # gate_mode: random
+      adaptkit moe clowncar.yml -o moe/ --device cuda --json
+      adaptkit moe clowncar.yml -o moe/ --dry-run
+    """
+    from ..merge.moe import MoePlan, build_moe, load_moe_config
+    from .report import human_bytes
+
+    parsed = load_moe_config(config, allow_same=allow_same)
+    if dry_run:
+        summary = MoePlan(parsed, allow_pickle=allow_pickle, dtype=dtype).summary()
+        if as_json:
+            return emit_json(summary)
+        click.echo(f"Mixtral with {len(summary['experts'])} experts ({summary['experts_per_token']} per token), "
+                   f"{summary['layers']} layers, gates {summary['gate_mode']}: {summary['tensors']} tensors, "
+                   f"{summary['parameters']:,} parameters, output {human_bytes(summary['output_bytes'])}")
+        return
+    report = build_moe(parsed, out, force=force, seed=seed, dtype=dtype, shard_size=shard_size, device=device,
+                       allow_pickle=allow_pickle, progress=not ctx.obj["quiet"])
+    if as_json:
+        return emit_json(report)
+    click.echo(f"wrote a Mixtral with {len(report['experts'])} experts ({report['experts_per_token']} per token, "
+               f"gates {report['gate_mode']}) into {report['output']} ({len(report['files'])} file(s), "
+               f"{report['seconds']:.1f} s)")

@@ -1,0 +1,136 @@
+"""Router (gate) weights of a mixture of experts made from dense models, as mergekit-moe computes them.
+
+A Mixtral layer routes a token with hidden state x to the experts with the largest logits W·x,
+W of shape (experts, hidden). mergekit-moe fills W per `gate_mode` (docs/moe.md in mergekit):
+
+- `hidden` (= `hidden_last`): W[l, e] is the base model's hidden state at the input of layer l for
+  the last token of each of expert e's positive prompts, averaged over the prompts; `hidden_avg`
+  averages over every position instead (padding positions included, as mergekit does).
+- `cheap_embed`: the token embeddings of the prompts, summed over the real tokens of every prompt
+  and normalized; the same vector for every layer.
+- `random`: standard normal; `uniform_random`: U(-1/√hidden, 1/√hidden), nn.Linear's initialization.
+
+With `negative_prompts` the vector for them is subtracted; then each W[l, e] is scaled to unit length
+(‖v‖ clamped below at 1e-8). The hidden pass runs the base in bfloat16, as mergekit does, so the
+gates are mergekit's numbers; each prompt is `<bos>` + text, left-padded with the BOS token.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import AdaptkitError
+
+HIDDEN_MODES = ("hidden", "hidden_avg", "hidden_last")
+RANDOM_MODES = ("random", "uniform_random")
+GATE_MODES = (*HIDDEN_MODES, "cheap_embed", *RANDOM_MODES)
+#: mergekit's threshold on the condition number of a layer's gate matrix before it warns.
+DEGENERATE_CONDITION = 5.0
+
+
+def gate_vectors(mode: str, experts: list, *, layers: int, hidden: int, base_folder: Path,
+                 embed: torch.Tensor | None, generator: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    """W of shape (layers, experts, hidden) for `mode`; `experts` have `positive` and `negative`
+    prompt lists; `embed` is the base's embedding matrix (read only for cheap_embed)."""
+    if mode == "random":
+        return torch.randn((layers, len(experts), hidden), generator=generator)
+    if mode == "uniform_random":
+        scale = math.sqrt(1.0 / hidden)
+        return torch.rand((layers, len(experts), hidden), generator=generator) * 2 * scale - scale
+    tokenizer = _tokenizer(base_folder)
+    if mode == "cheap_embed":
+        def encode(prompts: list[str]) -> torch.Tensor:
+            return _cheap_embedding(embed, _tokenize(prompts, tokenizer), layers)
+    else:
+        model = _hidden_model(base_folder, device)
+
+        def encode(prompts: list[str]) -> torch.Tensor:
+            return _hidden_states(model, _tokenize(prompts, tokenizer).to(device), average=mode == "hidden_avg").cpu()
+    vectors = []
+    for expert in experts:
+        v = encode(expert.positive)
+        if expert.negative:
+            v -= encode(expert.negative)
+        v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+        vectors.append(v)
+    return torch.stack(vectors, dim=0).permute(1, 0, 2)  # (experts, layers, hidden) -> (layers, experts, hidden)
+
+
+def degenerate_layers(gates: torch.Tensor) -> list[int]:
+    """Layers whose gate matrix has a condition number above DEGENERATE_CONDITION: prompts too alike
+    to tell the experts apart (mergekit warns of the same), with a one-line warning."""
+    found = [i for i in range(gates.shape[0]) if torch.linalg.cond(gates[i].float()) > DEGENERATE_CONDITION]
+    if found:
+        warnings.warn(f"degenerate routing in layer(s) {', '.join(map(str, found))}: the experts' prompts are "
+                      "too alike, some experts will be little used", stacklevel=2)
+    return found
+
+
+def _tokenizer(folder: Path):
+    """The base's tokenizer as mergekit sets it up for the prompts: left padding with BOS (else EOS)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise AdaptkitError("gate modes from prompts need transformers (pip install 'adaptkit[train]')") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise AdaptkitError(f"{folder}: cannot load the base model's tokenizer ({str(e).splitlines()[0]})") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.bos_token_id is not None:
+        tokenizer.pad_token_id = tokenizer.bos_token_id
+    elif tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    else:
+        raise AdaptkitError(f"{folder}: the tokenizer has no BOS or EOS token to pad the prompts with")
+    return tokenizer
+
+
+def _tokenize(prompts: list[str], tokenizer):
+    return tokenizer([(tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True,
+                     add_special_tokens=False)
+
+
+def _cheap_embedding(embed: torch.Tensor, tokenized, layers: int) -> torch.Tensor:
+    """Σ over prompts and real tokens of the token embeddings (float32), normalized, once per layer.
+    Indexing gives the one-hot product mergekit computes exactly (every other term is a zero)."""
+    h = embed.float()[tokenized["input_ids"]]  # (batch, seq, hidden)
+    summed = (h * tokenized["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
+    return (summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)).repeat(layers, 1)
+
+
+def _hidden_model(folder: Path, device: str):
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise AdaptkitError("gate_mode hidden needs transformers (pip install 'adaptkit[train]'); "
+                            "cheap_embed and random do not") from None
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a bar per load is noise beside one line of report
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise AdaptkitError(f"{folder}: cannot load the base model for the hidden states "
+                            f"({str(e).splitlines()[0]})") from None
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+    return model.to(device).eval()
+
+
+def _hidden_states(model, tokenized, *, average: bool) -> torch.Tensor:
+    """(layers, hidden): the input of each layer (the embeddings, then each layer's output but the
+    last) at the last position, or averaged over positions, then averaged over the prompts."""
+    with torch.no_grad():
+        output = model(**tokenized, output_hidden_states=True, return_dict=True)
+    states = torch.stack(output.hidden_states[:-1])  # (layers, batch, seq, hidden)
+    states = states.sum(dim=2) / states.shape[2] if average else states[:, :, -1, :]
+    return states.sum(dim=1) / states.shape[1]
+
+
+__all__ = ["GATE_MODES", "HIDDEN_MODES", "RANDOM_MODES", "degenerate_layers", "gate_vectors"]
