@@ -1,0 +1,171 @@
+"""DELLA: the task-arithmetic family with MagPrune, random drops ranked by magnitude.
+
+MagPrune keeps each entry of a task vector with a probability that grows with the rank of its
+magnitude in its row, then rescales the survivors (ranks as mergekit: along the rows of a matrix,
+along dim 1 of a higher-dimensional tensor, over the whole of a vector):
+
+    rⱼ = rank of |τⱼ| in its row of n, 0 (smallest) … n − 1 (largest); ties by position
+    pⱼ = (density − ε) + 2ε·rⱼ/(n − 1)           keep probability of entry j: mean `density`
+    mⱼ ~ Bernoulli(pⱼ)
+    τⱼ' = mⱼ·τⱼ / pⱼ                            `rescale: true`, the paper's 1/(1 − drop probability)
+    τⱼ' = mⱼ·τⱼ · ‖τ‖₁ / ‖m ⊙ τ‖₁                `rescale: l1`, mergekit's `rescale: true`
+    τⱼ' = mⱼ·τⱼ                                 `rescale: false`
+
+then the family's weights, sign consensus (della) or plain sum (della_linear), `normalize` and
+`lambda` (see task_arithmetic.py). Parameters as mergekit's: `weight`, `density`, `epsilon`
+(per model; ε default 0.15), `lambda`, `normalize`, `rescale`, `int8_mask` (accepted, unused).
+`rescale: true` divides by each entry's own keep probability, as DARE's divides by the density
+(unbiased: E[τ'] = τ); `rescale: l1` is mergekit's exact L1 match. A density below 1 needs
+density ± ε inside (0, 1), as in mergekit; density 1 keeps the task vector whole. A row of one
+entry, whose rank range is empty (mergekit divides 0 by 0 there), is kept with probability `density`.
+Arithmetic as the family's: in the compute dtype (`dtype`), except that keep probabilities and draws
+are float32 and τ·m/p is rounded once; random either way, so mergekit's bytes are not a target:
+its keep probabilities are (the tests hand mergekit our draws and get our merge).
+Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
+Sampling", arXiv 2406.11617.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial, reduce
+from typing import Any
+
+import torch
+
+from ._base import frozen
+from ._select import BLOCK
+from .task_arithmetic import TaskArithmetic, combine
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as rows along which MagPrune ranks (R × n): a vector is one row; otherwise the
+    fibres along dim 1, as mergekit ranks them."""
+    if tensor.dim() < 2:
+        return tensor.reshape(1, -1)
+    return tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
+
+
+def from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`as_rows` undone."""
+    if len(shape) < 2:
+        return rows.reshape(shape)
+    moved = (*shape[:1], *shape[2:], shape[1])
+    return rows.reshape(moved).movedim(-1, 1)
+
+
+def keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """pⱼ of each entry of rows of |τ| (R × n, float32): from density − ε for the smallest of a row
+    to density + ε for its largest, linear in the rank; equal magnitudes ranked by position."""
+    rows, n = magnitude.shape
+    if n == 1:
+        return torch.full_like(magnitude, density)
+    ramp = torch.arange(n, dtype=torch.float32).div_(n - 1).mul_(2 * epsilon).add_(density - epsilon)
+    # Non-negative float32 values sort like their int32 bit patterns, which sort about 30% faster.
+    order = magnitude.view(torch.int32).argsort(dim=1, stable=True)
+    return torch.empty_like(magnitude).scatter_(1, order, ramp.expand(rows, n))
+
+
+def l1_factor(task_vector: Callable[[int, int], torch.Tensor], magprune: Callable[[torch.Tensor], torch.Tensor],
+              generator: torch.Generator, blocks: list[tuple[int, int]]) -> float | None:
+    """mergekit's rescale, ‖τ‖₁ / ‖m ⊙ τ‖₁ (None, no rescaling, where either is below 1e-7), from a
+    first pass over the blocks; the generator is rewound after it, so the merge pass draws the same masks."""
+    state = generator.get_state()
+    before = after = 0.0
+    for start, stop in blocks:
+        tau = task_vector(start, stop)
+        before += float(tau.float().abs().sum())
+        after += float(magprune(tau).float().abs_().sum())
+    generator.set_state(state)
+    return before / after if before >= 1e-7 and after >= 1e-7 else None
+
+
+class Della(TaskArithmetic):
+    """DELLA: task arithmetic on task vectors pruned by MagPrune (magnitude-ranked random drops).
+
+    The module docstring gives the formula. Deep et al. 2024, arXiv 2406.11617.
+    """
+
+    def __init__(self, name: str, *, consensus: str | None, normalize: bool, about: str):
+        # Configured as the family's random sparsifier, which DELLA is too: it takes the engine's
+        # generators, sees whole tensors and converts its inputs block by block. `merge` below
+        # replaces only the sparsification (per row, with per-entry probabilities).
+        super().__init__(name, sparsify="random", consensus=consensus, normalize=normalize, rescale=True,
+                         about=about)
+        self.sparsify = "magprune"
+        self.params = frozen({**self.params, "epsilon": 0.15})
+        self.per_model = self.per_model | {"epsilon"}
+
+    def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
+              generators: Sequence[torch.Generator] | None = None, dtype: torch.dtype | None = None,
+              **params: Any) -> torch.Tensor:
+        """The merged tensor in `dtype` (default: the inputs' promoted dtype), computed in it as the
+        family computes; keep probabilities and draws in float32."""
+        self.check_inputs(tensors)
+        base = self.need_base(base, tensors)
+        bound = self.bind(params, len(tensors))
+        s = self.settings(bound)
+        epsilon = self.epsilons(bound["epsilon"], s.density)
+        generators = self.check_generators(generators, len(tensors))
+        dtype = dtype or reduce(torch.promote_types, (t.dtype for t in tensors), base.dtype)
+        base_rows, rows = as_rows(base), [as_rows(t) for t in tensors]
+        count, n = base_rows.shape
+        step = max(1, BLOCK // max(n, 1))  # rows per block: temporaries stay a few MB
+        blocks = [(r, min(r + step, count)) for r in range(0, count, step)]
+
+        def task_vector(i: int, start: int, stop: int) -> torch.Tensor:
+            return rows[i][start:stop].to(dtype) - base_rows[start:stop].to(dtype)
+
+        def magprune(i: int, tau: torch.Tensor) -> torch.Tensor:
+            if s.density[i] >= 1:
+                return tau
+            p = keep_probabilities(tau.abs().float(), s.density[i], epsilon[i])
+            u = torch.rand(tau.shape, generator=generators[i], dtype=torch.float32)
+            keep = torch.lt(u, p, out=u)  # [u < p], drawn from this input's generator only
+            if s.rescale is True:
+                keep.div_(p)
+            return tau.float().mul_(keep).to(dtype)  # one rounding of τ·m/p
+
+        factors = [None] * len(tensors)
+        if s.rescale == "l1":
+            for i in range(len(tensors)):
+                if s.density[i] < 1:
+                    factors[i] = l1_factor(partial(task_vector, i), partial(magprune, i), generators[i], blocks)
+        weights = torch.tensor(s.weight, dtype=dtype)
+        out = torch.empty(base_rows.shape, dtype=dtype)
+        for start, stop in blocks:
+            deltas = []
+            for i in range(len(tensors)):
+                delta = magprune(i, task_vector(i, start, stop))
+                if factors[i] is not None:
+                    delta.mul_(factors[i])
+                deltas.append(delta.mul_(weights[i]))
+            mixed = combine(deltas, weights, self.consensus, s.normalize)
+            if s.scale != 1:
+                mixed.mul_(s.scale)
+            out[start:stop] = base_rows[start:stop].to(dtype) + mixed
+        return from_rows(out, base.shape)
+
+    def epsilons(self, values: Sequence[Any], density: Sequence[float]) -> list[float]:
+        epsilon = [self.real("epsilon", e) for e in values]
+        for d, e in zip(density, epsilon):
+            if e < 0:
+                raise self.error(f"epsilon must be ≥ 0 (the half-width of the keep probabilities), got {e}")
+            if d < 1 and not (d - e > 0 and d + e < 1):
+                raise self.error(f"density ± epsilon must lie in (0, 1), got density {d} and epsilon {e}")
+        return epsilon
+
+
+DELLA = Della(
+    "della", consensus="sum", normalize=True,
+    about="DELLA: drop task-vector entries at random, small magnitudes more often (MagPrune), then TIES.\n\n"
+    "pᵢ = density − ε + 2ε·rankᵢ/(n − 1) per row; τᵢ' = Bernoulli(pᵢ)·τᵢ/pᵢ; s = sign Σᵢ wᵢ·τᵢ';\n"
+    "θ = θ₀ + λ·Σᵢ mᵢ·wᵢ·τᵢ' / Σᵢ mᵢ·wᵢ, mᵢ = [sign wᵢ·τᵢ' = s] (normalize, default true).\n"
+    "Deep et al. 2024, \"DELLA-Merging\", arXiv 2406.11617.",
+)
+DELLA_LINEAR = Della(
+    "della_linear", consensus=None, normalize=False,
+    about="DELLA without sign consensus: MagPrune's magnitude-ranked random drops, then a weighted sum.\n\n"
+    "pᵢ = density − ε + 2ε·rankᵢ/(n − 1) per row; τᵢ' = Bernoulli(pᵢ)·τᵢ/pᵢ;\n"
+    "θ = θ₀ + λ·Σᵢ wᵢ·τᵢ' (÷ Σᵢ wᵢ with `normalize`, default false).\n"
+    "Deep et al. 2024, \"DELLA-Merging\", arXiv 2406.11617.",
+)

@@ -1,0 +1,98 @@
+"""RAM and RAM+: merging RL-trained agents, unique updates kept whole and shared ones averaged.
+
+Reinforced Agent Merging sorts each position of the task vectors τᵢ = θᵢ − θ₀ by how many inputs
+change it by more than ε: none (θ₀ kept), one (unique: that input's change, whole) or several
+(shared: their mean). RAM+ (`ramplus_tl`, mergekit's tensor-local form) scales each input's
+unique changes by λᵢ = 1 + r·clip(ρᵢ, 0, α), ρᵢ its shared-to-unique count ratio in the tensor.
+"Behavior Knowledge Merge in Reinforced Agentic Models" (Reinforced Agent Merging), arXiv 2601.13572.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._base import Operator, frozen
+
+
+def classify(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float):
+    """(τ as inputs × positions, changed = |τ| > ε, count of inputs changing each position,
+    shared = count > 1, unique = count = 1), as mergekit forms them."""
+    tv = torch.stack([t - base for t in tensors], dim=0).view(len(tensors), -1)
+    changed = tv.abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    return tv, changed, counts, counts > 1, counts == 1
+
+
+class RamOperator(Operator):
+    """The RAM methods' threshold ε, checked: non-negative. A per-model `weight`, which mergekit
+    accepts for them and ignores (its own RAM recipes give one), is ignored with a warning."""
+
+    ignored_params = frozenset({"weight"})
+
+    def threshold(self, bound: dict[str, Any]) -> float:
+        epsilon = self.real("epsilon", bound["epsilon"])
+        if epsilon < 0:
+            raise self.error(f"epsilon (the |θᵢ − θ₀| above which an input changes a weight) must be ≥ 0, got {epsilon}")
+        return epsilon
+
+
+class Ram(RamOperator):
+    """RAM: unique task-vector entries added whole, shared ones averaged over the inputs that share them.
+
+    τᵢ = θᵢ − θ₀; cᵢ = [|τᵢ| > ε] per position; k = Σᵢ cᵢ;
+    θ = θ₀ + Σᵢ cᵢ·τᵢ·([k = 1] + [k > 1]/k)   (θ₀ where k = 0).
+    Parameter as mergekit's: `epsilon` (default 1e-5). Computed in the dtype the tensors come in,
+    in mergekit's order of operations, so that a recipe gives mergekit's bytes.
+    "Behavior Knowledge Merge in Reinforced Agentic Models" (Reinforced Agent Merging), arXiv 2601.13572.
+    """
+
+    name = "ram"
+    elementwise = True
+    params = frozen({"epsilon": 1e-5})
+
+    def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
+        self.check_inputs(tensors)
+        base = self.need_base(base, tensors)
+        epsilon = self.threshold(self.bind(params, len(tensors)))
+        tv, changed, counts, shared, unique = classify(tensors, base, epsilon)
+        kept = tv * changed
+        merged = ((kept * unique) + (kept * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return base + merged.reshape_as(base)
+
+
+class RamPlus(RamOperator):
+    """RAM+ (tensor-local): RAM with each input's unique entries scaled up by its share of overlap.
+
+    With cᵢ, k as in RAM: ρᵢ = #{k > 1, cᵢ} / max(#{k = 1, cᵢ}, ε) over the tensor's positions;
+    λᵢ = 1 + r·clip(ρᵢ, 0, α); θ = θ₀ + Σᵢ cᵢ·τᵢ·(λᵢ·[k = 1] + [k > 1]/k).
+    Parameters as mergekit's: `r` (default 0.1), `alpha` (0.2, ≥ 0), `epsilon` (1e-5). An input
+    with no unique entry gets λᵢ = 1, which it multiplies by nothing (mergekit's ρᵢ is 0/0 there
+    when ε = 0). Computed in mergekit's order of operations, so that a recipe gives mergekit's bytes:
+    λᵢ is float32, so half-precision inputs give a float32 result, rounded once when written.
+    "Behavior Knowledge Merge in Reinforced Agentic Models" (Reinforced Agent Merging), arXiv 2601.13572.
+    """
+
+    name = "ramplus_tl"
+    params = frozen({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5})
+
+    def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
+        self.check_inputs(tensors)
+        base = self.need_base(base, tensors)
+        bound = self.bind(params, len(tensors))
+        epsilon, r, alpha = self.threshold(bound), self.real("r", bound["r"]), self.real("alpha", bound["alpha"])
+        if alpha < 0:
+            raise self.error(f"alpha (the bound on the overlap ratio) must be ≥ 0, got {alpha}")
+        tv, changed, counts, shared, unique = classify(tensors, base, epsilon)
+        shared_counts = (changed & shared).sum(dim=1)
+        unique_counts = (changed & unique).sum(dim=1)
+        rho = torch.where(unique_counts > 0, shared_counts / unique_counts.clamp(min=epsilon), 0.0)
+        lam = 1 + r * rho.clamp(min=0, max=alpha)
+        kept = tv * changed
+        merged = ((kept * unique * lam.unsqueeze(-1)) + (kept * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return base + merged.reshape_as(base)
+
+
+RAM = Ram()
+RAMPLUS_TL = RamPlus()

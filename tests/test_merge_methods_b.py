@@ -1,0 +1,469 @@
+"""Merge methods della, della_linear, sce, ram and ramplus_tl: each against its paper's formula
+written out here (float64, plain torch), against mergekit's own code on the same inputs
+(deterministic methods: the same bytes in float32, bfloat16 and float16; DELLA: the same keep
+probabilities and, given the same draws, the same merge; keep fractions and norms in expectation
+otherwise), bad parameters, and one end-to-end `adaptkit merge` per method beside mergekit's."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from mergekit.merge_methods import registry as mk_registry
+from mergekit.merge_methods.base import ParameterScope, TensorGroup
+from mergekit.sparsify import SparsificationMethod, sparsify
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from adaptkit import registry
+from adaptkit.errors import AdaptkitError
+from builders import tiny_llama
+
+TIGHT = dict(rtol=1e-5, atol=1e-6)
+NAMES = ["della", "della_linear", "sce", "ram", "ramplus_tl"]
+
+
+def op(name):
+    return registry.get("merge", name)
+
+
+def make(shape=(40, 50), count=3, seed=0, changed=1.0):
+    """A base and `count` inputs changing a `changed` fraction of its entries by about 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return [base + 0.1 * torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < changed)
+            for _ in range(count)], base
+
+
+def mergekit(name, tensors, base, **params):
+    group = TensorGroup.from_tensors([base, *tensors], base_index=0)
+    return mk_registry.get(name)([group], parameters=params)[0]
+
+
+def seeded(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def disjoint_merge(deltas, weights, normalize):
+    """TIES: elect the sign of Σ wᵢτᵢ (a tie elects +), sum the agreeing wᵢτᵢ, ÷ Σ of their wᵢ."""
+    weighted = [w * d for w, d in zip(weights, deltas)]
+    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0).double()
+    agree = [torch.sign(d) == elected for d in weighted]
+    total = sum(d * a for d, a in zip(weighted, agree))
+    if not normalize:
+        return total
+    count = sum(w * a.double() for w, a in zip(weights, agree))
+    return total / torch.where(count == 0, torch.ones_like(count), count)
+
+
+# ---- DELLA ----------------------------------------------------------------------------------
+
+
+def magprune_probabilities(tau, density, epsilon):
+    """MagPrune's keep probabilities as mergekit defines them: per row of a matrix (along dim 1 of a
+    higher-dimensional tensor, over a vector), linear in the magnitude rank from density − ε to
+    density + ε."""
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.movedim(1, -1).reshape(-1, tau.shape[1])
+    n = rows.shape[1]
+    ranks = torch.empty_like(rows, dtype=torch.float64)
+    for r, row in enumerate(rows):
+        ranks[r, torch.argsort(row.abs(), stable=True)] = torch.arange(n, dtype=torch.float64)
+    p = (density - epsilon) + 2 * epsilon * ranks / (n - 1)
+    if tau.dim() < 2:
+        return p.reshape(tau.shape)
+    return p.reshape(*tau.shape[:1], *tau.shape[2:], tau.shape[1]).movedim(-1, 1)
+
+
+def test_keep_probabilities_by_hand():
+    from adaptkit_plugins.merges.della import keep_probabilities
+
+    magnitude = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.5, 0.25, 4.0, 1.0]])
+    # ranks [3, 0, 1, 2] (the tie at 2.0 by position) and [1, 0, 3, 2]; p = 0.4 + 0.2·rank/3
+    expected = torch.tensor([[0.6, 0.4, 0.4 + 0.2 / 3, 0.4 + 0.4 / 3], [0.4 + 0.2 / 3, 0.4, 0.6, 0.4 + 0.4 / 3]])
+    assert_close(keep_probabilities(magnitude, 0.5, 0.1), expected, **TIGHT)
+    assert torch.equal(keep_probabilities(torch.ones(3, 1), 0.7, 0.2), torch.full((3, 1), 0.7))
+
+
+def della_masks(tensors, base, dens, eps, seeds):
+    """Each input's keep mask, read off a single-input della_linear run on its own generator."""
+    masks = []
+    for t, d, e, s in zip(tensors, dens, eps, seeds):
+        out = op("della_linear").merge([t], base, weight=1.0, density=d, epsilon=e, rescale=False, generators=seeded(s))
+        masks.append((out - base) != 0)
+    return masks
+
+
+@pytest.mark.parametrize("shape", [(60, 50), (3000,), (6, 20, 5)], ids=["matrix", "vector", "3d"])
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_formula(name, shape):
+    tensors, base = make(shape)
+    x, b = [t.double() for t in tensors], base.double()
+    w, dens, eps, lam, seeds = [1.0, 0.5, 0.8], [0.3, 0.5, 0.7], [0.2, 0.1, 0.25], 0.9, [11, 12, 13]
+    masks = della_masks(tensors, base, dens, eps, seeds)
+    probs = [magprune_probabilities(xi - b, d, e) for xi, d, e in zip(x, dens, eps)]
+    for m, p in zip(masks, probs):
+        # Bernoulli(p): the kept count within 4 standard deviations, and more of the larger half kept.
+        assert abs(m.sum().item() - p.sum().item()) < 4 * math.sqrt((p * (1 - p)).sum().item())
+        upper = p > p.median()
+        assert m[upper].double().mean() > m[~upper].double().mean()
+    rescaled = [m * (xi - b) / p for m, xi, p in zip(masks, x, probs)]
+    if name == "della":
+        expected = b + lam * disjoint_merge(rescaled, w, normalize=True)
+    else:
+        expected = b + lam * sum(wi * r for wi, r in zip(w, rescaled))
+    out = op(name).merge(tensors, base, weight=w, density=dens, epsilon=eps, generators=seeded(*seeds),
+                         **{"lambda": lam})
+    assert out.shape == base.shape
+    assert_close(out.double(), expected, **TIGHT)
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_params_match_mergekit(name):
+    spec = mk_registry.get(name).spec
+    theirs = {p.name: (None if p.required else p.default) for p in spec.parameters}
+    assert dict(op(name).params) == theirs
+    assert op(name).per_model == {p.name for p in spec.parameters if p.scope != ParameterScope.SHARED}
+
+
+DELLA_PEER = [
+    ("della", (30, 40), {"weight": [1.0, 0.5, 0.8], "density": [0.3, 0.5, 1.0], "epsilon": [0.1, 0.2, 0.05]}),
+    ("della", (30, 40), {"weight": [1.0, -0.5, 0.8], "density": 0.6, "epsilon": 0.3, "lambda": 1.3}),
+    ("della_linear", (30, 40), {"weight": [0.4, 0.5, 0.8], "density": 0.5, "normalize": True}),
+    ("della_linear", (500,), {"weight": [1.0, 0.5, 0.3], "density": [0.2, 0.6, 0.5], "epsilon": 0.1}),
+    ("della", (4, 10, 6), {"weight": [1.0, 0.5, 0.3], "density": 0.5, "epsilon": 0.2}),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "params"), DELLA_PEER,
+                         ids=[f"{name}-{'x'.join(map(str, shape))}" for name, shape, _ in DELLA_PEER])
+def test_della_matches_mergekit_given_the_same_draws(monkeypatch, name, shape, params):
+    """mergekit draws its masks with torch.bernoulli(p) from the global generator; handed our draws
+    instead, it must get our keep probabilities and give our merge (its `rescale: true` is our `l1`)."""
+    from adaptkit_plugins.merges.della import keep_probabilities
+
+    tensors, base = make(shape)
+    count = len(tensors)
+    dens = params["density"] if isinstance(params["density"], list) else [params["density"]] * count
+    eps = params.get("epsilon", 0.15)
+    eps = eps if isinstance(eps, list) else [eps] * count
+    masks = iter([m.float() for m, d in zip(della_masks(tensors, base, dens, eps, [1, 2, 3]), dens) if d < 1])
+    seen = []
+
+    def bernoulli(p, *args, **kwargs):
+        seen.append(p)
+        return next(masks).reshape(p.shape)  # mergekit ranks a vector as one row: (1, n)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+    theirs = mergekit(name, tensors, base, rescale=True, **params)
+    monkeypatch.undo()
+    ours = op(name).merge(tensors, base, rescale="l1", generators=seeded(1, 2, 3), **params)
+    assert_close(ours, theirs, **TIGHT)
+    taus = [t - base for t, d in zip(tensors, dens) if d < 1]
+    assert len(seen) == len(taus)
+    for p, tau, d, e in zip(seen, taus, [d for d in dens if d < 1], [e for e, d in zip(eps, dens) if d < 1]):
+        expected = magprune_probabilities(tau.double(), d, e)
+        assert_close(p.double().reshape(tau.shape), expected, **TIGHT)
+        if tau.dim() == 2:
+            assert_close(keep_probabilities(tau.abs(), d, e).double(), expected, **TIGHT)
+
+
+def test_della_keep_fraction_and_norm_like_mergekit():
+    """Random either way: the same keep fraction (density) and, rescaled, the same L1 norm — exactly
+    with mergekit's rescale (our `l1`), in expectation with the paper's ÷ p (our default)."""
+    tensors, base = make((200, 100), count=1)
+    tau = tensors[0] - base
+    p = magprune_probabilities(tau.double(), 0.35, 0.2)
+    torch.manual_seed(0)
+    theirs = sparsify(tau, density=0.35, method=SparsificationMethod.della_magprune, epsilon=0.2, rescale_norm="l1")
+    ours, ours_l1 = (op("della_linear").merge(tensors, base, weight=1.0, density=0.35, epsilon=0.2, rescale=rescale,
+                                              generators=seeded(9)) - base for rescale in (True, "l1"))
+    for kept in (theirs, ours, ours_l1):  # Σ Bernoulli(p): within 4 standard deviations of Σ p = 0.35·n
+        assert abs((kept != 0).sum().item() - p.sum().item()) < 4 * math.sqrt((p * (1 - p)).sum().item())
+    l1 = tau.double().abs().sum().item()
+    assert theirs.double().abs().sum().item() == pytest.approx(l1, rel=1e-5)
+    assert ours_l1.double().abs().sum().item() == pytest.approx(l1, rel=1e-5)
+    # E‖τ'‖₁ = ‖τ‖₁ with variance Σ τ²(1 − p)/p: within 4 standard deviations.
+    spread = math.sqrt((tau.double().square() * (1 - p) / p).sum().item())
+    assert abs(ours.double().abs().sum().item() - l1) < 4 * spread
+
+
+def test_della_is_deterministic_and_uses_only_its_generators():
+    tensors, base = make()
+    params = {"weight": [1.0, 0.5, 0.8], "density": 0.5, "epsilon": 0.2}
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    first = op("della").merge(tensors, base, generators=seeded(1, 2, 3), **params)
+    torch.manual_seed(2)
+    again = op("della").merge(tensors, base, generators=seeded(1, 2, 3), **params)
+    assert first.numpy().tobytes() == again.numpy().tobytes()
+    assert not torch.equal(first, op("della").merge(tensors, base, generators=seeded(4, 5, 6), **params))
+    torch.set_rng_state(state)
+    op("della").merge(tensors, base, generators=seeded(1, 2, 3), **params)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_della_computes_in_the_compute_dtype():
+    tensors, base = make()
+    half, half_base = [t.bfloat16() for t in tensors], base.bfloat16()
+    params = {"weight": [1.0, 0.5, 0.8], "density": 0.5, "epsilon": 0.2}
+    assert op("della").merge(half, half_base, generators=seeded(1, 2, 3), **params).dtype == torch.bfloat16
+    upcast = op("della").merge(half, half_base, generators=seeded(1, 2, 3), dtype=torch.float32, **params)
+    same = op("della").merge([t.float() for t in half], half_base.float(), generators=seeded(1, 2, 3), **params)
+    assert upcast.dtype == torch.float32 and torch.equal(upcast, same)
+
+
+def test_della_at_density_one_is_ties_without_trimming():
+    tensors, base = make()
+    w = [1.0, 0.5, 0.8]
+    ours = op("della").merge(tensors, base, weight=w, epsilon=0.9, generators=seeded(1, 2, 3))  # ε unused at density 1
+    assert_close(ours, op("ties").merge(tensors, base, weight=w), **TIGHT)
+
+
+# ---- SCE ------------------------------------------------------------------------------------
+
+
+def sce_formula(x, b, fraction):
+    """FuseChat's SCE in float64: select by variance, weights ∝ mean τ², erase sign conflicts."""
+    taus = [xi - b for xi in x]
+    if fraction < 1:
+        var = torch.stack(taus).var(dim=0, unbiased=False)
+        k = int((var != 0).sum().item() * fraction)
+        keep = torch.zeros(var.numel(), dtype=torch.bool)
+        keep[torch.argsort(var.reshape(-1), descending=True)[:k]] = True
+        taus = [t * keep.reshape(var.shape) for t in taus]
+    energy = [t.square().mean().item() for t in taus]
+    eta = [e / sum(energy) for e in energy]
+    elected = torch.where(sum(taus) >= 0, 1.0, -1.0).double()
+    agree = [torch.sign(t) == elected for t in taus]
+    total = sum(e * t * a for e, t, a in zip(eta, taus, agree))
+    weight = sum(e * a.double() for e, a in zip(eta, agree))
+    return b + total / weight.clamp(min=1e-6)
+
+
+def test_sce_by_hand():
+    base = torch.zeros(5)
+    t1, t2 = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0]), torch.tensor([-1.0, 1.0, 0.5, 2.0, 0.5])
+    # Σ τ = [0, -1, 1, 2, 3.5] elects [+, −, +, +, +]; mean τ² ∝ 14.25 and 6.5. Where one input
+    # agrees it is taken whole; the last position mixes both: (14.25·3 + 6.5·0.5) / (14.25 + 6.5).
+    expected = torch.tensor([1.0, -2.0, 0.5, 2.0, 46 / 20.75])
+    assert_close(op("sce").merge([t1, t2], base), expected, **TIGHT)
+    # select_topk 0.5: variances [1, 2.25, 0, 1, 1.5625], 4 non-zero: keep the 2 largest (positions
+    # 1 and 4); then mean τ² ∝ 13 and 1.25, and position 0 (both zero) agrees with no sign.
+    selected = torch.tensor([0.0, -2.0, 0.0, 0.0, (13 * 3 + 1.25 * 0.5) / 14.25])
+    assert_close(op("sce").merge([t1, t2], base, select_topk=0.5), selected, **TIGHT)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.3, 0.75])
+def test_sce_formula(fraction):
+    tensors, base = make(changed=0.5)
+    out = op("sce").merge(tensors, base, select_topk=fraction)
+    assert_close(out.double(), sce_formula([t.double() for t in tensors], base.double(), fraction), **TIGHT)
+
+
+# ---- RAM ------------------------------------------------------------------------------------
+
+
+def ram_formula(x, b, epsilon, r=None, alpha=None):
+    """RAM: unique changes whole, shared ones averaged; RAM+ (r, α given): unique ones × λᵢ."""
+    taus = [xi - b for xi in x]
+    changed = [t.abs() > epsilon for t in taus]
+    count = sum(c.long() for c in changed)
+    lam = [1.0] * len(taus)
+    if r is not None:
+        for i, c in enumerate(changed):
+            unique, shared = (c & (count == 1)).sum().item(), (c & (count > 1)).sum().item()
+            lam[i] = 1 + r * min(max(shared / max(unique, epsilon), 0), alpha) if unique else 1.0
+    return b + sum(t * c * torch.where(count == 1, li, 1 / count.clamp(min=1).double())
+                   for t, c, li in zip(taus, changed, lam))
+
+
+def test_ram_by_hand():
+    base = torch.zeros(5)
+    t1 = torch.tensor([0.5, 0.0, 0.2, 1e-6, 0.3])
+    t2 = torch.tensor([0.3, 0.4, 0.0, 0.0, -0.3])
+    t3 = torch.tensor([0.1, 0.0, 0.0, 0.0, 0.0])
+    # shared by 3: mean 0.3; unique: 0.4 and 0.2; below ε: 0; shared by 2: mean 0.
+    assert_close(op("ram").merge([t1, t2, t3], base), torch.tensor([0.3, 0.4, 0.2, 0.0, 0.0]), **TIGHT)
+    # RAM+: inputs 1 and 2 share 2 positions and own 1 each: ρ = 2, clipped to α = 0.5; λ = 1 + 0.1·0.5.
+    plus = op("ramplus_tl").merge([t1, t2, t3], base, r=0.1, alpha=0.5)
+    assert_close(plus, torch.tensor([0.3, 0.4 * 1.05, 0.2 * 1.05, 0.0, 0.0]), **TIGHT)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("ram", {}), ("ram", {"epsilon": 0.02}), ("ramplus_tl", {}), ("ramplus_tl", {"r": 0.05, "alpha": 1.0}),
+    ("ramplus_tl", {"r": 0.3, "alpha": 2.0, "epsilon": 0.0}),
+])
+def test_ram_formula(name, params):
+    tensors, base = make(changed=0.3)
+    out = op(name).merge(tensors, base, **params)
+    extra = {"r": params.get("r", 0.1), "alpha": params.get("alpha", 0.2)} if name == "ramplus_tl" else {}
+    expected = ram_formula([t.double() for t in tensors], base.double(), params.get("epsilon", 1e-5), **extra)
+    assert_close(out.double(), expected, **TIGHT)
+
+
+def test_ramplus_input_without_unique_entries_gets_no_nan():
+    base = torch.zeros(4)
+    same = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    out = op("ramplus_tl").merge([same, same.clone(), torch.zeros(4)], base, epsilon=0.0)
+    assert torch.equal(out, same)
+    assert mergekit("ramplus_tl", [same, same.clone(), torch.zeros(4)], base, epsilon=0.0).isnan().any()
+
+
+# ---- deterministic methods against mergekit, in the dtype the tensors come in --------------------
+
+PEERS = [
+    ("sce", {}), ("sce", {"select_topk": 0.5}), ("sce", {"select_topk": 0.1, "int8_mask": True}),
+    ("ram", {}), ("ram", {"epsilon": 0.02}),
+    ("ramplus_tl", {}), ("ramplus_tl", {"r": 0.05, "alpha": 1.0}), ("ramplus_tl", {"r": 0.5, "epsilon": 0.01}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("name", "params"), PEERS, ids=lambda v: v if isinstance(v, str) else None)
+def test_matches_mergekit_bytes(name, params, dtype):
+    for shape, changed in [((40, 50), 0.3), ((40, 50), 1.0), ((300,), 0.5), ((4, 5, 6), 0.5)]:
+        tensors, base = make(shape, changed=changed)
+        tensors, base = [t.to(dtype) for t in tensors], base.to(dtype)
+        ours, theirs = op(name).merge(tensors, base, **params), mergekit(name, tensors, base, **params)
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (shape, changed)
+
+
+@pytest.mark.parametrize("name", ["sce", "ram", "ramplus_tl"])
+def test_params_match_mergekit(name):
+    spec = mk_registry.get(name).spec
+    assert dict(op(name).params) == {p.name: p.default for p in spec.parameters}
+    assert not op(name).per_model and all(p.scope == ParameterScope.SHARED for p in spec.parameters)
+
+
+# ---- bad parameters, options, registry -----------------------------------------------------------
+
+BAD = [
+    ("della", {"weight": 1.0, "density": 0.66, "epsilon": 1.35}, "density ± epsilon must lie in \\(0, 1\\)"),
+    ("della", {"weight": 1.0, "density": 0.1, "epsilon": 0.1}, "density ± epsilon"),
+    ("della_linear", {"weight": 1.0, "density": [0.5, 0.9, 0.5], "epsilon": 0.1}, "density ± epsilon"),
+    ("della", {"weight": 1.0, "density": 0.5, "epsilon": -0.1}, "epsilon must be ≥ 0"),
+    ("della", {"weight": 1.0, "density": 0.0}, "density must be in"),
+    ("della", {"weight": 1.0, "density": 0.5, "epsilon": "wide"}, "'epsilon' must be a finite number"),
+    ("della", {"weight": 1.0, "density": 0.5, "epsilom": 0.1}, "did you mean 'epsilon'"),
+    ("della_linear", {"weight": 1.0, "density": 0.5, "rescale": "l2"}, "rescale"),
+    ("sce", {"select_topk": 0.0}, "select_topk must be a fraction in \\(0, 1\\]"),
+    ("sce", {"select_topk": 1.5}, "select_topk"),
+    ("sce", {"int8_mask": "yes"}, "int8_mask"),
+    ("sce", {"weight": 1.0}, "unknown parameter 'weight'"),
+    ("ram", {"epsilon": -1e-5}, "epsilon .* must be ≥ 0"),
+    ("ramplus_tl", {"alpha": -0.2}, "alpha .* must be ≥ 0"),
+    ("ramplus_tl", {"r": float("nan")}, "'r' must be a finite number"),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "message"), BAD)
+def test_bad_parameters_are_one_line_errors(name, params, message):
+    tensors, base = make()
+    extra = {"generators": seeded(1, 2, 3)} if op(name).random else {}
+    with pytest.raises(AdaptkitError, match=message) as info:
+        op(name).merge(tensors, base, **params, **extra)
+    assert "\n" not in str(info.value) and str(info.value).startswith(name)
+
+
+@pytest.mark.parametrize(("density", "epsilon"), [(0.66, 1.35), (0.1, 0.1), (0.9, 0.1)])
+def test_mergekit_refuses_the_same_epsilons(density, epsilon):
+    tau = make()[0][0]
+    with pytest.raises(ValueError, match="density \\+/- epsilon"):
+        sparsify(tau, density=density, method=SparsificationMethod.della_magprune, epsilon=epsilon)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_options_base_and_registry(name):
+    from adaptkit import spec
+
+    obj = op(name)
+    expected = {"random": name.startswith("della"), "elementwise": name == "ram", "takes_base": True,
+                "block_upcast": name.startswith("della")}
+    assert {key: spec.option(obj, key) for key in expected} == expected
+    line, problem = registry.describe(registry.entry("merge", name))
+    assert problem is None and line and "\n" not in line
+    text = getattr(obj, "about", "") or type(obj).__doc__
+    assert text.splitlines()[0] == line and "arXiv" in text
+    tensors, _ = make()
+    extra = {"generators": seeded(1, 2, 3), "weight": 1.0} if obj.random else {}
+    with pytest.raises(AdaptkitError, match="needs a base model"):
+        obj.merge(tensors, None, **extra)
+
+
+# ---- end to end: `adaptkit merge` beside mergekit on the same recipe ----------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny Llama base and two fine-tunes, each changing a random 40% of the weights (float32)."""
+    root = tmp_path_factory.mktemp("models_b")
+    tiny_llama(seed=0).save_pretrained(root / "base")
+    for i in (1, 2):
+        ft = tiny_llama(seed=0)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02 * (torch.rand(p.shape, generator=g) < 0.4))
+        ft.save_pretrained(root / f"ft{i}")
+    return root
+
+
+def state(folder):
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def both_merge(models, tmp_path, method, parameters, model_parameters=None, dtype="float32"):
+    """The recipe run by `adaptkit merge` and by mergekit: both outputs' tensors, and ours' messages."""
+    from click.testing import CliRunner
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions
+    from mergekit.merge import run_merge as mk_run
+
+    from adaptkit.cli import cli
+
+    recipe = {"merge_method": method, "base_model": str(models / "base"), "dtype": dtype,
+              "parameters": parameters,
+              "models": [{"model": str(models / f"ft{i}"), **({"parameters": p} if p else {})}
+                         for i, p in zip((1, 2), model_parameters or [None, None])]}
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(cli, ["merge", str(tmp_path / "recipe.yml"), "-o", str(tmp_path / "ours")])
+    assert result.exit_code == 0, result.output
+    mk_run(MergeConfiguration.model_validate(yaml.safe_load((tmp_path / "recipe.yml").read_text())),
+           str(tmp_path / "mk"), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
+                                              lazy_unpickle=False))
+    return state(tmp_path / "ours"), state(tmp_path / "mk"), result.output
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("sce", {"select_topk": 0.5}), ("ram", {}), ("ramplus_tl", {"r": 0.05, "alpha": 1.0}),
+])
+def test_end_to_end_equals_mergekit(models, tmp_path, method, parameters, dtype):
+    # mergekit's own recipes for these methods (its test suite) give weights, which it ignores.
+    ours, theirs, output = both_merge(models, tmp_path, method, parameters, [{"weight": 0.6}, {"weight": 0.4}], dtype)
+    assert f"'{method}' does not use 'weight'" in output
+    assert set(ours) == set(theirs)
+    # Without `out_dtype` mergekit writes what the method returns: ramplus_tl's λ is float32, so from
+    # bfloat16 inputs it writes float32; adaptkit writes `dtype`, that float32 result rounded once.
+    returned = torch.float32 if method == "ramplus_tl" else getattr(torch, dtype)
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == getattr(torch, dtype) and tensor.dtype == returned, name
+        assert torch.equal(ours[name], tensor.to(ours[name].dtype)), name
+    base = state(models / "base")
+    assert sum(not torch.equal(tensor, base[name].to(tensor.dtype)) for name, tensor in theirs.items()) > len(base) // 2
+
+
+def test_della_end_to_end_like_mergekit(models, tmp_path):
+    """mergekit's own della test recipe: random on both sides, so the same fraction of weights
+    changed and about the same size of change (L1) over the model."""
+    ours, theirs, _ = both_merge(models, tmp_path, "della", {"density": 0.66, "epsilon": 0.05, "lambda": 0.5},
+                              [{"weight": 0.6}, {"weight": 0.4}])
+    base = state(models / "base")
+    n = sum(t.numel() for t in base.values())
+    changed = lambda out: sum(((out[k] - base[k]) != 0).sum().item() for k in base) / n  # noqa: E731
+    size = lambda out: sum((out[k] - base[k]).abs().sum().item() for k in base)  # noqa: E731
+    f = changed(ours)
+    assert 0.3 < f < 0.7  # two inputs, each changing 40% of the weights, each change kept with p ≈ 0.66
+    assert abs(f - changed(theirs)) < 5 * math.sqrt(2 * f * (1 - f) / n)  # two independent draws
+    assert size(ours) == pytest.approx(size(theirs), rel=0.02)
