@@ -262,9 +262,10 @@ HOOKS: dict[str, Hook] = {
     "load_train_state": Hook(TrainState, "nothing restored"),  # adalora
     "train_settings": Hook(TrainSettings, "none"),  # adalora
     "random": Hook(MergeOptions, False),  # all
-    "takes_base": Hook(MergeOptions, True),  # average linear
+    "takes_base": Hook(MergeOptions, True),  # average karcher linear passthrough
     "elementwise": Hook(MergeOptions, False),  # all
-    "block_upcast": Hook(MergeOptions, False),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties magnitude_prune task_arithmetic ties
+    "block_upcast": Hook(MergeOptions, False),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties della della_linear magnitude_prune task_arithmetic ties
+    "ignored_params": Hook(MergeOptions, frozenset()),  # arcee_fusion karcher model_stock nearswap ram ramplus_tl sce slerp
     "merge_factors": Hook(FactorMerge, "merged as ΔW, refactored by SVD"),  # concat
     "host_keys": Hook(QuantizerOptions, ()),  # binary fp4 fp4_dq nf4 nf4_dq ternary
     "double_quant_form": Hook(QuantizerOptions, None),  # fp4 nf4

@@ -394,21 +394,46 @@ def test_input_counts():
         op("slerp").merge(tensors[:1], None, t=0.5)
 
 
-def test_breadcrumbs_keeps_a_tiny_tensor():
-    tensors, base = make(shape=(10,))  # γ·n = 0.01·10 < 1: no single outlier to drop
+def test_breadcrumbs_prunes_a_tiny_tensor_as_mergekit():
+    """γ·n = 0.01·10 < 1: no outlier is dropped, but the tensor is still pruned to `density`, as
+    mergekit prunes it (issue 15: its numbers; we used to keep such a tensor whole)."""
+    tensors, base = make(shape=(10,))
+    x, b = f64(tensors, base)
     ours = op("breadcrumbs").merge(tensors, base, weight=1.0, density=0.5)
-    assert_close(ours, op("task_arithmetic").merge(tensors, base, weight=1.0), **TIGHT)
-    pruned = mergekit("breadcrumbs", tensors, base, weight=1.0, density=0.5)  # mergekit prunes it anyway
-    assert not torch.allclose(pruned, ours)
+    expected = b + sum((xi - b) * breadcrumbs_mask(xi - b, 0.5, 0.01) for xi in x)
+    assert_close(ours.double(), expected, **TIGHT)
+    assert torch.equal(ours, mergekit("breadcrumbs", tensors, base, weight=1.0, density=0.5))
 
 
-def test_magnitude_ties_are_broken_by_position():
+def test_magnitude_ties_are_broken_as_mergekit_sorts():
+    """Entries of equal magnitude straddling the cut are kept as mergekit's sort keeps them (torch's
+    argsort: descending for TIES, ascending for breadcrumbs; on 8 entries the orders below), not by a
+    position rule of ours: an unstable sort picks which, and only the same sort picks the same."""
     base = torch.zeros(8)
     x = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 3.0, 2.0, 0.1])
     out = op("magnitude_prune").merge([x], base, weight=1.0, density=0.375)  # keeps 3 of 8
     assert torch.equal(out, torch.tensor([0.0, -2.0, 2.0, 0.0, 0.0, 3.0, 0.0, 0.0]))
     out = op("breadcrumbs").merge([x], base, weight=1.0, density=0.25, gamma=0.125)  # drop 3.0, keep 2
-    assert torch.equal(out, torch.tensor([0.0, -2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 0.0, 0.0, -2.0, 0.0, 2.0, 0.0]))
+    assert torch.equal(out, mergekit("breadcrumbs", [x], base, weight=1.0, density=0.25, gamma=0.125))
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("ties", {"weight": [1.0, 0.6, 0.8], "density": [0.3, 0.5, 0.25]}),
+    ("breadcrumbs", {"weight": [1.0, 0.6, 0.8], "density": 0.4, "gamma": 0.1}),
+    ("breadcrumbs_ties", {"weight": [1.0, 0.6, 0.8], "density": 0.5, "gamma": 0.2}),
+], ids=["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_ties_at_the_cut_match_mergekit(monkeypatch, name, params):
+    """Task vectors full of equal magnitudes, seen in blocks far smaller than the tensor: the same
+    entries survive as in mergekit, to the bit."""
+    from adaptkit_plugins.merges import _select
+
+    monkeypatch.setattr(_select, "BLOCK", 64)
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(40, 50)
+    tensors = [torch.randint(-4, 5, (40, 50), generator=g).float() * 0.25 for _ in range(3)]
+    ours = op(name).merge(tensors, base, **params)
+    assert torch.equal(ours, mergekit(name, tensors, base, **params))
 
 
 def test_sign_election_tie_goes_positive():

@@ -26,8 +26,8 @@ from .client import (REPO_REF, HubUnreachable, api as client, call, detail, endp
                          is_offline, quoted, repo_problem, revision_problem, shown)
 from .lockfile import LOCK_FILE, Entry, FileRecord
 
-# Only what loading a model needs: weights, configs, tokenizers, model cards.
-WANTED = ["*.safetensors", "*.json", "*.model", "*.txt", "*.md", "tokenizer*"]
+# Only what loading a model needs: weights, configs, tokenizers (chat_template.jinja too), model cards.
+WANTED = ["*.safetensors", "*.json", "*.model", "*.txt", "*.md", "tokenizer*", "*.jinja"]
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:

@@ -1,7 +1,8 @@
 """Reading JSON and YAML we did not write, bounded, and writing JSON that reads back the same.
 
 Readers: `read_json(path)` (one JSON object), `parse_json(text, where)` (one JSON value, such as a
-line of JSON lines) and `read_yaml(path)` / `load_yaml(text, where)` (one YAML document). Each
+line of JSON lines), `read_yaml(path)` / `load_yaml(text, where)` (one YAML document) and
+`read_yaml_documents(path)` (every document of a file, `---` between them). Each
 refuses, in one line naming `file:line` where there is a line: bytes that are not UTF-8, nesting
 deeper than MAX_DEPTH, a key given twice in one mapping (which would otherwise keep its last value
 silently), and (YAML) aliases whose expansion would make the document larger than MAX_NODES nodes.
@@ -15,6 +16,8 @@ config holding one would be read back as something else), naming the field. What
 be is `adaptkit.validate`'s part.
 """
 from __future__ import annotations
+
+import re
 
 import codecs
 import json
@@ -148,13 +151,20 @@ def read_yaml(path: str | Path) -> Any:
     return load_yaml(decode(path.read_bytes(), path), path)
 
 
-def load_yaml(text: str, where: str | Path) -> Any:
-    """One YAML document from `text` with yaml.SafeLoader's types; nesting, aliases and duplicate
-    keys bounded as the module docstring says. `where` names the source in messages."""
+def read_yaml_documents(path: str | Path) -> list[Any]:
+    """Every YAML document in the file `path`, in order, each checked as `read_yaml` checks one."""
+    path = _regular(path)
+    return load_yaml(decode(path.read_bytes(), path), path, documents=True)
+
+
+def load_yaml(text: str, where: str | Path, *, documents: bool = False) -> Any:
+    """One YAML document from `text` (with `documents`, the list of all of them) with yaml.SafeLoader's
+    types; nesting, aliases and duplicate keys bounded as the module docstring says. `where` names the
+    source in messages."""
     import yaml
 
     try:
-        return _load(text, where)
+        return _load(text, where, documents)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -168,15 +178,21 @@ def load_yaml(text: str, where: str | Path) -> Any:
         raise AdaptkitError(f"{where}: not valid YAML ({_reason(e)})") from None
 
 
-def _load(text: str, where: str | Path) -> Any:
+def _load(text: str, where: str | Path, documents: bool = False) -> Any:
     """Compose the node graph, check it (`_check_graph`), and only then build Python objects."""
     loader = _loader()(text)  # the reader refuses control characters here
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_graph(node, where)
-        return loader.construct_document(node)
+        if not documents:
+            node = loader.get_single_node()
+            nodes = [] if node is None else [node]
+        else:
+            nodes = []
+            while loader.check_node():  # each document's anchors are its own (the composer resets them)
+                nodes.append(loader.get_node())
+        for node in nodes:
+            _check_graph(node, where)
+        values = [loader.construct_document(node) for node in nodes]
+        return values if documents else (values[0] if values else None)
     finally:
         loader.dispose()
 
@@ -201,6 +217,10 @@ def _loader() -> type:
                 finally:
                     self.depth -= 1
 
+        # YAML 1.1 (PyYAML) reads 1e-5 as a string: its floats need a dot. mergekit's recipes and docs write
+        # tolerances so (pydantic turns them into numbers there), so a dot-less exponent is a float here too.
+        BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                            list("-+0123456789"))
         _LOADER = BoundedLoader
     return _LOADER
 

@@ -1,6 +1,7 @@
 """Merging (the tensor plane): recipes in mergekit's format (`recipe`), inputs read tensor by tensor with
 adapters added on the fly (`sources`), the streaming engine that writes a model (`engine`), merging
-adapters into an adapter (`to_adapter`) and model soups (`soup`). The methods are merge plugins."""
+adapters into an adapter (`to_adapter`), the output's card (`card`), multi-stage recipes (`multi`) and
+model soups (`soup`). The methods are merge plugins."""
 
 import importlib
 

@@ -1,9 +1,10 @@
 """The merge engine: stream every tensor position through a merge operator into sharded output.
 
 Inputs are opened lazily; for each tensor name the engine reads that tensor (or a block of its rows,
-for elementwise operators) from every input — in float32, or as stored for operators that upcast
-block by block — resolves the recipe's parameters for it (gradients, filters), calls the operator,
-rounds once to the output dtype and writes it at its place in the output. A working-memory budget
+for elementwise operators) from every input — converted to the compute dtype (mergekit's meaning of
+`dtype`, see `precision.py` here), or as read for operators that convert block by block — resolves
+the recipe's parameters for it (gradients, filters), calls the operator, casts its result to the
+output dtype and writes it at its place in the output. A working-memory budget
 keeps a few tensors in flight, so peak memory follows the largest tensor, not the model. Random operators get
 one generator per input seeded from (seed, tensor name, input index): output bytes do not depend on
 thread count or order. Adapters enter as `base+adapter` inputs (see `sources.py` here).
@@ -16,6 +17,7 @@ import shutil
 import threading
 import time
 from contextlib import contextmanager
+from functools import cached_property
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,13 @@ from .. import allocator, registry, spec
 from ..io.dtypes import code_to_torch, parse_dtype, torch_to_code
 from ..errors import AdaptkitError
 from ..io.store import open_store
-from .recipe import Recipe, check_positions, layer_positions, load_recipe, operator_params, recipe_inputs
+from .card import drop_card, write_card
+from .slices import Job, Stack, output_config, slice_jobs, source_place
+from .precision import recipe_dtypes, state_dtype, stored_dtype
+from .recipe import (Recipe, check_positions, layer_positions, load_recipe, operator_params, recipe_inputs,
+                     resolve_params)
 from .sources import ModelSource, check_same_architecture, open_input
+from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
 from ..io.readers import dump_json, read_json
 from ..io.outputs import atomic_output
@@ -67,37 +74,85 @@ class Plan:
     """What a merge will do: inputs, tensor layout, output dtypes and a memory estimate."""
 
     def __init__(self, recipe: Recipe, *, allow_pickle: bool = False, dtype: str | None = None):
+        """`dtype`: the recipe's `dtype` replaced (the CLI's --dtype)."""
         self.recipe = recipe
+        recipe.dtype = dtype or recipe.dtype
         self.method = registry.get("merge", recipe.method)
         takes_base = spec.option(self.method, "takes_base")
-        self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base and takes_base else None
-        self.inputs = [open_input(ref, allow_pickle=allow_pickle, base=recipe.base) for ref in recipe.models]
+        # with slices, each slice's base is one of its sources (mergekit's rule), not an input of its own
+        self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base and takes_base \
+            and not recipe.slices else None
+        self.inputs = [_open(recipe, ref, allow_pickle) for ref in recipe.models]
         check_same_architecture(self.sources)
         reference = self.base or self.inputs[0]
-        self.names = reference.keys()
-        for source in self.sources:
-            source.check_matches(reference)
-        # a quantized input has no one dtype to keep: the output is bfloat16 unless asked otherwise
-        unpacked = "bfloat16" if any(s.store.method for s in self.sources) else None
-        out = parse_dtype(dtype or recipe.out_dtype or recipe.dtype or unpacked)
+        self.jobs, self.config = self._slices(takes_base, allow_pickle) if recipe.slices else (None, None)
+        self.names = list(self.jobs) if self.jobs else reference.keys()
+        # the recipe's name of each source (an adapter opened as base+adapter keeps its own)
+        self.refs = ([str(recipe.base)] if self.base else []) + [str(ref) for ref in recipe.models]
+        self.vocabulary = build_vocabulary(recipe, self.refs, self.sources, self.names) if recipe.tokenizer_settings \
+            else None
+        aligned = self.vocabulary.tensors if self.vocabulary else frozenset()
+        for source in self.sources if not self.jobs else ():  # slices: checked layer by layer (slices.py)
+            source.check_matches(reference, rows_may_differ=aligned)
+        # output and compute dtypes (None: the inputs' promoted stored dtype, per tensor; see precision.py)
+        out, self.compute = recipe_dtypes(recipe, any(s.store.method for s in self.sources))
+        self.positions = {n: job.t for n, job in self.jobs.items()} if self.jobs else \
+            layer_positions(self.names, reference.config)  # before `job`, which reads them
+        check_positions(recipe, self.positions)
         self.layout = []
         for name in self.names:
-            info = reference.info(name)
+            source, stored = self.jobs[name].sources[0] if self.jobs else (reference, name)
+            info = source.info(stored)
             floating = code_to_torch(info.dtype).is_floating_point
-            self.layout.append((name, torch_to_code(out) if out and floating else info.dtype, info.shape))
-        self.positions = layer_positions(self.names, reference.config)
-        check_positions(recipe, self.positions)
+            shape = (self.vocabulary.rows, *info.shape[1:]) if name in aligned else info.shape
+            dtype = out or self.stored_dtype(name)
+            self.layout.append((name, torch_to_code(dtype) if floating else info.dtype, shape))
+
+    def _slices(self, takes_base: bool, allow_pickle: bool) -> tuple[dict[str, Job], dict]:
+        """The output tensors of a `slices:` recipe and its config.json (see slices.py): mergekit's, from
+        the base model (read for that alone when it is none of the sources), else the first source."""
+        stacks = {str(ref): Stack(source) for ref, source in zip(self.recipe.models, self.inputs)}
+        jobs = slice_jobs(self.recipe.slices, stacks, self.recipe.base if takes_base else None, takes_base)
+        base, first = self.recipe.base, stacks[str(self.recipe.slices[0].sources[0].ref)].source
+        self.donor = stacks[str(base)].source if str(base) in stacks else _open(self.recipe, base, allow_pickle) \
+            if base else first
+        return jobs, output_config(self.donor.config, self.recipe.slices, stacks)
+
+    def job(self, name: str) -> Job:
+        """Where output tensor `name` comes from; without slices, the same name in every input."""
+        if self.jobs:
+            return self.jobs[name]
+        return Job([(s, name) for s in self.inputs], (self.base, name) if self.base else None, self.positions[name])
+
+    def parameters(self, name: str) -> dict[str, Any]:
+        """The operator's parameters for output tensor `name`, gradients and filters resolved (--dry-run)."""
+        job = self.job(name)
+        return resolve_params(self.recipe, self.method, name, job.t, job.shared,
+                              list(zip(job.own, (n for _, n in job.inputs))) if self.jobs else None)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype mergekit would load the inputs of `name` in without a `dtype` (promoted)."""
+        pairs = self.jobs[name].sources if self.jobs else [(source, name) for source in self.sources]
+        return stored_dtype([source.info(n).dtype for source, n in pairs])
 
     @property
     def sources(self) -> list[ModelSource]:
         return ([self.base] if self.base else []) + self.inputs
 
+    @cached_property
+    def width(self) -> tuple[int, int]:
+        """(tensors read, inputs among them) for one output tensor at most; with slices, its slice's sources."""
+        if not self.jobs:
+            return len(self.sources), len(self.inputs)
+        return max(len(j.sources) for j in self.jobs.values()), max(len(j.inputs) for j in self.jobs.values())
+
     def working_bytes(self, numel: int) -> int:
         """Working memory of one tensor (or block): float32 copies of the inputs, the result, and
         for whole-tensor operators their task vectors and masks besides."""
-        per_element = 4 * (len(self.sources) + 2)
+        read, inputs = self.width
+        per_element = 4 * (read + 2)
         if not spec.option(self.method, "elementwise"):
-            per_element += 4 * len(self.inputs) + 8
+            per_element += 4 * inputs + 8
         return numel * per_element
 
     def peak_bytes(self, threads: int) -> int:
@@ -114,6 +169,15 @@ class Plan:
                 "estimated_peak_bytes": self.peak_bytes(threads), "threads": threads}
 
 
+def _open(recipe: Recipe, ref, allow_pickle: bool) -> ModelSource:
+    try:
+        return open_input(ref, allow_pickle=allow_pickle, base=recipe.base)
+    except AdaptkitError as error:
+        if recipe.slices:  # say which slice names it
+            raise AdaptkitError(f"{source_place(recipe.slices, ref)}: {error}") from None
+        raise
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """NaN and ±Inf propagate into a sum, so one fast reduction settles the usual all-finite case;
     only a non-finite sum (which large finite values can also give) needs the exact check."""
@@ -122,10 +186,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
     """[None] (the whole tensor), or row ranges when the operator is elementwise and the tensor big."""
-    shape = (plan.base or plan.inputs[0]).info(name).shape
+    job = plan.job(name)
+    shape = job.reference.info(job.reference_name).shape
     numel = math.prod(shape)
     if (not spec.option(plan.method, "elementwise") or numel <= BLOCK_ELEMENTS or len(shape) < 2
-            or any(source.has_deltas(name) or source.store.packed(name) for source in plan.sources)):
+            or (plan.vocabulary is not None and name in plan.vocabulary.tensors)
+            or any(source.has_deltas(n) or source.store.packed(n) for source, n in job.sources)):
         return [None]
     step = max(1, BLOCK_ELEMENTS // (numel // shape[0]))
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
@@ -133,41 +199,57 @@ def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
 
 def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
                  rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """The merged tensor `name` (or its rows) in float32; non-float tensors come from the reference."""
-    reference = plan.base or plan.inputs[0]
-    if not code_to_torch(reference.info(name).dtype).is_floating_point:
-        return reference.get(name, float32=False, rows=rows)
-    # Operators that upcast block by block get inputs as stored (half the memory for bf16 models);
-    # inputs with adapter deltas come in float32 either way.
+    """The merged tensor `name` (or its rows) as the operator returns it from inputs converted to the
+    compute dtype; non-float tensors come from the reference."""
+    job = plan.job(name)
+    if not code_to_torch(job.reference.info(job.reference_name).dtype).is_floating_point:
+        return job.reference.get(job.reference_name, float32=False, rows=rows)
+    # Operators that convert block by block get inputs as read (half the memory for bf16 models
+    # computed in float32); inputs with adapter deltas come in float32, the delta added before rounding.
     lazy = spec.option(plan.method, "block_upcast")
-    tensors = [source.get(name, rows=rows, float32=not lazy or source.has_deltas(name)) for source in plan.inputs]
-    base = plan.base.get(name, rows=rows, float32=not lazy or plan.base.has_deltas(name)) if plan.base else None
+    compute = plan.compute or plan.stored_dtype(name)
+    read = [source.get(n, rows=rows, float32=source.has_deltas(n)) for source, n in job.sources]
+    read = read if lazy else [t.to(compute) for t in read]
+    base, tensors = (read[0], read[1:]) if job.base else (None, read)
     if not allow_nonfinite:
-        for source, t in zip(plan.sources, ([base] if base is not None else []) + tensors):
+        for (source, _), t in zip(job.sources, read):
             if not all_finite(t):
                 raise AdaptkitError(f"tensor '{name}' of {source.ref} has NaN or Inf values (--allow-nonfinite to merge anyway)")
-    params = operator_params(plan.recipe, plan.method, name, plan.positions[name], len(tensors))
-    return plan.method.merge(tensors, base, **params)
+    if plan.vocabulary is not None and name in plan.vocabulary.tensors:  # rows re-indexed to the output tokenizer
+        refs = [plan.refs[plan.sources.index(source)] for source, _ in job.sources]  # (the recipe's names)
+        aligned = plan.vocabulary.align(name, refs, ([base] if base is not None else []) + tensors, compute)
+        base, tensors = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
+    params = operator_params(plan.recipe, plan.method, name, job.t, len(tensors), job.shared,
+                             list(zip(job.own, (n for _, n in job.inputs))) if plan.jobs else None)
+    return plan.method.merge(tensors, base, **params, **({"dtype": compute} if lazy else {}))
 
 
 def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: bool = False,
               shard_size: int | str = DEFAULT_SHARD_SIZE, threads: int | None = None, seed: int | None = None,
-              dtype: str | None = None, allow_nonfinite: bool = False, allow_pickle: bool = False,
-              requantize: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json).
+              dtype: str | None = None, out_dtype: str | None = None, compute_dtype: str | None = None,
+              allow_nonfinite: bool = False, allow_pickle: bool = False, requantize: bool = False,
+              progress: bool = True, card: bool = True) -> dict[str, Any]:
+    """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json). With `card`, the
+    output also gets a model card and the recipe (`card.py` here).
 
     Quantized inputs are read unpacked (`adaptkit.quant.unpacked`), and the output is floating point; with
     `requantize` the tensors the quantized base had packed are packed again with its quantizer,
-    and the report's `requantized` gives that extra rounding error (relative, per tensor)."""
+    and the report's `requantized` gives that extra rounding error (relative, per tensor).
+    `dtype`, `out_dtype`, `compute_dtype` replace the recipe's (`precision.py` here)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if seed is not None:
         recipe.seed = seed
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype), ("compute_dtype", compute_dtype)):
+        setattr(recipe, key, value or getattr(recipe, key))
     if recipe.output_kind == "adapter":
         if requantize:
             raise AdaptkitError("--requantize applies to model outputs; this recipe makes an adapter")
-        return merge_adapters(recipe, out, force=force, progress=progress, allow_pickle=allow_pickle)
+        if recipe.compute_dtype and parse_dtype(recipe.compute_dtype) != torch.float32:
+            raise AdaptkitError("an adapter output is computed in float32 (`dtype` is its output dtype): "
+                                f"compute_dtype {recipe.compute_dtype} does not apply")
+        return merge_adapters(recipe, out, force=force, progress=progress, allow_pickle=allow_pickle, card=card)
     start = time.perf_counter()
-    plan = Plan(recipe, allow_pickle=allow_pickle, dtype=dtype)
+    plan = Plan(recipe, allow_pickle=allow_pickle)
     threads = threads or default_threads(plan)
     packed = _quantized_base(plan) if requantize else None
     report = plan.summary(threads)
@@ -186,6 +268,11 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
             shutil.rmtree(folder)
             files = again.pop("files")
             report["requantized"] = again
+        write_tokenizer(plan.vocabulary, recipe, plan.refs, plan.sources, tmp)
+        if card:  # last: over a README.md copied from the base, which describes another model
+            write_card(tmp, [(None, recipe)])
+        else:
+            drop_card(tmp)
     report.update(output=str(out), files=[Path(f).name for f in files], seconds=round(time.perf_counter() - start, 3),
                   seed=recipe.seed)
     return report
@@ -200,7 +287,12 @@ def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: 
         writer.abort()
         raise
     files = writer.close()
-    copy_side_files((plan.base or plan.inputs[0]).root, folder)
+    copy_side_files((plan.donor if plan.jobs else plan.base or plan.inputs[0]).root, folder)
+    if plan.config is not None:  # slices: the output's own layer count
+        (folder / "config.json").write_text(dump_json(plan.config, "config.json"))
+    floating = {code for _, code, _ in plan.layout if code_to_torch(code).is_floating_point}
+    if len(floating) == 1:  # the dtype transformers loads the model in (mergekit sets it too)
+        state_dtype(folder, code_to_torch(floating.pop()))
     return files
 
 
@@ -218,7 +310,9 @@ def _quantized_base(plan: Plan) -> tuple[str, set[str]]:
     """(quantizer, names it packed) of the quantized model the merge starts from."""
     for source in plan.sources:
         if source.store.method is not None:
-            return source.store.method, {n for n in plan.names if source.store.packed(n)}
+            # (with slices, an output tensor is packed again when the layer it comes from was)
+            return source.store.method, {n for n in plan.names
+                                         if any(s is source and s.store.packed(m) for s, m in plan.job(n).sources)}
     raise AdaptkitError("--requantize: no input is a quantized model (to quantize the result, run adaptkit quantize)")
 
 

@@ -1,7 +1,9 @@
 """Merge recipes: mergekit's YAML configuration format, checked strictly, plus adaptkit's additions.
 
-mergekit keys: `models` (each `model:` with optional `parameters:`), `base_model`, `merge_method`,
-`parameters`, `dtype`, `out_dtype`, `tokenizer_source`. Additions: `seed` (for random methods),
+mergekit keys: `models` (each `model:` with optional `parameters:`) or `slices` (slices.py), `base_model`, `merge_method`,
+`parameters`, `dtype`, `out_dtype`, `tokenizer_source` or `tokenizer`, `chat_template` (tokenizer.py). Additions: `seed` (for random methods),
+`compute_dtype` (see `dtypes` in engine.py: `dtype` is what tensors are loaded and computed in, as in
+mergekit; `compute_dtype: float32` computes in float32 and rounds once to the output dtype),
 `output: {kind: model|adapter, rank: R}`. A model reference is a folder, `org/name[@rev]`, or
 `base+adapter` (the adapter merged into that model first), as mergekit writes them.
 
@@ -9,12 +11,16 @@ A parameter value is a scalar, a gradient (a list of numbers interpolated over t
 layer i of N takes position t = i / (N − 1); tensors outside the layers take t = 0, the first value),
 or a list of `{filter: substring, value: ...}` conditions where the first matching filter (or one
 without a filter) wins — the same rules as mergekit, so its recipes give the same numbers.
-Unlike mergekit, an unknown key, method or parameter is an error naming the nearest valid one.
+Unlike mergekit, an unknown key or parameter is an error naming the nearest valid one, an unknown method
+one listing the methods (never a near name: nuslerp is not slerp); a parameter mergekit accepts and the
+method does not use (the plugin's `ignored_params`) is dropped with a warning.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,20 +28,25 @@ from typing import TYPE_CHECKING, Any
 from .. import registry, spec
 from ..io import readers
 from .. import validate as v
-from ..errors import AdaptkitError, closest, unknown_name
+from ..errors import AdaptkitError, closest
 from ..io.paths import regular_file
+from .tokenizer import TokenizerSettings, parse_settings
 from ..validate import short
+from .slices import Slice, parameter_groups, parse_slices, slice_models
 
 if TYPE_CHECKING:
     import torch
 
 RECIPE_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-               "seed", "output"}
-NOT_SUPPORTED = {"slices", "modules", "tokenizer", "chat_template"}
+               "compute_dtype", "seed", "output", "slices", "tokenizer", "chat_template"}
+NOT_SUPPORTED = {"modules"}
 MODEL_KEYS = {"model", "parameters"}
+SLICE_KEYS = {"sources", "base_model", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 OUTPUT_KEYS = {"kind", "rank"}
 FIELD_TYPES = {"merge_method": v.text, "base_model": v.optional(v.either(v.text, v.mapping, must="a path or repo id")),
                "parameters": v.optional(v.mapping), "dtype": v.optional(v.text), "out_dtype": v.optional(v.text),
+               "compute_dtype": v.optional(v.text),
                "tokenizer_source": v.optional(v.text), "seed": v.count, "output": v.optional(v.mapping)}
 OUTPUT_TYPES = {"kind": v.text, "rank": v.optional(v.positive_int)}
 
@@ -71,10 +82,15 @@ class Recipe:
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
+    compute_dtype: str | None = None  # adaptkit: compute in this instead of `dtype` (engine.py `dtypes`)
     seed: int = 0
     output_kind: str = "model"
     output_rank: int | None = None
     tokenizer_source: str | None = None
+    tokenizer_settings: TokenizerSettings | None = None  # `tokenizer_source` or the `tokenizer:` block (tokenizer.py)
+    template: str | None = None  # `chat_template`: a template's text, or "auto"
+    source: dict[str, Any] = field(default_factory=dict)  # the mapping as given (for adaptkit_recipe.yml)
+    slices: list[Slice] | None = None  # mergekit's `slices:`; `models` then lists each model once
 
 
 def _check_keys(where: str, given: dict, allowed: set[str], unsupported: set[str] = frozenset()) -> None:
@@ -105,10 +121,53 @@ def load_recipe(source: str | Path | dict) -> Recipe:
     if "merge_method" not in data:
         raise AdaptkitError(f"{src}: 'merge_method' is missing")
     method_name = data["merge_method"]
-    if method_name not in registry.names("merge"):
-        raise unknown_name("merge method", method_name, registry.names("merge"))
+    if method_name not in registry.names("merge"):  # no "did you mean": a near name is another algorithm
+        methods = ", ".join(sorted(registry.names("merge")))
+        raise AdaptkitError(f"unknown merge method '{method_name}' (methods: {methods})")
     method = registry.get("merge", method_name)
-    entries = data.get("models") or []
+    if "slices" in data and "models" in data:
+        raise AdaptkitError(f"{src}: give 'models' or 'slices', not both")
+    slices = parse_slices(src, data["slices"], _slice_part) if "slices" in data else None
+    models, model_params = _models(src, data.get("models") or []) if slices is None else slice_models(slices)
+    recipe = Recipe(method_name, models, model_params,
+                    base=Ref.parse(data["base_model"], f"{src}: base_model") if data.get("base_model") else None,
+                    parameters=_parameters(f"{src}: parameters", data.get("parameters")), dtype=data.get("dtype"),
+                    out_dtype=data.get("out_dtype"), compute_dtype=data.get("compute_dtype"), seed=data.get("seed", 0),
+                    tokenizer_source=data.get("tokenizer_source"), slices=slices, source=copy.deepcopy(data))
+    output = data.get("output") or {}
+    _check_keys(f"{src}: output", output, OUTPUT_KEYS)
+    v.check_fields(output, OUTPUT_TYPES, f"{src}: output")
+    recipe.output_kind = output.get("kind", "model")
+    recipe.output_rank = output.get("rank")
+    refs = [str(r) for r in models] + ([str(recipe.base)] if recipe.base else [])
+    recipe.tokenizer_settings, recipe.template = parse_settings(data, src, refs)
+    if (recipe.tokenizer_settings or recipe.template) and recipe.output_kind != "model":
+        raise AdaptkitError(f"{src}: tokenizer settings and chat_template apply to model outputs, not adapters")
+    if recipe.output_kind not in ("model", "adapter"):
+        raise AdaptkitError(f"{src}: output.kind must be 'model' or 'adapter', got {short(recipe.output_kind)}")
+    if slices is not None and recipe.output_kind != "model":
+        raise AdaptkitError(f"{src}: slices make a model; an adapter output takes 'models'")
+    if (slices is None and recipe.output_kind == "model" and recipe.base and not spec.option(method, "takes_base")
+            and str(recipe.base) not in map(str, models)):
+        # mergekit's rule: a base model the method has no separate use for is one more input,
+        # with only the global parameters. (For an adapter output the base only serves ΔW.)
+        models.append(recipe.base)
+        model_params.append({})
+    if slices is None and recipe.output_kind == "model" and recipe.base and spec.option(method, "takes_base"):
+        _base_not_an_input(recipe)
+    check_parameters(recipe, method)
+    return recipe
+
+
+def _base_not_an_input(recipe: Recipe) -> None:
+    """mergekit's rule: a base also listed among the models is not one more input (unless it is the only one)."""
+    for i in reversed([i for i, ref in enumerate(recipe.models) if str(ref) == str(recipe.base)][:len(recipe.models) - 1]):
+        if recipe.model_params[i]:
+            warnings.warn(f"'{recipe.method}': base_model {recipe.base} is the base; its parameters under models are unused")
+        del recipe.models[i], recipe.model_params[i]
+
+
+def _models(src: str, entries: Any) -> tuple[list[Ref], list[dict[str, Any]]]:
     if not isinstance(entries, list) or not entries:
         raise AdaptkitError(f"{src}: models must be a non-empty list, got {short(entries)}")
     models, model_params = [], []
@@ -117,26 +176,14 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         _check_keys(f"{src}: models[{i}]", entry, MODEL_KEYS)
         models.append(Ref.parse(entry.get("model"), f"{src}: models[{i}].model"))
         model_params.append(_parameters(f"{src}: models[{i}].parameters", entry.get("parameters")))
-    recipe = Recipe(method_name, models, model_params,
-                    base=Ref.parse(data["base_model"], f"{src}: base_model") if data.get("base_model") else None,
-                    parameters=_parameters(f"{src}: parameters", data.get("parameters")), dtype=data.get("dtype"),
-                    out_dtype=data.get("out_dtype"), seed=data.get("seed", 0),
-                    tokenizer_source=data.get("tokenizer_source"))
-    output = data.get("output") or {}
-    _check_keys(f"{src}: output", output, OUTPUT_KEYS)
-    v.check_fields(output, OUTPUT_TYPES, f"{src}: output")
-    recipe.output_kind = output.get("kind", "model")
-    recipe.output_rank = output.get("rank")
-    if recipe.output_kind not in ("model", "adapter"):
-        raise AdaptkitError(f"{src}: output.kind must be 'model' or 'adapter', got {short(recipe.output_kind)}")
-    if (recipe.output_kind == "model" and recipe.base and not spec.option(method, "takes_base")
-            and str(recipe.base) not in map(str, models)):
-        # mergekit's rule: a base model the method has no separate use for is one more input,
-        # with only the global parameters. (For an adapter output the base only serves ΔW.)
-        models.append(recipe.base)
-        model_params.append({})
-    check_parameters(recipe, method)
-    return recipe
+    return models, model_params
+
+
+def _slice_part(where: str, entry: Any, ref_key: str) -> tuple[Ref | None, dict[str, Any]]:
+    """A slice (ref_key `base_model`) or one of its sources (`model`): keys checked, reference, parameters."""
+    _check_keys(where, v.mapping(entry, where), SOURCE_KEYS if ref_key == "model" else SLICE_KEYS, {"residual_weight"})
+    ref = Ref.parse(entry.get(ref_key), f"{where}.{ref_key}") if ref_key == "model" or entry.get(ref_key) else None
+    return ref, _parameters(f"{where}.parameters", entry.get("parameters"))
 
 
 def _parameters(where: str, given: Any) -> dict[str, Any]:
@@ -190,21 +237,47 @@ def _check_scalar(value: Any, where: str) -> None:
 
 
 def check_parameters(recipe: Recipe, method) -> None:
-    """Every parameter is one the method has; per-model ones may also be given globally."""
+    """Every parameter is one the method has; per-model ones may also be given globally (or per slice)."""
     known = set(method.params)
     per_model = set(getattr(method, "per_model", ()))
-    for where, params, allowed in [("parameters", recipe.parameters, known)] + [
-            (f"models[{i}].parameters", p, per_model) for i, p in enumerate(recipe.model_params)]:
-        for key in params:
-            if key not in allowed:
-                hint = closest(key, known)
-                raise AdaptkitError(
-                    f"{where}: '{recipe.method}' has no parameter '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
-                    + f" (parameters: {', '.join(sorted(allowed)) or 'none'})")
-    missing = [k for k, default in method.params.items() if default is None and k not in recipe.parameters
-               and not (k in per_model and all(k in p for p in recipe.model_params))]
-    if missing:
-        raise AdaptkitError(f"'{recipe.method}' needs parameter '{missing[0]}'")
+    _drop_ignored(recipe, set(spec.option(method, "ignored_params")) - known)
+    _known_names(recipe, "parameters", recipe.parameters, known, known)
+    groups = parameter_groups(recipe.slices, recipe.base, spec.option(method, "takes_base")) \
+        if recipe.slices else [("", {}, [(f"models[{i}]", p) for i, p in enumerate(recipe.model_params)])]
+    for label, shared, own in groups:
+        if label:
+            _known_names(recipe, f"{label}.parameters", shared, known, known)
+        for where, params in own:
+            _known_names(recipe, f"{where}.parameters", params, per_model, known)
+        missing = [k for k, default in method.params.items() if default is None and k not in recipe.parameters
+                   and k not in shared and not (k in per_model and all(k in p for _, p in own))]
+        if missing:
+            raise AdaptkitError((f"{label}: " if label else "") + f"'{recipe.method}' needs parameter '{missing[0]}'")
+
+
+def _drop_ignored(recipe: Recipe, ignored: set[str]) -> None:
+    """Parameters mergekit accepts for the method but does not use (`ignored_params`), wherever given:
+    dropped, with one warning each (a misspelled name is still an error, in `_known_names`)."""
+    # models by name: a base listed among them may already be gone (`_base_not_an_input`), shifting indices
+    scopes = [("parameters", recipe.parameters),
+              *((f"model {ref}", p) for ref, p in zip(recipe.models, recipe.model_params))]
+    for i, part in enumerate(recipe.slices or []):
+        scopes += [(f"slices[{i}]", part.parameters), *((f"slices[{i}].sources[{j}]", s.parameters)
+                                                         for j, s in enumerate(part.sources))]
+    for key in sorted(ignored):
+        places = [where for where, params in scopes if params.pop(key, None) is not None]
+        if places:
+            warnings.warn(f"'{recipe.method}' does not use '{key}' (given in {', '.join(places)}): ignored, as mergekit "
+                          "ignores it")
+
+
+def _known_names(recipe: Recipe, where: str, params: dict, allowed: set[str], known: set[str]) -> None:
+    for key in params:
+        if key not in allowed:
+            hint = closest(key, known)
+            raise AdaptkitError(
+                f"{where}: '{recipe.method}' has no parameter '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
+                + f" (parameters: {', '.join(sorted(allowed)) or 'none'})")
 
 
 def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
@@ -255,20 +328,31 @@ def _has_gradient(setting: Any) -> bool:
     return any(not isinstance(c, dict) or isinstance(c.get("value"), list) for c in conditions)
 
 
-def resolve_params(recipe: Recipe, method, tensor_name: str, t: float) -> dict[str, Any]:
-    """All parameters of one tensor position: scalars, and per-model ones as lists."""
+def resolve_params(recipe: Recipe, method, tensor_name: str, t: float, shared: list[dict] = (),
+                   inputs: list[tuple[dict, str]] | None = None) -> dict[str, Any]:
+    """All parameters of one tensor position: scalars, and per-model ones as lists.
+
+    As in mergekit, a setting comes from the most specific scope that has one for this tensor: an input's
+    own parameters, then `shared` ones (a slice's), then the recipe's; a scope whose filters all miss the
+    tensor falls through to the next. `inputs` gives each input's own parameters and its tensor name (a
+    slice's source layer), which its filters see; shared settings see the output tensor's name."""
     per_model = set(getattr(method, "per_model", ()))
+    shared = [*shared, recipe.parameters]
+    inputs = inputs if inputs is not None else [(p, tensor_name) for p in recipe.model_params]
     out: dict[str, Any] = {}
     for key, default in method.params.items():
         if key in per_model:
-            values = []
-            for params in recipe.model_params:
-                setting = params.get(key, recipe.parameters.get(key, default))
-                values.append(evaluate(setting, tensor_name, t))
-            out[key] = values
+            out[key] = [_lookup(key, [own, *shared], name, t, default) for own, name in inputs]
         else:
-            out[key] = evaluate(recipe.parameters.get(key, default), tensor_name, t)
+            out[key] = _lookup(key, shared, tensor_name, t, default)
     return out
+
+
+def _lookup(key: str, scopes: list[dict], tensor_name: str, t: float, default: Any) -> Any:
+    for scope in scopes:
+        if key in scope and (value := evaluate(scope[key], tensor_name, t)) is not None:
+            return value
+    return default
 
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -285,9 +369,11 @@ def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]
     return gens
 
 
-def operator_params(recipe: Recipe, method, name: str, t: float, count: int) -> dict[str, Any]:
-    """The operator's keyword arguments at one tensor position, with seeded generators if it is random."""
-    params = resolve_params(recipe, method, name, t)
+def operator_params(recipe: Recipe, method, name: str, t: float, count: int, shared: list[dict] = (),
+                    inputs: list[tuple[dict, str]] | None = None) -> dict[str, Any]:
+    """The operator's keyword arguments at one tensor position, with seeded generators if it is random
+    (`shared`, `inputs`: a slice's scopes, see `resolve_params`)."""
+    params = resolve_params(recipe, method, name, t, shared, inputs)
     if spec.option(method, "random"):
         params["generators"] = seeded_generators(recipe.seed, name, count)
     return params

@@ -94,8 +94,9 @@ class ModelSource:
             tensor = tensor + delta
         return tensor
 
-    def check_matches(self, reference: ModelSource) -> None:
-        """Same tensor names and shapes as the reference input, or one clear error."""
+    def check_matches(self, reference: ModelSource, rows_may_differ: frozenset[str] = frozenset()) -> None:
+        """Same tensor names and shapes as the reference input (but for the first dimension of the
+        tensors in `rows_may_differ`: token-indexed ones, aligned later), or one clear error."""
         mine, theirs = set(self.keys()), set(reference.keys())
         if mine != theirs:
             missing = sorted(theirs - mine)
@@ -104,7 +105,8 @@ class ModelSource:
             raise AdaptkitError(f"{self.ref} has tensor '{sorted(mine - theirs)[0]}' that {reference.ref} lacks")
         for name in reference.keys():
             a, b = self.info(name).shape, reference.info(name).shape
-            if a != b:
+            cut = 1 if name in rows_may_differ else 0
+            if tuple(a[cut:]) != tuple(b[cut:]):
                 raise AdaptkitError(f"tensor '{name}' has shape {a} in {self.ref} but {b} in {reference.ref}")
 
 

@@ -33,6 +33,7 @@ from ..adapter import read_adapter
 from ..io.dtypes import code_to_torch, parse_dtype
 from ..errors import AdaptkitError
 from ..files.lowrank import factor_matrix, module_delta
+from .card import write_card
 from .recipe import Recipe, check_positions, layer_positions, operator_params, recipe_inputs, seeded_generators
 from ..hub.repos import resolve_path
 from .sources import open_input, weight_key
@@ -40,9 +41,10 @@ from ..spec import AdapterFiles
 from ..io.outputs import atomic_output, check_output
 
 def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed: int | None = None,
-                   progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
+                   progress: bool = True, allow_pickle: bool = False, card: bool = True) -> dict[str, Any]:
     """Merge the recipe's adapters into one adapter in the folder `out`; returns a report (the CLI's
-    --json) with each module's rank and relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F (0 in factor space)."""
+    --json) with each module's rank and relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F (0 in factor space).
+    With `card`, the folder also gets a card and the recipe (`card.py` here)."""
     if seed is not None:
         recipe.seed = seed
     start = time.perf_counter()
@@ -70,6 +72,8 @@ def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed
     factors = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
     with atomic_output(out, force=force, inputs=recipe_inputs(recipe)) as tmp:
         files = variant.write_lowrank(factors, layouts, dict(adapters[0].config), tmp)
+        if card:
+            write_card(tmp, [(None, recipe)], model=False)
     report = {"method": recipe.method, "output_kind": "adapter", "variant": variant.name,
               "inputs": [str(r) for r in recipe.models], "base": str(recipe.base) if recipe.base else None,
               "output": str(out), "files": [Path(f).name for f in files], "dropped": dropped, "seed": recipe.seed}

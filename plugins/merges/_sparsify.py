@@ -6,51 +6,62 @@ outliers and the smallest (Davari & Belilovsky 2023, arXiv 2312.06795).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
-from ._select import top_cut
+from ._select import block_ranges, top_cut
 
 
 def keep_count(fraction: float, n: int) -> int:
-    """⌊fraction·n⌋, tolerant of float noise in the product."""
-    return int(math.floor(fraction * n + 1e-6))
+    """int(fraction·n), as mergekit counts (0.29·100 gives 28: the product's float noise included)."""
+    return int(fraction * n)
 
 
 class Keep:
     """Which entries of one task vector survive sparsification, block by block.
 
-    Magnitude cuts are found up front in passes over blocks (see `_select`); random masks are
-    drawn from the input's generator in block order, and `restart` rewinds it so that every pass
-    over the blocks sees the same masks.
+    Magnitude cuts are found up front in passes over blocks (see `_select`). Where entries of equal
+    magnitude straddle a cut, the kept ones are those mergekit's sort keeps: |τ| is sorted whole as
+    mergekit sorts it (torch's CPU sort is unstable, so only the same sort makes the same choice) and
+    the mask kept. Random masks are drawn from the input's generator in block order, and `restart`
+    rewinds it so that every pass over the blocks sees the same masks.
     """
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
                  gamma: float, generator: torch.Generator | None):
         self.method, self.density, self.generator = method, density, generator
         self.state = generator.get_state() if method == "random" else None
-        magnitudes = lambda s, e: tau(s, e).abs_()  # noqa: E731
-        keep = max(1, keep_count(density, n))
-        if method == "magnitude":
+        self.whole: torch.Tensor | None = None
+        magnitudes = lambda s, e: tau(s, e).abs_().float()  # noqa: E731
+        if method == "magnitude":  # mergekit: the max(1, int(density·n)) largest
+            keep = max(1, keep_count(density, n))
             self.cuts = [(top_cut(magnitudes, n, keep), 1)]
+            if _straddles(self.cuts[0][0], n):
+                self.whole = _kept(torch.argsort(_whole(magnitudes, n), descending=True)[:keep], n)
         elif method == "magnitude_outliers":
-            # Drop the γ·n largest, then the smallest; the outlier cut shrinks when needed to keep
-            # the requested density (as mergekit does).
-            drop_top = min(keep_count(gamma, n), n - keep)
-            self.cuts = [(top_cut(magnitudes, n, keep + drop_top), 1), (top_cut(magnitudes, n, drop_top), -1)]
+            # mergekit ranks |τ| ascending and keeps ranks [bottom, bottom + kept): the int(γ·n)
+            # largest dropped, fewer when needed to keep int(density·n) entries.
+            kept = keep_count(density, n)
+            bottom = max(0, n - kept - keep_count(gamma, n))
+            self.cuts = [(top_cut(magnitudes, n, n - bottom), 1), (top_cut(magnitudes, n, n - bottom - kept), -1)]
+            if any(_straddles(cut, n) for cut, _ in self.cuts):
+                order = torch.sort(_whole(magnitudes, n), descending=False).indices
+                self.whole = _kept(order[bottom:bottom + kept], n)
 
     def restart(self) -> None:
         if self.state is not None:
             self.generator.set_state(self.state)
 
     def mask(self, start: int, block: torch.Tensor) -> torch.Tensor:
-        """0/1 float mask of the kept entries of a block of τ starting at flat index `start`."""
+        """0/1 mask (float; the block's dtype for magnitude cuts) of the kept entries of a block of τ
+        starting at flat index `start`."""
         if self.method == "random":
             # keep = [u < density] from the caller's generator only: no dependence on thread order.
             u = torch.rand(block.shape, generator=self.generator, dtype=torch.float32)
             return torch.lt(u, self.density, out=u)  # a float result: see `Cut.mask`
+        if self.whole is not None:
+            return self.whole[start:start + block.numel()].to(block.dtype)
         magnitude = block.abs()
         (first, _), *rest = self.cuts
         mask = first.mask(magnitude, start)
@@ -59,22 +70,36 @@ class Keep:
         return mask
 
 
+def _straddles(cut, n: int) -> bool:
+    """Whether entries equal to the cut's threshold are kept only in part (see `_select.Cut`)."""
+    return 0 <= cut.threshold < float("inf") and cut.last_tie != n
+
+
+def _whole(magnitudes, n: int) -> torch.Tensor:
+    """|τ| of the whole tensor as mergekit sorts it (float32)."""
+    return torch.cat([magnitudes(s, e) for s, e in block_ranges(n)])
+
+
+def _kept(indices: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.bool).index_fill_(0, indices, True)
+
+
 def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, generator) -> Keep | None:
-    """A `Keep` for one task vector, or None when every entry is kept."""
+    """A `Keep` for one task vector, or None when every entry is kept (density ≥ 1, as mergekit)."""
     if method is None or density >= 1:
         return None
-    if method == "magnitude_outliers" and gamma > 0 and keep_count(gamma, n) == 0:
-        return None  # too small to hold one outlier: kept whole
     return Keep(tau, n, method, density, gamma, generator)
 
 
-def l1_factor(tau, ranges, keep: Keep) -> float:
-    """mergekit's rescale: the kept entries scaled so their L1 norm equals the unpruned one."""
-    before = after = 0.0
+def l1_factor(tau, ranges, keep: Keep) -> torch.Tensor | None:
+    """mergekit's rescale: the kept entries scaled so their L1 norm equals the unpruned one; the two
+    sums over the whole tensor in its dtype, as mergekit sums them (None: no rescaling, a norm < 1e-7)."""
+    before, after = [], []
     keep.restart()
     for s, e in ranges:
         block = tau(s, e)
-        before += float(block.abs().sum())
-        after += float(block.mul_(keep.mask(s, block)).abs_().sum())
+        before.append(block.abs())
+        after.append(block.mul_(keep.mask(s, block).to(block.dtype)).abs_())
     keep.restart()
-    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+    before, after = torch.cat(before).sum(), torch.cat(after).sum()
+    return None if before < 1e-7 or after < 1e-7 else before / after

@@ -18,6 +18,11 @@ class Linear(Operator):
     `normalize` (default true). Weights summing to zero with `normalize` are an error
     (mergekit divides by zero).
     Wortsman et al. 2022, "Model soups", arXiv 2203.05482.
+
+    Arithmetic as mergekit 0.1.5's `linear` kernel, so that inputs in any dtype give its bytes: the
+    weights become a float32 tensor (float64 for float64 inputs), Σᵢ wᵢ·θᵢ accumulates in that
+    dtype (`addcmul_`), is divided by the float32 sum of the weights, and is rounded once to the
+    inputs' dtype.
     """
 
     name = "linear"
@@ -31,19 +36,25 @@ class Linear(Operator):
         bound = self.bind(params, len(tensors))
         weights = [self.real("weight", w) for w in bound["weight"]]
         normalize = self.flag("normalize", bound["normalize"])
-        total = sum(weights)
-        if normalize and abs(total) < 1e-8:
+        if normalize and abs(sum(weights)) < 1e-8:
             raise self.error(f"weights {weights} sum to zero; cannot normalize (set normalize: false)")
-        out = torch.zeros_like(tensors[0])
-        for tensor, weight in zip(tensors, weights):
-            out.add_(tensor, alpha=weight)
-        return out.div_(total) if normalize else out
+        first = tensors[0]
+        dtype = _accumulator(first)
+        ones = (1,) * first.dim()  # coefficients broadcast as 1-element tensors, as mergekit's
+        coefficients = torch.tensor(weights, dtype=dtype)
+        out = torch.zeros_like(first, dtype=dtype)
+        for tensor, coefficient in zip(tensors, coefficients.unbind(0)):
+            out.addcmul_(tensor, coefficient.reshape(ones))
+        if normalize:
+            out.div_(coefficients.sum().reshape(ones))
+        return out.to(first.dtype)
 
 
 class Average(Operator):
     """Uniform average of the input models (uniform model soup).
 
-    θ = (1/N)·Σᵢ θᵢ. The base model is not an input of its own.
+    θ = (1/N)·Σᵢ θᵢ. The base model is not an input of its own. Accumulated in float32 (float64
+    for float64 inputs) and rounded once to the inputs' dtype, as `linear`.
     Wortsman et al. 2022, "Model soups", arXiv 2203.05482.
     """
 
@@ -54,10 +65,10 @@ class Average(Operator):
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         self.check_inputs(tensors)
         self.bind(params, len(tensors))
-        out = torch.zeros_like(tensors[0])
+        out = torch.zeros_like(tensors[0], dtype=_accumulator(tensors[0]))
         for tensor in tensors:
             out.add_(tensor)
-        return out.div_(len(tensors))
+        return out.div_(len(tensors)).to(tensors[0].dtype)
 
 
 class Interpolate(Operator):
@@ -65,7 +76,8 @@ class Interpolate(Operator):
 
     θ = (1 − α)·A + α·B. A and B are the two input models in order; with a base model and a
     single input, A is the base (zero-shot) and B the input (fine-tuned), as in WiSE-FT.
-    α = 0 gives A, α = 1 gives B; values outside [0, 1] extrapolate.
+    α = 0 gives A, α = 1 gives B; values outside [0, 1] extrapolate. Computed in float32 (float64
+    for float64 inputs) and rounded once to the inputs' dtype.
     Wortsman et al. 2022, "Robust fine-tuning of zero-shot models", arXiv 2109.01903.
     """
 
@@ -76,7 +88,13 @@ class Interpolate(Operator):
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         a, b = self.endpoints(tensors, base)
         alpha = self.real("alpha", self.bind(params, len(tensors))["alpha"])
-        return a * (1 - alpha) + b * alpha
+        dtype = _accumulator(a)
+        return (a.to(dtype) * (1 - alpha) + b.to(dtype) * alpha).to(a.dtype)
+
+
+def _accumulator(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype sums are kept in: float64 for float64 inputs, else float32 (mergekit's `linear` rule)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 LINEAR = Linear()

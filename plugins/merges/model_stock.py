@@ -18,10 +18,15 @@ class ModelStock(Operator):
     The angle is one per tensor, or one per row of the last axis with `filter_wise: true`
     (a 1-D tensor is then still one vector). Needs a base and at least 2 fine-tuned models.
     Jang, Yun, Han 2024, "Model Stock: All we need is just a few fine-tuned models", arXiv 2403.19522.
+
+    Computed in the inputs' dtype with mergekit 0.1.5's operations in its order (no upcast: in
+    bfloat16 every step rounds to bfloat16), so that inputs in any dtype give its bytes.
     """
 
     name = "model_stock"
     params = frozen({"filter_wise": False})
+    # mergekit's recipes (and its tests) give every model a `weight`; Model Stock derives its own mix.
+    ignored_params = frozenset({"weight"})
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         self.check_inputs(tensors, minimum=2)
@@ -33,21 +38,17 @@ class ModelStock(Operator):
         elif base.dim() == 1:
             base, tensors = base.unsqueeze(0), [w.unsqueeze(0) for w in tensors]
         t = interpolation_ratio([w - base for w in tensors]).unsqueeze(-1)
-        average = torch.zeros_like(base)
-        for w in tensors:
-            average.add_(w)
-        average.div_(len(tensors))
+        average = sum(tensors) / len(tensors)
         return (t * average + (1 - t) * base).reshape(shape)
 
 
 def interpolation_ratio(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
     """Model Stock's t from the mean pairwise cosine of the offsets (along the last axis)."""
-    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
     cosines = []
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
-            dot = (offsets[i] * offsets[j]).sum(dim=-1)
-            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+            norms = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
+            cosines.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0)
     count = len(offsets)
     denominator = 1 + (count - 1) * cos

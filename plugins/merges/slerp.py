@@ -1,7 +1,6 @@
 """Spherical linear interpolation (SLERP) between two models, one angle per tensor."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +13,9 @@ from ._base import Operator, frozen
 DOT_THRESHOLD = 0.9995
 # A tensor with a norm at most this is treated as zero: it is not normalized (cos Ω = 0).
 EPS = 1e-8
+# Norms and the dot product are summed over chunks of this many elements, as mergekit does (its
+# result depends on the chunking, so the same chunks give its bytes).
+CHUNK = 1024 * 1024
 
 
 class Slerp(Operator):
@@ -30,29 +32,43 @@ class Slerp(Operator):
 
     name = "slerp"
     params = frozen({"t": None})
+    # mergekit's recipes (and its tests) give every model a `weight`; SLERP mixes by `t` alone.
+    ignored_params = frozenset({"weight"})
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         a, b = self.endpoints(tensors, base)
         t = self.real("t", self.bind(params, len(tensors))["t"])
-        coef_a, coef_b = slerp_coefficients(a, b, t)
-        return a * coef_a + b * coef_b
+        return slerp(a, b, t)
 
 
-def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[float, float]:
-    """(cₐ, c_b) with slerp(a, b, t) = cₐ·a + c_b·b."""
-    if a.numel() == 0:
-        return 1 - t, t
-    x, y = a.reshape(-1), b.reshape(-1)
-    norm_x, norm_y = torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
-    norm_x = norm_x if norm_x > EPS else torch.ones_like(norm_x)
-    norm_y = norm_y if norm_y > EPS else torch.ones_like(norm_y)
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """slerp(a, b, t) in the dtype of `a`, computed as mergekit 0.1.5's kernel computes it: in float32
+    (float64 for float64 inputs) chunk by chunk, ‖·‖ as the norm of the chunks' norms, the angle and
+    coefficients as float32 tensors, each element cₐ·a + c_b·b rounded once to the inputs' dtype."""
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    x, y = a.reshape(1, -1), b.reshape(1, -1)
+    t = torch.tensor([[t]], dtype=dtype)
+    if not x.shape[1]:
+        return ((1 - t) * x + t * y).reshape(a.shape).to(a.dtype)
+    chunks = range(0, x.shape[1], CHUNK)
+    norm_x = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(x[:, s:s + CHUNK].to(dtype), dim=1, keepdim=True) for s in chunks]), dim=0)
+    norm_y = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(y[:, s:s + CHUNK].to(dtype), dim=1, keepdim=True) for s in chunks]), dim=0)
+    norm_x = torch.where(norm_x > EPS, norm_x, 1)
+    norm_y = torch.where(norm_y > EPS, norm_y, 1)
     # Normalize before the dot product: the raw product of two large tensors can overflow float32.
-    dot = min(1.0, max(-1.0, torch.dot(x / norm_x, y / norm_y).item()))
-    if abs(dot) > DOT_THRESHOLD:
-        return 1 - t, t
-    omega = math.acos(dot)
-    sin_omega = math.sin(omega)
-    return math.sin((1 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
+    dot = torch.stack([(x[:, s:s + CHUNK].to(dtype) / norm_x * (y[:, s:s + CHUNK].to(dtype) / norm_y))
+                       .sum(dim=1, keepdim=True) for s in chunks]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > DOT_THRESHOLD
+    omega = torch.acos(torch.where(linear, 0, dot))
+    sin_omega = torch.sin(omega)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * omega) / sin_omega)
+    coef_b = torch.where(linear, t, torch.sin(t * omega) / sin_omega)
+    out = torch.empty_like(x)
+    for s in chunks:
+        out[:, s:s + CHUNK] = coef_a * x[:, s:s + CHUNK].to(dtype) + coef_b * y[:, s:s + CHUNK].to(dtype)
+    return out.reshape(a.shape)
 
 
 SLERP = Slerp()

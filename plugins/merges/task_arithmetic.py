@@ -17,20 +17,29 @@ Parameter names and defaults are mergekit's (`weight`, `density`, `gamma`, `lamb
   estimate of τ); mergekit's `rescale: true` instead scales the kept values so that their L1
   norm equals the unpruned one — ask for that with `rescale: l1`.
 - Magnitude selection is an exact radix select over blocks (linear time, bounded memory) instead
-  of a full sort. Entries of equal magnitude at the cut are kept in order of position (lower flat
-  index first), so the result is deterministic; mergekit's argsort leaves that order unspecified.
+  of a full sort. Only where entries of equal magnitude straddle the cut does it sort |τ| as
+  mergekit does (`torch.argsort`, descending for TIES, ascending for breadcrumbs) to keep the same
+  ones: torch's CPU sort is not stable, so no position rule reproduces its choice.
 - Everything runs over blocks of the flattened tensor: the temporaries stay a few MB however big
-  the tensor, and computing in float32 costs no extra memory.
-- Kept counts are ⌊density·n⌋ (at least 1) without float noise: 0.29·100 keeps 29, not 28.
-- Breadcrumbs keeps a tensor whole when γ·n < 1 (too small to hold one outlier); mergekit
-  still prunes it to `density`.
+  the tensor.
 - Bad values are errors: density outside (0, 1], gamma outside [0, 1), weights summing to zero
-  with `normalize`, density ≠ 1 where nothing is sparsified. `int8_mask` is accepted, unused.
+  with `normalize`, density ≠ 1 where nothing is sparsified. `int8_mask` changes no number
+  (mergekit's int8 sign mask gives the same comparisons) and is accepted.
+
+Arithmetic and rounding are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`), so
+inputs in any compute dtype give its bytes: everything is computed in the compute dtype (the keyword
+`dtype`, default the inputs' promoted dtype; the engine passes the recipe's), in its order: τᵢ rounded,
+masked, rescaled (the L1 sums over the whole tensor), multiplied by wᵢ rounded to the dtype; the
+elected sign is that of the rounded Σⱼ δⱼ (≥ 0 elects +), Σᵢ mᵢ·δᵢ and Σᵢ mᵢ·wᵢ are sums over the
+stacked inputs, then ÷, ·λ (skipped for λ = 1) and θ₀ + δ each round. Kept counts are mergekit's:
+max(1, int(density·n)) for magnitude, int(density·n) between the int(γ·n) largest dropped and the
+smallest for breadcrumbs (0.29·100 keeps 28, as mergekit).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import torch
@@ -43,28 +52,23 @@ SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
 CONSENSUS = (None, "sum", "count")
 
 
-def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus: str | None,
+def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: str | None,
             normalize: bool) -> torch.Tensor:
-    """Σᵢ mᵢ·δᵢ (÷ Σᵢ mᵢ·wᵢ with `normalize`), mᵢ the agreement with the elected sign."""
-    mixed = torch.zeros_like(deltas[0])
+    """Σᵢ mᵢ·δᵢ (÷ Σᵢ mᵢ·wᵢ with `normalize`), mᵢ = [sign δᵢ = elected sign]; `weights` (N,) in the
+    deltas' dtype. The same sums over the stacked inputs as mergekit's `get_mask`, so the same roundings."""
+    stacked = torch.stack(list(deltas))
+    weights = weights.reshape(-1, *([1] * (stacked.dim() - 1)))
     if consensus is None:
-        for delta in deltas:
-            mixed.add_(delta)
-        return mixed.div_(sum(weights)) if normalize else mixed
-    votes = torch.zeros_like(mixed)
-    for delta in deltas:
-        votes.add_(delta if consensus == "sum" else delta.sign())
-    # A tie (sum exactly 0) elects +, as in the TIES reference code and mergekit: sign(sign(v) + ½).
-    elected = votes.sign_().add_(0.5).sign_()
-    divisor = torch.zeros_like(mixed) if normalize else None
-    for delta, weight in zip(deltas, weights):
-        agree = torch.mul(delta, elected).clamp_(min=0).sign_()  # 1 where sign(δ) is the elected sign
-        mixed.addcmul_(delta, agree)
-        if divisor is not None:
-            divisor.add_(agree, alpha=weight)
-    if not normalize:
-        return mixed
-    return mixed.div_(divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor))))  # 0 → 1
+        mixed, divisor = stacked.sum(dim=0), weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    else:
+        sign = stacked.sign()
+        votes = stacked.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
+        # A tie (sum exactly 0) elects +, as in the TIES reference code and mergekit.
+        mask = sign == (votes >= 0).to(stacked.dtype) * 2 - 1  # a zero δ agrees with neither sign
+        mixed, divisor = (stacked * mask).sum(dim=0), (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    return mixed.div_(divisor) if normalize else mixed
 
 
 @dataclass
@@ -91,7 +95,7 @@ class TaskArithmetic(Operator):
             raise ValueError(f"unknown sparsify={sparsify!r} or consensus={consensus!r}")
         self.name, self.sparsify, self.consensus, self.about = name, sparsify, consensus, about
         self.random, self.elementwise = sparsify == "random", sparsify is None
-        self.block_upcast = True  # takes inputs in their stored dtype and upcasts block by block
+        self.block_upcast = True  # takes inputs as read and converts block by block to `dtype`
         params = {"weight": None, "density": 1.0, "lambda": 1.0, "normalize": normalize,
                   "rescale": rescale, "int8_mask": False}
         per_model = {"weight", "density"}
@@ -102,34 +106,40 @@ class TaskArithmetic(Operator):
         self.per_model = frozenset(per_model)
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
-              generators: Sequence[torch.Generator] | None = None, **params: Any) -> torch.Tensor:
+              generators: Sequence[torch.Generator] | None = None, dtype: torch.dtype | None = None,
+              **params: Any) -> torch.Tensor:
+        """The merged tensor in `dtype` (default: the inputs' promoted dtype), computed in it."""
         self.check_inputs(tensors)
         base = self.need_base(base, tensors)
         s = self.settings(self.bind(params, len(tensors)))
         generators = self.check_generators(generators, len(tensors))
+        dtype = dtype or reduce(torch.promote_types, [t.dtype for t in tensors], base.dtype)
         base_flat, n = base.reshape(-1), base.numel()
         flat = [t.reshape(-1) for t in tensors]
         ranges = block_ranges(n)
 
         def task_vector(i: int):
-            # Inputs may come in half precision (`block_upcast`); each block is computed in float32.
-            return lambda s, e: flat[i][s:e].float() - base_flat[s:e].float()
+            return lambda s, e: flat[i][s:e].to(dtype) - base_flat[s:e].to(dtype)
 
         keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i])
                  for i in range(len(tensors))]
-        factors = [1.0 if k is None or s.rescale is False else
-                   1 / s.density[i] if s.rescale is True else l1_factor(task_vector(i), ranges, k)
-                   for i, k in enumerate(keeps)]
-        out = torch.empty_like(base_flat, dtype=torch.float32)
+        factors = [None if k is None or s.rescale is False else torch.tensor(1 / s.density[i], dtype=dtype)
+                   if s.rescale is True else l1_factor(task_vector(i), ranges, k) for i, k in enumerate(keeps)]
+        weights = torch.tensor(s.weight, dtype=dtype)
+        out = torch.empty_like(base_flat, dtype=dtype)
         for start, stop in ranges:  # blocks: temporaries stay a few MB whatever the tensor size
             deltas = []
             for i, keep in enumerate(keeps):
                 delta = task_vector(i)(start, stop)
                 if keep is not None:
-                    delta.mul_(keep.mask(start, delta))
-                deltas.append(delta.mul_(factors[i]).mul_(s.weight[i]))
-            mixed = combine(deltas, s.weight, self.consensus, s.normalize)
-            out[start:stop] = mixed.mul_(s.scale).add_(base_flat[start:stop].float())
+                    delta.mul_(keep.mask(start, delta).to(dtype))
+                if factors[i] is not None:
+                    delta.mul_(factors[i])
+                deltas.append(delta.mul_(weights[i]))
+            mixed = combine(deltas, weights, self.consensus, s.normalize)
+            if s.scale != 1:
+                mixed.mul_(s.scale)
+            out[start:stop] = base_flat[start:stop].to(dtype) + mixed
         return out.view(base.shape)
 
     def settings(self, bound: dict[str, Any]) -> Settings:

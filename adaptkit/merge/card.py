@@ -1,0 +1,199 @@
+"""A merge in words: the model card and recipe copy written into the output folder, and the resolved
+plan `adaptkit merge --dry-run` prints.
+
+Like mergekit (README.md and mergekit_config.yml), a merge writes README.md, a model card whose YAML
+front matter the Hub indexes (`base_model`: the inputs that are Hub repositories, a local folder
+being no Hub model; `tags`; `library_name` for a model), and `adaptkit_recipe.yml`, the recipe as
+it ran (a command-line override such as --seed written in), so that running that file again gives
+the same bytes. The card's body says which method merged which inputs with which parameters.
+Without a card (--no-card) the output holds neither file: ones copied in with the base's side files
+describe another model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ..hub.repos import is_hub_ref, lock_entry, parse_ref
+from .recipe import LAYER_INDEX, RECIPE_KEYS, Recipe, Ref
+
+CARD = "README.md"
+RECIPE_FILE = "adaptkit_recipe.yml"
+TAGS = ["merge", "adaptkit"]
+
+
+def recipe_document(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's mapping as given, with top-level settings changed since it was read (a command
+    line's seed or dtype) written in; an empty mapping for a recipe built in code."""
+    doc = copy.deepcopy(recipe.source)
+    if not doc:
+        return doc
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if f.name not in RECIPE_KEYS or not isinstance(value, (str, int, float, type(None))):
+            continue  # sections (models, parameters, slices) and parsed forms stay as given
+        default = None if f.default is dataclasses.MISSING else f.default
+        if value != doc.get(f.name, default):
+            doc[f.name] = value
+    return doc
+
+
+def hub_repo(model: str) -> str | None:
+    """The Hub repository `model` names (`org/name[@rev]`, or a name pinned in ./adaptkit.lock), or None
+    for a local path: only a Hub repository may be a card's `base_model`."""
+    if Path(model).expanduser().exists():
+        return None
+    entry = lock_entry(model)
+    if entry is not None:
+        return entry.repo
+    return parse_ref(model)[0] if is_hub_ref(model) else None
+
+
+def write_card(folder: Path, stages: list[tuple[str | None, Recipe]], *, model: bool = True,
+               aliases: dict[str, str] | None = None) -> None:
+    """README.md and adaptkit_recipe.yml into `folder` for `stages` ((name, recipe) in run order, one
+    for a plain recipe); `aliases` maps a model path an intermediate stage was written to, to its name."""
+    import yaml
+
+    docs = [{**({"name": name} if name else {}), **recipe_document(r)} for name, r in stages]
+    given = all(r.source for _, r in stages)  # else a recipe built in code: no file to copy
+    text = yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True) if given else None
+    (folder / CARD).write_text(model_card(stages, text, model=model, aliases=aliases or {}), encoding="utf-8")
+    if text is not None:
+        (folder / RECIPE_FILE).write_text(text, encoding="utf-8")
+
+
+def drop_card(folder: Path) -> None:
+    """Remove a card and recipe copied in with the base's side files: they describe another model (mergekit
+    copies no such file either)."""
+    for name in (CARD, RECIPE_FILE):
+        (folder / name).unlink(missing_ok=True)
+
+
+def model_card(stages: list[tuple[str | None, Recipe]], recipe_text: str | None, *, model: bool = True,
+               aliases: dict[str, str] | None = None) -> str:
+    """The card's text (see the module docstring). Its title names the (last) method, not the output folder:
+    the same merge written to two folders gives the same files."""
+    import yaml
+
+    aliases = aliases or {}
+    names = {name for name, _ in stages if name} | set(aliases)
+    # a model's bases are its inputs (as mergekit lists them); an adapter's, the model it applies to
+    hub = [repo for _, r in stages for ref in (_refs(r) if model else [r.base] if r.base else [])
+           for part in (ref.model, *ref.adapters) if part not in names and (repo := hub_repo(part))]
+    meta: dict[str, Any] = {}
+    if hub:
+        meta["base_model"] = list(dict.fromkeys(hub))
+        if model:
+            meta["base_model_relation"] = "merge"
+    meta["tags"] = list(TAGS)
+    if model:
+        meta["library_name"] = "transformers"
+    what = "model" if model else "adapter"
+    if len(stages) == 1:
+        intro = f"This {what} was merged with adaptkit from the recipe below (mergekit's format).\n\n"
+        body = _stage(stages[0][1], aliases, level="##")
+    else:
+        intro = (f"This {what} was merged with adaptkit in {len(stages)} stages, each a document of the recipe "
+                 "below (mergekit-multi's format); a stage's result is an input of later ones by its name.\n\n")
+        body = "".join(f"## Stage {i + 1}: {f'`{name}`' if name else 'the output'}\n\n{_stage(r, aliases, '###')}"
+                       for i, (name, r) in enumerate(stages))
+    recipe = f"## Recipe\n\n```yaml\n{recipe_text}```\n" if recipe_text else ""
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    return f"---\n{front}---\n\n# A {stages[-1][1].method} merge\n\n{intro}{body}{recipe}"
+
+
+def _refs(recipe: Recipe) -> list[Ref]:
+    return [*recipe.models, *([recipe.base] if recipe.base else [])]
+
+
+def _stage(recipe: Recipe, aliases: dict[str, str], level: str) -> str:
+    """One recipe's method, its inputs with their parameters, and its global parameters."""
+    base = f", with {_model(recipe.base, aliases)} as the base" if recipe.base else ""
+    lines = [f"Method: `{recipe.method}`{base}.", "", f"{level} Inputs", "", "| model | parameters |", "|---|---|"]
+    if recipe.slices:
+        lines[-2:] = ["| output slice | model | layers | parameters |", "|---|---|---|---|"]
+        notes = []
+        for i, part in enumerate(recipe.slices):
+            lines += [f"| {i} | {_model(s.ref, aliases)} | {list(s.layers)} | {_params(s.parameters)} |"
+                      for s in part.sources]
+            if part.base or part.parameters:
+                base = f"base {_model(part.base, aliases)}" if part.base else ""
+                notes.append(f"Slice {i}: " + "; ".join(filter(None, [base, _params(part.parameters)])))
+        lines += ["", *notes] if notes else []
+    else:
+        lines += [f"| {_model(ref, aliases)} | {_params(p)} |" for ref, p in zip(recipe.models, recipe.model_params)]
+    if recipe.parameters:
+        lines += ["", f"Global parameters: {_params(recipe.parameters)}"]
+    return "\n".join(lines) + "\n\n"
+
+
+def _model(ref: Ref, aliases: dict[str, str]) -> str:
+    parts = []
+    for part in (ref.model, *ref.adapters):
+        repo = None if part in aliases else hub_repo(part)
+        parts.append(f"stage `{aliases[part]}`" if part in aliases else
+                     f"[{part}](https://huggingface.co/{repo})" if repo else f"`{part}`")
+    return " + ".join(parts)
+
+
+def _params(params: dict[str, Any]) -> str:
+    """`key: value` pairs as YAML writes them inline (a gradient [a, b], conditions {filter, value})."""
+    import yaml
+
+    def inline(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+    shown = ", ".join(f"{k}: {inline(v)}" for k, v in params.items())
+    return shown.replace("|", "\\|")
+
+
+# -- the plan --dry-run shows ----------------------------------------------------------------------
+def parameter_groups(plan) -> list[dict[str, Any]]:
+    """The engine's Plan as groups of output tensors whose operator parameters are equal once gradients
+    and filters are resolved (`Plan.parameters`), in model order: each with its parameters (per-model ones
+    as one value per input), the layer indices it covers and its tensors."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name in plan.names:
+        params = plan.parameters(name)
+        group = groups.setdefault(json.dumps(params, sort_keys=True, default=str),
+                                  {"parameters": params, "layers": [], "tensors": []})
+        group["tensors"].append(name)
+        found = LAYER_INDEX.search(name)
+        if found and int(found.group(1)) not in group["layers"]:
+            group["layers"].append(int(found.group(1)))
+    return list(groups.values())
+
+
+def describe_group(group: dict[str, Any]) -> str:
+    """One line of --dry-run's text: which tensors, then their parameters."""
+    count = len(group["tensors"])
+    layers = group["layers"]
+    where = f"layer{'s' if len(layers) > 1 else ''} {_ranges(layers)}" if layers else "outside the layers"
+    if layers and any(not LAYER_INDEX.search(n) for n in group["tensors"]):
+        where += " and outside them"
+    values = ", ".join(f"{k}={_number(v)}" for k, v in group["parameters"].items()) or "no parameters"
+    return f"{where} ({count} tensor{'s' if count != 1 else ''}): {values}"
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans: list[list[int]] = []
+    for i in sorted(indices):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def _number(value: Any) -> str:
+    """A resolved value as text: floats to 4 significant digits (a gradient gives 0.30000000000000004)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_number(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,0 +1,76 @@
+"""Which dtypes a merge loads, computes and writes in: mergekit's meaning of `dtype`, plus `compute_dtype`.
+
+mergekit 0.1.5 (the anchor; read from its source):
+- `dtype` is the dtype tensors are loaded in: each input tensor is converted to it on loading
+  (`io/tasks.py` LoadTensor); without `dtype` it stays as stored, and a method's inputs are first
+  promoted to one dtype (`merge_methods/dtype.py`: bfloat16 with float16 gives float32).
+- Each method computes in that dtype, upcasting only where its kernel says so: some accumulate in
+  float32 and round once to the inputs' dtype, others round every step in it (each merge plugin's
+  docstring says which, and follows mergekit's order of operations to give its bytes).
+- `out_dtype` is the dtype tensors are written in (`SaveTensor`); without it they are written as the
+  method returned them (the loaded dtype). config.json's `dtype` (`torch_dtype`) is set to `out_dtype`,
+  else `dtype`, else kept as the base model's (without a base, the first model's).
+
+adaptkit means the same by `dtype` and `out_dtype`, and adds `compute_dtype`: the dtype tensors are
+converted to instead of `dtype` (`compute_dtype: float32` computes in float32 from the inputs as
+stored and rounds once to the output dtype: more exact than mergekit, not its bytes). The output dtype
+is `out_dtype`, else `dtype`, else the inputs' promoted stored dtype; config.json says it. Inputs with
+adapter deltas (`base+adapter`) have the delta added in float32 before the conversion.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import AdaptkitError
+from ..io.dtypes import COMPUTE, code_to_torch, parse_dtype
+from ..io.readers import dump_json, read_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from .recipe import Recipe
+
+
+def recipe_dtypes(recipe: Recipe, quantized: bool) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(output dtype, compute dtype) a recipe asks for; None: the inputs' promoted stored dtype.
+    A quantized input has no stored dtype to keep: computed in float32, written in bfloat16 unless asked."""
+    import torch
+
+    for key in ("dtype", "out_dtype", "compute_dtype"):
+        name = getattr(recipe, key)
+        if name is not None and _parsed(name) not in [getattr(torch, d) for d in COMPUTE]:
+            raise AdaptkitError(f"{key} must be one of {', '.join(COMPUTE)}, got '{name}'")
+    out = parse_dtype(recipe.out_dtype or recipe.dtype or ("bfloat16" if quantized else None))
+    compute = parse_dtype(recipe.compute_dtype or recipe.dtype or ("float32" if quantized else None))
+    return out, compute
+
+
+def _parsed(name: str) -> torch.dtype | None:
+    try:
+        return parse_dtype(name)
+    except AdaptkitError:
+        return None
+
+
+def stored_dtype(codes: list[str]) -> torch.dtype:
+    """The dtype mergekit promotes a method's inputs to (safetensors dtype codes in)."""
+    import torch
+
+    dtype = code_to_torch(codes[0])
+    for code in codes[1:]:
+        dtype = torch.promote_types(dtype, code_to_torch(code))
+    return dtype
+
+
+def state_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """config.json's `dtype` (and `torch_dtype`, where the file has that older key) set to `dtype`."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    config = read_json(path)
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    path.write_text(dump_json(config, "config.json"))

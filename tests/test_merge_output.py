@@ -1,0 +1,384 @@
+"""What a merge leaves besides the weights and what it says before and while it runs: the model card
+and recipe copy, --no-card, --dry-run's resolved plan, recipe messages (unknown method, a parameter the
+method ignores, a misspelled one) and multi-stage recipes (mergekit-multi's format)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from adaptkit.cli import cli
+from adaptkit.errors import AdaptkitError
+from adaptkit.merge.card import model_card
+from adaptkit.merge.engine import Plan, run_merge
+from adaptkit.merge.recipe import load_recipe
+
+LAYERS = 3
+
+
+def tiny_llama_files(folder, seed: int) -> None:
+    """A three-layer Llama's tensor names and shapes with random values, and its config.json (written
+    directly: building the model through transformers would take most of this file's time)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (64, 16), "model.norm.weight": (16,), "lm_head.weight": (64, 16)}
+    for i in range(LAYERS):
+        for proj, shape in (("q", (16, 16)), ("k", (8, 16)), ("v", (8, 16)), ("o", (16, 16))):
+            shapes[f"model.layers.{i}.self_attn.{proj}_proj.weight"] = shape
+        for proj, shape in (("gate", (32, 16)), ("up", (32, 16)), ("down", (16, 32))):
+            shapes[f"model.layers.{i}.mlp.{proj}_proj.weight"] = shape
+        shapes[f"model.layers.{i}.input_layernorm.weight"] = (16,)
+        shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (16,)
+    folder.mkdir(parents=True)
+    save_file({name: torch.randn(shape, generator=g) * 0.1 for name, shape in shapes.items()},
+              folder / "model.safetensors")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
+              "num_hidden_layers": LAYERS, "vocab_size": 64, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A base and two fine-tunes (float32)."""
+    root = tmp_path_factory.mktemp("models")
+    for i, name in enumerate(("base", "ft1", "ft2")):
+        tiny_llama_files(root / name, seed=i)
+    return root
+
+
+def write(path, data, *, documents: bool = False):
+    path.write_text(yaml.safe_dump_all(data, sort_keys=False) if documents else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def adaptkit(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["--quiet", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def front_matter(text: str) -> tuple[dict, str]:
+    match = re.match(r"^---\n(.*?)\n---\n(.*)$", text, re.S)
+    assert match, text[:200]
+    return yaml.safe_load(match.group(1)), match.group(2)
+
+
+def ties(models, **extra) -> dict:
+    return {"merge_method": "ties", "base_model": str(models / "base"), "dtype": "float32",
+            "models": [{"model": str(models / "ft1"), "parameters": {"weight": 0.6, "density": 0.5}},
+                       {"model": str(models / "ft2"), "parameters": {"weight": [0.2, 0.8], "density": 0.7}}],
+            "parameters": {"normalize": True}, **extra}
+
+
+# -- the card and the recipe copy ------------------------------------------------------------------------
+
+def test_card_front_matter_and_body(models, tmp_path):
+    run_merge(ties(models), tmp_path / "out", progress=False)
+    meta, body = front_matter((tmp_path / "out" / "README.md").read_text())
+    # local folders are no Hub models: no base_model is claimed
+    assert meta == {"tags": ["merge", "adaptkit"], "library_name": "transformers"}
+    assert body.startswith("\n# A ties merge\n")
+    assert f"Method: `ties`, with `{models / 'base'}` as the base." in body
+    assert f"| `{models / 'ft1'}` | weight: 0.6, density: 0.5 |" in body
+    assert f"| `{models / 'ft2'}` | weight: [0.2, 0.8], density: 0.7 |" in body
+    assert "Global parameters: normalize: true" in body
+    assert "```yaml\n" + (tmp_path / "out" / "adaptkit_recipe.yml").read_text() + "```" in body
+
+
+def test_card_of_a_slices_recipe(models, tmp_path):
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(models / "base"), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(models / "ft1"), "layer_range": [1, 3], "parameters": {"scale": 0.5}}]}]}
+    run_merge(recipe, tmp_path / "out", progress=False)
+    _, body = front_matter((tmp_path / "out" / "README.md").read_text())
+    assert (f"| output slice | model | layers | parameters |\n|---|---|---|---|\n| 0 | `{models / 'base'}` | [0, 2] |  |\n"
+            f"| 1 | `{models / 'ft1'}` | [1, 3] | scale: 0.5 |\n") in body
+
+
+@pytest.mark.parametrize("refs, base_model", [
+    (["org-a/model-x", "org-b/model-y@v1.0"], ["org-a/model-x", "org-b/model-y"]),  # a revision is no part of the id
+    (["org-a/model-x+org-c/lora"], ["org-a/model-x", "org-c/lora"]),  # mergekit lists the adapter too
+    (["LOCAL", "org-a/model-x"], ["org-a/model-x"]),
+    (["LOCAL"], None),
+], ids=["hub", "base+adapter", "mixed", "local only"])
+def test_card_names_only_hub_repositories(models, refs, base_model):
+    recipe = load_recipe({"merge_method": "linear", "models": [
+        {"model": ref.replace("LOCAL", str(models / "ft1")), "parameters": {"weight": 1.0}} for ref in refs]})
+    meta, body = front_matter(model_card([(None, recipe)], None))
+    assert meta.get("base_model") == base_model
+    assert meta.get("base_model_relation") == ("merge" if base_model else None)
+    for repo in base_model or []:
+        assert f"(https://huggingface.co/{repo})" in body
+
+
+def test_adapter_card_names_the_base_only():
+    """An adapter output applies to the recipe's base: the input adapters are no base model of it."""
+    recipe = load_recipe({"merge_method": "linear", "base_model": "org-a/base", "output": {"kind": "adapter"},
+                          "models": [{"model": "org-b/lora", "parameters": {"weight": 1.0}}]})
+    meta, _ = front_matter(model_card([(None, recipe)], None, model=False))
+    assert meta == {"base_model": ["org-a/base"], "tags": ["merge", "adaptkit"]}
+
+
+def test_recipe_copy_runs_again_to_the_same_bytes(models, tmp_path):
+    """A random method with --seed and dtypes from the command line: the copy carries them."""
+    recipe = write(tmp_path / "r.yml", {**ties(models), "merge_method": "dare_ties"})
+    assert adaptkit("merge", recipe, "-o", tmp_path / "one", "--seed", 7, "--dtype", "bfloat16")[0] == 0
+    copy = tmp_path / "one" / "adaptkit_recipe.yml"
+    assert yaml.safe_load(copy.read_text()) == {**ties(models), "merge_method": "dare_ties", "dtype": "bfloat16",
+                                                "seed": 7}
+    assert adaptkit("merge", copy, "-o", tmp_path / "two")[0] == 0
+    for name in ("model.safetensors", "adaptkit_recipe.yml", "README.md"):  # the card names no output folder
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert adaptkit("merge", recipe, "-o", tmp_path / "other", "--seed", 8, "--dtype", "bfloat16")[0] == 0
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() != (tmp_path / "one" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("card", [True, False], ids=["card", "no card"])
+def test_no_card_and_no_card_of_the_base(models, tmp_path, card):
+    """A base that is itself a merge output has a card and recipe of its own; neither is copied along."""
+    shutil.copytree(models / "base", tmp_path / "base")
+    for name in ("README.md", "adaptkit_recipe.yml"):
+        (tmp_path / "base" / name).write_text("the base's own\n")
+    recipe = write(tmp_path / "r.yml", dict(ties(models), base_model=str(tmp_path / "base")))
+    assert adaptkit("merge", recipe, "-o", tmp_path / "out", *([] if card else ["--no-card"]))[0] == 0
+    files = {p.name: p.read_text() for p in (tmp_path / "out").iterdir() if p.suffix != ".safetensors"}
+    assert sorted(files) == sorted(["config.json", *(["README.md", "adaptkit_recipe.yml"] if card else [])])
+    assert "the base's own\n" not in files.values()
+
+
+def lora_files(folder, seed: int) -> None:
+    """A PEFT LoRA (rank 2, on every q_proj of the models above), written directly."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    prefix = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
+    save_file({prefix.format(i, part): torch.randn(shape, generator=g) for i in range(LAYERS)
+               for part, shape in (("A", (2, 16)), ("B", (16, 2)))}, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("card", [True, False], ids=["card", "no card"])
+def test_adapter_output_card(tmp_path, card):
+    """Adapters into an adapter: the card claims no library (the folder is an adapter, not a model)."""
+    for i, name in enumerate("ab"):
+        lora_files(tmp_path / name, seed=i)
+    args = ["merge", "--method", "concat", "-m", tmp_path / "a", "-m", f"{tmp_path / 'b'}:0.5", "--rank", 4,
+            "-o", tmp_path / "out"]
+    assert adaptkit(*args, *([] if card else ["--no-card"]))[0] == 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == sorted(["adapter_config.json", "adapter_model.safetensors",
+                            *(["README.md", "adaptkit_recipe.yml"] if card else [])])
+    if card:
+        meta, body = front_matter((tmp_path / "out/README.md").read_text())
+        assert meta == {"tags": ["merge", "adaptkit"]} and body.startswith("\n# A concat merge\n\nThis adapter was merged")
+        assert f"| `{tmp_path / 'b'}` | weight: 0.5 |" in body
+        assert yaml.safe_load((tmp_path / "out/adaptkit_recipe.yml").read_text())["output"] == {"kind": "adapter",
+                                                                                              "rank": 4}
+
+
+# -- --dry-run ----------------------------------------------------------------------------------------------
+
+# (recipe, the parameter shown, [(its value, layers, tensor count)]): 9 tensors per layer (4 attention,
+# 3 MLP, 2 norms) and 3 outside the layers, which take a gradient's first value (position 0).
+DRY_RUNS = {
+    "gradient with filters": (
+        {"merge_method": "slerp", "base_model": "BASE", "models": ["BASE", "FT1"],
+         "parameters": {"t": [{"filter": "self_attn", "value": [0.2, 1.0]}, {"value": 0.5}]}}, "t",
+        [(0.5, [0, 1, 2], 3 + 5 * LAYERS), (0.2, [0], 4), (0.6, [1], 4), (1.0, [2], 4)]),
+    "per-model gradient": (
+        {"merge_method": "linear", "models": [{"model": "FT1", "parameters": {"weight": [0.0, 1.0]}},
+                                              {"model": "FT2", "parameters": {"weight": 0.5}}]}, "weight",
+        [([i / (LAYERS - 1), 0.5], [i], 9 + (3 if i == 0 else 0)) for i in range(LAYERS)]),
+}
+
+
+def placed(recipe: dict, models) -> dict:
+    text = json.dumps(recipe)
+    for name, folder in (("BASE", "base"), ("FT1", "ft1"), ("FT2", "ft2")):
+        text = text.replace(f'"{name}"', json.dumps(str(models / folder)))
+    return json.loads(text)
+
+
+@pytest.mark.parametrize("case", DRY_RUNS)
+def test_dry_run_shows_parameters_after_gradients(models, tmp_path, case):
+    parts, key, expected = DRY_RUNS[case]
+    recipe = placed(parts, models)
+    path = write(tmp_path / "r.yml", recipe)
+    code, out = adaptkit("merge", path, "-o", tmp_path / "out", "--dry-run", "--json")
+    assert code == 0, out
+    summary = json.loads(out)
+    found = [(g["parameters"][key], g["layers"], len(g["tensors"])) for g in summary["groups"]]
+    assert len(found) == len(expected)
+    for (value, layers, count), (want, want_layers, want_count) in zip(found, expected):
+        assert value == pytest.approx(want) and (layers, count) == (want_layers, want_count), found
+    assert sum(len(g["tensors"]) for g in summary["groups"]) == summary["tensors"] == 3 + 9 * LAYERS
+    assert summary["estimated_peak_bytes"] == Plan(load_recipe(recipe)).summary(1)["estimated_peak_bytes"] > 0
+    code, text = adaptkit("merge", path, "-o", tmp_path / "out", "--dry-run")
+    assert code == 0 and "estimated peak" in text and not (tmp_path / "out").exists()
+    assert len(text.splitlines()) == 1 + len(expected)
+
+
+def test_dry_run_text_lines(models, tmp_path):
+    recipe = placed(DRY_RUNS["gradient with filters"][0], models)
+    code, text = adaptkit("merge", write(tmp_path / "r.yml", recipe), "-o", tmp_path / "out", "--dry-run")
+    assert code == 0, text
+    assert text.splitlines()[1:] == ["  layers 0-2 and outside them (18 tensors): t=0.5", "  layer 0 (4 tensors): t=0.2",
+                                     "  layer 1 (4 tensors): t=0.6", "  layer 2 (4 tensors): t=1"]
+
+
+# -- recipe messages ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["nuslerpp", "slerpp", "tie", "Linear"])
+def test_unknown_method_lists_the_methods_and_suggests_none(models, method):
+    with pytest.raises(AdaptkitError) as e:
+        load_recipe({"merge_method": method, "models": [str(models / "ft1")]})
+    message = str(e.value)
+    assert message.startswith(f"unknown merge method '{method}' (methods: ") and "did you mean" not in message
+    assert "\n" not in message and ", slerp," in message and ", ties" in message
+
+
+@pytest.mark.parametrize("method, extra", [("slerp", {"t": 0.3}), ("model_stock", {})])
+@pytest.mark.parametrize("where", ["per model", "global"])
+def test_ignored_weight_is_a_warning_and_changes_nothing(models, tmp_path, method, extra, where):
+    plain = {"merge_method": method, "base_model": str(models / "base"), "dtype": "float32", "parameters": extra,
+             "models": [str(models / "ft1"), str(models / "ft2")]}
+    weighted = dict(plain, parameters={**extra, "weight": 0.5}) if where == "global" else dict(
+        plain, models=[{"model": str(models / f"ft{i}"), "parameters": {"weight": 0.5}} for i in (1, 2)])
+    with pytest.warns(UserWarning, match=f"'{method}' does not use 'weight' \\(given in "):
+        run_merge(weighted, tmp_path / "weighted", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_merge(plain, tmp_path / "plain", progress=False)
+    assert (tmp_path / "weighted/model.safetensors").read_bytes() == (tmp_path / "plain/model.safetensors").read_bytes()
+
+
+def test_ignored_weight_prints_one_warning_line(models, tmp_path):
+    recipe = {"merge_method": "slerp", "base_model": str(models / "base"), "parameters": {"t": 0.5},
+              "models": [{"model": str(models / f"ft{i}"), "parameters": {"weight": 0.5}} for i in (1, 2)]}
+    result = CliRunner().invoke(cli, ["merge", str(write(tmp_path / "r.yml", recipe)), "-o", str(tmp_path / "o"),
+                                      "--dry-run"])
+    lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert result.exit_code == 0 and lines == [
+        f"warning: 'slerp' does not use 'weight' (given in model {models / 'ft1'}, model {models / 'ft2'}): ignored, "
+        "as mergekit ignores it"]
+
+
+@pytest.mark.parametrize("method, key", [("slerp", "weigth"), ("model_stock", "wieght"), ("slerp", "density")])
+def test_misspelled_or_foreign_parameter_is_an_error(models, method, key):
+    with pytest.raises(AdaptkitError, match=f"models\\[0\\].parameters: '{method}' has no parameter '{key}'"):
+        load_recipe({"merge_method": method, "base_model": str(models / "base"),
+                     "parameters": {"t": 0.5} if method == "slerp" else {},
+                     "models": [{"model": str(models / "ft1"), "parameters": {key: 0.5}}, str(models / "ft2")]})
+
+
+# -- multi-stage recipes --------------------------------------------------------------------------------------
+
+def stages(models, final_extra=None) -> list[dict]:
+    first = {"name": "mix", "merge_method": "linear", "dtype": "float32",
+             "models": [{"model": str(models / "ft1"), "parameters": {"weight": 0.7}},
+                        {"model": str(models / "ft2"), "parameters": {"weight": 0.3}}]}
+    final = {"merge_method": "slerp", "base_model": str(models / "base"), "dtype": "float32",
+             "models": [str(models / "base"), "mix"], "parameters": {"t": [0.1, 0.9]}, **(final_extra or {})}
+    return [first, final]
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if ".adaptkit." in name)
+
+
+def test_two_stages_equal_running_them_by_hand(models, tmp_path):
+    docs = stages(models)
+    by_hand = tmp_path / "by-hand"
+    run_merge({k: v for k, v in docs[0].items() if k != "name"}, by_hand / "mix", progress=False)
+    final = dict(docs[1], models=[str(models / "base"), str(by_hand / "mix")])
+    run_merge(final, by_hand / "final", progress=False)
+    code, out = adaptkit("merge", write(tmp_path / "multi.yml", docs, documents=True), "-o", tmp_path / "out", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert [s["name"] for s in report["stages"]] == ["mix", None] and report["method"] == "slerp"
+    assert (tmp_path / "out/model.safetensors").read_bytes() == (by_hand / "final/model.safetensors").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md", "adaptkit_recipe.yml", "config.json", "model.safetensors"]
+    assert leftovers(tmp_path) == []
+    copy = tmp_path / "out/adaptkit_recipe.yml"
+    assert list(yaml.safe_load_all(copy.read_text())) == docs  # stage names, not where they were written
+    meta, body = front_matter((tmp_path / "out/README.md").read_text())
+    assert "## Stage 1: `mix`" in body and "## Stage 2: the output" in body and "| stage `mix` |" in body
+    assert adaptkit("merge", copy, "-o", tmp_path / "again")[0] == 0
+    for name in ("model.safetensors", "adaptkit_recipe.yml"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+
+
+def test_intermediates_live_only_until_their_last_use(models, tmp_path, monkeypatch):
+    """Three stages in a chain: when the last runs, the first one's result is already gone."""
+    from adaptkit.merge import engine
+
+    first, final = stages(models)
+    middle = dict(first, name="mid", models=[{"model": "mix", "parameters": {"weight": 0.5}},
+                                             {"model": str(models / "base"), "parameters": {"weight": 0.5}}])
+    seen = []
+    real = engine.run_merge
+
+    def spy(recipe, out, **options):
+        folder = Path(out).parent  # the intermediates' folder (made with the first of them)
+        seen.append(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else [])
+        return real(recipe, out, **options)
+
+    monkeypatch.setattr(engine, "run_merge", spy)
+    path = write(tmp_path / "m.yml", [first, middle, dict(final, models=[str(models / "base"), "mid"])], documents=True)
+    assert adaptkit("merge", path, "-o", tmp_path / "out")[0] == 0
+    assert seen == [[], ["mix"], ["mid"]] and leftovers(tmp_path) == []
+
+
+def test_multi_stage_dry_run(models, tmp_path):
+    code, out = adaptkit("merge", write(tmp_path / "m.yml", stages(models)[::-1], documents=True), "-o",
+                         tmp_path / "out", "--dry-run", "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    assert [(s["name"], s["method"], s["uses"]) for s in plan["stages"]] == [("mix", "linear", []),
+                                                                            (None, "slerp", ["mix"])]
+    assert not (tmp_path / "out").exists()
+
+
+MULTI_ERRORS = {
+    "cycle": (lambda d: [dict(d[0], models=["again", str(d[0]["models"][1]["model"])]), dict(d[1], name="again",
+              models=["mix"]), {**d[1], "models": [d[1]["models"][0], "again"]}],
+              "the stages use each other in a cycle: again -> mix -> again"),
+    "unknown name": (lambda d: [d[0], dict(d[1], models=[d[1]["models"][0], "mixx"])],
+                     "stage (final): 'mixx' is neither a stage (stages: mix) nor a folder nor a Hub reference"),
+    "same name twice": (lambda d: [d[0], d[0], d[1]], "two stages are named 'mix'"),
+    "two unnamed": (lambda d: [d[0], d[1], d[1]], "two documents have no name"),
+    "unused stage": (lambda d: [d[0], dict(d[0], name="spare"), d[1]], "does not use stage 'spare'"),
+    "bad name": (lambda d: [dict(d[0], name="../up"), d[1]], "a stage name is letters, digits"),
+}
+
+
+@pytest.mark.parametrize("case", MULTI_ERRORS)
+def test_multi_stage_errors_are_one_line(models, tmp_path, case):
+    edit, message = MULTI_ERRORS[case]
+    path = write(tmp_path / "m.yml", edit(stages(models)), documents=True)
+    code, out = adaptkit("merge", path, "-o", tmp_path / "out")
+    assert code != 0 and message in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_failing_second_stage_leaves_nothing_behind(models, tmp_path):
+    """The first stage runs, the second fails in its operator: no output, no intermediate, no temporary
+    folder; an existing output replaced with --force stays as it was."""
+    docs = stages(models, {"merge_method": "ties", "parameters": {"density": 1.5}})
+    docs[1]["models"] = [{"model": "mix", "parameters": {"weight": 1.0}}]
+    path = write(tmp_path / "m.yml", docs, documents=True)
+    code, out = adaptkit("merge", path, "-o", tmp_path / "out")
+    assert code != 0 and "density" in out, out
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "file").write_text("old")
+    assert adaptkit("merge", path, "-o", tmp_path / "kept", "--force")[0] != 0
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["file"] and leftovers(tmp_path) == []
