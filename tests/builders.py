@@ -46,3 +46,25 @@ def fit_to_teacher(student, teacher, handle, steps: int = 40, lr: float = 5e-2) 
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def state(folder) -> dict:
+    """Every tensor of the safetensors files in `folder`, by name (all shards)."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def llama_finetunes(root, count: int = 3, noise: float = 0.02):
+    """`root`/base, a tiny Llama, and `root`/ft1.. ftN, each the base plus N(0, noise²) from seed i (float32)."""
+    import torch
+
+    tiny_llama(seed=0).save_pretrained(root / "base")
+    for i in range(1, count + 1):
+        ft = tiny_llama(seed=0)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * noise)
+        ft.save_pretrained(root / f"ft{i}")
+    return root

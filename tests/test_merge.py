@@ -13,30 +13,13 @@ from safetensors.torch import load_file, save_file
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.engine import layer_positions, run_merge
 from adaptkit.merge.recipe import evaluate
-from builders import tiny_gpt2, tiny_llama
-
-
-def state(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+from builders import llama_finetunes, state, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A base and three fine-tunes of a tiny Llama (float32)."""
-    root = tmp_path_factory.mktemp("models")
-    base = tiny_llama(seed=0)
-    base.save_pretrained(root / "base")
-    for i in range(1, 4):
-        ft = tiny_llama(seed=0)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in ft.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        ft.save_pretrained(root / f"ft{i}")
-    return root
+    return llama_finetunes(tmp_path_factory.mktemp("models"))
 
 
 def mergekit_merge(recipe: dict, out) -> dict[str, torch.Tensor]:

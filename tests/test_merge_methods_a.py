@@ -12,13 +12,12 @@ import pytest
 import torch
 from mergekit.merge_methods import registry as mk_registry
 from mergekit.merge_methods.base import BasePolicy, ParameterScope, TensorGroup
-from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from adaptkit import registry, spec
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.engine import run_merge
-from builders import tiny_llama
+from builders import llama_finetunes, state
 
 NAMES = ["nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"]
 EXACT = dict(rtol=1e-12, atol=1e-12)  # float64 inputs against float64 formulas
@@ -262,23 +261,7 @@ def test_registry_entry_and_docstring(name):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A base and three fine-tunes of a tiny Llama (float32)."""
-    root = tmp_path_factory.mktemp("models")
-    tiny_llama(seed=0).save_pretrained(root / "base")
-    for i in range(1, 4):
-        ft = tiny_llama(seed=0)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in ft.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        ft.save_pretrained(root / f"ft{i}")
-    return root
-
-
-def state(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+    return llama_finetunes(tmp_path_factory.mktemp("models"))
 
 
 RECIPES = {  # method, fine-tunes' parameters, global parameters, with the base

@@ -13,12 +13,12 @@ import yaml
 from mergekit.merge_methods import registry as mk_registry
 from mergekit.merge_methods.base import ParameterScope, TensorGroup
 from mergekit.sparsify import SparsificationMethod, sparsify
-from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from adaptkit import registry
 from adaptkit.errors import AdaptkitError
-from builders import tiny_llama
+from builders import state, tiny_llama
+from test_merge_ops import disjoint_merge  # TIES' consensus, written out once
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 NAMES = ["della", "della_linear", "sce", "ram", "ramplus_tl"]
@@ -43,18 +43,6 @@ def mergekit(name, tensors, base, **params):
 
 def seeded(*seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def disjoint_merge(deltas, weights, normalize):
-    """TIES: elect the sign of Σ wᵢτᵢ (a tie elects +), sum the agreeing wᵢτᵢ, ÷ Σ of their wᵢ."""
-    weighted = [w * d for w, d in zip(weights, deltas)]
-    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0).double()
-    agree = [torch.sign(d) == elected for d in weighted]
-    total = sum(d * a for d, a in zip(weighted, agree))
-    if not normalize:
-        return total
-    count = sum(w * a.double() for w, a in zip(weights, agree))
-    return total / torch.where(count == 0, torch.ones_like(count), count)
 
 
 # ---- DELLA ----------------------------------------------------------------------------------
@@ -407,10 +395,6 @@ def models(tmp_path_factory):
                 p.add_(torch.randn(p.shape, generator=g) * 0.02 * (torch.rand(p.shape, generator=g) < 0.4))
         ft.save_pretrained(root / f"ft{i}")
     return root
-
-
-def state(folder):
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def both_merge(models, tmp_path, method, parameters, model_parameters=None, dtype="float32"):

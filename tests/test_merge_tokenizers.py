@@ -16,13 +16,12 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from adaptkit.cli.boundary import one_line
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.chat_templates import TEMPLATES
 from adaptkit.merge.engine import run_merge
-from builders import tiny_llama_config
+from builders import state, tiny_llama_config
 
 VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 CHATML = ["<|im_start|>", "<|im_end|>"]
@@ -72,10 +71,6 @@ def zoo(tmp_path_factory):
         if added is not None:
             make_tokenizer(added, template, size).save_pretrained(root / name)
     return root
-
-
-def state(folder) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def vocab(folder) -> dict[str, int]:

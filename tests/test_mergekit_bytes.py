@@ -12,20 +12,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from adaptkit import registry
 from adaptkit.merge.engine import run_merge
-from builders import tiny_llama
+from builders import state, tiny_llama
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def state(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ import torch
 
 from ._base import frozen
 from ._select import BLOCK
-from .task_arithmetic import TaskArithmetic, combine
+from .task_arithmetic import TaskArithmetic
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -130,19 +130,13 @@ class Della(TaskArithmetic):
             for i in range(len(tensors)):
                 if s.density[i] < 1:
                     factors[i] = l1_factor(partial(task_vector, i), partial(magprune, i), generators[i], blocks)
-        weights = torch.tensor(s.weight, dtype=dtype)
+
+        def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
+            deltas = [magprune(i, task_vector(i, start, stop)) for i in range(len(tensors))]
+            return [d if f is None else d.mul_(f) for d, f in zip(deltas, factors)]
+
         out = torch.empty(base_rows.shape, dtype=dtype)
-        for start, stop in blocks:
-            deltas = []
-            for i in range(len(tensors)):
-                delta = magprune(i, task_vector(i, start, stop))
-                if factors[i] is not None:
-                    delta.mul_(factors[i])
-                deltas.append(delta.mul_(weights[i]))
-            mixed = combine(deltas, weights, self.consensus, s.normalize)
-            if s.scale != 1:
-                mixed.mul_(s.scale)
-            out[start:stop] = base_rows[start:stop].to(dtype) + mixed
+        self.mix(blocks, lambda a, b: base_rows[a:b].to(dtype), deltas_at, s, torch.tensor(s.weight, dtype=dtype), out)
         return from_rows(out, base.shape)
 
     def epsilons(self, values: Sequence[Any], density: Sequence[float]) -> list[float]:

@@ -125,9 +125,8 @@ class TaskArithmetic(Operator):
                  for i in range(len(tensors))]
         factors = [None if k is None or s.rescale is False else torch.tensor(1 / s.density[i], dtype=dtype)
                    if s.rescale is True else l1_factor(task_vector(i), ranges, k) for i, k in enumerate(keeps)]
-        weights = torch.tensor(s.weight, dtype=dtype)
-        out = torch.empty_like(base_flat, dtype=dtype)
-        for start, stop in ranges:  # blocks: temporaries stay a few MB whatever the tensor size
+
+        def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
             deltas = []
             for i, keep in enumerate(keeps):
                 delta = task_vector(i)(start, stop)
@@ -135,12 +134,22 @@ class TaskArithmetic(Operator):
                     delta.mul_(keep.mask(start, delta).to(dtype))
                 if factors[i] is not None:
                     delta.mul_(factors[i])
-                deltas.append(delta.mul_(weights[i]))
+                deltas.append(delta)
+            return deltas
+
+        out = torch.empty_like(base_flat, dtype=dtype)  # blocks: temporaries stay a few MB whatever the size
+        self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, torch.tensor(s.weight, dtype=dtype), out)
+        return out.view(base.shape)
+
+    def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor) -> None:
+        """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order of operations), where
+        `deltas_at(a, b)` gives the inputs' task vectors there, sparsified and rescaled."""
+        for start, stop in blocks:
+            deltas = [d.mul_(w) for d, w in zip(deltas_at(start, stop), weights)]
             mixed = combine(deltas, weights, self.consensus, s.normalize)
             if s.scale != 1:
                 mixed.mul_(s.scale)
-            out[start:stop] = base_flat[start:stop].to(dtype) + mixed
-        return out.view(base.shape)
+            out[start:stop] = base_at(start, stop) + mixed
 
     def settings(self, bound: dict[str, Any]) -> Settings:
         weight = [self.real("weight", w) for w in bound["weight"]]
