@@ -6,7 +6,8 @@ model soups (`soup`). The methods are merge plugins."""
 import importlib
 
 # The public functions, imported on first use (they need torch; the submodules stay importable alone).
-_EXPORTS = {'run_merge': '.engine', 'Plan': '.engine', 'load_recipe': '.recipe', 'merge_adapters': '.to_adapter'}
+_EXPORTS = {'run_merge': '.engine', 'Plan': '.engine', 'load_recipe': '.recipe', 'merge_adapters': '.to_adapter',
+            'run_stages': '.multi', 'build_moe': '.moe', 'load_moe_config': '.moe'}
 
 
 def __getattr__(name):
@@ -15,4 +16,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ['Plan', 'engine', 'load_recipe', 'merge_adapters', 'recipe', 'run_merge', 'soup', 'sources', 'to_adapter']
+__all__ = ['Plan', 'build_moe', 'card', 'engine', 'load_moe_config', 'load_recipe', 'merge_adapters', 'moe', 'multi', 'recipe', 'run_merge',
+           'run_stages', 'slices', 'soup', 'sources', 'to_adapter', 'tokenizer']
