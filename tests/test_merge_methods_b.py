@@ -100,8 +100,8 @@ def test_della_formula(name, shape):
         expected = b + lam * disjoint_merge(rescaled, w, normalize=True)
     else:
         expected = b + lam * sum(wi * r for wi, r in zip(w, rescaled))
-    out = op(name).merge(tensors, base, weight=w, density=dens, epsilon=eps, generators=seeded(*seeds),
-                         **{"lambda": lam})
+    out = op(name).merge(tensors, base, weight=w, density=dens, epsilon=eps, rescale="inverse",
+                         generators=seeded(*seeds), **{"lambda": lam})
     assert out.shape == base.shape
     assert_close(out.double(), expected, **TIGHT)
 
@@ -127,7 +127,7 @@ DELLA_PEER = [
                          ids=[f"{name}-{'x'.join(map(str, shape))}" for name, shape, _ in DELLA_PEER])
 def test_della_matches_mergekit_given_the_same_draws(monkeypatch, name, shape, params):
     """mergekit draws its masks with torch.bernoulli(p) from the global generator; handed our draws
-    instead, it must get our keep probabilities and give our merge (its `rescale: true` is our `l1`)."""
+    instead, it must get our keep probabilities and give our merge (`rescale: true` in both)."""
     from adaptkit_plugins.merges.della import keep_probabilities
 
     tensors, base = make(shape)
@@ -145,7 +145,7 @@ def test_della_matches_mergekit_given_the_same_draws(monkeypatch, name, shape, p
     monkeypatch.setattr(torch, "bernoulli", bernoulli)
     theirs = mergekit(name, tensors, base, rescale=True, **params)
     monkeypatch.undo()
-    ours = op(name).merge(tensors, base, rescale="l1", generators=seeded(1, 2, 3), **params)
+    ours = op(name).merge(tensors, base, rescale=True, generators=seeded(1, 2, 3), **params)
     assert_close(ours, theirs, **TIGHT)
     taus = [t - base for t, d in zip(tensors, dens) if d < 1]
     assert len(seen) == len(taus)
@@ -158,14 +158,14 @@ def test_della_matches_mergekit_given_the_same_draws(monkeypatch, name, shape, p
 
 def test_della_keep_fraction_and_norm_like_mergekit():
     """Random either way: the same keep fraction (density) and, rescaled, the same L1 norm — exactly
-    with mergekit's rescale (our `l1`), in expectation with the paper's ÷ p (our default)."""
+    with mergekit's rescale (`true`, also written `l1`), in expectation with the paper's ÷ p (`inverse`)."""
     tensors, base = make((200, 100), count=1)
     tau = tensors[0] - base
     p = magprune_probabilities(tau.double(), 0.35, 0.2)
     torch.manual_seed(0)
     theirs = sparsify(tau, density=0.35, method=SparsificationMethod.della_magprune, epsilon=0.2, rescale_norm="l1")
     ours, ours_l1 = (op("della_linear").merge(tensors, base, weight=1.0, density=0.35, epsilon=0.2, rescale=rescale,
-                                              generators=seeded(9)) - base for rescale in (True, "l1"))
+                                              generators=seeded(9)) - base for rescale in ("inverse", "l1"))
     for kept in (theirs, ours, ours_l1):  # Σ Bernoulli(p): within 4 standard deviations of Σ p = 0.35·n
         assert abs((kept != 0).sum().item() - p.sum().item()) < 4 * math.sqrt((p * (1 - p)).sum().item())
     l1 = tau.double().abs().sum().item()

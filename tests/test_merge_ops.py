@@ -196,21 +196,29 @@ def dare_masks(tensors, base, dens, seeds):
     return masks
 
 
+# rescale: (id, value, τ' from mask m, task vector τ and density d): mergekit's default, then the paper's
+RESCALES = [("true: L1 norm matched (mergekit)", True, lambda m, t, d: m * t * t.abs().sum() / (m * t).abs().sum()),
+            ("inverse: ÷ density (the DARE paper)", "inverse", lambda m, t, d: m * t / d)]
+
+
+@pytest.mark.parametrize("rescale,kept", [r[1:] for r in RESCALES], ids=[r[0] for r in RESCALES])
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
-def test_dare_formula(name):
+def test_dare_formula(name, rescale, kept):
     tensors, base = make(shape=(40, 50))
     x, b = f64(tensors, base)
     w, dens, seeds = [1.0, 0.5, 0.8], [0.3, 0.5, 0.9], [11, 12, 13]
     masks = dare_masks(tensors, base, dens, seeds)
     for m, d in zip(masks, dens):  # Bernoulli(density) keep rate, within 4 standard deviations
         assert abs(m.double().mean().item() - d) < 4 * math.sqrt(d * (1 - d) / m.numel())
-    rescaled = [m * (xi - b) / d for m, xi, d in zip(masks, x, dens)]
+    rescaled = [kept(m, xi - b, d) for m, xi, d in zip(masks, x, dens)]
     if name == "dare_linear":
         expected = b + sum(wi * r for wi, r in zip(w, rescaled))
     else:
         expected = b + disjoint_merge(rescaled, w, normalize=False)
-    out = op(name).merge(tensors, base, weight=w, density=dens, generators=seeded(*seeds))
+    out = op(name).merge(tensors, base, weight=w, density=dens, rescale=rescale, generators=seeded(*seeds))
     assert_close(out.double(), expected, **TIGHT)
+    if rescale is True:  # the default, as in mergekit
+        assert torch.equal(op(name).merge(tensors, base, weight=w, density=dens, generators=seeded(*seeds)), out)
 
 
 @pytest.mark.parametrize("shape", [(10, 20), (30,)])
@@ -301,13 +309,17 @@ def test_dare_l1_matches_mergekit_with_same_masks(name):
     tensors, base = make(shape=(30, 40))
     params = {"weight": [1.0, 0.5, 0.8], "density": [0.3, 1.0, 0.6]}
     gens = generators_like_global_rng(1234, base.shape, params["density"])
-    ours = op(name).merge(tensors, base, rescale="l1", generators=gens, **params)
+    ours = op(name).merge(tensors, base, generators=gens, **params)  # default rescale: true, as mergekit's
     torch.manual_seed(1234)
     theirs = mergekit(name, tensors, base, rescale=True, **params)
     assert_close(ours, theirs, **TIGHT)
     assert torch.equal(ours == base, theirs == base)
-    # Our default rescale is the paper's 1/density, not mergekit's L1 matching.
-    paper = op(name).merge(tensors, base, generators=generators_like_global_rng(1234, base.shape, params["density"]), **params)
+    again = op(name).merge(tensors, base, rescale="l1", generators=generators_like_global_rng(1234, base.shape,
+                                                                                           params["density"]), **params)
+    assert torch.equal(again, ours)  # `l1` is the same rule written out
+    # `inverse` (the paper's 1/density) is not mergekit's L1 matching.
+    paper = op(name).merge(tensors, base, rescale="inverse",
+                           generators=generators_like_global_rng(1234, base.shape, params["density"]), **params)
     assert not torch.allclose(paper, theirs)
 
 

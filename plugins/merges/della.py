@@ -7,15 +7,15 @@ along dim 1 of a higher-dimensional tensor, over the whole of a vector):
     rⱼ = rank of |τⱼ| in its row of n, 0 (smallest) … n − 1 (largest); ties by position
     pⱼ = (density − ε) + 2ε·rⱼ/(n − 1)           keep probability of entry j: mean `density`
     mⱼ ~ Bernoulli(pⱼ)
-    τⱼ' = mⱼ·τⱼ / pⱼ                            `rescale: true`, the paper's 1/(1 − drop probability)
-    τⱼ' = mⱼ·τⱼ · ‖τ‖₁ / ‖m ⊙ τ‖₁                `rescale: l1`, mergekit's `rescale: true`
+    τⱼ' = mⱼ·τⱼ · ‖τ‖₁ / ‖m ⊙ τ‖₁                `rescale: true` (also `l1`): mergekit's
+    τⱼ' = mⱼ·τⱼ / pⱼ                            `rescale: inverse`: the paper's 1/(1 − drop probability)
     τⱼ' = mⱼ·τⱼ                                 `rescale: false`
 
 then the family's weights, sign consensus (della) or plain sum (della_linear), `normalize` and
 `lambda` (see task_arithmetic.py). Parameters as mergekit's: `weight`, `density`, `epsilon`
 (per model; ε default 0.15), `lambda`, `normalize`, `rescale`, `int8_mask` (accepted, unused).
-`rescale: true` divides by each entry's own keep probability, as DARE's divides by the density
-(unbiased: E[τ'] = τ); `rescale: l1` is mergekit's exact L1 match. A density below 1 needs
+`rescale: true` is mergekit's exact L1 match; `rescale: inverse` divides by each entry's own keep
+probability, as DARE's `inverse` divides by the density (unbiased: E[τ'] = τ). A density below 1 needs
 density ± ε inside (0, 1), as in mergekit; density 1 keeps the task vector whole. A row of one
 entry, whose rank range is empty (mergekit divides 0 by 0 there), is kept with probability `density`.
 Arithmetic as the family's: in the compute dtype (`dtype`), except that keep probabilities and draws
@@ -121,7 +121,7 @@ class Della(TaskArithmetic):
             p = keep_probabilities(tau.abs().float(), s.density[i], epsilon[i])
             u = torch.rand(tau.shape, generator=generators[i], dtype=torch.float32)
             keep = torch.lt(u, p, out=u)  # [u < p], drawn from this input's generator only
-            if s.rescale is True:
+            if s.rescale == "inverse":
                 keep.div_(p)
             return tau.float().mul_(keep).to(dtype)  # one rounding of τ·m/p
 

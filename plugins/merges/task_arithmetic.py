@@ -11,11 +11,12 @@ consensus and defaults:
     θ = θ₀ + λ·δ
 
 Parameter names and defaults are mergekit's (`weight`, `density`, `gamma`, `lambda`,
-`normalize`, `rescale`, `int8_mask`). Where we differ from mergekit, on purpose:
+`normalize`, `rescale`, `int8_mask`), and so is what they mean: `rescale: true` (also written
+`l1`) scales the kept values so that their L1 norm equals the unpruned one, as mergekit does.
+Additions and differences, on purpose:
 
-- `rescale: true` divides the kept values by `density`, as the DARE paper does (an unbiased
-  estimate of τ); mergekit's `rescale: true` instead scales the kept values so that their L1
-  norm equals the unpruned one — ask for that with `rescale: l1`.
+- `rescale: inverse` divides the kept values by `density` instead, as the DARE paper does (an
+  unbiased estimate of τ: E[τ'] = τ).
 - Magnitude selection is an exact radix select over blocks (linear time, bounded memory) instead
   of a full sort. Only where entries of equal magnitude straddle the cut does it sort |τ| as
   mergekit does (`torch.argsort`, descending for TIES, ascending for breadcrumbs) to keep the same
@@ -124,7 +125,7 @@ class TaskArithmetic(Operator):
         keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i])
                  for i in range(len(tensors))]
         factors = [None if k is None or s.rescale is False else torch.tensor(1 / s.density[i], dtype=dtype)
-                   if s.rescale is True else l1_factor(task_vector(i), ranges, k) for i, k in enumerate(keeps)]
+                   if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, k) for i, k in enumerate(keeps)]
 
         def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
             deltas = []
@@ -163,9 +164,10 @@ class TaskArithmetic(Operator):
         for g in gamma:
             if not 0 <= g < 1:
                 raise self.error(f"gamma must be in [0, 1), got {g}")
-        rescale = bound["rescale"]
-        if not (isinstance(rescale, bool) or rescale == "l1"):
-            raise self.error(f"rescale must be true (÷ density, as the DARE paper), false or 'l1' (mergekit's L1 matching), got {rescale!r}")
+        rescale = "l1" if bound["rescale"] is True else bound["rescale"]  # mergekit's meaning of true
+        if rescale not in (False, "l1", "inverse"):
+            raise self.error(f"rescale must be true (mergekit's L1 match, also written 'l1'), 'inverse' (÷ the keep "
+                             f"probability, as the DARE paper) or false, got {bound['rescale']!r}")
         normalize = self.flag("normalize", bound["normalize"])
         self.flag("int8_mask", bound["int8_mask"])
         if normalize and abs(sum(weight)) < 1e-8:
@@ -197,14 +199,14 @@ TIES = TaskArithmetic(
 DARE_LINEAR = TaskArithmetic(
     "dare_linear", sparsify="random", rescale=True,
     about="DARE: drop task-vector entries with probability 1 − density, rescale, add up linearly.\n\n"
-    "τᵢ' = mᵢ ⊙ τᵢ / density, mᵢ ~ Bernoulli(density) (`rescale: l1` matches ‖τᵢ‖₁ instead);\n"
+    "τᵢ' = mᵢ ⊙ τᵢ · ‖τᵢ‖₁ / ‖mᵢ ⊙ τᵢ‖₁, mᵢ ~ Bernoulli(density) (`rescale: inverse`: τᵢ' = mᵢ ⊙ τᵢ / density);\n"
     "θ = θ₀ + λ·Σᵢ wᵢ·τᵢ' (÷ Σᵢ wᵢ with `normalize`, default false).\n"
     "Yu et al. 2024, \"Language models are Super Mario\", arXiv 2311.03099.",
 )
 DARE_TIES = TaskArithmetic(
     "dare_ties", sparsify="random", consensus="sum", rescale=True,
     about="DARE with TIES sign consensus: random drop and rescale, then elect a sign and merge.\n\n"
-    "τᵢ' = mᵢ ⊙ τᵢ / density, mᵢ ~ Bernoulli(density) (`rescale: l1` matches ‖τᵢ‖₁ instead);\n"
+    "τᵢ' = mᵢ ⊙ τᵢ · ‖τᵢ‖₁ / ‖mᵢ ⊙ τᵢ‖₁, mᵢ ~ Bernoulli(density) (`rescale: inverse`: τᵢ' = mᵢ ⊙ τᵢ / density);\n"
     "s = sign Σᵢ wᵢ·τᵢ'; θ = θ₀ + λ·Σᵢ [sign wᵢ·τᵢ' = s]·wᵢ·τᵢ' (normalize default false).\n"
     "Yu et al. 2024, arXiv 2311.03099; Yadav et al. 2023, arXiv 2306.01708.",
 )
