@@ -382,3 +382,22 @@ def test_failing_second_stage_leaves_nothing_behind(models, tmp_path):
     (tmp_path / "kept" / "file").write_text("old")
     assert adaptkit("merge", path, "-o", tmp_path / "kept", "--force")[0] != 0
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["file"] and leftovers(tmp_path) == []
+
+
+def test_side_files_come_from_the_base_even_for_a_method_without_one(tmp_path):
+    """mergekit takes config and tokenizer files from `base_model`, else the first model — also for
+    linear, whose base is no input of its own."""
+    from builders import llama_finetunes
+    from hostile import run_cli
+
+    root = llama_finetunes(tmp_path / "m", count=2)
+    (root / "base" / "tokenizer_config.json").write_text('{"from": "base"}')
+    (root / "ft1" / "tokenizer_config.json").write_text('{"from": "ft1"}')
+    recipe = tmp_path / "linear.yml"
+    recipe.write_text(f"merge_method: linear\nbase_model: {root / 'base'}\nmodels:\n"  # linear: the base is an input too
+                      f"  - model: {root / 'ft1'}\n    parameters: {{weight: 0.4}}\n"
+                      f"  - model: {root / 'ft2'}\n    parameters: {{weight: 0.4}}\n"
+                      f"  - model: {root / 'base'}\n    parameters: {{weight: 0.2}}\n")
+    result = run_cli("-q", "merge", recipe, "-o", tmp_path / "out", "--no-card")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"from": "base"}'

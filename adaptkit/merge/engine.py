@@ -75,7 +75,7 @@ class Plan:
 
     def __init__(self, recipe: Recipe, *, allow_pickle: bool = False, dtype: str | None = None):
         """`dtype`: the recipe's `dtype` replaced (the CLI's --dtype)."""
-        self.recipe = recipe
+        self.recipe, self.allow_pickle = recipe, allow_pickle
         recipe.dtype = dtype or recipe.dtype
         self.method = registry.get("merge", recipe.method)
         takes_base = spec.option(self.method, "takes_base")
@@ -134,6 +134,15 @@ class Plan:
         """The dtype mergekit would load the inputs of `name` in without a `dtype` (promoted)."""
         pairs = self.jobs[name].sources if self.jobs else [(source, name) for source in self.sources]
         return stored_dtype([source.info(n).dtype for source, n in pairs])
+
+    def side_files(self) -> Path:
+        """The folder whose config and tokenizer files the output gets, as mergekit picks it: the base model
+        (also for a method that takes none, such as linear), else the first model; with slices, the donor."""
+        if self.jobs:
+            return self.donor.root
+        if self.base is None and self.recipe.base is not None:
+            return _open(self.recipe, self.recipe.base, self.allow_pickle).root  # headers only
+        return (self.base or self.inputs[0]).root
 
     @property
     def sources(self) -> list[ModelSource]:
@@ -287,7 +296,7 @@ def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: 
         writer.abort()
         raise
     files = writer.close()
-    copy_side_files((plan.donor if plan.jobs else plan.base or plan.inputs[0]).root, folder)
+    copy_side_files(plan.side_files(), folder)
     if plan.config is not None:  # slices: the output's own layer count
         (folder / "config.json").write_text(dump_json(plan.config, "config.json"))
     floating = {code for _, code, _ in plan.layout if code_to_torch(code).is_floating_point}
