@@ -401,3 +401,27 @@ def test_side_files_come_from_the_base_even_for_a_method_without_one(tmp_path):
     result = run_cli("-q", "merge", recipe, "-o", tmp_path / "out", "--no-card")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"from": "base"}'
+
+
+# A stage named as the model a tokenizer comes from: (id, recipe part, the same part once swapped)
+TOKENIZER_REFS = [
+    ("tokenizer_source model:", {"tokenizer_source": "model:mix"}, {"tokenizer_source": "model:/w/mix"}),
+    ("tokenizer_source by name", {"tokenizer_source": "mix"}, {"tokenizer_source": "/w/mix"}),
+    ("base and union stay", {"tokenizer_source": "union", "tokenizer": {"source": "base"}},
+     {"tokenizer_source": "union", "tokenizer": {"source": "base"}}),
+    ("tokenizer block", {"tokenizer": {"source": "mix", "tokens": {"<t>": {"source": "model:mix", "force": True},
+                                                                     "<u>": {"source": {"kind": "model_token",
+                                                                                        "model": "mix", "token": "a"}}}}},
+     {"tokenizer": {"source": "/w/mix", "tokens": {"<t>": {"source": "model:/w/mix", "force": True},
+                                                  "<u>": {"source": {"kind": "model_token", "model": "/w/mix",
+                                                                     "token": "a"}}}}}),
+]
+
+
+@pytest.mark.parametrize("part,expected", [r[1:] for r in TOKENIZER_REFS], ids=[r[0] for r in TOKENIZER_REFS])
+def test_a_stage_may_be_the_model_a_tokenizer_comes_from(part, expected):
+    """Stage names in tokenizer settings are swapped for the stage's folder (and make a dependency) like
+    stage names among the models; `base` and `union` are no model names."""
+    from adaptkit.merge.multi import _rewrite
+
+    assert _rewrite(part, lambda name: {"mix": "/w/mix"}.get(name, name)) == expected

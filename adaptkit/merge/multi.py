@@ -120,7 +120,8 @@ def _order(path, final: Stage, by_name: dict[str | None, Stage]) -> list[Stage]:
 
 def _rewrite(doc: Any, swap) -> Any:
     """`doc` with each model reference (the values of `model` and `base_model`, the items of a
-    `models` list) passed part by part (`base+adapter`) through `swap`; other values as they are."""
+    `models` list) passed part by part (`base+adapter`) through `swap`, and each model a tokenizer
+    comes from (`tokenizer_source`, the `tokenizer:` block's `source`s); other values as they are."""
     if isinstance(doc, list):
         return [_rewrite(item, swap) for item in doc]
     if not isinstance(doc, dict):
@@ -129,6 +130,8 @@ def _rewrite(doc: Any, swap) -> Any:
     for key, value in doc.items():
         if key in ("model", "base_model") and isinstance(value, str):
             value = "+".join(swap(part) for part in value.split("+"))
+        elif key in ("tokenizer_source", "source") and isinstance(value, str):
+            value = _tokenizer_model(value, swap)
         elif key == "models" and isinstance(value, list):
             value = ["+".join(swap(p) for p in v.split("+")) if isinstance(v, str) else _rewrite(v, swap)
                      for v in value]
@@ -136,6 +139,13 @@ def _rewrite(doc: Any, swap) -> Any:
             value = _rewrite(value, swap)
         out[key] = value
     return out
+
+
+def _tokenizer_model(value: str, swap) -> str:
+    """A tokenizer source names a model (`model:<ref>` or `<ref>`) unless it is `base` or `union`."""
+    if value in ("base", "union"):
+        return value
+    return "model:" + swap(value[len("model:"):]) if value.startswith("model:") else swap(value)
 
 
 def external_inputs(stages: list[Stage]) -> list[str]:
