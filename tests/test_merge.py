@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.engine import layer_positions, run_merge
-from adaptkit.merge.recipe import evaluate
+from adaptkit.merge.positions import evaluate
 from builders import llama_finetunes, state, tiny_gpt2, tiny_llama
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..hub.repos import is_hub_ref, lock_entry, parse_ref
-from .recipe import LAYER_INDEX, RECIPE_KEYS, Recipe, Ref
+from .positions import LAYER_INDEX
+from .recipe import RECIPE_KEYS, Recipe, Ref
 
 CARD = "README.md"
 RECIPE_FILE = "adaptkit_recipe.yml"

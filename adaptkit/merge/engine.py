@@ -32,8 +32,8 @@ from ..io.store import open_store
 from .card import drop_card, write_card
 from .slices import Job, Stack, output_config, slice_jobs, source_place
 from .precision import recipe_dtypes, state_dtype, stored_dtype
-from .recipe import (Recipe, check_positions, layer_positions, load_recipe, operator_params, recipe_inputs,
-                     resolve_params)
+from .positions import check_positions, layer_positions, operator_params, resolve_params
+from .recipe import Recipe, load_recipe, recipe_inputs
 from .sources import ModelSource, check_same_architecture, open_input
 from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters

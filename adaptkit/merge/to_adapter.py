@@ -34,7 +34,8 @@ from ..io.dtypes import code_to_torch, parse_dtype
 from ..errors import AdaptkitError
 from ..files.lowrank import factor_matrix, module_delta
 from .card import write_card
-from .recipe import Recipe, check_positions, layer_positions, operator_params, recipe_inputs, seeded_generators
+from .positions import check_positions, layer_positions, operator_params, seeded_generators
+from .recipe import Recipe, recipe_inputs
 from ..hub.repos import resolve_path
 from .sources import open_input, weight_key
 from ..spec import AdapterFiles
