@@ -89,7 +89,8 @@ def load_moe_config(source: str | Path | dict, *, allow_same: bool = False) -> M
         data, src = source, "moe config"
     else:
         path = regular_file(source, "moe config")
-        data, src, text = readers.read_yaml(path), str(path), path.read_text(encoding="utf-8")
+        text = readers.decode(path.read_bytes(), path)  # read once: parsed here, copied into the output
+        data, src = readers.load_yaml(text, path), str(path)
     if not isinstance(data, dict):
         raise AdaptkitError(f"{src}: a moe config is a mapping with 'base_model' and 'experts', got {short(data)}")
     _check_keys(src, data, CONFIG_KEYS)
