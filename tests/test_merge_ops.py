@@ -150,6 +150,18 @@ def test_magnitude_cut_over_blocks_keeps_ties_lowest_index_first(monkeypatch, k)
     assert torch.equal(ours, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("descending", [True, False])
+def test_half_magnitudes_sort_into_float32s_permutation(dtype, descending):
+    """`_sparsify` sorts bf16/fp16 |τ| as they are where mergekit sorts a float32 copy: the same
+    permutation, ties at the cut included (the tie order is torch's unstable sort's, so this holds
+    only while one algorithm sorts every float dtype; thousands of ties here)."""
+    magnitude = (torch.randn(200_000, generator=torch.Generator().manual_seed(5)) * 1e-3).to(dtype).abs()
+    assert magnitude.unique().numel() < 20_000
+    assert torch.equal(torch.sort(magnitude, descending=descending).indices,
+                       torch.sort(magnitude.float(), descending=descending).indices)
+
+
 def test_magnitude_prune_formula():
     tensors, base = make()
     x, b = f64(tensors, base)

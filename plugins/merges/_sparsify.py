@@ -24,7 +24,10 @@ class Keep:
     Magnitude cuts are found up front in passes over blocks (see `_select`). Where entries of equal
     magnitude straddle a cut, the kept ones are those mergekit's sort keeps: |τ| is sorted whole as
     mergekit sorts it (torch's CPU sort is unstable, so only the same sort makes the same choice) and
-    the mask kept. Random masks are drawn from the input's generator in block order, and `restart`
+    the mask kept. (Following that sort's partitions only down to the cut, quickselect-style,
+    reproduces its choice exactly, but measured slower than the sort itself on bf16 task vectors,
+    whose ~10³ distinct magnitudes make every partition swap half its range: 0.46 s against 0.18 s
+    for 2.9M entries.) Random masks are drawn from the input's generator in block order, and `restart`
     rewinds it so that every pass over the blocks sees the same masks.
     """
 
@@ -38,7 +41,7 @@ class Keep:
             keep = max(1, keep_count(density, n))
             self.cuts = [(top_cut(magnitudes, n, keep), 1)]
             if _straddles(self.cuts[0][0], n):
-                self.whole = _kept(torch.argsort(_whole(magnitudes, n), descending=True)[:keep], n)
+                self.whole = _kept(torch.argsort(_whole(tau, n), descending=True)[:keep], n)
         elif method == "magnitude_outliers":
             # mergekit ranks |τ| ascending and keeps ranks [bottom, bottom + kept): the int(γ·n)
             # largest dropped, fewer when needed to keep int(density·n) entries.
@@ -46,7 +49,7 @@ class Keep:
             bottom = max(0, n - kept - keep_count(gamma, n))
             self.cuts = [(top_cut(magnitudes, n, n - bottom), 1), (top_cut(magnitudes, n, n - bottom - kept), -1)]
             if any(_straddles(cut, n) for cut, _ in self.cuts):
-                order = torch.sort(_whole(magnitudes, n), descending=False).indices
+                order = torch.sort(_whole(tau, n), descending=False).indices
                 self.whole = _kept(order[bottom:bottom + kept], n)
 
     def restart(self) -> None:
@@ -75,9 +78,13 @@ def _straddles(cut, n: int) -> bool:
     return 0 <= cut.threshold < float("inf") and cut.last_tie != n
 
 
-def _whole(magnitudes, n: int) -> torch.Tensor:
-    """|τ| of the whole tensor as mergekit sorts it (float32)."""
-    return torch.cat([magnitudes(s, e) for s, e in block_ranges(n)])
+def _whole(tau, n: int) -> torch.Tensor:
+    """|τ| of the whole tensor, to be sorted as mergekit sorts its float32 copy. bfloat16 and
+    float16 values are exact in float32, so they compare alike and torch's sort (one algorithm
+    for every float dtype) orders them into the same permutation, ties included: they are
+    sorted as they are, half the memory (for a 32000 × 1024 embedding, 131 MB less at the peak)."""
+    whole = torch.cat([tau(s, e).abs_() for s, e in block_ranges(n)])
+    return whole if whole.dtype in (torch.bfloat16, torch.float16) else whole.float()
 
 
 def _kept(indices: torch.Tensor, n: int) -> torch.Tensor:
