@@ -26,7 +26,7 @@ Models (built once into benchmarks/_work/merge/, bf16, safetensors via save_pret
   --quick   hidden 512, 2 layers, intermediate 1408, vocab 32000 (≈39M), for a smoke run.
   --scale   also: hidden 2048, 16 layers, intermediate 5632, vocab 32000 (≈953M): base + 3 fine-tunes
             written tensor by tensor with adaptkit's ShardedWriter (~7.6 GB of disk), merged by
-            adaptkit (linear, task_arithmetic); target peak RSS < 1.5 GB. --scale-peer: mergekit too.
+            adaptkit with every method (or --methods); target peak RSS < 1.5 GB. --scale-peer: mergekit too.
 
 One recipe per method serves both tools (weights 0.3/0.3/0.4; ties/dare_ties density 0.5;
 dtype bfloat16). linear's recipe has no base_model: mergekit makes base_model one more input of
@@ -655,7 +655,7 @@ def scale(args, md: list[str]) -> None:
     print(f"\nscale model: {shape}, bf16, {size:.2f} GB per input (base + 3 fine-tunes)")
     warm_cache(*paths.values())
     found = []
-    for method in ("linear", "task_arithmetic"):
+    for method in (args.methods.split(",") if args.methods else METHODS):
         recipe = write_recipe(method, paths, "scale")
         out = WORK / "scale" / "out" / f"adaptkit-{method}"
         print(f"  {method}: adaptkit ...", end="", flush=True)
