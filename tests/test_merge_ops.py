@@ -162,6 +162,45 @@ def test_half_magnitudes_sort_into_float32s_permutation(dtype, descending):
                        torch.sort(magnitude.float(), descending=descending).indices)
 
 
+@pytest.mark.parametrize("name", ["ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"])
+def test_tie_break_index_keeps_tied_entries_lowest_index_first_without_sorting(monkeypatch, name):
+    """tie_break: index — of the entries tied at the cut, the first in flat order are kept (written
+    out below for TIES' and magnitude pruning's top cut); no whole-tensor sort runs; and on data
+    without ties it gives the default's (mergekit's) bytes."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.zeros(40, 30)
+    tensors = [torch.randint(-3, 4, (40, 30), generator=g).float() * 0.5 for _ in range(2)]  # 7 values: ties
+    params = {"weight": [0.6, 0.4], "density": [0.5, 0.3]} | ({"gamma": [0.1, 0.1]} if "breadcrumbs" in name else {})
+    with monkeypatch.context() as m:
+        m.setattr(torch, "argsort", lambda *a, **k: pytest.fail("sorted the whole tensor"))
+        m.setattr(torch, "sort", lambda *a, **k: pytest.fail("sorted the whole tensor"))
+        out = op(name).merge(tensors, base.clone(), **params, tie_break="index")
+    if name in ("ties", "magnitude_prune"):
+        def first_by_index(tau, density):
+            flat = tau.reshape(-1)
+            k = max(1, int(density * flat.numel()))
+            order = sorted(range(flat.numel()), key=lambda i: (-abs(flat[i].item()), i))
+            kept = torch.zeros_like(flat)
+            kept[order[:k]] = flat[order[:k]]
+            return kept.view(tau.shape)
+
+        trimmed = [first_by_index(t - base, d) for t, d in zip(tensors, params["density"])]
+        expected = (base + disjoint_merge(trimmed, params["weight"], True) if name == "ties"
+                    else base + sum(w * t for w, t in zip(params["weight"], trimmed)))
+        assert torch.equal(out, expected.float())
+    plain, _ = make((40, 30), count=2, seed=12)  # continuous values: no ties, so no difference
+    assert torch.equal(op(name).merge(plain, base, **params, tie_break="index"), op(name).merge(plain, base, **params))
+
+
+def test_tie_break_values_are_checked():
+    tensors, base = make(count=2)
+    with pytest.raises(AdaptkitError, match="tie_break must be 'mergekit'"):
+        op("ties").merge(tensors, base, weight=[1, 1], density=[0.5, 0.5], tie_break="random")
+    with pytest.raises(AdaptkitError, match="tie_break"):  # only methods with a magnitude cut have it
+        op("dare_ties").merge(tensors, base, weight=[1, 1], density=[0.5, 0.5], tie_break="index",
+                              generators=[torch.Generator(), torch.Generator()])
+
+
 def test_magnitude_prune_formula():
     tensors, base = make()
     x, b = f64(tensors, base)

@@ -22,7 +22,8 @@ class Keep:
     """Which entries of one task vector survive sparsification, block by block.
 
     Magnitude cuts are found up front in passes over blocks (see `_select`). Where entries of equal
-    magnitude straddle a cut, the kept ones are those mergekit's sort keeps: |τ| is sorted whole as
+    magnitude straddle a cut, the kept ones are (tie_break "index") the first in flat order, or (tie_break
+    "mergekit", the default) those mergekit's sort keeps: |τ| is sorted whole as
     mergekit sorts it (torch's CPU sort is unstable, so only the same sort makes the same choice) and
     the mask kept. (Following that sort's partitions only down to the cut, quickselect-style,
     reproduces its choice exactly, but measured slower than the sort itself on bf16 task vectors,
@@ -32,7 +33,7 @@ class Keep:
     """
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
-                 gamma: float, generator: torch.Generator | None):
+                 gamma: float, generator: torch.Generator | None, tie_break: str = "mergekit"):
         self.method, self.density, self.generator = method, density, generator
         self.state = generator.get_state() if method == "random" else None
         self.whole: torch.Tensor | None = None
@@ -40,7 +41,7 @@ class Keep:
         if method == "magnitude":  # mergekit: the max(1, int(density·n)) largest
             keep = max(1, keep_count(density, n))
             self.cuts = [(top_cut(magnitudes, n, keep), 1)]
-            if _straddles(self.cuts[0][0], n):
+            if tie_break == "mergekit" and _straddles(self.cuts[0][0], n):
                 self.whole = _kept(torch.argsort(_whole(tau, n), descending=True)[:keep], n)
         elif method == "magnitude_outliers":
             # mergekit ranks |τ| ascending and keeps ranks [bottom, bottom + kept): the int(γ·n)
@@ -48,7 +49,7 @@ class Keep:
             kept = keep_count(density, n)
             bottom = max(0, n - kept - keep_count(gamma, n))
             self.cuts = [(top_cut(magnitudes, n, n - bottom), 1), (top_cut(magnitudes, n, n - bottom - kept), -1)]
-            if any(_straddles(cut, n) for cut, _ in self.cuts):
+            if tie_break == "mergekit" and any(_straddles(cut, n) for cut, _ in self.cuts):
                 order = torch.sort(_whole(tau, n), descending=False).indices
                 self.whole = _kept(order[bottom:bottom + kept], n)
 
@@ -91,11 +92,14 @@ def _kept(indices: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.bool).index_fill_(0, indices, True)
 
 
-def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, generator) -> Keep | None:
-    """A `Keep` for one task vector, or None when every entry is kept (density ≥ 1, as mergekit)."""
+def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, generator,
+               tie_break: str = "mergekit") -> Keep | None:
+    """A `Keep` for one task vector, or None when every entry is kept (density ≥ 1, as mergekit).
+    `tie_break` says which of the entries tied at a magnitude cut are kept: "mergekit" (those its
+    CPU sort keeps) or "index" (lowest flat index first: no whole-tensor sort)."""
     if method is None or density >= 1:
         return None
-    return Keep(tau, n, method, density, gamma, generator)
+    return Keep(tau, n, method, density, gamma, generator, tie_break)
 
 
 def l1_factor(tau, ranges, keep: Keep) -> torch.Tensor | None:

@@ -20,7 +20,12 @@ Additions and differences, on purpose:
 - Magnitude selection is an exact radix select over blocks (linear time, bounded memory) instead
   of a full sort. Only where entries of equal magnitude straddle the cut does it sort |τ| as
   mergekit does (`torch.argsort`, descending for TIES, ascending for breadcrumbs) to keep the same
-  ones: torch's CPU sort is not stable, so no position rule reproduces its choice.
+  ones: torch's CPU sort is not stable, so no position rule reproduces its choice. In bf16 such
+  ties are the rule (thousands of entries share each magnitude), and that sort is most of a
+  TIES merge's time and, on a big embedding, of its memory (8 bytes an entry for the order).
+  `tie_break: index` (an addition) keeps the tied entries lowest flat index first instead: no
+  sort, the same result on every device (mergekit's own choice differs between its CPU and CUDA
+  sorts), and a merge that differs from mergekit's only in which of equally large entries it keeps.
 - Everything runs over blocks of the flattened tensor: the temporaries stay a few MB however big
   the tensor.
 - Bad values are errors: density outside (0, 1], gamma outside [0, 1), weights summing to zero
@@ -80,6 +85,7 @@ class Settings:
     scale: float
     normalize: bool
     rescale: bool | str
+    tie_break: str = "mergekit"
 
 
 class TaskArithmetic(Operator):
@@ -103,6 +109,8 @@ class TaskArithmetic(Operator):
         if sparsify == "magnitude_outliers":
             params["gamma"] = 0.01
             per_model.add("gamma")
+        if sparsify in ("magnitude", "magnitude_outliers"):
+            params["tie_break"] = "mergekit"  # an addition: see the module docstring
         self.params = frozen(params)
         self.per_model = frozenset(per_model)
 
@@ -122,7 +130,7 @@ class TaskArithmetic(Operator):
         def task_vector(i: int):
             return lambda s, e: flat[i][s:e].to(dtype) - base_flat[s:e].to(dtype)
 
-        keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i])
+        keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i], s.tie_break)
                  for i in range(len(tensors))]
         factors = [None if k is None or s.rescale is False else torch.tensor(1 / s.density[i], dtype=dtype)
                    if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, k) for i, k in enumerate(keeps)]
@@ -172,7 +180,11 @@ class TaskArithmetic(Operator):
         self.flag("int8_mask", bound["int8_mask"])
         if normalize and abs(sum(weight)) < 1e-8:
             raise self.error(f"weights {weight} sum to zero; cannot normalize (set normalize: false)")
-        return Settings(weight, density, gamma, self.real("lambda", bound["lambda"]), normalize, rescale)
+        tie_break = bound.get("tie_break", "mergekit")
+        if tie_break not in ("mergekit", "index"):
+            raise self.error(f"tie_break must be 'mergekit' (keep the tied entries mergekit's sort keeps) or 'index' "
+                             f"(lowest index first), got {tie_break!r}")
+        return Settings(weight, density, gamma, self.real("lambda", bound["lambda"]), normalize, rescale, tie_break)
 
     def check_generators(self, generators: Sequence[torch.Generator] | None, count: int) -> list:
         if not self.random:
