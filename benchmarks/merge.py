@@ -94,6 +94,7 @@ JOBS = {
 }
 METHODS = tuple(JOBS)
 RANDOM = {"dare_ties", "dare_linear", "della"}
+TIE_BREAK = {"ties", "breadcrumbs"}  # also run with `tie_break: index` (an adaptkit addition)
 # Issue 15's targets: wall ≤ 1/4 of mergekit's for every method (1/10 was the older target for TIES/DARE).
 TIME_TARGET = {m: 1 / 4 for m in METHODS}
 RSS_TARGET = 1 / 2
@@ -540,7 +541,9 @@ class Row:
         return self.ours.peak_mb / self.peer.peak_mb
 
 
-def mergekit_job(method: str, paths: dict[str, Path], runs: int, tag: str) -> Row:
+def mergekit_job(method: str, paths: dict[str, Path], runs: int, tag: str) -> list[Row]:
+    """The method's row; for methods with a magnitude cut also adaptkit with `tie_break: index` against
+    the same mergekit run (its max |Δ| is then that of the tied entries kept differently)."""
     recipe = write_recipe(method, paths, tag)
     peer_out, our_out = WORK / tag / "out" / f"mergekit-{method}", WORK / tag / "out" / f"adaptkit-{method}"
     seed = ["--random-seed", "0"] if method in RANDOM else []
@@ -549,7 +552,15 @@ def mergekit_job(method: str, paths: dict[str, Path], runs: int, tag: str) -> Ro
     print(f" {peer.seconds:.1f} s; adaptkit ...", end="", flush=True)
     ours = run_tool("adaptkit", adaptkit_cmd("merge", str(recipe), "-o", str(our_out), "--force"), our_out, runs)
     print(f" {ours.seconds:.1f} s; comparing ...", flush=True)
-    return Row(method, peer, ours, compare(peer_out, our_out, paths["base"]))
+    rows = [Row(method, peer, ours, compare(peer_out, our_out, paths["base"]))]
+    if method in TIE_BREAK:
+        indexed = recipe.with_name(f"{method}-index.yaml")
+        indexed.write_text(recipe.read_text() + "parameters:\n  tie_break: index\n")
+        print(f"  {method} (tie_break: index): adaptkit ...", end="", flush=True)
+        ours = run_tool("adaptkit", adaptkit_cmd("merge", str(indexed), "-o", str(our_out), "--force"), our_out, runs)
+        print(f" {ours.seconds:.1f} s; comparing ...", flush=True)
+        rows.append(Row(f"{method} (index)", peer, ours, compare(peer_out, our_out, paths["base"])))
+    return rows
 
 
 def peft_job(paths: dict[str, Path], runs: int, tag: str) -> Row:
@@ -582,7 +593,7 @@ def print_table(title: str, rows: list[Row], peer: str) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        tt = TIME_TARGET.get(r.method)
+        tt = TIME_TARGET.get(r.method.split(" ")[0])
         work = f"{r.peer.work:.1f}/{r.ours.work:.1f}"
         print(f"{r.method:<16}{r.peer.seconds:>12.2f}{r.ours.seconds:>12.2f}{r.time_ratio:>11.3f}{mark(r.time_ratio, tt):<2}"
               f"{target_text(tt):>8}{work:>18}{r.work_ratio:>11.3f}{r.peer.peak_mb:>13.0f}{r.ours.peak_mb:>13.0f}"
@@ -605,7 +616,7 @@ def markdown(rows: list[Row], peer: str) -> list[str]:
            "| max \\|Δ\\| of outputs |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tt = TIME_TARGET.get(r.method)
+        tt = TIME_TARGET.get(r.method.split(" ")[0])
         out.append(f"| {r.method} | {r.peer.seconds:.2f} | {r.ours.seconds:.2f} | {r.time_ratio:.3f} ({target_text(tt)})"
                    f"{mark(r.time_ratio, tt)} | {r.peer.work:.2f} / {r.ours.work:.2f} | {r.work_ratio:.3f} | "
                    f"{r.peer.peak_mb:.0f} | {r.ours.peak_mb:.0f} | {r.rss_ratio:.3f}{mark(r.rss_ratio, RSS_TARGET)} | "
@@ -627,7 +638,7 @@ def compare_tools(args, md: list[str]) -> None:
     rows, failures = [], []
     for m in args.methods.split(",") if args.methods else METHODS:
         try:
-            rows.append(mergekit_job(m, paths, args.runs, tag))
+            rows.extend(mergekit_job(m, paths, args.runs, tag))
         except ToolFailed as e:
             print(f"\n  FAILED {m}: {e}", flush=True)
             failures.append(f"{m}: {str(e).splitlines()[0]}")
