@@ -111,6 +111,25 @@ class TransformsInput(Protocol):
 
 
 @runtime_checkable
+class ReadsInputs(Protocol):
+    """Reads the whole model's inputs before each call (aLoRA: from which token on each row's branch acts):
+    `reads_inputs(config)` whether an adapter with this config needs them; `read_inputs(config, args, kwargs,
+    previous)` what each of its branches holds as `Branch.inputs` during that call (`previous`: what the last call
+    gave, for a call that continues it, as decoding with a KV cache does). Outside a call branches hold None."""
+    def reads_inputs(self, config: Mapping[str, Any]) -> bool: ...
+    def read_inputs(self, config: Mapping[str, Any], args: tuple, kwargs: Mapping[str, Any], previous: Any) -> Any: ...
+
+
+@runtime_checkable
+class RewritesCall(Protocol):
+    """Changes the model's call itself (prompt learning: virtual tokens before the inputs, a prefix cache for
+    attention): the keyword arguments the model runs with, from those given (positional ones bound by name),
+    the adapter's shared tensors and its config. Applied for an active adapter whose layers are enabled."""
+    def rewrite_call(self, model: Any, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                     kwargs: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
 class Intervention(Protocol):
     """What the variant wraps, for an activation-space variant (whole blocks; `create` gets weight None)."""
     def target_of(self, module: Any) -> Any: ...
@@ -229,6 +248,15 @@ class LiveWriter(Protocol):
     modules, modules trained whole, the variant's file config); writes into an existing (temporary) folder.
     Without it the adapter reaches the format's `write` in low-rank form, where the variant has one as stored."""
     def write_live(self, live: Any, out_dir: Any) -> list: ...
+
+
+@runtime_checkable
+class WritesVariants(Protocol):
+    """A format that holds some variants' own tensors, not only low-rank ones (LyCORIS's LoHa and LoKr in kohya
+    files): `writes_variants` names them; `write_files(adapter, out_dir)` writes such an `AdapterFiles` as it is
+    stored (`convert` without --rank/--energy, `handle.save`) into an existing (temporary) folder."""
+    writes_variants: frozenset[str]
+    def write_files(self, adapter: AdapterFiles, out_dir: Any) -> list: ...
 
 
 @runtime_checkable

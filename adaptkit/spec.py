@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 from .capabilities import (BaseDependent, ChoosesTargets, ExtraLoss, FactorMerge, Factors, FileCheck, FormatOptions,
                            Intervention,
                            LiveBiasDelta, LiveWriter, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
-                           PackedLayout, ParamGroups, QuantizerOptions, RemoteLayout, Resident, SavesTensors, StepEnd,
+                           PackedLayout, ParamGroups, QuantizerOptions, ReadsInputs, RemoteLayout, Resident, RewritesCall,
+                           SavesTensors, StepEnd,
                            StoredBiasDelta, StoredDelta, TrainSettings, TrainState, TransformersConfig, TransformsInput,
-                           UnpackedShape, VariantOptions, WeightSpace, Writable)
+                           UnpackedShape, VariantOptions, WeightSpace, Writable, WritesVariants)
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +35,9 @@ class AdapterFiles:
     `modules` maps each adapted module's path (e.g. `model.layers.0.self_attn.q_proj`) to its
     tensors by role (`lora_A`, `lora_B`, ...: the variant's `param_names`) as keys of `store`.
     `shared` holds tensors used by every module (a role -> key); `saved` holds full replacement
-    tensors (PEFT's `modules_to_save`) by parameter path.
+    tensors (PEFT's `modules_to_save`) by parameter path. `transposed` says which modules' base
+    weights are stored in × out (GPT-2 Conv1D): the format's guess, settled from the base model
+    (`files.lowrank.settle_layout`) wherever one is at hand.
     """
 
     variant: str
@@ -44,6 +47,7 @@ class AdapterFiles:
     modules: dict[str, dict[str, str]] = field(default_factory=dict)
     shared: dict[str, str] = field(default_factory=dict)
     saved: dict[str, str] = field(default_factory=dict)
+    transposed: dict[str, bool] = field(default_factory=dict)
 
     @property
     def base_model(self) -> str | None:
@@ -202,7 +206,7 @@ class Quantizer(Protocol):
 class Format(Protocol):
     """A file layout for adapters. `detect` runs on every `inspect`, so the module must import
     cheaply (no torch at module level) and look at keys, metadata and JSON files only.
-    Optional: `Writable`, `LiveWriter`, `RemoteLayout`, `FormatOptions`.
+    Optional: `Writable`, `LiveWriter`, `WritesVariants`, `RemoteLayout`, `FormatOptions`.
     """
 
     name: str
@@ -236,24 +240,27 @@ class Hook:
 # tests/test_spec_hooks.py derives them from the registry and fails when a row is out of date.
 HOOKS: dict[str, Hook] = {
     "config_types": Hook(VariantOptions, {}),  # all
-    "inspect_rows": Hook(VariantOptions, ()),  # adalora delta_lora ia3 lora lora_fa lora_plus tied_lora vera
+    "inspect_rows": Hook(VariantOptions, ()),  # adalora boft delta_lora ia3 loha lokr lora lora_fa lora_plus oft p_tuning prefix_tuning prompt_tuning tied_lora trainable_tokens vera
     "moves_base_weight": Hook(VariantOptions, False),  # delta_lora
-    "check_files": Hook(FileCheck, "no check"),  # adalora delta_lora lora lora_fa lora_plus
-    "check_mergeable": Hook(MergeCheck, "every adapter has a ΔW"),  # loreft
+    "check_files": Hook(FileCheck, "no check"),  # adalora boft delta_lora lora lora_fa lora_plus oft p_tuning prefix_tuning prompt_tuning trainable_tokens
+    "check_mergeable": Hook(MergeCheck, "every adapter has a ΔW"),  # delta_lora lora lora_fa lora_plus loreft p_tuning prefix_tuning prompt_tuning
     "delta": Hook(StoredDelta, "s·B·A from factors"),  # all
     "delta_bias": Hook(StoredBiasDelta, "the bias stays"),  # delta_lora ia3 lora lora_fa lora_plus
     "factors": Hook(Factors, "ΔW by SVD"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
-    "factor_layout": Hook(Factors, "no adapter output"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
+    "factor_layout": Hook(Factors, "no adapter output"),  # adalora boft delta_lora loha lokr lora lora_fa lora_plus oft tied_lora vera
     "lowrank_module": Hook(LowRankStored, "from factors or by SVD"),  # delta_lora lora lora_fa lora_plus
-    "write_lowrank": Hook(LowRankWriter, "no adapter output"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
-    "weight_delta": Hook(WeightSpace, "cannot be merged"),  # adalora delta_lora ia3 lora lora_fa lora_plus tied_lora vera
-    "delta_needs_base": Hook(BaseDependent, "ΔW recomputed on unmerge"),  # delta_lora ia3 lora lora_fa lora_plus
+    "write_lowrank": Hook(LowRankWriter, "no adapter output"),  # adalora boft delta_lora loha lokr lora lora_fa lora_plus oft tied_lora vera
+    "weight_delta": Hook(WeightSpace, "cannot be merged"),  # adalora boft delta_lora ia3 loha lokr lora lora_fa lora_plus oft tied_lora trainable_tokens vera
+    "delta_needs_base": Hook(BaseDependent, "ΔW recomputed on unmerge"),  # boft delta_lora ia3 lora lora_fa lora_plus oft trainable_tokens
     "bias_delta": Hook(LiveBiasDelta, "the bias stays"),  # delta_lora ia3 lora lora_fa lora_plus
     "resident": Hook(Resident, "nothing inside W"),  # delta_lora lora lora_fa lora_plus
-    "transform_input": Hook(TransformsInput, "the input as it is"),  # ia3
+    "transform_input": Hook(TransformsInput, "the input as it is"),  # boft ia3 oft
+    "reads_inputs": Hook(ReadsInputs, False),  # delta_lora lora lora_fa lora_plus
+    "read_inputs": Hook(ReadsInputs, "nothing read"),  # delta_lora lora lora_fa lora_plus
+    "rewrite_call": Hook(RewritesCall, "the call as given"),  # p_tuning prefix_tuning prompt_tuning
     "target_of": Hook(Intervention, "layer.Target.of"),  # loreft
-    "prepare": Hook(ChoosesTargets, "config as given"),  # ia3 loreft partial vera
-    "save_tensors": Hook(SavesTensors, "its tensors"),  # adalora delta_lora lora lora_fa lora_plus loreft tied_lora vera
+    "prepare": Hook(ChoosesTargets, "config as given"),  # ia3 loreft p_tuning partial prefix_tuning prompt_tuning trainable_tokens vera
+    "save_tensors": Hook(SavesTensors, "its tensors"),  # adalora delta_lora lora lora_fa lora_plus loreft p_tuning prefix_tuning prompt_tuning tied_lora vera
     "load_tensors": Hook(LoadsTensors, "copied by role"),  # loreft
     "param_groups": Hook(ParamGroups, "one group at lr"),  # delta_lora lora lora_fa lora_plus loreft
     "on_step_end": Hook(StepEnd, "nothing"),  # adalora delta_lora
@@ -274,6 +281,8 @@ HOOKS: dict[str, Hook] = {
     "transformers_config": Hook(TransformersConfig, "config.json unchanged"),  # fp4 fp4_dq nf4 nf4_dq
     "write": Hook(Writable, "read-only format"),  # all
     "write_live": Hook(LiveWriter, "written as the default format, read back in low-rank form"),  # peft
+    "writes_variants": Hook(WritesVariants, frozenset()),  # kohya
+    "write_files": Hook(WritesVariants, "low-rank form only"),  # kohya
     "remote_files": Hook(RemoteLayout, "one root-level .safetensors file it detects"),  # peft
     "remote_hint": Hook(RemoteLayout, None),  # peft
     "hub_library": Hook(FormatOptions, None),  # diffusers peft

@@ -325,9 +325,9 @@ def test_targets_matching_nothing_list_module_names():
         ak.inject(tiny_llama(), "lora", target_modules=["qproj"])
 
 
-def test_rank_too_large_for_the_layer():
-    with pytest.raises(AdaptkitError, match=r"rank 40 does not fit a 32 × 32 layer"):
-        ak.inject(tiny_llama(), "lora", r=40, target_modules=["q_proj"])
+def test_pissa_rank_too_large_for_the_layer():  # plain LoRA takes any rank, as PEFT (tests/test_peft_config_keys.py)
+    with pytest.raises(AdaptkitError, match=r"PiSSA rank 40 does not fit a 32 × 32 layer"):
+        ak.inject(tiny_llama(), "lora", r=40, init_lora_weights="pissa", target_modules=["q_proj"])
 
 
 def test_unknown_parameter_suggests_the_nearest():

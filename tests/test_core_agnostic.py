@@ -49,8 +49,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     # PEFT's and mergekit's vocabulary, applied by the core to every adapter or recipe alike:
     "weight": None,  # the tensor role `<module>.weight`; mergekit's per-model `weight` (the quick form gives it)
     "bias": None,  # the tensor role `<module>.bias`, a layer's bias
-    "fan_in_fan_out": None,  # PEFT's flag for bases storing linear weights in × out (GPT-2 Conv1D), in 8
-    #                          of 10 variants' configs; the core lays out any ΔW by it (LowRankModule.transposed)
+    "inference_mode": None,  # PEFT's field of every adapter config (the adapter in its saved form)
     "layers_pattern": None,  # PEFT's targeting key (beside target_modules, layers_to_transform), applied by
     #                          the core's targeting for every variant
     "use_rslora": frozenset({"spec"}),  # the scaling rule of the canonical LowRankAdapter, defined there
@@ -60,6 +59,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "train": None,  # the `train` command and its progress bar
     "alpha": frozenset({"soup"}),  # WiSE-FT's α in the results of soup.sweep and of cli/soup.py's sweep
     "linear": frozenset({"layer", "targets"}),  # the kind of an nn.Linear layer (layer.Target.kind)
+    "num_layers": frozenset({"slices"}),  # a model's layer count (mergekit's slices); also PEFT's prompt-learning shape
     "int8": frozenset({"dtypes"}),  # torch.int8's name in the dtype table
 }
 

@@ -186,7 +186,7 @@ def test_one_line_errors():
     base = tiny_llama()
     with pytest.raises(AdaptkitError, match=r"feedforward_modules \['up_proj'\] must be a subset"):
         ak.inject(copy.deepcopy(base), "ia3", target_modules=["k_proj"], feedforward_modules=["up_proj"])
-    with pytest.raises(AdaptkitError, match="IA3 scales Linear and Conv1D layers"):
+    with pytest.raises(AdaptkitError, match="IA3 scales Linear, Conv1D and Conv1d/2d/3d layers; leave embedding"):
         ak.inject(copy.deepcopy(base), "ia3", target_modules=["embed_tokens"], feedforward_modules=[])
     with pytest.raises(AdaptkitError, match="no default feedforward_modules for model type None"):
         ak.inject(nn.Sequential(nn.Linear(3, 3)), "ia3", target_modules=["0"])

@@ -21,7 +21,8 @@ def inspect_cmd(path, as_json, allow_pickle):
     dtypes {dtype: {tensors, parameters}}, shards [{file, tensors, bytes}], metadata,
     model {model_type, architectures, hidden_size, num_hidden_layers, vocab_size, ...} or null,
     adapter {variant, format, base_model, target_modules, targeted_modules,
-    trainable_parameters, modules_to_save, rank, ranks, alpha, scaling, modules, ...} or null,
+    trainable_parameters, modules_to_save, rank, ranks, alpha, scaling, modules, ...,
+    adaptkit_format: true for a variant only adaptkit reads} or null,
     quantization {method} or null.
 
     \b

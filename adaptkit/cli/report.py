@@ -33,7 +33,7 @@ def format_inspect(r: dict[str, Any]) -> str:
     lines = [r["path"]]
 
     def row(label: str, value: Any) -> None:
-        lines.append(f"  {label:<21}{value}")
+        lines.append(f"  {label:<20} {value}")  # a longer label (a config key) still gets its space
 
     what = r["kind"]
     if r["model"]:
@@ -41,7 +41,8 @@ def format_inspect(r: dict[str, Any]) -> str:
         what += f" ({r['model'].get('model_type', '?')}{', ' + arch if arch else ''})"
     if r["quantization"]:
         what += f", {r['quantization']['method']}"
-    row("kind", f"{what}; {r['format']} format")
+    own = "; adaptkit format (only adaptkit reads its variant)" if (r["adapter"] or {}).get("adaptkit_format") else ""
+    row("kind", f"{what}; {r['format']} format{own}")
     row("tensors", f"{r['tensors']} in {len(r['shards'])} file(s), {human_count(r['parameters'])} parameters, "
         f"{human_bytes(r['bytes'])}")
     row("dtypes", "; ".join(f"{k}: {v['tensors']} tensors" for k, v in sorted(r["dtypes"].items())))

@@ -7,7 +7,8 @@
   base, turn matrices trained whole into low-rank changes (W' − W by SVD). A change an adapter
   makes to a layer's bias (an output scaling, a trained bias on B) cannot be factors: the new
   bias b + Δb travels whole, in the module's base layer as PEFT saves a trained bias (needs the base).
-- `extract(model, base)`: a full fine-tune as a LoRA: each changed matrix's ΔW factored; changed
+- `extract(model, base)`: a full fine-tune as a LoRA: each changed matrix's ΔW factored (a convolution's
+  over its flattened kernels, as a conv LoRA: A r × in × *kernel, B out × r × 1…); changed
   vectors, and embeddings unless `embed_lora`, kept whole (`modules_to_save`).
 - `write(lowrank, fmt, out)`: through the format plugin's `write`, atomically.
 """
@@ -24,12 +25,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .. import registry, spec
+from .. import registry, spec, validate
 from ..adapter import read_adapter
 from ..io.dtypes import code_to_torch, compute_dtype, parse_dtype
 from ..errors import AdaptkitError
 from ..io.store import open_store
-from .lowrank import Factored, factor_matrix, factor_product, module_delta
+from .lowrank import Factored, factor_kernel, factor_matrix, factor_product, module_delta, settle_layout, stored_transposed
 from ..hub.repos import resolve_path
 from ..spec import AdapterFiles, LowRankAdapter, LowRankModule
 from ..io.outputs import atomic_output, check_output
@@ -37,8 +38,6 @@ from ..io.outputs import atomic_output, check_output
 #: Names of embedding tables and output heads (whole tensors unless `embed_lora`).
 EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
                         r"embed_positions|shared|lm_head|embed_out)\.weight$")
-#: transformers model types whose linear layers are GPT-2 `Conv1D` (weights stored in × out).
-CONV1D_MODELS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
 
 @dataclass
@@ -83,6 +82,17 @@ def _base_weight(base, module: str) -> torch.Tensor | None:
     return base.get(key)
 
 
+def _kernel_shaped(out: LowRankAdapter, base) -> None:
+    """Factors of flattened convolution kernels (AdaLoRA's on Conv2d: A r × in·kh·kw) in a conv LoRA's
+    shapes, A r × in × *kernel and B out × r × 1…, where the base says the module is a convolution."""
+    for module, m in out.modules.items():
+        key = f"{module}.weight"
+        shape = tuple(base.info(key).shape) if key in base else ()
+        if len(shape) > 2 and m.a.dim() == 2 and m.a.shape[1] == math.prod(shape[1:]) and m.b.shape[0] == shape[0]:
+            m.a = m.a.reshape(m.rank, *shape[1:])
+            m.b = m.b.reshape(shape[0], m.rank, *(1,) * (len(shape) - 2))
+
+
 def _new_bias(variant, adapter: AdapterFiles, module: str, base) -> torch.Tensor | None:
     """The module's bias after the adapter (b + Δb) where the adapter changes it, else None. Factors
     cannot hold a bias change, so it travels whole; that needs the base model's bias."""
@@ -107,6 +117,11 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
     if isinstance(variant, spec.MergeCheck):
         variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
     base_store = open_store(resolve_path(str(base)), allow_pickle=allow_pickle) if base is not None else None
+    base_config = validate.model_config(base_store.json_file("config.json"), base_store.root / "config.json") \
+        if base_store is not None else None
+    if base_store is not None:
+        settle_layout(variant, adapter, base_config, base,
+                      lambda module: base_store.get(f"{module}.weight") if f"{module}.weight" in base_store else None)
     out, report = LowRankAdapter.keeping(adapter.config), Report()
     resize = rank is not None or energy is not None
     for module in sorted(adapter.modules):
@@ -132,13 +147,20 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
             f = factor_product(a.float(), b.float(), s, rank, energy)
         else:
             if not resize:
-                raise AdaptkitError(f"{module}: a {variant.name} module is not a low-rank product; give --rank or "
-                                    "--energy to factor its ΔW by SVD")
-            layout = {"embedding": False, "transposed": bool(adapter.config.get("fan_in_fan_out"))}
+                raise AdaptkitError(f"{module}: a {variant.name} module has no exact low-rank form"
+                                    f"{_reason(variant, adapter, module)}; give --rank or --energy to factor its ΔW by SVD")
+            layout = {"embedding": False, "transposed": adapter.transposed.get(module, False)}
             delta = module_delta(variant, adapter, module, _base_weight(base_store, module)).float()
+            if delta.dim() > 2:  # a convolution kernel: a conv LoRA (LoCon)
+                f, a, b = factor_kernel(delta, rank, energy)
+                out.modules[module] = LowRankModule(a, b, float(f.rank))
+                report.add(module, f, f.rank, False)
+                continue
             f = factor_matrix(delta.T if layout["transposed"] else delta, rank, energy)
         out.modules[module] = LowRankModule(f.a, f.b, float(f.rank), **layout)
         report.add(module, f, f.rank, False)
+    if base_store is not None:
+        _kernel_shaped(out, base_store)
     if resize:
         out.plain_scaling()
     for key, name in adapter.saved.items():
@@ -146,7 +168,7 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
         if resize and base_store is not None and _factorable(key, whole, base_store):
             # A module trained whole, as a low-rank change of the base: ΔW = W' − W by SVD.
             module = key[: -len(".weight")]
-            flip = bool(adapter.config.get("fan_in_fan_out"))
+            flip = bool(stored_transposed(base_config, module))
             delta = whole.float() - base_store.get(key).float()
             f = factor_matrix(delta.T if flip else delta, rank, energy)
             out.modules[module] = LowRankModule(f.a, f.b, float(f.rank), transposed=flip)
@@ -171,6 +193,16 @@ def _as_stored(variant, adapter: AdapterFiles, module: str) -> LowRankModule | N
         return variant.lowrank_module(adapter, module)
     except AdaptkitError:
         return None
+
+
+def _reason(variant, adapter: AdapterFiles, module: str) -> str:
+    """' (<the variant's reason>)' where its `lowrank_module` refuses the module, else ''."""
+    try:
+        if isinstance(variant, spec.LowRankStored):
+            variant.lowrank_module(adapter, module)
+    except AdaptkitError as err:
+        return f" ({str(err).removeprefix(f'{module}: ')})"
+    return ""
 
 
 def _exact_factors(variant, adapter: AdapterFiles, module: str):
@@ -210,10 +242,25 @@ def convert(source: str | Path, to: str, out: str | Path, *, rank: int | None = 
     if adapter is None:
         raise AdaptkitError(f"{source}: holds a full model, not an adapter (use `adaptkit extract` for fine-tunes)")
     check_output(out, force=force, inputs=[source, base])  # before the work, not after it
-    lowrank, report = to_lowrank(adapter, rank=rank, energy=energy, base=base, allow_pickle=allow_pickle)
-    files = write(lowrank, to, out, force=force, inputs=[source, base])
+    plugin = registry.get("format", to)
+    if rank is None and energy is None and adapter.variant in spec.option(plugin, "writes_variants"):
+        files, report = _write_as_stored(adapter, plugin, out, force=force, inputs=[source, base])
+    else:
+        lowrank, report = to_lowrank(adapter, rank=rank, energy=energy, base=base, allow_pickle=allow_pickle)
+        files = write(lowrank, to, out, force=force, inputs=[source, base])
     return {"source": str(source), "from": f"{adapter.format}/{adapter.variant}", "to": to,
             "files": [str(f) for f in files], **report.as_dict()}
+
+
+def _write_as_stored(adapter: AdapterFiles, plugin, out, *, force: bool, inputs) -> tuple[list[Path], Report]:
+    """An adapter whose variant the target format holds as it is (`spec.WritesVariants`): its tensors written
+    unchanged, so exactly; the ranks in the report are the variant's own (`describe`)."""
+    with atomic_output(out, force=force, inputs=inputs) as tmp:
+        files = plugin.write_files(adapter, tmp)
+    figures = registry.get("variant", adapter.variant).describe(adapter).get("modules", {})
+    report = Report({m: {"rank": figures.get(m, {}).get("rank"), "error": 0.0, "exact": True}
+                     for m in sorted(adapter.modules)})
+    return [Path(out) / Path(f).name for f in files], report
 
 
 def extract(model: str | Path, base: str | Path, out: str | Path, *, rank: int | None = None,
@@ -229,12 +276,11 @@ def extract(model: str | Path, base: str | Path, out: str | Path, *, rank: int |
     if missing:
         raise AdaptkitError(f"the fine-tune lacks '{missing[0]}' of the base ({len(missing)} tensors); a different architecture?")
     config = ref.json_file("config.json") or {}
-    transposed = config.get("model_type") in CONV1D_MODELS
     check_output(out, force=force, inputs=[model, base])  # before the work, not after it
     lowrank = LowRankAdapter(config={"base_model_name_or_path": str(base)})
     report = Report()
     for name in tqdm(ref.keys(), unit="tensor", desc="extract", disable=not progress, leave=False):
-        _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, transposed)
+        _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, config)
     report.warn_clamped()
     files = write(lowrank, registry.default("format"), out, force=force, inputs=[model, base])
     return {"model": str(model), "base": str(base), "files": [str(f) for f in files], **report.as_dict()}
@@ -250,7 +296,7 @@ def _changed(name: str, ft, ref, block_rows: int) -> bool:
                for r in range(0, shape[0], block_rows))
 
 
-def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, transposed) -> None:
+def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, config) -> None:
     a_info, b_info = ft.info(name), ref.info(name)
     if a_info.shape != b_info.shape:
         raise AdaptkitError(f"'{name}': fine-tune {tuple(a_info.shape)} vs base {tuple(b_info.shape)}")
@@ -261,6 +307,12 @@ def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, trans
         return
     embedding = EMBEDDINGS.search(name) is not None
     is_matrix = len(b_info.shape) == 2 and name.endswith(".weight")
+    if len(b_info.shape) in (3, 4, 5) and name.endswith(".weight"):  # a Conv1d/2d/3d kernel: a conv LoRA (LoCon)
+        tuned = ft.get(name)
+        f, a, b = factor_kernel(tuned.float() - ref.get(name).float(), rank, energy)
+        lowrank.modules[name[: -len(".weight")]] = LowRankModule(a.to(tuned.dtype), b.to(tuned.dtype), float(f.rank))
+        report.add(name[: -len(".weight")], f, f.rank, False)
+        return
     if not is_matrix or (embedding and not embed_lora):
         lowrank.saved[name] = ft.get(name)  # kept whole, as stored
         report.saved.append(name)
@@ -269,7 +321,7 @@ def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, trans
     delta = tuned.float().sub_(ref.get(name).float())
     module = name[: -len(".weight")]
     as_embedding = embedding and not name.endswith(("lm_head.weight", "embed_out.weight"))
-    flip = as_embedding or transposed  # math layout out × in
+    flip = as_embedding or bool(stored_transposed(config, module))  # math layout out × in
     f = factor_matrix(delta.T if flip else delta, rank, energy)
     lowrank.modules[module] = LowRankModule(f.a.to(tuned.dtype), f.b.to(tuned.dtype), float(f.rank),
                                             embedding=as_embedding, transposed=flip)

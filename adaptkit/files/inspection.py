@@ -6,7 +6,9 @@ The dict returned by `inspect(path)` is the `--json` output; its keys are stable
   dtypes {name: {tensors, parameters}}, shards [{file, tensors, bytes}], metadata,
   model (config.json summary or null), adapter (null, or: variant, format, base_model,
   target_modules, targeted_modules, trainable_parameters, modules_to_save, and the variant's
-  figures such as rank, ranks, alpha, scaling, modules {path: {rank, alpha, scaling}}),
+  figures such as rank, ranks, alpha, scaling, modules {path: {rank, alpha, scaling}}; and
+  adaptkit_format: true when the config names an `adaptkit_variant`, a variant only adaptkit reads
+  whatever folder layout it borrows),
   quantization (null, or {method}).
 """
 from __future__ import annotations
@@ -42,6 +44,8 @@ def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     config = validate.model_config(store.json_file("config.json"), store.root / "config.json") if not adapter else None
     report["model"] = {k: config[k] for k in MODEL_FIELDS if k in config} if config else None
     report["adapter"] = describe(adapter) if adapter else None
+    if adapter is not None and adapter.config.get("adaptkit_variant"):
+        report["adapter"]["adaptkit_format"] = True  # other tools would refuse it, or read it as something else
     report["quantization"] = {"method": quantizer} if quantizer else None
     return report
 

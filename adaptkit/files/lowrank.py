@@ -20,10 +20,13 @@ error is measured as ‖ΔW − B·A‖_F / ‖ΔW‖_F instead of read off the 
 Ranks above a matrix's numerical rank are clamped (with a warning by the caller), unless the caller
 keeps the rank asked for (`keep_rank`: an adapter output has the rank the user gave, k = min(rank,
 out, in), its last factors near zero).
+
+`module_delta` lays ΔW out as the base stores the weight; `settle_layout` says how, from the base model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -129,6 +132,60 @@ def factor_product(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int | N
     return _finish(qb @ uc, s, (qa @ vch.T).T, rank, energy, (b.shape[0], a.shape[1]))
 
 
+#: transformers model types with GPT-2 `Conv1D` layers (weights stored in × out), and those layers' names
+#: there (their heads, e.g. `lm_head` or `score`, are `nn.Linear`).
+CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_LAYERS = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+
+
+def stored_transposed(model_config: dict[str, Any] | None, module: str) -> bool | None:
+    """Whether the base model stores `module`'s weight in × out (a GPT-2 `Conv1D`), from its config.json's
+    model_type; None where the config names no model_type, so the layer types are unknown."""
+    kind = (model_config or {}).get("model_type")
+    if kind is None:
+        return None
+    return kind in CONV1D_MODELS and module.rsplit(".", 1)[-1] in CONV1D_LAYERS
+
+
+def settle_layout(variant: Any, adapter: spec.AdapterFiles, model_config: dict[str, Any] | None, where: Any,
+                  weight: Callable[[str], torch.Tensor | None]) -> None:
+    """Each module's layout (`adapter.transposed`) from the base model `where` it goes into (`weight(module)`:
+    its weight, or None).
+
+    A format's layout is a guess: PEFT saves one flag for all modules, the one it set at the last layer
+    it adapted, so with Conv1D and Linear targets it is wrong for some (silently so on square layers).
+    The base's model_type tells Conv1D layers apart. Without one, a non-square weight tells by the shape
+    ΔW fits, and a square one is refused where the adapter holds Conv1D layers (it cannot be told)."""
+    if (model_config or {}).get("model_type") is not None:
+        adapter.transposed.update({m: bool(stored_transposed(model_config, m)) for m in adapter.modules})
+        return
+    square = []
+    for module in adapter.modules:
+        w = weight(module)
+        if w is not None and w.dim() == 2:
+            if w.shape[0] == w.shape[1]:
+                square.append(module)
+            else:
+                adapter.transposed[module] = _fitting(variant, adapter, module, w)
+    if square and any(adapter.transposed.get(m) for m in adapter.modules):
+        raise AdaptkitError(f"adapter {adapter.store.root} holds GPT-2 Conv1D layers (weight stored in × out), and "
+                            f"'{square[0]}' is square: {where} has no model_type in its config.json to tell whether "
+                            "it is one")
+
+
+def _fitting(variant: Any, adapter: spec.AdapterFiles, module: str, w: torch.Tensor) -> bool:
+    """The layout in which the module's ΔW has the base weight's shape (the format's guess first)."""
+    guess = bool(adapter.transposed.get(module))
+    for flip in (guess, not guess):
+        adapter.transposed[module] = flip
+        try:
+            if tuple(module_delta(variant, adapter, module, w.float()).shape) == tuple(w.shape):
+                return flip
+        except AdaptkitError:  # e.g. IA3's vector that does not scale the weight laid out so
+            continue
+    return guess  # neither fits: the merge reports the shapes
+
+
 def module_delta(variant: Any, adapter: spec.AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
     """ΔW of one stored module, shaped like the base weight (float32): the variant's own `delta` where it
     has one (`spec.StoredDelta`), else s·B·A from its `factors`, transposed where `factor_layout` says the
@@ -143,3 +200,12 @@ def module_delta(variant: Any, adapter: spec.AdapterFiles, module: str, base: to
     layout = variant.factor_layout(adapter, module)
     update = s * (b.float() @ a.float())
     return update.T if layout.get("embedding") or layout.get("transposed") else update
+
+
+def factor_kernel(delta: torch.Tensor, rank: int | None = None,
+                  energy: float | None = None) -> tuple[Factored, torch.Tensor, torch.Tensor]:
+    """A convolution's ΔW (out × in × *kernel) factored over its flattened kernels, and the factors as a
+    conv LoRA (LoCon) holds them: A r × in × *kernel (a convolution like the layer's), B out × r × 1…"""
+    f = factor_matrix(delta.flatten(1), rank, energy)
+    ones = (1,) * (delta.dim() - 2)
+    return f, f.a.reshape(f.rank, *delta.shape[1:]), f.b.reshape(delta.shape[0], f.rank, *ones)

@@ -23,7 +23,9 @@ from torch import nn
 from .. import registry, spec
 from ..errors import AdaptkitError, unknown_name
 from ..quant.quantized import QuantizedLinear
+from .calls import watch_calls
 from .files import load_adapter_into, save_adapter
+from .inputs import watch_inputs
 from .layer import AdaptedLayer, Branch, ReplacedModule
 from .targets import _matches, _parent, adapted_layers, find_targets, unwrap, variant_config, wrap
 
@@ -40,6 +42,7 @@ class Adapter:
     layers: list[str] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)  # paths of modules trained whole
     shared: nn.ParameterDict = field(default_factory=nn.ParameterDict)
+    inputs: Any = None  # what the variant last read from the model's inputs (`spec.ReadsInputs`)
 
 
 class Adapters:
@@ -93,6 +96,8 @@ class Adapters:
                                     "train it on a floating-point base")
         adapter.saved = self._add_saved(name, config["modules_to_save"])
         self.adapters[name] = adapter
+        watch_inputs(self)
+        watch_calls(self)
         self._freeze_base()
         self.set_active(name)
         return self
@@ -194,6 +199,8 @@ class Adapters:
         variant = self.adapters[name].variant
         if self.adapters[name].layers and not isinstance(variant, spec.WeightSpace):
             raise AdaptkitError(f"adapter '{name}' ({variant.name}) changes activations, not weights; it cannot be merged")
+        for path in self.adapters[name].layers[:1]:  # a variant whose settings leave no ΔW refuses here, before any change
+            self.model.get_submodule(path).delta(name)
 
     def _pick(self, names, default=None) -> list[str]:
         names = (default if default is not None else self.active) if names is None else names
@@ -230,6 +237,8 @@ class Adapters:
         for module in self._replaced():
             module.copies.pop(name, None)
         del self.adapters[name]
+        watch_inputs(self)
+        watch_calls(self)
         self.set_active([n for n in self.active if n != name])
         return self.model
 
@@ -244,6 +253,8 @@ class Adapters:
         self.adapters.clear()
         self.active = []
         self.model.__dict__.pop(HANDLE_ATTR, None)
+        watch_inputs(self)
+        watch_calls(self)
 
     # -- counting -------------------------------------------------------------------------------
     def trainable_parameters(self) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import torch
 
 from .. import registry, spec
 from ..adapter import read_adapter
+from .inputs import watch_inputs
 from .targets import variant_config
 from ..errors import AdaptkitError
 from ..hub.repos import is_reference, resolve_path
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 class LiveAdapter:
     """A live adapter's tensors and config, as a format's `write_live` takes them (`capabilities.LiveWriter`):
     per adapted module path its tensors by the variant's stored key (`lora_A.weight`), tensors shared by
-    all modules by role, per module trained whole its state dict, and the variant's `file_config`."""
+    all modules by role, per module trained whole its state dict, and the variant's `file_config`;
+    `architecture` is the class name of a transformers model (`LlamaForCausalLM`), else None."""
 
     variant: str
     config: dict[str, Any]
@@ -38,12 +40,14 @@ class LiveAdapter:
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    architecture: str | None = None
 
 
 def save_adapter(handle: Adapters, name: str, out: str | Path, *, force: bool = False,
                  format: str | None = None) -> Path:
     """Write adapter `name` into the folder `out` in `format` (default: registry.default("format")): through
-    the format's `write_live`, else as the canonical format read back in low-rank form for its `write`."""
+    the format's `write_live`, else as the canonical format read back: as stored for a format that holds the
+    variant (`write_files`), else in low-rank form for its `write`."""
     if name not in handle.adapters:
         raise AdaptkitError("no adapter to save" if not name else f"no adapter named '{name}'")
     default = registry.default("format")
@@ -58,7 +62,12 @@ def save_adapter(handle: Adapters, name: str, out: str | Path, *, force: bool = 
         raise AdaptkitError(f"format '{plugin.name}' cannot be written from a live model")
     with tempfile.TemporaryDirectory() as scratch:
         canonical.write_live(live, Path(scratch))
-        lowrank = _stored_lowrank(read_adapter(scratch), plugin.name)
+        stored = read_adapter(scratch)
+        if stored.variant in spec.option(plugin, "writes_variants"):  # the format holds the variant as it is
+            with atomic_output(out, force=force) as tmp:
+                plugin.write_files(stored, tmp)
+            return Path(out)
+        lowrank = _stored_lowrank(stored, plugin.name)
         with atomic_output(out, force=force) as tmp:
             try:
                 plugin.write(lowrank, tmp)
@@ -71,7 +80,7 @@ def live_adapter(handle: Adapters, name: str) -> LiveAdapter:
     """Adapter `name`'s tensors (detached, on the CPU, contiguous) and config, off the model."""
     adapter, model = handle.adapters[name], handle.model
     variant, settings, transposed = adapter.variant, {}, False
-    live = LiveAdapter(variant.name, {}, _base_name(model))
+    live = LiveAdapter(variant.name, {}, _base_name(model), architecture=_architecture(model))
     for path in adapter.layers:
         branch = model.get_submodule(path).branches[name]
         stored = variant.save_tensors(branch) if isinstance(variant, spec.SavesTensors) else dict(branch.params)
@@ -97,6 +106,11 @@ def _stored_lowrank(adapter: AdapterFiles, fmt: str) -> LowRankAdapter:
         raise _cannot(adapter.variant, fmt, "it has no plain low-rank form")
     if adapter.shared:
         raise _cannot(adapter.variant, fmt, f"tensors shared by all modules: {', '.join(sorted(adapter.shared))[:60]}")
+    try:  # an adapter with no weight-space form has no low-rank one either
+        if isinstance(variant, spec.MergeCheck):
+            variant.check_mergeable(adapter)
+    except AdaptkitError as e:
+        raise _cannot(adapter.variant, fmt, str(e)) from None
     lowrank = LowRankAdapter.keeping(adapter.config)
     for module in sorted(adapter.modules):
         try:
@@ -114,6 +128,11 @@ def _cannot(variant: str, fmt: str, why: str) -> AdaptkitError:
 def _base_name(model) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or None
+
+
+def _architecture(model) -> str | None:
+    """The model's class name when it is a transformers model (its config has a model_type)."""
+    return type(model).__name__ if getattr(getattr(model, "config", None), "model_type", None) else None
 
 
 def _source_folder(source: str | Path) -> Path:
@@ -192,6 +211,9 @@ def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: 
     for role, key in files.shared.items():
         _copy(adapter.shared[role], files.store.get(key), role)
     _load_saved_modules(handle, name, files, sorted(files.modules))
+    if swap:  # the adapter's own settings follow the new file too (what it reads of the model's inputs)
+        adapter.config.update(variant.config_from_file(files))
+        watch_inputs(handle)
     return handle
 
 

@@ -5,7 +5,8 @@ layer's output (`forward`) and what weight change it amounts to (`weight_delta`)
 the bookkeeping common to all of them: which adapters are active, merged or disabled.
 
 Weights are handled in "math" layout, out × in, whatever the base layer stores: `nn.Linear`
-stores that already; GPT-2's `Conv1D` and `nn.Embedding` store in × out (`Target.transposed`).
+stores that already; GPT-2's `Conv1D` and `nn.Embedding` store in × out (`Target.transposed`);
+convolutions keep their kernel: out × in/groups × *kernel.
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from ..quant.quantized import QuantizedLinear, fake_quantize
 class Target:
     """What an adapter needs to know about the layer it sits on."""
 
-    kind: str  # "linear" (nn.Linear, Conv1D), "embedding", or what a variant's `target_of` says ("block")
-    in_features: int  # for embeddings: the number of embeddings
-    out_features: int  # for embeddings: the embedding dimension
+    kind: str  # "linear" (nn.Linear, Conv1D), "embedding", "conv", or what a variant's `target_of` says ("block")
+    in_features: int  # for embeddings: the number of embeddings; for convolutions: in_channels
+    out_features: int  # for embeddings: the embedding dimension; for convolutions: out_channels
     transposed: bool  # the weight is stored in × out
+    kernel: tuple[int, ...] = ()  # convolutions: the kernel size (weight out × in/groups × *kernel)
+    groups: int = 1  # convolutions: channel groups
 
     @classmethod
     def of(cls, layer: nn.Module) -> Target | None:
@@ -37,6 +40,8 @@ class Target:
             return cls("linear", layer.in_features, layer.out_features, False)
         if isinstance(layer, nn.Embedding):
             return cls("embedding", layer.num_embeddings, layer.embedding_dim, True)
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.padding_mode == "zeros":
+            return cls("conv", layer.in_channels, layer.out_channels, False, tuple(layer.kernel_size), layer.groups)
         if type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None and layer.weight.dim() == 2:
             n_in, n_out = layer.weight.shape  # transformers' Conv1D: y = x·W + b with W in × out
             return cls("linear", n_in, n_out, True)
@@ -51,6 +56,7 @@ class Branch(nn.Module):
         self.variant, self.target, self.settings = variant, target, settings
         self.params = params
         self.transforms_input = isinstance(variant, spec.TransformsInput)  # e.g. scaling the input features
+        self.inputs: Any = None  # what the variant read from the model's inputs for this call (`spec.ReadsInputs`)
 
     def forward(self, *args, **kwargs):  # pragma: no cover - branches are called through AdaptedLayer
         raise TypeError("a Branch is run by its AdaptedLayer")
@@ -122,6 +128,8 @@ class AdaptedLayer(Forwarding):
         q = fake_quantize(effective, self.fake_quant)
         if self.target.kind == "embedding":
             return F.embedding(x, q.T.to(weight.dtype), self.base_layer.padding_idx)
+        if self.target.kind == "conv":  # the layer's own stride, padding, dilation and groups
+            return self.base_layer._conv_forward(x, q.to(weight.dtype), None if bias is None else bias.to(weight.dtype))
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return F.linear(x.to(dtype), q.to(dtype), None if bias is None else bias.to(dtype))
 

@@ -77,8 +77,8 @@ def find_targets(model: nn.Module, target_modules: Any, *, exclude_modules: Any 
         if layers is not None and layer_index(path, layers_pattern) not in layers:
             continue
         if target is None:
-            raise AdaptkitError(f"target module '{path}' is a {type(module).__name__}; adapters go on Linear, Conv1D "
-                                f"and Embedding layers")
+            raise AdaptkitError(f"target module '{path}' is a {type(module).__name__}; adapters go on Linear, Conv1D, "
+                                f"Embedding and zero-padded Conv1d/2d/3d layers")
         chosen[path] = target
     if not chosen:
         raise AdaptkitError(f"target_modules {target_modules!r} match no layer; layers here include: "

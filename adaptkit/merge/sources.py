@@ -16,7 +16,7 @@ from ..adapter import read_adapter
 from ..errors import AdaptkitError
 from ..hub.repos import resolve_path
 from ..io.store import TensorStore, open_store
-from ..files.lowrank import module_delta
+from ..files.lowrank import module_delta, settle_layout
 from ..io.safetensors_file import TensorInfo
 from .recipe import Ref
 from ..spec import AdapterFiles
@@ -44,6 +44,8 @@ class ModelSource:
         variant = registry.get("variant", adapter.variant)
         if isinstance(variant, spec.MergeCheck):
             variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
+        settle_layout(variant, adapter, self.config, self.ref.model,  # Conv1D or Linear: the base's layers say
+                      lambda module: self.store.get(key) if (key := weight_key(self.store, module)) else None)
         for module in adapter.modules:
             key = weight_key(self.store, module)
             if key is None:
@@ -111,8 +113,12 @@ class ModelSource:
 
 
 def weight_key(store: TensorStore, module: str) -> str | None:
-    """The key of a module's weight in a model store (`<module>.weight`, or the module path itself)."""
-    for key in (f"{module}.weight", module):
+    """The key of a module's weight in a model store: `<module>.weight`, the module path itself (an adapted
+    parameter), or an `nn.MultiheadAttention`'s packed q/k/v projection `<module>.in_proj_weight`. PEFT
+    saves an adapted layer inside another adapted one under `<outer>.base_layer.<inner>` (the
+    MultiheadAttention's out_proj): that is the layer `<outer>.<inner>`."""
+    module = module.replace(".base_layer.", ".")
+    for key in (f"{module}.weight", module, f"{module}.in_proj_weight"):
         if key in store:
             return key
     return None

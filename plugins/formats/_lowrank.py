@@ -115,7 +115,7 @@ def lowrank_from_lora(adapter: AdapterFiles) -> LowRankAdapter:
             raise AdaptkitError(f"{path}: {', '.join(extra)} has no plain LoRA form (DoRA?)")
         embedding = "lora_embedding_A" in roles
         a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
-        transposed = embedding or bool(adapter.config.get("fan_in_fan_out"))
+        transposed = embedding or adapter.transposed.get(path, False)
         modules[path] = LowRankModule(adapter.tensor(path, a_role), adapter.tensor(path, b_role),
                                       float(variant.module_alpha(adapter, path)), embedding, transposed)
     saved = {path: adapter.store.get(key) for path, key in adapter.saved.items()}

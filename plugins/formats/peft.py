@@ -7,7 +7,9 @@ Keys are `base_model.model.<module path>.<role>[.weight]` where `<role>` is one 
 `peft_type` (LORA -> lora), or `adaptkit_variant` for variants PEFT lacks. Unknown config keys
 (a newer PEFT) load with a warning. This module imports no torch: it only reads names.
 Written by `write_live` (a live model's adapter, any variant: what `handle.save` and `train` write by
-default) and `write` (a low-rank adapter: `convert`, `extract`).
+default) and `write` (a low-rank adapter: `convert`, `extract`), both so that PEFT loads the folder as
+its own (`_peft_interop.py`: task_type, a portable base, no key PEFT does not know; adaptkit's own
+keys travel in the weights file's metadata).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from collections import Counter
 from typing import Any
 
 from adaptkit.plugin import AdapterFiles, AdaptkitError, dump_json, registry, validate
+
+from . import _peft_interop as interop
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_STEM = "adapter_model"  # adapter_model.safetensors (or its shards; adapter_model.bin from older PEFT)
@@ -58,11 +62,20 @@ class PeftFormat:
     def read(self, store) -> AdapterFiles:
         config = store.json_file(CONFIG_FILE) or {}
         where = store.root / CONFIG_FILE
+        # adaptkit's own keys of a variant PEFT reads as its peft_type (LoRA-FA as LORA) are in the metadata
+        own = interop.own_keys(config, store.metadata, where)
+        config |= {k: v for k, v in own.items() if k != "adaptkit_variant"}
         validate.check_fields(config, validate.ADAPTER_FIELDS, where)
-        variant_name = config.get("adaptkit_variant") or str(config.get("peft_type", "")).lower()
+        variant_name = (own.get("adaptkit_variant") or config.get("adaptkit_variant")
+                        or str(config.get("peft_type", "")).lower())
         if not variant_name:
             raise AdaptkitError(f"{where}: no 'peft_type' or 'adaptkit_variant'")
-        variant = registry.get("variant", variant_name)
+        try:
+            variant = registry.get("variant", variant_name)
+        except AdaptkitError as e:  # a PEFT method adaptkit does not have: say so by PEFT's name
+            if own.get("adaptkit_variant") or config.get("adaptkit_variant"):
+                raise
+            raise AdaptkitError(f"PEFT type '{config['peft_type']}' is not supported here ({e})") from None
         validate.check_fields(config, getattr(variant, "config_types", {}), where)
         unknown = sorted(set(config) - COMMON_KEYS - set(variant.config_keys))
         if unknown:
@@ -82,30 +95,41 @@ class PeftFormat:
                 adapter.shared[role] = key
         if not adapter.modules and not adapter.shared and not adapter.saved:
             raise AdaptkitError(f"{store.root}: adapter has no tensors")
+        if config.get("target_parameters"):
+            adapter.modules = parameter_modules(adapter.modules, config["target_parameters"], where)
+        # PEFT sets fan_in_fan_out per layer while injecting (True at a Conv1D, False at a Linear) and
+        # saves the last value: a guess for every module until a base model settles each one.
+        adapter.transposed = dict.fromkeys(adapter.modules, bool(config.get("fan_in_fan_out")))
         return adapter
 
     def write_live(self, live, out_dir) -> list:
         """A live adapter (`adaptkit.live.files.LiveAdapter`) as PEFT saves it: keys `base_model.model.<module
         path>.<stored key>`, shared tensors `base_model.<role>`, modules trained whole as their full
         tensors under their own path; `target_modules` lists the adapted paths exactly, so PEFT and
-        adaptkit pick the same layers whatever the original pattern was."""
+        adaptkit pick the same layers whatever the original pattern was. An adapter whose tensors are
+        all shared (prompt learning: no layer holds one) is laid out as PEFT saves prompt learning:
+        its tensors at the top level, no targeting fields."""
         import json
         from pathlib import Path
 
         from adaptkit.plugin import save_tensors
 
-        config = {"task_type": None, "base_model_name_or_path": live.base_model, "inference_mode": True,
-                  **live.config, "target_modules": sorted(live.modules) or DUMMY_TARGETS,
-                  "modules_to_save": sorted(live.saved) or None, "exclude_modules": None,
-                  "layers_to_transform": None, "layers_pattern": None}
-        text = dump_json(config, CONFIG_FILE)  # NaN refused before a tensor is written
+        config = {"task_type": None, "base_model_name_or_path": live.base_model, "inference_mode": True, **live.config}
+        prompt = not any(live.modules.values()) and not live.saved and bool(live.shared)
+        if not prompt:
+            config |= {"target_modules": live.config.get("target_modules") or sorted(live.modules) or DUMMY_TARGETS,
+                       "modules_to_save": sorted(live.saved) or None, "exclude_modules": None,
+                       "layers_to_transform": None, "layers_pattern": None}
+        config = interop.portable(config, getattr(live, "architecture", None))
+        text = dump_json(interop.peft_view(config, COMMON_KEYS), CONFIG_FILE)  # NaN refused before a tensor is written
         tensors = {f"{PREFIXES[0]}{path}.{key}": t for path, stored in live.modules.items() for key, t in stored.items()}
-        tensors |= {f"{PREFIXES[1]}{role}": t for role, t in live.shared.items()}
+        tensors |= {f"{'' if prompt else PREFIXES[1]}{role}": t for role, t in live.shared.items()}
         tensors |= {f"{PREFIXES[0]}{path}.{p}": t for path, state in live.saved.items() for p, t in state.items()}
         metadata = {"format": "pt"}
         if config.get("adaptkit_variant"):  # a variant PEFT lacks: the file says what it is on its own too
-            metadata.update(adaptkit_variant=config["adaptkit_variant"],
-                            adaptkit_config=json.dumps(config, sort_keys=True, allow_nan=False))
+            metadata.update(adaptkit_variant=config["adaptkit_variant"])
+        if config.get("adaptkit_variant") or interop.needs_metadata(config):  # and the keys PEFT is not shown
+            metadata.update(adaptkit_config=json.dumps(config, sort_keys=True, allow_nan=False))
         out_dir = Path(out_dir)
         (out_dir / CONFIG_FILE).write_text(text)
         files = save_tensors(out_dir, tensors, shard_size=2**62, metadata=metadata, stem=WEIGHTS_STEM)
@@ -119,9 +143,9 @@ class PeftFormat:
         from adaptkit.plugin import save_tensors
 
         modules = adapter.modules
+        # PEFT takes each layer's layout from its type (Conv1D or Linear), whatever fan_in_fan_out says, so one
+        # config holds both kinds; the flag, a guess for readers, is true when any layer is a Conv1D.
         flips = {m.transposed for m in modules.values() if not m.embedding}
-        if len(flips) > 1:
-            raise AdaptkitError("the modules mix fan_in_fan_out and plain layers; one LoRA config cannot hold both")
         ranks = {p: m.rank for p, m in modules.items()}
         alphas = {p: float(m.alpha) for p, m in modules.items()}
         # A whole tensor of an adapted module (a changed bias) goes into its base layer, as PEFT
@@ -130,11 +154,12 @@ class PeftFormat:
         saved_modules = sorted({key.rsplit(".", 1)[0] for key in adapter.saved if not inside[key]})
         config = {"task_type": None, "base_model_name_or_path": None, **adapter.config, "peft_type": "LORA",
                   **rank_config(ranks, alphas), "use_rslora": bool(adapter.config.get("use_rslora")), "use_dora": False,
-                  "target_modules": sorted(modules) or DUMMY_TARGETS, "fan_in_fan_out": flips == {True},
+                  "target_modules": sorted(modules) or DUMMY_TARGETS, "fan_in_fan_out": True in flips,
                   "modules_to_save": saved_modules or None, "init_lora_weights": True, "bias": "none",
                   "lora_dropout": 0.0, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
                   "exclude_modules": None}
         config.pop("adaptkit_variant", None)
+        config = interop.portable(config, None)
         tensors = {}
         for path, m in modules.items():
             a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight")
@@ -155,6 +180,34 @@ def rank_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, An
     alpha = Counter(alphas[m] for m in ranks if ranks[m] == r).most_common(1)[0][0] if ranks else r
     return {"r": r, "lora_alpha": alpha, "rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r},
             "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha}}
+
+
+def parameter_modules(modules: dict[str, dict[str, str]], targets: list[str], where) -> dict[str, dict[str, str]]:
+    """`target_parameters` (PEFT's ParamWrapper: LoRA on an nn.Parameter) saves a parameter's factors under
+    its module's path; the adapter names the module by the parameter's own path, the base model's
+    tensor (`lin0` -> `lin0.weight`). A parameter matches a target as in PEFT: `<module>.<name>` equals it
+    or ends in `.<target>`. PEFT nests one wrapper per parameter of a module (`experts`,
+    `experts.base_layer`, …) in the order the module registered them, which the file does not record:
+    those are filed under the parameters' paths in name order, provisionally; the lora variant takes,
+    for each parameter, the one wrapper whose factors fit its tensor (`_lora_params.parameter_delta`)."""
+    owners: dict[str, list[str]] = {}
+    for module in modules:
+        owner = module
+        while owner.endswith(".base_layer"):
+            owner = owner.removesuffix(".base_layer")
+        owners.setdefault(owner, []).append(module)
+    found = {}
+    for owner, wrappers in owners.items():
+        keys = {t: f"{owner}.{t.rpartition('.')[2]}" for t in targets}  # <module>.<parameter name>
+        names = sorted({key.rpartition(".")[2] for t, key in keys.items() if key == t or key.endswith(f".{t}")})
+        if not names:
+            found.update({m: modules[m] for m in wrappers})
+        elif len(names) != len(wrappers):
+            raise AdaptkitError(f"{where}: target_parameters names {len(names)} parameters of '{owner}' "
+                                f"({', '.join(names)}) but it holds {len(wrappers)} LoRA(s); which is whose is unknown")
+        else:
+            found.update({f"{owner}.{name}": modules[m] for name, m in zip(names, sorted(wrappers))})
+    return found
 
 
 def strip_prefix(key: str) -> str:

@@ -8,6 +8,17 @@ zero, B normal); "gaussian" — A ~ N(0, 1/r²); False — both random (non-triv
 "pissa" — A = √S_r·V_rᵀ, B = U_r·√S_r from the top singular vectors of W/s, and W becomes the
 residual W − s·B·A (Meng et al. 2024, arXiv 2404.02948).
 
+Convolutions (W out × in/g × *kernel, g groups) run as PEFT's two convolutions: A (r × in × *kernel,
+the layer's stride, padding and dilation, all input channels) then B (out × r/g × 1…, g groups):
+
+    y = conv(x, W) + s·conv_g(conv(dropout(x), A), B)
+
+With g = 1 that is conv(x, ΔW) with ΔW = s·(B·A) over the flattened kernels, reshaped to W's shape
+(PEFT's get_delta_weight); with g > 1 the branch mixes channels across groups, which no grouped
+kernel holds, so it cannot be merged (PEFT refuses too). DoRA's norm is over each output's
+whole kernel; PEFT stores its magnitude as 1 × out × 1…. A takes the layer's dilation too (PEFT's
+ignores it, so PEFT cannot run a dilated layer at all): the branch stays equal to its merge.
+
 LoRA-FA (Zhang et al. 2023, arXiv 2308.03303) freezes A. Autograd then keeps only the
 r-dimensional A·x for B's gradient, not the layer input x (A's gradient, which needs x, is never
 formed); benchmarks/adapters.py measures the saved activations.
@@ -23,11 +34,39 @@ from torch import nn
 from adaptkit.plugin import AdaptkitError
 
 
+def check_conv(path: str, target, config, r: int) -> None:
+    """The convolution cases PEFT supports, the others refused by name."""
+    groups = target.groups
+    if r < 1:
+        raise AdaptkitError(f"{path}: rank must be at least 1, got {r}")
+    if groups > 1 and config["use_dora"]:
+        raise AdaptkitError(f"{path}: conv LoRA with groups={groups} and use_dora is not supported (as in PEFT)")
+    if r % groups:
+        raise AdaptkitError(f"{path}: conv LoRA with groups={groups} needs a rank divisible by {groups}, got {r}")
+    if config["init_lora_weights"] == "pissa":
+        raise AdaptkitError(f"{path}: conv LoRA with init_lora_weights='pissa' is not supported")
+
+
+def shapes(target, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(A, B) shapes: r × in and out × r; convolutions r × in × *kernel and out × r/groups × 1…"""
+    if target.kind != "conv":
+        return (r, target.in_features), (target.out_features, r)
+    ones = (1,) * len(target.kernel)
+    return (r, target.in_features, *target.kernel), (target.out_features, r // target.groups, *ones)
+
+
+def product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """B·A shaped as the weight: convolution kernels are multiplied flattened, then take W's shape."""
+    if a.dim() == 2:
+        return b @ a
+    return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
+
+
 def initial_factors(target, settings, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) as `settings["init"]` asks; PiSSA also turns `weight` (out × in) into the residual."""
     r, init = settings["r"], settings["init"]
-    n_out, n_in = target.out_features, target.in_features
-    a, b = torch.empty(r, n_in), torch.empty(n_out, r)
+    a_shape, b_shape = shapes(target, r)
+    a, b = torch.empty(a_shape), torch.empty(b_shape)
     if target.kind == "embedding" and init in (True, "gaussian"):
         return nn.init.zeros_(a), nn.init.normal_(b)
     if init is True:
@@ -54,8 +93,9 @@ def create(target, settings, weight, trainable_a: bool = True) -> nn.ParameterDi
     if settings.get("bias"):  # PEFT's lora_bias: B's bias starts at zero
         params["lora_B_bias"] = nn.Parameter(torch.zeros(b.shape[0], dtype=b.dtype, device=b.device))
     if settings["use_dora"]:
-        merged = weight.float() + settings["scaling"] * (b @ a)
-        params["lora_magnitude_vector"] = nn.Parameter(torch.linalg.norm(merged, dim=1))
+        merged = weight.float() + settings["scaling"] * product(b, a)
+        norm = torch.linalg.norm(merged.flatten(1), dim=1)
+        params["lora_magnitude_vector"] = nn.Parameter(norm if a.dim() == 2 else norm.view(1, -1, *b.shape[2:]))
     if initial is not None:  # PiSSA: the starting factors, to rebuild the original W (save, remove)
         params["initial_A"] = nn.Parameter(a.clone(), requires_grad=False)
         params["initial_B"] = nn.Parameter(b.clone(), requires_grad=False)
@@ -69,6 +109,8 @@ def factors(params: nn.ParameterDict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def forward(branch, base_layer, x, result):
+    if branch.target.kind == "conv":
+        return conv_forward(branch, base_layer, x, result)
     s, p = branch.settings, branch.params
     a, b = factors(p)
     if branch.target.kind == "embedding":
@@ -96,20 +138,49 @@ def forward(branch, base_layer, x, result):
     return result + ((scale - 1) * base + scale * lora).to(result.dtype)
 
 
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def conv_forward(branch, base_layer, x, result):
+    """The branch on a convolution (see the module docstring), DoRA as on linear layers with one
+    magnitude per output channel."""
+    s, p = branch.settings, branch.params
+    a, b = p["lora_A"], p["lora_B"]
+    conv, ones = _CONV[a.dim()], (1,) * (a.dim() - 2)
+    dropped = (F.dropout(x, s["dropout"], branch.training) if s["dropout"] else x).to(a.dtype)
+    hidden = conv(dropped, a, None, base_layer.stride, base_layer.padding, base_layer.dilation)
+    lora = conv(hidden, b, p["lora_B_bias"] if "lora_B_bias" in p else None, groups=base_layer.groups) * s["scaling"]
+    if "lora_magnitude_vector" not in p:
+        return result + lora.to(result.dtype)
+    weight = base_layer.weight.to(a.dtype)
+    norm = torch.linalg.norm((weight + s["scaling"] * product(b, a)).flatten(1), dim=1).detach()
+    scale = (p["lora_magnitude_vector"].flatten() / norm).view(1, -1, *ones)
+    bias = getattr(base_layer, "bias", None)
+    if s["dropout"]:
+        base = base_layer._conv_forward(dropped, weight, None)  # conv(x, W) without the bias
+    else:
+        base = result if bias is None else result - bias.view(1, -1, *ones)
+    return result + ((scale - 1) * base + scale * lora).to(result.dtype)
+
+
 def weight_delta(branch, weight: torch.Tensor) -> torch.Tensor:
-    """ΔW (out × in) in float32; DoRA's depends on the base weight."""
+    """ΔW (out × in, or the kernel's shape) in float32; DoRA's depends on the base weight."""
     s, p = branch.settings, branch.params
     a, b = factors(p)
-    update = s["scaling"] * (b.float() @ a.float())
+    if branch.target.kind == "conv" and branch.target.groups > 1:
+        raise AdaptkitError(f"conv LoRA with groups={branch.target.groups} cannot be merged: B·A mixes channels "
+                            "across groups, which the grouped kernel cannot hold (PEFT refuses too)")
+    update = s["scaling"] * product(b.float(), a.float())
     if "lora_magnitude_vector" not in p:
         return update
     return dora_change(p["lora_magnitude_vector"].float(), weight, update)
 
 
 def dora_change(magnitude: torch.Tensor, weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W, all out × in."""
+    """m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W, out × in (a convolution's row: one output's whole kernel)."""
     merged = weight + update
-    return (magnitude / torch.linalg.norm(merged, dim=1))[:, None] * merged - weight
+    scale = magnitude.flatten() / torch.linalg.norm(merged.flatten(1), dim=1)
+    return scale.view(-1, *(1,) * (merged.dim() - 1)) * merged - weight
 
 
 def save_tensors(branch) -> dict[str, torch.Tensor]:

@@ -24,14 +24,18 @@ Files are PEFT's: `peft_type: ADALORA`, keys `base_model.model.<module>.lora_A|l
 kept rows only and loaded at that rank (PEFT's resize), ranknum staying init_r; as in PEFT, a save
 between two mask steps drops the rows the last mask zeroed even if the optimizer has moved them since.
 `adaptkit convert --to lora` writes an exact plain LoRA of the rows whose E ≠ 0: A' = (A ⊙ E)[kept], B' = c·B[:, kept].
+On `nn.Conv2d` (PEFT's SVDConv2d; groups 1 only) A is r × (in·kh·kw) and ΔW the same product reshaped
+to the kernel, out × in × kh × kw; the branch is conv(dropout(x), ΔW) with the layer's stride, padding, dilation.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from adaptkit.plugin import AdapterFiles, AdaptkitError
 from adaptkit.plugin import validate as v
 
+from ._lora_checks import check_adalora
 from .lora import LORA, LORA_CONFIG_KEYS, LORA_TYPES
 
 OWN = {"init_r": 12, "target_r": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
@@ -93,8 +97,8 @@ class AdaLoRA:
                 **{k: cfg.get(k) for k in OWN}, "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")), "modules": modules}
 
     def check_files(self, adapter: AdapterFiles) -> None:
-        """Each module's A (r × in), E (r × 1) and B (out × r) agree on r (shapes only; r may be 0:
-        the budget can prune every row of a layer)."""
+        """The config (`check_adalora`); each module's A (r × in), E (r × 1), B (out × r) agree on r (r may be 0)."""
+        check_adalora(adapter.config, v.adapter_source(adapter))
         for module in sorted(adapter.modules):
             if set(adapter.modules[module]) != set(self.param_names):
                 continue  # reported by `_tensors` where the module is used
@@ -114,7 +118,9 @@ class AdaLoRA:
         a, e, b = self._tensors(adapter, module)
         scaling, ranknum = self._scale(adapter, module)
         update = (b @ (a * e)) * scaling / self._ranknum(ranknum, a)
-        return update.T if adapter.config.get("fan_in_fan_out") else update
+        if base is not None and base.dim() > 2 and update.numel() == base.numel():  # a Conv2d kernel
+            return update.reshape(base.shape)
+        return update.T if adapter.transposed.get(module) else update
 
     def factors(self, adapter: AdapterFiles, module: str):
         """(A', B', c) with ΔW = c·B'·A': A' = (A ⊙ E) and B' = B on the rows with E ≠ 0."""
@@ -124,7 +130,7 @@ class AdaLoRA:
         return (a * e)[keep].contiguous(), b[:, keep].contiguous(), float(scaling / self._ranknum(ranknum, a))
 
     def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
-        return {"embedding": False, "transposed": bool(adapter.config.get("fan_in_fan_out"))}
+        return {"embedding": False, "transposed": adapter.transposed.get(module, False)}
 
     def write_lowrank(self, factors, layouts, template: dict[str, Any], out_dir) -> list:
         """A plain PEFT LoRA folder (LoRA's writer, the AdaLoRA config fields dropped)."""
@@ -133,8 +139,11 @@ class AdaLoRA:
 
     # -- module plane ----------------------------------------------------------------------------
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
-        if target.kind != "linear":
-            raise AdaptkitError(f"{path}: adalora adapts linear layers only (as PEFT); leave it out of target_modules")
+        conv2d = target.kind == "conv" and len(target.kernel) == 2 and target.groups == 1
+        if target.kind != "linear" and not conv2d:
+            what = f"{len(target.kernel)}-d conv (groups={target.groups})" if target.kind == "conv" else target.kind
+            raise AdaptkitError(f"{path}: adalora adapts Linear, Conv1D and Conv2d (groups=1) layers only (as PEFT); "
+                                f"leave this {what} layer out of target_modules")
         total, tinit, tfinal = config["total_step"], config["tinit"], config["tfinal"]
         if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
             raise AdaptkitError(f"adalora needs total_step, the number of training steps (an integer > 0), got {total!r}")
@@ -157,8 +166,8 @@ class AdaLoRA:
         import torch
         from torch import nn
 
-        r = settings["r"]
-        a, e, b = torch.randn(r, target.in_features), torch.randn(r, 1), torch.randn(target.out_features, r)
+        r, n_in = settings["r"], target.in_features * math.prod(target.kernel)  # Conv2d: A r × (in·kh·kw)
+        a, e, b = torch.randn(r, n_in), torch.randn(r, 1), torch.randn(target.out_features, r)
         torch.randn(1)  # PEFT draws its ranknum here: the same draws, so a seeded run starts where PEFT's does
         if settings["init"]:
             nn.init.zeros_(e)
@@ -175,12 +184,16 @@ class AdaLoRA:
         a, e, b = p["lora_A"], p["lora_E"], p["lora_B"]
         x = x.to(a.dtype)
         dropped = F.dropout(x, s["dropout"], branch.training) if s["dropout"] else x
+        if branch.target.kind == "conv":  # conv(dropout(x), ΔW) with the layer's stride, padding, dilation
+            kernel = self.weight_delta(branch, base_layer.weight).to(a.dtype)
+            return result + base_layer._conv_forward(dropped, kernel, None).to(result.dtype)
         return result + ((dropped @ (a * e).T @ b.T) * s["scaling"] / self._ranknum(s["init_r"], a)).to(result.dtype)
 
     def weight_delta(self, branch, weight):
         p = branch.params
         a, e, b = (p[r].float() for r in ("lora_A", "lora_E", "lora_B"))
-        return (b @ (a * e)) * branch.settings["scaling"] / self._ranknum(branch.settings["init_r"], a)
+        update = (b @ (a * e)) * branch.settings["scaling"] / self._ranknum(branch.settings["init_r"], a)
+        return update.reshape(weight.shape) if branch.target.kind == "conv" else update
 
     def on_step_end(self, layers, config: dict[str, Any], step: int) -> None:
         """PEFT's update_and_allocate(step); unlike PEFT it may run before or after zero_grad()."""

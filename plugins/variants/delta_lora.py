@@ -63,7 +63,7 @@ class DeltaLoRA(LoRA):
     def delta(self, adapter: AdapterFiles, module: str, base=None):
         a, b, s = self.factors(adapter, module)
         update = s * (b @ a)
-        return update.T if adapter.config.get("fan_in_fan_out") else update
+        return update.T if adapter.transposed.get(module) else update
 
     def write_lowrank(self, factors, layouts, template: dict[str, Any], out_dir) -> list:
         """A plain PEFT LoRA folder (the Delta-LoRA config fields dropped)."""
@@ -79,8 +79,9 @@ class DeltaLoRA(LoRA):
         if config["lora_dropout"]:
             raise AdaptkitError(f"delta_lora: lora_dropout must be 0, got {config['lora_dropout']}; Delta-LoRA removes "
                                 "the dropout from the branch so that the change of B·A follows the gradient of W")
-        if target.kind == "embedding":
-            raise AdaptkitError(f"{path}: delta_lora adapts linear layers only; leave embeddings out of target_modules")
+        if target.kind != "linear":
+            raise AdaptkitError(f"{path}: delta_lora adapts linear layers only; leave {target.kind} layers out of "
+                                "target_modules")
         if config["use_dora"] or config["init_lora_weights"] == "pissa":
             raise AdaptkitError("delta_lora: use_dora and PiSSA init are not supported (W already moves with B·A)")
         step, ratio = config["start_step"], config["update_ratio"]

@@ -17,9 +17,14 @@ against the stored weight. Config fields are PEFT's `IA3Config`: `target_modules
 `feedforward_modules` (a list matched by path suffix — PEFT's `endswith`, no dot needed — or a
 regex the whole path must match; both default to PEFT's table for the model type),
 `fan_in_fan_out` (follows the layer), `init_ia3_weights` (ones; False draws l ~ N(0, 1)).
+
+Convolutions (W out × in/g × *kernel, g groups) scale channels: l is 1 × C × 1… (C = out, or in
+for feed-forward layers), and the merge scales each output's kernel by l_o, or each kernel's input
+channel by the l of the channel it reads: W'[o, c] = W[o, c]·l[group(o)·in/g + c] (PEFT's).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -73,12 +78,25 @@ class IA3Variant:
             raise AdaptkitError(f"{module}: an IA3 adapter rescales the base weight (ΔW = diag(l)·W − W); "
                                 "give the base model")
         vec = adapter.tensor(module, "ia3_l").float()
-        vec = vec.T if adapter.config.get("fan_in_fan_out") else vec
+        if base.dim() > 2:
+            return self._conv_vector(adapter, module, vec, base)
+        vec = vec.T if adapter.transposed.get(module) else vec
         rows, cols = base.shape[0], base.shape[-1]
         if base.dim() != 2 or tuple(vec.shape) not in ((rows, 1), (1, cols)):
             raise AdaptkitError(f"{module}: ia3_l has shape {tuple(vec.shape)}, which does not scale a weight of shape "
                                 f"{tuple(base.shape)}; is the adapter for a different base model?")
         return vec
+
+    def _conv_vector(self, adapter: AdapterFiles, module: str, vec: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        out, per_group = base.shape[:2]
+        ff = self.feedforward(adapter, module)
+        ones = (1,) * (base.dim() - 2)
+        fits = vec.shape[2:] == ones and vec.shape[0] == 1 and (
+            vec.shape[1] % per_group == 0 and out % (vec.shape[1] // per_group) == 0 if ff else vec.shape[1] == out)
+        if vec.dim() != base.dim() or not fits:
+            raise AdaptkitError(f"{module}: ia3_l has shape {tuple(vec.shape)}, which does not scale a convolution "
+                                f"kernel of shape {tuple(base.shape)}; is the adapter for a different base model?")
+        return conv_scale(vec, tuple(base.shape), ff)
 
     def feedforward(self, adapter: AdapterFiles, module: str) -> bool:
         spec = adapter.config.get("feedforward_modules")
@@ -102,8 +120,8 @@ class IA3Variant:
         return base.float() * vec - base.float()
 
     def describe(self, adapter: AdapterFiles) -> dict[str, Any]:
-        modules = {m: {"feedforward": self.feedforward(adapter, m), "size": adapter.shape(m, "ia3_l")[0] *
-                       adapter.shape(m, "ia3_l")[-1]} for m in sorted(adapter.modules)}
+        modules = {m: {"feedforward": self.feedforward(adapter, m), "size": math.prod(adapter.shape(m, "ia3_l"))}
+                   for m in sorted(adapter.modules)}
         return {"feedforward_modules": sorted(m for m, v in modules.items() if v["feedforward"]),
                 "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out")), "modules": modules}
 
@@ -128,8 +146,8 @@ class IA3Variant:
         return config
 
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
-        if target.kind != "linear":
-            raise AdaptkitError(f"{path}: IA3 scales Linear and Conv1D layers; leave {target.kind} layers out of "
+        if target.kind not in ("linear", "conv"):
+            raise AdaptkitError(f"{path}: IA3 scales Linear, Conv1D and Conv1d/2d/3d layers; leave {target.kind} layers out of "
                                 "target_modules")
         init = config["init_ia3_weights"]
         if not isinstance(init, bool):
@@ -141,6 +159,8 @@ class IA3Variant:
         from torch import nn
 
         shape = (1, target.in_features) if settings["feedforward"] else (target.out_features, 1)
+        if target.kind == "conv":  # PEFT's 1 × C × 1…, broadcast over (batch, C, *spatial)
+            shape = (1, shape[0] * shape[1], *(1,) * len(target.kernel))
         vec = torch.ones(shape) if settings["init"] else torch.randn(shape)
         return nn.ParameterDict({"ia3_l": nn.Parameter(vec.to(weight.device))})
 
@@ -148,16 +168,20 @@ class IA3Variant:
         if not branch.settings["feedforward"]:
             return x
         vec = branch.params["ia3_l"]
-        return (x.to(vec.dtype) * vec.flatten()).to(x.dtype)
+        return (x.to(vec.dtype) * (vec if branch.target.kind == "conv" else vec.flatten())).to(x.dtype)
 
     def forward(self, branch, base_layer, x, result):
         if branch.settings["feedforward"]:
             return result  # its input was scaled already (`transform_input`)
-        return (result * branch.params["ia3_l"].flatten()).to(result.dtype)
+        vec = branch.params["ia3_l"]
+        return (result * (vec if branch.target.kind == "conv" else vec.flatten())).to(result.dtype)
 
     def weight_delta(self, branch, weight: torch.Tensor) -> torch.Tensor:
         """ΔW (out × in): W·diag(l) − W for feed-forward layers, diag(l)·W − W otherwise."""
-        return weight * branch.params["ia3_l"].float() - weight
+        vec = branch.params["ia3_l"].float()
+        if branch.target.kind == "conv":
+            vec = conv_scale(vec, tuple(weight.shape), branch.settings["feedforward"])
+        return weight * vec - weight
 
     def bias_delta(self, branch, bias: torch.Tensor | None) -> torch.Tensor | None:
         if branch.settings["feedforward"] or bias is None:
@@ -177,6 +201,17 @@ class IA3Variant:
     def config_from_file(self, adapter: AdapterFiles) -> dict[str, Any]:
         return {"feedforward_modules": sorted(m for m in adapter.modules if self.feedforward(adapter, m)),
                 "init_ia3_weights": bool(adapter.config.get("init_ia3_weights", True))}
+
+
+def conv_scale(vec: torch.Tensor, shape: tuple[int, ...], feedforward: bool) -> torch.Tensor:
+    """l (1 × C × 1…) shaped to scale a kernel of `shape` (out × in/g × *kernel): its rows (out × 1 × 1…),
+    or, feed-forward, each group's kernels by that group's input channels (PEFT's _get_ia3_scaling_for_weight)."""
+    if not feedforward:
+        return vec.transpose(0, 1)
+    out, per_group, rest = shape[0], shape[1], vec.shape[2:]
+    groups = vec.shape[1] // per_group
+    grouped = vec.reshape(groups, 1, per_group, *rest).expand(groups, out // groups, per_group, *rest)
+    return grouped.reshape(out, per_group, *rest)
 
 
 IA3 = IA3Variant()

@@ -4,7 +4,9 @@ With A (r × in) and B (out × r) the update is ΔW = s · B·A, where s = α / 
 rsLoRA (`use_rslora`, Kalajdzievski 2023, arXiv 2312.03732). Per-module ranks and alphas come from
 `rank_pattern` / `alpha_pattern` (PEFT's rule: a pattern matches a module path ending in
 `.<pattern>`). GPT-2 `Conv1D` layers (`fan_in_fan_out`) store W as in × out, so ΔW is transposed.
-Embeddings store A as r × num_embeddings and B as dim × r: ΔE = s · (B·A)ᵀ.
+Embeddings store A as r × num_embeddings and B as dim × r: ΔE = s · (B·A)ᵀ. Convolutions keep their
+kernels (A r × in × *kernel, B out × r/groups × 1…): ΔW = s·B·A over the flattened kernels, grouped
+ones live only (`_lora_module.py`).
 
 DoRA (`use_dora`, Liu et al. 2024, arXiv 2402.09353) rescales each output row of the updated weight
 to a learned magnitude m: W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row, so its ΔW needs the base W.
@@ -16,6 +18,7 @@ On a live model (the module plane, `_lora_module.py`) the same class runs the si
 configured instances add LoRA-FA (A frozen; Zhang et al. 2023, arXiv 2308.03303) and LoRA+ (B's
 learning rate `loraplus_lr_ratio` × A's; Hayou et al. 2024, arXiv 2402.12354). Both save as PEFT
 LoRA folders (with `adaptkit_variant` so adaptkit restores the training setting; PEFT ignores it).
+aLoRA (`alora_invocation_tokens`, `_alora.py`) acts only from an invocation sequence on: live only, no ΔW.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ from adaptkit.plugin import AdapterFiles, AdaptkitError
 
 from ..formats._lowrank import LORA_TYPES, pattern_value
 from ..formats.peft import rank_config
+from . import _alora
 from ._lora_checks import check_files
-from ._lora_lowrank import LowRankForms
+from ._lora_lowrank import LowRankForms, conv_product, tucker_down
+from ._lora_params import lookup_path, on_parameter, out_proj_factor, parameter_delta, parameter_rank, refuse_live
 
 if TYPE_CHECKING:
     import torch
@@ -42,16 +47,18 @@ LORA_CONFIG_KEYS = frozenset({
 })
 
 
-class LoRA(LowRankForms):
+class LoRA(LowRankForms, _alora.Activated):
     """LoRA: low-rank update s·B·A (rsLoRA and DoRA through its config)."""
 
     def __init__(self, name: str = "lora", *, freeze_a: bool = False, lr_ratio: float | None = None, about: str = ""):
         self.name, self.freeze_a, self.lr_ratio, self.about = name, freeze_a, lr_ratio, about
 
-    param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    config_keys = LORA_CONFIG_KEYS | {"loraplus_lr_ratio"}
+    param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_mid")
+    @property
+    def config_keys(self) -> frozenset[str]:  # LoRA+'s ratio is its own key: PEFT's LoraConfig lacks it
+        return LORA_CONFIG_KEYS | {"loraplus_lr_ratio"} if self.lr_ratio else LORA_CONFIG_KEYS
     config_types = LORA_TYPES
-    inspect_rows = ("alpha", "scaling", "use_rslora", "use_dora", "fan_in_fan_out")
+    inspect_rows = ("alpha", "scaling", "use_rslora", "use_dora", "fan_in_fan_out", _alora.KEY)
 
     # -- shapes --------------------------------------------------------------------------------
     @staticmethod
@@ -63,12 +70,14 @@ class LoRA(LowRankForms):
         raise AdaptkitError(f"LoRA module has tensors {sorted(roles)} but not a complete A/B pair")
 
     def module_rank(self, adapter: AdapterFiles, module: str) -> int:
+        if on_parameter(adapter.config, module):  # A stacks one rank-r pair per expert (_lora_params)
+            return parameter_rank(adapter.config, module)
         a, _, _ = self._factors(adapter.modules[module])
         return adapter.shape(module, a)[0]
 
     def module_alpha(self, adapter: AdapterFiles, module: str) -> float:
         cfg = adapter.config
-        return pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", cfg.get("r", 8)))
+        return pattern_value(cfg.get("alpha_pattern"), lookup_path(module), cfg.get("lora_alpha", cfg.get("r", 8)))
 
     def scaling(self, adapter: AdapterFiles, module: str) -> float:
         r, alpha = self.module_rank(adapter, module), self.module_alpha(adapter, module)
@@ -84,6 +93,7 @@ class LoRA(LowRankForms):
                           "scaling": self.scaling(adapter, m)} for m in sorted(adapter.modules)}
         ranks = sorted({m["rank"] for m in per_module.values()})
         flags = {key: bool(cfg.get(key)) for key in ("use_rslora", "use_dora", "fan_in_fan_out")}
+        flags |= {_alora.KEY: list(_alora.invocation(cfg))} if _alora.invocation(cfg) else {}
         return {"rank": ranks[0] if len(ranks) == 1 else None, "ranks": ranks, "alpha": cfg.get("lora_alpha"),
                 "scaling": sorted({m["scaling"] for m in per_module.values()}), **flags, "modules": per_module}
 
@@ -93,11 +103,14 @@ class LoRA(LowRankForms):
         a_role, b_role, embedding = self._factors(roles)
         a = adapter.tensor(module, a_role).float()
         b = adapter.tensor(module, b_role).float()
-        if a.dim() != 2 or b.dim() != 2:
-            raise AdaptkitError(f"{module}: LoRA on convolution layers is not supported yet (A is {tuple(a.shape)})")
+        if "lora_mid" in roles:  # LyCORIS's Tucker LoCon: its core folded into A
+            a = tucker_down(module, adapter.tensor(module, "lora_mid").float(), a)
         s = self.scaling(adapter, module)
-        update = (b @ a) * s
-        if embedding or adapter.config.get("fan_in_fan_out"):
+        if on_parameter(adapter.config, module):
+            return parameter_delta(adapter, module, s, self.module_rank(adapter, module), base)
+        s *= out_proj_factor(adapter.config, module)  # PEFT adds a MultiheadAttention's out_proj ΔW twice
+        update = (conv_product(module, a, b) if a.dim() > 2 else b @ a) * s
+        if embedding or adapter.transposed.get(module):
             update = update.T
         if "lora_magnitude_vector" not in roles:
             return update
@@ -113,7 +126,7 @@ class LoRA(LowRankForms):
         if base is None:
             raise AdaptkitError(f"{module}: a DoRA adapter's ΔW depends on the base weight; give the base model")
         # math layout (out × in) for the row norms: embeddings and fan_in_fan_out store in × out
-        flip = embedding or bool(adapter.config.get("fan_in_fan_out"))
+        flip = embedding or adapter.transposed.get(module, False)
         w, upd = (base.float().T, update.T) if flip else (base.float(), update)
         change = _module().dora_change(adapter.tensor(module, "lora_magnitude_vector").float(), w, upd)
         return change.T if flip else change
@@ -122,31 +135,40 @@ class LoRA(LowRankForms):
     @property
     def defaults(self) -> dict[str, Any]:
         found = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-                 "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False}
+                 "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+                 _alora.KEY: None}
         return {**found, "loraplus_lr_ratio": self.lr_ratio} if self.lr_ratio else found
 
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
         r = int(pattern_value(config["rank_pattern"], path, config["r"]))
         alpha = float(pattern_value(config["alpha_pattern"], path, config["lora_alpha"]))
         limit = min(target.in_features, target.out_features)
-        if not 0 < r <= limit:
-            raise AdaptkitError(f"{path}: rank {r} does not fit a {target.out_features} × {target.in_features} layer "
-                                f"(1 to {limit})")
+        if target.kind == "conv":  # any rank, as PEFT: A is r × in × *kernel
+            _module().check_conv(path, target, config, r)
+        elif r < 1:
+            raise AdaptkitError(f"{path}: rank must be at least 1, got {r}")
+        elif r > limit and config["init_lora_weights"] == "pissa":  # any other rank is valid, as in PEFT
+            raise AdaptkitError(f"{path}: PiSSA rank {r} does not fit a {target.out_features} × {target.in_features} "
+                                f"layer (1 to {limit}: the top singular vectors of W)")
         if not 0 <= config["lora_dropout"] < 1:
             raise AdaptkitError(f"lora_dropout must be in [0, 1), got {config['lora_dropout']}")
         if config["lora_bias"] and (config["use_dora"] or target.kind == "embedding"):
             raise AdaptkitError(f"{path}: lora_bias works on linear layers without DoRA (as in PEFT)")
         scaling = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
         return {"r": r, "alpha": alpha, "scaling": scaling, "dropout": float(config["lora_dropout"]),
-                "use_dora": bool(config["use_dora"]), "init": config["init_lora_weights"], "bias": bool(config["lora_bias"])}
+                "use_dora": bool(config["use_dora"]), "init": config["init_lora_weights"],
+                "bias": bool(config["lora_bias"]), "alora": _alora.check_settings(config, path, target, self)}
 
     def create(self, target, settings, weight, shared):
         return _module().create(target, settings, weight, trainable_a=not self.freeze_a)
 
     def forward(self, branch, base_layer, x, result):
+        if branch.settings.get("alora"):
+            return _alora.forward(branch, x, result)
         return _module().forward(branch, base_layer, x, result)
 
     def weight_delta(self, branch, weight):
+        _alora.refuse_merge({_alora.KEY: branch.settings.get("alora")})
         return _module().weight_delta(branch, weight)
 
     def delta_needs_base(self, branch) -> bool:
@@ -179,6 +201,8 @@ class LoRA(LowRankForms):
                  "use_rslora": bool(config["use_rslora"]), "use_dora": bool(config["use_dora"]),
                  "fan_in_fan_out": transposed, "init_lora_weights": True, "bias": "none",
                  "lora_bias": bool(config["lora_bias"])}
+        if config[_alora.KEY]:  # PEFT runs it in its causal-LM model only: the format writes the task type
+            found[_alora.KEY] = list(config[_alora.KEY])
         if self.name != "lora":
             found["adaptkit_variant"] = self.name
         if self.lr_ratio:
@@ -187,10 +211,12 @@ class LoRA(LowRankForms):
 
     def config_from_file(self, adapter: AdapterFiles) -> dict[str, Any]:
         cfg = adapter.config
+        refuse_live(adapter)  # target_parameters, Tucker LoCon: merged (tensor plane) only
         found = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", cfg.get("r", 8)),
                  "lora_dropout": cfg.get("lora_dropout", 0.0), "use_rslora": bool(cfg.get("use_rslora")),
                  "use_dora": bool(cfg.get("use_dora")), "rank_pattern": cfg.get("rank_pattern") or {},
-                 "alpha_pattern": cfg.get("alpha_pattern") or {}, "lora_bias": bool(cfg.get("lora_bias"))}
+                 "alpha_pattern": cfg.get("alpha_pattern") or {}, "lora_bias": bool(cfg.get("lora_bias")),
+                 _alora.KEY: cfg.get(_alora.KEY)}
         if self.lr_ratio:
             found["loraplus_lr_ratio"] = cfg.get("loraplus_lr_ratio", self.lr_ratio)
         return found

@@ -118,12 +118,12 @@ class TiedLoRA:
         return u[:, None] * a, v[:, None] * b, self.scaling(adapter)
 
     def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
-        return {"embedding": False, "transposed": bool(adapter.config.get("fan_in_fan_out"))}
+        return {"embedding": False, "transposed": adapter.transposed.get(module, False)}
 
     def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
         a, b, s = self.factors(adapter, module)
         update = s * (b @ a)
-        return update.T if adapter.config.get("fan_in_fan_out") else update
+        return update.T if adapter.transposed.get(module) else update
 
     def write_lowrank(self, factors, layouts, template: dict[str, Any], out_dir) -> list:
         """Merged factors are no longer tied: the output is a plain adapter of the canonical low-rank variant."""

@@ -94,7 +94,7 @@ class VeRA:
         A_l = diag(d)·A[:, :in], B_l = diag(b)·B[:out], exactly rank r."""
         a, b = self.matrices(adapter)
         lam_b, lam_d = adapter.tensor(module, "vera_lambda_b").float(), adapter.tensor(module, "vera_lambda_d").float()
-        n_in = base.shape[0 if adapter.config.get("fan_in_fan_out") else 1] if base is not None else \
+        n_in = base.shape[0 if adapter.transposed.get(module) else 1] if base is not None else \
             (adapter.config.get("adaptkit_in_features") or {}).get(module, a.shape[1])
         if n_in > a.shape[1] or lam_b.shape[0] > b.shape[0] or lam_d.shape[0] != a.shape[0]:
             raise AdaptkitError(f"{module}: VeRA vectors (b {lam_b.shape[0]}, d {lam_d.shape[0]}) and input size {n_in} do "
@@ -102,11 +102,11 @@ class VeRA:
         return lam_d[:, None] * a[:, :n_in], lam_b[:, None] * b[:lam_b.shape[0]], 1.0
 
     def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
-        return {"embedding": False, "transposed": bool(adapter.config.get("fan_in_fan_out"))}
+        return {"embedding": False, "transposed": adapter.transposed.get(module, False)}
 
     def delta(self, adapter: AdapterFiles, module: str, base=None):
         a, b, _ = self.factors(adapter, module, base)
-        return (b @ a).T if adapter.config.get("fan_in_fan_out") else b @ a
+        return (b @ a).T if adapter.transposed.get(module) else b @ a
 
     def write_lowrank(self, factors, layouts, template: dict[str, Any], out_dir) -> list:
         """Merged factors share no projection: the output is a plain adapter of the canonical low-rank variant."""

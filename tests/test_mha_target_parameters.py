@@ -1,0 +1,286 @@
+"""LoRA on `nn.MultiheadAttention` and on parameters (`target_parameters`, PEFT's ParamWrapper).
+
+PEFT is the oracle: the cases of its `tests/test_custom_models.py` (ModelMha, MlpUsingParameters)
+and a MoE-style block of stacked experts (3-D parameters, PEFT's default layout and
+`is_transposed`; two parameters of one module, which PEFT nests in registration order) are created
+by PEFT with random factors, merged by adaptkit into the saved base and compared with PEFT's forward
+and `merge_and_unload`; adaptkit writes an MHA adapter and PEFT loads it. The formulas are written out: ΔW = s·B·A
+on `in_proj_weight` (3E × E); PEFT's out_proj ΔW counted twice (its forward and merge both add it
+twice: huggingface/peft PR #3774); per expert ΔP[e] = s·B[:, e::E]·A[e·r:(e+1)·r] (transposed for
+`is_transposed`). What adaptkit cannot do is refused in one line naming it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import adaptkit as ak
+from adaptkit.adapter import read_adapter
+from adaptkit.errors import AdaptkitError
+from adaptkit.files.convert import convert
+from adaptkit.merge.engine import run_merge
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
+REL = 1e-4
+
+
+class ModelMha(nn.Module):  # PEFT's tests/test_custom_models.py
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(10, 2)
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, x):
+        x, _ = self.mha(x, x, x)
+        return self.lin0(x)
+
+
+class LinearUsingParameter(nn.Module):  # PEFT's _LinearUsingParameter: W stored in × out
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.ones(n_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class MlpUsingParameters(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = LinearUsingParameter(10, 20), LinearUsingParameter(20, 2)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 2)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+class Experts(nn.Module):
+    """A MoE block's experts as stacked parameters (transformers' layout: E × hidden × 2·inner and
+    E × inner × hidden), every token through every expert; `is_transposed` as PEFT reads it."""
+
+    def __init__(self, n=3, hidden=6, inner=4, transposed=False, down_first=False):
+        super().__init__()
+        self.is_transposed = transposed
+        shapes = {"gate_up_proj": (n, hidden, 2 * inner), "down_proj": (n, inner, hidden)}
+        for name in sorted(shapes, reverse=not down_first):  # registration order: PEFT's nesting order
+            setattr(self, name, nn.Parameter(torch.randn(*shapes[name]) / 3))
+
+    def forward(self, x):  # x: tokens × hidden
+        h = torch.einsum("th,ehk->etk", x, self.gate_up_proj)
+        gate, up = h.chunk(2, dim=-1)
+        return torch.einsum("eti,eih->th", torch.relu(gate) * up, self.down_proj)
+
+
+class MoE(nn.Module):
+    def __init__(self, transposed=False, down_first=False):
+        super().__init__()
+        self.experts = Experts(transposed=transposed, down_first=down_first)
+
+    def forward(self, x):
+        return self.experts(x)
+
+
+# (id, model, input, PEFT LoraConfig arguments); the first four are PEFT's own TEST_CASES rows.
+CASES = [
+    ("MHA 1 LoRA", ModelMha, (3, 1, 10), {"target_modules": ["mha"]}),
+    ("MHA 2 LoRA", ModelMha, (3, 1, 10), {"target_modules": ["mha", "lin0"]}),
+    ("MLP 1 using nn.Parameter LoRA", MlpUsingParameters, (3, 10), {"target_parameters": ["lin0.weight"]}),
+    ("MLP 2 using nn.Parameter LoRA", Mlp, (3, 10), {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
+    ("MHA rank and alpha patterns", ModelMha, (3, 1, 10),
+     {"target_modules": ["mha", "lin0"], "r": 4, "rank_pattern": {"mha": 3}, "alpha_pattern": {"mha": 5}}),
+    ("MHA rsLoRA", ModelMha, (3, 1, 10), {"target_modules": ["mha"], "r": 4, "lora_alpha": 6, "use_rslora": True}),
+    ("experts gate_up_proj", MoE, (5, 6), {"target_parameters": ["experts.gate_up_proj"], "r": 2}),
+    ("experts down_proj rank_pattern", MoE, (5, 6),
+     {"target_parameters": ["down_proj"], "r": 2, "rank_pattern": {"down_proj": 3}, "lora_alpha": 5}),
+    ("experts is_transposed rsLoRA", lambda: MoE(transposed=True), (5, 6),
+     {"target_parameters": ["experts.gate_up_proj"], "r": 2, "use_rslora": True}),
+    # two parameters of one module: PEFT nests their wrappers in an order its file does not record
+    ("experts gate_up_proj and down_proj nested", MoE, (5, 6),
+     {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "r": 2, "rank_pattern": {"down_proj": 3},
+      "alpha_pattern": {"gate_up_proj": 5}}),
+    ("experts nested the other way round", lambda: MoE(down_first=True), (5, 6),
+     {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "r": 3, "rank_pattern": {"gate_up_proj": 2}}),
+]
+
+
+def save_base(model: nn.Module, folder) -> None:
+    folder.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+
+
+def run(model, x):
+    with torch.no_grad():
+        y = model(x)
+    return y[0] if isinstance(y, tuple) else y  # MultiheadAttention models: (output, weights)
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def case(request, tmp_path_factory):
+    """PEFT's adapter (random factors) saved, the base saved, PEFT's output and merged weights."""
+    _, build, shape, kwargs = request.param
+    folder = tmp_path_factory.mktemp("case")
+    torch.manual_seed(0)
+    base = build().eval()
+    save_base(base, folder / "base")
+    config = LoraConfig(init_lora_weights=False, **{"target_modules": [], **kwargs})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(base), config).eval()
+    peft_model.save_pretrained(folder / "adapter")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    out = run(peft_model, x)
+    with torch.no_grad():
+        merged = copy.deepcopy(peft_model).merge_and_unload()
+    return base, folder, x, out, {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def test_merge_into_the_saved_base_equals_peft(case, tmp_path):
+    base, folder, x, out, merged = case
+    run_merge({"base_model": str(folder / "base"), "merge_method": "task_arithmetic",
+               "models": [{"model": str(folder / "adapter"), "parameters": {"weight": 1.0}}]}, tmp_path / "m",
+              progress=False)
+    ours = load_file(tmp_path / "m" / "model.safetensors")
+    assert sorted(ours) == sorted(merged)
+    changed = [k for k in merged if not torch.equal(merged[k], base.state_dict()[k])]
+    assert changed  # the adapter changes something, so equality below means something
+    for key in merged:
+        assert rel(ours[key], merged[key]) < REL, key
+    model = copy.deepcopy(base)
+    model.load_state_dict(ours)
+    assert rel(run(model, x), out) < REL
+
+
+def test_mha_formula_written_out(tmp_path):
+    """in_proj_weight + s·B·A, out_proj.weight + 2·s·B·A: PEFT's forward, which trained the adapter."""
+    torch.manual_seed(0)
+    base = ModelMha().eval()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["mha"], r=3, lora_alpha=5,
+                                                                init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    a_in, b_in = (tensors[f"base_model.model.mha.lora_{r}.weight"] for r in "AB")
+    a_out, b_out = (tensors[f"base_model.model.mha.base_layer.out_proj.lora_{r}.weight"] for r in "AB")
+    s = 5 / 3
+    expected = copy.deepcopy(base)
+    with torch.no_grad():
+        expected.mha.in_proj_weight += s * b_in @ a_in
+        expected.mha.out_proj.weight += 2 * s * b_out @ a_out
+    x = torch.randn(4, 2, 10)
+    assert rel(run(expected, x), run(peft_model, x)) < REL  # PEFT's forward is the written-out formula
+    adapter = read_adapter(tmp_path)
+    lora = ak.registry.get("variant", "lora")
+    assert rel(lora.delta(adapter, "mha"), s * b_in @ a_in) < 1e-6
+    assert rel(lora.delta(adapter, "mha.base_layer.out_proj"), 2 * s * b_out @ a_out) < 1e-6
+
+
+def test_experts_formula_written_out(tmp_path):
+    """ΔP[e] = s·B_e·A_e with A_e = A[e·r:(e+1)·r] and B_e = B[:, e::E] (PEFT reshapes B to out × r × E)."""
+    torch.manual_seed(0)
+    base = MoE().eval()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=[], target_parameters=["gate_up_proj"],
+                                                                r=2, lora_alpha=3, init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    a, b = (tensors[f"base_model.model.experts.lora_{r}.weight"] for r in "AB")
+    n, r, s = 3, 2, 3 / 2
+    assert a.shape == (n * r, 8) and b.shape == (6, n * r)
+    expected = torch.stack([s * b[:, e::n] @ a[e * r:(e + 1) * r] for e in range(n)])
+    merged = copy.deepcopy(peft_model).merge_and_unload().experts.gate_up_proj.detach()
+    assert rel(merged - base.experts.gate_up_proj.detach(), expected) < 1e-5  # PEFT agrees
+    adapter = read_adapter(tmp_path)
+    assert list(adapter.modules) == ["experts.gate_up_proj"]
+    lora = ak.registry.get("variant", "lora")
+    assert lora.module_rank(adapter, "experts.gate_up_proj") == r
+    got = lora.delta(adapter, "experts.gate_up_proj", base.experts.gate_up_proj.detach())
+    assert rel(got, expected) < 1e-6
+
+
+def test_adaptkit_writes_mha_adapter_peft_loads(tmp_path):
+    torch.manual_seed(0)
+    base = ModelMha().eval()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["mha", "lin0"], r=4,
+                                                                alpha_pattern={"mha": 3}, init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "a")
+    convert(tmp_path / "a", "peft", tmp_path / "b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").eval()
+    x = torch.randn(3, 2, 10)
+    assert rel(run(loaded, x), run(peft_model, x)) < REL
+
+
+@pytest.mark.parametrize("build, kwargs, action, fragment", [
+    (ModelMha, {"target_modules": ["mha"]}, "live", "'mha' is a MultiheadAttention"),
+    (MlpUsingParameters, {"target_parameters": ["lin0.weight"]}, "live", "LoRA on target_parameters (lin0.weight) "
+                                                                          "cannot be loaded onto a live model"),
+    (MlpUsingParameters, {"target_parameters": ["lin0.weight"]}, "convert", "(a LoRA on a parameter (target_parameters) "
+                                                                             "has no form in adaptkit's adapter outputs"),
+], ids=["mha-live", "parameter-live", "parameter-convert"])
+def test_what_is_out_of_reach_is_refused_by_name(build, kwargs, action, fragment, tmp_path):
+    torch.manual_seed(0)
+    base = build().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **{"target_modules": [], **kwargs})
+                       ).save_pretrained(tmp_path / "a")
+    with pytest.raises(AdaptkitError) as err:
+        if action == "live":
+            ak.load_adapter(copy.deepcopy(base), tmp_path / "a")
+        else:
+            convert(tmp_path / "a", "peft", tmp_path / "b")
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def block(**shapes) -> nn.Module:
+    """A model whose submodule `block` holds parameters of the given shapes (PEFT needs them below the top)."""
+    model = nn.Module()
+    model.block = nn.Module()
+    for name, shape in shapes.items():
+        setattr(model.block, name, nn.Parameter(torch.randn(*shape)))
+    return model
+
+
+@pytest.mark.parametrize("name, model, targets, fragment", [
+    # square experts do not show PEFT's layout (is_transposed) in their shapes
+    ("square", lambda: block(w=(3, 4, 4)), ["block.w"], "square experts (4 × 4)"),
+    # two nested wrappers that both fit either parameter: which is whose is unknown
+    ("twins", lambda: block(p=(5, 6), q=(5, 6)), ["block.p", "block.q"], "2 of the 2 LoRA(s) on parameters of 'block' "
+                                                                        "fit its tensor [5, 6] at rank 2; which is its own"),
+    # a PEFT newer than 0.21.2 may count a MultiheadAttention's out_proj ΔW once
+    ("mha", ModelMha, None, "MultiheadAttention LoRA from PEFT 0.22.0"),
+], ids=["square-experts", "twin-parameters", "newer-peft-mha"])
+def test_what_shapes_cannot_settle_is_refused(name, model, targets, fragment, tmp_path):
+    torch.manual_seed(0)
+    model = model()
+    config = LoraConfig(target_modules=["mha"], init_lora_weights=False) if targets is None else \
+        LoraConfig(target_modules=[], target_parameters=targets, r=2, init_lora_weights=False)
+    save_base(model, tmp_path / "base")
+    get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path / "adapter")
+    if name == "mha":
+        path = tmp_path / "adapter" / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "peft_version": "0.22.0"}))
+    with pytest.raises(AdaptkitError) as err:
+        run_merge({"base_model": str(tmp_path / "base"), "merge_method": "task_arithmetic",
+                   "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}]}, tmp_path / "m",
+                  progress=False)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
