@@ -415,8 +415,8 @@ def test_detection_is_automatic_and_exclusive(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("keys, fragment", [
-    (["lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b",
-      "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w2_a", "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w2_b"],
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.diff", "lora_unet_down_blocks_0_attentions_0_proj_in.diff_b",
+      "lora_unet_down_blocks_0_attentions_0_proj_out.diff", "lora_unet_down_blocks_0_attentions_0_proj_out.diff_b"],
      "4 of 4 tensors are not kohya LoRA tensors"),
     (["lora_transformer_single_blocks_0_attn_to_q.lora_down.weight", "lora_transformer_single_blocks_0_attn_to_q.lora_up.weight",
       "lora_transformer_single_blocks_1_attn_to_q.lora_down.weight", "lora_transformer_single_blocks_1_attn_to_q.lora_up.weight"],
@@ -424,7 +424,7 @@ def test_detection_is_automatic_and_exclusive(sd1, tmp_path):
     (["unet.down_blocks.0.attentions.0.proj_in.lora_X.weight", "unet.down_blocks.0.attentions.0.proj_in.lora_Y.weight",
       "unet.down_blocks.0.attentions.0.proj_out.lora_X.weight", "unet.down_blocks.0.attentions.0.proj_out.lora_Y.weight"],
      "are not diffusers LoRA tensors"),
-], ids=["loha", "flux-kohya", "unknown-diffusers"])
+], ids=["lycoris-full", "flux-kohya", "unknown-diffusers"])
 def test_keys_of_no_known_layout_fail_with_samples(tmp_path, keys, fragment):
     save_file({k: torch.zeros(2, 2) for k in keys}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(AdaptkitError) as err:

@@ -9,6 +9,10 @@ Read: modules under `unet.`, `text_encoder.` and `text_encoder_2.` with diffuser
 stated exactly by `lora_alpha` / `alpha_pattern`. A module without `alpha` gets alpha = rank (scale
 1, what kohya's loaders assume), with one warning. Any key that is not such a tensor, or a name that
 is no module of an SD 1.x/2.x/SDXL UNet or CLIP text encoder, is refused with an error naming it.
+LyCORIS's Tucker LoCon (`.lora_mid.weight`, an r × r × kernel core between a 1×1 down and up)
+reads as the lora variant, which folds the core into A (merges only, not live).
+LyCORIS's LoHa and LoKr modules under the same names (`.hada_w1_a`, `.lokr_w1`, …, `.alpha`,
+`.dora_scale`) read as the loha / lokr variant (`_lycoris_files`), one family per file.
 
 Write: `<out>/lora.safetensors` (FILE_NAME) with diffusers-style names (`lora_unet_down_blocks_…`,
 which sd-scripts, A1111, ComfyUI and diffusers all load) or, with `unet_names="sgm"`, kohya's SDXL
@@ -21,6 +25,8 @@ own spelling, so only such files change names on a round trip). Each module's
 else float32/float64. Metadata: `ss_network_module`, `ss_network_dim`, `ss_network_alpha` (most
 common values), `ss_network_args` (conv_dim/conv_alpha when convolutions are adapted),
 `ss_base_model_version` for SDXL, `ss_sd_model_name` when the base model is known.
+LoHa and LoKr adapters (`write_files`: `convert --to kohya`, `handle.save(format="kohya")`) are written
+with their own tensors as LyCORIS saves them (`_lycoris_files.write`), exactly.
 """
 from __future__ import annotations
 
@@ -30,11 +36,13 @@ import warnings
 
 from adaptkit.plugin import AdapterFiles, AdaptkitError
 
+from . import _lycoris_files as lycoris
 from ._lowrank import MissingAlphaWarning, lora_config, most_common, number, plain_modules, sample, scalar
 from ._sdnames import diffusers_to_sgm, flatten, kohya_text_path, split_component, text_path, unet_path
 
 FILE_NAME = "lora.safetensors"
-KEY = re.compile(r"^(lora_unet|lora_te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+KEY = re.compile(r"^(lora_unet|lora_te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|"
+                 + "|".join(lycoris.ROLES) + ")$")
 COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 
 
@@ -59,20 +67,29 @@ class KohyaFormat:
                 groups.setdefault((m.group(1), m.group(2)), {})[m.group(3)] = key
         if bad:
             raise AdaptkitError(f"{where}: {len(bad)} of {len(store)} tensors are not kohya LoRA tensors of an SD 1.x/2.x/"
-                                f"SDXL model (lora_unet_/lora_te*_<module>.lora_down.weight, .lora_up.weight, .alpha); "
+                                f"SDXL model (lora_unet_/lora_te*_<module>.lora_down.weight, .lora_up.weight, .lora_mid.weight, .alpha, "
+                                f"or LyCORIS's .hada_*, .lokr_*, .dora_scale); "
                                 f"e.g. {sample(bad)}")
         prefixes = {p for p, _ in groups}
         if {"lora_te", "lora_te1"} <= prefixes:
             raise AdaptkitError(f"{where}: both lora_te_ and lora_te1_ keys: which text encoder is meant is ambiguous")
+        kind = lycoris.file_family(groups, where)
+        if kind != "lora":  # LyCORIS's LoHa / LoKr modules (_lycoris_files)
+            return lycoris.read(kind, groups, store, where, self.name, lambda p, f: _module_path(p, f, where))
         modules, ranks, alphas, missing = {}, {}, {}, 0
         for (prefix, flat), roles in sorted(groups.items()):
             name = f"{prefix}_{flat}"
             if "lora_down.weight" not in roles or "lora_up.weight" not in roles:
                 raise AdaptkitError(f"{where}: '{name}' lacks its {'lora_up' if 'lora_down.weight' in roles else 'lora_down'}.weight")
+            if "dora_scale" in roles:  # it rescales W + ΔW: read as a plain LoRA it would be silently wrong
+                raise AdaptkitError(f"{where}: '{name}' is a LoRA with dora_scale (LyCORIS weight decomposition); "
+                                    "not supported for LoRA / LoCon modules")
             path = _module_path(prefix, flat, where)
             if path in modules:
                 raise AdaptkitError(f"{where}: two kohya names map to module '{path}' (one is '{name}')")
             modules[path] = {"lora_A": roles["lora_down.weight"], "lora_B": roles["lora_up.weight"]}
+            if "lora_mid.weight" in roles:  # LyCORIS's Tucker LoCon (the lora variant folds the core in)
+                modules[path]["lora_mid"] = roles["lora_mid.weight"]
             down, up = store.info(roles["lora_down.weight"]).shape, store.info(roles["lora_up.weight"]).shape
             if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
                 raise AdaptkitError(f"{where}: '{name}': lora_down {list(down)} and lora_up {list(up)} do not chain")
@@ -114,6 +131,18 @@ class KohyaFormat:
             tensors[f"{name}.alpha"] = _alpha_tensor(m.alpha, m.a.dtype)
         metadata = _metadata(modules, sdxl, adapter.config.get("base_model_name_or_path"))
         return save_tensors(out_dir, tensors, shard_size=2**62, metadata=metadata, stem=FILE_NAME.split(".")[0])
+
+    writes_variants = frozenset(lycoris.FAMILIES)  # LyCORIS's LoHa and LoKr: written with their own tensors
+
+    def write_files(self, adapter, out_dir) -> list:
+        """A LoHa / LoKr adapter as LyCORIS saves it, under kohya's (diffusers-style) names (`_lycoris_files.write`)."""
+        parts = {path: split_component(path) for path in adapter.modules}
+        sdxl = _looks_sdxl(parts.values(), adapter.config.get("base_model_name_or_path"))
+        prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2"}
+        names = {path: f"{prefix[c]}_{_flat_name(c, inner, 'diffusers')}" for path, (c, inner) in parts.items()}
+        if len(set(names.values())) < len(names):
+            raise AdaptkitError(f"two modules get the same kohya name among {sorted(names.values())[:3]}")
+        return lycoris.write(adapter, names, out_dir, _alpha_tensor, sdxl)
 
 
 def _module_path(prefix: str, flat: str, where) -> str:
