@@ -25,14 +25,22 @@ from text_models import bert_dir, counting, llama_dir, sentiment, write_jsonl
 # Settings per module-plane variant for the toy task (a new variant needs an entry: a test checks).
 VARIANTS = {
     "adalora": (dict(init_r=4, target_r=2, tinit=2, tfinal=2, lora_alpha=8), 3e-2),
+    "boft": (dict(boft_block_size=8), 3e-2),
     "delta_lora": (dict(r=4, lora_alpha=8, start_step=2), 1e-2),
     "ia3": (dict(), 3e-1),
+    "loha": (dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 3e-2),
+    "lokr": (dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 3e-2),
     "lora": (dict(r=4, lora_alpha=8), 3e-2),
     "lora_fa": (dict(r=4, lora_alpha=8), 3e-2),
     "lora_plus": (dict(r=4, lora_alpha=8), 1e-2),
     "loreft": (dict(layers=[0, 1], r=4, first_n=4, last_n=4), 9e-2),
+    "oft": (dict(oft_block_size=8), 3e-2),
+    "p_tuning": (dict(num_virtual_tokens=4, inference_mode=True), 3e-1),  # its saved form P, trained directly
     "partial": (dict(last_layers=1), 1e-2),
+    "prefix_tuning": (dict(num_virtual_tokens=4), 3e-1),
+    "prompt_tuning": (dict(num_virtual_tokens=4), 3e-1),
     "tied_lora": (dict(r=4, lora_alpha=8), 3e-2),
+    "trainable_tokens": (dict(token_indices=list(range(4, 24))), 1e-1),
     "vera": (dict(r=8), 3e-1),
 }
 

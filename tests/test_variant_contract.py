@@ -24,7 +24,12 @@ CONFIGS = {
     "lora_plus": dict(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"]),
     "delta_lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], start_step=1),
     "ia3": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    "lokr": dict(r=2, alpha=4, decompose_both=True, target_modules=["q_proj", "up_proj"], init_weights=False),
+    "oft": dict(oft_block_size=8, coft=True, eps=0.5, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "boft": dict(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj", "o_proj", "up_proj"]),
     "tied_lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj"]),
+    "trainable_tokens": dict(token_indices=list(range(0, 128, 2))),
     "partial": dict(last_layers=1),
     "vera": dict(r=4, target_modules=["q_proj", "v_proj"]),
 }
