@@ -65,7 +65,8 @@ LORA_ROWS = [
     ("arrow_config", {}, {"arrow_config": {"top_k": 2}}, "refused:arrow_config"),
     ("kasa_config", {"kasa_config": {}}, {}, "refused:kasa_config"),
     ("ensure_weight_tying", {}, {"ensure_weight_tying": True}, "refused:ensure_weight_tying"),
-    ("trainable_token_indices", {}, {"trainable_token_indices": [3, 4]}, "either:trainable_token_indices"),
+    ("trainable_token_indices", {"trainable_token_indices": [3, 4]}, {}, "same"),
+    ("trainable_token_indices_dict", {"trainable_token_indices": {"embed_tokens": [3, 4, 9]}}, {}, "same"),
     ("alora_invocation_tokens", {"task_type": "CAUSAL_LM"}, {"alora_invocation_tokens": [9, 3]},
      "either:alora_invocation_tokens"),
     ("target_parameters", {"target_modules": [], "target_parameters": ["self_attn.q_proj.weight"]}, {},
@@ -123,7 +124,8 @@ def peft_model(kind: str, kwargs: dict):
     model = get_peft_model(base, config)
     with torch.no_grad():  # every saved tensor non-trivial: biases, E, the tensors PEFT starts at zero
         for name, p in model.named_parameters():
-            if p.requires_grad and any(part in name for part in ("bias", "lora_E", "lm_head", "lora_embedding")):
+            if p.requires_grad and any(part in name for part in ("bias", "lora_E", "lm_head", "lora_embedding",
+                                                                 "trainable_tokens")):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
 

@@ -46,6 +46,17 @@ def check_indices(indices: Any, vocab: int, where: str) -> list[int]:
     return list(indices)
 
 
+def rows_delta(module: str, rows: torch.Tensor, indices, base: torch.Tensor | None) -> torch.Tensor:
+    """ΔE = E' − E of a stored module: `rows` minus the base's at `indices`, zero elsewhere (rows are tokens)."""
+    if base is None:
+        raise AdaptkitError(f"{module}: trainable tokens replace rows of the base embedding; give the base model")
+    base, rows = base.float(), rows.float()
+    if base.dim() != 2 or base.shape[1] != rows.shape[1]:
+        raise AdaptkitError(f"{module}: the adapter's rows have width {rows.shape[1]} but the base weight is "
+                            f"{tuple(base.shape)}")
+    return replaced_rows(base, check_indices(indices, base.shape[0], module), rows) - base
+
+
 class TrainableTokens:
     """Trainable tokens: E'[t] = T[j] for t = token_indices[j] (PEFT's TrainableTokens)."""
 
@@ -84,16 +95,16 @@ class TrainableTokens:
         return {"tokens": len(indices), "token_indices": list(indices), "modules": modules}
 
     def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
-        """ΔE = E' − E: the stored rows minus the base's at `token_indices`, zero elsewhere (rows are tokens)."""
-        if base is None:
-            raise AdaptkitError(f"{module}: trainable tokens replace rows of the base embedding; give the base model")
-        base = base.float()
-        rows = adapter.tensor(module, ROLE).float()
-        if base.dim() != 2 or base.shape[1] != rows.shape[1]:
-            raise AdaptkitError(f"{module}: the adapter's rows have width {rows.shape[1]} but the base weight is "
-                                f"{tuple(base.shape)}")
-        indices = check_indices(adapter.config.get("token_indices"), base.shape[0], module)
-        return replaced_rows(base, indices, rows) - base
+        """ΔE = E' − E: the stored rows minus the base's at `token_indices`, zero elsewhere (`rows_delta`)."""
+        return rows_delta(module, adapter.tensor(module, ROLE), adapter.config.get("token_indices"), base)
+
+    def factors(self, adapter: AdapterFiles, module: str):
+        """None exact: ΔE depends on the base (`convert --rank --base` factors it by SVD, as `factor_layout` says)."""
+        raise AdaptkitError(f"{module}: trainable tokens replace rows of the base embedding: no exact low-rank form")
+
+    def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
+        """Rows are tokens, as an embedding stores them: a low-rank form of ΔE is an embedding LoRA."""
+        return {"embedding": True, "transposed": True}
 
     # -- module plane ------------------------------------------------------------------------------
     def prepare(self, model, config: dict[str, Any]) -> dict[str, Any]:
