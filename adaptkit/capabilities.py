@@ -136,6 +136,17 @@ class Intervention(Protocol):
 
 
 @runtime_checkable
+class TensorTargets(Protocol):
+    """Adapters on tensors a module reads itself, not through a layer call (Target kind "tensors":
+    MultiheadAttention's packed projection, a bare parameter): the targets the variant finds beside
+    target_modules (path -> Target), each branch's ΔP by tensor name (the layer runs its module with
+    P + ΔP in place), and where a saved module's tensors go: (live layer path, role prefix) or None."""
+    def tensor_targets(self, model: Any, config: Mapping[str, Any]) -> dict[str, Any]: ...
+    def tensor_deltas(self, branch: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def live_place(self, adapter: AdapterFiles, module: str, layers: Mapping[str, Any]) -> tuple[str, str] | None: ...
+
+
+@runtime_checkable
 class ChoosesTargets(Protocol):
     """The config with the variant's own targets chosen (last k layers, modules to save)."""
     def prepare(self, model: Any, config: dict[str, Any]) -> dict[str, Any]: ...

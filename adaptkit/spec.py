@@ -19,7 +19,8 @@ from .capabilities import (BaseDependent, ChoosesTargets, ExtraLoss, FactorMerge
                            LiveBiasDelta, LiveWriter, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
                            PackedLayout, ParamGroups, QuantizerOptions, ReadsInputs, RemoteLayout, Resident, RewritesCall,
                            SavesTensors, StepEnd,
-                           StoredBiasDelta, StoredDelta, TrainSettings, TrainState, TransformersConfig, TransformsInput,
+                           StoredBiasDelta, StoredDelta, TensorTargets, TrainSettings, TrainState, TransformersConfig,
+                           TransformsInput,
                            UnpackedShape, VariantOptions, WeightSpace, Writable, WritesVariants)
 
 if TYPE_CHECKING:
@@ -246,8 +247,8 @@ HOOKS: dict[str, Hook] = {
     "check_mergeable": Hook(MergeCheck, "every adapter has a ΔW"),  # delta_lora lora lora_fa lora_plus loreft p_tuning prefix_tuning prompt_tuning
     "delta": Hook(StoredDelta, "s·B·A from factors"),  # all
     "delta_bias": Hook(StoredBiasDelta, "the bias stays"),  # delta_lora ia3 lora lora_fa lora_plus
-    "factors": Hook(Factors, "ΔW by SVD"),  # adalora delta_lora lora lora_fa lora_plus tied_lora vera
-    "factor_layout": Hook(Factors, "no adapter output"),  # adalora boft delta_lora loha lokr lora lora_fa lora_plus oft tied_lora vera
+    "factors": Hook(Factors, "ΔW by SVD"),  # adalora delta_lora lora lora_fa lora_plus tied_lora trainable_tokens vera
+    "factor_layout": Hook(Factors, "no adapter output"),  # adalora boft delta_lora loha lokr lora lora_fa lora_plus oft tied_lora trainable_tokens vera
     "lowrank_module": Hook(LowRankStored, "from factors or by SVD"),  # delta_lora lora lora_fa lora_plus
     "write_lowrank": Hook(LowRankWriter, "no adapter output"),  # adalora boft delta_lora loha lokr lora lora_fa lora_plus oft tied_lora vera
     "weight_delta": Hook(WeightSpace, "cannot be merged"),  # adalora boft delta_lora ia3 loha lokr lora lora_fa lora_plus oft tied_lora trainable_tokens vera
@@ -258,8 +259,11 @@ HOOKS: dict[str, Hook] = {
     "reads_inputs": Hook(ReadsInputs, False),  # delta_lora lora lora_fa lora_plus
     "read_inputs": Hook(ReadsInputs, "nothing read"),  # delta_lora lora lora_fa lora_plus
     "rewrite_call": Hook(RewritesCall, "the call as given"),  # p_tuning prefix_tuning prompt_tuning
-    "target_of": Hook(Intervention, "layer.Target.of"),  # loreft
-    "prepare": Hook(ChoosesTargets, "config as given"),  # ia3 loreft p_tuning partial prefix_tuning prompt_tuning trainable_tokens vera
+    "target_of": Hook(Intervention, "layer.Target.of"),  # delta_lora lora lora_fa lora_plus loreft
+    "tensor_targets": Hook(TensorTargets, "none"),  # delta_lora lora lora_fa lora_plus
+    "tensor_deltas": Hook(TensorTargets, "no ΔP"),  # delta_lora lora lora_fa lora_plus
+    "live_place": Hook(TensorTargets, "matched by path"),  # delta_lora lora lora_fa lora_plus
+    "prepare": Hook(ChoosesTargets, "config as given"),  # delta_lora ia3 lora lora_fa lora_plus loreft p_tuning partial prefix_tuning prompt_tuning trainable_tokens vera
     "save_tensors": Hook(SavesTensors, "its tensors"),  # adalora delta_lora lora lora_fa lora_plus loreft p_tuning prefix_tuning prompt_tuning tied_lora vera
     "load_tensors": Hook(LoadsTensors, "copied by role"),  # loreft
     "param_groups": Hook(ParamGroups, "one group at lr"),  # delta_lora lora lora_fa lora_plus loreft

@@ -4,7 +4,9 @@ PEFT is the oracle: the cases of its `tests/test_custom_models.py` (ModelMha, Ml
 and a MoE-style block of stacked experts (3-D parameters, PEFT's default layout and
 `is_transposed`; two parameters of one module, which PEFT nests in registration order) are created
 by PEFT with random factors, merged by adaptkit into the saved base and compared with PEFT's forward
-and `merge_and_unload`; adaptkit writes an MHA adapter and PEFT loads it. The formulas are written out: ΔW = s·B·A
+and `merge_and_unload`; loaded onto a live model (PEFT's forward, merge, unmerge, save → PEFT reads
+it, merge_and_unload); injected by adaptkit, saved, and read by PEFT; adaptkit writes an MHA adapter
+and PEFT loads it. The formulas are written out: ΔW = s·B·A
 on `in_proj_weight` (3E × E); PEFT's out_proj ΔW counted twice (its forward and merge both add it
 twice: huggingface/peft PR #3774); per expert ΔP[e] = s·B[:, e::E]·A[e·r:(e+1)·r] (transposed for
 `is_transposed`). What adaptkit cannot do is refused in one line naming it.
@@ -170,6 +172,86 @@ def test_merge_into_the_saved_base_equals_peft(case, tmp_path):
     assert rel(run(model, x), out) < REL
 
 
+def test_live_load_merge_unmerge_save_equal_peft(case, tmp_path):
+    """Loaded live: PEFT's forward; merged and unmerged in place; saved, PEFT reads the same forward;
+    merge_and_unload gives PEFT's merged weights."""
+    base, folder, x, out, merged = case
+    assert rel(run(base, x), out) > 1e-3  # the adapter changes the output, so equality below means something
+    model = copy.deepcopy(base)
+    handle = ak.load_adapter(model, folder / "adapter")
+    assert rel(run(model, x), out) < REL
+    handle.merge()
+    assert rel(run(model, x), out) < REL
+    handle.unmerge()
+    assert rel(run(model, x), out) < REL
+    with handle.disabled():
+        assert rel(run(model, x), run(base, x)) < 1e-6
+    handle.save(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert rel(run(loaded, x), out) < REL
+    unloaded = handle.merge_and_unload().state_dict()
+    assert sorted(unloaded) == sorted(merged)
+    for key in merged:
+        assert rel(unloaded[key], merged[key]) < REL, key
+
+
+# (id, model, input, adaptkit inject arguments): the adapter adaptkit creates, PEFT reads.
+INJECTED = [
+    ("mha", ModelMha, (3, 1, 10), {"target_modules": ["mha"], "r": 3, "lora_alpha": 5}),
+    ("mha and linear rsLoRA", ModelMha, (3, 1, 10), {"target_modules": ["mha", "lin0"], "r": 4, "use_rslora": True,
+                                                    "rank_pattern": {"mha": 2}}),
+    ("parameter", MlpUsingParameters, (3, 10), {"target_modules": [], "target_parameters": ["lin0.weight"], "r": 2}),
+    ("experts nested", MoE, (5, 6), {"target_modules": [], "target_parameters": ["gate_up_proj", "down_proj"], "r": 2,
+                                     "rank_pattern": {"down_proj": 3}, "alpha_pattern": {"gate_up_proj": 5}}),
+    ("experts is_transposed", lambda: MoE(transposed=True), (5, 6),
+     {"target_modules": [], "target_parameters": ["experts.gate_up_proj"], "r": 2}),
+    ("layer and parameter", Mlp, (3, 10), {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
+]
+
+
+@pytest.mark.parametrize("build, shape, kwargs", [row[1:] for row in INJECTED], ids=[row[0] for row in INJECTED])
+def test_injected_adapter_trains_saves_and_peft_reads_it(build, shape, kwargs, tmp_path):
+    torch.manual_seed(0)
+    base = build().eval()
+    model = copy.deepcopy(base)
+    handle = ak.inject(model, "lora", init_lora_weights=False, **kwargs)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    ours = run(model, x)
+    assert rel(ours, run(base, x)) > 1e-3
+    y = model(x)
+    (y[0] if isinstance(y, tuple) else y).square().sum().backward()  # through the substituted tensors
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in handle.parameters())
+    handle.save(tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    assert rel(run(loaded, x), ours) < REL
+    with torch.no_grad():
+        peft_merged = copy.deepcopy(loaded).merge_and_unload().state_dict()
+    unloaded = handle.merge_and_unload().state_dict()
+    for key in peft_merged:
+        assert rel(unloaded[key], peft_merged[key]) < REL, key
+
+
+def test_mha_live_formula_written_out():
+    """Live: in_proj_weight + s·B·A and out_proj.weight + 2·s·B·A (PEFT's count), from the branch's own factors."""
+    torch.manual_seed(0)
+    base = ModelMha().eval()
+    model = copy.deepcopy(base)
+    handle = ak.inject(model, "lora", target_modules=["mha"], r=3, lora_alpha=5, init_lora_weights=False)
+    params = dict(handle.parameters())
+    s = 5 / 3
+    expected = copy.deepcopy(base)
+    with torch.no_grad():
+        expected.mha.in_proj_weight += s * params["mha.lora_B"] @ params["mha.lora_A"]
+        expected.mha.out_proj.weight += 2 * s * params["mha.out_proj/lora_B"] @ params["mha.out_proj/lora_A"]
+    x = torch.randn(4, 2, 10)
+    assert rel(run(model, x), run(expected, x)) < 1e-6
+    assert rel(run(model, x), run(base, x)) > 1e-3
+
+
 def test_mha_formula_written_out(tmp_path):
     """in_proj_weight + s·B·A, out_proj.weight + 2·s·B·A: PEFT's forward, which trained the adapter."""
     torch.manual_seed(0)
@@ -229,26 +311,62 @@ def test_adaptkit_writes_mha_adapter_peft_loads(tmp_path):
     assert rel(run(loaded, x), run(peft_model, x)) < REL
 
 
-@pytest.mark.parametrize("build, kwargs, action, fragment", [
-    (ModelMha, {"target_modules": ["mha"]}, "live", "'mha' is a MultiheadAttention"),
-    (MlpUsingParameters, {"target_parameters": ["lin0.weight"]}, "live", "LoRA on target_parameters (lin0.weight) "
-                                                                          "cannot be loaded onto a live model"),
-    (MlpUsingParameters, {"target_parameters": ["lin0.weight"]}, "convert", "(a LoRA on a parameter (target_parameters) "
-                                                                             "has no form in adaptkit's adapter outputs"),
-], ids=["mha-live", "parameter-live", "parameter-convert"])
-def test_what_is_out_of_reach_is_refused_by_name(build, kwargs, action, fragment, tmp_path):
+class ModelMhaKdim(nn.Module):  # key/value of another width: no packed in_proj_weight (PEFT refuses it too)
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(10, 2, kdim=6, vdim=6)
+
+
+@pytest.mark.parametrize("build, kwargs, fragment", [
+    (ModelMha, {"target_modules": ["mha"], "use_dora": True}, "mha: use_dora on a LoRA of tensors the module reads itself"),
+    (ModelMha, {"variant": "delta_lora", "target_modules": ["mha"]}, "mha: delta_lora adapts linear layers only"),
+    (ModelMha, {"target_modules": ["mha"], "init_lora_weights": "pissa"}, "mha: init_lora_weights='pissa' on a LoRA"),
+    (ModelMhaKdim, {"target_modules": ["mha"]}, "target module 'mha' is a MultiheadAttention"),
+    (MlpUsingParameters, {"target_modules": [], "target_parameters": ["lin2.weight"]},
+     "target_parameters ['lin2.weight'] match no parameter"),
+    (Mlp, {"target_modules": ["lin1"], "target_parameters": ["lin1.weight"]},
+     "'lin1' is targeted both as a layer and through its tensors"),
+], ids=["mha-dora", "mha-delta-lora", "mha-pissa", "mha-kdim", "parameter-missing", "layer-and-its-parameter"])
+def test_what_cannot_be_injected_is_refused_by_name(build, kwargs, fragment):
     torch.manual_seed(0)
-    base = build().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **{"target_modules": [], **kwargs})
-                       ).save_pretrained(tmp_path / "a")
+    model = build()
     with pytest.raises(AdaptkitError) as err:
-        if action == "live":
-            ak.load_adapter(copy.deepcopy(base), tmp_path / "a")
-        else:
-            convert(tmp_path / "a", "peft", tmp_path / "b")
+        ak.inject(model, kwargs.get("variant", "lora"), **{k: v for k, v in kwargs.items() if k != "variant"})
     assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert not any("branches" in n for n, _ in model.named_modules())  # nothing was wrapped
+
+
+def test_quantization_aware_training_refused_on_tensors():
+    model = ModelMha()
+    handle = ak.inject(model, "lora", target_modules=["mha"])
+    with pytest.raises(AdaptkitError, match="mha: an adapter on tensors the module reads itself"):
+        handle.quantization_aware("nf4")
+
+
+def test_parameter_adapter_has_no_adapter_output(tmp_path):
+    torch.manual_seed(0)
+    get_peft_model(MlpUsingParameters(), LoraConfig(target_modules=[], target_parameters=["lin0.weight"],
+                                                    init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    with pytest.raises(AdaptkitError) as err:
+        convert(tmp_path / "a", "peft", tmp_path / "b")
+    assert "(a LoRA on a parameter (target_parameters) has no form in adaptkit's adapter outputs" in str(err.value)
+
+
+def test_square_experts_load_live_as_peft(tmp_path):
+    """Square experts: a file does not say is_transposed (merges refuse it, below), but a live model does,
+    and PEFT reads it there too."""
+    torch.manual_seed(0)
+    for transposed in (False, True):
+        base = block(w=(3, 4, 4))
+        base.block.is_transposed = transposed
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=[], target_parameters=["block.w"],
+                                                                    r=2, init_lora_weights=False))
+        peft_model.save_pretrained(tmp_path / str(transposed))
+        model = copy.deepcopy(base)
+        ak.load_adapter(model, tmp_path / str(transposed)).merge()
+        with torch.no_grad():
+            want = copy.deepcopy(peft_model).merge_and_unload().block.w
+        assert rel(model.block.w.detach(), want) < REL and rel(want, base.block.w.detach()) > 1e-3
 
 
 def block(**shapes) -> nn.Module:
@@ -260,16 +378,16 @@ def block(**shapes) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name, model, targets, fragment", [
+@pytest.mark.parametrize("name, model, targets, fragment, live_fragment", [
     # square experts do not show PEFT's layout (is_transposed) in their shapes
-    ("square", lambda: block(w=(3, 4, 4)), ["block.w"], "square experts (4 × 4)"),
+    ("square", lambda: block(w=(3, 4, 4)), ["block.w"], "square experts (4 × 4)", None),
     # two nested wrappers that both fit either parameter: which is whose is unknown
     ("twins", lambda: block(p=(5, 6), q=(5, 6)), ["block.p", "block.q"], "2 of the 2 LoRA(s) on parameters of 'block' "
-                                                                        "fit its tensor [5, 6] at rank 2; which is its own"),
+     "fit its tensor [5, 6] at rank 2; which is its own", "do not pair one-to-one with its parameters ['p', 'q']"),
     # a PEFT newer than 0.21.2 may count a MultiheadAttention's out_proj ΔW once
-    ("mha", ModelMha, None, "MultiheadAttention LoRA from PEFT 0.22.0"),
+    ("mha", ModelMha, None, "MultiheadAttention LoRA from PEFT 0.22.0", "MultiheadAttention LoRA from PEFT 0.22.0"),
 ], ids=["square-experts", "twin-parameters", "newer-peft-mha"])
-def test_what_shapes_cannot_settle_is_refused(name, model, targets, fragment, tmp_path):
+def test_what_shapes_cannot_settle_is_refused(name, model, targets, fragment, live_fragment, tmp_path):
     torch.manual_seed(0)
     model = model()
     config = LoraConfig(target_modules=["mha"], init_lora_weights=False) if targets is None else \
@@ -284,3 +402,62 @@ def test_what_shapes_cannot_settle_is_refused(name, model, targets, fragment, tm
                    "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}]}, tmp_path / "m",
                   progress=False)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+    if name == "square":  # a live model says is_transposed (test_square_experts_load_live_as_peft)
+        return
+    with pytest.raises(AdaptkitError) as err:
+        ak.load_adapter(copy.deepcopy(model), tmp_path / "adapter")
+    assert live_fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_variant_without_tensor_targets_refuses_an_adapted_attention():
+    model = ModelMha()
+    ak.inject(model, "lora", target_modules=["mha"])
+    with pytest.raises(AdaptkitError, match="mha: ia3 adapters cannot go on tensors the module reads itself"):
+        ak.inject(model, "ia3", name="b", target_modules=["mha"], feedforward_modules=[])
+
+
+def test_two_adapters_on_one_attention_sum_and_switch():
+    """Two LoRAs on one MultiheadAttention: each alone, both summed (ΔW_a + ΔW_b), and merged = unmerged."""
+    torch.manual_seed(0)
+    base = ModelMha().eval()
+    model = copy.deepcopy(base)
+    handle = ak.inject(model, "lora", name="a", target_modules=["mha"], r=2, init_lora_weights=False)
+    ak.inject(model, "lora", name="b", target_modules=["mha"], r=3, lora_alpha=6, init_lora_weights=False)
+    x = torch.randn(3, 2, 10)
+    expected = copy.deepcopy(base)
+    for name, s in (("a", 8 / 2), ("b", 6 / 3)):
+        p = dict(handle.parameters(name))
+        with torch.no_grad():
+            expected.mha.in_proj_weight += s * p["mha.lora_B"] @ p["mha.lora_A"]
+            expected.mha.out_proj.weight += 2 * s * p["mha.out_proj/lora_B"] @ p["mha.out_proj/lora_A"]
+    handle.set_active(["a", "b"])
+    both = run(model, x)
+    assert rel(both, run(expected, x)) < 1e-6
+    handle.merge()
+    assert rel(run(model, x), both) < 1e-6
+    handle.unmerge()
+    handle.set_active("a")
+    assert rel(run(model, x), both) > 1e-3
+    handle.remove()
+    assert rel(run(model, x), run(base, x)) < 1e-6
+
+
+@pytest.mark.parametrize("build, shape, kwargs", [
+    (ModelMha, (3, 1, 10), {"target_modules": ["mha"], "r": 2}),
+    (MoE, (5, 6), {"target_modules": [], "target_parameters": ["gate_up_proj", "down_proj"], "r": 2}),
+], ids=["mha", "experts"])
+def test_hot_swap_takes_the_new_factors(build, shape, kwargs, tmp_path):
+    torch.manual_seed(0)
+    base = build().eval()
+    x = torch.randn(*shape)
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kwargs)).eval()
+        peft_model.save_pretrained(tmp_path / str(seed))
+        outs.append(run(peft_model, x))
+    model = copy.deepcopy(base)
+    ak.load_adapter(model, tmp_path / "1")
+    assert rel(run(model, x), outs[0]) < REL
+    ak.load_adapter(model, tmp_path / "2", swap=True)
+    assert rel(run(model, x), outs[1]) < REL and rel(outs[0], outs[1]) > 1e-3

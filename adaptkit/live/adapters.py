@@ -73,10 +73,19 @@ class Adapters:
         if isinstance(variant, spec.ChoosesTargets):
             config = variant.prepare(self.model, config)  # variants choose targets their own way (last k layers)
         adapter = Adapter(name, variant, config)
-        targets = {} if config["target_modules"] is None and config["modules_to_save"] else find_targets(
+        tensors = variant.tensor_targets(self.model, config) if isinstance(variant, spec.TensorTargets) else {}
+        targets = {} if not config["target_modules"] and (config["modules_to_save"] or tensors) else find_targets(
             self.model, config["target_modules"], exclude_modules=config["exclude_modules"],
             layers_to_transform=config["layers_to_transform"], layers_pattern=config["layers_pattern"],
             target_of=variant.target_of if isinstance(variant, spec.Intervention) else None)
+        both = sorted(set(targets) & set(tensors))
+        if both:
+            raise AdaptkitError(f"'{both[0]}' is targeted both as a layer and through its tensors; "
+                                "target one or the other")
+        targets |= tensors
+        if not isinstance(variant, spec.TensorTargets) and any(t.tensors for t in targets.values()):
+            path = next(p for p, t in targets.items() if t.tensors)
+            raise AdaptkitError(f"{path}: {variant.name} adapters cannot go on tensors the module reads itself")
         settings = {path: variant.settings(config, path, target) for path, target in targets.items()}
         for path, target in targets.items():  # all checks pass before any layer is touched
             layer = wrap(self.model, path, target)
@@ -177,8 +186,13 @@ class Adapters:
             registry.get("quantizer", method)
             for name in self.active:
                 self._mergeable(name)  # only weight-space adapters have a W + ΔW to quantize
-        for path in {p for name in self.adapters for p in self.adapters[name].layers}:
-            self.model.get_submodule(path).fake_quant = method
+        layers = [self.model.get_submodule(p) for p in {p for n in self.adapters for p in self.adapters[n].layers}]
+        for layer in layers if method is not None else ():
+            if layer.target.tensors:
+                raise AdaptkitError(f"{layer.path}: an adapter on tensors the module reads itself ("
+                                    f"{', '.join(n for n, _ in layer.target.tensors)}) has no quantization-aware form")
+        for layer in layers:
+            layer.fake_quant = method
 
     # -- merging --------------------------------------------------------------------------------
     def merge(self, names: str | Iterable[str] | None = None) -> None:

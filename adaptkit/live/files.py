@@ -86,7 +86,7 @@ def live_adapter(handle: Adapters, name: str) -> LiveAdapter:
         stored = variant.save_tensors(branch) if isinstance(variant, spec.SavesTensors) else dict(branch.params)
         live.modules[path] = {variant.stored_key(role, branch.target): _cpu(t) for role, t in stored.items()}
         settings[path] = branch.settings
-        transposed |= branch.target.transposed and branch.target.kind != "embedding"
+        transposed |= branch.target.transposed and branch.target.kind not in ("embedding", "tensors")
     live.shared = {role: _cpu(tensor) for role, tensor in adapter.shared.items()}
     for path in adapter.saved:
         live.saved[path] = {p: _cpu(t) for p, t in model.get_submodule(path).copies[name].state_dict().items()}
@@ -144,24 +144,36 @@ def _source_folder(source: str | Path) -> Path:
     raise AdaptkitError(f"{source}: no such adapter folder")
 
 
-def _live_paths(handle: Adapters, name: str, modules: list[str]) -> dict[str, str]:
-    """File module path -> live module path; a file saved from a wrapper (`model.`-prefixed or not)
-    matches by suffix, as PEFT's target_modules do."""
-    live = handle.adapters[name].layers
+def _live_paths(handle: Adapters, name: str, files: AdapterFiles) -> dict[str, tuple[str, str]]:
+    """File module path -> (live module path, prefix of its roles there); a file saved from a wrapper
+    (`model.`-prefixed or not) matches by suffix, as PEFT's target_modules do, unless the variant places
+    the module itself (`live_place`: a module's tensors kept by a layer above it)."""
+    adapter = handle.adapters[name]
+    live, variant = adapter.layers, adapter.variant
+    layers = {p: handle.model.get_submodule(p).target for p in live}
     mapping = {}
-    for module in modules:
+    for module in sorted(files.modules):
+        place = variant.live_place(files, module, layers) if isinstance(variant, spec.TensorTargets) else None
+        if place is not None:
+            mapping[module] = place
+            continue
         found = [p for p in live if p == module or p.endswith("." + module) or module.endswith("." + p)]
         if len(found) != 1:
             raise AdaptkitError(f"adapter module '{module}' matches {len(found) or 'no'} layers of this model"
                                 + (f": {', '.join(found[:3])}" if found else "; is it for a different base model?"))
-        mapping[module] = found[0]
+        mapping[module] = found[0], ""
     return mapping
 
 
 def _copy(param: torch.nn.Parameter | torch.Tensor, tensor: torch.Tensor, what: str) -> None:
     if tuple(param.shape) != tuple(tensor.shape):
+        # A convolution's factors stored flat (r × in·kh·kw, a Linear layer's shape): written without the base
+        # model by a tool that could not tell the layer is a convolution, not made for another model.
+        flat = param.dim() > 2 and tensor.dim() == 2 and tensor.numel() == param.numel()
         raise AdaptkitError(f"{what}: the adapter has shape {tuple(tensor.shape)} but this model needs "
-                            f"{tuple(param.shape)}; is the adapter for a different base model?")
+                            + (f"{tuple(param.shape)}: the convolution's kernel is stored flattened, as a conversion "
+                               "without the base model writes it; convert the original again with --base" if flat else
+                               f"{tuple(param.shape)}; is the adapter for a different base model?"))
     with torch.no_grad():
         param.copy_(tensor.to(param.dtype))
 
@@ -188,7 +200,7 @@ def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: 
         handle.add(variant, name=name, **config, target_modules=adapted or None,
                    modules_to_save=sorted(s for s in saved if not _under(s, adapted)) or None)
     adapter = handle.adapters[name]
-    for module, live in _live_paths(handle, name, sorted(files.modules)).items():
+    for module, (live, prefix) in _live_paths(handle, name, files).items():
         layer = model.get_submodule(live)
         branch = layer.branches[name]
         if swap:
@@ -201,7 +213,7 @@ def load_adapter_into(handle: Adapters, source: str | Path, name: str, *, swap: 
         if isinstance(variant, spec.LoadsTensors):  # the branch keeps them in another form than the file
             variant.load_tensors(branch, {role: files.store.get(key) for role, key in files.modules[module].items()})
         else:
-            for role, key in files.modules[module].items():
+            for role, key in ((prefix + r, k) for r, k in files.modules[module].items()):
                 if role not in branch.params:
                     raise AdaptkitError(f"{module}: the adapter has a '{role}' tensor this {variant.name} config does not use")
                 _copy(branch.params[role], files.store.get(key), f"{module}.{role}")

@@ -6,7 +6,10 @@ the bookkeeping common to all of them: which adapters are active, merged or disa
 
 Weights are handled in "math" layout, out × in, whatever the base layer stores: `nn.Linear`
 stores that already; GPT-2's `Conv1D` and `nn.Embedding` store in × out (`Target.transposed`);
-convolutions keep their kernel: out × in/groups × *kernel.
+convolutions keep their kernel: out × in/groups × *kernel. A module that reads some of its tensors
+itself, with no layer call to wrap (Target kind "tensors": MultiheadAttention's packed projection,
+a bare parameter), runs with P + ΔP in their place (`torch.func.functional_call`), each ΔP from
+its variant's `tensor_deltas`; merges add them to those tensors.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ class Target:
     kind: str  # "linear" (nn.Linear, Conv1D), "embedding", "conv", or what a variant's `target_of` says ("block")
     in_features: int  # for embeddings: the number of embeddings; for convolutions: in_channels
     out_features: int  # for embeddings: the embedding dimension; for convolutions: out_channels
-    transposed: bool  # the weight is stored in × out
+    transposed: bool  # the weight is stored in × out (kind "tensors": a layout flag its variant reads)
     kernel: tuple[int, ...] = ()  # convolutions: the kernel size (weight out × in/groups × *kernel)
     groups: int = 1  # convolutions: channel groups
+    tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()  # kind "tensors": (dotted name, shape) of each one adapted
 
     @classmethod
     def of(cls, layer: nn.Module) -> Target | None:
@@ -102,6 +106,8 @@ class AdaptedLayer(Forwarding):
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
         running = [self.branches[n] for n in self.active if n not in self.merged]
+        if self.target.tensors and running:
+            return self._tensors_forward(running, (x, *args), kwargs)
         if self.fake_quant is not None and running:
             return self._fake_quantized_forward(x, running)
         inner = x
@@ -133,6 +139,15 @@ class AdaptedLayer(Forwarding):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return F.linear(x.to(dtype), q.to(dtype), None if bias is None else bias.to(dtype))
 
+    def _tensors_forward(self, running: list[Branch], args: tuple, kwargs: dict) -> torch.Tensor:
+        """The module run with each adapted tensor P replaced by P + Σ ΔP (kind "tensors")."""
+        found = dict(self.base_layer.named_parameters())
+        tensors = {name: found[name] for name, _ in self.target.tensors}
+        for branch in running:
+            for name, change in branch.variant.tensor_deltas(branch, tensors).items():
+                tensors[name] = tensors[name] + change.to(tensors[name].dtype)
+        return torch.func.functional_call(self.base_layer, tensors, args, kwargs)
+
     # -- weights in math layout ----------------------------------------------------------------
     def math_weight(self) -> torch.Tensor | None:
         """The base weight out × in (a view), or None for a layer without one (a whole block)."""
@@ -141,14 +156,24 @@ class AdaptedLayer(Forwarding):
             return None
         return w.T if self.target.transposed else w
 
-    def delta(self, name: str) -> torch.Tensor:
-        """ΔW (out × in) that adapter `name` adds to the current base weight."""
+    def delta(self, name: str) -> torch.Tensor | dict[str, torch.Tensor]:
+        """ΔW (out × in) that adapter `name` adds to the current base weight; ΔP by name for kind "tensors"."""
         branch = self.branches[name]
         with torch.no_grad():
+            if self.target.tensors:
+                found = dict(self.base_layer.named_parameters())
+                tensors = {n: found[n] for n, _ in self.target.tensors}
+                return {n: d.to(tensors[n].dtype) for n, d in branch.variant.tensor_deltas(branch, tensors).items()}
             w = self.math_weight()  # read once: a quantized layer unpacks its weight on every read
             return branch.variant.weight_delta(branch, w.float()).to(w.dtype)
 
-    def add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
+    def add_to_weight(self, delta: torch.Tensor | dict[str, torch.Tensor], sign: int) -> None:
+        if isinstance(delta, dict):  # kind "tensors": ΔP by name
+            found = dict(self.base_layer.named_parameters())
+            with torch.no_grad():
+                for n, change in delta.items():
+                    found[n].add_(change, alpha=sign)
+            return
         if isinstance(self.base_layer, QuantizedLinear):  # packed: unpack, add, pack again
             return self.base_layer.add_to_weight(delta, sign)
         with torch.no_grad():

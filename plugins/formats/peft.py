@@ -117,7 +117,8 @@ class PeftFormat:
         config = {"task_type": None, "base_model_name_or_path": live.base_model, "inference_mode": True, **live.config}
         prompt = not any(live.modules.values()) and not live.saved and bool(live.shared)
         if not prompt:
-            config |= {"target_modules": live.config.get("target_modules") or sorted(live.modules) or DUMMY_TARGETS,
+            targets = live.config.get("target_modules") or ([] if live.config.get("target_parameters") else None)
+            config |= {"target_modules": sorted(live.modules) or DUMMY_TARGETS if targets is None else targets,
                        "modules_to_save": sorted(live.saved) or None, "exclude_modules": None,
                        "layers_to_transform": None, "layers_pattern": None}
         config = interop.portable(config, getattr(live, "architecture", None))

@@ -193,3 +193,23 @@ def save_tensors(branch) -> dict[str, torch.Tensor]:
     p[a_role] = torch.cat([p[a_role], p.pop("initial_A")])
     p[b_role] = torch.cat([p[b_role], -p.pop("initial_B")], dim=1)
     return p
+
+
+def param_groups(named: list, lr: float, config: dict) -> list[dict]:
+    """LoRA+: B (and embedding B) at `loraplus_lr_ratio` × lr, everything else at lr."""
+    ratio = config.get("loraplus_lr_ratio") or 1.0
+    fast = [p for n, p in named if n.endswith(("lora_B", "lora_embedding_B"))]
+    slow = [p for n, p in named if not n.endswith(("lora_B", "lora_embedding_B"))]
+    return [g for g in ({"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}) if g["params"]]
+
+
+def bias_delta(branch) -> torch.Tensor | None:
+    """s·β when B has a bias (`lora_bias`)."""
+    p = branch.params
+    return branch.settings["scaling"] * p["lora_B_bias"].float() if "lora_B_bias" in p else None
+
+
+def resident(branch) -> torch.Tensor | None:
+    """PiSSA leaves W − s·B₀·A₀ in the base layer; that change is −s·B₀·A₀."""
+    p = branch.params
+    return -branch.settings["scaling"] * (p["initial_B"] @ p["initial_A"]) if "initial_A" in p else None

@@ -1,5 +1,5 @@
 """LoRA where PEFT puts it on more than a layer's `weight` (not a plugin; used by `lora.py`), and what
-a live branch cannot hold (`refuse_live`).
+a live branch cannot hold (`refuse_live`); on a live model they run through `_lora_tensors.py`.
 
 - `target_parameters` (PEFT's `ParamWrapper`): LoRA on an `nn.Parameter` itself, e.g. a MoE block's
   stacked expert weights. The PEFT reader names such a module by the parameter's path
@@ -50,12 +50,8 @@ def lookup_path(module: str) -> str:
 
 
 def refuse_live(adapter) -> None:
-    """What a live branch (two factors on a layer's weight) cannot hold, refused before loading: a LoRA
-    on parameters (`target_parameters`) and LyCORIS's Tucker LoCon (a third factor, `lora_mid`)."""
-    targets = adapter.config.get("target_parameters")
-    if targets:
-        raise AdaptkitError(f"LoRA on target_parameters ({', '.join(targets)}) cannot be loaded onto a live model; "
-                            "merge it into the base model instead (adaptkit merge)")
+    """What a live branch cannot hold, refused before loading: LyCORIS's Tucker LoCon (a third factor,
+    `lora_mid`). (Parameters and MultiheadAttention load live through `_lora_tensors.py`.)"""
     tucker = sorted(m for m, roles in adapter.modules.items() if "lora_mid" in roles)
     if tucker:
         raise AdaptkitError(f"{tucker[0]}: a Tucker LoCon (lora_mid, {len(tucker)} module(s)) cannot be loaded onto a "

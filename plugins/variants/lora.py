@@ -29,7 +29,7 @@ from adaptkit.plugin import AdapterFiles, AdaptkitError
 
 from ..formats._lowrank import LORA_TYPES, pattern_value
 from ..formats.peft import rank_config
-from . import _alora
+from . import _alora, _lora_tensors as _tensors, _lora_tokens as _tokens
 from ._lora_checks import check_files
 from ._lora_lowrank import LowRankForms, conv_product, tucker_down
 from ._lora_params import lookup_path, on_parameter, out_proj_factor, parameter_delta, parameter_rank, refuse_live
@@ -47,8 +47,8 @@ LORA_CONFIG_KEYS = frozenset({
 })
 
 
-class LoRA(LowRankForms, _alora.Activated):
-    """LoRA: low-rank update s·B·A (rsLoRA and DoRA through its config)."""
+class LoRA(LowRankForms, _alora.Activated, _tensors.OnTensors):
+    """LoRA: low-rank update s·B·A (rsLoRA, DoRA, trainable tokens beside it `_lora_tokens`: by its config)."""
 
     def __init__(self, name: str = "lora", *, freeze_a: bool = False, lr_ratio: float | None = None, about: str = ""):
         self.name, self.freeze_a, self.lr_ratio, self.about = name, freeze_a, lr_ratio, about
@@ -58,7 +58,7 @@ class LoRA(LowRankForms, _alora.Activated):
     def config_keys(self) -> frozenset[str]:  # LoRA+'s ratio is its own key: PEFT's LoraConfig lacks it
         return LORA_CONFIG_KEYS | {"loraplus_lr_ratio"} if self.lr_ratio else LORA_CONFIG_KEYS
     config_types = LORA_TYPES
-    inspect_rows = ("alpha", "scaling", "use_rslora", "use_dora", "fan_in_fan_out", _alora.KEY)
+    inspect_rows = ("alpha", "scaling", "use_rslora", "use_dora", "fan_in_fan_out", _alora.KEY, _tokens.KEY)
 
     # -- shapes --------------------------------------------------------------------------------
     @staticmethod
@@ -88,18 +88,21 @@ class LoRA(LowRankForms, _alora.Activated):
         check_files(self, adapter)
 
     def describe(self, adapter: AdapterFiles) -> dict[str, Any]:
-        cfg = adapter.config
+        cfg, held = adapter.config, _tokens.held(adapter)
         per_module = {m: {"rank": self.module_rank(adapter, m), "alpha": self.module_alpha(adapter, m),
-                          "scaling": self.scaling(adapter, m)} for m in sorted(adapter.modules)}
+                          "scaling": self.scaling(adapter, m)} for m in sorted(set(adapter.modules) - held)}
         ranks = sorted({m["rank"] for m in per_module.values()})
         flags = {key: bool(cfg.get(key)) for key in ("use_rslora", "use_dora", "fan_in_fan_out")}
         flags |= {_alora.KEY: list(_alora.invocation(cfg))} if _alora.invocation(cfg) else {}
+        flags |= _tokens.describe(adapter, held)
         return {"rank": ranks[0] if len(ranks) == 1 else None, "ranks": ranks, "alpha": cfg.get("lora_alpha"),
                 "scaling": sorted({m["scaling"] for m in per_module.values()}), **flags, "modules": per_module}
 
     # -- ΔW ------------------------------------------------------------------------------------
     def delta(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None = None) -> torch.Tensor:
         roles = adapter.modules[module]
+        if _tokens.ROLE in roles:  # trainable tokens beside the LoRA (`trainable_token_indices`)
+            return _tokens.delta(adapter, module, base)
         a_role, b_role, embedding = self._factors(roles)
         a = adapter.tensor(module, a_role).float()
         b = adapter.tensor(module, b_role).float()
@@ -125,8 +128,7 @@ class LoRA(LowRankForms, _alora.Activated):
     def _dora_delta(self, adapter, module, update, base, embedding: bool = False):
         if base is None:
             raise AdaptkitError(f"{module}: a DoRA adapter's ΔW depends on the base weight; give the base model")
-        # math layout (out × in) for the row norms: embeddings and fan_in_fan_out store in × out
-        flip = embedding or adapter.transposed.get(module, False)
+        flip = embedding or adapter.transposed.get(module, False)  # row norms in math layout (out × in)
         w, upd = (base.float().T, update.T) if flip else (base.float(), update)
         change = _module().dora_change(adapter.tensor(module, "lora_magnitude_vector").float(), w, upd)
         return change.T if flip else change
@@ -136,10 +138,17 @@ class LoRA(LowRankForms, _alora.Activated):
     def defaults(self) -> dict[str, Any]:
         found = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
                  "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
-                 _alora.KEY: None}
+                 _alora.KEY: None, _tokens.KEY: None, "target_parameters": None}
         return {**found, "loraplus_lr_ratio": self.lr_ratio} if self.lr_ratio else found
 
+    def prepare(self, model, config: dict[str, Any]) -> dict[str, Any]:  # trainable tokens' layers, tied heads
+        return _tokens.prepare(model, _tensors.prepare(config))  # and no tensors' paths among target_modules
+
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
+        if _tokens.on(config, path):
+            return _tokens.settings(config, path, target)
+        if target.kind == "tensors":  # MultiheadAttention, target_parameters
+            return _tensors.settings(config, path, target)
         r = int(pattern_value(config["rank_pattern"], path, config["r"]))
         alpha = float(pattern_value(config["alpha_pattern"], path, config["lora_alpha"]))
         limit = min(target.in_features, target.out_features)
@@ -160,41 +169,39 @@ class LoRA(LowRankForms, _alora.Activated):
                 "bias": bool(config["lora_bias"]), "alora": _alora.check_settings(config, path, target, self)}
 
     def create(self, target, settings, weight, shared):
-        return _module().create(target, settings, weight, trainable_a=not self.freeze_a)
+        plane = _tokens if settings.get("tokens") else _tensors if settings.get("parts") else _module()
+        return plane.create(target, settings, weight, trainable_a=not self.freeze_a)
 
     def forward(self, branch, base_layer, x, result):
         if branch.settings.get("alora"):
             return _alora.forward(branch, x, result)
-        return _module().forward(branch, base_layer, x, result)
+        return (_tokens if branch.settings.get("tokens") else _module()).forward(branch, base_layer, x, result)
 
     def weight_delta(self, branch, weight):
         _alora.refuse_merge({_alora.KEY: branch.settings.get("alora")})
-        return _module().weight_delta(branch, weight)
+        return (_tokens if branch.settings.get("tokens") else _module()).weight_delta(branch, weight)
 
-    def delta_needs_base(self, branch) -> bool:
-        return "lora_magnitude_vector" in branch.params
+    def delta_needs_base(self, branch) -> bool:  # DoRA, and trainable tokens (rows replaced)
+        return "lora_magnitude_vector" in branch.params or _tokens.ROLE in branch.params
 
-    def bias_delta(self, branch, bias):
-        """s·β when B has a bias (`lora_bias`)."""
-        p = branch.params
-        return branch.settings["scaling"] * p["lora_B_bias"].float() if "lora_B_bias" in p else None
+    def bias_delta(self, branch, bias):  # s·β when B has a bias (`lora_bias`)
+        return _module().bias_delta(branch)
 
-    def resident(self, branch):
-        """PiSSA leaves W − s·B₀·A₀ in the base layer; that change is −s·B₀·A₀."""
-        p = branch.params
-        return -branch.settings["scaling"] * (p["initial_B"] @ p["initial_A"]) if "initial_A" in p else None
+    def resident(self, branch):  # PiSSA's −s·B₀·A₀ inside W
+        return _module().resident(branch)
 
     def stored_key(self, role: str, target) -> str:
-        if role == "lora_B_bias":
-            return "lora_B.bias"
-        return f"{role}.weight" if role in ("lora_A", "lora_B") else role
+        named = {"lora_B_bias": "lora_B.bias", _tokens.ROLE: _tokens.STORED}
+        found = named.get(role) or (f"{role}.weight" if role in ("lora_A", "lora_B") else role)
+        return _tensors.stored_key(role, target) if target.kind == "tensors" else found
 
     def save_tensors(self, branch) -> dict[str, torch.Tensor]:  # PiSSA: see _lora_module.save_tensors
-        return _module().save_tensors(branch)
+        return (_tokens if branch.settings.get("tokens") else _module()).save_tensors(branch)
 
     def file_config(self, config: dict[str, Any], settings: dict[str, dict], transposed: bool) -> dict[str, Any]:
         pissa = config["init_lora_weights"] == "pissa"
-        ranks = {m: s["r"] * (2 if pissa else 1) for m, s in settings.items()}
+        settings = _tensors.by_module(settings)  # a parameter's rank and alpha under its own path, as PEFT's
+        ranks = {m: s["r"] * (2 if pissa else 1) for m, s in settings.items() if not s.get("tokens")}
         root = math.sqrt if config["use_rslora"] else float
         alphas = {m: settings[m]["scaling"] * root(ranks[m]) for m in ranks}  # same scaling at the saved rank
         found = {"peft_type": "LORA", **rank_config(ranks, alphas), "lora_dropout": config["lora_dropout"],
@@ -203,6 +210,9 @@ class LoRA(LowRankForms, _alora.Activated):
                  "lora_bias": bool(config["lora_bias"])}
         if config[_alora.KEY]:  # PEFT runs it in its causal-LM model only: the format writes the task type
             found[_alora.KEY] = list(config[_alora.KEY])
+        if config[_tokens.KEY]:  # {embedding: ids}, and target_modules without the tokens layers
+            found |= _tokens.file_config(settings)
+        found |= _tensors.file_config(settings)
         if self.name != "lora":
             found["adaptkit_variant"] = self.name
         if self.lr_ratio:
@@ -211,22 +221,19 @@ class LoRA(LowRankForms, _alora.Activated):
 
     def config_from_file(self, adapter: AdapterFiles) -> dict[str, Any]:
         cfg = adapter.config
-        refuse_live(adapter)  # target_parameters, Tucker LoCon: merged (tensor plane) only
+        refuse_live(adapter)  # Tucker LoCon: merged (tensor plane) only
         found = {"r": cfg.get("r", 8), "lora_alpha": cfg.get("lora_alpha", cfg.get("r", 8)),
                  "lora_dropout": cfg.get("lora_dropout", 0.0), "use_rslora": bool(cfg.get("use_rslora")),
                  "use_dora": bool(cfg.get("use_dora")), "rank_pattern": cfg.get("rank_pattern") or {},
                  "alpha_pattern": cfg.get("alpha_pattern") or {}, "lora_bias": bool(cfg.get("lora_bias")),
-                 _alora.KEY: cfg.get(_alora.KEY)}
+                 _alora.KEY: cfg.get(_alora.KEY), _tokens.KEY: cfg.get(_tokens.KEY),
+                 "target_parameters": cfg.get("target_parameters")}
         if self.lr_ratio:
             found["loraplus_lr_ratio"] = cfg.get("loraplus_lr_ratio", self.lr_ratio)
         return found
 
     def param_groups(self, named: list[tuple[str, Any]], lr: float, config: dict[str, Any]) -> list[dict]:
-        """LoRA+: B (and embedding B) at `loraplus_lr_ratio` × lr, everything else at lr."""
-        ratio = config.get("loraplus_lr_ratio") or 1.0
-        fast = [p for n, p in named if n.endswith(("lora_B", "lora_embedding_B"))]
-        slow = [p for n, p in named if not n.endswith(("lora_B", "lora_embedding_B"))]
-        return [g for g in ({"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}) if g["params"]]
+        return _module().param_groups(named, lr, config)  # LoRA+: B faster
 
 
 def _module():
