@@ -14,17 +14,26 @@ def detect_format(store: TensorStore) -> str | None:
     return registry.detect("format", store)
 
 
-def read_adapter(source: TensorStore | str | Path, *, allow_pickle: bool = False) -> AdapterFiles | None:
-    """The adapter in `source` in canonical form, or None when it holds a full model."""
+def read_adapter(source: TensorStore | str | Path, *, allow_pickle: bool = False,
+                 check: bool = True) -> AdapterFiles | None:
+    """The adapter in `source` in canonical form, or None when it holds a full model. `check=False` leaves
+    out the variant's `check_files` (`inspect` runs it itself, to describe an adapter it refuses)."""
     store = source if isinstance(source, TensorStore) else open_store(source, allow_pickle=allow_pickle)
     fmt = detect_format(store)
     if fmt is None:
         return None
     adapter = registry.get("format", fmt).read(store)
+    if check:
+        check_adapter(adapter)
+    return adapter
+
+
+def check_adapter(adapter: AdapterFiles) -> None:
+    """The variant's `check_files`: a config that contradicts its tensors, or names a feature adaptkit does not
+    implement, is refused before anything uses either."""
     variant = registry.get("variant", adapter.variant)
     if isinstance(variant, spec.FileCheck):
-        variant.check_files(adapter)  # a config that contradicts its tensors is refused before anything uses either
-    return adapter
+        variant.check_files(adapter)
 
 
 def describe(adapter: AdapterFiles) -> dict[str, Any]:

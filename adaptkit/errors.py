@@ -19,6 +19,11 @@ class PluginError(AdaptkitError):
     """A plugin that cannot be found, imported or trusted."""
 
 
+class UnsupportedError(AdaptkitError):
+    """A well-formed input that names a feature adaptkit does not implement (refused rather than misread):
+    `inspect` still describes it, with this as its reason."""
+
+
 def closest(name: str, known: Iterable[str]) -> str | None:
     """The known name nearest to `name` (for 'did you mean' hints), or None."""
     found = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)

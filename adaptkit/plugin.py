@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from . import registry, validate
 from .io import dtypes
-from .errors import AdaptkitError, closest
+from .errors import AdaptkitError, UnsupportedError, closest
 from .io.store import TensorStore
 from .io.readers import dump_json, parse_json
 from .spec import AdapterFiles, LowRankAdapter, LowRankModule
@@ -65,7 +65,7 @@ __all__ = [
     # contracts
     "AdapterFiles", "LowRankAdapter", "LowRankModule",
     # errors
-    "AdaptkitError", "closest",
+    "AdaptkitError", "UnsupportedError", "closest",
     # other plugins
     "registry",
     # config checking

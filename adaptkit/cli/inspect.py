@@ -22,7 +22,8 @@ def inspect_cmd(path, as_json, allow_pickle):
     model {model_type, architectures, hidden_size, num_hidden_layers, vocab_size, ...} or null,
     adapter {variant, format, base_model, target_modules, targeted_modules,
     trainable_parameters, modules_to_save, rank, ranks, alpha, scaling, modules, ...,
-    adaptkit_format: true for a variant only adaptkit reads} or null,
+    adaptkit_format: true for a variant only adaptkit reads, unsupported: why load, merge
+    and convert refuse it} or null,
     quantization {method} or null.
 
     \b

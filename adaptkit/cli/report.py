@@ -52,6 +52,8 @@ def format_inspect(r: dict[str, Any]) -> str:
     a = r["adapter"]
     if a:
         row("variant", a["variant"])
+        if a.get("unsupported"):  # load, merge and convert refuse it: the reason, as they give it
+            row("unsupported", a["unsupported"])
         row("base model", a["base_model"] or "(not recorded)")
         if "ranks" in a:
             row("rank", a["rank"] if a["rank"] is not None else f"{min(a['ranks'])}..{max(a['ranks'])} (varies)")

@@ -7,6 +7,8 @@
   base, turn matrices trained whole into low-rank changes (W' − W by SVD). A change an adapter
   makes to a layer's bias (an output scaling, a trained bias on B) cannot be factors: the new
   bias b + Δb travels whole, in the module's base layer as PEFT saves a trained bias (needs the base).
+  Factors of a convolution kernel stored flattened (A r × in·kh·kw) become a conv LoRA's with the base;
+  without one, a module named as a convolution is refused (`check_kernels_known`).
 - `extract(model, base)`: a full fine-tune as a LoRA: each changed matrix's ΔW factored (a convolution's
   over its flattened kernels, as a conv LoRA: A r × in × *kernel, B out × r × 1…); changed
   vectors, and embeddings unless `embed_lora`, kept whole (`modules_to_save`).
@@ -82,15 +84,36 @@ def _base_weight(base, module: str) -> torch.Tensor | None:
     return base.get(key)
 
 
+#: A layer named as a convolution: the last component of its path holds "conv" (PEFT's test models' conv1d and
+#: conv2d, diffusers' and kohya's Stable Diffusion conv1, conv_shortcut, a downsampler's conv, quant_conv).
+CONV_NAME = re.compile(r"(^|\.)[^.]*conv[^.]*$")
+
+
 def _kernel_shaped(out: LowRankAdapter, base) -> None:
     """Factors of flattened convolution kernels (AdaLoRA's on Conv2d: A r × in·kh·kw) in a conv LoRA's
-    shapes, A r × in × *kernel and B out × r × 1…, where the base says the module is a convolution."""
+    shapes, where the base says the module is a convolution (`kernel_factors`)."""
     for module, m in out.modules.items():
         key = f"{module}.weight"
-        shape = tuple(base.info(key).shape) if key in base else ()
-        if len(shape) > 2 and m.a.dim() == 2 and m.a.shape[1] == math.prod(shape[1:]) and m.b.shape[0] == shape[0]:
-            m.a = m.a.reshape(m.rank, *shape[1:])
-            m.b = m.b.reshape(shape[0], m.rank, *(1,) * (len(shape) - 2))
+        m.a, m.b = kernel_factors(m.a, m.b, tuple(base.info(key).shape) if key in base else ())
+
+
+def kernel_factors(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat factors of a convolution (A r × in·kh·kw, B out × r) as a conv LoRA holds them, A r × in × *kernel
+    and B out × r × 1…, where the base weight's `shape` is a kernel they fit; else as they are."""
+    if len(shape) > 2 and a.dim() == 2 and a.shape[1] == math.prod(shape[1:]) and b.shape[0] == shape[0]:
+        return a.reshape(a.shape[0], *shape[1:]), b.reshape(shape[0], a.shape[0], *(1,) * (len(shape) - 2))
+    return a, b
+
+
+def check_kernels_known(flat: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuses, without a base model, (module, A) pairs whose A is flat (r × in, a Linear layer's) where the module
+    is named as a convolution (`CONV_NAME`). Some variants store a convolution's kernel flattened into the input
+    side (A r × in·kh·kw) and no kernel shape in the file, so that only the base weight tells a Linear layer
+    from a convolution and gives the kernel: a Linear-shaped LoRA for a convolution loads nowhere."""
+    for module, a in flat:
+        if a.dim() == 2 and CONV_NAME.search(module):
+            raise AdaptkitError(f"module {module} is a convolution whose kernel shape the file does not record "
+                                "(stored flattened): pass --base (a recipe's base_model) to write it as a conv LoRA")
 
 
 def _new_bias(variant, adapter: AdapterFiles, module: str, base) -> torch.Tensor | None:
@@ -149,7 +172,7 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
             if not resize:
                 raise AdaptkitError(f"{module}: a {variant.name} module has no exact low-rank form"
                                     f"{_reason(variant, adapter, module)}; give --rank or --energy to factor its ΔW by SVD")
-            layout = {"embedding": False, "transposed": adapter.transposed.get(module, False)}
+            layout = _svd_layout(variant, adapter, module, base_config)
             delta = module_delta(variant, adapter, module, _base_weight(base_store, module)).float()
             if delta.dim() > 2:  # a convolution kernel: a conv LoRA (LoCon)
                 f, a, b = factor_kernel(delta, rank, energy)
@@ -161,6 +184,8 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
         report.add(module, f, f.rank, False)
     if base_store is not None:
         _kernel_shaped(out, base_store)
+    else:
+        check_kernels_known((module, m.a) for module, m in out.modules.items())
     if resize:
         out.plain_scaling()
     for key, name in adapter.saved.items():
@@ -178,6 +203,23 @@ def to_lowrank(adapter: AdapterFiles, *, rank: int | None = None, energy: float 
         report.saved.append(key)
     report.warn_clamped()
     return out, report
+
+
+def _svd_layout(variant, adapter: AdapterFiles, module: str, base_config: dict | None) -> dict[str, bool]:
+    """How a module factored by SVD lies against its base weight: as the variant's `factor_layout` says where it
+    knows the module (an embedding's ΔE = (B·A)ᵀ, written as an embedding LoRA), else as the settled layout.
+    An embedding the base ties to its output head is refused: a LoRA there changes the input side only, where
+    the change (trainable tokens) reached the head's logits too."""
+    layout = {"embedding": False, "transposed": adapter.transposed.get(module, False)}
+    try:
+        if isinstance(variant, spec.Factors):
+            layout = variant.factor_layout(adapter, module)
+    except AdaptkitError:
+        pass  # no exact factors for the module: its layout as settled from the base
+    if layout["embedding"] and base_config and base_config.get("tie_word_embeddings", True):
+        raise AdaptkitError(f"{module}: the base ties this embedding to its output head, which an embedding LoRA "
+                            "leaves unchanged; merge the adapter into the base instead")
+    return layout
 
 
 def _factorable(key: str, tensor: torch.Tensor, base) -> bool:

@@ -8,7 +8,8 @@ The dict returned by `inspect(path)` is the `--json` output; its keys are stable
   target_modules, targeted_modules, trainable_parameters, modules_to_save, and the variant's
   figures such as rank, ranks, alpha, scaling, modules {path: {rank, alpha, scaling}}; and
   adaptkit_format: true when the config names an `adaptkit_variant`, a variant only adaptkit reads
-  whatever folder layout it borrows),
+  whatever folder layout it borrows; unsupported: the one-line reason load, merge and convert refuse
+  the adapter, where they do),
   quantization (null, or {method}).
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry, validate
-from ..adapter import describe, read_adapter
+from ..adapter import check_adapter, describe, read_adapter
+from ..errors import UnsupportedError
 from ..io.dtypes import NAMES as DTYPE_NAMES
 from ..io.store import TensorStore, open_store
 from ..hub.repos import is_reference, resolve
@@ -37,17 +39,41 @@ def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     store = open_store(local, allow_pickle=allow_pickle)
     report = _tensor_figures(store)
     report["path"] = str(Path(path))
-    adapter = read_adapter(store)
+    adapter = read_adapter(store, check=False)
+    refusal = _refusal(adapter)
     quantizer = None if adapter else registry.detect("quantizer", store)
     report["kind"] = "adapter" if adapter else "quantized-model" if quantizer else "model"
     report["format"] = adapter.format if adapter else _file_format(store)
     config = validate.model_config(store.json_file("config.json"), store.root / "config.json") if not adapter else None
     report["model"] = {k: config[k] for k in MODEL_FIELDS if k in config} if config else None
-    report["adapter"] = describe(adapter) if adapter else None
+    report["adapter"] = _described(adapter, refusal) if adapter else None
     if adapter is not None and adapter.config.get("adaptkit_variant"):
         report["adapter"]["adaptkit_format"] = True  # other tools would refuse it, or read it as something else
     report["quantization"] = {"method": quantizer} if quantizer else None
     return report
+
+
+def _refusal(adapter) -> UnsupportedError | None:
+    """Why the commands that use the adapter refuse it (its variant's file check names a feature adaptkit does
+    not implement), or None. A config that contradicts its tensors stays an error here too."""
+    try:
+        if adapter is not None:
+            check_adapter(adapter)
+    except UnsupportedError as err:
+        return err
+    return None
+
+
+def _described(adapter, refusal: UnsupportedError | None) -> dict[str, Any]:
+    """The adapter's figures, with the refusal as a row; where the variant cannot describe the adapter it
+    refuses, the refusal itself is the error."""
+    if refusal is None:
+        return describe(adapter)
+    try:
+        figures = describe(adapter)
+    except Exception:
+        raise refusal from None
+    return {**figures, "unsupported": str(refusal)}
 
 
 def _file_format(store: TensorStore) -> str:

@@ -17,9 +17,14 @@ layouts, template, out_dir)`, which writes an adapter of that variant with ΔW =
   for a rank far below the dimensions), the best rank-k approximation in the Frobenius norm
   (Eckart–Young): ΔW ≈ U_k S_k V_kᵀ, B = U_k·√S_k, A = √S_k·V_kᵀ; the report gives each module's
   relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F.
+- A convolution's factors come out as a conv LoRA holds them (A k × in × *kernel, B out × k × 1…). Where a
+  variant stores a kernel flattened (A r × in·kh·kw), only the base weight gives its shape: with a
+  `base_model` they are reshaped, without one a module named as a convolution is refused
+  (`convert.check_kernels_known`).
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +37,7 @@ from .. import registry, spec
 from ..adapter import read_adapter
 from ..io.dtypes import code_to_torch, parse_dtype
 from ..errors import AdaptkitError
+from ..files.convert import check_kernels_known, kernel_factors
 from ..files.lowrank import factor_matrix, module_delta, settle_layout
 from .card import write_card
 from .positions import check_positions, layer_positions, operator_params, seeded_generators
@@ -71,6 +77,7 @@ def merge_adapters(recipe: Recipe, out: str | Path, *, force: bool = False, seed
     else:
         factors, layouts, errors = svd_factors(recipe, method, variant, adapters, bar, positions, base, rank)
     bar.close()
+    factors = kernel_shaped(factors, base)
     dropped = warn_dropped(adapters)
     dtype = parse_dtype(recipe.out_dtype or recipe.dtype) or input_dtype(adapters[0])
     factors = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
@@ -202,11 +209,23 @@ def module_deltas(variant, adapters, module: str, base) -> tuple[list[torch.Tens
         deltas.append(module_delta(variant, adapter, module, weight))
         found = variant.factor_layout(adapter, module)
         layout = check_layout(module, layout or found, found)
+    deltas = unflattened(deltas)
     shapes = {tuple(d.shape) for d in deltas if d is not None} | ({tuple(weight.shape)} if weight is not None else set())
     if len(shapes) > 1:
         raise AdaptkitError(f"{module}: the inputs give ΔW of shapes {sorted(shapes)} (adapters for different bases?)")
     shape = shapes.pop()
     return [d if d is not None else torch.zeros(shape) for d in deltas], layout
+
+
+def unflattened(deltas: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Flat ΔW (out × in·kh·kw, as some variants store a kernel) in the kernel shape another input records, where
+    exactly one such shape fits them: then the file that records it settles the layer, without a base."""
+    kernels = {tuple(d.shape) for d in deltas if d is not None and d.dim() > 2}
+    kernel = kernels.pop() if len(kernels) == 1 else None
+    if kernel is None:
+        return deltas
+    flat = (kernel[0], math.prod(kernel[1:]))
+    return [d.reshape(kernel) if d is not None and tuple(d.shape) == flat else d for d in deltas]
 
 
 def check_layout(module: str, first: dict[str, bool], other: dict[str, bool]) -> dict[str, bool]:
@@ -241,6 +260,16 @@ def svd_factors(recipe, method, variant, adapters, bar, positions, base, rank):
         warnings.warn(f"rank {rank} exceeds min(out, in) of {len(clamped)} module(s), e.g. {clamped[0]}: "
                       "using min(out, in) there (exact)", stacklevel=3)
     return factors, layouts, errors
+
+
+def kernel_shaped(factors: dict, base) -> dict:
+    """Flat factors of a convolution (a kernel some variants store flattened) as a conv LoRA's, where the base
+    says the module is one; without a base, refused where the module is named as a convolution."""
+    if base is None:
+        check_kernels_known((m, a) for m, (a, _) in factors.items())
+        return factors
+    shapes = {m: tuple(base.store.info(key).shape) if (key := weight_key(base.store, m)) else () for m in factors}
+    return {m: kernel_factors(a, b, shapes[m]) for m, (a, b) in factors.items()}
 
 
 def warn_dropped(adapters: list[AdapterFiles]) -> list[str]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
-from adaptkit.plugin import AdapterFiles, AdaptkitError
+from adaptkit.plugin import AdapterFiles, AdaptkitError, UnsupportedError
 from adaptkit.plugin import validate as v
 
 from ..formats._lowrank import pattern_value
 from ._lora_params import lookup_path, on_parameter
+from ._lora_tokens import fold
 
 # PEFT 0.21's LoraConfig fields that change what a saved adapter computes and that adaptkit does not
 # implement: refused by name when set (not None, False or []). The fields not here are implemented or
@@ -18,8 +19,9 @@ from ._lora_params import lookup_path, on_parameter
 # layers_to_transform, layers_pattern: the saved tensors name the layers); lora_dropout (training only);
 # runtime_config (where PEFT keeps weights); megatron_core (read only with megatron_config);
 # qalora_group_size (only with use_qalora); velora_config (VeLoRA compresses activations for the backward
-# pass only; its buffer lora_velora_embed is dropped); and the data-driven init configs loftq_config,
-# eva_config, corda_config, lora_ga_config, read only when init_lora_weights names them (checked below).
+# pass only; its buffer lora_velora_embed is dropped); trainable_token_indices (`_lora_tokens.py`); and the
+# data-driven init configs loftq_config, eva_config, corda_config, lora_ga_config, read only when
+# init_lora_weights names them (checked below).
 REFUSED = {
     "kasa_config": "KaSA (singular-value LoRA on a truncated base)",
     "monteclora_config": "MonteCLoRA (sampled LoRA factors)",
@@ -29,7 +31,6 @@ REFUSED = {
     "megatron_config": "Megatron tensor-parallel layers",
     "layer_replication": "layer replication (repeated decoder layers)",
     "ensure_weight_tying": "adapters tied between embeddings and the output head",
-    "trainable_token_indices": "trainable tokens beside a LoRA",
 }
 # init_lora_weights values PEFT runs again when it loads an adapter, rewriting the base weights (PiSSA,
 # OLoRA, CorDA, LoftQ, LoRA-GA move the start of the update into W); the others leave W as it is.
@@ -40,7 +41,7 @@ def refuse_unsupported(cfg: dict, where: str) -> None:
     """The `REFUSED` fields, by name, where set."""
     for key, what in REFUSED.items():
         if cfg.get(key) not in (None, False, []):  # a {} config is the feature with its defaults
-            raise AdaptkitError(f"{where}: {key} ({what}) is not supported")
+            raise UnsupportedError(f"{where}: {key} ({what}) is not supported")
 
 
 def check_config(cfg: dict, where: str) -> None:
@@ -48,7 +49,7 @@ def check_config(cfg: dict, where: str) -> None:
     refuse_unsupported(cfg, where)
     init = cfg.get("init_lora_weights", True)
     if init not in KEEPS_BASE:
-        raise AdaptkitError(f"{where}: init_lora_weights={init!r} is not supported in a saved adapter: PEFT rewrites "
+        raise UnsupportedError(f"{where}: init_lora_weights={init!r} is not supported in a saved adapter: PEFT rewrites "
                             "the base weights with it when loading (save it converted to a plain LoRA)")
 
 
@@ -56,8 +57,10 @@ def check_adalora(cfg: dict, where: str) -> None:
     """AdaLoRA's config: the `REFUSED` fields, and DoRA (PEFT refuses it with AdaLoRA). PEFT's AdaLoRA layers
     take init_lora_weights as a flag, so every value of it leaves the base weights as they are."""
     refuse_unsupported(cfg, where)
+    if cfg.get("trainable_token_indices"):  # the lora variant's `_lora_tokens`; not wired into AdaLoRA's layers
+        raise AdaptkitError(f"{where}: trainable_token_indices with AdaLoRA is not supported")
     if cfg.get("use_dora"):
-        raise AdaptkitError(f"{where}: use_dora with AdaLoRA is not supported (PEFT refuses it)")
+        raise UnsupportedError(f"{where}: use_dora with AdaLoRA is not supported (PEFT refuses it)")
 
 
 def check_files(variant, adapter: AdapterFiles) -> None:
@@ -67,11 +70,12 @@ def check_files(variant, adapter: AdapterFiles) -> None:
     fields (`check_config`); VeLoRA's buffers are left out of the adapter's tensors."""
     cfg, where = adapter.config, v.adapter_source(adapter)
     check_config(cfg, where)
+    tokens = fold(adapter, where)  # trainable tokens beside the LoRA: rows of embeddings, no factors
     if cfg.get("velora_config"):  # VeLoRA's projection for the backward pass: training state, no output changes
         adapter.saved = {k: key for k, key in adapter.saved.items() if not k.endswith(".lora_velora_embed")}
     dora = bool(cfg.get("use_dora"))
     stated = adapter.format == "peft"  # other formats derive use_dora from the tensors (mixed is fine there)
-    for module in sorted(adapter.modules):
+    for module in sorted(set(adapter.modules) - tokens):
         roles = adapter.modules[module]
         a_role, b_role, _ = variant._factors(roles)
         a, b = adapter.shape(module, a_role), adapter.shape(module, b_role)

@@ -78,7 +78,8 @@ class LowRankForms:
     def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
         """`embedding`: A is r × num_embeddings; `transposed`: the base weight is (s·B·A)ᵀ
         (embeddings, and `Conv1D` layers with `fan_in_fan_out`)."""
-        embedding = self._factors(adapter.modules[module])[2]
+        roles = adapter.modules[module]  # trainable tokens (`_lora_tokens`) are rows of an embedding too
+        embedding = "trainable_tokens_delta" in roles or self._factors(roles)[2]
         return {"embedding": embedding, "transposed": embedding or adapter.transposed.get(module, False)}
 
     def write_lowrank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layouts: dict[str, dict[str, bool]],

@@ -86,12 +86,20 @@ class LycorisVariant:
         update = self.product(tensors, lycoris=adapter.format == "kohya") * self.scaling(adapter, module)
         if base is not None:
             update = math().fit(update, base.shape, module)
+        elif update.dim() == 2 and self.flat_kernel(adapter, module):
+            raise AdaptkitError(f"module {module} is a convolution whose kernel shape the file does not record "
+                                "(stored flattened): pass --base (a recipe's base_model)")
         if "dora_scale" not in tensors:
             return update
         if base is None:
             raise AdaptkitError(f"{module}: a {self.name} module with dora_scale (weight decomposition) rescales the "
                                 "merged weight; give the base model")
         return math().decompose(update, base.float(), tensors["dora_scale"])
+
+    def flat_kernel(self, adapter: AdapterFiles, module: str) -> bool:
+        """Whether the module's tensors show it is a convolution whose kernel they hold flattened (the core refuses
+        a module named as one without a base either way)."""
+        return False
 
     def factor_layout(self, adapter: AdapterFiles, module: str) -> dict[str, bool]:
         """ΔW lies as the base weight (PEFT's LoHa and LoKr adapt nn.Linear and convolutions, never Conv1D)."""

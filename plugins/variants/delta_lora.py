@@ -76,6 +76,8 @@ class DeltaLoRA(LoRA):
         return {**super().defaults, "start_step": 500, "update_ratio": 2.0}
 
     def settings(self, config: dict[str, Any], path: str, target) -> dict[str, Any]:
+        if config.get("trainable_token_indices"):  # the lora variant's (`_lora_tokens`), not wired into W's updates
+            raise AdaptkitError("delta_lora: trainable_token_indices is not supported (use a lora adapter)")
         if config["lora_dropout"]:
             raise AdaptkitError(f"delta_lora: lora_dropout must be 0, got {config['lora_dropout']}; Delta-LoRA removes "
                                 "the dropout from the branch so that the change of B·A follows the gradient of W")

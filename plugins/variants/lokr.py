@@ -50,6 +50,17 @@ class LoKr(LycorisVariant):
         """W1 ⊗ W2, unscaled (`_lycoris_math.kronecker`): PEFT's layout, LyCORIS's for its own files."""
         return math().kronecker(p, peft=not lycoris)
 
+    def flat_kernel(self, adapter, module: str) -> bool:
+        """PEFT splits a Linear layer's `in` as (c, d) = factorization(in, decompose_factor), so W1's c columns and
+        W2's d make a pair it gives back; a conv's flattened W2 (d·kh·kw columns) breaks the pair."""
+        roles = adapter.modules[module]
+        if adapter.format != "peft" or "lokr_t2" in roles:
+            return False
+        w1 = adapter.shape(module, "lokr_w1" if "lokr_w1" in roles else "lokr_w1_b")
+        w2 = adapter.shape(module, "lokr_w2" if "lokr_w2" in roles else "lokr_w2_b")
+        factor = int(adapter.config.get("decompose_factor") or -1)
+        return len(w2) == 2 and math().factorization(w1[1] * w2[1], factor) != (w1[1], w2[1])
+
     def layout_of(self, adapter) -> dict[str, Any]:
         """Tucker cores and a low-rank W1 (`decompose_both`) as stored; LyCORIS's full 3-d W2 (nn.Conv1d) is
         refused on a live model, which runs PEFT's layout (`_lycoris_math.kronecker`)."""
