@@ -58,12 +58,12 @@ def test_warning_is_one_line(peft_lora_dir, tmp_path):
     copy = tmp_path / "a"
     shutil.copytree(peft_lora_dir, copy)
     cfg = json.loads((copy / "adapter_config.json").read_text())
-    cfg["future_key"] = 1
+    cfg["future_key"] = None
     (copy / "adapter_config.json").write_text(json.dumps(cfg))
     proc = subprocess.run([sys.executable, "-m", "adaptkit", "inspect", str(copy)], capture_output=True, text=True)
     assert proc.returncode == 0
     assert proc.stderr.strip().splitlines() == [
-        f"warning: {copy / 'adapter_config.json'}: ignoring unknown config keys future_key (written by a newer PEFT?)"]
+        f"warning: {copy / 'adapter_config.json'}: ignoring unknown config keys future_key, all unset (written by a newer PEFT?)"]
     quiet = subprocess.run([sys.executable, "-m", "adaptkit", "--quiet", "inspect", str(copy)], capture_output=True, text=True)
     assert quiet.stderr == ""
     after = subprocess.run([sys.executable, "-m", "adaptkit", "inspect", str(copy), "-q"], capture_output=True, text=True)

@@ -82,15 +82,29 @@ def test_inspect_real_minilm():
     assert r["model"]["model_type"] == "bert" and r["parameters"] == 22_713_216 + 512  # + position_ids buffer
 
 
-def test_unknown_config_keys_load_with_warning(peft_lora_dir, tmp_path):
+@pytest.mark.parametrize("value", [None, False, [], {}])
+def test_unknown_config_keys_left_unset_load_with_warning(peft_lora_dir, tmp_path, value):
+    """A key from a newer PEFT at an unset value turns nothing on: a warning, and the adapter reads."""
     copy = tmp_path / "a"
     shutil.copytree(peft_lora_dir, copy)
     config = json.loads((copy / "adapter_config.json").read_text())
-    config["shiny_new_option"] = True
+    config["shiny_new_option"] = value
     (copy / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match="ignoring unknown config keys shiny_new_option"):
+    with pytest.warns(UserWarning, match="ignoring unknown config keys shiny_new_option, all unset"):
         r = adaptkit.inspect(copy)
     assert r["adapter"]["targeted_modules"] == 4
+
+
+@pytest.mark.parametrize("value", [True, 1, "on", [3]])
+def test_unknown_config_keys_that_are_set_are_refused_by_name(peft_lora_dir, tmp_path, value):
+    """Set, an unknown key may change the adapter's math: refused in one line naming it, never passed over."""
+    copy = tmp_path / "a"
+    shutil.copytree(peft_lora_dir, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["shiny_new_option"] = value
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdaptkitError, match=r"unknown config key shiny_new_option=.*cannot tell how it changes"):
+        adaptkit.inspect(copy)
 
 
 def test_adapter_with_unknown_variant(peft_lora_dir, tmp_path):
@@ -99,5 +113,5 @@ def test_adapter_with_unknown_variant(peft_lora_dir, tmp_path):
     config = json.loads((copy / "adapter_config.json").read_text())
     config["peft_type"] = "LORAA"
     (copy / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdaptkitError, match="unknown variant plugin 'loraa'; did you mean 'lora'"):
+    with pytest.raises(AdaptkitError, match="PEFT type 'LORAA' is not supported"):
         adaptkit.inspect(copy)

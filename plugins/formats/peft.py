@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from typing import Any
 
-from adaptkit.plugin import AdapterFiles, AdaptkitError, dump_json, registry, validate
+from adaptkit.plugin import AdapterFiles, AdaptkitError, UnsupportedError, dump_json, registry, validate
 
 from . import _peft_interop as interop
 
@@ -75,14 +75,21 @@ class PeftFormat:
         except AdaptkitError as e:  # a PEFT method adaptkit does not have: say so by PEFT's name
             if own.get("adaptkit_variant") or config.get("adaptkit_variant"):
                 raise
-            raise AdaptkitError(f"PEFT type '{config['peft_type']}' is not supported here ({e})") from None
+            # (no "did you mean": a near name is another method, never this one)
+            known = ", ".join(sorted(registry.names("variant")))
+            raise UnsupportedError(f"{where}: PEFT type '{config['peft_type']}' is not supported (adaptkit's variants: "
+                                   f"{known})") from None
         validate.check_fields(config, getattr(variant, "config_types", {}), where)
         unknown = sorted(set(config) - COMMON_KEYS - set(variant.config_keys))
+        # A key from a newer PEFT left unset (null, false, empty) turns nothing on; set, it may change the math,
+        # which adaptkit cannot know: refused by name rather than passed over.
+        used = [k for k in unknown if config[k] not in (None, False, "", [], {})]
+        if used:
+            raise UnsupportedError(f"{where}: unknown config key {', '.join(f'{k}={config[k]!r}' for k in used)} "
+                                   "(written by a newer PEFT?): adaptkit cannot tell how it changes the adapter")
         if unknown:
-            warnings.warn(
-                f"{store.root / CONFIG_FILE}: ignoring unknown config keys {', '.join(unknown)} (written by a newer PEFT?)",
-                AdapterConfigWarning, stacklevel=2,
-            )
+            warnings.warn(f"{where}: ignoring unknown config keys {', '.join(unknown)}, all unset (written by a newer PEFT?)",
+                          AdapterConfigWarning, stacklevel=2)
         adapter = AdapterFiles(variant_name, config, store, self.name)
         roles = set(variant.param_names)
         for key in store.keys():
