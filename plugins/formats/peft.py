@@ -72,7 +72,7 @@ class PeftFormat:
             raise AdaptkitError(f"{where}: no 'peft_type' or 'adaptkit_variant'")
         try:
             variant = registry.get("variant", variant_name)
-        except AdaptkitError as e:  # a PEFT method adaptkit does not have: say so by PEFT's name
+        except AdaptkitError:  # a PEFT method adaptkit does not have: say so by PEFT's name
             if own.get("adaptkit_variant") or config.get("adaptkit_variant"):
                 raise
             # (no "did you mean": a near name is another method, never this one)
