@@ -343,17 +343,23 @@ def test_adapter_for_other_shapes_names_module_and_shapes(tmp_path):
         ak.load_adapter(other, tmp_path / "a")
 
 
-def test_newer_peft_config_keys_load_with_a_warning(tmp_path):
+def test_newer_peft_config_keys_load_with_a_warning_when_unset_and_are_refused_when_set(tmp_path):
+    """A newer PEFT's key left at null turns nothing on: a warning, PEFT's outputs. Set, it may change
+    the math: load refuses in one line naming it, and the model is left as it was."""
     base = tiny_llama()
     pm = peft_model(base, r=4, target_modules=["q_proj"])
     pm.save_pretrained(tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    config["lora_future_option"] = 3
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "lora_future_option": None}))
     model = copy.deepcopy(base)
     with pytest.warns(UserWarning, match="lora_future_option"):
         ak.load_adapter(model, tmp_path / "a")
     torch.testing.assert_close(logits(model), logits(pm), **TOL)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "lora_future_option": 3}))
+    model = copy.deepcopy(base)
+    with pytest.raises(AdaptkitError, match="unknown config key lora_future_option=3"):
+        ak.load_adapter(model, tmp_path / "a")
+    torch.testing.assert_close(logits(model), logits(base), **TOL)
 
 
 def test_missing_adapter_file_and_folder(tmp_path):
