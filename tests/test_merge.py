@@ -263,6 +263,24 @@ def test_adapter_for_a_different_base(models, tmp_path):
                    "models": [{"model": str(gpt), "parameters": {"weight": 1}}]}, tmp_path / "out", progress=False)
 
 
+def test_a_base_saved_without_the_adapters_prefix_is_named(models, tmp_path):
+    """A component saved on its own (here the Llama body without `model.`, as a diffusers UNet folder
+    lacks `unet.`): the error says which prefix is missing instead of blaming another base."""
+    from safetensors.torch import load_file, save_file
+
+    body = tmp_path / "body"
+    body.mkdir()
+    weights = load_file(models / "base" / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")},
+              body / "model.safetensors")
+    adapter = peft_adapter(tiny_llama(), tmp_path / "a", r=2, lora_alpha=2, target_modules=["q_proj"])
+    with pytest.raises(AdaptkitError, match=r"targets 'model\.layers\.0\.self_attn\.q_proj', which .* does not have: "
+                                            r"it has 'layers\.0\.self_attn\.q_proj', without the prefix 'model\.'") as e:
+        run_merge({"merge_method": "task_arithmetic", "base_model": str(body),
+                   "models": [{"model": str(adapter), "parameters": {"weight": 1}}]}, tmp_path / "out", progress=False)
+    assert "different base" not in str(e.value)
+
+
 def test_weights_summing_to_zero_with_normalize(models, tmp_path):
     recipe = recipe_for(models, "linear", [{"weight": 1}, {"weight": -1}], base=False, n=2)
     with pytest.raises(AdaptkitError, match="sum to zero"):

@@ -50,7 +50,7 @@ class ModelSource:
             key = weight_key(self.store, module)
             if key is None:
                 raise AdaptkitError(f"adapter {adapter.store.root} targets '{module}', which {self.ref.model} does not "
-                                    "have: an adapter for a different base?")
+                                    f"have: {_naming_hint(self.store, module)}")
             self._deltas.setdefault(key, []).append((adapter, module, "delta"))
             if isinstance(variant, spec.StoredBiasDelta) and f"{module}.bias" in self.store:  # it changes the bias too
                 self._deltas.setdefault(f"{module}.bias", []).append((adapter, module, "delta_bias"))
@@ -122,6 +122,20 @@ def weight_key(store: TensorStore, module: str) -> str | None:
         if key in store:
             return key
     return None
+
+
+def _naming_hint(store: TensorStore, module: str) -> str:
+    """Why a targeted module is missing: where the model has it under a shorter name (a pipeline's
+    component saved on its own, e.g. a UNet folder for an adapter naming `unet.…`), that its names
+    lack the adapter's prefix, which adaptkit does not drop (the adapter's other components would
+    silently go unmerged); otherwise, probably another base."""
+    parts = module.split(".")
+    for cut in range(1, len(parts)):
+        if weight_key(store, ".".join(parts[cut:])) is not None:
+            prefix = ".".join(parts[:cut]) + "."
+            return (f"it has '{'.'.join(parts[cut:])}', without the prefix '{prefix}' (a component saved on its own); "
+                    f"merge into a model whose names include '{prefix}'")
+    return "an adapter for a different base?"
 
 
 def open_input(ref: Ref, *, allow_pickle: bool = False, base: Ref | None = None) -> ModelSource:
