@@ -68,3 +68,11 @@ def llama_finetunes(root, count: int = 3, noise: float = 0.02):
                 p.add_(torch.randn(p.shape, generator=g) * noise)
         ft.save_pretrained(root / f"ft{i}")
     return root
+
+
+def outputs(model, x):
+    """The model's output for x, without building a graph."""
+    import torch
+
+    with torch.no_grad():
+        return model(x)

@@ -25,6 +25,7 @@ import adaptkit as ak
 from adaptkit import registry
 from adaptkit.adapter import read_adapter
 from adaptkit.errors import AdaptkitError
+from builders import outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 REL = 1e-4
@@ -121,11 +122,6 @@ def peft_model(base: Net, cls, config: dict) -> PeftModel:
 def close(got: torch.Tensor, want: torch.Tensor) -> None:
     """Within REL of the reference's largest entry (the issue's ≤ 1e-4 relative)."""
     torch.testing.assert_close(got, want, rtol=REL, atol=REL * float(want.detach().abs().max()))
-
-
-def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
 
 
 @pytest.fixture(scope="module")

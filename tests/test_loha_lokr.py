@@ -25,7 +25,7 @@ import adaptkit as ak
 from adaptkit import registry
 from adaptkit.adapter import read_adapter
 from adaptkit.errors import AdaptkitError
-from builders import fit_to_teacher
+from builders import fit_to_teacher, outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -116,11 +116,6 @@ def peft_config(variant: str, **kwargs):
 
 def inputs(model: str) -> torch.Tensor:
     return torch.randn(3, *INPUTS[model], generator=torch.Generator().manual_seed(1))
-
-
-def outputs(model, x):
-    with torch.no_grad():
-        return model(x)
 
 
 @pytest.fixture(scope="module")
