@@ -115,9 +115,11 @@ class ReadsInputs(Protocol):
     """Reads the whole model's inputs before each call (aLoRA: from which token on each row's branch acts):
     `reads_inputs(config)` whether an adapter with this config needs them; `read_inputs(config, args, kwargs,
     previous)` what each of its branches holds as `Branch.inputs` during that call (`previous`: what the last call
-    gave, for a call that continues it, as decoding with a KV cache does). Outside a call branches hold None."""
+    gave, for a call that continues it, as decoding with a KV cache does). Outside a call branches hold None.
+    `check_generate(config, num_beams)` refuses, in one line, a `model.generate` it cannot follow (aLoRA: beams)."""
     def reads_inputs(self, config: Mapping[str, Any]) -> bool: ...
     def read_inputs(self, config: Mapping[str, Any], args: tuple, kwargs: Mapping[str, Any], previous: Any) -> Any: ...
+    def check_generate(self, config: Mapping[str, Any], num_beams: int) -> None: ...
 
 
 @runtime_checkable
@@ -279,6 +281,18 @@ class RemoteLayout(Protocol):
     file its `detect` accepts from the header."""
     remote_hint: str
     def remote_files(self, names: Collection[str]) -> list[str] | None: ...
+
+
+@runtime_checkable
+class BaseNames(Protocol):
+    """A format whose adapters name modules as one layout of a model family does, which other files of that
+    family name differently (a Stable Diffusion pipeline's `unet.…` modules in a single-file checkpoint's
+    `model.diffusion_model.…` keys): `base_key(module, store)` says where a module that the base model's `store`
+    lacks under its own name lies there: (its weight's key, its bias's key or None, the rows [start, stop) of
+    that weight its ΔW covers or None for all of it, as in a fused q/k/v projection), None where the format
+    knows no place for it, or an AdaptkitError where it knows the base's layout and that it cannot hold the
+    module. Without it a module is looked up under its own name only."""
+    def base_key(self, module: str, store: Any) -> tuple[str, str | None, tuple[int, int] | None] | None: ...
 
 
 @runtime_checkable

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from .capabilities import (BaseDependent, ChoosesTargets, ExtraLoss, FactorMerge, Factors, FileCheck, FormatOptions,
+from .capabilities import (BaseDependent, BaseNames, ChoosesTargets, ExtraLoss, FactorMerge, Factors, FileCheck,
+                           FormatOptions,
                            Intervention,
                            LiveBiasDelta, LiveWriter, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
                            PackedLayout, ParamGroups, QuantizerOptions, ReadsInputs, RemoteLayout, Resident, RewritesCall,
@@ -258,6 +259,7 @@ HOOKS: dict[str, Hook] = {
     "transform_input": Hook(TransformsInput, "the input as it is"),  # boft ia3 oft
     "reads_inputs": Hook(ReadsInputs, False),  # delta_lora lora lora_fa lora_plus
     "read_inputs": Hook(ReadsInputs, "nothing read"),  # delta_lora lora lora_fa lora_plus
+    "check_generate": Hook(ReadsInputs, "any generation settings"),  # delta_lora lora lora_fa lora_plus
     "rewrite_call": Hook(RewritesCall, "the call as given"),  # p_tuning prefix_tuning prompt_tuning
     "target_of": Hook(Intervention, "layer.Target.of"),  # delta_lora lora lora_fa lora_plus loreft
     "tensor_targets": Hook(TensorTargets, "none"),  # delta_lora lora lora_fa lora_plus
@@ -289,6 +291,7 @@ HOOKS: dict[str, Hook] = {
     "write_files": Hook(WritesVariants, "low-rank form only"),  # kohya
     "remote_files": Hook(RemoteLayout, "one root-level .safetensors file it detects"),  # peft
     "remote_hint": Hook(RemoteLayout, None),  # peft
+    "base_key": Hook(BaseNames, "the module's own name"),  # diffusers kohya
     "hub_library": Hook(FormatOptions, None),  # diffusers peft
     "card_usage": Hook(FormatOptions, ""),  # all
 }

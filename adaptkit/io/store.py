@@ -1,7 +1,8 @@
 """The tensor store: any weights on disk as a lazy mapping of name -> tensor.
 
 `open_store(path)` accepts a single `.safetensors` file, a folder with `model.safetensors`,
-shards with a `*.safetensors.index.json`, a PEFT adapter folder, a Hub cache folder
+shards with a `*.safetensors.index.json`, a PEFT adapter folder, a pipeline folder (`model_index.json`,
+each component's tensors under `<component>.`), a Hub cache folder
 (`models--org--name`, resolved through `refs/main`) or one of its snapshots. Keys, shapes, dtypes
 and metadata come from the headers alone; no tensor data is read (and torch is not imported)
 until `get(name)` is called, and then only that tensor (or a range of its rows) is read. Pickle checkpoints are refused unless `allow_pickle=True`, and even
@@ -14,10 +15,12 @@ inside that folder (`member`, `inside`), links followed.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from .safetensors_file import DTYPE_SIZES, TensorInfo, read_safetensors_header
 REF_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+PIPELINE_INDEX = "model_index.json"  # a pipeline folder's list of its components (diffusers' layout)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -44,6 +48,8 @@ class TensorStore:
     """A read-only mapping name -> tensor over one or more weight files, read lazily."""
 
     method: str | None = None  # the quantizer packed weights are unpacked with (unpacked.UnpackedStore)
+    components: tuple[str, ...] = ()  # a pipeline folder's component sub-folders, whose names prefix their tensors'
+    own_names: Mapping[str, str] = MappingProxyType({})  # such a tensor -> its name inside its file
 
     def __init__(self, root: Path, infos: dict[str, TensorInfo], metadata: dict[str, str], *, index: Path | None = None):
         self.root = root
@@ -80,6 +86,10 @@ class TensorStore:
             return self.infos[name]
         except KeyError:
             raise AdaptkitError(f"{self.root}: no tensor named '{name}'") from None
+
+    def origin(self, name: str) -> tuple[Path, str]:
+        """Where tensor `name` lies: its file relative to `root`, and its name in that file."""
+        return self.info(name).file.relative_to(self.root), self.own_names.get(name, name)
 
     def json_file(self, name: str) -> dict | None:
         """A JSON file beside the weights (config.json, adapter_config.json), or None. One that is
@@ -160,7 +170,10 @@ def open_store(path: str | Path, *, allow_pickle: bool = False) -> TensorStore:
     if not path.exists():
         raise AdaptkitError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _open_folder(_hub_cache_snapshot(path), allow_pickle)
+        folder = _hub_cache_snapshot(path)
+        if os.path.lexists(folder / PIPELINE_INDEX):
+            return _open_pipeline(folder, allow_pickle)
+        return _open_folder(folder, allow_pickle)
     regular_file(path, "weights file")
     if path.name.endswith(".index.json"):
         return _open_index(path, allow_pickle)
@@ -214,6 +227,32 @@ def _open_folder(folder: Path, allow_pickle: bool) -> TensorStore:
     if pickles:
         return _open_pickle([inside(p, folder) for p in pickles], folder, allow_pickle)
     raise AdaptkitError(f"{folder}: no weights found (looked for *.safetensors, an index, or pickle files)")
+
+
+def _open_pipeline(folder: Path, allow_pickle: bool) -> TensorStore:
+    """A pipeline folder (`model_index.json` naming its components, each a sub-folder): one store whose
+    tensors are `<component>.<name>`, the names the pipeline's modules have (`unet.…`, `text_encoder.…`).
+    Components without weights (a scheduler, a tokenizer) hold no tensors."""
+    index = read_json(folder / PIPELINE_INDEX)
+    infos: dict[str, TensorInfo] = {}
+    own: dict[str, str] = {}
+    names = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and None not in v)
+    for name in names:
+        sub = member(folder, name, folder / PIPELINE_INDEX)
+        if not sub.is_dir():  # a partial download: merging it would drop the component
+            raise AdaptkitError(f"{folder}: {PIPELINE_INDEX} lists the component '{name}', which has no folder there")
+        if not any(_weight_file(p) and p.suffix in WEIGHT_SUFFIXES for p in sub.iterdir()):
+            continue
+        with open_store(sub, allow_pickle=allow_pickle) as part:
+            if part._pickled is not None:
+                raise AdaptkitError(f"{sub}: pipeline components are read from safetensors files only (this one is pickle)")
+            for key, info in part.infos.items():
+                infos[f"{name}.{key}"], own[f"{name}.{key}"] = dataclasses.replace(info, name=f"{name}.{key}"), key
+    if not infos:
+        raise AdaptkitError(f"{folder}: a pipeline ({PIPELINE_INDEX}) whose components hold no weights")
+    store = TensorStore(folder, infos, {})
+    store.components, store.own_names = tuple(names), MappingProxyType(own)
+    return store
 
 
 def _open_index(index_path: Path, allow_pickle: bool) -> TensorStore:

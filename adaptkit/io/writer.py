@@ -170,6 +170,74 @@ class ShardedWriter:
             f.close()
 
 
+class MirrorWriter:
+    """Write tensors into the files the base `store` holds them in, under their names there (`store.origin`):
+    a pipeline's components keep their folders and file names, a single-file checkpoint stays one file of its
+    name, and shards keep their shard files, with each folder's index written anew. Each file keeps its own
+    metadata, with `metadata` added. The interface of `ShardedWriter`."""
+
+    def __init__(self, folder: str | Path, layout: Iterable[tuple[str, str, tuple[int, ...]]], store, *,
+                 metadata: dict[str, str] | None = None):
+        from .safetensors_file import read_safetensors_header
+
+        self.folder, self.store = Path(folder), store
+        groups: dict[Path, list[tuple[str, str, str, tuple[int, ...]]]] = {}
+        for name, dtype, shape in layout:
+            file, own = store.origin(name)
+            groups.setdefault(file, []).append((name, own, dtype, tuple(shape)))
+        self.writers: dict[Path, ShardedWriter] = {}
+        self._to: dict[str, tuple[ShardedWriter, str]] = {}
+        try:
+            for file, entries in groups.items():
+                (self.folder / file.parent).mkdir(parents=True, exist_ok=True)
+                safetensors = file.suffix == ".safetensors"  # a pickle checkpoint (.ckpt) becomes one
+                kept = read_safetensors_header(store.root / file)[1] if safetensors else {}
+                writer = ShardedWriter(self.folder / file.parent, [(own, d, s) for _, own, d, s in entries],
+                                       shard_size=2**62, metadata={**kept, **(metadata or {})}, stem=file.stem)
+                self.writers[file] = writer
+                self._to.update({name: (writer, own) for name, own, _, _ in entries})
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor, row: int = 0) -> None:
+        writer, own = self._to[name]
+        writer.write(own, tensor, row=row)
+
+    def close(self) -> list[Path]:
+        files = [path for writer in self.writers.values() for path in writer.close()]
+        folders: dict[Path, dict[str, str]] = {}
+        for file, writer in self.writers.items():
+            folders.setdefault(file.parent, {}).update({own: file.name for own in writer.layout})
+        for where, weight_map in folders.items():
+            # the base's shards (a folder read through its index): their index, with the sizes written now
+            indexes = sorted((self.store.root / where).glob("*.safetensors.index.json"))
+            if indexes and (self.store.components or self.store.index is not None):
+                total = sum(w.layout[n].nbytes for f, w in self.writers.items() if f.parent == where for n in w.layout)
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (self.folder / where / indexes[0].name).write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def copy_tree(source: Path, dest: Path, written: Iterable[Path]) -> None:
+    """Copy every regular file under `source` into `dest` keeping its relative path (a pipeline's configs,
+    tokenizer, scheduler), but hidden ones and the weights and indexes of the folders `written` (relative
+    paths) whose weights were written anew: a stale copy (a `.bin` beside the safetensors) would load as the
+    unmerged model. A file linking out of `source` is refused, as everywhere a folder is read."""
+    fresh = {Path(p) for p in written}
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        weights = path.suffix in (".safetensors", *PICKLE_SUFFIXES) or path.name.endswith(".index.json")
+        if (weights and rel.parent in fresh) or any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        (dest / rel.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(inside(path, source), dest / rel)
+
+
 @contextmanager
 def _named(path: Path) -> Iterator[None]:
     """OS errors of writes (a full disk comes without a file name) name the file written."""
@@ -203,4 +271,5 @@ def save_tensors(folder: str | Path, tensors: dict, *, shard_size: int | str = D
     return writer.close()
 
 
-__all__ = ["DEFAULT_SHARD_SIZE", "DTYPE_SIZES", "ShardedWriter", "copy_side_files", "parse_size", "save_tensors"]
+__all__ = ["DEFAULT_SHARD_SIZE", "DTYPE_SIZES", "MirrorWriter", "ShardedWriter", "copy_side_files", "copy_tree",
+           "parse_size", "save_tensors"]

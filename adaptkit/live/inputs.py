@@ -4,10 +4,13 @@ row of input_ids, from which token on its branch acts).
 One forward pre-hook on the model, there while such an adapter is on it, asks each of them what it
 reads of the call (given what it read of the last one, for a call that continues a cached sequence)
 and hands that to its branches (`Branch.inputs`); a forward hook sets them back to None after the
-call, so a part of the model run on its own never acts on another call's inputs.
+call, so a part of the model run on its own never acts on another call's inputs. While they are there,
+`model.generate` (transformers') first lets each active such adapter refuse what it cannot follow
+(`check_generate`: aLoRA refuses beam search, as PEFT does): the pre-hook sees one call, not the beams.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from .. import spec
@@ -33,10 +36,26 @@ def watch_inputs(handle: Adapters) -> None:
         model.__dict__[HOOKS_ATTR] = (
             model.register_forward_pre_hook(lambda m, args, kwargs: _read(handle, args, kwargs), with_kwargs=True),
             model.register_forward_hook(lambda m, args, output: _forget(handle), always_call=True))
+        if callable(getattr(type(model), "generate", None)):  # an instance attribute, gone with the hooks
+            model.__dict__["generate"] = functools.partial(_generate, handle)
     elif not _reading(handle) and hooks is not None:
         for hook in hooks:
             hook.remove()
         del model.__dict__[HOOKS_ATTR]
+        if isinstance(model.__dict__.get("generate"), functools.partial):
+            del model.__dict__["generate"]
+
+
+def _generate(handle: Adapters, *args: Any, **kwargs: Any) -> Any:
+    """The model's own `generate`, once every active input-reading adapter accepts its number of beams (given,
+    or from the generation config it runs with)."""
+    model = handle.model
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+    for adapter in _reading(handle):
+        if adapter.name in handle.active:
+            adapter.variant.check_generate(adapter.config, int(beams))
+    return type(model).generate(model, *args, **kwargs)
 
 
 def _read(handle: Adapters, args: tuple, kwargs: dict[str, Any]) -> None:

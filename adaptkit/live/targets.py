@@ -5,7 +5,8 @@ matches a module whose path equals an entry or ends in `.<entry>`; a string is a
 expression the whole path must match; `"all-linear"` is every linear layer except the output
 head. `exclude_modules` takes the same forms. `layers_to_transform` keeps only modules under the
 given indices of the model's layer list (`layers.N`, `h.N`, `blocks.N`, `layer.N`, or
-`layers_pattern`).
+`layers_pattern`). An nn.MultiheadAttention's `out_proj` is refused as a layer (its forward never calls
+it); the attention module itself is the target there.
 """
 from __future__ import annotations
 
@@ -79,11 +80,22 @@ def find_targets(model: nn.Module, target_modules: Any, *, exclude_modules: Any 
         if target is None:
             raise AdaptkitError(f"target module '{path}' is a {type(module).__name__}; adapters go on Linear, Conv1D, "
                                 f"Embedding and zero-padded Conv1d/2d/3d layers")
+        _refuse_unused_layer(model, path)
         chosen[path] = target
     if not chosen:
         raise AdaptkitError(f"target_modules {target_modules!r} match no layer; layers here include: "
                             f"{', '.join(_examples(model))}")
     return chosen
+
+
+def _refuse_unused_layer(model: nn.Module, path: str) -> None:
+    """An nn.MultiheadAttention's out_proj is a Linear its forward never calls (it reads out_proj.weight
+    itself), so an adapter there would silently do nothing (PEFT's too): refused, naming the fix."""
+    if isinstance(_parent(model, path), nn.MultiheadAttention):
+        owner = path.rsplit(".", 1)[0]
+        raise AdaptkitError(f"target module '{path}' is a layer of the nn.MultiheadAttention '{owner}', whose forward "
+                            f"never calls it (an adapter there would do nothing): target '{owner}' itself (its in- "
+                            "and out-projections), or leave it out with exclude_modules")
 
 
 def _parent(model: nn.Module, path: str) -> nn.Module:

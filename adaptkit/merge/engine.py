@@ -39,7 +39,7 @@ from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
 from ..io.readers import dump_json, read_json
 from ..io.outputs import atomic_output
-from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, copy_side_files
+from ..io.writer import DEFAULT_SHARD_SIZE, MirrorWriter, ShardedWriter, copy_side_files, copy_tree, parse_size
 
 #: Elementwise operators see big tensors in row blocks of about this many elements (4 MB in float32),
 #: so a 1B-parameter model's embeddings never sit in memory several times over. (Measured on the
@@ -289,18 +289,28 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
 
 def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: bool, progress: bool) -> list[Path]:
     metadata = {"format": "pt", "adaptkit.merge_method": plan.recipe.method, "adaptkit.seed": str(plan.recipe.seed)}
-    writer = ShardedWriter(folder, plan.layout, shard_size=shard_size, metadata=metadata)
+    reference = (plan.base or plan.inputs[0]).store
+    mirrored = not plan.jobs and any(s.mirrored for s in plan.sources)
+    if mirrored and parse_size(shard_size) != DEFAULT_SHARD_SIZE:
+        raise AdaptkitError(f"--shard-size: the output keeps the files of {reference.root} (a pipeline folder, "
+                            "a single-file checkpoint or a component folder), which tools load by name")
+    writer = MirrorWriter(folder, plan.layout, reference, metadata=metadata) if mirrored else \
+        ShardedWriter(folder, plan.layout, shard_size=shard_size, metadata=metadata)
     try:
         _stream(plan, writer, threads, allow_nonfinite, progress)
     except BaseException:
         writer.abort()
         raise
     files = writer.close()
-    copy_side_files(plan.side_files(), folder)
+    if reference.components:  # a pipeline: its other files as they are (configs, tokenizer, scheduler)
+        copy_tree(reference.root, folder, [Path("."), *(f.parent for f in writer.writers)])
+        return files
+    if not (mirrored and Path((plan.base or plan.inputs[0]).ref.model).is_file()):  # a lone checkpoint's
+        copy_side_files(plan.side_files(), folder)  # neighbours belong to other models
     if plan.config is not None:  # slices: the output's own layer count
         (folder / "config.json").write_text(dump_json(plan.config, "config.json"))
     floating = {code for _, code, _ in plan.layout if code_to_torch(code).is_floating_point}
-    if len(floating) == 1:  # the dtype transformers loads the model in (mergekit sets it too)
+    if len(floating) == 1 and not mirrored:  # the dtype transformers loads the model in (mergekit sets it too)
         state_dtype(folder, code_to_torch(floating.pop()))
     return files
 

@@ -31,8 +31,10 @@ class ModelSource:
         self.store = store
         self.adapters = adapters
         self.config = validate.model_config(store.json_file("config.json"), store.root / "config.json")
-        self._deltas: dict[str, list[tuple[AdapterFiles, str]]] = {}
+        # base key -> (adapter, module, hook, rows of the key its ΔW covers or None for all of it)
+        self._deltas: dict[str, list[tuple[AdapterFiles, str, str, tuple[int, int] | None]]] = {}
         self._saved: dict[str, tuple[AdapterFiles, str]] = {}
+        self.placed = False  # some module lies under another name in the base (its format's `base_key`)
         for adapter in adapters:
             self._index(adapter)
 
@@ -44,16 +46,13 @@ class ModelSource:
         variant = registry.get("variant", adapter.variant)
         if isinstance(variant, spec.MergeCheck):
             variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
+        places = {module: self._place(adapter, module) for module in adapter.modules}
         settle_layout(variant, adapter, self.config, self.ref.model,  # Conv1D or Linear: the base's layers say
-                      lambda module: self.store.get(key) if (key := weight_key(self.store, module)) else None)
-        for module in adapter.modules:
-            key = weight_key(self.store, module)
-            if key is None:
-                raise AdaptkitError(f"adapter {adapter.store.root} targets '{module}', which {self.ref.model} does not "
-                                    f"have: {_naming_hint(self.store, module)}")
-            self._deltas.setdefault(key, []).append((adapter, module, "delta"))
-            if isinstance(variant, spec.StoredBiasDelta) and f"{module}.bias" in self.store:  # it changes the bias too
-                self._deltas.setdefault(f"{module}.bias", []).append((adapter, module, "delta_bias"))
+                      lambda module: _rows(self.store.get(places[module][0]), places[module][2]))
+        for module, (key, bias, rows) in places.items():
+            self._deltas.setdefault(key, []).append((adapter, module, "delta", rows))
+            if isinstance(variant, spec.StoredBiasDelta) and bias in self.store:  # it changes the bias too
+                self._deltas.setdefault(bias, []).append((adapter, module, "delta_bias", rows))
             elif isinstance(variant, spec.StoredBiasDelta) and variant.delta_bias(adapter, module, base=None) is not None:
                 raise AdaptkitError(f"adapter {adapter.store.root} changes the bias of '{module}', which has none "
                                     f"in {self.ref.model}")
@@ -62,6 +61,27 @@ class ModelSource:
             if target is None:
                 raise AdaptkitError(f"adapter {adapter.store.root} saves '{name}', which {self.ref.model} does not have")
             self._saved[target] = (adapter, key)
+
+    def _place(self, adapter: AdapterFiles, module: str) -> tuple[str, str | None, tuple[int, int] | None]:
+        """(weight key, bias key, rows of the weight) of a module in the base: under its own name, else where
+        the adapter's format places it (a single-file checkpoint's own names, a fused q/k/v projection)."""
+        key = weight_key(self.store, module)
+        if key is not None:
+            return key, f"{module}.bias", None
+        fmt = registry.get("format", adapter.format)
+        found = fmt.base_key(module, self.store) if isinstance(fmt, spec.BaseNames) else None
+        if found is None:
+            raise AdaptkitError(f"adapter {adapter.store.root} targets '{module}', which {self.ref.model} does not "
+                                f"have: {_naming_hint(self.store, module)}")
+        self.placed = True
+        return found
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether the output keeps this base's files and names (`io.writer.MirrorWriter`): a pipeline folder,
+        or a base whose own names the adapter's format had to find (a single-file checkpoint, a component
+        folder), which tools load by their file names."""
+        return bool(self.store.components) or self.placed
 
     def keys(self) -> list[str]:
         return self.store.keys()
@@ -84,16 +104,18 @@ class ModelSource:
         if not float32:
             return tensor
         tensor = tensor.float()
-        for adapter, module, hook in self._deltas.get(name, ()):
+        for adapter, module, hook, span in self._deltas.get(name, ()):
             variant = registry.get("variant", adapter.variant)
-            delta = module_delta(variant, adapter, module, tensor) if hook == "delta" \
-                else variant.delta_bias(adapter, module, base=tensor)
+            part = _rows(tensor, span)
+            delta = module_delta(variant, adapter, module, part) if hook == "delta" \
+                else variant.delta_bias(adapter, module, base=part)
             if delta is None:
                 continue
-            if delta.shape != tensor.shape:
+            if delta.shape != part.shape:
                 raise AdaptkitError(f"adapter {adapter.store.root}: module '{module}' gives ΔW of shape "
-                                    f"{tuple(delta.shape)} but {self.ref.model} has {tuple(tensor.shape)}: wrong base model?")
-            tensor = tensor + delta
+                                    f"{tuple(delta.shape)} but {self.ref.model} has {tuple(part.shape)}: wrong base model?")
+            tensor = tensor + delta if span is None else \
+                torch.cat((tensor[:span[0]], part + delta, tensor[span[1]:]))  # its rows of a fused tensor
         return tensor
 
     def check_matches(self, reference: ModelSource, rows_may_differ: frozenset[str] = frozenset()) -> None:
@@ -122,6 +144,10 @@ def weight_key(store: TensorStore, module: str) -> str | None:
         if key in store:
             return key
     return None
+
+
+def _rows(tensor: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
+    return tensor if span is None else tensor[span[0]:span[1]]
 
 
 def _naming_hint(store: TensorStore, module: str) -> str:

@@ -10,7 +10,9 @@ and applies ΔW = alpha / r · product (the loha / lokr variants' formulas), r b
 was built with: LoHa hada_w1_b.shape[0]; LoKr lokr_w1_b.shape[0] where W1 is low-rank, else
 lokr_w2_b.shape[0] (r in every W2 layout; LyCORIS's state-dict loader reads w2_a.shape[1], which is r
 only without Tucker), and scale 1 when both factors are full (LyCORIS then sets alpha = r; ComfyUI
-does the same). A module without `alpha` gets alpha = r (scale 1) with one warning, as LoRA files do.
+does the same). A module without `alpha` gets alpha = r (scale 1) with one warning, as LoRA files do;
+an `alpha` of 0 is alpha = r too (LyCORIS: `alpha = lora_dim if alpha is None or alpha == 0`), so a
+module of scale 0 is refused on writing.
 `dora_scale` is LyCORIS's weight decomposition (the variants apply it, given the base weight).
 
 Read into the loha / lokr variant's config (PEFT's fields): each module's r and alpha stated exactly by
@@ -86,10 +88,9 @@ def read(kind: str, groups: dict, store, where, fmt: str, module_path) -> Adapte
         if r is None:  # both LoKr factors full: LyCORIS's scale is 1 whatever alpha says; r = max(b, d) is a
             w2 = store.info(tensors["lokr_w2"]).shape  # rank PEFT's rule also builds both factors full for
             ranks[path] = alphas[path] = max(w2[0], w2[1])
-        elif "alpha" in roles:
-            ranks[path], alphas[path] = r, scalar(store, roles["alpha"])
-        else:
-            ranks[path], alphas[path], missing = r, float(r), missing + 1
+        else:  # LyCORIS's modules: alpha None or 0 is alpha = r (scale 1)
+            alpha = scalar(store, roles["alpha"]) if "alpha" in roles else None
+            ranks[path], alphas[path], missing = r, alpha or float(r), missing + (alpha is None)
     if missing:
         warnings.warn(f"{where}: {missing} of {len(modules)} {kind} modules have no alpha; using alpha = rank "
                       "(scale 1) for them", MissingAlphaWarning, stacklevel=3)
@@ -123,7 +124,7 @@ def write(adapter: AdapterFiles, names: dict[str, str], out_dir, alpha_tensor, s
             own["lokr_w1"] = (own["lokr_w1"].float() * scale).to(own["lokr_w1"].dtype)
             r, scale = 1, 1.0
         tensors |= {f"{name}.{role}": t for role, t in own.items()}
-        tensors[f"{name}.alpha"] = alpha_tensor(scale * r, next(iter(own.values())).dtype)
+        tensors[f"{name}.alpha"] = alpha_tensor(path, scale * r, next(iter(own.values())).dtype)
         dims[path], alphas[path] = r, scale * r
     dim = most_common(dims.values())
     metadata = {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(dim),

@@ -52,9 +52,9 @@ UNET_TOP = frozenset({"down_blocks", "up_blocks", "mid_block", "conv_in", "conv_
 # sgm <-> diffusers outside the down/mid/up block structure, and inside a ResNet block.
 SGM_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
            "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-           "input_blocks.0.0": "conv_in", "out.2": "conv_out"}
-SGM_RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
-              "skip_connection": "conv_shortcut"}
+           "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+SGM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2", "out_layers.3": "conv2",
+              "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}
 TOP_SGM = {v: k for k, v in SGM_TOP.items()}
 RESNET_SGM = {v: k for k, v in SGM_RESNET.items()}
 LAYERS = 2  # layers per block in SD 1.x, 2.x and SDXL
@@ -113,8 +113,9 @@ def _attention(prefix: str, rest: list[str]) -> str | None:
     return f"{prefix}.{'.'.join(rest)}" if rest else None
 
 
-def sgm_to_diffusers(path: str) -> str | None:
-    """'input_blocks.4.1.proj_in' -> 'down_blocks.1.attentions.0.proj_in'; None if it is no SD module."""
+def sgm_to_diffusers(path: str, layers: int = LAYERS) -> str | None:
+    """'input_blocks.4.1.proj_in' -> 'down_blocks.1.attentions.0.proj_in'; None if it is no SD module.
+    `layers`: ResNet layers per down block (up blocks have one more), 2 in every released SD model."""
     if path in SGM_TOP:
         return SGM_TOP[path]
     parts = path.split(".")
@@ -122,8 +123,8 @@ def sgm_to_diffusers(path: str) -> str | None:
         return None
     head, n, inner, rest = parts[0], int(parts[1]), parts[2], parts[3:]
     if head == "input_blocks" and n > 0:
-        i, j = divmod(n - 1, LAYERS + 1)
-        if j == LAYERS:
+        i, j = divmod(n - 1, layers + 1)
+        if j == layers:
             return f"down_blocks.{i}.downsamplers.0.conv" if inner == "0" and rest == ["op"] else None
         if inner == "0":
             return _resnet(f"down_blocks.{i}.resnets.{j}", rest)
@@ -133,16 +134,16 @@ def sgm_to_diffusers(path: str) -> str | None:
             return _resnet(f"mid_block.resnets.{n // 2}", parts[2:])
         return _attention("mid_block.attentions.0", parts[2:]) if n == 1 else None
     if head == "output_blocks":
-        i, j = divmod(n, LAYERS + 1)
+        i, j = divmod(n, layers + 1)
         if inner == "0":
             return _resnet(f"up_blocks.{i}.resnets.{j}", rest)
-        if rest == ["conv"] and inner in ("1", "2") and j == LAYERS:
+        if rest == ["conv"] and inner in ("1", "2") and j == layers:
             return f"up_blocks.{i}.upsamplers.0.conv"
         return _attention(f"up_blocks.{i}.attentions.{j}", rest) if inner == "1" else None
     return None
 
 
-def diffusers_to_sgm(path: str) -> str:
+def diffusers_to_sgm(path: str, layers: int = LAYERS) -> str:
     """The inverse of `sgm_to_diffusers` (upsamplers at index 2, SDXL's layout)."""
     if path in TOP_SGM:
         return TOP_SGM[path]
@@ -151,23 +152,23 @@ def diffusers_to_sgm(path: str) -> str:
     if len(parts) >= 5 and parts[1].isdigit() and parts[3].isdigit():
         block, i, kind, j, rest = parts[0], int(parts[1]), parts[2], int(parts[3]), parts[4:]
         tail = ".".join(rest)
-        limit = LAYERS + 1 if block == "up_blocks" else LAYERS
+        limit = layers + 1 if block == "up_blocks" else layers
         if kind in ("resnets", "attentions") and j < limit and block in ("down_blocks", "up_blocks"):
-            n = i * (LAYERS + 1) + j + (1 if block == "down_blocks" else 0)
+            n = i * (layers + 1) + j + (1 if block == "down_blocks" else 0)
             head = "input_blocks" if block == "down_blocks" else "output_blocks"
             found = (f"{head}.{n}.0.{RESNET_SGM[tail]}" if tail in RESNET_SGM else None) if kind == "resnets" \
                 else f"{head}.{n}.1.{tail}"
         elif kind == "downsamplers" and block == "down_blocks" and j == 0 and tail == "conv":
-            found = f"input_blocks.{(i + 1) * (LAYERS + 1)}.0.op"
+            found = f"input_blocks.{(i + 1) * (layers + 1)}.0.op"
         elif kind == "upsamplers" and block == "up_blocks" and j == 0 and tail == "conv":
-            found = f"output_blocks.{i * (LAYERS + 1) + LAYERS}.2.conv"
+            found = f"output_blocks.{i * (layers + 1) + layers}.2.conv"
     elif len(parts) >= 4 and parts[0] == "mid_block" and parts[2].isdigit():
         kind, j, tail = parts[1], int(parts[2]), ".".join(parts[3:])
         if kind == "resnets" and j < 2 and tail in RESNET_SGM:
             found = f"middle_block.{2 * j}.{RESNET_SGM[tail]}"
         elif kind == "attentions" and j == 0:
             found = f"middle_block.1.{tail}"
-    if found is None or sgm_to_diffusers(found) != path:
+    if found is None or sgm_to_diffusers(found, layers) != path:
         raise AdaptkitError(f"UNet module '{path}' has no name in sgm (SDXL) naming")
     return found
 

@@ -27,6 +27,7 @@ import warnings
 from adaptkit.plugin import AdapterFiles, AdaptkitError, dump_json, parse_json, validate
 
 from ._lowrank import LORA_TYPES, MissingAlphaWarning, lora_config, pattern_value, plain_modules, sample, scalar
+from ._sdcheckpoint import base_key as sd_base_key
 from ._sdnames import COMPONENTS, UNET_TOP, split_component
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
@@ -100,6 +101,10 @@ class DiffusersFormat:
         config = {**lora_config(ranks, alphas), "use_rslora": use_rslora,
                   "use_dora": any("lora_magnitude_vector" in r for r in modules.values())}
         return AdapterFiles("lora", config, store, self.name, modules)
+
+    def base_key(self, module: str, store):
+        """Where `module` lies in an SD base saved another way: a single-file checkpoint, a UNet folder."""
+        return sd_base_key(module, store)
 
     def write(self, adapter, out_dir) -> list:
         """Write `<out_dir>/pytorch_lora_weights.safetensors`; see the module docstring."""

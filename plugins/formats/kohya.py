@@ -7,8 +7,11 @@ encoder) or `lora_te1_` / `lora_te2_` (SDXL's two) and the module's path with `_
 Read: modules under `unet.`, `text_encoder.` and `text_encoder_2.` with diffusers' module paths
 (kohya's sgm names for the SDXL UNet are mapped exactly; see `_sdnames`); every module's alpha is
 stated exactly by `lora_alpha` / `alpha_pattern`. A module without `alpha` gets alpha = rank (scale
-1, what kohya's loaders assume), with one warning. Any key that is not such a tensor, or a name that
-is no module of an SD 1.x/2.x/SDXL UNet or CLIP text encoder, is refused with an error naming it.
+1, what kohya's loaders assume), with one warning; an `alpha` of 0 is alpha = rank too, silently, as
+sd-scripts' and LyCORIS's modules read it (`alpha = lora_dim if alpha is None or alpha == 0`), so a
+module whose alpha is 0 (scale 0 elsewhere, as in PEFT) cannot be written: refused by name. Any key
+that is not such a tensor, or a name that is no module of an SD 1.x/2.x/SDXL UNet or CLIP text
+encoder, is refused with an error naming it.
 LyCORIS's Tucker LoCon (`.lora_mid.weight`, an r × r × kernel core between a 1×1 down and up)
 reads as the lora variant, which folds the core into A (merges only, not live).
 LyCORIS's LoHa and LoKr modules under the same names (`.hada_w1_a`, `.lokr_w1`, …, `.alpha`,
@@ -38,6 +41,7 @@ from adaptkit.plugin import AdapterFiles, AdaptkitError
 
 from . import _lycoris_files as lycoris
 from ._lowrank import MissingAlphaWarning, lora_config, most_common, number, plain_modules, sample, scalar
+from ._sdcheckpoint import base_key as sd_base_key
 from ._sdnames import diffusers_to_sgm, flatten, kohya_text_path, split_component, text_path, unet_path
 
 FILE_NAME = "lora.safetensors"
@@ -94,10 +98,9 @@ class KohyaFormat:
             if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
                 raise AdaptkitError(f"{where}: '{name}': lora_down {list(down)} and lora_up {list(up)} do not chain")
             ranks[path] = down[0]
-            if "alpha" in roles:
-                alphas[path] = scalar(store, roles["alpha"])
-            else:
-                alphas[path], missing = float(down[0]), missing + 1
+            alpha = scalar(store, roles["alpha"]) if "alpha" in roles else None
+            missing += alpha is None
+            alphas[path] = alpha or float(down[0])  # sd-scripts, LyCORIS: alpha None or 0 is alpha = rank (scale 1)
         if missing:
             warnings.warn(f"{where}: {missing} of {len(modules)} LoRA modules have no alpha; using alpha = rank "
                           "(scale 1) for them", MissingAlphaWarning, stacklevel=2)
@@ -128,9 +131,13 @@ class KohyaFormat:
                 raise AdaptkitError(f"two modules get the kohya name '{name}' (one is '{path}')")
             tensors[f"{name}.lora_down.weight"] = m.a.contiguous()
             tensors[f"{name}.lora_up.weight"] = m.b.contiguous()
-            tensors[f"{name}.alpha"] = _alpha_tensor(m.alpha, m.a.dtype)
+            tensors[f"{name}.alpha"] = _alpha_tensor(path, m.alpha, m.a.dtype)
         metadata = _metadata(modules, sdxl, adapter.config.get("base_model_name_or_path"))
         return save_tensors(out_dir, tensors, shard_size=2**62, metadata=metadata, stem=FILE_NAME.split(".")[0])
+
+    def base_key(self, module: str, store):
+        """Where `module` lies in an SD base saved another way: a single-file checkpoint, a UNet folder."""
+        return sd_base_key(module, store)
 
     writes_variants = frozenset(lycoris.FAMILIES)  # LyCORIS's LoHa and LoKr: written with their own tensors
 
@@ -176,9 +183,14 @@ def _looks_sdxl(parts, base_model: str | None) -> bool:
     return bool(base_model) and "xl" in base_model.lower()
 
 
-def _alpha_tensor(alpha: float, dtype):
+def _alpha_tensor(path: str, alpha: float, dtype):
+    """`alpha` as a scalar tensor in `dtype` where that holds it exactly; 0 (scale 0) is refused: kohya's
+    loaders would read it as alpha = rank, scale 1."""
     import torch
 
+    if alpha == 0:
+        raise AdaptkitError(f"{path}: alpha 0 (scale 0) cannot be written to a kohya file: sd-scripts and LyCORIS "
+                            "read alpha 0 as alpha = rank (scale 1)")
     for candidate in (dtype, torch.float32, torch.float64):
         if candidate.is_floating_point and float(torch.tensor(alpha, dtype=candidate)) == alpha:
             return torch.tensor(alpha, dtype=candidate)

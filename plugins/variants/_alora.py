@@ -14,7 +14,8 @@ with the sequence in the new tokens starts there, a row already active stays act
 others stay off. That is PEFT's `generate`, which finds the offsets in the prompt once (it differs
 only where the model itself generates the invocation sequence: PEFT leaves that row off).
 
-The update depends on the token, so there is no ΔW: merging and converting are refused.
+The update depends on the token, so there is no ΔW: merging and converting are refused. Beam search
+(`generate` with num_beams > 1) is refused, as PEFT refuses it.
 Gradient checkpointing runs a layer again during backward, after the call: the layer then takes the
 offsets of its last forward with gradients (only there: outside a call, a layer has none). As in PEFT,
 that needs one forward per backward: two forwards with different offsets before it are refused.
@@ -82,6 +83,11 @@ class Activated:
 
     def read_inputs(self, config, args: tuple, kwargs, previous: Any) -> list[int | None] | str | None:
         return read_offsets(config, args, kwargs, previous)
+
+    def check_generate(self, config, num_beams: int) -> None:
+        if num_beams > 1 and invocation(config) is not None:  # PEFT: "Beam search not yet supported for aLoRA."
+            raise AdaptkitError(f"beam search (num_beams={num_beams}) is not supported for aLoRA (as in PEFT): "
+                                "generate with num_beams=1")
 
 
 def _cached(kwargs) -> int:

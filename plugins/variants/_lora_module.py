@@ -39,8 +39,9 @@ def check_conv(path: str, target, config, r: int) -> None:
     groups = target.groups
     if r < 1:
         raise AdaptkitError(f"{path}: rank must be at least 1, got {r}")
-    if groups > 1 and config["use_dora"]:
-        raise AdaptkitError(f"{path}: conv LoRA with groups={groups} and use_dora is not supported (as in PEFT)")
+    if groups > 1 and config["use_dora"]:  # PEFT builds it, but its norm is not DoRA's (tests/test_peft_gaps.py)
+        raise AdaptkitError(f"{path}: conv LoRA with groups={groups} and use_dora is not supported: PEFT's DoRA norm there "
+                            "is taken of B·A reshaped across groups, not of W + ΔW, and it cannot be merged")
     if r % groups:
         raise AdaptkitError(f"{path}: conv LoRA with groups={groups} needs a rank divisible by {groups}, got {r}")
     if config["init_lora_weights"] == "pissa":

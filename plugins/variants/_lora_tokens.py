@@ -105,14 +105,21 @@ def prepare(model, config: dict[str, Any]) -> dict[str, Any]:
             and _weight(m).data_ptr() in storages}
     lora = find_targets(model, config["target_modules"], exclude_modules=config["exclude_modules"],
                         layers_to_transform=config["layers_to_transform"], layers_pattern=config["layers_pattern"])
-    # PEFT refuses both on one layer; a loaded file's target list names its tokens layers (not tied heads) by path
-    listed = config["target_modules"] if isinstance(config["target_modules"], list) else ()
-    clash = (set(lora) & set(layers) - set(listed)) | (set(lora) & set(tied))
+    # PEFT refuses both on one layer, however it is named ("trainable_token_indices cannot be applied to modules
+    # of type lora.Embedding"); a loaded file lists its tokens layers among its modules, excluded (`from_file`)
+    clash = (set(lora) & set(layers)) | (set(lora) & set(tied))
     if clash:
-        raise AdaptkitError(f"{', '.join(sorted(clash))}: a LoRA and {KEY} on the same layer (PEFT refuses it too)")
+        raise AdaptkitError(f"{', '.join(sorted(clash))}: a LoRA and {KEY} on the same layer (PEFT refuses it too: "
+                            f"{KEY} cannot be applied to a LoRA layer); drop it from target_modules or from {KEY}")
     lora = [p for p in lora if p not in layers and p not in tied]
     return {**config, "target_modules": sorted(set(lora) | set(layers) | set(tied)), "exclude_modules": None,
             "layers_to_transform": None, LAYERS: layers | tied, TIED: sorted(tied), "token_tables": {}}
+
+
+def from_file(adapter: AdapterFiles) -> dict[str, Any]:
+    """The field of a loaded file, whose tokens modules (among the modules the loader targets) get no LoRA."""
+    tokens = sorted(held(adapter))
+    return {KEY: adapter.config.get(KEY), **({"exclude_modules": tokens} if tokens else {})}
 
 
 def on(config: dict[str, Any], path: str) -> bool:

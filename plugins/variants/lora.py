@@ -226,7 +226,7 @@ class LoRA(LowRankForms, _alora.Activated, _tensors.OnTensors):
                  "lora_dropout": cfg.get("lora_dropout", 0.0), "use_rslora": bool(cfg.get("use_rslora")),
                  "use_dora": bool(cfg.get("use_dora")), "rank_pattern": cfg.get("rank_pattern") or {},
                  "alpha_pattern": cfg.get("alpha_pattern") or {}, "lora_bias": bool(cfg.get("lora_bias")),
-                 _alora.KEY: cfg.get(_alora.KEY), _tokens.KEY: cfg.get(_tokens.KEY),
+                 _alora.KEY: cfg.get(_alora.KEY), **_tokens.from_file(adapter),
                  "target_parameters": cfg.get("target_parameters")}
         if self.lr_ratio:
             found["loraplus_lr_ratio"] = cfg.get("loraplus_lr_ratio", self.lr_ratio)
