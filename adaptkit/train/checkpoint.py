@@ -8,7 +8,10 @@ whole or not at all; an interrupted run leaves that folder for `resume`. Checkpo
     state.safetensors        the live adapter tensors exactly as they are on the model (the branches'
                              and trained copies' parameters and buffers) plus the base weights of
                              layers whose adapter keeps a change inside W (the variant's `resident`)
-    trainer_state.pt         optimizer, LR scheduler and loss scaler state, and every process's RNG
+    optimizer/               the optimizer state, by parameter name, as torch.distributed.checkpoint
+                             writes it: each process its shard (FSDP) and a .metadata index, so a run
+                             resumes with another number of processes (it is resharded as it loads)
+    trainer_state.pt         LR scheduler and loss scaler state, and every process's RNG
                              states (python, numpy, torch, cuda): tensors, numbers, lists, dicts only,
                              read back with torch.load(weights_only=True)
     state.json               step, data position (epoch, batch, shuffle seed), elapsed seconds, arguments
@@ -16,14 +19,17 @@ whole or not at all; an interrupted run leaves that folder for `resume`. Checkpo
 Resuming rebuilds the model and optimizer exactly as a fresh run does, then overwrites their state
 with the checkpoint's and sets the RNGs last, so the remaining steps repeat the uninterrupted run
 bit for bit: same batches (the shuffle depends only on seed and epoch), same dropout, same updates.
+The number of processes may change between the two if the global batch does not: grad_accum ×
+world size stays the same (2 processes with grad_accum 1 resume as 1 with grad_accum 2).
 """
 from __future__ import annotations
 
 import json
 import random
 import shutil
+import warnings
 from collections.abc import Iterable
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,9 @@ from ..io.readers import read_json
 
 FOLDER = "checkpoints"
 # Arguments that may change between an interrupted run and its resumption; any other change is an error.
-MAY_CHANGE = {"resume", "force", "progress", "eval_every", "save_every", "keep_checkpoints", "eval_data"}
+MAY_CHANGE = {"resume", "force", "progress", "eval_every", "save_every", "keep_checkpoints", "eval_data", "strategy",
+              "gradient_checkpointing"}
+SPLIT = ("grad_accum", "world_size")  # may change as long as their product (the global batch) does not
 
 
 def work_folder(out: Path) -> Path:
@@ -89,6 +97,16 @@ TRAIN_STATE = "train_state/"  # prefix of variants' own state in state.safetenso
 
 
 # -- live tensors ---------------------------------------------------------------------------------
+def saved_tensors(handle):
+    """A predicate on the model's parameter names: those checkpoints and saved adapters hold (the
+    trainable ones, the branches', the trained copies' and the base weights `live_tensors` keeps)."""
+    from ..live.targets import adapted_layers
+
+    resident = {f"{path}.base_layer.weight" for path, layer in adapted_layers(handle.model).items()
+                if any(layer.resident(name) is not None for name in layer.branches)}
+    return lambda name, p: p.requires_grad or ".branches." in name or ".copies." in name or name in resident
+
+
 def live_tensors(handle) -> dict:
     """The adapter's tensors as they live on the model (state_dict names), cloned to the CPU."""
     from ..live.targets import adapted_layers
@@ -146,9 +164,38 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- save and load --------------------------------------------------------------------------------
-def save(work: Path, step: int, *, handle, optimizer, scheduler, scaler, rngs: list[dict], info: dict[str, Any],
+def stage_optimizer(work: Path, step: int, *, model, optimizer, world: int) -> Path:
+    """Every process writes its optimizer state (torch.distributed.checkpoint, by parameter name) into
+    one folder beside the checkpoints, which `save` then moves into checkpoint `step`."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from .distributed import barrier
+
+    staged = work / FOLDER / f".step-{step}.optimizer"
+    if world <= 1 or dist.get_rank() == 0:
+        shutil.rmtree(staged, ignore_errors=True)  # left by a killed run
+    barrier(world)
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _one_process_is_meant():
+        dcp.save(state, checkpoint_id=staged, no_dist=world <= 1)
+    return staged
+
+
+@contextmanager
+def _one_process_is_meant():
+    """torch.distributed.checkpoint warns that it assumes one process when there is no process group,
+    even when told so (no_dist): that is the intent here, not news for the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save(work: Path, step: int, *, handle, optimizer: Path, scheduler, scaler, rngs: list[dict], info: dict[str, Any],
          keep: int | None = None) -> Path:
-    """Write checkpoint `step` (main process); keep only the last `keep` checkpoints if given."""
+    """Write checkpoint `step` (main process), its optimizer state from `stage_optimizer`'s folder; keep
+    only the last `keep` checkpoints if given."""
     import torch
     from safetensors.torch import save_file
 
@@ -156,8 +203,9 @@ def save(work: Path, step: int, *, handle, optimizer, scheduler, scaler, rngs: l
     with atomic_output(target, force=True) as tmp:
         extra = {f"{TRAIN_STATE}{k}": v.detach().to("cpu").contiguous() for k, v in handle.train_state().items()}
         save_file({**live_tensors(handle), **extra}, str(tmp / "state.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs}, tmp / "trainer_state.pt")
+        shutil.move(optimizer, tmp / "optimizer")
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rngs}, tmp / "trainer_state.pt")
         handle.save(tmp / "adapter")
         (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
     if keep:
@@ -166,26 +214,42 @@ def save(work: Path, step: int, *, handle, optimizer, scheduler, scaler, rngs: l
     return target
 
 
-def load(folder: Path, *, handle, optimizer, scheduler, scaler, rank: int, args: dict) -> dict:
-    """Restore a checkpoint into a freshly built run; returns its state.json. RNGs are set last."""
-    import torch
-
+def load(folder: Path, *, handle, args: dict) -> dict:
+    """Put a checkpoint's adapter tensors on a freshly built model (before it is sharded); returns its
+    state.json. `load_trainer` restores the rest once the optimizer exists."""
     state = read_json(folder / "state.json")
     check_args(state.get("args", {}), args, folder)
     handle.load_train_state(load_live(handle.model, folder / "state.safetensors"))
+    return state
+
+
+def load_trainer(folder: Path, *, model, optimizer, scheduler, scaler, rank: int, world: int) -> None:
+    """Restore optimizer (resharded to this run's processes), schedule, loss scaler and, last, the RNGs."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if not (folder / "optimizer" / ".metadata").is_file():
+        raise AdaptkitError(f"{folder}: no optimizer state (optimizer/.metadata); start over with --force")
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=folder / "optimizer", no_dist=world <= 1)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
     trainer = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     if scaler is not None and trainer["scaler"] is not None:
         scaler.load_state_dict(trainer["scaler"])
     rngs = trainer["rng"]
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return state
 
 
 def check_args(saved: dict, current: dict, folder: Path) -> None:
+    before, now = [saved.get(k, 1) for k in SPLIT], [current.get(k, 1) for k in SPLIT]
+    if before[0] * before[1] != now[0] * now[1]:
+        raise AdaptkitError(f"{folder} was made with grad_accum × processes = {before[0]} × {before[1]}, this run has "
+                            f"{now[0]} × {now[1]}; resume with the same global batch (or start over with --force)")
     for key in sorted(set(saved) | set(current)):
-        if key not in MAY_CHANGE and saved.get(key) != current.get(key):
+        if key not in MAY_CHANGE and key not in SPLIT and saved.get(key) != current.get(key):
             raise AdaptkitError(f"{folder} was made with {key}={saved.get(key)!r}, this run has {current.get(key)!r}; "
                                 "resume with the same settings (or start over with --force)")
 

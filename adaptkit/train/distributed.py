@@ -1,0 +1,209 @@
+"""Training in several processes (`torchrun --nproc_per_node N`): the process group and the strategy
+that spreads the model over the processes.
+
+- `ddp`: every process holds the whole model; DistributedDataParallel averages the gradients.
+- `fsdp`: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every parameter, the frozen
+  base's and the adapter's alike, along its first axis across the processes: one unit per decoder
+  block (the model's `_no_split_modules`), then the root. A block's parameters are gathered while it
+  runs and freed after, so each process keeps about 1/N of the model between layers. Gradients are
+  averaged over the processes (reduce-scatter), as DDP does, so both equal one process with N times
+  the accumulation. bf16 runs gather the parameters in bf16 and reduce gradients in float32.
+
+Either way every process reads a disjoint shard of each global batch (data.Batches), and only rank 0
+writes files; what it writes is gathered whole first (`whole`), so the files are those of one process.
+FSDP refuses (`check`) what it would get wrong: tensors several blocks share, and variants whose
+hooks use their tensors outside the sharded forward.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+from ..errors import AdaptkitError
+from .evaluation import default_device
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def init(device: str | None) -> tuple[int, int, str, bool]:
+    """(world size, rank, device, created a process group?) — torchrun sets WORLD_SIZE and LOCAL_RANK."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0, device or default_device(), False
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_world_size(), dist.get_rank(), device or "cpu", created
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def mean(world: int, value: float, device: str) -> float:
+    """`value` averaged over the processes."""
+    if world <= 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def gather(world: int, value) -> list:
+    """Every process's `value` (a picklable object), in rank order, on every process."""
+    if world <= 1:
+        return [value]
+    import torch.distributed as dist
+
+    found = [None] * world
+    dist.all_gather_object(found, value)
+    return found
+
+
+def blocks(model) -> list:
+    """The model's repeated blocks (decoder or encoder layers): the outermost modules of the classes
+    transformers names in `_no_split_modules`, the units that must stay whole on one device."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found: dict[str, object] = {}
+    for path, module in model.named_modules():
+        if path and type(module).__name__ in names and not any(path.startswith(p + ".") for p in found):
+            found[path] = module
+    if not found:
+        raise AdaptkitError(f"{type(model).__name__} names no repeated blocks (_no_split_modules) to shard one by one")
+    return list(found.values())
+
+
+def check(handle, strategy: str, world: int) -> None:
+    """Refuse, before the run folder is opened, an adapter the strategy cannot train (FSDP: tensors
+    several blocks share; hooks that use the tensors outside the sharded forward)."""
+    if world > 1 and strategy == "fsdp":
+        _outside_forward(handle)
+        _one_block_each(blocks(handle.model))
+
+
+def wrap(model, strategy: str, world: int, device: str, precision: str):
+    """What the loop calls: the model itself (one process; `fsdp`, sharded in place) or its DDP wrapper."""
+    if world <= 1:
+        return model
+    if strategy == "fsdp":
+        shard(model, precision)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if str(device).startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=ids)  # every adapter tensor is on the forward path
+
+
+def shard(model, precision: str) -> None:
+    """FSDP2 over `model` in place: each block its own unit, the rest (embeddings, head) the root's.
+    The mixed-precision policy follows `precision`: bf16 / fp16 parameters while they are gathered,
+    gradients reduced in float32 (the trained tensors stay float32). A quantized base is sharded as
+    stored (`_shard_packed`)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    units = blocks(model)
+    _shard_packed(model)
+    for block in units:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def _outside_forward(handle) -> None:
+    """FSDP gathers a unit's tensors only while the unit runs; hooks that use an adapter's tensors
+    outside that (an extra loss term or a step-end update of W or of the rank budget, between steps;
+    a rewrite of the model's call, before the root unit runs) would see only this process's shards
+    and compute wrong numbers: such variants are refused by name."""
+    from .. import spec
+
+    outside = (("extra_loss", spec.ExtraLoss), ("on_step_end", spec.StepEnd), ("rewrite_call", spec.RewritesCall))
+    for name in handle.active:
+        variant = handle.adapters[name].variant
+        hooks = [hook for hook, kind in outside if isinstance(variant, kind)]
+        if hooks:
+            raise AdaptkitError(f"--strategy fsdp: the {variant.name} adapter's {' and '.join(hooks)} use its tensors "
+                                "outside the sharded forward, where FSDP keeps them sharded; use --strategy ddp")
+
+
+def _one_block_each(units: list) -> None:
+    """FSDP2 shards each block apart, so a tensor several blocks share (an adapter's tensors common to
+    all layers) cannot be sharded: refused by name, before anything is sharded."""
+    owner: dict[int, int] = {}
+    for i, block in enumerate(units):
+        for name, p in block.named_parameters(remove_duplicate=False):
+            if owner.setdefault(id(p), i) != i:
+                raise AdaptkitError(f"--strategy fsdp: block {i}'s '{name}' is shared with block {owner[id(p)]} (a "
+                                    "tensor common to all layers), and FSDP shards each block apart; use --strategy ddp")
+
+
+def _shard_packed(model) -> None:
+    """Each quantized layer (QLoRA) its own FSDP unit, its packed tensors and their states (absmax,
+    code) split across the processes as stored. They are buffers, which FSDP2 would keep whole on
+    every process, so they become frozen parameters first. The unit gathers them as bytes, whatever
+    their dtypes (FSDP2 all-gathers mixed dtypes through a uint8 view), and casts none of them: a
+    float32 absmax rounded to bf16 would change Ŵ. The layer unpacks Ŵ while it runs, as in one
+    process, and the shards are freed after it (so the packed weights are whole one layer at a time).
+    This is what the FSDP + QLoRA recipe gets from bitsandbytes' quant_storage, without reinterpreting
+    the packed bytes as floats."""
+    from torch import nn
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from ..quant.quantized import QuantizedLinear
+
+    for layer in [m for m in model.modules() if isinstance(m, QuantizedLinear)]:
+        for name in [n for n, _ in layer.named_buffers(recurse=False)]:
+            layer.register_parameter(name, nn.Parameter(layer._buffers.pop(name), requires_grad=False))
+        fully_shard(layer, mp_policy=MixedPrecisionPolicy())
+
+
+def syncing(forward, last: bool):
+    """The context of one micro-batch's backward: gradients are averaged over the processes only on
+    the last micro-batch of a step (the earlier ones accumulate locally)."""
+    if hasattr(forward, "set_requires_gradient_sync"):  # FSDP2: a switch on the root unit
+        forward.set_requires_gradient_sync(last)
+        return nullcontext()
+    return forward.no_sync() if not last and hasattr(forward, "no_sync") else nullcontext()
+
+
+@contextmanager
+def whole(model, names=None) -> Iterator[None]:
+    """Inside, the sharded parameters of `model` named in `names` (a predicate on the parameter's
+    name; default: the trainable ones) are whole, ordinary tensors on every process, so saving code
+    reads them as in one process. Collective: every process enters. Nothing changes without FSDP."""
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+
+    pick = names or (lambda name, p: p.requires_grad)
+    named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if isinstance(p, DTensor)]
+    chosen = {id(p) for n, p in named if pick(n, p)}  # a parameter registered under several names: under all
+    found: dict[int, nn.Parameter] = {}  # one gathered copy of each
+    swapped = []
+    for name, p in named:
+        if id(p) in chosen:
+            if id(p) not in found:
+                found[id(p)] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._parameters[leaf] = found[id(p)]
+            swapped.append((module, leaf, p))
+    try:
+        yield
+    finally:
+        for module, leaf, p in swapped:
+            module._parameters[leaf] = p
