@@ -18,6 +18,14 @@ def __getattr__(name):
         from .live import adapters
 
         return getattr(adapters, name)
+    if name in ("ensemble", "Ensemble"):  # outputs of several adapters combined (live/ensembles.py)
+        from .live import ensembles
+
+        return getattr(ensembles, name)
+    if name == "generate":  # ak.generate(model, prompts, adapters=...): text from a causal LM (train/generation.py)
+        from .train.generation import generate
+
+        return generate
     if name == "hub":  # ak.hub.search(...), ak.hub.pull(...): imported on first use
         import importlib
 
@@ -25,4 +33,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'adaptkit' has no attribute {name!r}")
 
 
-__all__ = ["AdaptkitError", "Adapters", "__version__", "hub", "inject", "inspect", "load_adapter", "open_store"]
+__all__ = ["AdaptkitError", "Adapters", "Ensemble", "__version__", "ensemble", "generate", "hub", "inject", "inspect",
+           "load_adapter", "open_store"]

@@ -44,10 +44,10 @@ USAGE = [
     ("energy 0", lambda d: ["convert", d, "--to", "peft", "--energy", "0", "-o", d / "o"], "0.0 is not in the range 0<x<=1"),
     ("energy inf", lambda d: ["extract", "--model", d, "--base", d, "--energy", "inf", "-o", d / "o"],
      "'inf' is not a finite number"),
-    ("param without key", lambda d: ["merge", "-m", d / "a", "-m", d / "b", "-o", d / "o", "-p", "=1"],
-     "--param expects key=value, got '=1'"),
-    ("param not YAML", lambda d: ["merge", "-m", d / "a", "-m", d / "b", "-o", d / "o", "-p", "weight=[1,2"],
-     "--param weight:1: not valid YAML"),
+    ("set without key", lambda d: ["merge", "-m", d / "a", "-m", d / "b", "-o", d / "o", "--set", "=1"],
+     "--set expects key=value, got '=1'"),
+    ("set not YAML, old spelling -p", lambda d: ["merge", "-m", d / "a", "-m", d / "b", "-o", d / "o", "-p", "weight=[1,2"],
+     "--set weight:1: not valid YAML"),
 ]
 
 

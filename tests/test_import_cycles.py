@@ -170,6 +170,7 @@ LAYERS = [
     ("live", ["adaptkit.live"]),
     ("merge", ["adaptkit.merge"]),
     ("train", ["adaptkit.train"]),
+    ("plots", ["adaptkit.plots"]),
     ("entry points", ["adaptkit.cli", "adaptkit.plugin", "adaptkit.__main__", "adaptkit"]),
 ]
 

@@ -194,7 +194,7 @@ def test_cli_recipe_and_quick_form(models, tmp_path):
     r1 = runner.invoke(cli, ["--quiet", "merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o1"), "--json"])
     assert r1.exit_code == 0, r1.output
     assert json.loads(r1.output)["method"] == "ties"
-    quick = ["--quiet", "merge", "--method", "ties", "--base", str(models / "base"), "-p", "density=0.5",
+    quick = ["--quiet", "merge", "--method", "ties", "--base", str(models / "base"), "--set", "density=0.5",
              *[arg for i in (1, 2, 3) for arg in ("-m", f"{models / f'ft{i}'}:0.5")], "-o", str(tmp_path / "o2")]
     assert runner.invoke(cli, quick).exit_code == 0
     assert (tmp_path / "o1/model.safetensors").read_bytes() == (tmp_path / "o2/model.safetensors").read_bytes()

@@ -222,14 +222,19 @@ def test_dry_run_shows_parameters_after_gradients(models, tmp_path, case):
     assert summary["estimated_peak_bytes"] == Plan(load_recipe(recipe)).summary(1)["estimated_peak_bytes"] > 0
     code, text = adaptkit("merge", path, "-o", tmp_path / "out", "--dry-run")
     assert code == 0 and "estimated peak" in text and not (tmp_path / "out").exists()
-    assert len(text.splitlines()) == 1 + len(expected)
+    lines = text.splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("parameters by tensor ("))
+    assert lines[heading].startswith(f"parameters by tensor ({len(expected)} group(s)")
+    assert len(lines) == heading + 1 + len(expected)
 
 
 def test_dry_run_text_lines(models, tmp_path):
     recipe = placed(DRY_RUNS["gradient with filters"][0], models)
     code, text = adaptkit("merge", write(tmp_path / "r.yml", recipe), "-o", tmp_path / "out", "--dry-run")
     assert code == 0, text
-    assert text.splitlines()[1:] == ["  layers 0-2 and outside them (18 tensors): t=0.5", "  layer 0 (4 tensors): t=0.2",
+    lines = text.splitlines()
+    assert lines[1].startswith("  base   ") and lines[2].startswith("  input  ")
+    assert lines[-4:] == ["  layers 0-2 and outside them (18 tensors): t=0.5", "  layer 0 (4 tensors): t=0.2",
                                      "  layer 1 (4 tensors): t=0.6", "  layer 2 (4 tensors): t=1"]
 
 

@@ -155,16 +155,20 @@ def test_live_merge_is_refused(peft_made):
             call()
 
 
-def test_cached_calls_are_refused(peft_made):
-    """Cached generation continues a call whose prompt is already in the cache: not supported, said so."""
-    from transformers import DynamicCache
-
+def test_cached_calls_continue_only_their_own_cache(peft_made):
+    """Cached generation (tests/test_generate.py: PEFT's tokens) puts the virtual tokens into an empty cache;
+    a later call on a cache they did not begin (its mask counts every cached position) and a legacy tuple
+    cache are refused by name."""
     for case in ("prompt-random", "prefix"):
         base, folder, _, _ = peft_made["llama", case]
         model = copy.deepcopy(base)
         ak.load_adapter(model, folder)
-        with pytest.raises(AdaptkitError, match="past_key_values .cached generation. is not supported"):
-            model(input_ids=IDS, past_key_values=DynamicCache())
+        cache = run(base, input_ids=IDS, use_cache=True).past_key_values
+        mask = torch.ones(2, IDS.shape[1] + 1, dtype=torch.long)
+        with pytest.raises(AdaptkitError, match=f"a cache this adapter's {N} virtual tokens did not begin"):
+            model(input_ids=IDS[:, :1], attention_mask=mask, past_key_values=cache)
+        with pytest.raises(AdaptkitError, match="past_key_values as a tuple .a legacy cache. is not supported"):
+            model(input_ids=IDS, past_key_values=((torch.zeros(1), torch.zeros(1)),))
 
 
 @pytest.mark.parametrize("variant, settings, message", [

@@ -12,7 +12,7 @@ import warnings
 import click
 
 from .. import __version__
-from . import convert, hub, inspect, merge, moe, plugins, quantize, soup, train
+from . import convert, generate, hub, inspect, merge, moe, plot, plugins, quantize, soup, train
 from .boundary import Group, be_quiet, one_line_warning
 from .options import CONTEXT
 
@@ -47,7 +47,9 @@ cli.add_command(convert.extract)
 cli.add_command(quantize.quantize)
 cli.add_command(train.train_cmd)
 cli.add_command(train.eval_cmd)
+cli.add_command(generate.generate_cmd)
 cli.add_command(hub.hub)
+cli.add_command(plot.plot_cmd)
 
 
 def main() -> None:

@@ -154,12 +154,13 @@ def be_quiet(ctx) -> None:
 
 
 def add_global_options(cmd: click.Command) -> None:
-    """--debug and -q/--quiet after a subcommand mean what they mean before it."""
+    """--debug and -q/--quiet after a subcommand mean what they mean before it. Eager: they take effect
+    before the command's other options are read, so -q also silences a warning those give."""
     if any(p.name == "debug_after" for p in cmd.params):
         return
-    cmd.params.append(click.Option(["--debug", "debug_after"], is_flag=True, expose_value=False,
+    cmd.params.append(click.Option(["--debug", "debug_after"], is_flag=True, expose_value=False, is_eager=True,
                                    callback=_set_debug, help="Show full tracebacks for errors."))
-    cmd.params.append(click.Option(["-q", "--quiet", "quiet_after"], is_flag=True, expose_value=False,
+    cmd.params.append(click.Option(["-q", "--quiet", "quiet_after"], is_flag=True, expose_value=False, is_eager=True,
                                    callback=_set_quiet, help="No progress bars or warnings."))
 
 

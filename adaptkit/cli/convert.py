@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import ALLOW_PICKLE, CONTEXT, Finite, POSITIVE, emit_json
+from .options import ALLOW_PICKLE, CONTEXT, ENERGY, FORCE, JSON, OUT, RANK, base_option, emit_json
 
 
 def _summary(report: dict) -> str:
@@ -19,20 +19,21 @@ def _summary(report: dict) -> str:
 @click.argument("adapter")
 @click.option("--to", "to", required=True, help="Target format: peft (alias: lora) or another writable format "
               "plugin (see `adaptkit plugins --kind format`).")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--rank", type=POSITIVE, help="Re-factor every module to this rank (truncated SVD).")
-@click.option("--energy", type=Finite(0, 1, min_open=True), help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
-@click.option("--base", help="Base model, for variants whose ΔW depends on the base weight.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@OUT
+@RANK
+@ENERGY
+@base_option()
+@FORCE
 @ALLOW_PICKLE
-@click.option("--json", "as_json", is_flag=True, help="Print the report (ranks and errors per module) as JSON.")
+@JSON
 def convert(adapter, to, out, rank, energy, base, force, allow_pickle, as_json):
     """Convert an adapter to another format or variant, or resize its rank.
 
     Variants with an exact low-rank form (LoRA and the variants built from shared or scaled
     factors) convert exactly; others (ΔW depending on the base weight, whole-module fine-tunes)
-    are factored by SVD at --rank/--energy with the error reported per module. The input format
-    is detected; `adaptkit plugins --kind format` lists the formats.
+    are factored by SVD at --rank/--energy with the error reported per module. --base is needed for
+    variants whose ΔW depends on the base weight. The input format is detected; `adaptkit plugins
+    --kind format` lists the formats.
 
     \b
     Examples:
@@ -57,18 +58,18 @@ def convert(adapter, to, out, rank, energy, base, force, allow_pickle, as_json):
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--model", required=True, help="The fine-tuned model (folder or org/name[@rev]).")
-@click.option("--base", required=True, help="The model it was fine-tuned from.")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (a PEFT LoRA).")
-@click.option("--rank", type=POSITIVE, help="LoRA rank of every module.")
-@click.option("--energy", type=Finite(0, 1, min_open=True), help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
+@click.option("-m", "--model", required=True, help="The fine-tuned model (folder or org/name[@rev]).")
+@base_option(required=True)
+@OUT
+@RANK
+@ENERGY
 @click.option("--embed-lora", is_flag=True, help="Factor embeddings and the output head too (default: keep them whole).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@FORCE
 @ALLOW_PICKLE
-@click.option("--json", "as_json", is_flag=True, help="Print the report (ranks and errors per module) as JSON.")
+@JSON
 @click.pass_context
 def extract(ctx, model, base, out, rank, energy, embed_lora, force, allow_pickle, as_json):
-    """Extract a LoRA from a full fine-tune: ΔW = FT − base of each matrix, truncated SVD.
+    """Extract a LoRA (a PEFT folder) from a full fine-tune: ΔW = FT − base of each matrix, truncated SVD.
 
     A = √S·Vᵀ and B = U·√S per module (lora_alpha = rank, so the scale is 1); changed vectors
     (norms, biases) and, unless --embed-lora, embeddings and the output head are saved whole as

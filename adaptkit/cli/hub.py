@@ -5,7 +5,7 @@ import click
 
 from ..hub.lockfile import LOCK_FILE
 from .boundary import Group
-from .options import ALLOW_PICKLE, CONTEXT, emit_json
+from .options import ALLOW_PICKLE, CONTEXT, JSON, emit_json, option
 
 
 def _lock_option(f):
@@ -39,10 +39,11 @@ def hub():
 @click.option("--author", help="Only repositories of this user or organization.")
 @click.option("--sort", type=click.Choice(["downloads", "likes", "updated"]), default="downloads", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="How many to list.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON list (keys: repo, variant, base_model, downloads, likes, updated, tags).")
+@JSON
 def search(query, tags, base_model, author, sort, limit, as_json):
     """Search the Hub for adapters: by words in their id, tags, base model and author.
+
+    --json prints a list (keys: repo, variant, base_model, downloads, likes, updated, tags).
 
     \b
     Examples:
@@ -71,7 +72,7 @@ def search(query, tags, base_model, author, sort, limit, as_json):
 @click.argument("ref", metavar="REPO[@REV]")
 @click.option("--name", help="The name to pin it under (default: the repository's name).")
 @_lock_option
-@click.option("--json", "as_json", is_flag=True, help="Print the lock entry and what was downloaded as JSON.")
+@JSON
 @ALLOW_PICKLE
 @click.pass_context
 def pull(ctx, ref, name, lock, as_json, allow_pickle):
@@ -79,6 +80,7 @@ def pull(ctx, ref, name, lock, as_json, allow_pickle):
 
     Each file's size and hash are checked against the Hub's; the entry records the commit and
     every file's sha256. REV is a branch, tag or commit (default: main); a commit pins for good.
+    --json prints the lock entry and what was downloaded.
 
     \b
     Examples:
@@ -102,7 +104,7 @@ def pull(ctx, ref, name, lock, as_json, allow_pickle):
 @click.option("--update", is_flag=True, help="Move unpinned entries (a branch or tag) to the newest commit.")
 @click.option("--offline", is_flag=True, help="Verify from the cache alone (also when HF_HUB_OFFLINE=1).")
 @_lock_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (keys: lock, offline, ok, entries).")
+@JSON
 @ALLOW_PICKLE
 @click.pass_context
 def sync(ctx, update, offline, lock, as_json, allow_pickle):
@@ -111,7 +113,7 @@ def sync(ctx, update, offline, lock, as_json, allow_pickle):
     Files missing from the cache are downloaded, and every file is checked against the lock's
     sha256 (a bad one is fetched again). --update moves unpinned entries to their revision's
     newest commit and shows the file diff; --offline says what the cache lacks. Exits 1 when
-    something is missing or corrupt.
+    something is missing or corrupt. --json keys: lock, offline, ok, entries.
 
     \b
     Examples:
@@ -158,19 +160,19 @@ def _sync_line(row: dict, update: bool) -> str:
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
 @click.argument("repo")
 @click.option("--private", is_flag=True, help="Create the repository private.")
-@click.option("-m", "--message", help="Commit message.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the result as JSON (keys: repo, commit, url, files, private).")
+@option("--message", old=("-m",), help="Commit message.")
+@JSON
 @ALLOW_PICKLE
 def push(folder, repo, private, message, as_json, allow_pickle):
     """Upload an adapter folder with a generated model card (base model, variant, rank; tags peft, lora, adaptkit).
 
-    The repository is created if needed; a README.md already in DIR keeps its text.
+    The repository is created if needed; a README.md already in DIR keeps its text. --json keys:
+    repo, commit, url, files, private.
 
     \b
     Examples:
       adaptkit hub push ./my-lora me/my-lora
-      adaptkit hub push ./my-lora my-org/my-lora --private -m "rank 16, 3 epochs"
+      adaptkit hub push ./my-lora my-org/my-lora --private --message "rank 16, 3 epochs"
     """
     from ..hub import push as run
 

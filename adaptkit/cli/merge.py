@@ -5,12 +5,11 @@ import click
 
 from .. import registry
 from ..errors import AdaptkitError
-from .options import ALLOW_PICKLE, CONTEXT, POSITIVE, emit_json
+from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, DType, JSON, OUT, PLOT, POSITIVE, RANK, SEED, base_option,
+                      dtype_option, emit_json, settings_option)
 
 
-def _quick_recipe(method, base, models, params, rank) -> dict:
-    from ..io.readers import load_yaml
-
+def _quick_recipe(method, base, models, parameters, rank) -> dict:
     method = method or registry.default("merge", "quick_with_base" if base else "quick")
     # The quick form's weight defaults to 1 where the method has one (recipes, like mergekit's, must give it).
     takes_weight = method in registry.names("merge") and "weight" in registry.get("merge", method).params
@@ -24,12 +23,6 @@ def _quick_recipe(method, base, models, params, rank) -> dict:
         if value is None:
             path, value = spec, 1.0
         entries.append({"model": path, "parameters": {"weight": value}} if takes_weight else {"model": path})
-    parameters = {}
-    for item in params:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise AdaptkitError(f"--param expects key=value, got '{item}'")
-        parameters[key.strip()] = load_yaml(value, f"--param {key.strip()}")
     recipe = {"merge_method": method, "models": entries, "parameters": parameters}
     if base:
         recipe["base_model"] = base
@@ -68,34 +61,81 @@ def _multi_stage(recipe, out, force, dry_run, card, as_json, options) -> bool:
     return True
 
 
+def _echo_inputs(parsed) -> None:
+    """--dry-run's inputs, as the recipe resolved them: the base, then each model with its parameters."""
+    if parsed.base is not None:
+        click.echo(f"  base   {parsed.base}")
+    for ref, params in zip(parsed.models, parsed.model_params):
+        values = ", ".join(f"{k}={v}" for k, v in params.items())
+        click.echo(f"  input  {ref}{f'  ({values})' if values else ''}")
+    dtypes = [f"{k} {v}" for k, v in (("dtype", parsed.dtype), ("out_dtype", parsed.out_dtype),
+                                       ("compute_dtype", parsed.compute_dtype)) if v]
+    click.echo(f"  seed   {parsed.seed}{'; ' + ', '.join(dtypes) if dtypes else ''}")
+
+
+def _adapter_errors(report: dict, worst: int = 3) -> str:
+    """An adapter output's per-module relative error ‖ΔW − B·A‖/‖ΔW‖ in one line: the median and the worst."""
+    import statistics
+
+    errors = report["errors"]
+    if "note" in report:  # a method on the factors themselves (merge/to_adapter.py rank_report): no SVD
+        return (f"exact (relative error 0 in every module): each module's rank is the sum of the inputs' ranks "
+                f"there (up to {report['rank']})")
+    ranked = sorted(errors.items(), key=lambda kv: -kv[1])
+    median = statistics.median(errors.values())
+    shown = ", ".join(f"{module} {error:.3g}" for module, error in ranked[:worst])
+    return (f"rank {report['rank']}: relative error ‖ΔW − B·A‖/‖ΔW‖ per module median {median:.3g}, "
+            f"max {report['max_error']:.3g} (worst: {shown}; all {len(errors)} in --json)")
+
+
+def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> None:
+    """--plot draws an adapter output's per-module refactoring error: refused, before any work, for a merge
+    that has none (a model output, or an exact operator on the factors: error 0 everywhere)."""
+    from ..merge import multi
+    from ..merge.to_adapter import factor_merge
+    from ..plots import check_target
+
+    if parsed is None:
+        check_target(plot)
+        if dry_run:
+            raise AdaptkitError("--plot draws a merge's errors; --dry-run merges nothing")
+        if recipe and multi.is_multi(multi.read_documents(recipe)):
+            raise AdaptkitError("--plot draws an adapter merge's per-module errors; give it a one-stage recipe")
+    elif parsed.output_kind != "adapter":
+        raise AdaptkitError("--plot draws the per-module refactoring error of a merge into an adapter (--rank, or "
+                            "`output: {kind: adapter, rank: R}`); this merge writes a model, which has none")
+    elif parsed.method in registry.names("merge") and factor_merge(registry.get("merge", parsed.method)) is not None:
+        raise AdaptkitError(f"--plot: {parsed.method} merges the adapters' factors exactly (error 0 in every "
+                            "module); there is no refactoring error to draw")
+
+
 @click.command(context_settings=CONTEXT)
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
+@OUT
 @click.option("--method", help="Quick form: merge method (default: task_arithmetic with --base, else linear).")
-@click.option("--base", help="Quick form: base model (folder or org/name[@rev]).")
+@base_option()
 @click.option("-m", "--model", "models", multiple=True, metavar="PATH[:WEIGHT]", help="Quick form: an input, repeatable.")
-@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Quick form: a method parameter, repeatable.")
-@click.option("--rank", type=POSITIVE, help="Quick form: merge adapters into an adapter of this rank.")
-@click.option("--seed", type=int, help="Seed for random merge methods; overrides the recipe's.")
-@click.option("--dtype", help="As a recipe's `dtype` (mergekit's meaning): the dtype tensors are loaded and computed in, "
-              "and the output dtype unless --out-dtype (float32, bfloat16, float16; default: as stored).")
-@click.option("--out-dtype", help="Output dtype for floating tensors, as a recipe's `out_dtype` (default: --dtype).")
-@click.option("--compute-dtype", help="Compute in this dtype instead of --dtype, as a recipe's `compute_dtype`; "
+@settings_option("-p", "--param")
+@RANK
+@SEED
+@dtype_option()
+@click.option("--out-dtype", type=DType(), help="Output dtype for floating tensors, as a recipe's `out_dtype` (default: --dtype).")
+@click.option("--compute-dtype", type=DType(), help="Compute in this dtype instead of --dtype, as a recipe's `compute_dtype`; "
               "float32 computes from the inputs as stored and rounds once to the output dtype.")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--threads", type=POSITIVE, help="Tensors merged in parallel (default: 2 for elementwise methods, else 1 using all cores).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the merge succeeds).")
-@click.option("--dry-run", is_flag=True, help="Check inputs and print the plan (per group of tensors the parameters "
-              "after gradients and filters, and the estimated peak memory); write nothing.")
+@FORCE
+@DRY_RUN
 @click.option("--no-card", is_flag=True, help="Write no model card (README.md) or recipe copy (adaptkit_recipe.yml).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
 @ALLOW_PICKLE
 @click.option("--requantize", is_flag=True, help="With a quantized base: pack the result again with the base's "
               "quantizer (default: write it unpacked, bfloat16) and report the extra rounding error.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@JSON
+@PLOT
 @click.pass_context
-def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, out_dtype, compute_dtype, shard_size,
-          threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, requantize, as_json):
+def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, out_dtype, compute_dtype, shard_size,
+          threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, requantize, as_json, plot):
     """Merge models or adapters by a recipe (mergekit's YAML format) or the quick form.
 
     Modes: models -> model; base + adapters -> model (each adapter's ΔW added into the streamed
@@ -103,12 +143,20 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, out
     YAML documents is a multi-stage recipe (mergekit-multi's): the final stage is written to --out.
     The output gets a model card (README.md) and the recipe as it ran (adaptkit_recipe.yml).
 
+    Quick form: --set gives the method's parameters (mergekit's names). --seed and --dtype override a
+    recipe's `seed` and `dtype` (mergekit's meaning of dtype: also the output's, unless --out-dtype).
+
+    --dry-run prints the inputs as resolved, and per group of tensors the parameters after gradients
+    and filters, and the estimated peak memory. An adapter output reports each module's relative error ‖ΔW − B·A‖/‖ΔW‖ (the worst and the median;
+    --plot draws them all, one bar per module).
+
     \b
     Examples:
       adaptkit merge soup.yaml -o merged/
-      adaptkit merge --method task_arithmetic --base B -m A:0.5 -m C:0.5 -p lambda=0.9 -o merged/
+      adaptkit merge --method task_arithmetic --base B -m A:0.5 -m C:0.5 --set lambda=0.9 -o merged/
       adaptkit merge --base llama -m my-lora -o llama-merged/        # merge-and-unload
       adaptkit merge --method linear -m lora1:0.5 -m lora2:0.5 --rank 16 -o lora-mix/
+      adaptkit merge --method ties -m lora1 -m lora2 --rank 8 -o lora-ties/ --plot errors.png
       adaptkit merge soup.yaml -o merged/ --dry-run
       adaptkit merge soup.yaml -o merged/ --compute-dtype float32     # bf16 recipe, rounded once
       adaptkit merge --base llama-4bit/ -m my-qlora -o merged/ --requantize   # into a quantized base
@@ -120,15 +168,25 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, out
 
     if bool(recipe) == bool(models):
         raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")
+    quick = [flag for flag, given in (("--method", method), ("--base", base), ("--set", settings), ("--rank", rank))
+             if given]
+    if recipe and quick:  # the recipe says these itself: not silently ignored
+        raise AdaptkitError(f"{', '.join(quick)}: only with the quick form (-m ...); a recipe file gives them itself")
+    if plot:
+        _check_plot(plot, recipe, dry_run)
     dtypes = dict(dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype)
     options = dict(shard_size=shard_size, threads=threads, seed=seed, **dtypes, allow_nonfinite=allow_nonfinite,
                    allow_pickle=allow_pickle, requantize=requantize, progress=not ctx.obj["quiet"])
     if recipe and _multi_stage(recipe, out, force, dry_run, not no_card, as_json, options):
         return
-    spec = recipe if recipe else _quick_recipe(method, base, models, params, rank)
+    spec = recipe if recipe else _quick_recipe(method, base, models, settings, rank)
     parsed = load_recipe(spec)
     for key, value in dtypes.items():
         setattr(parsed, key, value or getattr(parsed, key))
+    if seed is not None:  # as run_merge sets it: --dry-run shows the seed the merge would use
+        parsed.seed = seed
+    if plot:
+        _check_plot(plot, recipe, dry_run, parsed)
     if dry_run and parsed.output_kind == "adapter":
         from ..merge.to_adapter import plan_adapters
 
@@ -137,6 +195,7 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, out
             return emit_json(summary)
         click.echo(f"{summary['method']}: {summary['modules']} modules of {len(summary['inputs'])} "
                    f"{summary['variant']} adapter(s) -> one adapter, rank {summary['rank']}")
+        _echo_inputs(parsed)
         return
     if dry_run:
         plan = Plan(parsed, allow_pickle=allow_pickle)
@@ -147,15 +206,25 @@ def merge(ctx, recipe, out, method, base, models, params, rank, seed, dtype, out
         click.echo(f"{summary['method']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters from "
                    f"{len(summary['inputs'])} input(s); output {human_bytes(summary['output_bytes'])}, "
                    f"estimated peak {human_bytes(summary['estimated_peak_bytes'])}")
+        _echo_inputs(parsed)
+        click.echo(f"parameters by tensor ({len(summary['groups'])} group(s); per-model values in input order):")
         for group in summary["groups"]:
             click.echo(f"  {describe_group(group)}")
         return
     report = run_merge(parsed, out, force=force, card=not no_card, **options)
+    if plot:
+        from ..plots import draw, merge_figure
+
+        draw(merge_figure(report["errors"], report["rank"]), plot)
     if as_json:
-        return emit_json(report)
+        return emit_json({**report, "plot": plot} if plot else report)
     click.echo(f"merged {report['tensors']} tensors with {report['method']} into {report['output']} "
                f"({len(report['files'])} file(s), {report['seconds']:.1f} s)")
+    if report.get("output_kind") == "adapter":
+        click.echo(_adapter_errors(report))
     again = report.get("requantized")
     if again:
         click.echo(f"re-quantized {again['quantized']} tensor(s) with {again['method']}: extra rounding error "
                    f"(relative) mean {again['mean_error']:.4g}, max {again['max_error']:.4g}")
+    if plot:
+        click.echo(f"picture: {plot}")

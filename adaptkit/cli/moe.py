@@ -3,29 +3,31 @@ from __future__ import annotations
 
 import click
 
-from .options import ALLOW_PICKLE, CONTEXT, emit_json
+from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, OUT, SEED, dtype_option, emit_json
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
-@click.option("--seed", type=int, help="Seed for random gates and expert noise (mergekit's --random-seed gives the same numbers).")
-@click.option("--dtype", help="Output dtype (float32, bfloat16, float16); overrides the config's dtype.")
+@OUT
+@SEED
+@dtype_option()
 @click.option("--device", default="cpu", show_default=True, help="Where the base model runs for gate_mode hidden (cpu, cuda).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--allow-same-experts", "--i-understand-this-is-not-useful-without-training", "allow_same", is_flag=True,
               help="Allow every expert to be the same model with prompt-based gates (e.g. to train the MoE further).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the build succeeds).")
-@click.option("--dry-run", is_flag=True, help="Check the config and inputs and print the plan; write nothing.")
+@FORCE
+@DRY_RUN
 @ALLOW_PICKLE
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@JSON
 @click.pass_context
 def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, force, dry_run, allow_pickle, as_json):
     """Build a Mixtral mixture of experts from Llama or Mistral models (mergekit-moe's YAML).
 
     Attention, norms and embeddings come from base_model; each expert's MLPs become one expert per
     layer; the routers come from gate_mode: hidden (the base's hidden states for each expert's
-    positive_prompts), cheap_embed (the prompts' token embeddings) or random.
+    positive_prompts), cheap_embed (the prompts' token embeddings) or random. --seed drives random gates
+    and expert noise (mergekit-moe's --random-seed gives the same numbers); --dtype overrides the
+    config's dtype (also the output's).
 
     \b
     Examples:

@@ -5,17 +5,18 @@ import click
 
 from .. import registry
 from ..errors import AdaptkitError
-from .options import CONTEXT, emit_json
+from .options import CONTEXT, JSON, emit_json
 
 
 @click.command(context_settings=CONTEXT)
 @click.option("--kind", type=click.Choice(registry.KINDS), help="Only plugins of this kind.")
 @click.option("--check", is_flag=True, help="Import every plugin and report those that fail to load.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (keys: name, kind, source, description, status).")
+@JSON
 def plugins(kind, check, as_json):
     """List the registered plugins: built-ins and those installed by other packages.
 
-    Listing imports no plugin; --check imports each one and marks the broken ones.
+    Listing imports no plugin; --check imports each one and marks the broken ones. --json prints a
+    list (keys: name, kind, source, description, status).
 
     \b
     Examples:

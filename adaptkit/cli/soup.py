@@ -5,7 +5,7 @@ import click
 
 from ..errors import AdaptkitError
 from .boundary import Group
-from .options import ALLOW_PICKLE, CONTEXT, emit_json
+from .options import ALLOW_PICKLE, CONTEXT, EVAL_DATA, FORCE, JSON, OUT, PLOT, TASK, emit_json
 
 
 def _evaluator(eval_cmd: str | None, eval_py: str | None, eval_data: str | None = None, task: str | None = None):
@@ -64,19 +64,15 @@ def soup():
 
 
 def _eval_options(f):
-    f = click.option("--task", type=click.Choice(["causal-lm", "classification"]),
-                     help="With --eval: the task (default: from the records).")(f)
+    f = TASK(f)
     f = click.option("--eval-py", help="module:function taking the model folder and returning a score.")(f)
     f = click.option("--eval-cmd", help="Shell command scoring {model} (a folder); its last output line is the score.")(f)
-    return click.option("--eval", "eval_data", type=click.Path(dir_okay=False),
-                        help="JSON lines to score on: −loss (causal LM) or accuracy (classification).")(f)
+    return EVAL_DATA(f)
 
 
 def _soup_options(f):
     f = ALLOW_PICKLE(f)
-    f = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(f)
-    f = click.option("--force", is_flag=True, help="Replace an existing output folder.")(f)
-    return click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")(f)
+    return OUT(FORCE(JSON(f)))
 
 
 @soup.command(context_settings=CONTEXT)
@@ -86,7 +82,7 @@ def uniform(models, out, force, as_json, allow_pickle):
     """Average the models: θ = (1/k)·Σ θᵢ.
 
     \b
-    Example:
+    Examples:
       adaptkit soup uniform -m ft1 -m ft2 -m ft3 -o soup/
     """
     from ..merge import soup as soups
@@ -101,26 +97,35 @@ def uniform(models, out, force, as_json, allow_pickle):
 @click.option("-m", "--model", "models", multiple=True, required=True, help="A candidate, repeatable.")
 @_eval_options
 @_soup_options
-def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json, allow_pickle):
+@PLOT
+def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json, allow_pickle, plot):
     """Greedy soup: rank candidates by score; add each only if the soup does not get worse.
 
-    Higher scores are better (negate a loss); --eval DATA scores each soup on JSON lines.
+    Higher scores are better (negate a loss); --eval DATA scores each soup on JSON lines: −loss
+    (causal LM) or accuracy (classification).
 
     \b
     Examples:
       adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval-cmd "python score.py {model}" -o soup/
-      adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval dev.jsonl -o soup/
+      adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval dev.jsonl -o soup/ --plot greedy.png
     """
     from ..merge import soup as soups
+    from ..plots import check_target, draw, greedy_figure
 
+    if plot:
+        check_target(plot)
     result = soups.greedy(models, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force,
                           allow_pickle=allow_pickle)
+    if plot:
+        draw(greedy_figure(result.steps, result.scores), plot)
     if as_json:
         return emit_json({"ingredients": result.ingredients, "score": result.score, "scores": result.scores,
-                          "steps": result.steps, "output": out})
+                          "steps": result.steps, "output": out, **({"plot": plot} if plot else {})})
     for step in result.steps:
         click.echo(f"  {'kept ' if step['kept'] else 'skip '} {step['added']}  score {step['score']:.6g}")
     click.echo(f"greedy soup of {len(result.ingredients)} models, score {result.score:.6g}, in {out}")
+    if plot:
+        click.echo(f"picture: {plot}")
 
 
 @soup.command(context_settings=CONTEXT)
@@ -129,25 +134,34 @@ def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json, allo
 @click.option("--alphas", default="0,0.25,0.5,0.75,1", show_default=True, help="Comma-separated α values.")
 @_eval_options
 @_soup_options
-def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json, allow_pickle):
+@PLOT
+def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json, allow_pickle, plot):
     """Score θ(α) = (1 − α)·A + α·B for each α and keep the best (WiSE-FT).
 
     \b
     Examples:
       adaptkit soup sweep zero-shot fine-tuned --alphas 0,0.5,1 --eval-cmd "python score.py {model}" -o best/
-      adaptkit soup sweep zero-shot fine-tuned --eval dev.jsonl -o best/
+      adaptkit soup sweep zero-shot fine-tuned --eval dev.jsonl -o best/ --plot sweep.png
     """
     from ..merge import soup as soups
+    from ..plots import check_target, draw, sweep_figure
 
     try:
         values = [float(x) for x in alphas.split(",") if x.strip()]
     except ValueError:
         raise AdaptkitError(f"--alphas must be numbers separated by commas, got '{alphas}'") from None
+    if plot:
+        check_target(plot)
     result = soups.sweep(a, b, values, _evaluator(eval_cmd, eval_py, eval_data, task), out=out, force=force,
                          allow_pickle=allow_pickle)
+    if plot:
+        draw(sweep_figure([s["alpha"] for s in result.steps], [s["score"] for s in result.steps]), plot)
     if as_json:
-        return emit_json({"scores": result.scores, "score": result.score, "steps": result.steps, "output": out})
+        return emit_json({"scores": result.scores, "score": result.score, "steps": result.steps, "output": out,
+                          **({"plot": plot} if plot else {})})
     for step in result.steps:
         click.echo(f"  alpha {step['alpha']:<6g} score {step['score']:.6g}")
     best = max(result.steps, key=lambda s: s["score"])
     click.echo(f"best alpha {best['alpha']:g} (score {result.score:.6g}) in {out}")
+    if plot:
+        click.echo(f"picture: {plot}")

@@ -27,6 +27,9 @@ from ..io.outputs import recover_output
 
 MODEL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size",
                 "torch_dtype", "dtype")
+#: Older spellings of MODEL_FIELDS' keys, as transformers' `attribute_map`s read them (GPT-2's n_embd and
+#: n_layer, T5's and BART's d_model): the figure is reported under the common name when that key is absent.
+ALIASES = {"hidden_size": ("n_embd", "d_model"), "num_hidden_layers": ("n_layer",)}
 
 
 def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
@@ -45,12 +48,22 @@ def inspect(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     report["kind"] = "adapter" if adapter else "quantized-model" if quantizer else "model"
     report["format"] = adapter.format if adapter else _file_format(store)
     config = validate.model_config(store.json_file("config.json"), store.root / "config.json") if not adapter else None
-    report["model"] = {k: config[k] for k in MODEL_FIELDS if k in config} if config else None
+    report["model"] = _model_figures(config) if config else None
     report["adapter"] = _described(adapter, refusal) if adapter else None
     if adapter is not None and adapter.config.get("adaptkit_variant"):
         report["adapter"]["adaptkit_format"] = True  # other tools would refuse it, or read it as something else
     report["quantization"] = {"method": quantizer} if quantizer else None
     return report
+
+
+def _model_figures(config: dict) -> dict[str, Any]:
+    """config.json's MODEL_FIELDS, each under its common name (ALIASES) where the config spells it otherwise."""
+    figures = {k: config[k] for k in MODEL_FIELDS if k in config}
+    for key, aliases in ALIASES.items():
+        found = next((config[a] for a in aliases if a in config), None)
+        if key not in figures and found is not None:
+            figures[key] = found
+    return figures
 
 
 def _refusal(adapter) -> UnsupportedError | None:
@@ -87,7 +100,8 @@ def _tensor_figures(store: TensorStore) -> dict[str, Any]:
         d = dtypes.setdefault(DTYPE_NAMES[info.dtype], {"tensors": 0, "parameters": 0})
         d["tensors"] += 1
         d["parameters"] += info.numel
-        s = shards.setdefault(info.file.name, {"file": info.file.name, "tensors": 0, "bytes": info.file.stat().st_size})
+        name = str(info.file.relative_to(store.root)) if store.components else info.file.name  # a pipeline: unet/…
+        s = shards.setdefault(name, {"file": name, "tensors": 0, "bytes": info.file.stat().st_size})
         s["tensors"] += 1
     return {
         "tensors": len(store),

@@ -98,6 +98,7 @@ class AdaptedLayer(Forwarding):
         self.merged_bias: dict[str, torch.Tensor] = {}  # name -> the change a merge made to the bias
         self.disabled = False
         self.fake_quant: str | None = None  # quantization-aware training: the quantizer of W + ΔW
+        self.routes: Routes | None = None  # ensembles: one adapter per block of rows (`routing.by_rows`)
 
     def _current(self) -> nn.Module:
         return self._modules["base_layer"]
@@ -105,6 +106,8 @@ class AdaptedLayer(Forwarding):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
+        if self.routes is not None:
+            return self._routed_forward(x, args, kwargs)
         running = [self.branches[n] for n in self.active if n not in self.merged]
         if self.target.tensors and running:
             return self._tensors_forward(running, (x, *args), kwargs)
@@ -118,6 +121,22 @@ class AdaptedLayer(Forwarding):
         for branch in running:
             result = branch.variant.forward(branch, self.base_layer, x, result)
         return result
+
+    def _routed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Rows block by block, each with its one adapter's branch (or none: the base alone). The base
+        layer runs once on all rows, unless a routed branch changes its input: then once per block."""
+        blocks = self.routes.blocks(self.path, x)
+        branches = [self.branches[name] if name in self.branches else None for name, _ in blocks]
+        own_input = [b is not None and b.transforms_input for b in branches]
+        whole = None if any(own_input) else self.base_layer(x, *args, **kwargs)
+        parts = []
+        for (_, rows), branch, own in zip(blocks, branches, own_input):
+            if whole is not None:
+                result = whole[rows]
+            else:
+                result = self.base_layer(branch.variant.transform_input(branch, x[rows]) if own else x[rows], *args, **kwargs)
+            parts.append(result if branch is None else branch.variant.forward(branch, self.base_layer, x[rows], result))
+        return torch.cat(parts)
 
     def _fake_quantized_forward(self, x: torch.Tensor, running: list[Branch]) -> torch.Tensor:
         """y = x·Q(W + ΣΔW)ᵀ + b + Σ Δb: the merged layer as it will be once quantized, with the
@@ -259,6 +278,7 @@ class ReplacedModule(Forwarding):
         self.copies = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.routes: Routes | None = None  # ensembles: one adapter's copy per block of rows (`routing.by_rows`)
 
     def _current(self) -> nn.Module:
         return self.original if self.disabled or self.active not in self.copies else self.copies[self.active]
@@ -273,4 +293,33 @@ class ReplacedModule(Forwarding):
         return replacement
 
     def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+        if self.routes is None or self.disabled:
+            return self._current()(*args, **kwargs)
+        if not args or any(isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values())):
+            raise AdaptkitError(f"{self.path}: a module trained whole is routed by rows only when its one tensor "
+                                "input is the first argument")
+        parts = [(self.copies[name] if name in self.copies else self.original)(args[0][rows], *args[1:], **kwargs)
+                 for name, rows in self.routes.blocks(self.path, args[0])]
+        if not all(isinstance(p, torch.Tensor) for p in parts):
+            raise AdaptkitError(f"{self.path}: a module trained whole is routed by rows only when it returns one tensor")
+        return torch.cat(parts)
+
+
+ROUTED_KINDS = ("linear", "embedding", "conv")  # Target kinds whose input has the batch's rows first
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Adapter `names[i]` runs on rows i·rows … (i+1)·rows − 1 of a call (ensembles: a batch repeated
+    once per adapter, one pass). A layer whose input has any other number of rows (tokens flattened
+    into rows, a sequence-first layout) cannot tell which rows are whose and is refused by name."""
+
+    names: tuple[str, ...]
+    rows: int
+
+    def blocks(self, path: str, x: torch.Tensor) -> list[tuple[str, slice]]:
+        if x.dim() == 0 or x.shape[0] != self.rows * len(self.names):
+            raise AdaptkitError(f"{path}: its input has {x.shape[0] if x.dim() else 0} rows, not the "
+                                f"{len(self.names)} × {self.rows} of the routed batch; this layer cannot be "
+                                "routed by rows (tokens flattened, a sequence-first layout)")
+        return [(name, slice(i * self.rows, (i + 1) * self.rows)) for i, name in enumerate(self.names)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from .. import validate
 from ..io import readers
 from .data import IGNORE, Dataset, collate, detect_task, eval_batches, load_dataset, read_jsonl
 from ..errors import AdaptkitError
-from .models import build_model, load_tokenizer, resolve_base, training_info
+from .models import build_model, load_adapters, load_tokenizer, resolve_base, training_info
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -133,8 +132,6 @@ def evaluate(model_ref: str | Path, data: str | Path, adapters: Sequence[str | P
              batch_size: int = 8, max_length: int = 512, precision: str = "fp32", device: str | None = None,
              progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
     """Evaluate a model (a folder, `org/name[@rev]` or `minilm`) with `adapters` on it, active together."""
-    from ..live.adapters import load_adapter
-
     base, adapters, info = _split_ref(model_ref, adapters, allow_pickle)
     task = task or (info or {}).get("task") or detect_task(read_jsonl(data))
     folder = resolve_base(base)
@@ -145,15 +142,7 @@ def evaluate(model_ref: str | Path, data: str | Path, adapters: Sequence[str | P
     model, new = build_model(folder, task, num_labels=num_labels, progress=progress, allow_pickle=allow_pickle)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    saved = []
-    for i, adapter in enumerate(adapters):
-        handle = load_adapter(model, adapter, name=f"adapter{i}", allow_pickle=allow_pickle)
-        saved += handle.adapters[f"adapter{i}"].saved
-    if adapters:
-        handle.set_active(handle.names)
-    missing = [m for m in new if m not in saved]
-    if missing:
-        warnings.warn(f"{', '.join(missing)}: not in the model or its adapters; evaluated with random weights", stacklevel=2)
+    load_adapters(model, adapters, new, allow_pickle=allow_pickle)
     device = device or default_device()
     model.to(device)
     result = evaluate_model(model, dataset, tokenizer, batch_size=batch_size, device=device, precision=precision,

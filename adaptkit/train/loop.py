@@ -11,9 +11,9 @@ targets; settings the variant's `train_settings(steps)` hook derives from the ru
 steps, where left unset; and modules the checkpoint lacks (a new classification head) train
 whole as `modules_to_save` (and stay out of the targets).
 
-Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) the same function trains with
-DistributedDataParallel (gloo on CPU, nccl on GPU): every global batch of
-batch_size × grad_accum × N examples is split into N disjoint contiguous shards, so N processes
+Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) the same function trains with the `strategy`
+of distributed.py (DDP, or FSDP2 sharding the model; gloo on CPU, nccl on GPU): every global batch
+of batch_size × grad_accum × N examples is split into N disjoint contiguous shards, so N processes
 compute the same update as one process with N × grad_accum; only rank 0 writes files.
 Outputs: OUT/adapter_config.json + adapter_model.safetensors, training.json (arguments, label
 names, final metrics), metrics.jsonl (one line per step), checkpoints/step-N/ (see checkpoint.py).
@@ -33,12 +33,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from .. import registry, spec, validate
-from . import checkpoint
+from . import checkpoint, distributed
 from ..io import readers
 from .data import Batches, Dataset, collate, load_dataset
 from ..errors import AdaptkitError
-from .evaluation import autocast, default_device, evaluate_model
+from .evaluation import autocast, evaluate_model
 from .models import build_model, load_tokenizer, resolve_base
+from .reporting import Reporters
 
 
 @dataclass
@@ -61,13 +62,14 @@ class Run:
     scheduler: Any = None
     scaler: Any = None
     cast: Callable = nullcontext
-    forward: Any = None  # the model, or its DistributedDataParallel wrapper
+    forward: Any = None  # the model (sharded in place under FSDP), or its DistributedDataParallel wrapper
     work: Path | None = None
     start: int = 0
     elapsed: float = 0.0
     last: dict = field(default_factory=dict)
     allow_pickle: bool = False  # a permission, not a setting: not in `args`, which resume compares
     held: ExitStack = field(default_factory=ExitStack)  # the output's lock (main process), released at the end
+    report: Any = None  # reporting.Reporters: TensorBoard / W&B, opened by the main process only
 
     @property
     def main(self) -> bool:
@@ -81,11 +83,18 @@ def train(base: str | Path, variant: str, data: str | Path, out: str | Path, *, 
           save_every: int | None = None, keep_checkpoints: int | None = None, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, base_dtype: str = "float32", quantize: str | None = None, qat: str | None = None,
           resume: bool = False, force: bool = False, progress: bool = True, device: str | None = None,
-          callback: Callable | None = None, allow_pickle: bool = False, format: str | None = None) -> dict:
+          callback: Callable | None = None, allow_pickle: bool = False, format: str | None = None,
+          report_to: str | list[str] | None = None, run_name: str | None = None, strategy: str = "ddp",
+          gradient_checkpointing: bool = False) -> dict:
     """Train adapter `variant` on `base` with `data` (JSON lines) into the folder `out`, the adapter in
     `format` (a format plugin; default the canonical one); returns the training report (also
     OUT/training.json). `callback(view)` runs before step 1 (step 0) and after every step, with
-    `view.step`, `.record`, `.model`, `.handle`, `.optimizer`, `.scheduler`, `.rank`."""
+    `view.step`, `.record`, `.model`, `.handle`, `.optimizer`, `.scheduler`, `.rank`. `report_to`
+    ("tensorboard", "wandb") logs each step's metrics there too, as `run_name` (reporting.py).
+    `strategy` ("ddp", "fsdp": distributed.py) applies under torchrun only; `gradient_checkpointing`
+    recomputes each block's activations in the backward pass instead of keeping them."""
+    if strategy not in distributed.STRATEGIES:
+        raise AdaptkitError(f"unknown strategy '{strategy}' (known: {', '.join(distributed.STRATEGIES)})")
     if grad_accum < 1 or batch_size < 1:
         raise AdaptkitError("batch_size and grad_accum must be at least 1")
     for method in (quantize, qat):
@@ -102,52 +111,29 @@ def train(base: str | Path, variant: str, data: str | Path, out: str | Path, *, 
             "save_every": save_every, "keep_checkpoints": keep_checkpoints, "weight_decay": weight_decay,
             "max_grad_norm": max_grad_norm, "base_dtype": base_dtype, "quantize": quantize, "qat": qat,
             "resume": resume, "force": force, **({"format": format} if format is not None else {}),
-            "progress": progress}
+            "progress": progress, "strategy": strategy, "gradient_checkpointing": gradient_checkpointing}
     try:
         args = json.loads(json.dumps(args))
     except TypeError as e:
         raise AdaptkitError(f"settings must be JSON values (numbers, strings, lists, dicts): {e}") from None
-    world, rank, device, created = _distributed(device)
+    reporters = Reporters(report_to, run_name, config=args)  # a missing library fails before the model loads
+    world, rank, device, created = distributed.init(device)
     run = None
     try:
-        run = Run(args, Path(out), world, rank, device, allow_pickle=allow_pickle)
+        run = Run(args, Path(out), world, rank, device, allow_pickle=allow_pickle, report=reporters)
         if run.main:  # before anything loads
             checkpoint.lock_output(run.out, run.held, inputs=[base, data, args["eval_data"]])
         _prepare(run)
         _loop(run, callback)
         return _finish(run)
     finally:
+        reporters.close()
         if run is not None:
             run.held.close()
         if created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-def _distributed(device: str | None) -> tuple[int, int, str, bool]:
-    """(world size, rank, device, created a process group?) — torchrun sets WORLD_SIZE and LOCAL_RANK."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 1, 0, device or default_device(), False
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_world_size(), dist.get_rank(), device or "cpu", created
-
-
-def _barrier(run: Run) -> None:
-    if run.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _prepare(run: Run) -> None:
@@ -180,10 +166,15 @@ def _prepare(run: Run) -> None:
         for p in model.parameters():
             if p.requires_grad and p.is_floating_point():
                 p.data = p.data.float()
+    if a["gradient_checkpointing"]:
+        _checkpoint_activations(model)
     model.to(run.device).train()
-    _optimizer(run)
-    _open(run)
-    run.forward = _wrap(run)
+    distributed.check(run.handle, a["strategy"], run.world)
+    found = _open(run)  # the checkpoint's tensors go into the model before it is sharded
+    run.forward = distributed.wrap(model, a["strategy"], run.world, run.device, a["precision"])
+    _optimizer(run)  # over the parameters as they will be trained (FSDP replaces them with shards)
+    if found is not None:
+        _resume(run, found)
 
 
 def _default_length(tokenizer, folder: Path) -> int:
@@ -238,24 +229,30 @@ def _optimizer(run: Run) -> None:
         run.scaler = torch.amp.GradScaler("cuda")
 
 
-def _open(run: Run) -> None:
-    """The run folder; with resume, the latest checkpoint restored into the fresh run."""
+def _open(run: Run) -> Path | None:
+    """The run folder; with resume, the latest checkpoint's adapter tensors put on the model (returned)."""
     a = run.args
     if run.main:
         run.work = checkpoint.open_work(run.out, force=a["force"], resume=a["resume"])
-    _barrier(run)
+    distributed.barrier(run.world)
     run.work = checkpoint.work_folder(run.out)
     found = checkpoint.latest(run.work) if a["resume"] else None
     if found is None:
         if run.main:
             checkpoint.trim_log(run.work / "metrics.jsonl", 0)
-        return
-    state = checkpoint.load(found, handle=run.handle, optimizer=run.optimizer, scheduler=run.scheduler,
-                            scaler=run.scaler, rank=run.rank, args=_fixed_args(run))
+        return None
+    state = checkpoint.load(found, handle=run.handle, args=_fixed_args(run))
     run.start, run.elapsed = state["step"], state["elapsed"]
+    return found
+
+
+def _resume(run: Run, found: Path) -> None:
+    """The rest of the checkpoint (optimizer, schedule, RNGs: last) into the freshly built run."""
+    checkpoint.load_trainer(found, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                            scaler=run.scaler, rank=run.rank, world=run.world)
     if run.main:
         run.last = checkpoint.trim_log(run.work / "metrics.jsonl", run.start)
-        if a["progress"]:
+        if run.args["progress"]:
             print(f"resuming from {found} (step {run.start} of {run.total})", file=sys.stderr)
 
 
@@ -263,13 +260,14 @@ def _fixed_args(run: Run) -> dict:
     return {**run.args, "world_size": run.world}
 
 
-def _wrap(run: Run):
-    if run.world <= 1:
-        return run.model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [run.device] if str(run.device).startswith("cuda") else None
-    return DistributedDataParallel(run.model, device_ids=ids)  # every adapter tensor is on the forward path
+def _checkpoint_activations(model) -> None:
+    """Activation checkpointing of every block, through transformers (non-reentrant: it works with
+    frozen inputs and under FSDP)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise AdaptkitError(f"{type(model).__name__} does not support gradient checkpointing")
+    # activation_checkpointing_enable from transformers 5 on; gradient_checkpointing_enable before
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
 
 
 def _step(run: Run, step: int) -> tuple[float, float]:
@@ -282,8 +280,7 @@ def _step(run: Run, step: int) -> tuple[float, float]:
     for i, indices in enumerate(micro):
         batch = collate([run.train_set.examples[j] for j in indices], run.tokenizer)
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        sync = run.forward is run.model or i == len(micro) - 1
-        with nullcontext() if sync else run.forward.no_sync():
+        with distributed.syncing(run.forward, i == len(micro) - 1):
             with run.cast():
                 loss = (run.forward(**batch).loss + run.handle.extra_loss()) / len(micro)
             (run.scaler.scale(loss) if run.scaler else loss).backward()
@@ -302,18 +299,7 @@ def _step(run: Run, step: int) -> tuple[float, float]:
     run.scheduler.step()
     run.handle.step_end(step)
     run.optimizer.zero_grad(set_to_none=True)
-    return _mean(run, total), lr
-
-
-def _mean(run: Run, value: float) -> float:
-    if run.world <= 1:
-        return value
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=run.device)
-    dist.all_reduce(t)
-    return float(t.item()) / run.world
+    return distributed.mean(run.world, total, run.device), lr
 
 
 def _evaluate(run: Run) -> dict:
@@ -335,7 +321,8 @@ def _loop(run: Run, callback: Callable | None) -> None:
         loss, lr = _step(run, step)
         record = {"step": step, "epoch": round(step / run.batches.steps_per_epoch, 4), "loss": loss, "lr": lr}
         every = a["eval_every"]
-        if run.eval_set is not None and run.main and (step == run.total or (every and step % every == 0)):
+        evaluates = run.main or _sharded(run)  # a sharded model runs only with every process taking part
+        if run.eval_set is not None and evaluates and (step == run.total or (every and step % every == 0)):
             record.update(_evaluate(run))
         run.elapsed = time.perf_counter() - began
         record["elapsed"] = round(run.elapsed, 3)
@@ -343,6 +330,7 @@ def _loop(run: Run, callback: Callable | None) -> None:
         if run.main:
             with (run.work / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            run.report.log(record, run.work, run.out.name)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if a["save_every"] and step % a["save_every"] == 0:
@@ -351,22 +339,25 @@ def _loop(run: Run, callback: Callable | None) -> None:
             view.step, view.record = step, record
             callback(view)
     bar.close()
+    run.report.close()  # before the run folder is renamed to OUT
+
+
+def _sharded(run: Run) -> bool:
+    return run.world > 1 and run.args["strategy"] == "fsdp"
 
 
 def _checkpoint(run: Run, step: int) -> None:
-    rngs = [checkpoint.rng_state()]
-    if run.world > 1:
-        import torch.distributed as dist
-
-        rngs = [None] * run.world
-        dist.all_gather_object(rngs, checkpoint.rng_state())
-    if run.main:
-        epoch, index = divmod(step, run.batches.steps_per_epoch)
-        info = {"epoch": epoch, "batch": index, "shuffle_seed": run.args["seed"], "elapsed": run.elapsed,
-                "args": _fixed_args(run)}
-        checkpoint.save(run.work, step, handle=run.handle, optimizer=run.optimizer, scheduler=run.scheduler,
-                        scaler=run.scaler, rngs=rngs, info=info, keep=run.args["keep_checkpoints"])
-    _barrier(run)
+    """Checkpoint `step`: the optimizer state as each process holds it (all processes), the rest by rank 0."""
+    rngs = distributed.gather(run.world, checkpoint.rng_state())
+    staged = checkpoint.stage_optimizer(run.work, step, model=run.model, optimizer=run.optimizer, world=run.world)
+    with distributed.whole(run.model, checkpoint.saved_tensors(run.handle)):
+        if run.main:
+            epoch, index = divmod(step, run.batches.steps_per_epoch)
+            info = {"epoch": epoch, "batch": index, "shuffle_seed": run.args["seed"], "elapsed": run.elapsed,
+                    "args": _fixed_args(run)}
+            checkpoint.save(run.work, step, handle=run.handle, optimizer=staged, scheduler=run.scheduler,
+                            scaler=run.scaler, rngs=rngs, info=info, keep=run.args["keep_checkpoints"])
+    distributed.barrier(run.world)
 
 
 def _finish(run: Run) -> dict:
@@ -378,13 +369,14 @@ def _finish(run: Run) -> dict:
               "labels": run.train_set.labels, "steps": run.total, "examples": len(run.train_set),
               "world_size": run.world, "metrics": run.last, "seconds": round(run.elapsed, 3),
               "adaptkit_version": __version__, "args": a}
-    if run.main:
-        staging = run.work / ".adapter"
-        run.handle.save(staging, force=True, format=a.get("format"))
-        for item in staging.iterdir():
-            os.replace(item, run.work / item.name)
-        shutil.rmtree(staging)
-        (run.work / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        checkpoint.finish(run.work, run.out)
-    _barrier(run)
+    with distributed.whole(run.model, checkpoint.saved_tensors(run.handle)):
+        if run.main:
+            staging = run.work / ".adapter"
+            run.handle.save(staging, force=True, format=a.get("format"))
+            for item in staging.iterdir():
+                os.replace(item, run.work / item.name)
+            shutil.rmtree(staging)
+            (run.work / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            checkpoint.finish(run.work, run.out)
+    distributed.barrier(run.world)
     return report

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..io.dtypes import COMPUTE as DTYPES
@@ -102,6 +104,25 @@ def build_model(folder: Path, task: str, *, num_labels: int | None = None, dtype
     keys = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
     new = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
     return model, [m for m in new if not any(m.startswith(o + ".") for o in new)]
+
+
+def load_adapters(model, adapters: Sequence[str | Path], new: Sequence[str] = (), *, allow_pickle: bool = False):
+    """The Adapters handle of `model` with each of `adapters` loaded as adapter0, adapter1, … and all active
+    (None without any). Modules the checkpoint lacked (`new`, from build_model) that no adapter brings
+    keep random weights: warned."""
+    from ..live.adapters import load_adapter
+
+    handle, saved = None, []
+    for i, adapter in enumerate(adapters):
+        handle = load_adapter(model, adapter, name=f"adapter{i}", allow_pickle=allow_pickle)
+        saved += handle.adapters[f"adapter{i}"].saved
+    if handle is not None:
+        handle.set_active(handle.names)
+    missing = [m for m in new if m not in saved]
+    if missing:
+        warnings.warn(f"{', '.join(missing)}: not in the model or its adapters; running with random weights",
+                      stacklevel=3)
+    return handle
 
 
 def _stored_quantizer(folder: Path) -> str | None:

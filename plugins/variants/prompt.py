@@ -12,9 +12,10 @@
 
 They change the model's call (`rewrite_call`), not its weights: there is no ΔW, so merging and
 conversion are refused. Files: PEFT's folder, one tensor `prompt_embeddings`, `task_type` CAUSAL_LM
-(PEFT runs prompts only in its task models); others, encoder-decoder models (two transformer
-submodules) and a call that passes a cache (cached generation) are refused by name. Fresh adapters
-train P (prompt tuning, RANDOM or SAMPLE_VOCAB start) or the prefix table itself (no projection).
+(PEFT runs prompts only in its task models); others and encoder-decoder models (two transformer
+submodules) are refused by name. Cached generation puts the virtual tokens into the cache on its first
+call (`_prompt_cache`). Fresh adapters train P (prompt tuning, RANDOM or SAMPLE_VOCAB start) or the
+prefix table itself (no projection).
 """
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ from typing import TYPE_CHECKING, Any
 from adaptkit.plugin import AdapterFiles, AdaptkitError
 from adaptkit.plugin import validate as v
 
+from ._prompt_cache import continued, continues, pad, prefix_cache
+
 if TYPE_CHECKING:
     import torch
 
 ROLE = "prompt_embeddings"
 SHAPE_KEYS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                         "num_layers"})
-OWN_CACHES = ("bloom", "chatglm", "gemma2", "gemma3_text", "gemma4", "gpt_bigcode")  # PEFT's own prefix caches
+# PEFT's own prefix layouts: post-processed (bloom, chatglm, gpt_bigcode), per-layer shapes (gemma4). Gemma 2 and 3 are
+# not among them: their sliding-window caches keep what a dynamic cache keeps under their masks (equal to PEFT's).
+OWN_CACHES = ("bloom", "chatglm", "gemma4", "gpt_bigcode")
 
 
 class PromptLearning:
@@ -119,18 +124,14 @@ class PromptLearning:
         """X' = [P; E(x)]: inputs_embeds with P in front, mask and labels padded; positions dropped (as PEFT)."""
         import torch
 
-        self.no_cache(kwargs)
+        if continues(self.name, config["num_virtual_tokens"], kwargs):
+            return continued(kwargs, config["num_virtual_tokens"], shift=False)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(kwargs["input_ids"])
         prompts = tensors[ROLE].to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         dropped = {k: None for k in ("input_ids", "position_ids", "token_type_ids") if k in kwargs}
         return {**pad(kwargs, prompts.shape[1]), **dropped, "inputs_embeds": torch.cat([prompts, embeds], dim=1)}
-
-    def no_cache(self, kwargs: dict[str, Any]) -> None:
-        if kwargs.get("past_key_values") is not None:
-            raise AdaptkitError(f"{self.name} runs whole sequences in one call; a call with past_key_values (cached "
-                                "generation) is not supported")
 
     def stored_key(self, role: str, target) -> str:
         return role
@@ -210,31 +211,16 @@ class PrefixTuning(PromptLearning):
     def rewrite_call(self, model, tensors, config: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The cache: the table as (batch, n, layers·2, heads, head_dim), per layer (K, V) of (batch, heads, n,
         head_dim), as PEFT's get_prompt; mask padded, positions shifted by n."""
-        from transformers import DynamicCache
-
-        self.no_cache(kwargs)
+        if continues(self.name, config["num_virtual_tokens"], kwargs):
+            return continued(kwargs, config["num_virtual_tokens"], shift=True)
         given = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         table, n = tensors[ROLE], config["num_virtual_tokens"]
         dtype = model.get_input_embeddings().weight.dtype
         layers, heads, dim = config["num_layers"], config["num_attention_heads"], config["token_dim"]
         kv = table.to(dtype).unsqueeze(0).expand(given.shape[0], -1, -1)
         kv = kv.reshape(given.shape[0], n, layers * 2, heads, dim // heads).permute(2, 0, 3, 1, 4).split(2)
-        kwargs = pad(kwargs, n, labels=False)  # the logits cover the input alone: labels stay
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + n
-        return {**kwargs, "past_key_values": DynamicCache([(k, v) for k, v in kv])}
-
-
-def pad(kwargs: dict[str, Any], n: int, labels: bool = True) -> dict[str, Any]:
-    """The attention mask with n ones in front, labels with n × −100 (the virtual tokens predict nothing)."""
-    import torch
-
-    kwargs = dict(kwargs)
-    for key, fill in (("attention_mask", 1), ("labels", -100))[:2 if labels else 1]:
-        if kwargs.get(key) is not None:
-            t = kwargs[key]
-            kwargs[key] = torch.cat([torch.full((t.shape[0], n), fill, dtype=t.dtype, device=t.device), t], dim=1)
-    return kwargs
+        kwargs = continued(kwargs, n, shift=True)  # as a later call: the logits cover the input alone
+        return {**kwargs, "past_key_values": prefix_cache(kwargs, list(kv))}
 
 
 # inference_mode (PEFT's): the adapter is in its saved form, P itself, with no encoder to train (a loaded file).
