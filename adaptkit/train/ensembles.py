@@ -26,9 +26,9 @@ from typing import Any
 
 from .. import registry
 from ..errors import AdaptkitError
-from .data import IGNORE, collate, detect_task, eval_batches, load_dataset, read_jsonl
-from .evaluation import _label_names, _num_labels, _split_ref, autocast, default_device
-from .models import build_model, load_adapters, load_tokenizer, resolve_base, training_info
+from .data import IGNORE, collate, detect_task, eval_batches, read_jsonl
+from .evaluation import _split_ref, autocast, default_device, model_and_data
+from .models import resolve_base, training_info
 
 MERGE = "merge"  # the name the weight-merged adapter gets on the model
 
@@ -139,7 +139,7 @@ def evaluate_ensemble(model_ref: str | Path, data: str | Path, adapters: Sequenc
     if combine == "vote" and task != "classification":
         raise AdaptkitError("--combine vote is a majority of predicted classes (classification); "
                             "use logits or probs for causal-lm")
-    model, dataset, tokenizer = _model_and_data(base, data, adapters, info, task, max_length, progress, allow_pickle)
+    model, dataset, tokenizer = model_and_data(base, data, adapters, info, task, max_length, progress, allow_pickle)
     note = _merge_into(model, adapters, norm.tolist(), allow_pickle)
     members = [f"adapter{i}" for i in range(len(adapters))] + ([MERGE] if note is None else [])
     device = device or default_device()
@@ -153,21 +153,6 @@ def evaluate_ensemble(model_ref: str | Path, data: str | Path, adapters: Sequenc
                  **({"note": note} if note else {})})
     rows.append({"model": "ensemble", "name": combine, "weight": None, **tallies[-1].result(combine != "vote")})
     return {"task": task, "combine": combine, "weights": norm.tolist(), "examples": len(dataset), "rows": rows}
-
-
-def _model_and_data(base: str, data, adapters: list[str], info: dict | None, task: str, max_length: int,
-                    progress: bool, allow_pickle: bool):
-    """The base model with every adapter loaded (adapter0, adapter1, …), the dataset and the tokenizer."""
-    folder = resolve_base(base)
-    tokenizer = load_tokenizer(folder)
-    names = _label_names(info, folder) if task == "classification" else None
-    dataset = load_dataset(data, tokenizer, task=task, max_length=max_length, labels=names)
-    num_labels = _num_labels(folder, names, dataset) if task == "classification" else None
-    model, new = build_model(folder, task, num_labels=num_labels, progress=progress, allow_pickle=allow_pickle)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    load_adapters(model, adapters, new, allow_pickle=allow_pickle)
-    return model, dataset, tokenizer
 
 
 def _score(runner, dataset, tokenizer, weights, *, batch_size: int, device: str, precision: str,

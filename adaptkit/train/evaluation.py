@@ -128,12 +128,9 @@ def _num_labels(folder: Path, names: list | None, dataset: Dataset) -> int:
     return max(len(dataset.labels or ()), config.get("num_labels", 0) if trained else 0)
 
 
-def evaluate(model_ref: str | Path, data: str | Path, adapters: Sequence[str | Path] = (), *, task: str | None = None,
-             batch_size: int = 8, max_length: int = 512, precision: str = "fp32", device: str | None = None,
-             progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
-    """Evaluate a model (a folder, `org/name[@rev]` or `minilm`) with `adapters` on it, active together."""
-    base, adapters, info = _split_ref(model_ref, adapters, allow_pickle)
-    task = task or (info or {}).get("task") or detect_task(read_jsonl(data))
+def model_and_data(base: str | Path, data, adapters: Sequence[str | Path], info: dict | None, task: str,
+                   max_length: int, progress: bool, allow_pickle: bool):
+    """The base model with `adapters` loaded (active together), the dataset and the tokenizer."""
     folder = resolve_base(base)
     tokenizer = load_tokenizer(folder)
     names = _label_names(info, folder) if task == "classification" else None
@@ -143,6 +140,16 @@ def evaluate(model_ref: str | Path, data: str | Path, adapters: Sequence[str | P
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     load_adapters(model, adapters, new, allow_pickle=allow_pickle)
+    return model, dataset, tokenizer
+
+
+def evaluate(model_ref: str | Path, data: str | Path, adapters: Sequence[str | Path] = (), *, task: str | None = None,
+             batch_size: int = 8, max_length: int = 512, precision: str = "fp32", device: str | None = None,
+             progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
+    """Evaluate a model (a folder, `org/name[@rev]` or `minilm`) with `adapters` on it, active together."""
+    base, adapters, info = _split_ref(model_ref, adapters, allow_pickle)
+    task = task or (info or {}).get("task") or detect_task(read_jsonl(data))
+    model, dataset, tokenizer = model_and_data(base, data, adapters, info, task, max_length, progress, allow_pickle)
     device = device or default_device()
     model.to(device)
     result = evaluate_model(model, dataset, tokenizer, batch_size=batch_size, device=device, precision=precision,
