@@ -333,3 +333,53 @@ def test_minilm_classification_trains_a_new_head(tmp_path):
     assert config["modules_to_save"] == ["classifier"] and report["labels"] == ["pos", "neg"]
     keys = load_file(tmp_path / "m" / "adapter_model.safetensors")
     assert any(k.endswith("classifier.weight") for k in keys) and keys[next(k for k in keys if "classifier.weight" in k)].shape[0] == 2
+
+
+@pytest.mark.parametrize("warmup,total", [(0, 10), (3, 10), (10, 10), (1, 1)])
+def test_schedule_is_transformers_cosine_with_warmup(warmup, total):
+    """Our schedule (adaptkit/train/schedule.py, written out so that PEFT is not imported) gives
+    transformers' get_cosine_schedule_with_warmup learning rates at every step, one past the end
+    included; the formula: lr·t/w during warm-up, then lr·½(1 + cos(π(t − w)/(T − w)))."""
+    import math
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    from adaptkit.train.schedule import cosine_with_warmup
+
+    def rates(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler, seen = make(optimizer), []
+        for _ in range(total + 2):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    ours = rates(lambda o: cosine_with_warmup(o, warmup, total))
+    assert ours == pytest.approx(rates(lambda o: get_cosine_schedule_with_warmup(o, warmup, total)), abs=1e-12)
+    written = [0.5 * t / warmup if t < warmup else
+               0.5 * max(0.0, 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup))))
+               for t in range(total + 2)]
+    assert ours == pytest.approx(written, abs=1e-12)
+
+
+def test_fused_adamw_steps_like_the_default_loop(env, tmp_path):
+    """Training takes torch's fused AdamW (one kernel per tensor, as transformers' Trainer); its
+    steps equal the default implementation's to float tolerance."""
+    seen = []
+    run_with(env, tmp_path, "lora", {"r": 4}, lambda view: seen.append(view.optimizer.defaults["fused"]), steps=1)
+    assert seen and all(seen)
+    torch.manual_seed(0)
+    start = [torch.randn(16, 64), torch.randn(64, 16)]
+    results = []
+    for fused in (None, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, fused=fused)
+        for step in range(5):
+            loss = (params[1] @ params[0]).pow(2).mean() * (step + 1)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -125,6 +125,9 @@ def forward(branch, base_layer, x, result):
         return result + ((scale - 1) * result + scale * lora).to(result.dtype)
     dropped = F.dropout(x, s["dropout"], branch.training) if s["dropout"] else x
     dropped = dropped.to(a.dtype)
+    if "lora_magnitude_vector" not in p and "lora_B_bias" not in p and (
+            a.dtype == result.dtype or torch.is_autocast_enabled(result.device.type)):
+        return _plain(result, F.linear(dropped, a) * s["scaling"], b)
     lora = F.linear(F.linear(dropped, a), b, p["lora_B_bias"] if "lora_B_bias" in p else None) * s["scaling"]
     if "lora_magnitude_vector" not in p:
         return result + lora.to(result.dtype)
@@ -137,6 +140,14 @@ def forward(branch, base_layer, x, result):
     else:
         base = result if bias is None else result - bias
     return result + ((scale - 1) * base + scale * lora).to(result.dtype)
+
+
+def _plain(result: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y + (s·A·x)·Bᵀ as one GEMM: the scale applied to the r-wide hidden, the sum as addmm's β = 1.
+    The usual y + (B·A·x)·s makes three passes over the layer's whole output (a multiply and an add
+    forward, the multiply's gradient backward), which this makes none (tests/test_lora_branch.py)."""
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b.T)
+    return out.view(result.shape)
 
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
