@@ -343,38 +343,52 @@ def test_task_arithmetic_family_matches_mergekit(name, params):
     assert_close(op(name).merge(tensors, base, **params), mergekit(name, tensors, base, **params), **TIGHT)
 
 
-def generators_like_global_rng(seed, shape, densities):
-    """One generator per input, in the state torch's global RNG has when mergekit (seeded with
-    `seed`) draws that input's mask: mergekit draws `bernoulli(full(shape, density))` per input in
-    order, and nothing for density 1."""
-    tracker = torch.Generator().manual_seed(seed)
-    generators = []
-    for density in densities:
-        g = torch.Generator()
-        g.set_state(tracker.get_state())
-        generators.append(g)
-        if density < 1:
-            torch.bernoulli(torch.full(shape, density), generator=tracker)
-    return generators
-
-
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
-def test_dare_l1_matches_mergekit_with_same_masks(name):
+def test_dare_l1_matches_mergekit_given_the_same_masks(monkeypatch, name):
+    """mergekit draws each input's mask with torch.bernoulli(full(shape, density)) from the global
+    generator; handed our masks instead, it gives our merge (default rescale: true, its L1 match)."""
     tensors, base = make(shape=(30, 40))
     params = {"weight": [1.0, 0.5, 0.8], "density": [0.3, 1.0, 0.6]}
-    gens = generators_like_global_rng(1234, base.shape, params["density"])
-    ours = op(name).merge(tensors, base, generators=gens, **params)  # default rescale: true, as mergekit's
-    torch.manual_seed(1234)
+    seeds = [11, 12, 13]
+    ours = op(name).merge(tensors, base, generators=seeded(*seeds), **params)
+    masks = iter([m.float() for m, d in zip(dare_masks(tensors, base, params["density"], seeds), params["density"])
+                  if d < 1])
+    seen = []
+
+    def bernoulli(p, *args, **kwargs):
+        seen.append(p)
+        return next(masks)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
     theirs = mergekit(name, tensors, base, rescale=True, **params)
+    monkeypatch.undo()
+    assert len(seen) == 2 and [float(p.unique()) for p in seen] == pytest.approx([0.3, 0.6])
     assert_close(ours, theirs, **TIGHT)
     assert torch.equal(ours == base, theirs == base)
-    again = op(name).merge(tensors, base, rescale="l1", generators=generators_like_global_rng(1234, base.shape,
-                                                                                           params["density"]), **params)
+    again = op(name).merge(tensors, base, rescale="l1", generators=seeded(*seeds), **params)
     assert torch.equal(again, ours)  # `l1` is the same rule written out
     # `inverse` (the paper's 1/density) is not mergekit's L1 matching.
-    paper = op(name).merge(tensors, base, rescale="inverse",
-                           generators=generators_like_global_rng(1234, base.shape, params["density"]), **params)
+    paper = op(name).merge(tensors, base, rescale="inverse", generators=seeded(*seeds), **params)
     assert not torch.allclose(paper, theirs)
+
+
+def test_dare_masks_keep_density_and_depend_only_on_the_generator():
+    """The masks (`_sparsify.Draws`): kept fraction ≈ density (binomial: within 5σ), the same for
+    the same generator seed, different for another, and the same however the entries are split
+    into blocks of the same sizes on a rerun (restart rewinds)."""
+    from adaptkit_plugins.merges._sparsify import Draws
+
+    n = 1 << 20
+    for density in (0.1, 0.5, 0.9):
+        draws = Draws(torch.Generator().manual_seed(3))
+        first = draws.below(torch.Size([n]), density)
+        sigma = (n * density * (1 - density)) ** 0.5
+        assert abs(int(first.sum()) - density * n) < 5 * sigma
+        draws.restart()
+        assert torch.equal(draws.below(torch.Size([n]), density), first)
+        assert torch.equal(Draws(torch.Generator().manual_seed(3)).below(torch.Size([n]), density), first)
+        assert not torch.equal(Draws(torch.Generator().manual_seed(4)).below(torch.Size([n]), density), first)
+    assert first.dtype == torch.uint8 and set(first.unique().tolist()) <= {0, 1}
 
 
 # ---- half precision, randomness, bad input, registry -------------------------------------------

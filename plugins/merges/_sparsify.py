@@ -6,8 +6,10 @@ outliers and the smallest (Davari & Belilovsky 2023, arXiv 2312.06795).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy
 import torch
 
 from ._select import block_ranges, top_cut
@@ -28,14 +30,14 @@ class Keep:
     the mask kept. (Following that sort's partitions only down to the cut, quickselect-style,
     reproduces its choice exactly, but measured slower than the sort itself on bf16 task vectors,
     whose ~10³ distinct magnitudes make every partition swap half its range: 0.46 s against 0.18 s
-    for 2.9M entries.) Random masks are drawn from the input's generator in block order, and `restart`
-    rewinds it so that every pass over the blocks sees the same masks.
+    for 2.9M entries.) Random masks come from the input's `Draws` in block order, and `restart`
+    rewinds them so that every pass over the blocks sees the same masks.
     """
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
                  gamma: float, generator: torch.Generator | None, tie_break: str = "mergekit"):
-        self.method, self.density, self.generator = method, density, generator
-        self.state = generator.get_state() if method == "random" else None
+        self.method, self.density = method, density
+        self.draws = Draws(generator) if method == "random" else None
         self.whole: torch.Tensor | None = None
         magnitudes = lambda s, e: tau(s, e).abs_().float()  # noqa: E731
         if method == "magnitude":  # mergekit: the max(1, int(density·n)) largest
@@ -54,16 +56,14 @@ class Keep:
                 self.whole = _kept(order[bottom:bottom + kept], n)
 
     def restart(self) -> None:
-        if self.state is not None:
-            self.generator.set_state(self.state)
+        if self.draws is not None:
+            self.draws.restart()
 
     def mask(self, start: int, block: torch.Tensor) -> torch.Tensor:
-        """0/1 mask (float; the block's dtype for magnitude cuts) of the kept entries of a block of τ
-        starting at flat index `start`."""
+        """0/1 mask of the kept entries of a block of τ starting at flat index `start`, to multiply
+        it by (uint8 for random drops, else the block's dtype)."""
         if self.method == "random":
-            # keep = [u < density] from the caller's generator only: no dependence on thread order.
-            u = torch.rand(block.shape, generator=self.generator, dtype=torch.float32)
-            return torch.lt(u, self.density, out=u)  # a float result: see `Cut.mask`
+            return self.draws.below(block.shape, self.density)
         if self.whole is not None:
             return self.whole[start:start + block.numel()].to(block.dtype)
         magnitude = block.abs()
@@ -72,6 +72,27 @@ class Keep:
         for cut, _ in rest:
             mask.sub_(cut.mask(magnitude, start))
         return mask
+
+
+class Draws:
+    """One input's random keep masks, [u < p] for u uniform on 32-bit words of numpy's SFC64,
+    seeded by one draw from the engine's torch generator for that input: the masks depend on
+    (seed, tensor, input) only, never on threads or order. P(keep) = ⌊p·2³²⌋/2³², p to 2⁻³².
+    (Measured on 1M-entry bf16 blocks, one thread: a mask drawn and applied in 1.9 ns per entry,
+    against 5.1 ns with torch.rand, whose CPU generator runs serially; DARE draws each mask twice.)"""
+
+    def __init__(self, generator: torch.Generator):
+        self.seed = int(torch.randint(0, 2**62, (), generator=generator))
+        self.restart()
+
+    def restart(self) -> None:
+        self.bits = numpy.random.SFC64(self.seed)
+
+    def below(self, shape: torch.Size, p: float) -> torch.Tensor:
+        n = math.prod(shape)
+        words = self.bits.random_raw((n + 1) // 2).view(numpy.uint32)[:n]
+        threshold = numpy.uint32(min(int(p * 2**32), 2**32 - 1))
+        return torch.from_numpy(numpy.less(words, threshold).view(numpy.uint8)).view(shape)
 
 
 def _straddles(cut, n: int) -> bool:
@@ -110,7 +131,7 @@ def l1_factor(tau, ranges, keep: Keep) -> torch.Tensor | None:
     for s, e in ranges:
         block = tau(s, e)
         before.append(block.abs())
-        after.append(block.mul_(keep.mask(s, block).to(block.dtype)).abs_())
+        after.append(block.mul_(keep.mask(s, block)).abs_())
     keep.restart()
     before, after = torch.cat(before).sum(), torch.cat(after).sum()
     return None if before < 1e-7 or after < 1e-7 else before / after

@@ -140,7 +140,7 @@ class TaskArithmetic(Operator):
             for i, keep in enumerate(keeps):
                 delta = task_vector(i)(start, stop)
                 if keep is not None:
-                    delta.mul_(keep.mask(start, delta).to(dtype))
+                    delta.mul_(keep.mask(start, delta))
                 if factors[i] is not None:
                     delta.mul_(factors[i])
                 deltas.append(delta)
