@@ -9,10 +9,14 @@ that spreads the model over the processes.
   averaged over the processes (reduce-scatter), as DDP does, so both equal one process with N times
   the accumulation. bf16 runs gather the parameters in bf16 and reduce gradients in float32.
 
+  Tensors several blocks share (VeRA's frozen projections, Tied-LoRA's trained pair) cannot be
+  sharded block by block: they stay whole on every process, outside FSDP, and the trained ones have
+  their gradients averaged over the processes after the step's last backward (`syncing`), as DDP's.
+
 Either way every process reads a disjoint shard of each global batch (data.Batches), and only rank 0
 writes files; what it writes is gathered whole first (`whole`), so the files are those of one process.
-FSDP refuses (`check`) what it would get wrong: tensors several blocks share, and variants whose
-hooks use their tensors outside the sharded forward.
+FSDP refuses (`check`) what it would get wrong: variants whose hooks use their tensors outside the
+sharded forward.
 """
 from __future__ import annotations
 
@@ -92,7 +96,7 @@ def check(handle, strategy: str, world: int) -> None:
     several blocks share; hooks that use the tensors outside the sharded forward)."""
     if world > 1 and strategy == "fsdp":
         _outside_forward(handle)
-        _one_block_each(blocks(handle.model))
+        blocks(handle.model)
 
 
 def wrap(model, strategy: str, world: int, device: str, precision: str):
@@ -119,10 +123,12 @@ def shard(model, precision: str) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     units = blocks(model)
+    shared = _shared(units)
     _shard_packed(model)
     for block in units:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, ignored_params=set(shared) or None)
+    fully_shard(model, mp_policy=policy, ignored_params=set(shared) or None)
+    model._adaptkit_replicated = [p for p in shared if p.requires_grad]  # averaged by `syncing`
 
 
 def _outside_forward(handle) -> None:
@@ -141,15 +147,17 @@ def _outside_forward(handle) -> None:
                                 "outside the sharded forward, where FSDP keeps them sharded; use --strategy ddp")
 
 
-def _one_block_each(units: list) -> None:
-    """FSDP2 shards each block apart, so a tensor several blocks share (an adapter's tensors common to
-    all layers) cannot be sharded: refused by name, before anything is sharded."""
+def _shared(units: list) -> list:
+    """The parameters several blocks share (an adapter's tensors common to all layers), which FSDP2,
+    sharding each block apart, cannot shard: they are left whole on every process (FSDP's ignored_params).
+    In the blocks' order, the same on every process (their gradients are reduced in it)."""
     owner: dict[int, int] = {}
+    shared = {}
     for i, block in enumerate(units):
-        for name, p in block.named_parameters(remove_duplicate=False):
+        for _, p in block.named_parameters(remove_duplicate=False):
             if owner.setdefault(id(p), i) != i:
-                raise AdaptkitError(f"--strategy fsdp: block {i}'s '{name}' is shared with block {owner[id(p)]} (a "
-                                    "tensor common to all layers), and FSDP shards each block apart; use --strategy ddp")
+                shared[id(p)] = p
+    return list(shared.values())
 
 
 def _shard_packed(model) -> None:
@@ -172,13 +180,48 @@ def _shard_packed(model) -> None:
         fully_shard(layer, mp_policy=MixedPrecisionPolicy())
 
 
-def syncing(forward, last: bool):
+@contextmanager
+def syncing(forward, last: bool) -> Iterator[None]:
     """The context of one micro-batch's backward: gradients are averaged over the processes only on
     the last micro-batch of a step (the earlier ones accumulate locally)."""
     if hasattr(forward, "set_requires_gradient_sync"):  # FSDP2: a switch on the root unit
         forward.set_requires_gradient_sync(last)
-        return nullcontext()
-    return forward.no_sync() if not last and hasattr(forward, "no_sync") else nullcontext()
+        yield
+        if last:
+            _average(getattr(forward, "_adaptkit_replicated", ()))
+        return
+    with forward.no_sync() if not last and hasattr(forward, "no_sync") else nullcontext():
+        yield
+
+
+def _average(params) -> None:
+    """The gradients of the tensors FSDP leaves whole (`_shared`), averaged over the processes (a sum
+    divided by the world size: gloo has no average)."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(dist.get_world_size())
+
+
+def clip_grad_norm(params: list, max_norm: float) -> None:
+    """Scale the gradients so that their whole norm (over every process's shards, and the tensors left
+    whole counted once) is at most `max_norm`, as torch's clip_grad_norm_ in one process. torch's
+    own refuses a mix of sharded (DTensor) and whole tensors, which shared tensors under FSDP make."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        squares += norm.double().cpu() ** 2
+    coefficient = max_norm / (float(squares.sqrt()) + 1e-6)
+    if coefficient < 1:
+        for g in grads:
+            g.mul_(coefficient)
 
 
 @contextmanager

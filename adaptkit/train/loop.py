@@ -305,7 +305,8 @@ def _step(run: Run, step: int) -> tuple[float, float]:
         run.scaler.unscale_(run.optimizer)
     if run.args["max_grad_norm"]:
         params = [p for g in run.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, run.args["max_grad_norm"])
+        clip = distributed.clip_grad_norm if _sharded(run) else torch.nn.utils.clip_grad_norm_
+        clip(params, run.args["max_grad_norm"])
     lr = run.optimizer.param_groups[0]["lr"]
     if run.scaler:
         run.scaler.step(run.optimizer)
