@@ -200,7 +200,8 @@ def build_streamed(work: Path, shape: dict) -> dict[str, Path]:
         return paths
     import torch
 
-    from adaptkit.io.writer import ShardedWriter, atomic_output
+    from adaptkit.io.outputs import atomic_output
+    from adaptkit.io.writer import ShardedWriter
 
     layout = llama_layout(shape)
     print(f"building a {sum(_numel(s) for _, s in layout) / 1e6:.0f}M-parameter Llama-shaped base + 3 fine-tunes "

@@ -39,8 +39,14 @@ class ArceeFusion(Operator):
         self.bind(params, len(tensors))
         other = tensors[0]
         scores = importance(other, base)
-        mask = (scores >= threshold(scores)).float()
-        return base + (other - base) * mask
+        cut = threshold(scores)
+        # Memory (issue 15): the float32 mask and sum in blocks into the float32 result, the same operations.
+        out = torch.empty(base.shape, dtype=torch.promote_types(base.dtype, torch.float32))
+        flat, ends, result, flat_scores = base.reshape(-1), other.reshape(-1), out.view(-1), scores.reshape(-1)
+        for s in range(0, flat.numel(), ROW_BLOCK):
+            part = slice(s, s + ROW_BLOCK)
+            torch.add(flat[part], (ends[part] - flat[part]) * (flat_scores[part] >= cut).float(), out=result[part])
+        return out
 
 
 def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -49,8 +55,11 @@ def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     rows_other, rows_base = other.reshape(-1, width), base.reshape(-1, width)
     # Blocks of rows keep the softmax temporaries small; each row's value is the same either way.
     step = max(1, ROW_BLOCK // max(width, 1))
-    kl = torch.cat([row_kl(rows_other[i:i + step], rows_base[i:i + step]) for i in range(0, len(rows_other), step)])
-    return (other - base).abs() * kl.reshape(*other.shape[:-1], 1)
+    scores = torch.empty_like(rows_other, dtype=torch.promote_types(other.dtype, base.dtype))
+    for i in range(0, len(rows_other), step):  # (the product per block too: the same values)
+        one, two = rows_other[i:i + step], rows_base[i:i + step]
+        torch.mul((one - two).abs(), row_kl(one, two), out=scores[i:i + step])
+    return scores.view(other.shape)
 
 
 def row_kl(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -64,8 +73,32 @@ def threshold(scores: torch.Tensor) -> torch.Tensor:
     """Q₂ + 1.5·(Q₃ − Q₁) of the scores, each quartile the ⌊k/4·(n − 1)⌋-th smallest."""
     flat = scores.reshape(-1)
     last = flat.numel() - 1
-    q1, q2, q3 = (torch.kthvalue(flat, k + 1).values for k in (last // 4, last // 2, 3 * last // 4))
+    ranks = (last // 4, last // 2, 3 * last // 4)
+    if flat.element_size() == 2 and not bool(torch.isnan(flat).any()):
+        q1, q2, q3 = smallest(flat, ranks)
+    else:
+        q1, q2, q3 = (torch.kthvalue(flat, k + 1).values for k in ranks)
     return q2 + 1.5 * (q3 - q1)
+
+
+def smallest(flat: torch.Tensor, ranks: tuple[int, ...]) -> list[torch.Tensor]:
+    """The values of 0-based rank `ranks` among the 16-bit floats `flat` sorted ascending, as
+    `torch.kthvalue` gives them, from one histogram of the 2¹⁶ bit patterns (taken in blocks; kthvalue
+    copies the tensor and makes int64 indices, 5 times its memory). The patterns are mapped to keys
+    that sort as the values do: +x keeps its bits, −x becomes −1 − (bits of |x|). (−0 sorts before +0
+    here, equal to kthvalue's value in every comparison.)"""
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for s in range(0, flat.numel(), ROW_BLOCK):
+        bits = flat[s:s + ROW_BLOCK].view(torch.int16).to(torch.int32)
+        keys = torch.where(bits < 0, -1 - (bits & 0x7FFF), bits) + (1 << 15)
+        counts += torch.bincount(keys, minlength=1 << 16)
+    cumulative = counts.cumsum(0)
+    values = []
+    for rank in ranks:
+        key = int(torch.searchsorted(cumulative, rank, right=True)) - (1 << 15)
+        bits = key if key >= 0 else (-1 - key) | 0x8000
+        values.append(torch.tensor(bits - (1 << 16) if bits >= 1 << 15 else bits, dtype=torch.int16).view(flat.dtype))
+    return values
 
 
 ARCEE_FUSION = ArceeFusion()

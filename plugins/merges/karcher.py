@@ -8,6 +8,8 @@ import torch
 
 from ._base import Operator, frozen
 
+BLOCK = 1 << 20  # elements per block of the per-element steps
+
 
 class Karcher(Operator):
     """Uniform Karcher (Fréchet) mean on the unit hypersphere, by fixed-point iteration, per tensor.
@@ -53,39 +55,60 @@ class Karcher(Operator):
 
 
 def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
-    """The uniform Karcher mean of `tensors` (see `Karcher`), in mergekit's order of operations."""
+    """The uniform Karcher mean of `tensors` (see `Karcher`), in mergekit's order of operations.
+
+    Memory (issue 15): the unit vectors are made again from the inputs each time one is needed (the same
+    division, so the same values) instead of kept, and the steps run in place or in blocks over the
+    mean's and the tangent's buffers, with each product's operands in mergekit's order (a float32
+    0-dim factor on the left rounds differently than on the right)."""
     exact = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     norms = [torch.linalg.vector_norm(x.to(exact)) for x in tensors]
-    units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
+
+    def unit(i: int) -> torch.Tensor:
+        x = tensors[i]
+        return torch.zeros_like(x) if norms[i].item() == 0.0 else (x / norms[i]).to(x.dtype)
+
     uniform = 1.0 / len(tensors)
     alphas = [uniform / sum([uniform] * len(valid))] * len(valid)  # renormalized as mergekit does, to the bit
-    units = [units[i] for i in valid]
-    mean = torch.zeros_like(units[0])
-    for alpha, unit in zip(alphas, units):
-        mean += alpha * unit  # (not add_(alpha=): the product is rounded first, as in mergekit)
+    mean = torch.zeros_like(tensors[valid[0]])
+    for alpha, i in zip(alphas, valid):
+        mean += alpha * unit(i)  # (not add_(alpha=): the product is rounded first, as in mergekit)
     mean_norm = torch.linalg.vector_norm(mean.to(exact))
     dtype = mean.dtype
-    mean = units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(dtype)
+    if mean_norm.item() < tol:
+        mean = unit(valid[0])
+    else:
+        torch.div(mean, mean_norm, out=mean)
+    flat = mean.view(-1)
+    blocks = [(s, min(s + BLOCK, flat.numel())) for s in range(0, flat.numel(), BLOCK)]
+    tangent = torch.empty_like(mean)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for alpha, unit in zip(alphas, units):
-            cos = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+        tangent.zero_()
+        for alpha, i in zip(alphas, valid):
+            u = unit(i)
+            cos = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
             omega = torch.arccos(cos)
             if omega.item() < tol:
                 continue
-            tangent += alpha * (omega / torch.sin(omega)) * (unit - cos * mean)
+            step = u.view(-1)
+            for s, e in blocks:  # u − cos·m over u's own buffer
+                step[s:e] -= cos * flat[s:e]
+            tangent += torch.mul(alpha * (omega / torch.sin(omega)), u, out=u)
+            del u, step
         length = torch.linalg.vector_norm(tangent.to(exact))
         if length.item() < tol:
             break
-        mean = (torch.cos(length) * mean + torch.sin(length) * (tangent / length)).to(dtype)
+        first, second, along = torch.cos(length), torch.sin(length), tangent.view(-1)
+        for s, e in blocks:
+            flat[s:e] = (first * flat[s:e] + second * (along[s:e] / length)).to(dtype)
         norm = torch.linalg.vector_norm(mean.to(exact))
         if norm.item() > tol:
-            mean = (mean / norm).to(dtype)
+            torch.div(mean, norm, out=mean)
     scale = sum(uniform * n for n in norms)
-    return scale * mean
+    return torch.mul(scale, mean, out=mean)
 
 
 KARCHER = Karcher()

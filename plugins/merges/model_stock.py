@@ -1,12 +1,15 @@
 """Model Stock: average fine-tuned models and move toward the base by their spread in angle."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ._base import Operator, frozen
+
+BLOCK = 1 << 20  # elements per block (of rows with filter_wise)
 
 
 class ModelStock(Operator):
@@ -33,24 +36,46 @@ class ModelStock(Operator):
         base = self.need_base(base, tensors)
         filter_wise = self.flag("filter_wise", self.bind(params, len(tensors))["filter_wise"])
         shape = base.shape
+        if filter_wise and base.dim() > 1:
+            # Memory (issue 15): one t per row, so blocks of rows go through the whole formula at a time.
+            rows, width = math.prod(shape[:-1]), shape[-1]
+            base, tensors = base.reshape(rows, width), [w.reshape(rows, width) for w in tensors]
+            out = torch.empty_like(base)
+            step = max(1, BLOCK // width)
+            for s in range(0, rows, step):
+                part, ends = base[s:s + step], [w[s:s + step] for w in tensors]
+                t = interpolation_ratio(lambda i: ends[i] - part, len(ends)).unsqueeze(-1)  # noqa: B023
+                out[s:s + step] = mix(t, ends, part)
+            return out.reshape(shape)
+        base, tensors = base.reshape(1, -1), [w.reshape(1, -1) for w in tensors]
         if not filter_wise:
-            base, tensors = base.reshape(-1), [w.reshape(-1) for w in tensors]
-        elif base.dim() == 1:
-            base, tensors = base.unsqueeze(0), [w.unsqueeze(0) for w in tensors]
-        t = interpolation_ratio([w - base for w in tensors]).unsqueeze(-1)
-        average = sum(tensors) / len(tensors)
-        return (t * average + (1 - t) * base).reshape(shape)
+            base, tensors = base[0], [w[0] for w in tensors]
+        # One angle for the whole tensor: only two task vectors exist at a time (each made again when
+        # needed, the same values), and the mix runs in blocks into one buffer.
+        t = interpolation_ratio(lambda i: tensors[i] - base, len(tensors)).unsqueeze(-1)
+        out = torch.empty_like(base)
+        for s in range(0, base.shape[-1], BLOCK):
+            out[..., s:s + BLOCK] = mix(t, [w[..., s:s + BLOCK] for w in tensors], base[..., s:s + BLOCK])
+        return out.reshape(shape)
 
 
-def interpolation_ratio(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Model Stock's t from the mean pairwise cosine of the offsets (along the last axis)."""
+def mix(t: torch.Tensor, tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """t·(1/N)·Σᵢ θᵢ + (1 − t)·θ₀, in mergekit's operations."""
+    average = sum(tensors) / len(tensors)
+    return t * average + (1 - t) * base
+
+
+def interpolation_ratio(offset: Callable[[int], torch.Tensor], count: int) -> torch.Tensor:
+    """Model Stock's t from the mean pairwise cosine of the offsets `offset(i)`, i < count (along the last axis)."""
     cosines = []
-    for i in range(len(offsets)):
-        for j in range(i + 1, len(offsets)):
-            norms = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
-            cosines.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    for i in range(count - 1):
+        first = offset(i)
+        for j in range(i + 1, count):
+            other = offset(j)
+            norms = torch.norm(first, dim=-1) * torch.norm(other, dim=-1)
+            cosines.append(((first * other).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+            del other
     cos = torch.stack(cosines).mean(dim=0)
-    count = len(offsets)
     denominator = 1 + (count - 1) * cos
     # At the singularity there is no finite estimate; keeping the base is the safe choice.
     singular = denominator.abs() < 1e-6

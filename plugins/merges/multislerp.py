@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import reduce
 from typing import Any
 
 import torch
 
 from ._base import Operator, frozen
+
+BLOCK = 1 << 20  # elements per column block of the per-element steps
 
 
 class MultiSlerp(Operator):
@@ -44,33 +47,66 @@ class MultiSlerp(Operator):
             base = self.need_base(base, tensors)
         if len(tensors) == 1:
             return tensors[0].clone()
-        stacked = torch.stack(list(tensors))
-        if base is not None:
-            stacked -= base
-        flat = stacked.view(len(tensors), -1)
-        weights = torch.tensor(weight_values, dtype=stacked.dtype, device=stacked.device)
+        # Memory (issue 15): the unit vectors are made again block by block whenever a step needs them (the
+        # same subtraction and division, so the same values) and every per-element step runs over column
+        # blocks. The reductions mergekit takes over whole rows (norms, ⟨uᵢ, m⟩) stay whole over an (N, n)
+        # buffer, one at a time: with two threads a row summed alone rounds differently from the same row
+        # summed within the (N, n) tensor.
+        count, shape = len(tensors), tensors[0].shape
+        flat = torch.empty(count, tensors[0].numel(), dtype=reduce(torch.promote_types, [t.dtype for t in tensors]))
+        rows = [t.reshape(1, -1) for t in tensors]
+        flat_base = base.reshape(1, -1) if base is not None else None
+        for i, row in enumerate(rows):
+            if flat_base is not None:
+                torch.sub(row, flat_base, out=flat[i:i + 1])
+            else:
+                flat[i:i + 1] = row
+        weights = torch.tensor(weight_values, dtype=flat.dtype, device=flat.device)
         if normalize:
             total = weights.sum()
             if total == 0:
                 raise self.error(f"weights {weight_values} sum to zero; cannot normalize (set normalize_weights: false)")
             weights = weights / total
+        column = weights.view(-1, 1)
+        blocks = [(s, min(s + BLOCK, flat.shape[1])) for s in range(0, flat.shape[1], BLOCK)]
         norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
-        units = flat / (norms + eps)
-        mean = (units * weights.view(-1, 1)).sum(0)
+        divisor = norms + eps
+
+        def units(s: int, e: int) -> torch.Tensor:
+            vectors = torch.cat([row[:, s:e] - flat_base[:, s:e] for row in rows]) if flat_base is not None \
+                else torch.cat([row[:, s:e] for row in rows])
+            return vectors.div_(divisor)  # (in place: the same rounding as flat / (norms + eps))
+
+        mean = flat[0]  # (the task vectors' buffer is reused: row 0 for the mean, the whole for ⟨uᵢ, m⟩)
+        for s, e in blocks:  # Σᵢ over the stacked rows, per element: the same sums in blocks
+            mean[s:e] = (units(s, e) * column).sum(0)
         mean_norm = torch.linalg.vector_norm(mean)
         if mean_norm < eps:
-            if len(tensors) != 2:
+            if count != 2:
                 raise self.error("the weighted mean of the inputs' directions is zero (antipodal inputs with "
                                  "balancing weights); change the weights")
-            out = (stacked[0] * weights[0] + stacked[1] * weights[1]).view(stacked.shape[1:])
+            del mean, flat
+            vectors = [t - base if base is not None else t for t in tensors]
+            out = (vectors[0] * weights[0] + vectors[1] * weights[1]).view(shape)
             return out + base if base is not None else out
         mean = mean / mean_norm
-        tangents = units - (units * mean).sum(-1, keepdim=True) * mean
-        step = (tangents * weights.view(-1, 1)).sum(0)
+        for s, e in blocks:
+            torch.mul(units(s, e), mean[s:e], out=flat[:, s:e])
+        dots = flat.sum(-1, keepdim=True)
+        del flat
+        step = torch.empty_like(mean)
+        for s, e in blocks:
+            torch.sum((units(s, e) - dots * mean[s:e]) * column, 0, out=step[s:e])
         length = torch.linalg.vector_norm(step) + eps
-        out = mean * torch.cos(length) + step * (torch.sin(length) / length)
-        out = (out * (norms.squeeze(-1) * weights).sum()).view(stacked.shape[1:])
-        return out + base if base is not None else out
+        cos, sin = torch.cos(length), torch.sin(length) / length
+        scale = (norms.squeeze(-1) * weights).sum()
+        for s, e in blocks:  # the result over the mean's buffer
+            out = (mean[s:e] * cos + step[s:e] * sin) * scale
+            if flat_base is not None:
+                torch.add(out, flat_base[0, s:e], out=mean[s:e])
+            else:
+                mean[s:e] = out
+        return mean.view(shape)
 
 
 MULTISLERP = MultiSlerp()

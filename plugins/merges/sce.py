@@ -1,28 +1,37 @@
 """SCE: select by variance, calculate matrix-level weights, erase sign conflicts (FuseChat)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ._base import Operator, frozen
 
+BLOCK = 1 << 20  # elements per column block of the per-position steps
 
-def select_mask(tvs: torch.Tensor, fraction: float) -> torch.Tensor:
+
+def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int, int]], fraction: float,
+                dtype: torch.dtype) -> torch.Tensor:
     """1 at the ⌊fraction·k⌋ positions of largest variance across the inputs (k: positions whose
-    variance is not 0), else 0; in the task vectors' dtype. Counted and picked as mergekit does."""
-    var = torch.var(tvs, dim=0, unbiased=False)
+    variance is not 0), else 0; flat, in the task vectors' dtype. Counted and picked as mergekit does;
+    the variances (per position) over blocks `tvs(start, stop)` of the (N, n) task vectors. (The top-k
+    copies its input as (value, index) pairs: 16 bytes an entry, the peak of an SCE merge.)"""
+    var = torch.empty(blocks[-1][1], dtype=dtype)  # (not a torch.cat of the blocks: an extra copy)
+    for s, e in blocks:
+        torch.var(tvs(s, e), dim=0, unbiased=False, out=var[s:e])
     k = int(torch.count_nonzero(var) * fraction)
-    mask = torch.zeros_like(var)
-    if k > 0:
-        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
-    return mask
+    if k == 0:
+        return torch.zeros_like(var)
+    indices = torch.topk(var.abs_(), k=k, largest=True).indices  # (abs in place: the same values)
+    del var  # (before the mask is made: not one more tensor at the peak)
+    return torch.zeros(blocks[-1][1], dtype=dtype).index_fill_(0, indices, 1)
 
 
-def matrix_weights(tvs: torch.Tensor) -> torch.Tensor:
-    """ηᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²); uniform where that sum is below 1e-6 (mergekit's guard)."""
-    weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+def matrix_weights(squares: torch.Tensor) -> torch.Tensor:
+    """ηᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²) from the squares (N, ...); uniform where that sum is below 1e-6
+    (mergekit's guard)."""
+    weights = squares.reshape(squares.shape[0], -1).mean(dim=1)
     total = torch.sum(weights).item()
     if abs(total) < 1e-6:
         return torch.ones_like(weights) / weights.shape[0]
@@ -56,14 +65,34 @@ class SelectCalculateErase(Operator):
         fraction = self.real("select_topk", bound["select_topk"])
         if not 0 < fraction <= 1:
             raise self.error(f"select_topk must be a fraction in (0, 1], got {fraction}")
-        tvs = torch.stack([t - base for t in tensors], dim=0)
-        if fraction < 1:
-            tvs = tvs * select_mask(tvs, fraction).unsqueeze(0)
-        elected = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
-        agree = tvs.sign() == elected
-        weights = matrix_weights(tvs).view(-1, *[1] * (tvs.dim() - 1))
-        erased = weights * agree
-        return base + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+        # Memory (issue 15): the task vectors are made again block by block whenever needed (the same
+        # subtraction, so the same values) and every per-position step runs over column blocks; only
+        # the reductions mergekit takes whole stay whole: the top-k of the variances (its choice among
+        # tied variances is its own) and the mean squares, over one (N, n) buffer.
+        flat_base, inputs = base.reshape(1, -1), [t.reshape(1, -1) for t in tensors]
+        blocks = [(s, min(s + BLOCK, base.numel())) for s in range(0, base.numel(), BLOCK)]
 
+        def tvs(s: int, e: int) -> torch.Tensor:
+            return torch.cat([t[:, s:e] - flat_base[:, s:e] for t in inputs])
+
+        dtype = torch.promote_types(base.dtype, tensors[0].dtype)
+        mask = select_mask(tvs, blocks, fraction, dtype) if fraction < 1 else None
+
+        def masked(s: int, e: int) -> torch.Tensor:
+            return tvs(s, e) * mask[s:e].unsqueeze(0) if mask is not None else tvs(s, e)
+
+        squares = torch.empty(len(inputs), base.numel(), dtype=dtype)
+        for s, e in blocks:
+            squares[:, s:e] = masked(s, e)
+        weights = matrix_weights(squares.square_()).view(-1, 1)
+        del squares
+        out = torch.empty(base.numel(), dtype=weights.dtype)
+        for s, e in blocks:
+            block = masked(s, e)
+            elected = (block.sum(dim=0) >= 0).to(block.dtype) * 2 - 1
+            erased = weights * (block.sign() == elected)
+            torch.add(flat_base[0, s:e], (block * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6),
+                      out=out[s:e])
+        return out.view(base.shape)
 
 SCE = SelectCalculateErase()
