@@ -458,7 +458,7 @@ def quantized(method: str, victim: str, change):
 
 UNPACKING = [
     ("cut-code-table", quantized("nf4", "layer.weight.quant_map", lambda t: t[:4].clone()),
-     "cannot unpack 'layer.weight' from its packed tensors (IndexError"),
+     "cannot unpack 'layer.weight': nf4: weight.quant_map has 4 values, a 4-bit code has 16"),
     ("float-quant-state", quantized("nf4", "layer.weight.quant_state.bitsandbytes__nf4", lambda t: t.double()),
      "cannot unpack 'layer.weight' from its packed tensors (TypeError"),
     ("float-shape", quantized("binary", "layer.weight.shape", lambda t: t.double()),

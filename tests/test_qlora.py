@@ -15,7 +15,8 @@ from adaptkit import registry
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
 from adaptkit.quant.quantized import QuantizedLinear, fake_quantize, load_quantized, quantize_model
-from text_models import bert_dir, counting, llama_dir, sentiment, write_jsonl
+from builders import tiny_llama
+from text_models import bert_dir, counting, llama_dir, sentiment, vocab_size, write_jsonl
 
 QUANTIZERS = registry.names("quantizer")
 
@@ -402,7 +403,7 @@ def test_a_bitsandbytes_quantization_config_is_dropped_from_unpacked_outputs(qua
         assert ("quantization_config" in json.loads((out / "config.json").read_text())) is kept
 
 
-def test_a_checkpoint_bitsandbytes_saved_through_transformers_loads_exactly(env, tmp_path):
+def test_a_checkpoint_bitsandbytes_saved_through_transformers_loads_exactly(tmp_path):
     """transformers + bitsandbytes quantize on load (NF4, double quantization) and save; our loader
     takes those packed layers as they are and gives the same logits; QLoRA trains on it."""
     import warnings
@@ -413,12 +414,20 @@ def test_a_checkpoint_bitsandbytes_saved_through_transformers_loads_exactly(env,
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
+    # rows of whole blocks: on AVX-512 CPUs bitsandbytes 0.50's C kernel unpacks other rows wrongly
+    # (see _fourbit_unpack.py), and the shared test model's rows are 32 wide
+    wide = tmp_path / "wide"
+    tiny_llama(0, hidden_size=64, intermediate_size=128, vocab_size=vocab_size(), bos_token_id=2, eos_token_id=3,
+               pad_token_id=0).save_pretrained(wide)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = AutoModelForCausalLM.from_pretrained(env["llama"], quantization_config=config, dtype=torch.float32,
+        theirs = AutoModelForCausalLM.from_pretrained(wide, quantization_config=config, dtype=torch.float32,
                                                       device_map="cpu")  # bitsandbytes' CPU kernel, as ours
     theirs.save_pretrained(tmp_path / "bnb")
     ours, _ = build_model(tmp_path / "bnb", "causal-lm")
+    # on CPUs with AVX512-BF16, bitsandbytes' eval-mode forward repacks layers for another kernel (other
+    # sums); in training mode it unpacks and multiplies as adaptkit does (no dropout here: eval logits)
+    theirs.train()
     layer = ours.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantizedLinear) and layer.method == "nf4_dq"
     with torch.no_grad():

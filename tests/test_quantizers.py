@@ -47,6 +47,39 @@ def test_4bit_identical_to_bitsandbytes(shape, name, dtype):
     assert torch.equal(mine, ref.reshape(t.shape))
 
 
+@pytest.mark.parametrize("shape", [(96, 80), (7, 9, 11), (1000,)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_4bit_unpacking_paths_agree(shape, quant_type, blocksize, dtype):
+    """bitsandbytes' C kernel (used on the CPU when installed) and adaptkit's torch ops give the same
+    bytes, and both the formula written out: code[nibble] · absmax in float32, rounded once."""
+    from adaptkit_plugins.quantizers._fourbit_unpack import _kernel, unpack
+    from adaptkit_plugins.quantizers.fourbit import FourBit, code_values
+
+    assert _kernel() is not None  # bitsandbytes is a test dependency
+    torch.manual_seed(blocksize)
+    t = (torch.randn(shape) * 3).to(dtype)
+    packed = FourBit("x", quant_type, blocksize=blocksize).quantize(t)
+    data, absmax, code = packed["weight"].reshape(-1), packed["weight.absmax"], code_values(quant_type)
+    args = (data, code, True, absmax, list(shape), blocksize, quant_type, dtype)
+    native, torch_ops = unpack(*args), unpack(*args, native=False)
+    nibbles = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:t.numel()].long()
+    formula = (code[nibbles] * absmax.repeat_interleave(blocksize)[:t.numel()]).to(dtype).reshape(shape)
+    assert native.dtype == torch_ops.dtype == dtype
+    assert torch.equal(native, formula) and torch.equal(torch_ops, formula)
+
+
+def test_4bit_own_code_takes_the_torch_path():
+    """A file whose quant_map is not the standard code is unpacked with that code (bitsandbytes'
+    kernel would silently use its own table)."""
+    t = torch.randn(64, 64)
+    packed = q("nf4").quantize(t)
+    standard = q("nf4").dequantize(packed)
+    packed["weight.quant_map"] = packed["weight.quant_map"] * 0.5
+    assert torch.equal(q("nf4").dequantize(packed), standard * 0.5)
+
+
 @pytest.mark.parametrize("name", ["nf4", "fp4"])
 def test_4bit_formula(name):
     """Codes written out: per block of 64, nearest code value of x / absmax; high nibble first."""

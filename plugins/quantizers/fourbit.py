@@ -200,6 +200,8 @@ class FourBit:
         elif absmax.dtype == torch.uint8:
             raise AdaptkitError(f"{self.name}: absmax is 8-bit but weight.nested_absmax is missing")
         code = packed["weight.quant_map"].float() if "weight.quant_map" in packed else code_values(state["quant_type"])
+        if code.numel() != 16:
+            raise AdaptkitError(f"{self.name}: weight.quant_map has {code.numel()} values, a 4-bit code has 16")
         shape, b, n = state["shape"], state["blocksize"], math.prod(state["shape"])
         data = packed["weight"].reshape(-1).view(torch.uint8)  # codes in any storage dtype: its bytes
         if data.numel() * 2 < n or absmax.numel() != -(n // -b):
@@ -208,21 +210,9 @@ class FourBit:
         if data.is_cuda and importlib.util.find_spec("triton"):  # one fused kernel, same arithmetic
             from ._fourbit_triton import unpack
             return unpack(data, code, absmax, n, b, dtype).reshape(shape)
-        # one lookup per byte: row k of `pairs` is (code[k >> 4], code[k & 15]); float32 products
-        # rounded once to the stored dtype; on the CPU in chunks (no whole float32 copy is held)
-        pairs, scale = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1), absmax.float()
-        out = torch.empty(n, dtype=dtype, device=data.device)
-        step = CHUNK_BLOCKS * b if data.device.type == "cpu" else n + (n % 2)
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            values = pairs.index_select(0, data[start // 2:(stop + 1) // 2].int()).reshape(-1)[: stop - start]
-            full = (stop - start) - (stop - start) % b
-            # product and rounding to the stored dtype in one pass, straight into the output
-            torch.mul(values[:full].view(-1, b), scale[start // b: (start + full) // b, None],
-                      out=out[start:start + full].view(-1, b))
-            if full < stop - start:
-                torch.mul(values[full:], scale[-1], out=out[start + full:stop])
-        return out.reshape(shape)
+        from ._fourbit_unpack import unpack
+        standard = torch.equal(code, code_values(state["quant_type"]))
+        return unpack(data[:(n + 1) // 2], code, standard, absmax, shape, b, state["quant_type"], dtype)
 
     def unpacked_shape(self, shapes, read) -> tuple[int, ...]:  # from the quant-state JSON alone
         return tuple(self.state({self.state_key: read(self.state_key)})["shape"])
