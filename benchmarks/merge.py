@@ -94,7 +94,7 @@ JOBS = {
 }
 METHODS = tuple(JOBS)
 RANDOM = {"dare_ties", "dare_linear", "della"}
-TIE_BREAK = {"ties", "breadcrumbs"}  # also run with `tie_break: index` (an adaptkit addition)
+TIE_BREAK = {"ties", "breadcrumbs", "sce"}  # also run with `tie_break: index` (an adaptkit addition)
 # Issue 15's targets: wall ≤ 1/4 of mergekit's for every method (1/10 was the older target for TIES/DARE).
 TIME_TARGET = {m: 1 / 4 for m in METHODS}
 RSS_TARGET = 1 / 2
@@ -266,8 +266,9 @@ def mergekit_cmd(recipe: Path, out: Path, *extra: str) -> list[str]:
 
 def adaptkit_cmd(*args: str) -> list[str]:
     # adaptkit's CLI imports torch and the merge engine when the merge command runs: import them
-    # first so that "work" excludes imports for adaptkit as it does for mergekit.
-    return stamped("import adaptkit.merge\nfrom adaptkit.cli import main", ["adaptkit", "--quiet", *args],
+    # first so that "work" excludes imports for adaptkit as it does for mergekit (`adaptkit.merge`
+    # alone no longer imports torch: before 2026-12-04 adaptkit's "work" included torch's ~1.8 s).
+    return stamped("import adaptkit.merge.engine\nfrom adaptkit.cli import main", ["adaptkit", "--quiet", *args],
                    "sys.exit(main())")
 
 
@@ -556,7 +557,9 @@ def mergekit_job(method: str, paths: dict[str, Path], runs: int, tag: str) -> li
     rows = [Row(method, peer, ours, compare(peer_out, our_out, paths["base"]))]
     if method in TIE_BREAK:
         indexed = recipe.with_name(f"{method}-index.yaml")
-        indexed.write_text(recipe.read_text() + "parameters:\n  tie_break: index\n")
+        text = recipe.read_text()  # under the recipe's own `parameters:` block where it has one
+        indexed.write_text(text.replace("\nparameters:\n", "\nparameters:\n  tie_break: index\n") if "\nparameters:\n" in text
+                           else text + "parameters:\n  tie_break: index\n")
         print(f"  {method} (tie_break: index): adaptkit ...", end="", flush=True)
         ours = run_tool("adaptkit", adaptkit_cmd("merge", str(indexed), "-o", str(our_out), "--force"), our_out, runs)
         print(f" {ours.seconds:.1f} s; comparing ...", flush=True)

@@ -211,14 +211,15 @@ def test_della_at_density_one_is_ties_without_trimming():
 # ---- SCE ------------------------------------------------------------------------------------
 
 
-def sce_formula(x, b, fraction):
-    """FuseChat's SCE in float64: select by variance, weights ∝ mean τ², erase sign conflicts."""
+def sce_formula(x, b, fraction, lowest_index_first=False):
+    """FuseChat's SCE in float64: select by variance, weights ∝ mean τ², erase sign conflicts (tied
+    variances at the cut: torch's unstable order as mergekit, or the lowest indices first)."""
     taus = [xi - b for xi in x]
     if fraction < 1:
         var = torch.stack(taus).var(dim=0, unbiased=False)
         k = int((var != 0).sum().item() * fraction)
         keep = torch.zeros(var.numel(), dtype=torch.bool)
-        keep[torch.argsort(var.reshape(-1), descending=True)[:k]] = True
+        keep[torch.sort(var.reshape(-1), descending=True, stable=lowest_index_first).indices[:k]] = True
         taus = [t * keep.reshape(var.shape) for t in taus]
     energy = [t.square().mean().item() for t in taus]
     eta = [e / sum(energy) for e in energy]
@@ -247,6 +248,23 @@ def test_sce_formula(fraction):
     tensors, base = make(changed=0.5)
     out = op("sce").merge(tensors, base, select_topk=fraction)
     assert_close(out.double(), sce_formula([t.double() for t in tensors], base.double(), fraction), **TIGHT)
+
+
+def test_sce_tie_break_index_keeps_tied_variances_lowest_index_first_without_topk(monkeypatch):
+    """tie_break: index — of the positions whose variance ties at the cut, the first in flat order are
+    kept (the formula above with a stable sort); torch.topk's whole copy never runs; on data without
+    ties the bytes are the default's (mergekit's)."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(30, 40)
+    tensors = [torch.randint(-2, 3, (30, 40), generator=g).double() for _ in range(3)]  # few variances: ties
+    with monkeypatch.context() as m:
+        m.setattr(torch, "topk", lambda *a, **k: pytest.fail("torch.topk ran"))
+        out = op("sce").merge(tensors, base.double(), select_topk=0.3, tie_break="index")
+    assert_close(out, sce_formula(tensors, base.double(), 0.3, lowest_index_first=True), **TIGHT)
+    assert not torch.equal(out, op("sce").merge(tensors, base.double(), select_topk=0.3))  # ties were cut
+    plain, plain_base = make(changed=0.5)
+    assert torch.equal(op("sce").merge(plain, plain_base, select_topk=0.3, tie_break="index"),
+                       op("sce").merge(plain, plain_base, select_topk=0.3))
 
 
 # ---- RAM ------------------------------------------------------------------------------------
@@ -320,7 +338,8 @@ def test_matches_mergekit_bytes(name, params, dtype):
 @pytest.mark.parametrize("name", ["sce", "ram", "ramplus_tl"])
 def test_params_match_mergekit(name):
     spec = mk_registry.get(name).spec
-    assert dict(op(name).params) == {p.name: p.default for p in spec.parameters}
+    ours = {k: v for k, v in op(name).params.items() if k != "tie_break"}  # tie_break: an addition (SCE)
+    assert ours == {p.name: p.default for p in spec.parameters}
     assert not op(name).per_model and all(p.scope == ParameterScope.SHARED for p in spec.parameters)
 
 
@@ -338,6 +357,7 @@ BAD = [
     ("sce", {"select_topk": 0.0}, "select_topk must be a fraction in \\(0, 1\\]"),
     ("sce", {"select_topk": 1.5}, "select_topk"),
     ("sce", {"int8_mask": "yes"}, "int8_mask"),
+    ("sce", {"select_topk": 0.5, "tie_break": "random"}, "tie_break must be 'mergekit'"),
     ("sce", {"weight": 1.0}, "unknown parameter 'weight'"),
     ("ram", {"epsilon": -1e-5}, "epsilon .* must be ≥ 0"),
     ("ramplus_tl", {"alpha": -0.2}, "alpha .* must be ≥ 0"),

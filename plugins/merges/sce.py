@@ -7,22 +7,32 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen
+from ._select import block_ranges, top_cut
 
 BLOCK = 1 << 20  # elements per column block of the per-position steps
 
 
 def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int, int]], fraction: float,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, tie_break: str = "mergekit") -> torch.Tensor:
     """1 at the ⌊fraction·k⌋ positions of largest variance across the inputs (k: positions whose
     variance is not 0), else 0; flat, in the task vectors' dtype. Counted and picked as mergekit does;
-    the variances (per position) over blocks `tvs(start, stop)` of the (N, n) task vectors. (The top-k
-    copies its input as (value, index) pairs: 16 bytes an entry, the peak of an SCE merge.)"""
+    the variances (per position) over blocks `tvs(start, stop)` of the (N, n) task vectors. Of the
+    positions whose variance equals the cut's, `tie_break` "mergekit" keeps those torch.topk keeps
+    (its copy of the input as (value, index) pairs, 16 bytes an entry, is the peak of an SCE merge),
+    "index" the lowest flat indices first (an exact radix select over blocks: no copy)."""
     var = torch.empty(blocks[-1][1], dtype=dtype)  # (not a torch.cat of the blocks: an extra copy)
     for s, e in blocks:
         torch.var(tvs(s, e), dim=0, unbiased=False, out=var[s:e])
     k = int(torch.count_nonzero(var) * fraction)
     if k == 0:
         return torch.zeros_like(var)
+    if tie_break == "index":
+        # variances are ≥ 0 (|var| = var); top_cut works in place on what `blocks` gives: a copy
+        cut = top_cut(lambda s, e: var[s:e].to(torch.float32, copy=True), var.numel(), k)
+        mask = torch.empty_like(var)
+        for s, e in block_ranges(var.numel()):
+            mask[s:e] = cut.mask(var[s:e].float(), s)
+        return mask
     indices = torch.topk(var.abs_(), k=k, largest=True).indices  # (abs in place: the same values)
     del var  # (before the mask is made: not one more tensor at the peak)
     return torch.zeros(blocks[-1][1], dtype=dtype).index_fill_(0, indices, 1)
@@ -46,7 +56,9 @@ class SelectCalculateErase(Operator):
     calculate: ηᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²) per tensor; erase: s = sign Σᵢ τᵢ (a tie elects +),
     mᵢ = [sign τᵢ = s] (0 where τᵢ = 0); θ = θ₀ + Σᵢ ηᵢ·mᵢ·τᵢ / max(Σᵢ ηᵢ·mᵢ, 10⁻⁶).
     Parameters as mergekit's: `select_topk` (default 1: no selection; a fraction in (0, 1]),
-    `int8_mask` (mergekit's mask storage: it changes no number); a per-model `weight`, which
+    `int8_mask` (mergekit's mask storage: it changes no number), `tie_break` (an addition: "index"
+    keeps the variances tied at the cut lowest index first, without torch.topk's 16-byte-an-entry
+    copy; the default "mergekit" keeps the ones torch.topk keeps); a per-model `weight`, which
     mergekit accepts and ignores, is ignored with a warning. Computed in the dtype the tensors
     come in, in mergekit's order of operations, so that a recipe gives mergekit's bytes. As in
     mergekit, the weights are uniform when Σⱼ mean(τⱼ²) < 10⁻⁶ (tensors barely changed).
@@ -54,7 +66,7 @@ class SelectCalculateErase(Operator):
     """
 
     name = "sce"
-    params = frozen({"int8_mask": False, "select_topk": 1.0})
+    params = frozen({"int8_mask": False, "select_topk": 1.0, "tie_break": "mergekit"})
     ignored_params = frozenset({"weight"})  # mergekit's own sce recipes give weights it does not use
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
@@ -65,6 +77,9 @@ class SelectCalculateErase(Operator):
         fraction = self.real("select_topk", bound["select_topk"])
         if not 0 < fraction <= 1:
             raise self.error(f"select_topk must be a fraction in (0, 1], got {fraction}")
+        if bound["tie_break"] not in ("mergekit", "index"):
+            raise self.error(f"tie_break must be 'mergekit' (keep the tied variances torch.topk keeps, as "
+                             f"mergekit) or 'index' (lowest index first), got {bound['tie_break']!r}")
         # Memory (issue 15): the task vectors are made again block by block whenever needed (the same
         # subtraction, so the same values) and every per-position step runs over column blocks; only
         # the reductions mergekit takes whole stay whole: the top-k of the variances (its choice among
@@ -76,7 +91,7 @@ class SelectCalculateErase(Operator):
             return torch.cat([t[:, s:e] - flat_base[:, s:e] for t in inputs])
 
         dtype = torch.promote_types(base.dtype, tensors[0].dtype)
-        mask = select_mask(tvs, blocks, fraction, dtype) if fraction < 1 else None
+        mask = select_mask(tvs, blocks, fraction, dtype, bound["tie_break"]) if fraction < 1 else None
 
         def masked(s: int, e: int) -> torch.Tensor:
             return tvs(s, e) * mask[s:e].unsqueeze(0) if mask is not None else tvs(s, e)
