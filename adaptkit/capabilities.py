@@ -174,7 +174,9 @@ class ParamGroups(Protocol):
 
 @runtime_checkable
 class StepEnd(Protocol):
-    """Runs after each optimizer step (from 1): moving base weights or rank budgets."""
+    """Runs after each optimizer step (from 1): moving base weights or rank budgets. A variant whose
+    `moves_base_weight` option is true moves each layer's W from that layer's own tensors: on a
+    sharded model it is called one layer at a time (only that layer's W gathered whole)."""
     def on_step_end(self, layers: list, config: Mapping[str, Any], step: int) -> None: ...
 
 

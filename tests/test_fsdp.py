@@ -28,10 +28,14 @@ STEPS = 3
 # the whole gradient's, not one process's shard's
 COMMON = dict(lr=3e-2, batch_size=3, max_steps=STEPS, max_grad_norm=0.1, progress=False)
 # case -> (variant, settings, other options); qlora: the packed NF4 base split across the processes as stored
-# vera, tied_lora: tensors every block shares (frozen for VeRA, trained for Tied-LoRA) stay whole on each process
+# vera, tied_lora: tensors every block shares (frozen for VeRA, trained for Tied-LoRA) stay whole on each process;
+# adalora (budget masked at step 2, orthogonality loss every step), delta_lora (W moved after steps 2 and 3):
+# hooks between steps that see whole tensors and write their changes back into the shards
 CASES = {"lora": ("lora", dict(r=4), {}), "dora": ("lora", dict(r=4, use_dora=True), {}),
          "qlora": ("lora", dict(r=4), {"quantize": "nf4"}), "vera": ("vera", dict(r=8), {}),
-         "tied_lora": ("tied_lora", dict(r=4), {})}
+         "tied_lora": ("tied_lora", dict(r=4), {}),
+         "adalora": ("adalora", dict(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=STEPS), {}),
+         "delta_lora": ("delta_lora", dict(r=4, start_step=1), {})}
 RANK_1 = """import json, sys
 import torch.distributed as dist
 from adaptkit.cli import cli
@@ -124,7 +128,7 @@ def evaluating(case: str, env) -> dict:
 @pytest.fixture(scope="module")
 def two_processes(env, one_process):
     """Each case in two FSDP processes, then (1 -> 2) the LoRA case resumed in two processes from the
-    one-process checkpoint at step 2, then a Delta-LoRA run FSDP refuses; {run: (out folder, rank 0's report or
+    one-process checkpoint at step 2, then a prompt-tuning run FSDP refuses; {run: (out folder, rank 0's report or
     {"error": its line}, (bytes held, bytes whole))}, and rank 1's stderr."""
     import torch.distributed as dist
 
@@ -134,7 +138,7 @@ def two_processes(env, one_process):
             for case, (variant, settings, options) in CASES.items()}
     runs["resumed"] = (env["root"] / "resumed-two", {"settings": CASES["lora"][1], "save_every": 2, "resume": True},
                        "lora")
-    runs["refused"] = (env["root"] / "refused", {"settings": {"r": 4}}, "delta_lora")  # W updated between steps
+    runs["refused"] = (env["root"] / "refused", {"settings": {"num_virtual_tokens": 4}}, "prompt_tuning")
     shutil.copytree(one_process["lora"] / "checkpoints" / "step-2",
                     env["root"] / ".resumed-two.training" / "checkpoints" / "step-2")
     rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -211,7 +215,7 @@ def test_one_process_checkpoint_resumes_in_two(one_process, two_processes):
 
 def test_a_refused_run_fails_in_one_line_on_every_process_and_leaves_nothing(env, two_processes):
     out, report, _ = two_processes["refused"]
-    assert report["error"].startswith("--strategy fsdp: the delta_lora adapter's on_step_end") and \
+    assert report["error"].startswith("--strategy fsdp: the prompt_tuning adapter's rewrite_call") and \
         "use --strategy ddp" in report["error"]
     assert f"error: {report['error']}\n" in two_processes["rank 1"]
     codes = [0] * (len(CASES) + 1) + [1]  # every case, the resumed run, then the refused one
@@ -302,17 +306,15 @@ def test_bf16_gathers_blocks_in_bf16_and_packed_tensors_as_stored(env, group_of_
 
 
 REFUSED = {  # variant -> (settings, the error)
-    "adalora": (dict(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=4),
-                r"adalora adapter's extra_loss and on_step_end"),
-    "delta_lora": (dict(r=4), r"delta_lora adapter's on_step_end use its tensors outside the sharded forward"),
-    "prompt_tuning": (dict(num_virtual_tokens=4), r"prompt_tuning adapter's rewrite_call use its tensors outside"),
+    "prompt_tuning": (dict(num_virtual_tokens=4), r"prompt_tuning adapter's rewrite_call uses its tensors outside"),
+    "prefix_tuning": (dict(num_virtual_tokens=4), r"prefix_tuning adapter's rewrite_call uses its tensors outside"),
 }
 
 
 @pytest.mark.parametrize("variant", sorted(REFUSED))
 def test_variants_fsdp_cannot_shard_are_refused(variant, env):
-    """Hooks that use the tensors between steps (where they are sharded): refused in one line, before
-    anything is sharded or written."""
+    """A rewrite of the model's call uses the tensors before the sharded forward gathers them: refused in
+    one line, before anything is sharded or written."""
     from transformers import AutoModelForCausalLM
 
     import adaptkit
@@ -321,8 +323,7 @@ def test_variants_fsdp_cannot_shard_are_refused(variant, env):
 
     settings, message = REFUSED[variant]
     model = AutoModelForCausalLM.from_pretrained(env["llama"])
-    targets = {} if variant == "prompt_tuning" else {"target_modules": "all-linear"}
-    handle = adaptkit.inject(model, variant, **targets, **settings)
+    handle = adaptkit.inject(model, variant, **settings)
     with pytest.raises(AdaptkitError, match=rf"^--strategy fsdp: .*{message}.*; use --strategy ddp$"):
         check(handle, "fsdp", 2)
     check(handle, "ddp", 2)  # DDP keeps whole models: nothing to refuse

@@ -52,6 +52,9 @@ class Adapters:
         self.model = model
         self.adapters: dict[str, Adapter] = {}
         self.active: list[str] = []
+        # set by a sharded training run: (modules, autograd=) -> a context in which their tensors are
+        # whole (train.distributed.unsharded), for the training hooks below
+        self.unsharded = None
 
     @classmethod
     def of(cls, model: nn.Module) -> Adapters:
@@ -323,7 +326,9 @@ class Adapters:
         for name in self.active:
             variant = self.adapters[name].variant
             if isinstance(variant, spec.StepEnd):
-                variant.on_step_end(self._layers(name), self.adapters[name].config, step)
+                for layers, whole in self._hook_views(name, spec.option(variant, "moves_base_weight")):
+                    with whole:
+                        variant.on_step_end(layers, self.adapters[name].config, step)
 
     def extra_loss(self):
         """Regularization terms variants add to the training loss (0 when none)."""
@@ -331,8 +336,21 @@ class Adapters:
         for name in self.active:
             variant = self.adapters[name].variant
             if isinstance(variant, spec.ExtraLoss):
-                total = total + variant.extra_loss(self._layers(name), self.adapters[name].config)
+                for layers, whole in self._hook_views(name, False, autograd=True):
+                    with whole:
+                        total = total + variant.extra_loss(layers, self.adapters[name].config)
         return total
+
+    def _hook_views(self, name: str, per_layer: bool, autograd: bool = False) -> list:
+        """[(layers, context)] for a training hook: all layers in one call, their adapter tensors whole
+        when sharded; a variant that moves base weights (each layer's W from its own tensors), one layer
+        at a time with the layer's W whole too, so no more than one W is ever gathered."""
+        layers = self._layers(name)
+        if self.unsharded is None:
+            return [(layers, contextlib.nullcontext())]
+        if per_layer:
+            return [([pair], self.unsharded([pair[0]])) for pair in layers]
+        return [(layers, self.unsharded([branch.params for _, branch in layers], autograd=autograd))]
 
     def train_state(self) -> dict:
         """Training state variants keep outside their tensors (e.g. importance averages), by

@@ -15,8 +15,9 @@ that spreads the model over the processes.
 
 Either way every process reads a disjoint shard of each global batch (data.Batches), and only rank 0
 writes files; what it writes is gathered whole first (`whole`), so the files are those of one process.
-FSDP refuses (`check`) what it would get wrong: variants whose hooks use their tensors outside the
-sharded forward.
+Training hooks that use an adapter's tensors between steps (AdaLoRA, Delta-LoRA) see them whole
+(`unsharded`). FSDP refuses (`check`) what it would get wrong: prompt learning, whose tensors are used
+before the sharded forward.
 """
 from __future__ import annotations
 
@@ -99,12 +100,15 @@ def check(handle, strategy: str, world: int) -> None:
         blocks(handle.model)
 
 
-def wrap(model, strategy: str, world: int, device: str, precision: str):
-    """What the loop calls: the model itself (one process; `fsdp`, sharded in place) or its DDP wrapper."""
+def wrap(handle, strategy: str, world: int, device: str, precision: str):
+    """What the loop calls: the handle's model itself (one process; `fsdp`, sharded in place, the
+    handle's training hooks then seeing whole tensors through `unsharded`) or its DDP wrapper."""
+    model = handle.model
     if world <= 1:
         return model
     if strategy == "fsdp":
         shard(model, precision)
+        handle.unsharded = unsharded
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -132,18 +136,16 @@ def shard(model, precision: str) -> None:
 
 
 def _outside_forward(handle) -> None:
-    """FSDP gathers a unit's tensors only while the unit runs; hooks that use an adapter's tensors
-    outside that (an extra loss term or a step-end update of W or of the rank budget, between steps;
-    a rewrite of the model's call, before the root unit runs) would see only this process's shards
-    and compute wrong numbers: such variants are refused by name."""
+    """FSDP gathers a unit's tensors only while the unit runs. Hooks between steps (an extra loss
+    term, a step-end update of W or of the rank budget) get whole tensors through `unsharded`; a
+    rewrite of the model's call (prompt learning) runs before the root unit gathers anything and
+    would see only this process's shards: such variants are refused by name."""
     from .. import spec
 
-    outside = (("extra_loss", spec.ExtraLoss), ("on_step_end", spec.StepEnd), ("rewrite_call", spec.RewritesCall))
     for name in handle.active:
         variant = handle.adapters[name].variant
-        hooks = [hook for hook, kind in outside if isinstance(variant, kind)]
-        if hooks:
-            raise AdaptkitError(f"--strategy fsdp: the {variant.name} adapter's {' and '.join(hooks)} use its tensors "
+        if isinstance(variant, spec.RewritesCall):
+            raise AdaptkitError(f"--strategy fsdp: the {variant.name} adapter's rewrite_call uses its tensors "
                                 "outside the sharded forward, where FSDP keeps them sharded; use --strategy ddp")
 
 
@@ -229,24 +231,59 @@ def whole(model, names=None) -> Iterator[None]:
     """Inside, the sharded parameters of `model` named in `names` (a predicate on the parameter's
     name; default: the trainable ones) are whole, ordinary tensors on every process, so saving code
     reads them as in one process. Collective: every process enters. Nothing changes without FSDP."""
-    from torch import nn
     from torch.distributed.tensor import DTensor
 
     pick = names or (lambda name, p: p.requires_grad)
-    named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if isinstance(p, DTensor)]
-    chosen = {id(p) for n, p in named if pick(n, p)}  # a parameter registered under several names: under all
-    found: dict[int, nn.Parameter] = {}  # one gathered copy of each
-    swapped = []
-    for name, p in named:
-        if id(p) in chosen:
-            if id(p) not in found:
-                found[id(p)] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+    slots = []
+    for name, p in model.named_parameters(remove_duplicate=False):  # one registered under several names: all
+        if isinstance(p, DTensor) and pick(name, p):
             owner, _, leaf = name.rpartition(".")
-            module = model.get_submodule(owner) if owner else model
-            module._parameters[leaf] = found[id(p)]
-            swapped.append((module, leaf, p))
+            slots.append((model.get_submodule(owner) if owner else model, leaf, p))
+    with _gathered(slots):
+        yield
+
+
+def unsharded(modules, *, autograd: bool = False):
+    """Inside, the sharded parameters of `modules` (and their submodules) are whole on every process,
+    for variant hooks that use tensors between steps (AdaLoRA's budget and orthogonality loss,
+    Delta-LoRA's update of W): with their gradients, and what the hook changes in place goes back
+    into this process's shards on the way out; `autograd`: the whole tensors are differentiable
+    gathers, so a loss computed from them sends each process its shard's gradient (the same on every
+    process: no averaging, as in one process). Collective: every process enters, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    slots = [(m, leaf, p) for module in modules for m in module.modules()
+             for leaf, p in m._parameters.items() if isinstance(p, DTensor)]
+    return _gathered(slots, keep=not autograd, autograd=autograd)
+
+
+@contextmanager
+def _gathered(slots: list, *, keep: bool = False, autograd: bool = False) -> Iterator[None]:
+    """Each (module, leaf, sharded parameter) of `slots` whole in its module's place (one gather per
+    parameter however often it is registered); `keep`: with its gradient, and its values written back
+    into the shard after a body that did not raise."""
+    import torch
+    from torch import nn
+    from torch.distributed.tensor import distribute_tensor
+
+    found: dict[int, torch.Tensor] = {}
+    for module, leaf, p in slots:
+        if id(p) not in found:
+            if autograd:
+                found[id(p)] = p.full_tensor()
+            else:
+                found[id(p)] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+                if keep and p.grad is not None:
+                    found[id(p)].grad = p.grad.full_tensor()
+        module._parameters[leaf] = found[id(p)]
     try:
         yield
+        if keep:
+            with torch.no_grad():
+                for _, _, p in {id(p): (None, None, p) for _, _, p in slots}.values():
+                    # every process holds the same whole tensor: its own rows, without communication
+                    mine = distribute_tensor(found[id(p)].detach(), p.device_mesh, p.placements, src_data_rank=None)
+                    p.to_local().copy_(mine.to_local())
     finally:
-        for module, leaf, p in swapped:
+        for module, leaf, p in slots:
             module._parameters[leaf] = p

@@ -169,7 +169,7 @@ def _prepare(run: Run) -> None:
     model.to(run.device).train()
     distributed.check(run.handle, a["strategy"], run.world)
     found = _open(run)  # the checkpoint's tensors go into the model before it is sharded
-    run.forward = distributed.wrap(model, a["strategy"], run.world, run.device, a["precision"])
+    run.forward = distributed.wrap(run.handle, a["strategy"], run.world, run.device, a["precision"])
     _optimizer(run)  # over the parameters as they will be trained (FSDP replaces them with shards)
     if found is not None:
         _resume(run, found)

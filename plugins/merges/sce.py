@@ -27,15 +27,20 @@ def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int,
     if k == 0:
         return torch.zeros_like(var)
     if tie_break == "index":
-        # variances are ≥ 0 (|var| = var); top_cut works in place on what `blocks` gives: a copy
-        cut = top_cut(lambda s, e: var[s:e].to(torch.float32, copy=True), var.numel(), k)
-        mask = torch.empty_like(var)
-        for s, e in block_ranges(var.numel()):
-            mask[s:e] = cut.mask(var[s:e].float(), s)
-        return mask
+        return _first_by_index(var, k)
     indices = torch.topk(var.abs_(), k=k, largest=True).indices  # (abs in place: the same values)
     del var  # (before the mask is made: not one more tensor at the peak)
     return torch.zeros(blocks[-1][1], dtype=dtype).index_fill_(0, indices, 1)
+
+
+def _first_by_index(var: torch.Tensor, k: int) -> torch.Tensor:
+    """The mask of the k largest variances, ties at the cut lowest index first, by blocks."""
+    # variances are ≥ 0 (|var| = var); top_cut works in place on what `blocks` gives: a copy
+    cut = top_cut(lambda s, e: var[s:e].to(torch.float32, copy=True), var.numel(), k)
+    mask = torch.empty_like(var)
+    for s, e in block_ranges(var.numel()):
+        mask[s:e] = cut.mask(var[s:e].float(), s)
+    return mask
 
 
 def matrix_weights(squares: torch.Tensor) -> torch.Tensor:
