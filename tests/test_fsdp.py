@@ -35,7 +35,11 @@ CASES = {"lora": ("lora", dict(r=4), {}), "dora": ("lora", dict(r=4, use_dora=Tr
          "qlora": ("lora", dict(r=4), {"quantize": "nf4"}), "vera": ("vera", dict(r=8), {}),
          "tied_lora": ("tied_lora", dict(r=4), {}),
          "adalora": ("adalora", dict(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=STEPS), {}),
-         "delta_lora": ("delta_lora", dict(r=4, start_step=1), {})}
+         "delta_lora": ("delta_lora", dict(r=4, start_step=1), {}),
+         # the other weight-space variants: their tensors are per layer, sharded with their block
+         "loha": ("loha", dict(r=4), {}), "lokr": ("lokr", dict(r=4), {}), "oft": ("oft", dict(r=0, oft_block_size=8), {}),
+         "boft": ("boft", dict(boft_block_size=4), {}), "ia3": ("ia3", {}, {}), "lora_fa": ("lora_fa", dict(r=4), {}),
+         "lora_plus": ("lora_plus", dict(r=4), {}), "trainable_tokens": ("trainable_tokens", dict(token_indices=[1, 2, 3]), {})}
 RANK_1 = """import json, sys
 import torch.distributed as dist
 from adaptkit.cli import cli
