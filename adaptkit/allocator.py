@@ -9,11 +9,15 @@ Two workloads run better with glibc's malloc tuned:
   instead of each keeping its own. The engine's working-memory budget bounds how large that heap
   gets. (`benchmarks/merge.py` measures merges through the command.)
 - "quantized" (quantized base layers, QLoRA): each layer makes a full-precision weight every time
-  it runs, then drops it. glibc would serve those from its heap (its mmap threshold rises to 32 MB
-  after the first such free), where they fragment around long-lived tensors and the heap only
-  grows; above a fixed 1 MB threshold they are mapped and unmapped, so freed weights go straight
-  back to the OS. (`benchmarks/qlora.py`, benchmarks/RESULTS.md: QLoRA training on the CPU peaked
-  at 1117 MB of RSS before this and chunked 4-bit unpacking, at 699 MB after.)
+  it runs, then drops it. Fresh allocations of those fragmented glibc's heap around the saved
+  activations (its mmap threshold rises to 32 MB after the first such free), and the heap only
+  grew (QLoRA training on the CPU peaked at 1117 MB of RSS); a fixed 1 MB threshold fixed that but
+  mapped every activation and gradient afresh too, each page faulted in on every step (a QLoRA step
+  0.6-0.8x as fast as PEFT's). Now the layers unpack into one reused scratch buffer (with the 4-bit
+  torch path's chunk buffers: quant/quantized.py, plugins/quantizers/_fourbit_unpack.py) and the
+  threshold is fixed at 32 MB: activations reuse the heap, only blocks above 32 MB (the logits over
+  a vocabulary) are mapped. (`benchmarks/qlora.py`: share of the bf16 weights 0.49 and 0.44 with
+  double quantization, target ≤ 0.5; `benchmarks/train.py --qlora`: 1.12-1.21x PEFT's tokens/s.)
 
 mallopt settings hold for the whole process and cannot be read back, so they cannot be restored:
 a library must not make them for its caller. The `adaptkit` command opts in for the length of
@@ -34,7 +38,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.
 #: mallopt (parameter, value) pairs per workload, applied in this order.
 SETTINGS = {
     "merge": ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30), (M_ARENA_MAX, 1)),
-    "quantized": ((M_MMAP_THRESHOLD, 1 << 20),),
+    "quantized": ((M_MMAP_THRESHOLD, 32 << 20),),  # fixed: no dynamic rise, see the module docstring
 }
 _allowed: ContextVar[bool] = ContextVar("adaptkit_allocator_tuning", default=False)
 

@@ -227,9 +227,12 @@ class FactorMerge(Protocol):
 class QuantizerOptions(Protocol):
     """Attributes a quantizer may set (read with `option`): `host_keys` packed keys `dequantize` reads on the
     host (a layer on a GPU keeps them on the CPU); `double_quant_form` the quantizer that is this one with its
-    block scales quantized too (what `adaptkit quantize --double-quant` picks)."""
+    block scales quantized too (what `adaptkit quantize --double-quant` picks); `unpacks_into` true when
+    `dequantize(packed, buffer=get)` may write Ŵ into `get(shape, dtype, device)`, a tensor the caller
+    reuses (the result is still what `dequantize` returns)."""
     host_keys: Sequence[str]
     double_quant_form: str | None
+    unpacks_into: bool
 
 
 @runtime_checkable

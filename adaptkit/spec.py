@@ -282,6 +282,7 @@ HOOKS: dict[str, Hook] = {
     "merge_factors": Hook(FactorMerge, "merged as ΔW, refactored by SVD"),  # concat
     "host_keys": Hook(QuantizerOptions, ()),  # binary fp4 fp4_dq nf4 nf4_dq ternary
     "double_quant_form": Hook(QuantizerOptions, None),  # fp4 nf4
+    "unpacks_into": Hook(QuantizerOptions, False),  # fp4 fp4_dq nf4 nf4_dq
     "unpacked_shape": Hook(UnpackedShape, "unpacks to see"),  # all
     "packed_layout": Hook(PackedLayout, "quantizes to see"),  # all
     "transformers_config": Hook(TransformersConfig, "config.json unchanged"),  # fp4 fp4_dq nf4 nf4_dq

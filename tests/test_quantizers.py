@@ -57,7 +57,7 @@ def test_4bit_unpacking_paths_agree(shape, quant_type, blocksize, dtype):
     from adaptkit_plugins.quantizers._fourbit_unpack import _kernel, unpack
     from adaptkit_plugins.quantizers.fourbit import FourBit, code_values
 
-    assert _kernel() is not None  # bitsandbytes is a test dependency
+    assert _kernel(quant_type, dtype) is not None  # bitsandbytes (pinned) is a test dependency
     torch.manual_seed(blocksize)
     t = (torch.randn(shape) * 3).to(dtype)
     packed = FourBit("x", quant_type, blocksize=blocksize).quantize(t)

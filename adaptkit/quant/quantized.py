@@ -16,6 +16,8 @@ backward the identity (Bengio et al. 2013, arXiv 1308.3432).
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -65,9 +67,14 @@ class QuantizedLinear(nn.Module):
         """The packed tensors under the plugin's keys (on the layer's device; `host_keys` on the CPU)."""
         return {**{key: getattr(self, name) for name, key in self._keys.items()}, **self._host}
 
-    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Ŵ (out × in): a fresh tensor each call, made on the layer's device."""
-        w = self.quantizer.dequantize(self.packed()).reshape(self.out_features, self.in_features)
+    def dequantized(self, dtype: torch.dtype | None = None, *, scratch: bool = False) -> torch.Tensor:
+        """Ŵ (out × in), made on the layer's device: a fresh tensor, or (`scratch`, where the quantizer
+        `unpacks_into` a buffer) one in this thread's scratch buffer, valid until the next scratch
+        unpacking: for a layer's own matmul, which drops Ŵ at once."""
+        buffer = _SCRATCH.get if scratch and spec.option(self.quantizer, "unpacks_into") else None
+        packed = self.packed()
+        w = (self.quantizer.dequantize(packed, buffer=buffer) if buffer else self.quantizer.dequantize(packed))
+        w = w.reshape(self.out_features, self.in_features)
         return w if dtype is None else w.to(dtype)
 
     @property
@@ -92,6 +99,29 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, bias={self.bias is not None}"
 
 
+class _Scratch(threading.local):
+    """One buffer per (dtype, device) and thread, as large as the largest Ŵ unpacked into it: a layer's
+    Ŵ lives only for its matmul, so the layers take turns in it. Why: without it every Ŵ is a fresh
+    allocation, either mapped fresh and faulted in page by page on each call (glibc's threshold for
+    mapping big blocks at 1 MB, which the quantized workload needs so that freed Ŵ do not fragment the
+    heap around saved activations) or left to fragment the heap; reused, a QLoRA step on the CPU runs
+    at the speed of unquantized LoRA's matmuls (benchmarks/train.py --qlora)."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def get(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        n = math.prod(shape)
+        held = self.buffers.get((dtype, str(device)))
+        if held is None or held.numel() < n:
+            self.buffers[(dtype, str(device))] = held = None  # the old one freed before the new is made
+            held = self.buffers[(dtype, str(device))] = torch.empty(n, dtype=dtype, device=device)
+        return held[:n].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
 class _DequantizedMatmul(torch.autograd.Function):
     """x·Ŵᵀ where Ŵ is unpacked in the forward and again in the backward, never saved."""
 
@@ -100,13 +130,13 @@ class _DequantizedMatmul(torch.autograd.Function):
         ctx.layer, ctx.dtype = layer, x.dtype
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         ctx.compute = dtype
-        return F.linear(x.to(dtype), layer.dequantized(dtype))
+        return F.linear(x.to(dtype), layer.dequantized(dtype, scratch=True))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        w = ctx.layer.dequantized(ctx.compute)
+        w = ctx.layer.dequantized(ctx.compute, scratch=True)
         return (grad.to(ctx.compute) @ w).to(ctx.dtype), None
 
 

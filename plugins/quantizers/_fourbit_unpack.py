@@ -1,81 +1,137 @@
-"""4-bit unpacking without Triton: bitsandbytes' own C kernel on the CPU when bitsandbytes is
+"""4-bit unpacking without Triton: bitsandbytes' own CPU kernel where a tested bitsandbytes is
 installed, else torch ops (on any device). Both do `fourbit.FourBit.dequantize`'s arithmetic: each
 nibble (the first element in the high one) looked up in the 16-value code, times its block's
 float32 absmax, rounded once to the output dtype; the bytes are equal (tests/test_quantizers.py
-compares the two paths on both codes, every block size and the three float dtypes).
+compares the two paths with the formula on both codes, four block sizes and the three float dtypes).
 
-Why the C kernel: a QLoRA step unpacks every quantized layer twice (forward and backward). The
-torch path's gather and multiply take 1.5-4 ms for a 768 x 3072 weight on this project's 2-core
-CPU, against 0.2-0.4 ms in bitsandbytes' kernel, and made a QLoRA step 0.56x as fast as PEFT's on
-the 168M benchmark (benchmarks/train.py --qlora). The kernel knows only the standard NF4/FP4
-codes, so a file carrying another `quant_map` takes the torch path. Importing bitsandbytes costs
-about 2 s, once per process (it imports torch's compiler stack); where the import fails (a build
-for another platform) the torch path runs for the rest of the process.
+Why the kernel: a QLoRA step unpacks every quantized layer twice (forward and backward). The torch
+path's gather and multiply take 1.5-4 ms for a 768 x 3072 weight on this project's 2-core CPU,
+against 0.2-0.4 ms in bitsandbytes' kernel. It is called through ctypes from bitsandbytes' 60 KB CPU
+library, without importing the bitsandbytes package (that import takes about 2 s and 120 MB of
+memory, a quarter of a small QLoRA run's peak), and it writes into a buffer the caller passes, so a
+layer can reuse one. That C interface is bitsandbytes' internal one: it is used only for the versions
+in KERNEL_VERSIONS (read from the installed package's metadata) and only after unpacking a test
+tensor exactly as the torch path does; otherwise the torch path runs. It knows only the standard
+NF4/FP4 codes (a file carrying another `quant_map` takes the torch path), and on an AVX-512 CPU it
+unpacks rows that are not whole blocks wrongly (a (96, 80) weight in blocks of 32, 64 or 256;
+tested), so it is used only where rows are whole blocks.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.metadata
 import importlib.util
-import logging
 import math
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 CHUNK_BLOCKS = 16384  # blocks per chunk of the torch path: no whole float32 copy is held
+KERNEL_VERSIONS = ("0.50.",)  # bitsandbytes releases whose CPU library's interface is the one called here
+_SUFFIX = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @functools.cache
-def _kernel():
-    """bitsandbytes' registered `dequantize_4bit` op, or None where bitsandbytes is missing or broken."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+def _library():
+    """bitsandbytes' CPU library (ctypes), or None: not installed, another version, or not loadable."""
+    spec = importlib.util.find_spec("bitsandbytes")
+    if spec is None or not spec.submodule_search_locations:
         return None
+    try:
+        if not importlib.metadata.version("bitsandbytes").startswith(KERNEL_VERSIONS):
+            return None
+        return ctypes.CDLL(str(Path(next(iter(spec.submodule_search_locations))) / "libbitsandbytes_cpu.so"))
+    except (OSError, importlib.metadata.PackageNotFoundError):
+        return None
+
+
+@functools.cache
+def _kernel(quant_type: str, dtype: torch.dtype):
+    """The C function for (quant_type, dtype) once it has unpacked a test tensor as the torch path does."""
     import torch
 
-    log = logging.getLogger("bitsandbytes")
-    level = log.level
-    log.setLevel(logging.ERROR)  # its import warns about an optional kernel download we never use
-    try:
-        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes on import)
-
-        return torch.ops.bitsandbytes.dequantize_4bit
-    except Exception:  # any failure here only means the torch path runs
+    lib, name = _library(), f"cdequantize_blockwise_cpu_{quant_type}_{_SUFFIX.get(str(dtype).removeprefix('torch.'))}"
+    function = getattr(lib, name, None) if lib is not None else None
+    if function is None:
         return None
-    finally:
-        log.setLevel(level)
+    function.restype, function.argtypes = None, [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3
+    from .fourbit import FourBit, code_values
+
+    generator = torch.Generator().manual_seed(0)  # a fixed test tensor; the global generator is not touched
+    for blocksize in (64, 256):
+        sample = FourBit("check", quant_type, blocksize=blocksize).quantize(torch.randn(4, 512, generator=generator).to(dtype))
+        args = (sample["weight"].reshape(-1), code_values(quant_type), True, sample["weight.absmax"], [4, 512],
+                blocksize, quant_type, dtype)
+        ours, theirs = unpack(*args, native=False), torch.empty(4, 512, dtype=dtype)
+        _call(function, args[0], args[3], theirs, blocksize)
+        if not torch.equal(ours, theirs):
+            return None
+    return function
+
+
+def _call(function, data: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int) -> None:
+    absmax = absmax.float().contiguous()
+    function(data.data_ptr(), absmax.data_ptr(), out.data_ptr(), blocksize, out.numel() // out.shape[-1], out.shape[-1])
+
+
+class _ChunkBuffers(threading.local):
+    """This thread's index (int32) and word (int64) buffers for the torch path's chunks on the CPU."""
+
+    def __init__(self):
+        self.size, self.pair = 0, (None, None)
+
+    def get(self, size: int):
+        import torch
+
+        if size > self.size:
+            self.pair = None  # the old ones freed before the new are made
+            self.size, self.pair = size, (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=torch.int64))
+        return self.pair
+
+
+_CHUNKS = _ChunkBuffers()
 
 
 def unpack(data: torch.Tensor, code: torch.Tensor, standard: bool, absmax: torch.Tensor, shape: list[int],
-           blocksize: int, quant_type: str, dtype: torch.dtype, *, native: bool = True) -> torch.Tensor:
-    """Ŵ of `shape` in `dtype` from the packed bytes (⌈n/2⌉), the float32 code and absmax; `standard`:
-    `code` is quant_type's own code (bitsandbytes' kernel applies); `native=False` forces torch ops.
-    The kernel is used only where rows are whole blocks: on an AVX-512 CPU, bitsandbytes 0.50's
-    kernel unpacks a (96, 80) weight in blocks of 32, 64 or 256 wrongly (its generic path and ours
-    agree with the formula; tests/test_quantizers.py)."""
+           blocksize: int, quant_type: str, dtype: torch.dtype, *, native: bool = True,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ of `shape` in `dtype` from the packed bytes (⌈n/2⌉), the float32 code and absmax, written into
+    `out` when given (contiguous, of that shape and dtype); `standard`: `code` is quant_type's own
+    code (bitsandbytes' kernel may apply); `native=False` forces torch ops."""
     import torch
 
-    if native and standard and data.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and shape and shape[-1] % blocksize == 0:
-        kernel = _kernel()
-        if kernel is not None:
-            return kernel(data, absmax.float().contiguous(), blocksize, quant_type, list(shape) or [1], dtype).reshape(shape)
+    out = torch.empty(shape, dtype=dtype, device=data.device) if out is None else out
+    if native and standard and data.device.type == "cpu" and len(shape) >= 1 and shape[-1] % blocksize == 0 \
+            and dtype in (torch.float32, torch.bfloat16, torch.float16) and data.dtype == torch.uint8:
+        function = _kernel(quant_type, dtype)
+        if function is not None:
+            _call(function, data.contiguous(), absmax, out.view(-1, shape[-1]), blocksize)
+            return out
     # one lookup per byte: entry k of `pairs` is (code[k >> 4], code[k & 15]) as one 64-bit word (a
     # 1-D gather of words: 3.5x faster than of rows of a (256, 2) table); float32 products rounded
     # once to the output dtype, on the CPU in chunks
-    n, b = math.prod(shape), blocksize
+    n, b, flat = math.prod(shape), blocksize, out.view(-1)
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).view(torch.int64).reshape(256)
     scale = absmax.float()
-    out = torch.empty(n, dtype=dtype, device=data.device)
     step = CHUNK_BLOCKS * b if data.device.type == "cpu" else n + (n % 2)
+    index, words = (_CHUNKS.get(step // 2) if data.device.type == "cpu" else (None, None))
     for start in range(0, n, step):
         stop = min(start + step, n)
-        values = pairs.index_select(0, data[start // 2:(stop + 1) // 2].int()).view(code.dtype)[: stop - start]
+        count = (stop + 1) // 2 - start // 2
+        # the chunk's index and words in this thread's reused buffers on the CPU: fresh ones every chunk
+        # left the heap fragmented around a QLoRA step's saved activations (peak RSS up by half)
+        i = torch.empty(count, dtype=torch.int32) if index is None else index[:count]
+        i.copy_(data[start // 2:start // 2 + count])
+        w = torch.index_select(pairs, 0, i, out=None if words is None else words[:count])
+        values = w.view(code.dtype)[: stop - start]
         full = (stop - start) - (stop - start) % b
         # product and rounding to the output dtype in one pass, straight into the output
         torch.mul(values[:full].view(-1, b), scale[start // b: (start + full) // b, None],
-                  out=out[start:start + full].view(-1, b))
+                  out=flat[start:start + full].view(-1, b))
         if full < stop - start:
-            torch.mul(values[full:], scale[-1], out=out[start + full:stop])
-    return out.reshape(shape)
-
+            torch.mul(values[full:], scale[-1], out=flat[start + full:stop])
+    return out

@@ -186,7 +186,9 @@ class FourBit:
             raise AdaptkitError(f"{where} is not a 4-bit quant state (quant_type nf4|fp4, blocksize, dtype, shape)")
         return state
 
-    def dequantize(self, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    unpacks_into = True  # `buffer`: Ŵ written into a tensor the caller reuses (on the CPU without Triton)
+
+    def dequantize(self, packed: Mapping[str, torch.Tensor], buffer=None) -> torch.Tensor:
         import torch
 
         require_keys(self.name, packed, ("weight", "weight.absmax"))
@@ -212,7 +214,8 @@ class FourBit:
             return unpack(data, code, absmax, n, b, dtype).reshape(shape)
         from ._fourbit_unpack import unpack
         standard = torch.equal(code, code_values(state["quant_type"]))
-        return unpack(data[:(n + 1) // 2], code, standard, absmax, shape, b, state["quant_type"], dtype)
+        return unpack(data[:(n + 1) // 2], code, standard, absmax, shape, b, state["quant_type"], dtype,
+                      out=buffer(shape, dtype, data.device) if buffer else None)
 
     def unpacked_shape(self, shapes, read) -> tuple[int, ...]:  # from the quant-state JSON alone
         return tuple(self.state({self.state_key: read(self.state_key)})["shape"])
