@@ -543,6 +543,14 @@ class Row:
         return self.ours.peak_mb / self.peer.peak_mb
 
 
+def indexed_recipe(recipe: Path) -> Path:
+    """The recipe with `tie_break: index`, under its own `parameters:` block where it has one."""
+    indexed, text = recipe.with_name(f"{recipe.stem}-index.yaml"), recipe.read_text()
+    indexed.write_text(text.replace("\nparameters:\n", "\nparameters:\n  tie_break: index\n") if "\nparameters:\n" in text
+                       else text + "parameters:\n  tie_break: index\n")
+    return indexed
+
+
 def mergekit_job(method: str, paths: dict[str, Path], runs: int, tag: str) -> list[Row]:
     """The method's row; for methods with a magnitude cut also adaptkit with `tie_break: index` against
     the same mergekit run (its max |Δ| is then that of the tied entries kept differently)."""
@@ -556,10 +564,7 @@ def mergekit_job(method: str, paths: dict[str, Path], runs: int, tag: str) -> li
     print(f" {ours.seconds:.1f} s; comparing ...", flush=True)
     rows = [Row(method, peer, ours, compare(peer_out, our_out, paths["base"]))]
     if method in TIE_BREAK:
-        indexed = recipe.with_name(f"{method}-index.yaml")
-        text = recipe.read_text()  # under the recipe's own `parameters:` block where it has one
-        indexed.write_text(text.replace("\nparameters:\n", "\nparameters:\n  tie_break: index\n") if "\nparameters:\n" in text
-                           else text + "parameters:\n  tie_break: index\n")
+        indexed = indexed_recipe(recipe)
         print(f"  {method} (tie_break: index): adaptkit ...", end="", flush=True)
         ours = run_tool("adaptkit", adaptkit_cmd("merge", str(indexed), "-o", str(our_out), "--force"), our_out, runs)
         print(f" {ours.seconds:.1f} s; comparing ...", flush=True)
@@ -670,9 +675,13 @@ def scale(args, md: list[str]) -> None:
     print(f"\nscale model: {shape}, bf16, {size:.2f} GB per input (base + 3 fine-tunes)")
     warm_cache(*paths.values())
     found = []
-    for method in (args.methods.split(",") if args.methods else METHODS):
-        recipe = write_recipe(method, paths, "scale")
-        out = WORK / "scale" / "out" / f"adaptkit-{method}"
+    # "sce (index)": SCE with tie_break: index (adaptkit only), run after "sce" for each method of TIE_BREAK
+    picked = args.methods.split(",") if args.methods else METHODS
+    for method in [m for name in picked for m in ([name, f"{name} (index)"] if name in TIE_BREAK else [name])]:
+        plain = method.removesuffix(" (index)")
+        recipe = write_recipe(plain, paths, "scale")
+        recipe = indexed_recipe(recipe) if method != plain else recipe
+        out = WORK / "scale" / "out" / f"adaptkit-{plain}"
         print(f"  {method}: adaptkit ...", end="", flush=True)
         try:
             ours = run_tool("adaptkit", adaptkit_cmd("merge", str(recipe), "-o", str(out), "--force"), out, 1)
@@ -682,7 +691,7 @@ def scale(args, md: list[str]) -> None:
             continue
         print(f" {ours.seconds:.1f} s", end="", flush=True)
         peer, diff = None, None
-        if args.scale_peer:
+        if args.scale_peer and method == plain:
             peer_out = WORK / "scale" / "out" / f"mergekit-{method}"
             print("; mergekit ...", end="", flush=True)
             try:

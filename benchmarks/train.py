@@ -12,12 +12,13 @@ tokens/s ≥ 1.2×, peak ≤ 1.0×) and, for `--gradient-checkpointing`, activat
 (target ≤ 0.5×). `--qlora` adds the 4-bit NF4 base on both sides (PEFT through
 bitsandbytes; reported as n/a where bitsandbytes cannot run here).
 
-    .venv/bin/python benchmarks/train.py [--steps 6] [--qlora] [--only adaptkit-fp32,peft-fp32]
+    .venv/bin/python benchmarks/train.py [--steps 6] [--qlora] [--repeat 3] [--only adaptkit-fp32,peft-fp32]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -158,23 +159,37 @@ def child(name: str, base: str, data: str, steps: int) -> None:
                       "activations_mb": peak - result["before"], "saved_mb": result["saved"] / 2**20}))
 
 
+def median(found: list[dict]) -> dict:
+    """Each number's median over the rounds (the first error where a round failed)."""
+    failed = [r for r in found if "error" in r]
+    if failed:
+        return failed[0]
+    return {key: statistics.median(r[key] for r in found) for key in found[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
     parser.add_argument("--qlora", action="store_true", help="also the NF4 base (PEFT through bitsandbytes)")
     parser.add_argument("--only", help="comma-separated run names")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every run, interleaved (a shared machine's speed drifts); medians reported")
     a = parser.parse_args()
     base, data = build()
     runs = {**RUNS, **(QLORA if a.qlora else {})}
     picked = a.only.split(",") if a.only else list(runs)
-    results = {}
-    for name in picked:
-        done = subprocess.run([sys.executable, __file__, "--child", name, str(base), str(data), str(a.steps)],
-                              capture_output=True, text=True)
-        last = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
-        results[name] = json.loads(last[0]) if last else {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:80]}
-        print(name, results[name], file=sys.stderr)
-    print(f"\n{BATCH}×{TOKENS} tokens, LoRA r{R} all-linear, 168M Llama, {a.steps - 1} timed steps, CPU\n")
+    rounds: dict[str, list[dict]] = {name: [] for name in picked}
+    for _ in range(a.repeat):
+        for name in picked:
+            done = subprocess.run([sys.executable, __file__, "--child", name, str(base), str(data), str(a.steps)],
+                                  capture_output=True, text=True)
+            last = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+            rounds[name].append(json.loads(last[0]) if last else
+                                {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:80]})
+            print(name, rounds[name][-1], file=sys.stderr)
+    results = {name: median(found) for name, found in rounds.items()}
+    print(f"\n{BATCH}×{TOKENS} tokens, LoRA r{R} all-linear, 168M Llama, {a.steps - 1} timed steps, CPU, "
+          f"median of {a.repeat} interleaved round(s)\n")
     print("| run | tokens/s | peak RSS MB | RSS growth in training MB | saved for backward MB | tokens/s vs PEFT "
           "| peak vs PEFT |")
     print("|---|---|---|---|---|---|---|")
