@@ -100,12 +100,11 @@ class QuantizedLinear(nn.Module):
 
 
 class _Scratch(threading.local):
-    """One buffer per (dtype, device) and thread, as large as the largest Ŵ unpacked into it: a layer's
-    Ŵ lives only for its matmul, so the layers take turns in it. Why: without it every Ŵ is a fresh
-    allocation, either mapped fresh and faulted in page by page on each call (glibc's threshold for
-    mapping big blocks at 1 MB, which the quantized workload needs so that freed Ŵ do not fragment the
-    heap around saved activations) or left to fragment the heap; reused, a QLoRA step on the CPU runs
-    at the speed of unquantized LoRA's matmuls (benchmarks/train.py --qlora)."""
+    """One buffer per (dtype, device) and thread, as large as the largest Ŵ unpacked into it (kept for
+    the thread's life): a layer's Ŵ lives only for its matmul, so the layers take turns in it. Why: a
+    fresh Ŵ on every call either fragmented glibc's heap around the saved activations (peak RSS up by
+    half) or, mapped fresh, was faulted in page by page each time (allocator.py); reused, a QLoRA step
+    on the CPU runs as fast as PEFT + bitsandbytes' (benchmarks/train.py --qlora)."""
 
     def __init__(self):
         self.buffers: dict = {}

@@ -280,7 +280,7 @@ def _gathered(slots: list, *, keep: bool = False, autograd: bool = False) -> Ite
         yield
         if keep:
             with torch.no_grad():
-                for _, _, p in {id(p): (None, None, p) for _, _, p in slots}.values():
+                for p in {id(p): p for _, _, p in slots}.values():
                     # every process holds the same whole tensor: its own rows, without communication
                     mine = distribute_tensor(found[id(p)].detach(), p.device_mesh, p.placements, src_data_rank=None)
                     p.to_local().copy_(mine.to_local())
