@@ -47,9 +47,9 @@ def test_4bit_identical_to_bitsandbytes(shape, name, dtype):
     assert torch.equal(mine, ref.reshape(t.shape))
 
 
-@pytest.mark.parametrize("shape", [(96, 80), (7, 9, 11), (1000,)])
+@pytest.mark.parametrize("shape", [(96, 80), (7, 9, 11), (1000,), (6, 1024), (3, 4096)])  # the last two: whole blocks
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 1024, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_4bit_unpacking_paths_agree(shape, quant_type, blocksize, dtype):
     """bitsandbytes' C kernel (used on the CPU when installed) and adaptkit's torch ops give the same

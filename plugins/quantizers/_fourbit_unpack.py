@@ -12,9 +12,10 @@ memory, a quarter of a small QLoRA run's peak), and it writes into a buffer the 
 layer can reuse one. That C interface is bitsandbytes' internal one: it is used only for the versions
 in KERNEL_VERSIONS (read from the installed package's metadata) and only after unpacking a test
 tensor exactly as the torch path does; otherwise the torch path runs. It knows only the standard
-NF4/FP4 codes (a file carrying another `quant_map` takes the torch path), and on an AVX-512 CPU it
+NF4/FP4 codes (a file carrying another `quant_map` takes the torch path); on an AVX-512 CPU it
 unpacks rows that are not whole blocks wrongly (a (96, 80) weight in blocks of 32, 64 or 256;
-tested), so it is used only where rows are whole blocks.
+tested), so it is used only where rows are whole blocks, and not for blocks of 2048 or more, where
+bitsandbytes' own wrapper avoids its AVX-512 kernel ("accuracy issues").
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def unpack(data: torch.Tensor, code: torch.Tensor, standard: bool, absmax: torch
 
     out = torch.empty(shape, dtype=dtype, device=data.device) if out is None else out
     if native and standard and data.device.type == "cpu" and len(shape) >= 1 and shape[-1] % blocksize == 0 \
-            and dtype in (torch.float32, torch.bfloat16, torch.float16) and data.dtype == torch.uint8:
+            and blocksize <= 1024 and dtype in (torch.float32, torch.bfloat16, torch.float16) and data.dtype == torch.uint8:
         function = _kernel(quant_type, dtype)
         if function is not None:
             _call(function, data.contiguous(), absmax, out.view(-1, shape[-1]), blocksize)
