@@ -17,7 +17,8 @@ Two workloads run better with glibc's malloc tuned:
   torch path's chunk buffers: quant/quantized.py, plugins/quantizers/_fourbit_unpack.py) and the
   threshold is fixed at 32 MB: activations reuse the heap, only blocks above 32 MB (the logits over
   a vocabulary) are mapped. (`benchmarks/qlora.py`: share of the bf16 weights 0.49 and 0.44 with
-  double quantization, target ≤ 0.5; `benchmarks/train.py --qlora --repeat 3`: 1.05x PEFT's tokens/s, single runs 0.99-1.21x.)
+  double quantization, target ≤ 0.5; `benchmarks/train.py --qlora --repeat 3`: 1.05x PEFT's
+  tokens/s, single runs 0.99-1.21x.)
 
 mallopt settings hold for the whole process and cannot be read back, so they cannot be restored:
 a library must not make them for its caller. The `adaptkit` command opts in for the length of
