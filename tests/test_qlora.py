@@ -68,6 +68,46 @@ def test_the_backward_keeps_no_dequantized_weight():
     assert all(n < 256 * 256 for n in saved)
 
 
+def test_layers_taking_turns_in_the_scratch_buffer_compute_with_their_own_weights():
+    """Layers of different sizes unpack into one reused buffer (rows of whole blocks: bitsandbytes'
+    kernel where installed); interleaved forwards and backwards each see their own Ŵ, the buffer is
+    not re-made for a smaller layer, and a weight read through `.weight` is a tensor of its own."""
+    from adaptkit.quant import quantized
+
+    torch.manual_seed(1)
+    big, small = (QuantizedLinear.from_weight("nf4", torch.randn(o, i).bfloat16()) for o, i in [(128, 256), (64, 128)])
+    x_big, x_small = torch.randn(3, 256, requires_grad=True), torch.randn(3, 128, requires_grad=True)
+    y_big, y_small = big(x_big.bfloat16()), small(x_small.bfloat16())
+    buffer = quantized._SCRATCH.buffers[(torch.bfloat16, "cpu")]
+    (y_big.float().sum() + y_small.float().sum()).backward()  # backwards in the other order, same buffer
+    assert quantized._SCRATCH.buffers[(torch.bfloat16, "cpu")] is buffer and buffer.numel() >= 128 * 256
+    for layer, x, y in ((big, x_big, y_big), (small, x_small, y_small)):
+        w = layer.weight
+        assert w.data_ptr() != buffer.data_ptr()
+        torch.testing.assert_close(y, F.linear(x.bfloat16(), w))
+        torch.testing.assert_close(x.grad, torch.ones_like(y).float() @ w.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_the_4bit_kernel_is_used_only_for_the_tested_bitsandbytes(monkeypatch):
+    """Another bitsandbytes version (its C interface unknown) or none: the torch path, same bytes."""
+    import importlib.metadata
+
+    from adaptkit_plugins.quantizers import _fourbit_unpack as unpacking
+
+    packed = registry.get("quantizer", "nf4").quantize(torch.randn(64, 128).bfloat16())
+    expected = registry.get("quantizer", "nf4").dequantize(packed)
+    for version in ("0.49.0", "0.51.0"):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=version: v)
+        unpacking._library.cache_clear()
+        unpacking._kernel.cache_clear()
+        assert unpacking._library() is None and unpacking._kernel("nf4", torch.bfloat16) is None
+        assert torch.equal(registry.get("quantizer", "nf4").dequantize(packed), expected)
+    monkeypatch.undo()
+    unpacking._library.cache_clear()
+    unpacking._kernel.cache_clear()
+    assert unpacking._kernel("nf4", torch.bfloat16) is not None  # bitsandbytes 0.50 is the pinned test dependency
+
+
 def test_loading_quantized_equals_quantizing_the_loaded_model(env):
     """The streaming loader (linear layers never made in full precision) gives the same model as
     loading in float and quantizing after; the LM head stays float (as QLoRA keeps it)."""
