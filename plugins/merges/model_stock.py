@@ -67,12 +67,16 @@ def mix(t: torch.Tensor, tensors: Sequence[torch.Tensor], base: torch.Tensor) ->
 
 def interpolation_ratio(offset: Callable[[int], torch.Tensor], count: int) -> torch.Tensor:
     """Model Stock's t from the mean pairwise cosine of the offsets `offset(i)`, i < count (along the last axis)."""
-    cosines = []
+    cosines, norm = [], {}  # each offset's norm taken once (the same values wherever it is taken)
     for i in range(count - 1):
         first = offset(i)
+        if i not in norm:
+            norm[i] = torch.norm(first, dim=-1)
         for j in range(i + 1, count):
             other = offset(j)
-            norms = torch.norm(first, dim=-1) * torch.norm(other, dim=-1)
+            if j not in norm:
+                norm[j] = torch.norm(other, dim=-1)
+            norms = norm[i] * norm[j]
             cosines.append(((first * other).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
             del other
     cos = torch.stack(cosines).mean(dim=0)
