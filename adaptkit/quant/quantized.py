@@ -101,7 +101,8 @@ class QuantizedLinear(nn.Module):
 
 class _Scratch(threading.local):
     """One buffer per (dtype, device) and thread, as large as the largest Ŵ unpacked into it (kept for
-    the thread's life): a layer's Ŵ lives only for its matmul, so the layers take turns in it. Why: a
+    the thread's life; the unpacking's integer temporaries get their own, by dtype): a layer's Ŵ lives
+    only for its matmul, so the layers take turns in it. Why: a
     fresh Ŵ on every call either fragmented glibc's heap around the saved activations (peak RSS up by
     half) or, mapped fresh, was faulted in page by page each time (allocator.py); reused, a QLoRA step
     on the CPU runs as fast as PEFT + bitsandbytes' (benchmarks/train.py --qlora)."""

@@ -24,14 +24,14 @@ import functools
 import importlib.metadata
 import importlib.util
 import math
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .fourbit import CHUNK_BLOCKS, FourBit, code_values  # CHUNK_BLOCKS: the torch path's chunks, as quantize's
 
 if TYPE_CHECKING:
     import torch
 
-CHUNK_BLOCKS = 16384  # blocks per chunk of the torch path: no whole float32 copy is held
 KERNEL_VERSIONS = ("0.50.",)  # bitsandbytes releases whose CPU library's interface is the one called here
 _SUFFIX = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -60,8 +60,6 @@ def _kernel(quant_type: str, dtype: torch.dtype):
     if function is None:
         return None
     function.restype, function.argtypes = None, [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3
-    from .fourbit import FourBit, code_values
-
     generator = torch.Generator().manual_seed(0)  # a fixed test tensor; the global generator is not touched
     for blocksize in (64, 256):
         sample = FourBit("check", quant_type, blocksize=blocksize).quantize(torch.randn(4, 512, generator=generator).to(dtype))
@@ -79,33 +77,19 @@ def _call(function, data: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor,
     function(data.data_ptr(), absmax.data_ptr(), out.data_ptr(), blocksize, out.numel() // out.shape[-1], out.shape[-1])
 
 
-class _ChunkBuffers(threading.local):
-    """This thread's index (int32) and word (int64) buffers for the torch path's chunks on the CPU."""
-
-    def __init__(self):
-        self.size, self.pair = 0, (None, None)
-
-    def get(self, size: int):
-        import torch
-
-        if size > self.size:
-            self.pair = None  # the old ones freed before the new are made
-            self.size, self.pair = size, (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=torch.int64))
-        return self.pair
-
-
-_CHUNKS = _ChunkBuffers()
-
-
 def unpack(data: torch.Tensor, code: torch.Tensor, standard: bool, absmax: torch.Tensor, shape: list[int],
-           blocksize: int, quant_type: str, dtype: torch.dtype, *, native: bool = True,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Ŵ of `shape` in `dtype` from the packed bytes (⌈n/2⌉), the float32 code and absmax, written into
-    `out` when given (contiguous, of that shape and dtype); `standard`: `code` is quant_type's own
-    code (bitsandbytes' kernel may apply); `native=False` forces torch ops."""
+           blocksize: int, quant_type: str, dtype: torch.dtype, *, native: bool = True, buffer=None) -> torch.Tensor:
+    """Ŵ of `shape` in `dtype` from the packed bytes (⌈n/2⌉), the float32 code and absmax; `standard`:
+    `code` is quant_type's own code (bitsandbytes' kernel may apply); `native=False` forces torch ops;
+    `buffer(shape, dtype, device)`: reused tensors for Ŵ and the torch path's chunk temporaries (the
+    caller's scratch: fresh ones on every call left the heap fragmented around a QLoRA step's saved
+    activations, peak RSS up by half), else fresh tensors."""
     import torch
 
-    out = torch.empty(shape, dtype=dtype, device=data.device) if out is None else out
+    def take(size, kind):
+        return buffer(size, kind, data.device) if buffer else torch.empty(size, dtype=kind, device=data.device)
+
+    out = take(shape, dtype)
     if native and standard and data.device.type == "cpu" and len(shape) >= 1 and shape[-1] % blocksize == 0 \
             and blocksize <= 1024 and dtype in (torch.float32, torch.bfloat16, torch.float16) and data.dtype == torch.uint8:
         function = _kernel(quant_type, dtype)
@@ -119,16 +103,11 @@ def unpack(data: torch.Tensor, code: torch.Tensor, standard: bool, absmax: torch
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).view(torch.int64).reshape(256)
     scale = absmax.float()
     step = CHUNK_BLOCKS * b if data.device.type == "cpu" else n + (n % 2)
-    index, words = (_CHUNKS.get(step // 2) if data.device.type == "cpu" else (None, None))
     for start in range(0, n, step):
         stop = min(start + step, n)
         count = (stop + 1) // 2 - start // 2
-        # the chunk's index and words in this thread's reused buffers on the CPU: fresh ones every chunk
-        # left the heap fragmented around a QLoRA step's saved activations (peak RSS up by half)
-        i = torch.empty(count, dtype=torch.int32) if index is None else index[:count]
-        i.copy_(data[start // 2:start // 2 + count])
-        w = torch.index_select(pairs, 0, i, out=None if words is None else words[:count])
-        values = w.view(code.dtype)[: stop - start]
+        index = take((count,), torch.int32).copy_(data[start // 2:start // 2 + count])
+        values = torch.index_select(pairs, 0, index, out=take((count,), torch.int64)).view(code.dtype)[: stop - start]
         full = (stop - start) - (stop - start) % b
         # product and rounding to the output dtype in one pass, straight into the output
         torch.mul(values[:full].view(-1, b), scale[start // b: (start + full) // b, None],

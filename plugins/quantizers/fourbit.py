@@ -214,8 +214,7 @@ class FourBit:
             return unpack(data, code, absmax, n, b, dtype).reshape(shape)
         from ._fourbit_unpack import unpack
         standard = torch.equal(code, code_values(state["quant_type"]))
-        return unpack(data[:(n + 1) // 2], code, standard, absmax, shape, b, state["quant_type"], dtype,
-                      out=buffer(shape, dtype, data.device) if buffer else None)
+        return unpack(data[:(n + 1) // 2], code, standard, absmax, shape, b, state["quant_type"], dtype, buffer=buffer)
 
     def unpacked_shape(self, shapes, read) -> tuple[int, ...]:  # from the quant-state JSON alone
         return tuple(self.state({self.state_key: read(self.state_key)})["shape"])
