@@ -240,22 +240,23 @@ def warm_cache(*folders: Path) -> None:
 
 # --------------------------------------------------------------------------------------- launching
 
-STAMPED = """import json, os, sys, time
+# The end stamp is written by an atexit handler: adaptkit's CLI ends in os._exit after running the
+# handlers (it skips torch's interpreter teardown), so a `finally` after main() would never run.
+STAMPED = """import atexit, json, os, sys, time
 {imports}
 _ready = time.time()
-sys.argv = {argv!r}
-try:
-{body}
-finally:
+def _stamp():
     with open(os.environ["BENCH_STAMPS"], "w") as _f:
         json.dump({{"ready": _ready, "end": time.time()}}, _f)
+atexit.register(_stamp)
+sys.argv = {argv!r}
+{body}
 """
 
 
 def stamped(imports: str, argv: list[str], body: str) -> list[str]:
     """`python -c` running `body` after `imports`, writing when the imports were done and when it ended."""
-    indented = "\n".join("    " + line for line in body.strip().splitlines())
-    return [sys.executable, "-c", STAMPED.format(imports=imports.strip(), argv=argv, body=indented)]
+    return [sys.executable, "-c", STAMPED.format(imports=imports.strip(), argv=argv, body=body.strip())]
 
 
 def mergekit_cmd(recipe: Path, out: Path, *extra: str) -> list[str]:

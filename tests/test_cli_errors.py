@@ -4,7 +4,9 @@ with --quiet, may follow the subcommand."""
 from __future__ import annotations
 
 import errno
+import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -166,3 +168,34 @@ def test_interrupt_and_sigterm_are_one_line_with_the_shell_codes(monkeypatch, ex
     monkeypatch.setitem(cli.commands, "boom", _failing_command(exc))
     result = run_cli("boom")
     assert result.exit_code == code and result.stderr.strip().splitlines() == [line]
+
+
+# -- the end of the process --------------------------------------------------------------------------
+END = """
+import atexit, sys, tempfile
+{imports}
+from adaptkit.cli.boundary import end_process
+
+class Noisy:  # a module global: finalized by the interpreter's teardown, not by gc.collect
+    def __del__(self):
+        print("teardown", flush=True)
+
+noisy = Noisy()
+folder = tempfile.TemporaryDirectory()  # removed by its finalizer, an atexit handler
+print(folder.name)
+atexit.register(print, "atexit ran")
+sys.stdout.write("unflushed ")
+end_process({code!r})
+"""
+
+
+@pytest.mark.parametrize("with_torch", [True, False], ids=["torch loaded: os._exit", "no torch: sys.exit"])
+@pytest.mark.parametrize("code,status", [(None, 0), (0, 0), (3, 3), ("bye", 1)])
+def test_end_process_keeps_the_status_output_and_exit_handlers(tmp_path, with_torch, code, status):
+    script = END.format(imports="import torch" if with_torch else "", code=code)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == status, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert "unflushed atexit ran" in proc.stdout and not Path(lines[0]).exists()
+    assert ("teardown" in proc.stdout) is not with_torch  # torch's teardown (0.3-0.45 s) skipped
+    assert proc.stderr.strip() == ("bye" if code == "bye" else "")

@@ -539,3 +539,22 @@ def test_registry_loads_every_operator(name):
     extra = {"generators": seeded(1, 2)} if obj.random else {}
     out = obj.merge(tensors, base, **params, **extra) if name != "model_stock" else obj.merge(tensors, base)
     assert out.shape == base.shape and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [1, 2, 3, 8, 16, 17, 40])
+def test_stacked_sum_is_torchs_stacked_sum_to_the_byte(dtype, count):
+    """The task-arithmetic family sums its inputs as mergekit does, `torch.stack(parts).sum(dim=0)`;
+    `stacked_sum` skips the stack and must give the same bytes (signed zeros, infinities, roundings)."""
+    from plugins.merges._base import stacked_sum
+
+    g = torch.Generator().manual_seed(count)
+    spread = 3 if dtype == torch.float16 else 8  # magnitudes over e^±3σ·spread: float32 sums round
+    parts = [(torch.randn(1 << 16, generator=g) * torch.exp(torch.randn(1 << 16, generator=g) * spread)).to(dtype)
+             for _ in range(count)]
+    parts[0][:4] = torch.tensor([-0.0, float("inf"), -0.0, 1.0])
+    for p in parts[1:]:
+        p[:4] = torch.tensor([-0.0, 1.0, 0.0, -1.0])
+    got, expected = stacked_sum(parts), torch.stack(parts).sum(dim=0)
+    assert got.dtype == expected.dtype
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))

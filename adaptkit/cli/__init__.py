@@ -13,7 +13,7 @@ import click
 
 from .. import __version__
 from . import convert, generate, hub, inspect, merge, moe, plot, plugins, quantize, soup, train
-from .boundary import Group, be_quiet, one_line_warning
+from .boundary import Group, be_quiet, end_process, one_line_warning
 from .options import CONTEXT
 
 
@@ -53,7 +53,12 @@ cli.add_command(plot.plot_cmd)
 
 
 def main() -> None:
-    cli(prog_name="adaptkit")
+    """The console script: run the command, then end the process (`boundary.end_process`)."""
+    try:
+        cli(prog_name="adaptkit")
+    except SystemExit as e:
+        end_process(e.code)
+    end_process(0)
 
 
 __all__ = ["cli", "main"]

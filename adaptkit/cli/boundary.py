@@ -169,3 +169,37 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None):
 
 
 __all__ = ["Group", "add_global_options", "be_quiet", "missing_extra", "one_line", "one_line_warning"]
+
+
+def end_process(code) -> None:
+    """Exit with `code` (as `sys.exit` reads it), skipping the interpreter's teardown once torch is loaded.
+
+    Tearing down an interpreter that imported torch takes 0.3–0.45 s on the 2-core dev machine
+    (`python -c "import torch"`: 1.60 s; 1.16 s ending in `os._exit`), a fifth of a small merge's
+    wall time. Every command has closed and renamed its outputs by the time it returns; what the
+    teardown would still do is done here first: cyclic garbage collected (finalizers run),
+    atexit handlers run (temporary folders, multiprocessing, logging), streams flushed. A Python
+    thread still running keeps the normal exit, which waits for it.
+    """
+    import atexit
+    import gc
+    import threading
+
+    if "torch" not in sys.modules or any(not t.daemon for t in threading.enumerate()
+                                         if t is not threading.main_thread()):
+        sys.exit(code)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    gc.collect()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more to say
+            pass
+    os._exit(status)

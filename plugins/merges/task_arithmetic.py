@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen
+from ._base import Operator, frozen, stacked_sum
 from ._select import block_ranges
 from ._sparsify import l1_factor, sparsifier
 
@@ -61,18 +61,19 @@ CONSENSUS = (None, "sum", "count")
 def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: str | None,
             normalize: bool) -> torch.Tensor:
     """Σᵢ mᵢ·δᵢ (÷ Σᵢ mᵢ·wᵢ with `normalize`), mᵢ = [sign δᵢ = elected sign]; `weights` (N,) in the
-    deltas' dtype. The same sums over the stacked inputs as mergekit's `get_mask`, so the same roundings."""
-    stacked = torch.stack(list(deltas))
-    weights = weights.reshape(-1, *([1] * (stacked.dim() - 1)))
+    deltas' dtype. The same sums over the stacked inputs as mergekit's `get_mask` (`stacked_sum`),
+    so the same roundings."""
     if consensus is None:
-        mixed, divisor = stacked.sum(dim=0), weights.sum(dim=0)
+        mixed, divisor = stacked_sum(deltas), weights.sum()
         divisor[divisor.abs() < 1e-8] = 1
     else:
-        sign = stacked.sign()
-        votes = stacked.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
+        signs = [delta.sign() for delta in deltas]
+        votes = stacked_sum(deltas if consensus == "sum" else signs)
         # A tie (sum exactly 0) elects +, as in the TIES reference code and mergekit.
-        mask = sign == (votes >= 0).to(stacked.dtype) * 2 - 1  # a zero δ agrees with neither sign
-        mixed, divisor = (stacked * mask).sum(dim=0), (weights * mask).sum(dim=0)
+        elected = (votes >= 0).to(votes.dtype) * 2 - 1
+        masks = [sign == elected for sign in signs]  # a zero δ agrees with neither sign
+        mixed = stacked_sum([delta * mask for delta, mask in zip(deltas, masks)])
+        divisor = stacked_sum([mask * weight for mask, weight in zip(masks, weights.unbind(0))])
         divisor[divisor == 0] = 1
     return mixed.div_(divisor) if normalize else mixed
 
