@@ -335,6 +335,35 @@ def test_matches_mergekit_bytes(name, params, dtype):
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (shape, changed)
 
 
+@pytest.fixture
+def two_threads():
+    """torch on 2 threads: reductions above torch's grain size split across them (CI has 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_row_mean_is_the_mean_torch_takes_of_that_row_among_all(two_threads, rows):
+    from plugins.merges.sce import row_mean
+
+    g = torch.Generator().manual_seed(rows)
+    squares = (torch.randn(rows, 700_001, generator=g) * 1e-2).bfloat16().float().square()
+    whole = squares.mean(dim=1)
+    assert torch.equal(torch.stack([row_mean(r, rows) for r in squares]), whole)
+    if rows > 1:  # the row alone sums in other pieces: the test can tell
+        assert not torch.equal(torch.stack([r.mean() for r in squares]), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sce_matches_mergekit_bytes_on_tensors_big_enough_to_split(two_threads, dtype):
+    tensors, base = make((700, 1000), changed=1.0)
+    tensors, base = [t.to(dtype) for t in tensors], base.to(dtype)
+    for params in ({}, {"select_topk": 0.5}):
+        assert torch.equal(op("sce").merge(tensors, base, **params), mergekit("sce", tensors, base, **params))
+
+
 @pytest.mark.parametrize("name", ["sce", "ram", "ramplus_tl"])
 def test_params_match_mergekit(name):
     spec = mk_registry.get(name).spec
