@@ -374,20 +374,22 @@ def test_dare_l1_matches_mergekit_given_the_same_masks(monkeypatch, name):
 
 def test_dare_masks_keep_density_and_depend_only_on_the_generator():
     """The masks (`_sparsify.Draws`): kept fraction ≈ density (binomial: within 5σ), the same for
-    the same generator seed, different for another, and the same however the entries are split
-    into blocks of the same sizes on a rerun (restart rewinds)."""
+    the same generator seed, different for another, and the same block's mask again on a later
+    pass (replayed from its bits, not drawn anew)."""
     from adaptkit_plugins.merges._sparsify import Draws
 
     n = 1 << 20
     for density in (0.1, 0.5, 0.9):
         draws = Draws(torch.Generator().manual_seed(3))
-        first = draws.below(torch.Size([n]), density)
+        first = draws.below(0, torch.Size([n]), density)
         sigma = (n * density * (1 - density)) ** 0.5
         assert abs(int(first.sum()) - density * n) < 5 * sigma
-        draws.restart()
-        assert torch.equal(draws.below(torch.Size([n]), density), first)
-        assert torch.equal(Draws(torch.Generator().manual_seed(3)).below(torch.Size([n]), density), first)
-        assert not torch.equal(Draws(torch.Generator().manual_seed(4)).below(torch.Size([n]), density), first)
+        second = draws.below(n, torch.Size([n - 3]), density)  # the next block: new draws
+        assert not torch.equal(second, first[:n - 3])
+        assert torch.equal(draws.below(0, torch.Size([n]), density), first)
+        assert torch.equal(draws.below(n, torch.Size([n - 3]), density), second)
+        assert torch.equal(Draws(torch.Generator().manual_seed(3)).below(0, torch.Size([n]), density), first)
+        assert not torch.equal(Draws(torch.Generator().manual_seed(4)).below(0, torch.Size([n]), density), first)
     assert first.dtype == torch.uint8 and set(first.unique().tolist()) <= {0, 1}
 
 
@@ -557,4 +559,11 @@ def test_stacked_sum_is_torchs_stacked_sum_to_the_byte(dtype, count):
         p[:4] = torch.tensor([-0.0, 1.0, 0.0, -1.0])
     got, expected = stacked_sum(parts), torch.stack(parts).sum(dim=0)
     assert got.dtype == expected.dtype
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    # masks times per-part weights rounded to the dtype (TIES' divisor Σᵢ mᵢ·wᵢ), of either sign
+    masks = [part > 0 for part in parts]
+    scales = torch.tensor([(-1) ** i * 0.3 * (i + 1) for i in range(count)]).to(dtype)
+    got = stacked_sum(masks, scales)
+    expected = torch.stack([m * w for m, w in zip(masks, scales.unbind(0))]).sum(dim=0)
+    assert got.dtype == expected.dtype == dtype
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))

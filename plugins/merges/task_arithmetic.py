@@ -73,7 +73,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
         elected = (votes >= 0).to(votes.dtype) * 2 - 1
         masks = [sign == elected for sign in signs]  # a zero δ agrees with neither sign
         mixed = stacked_sum([delta * mask for delta, mask in zip(deltas, masks)])
-        divisor = stacked_sum([mask * weight for mask, weight in zip(masks, weights.unbind(0))])
+        divisor = stacked_sum(masks, weights)
         divisor[divisor == 0] = 1
     return mixed.div_(divisor) if normalize else mixed
 
