@@ -356,6 +356,21 @@ def test_row_mean_is_the_mean_torch_takes_of_that_row_among_all(two_threads, row
         assert not torch.equal(torch.stack([r.mean() for r in squares]), whole)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_variance_is_torchs_var_to_the_byte(two_threads, dtype, rows):
+    """SCE's selection variances: Welford's updates over all columns at once (`sce.variance`) against
+    torch's column-by-column kernel, on values spread over e^±6 and columns of equal values."""
+    from plugins.merges.sce import variance
+
+    g = torch.Generator().manual_seed(rows)
+    n = 1 << 20
+    stacked = (torch.randn(rows, n, generator=g) * torch.exp(torch.randn(rows, n, generator=g) * 2) * 1e-3).to(dtype)
+    stacked[:, : n // 8] = stacked[0, : n // 8].clone()  # zero variance
+    got, expected = variance(stacked), torch.var(stacked, dim=0, unbiased=False)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sce_matches_mergekit_bytes_on_tensors_big_enough_to_split(two_threads, dtype):
     tensors, base = make((700, 1000), changed=1.0)
