@@ -133,17 +133,23 @@ def test_ties_formula(normalize):
     assert_close(out.double(), expected, **TIGHT)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k", [1, 13, 50, 97, 120, 199])
-def test_magnitude_cut_over_blocks_keeps_ties_lowest_index_first(monkeypatch, k):
+def test_magnitude_cut_over_blocks_keeps_ties_lowest_index_first(monkeypatch, k, dtype):
     """The radix select over blocks keeps exactly the k largest; at the threshold, ties are kept in
-    flat order — checked with blocks far smaller than the tensor and values full of ties."""
+    flat order — checked with blocks far smaller than the tensor, values full of ties over several
+    binades, an infinity, and the blocks left as they were given (half types: one 15-bit pass)."""
     from adaptkit_plugins.merges import _select
 
     monkeypatch.setattr(_select, "BLOCK", 16)
     g = torch.Generator().manual_seed(3)
-    magnitude = torch.randint(0, 6, (200,), generator=g).float() * 0.25
-    cut = _select.top_cut(lambda s, e: magnitude[s:e].clone(), magnitude.numel(), k)
-    ours = torch.cat([cut.mask(magnitude[s:e], s) for s, e in _select.block_ranges(200)])
+    magnitude = torch.randint(0, 6, (200,), generator=g).float() * 0.25 * 2.0 ** torch.randint(-3, 4, (200,), generator=g)
+    magnitude[7] = float("inf")
+    magnitude = magnitude.to(dtype)
+    given = magnitude.clone()
+    cut = _select.top_cut(lambda s, e: magnitude[s:e], magnitude.numel(), k)
+    assert torch.equal(magnitude, given)
+    ours = torch.cat([cut.mask(magnitude[s:e], s) for s, e in _select.block_ranges(200)]).float()
     order = sorted(range(200), key=lambda i: (-magnitude[i].item(), i))  # stable: lower index first
     expected = torch.zeros(200)
     expected[order[:k]] = 1

@@ -1,11 +1,12 @@
 """Exact magnitude cuts over a tensor seen in blocks (not a plugin; used by the sparsifiers).
 
-Keeping the k largest |τ| only needs the k-th largest value. For non-negative float32 values the
-int32 bit patterns sort like the values, so a two-level radix select finds it exactly from two
-histograms (`torch.bincount`) of the upper and lower 16 bits — and histograms add up over blocks,
-so the whole tensor never has to be held as temporaries: a cut costs two or three passes over
-blocks of a few MB, each computed afresh by the caller. Ties at the threshold are kept lowest flat
-index first, so the result is deterministic.
+Keeping the k largest |τ| only needs the k-th largest value. Non-negative floats sort like their
+bit patterns as integers, so a radix select finds it exactly from histograms (`torch.bincount`):
+of the 15 value bits of bfloat16 and float16 magnitudes in one pass, of the upper and then the
+lower 16 bits of float32 ones in two. Histograms add up over blocks, so the whole tensor never has
+to be held as temporaries: a cut costs one to three passes over blocks of a few MB, each computed
+afresh by the caller. Ties at the threshold are kept lowest flat index first, so the result is
+deterministic.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch
 
 BLOCK = 1 << 20  # elements per block: small enough to stay in cache, large enough for fast kernels
 
-Blocks = Callable[[int, int], torch.Tensor]  # (start, stop) -> |τ| of those flat entries, float32
+# (start, stop) -> |τ| of those flat entries: bfloat16, float16 or float32 (other dtypes: as float32),
+# the same dtype for every block; top_cut does not write into them
+Blocks = Callable[[int, int], torch.Tensor]
 
 
 def block_ranges(n: int) -> list[tuple[int, int]]:
@@ -34,10 +37,8 @@ class Cut:
         """0/1 float mask of the kept entries of a block starting at flat index `start`.
         (Comparisons write straight into float tensors: several times faster than making bool
         tensors and converting them, and float masks are cheap to multiply by.)"""
-        if self.threshold == float("inf"):
-            return torch.zeros_like(magnitude)
-        if self.threshold == -1.0:
-            return torch.ones_like(magnitude)
+        if self.last_tie == -1:  # top_cut's "none" and "all" (a cut at +inf keeps the infinities)
+            return torch.zeros_like(magnitude) if self.threshold == float("inf") else torch.ones_like(magnitude)
         tied_here = self.last_tie - start + 1  # entries of this block that may keep a tie
         compare = torch.ge if tied_here >= magnitude.numel() else torch.gt
         mask = compare(magnitude, self.threshold, out=torch.empty_like(magnitude))
@@ -60,15 +61,24 @@ def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
     if k <= 0:
         return Cut(float("inf"), -1)
     ranges = block_ranges(n)
+    dtype = blocks(*ranges[0]).dtype
+    if dtype in (torch.bfloat16, torch.float16):  # one histogram of the 15-bit patterns
+        counts = torch.zeros(1 << 15, dtype=torch.int64)
+        for s, e in ranges:
+            counts += torch.bincount(blocks(s, e).view(torch.int16), minlength=1 << 15)
+        bin_, above = _from_top(counts, k)
+        threshold = float(torch.tensor([bin_], dtype=torch.int16).view(dtype))
+        need, equal = k - above, int(counts[bin_])
+        return Cut(threshold, n if need == equal else _nth_tie(blocks, ranges, threshold, need))
     high = torch.zeros(1 << 15, dtype=torch.int64)
     for s, e in ranges:
-        high += torch.bincount(blocks(s, e).view(torch.int32) >> 16, minlength=1 << 15)
+        high += torch.bincount(blocks(s, e).float().view(torch.int32) >> 16, minlength=1 << 15)
     high_bin, above = _from_top(high, k)
     low = torch.zeros(1 << 16, dtype=torch.int64)
     for s, e in ranges:
         # Entries of the high bin map to 1..2¹⁶, lower ones to 0 and higher ones to 2¹⁶ + 1: one
         # clamp instead of selecting the bin's entries (several times faster).
-        offsets = blocks(s, e).view(torch.int32).sub_((high_bin << 16) - 1).clamp_(0, (1 << 16) + 1)
+        offsets = torch.sub(blocks(s, e).float().view(torch.int32), (high_bin << 16) - 1).clamp_(0, (1 << 16) + 1)
         low += torch.bincount(offsets, minlength=(1 << 16) + 2)[1:-1]
     low_bin, above_low = _from_top(low, k - above)
     threshold = float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))

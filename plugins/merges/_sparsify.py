@@ -39,7 +39,7 @@ class Keep:
         self.method, self.density = method, density
         self.draws = Draws(generator) if method == "random" else None
         self.whole: numpy.ndarray | None = None
-        magnitudes = lambda s, e: tau(s, e).abs_().float()  # noqa: E731
+        magnitudes = lambda s, e: tau(s, e).abs_()  # noqa: E731
         if method == "magnitude":  # mergekit: the max(1, int(density·n)) largest
             keep = max(1, keep_count(density, n))
             self.cuts = [(top_cut(magnitudes, n, keep), 1)]
@@ -99,7 +99,7 @@ class Draws:
 
 def _straddles(cut, n: int) -> bool:
     """Whether entries equal to the cut's threshold are kept only in part (see `_select.Cut`)."""
-    return 0 <= cut.threshold < float("inf") and cut.last_tie != n
+    return cut.last_tie not in (-1, n)  # -1: top_cut's keep-none and keep-all cuts
 
 
 def _order(tau, n: int, descending: bool) -> torch.Tensor:

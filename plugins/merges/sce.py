@@ -54,8 +54,7 @@ def variance(rows: torch.Tensor) -> torch.Tensor:
 
 def _first_by_index(var: torch.Tensor, k: int) -> torch.Tensor:
     """The mask of the k largest variances, ties at the cut lowest index first, by blocks."""
-    # variances are ≥ 0 (|var| = var); top_cut works in place on what `blocks` gives: a copy
-    cut = top_cut(lambda s, e: var[s:e].to(torch.float32, copy=True), var.numel(), k)
+    cut = top_cut(lambda s, e: var[s:e], var.numel(), k)  # variances are ≥ 0: |var| = var
     mask = torch.empty_like(var)
     for s, e in block_ranges(var.numel()):
         mask[s:e] = cut.mask(var[s:e].float(), s)
