@@ -168,8 +168,6 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {_printable(message)}", err=True)
 
 
-__all__ = ["Group", "add_global_options", "be_quiet", "missing_extra", "one_line", "one_line_warning"]
-
 
 def end_process(code) -> None:
     """Exit with `code` (as `sys.exit` reads it), skipping the interpreter's teardown once torch is loaded.
@@ -203,3 +201,7 @@ def end_process(code) -> None:
         except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more to say
             pass
     os._exit(status)
+
+
+__all__ = ["Group", "add_global_options", "be_quiet", "end_process", "missing_extra", "one_line",
+           "one_line_warning"]

@@ -40,7 +40,10 @@ def stacked_sum(parts: Sequence[torch.Tensor], scales: torch.Tensor | None = Non
     # from +0 as torch's sum: -0 + -0 would stay -0 where torch's gives +0
     total = torch.zeros(parts[0].shape, dtype=torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
     for i, part in enumerate(parts):
-        total.add_(part) if scales is None else total.add_(part, alpha=float(scales[i]))
+        if scales is None:
+            total.add_(part)
+        else:
+            total.add_(part, alpha=float(scales[i]))
     return total.to(dtype)
 
 

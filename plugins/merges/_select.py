@@ -61,7 +61,7 @@ def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
     if k <= 0:
         return Cut(float("inf"), -1)
     ranges = block_ranges(n)
-    dtype = blocks(*ranges[0]).dtype
+    dtype = blocks(0, 1).dtype
     if dtype in (torch.bfloat16, torch.float16):  # one histogram of the 15-bit patterns
         counts = torch.zeros(1 << 15, dtype=torch.int64)
         for s, e in ranges:

@@ -83,17 +83,19 @@ class Draws:
 
     def __init__(self, generator: torch.Generator):
         self.bits = numpy.random.SFC64(int(torch.randint(0, 2**62, (), generator=generator)))
-        self.drawn: dict[int, numpy.ndarray] = {}  # block start -> packed mask
+        self.drawn: dict[int, tuple[int, numpy.ndarray]] = {}  # block start -> (entries, packed mask)
 
     def below(self, start: int, shape: torch.Size, p: float) -> torch.Tensor:
         """The 0/1 (uint8) mask of the block of `shape` starting at flat index `start`."""
         n = math.prod(shape)
-        packed = self.drawn.get(start)
-        if packed is None:
+        if start not in self.drawn:
             words = self.bits.random_raw((n + 1) // 2).view(numpy.uint32)[:n]
             kept = numpy.less(words, numpy.uint32(min(int(p * 2**32), 2**32 - 1))).view(numpy.uint8)
-            self.drawn[start] = numpy.packbits(kept, bitorder="little")
+            self.drawn[start] = (n, numpy.packbits(kept, bitorder="little"))
             return torch.from_numpy(kept).view(shape)
+        drawn, packed = self.drawn[start]
+        if drawn != n:  # every pass goes over the same blocks
+            raise AssertionError(f"block at {start} drawn with {drawn} entries, asked again with {n}")
         return torch.from_numpy(numpy.unpackbits(packed, count=n, bitorder="little")).view(shape)
 
 
