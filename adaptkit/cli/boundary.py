@@ -183,8 +183,9 @@ def end_process(code) -> None:
     import gc
     import threading
 
-    if "torch" not in sys.modules or any(not t.daemon for t in threading.enumerate()
-                                         if t is not threading.main_thread()):
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere the normal exit
+    if run_exit_handlers is None or "torch" not in sys.modules or any(
+            not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     if code is None:
         status = 0
@@ -194,7 +195,7 @@ def end_process(code) -> None:
         print(code, file=sys.stderr)
         status = 1
     gc.collect()
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
