@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen
+from ._base import Operator, frozen, stacked_sum
 from ._select import block_ranges, top_cut
 
 BLOCK = 1 << 20  # elements per column block of the per-position steps
@@ -147,10 +147,12 @@ class SelectCalculateErase(Operator):
         out = torch.empty(base.numel(), dtype=weights.dtype)
         for s, e in blocks:
             block = masked(s, e)
-            elected = (block.sum(dim=0) >= 0).to(block.dtype) * 2 - 1
-            erased = weights * (block.sign() == elected)
-            torch.add(flat_base[0, s:e], (block * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6),
-                      out=out[s:e])
+            # sums over the inputs as `stacked_sum` (torch's bytes), agreement as 0/1 in the block's dtype
+            # (a product with a bool tensor takes torch's slow mixed-dtype path)
+            elected = (stacked_sum(block.unbind(0)) >= 0).to(block.dtype) * 2 - 1
+            erased = torch.eq(block.sign(), elected, out=torch.empty_like(block)).mul_(weights)
+            mixed = stacked_sum(block.mul_(erased).unbind(0))
+            torch.add(flat_base[0, s:e], mixed / stacked_sum(erased.unbind(0)).clamp(min=1e-6), out=out[s:e])
         return out.view(base.shape)
 
 SCE = SelectCalculateErase()
