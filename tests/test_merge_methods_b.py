@@ -372,11 +372,13 @@ def test_variance_is_torchs_var_to_the_byte(two_threads, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sce_matches_mergekit_bytes_on_tensors_big_enough_to_split(two_threads, dtype):
-    tensors, base = make((700, 1000), changed=1.0)
+@pytest.mark.parametrize(("name", "params"), [("sce", {}), ("sce", {"select_topk": 0.5}), ("ram", {}),
+                                              ("ramplus_tl", {"r": 0.5})], ids=lambda v: v if isinstance(v, str) else None)
+def test_matches_mergekit_bytes_on_tensors_big_enough_to_split(two_threads, dtype, name, params):
+    """Sums and reductions over 700k entries on 2 threads, where torch splits work across them."""
+    tensors, base = make((700, 1000), changed=0.5)
     tensors, base = [t.to(dtype) for t in tensors], base.to(dtype)
-    for params in ({}, {"select_topk": 0.5}):
-        assert torch.equal(op("sce").merge(tensors, base, **params), mergekit("sce", tensors, base, **params))
+    assert torch.equal(op(name).merge(tensors, base, **params), mergekit(name, tensors, base, **params))
 
 
 @pytest.mark.parametrize("name", ["sce", "ram", "ramplus_tl"])
