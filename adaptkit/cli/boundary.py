@@ -10,9 +10,12 @@ process, a library call never changes it).
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import re
 import sys
+import threading
 import warnings
 
 import click
@@ -179,10 +182,6 @@ def end_process(code) -> None:
     atexit handlers run (temporary folders, multiprocessing, logging), streams flushed. A Python
     thread still running keeps the normal exit, which waits for it.
     """
-    import atexit
-    import gc
-    import threading
-
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere the normal exit
     if run_exit_handlers is None or "torch" not in sys.modules or any(
             not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):

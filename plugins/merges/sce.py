@@ -118,18 +118,18 @@ class SelectCalculateErase(Operator):
         # Memory (issue 15): the task vectors are made again block by block whenever needed (the same
         # subtraction, so the same values) and every per-position step runs over column blocks; only
         # the reductions mergekit takes whole stay whole: the top-k of the variances (its choice among
-        # tied variances is its own) and the mean squares, over one (N, n) buffer.
+        # tied variances is its own) and the mean squares, one input's squares at a time.
         flat_base, inputs = base.reshape(1, -1), [t.reshape(1, -1) for t in tensors]
         blocks = [(s, min(s + BLOCK, base.numel())) for s in range(0, base.numel(), BLOCK)]
 
-        def tvs(s: int, e: int) -> torch.Tensor:
-            return torch.cat([t[:, s:e] - flat_base[:, s:e] for t in inputs])
+        def tvs(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> torch.Tensor:
+            return torch.cat([t[:, s:e] - flat_base[:, s:e] for t in rows])
 
         dtype = torch.promote_types(base.dtype, tensors[0].dtype)
         mask = select_mask(tvs, blocks, fraction, dtype, bound["tie_break"]) if fraction < 1 else None
 
-        def masked(s: int, e: int) -> torch.Tensor:
-            return tvs(s, e) * mask[s:e].unsqueeze(0) if mask is not None else tvs(s, e)
+        def masked(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> torch.Tensor:
+            return tvs(s, e, rows) * mask[s:e] if mask is not None else tvs(s, e, rows)
 
         # one input's squares at a time (`row_mean`), rounded in the task vectors' dtype as mergekit's,
         # held in float32: the copy torch's mean of half-precision squares would make is this buffer
@@ -139,8 +139,7 @@ class SelectCalculateErase(Operator):
         means = []
         for row in inputs:
             for s, e in blocks:
-                tv = row[0, s:e] - flat_base[0, s:e]
-                squares[s:e] = (tv if mask is None else tv * mask[s:e]).square_()
+                squares[s:e] = masked(s, e, [row])[0].square_()
             means.append(row_mean(squares, len(inputs)))
         del squares
         weights = matrix_weights(torch.stack(means), dtype if upcast else None).view(-1, 1)
