@@ -69,20 +69,20 @@ def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
         bin_, above = _from_top(counts, k)
         threshold = float(torch.tensor([bin_], dtype=torch.int16).view(dtype))
         need, equal = k - above, int(counts[bin_])
-        return Cut(threshold, n if need == equal else _nth_tie(blocks, ranges, threshold, need))
-    high = torch.zeros(1 << 15, dtype=torch.int64)
-    for s, e in ranges:
-        high += torch.bincount(blocks(s, e).float().view(torch.int32) >> 16, minlength=1 << 15)
-    high_bin, above = _from_top(high, k)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for s, e in ranges:
-        # Entries of the high bin map to 1..2¹⁶, lower ones to 0 and higher ones to 2¹⁶ + 1: one
-        # clamp instead of selecting the bin's entries (several times faster).
-        offsets = torch.sub(blocks(s, e).float().view(torch.int32), (high_bin << 16) - 1).clamp_(0, (1 << 16) + 1)
-        low += torch.bincount(offsets, minlength=(1 << 16) + 2)[1:-1]
-    low_bin, above_low = _from_top(low, k - above)
-    threshold = float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))
-    need, equal = k - above - above_low, int(low[low_bin])
+    else:  # the upper 16 bits, then the lower 16 within the upper's bin
+        high = torch.zeros(1 << 15, dtype=torch.int64)
+        for s, e in ranges:
+            high += torch.bincount(blocks(s, e).float().view(torch.int32) >> 16, minlength=1 << 15)
+        high_bin, above = _from_top(high, k)
+        low = torch.zeros(1 << 16, dtype=torch.int64)
+        for s, e in ranges:
+            # Entries of the high bin map to 1..2¹⁶, lower ones to 0 and higher ones to 2¹⁶ + 1: one
+            # clamp instead of selecting the bin's entries (several times faster).
+            offsets = torch.sub(blocks(s, e).float().view(torch.int32), (high_bin << 16) - 1).clamp_(0, (1 << 16) + 1)
+            low += torch.bincount(offsets, minlength=(1 << 16) + 2)[1:-1]
+        low_bin, above_low = _from_top(low, k - above)
+        threshold = float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))
+        need, equal = k - above - above_low, int(low[low_bin])
     return Cut(threshold, n if need == equal else _nth_tie(blocks, ranges, threshold, need))
 
 
