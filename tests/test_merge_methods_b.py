@@ -73,6 +73,22 @@ def test_keep_probabilities_by_hand():
     assert torch.equal(keep_probabilities(torch.ones(3, 1), 0.7, 0.2), torch.full((3, 1), 0.7))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rank_order_is_the_stable_argsort(dtype):
+    """16-bit magnitudes are ranked by numpy's radix sort of their bit patterns, wider ones by torch's
+    sort of theirs: either way each row's stable argsort of the values, ties (many here) by position,
+    zeros, subnormals and infinities included."""
+    from adaptkit_plugins.merges.della import rank_order
+
+    g = torch.Generator().manual_seed(5)
+    values = torch.randint(-40, 40, (37, 300), generator=g).to(dtype) / 8
+    values[0, :5] = torch.tensor([float("inf"), 0.0, -0.0, torch.finfo(dtype).tiny / 4, float("-inf")], dtype=dtype)
+    magnitude = values.abs()
+    order = rank_order(magnitude)
+    assert order.dtype == torch.int64
+    assert torch.equal(order, torch.argsort(magnitude.double(), dim=1, stable=True))
+
+
 def della_masks(tensors, base, dens, eps, seeds):
     """Each input's keep mask, read off a single-input della_linear run on its own generator."""
     masks = []

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from functools import partial, reduce
 from typing import Any
 
+import numpy
 import torch
 
 from ._base import frozen
@@ -54,15 +55,28 @@ def from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """pⱼ of each entry of rows of |τ| (R × n, float32): from density − ε for the smallest of a row
-    to density + ε for its largest, linear in the rank; equal magnitudes ranked by position."""
+    """pⱼ (float32) of each entry of rows of |τ| (R × n, in τ's dtype, ranked in it as mergekit ranks):
+    from density − ε for the smallest of a row to density + ε for its largest, linear in the rank;
+    equal magnitudes ranked by position."""
     rows, n = magnitude.shape
     if n == 1:
-        return torch.full_like(magnitude, density)
+        return torch.full(magnitude.shape, density, dtype=torch.float32)
     ramp = torch.arange(n, dtype=torch.float32).div_(n - 1).mul_(2 * epsilon).add_(density - epsilon)
-    # Non-negative float32 values sort like their int32 bit patterns, which sort about 30% faster.
-    order = magnitude.view(torch.int32).argsort(dim=1, stable=True)
-    return torch.empty_like(magnitude).scatter_(1, order, ramp.expand(rows, n))
+    return torch.empty(magnitude.shape, dtype=torch.float32).scatter_(1, rank_order(magnitude), ramp.expand(rows, n))
+
+
+def rank_order(magnitude: torch.Tensor) -> torch.Tensor:
+    """Each row's stable ascending argsort of non-negative magnitudes (R × n, int64).
+
+    Non-negative floats sort like their bit patterns as signed integers of the same width. 16-bit
+    patterns go to numpy's stable argsort, a radix sort for 16-bit keys: 5.6 ms per 2²⁰ bf16 entries
+    on one thread, against 22 ms for torch's stable argsort on two (measured; the same order, as
+    both are stable). Wider patterns sort in torch, which sorts int32 about 30% faster than float32."""
+    if magnitude.element_size() == 2:
+        keys = magnitude.contiguous().view(torch.int16).numpy()
+        return torch.from_numpy(numpy.argsort(keys, axis=1, kind="stable"))
+    wide = {4: torch.int32, 8: torch.int64}[magnitude.element_size()]
+    return magnitude.view(wide).argsort(dim=1, stable=True)
 
 
 def l1_factor(task_vector: Callable[[int, int], torch.Tensor], magprune: Callable[[torch.Tensor, int], torch.Tensor],
@@ -123,7 +137,7 @@ class Della(TaskArithmetic):
             kept = masks.pop((i, start), None)
             if kept is not None:
                 return tau.mul_(kept)  # 0/1: the same bytes as τ·m rounded once
-            p = keep_probabilities(tau.abs().float(), s.density[i], epsilon[i])
+            p = keep_probabilities(tau.abs(), s.density[i], epsilon[i])
             u = torch.rand(tau.shape, generator=generators[i], dtype=torch.float32)
             keep = torch.lt(u, p, out=u)  # [u < p], drawn from this input's generator only
             if keep_mask:
