@@ -277,6 +277,7 @@ HOOKS: dict[str, Hook] = {
     "random": Hook(MergeOptions, False),  # all
     "takes_base": Hook(MergeOptions, True),  # average karcher linear passthrough
     "elementwise": Hook(MergeOptions, False),  # all
+    "serial_kernels": Hook(MergeOptions, False),  # all
     "block_upcast": Hook(MergeOptions, False),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties della della_linear magnitude_prune task_arithmetic ties
     "ignored_params": Hook(MergeOptions, frozenset()),  # arcee_fusion karcher model_stock nearswap ram ramplus_tl sce slerp
     "merge_factors": Hook(FactorMerge, "merged as ΔW, refactored by SVD"),  # concat

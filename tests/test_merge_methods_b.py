@@ -397,6 +397,37 @@ def test_matches_mergekit_bytes_on_tensors_big_enough_to_split(two_threads, dtyp
     assert torch.equal(op(name).merge(tensors, base, **params), mergekit(name, tensors, base, **params))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [1, 16_383, 1 << 14, 3 * (1 << 14) + 5, 700_001])
+def test_l1_parts_do_not_depend_on_the_thread_count(two_threads, dtype, n):
+    """The L1 norms of the random methods' rescale: partial sums over runs of L1_ROW entries, each one
+    thread's serial sum, so 1 and 2 threads give the same floats, and their math.fsum is the norm."""
+    from plugins.merges._sparsify import L1_ROW, l1_parts
+
+    g = torch.Generator().manual_seed(n)
+    block = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 3)).to(dtype)
+    two = l1_parts(block)
+    torch.set_num_threads(1)
+    one = l1_parts(block)
+    assert one == two and len(one) == -(-n // L1_ROW)
+    assert math.fsum(one) == pytest.approx(block.double().abs().sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(("name", "params"), [("dare_linear", {"density": 0.4}), ("dare_ties", {"density": 0.6}),
+                                              ("della", {"density": 0.5}), ("della_linear", {"density": 0.7})],
+                         ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_random_merges_do_not_depend_on_the_thread_count(two_threads, name, params, dtype):
+    """L1 rescaling over a tensor above torch's grain size on 2 threads, then 1: the same bytes (a
+    merge's result depends on its recipe and seed only, as the README promises for `--threads`)."""
+    tensors, base = make((700, 1000))
+    tensors, base = [t.to(dtype) for t in tensors], base.to(dtype)
+    params = {"weight": [0.3, 0.5, 0.4], **params}
+    two = op(name).merge(tensors, base, generators=seeded(1, 2, 3), **params)
+    torch.set_num_threads(1)
+    assert torch.equal(op(name).merge(tensors, base, generators=seeded(1, 2, 3), **params), two)
+
+
 @pytest.mark.parametrize("name", ["sce", "ram", "ramplus_tl"])
 def test_params_match_mergekit(name):
     spec = mk_registry.get(name).spec

@@ -60,6 +60,7 @@ class Operator:
     per_model: frozenset[str] = frozenset()
     random: bool = False
     elementwise: bool = False  # each output element depends only on the same element of the inputs
+    serial_kernels: bool = False  # single-threaded kernels (sorts, numpy) in its work: see capabilities.MergeOptions
 
     def error(self, message: str) -> AdaptkitError:
         return AdaptkitError(f"{self.name}: {message}")

@@ -138,17 +138,35 @@ def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, ge
     return Keep(tau, n, method, density, gamma, generator, tie_break)
 
 
-def l1_factor(tau, ranges, keep: Keep) -> torch.Tensor | None:
-    """mergekit's rescale: the kept entries scaled so their L1 norm equals the unpruned one; the two
-    sums over the whole tensor in its dtype, as mergekit sums them (None: no rescaling, a norm < 1e-7).
-    |τ| and |kept τ| are written block by block into two whole tensors, each summed once."""
-    n = ranges[-1][1]
-    before = after = None
+def l1_factor(tau, ranges, prune) -> torch.Tensor | None:
+    """mergekit's rescale, ‖τ‖₁ / ‖prune(τ)‖₁ in τ's dtype: the kept entries scaled so that their L1
+    norm equals the unpruned one (None: no rescaling, where a norm rounds below 1e-7). `prune(start,
+    block)` gives a block of the pruned τ (it may prune in place). The norms are `l1_parts` summed with
+    math.fsum and rounded once to the dtype: the same on any number of threads, where a whole-tensor
+    torch sum (mergekit's) changes its last bits with torch's thread count."""
+    before: list[float] = []
+    after: list[float] = []
+    dtype = None
     for s, e in ranges:
         block = tau(s, e)
-        if before is None:
-            before, after = torch.empty(n, dtype=block.dtype), torch.empty(n, dtype=block.dtype)
-        torch.abs(block, out=before[s:e])
-        torch.abs(block.mul_(keep.mask(s, block)), out=after[s:e])
-    before, after = before.sum(), after.sum()
-    return None if before < 1e-7 or after < 1e-7 else before / after
+        dtype = block.dtype
+        before += l1_parts(block)
+        after += l1_parts(prune(s, block))
+    norms = [torch.tensor(math.fsum(parts), dtype=dtype) for parts in (before, after)]
+    return None if norms[0] < 1e-7 or norms[1] < 1e-7 else norms[0] / norms[1]
+
+
+L1_ROW = 1 << 14  # entries per partial sum: under torch's parallel grain size (32768)
+
+
+def l1_parts(block: torch.Tensor) -> list[float]:
+    """Partial sums of |block| in float32 over runs of `L1_ROW` entries. Each run is a row of a
+    (rows × L1_ROW) reduction, which torch gives whole to one thread and sums serially, so the parts
+    depend on the values only, never on the thread count (tested on 1 and 2 threads)."""
+    flat = block.reshape(-1)
+    whole = flat.numel() // L1_ROW * L1_ROW
+    magnitude = flat.abs()
+    parts = magnitude[:whole].view(-1, L1_ROW).sum(dim=1, dtype=torch.float32).tolist() if whole else []
+    if whole < flat.numel():
+        parts.append(float(magnitude[whole:].sum(dtype=torch.float32)))
+    return parts

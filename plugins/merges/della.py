@@ -26,7 +26,7 @@ Sampling", arXiv 2406.11617.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial, reduce
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch
 
 from ._base import frozen
 from ._select import BLOCK
+from ._sparsify import l1_factor
 from .task_arithmetic import TaskArithmetic
 
 
@@ -79,18 +80,6 @@ def rank_order(magnitude: torch.Tensor) -> torch.Tensor:
     return magnitude.view(wide).argsort(dim=1, stable=True)
 
 
-def l1_factor(task_vector: Callable[[int, int], torch.Tensor], magprune: Callable[[torch.Tensor, int], torch.Tensor],
-              blocks: list[tuple[int, int]]) -> float | None:
-    """mergekit's rescale, ‖τ‖₁ / ‖m ⊙ τ‖₁ (None, no rescaling, where either is below 1e-7), from a
-    first pass over the blocks (whose masks `magprune` keeps for the merge pass)."""
-    before = after = 0.0
-    for start, stop in blocks:
-        tau = task_vector(start, stop)
-        before += float(tau.float().abs().sum())
-        after += float(magprune(tau, start).float().abs_().sum())
-    return before / after if before >= 1e-7 and after >= 1e-7 else None
-
-
 class Della(TaskArithmetic):
     """DELLA: task arithmetic on task vectors pruned by MagPrune (magnitude-ranked random drops).
 
@@ -127,21 +116,23 @@ class Della(TaskArithmetic):
         def task_vector(i: int, start: int, stop: int) -> torch.Tensor:
             return rows[i][start:stop].to(dtype) - base_rows[start:stop].to(dtype)
 
-        # With `rescale: true` each mask is drawn in the L1 pass and kept (one byte an entry) for the
-        # merge pass: ranking and drawing twice took about half of a DELLA merge (measured).
-        masks: dict[tuple[int, int], torch.Tensor] = {}
+        # With `rescale: true` each mask is drawn in the L1 pass and kept (one byte an entry, in one buffer
+        # per input: a block's masks kept apart fragmented the heap, 175 MB more at the peak, measured) for
+        # the merge pass: ranking and drawing twice took about half of a DELLA merge (measured).
+        masks: dict[int, torch.Tensor] = {}
 
         def magprune(i: int, tau: torch.Tensor, start: int, keep_mask: bool = False) -> torch.Tensor:
             if s.density[i] >= 1:
                 return tau
-            kept = masks.pop((i, start), None)
-            if kept is not None:
-                return tau.mul_(kept)  # 0/1: the same bytes as τ·m rounded once
+            if i in masks and not keep_mask:
+                return tau.mul_(masks[i][start:start + len(tau)])  # 0/1: the same bytes as τ·m rounded once
             p = keep_probabilities(tau.abs(), s.density[i], epsilon[i])
             u = torch.rand(tau.shape, generator=generators[i], dtype=torch.float32)
             keep = torch.lt(u, p, out=u)  # [u < p], drawn from this input's generator only
             if keep_mask:
-                masks[(i, start)] = keep.to(torch.uint8)
+                if i not in masks:
+                    masks[i] = torch.empty(base_rows.shape, dtype=torch.uint8)
+                masks[i][start:start + len(tau)] = keep
             if s.rescale == "inverse":
                 keep.div_(p)
             return tau.float().mul_(keep).to(dtype)  # one rounding of τ·m/p
@@ -150,7 +141,7 @@ class Della(TaskArithmetic):
         if s.rescale == "l1":
             for i in range(len(tensors)):
                 if s.density[i] < 1:
-                    factors[i] = l1_factor(partial(task_vector, i), partial(magprune, i, keep_mask=True), blocks)
+                    factors[i] = l1_factor(partial(task_vector, i), blocks, lambda a, b, i=i: magprune(i, b, a, keep_mask=True))
 
         def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
             deltas = [magprune(i, task_vector(i, start, stop), start) for i in range(len(tensors))]
