@@ -156,6 +156,31 @@ def test_magnitude_cut_over_blocks_keeps_ties_lowest_index_first(monkeypatch, k,
     assert torch.equal(ours, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_magnitude_cut_counts_ties_exactly_in_whole_blocks(threads, dtype):
+    """More ties in one block than a half type counts exactly (100001 entries at the threshold): the
+    cut still keeps exactly k, the tied ones lowest index first, on any thread count."""
+    from adaptkit_plugins.merges import _select
+
+    g = torch.Generator().manual_seed(4)
+    n = 600_000
+    magnitude = torch.rand(n, generator=g).to(dtype)
+    ties = torch.randperm(n, generator=g)[:100_001]
+    magnitude[ties] = 0.5
+    k = int((magnitude > 0.5).sum()) + 76_543
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cut = _select.top_cut(lambda s, e: magnitude[s:e], n, k)
+        ours = torch.cat([cut.mask(magnitude[s:e], s) for s, e in _select.block_ranges(n)])
+    finally:
+        torch.set_num_threads(before)
+    expected = torch.zeros(n, dtype=dtype)
+    expected[torch.argsort(-magnitude.float(), stable=True)[:k]] = 1
+    assert int(ours.sum(dtype=torch.int64)) == k and torch.equal(ours, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("descending", [True, False])
 def test_half_magnitudes_sort_into_float32s_permutation(dtype, descending):

@@ -90,9 +90,9 @@ def _nth_tie(blocks: Blocks, ranges, threshold: float, need: int) -> int:
     """Flat index of the `need`-th entry equal to the threshold."""
     seen = 0
     for s, e in ranges:
-        block = blocks(s, e)
-        count = int(torch.eq(block, threshold, out=torch.empty_like(block)).sum())
+        tied = blocks(s, e) == threshold  # bool: its sum counts exactly (a bf16 one rounds 100001 to 99840)
+        count = int(tied.sum())
         if seen + count >= need:
-            return s + int((block == threshold).nonzero()[need - seen - 1])
+            return s + int(tied.nonzero()[need - seen - 1])
         seen += count
     raise AssertionError("fewer ties than counted")
