@@ -192,6 +192,22 @@ def test_della_keep_fraction_and_norm_like_mergekit():
     assert abs(ours.double().abs().sum().item() - l1) < 4 * spread
 
 
+@pytest.mark.parametrize("width", [50, 37, 64])
+def test_della_replays_its_masks_from_bits_across_blocks(monkeypatch, width):
+    """`rescale: true` draws each mask in the L1 pass and replays it, kept as bits, in the merge pass:
+    with blocks of a few rows (each filling whole bytes of bits, rows of any width) the merge keeps the
+    same entries as a run without rescaling, and matches the L1 norm."""
+    from adaptkit_plugins.merges import della
+
+    monkeypatch.setattr(della, "BLOCK", 64)
+    tensors, base = make((203, width), count=1)
+    kept = {rescale: op("della_linear").merge(tensors, base, weight=1.0, density=0.4, epsilon=0.2, rescale=rescale,
+                                              generators=seeded(3)) - base for rescale in (False, True)}
+    assert torch.equal(kept[True] != 0, kept[False] != 0) and 0.3 < (kept[True] != 0).float().mean() < 0.5
+    tau = tensors[0] - base
+    assert kept[True].double().abs().sum().item() == pytest.approx(tau.double().abs().sum().item(), rel=1e-5)
+
+
 def test_della_is_deterministic_and_uses_only_its_generators():
     tensors, base = make()
     params = {"weight": [1.0, 0.5, 0.8], "density": 0.5, "epsilon": 0.2}
