@@ -44,7 +44,7 @@ class ModelStock(Operator):
             step = max(1, BLOCK // width)
             for s in range(0, rows, step):
                 part, ends = base[s:s + step], [w[s:s + step] for w in tensors]
-                t = interpolation_ratio(lambda i: ends[i] - part, len(ends)).unsqueeze(-1)  # noqa: B023
+                t = interpolation_ratio(lambda i, out: torch.sub(ends[i], part, out=out), len(ends)).unsqueeze(-1)  # noqa: B023
                 out[s:s + step] = mix(t, ends, part)
             return out.reshape(shape)
         base, tensors = base.reshape(1, -1), [w.reshape(1, -1) for w in tensors]
@@ -52,7 +52,7 @@ class ModelStock(Operator):
             base, tensors = base[0], [w[0] for w in tensors]
         # One angle for the whole tensor: only two task vectors exist at a time (each made again when
         # needed, the same values), and the mix runs in blocks into one buffer.
-        t = interpolation_ratio(lambda i: tensors[i] - base, len(tensors)).unsqueeze(-1)
+        t = interpolation_ratio(lambda i, out: torch.sub(tensors[i], base, out=out), len(tensors)).unsqueeze(-1)
         out = torch.empty_like(base)
         for s in range(0, base.shape[-1], BLOCK):
             out[..., s:s + BLOCK] = mix(t, [w[..., s:s + BLOCK] for w in tensors], base[..., s:s + BLOCK])
@@ -65,20 +65,23 @@ def mix(t: torch.Tensor, tensors: Sequence[torch.Tensor], base: torch.Tensor) ->
     return t * average + (1 - t) * base
 
 
-def interpolation_ratio(offset: Callable[[int], torch.Tensor], count: int) -> torch.Tensor:
-    """Model Stock's t from the mean pairwise cosine of the offsets `offset(i)`, i < count (along the last axis)."""
+def interpolation_ratio(offset: Callable[[int, torch.Tensor | None], torch.Tensor], count: int) -> torch.Tensor:
+    """Model Stock's t from the mean pairwise cosine of the offsets, i < count (along the last axis);
+    `offset(i, out)` writes offset i into `out` (None: a new tensor) and returns it. Three buffers serve
+    every pair: tensor-sized temporaries made afresh are paged in afresh, and were 8 per tensor."""
     cosines, norm = [], {}  # each offset's norm taken once (the same values wherever it is taken)
+    first = other = product = None
     for i in range(count - 1):
-        first = offset(i)
+        first = offset(i, first)
         if i not in norm:
             norm[i] = torch.norm(first, dim=-1)
         for j in range(i + 1, count):
-            other = offset(j)
+            other = offset(j, other)
             if j not in norm:
                 norm[j] = torch.norm(other, dim=-1)
             norms = norm[i] * norm[j]
-            cosines.append(((first * other).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-            del other
+            product = torch.mul(first, other, out=product)
+            cosines.append((product.sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (count - 1) * cos
     # At the singularity there is no finite estimate; keeping the base is the safe choice.
