@@ -35,11 +35,12 @@ Additions and differences, on purpose:
 Arithmetic and rounding are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`), so
 inputs in any compute dtype give its bytes: everything is computed in the compute dtype (the keyword
 `dtype`, default the inputs' promoted dtype; the engine passes the recipe's), in its order: τᵢ rounded,
-masked, rescaled (the L1 norms of the whole tensor rounded to the dtype, summed so that any thread count
-gives the same: `_sparsify.l1_factor`), multiplied by wᵢ rounded to the dtype; the elected sign is that of the rounded Σⱼ δⱼ (≥ 0 elects +), Σᵢ mᵢ·δᵢ and Σᵢ mᵢ·wᵢ are sums over the
-stacked inputs, then ÷, ·λ (skipped for λ = 1) and θ₀ + δ each round. Kept counts are mergekit's:
-max(1, int(density·n)) for magnitude, int(density·n) between the int(γ·n) largest dropped and the
-smallest for breadcrumbs (0.29·100 keeps 28, as mergekit).
+masked, rescaled (the L1 norms of the whole tensor rounded to the dtype, summed so that any thread
+count gives the same: `_sparsify.l1_factor`), multiplied by wᵢ rounded to the dtype; the elected sign
+is that of the rounded Σⱼ δⱼ (≥ 0 elects +), Σᵢ mᵢ·δᵢ and Σᵢ mᵢ·wᵢ are sums over the stacked inputs,
+then ÷, ·λ (skipped for λ = 1) and θ₀ + δ each round. Kept counts are mergekit's: max(1, int(density·n))
+for magnitude, int(density·n) between the int(γ·n) largest dropped and the smallest for breadcrumbs
+(0.29·100 keeps 28, as mergekit).
 """
 from __future__ import annotations
 
@@ -105,9 +106,7 @@ class TaskArithmetic(Operator):
             raise ValueError(f"unknown sparsify={sparsify!r} or consensus={consensus!r}")
         self.name, self.sparsify, self.consensus, self.about = name, sparsify, consensus, about
         self.random, self.elementwise = sparsify == "random", sparsify is None
-        # magnitude cuts bin with torch.bincount and sort whole task vectors with torch.sort, random drops draw
-        # with numpy: one thread each
-        self.serial_kernels = sparsify is not None
+        self.serial_kernels = sparsify is not None  # torch.bincount and torch.sort for cuts, numpy draws: one thread
         self.block_upcast = True  # takes inputs as read and converts block by block to `dtype`
         params = {"weight": None, "density": 1.0, "lambda": 1.0, "normalize": normalize,
                   "rescale": rescale, "int8_mask": False}
@@ -139,7 +138,8 @@ class TaskArithmetic(Operator):
         keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i], s.tie_break)
                  for i in range(len(tensors))]
         factors = [None if k is None or s.rescale is False else torch.tensor(1 / s.density[i], dtype=dtype)
-                   if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, lambda a, b, k=k: b.mul_(k.mask(a, b))) for i, k in enumerate(keeps)]
+                   if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, lambda a, b, k=k: b.mul_(k.mask(a, b)))
+                   for i, k in enumerate(keeps)]
 
         def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
             deltas = []
