@@ -68,3 +68,13 @@ def tune(workload: str) -> bool:
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return False
     return True
+
+
+def release() -> None:
+    """Give the heap's free memory back to the system (glibc's `malloc_trim(0)`, which also returns
+    free pages inside each thread's heap). It changes no setting, so the library may call it; it does
+    nothing with another C library."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

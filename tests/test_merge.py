@@ -101,6 +101,27 @@ def test_bf16_inputs_computed_in_float32_rounded_once(models, tmp_path):
         torch.testing.assert_close(tensor.float(), expected, rtol=2**-8, atol=1e-7, msg=name)
 
 
+def test_a_tensor_that_takes_the_whole_budget_first_frees_the_heap(models, tmp_path, monkeypatch):
+    """A tensor whose working memory is the whole budget runs alone; it first hands the heap's free
+    memory back (allocator.release), so the other worker's freed memory does not add to its peak.
+    Smaller tensors do not pay for the trim. The bytes are those of a run without it."""
+    from adaptkit import allocator
+    from adaptkit.merge import engine
+
+    recipe = recipe_for(models, "ties", [{"weight": 0.5, "density": 0.5}] * 3)
+    run_merge(recipe, tmp_path / "plain", threads=2, progress=False)
+    from adaptkit.merge.recipe import load_recipe
+
+    plan = engine.Plan(load_recipe(recipe))
+    sizes = sorted(plan.working_bytes(torch.Size(s).numel()) for _, _, s in plan.layout)
+    monkeypatch.setattr(engine, "WORKING_MEMORY", sizes[-1])  # only the largest tensors take it all
+    calls = []
+    monkeypatch.setattr(allocator, "release", lambda: calls.append(1))
+    run_merge(recipe, tmp_path / "trimmed", threads=2, progress=False)
+    assert len(calls) == sizes.count(sizes[-1]) > 0
+    assert (tmp_path / "trimmed" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+
+
 def test_dare_is_deterministic_across_reruns_and_threads(models, tmp_path):
     recipe = recipe_for(models, "dare_ties", [{"weight": 0.5, "density": 0.5}] * 3)
     run_merge(recipe, tmp_path / "a", threads=1, seed=7, progress=False)

@@ -360,7 +360,10 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
     def one(name: str) -> None:
         for rows in row_blocks(plan, name):
             numel = math.prod(shapes[name]) if rows is None else math.prod(shapes[name]) // shapes[name][0] * (rows[1] - rows[0])
-            with budget.hold(plan.working_bytes(numel)):
+            need = plan.working_bytes(numel)
+            with budget.hold(need):
+                if need >= WORKING_MEMORY:  # alone now, while the other worker's heap holds what its tensors
+                    allocator.release()     # freed (SCE, 1B, two workers: peak 1391-1483 MiB, 1230 with this)
                 merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
                 writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
 
