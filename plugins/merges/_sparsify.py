@@ -60,10 +60,7 @@ class Keep:
         if self.method == "random":
             return self.draws.below(start, block.shape, self.density)
         if self.whole is not None:  # (bits: see `_kept`)
-            first = start // 8
-            bits = numpy.unpackbits(self.whole[first:(start + block.numel() + 7) // 8], bitorder="little")
-            offset = start - 8 * first
-            return torch.from_numpy(bits[offset:offset + block.numel()]).view(block.shape).to(block.dtype)
+            return unpack(self.whole, start, block.numel()).view(block.shape).to(block.dtype)
         magnitude = block.abs()
         (first, _), *rest = self.cuts
         mask = first.mask(magnitude, start)
@@ -91,12 +88,12 @@ class Draws:
         if start not in self.drawn:
             words = self.bits.random_raw((n + 1) // 2).view(numpy.uint32)[:n]
             kept = numpy.less(words, numpy.uint32(min(int(p * 2**32), 2**32 - 1))).view(numpy.uint8)
-            self.drawn[start] = (n, numpy.packbits(kept, bitorder="little"))
+            self.drawn[start] = (n, pack(kept))
             return torch.from_numpy(kept).view(shape)
         drawn, packed = self.drawn[start]
         if drawn != n:  # every pass goes over the same blocks
             raise AssertionError(f"block at {start} drawn with {drawn} entries, asked again with {n}")
-        return torch.from_numpy(numpy.unpackbits(packed, count=n, bitorder="little")).view(shape)
+        return unpack(packed, 0, n).view(shape)
 
 
 def _straddles(cut, n: int) -> bool:
@@ -122,10 +119,22 @@ def _order(tau, n: int, descending: bool) -> torch.Tensor:
 
 
 def _kept(indices: torch.Tensor, n: int) -> numpy.ndarray:
-    """The kept entries as bits (numpy.packbits, little bit order): a bit an entry instead of a byte,
-    as each input's mask waits for the merge pass (for a 32000 × 1024 embedding, 29 MB less an input)."""
-    kept = torch.zeros(n, dtype=torch.bool).index_fill_(0, indices, True)
-    return numpy.packbits(kept.numpy(), bitorder="little")
+    """The kept entries as bits (`pack`): a bit an entry instead of a byte, as each input's mask waits
+    for the merge pass (for a 32000 × 1024 embedding, 29 MB less an input)."""
+    return pack(torch.zeros(n, dtype=torch.bool).index_fill_(0, indices, True).numpy())
+
+
+def pack(mask: numpy.ndarray) -> numpy.ndarray:
+    """A 0/1 mask (numpy bool or uint8, any shape) as bits in flat order, little bit order: a mask kept
+    for a later pass in an eighth of the memory."""
+    return numpy.packbits(mask.reshape(-1), bitorder="little")
+
+
+def unpack(bits: numpy.ndarray, start: int, count: int) -> torch.Tensor:
+    """Entries start … start + count − 1 of a `pack`ed mask, 0/1 as a flat uint8 tensor."""
+    first, offset = start // 8, start % 8
+    return torch.from_numpy(numpy.unpackbits(bits[first:(start + count + 7) // 8], count=offset + count,
+                                             bitorder="little")[offset:])
 
 
 def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, generator,

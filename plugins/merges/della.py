@@ -36,7 +36,7 @@ import torch
 
 from ._base import frozen
 from ._select import BLOCK
-from ._sparsify import l1_factor
+from ._sparsify import l1_factor, pack, unpack
 from .task_arithmetic import TaskArithmetic
 
 
@@ -128,18 +128,16 @@ class Della(TaskArithmetic):
         def magprune(i: int, tau: torch.Tensor, start: int, keep_mask: bool = False) -> torch.Tensor:
             if s.density[i] >= 1:
                 return tau
-            first, entries = start * n // 8, tau.numel()
-            if i in masks and not keep_mask:
-                bits = numpy.unpackbits(masks[i][first:first + (entries + 7) // 8], count=entries, bitorder="little")
-                return tau.mul_(torch.from_numpy(bits).view(tau.shape))  # 0/1: the same bytes as τ·m rounded once
+            if i in masks and not keep_mask:  # 0/1: the same bytes as τ·m rounded once
+                return tau.mul_(unpack(masks[i], start * n, tau.numel()).view(tau.shape))
             p = keep_probabilities(tau.abs(), s.density[i], epsilon[i])
             u = torch.rand(tau.shape, generator=generators[i], dtype=torch.float32)
             keep = torch.lt(u, p, out=u)  # [u < p], drawn from this input's generator only
             if keep_mask:
                 if i not in masks:
                     masks[i] = numpy.empty((count * n + 7) // 8, dtype=numpy.uint8)
-                masks[i][first:first + (entries + 7) // 8] = numpy.packbits(keep.to(torch.uint8).numpy().reshape(-1),
-                                                                           bitorder="little")
+                first = start * n // 8  # (exact: blocks of rows fill whole bytes)
+                masks[i][first:first + (tau.numel() + 7) // 8] = pack(keep.to(torch.uint8).numpy())
             if s.rescale == "inverse":
                 keep.div_(p)
             return tau.float().mul_(keep).to(dtype)  # one rounding of τ·m/p
