@@ -57,7 +57,7 @@ def _first_by_index(var: torch.Tensor, k: int) -> torch.Tensor:
     cut = top_cut(lambda s, e: var[s:e], var.numel(), k)  # variances are ≥ 0: |var| = var
     mask = torch.empty_like(var)
     for s, e in block_ranges(var.numel()):
-        mask[s:e] = cut.mask(var[s:e].float(), s)
+        mask[s:e] = cut.mask(var[s:e], s)  # (the cut compares half-precision blocks as they are)
     return mask
 
 
