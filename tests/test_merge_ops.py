@@ -424,6 +424,36 @@ def test_dare_masks_keep_density_and_depend_only_on_the_generator():
     assert first.dtype == torch.uint8 and set(first.unique().tolist()) <= {0, 1}
 
 
+def test_dare_masks_are_u_below_p_compared_bit_by_bit():
+    """The bit-plane draw written out: from the same SFC64 stream, U's first 12 bits are bit i of
+    entry e = bit e % 64 of word e // 64 of plane i, and entries whose 12 bits equal p's take the
+    next 32-bit words in entry order. kept = [U₁₂ < p₁₂] or ([U₁₂ = p₁₂] and [V < p's next 32 bits])."""
+    import numpy
+
+    from adaptkit_plugins.merges._sparsify import Draws
+
+    n, planes = 100_003, Draws.PLANES
+    for p in (0.3, 0.5, 1 / 3, 0.0004):
+        draws = Draws(torch.Generator().manual_seed(11))
+        stream = numpy.random.SFC64(int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(11))))
+        mask = draws.below(0, torch.Size([n]), p).numpy()
+        words = (n + 63) // 64
+        raw = stream.random_raw(planes * words).reshape(planes, words)
+        entry = numpy.arange(n)
+        bits = (raw[:, entry // 64] >> (entry % 64).astype(numpy.uint64)) & numpy.uint64(1)  # (planes, n)
+        u = sum(bits[i].astype(numpy.int64) << (planes - 1 - i) for i in range(planes))
+        scaled = int(p * 2 ** (planes + 32))
+        head, tail = scaled >> 32, scaled & 0xFFFFFFFF
+        tied = numpy.flatnonzero(u == head)
+        v = stream.random_raw((tied.size + 1) // 2).view(numpy.uint32)[:tied.size]
+        expected = (u < head).astype(numpy.uint8)
+        expected[tied] = v < tail
+        assert numpy.array_equal(mask, expected)
+        assert 0 < tied.size < n / 2**planes * 2  # the tail is drawn for about 1 in 2¹² entries
+    everything = Draws(torch.Generator().manual_seed(1)).below(0, torch.Size([1000]), 1.0)
+    assert int(everything.sum()) == 1000  # density 1 keeps every entry, not all but 1 in 2⁴⁴
+
+
 # ---- half precision, randomness, bad input, registry -------------------------------------------
 
 
