@@ -181,16 +181,26 @@ def test_magnitude_cut_counts_ties_exactly_in_whole_blocks(threads, dtype):
     assert int(ours.sum(dtype=torch.int64)) == k and torch.equal(ours, expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("descending", [True, False])
-def test_half_magnitudes_sort_into_float32s_permutation(dtype, descending):
-    """`_sparsify` sorts bf16/fp16 |τ| as they are where mergekit sorts a float32 copy: the same
-    permutation, ties at the cut included (the tie order is torch's unstable sort's, so this holds
-    only while one algorithm sorts every float dtype; thousands of ties here)."""
-    magnitude = (torch.randn(200_000, generator=torch.Generator().manual_seed(5)) * 1e-3).to(dtype).abs()
-    assert magnitude.unique().numel() < 20_000
-    assert torch.equal(torch.sort(magnitude, descending=descending).indices,
-                       torch.sort(magnitude.float(), descending=descending).indices)
+@pytest.mark.parametrize("nan", [False, True])
+def test_magnitudes_sort_into_mergekits_permutation(dtype, descending, nan):
+    """`_sparsify._order` sorts the bits of |τ| (bf16/fp16 as int16, float32 as int32; ascending as the
+    descending sort of the negated bits) where mergekit sorts a float32 copy: the same permutation,
+    ties at the cut included (the tie order is torch's unstable sort's, so this holds only while one
+    algorithm sorts every dtype; thousands of ties here, and more entries than torch's grain size,
+    from which integers sorted ascending would take its stable radix sort). With a NaN the floats
+    are sorted."""
+    from adaptkit_plugins.merges._sparsify import _order
+
+    tau = (torch.randn(200_000, generator=torch.Generator().manual_seed(5)) * 1e-3).to(dtype)
+    if dtype == torch.float32:
+        tau = tau.bfloat16().float()  # float32 values with ties
+    if nan:
+        tau[[7, 70_000]] = float("nan")
+    assert tau.abs().unique().numel() < 20_000
+    expected = torch.argsort(tau.abs().float(), descending=descending)  # mergekit's sparsify.magnitude
+    assert torch.equal(_order(lambda s, e: tau[s:e].clone(), tau.numel(), descending), expected)
 
 
 @pytest.mark.parametrize("name", ["ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"])
