@@ -203,6 +203,23 @@ def test_magnitudes_sort_into_mergekits_permutation(dtype, descending, nan):
     assert torch.equal(_order(lambda s, e: tau[s:e].clone(), tau.numel(), descending), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fraction", [0.01, 0.4])  # torch.topk's partial sort (k·64 ≤ n) and its nth_element
+def test_topk_of_bits_keeps_the_floats_ties(dtype, fraction):
+    """SCE's mergekit cut: torch.topk of the variances' bits (`_select.as_bits`) keeps the same
+    positions as torch.topk of the variances, ties included (thousands of them here)."""
+    from adaptkit_plugins.merges._select import as_bits
+
+    var = ((torch.randn(300_000, generator=torch.Generator().manual_seed(9)) * 1e-2) ** 2).to(dtype)
+    if dtype == torch.float32:
+        var = var.bfloat16().float()
+    k = int(var.numel() * fraction)
+    assert not as_bits(var).is_floating_point() and var.unique().numel() < 30_000
+    assert torch.equal(torch.topk(as_bits(var), k).indices, torch.topk(var, k).indices)
+    var[5] = float("nan")
+    assert as_bits(var) is var  # NaN compares unlike its bits: the floats
+
+
 @pytest.mark.parametrize("name", ["ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"])
 def test_tie_break_index_keeps_tied_entries_lowest_index_first_without_sorting(monkeypatch, name):
     """tie_break: index — of the entries tied at the cut, the first in flat order are kept (written

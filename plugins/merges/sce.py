@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen, stacked_sum
-from ._select import block_ranges, top_cut
+from ._select import as_bits, block_ranges, top_cut
 
 BLOCK = 1 << 20  # elements per column block of the per-position steps
 
@@ -28,7 +28,7 @@ def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int,
         return torch.zeros_like(var)
     if tie_break == "index":
         return _first_by_index(var, k)
-    indices = torch.topk(var.abs_(), k=k, largest=True).indices  # (abs in place: the same values)
+    indices = torch.topk(as_bits(var.abs_()), k=k, largest=True).indices  # (abs in place: the same values)
     del var  # (before the mask is made: not one more tensor at the peak)
     return torch.zeros(blocks[-1][1], dtype=dtype).index_fill_(0, indices, 1)
 
