@@ -206,8 +206,8 @@ def test_magnitudes_sort_into_mergekits_permutation(dtype, descending, nan):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fraction", [0.01, 0.4])  # torch.topk's partial sort (k·64 ≤ n) and its nth_element
 def test_topk_of_bits_keeps_the_floats_ties(dtype, fraction):
-    """SCE's mergekit cut: torch.topk of the variances' bits (`_select.as_bits`) keeps the same
-    positions as torch.topk of the variances, ties included (thousands of them here)."""
+    """SCE's mergekit cut: torch.topk of the variances' bits (`_select.as_bits`), unsorted, keeps the
+    same positions as mergekit's torch.topk of the variances, ties included (thousands of them here)."""
     from adaptkit_plugins.merges._select import as_bits
 
     var = ((torch.randn(300_000, generator=torch.Generator().manual_seed(9)) * 1e-2) ** 2).to(dtype)
@@ -216,6 +216,8 @@ def test_topk_of_bits_keeps_the_floats_ties(dtype, fraction):
     k = int(var.numel() * fraction)
     assert not as_bits(var).is_floating_point() and var.unique().numel() < 30_000
     assert torch.equal(torch.topk(as_bits(var), k).indices, torch.topk(var, k).indices)
+    unsorted = torch.topk(as_bits(var), k, sorted=False).indices
+    assert torch.equal(unsorted.sort().values, torch.topk(var, k).indices.sort().values)
     var[5] = float("nan")
     assert as_bits(var) is var  # NaN compares unlike its bits: the floats
 

@@ -28,7 +28,10 @@ def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int,
         return torch.zeros_like(var)
     if tie_break == "index":
         return _first_by_index(var, k)
-    indices = torch.topk(as_bits(var.abs_()), k=k, largest=True).indices  # (abs in place: the same values)
+    # (abs in place: the same values.) Unsorted: mergekit's topk sorts the k it keeps afterwards, which
+    # changes their order, not which they are (torch's CPU topk selects them first, with nth_element or,
+    # for k ≤ n/64, partial_sort, either way).
+    indices = torch.topk(as_bits(var.abs_()), k=k, largest=True, sorted=False).indices
     del var  # (before the mask is made: not one more tensor at the peak)
     return torch.zeros(blocks[-1][1], dtype=dtype).index_fill_(0, indices, 1)
 
