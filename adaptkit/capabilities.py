@@ -220,6 +220,16 @@ class MergeOptions(Protocol):
 
 
 @runtime_checkable
+class WorkingMemory(Protocol):
+    """What a `block_upcast` merge method holds for one tensor besides its inputs as read, in bytes an
+    entry, from the number of inputs, the compute dtype's size and the recipe's global parameters. The
+    engine's estimate of a tensor's working memory (its inputs counted as float32, plus this) decides
+    which tensors merge side by side within its budget; without it, the engine counts float32 copies of
+    the inputs and tensor-sized temporaries besides."""
+    def entry_bytes(self, inputs: int, compute_size: int, params: Mapping[str, Any]) -> int: ...
+
+
+@runtime_checkable
 class FactorMerge(Protocol):
     """Merges adapters' low-rank factors exactly, not their ΔW: per module each input's (A, B, s) (None where
     it lacks the module) in, the output's (A, B) with ΔW = B·A out (`adaptkit.merge.to_adapter`)."""

@@ -22,7 +22,7 @@ from .capabilities import (BaseDependent, BaseNames, ChoosesTargets, ExtraLoss, 
                            SavesTensors, StepEnd,
                            StoredBiasDelta, StoredDelta, TensorTargets, TrainSettings, TrainState, TransformersConfig,
                            TransformsInput,
-                           UnpackedShape, VariantOptions, WeightSpace, Writable, WritesVariants)
+                           UnpackedShape, VariantOptions, WeightSpace, WorkingMemory, Writable, WritesVariants)
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +176,7 @@ class MergeMethod(Protocol):
     `params` maps each parameter name to its default (`None` = required); recipes are checked
     against it. `merge(tensors, base, **params)` gets the inputs' tensors in float32 and returns
     the merged tensor; `base` is None when the recipe has no base model.
-    Optional: `MergeOptions`, `FactorMerge`.
+    Optional: `MergeOptions`, `FactorMerge`, `WorkingMemory`.
     """
 
     name: str
@@ -279,6 +279,7 @@ HOOKS: dict[str, Hook] = {
     "elementwise": Hook(MergeOptions, False),  # all
     "serial_kernels": Hook(MergeOptions, False),  # all
     "block_upcast": Hook(MergeOptions, False),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties della della_linear magnitude_prune task_arithmetic ties
+    "entry_bytes": Hook(WorkingMemory, "float32 copies and temporaries counted"),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties della della_linear magnitude_prune task_arithmetic ties
     "ignored_params": Hook(MergeOptions, frozenset()),  # arcee_fusion karcher model_stock nearswap ram ramplus_tl sce slerp
     "merge_factors": Hook(FactorMerge, "merged as ΔW, refactored by SVD"),  # concat
     "host_keys": Hook(QuantizerOptions, ()),  # binary fp4 fp4_dq nf4 nf4_dq ternary

@@ -184,6 +184,17 @@ def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, ge
     return Keep(tau, n, method, density, gamma, generator, tie_break)
 
 
+def held_bytes(sparsify: str | None, inputs: int, compute_size: int, tie_break: str) -> int:
+    """Bytes an entry the task-arithmetic family holds for a tensor besides its inputs as read (its
+    `entry_bytes`, capabilities.WorkingMemory): the result and each input's mask as bits; mergekit's tie
+    order also sorts a whole |τ| (its bits, the int64 order and the int64 range torch's sort fills the
+    order from) into a bool mask."""
+    held = compute_size + inputs // 8 + 1
+    if sparsify in ("magnitude", "magnitude_outliers") and tie_break == "mergekit":
+        held += (2 if compute_size == 2 else 4) + 17
+    return held
+
+
 def l1_factor(tau, ranges, prune) -> torch.Tensor | None:
     """mergekit's rescale, ‖τ‖₁ / ‖prune(τ)‖₁ in τ's dtype: the kept entries scaled so that their L1
     norm equals the unpruned one (None: no rescaling, where a norm rounds below 1e-7). `prune(start,

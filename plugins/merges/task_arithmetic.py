@@ -44,7 +44,7 @@ for magnitude, int(density·n) between the int(γ·n) largest dropped and the sm
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any
@@ -53,7 +53,7 @@ import torch
 
 from ._base import Operator, frozen, stacked_sum
 from ._select import block_ranges
-from ._sparsify import l1_factor, sparsifier
+from ._sparsify import held_bytes, l1_factor, sparsifier
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
 CONSENSUS = (None, "sum", "count")
@@ -70,8 +70,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
     else:
         signs = [delta.sign() for delta in deltas]
         votes = stacked_sum(deltas if consensus == "sum" else signs)
-        # A tie (sum exactly 0) elects +, as in the TIES reference code and mergekit.
-        elected = (votes >= 0).to(votes.dtype) * 2 - 1
+        elected = (votes >= 0).to(votes.dtype) * 2 - 1  # a tie (sum exactly 0) elects +, as TIES' code and mergekit
         # 0/1 in the deltas' dtype, not bool: δ·m then stays in one dtype (a bf16 × bool product
         # takes 1.5 ms for 2²⁰ entries on one thread, bf16 × bf16 0.2); a zero δ agrees with neither sign
         masks = [torch.eq(sign, elected, out=torch.empty_like(sign)) for sign in signs]
@@ -156,6 +155,9 @@ class TaskArithmetic(Operator):
         self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, torch.tensor(s.weight, dtype=dtype), out)
         return out.view(base.shape)
 
+    def entry_bytes(self, inputs: int, compute_size: int, params: Mapping[str, Any]) -> int:
+        return held_bytes(self.sparsify, inputs, compute_size, params.get("tie_break", "mergekit"))
+
     def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor) -> None:
         """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order of operations), where
         `deltas_at(a, b)` gives the inputs' task vectors there, sparsified and rescaled."""
@@ -175,9 +177,8 @@ class TaskArithmetic(Operator):
                 raise self.error(f"density must be in (0, 1], got {d}")
             if d != 1 and self.sparsify is None:
                 raise self.error(f"density {d} has no effect: {self.name} keeps every entry (use ties, dare_linear or magnitude_prune)")
-        for g in gamma:
-            if not 0 <= g < 1:
-                raise self.error(f"gamma must be in [0, 1), got {g}")
+        if any(not 0 <= g < 1 for g in gamma):
+            raise self.error(f"gamma must be in [0, 1), got {next(g for g in gamma if not 0 <= g < 1)}")
         rescale = "l1" if bound["rescale"] is True else bound["rescale"]  # mergekit's meaning of true
         if rescale not in (False, "l1", "inverse"):
             raise self.error(f"rescale must be true (mergekit's L1 match, also written 'l1'), 'inverse' (÷ the keep "
@@ -196,8 +197,8 @@ class TaskArithmetic(Operator):
         if not self.random:
             return [None] * count
         if generators is None or len(generators) != count:
-            got = "none" if generators is None else len(generators)
-            raise self.error(f"draws random masks and needs one torch.Generator per input ({count}), got {got}")
+            raise self.error(f"draws random masks and needs one torch.Generator per input ({count}), got "
+                             f"{'none' if generators is None else len(generators)}")
         return list(generators)
 
 
