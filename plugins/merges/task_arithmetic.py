@@ -75,6 +75,8 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
         # takes 1.5 ms for 2²⁰ entries on one thread, bf16 × bf16 0.2); a zero δ agrees with neither sign
         masks = [torch.eq(sign, elected, out=torch.empty_like(sign)) for sign in signs]
         mixed = stacked_sum([delta.mul_(mask) for delta, mask in zip(deltas, masks)])
+        if not normalize:  # (the divisor is made only to divide by)
+            return mixed
         divisor = stacked_sum(masks, weights)
         divisor[divisor == 0] = 1
     return mixed.div_(divisor) if normalize else mixed
@@ -127,8 +129,7 @@ class TaskArithmetic(Operator):
         s = self.settings(self.bind(params, len(tensors)))
         generators = self.check_generators(generators, len(tensors))
         dtype = dtype or reduce(torch.promote_types, [t.dtype for t in tensors], base.dtype)
-        base_flat, n = base.reshape(-1), base.numel()
-        flat = [t.reshape(-1) for t in tensors]
+        base_flat, n, flat = base.reshape(-1), base.numel(), [t.reshape(-1) for t in tensors]
         ranges = block_ranges(n)
 
         def task_vector(i: int):
@@ -183,8 +184,7 @@ class TaskArithmetic(Operator):
         if rescale not in (False, "l1", "inverse"):
             raise self.error(f"rescale must be true (mergekit's L1 match, also written 'l1'), 'inverse' (÷ the keep "
                              f"probability, as the DARE paper) or false, got {bound['rescale']!r}")
-        normalize = self.flag("normalize", bound["normalize"])
-        self.flag("int8_mask", bound["int8_mask"])
+        normalize, _ = self.flag("normalize", bound["normalize"]), self.flag("int8_mask", bound["int8_mask"])
         if normalize and abs(sum(weight)) < 1e-8:
             raise self.error(f"weights {weight} sum to zero; cannot normalize (set normalize: false)")
         tie_break = bound.get("tie_break", "mergekit")
