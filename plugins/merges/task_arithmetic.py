@@ -65,8 +65,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
     deltas' dtype. The same sums over the stacked inputs as mergekit's `get_mask` (`stacked_sum`),
     so the same roundings. With a consensus the deltas are masked in place (δᵢ·mᵢ is exact)."""
     if consensus is None:
-        mixed, divisor = stacked_sum(deltas), weights.sum()
-        divisor[divisor.abs() < 1e-8] = 1
+        mixed = stacked_sum(deltas)
     else:
         signs = [delta.sign() for delta in deltas]
         votes = stacked_sum(deltas if consensus == "sum" else signs)
@@ -75,11 +74,11 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
         # takes 1.5 ms for 2²⁰ entries on one thread, bf16 × bf16 0.2); a zero δ agrees with neither sign
         masks = [torch.eq(sign, elected, out=torch.empty_like(sign)) for sign in signs]
         mixed = stacked_sum([delta.mul_(mask) for delta, mask in zip(deltas, masks)])
-        if not normalize:  # (the divisor is made only to divide by)
-            return mixed
-        divisor = stacked_sum(masks, weights)
-        divisor[divisor == 0] = 1
-    return mixed.div_(divisor) if normalize else mixed
+    if not normalize:  # (the divisor is made only to divide by)
+        return mixed
+    divisor = weights.sum() if consensus is None else stacked_sum(masks, weights)
+    divisor[divisor.abs() < 1e-8 if consensus is None else divisor == 0] = 1
+    return mixed.div_(divisor)
 
 
 @dataclass
@@ -178,13 +177,14 @@ class TaskArithmetic(Operator):
                 raise self.error(f"density must be in (0, 1], got {d}")
             if d != 1 and self.sparsify is None:
                 raise self.error(f"density {d} has no effect: {self.name} keeps every entry (use ties, dare_linear or magnitude_prune)")
-        if any(not 0 <= g < 1 for g in gamma):
-            raise self.error(f"gamma must be in [0, 1), got {next(g for g in gamma if not 0 <= g < 1)}")
+        if (bad := next((g for g in gamma if not 0 <= g < 1), None)) is not None:
+            raise self.error(f"gamma must be in [0, 1), got {bad}")
         rescale = "l1" if bound["rescale"] is True else bound["rescale"]  # mergekit's meaning of true
         if rescale not in (False, "l1", "inverse"):
             raise self.error(f"rescale must be true (mergekit's L1 match, also written 'l1'), 'inverse' (÷ the keep "
                              f"probability, as the DARE paper) or false, got {bound['rescale']!r}")
-        normalize, _ = self.flag("normalize", bound["normalize"]), self.flag("int8_mask", bound["int8_mask"])
+        normalize = self.flag("normalize", bound["normalize"])
+        self.flag("int8_mask", bound["int8_mask"])
         if normalize and abs(sum(weight)) < 1e-8:
             raise self.error(f"weights {weight} sum to zero; cannot normalize (set normalize: false)")
         tie_break = bound.get("tie_break", "mergekit")
