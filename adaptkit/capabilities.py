@@ -221,11 +221,11 @@ class MergeOptions(Protocol):
 
 @runtime_checkable
 class WorkingMemory(Protocol):
-    """What a `block_upcast` merge method holds for one tensor besides its inputs as read, in bytes an
-    entry, from the number of inputs, the compute dtype's size and the recipe's global parameters. The
-    engine's estimate of a tensor's working memory (its inputs counted as float32, plus this) decides
-    which tensors merge side by side within its budget; without it, the engine counts float32 copies of
-    the inputs and tensor-sized temporaries besides."""
+    """What a merge method holds for one tensor besides its inputs (as read for a `block_upcast` method,
+    converted otherwise), in bytes an entry, from the number of inputs, the compute dtype's size and the
+    recipe's global parameters. The engine's estimate of a tensor's working memory (its inputs counted as
+    float32, plus this) decides which tensors merge side by side within its budget; without it, the
+    engine counts float32 copies of the inputs and tensor-sized temporaries besides."""
     def entry_bytes(self, inputs: int, compute_size: int, params: Mapping[str, Any]) -> int: ...
 
 

@@ -157,10 +157,10 @@ class Plan:
 
     def working_bytes(self, numel: int) -> int:
         """Working memory of one tensor (or block): float32 copies of the inputs, the result, and for
-        whole-tensor operators their task vectors and masks besides; or, for an operator that converts
-        its inputs itself and says what it holds (`entry_bytes`), its inputs as float32 and that."""
+        whole-tensor operators their task vectors and masks besides; or, for an operator that says what
+        it holds (`entry_bytes`), its inputs counted as float32 and that."""
         read, inputs = self.width
-        if isinstance(self.method, spec.WorkingMemory) and spec.option(self.method, "block_upcast"):
+        if isinstance(self.method, spec.WorkingMemory):
             return numel * (4 * read + self.method.entry_bytes(inputs, (self.compute or torch.float32).itemsize,
                                                                 self.recipe.parameters))
         per_element = 4 * (read + 2)
