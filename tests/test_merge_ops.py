@@ -181,26 +181,75 @@ def test_magnitude_cut_counts_ties_exactly_in_whole_blocks(threads, dtype):
     assert int(ours.sum(dtype=torch.int64)) == k and torch.equal(ours, expected)
 
 
+def sorted_range_mask(values: torch.Tensor, descending: bool, lo: int, hi: int) -> torch.Tensor:
+    """mergekit's choice (sparsify.magnitude, breadcrumbs): the entries `argsort(|τ|.float())` puts in
+    places [lo, hi), as a bool mask."""
+    order = torch.argsort(values.abs().float(), descending=descending)[lo:hi]
+    return torch.zeros(values.numel(), dtype=torch.bool).index_fill_(0, order, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("descending", [True, False])
 @pytest.mark.parametrize("nan", [False, True])
-def test_magnitudes_sort_into_mergekits_permutation(dtype, descending, nan):
-    """`_sparsify._order` sorts the bits of |τ| (bf16/fp16 as int16, float32 as int32; ascending as the
-    descending sort of the negated bits) where mergekit sorts a float32 copy: the same permutation,
-    ties at the cut included (the tie order is torch's unstable sort's, so this holds only while one
-    algorithm sorts every dtype; thousands of ties here, and more entries than torch's grain size,
-    from which integers sorted ascending would take its stable radix sort). With a NaN the floats
-    are sorted."""
-    from adaptkit_plugins.merges._sparsify import _order
+def test_magnitudes_cut_where_mergekits_sort_cuts(dtype, descending, nan):
+    """`_sparsify._sorted_range` keeps the entries mergekit's torch.argsort of a float32 |τ| puts in
+    the range, ties at both ends included (thousands of them; a stable sort would keep others), with
+    |τ| as integer keys (bf16/fp16 as int16, float32 as int32, NaN after +inf) followed through the
+    sort's partitions (`_introsort`) instead of sorted."""
+    from adaptkit_plugins.merges._introsort import follows_torch
+    from adaptkit_plugins.merges._sparsify import _sorted_range, unpack
 
+    assert follows_torch()  # the pinned torch: the partitions are followed, not the fallback sort
     tau = (torch.randn(200_000, generator=torch.Generator().manual_seed(5)) * 1e-3).to(dtype)
     if dtype == torch.float32:
         tau = tau.bfloat16().float()  # float32 values with ties
     if nan:
-        tau[[7, 70_000]] = float("nan")
+        tau[[7, 70_000, 150_000]] = float("nan")
     assert tau.abs().unique().numel() < 20_000
-    expected = torch.argsort(tau.abs().float(), descending=descending)  # mergekit's sparsify.magnitude
-    assert torch.equal(_order(lambda s, e: tau[s:e].clone(), tau.numel(), descending), expected)
+    n = tau.numel()
+    for lo, hi in ((0, n // 2), (n // 10, n // 10 + n // 3), (0, 1), (n - 5, n)):
+        expected = sorted_range_mask(tau, descending, lo, hi)
+        got = unpack(_sorted_range(lambda s, e: tau[s:e].clone(), n, descending, lo, hi), 0, n).bool()
+        assert torch.equal(got, expected), (lo, hi)
+    stable = torch.zeros(n, dtype=torch.bool)
+    stable[torch.argsort(tau.abs().float(), descending=descending, stable=True)[: n // 2]] = True
+    assert not torch.equal(stable, sorted_range_mask(tau, descending, 0, n // 2))  # ties decide
+
+
+@pytest.mark.parametrize("shape", ["equal", "two values", "sorted", "reversed", "distinct", "ties"])
+@pytest.mark.parametrize("n", [0, 1, 16, 17, 18, 40, 1000, 70_000])
+def test_introsort_ranges_match_torchs_sort(shape, n):
+    """`_introsort.kept_range` against torch's own sort on the inputs that stress a partition: all
+    equal (every entry stops both scans), two values, sorted, reversed, distinct and many ties;
+    segments at and around the 16 entries left to the final insertion sort; ranges at either end and
+    inside."""
+    from adaptkit_plugins.merges._introsort import kept_range
+
+    g = torch.Generator().manual_seed(n)
+    values = {"equal": torch.zeros(n), "two values": torch.randint(0, 2, (n,), generator=g).float(),
+              "sorted": torch.randint(0, 900, (n,), generator=g).sort().values.float(),
+              "reversed": torch.randint(0, 900, (n,), generator=g).sort(descending=True).values.float(),
+              "distinct": torch.randperm(n, generator=g).float(),
+              "ties": torch.randint(0, 40, (n,), generator=g).float()}[shape]
+    keys = values.view(torch.int32).numpy()
+    for descending in (True, False):
+        for lo, hi in ((0, n // 2), (n // 3, n), (n // 4, 3 * n // 4), (0, n), (n - 1, n)):
+            if 0 <= lo <= hi:
+                kept = kept_range(keys.copy() if descending else -keys, lo, hi)
+                expected = sorted_range_mask(values, descending, lo, hi)
+                assert torch.equal(torch.from_numpy(kept), expected), (descending, lo, hi)
+
+
+def test_a_heapsorted_segment_falls_back_to_mergekits_sort():
+    """An organ pipe spends the sort's depth budget, so torch heapsorts the segments that decide:
+    `kept_range` says None and `_sorted_range` sorts as mergekit does, with its bytes."""
+    from adaptkit_plugins.merges._introsort import kept_range
+    from adaptkit_plugins.merges._sparsify import _sorted_range, unpack
+
+    values = torch.cat([torch.arange(500), torch.arange(500).flip(0)]).float()
+    assert kept_range(values.view(torch.int32).numpy().copy(), 0, 500) is None
+    got = unpack(_sorted_range(lambda s, e: values[s:e].clone(), 1000, True, 0, 500), 0, 1000).bool()
+    assert torch.equal(got, sorted_range_mask(values, True, 0, 500))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -220,6 +269,29 @@ def test_topk_of_bits_keeps_the_floats_ties(dtype, fraction):
     assert torch.equal(unsorted.sort().values, torch.topk(var, k).indices.sort().values)
     var[5] = float("nan")
     assert as_bits(var) is var  # NaN compares unlike its bits: the floats
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fraction", [0.9, 0.4, 0.02, 0.01])
+def test_sce_selects_what_mergekits_topk_selects(monkeypatch, dtype, fraction):
+    """SCE's mergekit cut (`sce.select_mask`) keeps the positions mergekit's sce_mask keeps,
+    `torch.topk(var.abs(), k)` of the variances, ties included (thousands here): for k > n/64
+    (0.9, 0.4, 0.02) by following topk's std::nth_element (`_introsort`, no topk runs), below that
+    (0.01) by topk's partial sort itself."""
+    from adaptkit_plugins.merges._introsort import follows_torch
+    from adaptkit_plugins.merges.sce import select_mask
+
+    assert follows_torch()  # (its one check of torch runs topk)
+    n = 200_000
+    tvs = (torch.randn(3, n, generator=torch.Generator().manual_seed(3)) * 1e-2).round(decimals=3).to(dtype)
+    var = torch.var(tvs, dim=0, unbiased=False)  # mergekit's sce_mask, written out
+    k = int(torch.count_nonzero(var) * fraction)
+    expected = torch.zeros(n, dtype=dtype).index_fill_(0, torch.topk(var.abs(), k=k, largest=True).indices, 1)
+    assert var.unique().numel() < 5_000
+    if k * 64 > n:
+        monkeypatch.setattr(torch, "topk", lambda *a, **kw: pytest.fail("ran topk"))
+    got = select_mask(lambda s, e: tvs[:, s:e], [(0, n // 2), (n // 2, n)], fraction, dtype)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("name", ["ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"])

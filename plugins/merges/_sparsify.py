@@ -12,7 +12,8 @@ from collections.abc import Callable
 import numpy
 import torch
 
-from ._select import as_bits, block_ranges, top_cut
+from . import _introsort
+from ._select import block_ranges, top_cut
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -25,13 +26,10 @@ class Keep:
 
     Magnitude cuts are found up front in passes over blocks (see `_select`). Where entries of equal
     magnitude straddle a cut, the kept ones are (tie_break "index") the first in flat order, or (tie_break
-    "mergekit", the default) those mergekit's sort keeps: |τ| is sorted whole as
-    mergekit sorts it (torch's CPU sort is unstable, so only the same sort makes the same choice) and
-    the mask kept. (Following that sort's partitions only down to the cut, quickselect-style,
-    reproduces its choice exactly, but measured slower than the sort itself on bf16 task vectors,
-    whose ~10³ distinct magnitudes make every partition swap half its range: 0.46 s against 0.18 s
-    for 2.9M entries.) Random masks come from the input's `Draws`, drawn in block order on the first
-    pass over the blocks and the same on every later pass.
+    "mergekit", the default) those mergekit's sort of the whole |τ| keeps: torch's CPU sort is
+    unstable, so only its own moves make its choice, followed down to the cut (`_introsort`), and the
+    mask kept. Random masks come from the input's `Draws`, drawn in block order on the first pass
+    over the blocks and the same on every later pass.
     """
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
@@ -44,7 +42,7 @@ class Keep:
             keep = max(1, keep_count(density, n))
             self.cuts = [(top_cut(magnitudes, n, keep), 1)]
             if tie_break == "mergekit" and _straddles(self.cuts[0][0], n):
-                self.whole = _kept(_order(tau, n, descending=True)[:keep], n)
+                self.whole = _sorted_range(tau, n, True, 0, keep)
         elif method == "magnitude_outliers":
             # mergekit ranks |τ| ascending and keeps ranks [bottom, bottom + kept): the int(γ·n)
             # largest dropped, fewer when needed to keep int(density·n) entries.
@@ -52,14 +50,14 @@ class Keep:
             bottom = max(0, n - kept - keep_count(gamma, n))
             self.cuts = [(top_cut(magnitudes, n, n - bottom), 1), (top_cut(magnitudes, n, n - bottom - kept), -1)]
             if tie_break == "mergekit" and any(_straddles(cut, n) for cut, _ in self.cuts):
-                self.whole = _kept(_order(tau, n, descending=False)[bottom:bottom + kept], n)
+                self.whole = _sorted_range(tau, n, False, bottom, bottom + kept)
 
     def mask(self, start: int, block: torch.Tensor) -> torch.Tensor:
         """0/1 mask of the kept entries of a block of τ starting at flat index `start`, to multiply
         it by (uint8 for random drops, else the block's dtype)."""
         if self.method == "random":
             return self.draws.below(start, block.shape, self.density)
-        if self.whole is not None:  # (bits: see `_kept`)
+        if self.whole is not None:  # (bits: see `_sorted_range`)
             return unpack(self.whole, start, block.numel()).view(block.shape).to(block.dtype)
         magnitude = block.abs()
         (first, _), *rest = self.cuts
@@ -132,33 +130,25 @@ def _straddles(cut, n: int) -> bool:
     return cut.last_tie not in (-1, n)  # -1: top_cut's keep-none and keep-all cuts
 
 
-def _order(tau, n: int, descending: bool) -> torch.Tensor:
-    """The permutation sorting |τ| as mergekit sorts its float32 copy. bfloat16 and float16
-    values are exact in float32, so they compare alike and torch's sort (one algorithm for every
-    dtype, its moves decided by the comparisons alone) orders them into the same permutation, ties
-    included: they are sorted as they are, half the memory (for a 32000 × 1024 embedding, 131 MB
-    less at the peak), and as their bits (`as_bits`), which compare faster. An ascending sort is the
-    descending sort of the negated bits: the same comparisons, where integers sorted ascending may
-    take torch's stable radix sort, which orders ties otherwise. |τ| is written block by block into
-    one buffer and sorted in place (the same permutation: the sort copies its input into the values
-    first), 2 bytes an entry less than a separate values tensor besides the int64 order."""
+def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> numpy.ndarray:
+    """The entries mergekit's `argsort(|τ|.float(), descending)[lo:hi]` picks, as bits (`pack`).
+    bfloat16 and float16 values are exact in float32 and compare alike, so |τ| is kept as it is (a
+    float32 copy for other dtypes, as mergekit's) and its sort followed on integer keys (`_introsort`)."""
     first = tau(0, min(n, 1))
-    half = first.dtype in (torch.bfloat16, torch.float16)
-    whole = torch.empty(n, dtype=first.dtype if half else torch.float32)
-    for s, e in block_ranges(n):
-        whole[s:e] = tau(s, e).abs_()
-    keys = as_bits(whole)
-    if not keys.is_floating_point():
-        whole, descending = keys if descending else keys.neg_(), True
-    order = torch.empty(n, dtype=torch.int64)
-    torch.sort(whole, descending=descending, out=(whole, order))
-    return order
+    whole = torch.empty(n, dtype=first.dtype if first.dtype in (torch.bfloat16, torch.float16) else torch.float32)
 
+    def magnitudes():
+        for s, e in block_ranges(n):
+            whole[s:e] = tau(s, e).abs_()
+        return whole
 
-def _kept(indices: torch.Tensor, n: int) -> numpy.ndarray:
-    """The kept entries as bits (`pack`): a bit an entry instead of a byte, as each input's mask waits
-    for the merge pass (for a 32000 × 1024 embedding, 29 MB less an input)."""
-    return pack(torch.zeros(n, dtype=torch.bool).index_fill_(0, indices, True).numpy())
+    if _introsort.follows_torch():
+        kept = _introsort.kept_range(_introsort.keys_of(magnitudes(), descending), lo, hi)
+        if kept is not None:
+            return pack(kept)
+    # (a segment the sort would heapsort, or another torch's sort: sort as mergekit)
+    order = torch.argsort(magnitudes().float(), descending=descending)[lo:hi]
+    return pack(torch.zeros(n, dtype=torch.bool).index_fill_(0, order, True).numpy())
 
 
 def pack(mask: numpy.ndarray) -> numpy.ndarray:
@@ -187,11 +177,11 @@ def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, ge
 def held_bytes(sparsify: str | None, inputs: int, compute_size: int, tie_break: str) -> int:
     """Bytes an entry the task-arithmetic family holds for a tensor besides its inputs as read (its
     `entry_bytes`, capabilities.WorkingMemory): the result and each input's mask as bits; mergekit's tie
-    order also sorts a whole |τ| (its bits, the int64 order and the int64 range torch's sort fills the
-    order from) into a bool mask."""
+    order also holds a whole |τ| and a bool mask, and either `_introsort`'s int32 places or (another
+    torch's sort) a float32 copy sorted into an int64 order from an int64 range."""
     held = compute_size + inputs // 8 + 1
     if sparsify in ("magnitude", "magnitude_outliers") and tie_break == "mergekit":
-        held += (2 if compute_size == 2 else 4) + 17
+        held += (2 if compute_size == 2 else 4) + 1 + (4 if _introsort.follows_torch() else 24)
     return held
 
 

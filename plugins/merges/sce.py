@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from . import _introsort
 from ._base import Operator, frozen, stacked_sum
 from ._select import as_bits, block_ranges, top_cut
 
@@ -17,23 +18,35 @@ def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int,
     """1 at the ⌊fraction·k⌋ positions of largest variance across the inputs (k: positions whose
     variance is not 0), else 0; flat, in the task vectors' dtype. Counted and picked as mergekit does;
     the variances (per position) over blocks `tvs(start, stop)` of the (N, n) task vectors. Of the
-    positions whose variance equals the cut's, `tie_break` "mergekit" keeps those torch.topk keeps
-    (its copy of the input as (value, index) pairs, 16 bytes an entry, is the peak of an SCE merge),
-    "index" the lowest flat indices first (an exact radix select over blocks: no copy)."""
-    var = torch.empty(blocks[-1][1], dtype=dtype)  # (not a torch.cat of the blocks: an extra copy)
-    for s, e in blocks:
-        var[s:e] = variance(tvs(s, e))
+    positions whose variance equals the cut's, `tie_break` "mergekit" keeps those torch.topk keeps:
+    for more than n/64 of them its std::nth_element, followed along its partitions (`_introsort`:
+    int32 places, where topk copies the input as (value, index) pairs, 16 bytes an entry), else its
+    partial sort itself; "index" the lowest flat indices first (an exact radix select over blocks)."""
+    var = variances(tvs, blocks, torch.empty(blocks[-1][1], dtype=dtype))
     k = int(torch.count_nonzero(var) * fraction)
     if k == 0:
         return torch.zeros_like(var)
     if tie_break == "index":
         return _first_by_index(var, k)
+    if k * 64 > var.numel() and var.dtype != torch.float64 and _introsort.follows_torch():
+        kept = _introsort.kept_range(_introsort.keys_of(var.abs_()), 0, k, _introsort.SELECT)
+        if kept is not None:
+            del var  # (before the mask is made: not one more tensor at the peak)
+            return torch.from_numpy(kept).to(dtype)
+        variances(tvs, blocks, var)  # (scrambled by a segment topk would heapsort)
     # (abs in place: the same values.) Unsorted: mergekit's topk sorts the k it keeps afterwards, which
-    # changes their order, not which they are (torch's CPU topk selects them first, with nth_element or,
-    # for k ≤ n/64, partial_sort, either way).
+    # changes their order, not which they are.
     indices = torch.topk(as_bits(var.abs_()), k=k, largest=True, sorted=False).indices
-    del var  # (before the mask is made: not one more tensor at the peak)
+    del var
     return torch.zeros(blocks[-1][1], dtype=dtype).index_fill_(0, indices, 1)
+
+
+def variances(tvs, blocks: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+    """`variance` of each block of the task vectors, written into `out` (not a torch.cat of the
+    blocks: an extra copy)."""
+    for s, e in blocks:
+        out[s:e] = variance(tvs(s, e))
+    return out
 
 
 def variance(rows: torch.Tensor) -> torch.Tensor:
