@@ -24,12 +24,12 @@ def keep_count(fraction: float, n: int) -> int:
 class Keep:
     """Which entries of one task vector survive sparsification, block by block.
 
-    Magnitude cuts are found up front in passes over blocks (see `_select`). Where entries of equal
-    magnitude straddle a cut, the kept ones are (tie_break "index") the first in flat order, or (tie_break
-    "mergekit", the default) those mergekit's sort of the whole |τ| keeps: torch's CPU sort is
-    unstable, so only its own moves make its choice, followed down to the cut (`_introsort`), and the
-    mask kept. Random masks come from the input's `Draws`, drawn in block order on the first pass
-    over the blocks and the same on every later pass.
+    Magnitudes are kept as mergekit's sort of the whole |τ| keeps them (tie_break "mergekit", the
+    default): torch's CPU sort is unstable, so where entries of equal magnitude straddle the cut,
+    only its own moves make its choice, followed down to the cut (`_introsort`); the mask is kept as
+    bits. With tie_break "index", magnitude cuts are found in passes over blocks (see `_select`), and
+    of entries tied at a cut the first in flat order kept. Random masks come from the input's
+    `Draws`, drawn in block order on the first pass over the blocks and the same on every later pass.
     """
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
@@ -40,17 +40,19 @@ class Keep:
         magnitudes = lambda s, e: tau(s, e).abs_()  # noqa: E731
         if method == "magnitude":  # mergekit: the max(1, int(density·n)) largest
             keep = max(1, keep_count(density, n))
-            self.cuts = [(top_cut(magnitudes, n, keep), 1)]
-            if tie_break == "mergekit" and _straddles(self.cuts[0][0], n):
+            if tie_break == "mergekit":
                 self.whole = _sorted_range(tau, n, True, 0, keep)
+            else:
+                self.cuts = [(top_cut(magnitudes, n, keep), 1)]
         elif method == "magnitude_outliers":
             # mergekit ranks |τ| ascending and keeps ranks [bottom, bottom + kept): the int(γ·n)
             # largest dropped, fewer when needed to keep int(density·n) entries.
             kept = keep_count(density, n)
             bottom = max(0, n - kept - keep_count(gamma, n))
-            self.cuts = [(top_cut(magnitudes, n, n - bottom), 1), (top_cut(magnitudes, n, n - bottom - kept), -1)]
-            if tie_break == "mergekit" and any(_straddles(cut, n) for cut, _ in self.cuts):
+            if tie_break == "mergekit":
                 self.whole = _sorted_range(tau, n, False, bottom, bottom + kept)
+            else:
+                self.cuts = [(top_cut(magnitudes, n, n - bottom), 1), (top_cut(magnitudes, n, n - bottom - kept), -1)]
 
     def mask(self, start: int, block: torch.Tensor) -> torch.Tensor:
         """0/1 mask of the kept entries of a block of τ starting at flat index `start`, to multiply
@@ -123,11 +125,6 @@ class Draws:
             more = self.bits.random_raw((ties.size + 1) // 2).astype("<u8", copy=False).view("<u4")[:ties.size]
             mask[ties[more < tail]] = 1
         return mask
-
-
-def _straddles(cut, n: int) -> bool:
-    """Whether entries equal to the cut's threshold are kept only in part (see `_select.Cut`)."""
-    return cut.last_tie not in (-1, n)  # -1: top_cut's keep-none and keep-all cuts
 
 
 def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> numpy.ndarray:
