@@ -165,7 +165,7 @@ def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, ge
                tie_break: str = "mergekit") -> Keep | None:
     """A `Keep` for one task vector, or None when every entry is kept (density ≥ 1, as mergekit).
     `tie_break` says which of the entries tied at a magnitude cut are kept: "mergekit" (those its
-    CPU sort keeps) or "index" (lowest flat index first: no whole-tensor sort)."""
+    CPU sort keeps) or "index" (lowest flat index first: histogram cuts over blocks)."""
     if method is None or density >= 1:
         return None
     return Keep(tau, n, method, density, gamma, generator, tie_break)

@@ -17,15 +17,15 @@ Additions and differences, on purpose:
 
 - `rescale: inverse` divides the kept values by `density` instead, as the DARE paper does (an
   unbiased estimate of τ: E[τ'] = τ).
-- Magnitude selection is an exact radix select over blocks (linear time, bounded memory) instead
-  of a full sort. Only where entries of equal magnitude straddle the cut does it sort |τ| as
-  mergekit does (`torch.argsort`, descending for TIES, ascending for breadcrumbs) to keep the same
-  ones: torch's CPU sort is not stable, so no position rule reproduces its choice. In bf16 such
-  ties are the rule (thousands of entries share each magnitude), and that sort is most of a
-  TIES merge's time and, on a big embedding, of its memory (8 bytes an entry for the order).
-  `tie_break: index` (an addition) keeps the tied entries lowest flat index first instead: no
-  sort, the same result on every device (mergekit's own choice differs between its CPU and CUDA
-  sorts), and a merge that differs from mergekit's only in which of equally large entries it keeps.
+- Magnitude selection keeps the entries mergekit's sort of |τ| keeps (`torch.argsort`, descending
+  for TIES, ascending for breadcrumbs) without sorting: torch's CPU sort is not stable, so where
+  entries of equal magnitude straddle the cut (in bf16 the rule: thousands of entries share each
+  magnitude) no position rule reproduces its choice, and its own partitions are followed down to the
+  cut instead (`_introsort`: linear time, 7 bytes an entry against the sort's 18).
+  `tie_break: index` (an addition) keeps the tied entries lowest flat index first instead: an exact
+  radix select over blocks (bounded memory), the same result on every device (mergekit's own choice
+  differs between its CPU and CUDA sorts), and a merge that differs from mergekit's only in which of
+  equally large entries it keeps.
 - Everything runs over blocks of the flattened tensor: the temporaries stay a few MB however big
   the tensor.
 - Bad values are errors: density outside (0, 1], gamma outside [0, 1), weights summing to zero
@@ -106,7 +106,7 @@ class TaskArithmetic(Operator):
             raise ValueError(f"unknown sparsify={sparsify!r} or consensus={consensus!r}")
         self.name, self.sparsify, self.consensus, self.about = name, sparsify, consensus, about
         self.random, self.elementwise = sparsify == "random", sparsify is None
-        self.serial_kernels = sparsify is not None  # torch.bincount and torch.sort for cuts, numpy draws: one thread
+        self.serial_kernels = sparsify is not None  # torch.bincount cuts, numpy partitions and draws: one thread
         self.block_upcast = True  # takes inputs as read and converts block by block to `dtype`
         params = {"weight": None, "density": 1.0, "lambda": 1.0, "normalize": normalize,
                   "rescale": rescale, "int8_mask": False}
