@@ -60,7 +60,9 @@ def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> nump
     same partitions along one path and insertion-sorts the last ≤ 3 entries. `keys`: a flat integer
     array (`keys_of`), which is scrambled. None where a segment that decides would be heapsorted."""
     n = keys.size
-    ids = numpy.arange(n, dtype=numpy.int32 if n < 2**31 else numpy.int64)
+    # (torch's range, not numpy's: numpy asks for huge pages, which the kernel here compacts memory for
+    # on first touch; the 168M SCE job's 78 ranges took 0.33 s, now 0.10, one thread)
+    ids = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64).numpy()
     kept = numpy.zeros(n, dtype=bool)
     todo = [(0, n, 2 * (n.bit_length() - 1))]
     while todo:
