@@ -217,13 +217,18 @@ def test_magnitudes_cut_where_mergekits_sort_cuts(dtype, descending, nan):
 
 
 @pytest.mark.parametrize("shape", ["equal", "two values", "sorted", "reversed", "distinct", "ties"])
-@pytest.mark.parametrize("n", [0, 1, 16, 17, 18, 40, 1000, 70_000])
-def test_introsort_ranges_match_torchs_sort(shape, n):
+@pytest.mark.parametrize(("n", "window"), [(n, None) for n in (0, 1, 16, 17, 18, 40, 1000, 70_000)]
+                         + [(n, 7) for n in (17, 40, 1000, 5000)])
+def test_introsort_ranges_match_torchs_sort(monkeypatch, shape, n, window):
     """`_introsort.kept_range` against torch's own sort on the inputs that stress a partition: all
     equal (every entry stops both scans), two values, sorted, reversed, distinct and many ties;
     segments at and around the 16 entries left to the final insertion sort; ranges at either end and
-    inside."""
+    inside; stops scanned in the default windows and in windows of 7 (pairs across many windows)."""
+    from adaptkit_plugins.merges import _introsort
     from adaptkit_plugins.merges._introsort import kept_range
+
+    if window:
+        monkeypatch.setattr(_introsort, "WINDOW", window)
 
     g = torch.Generator().manual_seed(n)
     values = {"equal": torch.zeros(n), "two values": torch.randint(0, 2, (n,), generator=g).float(),
