@@ -83,7 +83,7 @@ def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> nump
 
 
 def partition(keys: numpy.ndarray, ids: numpy.ndarray) -> int:
-    """`__unguarded_partition_pivot` on one segment of more than 16 entries (the module docstring),
+    """`__unguarded_partition_pivot` on one segment of more than 3 entries (the module docstring),
     moving `ids` with `keys`: returns where the right part starts."""
     m = keys.size
     a, b, c = keys[1], keys[m // 2], keys[m - 1]  # __move_median_to_first(first, first+1, mid, last-1)
