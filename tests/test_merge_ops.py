@@ -188,21 +188,23 @@ def sorted_range_mask(values: torch.Tensor, descending: bool, lo: int, hi: int) 
     return torch.zeros(values.numel(), dtype=torch.bool).index_fill_(0, order, True)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("descending", [True, False])
 @pytest.mark.parametrize("nan", [False, True])
 def test_magnitudes_cut_where_mergekits_sort_cuts(dtype, descending, nan):
     """`_sparsify._sorted_range` keeps the entries mergekit's torch.argsort of a float32 |τ| puts in
     the range, ties at both ends included (thousands of them; a stable sort would keep others), with
-    |τ| as integer keys (bf16/fp16 as int16, float32 as int32, NaN after +inf) followed through the
-    sort's partitions (`_introsort`) instead of sorted."""
+    |τ| as integer keys (bf16/fp16 as int16, float32 as int32, NaN after +inf; float64 rounded to
+    float32 first, as mergekit's copy is) followed through the sort's partitions (`_introsort`)
+    instead of sorted."""
     from adaptkit_plugins.merges._introsort import follows_torch
     from adaptkit_plugins.merges._sparsify import _sorted_range, unpack
 
     assert follows_torch()  # the pinned torch: the partitions are followed, not the fallback sort
     tau = (torch.randn(200_000, generator=torch.Generator().manual_seed(5)) * 1e-3).to(dtype)
-    if dtype == torch.float32:
-        tau = tau.bfloat16().float()  # float32 values with ties
+    if dtype in (torch.float32, torch.float64):
+        tau = tau.bfloat16().to(dtype)  # float32 or float64 values with ties
+        tau[::3] += 1e-12  # float64 ties only in float32 (mergekit's copy)
     if nan:
         tau[[7, 70_000, 150_000]] = float("nan")
     assert tau.abs().unique().numel() < 20_000
