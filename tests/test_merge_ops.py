@@ -259,6 +259,29 @@ def test_a_heapsorted_segment_falls_back_to_mergekits_sort():
     assert torch.equal(got, sorted_range_mask(values, True, 0, 500))
 
 
+def test_another_torchs_sort_is_run_as_mergekit_runs_it(monkeypatch):
+    """Where `follows_torch` finds that torch's sort and topk are not the introsort followed here (another
+    build), TIES' and SCE's mergekit cuts run torch's own, with mergekit's choice, and the memory count
+    says so: a float32 copy, its sorted values, the int64 order and range (24 B an entry) for 4 B of places."""
+    from adaptkit_plugins.merges import _introsort
+    from adaptkit_plugins.merges._sparsify import _sorted_range, held_bytes, unpack
+    from adaptkit_plugins.merges.sce import select_mask
+
+    followed = held_bytes("magnitude", 3, 2, "mergekit")
+    monkeypatch.setattr(_introsort, "follows_torch", lambda: False)
+    monkeypatch.setattr(_introsort, "kept_range", lambda *a, **k: pytest.fail("followed the sort"))
+    assert held_bytes("magnitude", 3, 2, "mergekit") == followed + 20
+    tau = (torch.randn(50_000, generator=torch.Generator().manual_seed(2)) * 1e-3).bfloat16()
+    bits = _sorted_range(lambda s, e: tau[s:e].clone(), tau.numel(), True, 0, 20_000)
+    got = unpack(bits, 0, tau.numel()).bool()
+    assert torch.equal(got, sorted_range_mask(tau, True, 0, 20_000))
+    tvs = tau.view(2, -1)
+    var = torch.var(tvs, dim=0, unbiased=False)
+    kept = torch.topk(var, int(var.count_nonzero() * 0.4)).indices  # mergekit's sce_mask
+    expected = torch.zeros(var.numel(), dtype=tau.dtype).index_fill_(0, kept, 1)
+    assert torch.equal(select_mask(lambda s, e: tvs[:, s:e], [(0, var.numel())], 0.4, tau.dtype), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fraction", [0.01, 0.4])  # torch.topk's partial sort (k·64 ≤ n) and its nth_element
 def test_topk_of_bits_keeps_the_floats_ties(dtype, fraction):
