@@ -285,20 +285,22 @@ def test_another_torchs_sort_is_run_as_mergekit_runs_it(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fraction", [0.01, 0.4])  # torch.topk's partial sort (k·64 ≤ n) and its nth_element
 def test_topk_of_bits_keeps_the_floats_ties(dtype, fraction):
-    """SCE's mergekit cut: torch.topk of the variances' bits (`_select.as_bits`), unsorted, keeps the
-    same positions as mergekit's torch.topk of the variances, ties included (thousands of them here)."""
-    from adaptkit_plugins.merges._select import as_bits
+    """SCE's mergekit cut: torch.topk of the variances' bits (`_introsort.keys_of`), unsorted, keeps the
+    same positions as mergekit's torch.topk of the variances, ties included (thousands of them here),
+    and with a NaN (every NaN one key, after +inf, as topk ranks NaN first)."""
+    from adaptkit_plugins.merges._introsort import keys_of
 
     var = ((torch.randn(300_000, generator=torch.Generator().manual_seed(9)) * 1e-2) ** 2).to(dtype)
     if dtype == torch.float32:
         var = var.bfloat16().float()
     k = int(var.numel() * fraction)
-    assert not as_bits(var).is_floating_point() and var.unique().numel() < 30_000
-    assert torch.equal(torch.topk(as_bits(var), k).indices, torch.topk(var, k).indices)
-    unsorted = torch.topk(as_bits(var), k, sorted=False).indices
+    assert not keys_of(var.clone()).is_floating_point() and var.unique().numel() < 30_000
+    assert torch.equal(torch.topk(keys_of(var.clone()), k).indices, torch.topk(var, k).indices)
+    unsorted = torch.topk(keys_of(var.clone()), k, sorted=False).indices
     assert torch.equal(unsorted.sort().values, torch.topk(var, k).indices.sort().values)
-    var[5] = float("nan")
-    assert as_bits(var) is var  # NaN compares unlike its bits: the floats
+    var[[5, 70_000]] = float("nan")
+    unsorted = torch.topk(keys_of(var.clone()), k, sorted=False).indices
+    assert torch.equal(unsorted.sort().values, torch.topk(var, k).indices.sort().values)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

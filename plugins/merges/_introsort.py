@@ -42,15 +42,17 @@ SORT, SELECT = 16, 3  # segments left to a final insertion sort: std::sort's, st
 WINDOW = 1 << 16  # entries scanned for stops at once
 
 
-def keys_of(magnitudes: torch.Tensor, descending: bool = True) -> numpy.ndarray:
-    """Non-negative bfloat16, float16 or float32 values (flat, contiguous) as integer keys that compare
-    as torch's sorts compare the floats: their bit patterns, every NaN alike and after +inf; negated
-    for an ascending sort. In place: a view of `magnitudes`, which it overwrites."""
-    keys = magnitudes.view(torch.int16 if magnitudes.element_size() == 2 else torch.int32)
+def keys_of(magnitudes: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """Non-negative floats (flat, contiguous) as integer keys of the same width that compare as
+    torch's sorts and topk compare the floats: their bit patterns, every NaN alike and after +inf;
+    negated for an ascending sort. So torch's own sort or topk makes the same moves on them, comparing
+    faster (8M bf16 values through topk in 0.14 s against 0.18), and `kept_range` follows those moves
+    on their `.numpy()`. In place: a view of `magnitudes`, which it overwrites."""
+    keys = magnitudes.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[magnitudes.element_size()])
     nan = torch.tensor(float("inf"), dtype=magnitudes.dtype).view(keys.dtype) + 1
     if keys.numel() and bool(keys.max() > nan):
         keys[keys > nan] = nan
-    return (keys if descending else keys.neg_()).numpy()
+    return keys if descending else keys.neg_()
 
 
 def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> numpy.ndarray | None:
@@ -58,7 +60,7 @@ def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> nump
     puts the entry in places [lo, hi); with `final=SELECT` and lo = 0, where `std::nth_element` at
     place hi − 1 does (torch's topk of more than 1/64 of the entries), whose `__introselect` makes the
     same partitions along one path and insertion-sorts the last ≤ 3 entries. `keys`: a flat integer
-    array (`keys_of`), which is scrambled. None where a segment that decides would be heapsorted."""
+    array (`keys_of(...).numpy()`), which is scrambled. None where a segment that decides would be heapsorted."""
     n = keys.size
     # (torch's range, not numpy's: numpy asks for huge pages, which the kernel here compacts memory for
     # on first touch; the 168M SCE job's 78 ranges took 0.33 s, now 0.10, one thread)
@@ -133,7 +135,7 @@ def follows_torch() -> bool:
     for descending, lo, hi, final in ((True, 0, 2500, SORT), (False, 1000, 4500, SORT), (True, 0, 3000, SELECT)):
         expected = (torch.argsort(values, descending=descending)[lo:hi] if final == SORT
                     else torch.topk(values, hi, sorted=False).indices)
-        got = kept_range(keys_of(values.clone(), descending), lo, hi, final)
+        got = kept_range(keys_of(values.clone(), descending).numpy(), lo, hi, final)
         if got is None or not numpy.array_equal(numpy.flatnonzero(got), numpy.sort(expected.numpy())):
             return False
     return True

@@ -47,17 +47,6 @@ class Cut:
         return mask
 
 
-def as_bits(magnitude: torch.Tensor) -> torch.Tensor:
-    """Non-negative floats as their bit patterns, integers of the same width, which compare as the
-    floats do, so torch's topk makes the same moves on them and keeps the same entries, ties included,
-    comparing faster (8M bf16 values through topk in 0.14 s against 0.18); the floats themselves where
-    one is NaN (NaN compares unlike its bits)."""
-    keys = magnitude.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[magnitude.element_size()])
-    if magnitude.numel() and bool(keys.max() > torch.tensor(float("inf"), dtype=magnitude.dtype).view(keys.dtype)):
-        return magnitude
-    return keys
-
-
 def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """(bin holding the k-th largest, number of entries in higher bins) for a histogram."""
     cumulative = counts.flip(0).cumsum(0)

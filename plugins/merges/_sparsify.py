@@ -140,7 +140,7 @@ def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> numpy.ndar
         return whole
 
     if _introsort.follows_torch():
-        kept = _introsort.kept_range(_introsort.keys_of(magnitudes(), descending), lo, hi)
+        kept = _introsort.kept_range(_introsort.keys_of(magnitudes(), descending).numpy(), lo, hi)
         if kept is not None:
             return pack(kept)
     # (a segment the sort would heapsort, or another torch's sort: sort as mergekit)

@@ -8,7 +8,7 @@ import torch
 
 from . import _introsort
 from ._base import Operator, frozen, stacked_sum
-from ._select import as_bits, block_ranges, top_cut
+from ._select import block_ranges, top_cut
 
 BLOCK = 1 << 20  # elements per column block of the per-position steps
 
@@ -29,14 +29,14 @@ def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int,
     if tie_break == "index":
         return _first_by_index(var, k)
     if k * 64 > var.numel() and var.dtype != torch.float64 and _introsort.follows_torch():
-        kept = _introsort.kept_range(_introsort.keys_of(var.abs_()), 0, k, _introsort.SELECT)
+        kept = _introsort.kept_range(_introsort.keys_of(var.abs_()).numpy(), 0, k, _introsort.SELECT)
         if kept is not None:
             del var  # (before the mask is made: not one more tensor at the peak)
             return torch.from_numpy(kept).to(dtype)
         variances(tvs, blocks, var)  # (scrambled by a segment topk would heapsort)
     # (abs in place: the same values.) Unsorted: mergekit's topk sorts the k it keeps afterwards, which
     # changes their order, not which they are.
-    indices = torch.topk(as_bits(var.abs_()), k=k, largest=True, sorted=False).indices
+    indices = torch.topk(_introsort.keys_of(var.abs_()), k=k, largest=True, sorted=False).indices
     del var
     return torch.zeros(blocks[-1][1], dtype=dtype).index_fill_(0, indices, 1)
 
