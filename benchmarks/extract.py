@@ -48,7 +48,7 @@ def mergekit_cmd(paths, out: Path) -> list[str]:
 
 
 def adaptkit_cmd(paths, out: Path) -> list[str]:
-    return bench.stamped("import adaptkit.files.convert\nfrom adaptkit.cli import main",
+    return bench.stamped(bench.HEAVY_IMPORTS.format(modules="import adaptkit.files.convert"),
                          ["adaptkit", "--quiet", "extract", "--model", str(paths["ft"]), "--base", str(paths["base"]),
                           "--rank", str(RANK), "-o", str(out), "--force"], "sys.exit(main())")
 

@@ -265,11 +265,24 @@ def mergekit_cmd(recipe: Path, out: Path, *extra: str) -> list[str]:
                    "main()")
 
 
+HEAVY_IMPORTS = """
+try:
+    from adaptkit.cli.boundary import heavy_imports
+except ImportError:
+    from contextlib import nullcontext as heavy_imports
+with heavy_imports():
+    {modules}
+from adaptkit.cli import main
+"""
+
+
 def adaptkit_cmd(*args: str) -> list[str]:
     # adaptkit's CLI imports torch and the merge engine when the merge command runs: import them
     # first so that "work" excludes imports for adaptkit as it does for mergekit (`adaptkit.merge`
-    # alone no longer imports torch: before 2026-12-04 adaptkit's "work" included torch's ~1.8 s).
-    return stamped("import adaptkit.merge.engine\nfrom adaptkit.cli import main", ["adaptkit", "--quiet", *args],
+    # alone no longer imports torch: before 2026-12-04 adaptkit's "work" included torch's ~1.8 s),
+    # as the command imports them (`heavy_imports`: the collector paused; a snapshot older than it
+    # imports them plainly).
+    return stamped(HEAVY_IMPORTS.format(modules="import adaptkit.merge.engine"), ["adaptkit", "--quiet", *args],
                    "sys.exit(main())")
 
 

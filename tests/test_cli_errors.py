@@ -199,3 +199,32 @@ def test_end_process_keeps_the_status_output_and_exit_handlers(tmp_path, with_to
     assert "unflushed atexit ran" in proc.stdout and not Path(lines[0]).exists()
     assert ("teardown" in proc.stdout) is not with_torch  # torch's teardown (0.3-0.45 s) skipped
     assert proc.stderr.strip() == ("bye" if code == "bye" else "")
+
+
+HEAVY = """
+import gc
+from adaptkit.cli.boundary import heavy_imports
+
+assert gc.get_freeze_count() == 0
+with heavy_imports():
+    assert not gc.isenabled()
+    import wave  # a module not loaded yet
+assert gc.isenabled() and gc.get_freeze_count() > 0
+frozen = gc.get_freeze_count()
+with heavy_imports():
+    import wave  # noqa: F811  (loaded: nothing new)
+assert gc.get_freeze_count() == frozen
+gc.disable()
+with heavy_imports():
+    import colorsys
+assert not gc.isenabled() and gc.get_freeze_count() > frozen  # the collector left as found
+print("ok")
+"""
+
+
+def test_heavy_imports_pause_the_collector_and_freeze_what_they_load():
+    """A command's first import of torch and the library runs with the cyclic collector paused, and
+    what exists after it is frozen (left out of later collections, the exit's included); a second
+    command in the same process, which imports nothing new, freezes nothing."""
+    proc = subprocess.run([sys.executable, "-c", HEAVY], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .boundary import heavy_imports
 from .options import ALLOW_PICKLE, CONTEXT, ENERGY, FORCE, JSON, OUT, RANK, base_option, emit_json
 
 
@@ -42,8 +43,9 @@ def convert(adapter, to, out, rank, energy, base, force, allow_pickle, as_json):
       adaptkit convert sd-lora.safetensors --to peft -o sd-lora-peft/
       adaptkit convert my-lora/ --to FORMAT -o converted/
     """
-    from .. import registry
-    from ..files.convert import convert as run, writable_formats
+    with heavy_imports():
+        from .. import registry
+        from ..files.convert import convert as run, writable_formats
 
     # The plain low-rank variant's name stands for the canonical format (`--to lora`).
     fmt = registry.default("format") if to == registry.default("variant") else to
@@ -80,7 +82,8 @@ def extract(ctx, model, base, out, rank, energy, embed_lora, force, allow_pickle
       adaptkit extract --model my-finetune --base meta-llama/Llama-3.2-1B --rank 32 -o my-lora/
       adaptkit extract --model ft/ --base base/ --energy 0.9 -o lora/ --json
     """
-    from ..files.convert import extract as run
+    with heavy_imports():
+        from ..files.convert import extract as run
 
     report = run(model, base, out, rank=rank, energy=energy, embed_lora=embed_lora, force=force,
                  allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))

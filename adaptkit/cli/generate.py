@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import AdaptkitError
+from .boundary import heavy_imports
 from .options import ALLOW_PICKLE, CONTEXT, JSON, POSITIVE, SEED, Finite, emit_json
 
 
@@ -43,7 +44,8 @@ def generate_cmd(ctx, model, adapters, models, prompts, prompt_file, chat, compa
       adaptkit generate ./llama --adapter a/ --adapter b/ -m merged/ --compare --prompt "The capital of France is"
       adaptkit generate story/ --prompt-file prompts.txt --temperature 0.7 --top-p 0.9 --seed 1 --json
     """
-    from ..train.generation import generate, read_prompts
+    with heavy_imports():
+        from ..train.generation import generate, read_prompts
 
     prompts = list(prompts) + (read_prompts(prompt_file) if prompt_file else [])
     if not prompts:

@@ -5,6 +5,7 @@ import click
 
 from .. import registry
 from ..errors import AdaptkitError
+from .boundary import heavy_imports
 from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, DType, JSON, OUT, PLOT, POSITIVE, RANK, SEED, base_option,
                       dtype_option, emit_json, settings_option)
 
@@ -161,10 +162,11 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
       adaptkit merge soup.yaml -o merged/ --compute-dtype float32     # bf16 recipe, rounded once
       adaptkit merge --base llama-4bit/ -m my-qlora -o merged/ --requantize   # into a quantized base
     """
-    from ..merge.card import describe_group, parameter_groups
-    from ..merge.engine import Plan, run_merge
-    from ..merge.recipe import load_recipe
-    from .report import human_bytes
+    with heavy_imports():
+        from ..merge.card import describe_group, parameter_groups
+        from ..merge.engine import Plan, run_merge
+        from ..merge.recipe import load_recipe
+        from .report import human_bytes
 
     if bool(recipe) == bool(models):
         raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")

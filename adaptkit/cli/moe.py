@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .boundary import heavy_imports
 from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, OUT, SEED, dtype_option, emit_json
 
 
@@ -36,8 +37,9 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, force, dr
       adaptkit moe clowncar.yml -o moe/ --device cuda --json
       adaptkit moe clowncar.yml -o moe/ --dry-run
     """
-    from ..merge.moe import MoePlan, build_moe, load_moe_config
-    from .report import human_bytes
+    with heavy_imports():
+        from ..merge.moe import MoePlan, build_moe, load_moe_config
+        from .report import human_bytes
 
     parsed = load_moe_config(config, allow_same=allow_same)
     if dry_run:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .boundary import heavy_imports
 from .options import ALLOW_PICKLE, CONTEXT, FORCE, JSON, OUT, PLOT, emit_json, option
 
 
@@ -31,10 +32,11 @@ def quantize(ctx, model, method, double_quant, skip, out, force, allow_pickle, a
       adaptkit quantize ./model --method METHOD --skip lm_head,embed -o out/ --json
       adaptkit quantize ./model --method METHOD -o model-q/ --plot error.png
     """
-    from .. import registry, spec
-    from ..errors import AdaptkitError
-    from ..plots import check_target, draw, quantize_figure
-    from ..quant.quantize import run_quantize
+    with heavy_imports():
+        from .. import registry, spec
+        from ..errors import AdaptkitError
+        from ..plots import check_target, draw, quantize_figure
+        from ..quant.quantize import run_quantize
 
     if plot:
         check_target(plot)

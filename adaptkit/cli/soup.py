@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import AdaptkitError
-from .boundary import Group
+from .boundary import Group, heavy_imports
 from .options import ALLOW_PICKLE, CONTEXT, EVAL_DATA, FORCE, JSON, OUT, PLOT, TASK, emit_json
 
 
@@ -85,7 +85,8 @@ def uniform(models, out, force, as_json, allow_pickle):
     Examples:
       adaptkit soup uniform -m ft1 -m ft2 -m ft3 -o soup/
     """
-    from ..merge import soup as soups
+    with heavy_imports():
+        from ..merge import soup as soups
 
     soups.uniform(models, out=out, force=force, allow_pickle=allow_pickle)
     if as_json:
@@ -109,8 +110,9 @@ def greedy(models, eval_data, eval_cmd, eval_py, task, out, force, as_json, allo
       adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval-cmd "python score.py {model}" -o soup/
       adaptkit soup greedy -m ft1 -m ft2 -m ft3 --eval dev.jsonl -o soup/ --plot greedy.png
     """
-    from ..merge import soup as soups
-    from ..plots import check_target, draw, greedy_figure
+    with heavy_imports():
+        from ..merge import soup as soups
+        from ..plots import check_target, draw, greedy_figure
 
     if plot:
         check_target(plot)
@@ -143,8 +145,9 @@ def sweep(a, b, alphas, eval_data, eval_cmd, eval_py, task, out, force, as_json,
       adaptkit soup sweep zero-shot fine-tuned --alphas 0,0.5,1 --eval-cmd "python score.py {model}" -o best/
       adaptkit soup sweep zero-shot fine-tuned --eval dev.jsonl -o best/ --plot sweep.png
     """
-    from ..merge import soup as soups
-    from ..plots import check_target, draw, sweep_figure
+    with heavy_imports():
+        from ..merge import soup as soups
+        from ..plots import check_target, draw, sweep_figure
 
     try:
         values = [float(x) for x in alphas.split(",") if x.strip()]

@@ -6,6 +6,7 @@ import os
 import click
 
 from ..errors import AdaptkitError
+from .boundary import heavy_imports
 from .options import (ALLOW_PICKLE, BATCH_SIZE, CONTEXT, DATA, EVAL_DATA, FORCE, JSON, OUT, PLOT, POSITIVE, PRECISION,
                       SEED, SET, TASK, Finite, base_option, dtype_option, emit_json, max_length_option)
 
@@ -86,8 +87,9 @@ def train_cmd(ctx, base, variant, settings, data, eval_data, task, lr, batch_siz
       adaptkit train ... -o out/ --report-to tensorboard   # then: tensorboard --logdir out/runs
       adaptkit train ... -o out/ --plot curves.png          # loss and evaluation curves (also: adaptkit plot)
     """
-    from ..plots import check_target, draw, read_metrics, training_figure
-    from ..train.loop import train
+    with heavy_imports():
+        from ..plots import check_target, draw, read_metrics, training_figure
+        from ..train.loop import train
 
     if plot:
         check_target(plot)
@@ -143,7 +145,8 @@ def eval_cmd(ctx, model, adapters, members, weights, combine, data, task, batch_
       adaptkit eval sentiment/ --data test.jsonl --json
       adaptkit eval minilm --ensemble seed1/ --ensemble seed2/ --weights 0.7,0.3 --combine probs --data test.jsonl
     """
-    from ..train.evaluation import evaluate
+    with heavy_imports():
+        from ..train.evaluation import evaluate
 
     if members or weights or combine:
         return _ensemble(ctx, model, adapters, members, weights, combine or "logits", data, task=task,
