@@ -251,6 +251,12 @@ def merge_command(tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def whole_tensor_merge_command(tmp_path):
+    m = model(tmp_path / "m")
+    result = run_cli("-q", "merge", "--method", "karcher", "-m", f"{m}:0.5", "-m", f"{m}:0.5", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+
+
 def merge_call(tmp_path):
     m = model(tmp_path / "m")
     run_merge({"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}}] * 2},
@@ -273,7 +279,8 @@ def inspect_command(tmp_path):
 
 
 ALLOCATOR = [
-    ("the merge command", merge_command, allocator.SETTINGS["merge"]),
+    ("the merge command, block by block", merge_command, allocator.SETTINGS["blocks"]),
+    ("the merge command, tensor by tensor", whole_tensor_merge_command, allocator.SETTINGS["tensors"]),
     ("run_merge from a script", merge_call, ()),
     ("quantized layers inside tuning()", quantize_in_tuning, allocator.SETTINGS["quantized"]),
     ("quantize_model from a script", quantize_call, ()),
@@ -294,4 +301,4 @@ def test_malloc_is_tuned_by_the_command_only(tmp_path, monkeypatch, run, expecte
     monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: Libc() if name == "libc.so.6" else real(name, *a, **k))
     run(tmp_path)
     assert tuple(calls) == tuple(expected)
-    assert not allocator.tune("merge") and len(calls) == len(expected)  # the permission ended with the command
+    assert not allocator.tune("blocks") and len(calls) == len(expected)  # the permission ended with the command

@@ -354,12 +354,8 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
     dtypes = {name: code_to_torch(code) for name, code, _ in plan.layout}
     shapes = {name: shape for name, _, shape in plan.layout}
     budget = ByteBudget(WORKING_MEMORY)
-    if spec.option(plan.method, "elementwise"):
-        # freed blocks' memory kept for the next one (the command only: allocator.py). Not for whole-tensor
-        # operators: their tensor-sized temporaries, kept in one heap that never shrinks, leave holes that
-        # raise the peak and make it vary from run to run (measured on the 168M benchmark, peak MB with /
-        # without: multislerp 1185 / 1042, karcher 1017 / 822, nuslerp 888 / 698, model_stock 1014 / 769).
-        allocator.tune("merge")
+    # freed blocks' or tensors' memory kept for the next (the command only: allocator.py)
+    allocator.tune("blocks" if spec.option(plan.method, "elementwise") else "tensors")
 
     def one(name: str) -> None:
         for rows in row_blocks(plan, name):
