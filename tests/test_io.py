@@ -70,7 +70,13 @@ def test_writer_round_trip_and_shards(tmp_path):
     assert open_store(out).metadata == {"made_by": "test"}
 
 
-def test_writer_accepts_any_order_and_single_file(tmp_path):
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 21])
+def test_writer_accepts_any_order_and_single_file(tmp_path, monkeypatch, chunk):
+    """Tensors written in any order land at their places, in pwrite calls of at most WRITE_CHUNK bytes
+    (7: chunks that split elements)."""
+    from adaptkit.io import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "WRITE_CHUNK", chunk)
     tensors = sample_tensors()
     layout = [(n, {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}[t.dtype],
                tuple(t.shape)) for n, t in tensors.items()]

@@ -24,6 +24,10 @@ from .paths import inside
 from .safetensors_file import DTYPE_SIZES, TensorInfo
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
+#: Bytes given to one pwrite call. A whole tensor in one call was slow in 2 of 3 runs (ext4, Linux
+#: 6.18: a 168M model_stock merge's 321 MB took 0.32-0.37 s in the kernel, against 0.07-0.09 s in
+#: 2 MiB calls every time); A/B, median of 7, same bytes: model_stock 0.87 of the wall, nuslerp 0.92.
+WRITE_CHUNK = 2 * 1024 * 1024
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
@@ -141,8 +145,8 @@ class ShardedWriter:
         offset = shard.data_start + shard.entries[name][0] + row * row_bytes
         fd, view = self._files[id(shard)].fileno(), memoryview(data)
         with _named(shard.path):
-            while view:  # pwrite may write less than asked (Linux caps one call near 2 GiB)
-                n = os.pwrite(fd, view, offset)
+            while view:  # pwrite may write less than asked
+                n = os.pwrite(fd, view[:WRITE_CHUNK], offset)
                 view, offset = view[n:], offset + n
         with self._lock:
             done = shard.written.get(name, 0) + data.nbytes
