@@ -103,10 +103,14 @@ def test_bf16_inputs_computed_in_float32_rounded_once(models, tmp_path):
 
 def test_a_tensor_that_takes_the_whole_budget_first_frees_the_heap(models, tmp_path, monkeypatch):
     """A tensor whose working memory is the whole budget runs alone; it first hands the heap's free
-    memory back (allocator.release), so the other worker's freed memory does not add to its peak.
-    Smaller tensors do not pay for the trim. The bytes are those of a run without it."""
+    memory back (allocator.release), so the other worker's freed memory does not add to its peak, and
+    runs on all of torch's threads (two workers share them otherwise). Smaller tensors do not pay for
+    the trim. The bytes are those of a run without it, and torch's thread count is restored after."""
     from adaptkit import allocator
     from adaptkit.merge import engine
+
+    before, threads, real_set, seen = torch.get_num_threads(), 4, torch.set_num_threads, []
+    real_set(threads)
 
     recipe = recipe_for(models, "ties", [{"weight": 0.5, "density": 0.5}] * 3)
     run_merge(recipe, tmp_path / "plain", threads=2, progress=False)
@@ -117,9 +121,15 @@ def test_a_tensor_that_takes_the_whole_budget_first_frees_the_heap(models, tmp_p
     monkeypatch.setattr(engine, "WORKING_MEMORY", sizes[-1])  # only the largest tensors take it all
     calls = []
     monkeypatch.setattr(allocator, "release", lambda: calls.append(1))
-    run_merge(recipe, tmp_path / "trimmed", threads=2, progress=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n) or real_set(n))
+    try:
+        run_merge(recipe, tmp_path / "trimmed", threads=2, progress=False)
+        assert torch.get_num_threads() == threads
+    finally:
+        real_set(before)
     assert len(calls) == sizes.count(sizes[-1]) > 0
     assert (tmp_path / "trimmed" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert seen.count(threads) == len(calls) + 1 and set(seen) == {threads, threads // 2}  # (+ 1: the restore)
 
 
 def test_block_operators_count_what_they_hold(models):

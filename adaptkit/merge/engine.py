@@ -362,12 +362,15 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
             numel = math.prod(shapes[name]) if rows is None else math.prod(shapes[name]) // shapes[name][0] * (rows[1] - rows[0])
             need = plan.working_bytes(numel)
             with budget.hold(need):
-                if need >= budget.total:
-                    # alone now, while the other worker's heap still holds what its tensors freed (SCE
-                    # with tie_break: index, 1B, two workers: peak 1391-1483 MiB without this, 1271 with it)
+                if need >= budget.total:  # the other worker waits: all of torch's threads, and the heap it freed given back
+                    # (SCE with tie_break: index, 1B, two workers: peak 1391-1483 MiB without this, 1271 with it)
                     allocator.release()
-                merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
-                writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
+                    torch.set_num_threads(intra_op)
+                try:
+                    merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
+                    writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
+                finally:
+                    torch.set_num_threads(max(1, intra_op // threads))
 
     bar = tqdm(total=len(plan.names), unit="tensor", desc=f"merge {plan.recipe.method}", disable=not progress,
                leave=False)
