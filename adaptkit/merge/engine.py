@@ -356,27 +356,27 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
     budget = ByteBudget(WORKING_MEMORY)
     # freed blocks' or tensors' memory kept for the next (the command only: allocator.py)
     allocator.tune("blocks" if spec.option(plan.method, "elementwise") else "tensors")
+    intra_op = torch.get_num_threads()
+    shared = max(1, intra_op // threads)  # worker threads times torch's own must not oversubscribe the cores
 
     def one(name: str) -> None:
         for rows in row_blocks(plan, name):
             numel = math.prod(shapes[name]) if rows is None else math.prod(shapes[name]) // shapes[name][0] * (rows[1] - rows[0])
             need = plan.working_bytes(numel)
             with budget.hold(need):
-                if need >= budget.total:  # the other worker waits: all of torch's threads, and the heap it freed given back
-                    # (SCE with tie_break: index, 1B, two workers: peak 1391-1483 MiB without this, 1271 with it)
+                if need >= budget.total:  # the other worker waits: all of torch's threads, and its freed heap
+                    # given back (SCE with tie_break: index, 1B, two workers: peak 1391-1483 MiB without, 1271 with)
                     allocator.release()
                     torch.set_num_threads(intra_op)
                 try:
                     merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
                     writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
                 finally:
-                    torch.set_num_threads(max(1, intra_op // threads))
+                    torch.set_num_threads(shared)
 
     bar = tqdm(total=len(plan.names), unit="tensor", desc=f"merge {plan.recipe.method}", disable=not progress,
                leave=False)
-    intra_op = torch.get_num_threads()
-    # Worker threads times torch's own threads must not oversubscribe the cores.
-    torch.set_num_threads(max(1, intra_op // threads))
+    torch.set_num_threads(shared)
     try:
         _run_all(plan, one, threads, bar)
     finally:
