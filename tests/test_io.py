@@ -36,6 +36,33 @@ def test_single_file_lazy_store(tmp_path):
         assert torch.equal(store.get(name), t)
 
 
+def test_mapped_reads_equal_copied_reads_and_never_write_the_file(tmp_path, monkeypatch):
+    import adaptkit.io.store as store_module
+
+    monkeypatch.setattr(store_module, "MAP_MIN", 64)  # a.weight (128 B) and its row ranges are mapped
+    tensors = sample_tensors()
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)
+    before = path.read_bytes()
+    copied, mapped = open_store(path), open_store(path)
+    mapped.map_reads = True
+    for name, t in tensors.items():
+        assert torch.equal(mapped.get(name), t) and torch.equal(mapped.get(name), copied.get(name))
+    assert torch.equal(mapped.get("a.weight", rows=(2, 7)), tensors["a.weight"][2:7])
+    weight = mapped.get("a.weight")
+    assert not weight.untyped_storage().resizable()  # it is the map, not a copy
+    weight.mul_(0)  # a private map: the write stays in this process
+    assert path.read_bytes() == before and torch.equal(copied.get("a.weight"), tensors["a.weight"])
+    del weight
+    mapped.close()
+    # A file cut short after its header was read is refused, not mapped past its end (SIGBUS).
+    late = open_store(path)
+    late.map_reads = True
+    path.write_bytes(before[:-40])
+    with pytest.raises(CorruptFileError, match="shorter than its header says"):
+        late.get("a.weight")
+
+
 def test_store_opens_file_index_and_hub_cache_layouts(sharded_llama_dir, tmp_path):
     by_folder = open_store(sharded_llama_dir)
     assert len(by_folder.files) > 1 and by_folder.index is not None

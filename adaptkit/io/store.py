@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -34,6 +35,7 @@ REF_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 PIPELINE_INDEX = "model_index.json"  # a pipeline folder's list of its components (diffusers' layout)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MAP_MIN = 1 << 20  # bytes: a read at least this long maps the file's pages instead of copying them
 
 
 def read_json(path: Path) -> dict:
@@ -50,6 +52,9 @@ class TensorStore:
     method: str | None = None  # the quantizer packed weights are unpacked with (unpacked.UnpackedStore)
     components: tuple[str, ...] = ()  # a pipeline folder's component sub-folders, whose names prefix their tensors'
     own_names: Mapping[str, str] = MappingProxyType({})  # such a tensor -> its name inside its file
+    #: Serve reads of MAP_MIN bytes or more from private maps of the file (see `get`). For callers whose
+    #: tensors are short-lived (the merge engine): each live map holds a file descriptor.
+    map_reads = False
 
     def __init__(self, root: Path, infos: dict[str, TensorInfo], metadata: dict[str, str], *, index: Path | None = None):
         self.root = root
@@ -57,6 +62,7 @@ class TensorStore:
         self.metadata = metadata
         self.index = index
         self._handles: dict[Path, int] = {}
+        self._ends: dict[Path, int] = {}  # each file's last data byte the header names, + 1
         self._pickled: dict[str, Any] | None = None
         self.json_read: list[Path] = []  # the JSON files `json_file` found: with `files`, what a reader used
 
@@ -105,10 +111,13 @@ class TensorStore:
     def get(self, name: str, rows: tuple[int, int] | None = None):
         """The tensor `name` (a torch.Tensor), or only its rows [start, stop) along dim 0.
 
-        Data is read with positioned reads into a fresh buffer rather than through a memory map:
-        mapped file pages count towards the process's RSS for as long as the map lives, so a merge
-        reading every tensor of several models would grow to their total size; reads keep the peak
-        at the tensors actually in flight (the OS page cache still serves repeated reads).
+        Data is read with positioned reads into a fresh buffer, or with `map_reads` (large reads) mapped
+        privately from the file, one map per tensor that lives as long as the tensor: the page
+        cache's pages are used in place, without a copy, and writing to the tensor copies only the
+        pages written. Never one map of the whole file: mapped pages count towards the process's RSS
+        while mapped, so a merge would grow to the size of all its inputs. (168M merges, A/B, median
+        of 5, same bytes and peaks: model_stock 0.82 of the wall, multislerp 0.83, nuslerp 0.88,
+        SCE 0.87, TIES 0.90; methods that read in row blocks within the noise.)
         """
         info = self.info(name)
         if self._pickled is not None:
@@ -127,8 +136,14 @@ class TensorStore:
             offset += rows[0] * row_bytes
             shape[0] = rows[1] - rows[0]
         size = math.prod(shape) * DTYPE_SIZES[info.dtype]
+        fd = self._fd(info.file)
+        if self.map_reads and size >= MAP_MIN:
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            pages = mmap.mmap(fd, offset + size - start, offset=start, access=mmap.ACCESS_COPY)
+            buffer = torch.frombuffer(pages, dtype=torch.uint8, offset=offset - start, count=size)
+            return buffer.view(code_to_torch(info.dtype)).reshape(shape)
         buffer = torch.empty(size, dtype=torch.uint8)
-        view, fd = memoryview(buffer.numpy()), self._fd(info.file)
+        view = memoryview(buffer.numpy())
         while view:
             n = os.preadv(fd, [view], offset)
             if n <= 0:
@@ -139,7 +154,16 @@ class TensorStore:
     def _fd(self, path: Path) -> int:
         fd = self._handles.get(path)
         if fd is None:
-            fd = self._handles[path] = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
+            # A map past the end faults (SIGBUS) where a read would say so: a file cut short since its
+            # header was read is refused here.
+            if not self._ends:
+                for i in self.infos.values():
+                    self._ends[i.file] = max(self._ends.get(i.file, 0), i.offset + i.nbytes)
+            if os.fstat(fd).st_size < self._ends.get(path, 0):
+                os.close(fd)
+                raise CorruptFileError(f"{path}: shorter than its header says (changed since it was opened?)")
+            self._handles[path] = fd
         return fd
 
     def close(self) -> None:

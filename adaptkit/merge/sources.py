@@ -167,6 +167,7 @@ def _naming_hint(store: TensorStore, module: str) -> str:
 def open_input(ref: Ref, *, allow_pickle: bool = False, base: Ref | None = None) -> ModelSource:
     """Open a recipe input. A bare adapter with a recipe base becomes `base+adapter`."""
     store = open_unpacked(open_store(resolve_path(ref.model), allow_pickle=allow_pickle))
+    store.map_reads = True  # the engine holds a tensor only while it merges it
     adapters = [_must_be_adapter(a, allow_pickle) for a in ref.adapters]
     lone = read_adapter(store)
     if lone is not None:
