@@ -47,8 +47,8 @@ class MultiSlerp(Operator):
             base = self.need_base(base, tensors)
         if len(tensors) == 1:
             return tensors[0].clone()
-        # Memory (issue 15): the unit vectors are made again block by block whenever a step needs them (the
-        # same subtraction and division, so the same values) and every per-element step runs over column
+        # Memory (issue 15): the unit vectors are made block by block whenever a step needs them (the same
+        # subtraction and division, so the same values) and every per-element step runs over column
         # blocks. The reductions mergekit takes over whole rows (norms, ⟨uᵢ, m⟩) stay whole over an (N, n)
         # buffer, one at a time: with two threads a row summed alone rounds differently from the same row
         # summed within the (N, n) tensor.
@@ -77,9 +77,11 @@ class MultiSlerp(Operator):
                 else torch.cat([row[:, s:e] for row in rows])
             return vectors.div_(divisor)  # (in place: the same rounding as flat / (norms + eps))
 
-        mean = flat[0]  # (the task vectors' buffer is reused: row 0 for the mean, the whole for ⟨uᵢ, m⟩)
+        # The first two passes divide the task vectors' buffer (it then holds the products for ⟨uᵢ, m⟩);
+        # only the last makes the unit vectors again.
+        mean = torch.empty_like(flat[0])
         for s, e in blocks:  # Σᵢ over the stacked rows, per element: the same sums in blocks
-            mean[s:e] = (units(s, e) * column).sum(0)
+            mean[s:e] = (flat[:, s:e] / divisor * column).sum(0)
         mean_norm = torch.linalg.vector_norm(mean)
         if mean_norm < eps:
             if count != 2:
@@ -89,9 +91,9 @@ class MultiSlerp(Operator):
             vectors = [t - base if base is not None else t for t in tensors]
             out = (vectors[0] * weights[0] + vectors[1] * weights[1]).view(shape)
             return out + base if base is not None else out
-        mean = mean / mean_norm
+        torch.div(mean, mean_norm, out=mean)
         for s, e in blocks:
-            torch.mul(units(s, e), mean[s:e], out=flat[:, s:e])
+            torch.mul(flat[:, s:e] / divisor, mean[s:e], out=flat[:, s:e])
         dots = flat.sum(-1, keepdim=True)
         del flat
         step = torch.empty_like(mean)
