@@ -60,26 +60,37 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     Memory (issue 15): the unit vectors are made again from the inputs each time one is needed (the same
     division, so the same values) instead of kept, and the steps run in place or in blocks over the
     mean's and the tangent's buffers, with each product's operands in mergekit's order (a float32
-    0-dim factor on the left rounds differently than on the right)."""
+    0-dim factor on the left rounds differently than on the right). One scratch buffer serves every
+    norm's float32 copy and, before it, each unit vector (never both at once): made afresh each time,
+    the 168M merge mapped and faulted in about 7 tensor-sized buffers per tensor."""
     exact = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms = [torch.linalg.vector_norm(x.to(exact)) for x in tensors]
+    scratch = torch.empty(tensors[0].numel() * max(exact.itemsize, *(x.element_size() for x in tensors)),
+                          dtype=torch.uint8)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # ‖x.to(exact)‖: the same copy, into the scratch buffer
+        if x.dtype == exact:
+            return torch.linalg.vector_norm(x)
+        return torch.linalg.vector_norm(scratch.view(exact).view(x.shape).copy_(x))
+
+    norms = [norm(x) for x in tensors]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
 
-    def unit(i: int) -> torch.Tensor:
+    def unit(i: int) -> torch.Tensor:  # in the scratch buffer, until the next unit vector or norm
         x = tensors[i]
-        return torch.zeros_like(x) if norms[i].item() == 0.0 else (x / norms[i]).to(x.dtype)
+        out = scratch[:x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+        return out.zero_() if norms[i].item() == 0.0 else torch.div(x, norms[i], out=out)
 
     uniform = 1.0 / len(tensors)
     alphas = [uniform / sum([uniform] * len(valid))] * len(valid)  # renormalized as mergekit does, to the bit
     mean = torch.zeros_like(tensors[valid[0]])
     for alpha, i in zip(alphas, valid):
         mean += alpha * unit(i)  # (not add_(alpha=): the product is rounded first, as in mergekit)
-    mean_norm = torch.linalg.vector_norm(mean.to(exact))
+    mean_norm = norm(mean)
     dtype = mean.dtype
     if mean_norm.item() < tol:
-        mean = unit(valid[0])
+        mean.copy_(unit(valid[0]))
     else:
         torch.div(mean, mean_norm, out=mean)
     flat = mean.view(-1)
@@ -98,15 +109,15 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
                 step[s:e] -= cos * flat[s:e]
             tangent += torch.mul(alpha * (omega / torch.sin(omega)), u, out=u)
             del u, step
-        length = torch.linalg.vector_norm(tangent.to(exact))
+        length = norm(tangent)
         if length.item() < tol:
             break
         first, second, along = torch.cos(length), torch.sin(length), tangent.view(-1)
         for s, e in blocks:
             flat[s:e] = (first * flat[s:e] + second * (along[s:e] / length)).to(dtype)
-        norm = torch.linalg.vector_norm(mean.to(exact))
-        if norm.item() > tol:
-            torch.div(mean, norm, out=mean)
+        mean_norm = norm(mean)
+        if mean_norm.item() > tol:
+            torch.div(mean, mean_norm, out=mean)
     scale = sum(uniform * n for n in norms)
     return torch.mul(scale, mean, out=mean)
 
