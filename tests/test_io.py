@@ -43,22 +43,38 @@ def test_mapped_reads_equal_copied_reads_and_never_write_the_file(tmp_path, monk
     tensors = sample_tensors()
     path = tmp_path / "model.safetensors"
     save_file(tensors, path)
-    before = path.read_bytes()
     copied, mapped = open_store(path), open_store(path)
     mapped.map_reads = True
     for name, t in tensors.items():
         assert torch.equal(mapped.get(name), t) and torch.equal(mapped.get(name), copied.get(name))
     assert torch.equal(mapped.get("a.weight", rows=(2, 7)), tensors["a.weight"][2:7])
-    weight = mapped.get("a.weight")
-    assert not weight.untyped_storage().resizable()  # it is the map, not a copy
+
+    def rewrite(value: float) -> None:  # a.weight's bytes in the file, in place
+        with open(path, "r+b") as f:
+            f.seek(copied.info("a.weight").offset)
+            f.write(torch.full((8, 4), value).numpy().tobytes())
+
+    weight, copy = mapped.get("a.weight"), copied.get("a.weight")
+    rewrite(7.0)  # the map shows the file's pages; the copy keeps what was read
+    assert torch.equal(weight, torch.full((8, 4), 7.0)) and torch.equal(copy, tensors["a.weight"])
+    before = path.read_bytes()
     weight.mul_(0)  # a private map: the write stays in this process
-    assert path.read_bytes() == before and torch.equal(copied.get("a.weight"), tensors["a.weight"])
+    assert path.read_bytes() == before and torch.equal(copied.get("a.weight"), torch.full((8, 4), 7.0))
     del weight
+
+    def no_map(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    with monkeypatch.context() as patch:  # a file system that cannot map: read instead
+        patch.setattr(store_module.mmap, "mmap", no_map)
+        read = mapped.get("a.weight")
+    rewrite(3.0)
+    assert torch.equal(read, torch.full((8, 4), 7.0))
     mapped.close()
     # A file cut short after its header was read is refused, not mapped past its end (SIGBUS).
     late = open_store(path)
     late.map_reads = True
-    path.write_bytes(before[:-40])
+    path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(CorruptFileError, match="shorter than its header says"):
         late.get("a.weight")
 

@@ -139,9 +139,13 @@ class TensorStore:
         fd = self._fd(info.file)
         if self.map_reads and size >= MAP_MIN:
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            pages = mmap.mmap(fd, offset + size - start, offset=start, access=mmap.ACCESS_COPY)
-            buffer = torch.frombuffer(pages, dtype=torch.uint8, offset=offset - start, count=size)
-            return buffer.view(code_to_torch(info.dtype)).reshape(shape)
+            try:
+                pages = mmap.mmap(fd, offset + size - start, offset=start, access=mmap.ACCESS_COPY)
+            except OSError:  # a file system that cannot map (or no descriptor left for the map): read it
+                pass
+            else:
+                buffer = torch.frombuffer(pages, dtype=torch.uint8, offset=offset - start, count=size)
+                return buffer.view(code_to_torch(info.dtype)).reshape(shape)
         buffer = torch.empty(size, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         while view:
