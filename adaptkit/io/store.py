@@ -62,7 +62,6 @@ class TensorStore:
         self.metadata = metadata
         self.index = index
         self._handles: dict[Path, int] = {}
-        self._ends: dict[Path, int] = {}  # each file's last data byte the header names, + 1
         self._pickled: dict[str, Any] | None = None
         self.json_read: list[Path] = []  # the JSON files `json_file` found: with `files`, what a reader used
 
@@ -138,6 +137,10 @@ class TensorStore:
         size = math.prod(shape) * DTYPE_SIZES[info.dtype]
         fd = self._fd(info.file)
         if self.map_reads and size >= MAP_MIN:
+            # A map past the file's end faults (SIGBUS) where a read would say so: a file cut short since
+            # its header was read is refused here (one fstat a tensor).
+            if os.fstat(fd).st_size < offset + size:
+                raise CorruptFileError(f"{info.file}: shorter than its header says (changed since it was opened?)")
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
             try:
                 pages = mmap.mmap(fd, offset + size - start, offset=start, access=mmap.ACCESS_COPY)
@@ -158,16 +161,7 @@ class TensorStore:
     def _fd(self, path: Path) -> int:
         fd = self._handles.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            # A map past the end faults (SIGBUS) where a read would say so: a file cut short since its
-            # header was read is refused here.
-            if not self._ends:
-                for i in self.infos.values():
-                    self._ends[i.file] = max(self._ends.get(i.file, 0), i.offset + i.nbytes)
-            if os.fstat(fd).st_size < self._ends.get(path, 0):
-                os.close(fd)
-                raise CorruptFileError(f"{path}: shorter than its header says (changed since it was opened?)")
-            self._handles[path] = fd
+            fd = self._handles[path] = os.open(path, os.O_RDONLY)
         return fd
 
     def close(self) -> None:
