@@ -206,6 +206,31 @@ def test_same_bytes_as_mergekit(case, dtype):
     assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_karcher_dots_side_by_side_give_mergekits_bytes(monkeypatch, threads, dtype):
+    """With two threads, karcher takes its half-precision inputs' dots side by side, each unit vector in
+    its own slot of the scratch buffer (float32 ones, one slot: in turn). One thread or two, over several
+    iterations (directions far apart), mergekit's bytes."""
+    from adaptkit_plugins.merges import karcher
+
+    calls = []
+    side_by_side = karcher._side_by_side
+    monkeypatch.setattr(karcher, "_side_by_side", lambda *a: calls.append(a[2]) or side_by_side(*a))
+    tensors, _ = make(shape=(64, 50), count=3, seed=7, dtype=dtype)
+    tensors = [t * s + d for t, s, d in zip(tensors, (1.0, 3.0, 0.5), (0.0, 0.5, -0.3))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = op("karcher").merge(tensors, None, max_iter=6)
+    finally:
+        torch.set_num_threads(before)
+    theirs = mergekit("karcher", tensors, None, max_iter=6)
+    assert torch.equal(ours, theirs)
+    assert calls == ([2] * len(calls) if threads == 2 and dtype == torch.bfloat16 else [])
+    assert len(calls) >= (3 if threads == 2 and dtype == torch.bfloat16 else 0)  # iterated, side by side each time
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 BAD = [  # name, inputs, with a base, parameters, message
