@@ -5,20 +5,20 @@ for elementwise operators) from every input — converted to the compute dtype (
 `dtype`, see `precision.py` here), or as read for operators that convert block by block — resolves
 the recipe's parameters for it (gradients, filters), calls the operator, casts its result to the
 output dtype and writes it at its place in the output. A working-memory budget
-keeps a few tensors in flight, so peak memory follows the largest tensor, not the model. Random operators get
+keeps a few tensors in flight (`schedule.py` here: a worker takes the first that fits), so peak memory
+follows the largest tensor, not the model. Random operators get
 one generator per input seeded from (seed, tensor name, input index): output bytes do not depend on
 thread count or order. Adapters enter as `base+adapter` inputs (see `sources.py` here).
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 import os
 import shutil
 import threading
 import time
-from contextlib import contextmanager
 from functools import cached_property
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .slices import Job, Stack, output_config, slice_jobs, source_place
 from .precision import recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, load_recipe, recipe_inputs
+from .schedule import run_within
 from .sources import ModelSource, check_same_architecture, open_input
 from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
@@ -47,27 +48,6 @@ from ..io.writer import DEFAULT_SHARD_SIZE, MirrorWriter, ShardedWriter, copy_si
 BLOCK_ELEMENTS = 1024 * 1024
 #: Tensors merged at once share this many bytes of working memory (a bigger one runs alone).
 WORKING_MEMORY = 768 * 1024 * 1024
-
-
-class ByteBudget:
-    """Lets worker threads start a tensor only while the working memory in use fits the budget."""
-
-    def __init__(self, total: int):
-        self.total = self.free = total
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def hold(self, nbytes: int):
-        nbytes = min(nbytes, self.total)
-        with self._cond:
-            self._cond.wait_for(lambda: self.free >= nbytes)
-            self.free -= nbytes
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.free += nbytes
-                self._cond.notify_all()
 
 
 class Plan:
@@ -353,47 +333,38 @@ def default_threads(plan: Plan) -> int:
 def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool) -> None:
     dtypes = {name: code_to_torch(code) for name, code, _ in plan.layout}
     shapes = {name: shape for name, _, shape in plan.layout}
-    budget = ByteBudget(WORKING_MEMORY)
     # freed blocks' or tensors' memory kept for the next (the command only: allocator.py)
     allocator.tune("blocks" if spec.option(plan.method, "elementwise") else "tensors")
     intra_op = torch.get_num_threads()
     shared = max(1, intra_op // threads)  # worker threads times torch's own must not oversubscribe the cores
+    pieces = [(name, rows) for name in plan.names for rows in row_blocks(plan, name)]
+    left, lock = Counter(name for name, _ in pieces), threading.Lock()
 
-    def one(name: str) -> None:
-        for rows in row_blocks(plan, name):
-            numel = math.prod(shapes[name]) if rows is None else math.prod(shapes[name]) // shapes[name][0] * (rows[1] - rows[0])
-            need = plan.working_bytes(numel)
-            with budget.hold(need):
-                if need >= budget.total:  # the other worker waits: all of torch's threads, and its freed heap
-                    # given back (SCE with tie_break: index, 1B, two workers: peak 1391-1483 MiB without, 1271 with)
-                    allocator.release()
-                    torch.set_num_threads(intra_op)
-                try:
-                    merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
-                    writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
-                finally:
-                    torch.set_num_threads(shared)
+    def need(piece) -> int:
+        shape, rows = shapes[piece[0]], piece[1]
+        return plan.working_bytes(math.prod(shape) if rows is None else math.prod(shape[1:]) * (rows[1] - rows[0]))
+
+    def work(piece, alone: bool) -> None:
+        name, rows = piece
+        if alone:  # the other workers wait: all of torch's threads, and their freed heap given back
+            # (SCE with tie_break: index, 1B, two workers: peak 1391-1483 MiB without, 1271 with)
+            allocator.release()
+            torch.set_num_threads(intra_op)
+        try:
+            merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
+            writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
+        finally:
+            torch.set_num_threads(shared)
+        with lock:
+            left[name] -= 1
+            if not left[name]:
+                bar.update()
 
     bar = tqdm(total=len(plan.names), unit="tensor", desc=f"merge {plan.recipe.method}", disable=not progress,
                leave=False)
     torch.set_num_threads(shared)
     try:
-        _run_all(plan, one, threads, bar)
+        run_within(pieces, need, work, threads, WORKING_MEMORY)
     finally:
         torch.set_num_threads(intra_op)
     bar.close()
-
-
-def _run_all(plan: Plan, one, threads: int, bar) -> None:
-    pending: set = set()
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for name in plan.names:
-            if len(pending) >= threads * 2:  # bounded prefetch: memory stays a few tensors deep
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()
-                    bar.update()
-            pending.add(pool.submit(one, name))
-        for f in pending:
-            f.result()
-            bar.update()

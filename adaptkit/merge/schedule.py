@@ -1,0 +1,66 @@
+"""Which pieces of a merge run when: worker threads within a working-memory budget (used by the engine).
+
+Each piece of work (a tensor, or a block of its rows) needs an estimated number of bytes while it
+runs. A worker that is free takes the first piece, in the plan's order, whose need fits what the
+pieces running leave of the budget; one that needs the whole budget or more runs alone, once nothing
+else runs. So a big piece that does not fit yet lets the smaller ones after it go first instead of
+holding its worker idle: on the 168M benchmark's DARE jobs (an embedding needs 80 % of the budget),
+a worker used to wait out the whole first embedding beside the one merging it (work, median of 3:
+dare_linear 1.67-2.04 → 1.44-1.56 s, dare_ties 2.49 → 1.98, DELLA 5.45 → 4.72). The order pieces
+finish in changes no byte of the output: each is written at its own place, and random operators
+draw from generators seeded per tensor.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+Piece = TypeVar("Piece")
+
+
+def run_within(pieces: Sequence[Piece], need: Callable[[Piece], int], work: Callable[[Piece, bool], None],
+               threads: int, budget: int) -> None:
+    """`work(piece, alone)` for every piece on `threads` worker threads, the pieces running at once
+    needing at most `budget` bytes together (`need`; a piece needing `budget` or more runs alone, with
+    `alone` true). The first error stops the workers taking more pieces and is raised once the ones
+    running are done."""
+    needs = [min(need(piece), budget) for piece in pieces]
+    todo = list(range(len(pieces)))  # indices of pieces not yet taken, in order
+    state = {"free": budget}
+    errors: list[BaseException] = []
+    changed = threading.Condition()
+
+    def take() -> int | None:
+        with changed:
+            while todo and not errors:
+                fits = next((k for k, i in enumerate(todo) if needs[i] <= state["free"]), None)
+                if fits is not None:
+                    i = todo.pop(fits)
+                    state["free"] -= needs[i]
+                    return i
+                changed.wait()
+            return None
+
+    def worker() -> None:
+        while (i := take()) is not None:
+            try:
+                work(pieces[i], needs[i] >= budget)
+            except BaseException as error:  # noqa: BLE001 (raised by the caller's thread)
+                with changed:
+                    errors.append(error)
+            finally:
+                with changed:
+                    state["free"] += needs[i]
+                    changed.notify_all()
+
+    if threads <= 1:
+        worker()
+    else:
+        workers = [threading.Thread(target=worker, name=f"merge-{k}", daemon=True) for k in range(threads)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+    if errors:
+        raise errors[0]
