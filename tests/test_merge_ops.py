@@ -489,6 +489,19 @@ def test_model_stock_matches_mergekit(filter_wise, shape):
     assert_close(ours, mergekit("model_stock", tensors, base, filter_wise=filter_wise), **TIGHT)
 
 
+@pytest.mark.parametrize("count", [2, 3, 4, 5])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_gives_mergekits_bytes_for_any_number_of_models(count, filter_wise):
+    """Up to three models each offset is made once and kept, the products overwriting offsets at their
+    last use and the result made in a buffer they left free; with more, the offsets are made again in
+    two buffers. Either way mergekit's bf16 bytes."""
+    tensors, base = make(shape=(24, 40), count=count, seed=count)
+    tensors, base = [t.bfloat16() for t in tensors], base.bfloat16()
+    ours = op("model_stock").merge(tensors, base, filter_wise=filter_wise)
+    theirs = mergekit("model_stock", tensors, base, filter_wise=filter_wise)
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+
+
 GTA_CASES = [
     ("task_arithmetic", {"weight": [1.0, 0.5, -0.3], "lambda": 0.7}),
     ("task_arithmetic", {"weight": [1.0, 0.5, 0.3], "normalize": True}),
