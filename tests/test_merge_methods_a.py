@@ -208,27 +208,38 @@ def test_same_bytes_as_mergekit(case, dtype):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_karcher_dots_side_by_side_give_mergekits_bytes(monkeypatch, threads, dtype):
+@pytest.mark.parametrize("directions", ["apart", "close"])
+def test_karcher_dots_side_by_side_give_mergekits_bytes(monkeypatch, threads, dtype, directions):
     """With two threads, karcher takes its half-precision inputs' dots side by side, each unit vector in
     its own slot of the scratch buffer (float32 ones, one slot: in turn). One thread or two, over several
-    iterations (directions far apart), mergekit's bytes."""
+    iterations (directions far apart) or none (all within tol of the first mean, so no tangent is made),
+    mergekit's bytes."""
     from adaptkit_plugins.merges import karcher
 
-    calls = []
-    side_by_side = karcher._side_by_side
+    calls, tangents = [], []
+    side_by_side, zeros_like = karcher._side_by_side, torch.zeros_like
     monkeypatch.setattr(karcher, "_side_by_side", lambda *a: calls.append(a[2]) or side_by_side(*a))
+    monkeypatch.setattr(karcher.torch, "zeros_like", lambda *a, **k: tangents.append(1) or zeros_like(*a, **k))
     tensors, _ = make(shape=(64, 50), count=3, seed=7, dtype=dtype)
-    tensors = [t * s + d for t, s, d in zip(tensors, (1.0, 3.0, 0.5), (0.0, 0.5, -0.3))]
+    if directions == "apart":
+        tensors = [t * s + d for t, s, d in zip(tensors, (1.0, 3.0, 0.5), (0.0, 0.5, -0.3))]
+    else:
+        tensors = [(tensors[0].double() * s + 1e-4 * t.double()).to(dtype) for t, s in zip(tensors, (1.0, 2.0, 0.7))]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         ours = op("karcher").merge(tensors, None, max_iter=6)
     finally:
         torch.set_num_threads(before)
+    ours_zeros = len(tangents)  # (before mergekit's own zeros_like calls)
     theirs = mergekit("karcher", tensors, None, max_iter=6)
     assert torch.equal(ours, theirs)
-    assert calls == ([2] * len(calls) if threads == 2 and dtype == torch.bfloat16 else [])
-    assert len(calls) >= (3 if threads == 2 and dtype == torch.bfloat16 else 0)  # iterated, side by side each time
+    parallel = threads == 2 and dtype == torch.bfloat16
+    assert calls == ([2] * len(calls) if parallel else [])
+    if directions == "apart":
+        assert len(calls) >= (3 if parallel else 0) and ours_zeros == 2  # iterated; one tangent (+ the mean's zeros)
+    else:
+        assert len(calls) == parallel and ours_zeros == 1  # one pass of dots, no tangent: only the mean's zeros
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
         torch.div(mean, mean_norm, out=mean)
     flat = mean.view(-1)
     blocks = [(s, min(s + BLOCK, flat.numel())) for s in range(0, flat.numel(), BLOCK)]
-    tangent = torch.empty_like(mean)
+    tangent = None
     # torch's dot of half-precision vectors runs on one thread (2.2 ns an entry, bf16): given more threads
     # (a tensor merged alone), the inputs' dots run side by side, each unit vector in its own slot of the
     # scratch buffer (two fit where the inputs have half float32's size). 168M job's embeddings, two
@@ -108,7 +108,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     # of the wall, same peak.
     slots = min(torch.get_num_threads(), len(valid), scratch.numel() // max(1, flat.numel() * flat.element_size()))
     for _ in range(max_iter):
-        tangent.zero_()
+        moved = False
         dots = _side_by_side(lambda i, slot: torch.dot(flat, unit(i, slot).view(-1)), valid, slots) if slots > 1 else None
         for k, (alpha, i) in enumerate(zip(alphas, valid)):
             u = None if dots else unit(i)
@@ -117,11 +117,15 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
             if omega.item() < tol:
                 continue
             u = unit(i) if u is None else u  # (made again after the dots side by side)
+            if not moved:  # (the tangent is made only where some direction is farther than tol)
+                tangent, moved = torch.zeros_like(mean) if tangent is None else tangent.zero_(), True
             step = u.view(-1)
             for s, e in blocks:  # u − cos·m over u's own buffer
                 step[s:e] -= cos * flat[s:e]
             tangent += torch.mul(alpha * (omega / torch.sin(omega)), u, out=u)
             del u, step
+        if not moved:  # every Ωᵢ < tol (so tol > 0): a zero tangent, whose norm 0 < tol ends the iteration
+            break
         length = norm(tangent)
         if length.item() < tol:
             break
