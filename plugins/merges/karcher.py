@@ -91,7 +91,9 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     alphas = [uniform / sum([uniform] * len(valid))] * len(valid)  # renormalized as mergekit does, to the bit
     mean = torch.zeros_like(tensors[valid[0]])
     for alpha, i in zip(alphas, valid):
-        mean += alpha * unit(i)  # (not add_(alpha=): the product is rounded first, as in mergekit)
+        u = unit(i)
+        mean += torch.mul(u, alpha, out=u)  # (not add_(alpha=): the product is rounded first, as in mergekit; made
+        # in the unit vector's buffer, not a new one paged in for each input)
     mean_norm = norm(mean)
     dtype = mean.dtype
     if mean_norm.item() < tol:
