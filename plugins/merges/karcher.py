@@ -81,7 +81,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     if not valid:
         return torch.zeros_like(tensors[0])
 
-    def unit(i: int, slot: int = 0) -> torch.Tensor:  # in a slot of the scratch buffer, until the next unit vector or norm
+    def unit(i: int, slot: int = 0) -> torch.Tensor:  # in a slot of the scratch buffer, until it is used again
         x = tensors[i]
         size = x.numel() * x.element_size()
         out = scratch[slot * size:(slot + 1) * size].view(x.dtype).view(x.shape)
@@ -109,9 +109,13 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     # threads, three inputs: 150 ms a pass of dots instead of 230; the whole command, median of 7, 0.96
     # of the wall, same peak.
     slots = min(torch.get_num_threads(), len(valid), scratch.numel() // max(1, flat.numel() * flat.element_size()))
+
+    def dot(i: int, slot: int) -> torch.Tensor:  # ⟨m, uᵢ⟩, uᵢ made in the slot
+        return torch.dot(flat, unit(i, slot).view(-1))
+
     for _ in range(max_iter):
         moved = False
-        dots = _side_by_side(lambda i, slot: torch.dot(flat, unit(i, slot).view(-1)), valid, slots) if slots > 1 else None
+        dots = _side_by_side(dot, valid, slots) if slots > 1 else None
         for k, (alpha, i) in enumerate(zip(alphas, valid)):
             u = None if dots else unit(i)
             cos = torch.clamp(dots[k] if dots else torch.dot(flat, u.view(-1)), -1.0, 1.0)

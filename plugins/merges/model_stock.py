@@ -77,9 +77,10 @@ def interpolation_ratio(offset: Callable[[int, torch.Tensor | None], torch.Tenso
     models, each offset is made once and kept, and a pair's product overwrites the first offset of the
     pair at its last use (pairs in order, (i, count − 1) is offset i's last); the one other product of
     three models goes into the buffer the third offset is then made in: three buffers, three
-    subtractions (168M job, three models: in one process 0.78 of the time, the whole command 0.94 of the
-    wall, median of 9, peak −10 MB; it made 5 subtractions and paged in 4 buffers). With more models two buffers serve
-    every pair and a third the products, each offset made again when needed (the same values)."""
+    subtractions, where it made 5 and paged in 4 buffers (168M job, three models: in one process 0.78
+    of the time, the whole command 0.94 of the wall, median of 9, peak −10 MB). With more models two
+    buffers serve every pair and a third the products, each offset made again when needed (the same
+    values)."""
     cosines, norm, kept, spare = [], {}, {}, []  # each offset's norm taken once (the same values wherever it is taken)
 
     def made(i: int) -> torch.Tensor:
