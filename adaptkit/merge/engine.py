@@ -13,11 +13,11 @@ thread count or order. Adapters enter as `base+adapter` inputs (see `sources.py`
 from __future__ import annotations
 
 import math
-from collections import Counter
 import os
 import shutil
 import threading
 import time
+from collections import Counter
 from functools import cached_property
 from pathlib import Path
 from typing import Any

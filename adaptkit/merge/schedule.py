@@ -28,22 +28,24 @@ def run_within(pieces: Sequence[Piece], need: Callable[[Piece], int], work: Call
     running are done."""
     needs = [min(need(piece), budget) for piece in pieces]
     todo = list(range(len(pieces)))  # indices of pieces not yet taken, in order
-    state = {"free": budget}
+    free = budget  # bytes the pieces running leave
     errors: list[BaseException] = []
     changed = threading.Condition()
 
     def take() -> int | None:
+        nonlocal free
         with changed:
             while todo and not errors:
-                fits = next((k for k, i in enumerate(todo) if needs[i] <= state["free"]), None)
+                fits = next((k for k, i in enumerate(todo) if needs[i] <= free), None)
                 if fits is not None:
                     i = todo.pop(fits)
-                    state["free"] -= needs[i]
+                    free -= needs[i]
                     return i
                 changed.wait()
             return None
 
     def worker() -> None:
+        nonlocal free
         while (i := take()) is not None:
             try:
                 work(pieces[i], needs[i] >= budget)
@@ -52,7 +54,7 @@ def run_within(pieces: Sequence[Piece], need: Callable[[Piece], int], work: Call
                     errors.append(error)
             finally:
                 with changed:
-                    state["free"] += needs[i]
+                    free += needs[i]
                     changed.notify_all()
 
     if threads <= 1:

@@ -55,7 +55,7 @@ class ModelStock(Operator):
         free: list[torch.Tensor] = []
         t = interpolation_ratio(lambda i, out: torch.sub(tensors[i], base, out=out), len(tensors), free).unsqueeze(-1)
         out = free[0] if free and free[0].dtype == base.dtype else torch.empty_like(base)
-        del free
+        del free  # (the other buffers it left are freed now, not after the mix)
         for s in range(0, base.shape[-1], BLOCK):
             out[..., s:s + BLOCK] = mix(t, [w[..., s:s + BLOCK] for w in tensors], base[..., s:s + BLOCK])
         return out.reshape(shape)
