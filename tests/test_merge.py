@@ -3,6 +3,7 @@ recipes, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -400,6 +401,10 @@ def test_row_blocks_give_the_same_bytes(models, tmp_path, monkeypatch, method, p
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)
     plan = engine.Plan(engine.load_recipe(recipe))
     assert len(engine.row_blocks(plan, "model.embed_tokens.weight")) > 10
+    for name, _, shape in plan.layout:  # every block starts at a multiple of 256 entries, the last has 256 or more
+        blocks, width = engine.row_blocks(plan, name), math.prod(shape[1:])
+        if blocks != [None]:
+            assert all(r * width % 256 == 0 for r, _ in blocks) and (blocks[-1][1] - blocks[-1][0]) * width >= 256
     run_merge(recipe, tmp_path / "blocks", progress=False, threads=2)
     assert (tmp_path / "whole/model.safetensors").read_bytes() == (tmp_path / "blocks/model.safetensors").read_bytes()
 

@@ -750,6 +750,39 @@ def test_registry_loads_every_operator(name):
     assert out.shape == base.shape and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_stacked_sum_of_five_or_more_sums_the_last_entries_as_torch(dtype):
+    """torch sums a stack's last entries (after its vectorized loop's last group) in four interleaved
+    partial sums, ((p₀ + p₁) + p₂) + p₃ with pₖ = Σᵢ part[4i + k]: for 5 or more parts that rounds
+    differently from adding them one after the other. `stacked_sum` gives torch's bytes at every
+    length, and blocks from `block_ranges` (starting at multiples of 256) sum as the whole tensor."""
+    from plugins.merges._base import stacked_sum
+    from plugins.merges._select import block_ranges
+
+    def same(a, b):
+        return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    spread = 3 if dtype == torch.float16 else 8
+    for count in (5, 6, 9, 16):
+        for n in (1, 5, 21, 100, 1000, 1073, (1 << 16) + 37):
+            g = torch.Generator().manual_seed(count * 1000 + n)
+            parts = [(torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * spread)).to(dtype)
+                     for _ in range(count)]
+            assert same(stacked_sum(parts), torch.stack(parts).sum(dim=0)), (count, n)
+            if n > 1000:
+                blocks = [stacked_sum([p[s:e] for p in parts]) for s, e in block_ranges(n, 512)]
+                assert same(torch.cat(blocks), torch.stack(parts).sum(dim=0)), (count, n)
+    # written out: 5 parts, +big, −big, 0, 0, tiny. Part after part: tiny. Interleaved: (big + tiny)
+    # rounds to big, then big − big = 0. 1020 entries: the last 1020 mod 32 = 28 (double: mod 16, 12)
+    # go interleaved (torch 2.13), the others part after part.
+    tiny = 2.0 ** 15 * torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 4
+    probe = [torch.full((1020,), v, dtype=dtype) for v in (2.0 ** 15, -(2.0 ** 15), 0.0, 0.0, tiny)]
+    summed = stacked_sum(probe)
+    assert same(summed, torch.stack(probe).sum(dim=0))
+    interleaved = 12 if dtype == torch.float64 else 28
+    assert summed[:-interleaved].eq(tiny).all() and summed[-interleaved:].eq(0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("count", [1, 2, 3, 8, 16, 17, 40])
 def test_stacked_sum_is_torchs_stacked_sum_to_the_byte(dtype, count):

@@ -163,3 +163,32 @@ def test_dtypes_outside_the_compute_ones_are_refused(stored, tmp_path, keys, mes
     recipe = recipe_for(stored["bfloat16"], "linear", "bfloat16") | keys
     with pytest.raises(AdaptkitError, match=message):
         run_merge(recipe, tmp_path / "out", progress=False, card=False)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_five_task_vectors_sum_their_last_entries_as_mergekit(tmp_path, method):
+    """Five task vectors of +1, −1, 0, 0 and −2⁻²⁶ everywhere, weight 1. Added one after the other
+    they sum to −2⁻²⁶, but torch sums the last entries of a stack (numel mod 32 of them) in four
+    interleaved partial sums, where −2⁻²⁶ is lost in 1: mergekit's bytes have both sums (task
+    arithmetic), or both elected signs (TIES: −1 or +1). Odd sizes, so that every tensor has such
+    entries (`stacked_sum`)."""
+    shapes = {"hidden_size": 20, "intermediate_size": 36, "vocab_size": 101, "num_attention_heads": 2}
+    model = tiny_llama(**shapes)
+    for tag, value in [("base", 0.0), *((f"ft{i}", v) for i, v in enumerate([1.0, -1.0, 0.0, 0.0, -(2.0 ** -26)]))]:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(value)
+        copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / tag)
+    params = {"weight": 1.0} | ({"density": 1.0} if method == "ties" else {})
+    recipe = {"merge_method": method, "dtype": "bfloat16", "base_model": str(tmp_path / "base"),
+              "models": [{"model": str(tmp_path / f"ft{i}"), "parameters": params} for i in range(5)]}
+    if method == "ties":
+        recipe["parameters"] = {"normalize": False}
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    mergekit_run(recipe, tmp_path / "mk")
+    ours, theirs = state(tmp_path / "ours"), state(tmp_path / "mk")
+    both = set()
+    for name, expected in theirs.items():
+        assert torch.equal(ours[name], expected), name
+        both |= set(expected.view(-1).tolist())
+    assert both == ({0.0, -(2.0 ** -26)} if method == "task_arithmetic" else {1.0, -1.0})

@@ -188,8 +188,15 @@ def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
             or (plan.vocabulary is not None and name in plan.vocabulary.tensors)
             or any(source.has_deltas(n) or source.store.packed(n) for source, n in job.sources)):
         return [None]
-    step = max(1, BLOCK_ELEMENTS // (numel // shape[0]))
-    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+    # each block starts at a multiple of 256 entries and the last has at least 256: torch sums a stack
+    # of whole tensors differently in its last entries, and so do the operators (`stacked_sum`)
+    width = numel // shape[0]
+    align = 256 // math.gcd(width, 256)
+    step = max(align, BLOCK_ELEMENTS // width // align * align)
+    blocks = [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+    if len(blocks) > 1 and (blocks[-1][1] - blocks[-1][0]) * width < 256:
+        blocks[-2:] = [(blocks[-2][0], shape[0])]
+    return blocks
 
 
 def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,

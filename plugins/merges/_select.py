@@ -22,8 +22,15 @@ BLOCK = 1 << 20  # elements per block: small enough to stay in cache, large enou
 Blocks = Callable[[int, int], torch.Tensor]
 
 
-def block_ranges(n: int) -> list[tuple[int, int]]:
-    return [(s, min(s + BLOCK, n)) for s in range(0, n, BLOCK)] or [(0, 0)]
+def block_ranges(n: int, block: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive blocks of `block` entries covering n; a last block shorter than
+    256 entries is joined to the one before, so that blocks of a multiple of 256 entries sum over the
+    inputs as the whole tensor does (`_base.stacked_sum`)."""
+    block = block or BLOCK
+    ranges = [(s, min(s + block, n)) for s in range(0, n, block)] or [(0, 0)]
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] < 256:
+        ranges[-2:] = [(ranges[-2][0], n)]
+    return ranges
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen, stacked_sum
+from ._select import block_ranges
 
 BLOCK = 1 << 20  # elements per column block of the per-element steps
 
@@ -71,10 +72,10 @@ class MultiSlerp(Operator):
                 raise self.error(f"weights {weight_values} sum to zero; cannot normalize (set normalize_weights: false)")
             weights = weights / total
         column = weights.view(-1, 1)
-        blocks = [(s, min(s + BLOCK, flat.shape[1])) for s in range(0, flat.shape[1], BLOCK)]
+        blocks = block_ranges(flat.shape[1], BLOCK)
         norms = torch.linalg.vector_norm(units, dim=-1, keepdim=True)
         divisor = norms + eps
-        scratch = torch.empty(2, count, min(BLOCK, flat.shape[1]), dtype=flat.dtype)
+        scratch = torch.empty(2, count, max(e - s for s, e in blocks), dtype=flat.dtype)
 
         def weighted_sum(vectors: torch.Tensor, out: torch.Tensor) -> None:  # (vectors * column).sum(0)
             out.copy_(stacked_sum(list(torch.mul(vectors, column, out=scratch[0, :, :vectors.shape[1]]))))

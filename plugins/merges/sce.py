@@ -137,7 +137,7 @@ class SelectCalculateErase(Operator):
         # the reductions mergekit takes whole stay whole: the top-k of the variances (its choice among
         # tied variances is its own) and the mean squares, one input's squares at a time.
         flat_base, inputs = base.reshape(1, -1), [t.reshape(1, -1) for t in tensors]
-        blocks = [(s, min(s + BLOCK, base.numel())) for s in range(0, base.numel(), BLOCK)]
+        blocks = block_ranges(base.numel(), BLOCK)
 
         def tvs(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> torch.Tensor:
             return torch.cat([t[:, s:e] - flat_base[:, s:e] for t in rows])
