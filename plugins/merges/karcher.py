@@ -103,11 +103,12 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     flat = mean.view(-1)
     blocks = [(s, min(s + BLOCK, flat.numel())) for s in range(0, flat.numel(), BLOCK)]
     tangent = None
-    # torch's dot of half-precision vectors runs on one thread (2.2 ns an entry, bf16): given more threads
-    # (a tensor merged alone), the inputs' dots run side by side, each unit vector in its own slot of the
-    # scratch buffer (two fit where the inputs have half float32's size). 168M job's embeddings, two
-    # threads, three inputs: 150 ms a pass of dots instead of 230; the whole command, median of 7, 0.96
-    # of the wall, same peak.
+    # torch's dot of half-precision vectors runs on one thread (2.2 ns an entry, bf16: oneDNN's 1×1 matmul
+    # on an AVX-512 CPU; `mv` and (1, n)×(n, N) products take 3-20× less time but sum in another order,
+    # and mergekit's dots are these). Given more threads (a tensor merged alone), the inputs' dots run
+    # side by side, each unit vector in its own slot of the scratch buffer (two fit where the inputs
+    # have half float32's size). 168M job's embeddings, two threads, three inputs: 150 ms a pass of
+    # dots instead of 230; the whole command, median of 7, 0.96 of the wall, same peak.
     slots = min(torch.get_num_threads(), len(valid), scratch.numel() // max(1, flat.numel() * flat.element_size()))
 
     def dot(i: int, slot: int) -> torch.Tensor:  # ⟨m, uᵢ⟩, uᵢ made in the slot
