@@ -361,7 +361,9 @@ def _compare_random(a: dict, m: dict, names: list[str], base: dict) -> tuple[str
     keep_a, keep_m = totals["a"][0] / count, totals["m"][0] / count
     norm_a, norm_m = totals["a"][1] ** 0.5, totals["m"][1] ** 0.5
     ratio = norm_a / norm_m if norm_m else float("inf")
-    ok = abs(keep_a - keep_m) <= KEEP_TOLERANCE and abs(ratio - 1) <= NORM_TOLERANCE
+    # two independent draws of k entries: their norms' ratio has a relative spread of about 1/√k (tiny
+    # random MoE gates: a few hundred entries, ±6 %); 4 of those, or NORM_TOLERANCE if wider
+    ok = abs(keep_a - keep_m) <= KEEP_TOLERANCE and abs(ratio - 1) <= max(NORM_TOLERANCE, 4 / max(count, 1) ** 0.5)
     return ("close" if ok else "different"), (f"random, {len(names)}/{len(m)} tensors differ: keep fraction "
                                               f"{keep_a:.3f} vs {keep_m:.3f}, norm ratio {ratio:.3f}")
 
