@@ -165,13 +165,15 @@ def test_dtypes_outside_the_compute_ones_are_refused(stored, tmp_path, keys, mes
         run_merge(recipe, tmp_path / "out", progress=False, card=False)
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "row-blocks"])
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
-def test_five_task_vectors_sum_their_last_entries_as_mergekit(tmp_path, method):
+def test_five_task_vectors_sum_their_last_entries_as_mergekit(tmp_path, monkeypatch, method, blocks):
     """Five task vectors of +1, −1, 0, 0 and −2⁻²⁶ everywhere, weight 1. Added one after the other
     they sum to −2⁻²⁶, but torch sums the last entries of a stack (numel mod 32 of them) in four
     interleaved partial sums, where −2⁻²⁶ is lost in 1: mergekit's bytes have both sums (task
     arithmetic), or both elected signs (TIES: −1 or +1). Odd sizes, so that every tensor has such
-    entries (`stacked_sum`)."""
+    entries (`stacked_sum`). In row blocks (task arithmetic's, 100 entries asked for) each block
+    starts on a multiple of 256 entries, so the last block's last entries are the tensor's."""
     shapes = {"hidden_size": 20, "intermediate_size": 36, "vocab_size": 101, "num_attention_heads": 2}
     model = tiny_llama(**shapes)
     for tag, value in [("base", 0.0), *((f"ft{i}", v) for i, v in enumerate([1.0, -1.0, 0.0, 0.0, -(2.0 ** -26)]))]:
@@ -184,7 +186,11 @@ def test_five_task_vectors_sum_their_last_entries_as_mergekit(tmp_path, method):
               "models": [{"model": str(tmp_path / f"ft{i}"), "parameters": params} for i in range(5)]}
     if method == "ties":
         recipe["parameters"] = {"normalize": False}
-    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    if blocks:
+        from adaptkit.merge import engine
+
+        monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False, threads=2)
     mergekit_run(recipe, tmp_path / "mk")
     ours, theirs = state(tmp_path / "ours"), state(tmp_path / "mk")
     both = set()
