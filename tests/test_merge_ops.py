@@ -596,6 +596,17 @@ def test_dare_masks_are_u_below_p_compared_bit_by_bit():
         expected[tied] = v < tail
         assert numpy.array_equal(mask, expected)
         assert 0 < tied.size < n / 2**planes * 2  # the tail is drawn for about 1 in 2¹² entries
+    # p with no bits past the 12th: only the planes down to its last 1 bit, no 32-bit draws (0.5: one
+    # plane, kept where U's first bit is 0; 0.75: two), and the stream is left just past them
+    for p, used in ((0.5, 1), (0.75, 2), (0.375, 3)):
+        draws = Draws(torch.Generator().manual_seed(11))
+        stream = numpy.random.SFC64(int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(11))))
+        mask = draws.below(0, torch.Size([n]), p).numpy()
+        raw = stream.random_raw(used * words).reshape(used, words)
+        bits = (raw[:, entry // 64] >> (entry % 64).astype(numpy.uint64)) & numpy.uint64(1)
+        u = sum(bits[i].astype(numpy.int64) << (used - 1 - i) for i in range(used))
+        assert numpy.array_equal(mask, (u < int(p * 2**used)).astype(numpy.uint8))
+        assert numpy.array_equal(draws.bits.random_raw(8), stream.random_raw(8))
     everything = Draws(torch.Generator().manual_seed(1)).below(0, torch.Size([1000]), 1.0)
     assert int(everything.sum()) == 1000  # density 1 keeps every entry, not all but 1 in 2⁴⁴
 

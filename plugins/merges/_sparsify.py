@@ -78,7 +78,8 @@ class Draws:
     i holds bit i of U for entries 64j … 64j + 63. An entry is decided at the first bit where U and p
     differ (kept where U has 0 and p has 1); only the 1 in 2¹² whose first PLANES = 12 bits equal
     p's draw 32 more bits each, compared with p's next 32. An entry costs 12 random bits instead of
-    32 for a whole 32-bit U (measured on 1M-entry blocks, one thread: 0.8 ms a mask against 1.3 ms).
+    32 for a whole 32-bit U (measured on 1M-entry blocks, one thread: 0.8 ms a mask against 1.3 ms),
+    and only as many planes as p's last 1 bit needs where p has no bits past the 12th (0.5: one).
     Each block's mask is drawn once, in block order on the first pass, and kept as bits (n/8 bytes)
     for later passes (DARE's L1 rescale makes two; replayed in 0.05 ms)."""
 
@@ -106,8 +107,10 @@ class Draws:
         if scaled >= 2 ** (self.PLANES + 32):
             return numpy.ones(n, dtype=numpy.uint8)
         head, tail = scaled >> 32, scaled & 0xFFFFFFFF
+        # Planes past p's last 1 bit decide nothing: an entry equal to p so far is not below it there.
+        used = self.PLANES if tail else (self.PLANES - (head & -head).bit_length() + 1 if head else 0)
         words = (n + 63) // 64
-        planes = self.bits.random_raw(self.PLANES * words).astype("<u8", copy=False).reshape(self.PLANES, words)
+        planes = self.bits.random_raw(used * words).astype("<u8", copy=False).reshape(used, words)
         kept = numpy.zeros(words, dtype="<u8")
         open_ = numpy.full(words, 2**64 - 1, dtype="<u8")  # entries whose U matches p so far
         for i, u in enumerate(planes):
@@ -117,6 +120,8 @@ class Draws:
             else:  # p has 0: U with 1 is above it
                 open_ &= ~u
         mask = numpy.unpackbits(kept.view(numpy.uint8), count=n, bitorder="little")
+        if not tail:
+            return mask
         where = numpy.flatnonzero(open_)  # words with an entry still open, then those entries
         bits = numpy.flatnonzero(numpy.unpackbits(open_[where].view(numpy.uint8), bitorder="little"))
         ties = where[bits >> 6] * 64 + (bits & 63)
