@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen
+from ._select import block_ranges
 
 BLOCK = 1 << 20  # elements per block of the per-element steps
 
@@ -101,7 +102,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     else:
         torch.div(mean, mean_norm, out=mean)
     flat = mean.view(-1)
-    blocks = [(s, min(s + BLOCK, flat.numel())) for s in range(0, flat.numel(), BLOCK)]
+    blocks = block_ranges(flat.numel(), BLOCK)
     tangent = None
     # torch's dot of half-precision vectors runs on one thread (2.2 ns an entry, bf16: oneDNN's 1×1 matmul
     # on an AVX-512 CPU; `mv` and (1, n)×(n, N) products take 3-20× less time but sum in another order,

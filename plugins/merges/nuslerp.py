@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen
+from ._select import block_ranges
 
 # mergekit's constants: 1 − cos²Ω ≤ PARALLEL² counts as parallel (plain lerp there), and a vector
 # is divided by max(‖v‖, NORM_FLOOR) so that a zero vector stays zero.
@@ -79,7 +80,7 @@ def whole(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, t: float)
     if base is not None:
         flat_base = base.reshape(-1)
         a, b = a - flat_base, b - flat_base
-    blocks = [(s, min(s + BLOCK, a.numel())) for s in range(0, a.numel(), BLOCK)]
+    blocks = block_ranges(a.numel(), BLOCK)
     norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
     norm_b = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
     product = a / norm_a
