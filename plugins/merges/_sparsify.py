@@ -106,9 +106,11 @@ class Draws:
         scaled = int(p * 2 ** (self.PLANES + 32))  # exact: p·2⁴⁴ < 2⁵³
         if scaled >= 2 ** (self.PLANES + 32):
             return numpy.ones(n, dtype=numpy.uint8)
+        if not scaled:  # p < 2⁻⁴⁴: nothing is below it
+            return numpy.zeros(n, dtype=numpy.uint8)
         head, tail = scaled >> 32, scaled & 0xFFFFFFFF
         # Planes past p's last 1 bit decide nothing: an entry equal to p so far is not below it there.
-        used = self.PLANES if tail else (self.PLANES - (head & -head).bit_length() + 1 if head else 0)
+        used = self.PLANES if tail else self.PLANES + 1 - (head & -head).bit_length()
         words = (n + 63) // 64
         planes = self.bits.random_raw(used * words).astype("<u8", copy=False).reshape(used, words)
         kept = numpy.zeros(words, dtype="<u8")
