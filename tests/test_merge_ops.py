@@ -744,6 +744,59 @@ def test_sign_election_tie_goes_positive():
     assert torch.equal(ours, mergekit("ties", tensors, base, weight=1.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(dtype, count):
+    """`combine` elects the sign and sums the agreeing deltas as σ·Σ relu(σ·δᵢ) (σ = ±1 by a sign-bit
+    XOR) instead of mergekit's masks: the same bytes as mergekit's `get_mask` arithmetic written out
+    on the stacked deltas, on values with zeros of both signs, votes summing to exactly 0, negative
+    weights (divisors of 0) and a length with an interleaved tail (5 parts)."""
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+
+    from adaptkit_plugins.merges.task_arithmetic import combine
+
+    g = torch.Generator().manual_seed(count)
+    n = 4099  # numel mod 32 = 3: torch sums the last entries of 5 stacked parts in four partial sums
+    values = torch.randint(-3, 4, (count, n), generator=g).to(dtype) * 0.375
+    values[:, :7] = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 0.0]).to(dtype)[:, None].T.expand(count, 7)
+    values[0, 7], values[1, 7] = 1.5, -1.5  # the votes cancel: + is elected
+    values[:, 8] = -0.0
+    weights = torch.tensor([0.7, -0.7, 0.3, 1.1, -0.4][:count], dtype=dtype)
+    deltas = values * weights[:, None]
+    mask = get_mask(deltas, method="sum", mask_dtype=dtype)
+    expected = (deltas * mask).sum(dim=0)
+    divisor = (weights[:, None] * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    for normalize, want in ((False, expected), (True, expected / divisor)):
+        got = combine([d.clone() for d in deltas], weights, "sum", normalize)
+        bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
+        assert torch.equal(got.view(bits), want.view(bits)), normalize
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("k", [0, 1, 37, 100, 163, 200, 260])
+def test_cut_keeps_tau_as_its_mask_does_block_by_block(monkeypatch, dtype, k):
+    """`Cut.keep` (one hardshrink, ties added back) zeroes what `Cut.mask` drops, to the bit, over
+    blocks far smaller than the tensor with ties straddling block ends; all kept (k ≥ n) and none
+    (k = 0) too. The ties kept are settled as the blocks come, so blocks out of order are an error."""
+    from adaptkit_plugins.merges import _select
+
+    monkeypatch.setattr(_select, "BLOCK", 16)
+    g = torch.Generator().manual_seed(k)
+    tau = (torch.randint(-5, 6, (200,), generator=g).float() * 0.125 * 2.0 ** torch.randint(-2, 2, (200,), generator=g)).to(dtype)
+    cut = _select.top_cut(lambda s, e: tau[s:e].abs(), 200, k)
+    blocks = _select.block_ranges(200)
+    for _ in range(2):  # a second pass over the same blocks gives the same
+        masked = torch.cat([tau[s:e] * cut.mask(tau[s:e].abs(), s) for s, e in blocks])
+        kept = torch.cat([cut.keep(tau[s:e], s) for s, e in blocks])
+        assert torch.equal(kept, masked) and int(torch.count_nonzero(kept)) <= k
+    assert int((cut.mask(tau.abs(), 0) != 0).sum()) == min(k, 200)
+    if 0 < k < 200 and cut.ties < cut.tied:
+        cut.keep(tau[:16], 0)
+        with pytest.raises(AssertionError, match="out of order"):
+            cut.keep(tau[32:48], 32)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_registry_loads_every_operator(name):
     obj = op(name)

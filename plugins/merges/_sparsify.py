@@ -43,7 +43,7 @@ class Keep:
             if tie_break == "mergekit":
                 self.whole = _sorted_range(tau, n, True, 0, keep)
             else:
-                self.cuts = [(top_cut(magnitudes, n, keep), 1)]
+                self.cuts = [top_cut(magnitudes, n, keep)]
         elif method == "magnitude_outliers":
             # mergekit ranks |τ| ascending and keeps ranks [bottom, bottom + kept): the int(γ·n)
             # largest dropped, fewer when needed to keep int(density·n) entries.
@@ -52,21 +52,20 @@ class Keep:
             if tie_break == "mergekit":
                 self.whole = _sorted_range(tau, n, False, bottom, bottom + kept)
             else:
-                self.cuts = [(top_cut(magnitudes, n, n - bottom), 1), (top_cut(magnitudes, n, n - bottom - kept), -1)]
+                self.cuts = [top_cut(magnitudes, n, n - bottom), top_cut(magnitudes, n, n - bottom - kept)]
 
-    def mask(self, start: int, block: torch.Tensor) -> torch.Tensor:
-        """0/1 mask of the kept entries of a block of τ starting at flat index `start`, to multiply
-        it by (uint8 for random drops, else the block's dtype)."""
+    def apply(self, start: int, tau: torch.Tensor) -> torch.Tensor:
+        """The block of τ starting at flat index `start` with the dropped entries set to 0 (in place for
+        random drops and mergekit's tie order, else a new tensor)."""
         if self.method == "random":
-            return self.draws.below(start, block.shape, self.density)
+            return tau.mul_(self.draws.below(start, tau.shape, self.density))
         if self.whole is not None:  # (bits: see `_sorted_range`)
-            return unpack(self.whole, start, block.numel()).view(block.shape).to(block.dtype)
-        magnitude = block.abs()
-        (first, _), *rest = self.cuts
-        mask = first.mask(magnitude, start)
-        for cut, _ in rest:
-            mask.sub_(cut.mask(magnitude, start))
-        return mask
+            return tau.mul_(unpack(self.whole, start, tau.numel()).view(tau.shape).to(tau.dtype))
+        first, *rest = self.cuts
+        kept = first.keep(tau, start)
+        for cut in rest:  # a cut keeping fewer of the largest: what it keeps is subtracted, exactly
+            kept.sub_(cut.keep(tau, start))
+        return kept
 
 
 class Draws:
@@ -189,7 +188,7 @@ def held_bytes(sparsify: str | None, inputs: int, compute_size: int, tie_break: 
     return held
 
 
-def l1_factor(tau, ranges, prune) -> torch.Tensor | None:
+def l1_factor(tau, ranges, prune) -> float | None:
     """mergekit's rescale, ‖τ‖₁ / ‖prune(τ)‖₁ in τ's dtype: the kept entries scaled so that their L1
     norm equals the unpruned one (None: no rescaling, where a norm rounds below 1e-7). `prune(start,
     block)` gives a block of the pruned τ (it may prune in place). The norms are `l1_parts` summed with
@@ -204,7 +203,7 @@ def l1_factor(tau, ranges, prune) -> torch.Tensor | None:
         before += l1_parts(block)
         after += l1_parts(prune(s, block))
     norms = [torch.tensor(math.fsum(parts), dtype=dtype) for parts in (before, after)]
-    return None if norms[0] < 1e-7 or norms[1] < 1e-7 else norms[0] / norms[1]
+    return None if norms[0] < 1e-7 or norms[1] < 1e-7 else float(norms[0] / norms[1])
 
 
 L1_ROW = 1 << 14  # entries per partial sum: under torch's parallel grain size (32768)

@@ -148,8 +148,8 @@ class Della(TaskArithmetic):
                 if s.density[i] < 1:
                     factors[i] = l1_factor(partial(task_vector, i), blocks, lambda a, b, i=i: magprune(i, b, a, keep_mask=True))
 
-        def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
-            deltas = [magprune(i, task_vector(i, start, stop), start) for i in range(len(tensors))]
+        def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
+            deltas = [magprune(i, torch.sub(rows[i][start:stop].to(dtype), base_block), start) for i in range(len(tensors))]
             return [d if f is None else d.mul_(f) for d, f in zip(deltas, factors)]
 
         out = torch.empty(base_rows.shape, dtype=dtype)

@@ -53,6 +53,10 @@ import torch
 
 from ._base import Operator, frozen, stacked_sum
 from ._select import block_ranges
+
+# entries a block: its temporaries stay in a core's cache (2 MiB here) from one operation to the next
+# (TIES, one thread: 0.82 of the time of blocks of 2²⁰)
+BLOCK = 1 << 17
 from ._sparsify import held_bytes, l1_factor, sparsifier
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
@@ -63,12 +67,27 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
             normalize: bool) -> torch.Tensor:
     """Σᵢ mᵢ·δᵢ (÷ Σᵢ mᵢ·wᵢ with `normalize`), mᵢ = [sign δᵢ = elected sign]; `weights` (N,) in the
     deltas' dtype. The same sums over the stacked inputs as mergekit's `get_mask` (`stacked_sum`),
-    so the same roundings. With a consensus the deltas are masked in place (δᵢ·mᵢ is exact)."""
+    so the same roundings. The deltas are overwritten.
+
+    With the sign elected by the sum s = Σⱼ δⱼ (TIES' rule, ≥ 0 elects +), mᵢ·δᵢ = σ·relu(σ·δᵢ) for
+    σ = ±1: each σ·δᵢ is δᵢ with its sign bit flipped where s < 0 (an XOR), and a sum of the flipped
+    terms is the flipped sum, exactly (rounding to nearest is symmetric). Four cheap operations an
+    input (XOR, relu, a comparison and the sums) instead of sign, comparison and product masks
+    (bf16, one thread: 1.2 ns an entry and input against 2.1)."""
     if consensus is None:
         mixed = stacked_sum(deltas)
+    elif consensus == "sum":
+        votes = stacked_sum(deltas)  # rounded: never -0 (the sum starts at +0), so its sign bit is s < 0
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[votes.element_size()]
+        flip = votes.view(bits).bitwise_and_(torch.iinfo(bits).min)
+        kept = [torch.bitwise_xor(delta.view(bits), flip, out=delta.view(bits)).view(delta.dtype).relu_()
+                for delta in deltas]
+        mixed = stacked_sum(kept)
+        mixed.view(bits).bitwise_xor_(flip)
+        masks = [torch.gt(k, 0, out=torch.empty_like(k)) for k in kept] if normalize else []
     else:
         signs = [delta.sign() for delta in deltas]
-        votes = stacked_sum(deltas if consensus == "sum" else signs)
+        votes = stacked_sum(signs)
         elected = (votes >= 0).to(votes.dtype) * 2 - 1  # a tie (sum exactly 0) elects +, as TIES' code and mergekit
         # 0/1 in the deltas' dtype, not bool: δ·m then stays in one dtype (a bf16 × bool product
         # takes 1.5 ms for 2²⁰ entries on one thread, bf16 × bf16 0.2); a zero δ agrees with neither sign
@@ -76,8 +95,12 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
         mixed = stacked_sum([delta.mul_(mask) for delta, mask in zip(deltas, masks)])
     if not normalize:  # (the divisor is made only to divide by)
         return mixed
-    divisor = weights.sum() if consensus is None else stacked_sum(masks, weights)
-    divisor[divisor.abs() < 1e-8 if consensus is None else divisor == 0] = 1
+    if consensus is None:
+        divisor = weights.sum()
+        divisor[divisor.abs() < 1e-8] = 1
+    else:  # 0 becomes 1, as mergekit's: + [divisor = 0]
+        divisor = stacked_sum(masks, weights)
+        divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))
     return mixed.div_(divisor)
 
 
@@ -129,44 +152,45 @@ class TaskArithmetic(Operator):
         generators = self.check_generators(generators, len(tensors))
         dtype = dtype or reduce(torch.promote_types, [t.dtype for t in tensors], base.dtype)
         base_flat, n, flat = base.reshape(-1), base.numel(), [t.reshape(-1) for t in tensors]
-        ranges = block_ranges(n)
+        ranges = block_ranges(n, BLOCK)
 
         def task_vector(i: int):
-            return lambda s, e: flat[i][s:e].to(dtype) - base_flat[s:e].to(dtype)
+            return lambda s, e: torch.sub(flat[i][s:e].to(dtype), base_flat[s:e].to(dtype))
 
         keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i], s.tie_break)
                  for i in range(len(tensors))]
-        factors = [None if k is None or s.rescale is False else torch.tensor(1 / s.density[i], dtype=dtype)
-                   if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, lambda a, b, k=k: b.mul_(k.mask(a, b)))
+        # scalars as Python floats of values rounded to the dtype: the same products as mergekit's tensors
+        # of the dtype, half the time (0.18 ns an entry against 0.34 for a 0-d tensor, bf16, one thread)
+        factors = [None if k is None or s.rescale is False else float(torch.tensor(1 / s.density[i], dtype=dtype))
+                   if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, k.apply)
                    for i, k in enumerate(keeps)]
 
-        def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
+        def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
             deltas = []
-            for i, keep in enumerate(keeps):
-                delta = task_vector(i)(start, stop)
+            for i, (keep, factor) in enumerate(zip(keeps, factors)):
+                delta = torch.sub(flat[i][start:stop].to(dtype), base_block)
                 if keep is not None:
-                    delta.mul_(keep.mask(start, delta))
-                if factors[i] is not None:
-                    delta.mul_(factors[i])
-                deltas.append(delta)
+                    delta = keep.apply(start, delta)
+                deltas.append(delta if factor is None else delta.mul_(factor))
             return deltas
 
-        out = torch.empty_like(base_flat, dtype=dtype)  # blocks: temporaries stay a few MB whatever the size
+        out = torch.empty_like(base_flat, dtype=dtype)  # blocks: temporaries stay small whatever the size
         self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, torch.tensor(s.weight, dtype=dtype), out)
         return out.view(base.shape)
 
-    def entry_bytes(self, inputs: int, compute_size: int, params: Mapping[str, Any]) -> int:
-        return held_bytes(self.sparsify, inputs, compute_size, params.get("tie_break", "mergekit"))
-
     def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor) -> None:
         """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order of operations), where
-        `deltas_at(a, b)` gives the inputs' task vectors there, sparsified and rescaled."""
+        `deltas_at(a, b, base block)` gives the inputs' task vectors there, sparsified and rescaled."""
         for start, stop in blocks:
-            deltas = [d.mul_(w) for d, w in zip(deltas_at(start, stop), weights)]
+            base_block = base_at(start, stop)
+            deltas = [d.mul_(w) for d, w in zip(deltas_at(start, stop, base_block), weights.tolist())]
             mixed = combine(deltas, weights, self.consensus, s.normalize)
             if s.scale != 1:
                 mixed.mul_(s.scale)
-            out[start:stop] = base_at(start, stop) + mixed
+            torch.add(base_block, mixed, out=out[start:stop])
+
+    def entry_bytes(self, inputs: int, compute_size: int, params: Mapping[str, Any]) -> int:
+        return held_bytes(self.sparsify, inputs, compute_size, params.get("tie_break", "mergekit"))
 
     def settings(self, bound: dict[str, Any]) -> Settings:
         weight = [self.real("weight", w) for w in bound["weight"]]
