@@ -18,6 +18,7 @@ from torch.testing import assert_close
 from adaptkit import registry
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import MergeMethod
+from adaptkit_plugins.merges._sparsify import Draws, unpack
 
 NAMES = ["linear", "average", "interpolate", "slerp", "task_arithmetic", "ties", "dare_linear",
          "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties", "model_stock"]
@@ -549,25 +550,45 @@ def test_dare_l1_matches_mergekit_given_the_same_masks(monkeypatch, name):
     assert not torch.allclose(paper, theirs)
 
 
+def drawn(draws, start: int, count: int, p: float) -> torch.Tensor:
+    """A block's DARE mask as 0/1 bytes (`Draws.below` gives it as bits)."""
+    return unpack(draws.below(start, count, p), 0, count)
+
+
 def test_dare_masks_keep_density_and_depend_only_on_the_generator():
     """The masks (`_sparsify.Draws`): kept fraction ≈ density (binomial: within 5σ), the same for
     the same generator seed, different for another, and the same block's mask again on a later
     pass (replayed from its bits, not drawn anew)."""
-    from adaptkit_plugins.merges._sparsify import Draws
-
     n = 1 << 20
     for density in (0.1, 0.5, 0.9):
         draws = Draws(torch.Generator().manual_seed(3))
-        first = draws.below(0, torch.Size([n]), density)
+        first = drawn(draws, 0, n, density)
         sigma = (n * density * (1 - density)) ** 0.5
         assert abs(int(first.sum()) - density * n) < 5 * sigma
-        second = draws.below(n, torch.Size([n - 3]), density)  # the next block: new draws
+        second = drawn(draws, n, n - 3, density)  # the next block: new draws
         assert not torch.equal(second, first[:n - 3])
-        assert torch.equal(draws.below(0, torch.Size([n]), density), first)
-        assert torch.equal(draws.below(n, torch.Size([n - 3]), density), second)
-        assert torch.equal(Draws(torch.Generator().manual_seed(3)).below(0, torch.Size([n]), density), first)
-        assert not torch.equal(Draws(torch.Generator().manual_seed(4)).below(0, torch.Size([n]), density), first)
+        assert torch.equal(drawn(draws, 0, n, density), first)
+        assert torch.equal(drawn(draws, n, n - 3, density), second)
+        assert torch.equal(drawn(Draws(torch.Generator().manual_seed(3)), 0, n, density), first)
+        assert not torch.equal(drawn(Draws(torch.Generator().manual_seed(4)), 0, n, density), first)
     assert first.dtype == torch.uint8 and set(first.unique().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_masks_from_bits_zero_what_their_product_zeroes(dtype):
+    """`_sparsify.masked` (an AND with each bit spread to an all-ones or zero integer of τ's width)
+    gives τ·mask for blocks starting anywhere in the bits, to the value (its zeros are all +0)."""
+    import numpy
+
+    from adaptkit_plugins.merges._sparsify import masked
+
+    g = torch.Generator().manual_seed(2)
+    bits = numpy.random.default_rng(2).integers(0, 256, 40).astype(numpy.uint8)
+    for start, count in ((0, 320), (3, 200), (13, 77), (64, 1)):
+        tau = torch.randn(count, generator=g).to(dtype)
+        expected = tau * unpack(bits, start, count).to(dtype)
+        got = masked(tau.clone(), bits, start)
+        assert got.dtype == dtype and torch.equal(got, expected) and not torch.signbit(got[got == 0]).any()
 
 
 def test_dare_masks_are_u_below_p_compared_bit_by_bit():
@@ -576,13 +597,11 @@ def test_dare_masks_are_u_below_p_compared_bit_by_bit():
     next 32-bit words in entry order. kept = [U₁₂ < p₁₂] or ([U₁₂ = p₁₂] and [V < p's next 32 bits])."""
     import numpy
 
-    from adaptkit_plugins.merges._sparsify import Draws
-
     n, planes = 100_003, Draws.PLANES
     for p in (0.3, 0.5, 1 / 3, 0.0004):
         draws = Draws(torch.Generator().manual_seed(11))
         stream = numpy.random.SFC64(int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(11))))
-        mask = draws.below(0, torch.Size([n]), p).numpy()
+        mask = drawn(draws, 0, n, p).numpy()
         words = (n + 63) // 64
         raw = stream.random_raw(planes * words).reshape(planes, words)
         entry = numpy.arange(n)
@@ -601,13 +620,13 @@ def test_dare_masks_are_u_below_p_compared_bit_by_bit():
     for p, used in ((0.5, 1), (0.75, 2), (0.375, 3)):
         draws = Draws(torch.Generator().manual_seed(11))
         stream = numpy.random.SFC64(int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(11))))
-        mask = draws.below(0, torch.Size([n]), p).numpy()
+        mask = drawn(draws, 0, n, p).numpy()
         raw = stream.random_raw(used * words).reshape(used, words)
         bits = (raw[:, entry // 64] >> (entry % 64).astype(numpy.uint64)) & numpy.uint64(1)
         u = sum(bits[i].astype(numpy.int64) << (used - 1 - i) for i in range(used))
         assert numpy.array_equal(mask, (u < int(p * 2**used)).astype(numpy.uint8))
         assert numpy.array_equal(draws.bits.random_raw(8), stream.random_raw(8))
-    everything = Draws(torch.Generator().manual_seed(1)).below(0, torch.Size([1000]), 1.0)
+    everything = drawn(Draws(torch.Generator().manual_seed(1)), 0, 1000, 1.0)
     assert int(everything.sum()) == 1000  # density 1 keeps every entry, not all but 1 in 2⁴⁴
 
 

@@ -10,6 +10,7 @@ deterministic; which ones those are is settled in the pass that applies the cut 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -102,14 +103,24 @@ class Cut:
 
 
 def count_ones(mask: torch.Tensor) -> int:
-    """Exactly how many entries of a flat 0/1 float mask are 1: float32 sums of rows of 2¹⁴, exact
-    (an entry's float sum of a half type rounds from 257 on; a bool count is 3× as slow)."""
-    whole = mask.numel() // COUNT_ROW * COUNT_ROW
-    rows = mask[:whole].view(-1, COUNT_ROW).sum(dim=1, dtype=torch.float32).sum(dtype=torch.float64) if whole else 0
-    return int(rows) + (int(mask[whole:].sum(dtype=torch.float64)) if whole < mask.numel() else 0)
+    """Exactly how many entries of a flat 0/1 float mask are 1 (`row_sums`: float32 sums of 2¹⁴ are
+    exact; an entry's float sum of a half type rounds from 257 on, a bool count is 3× as slow)."""
+    return int(math.fsum(row_sums(mask)))
 
 
-COUNT_ROW = 1 << 14
+ROW = 1 << 14  # entries per partial sum: under torch's parallel grain size (32768)
+
+
+def row_sums(values: torch.Tensor) -> list[float]:
+    """Partial sums of a tensor's entries in flat order, in float32 over runs of `ROW` entries. Each
+    run is a row of a (rows × ROW) reduction, which torch gives whole to one thread and sums serially,
+    so the parts depend on the values only, never on the thread count."""
+    values = values.reshape(-1)
+    whole = values.numel() // ROW * ROW
+    parts = values[:whole].view(-1, ROW).sum(dim=1, dtype=torch.float32).tolist() if whole else []
+    if whole < values.numel():
+        parts.append(float(values[whole:].sum(dtype=torch.float32)))
+    return parts
 
 
 def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
