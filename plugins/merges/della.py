@@ -35,9 +35,8 @@ import numpy
 import torch
 
 from ._base import frozen
-from ._select import BLOCK
-from ._sparsify import l1_factor, pack, unpack
-from .task_arithmetic import TaskArithmetic
+from ._sparsify import l1_factor, masked, pack
+from .task_arithmetic import BLOCK, TaskArithmetic
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -128,8 +127,8 @@ class Della(TaskArithmetic):
         def magprune(i: int, tau: torch.Tensor, start: int, keep_mask: bool = False) -> torch.Tensor:
             if s.density[i] >= 1:
                 return tau
-            if i in masks and not keep_mask:  # 0/1: the same bytes as τ·m rounded once
-                return tau.mul_(unpack(masks[i], start * n, tau.numel()).view(tau.shape))
+            if i in masks and not keep_mask:  # 0/1: the same values as τ·m rounded once
+                return masked(tau, masks[i], start * n)
             p = keep_probabilities(tau.abs(), s.density[i], epsilon[i])
             u = torch.rand(tau.shape, generator=generators[i], dtype=torch.float32)
             keep = torch.lt(u, p, out=u)  # [u < p], drawn from this input's generator only
@@ -137,7 +136,9 @@ class Della(TaskArithmetic):
                 if i not in masks:
                     masks[i] = numpy.empty((count * n + 7) // 8, dtype=numpy.uint8)
                 first = start * n // 8  # (exact: blocks of rows fill whole bytes)
-                masks[i][first:first + (tau.numel() + 7) // 8] = pack(keep.to(torch.uint8).numpy())
+                bits = masks[i][first:first + (tau.numel() + 7) // 8] = pack(keep.to(torch.uint8).numpy())
+                if s.rescale != "inverse":
+                    return masked(tau, bits, 0)
             if s.rescale == "inverse":
                 keep.div_(p)
             return tau.float().mul_(keep).to(dtype)  # one rounding of τ·m/p
