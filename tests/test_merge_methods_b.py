@@ -275,6 +275,24 @@ def test_sce_by_hand():
     assert_close(op("sce").merge([t1, t2], base, select_topk=0.5), selected, **TIGHT)
 
 
+def test_sce_erases_signs_to_mergekits_bytes_where_a_weight_is_zero():
+    """SCE's erase step by flipped signs (σ·Σ relu(σ·τᵢ)·ηᵢ) against mergekit where an input's matrix
+    weight is 0 (its squares underflow in float16) yet its τ elects the sign: nothing is left there,
+    and the result is mergekit's +0 on a base of -0, not -0; and on ordinary float16 and bf16 inputs."""
+    base = torch.full((4, 8), -0.0, dtype=torch.float16)
+    small = torch.full((4, 8), -1e-4, dtype=torch.float16)  # τ² = 1e-8 rounds to 0 in float16: η = 0
+    big = torch.zeros(4, 8, dtype=torch.float16)
+    big[:, :3] = 0.5
+    ours, theirs = op("sce").merge([small, big], base), mergekit("sce", [small, big], base)
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    assert not torch.signbit(ours[:, 3:]).any()
+    for dtype in (torch.float16, torch.bfloat16):
+        tensors, base = make(changed=0.7, seed=3)
+        tensors, base = [t.to(dtype) for t in tensors], base.to(dtype)
+        assert torch.equal(op("sce").merge(tensors, base, select_topk=0.6).view(torch.int16),
+                           mergekit("sce", tensors, base, select_topk=0.6).view(torch.int16))
+
+
 @pytest.mark.parametrize("fraction", [1.0, 0.3, 0.75])
 def test_sce_formula(fraction):
     tensors, base = make(changed=0.5)
