@@ -745,9 +745,10 @@ def test_magnitude_ties_are_broken_as_mergekit_sorts():
 def test_ties_at_the_cut_match_mergekit(monkeypatch, name, params):
     """Task vectors full of equal magnitudes, seen in blocks far smaller than the tensor: the same
     entries survive as in mergekit, to the bit."""
-    from adaptkit_plugins.merges import _select
+    from adaptkit_plugins.merges import _select, task_arithmetic
 
     monkeypatch.setattr(_select, "BLOCK", 64)
+    monkeypatch.setattr(task_arithmetic, "BLOCK", 64)
     g = torch.Generator().manual_seed(5)
     base = torch.zeros(40, 50)
     tensors = [torch.randint(-4, 5, (40, 50), generator=g).float() * 0.25 for _ in range(3)]
