@@ -793,6 +793,21 @@ def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(dtype, count
         assert torch.equal(got.view(bits), want.view(bits)), normalize
 
 
+def test_index_cut_of_float64_task_vectors_ranks_their_float32_magnitudes():
+    """In float64 the magnitudes are ranked as float32 (mergekit's `abs().float()` copy; `top_cut`'s
+    histogram): 1 + 1e-12 and 1 tie there, and exactly k entries are kept, ties lowest index first."""
+    base = torch.zeros(6, dtype=torch.float64)
+    x = torch.tensor([1.0, 1.0 + 1e-12, -1.0, 2.0, 0.5, 1.0 - 1e-12], dtype=torch.float64)
+    out = op("magnitude_prune").merge([x], base, weight=1.0, density=0.5, tie_break="index")
+    assert torch.equal(out, torch.tensor([1.0, 1.0 + 1e-12, 0.0, 2.0, 0.0, 0.0], dtype=torch.float64))
+    # SCE's variance cut alike: inputs x and -x have variances x², of which 4 are kept (1 + 2e-12, 1
+    # and 1 - 2e-12 tie as float32)
+    from adaptkit_plugins.merges.sce import select_mask
+
+    kept = select_mask(lambda s, e: torch.stack([x, -x])[:, s:e], [(0, 6)], 4 / 6, torch.float64, "index")
+    assert torch.equal(kept, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("k", [0, 1, 37, 100, 163, 200, 260])
 def test_cut_keeps_tau_as_its_mask_does_block_by_block(monkeypatch, dtype, k):

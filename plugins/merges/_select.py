@@ -33,6 +33,9 @@ def block_ranges(n: int, block: int | None = None) -> list[tuple[int, int]]:
     return ranges
 
 
+RANKED = (torch.bfloat16, torch.float16, torch.float32)  # dtypes top_cut ranks as they are; others as float32
+
+
 class Cut:
     """Keeps the entries above `threshold` and, of the `tied` entries equal to it, the first `ties` in
     flat order. Which of a block's ties those are is settled as the blocks come, in flat order from
@@ -76,6 +79,8 @@ class Cut:
         tensors and converting them, and float masks are cheap to multiply by.)"""
         if self.threshold < 0:  # top_cut's "all": NaN too
             return torch.ones_like(magnitude)
+        if magnitude.dtype not in RANKED:  # ranked as float32 values, as top_cut's histograms rank them
+            magnitude = magnitude.float()
         kept = self._kept_ties(lambda: magnitude, start, magnitude.numel())
         mask = (torch.ge if kept is None else torch.gt)(magnitude, self.threshold, out=torch.empty_like(magnitude))
         if kept:
@@ -89,6 +94,8 @@ class Cut:
         where the mask and its product took 0.36."""
         if self.threshold < 0:
             return tau.clone()
+        if tau.dtype not in RANKED:
+            return tau * self.mask(tau.abs(), start)
         kept = self._kept_ties(tau.abs, start, tau.numel())
         bound = self.threshold
         if kept is None and bound > 0:  # |x| ≥ t is |x| > the value below t, for values of τ's dtype
