@@ -90,6 +90,60 @@ def stacked_sum(parts: Sequence[torch.Tensor], scales: torch.Tensor | None = Non
     return total.to(dtype)
 
 
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers of its width (a view), for sign-bit and mask operations."""
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def sign_flip(votes: torch.Tensor) -> torch.Tensor:
+    """The sign bit of each vote as an integer (`as_bits`), overwriting `votes`: XORed into a value it
+    maps the elected sign to +. TIES' rule, ≥ 0 elects +: votes that are a `stacked_sum` (started at +0)
+    are never -0, so the sign bit is set exactly where they are below 0."""
+    bits = as_bits(votes)
+    return bits.bitwise_and_(torch.iinfo(bits.dtype).min)
+
+
+def agreeing(deltas: Sequence[torch.Tensor], flip: torch.Tensor) -> list[torch.Tensor]:
+    """relu(σ·δᵢ) for σ = ±1 the elected sign (`sign_flip`), in place: δᵢ where its sign is the
+    elected one, made positive, else 0. mᵢ·δᵢ = σ·relu(σ·δᵢ), and a sum of the flipped terms is the
+    flipped sum exactly (rounding to nearest is symmetric): XOR and relu instead of sign, comparison
+    and product masks (bf16, one thread: 1.2 ns an entry and input with the sums, against 2.1)."""
+    return [torch.bitwise_xor(as_bits(delta), flip, out=as_bits(delta)).view(delta.dtype).relu_() for delta in deltas]
+
+
+def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: str | None,
+            normalize: bool) -> torch.Tensor:
+    """Σᵢ mᵢ·δᵢ (÷ Σᵢ mᵢ·wᵢ with `normalize`), mᵢ = [sign δᵢ = elected sign]; `weights` (N,) in the
+    deltas' dtype. The same sums over the stacked inputs as mergekit's `get_mask` (`stacked_sum`),
+    so the same roundings; with TIES' sum rule the agreeing deltas are `agreeing`'s. The task-arithmetic
+    family's (and DELLA's) last step. The deltas are overwritten."""
+    if consensus is None:
+        mixed = stacked_sum(deltas)
+    elif consensus == "sum":
+        flip = sign_flip(stacked_sum(deltas))
+        kept = agreeing(deltas, flip)
+        mixed = stacked_sum(kept)
+        as_bits(mixed).bitwise_xor_(flip)
+        masks = [torch.gt(k, 0, out=torch.empty_like(k)) for k in kept] if normalize else []
+    else:
+        signs = [delta.sign() for delta in deltas]
+        votes = stacked_sum(signs)
+        elected = (votes >= 0).to(votes.dtype) * 2 - 1  # a tie (sum exactly 0) elects +, as TIES' code and mergekit
+        # 0/1 in the deltas' dtype, not bool: δ·m then stays in one dtype (a bf16 × bool product
+        # takes 1.5 ms for 2²⁰ entries on one thread, bf16 × bf16 0.2); a zero δ agrees with neither sign
+        masks = [torch.eq(sign, elected, out=torch.empty_like(sign)) for sign in signs]
+        mixed = stacked_sum([delta.mul_(mask) for delta, mask in zip(deltas, masks)])
+    if not normalize:  # (the divisor is made only to divide by)
+        return mixed
+    if consensus is None:
+        divisor = weights.sum()
+        divisor[divisor.abs() < 1e-8] = 1
+    else:  # 0 becomes 1, as mergekit's: + [divisor = 0]
+        divisor = stacked_sum(masks, weights)
+        divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))
+    return mixed.div_(divisor)
+
+
 def frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     """A read-only view, so that no caller can change an operator's defaults for everyone."""
     return MappingProxyType(dict(mapping))

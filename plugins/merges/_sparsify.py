@@ -14,6 +14,7 @@ import numpy
 import torch
 
 from . import _introsort
+from ._base import as_bits
 from ._select import ROW, block_ranges, row_sums, top_cut
 
 
@@ -165,11 +166,10 @@ def masked(tau: torch.Tensor, bits: numpy.ndarray, start: int) -> torch.Tensor:
     byte of bits spread to eight of them by a table. 0.2 ns an entry where unpacking to bytes and
     multiplying took 0.37 (bf16, one thread). The zeros are +0 where τ·0 gives -0 for a negative τ:
     everything after adds them to sums that start at +0 or takes their magnitudes."""
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tau.element_size()]
     first, offset = start // 8, start % 8
     spread = numpy.take(_spread(tau.element_size()), bits[first:(start + tau.numel() + 7) // 8], axis=0)
     ones = torch.from_numpy(spread.reshape(-1)[offset:offset + tau.numel()])
-    return tau.view(ints).bitwise_and_(ones.view(tau.shape)).view(tau.dtype)
+    return as_bits(tau).bitwise_and_(ones.view(tau.shape)).view(tau.dtype)
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from . import _introsort
-from ._base import Operator, frozen, stacked_sum
+from ._base import Operator, agreeing, as_bits, frozen, sign_flip, stacked_sum
 from ._select import block_ranges, top_cut
 
 BLOCK = 1 << 17  # elements per column block of the per-position steps: they stay in a core's cache
@@ -161,17 +161,16 @@ class SelectCalculateErase(Operator):
         del squares
         weights = matrix_weights(torch.stack(means), dtype if upcast else None).view(-1, 1)
         out = torch.empty(base.numel(), dtype=weights.dtype)
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=weights.dtype).element_size()]
         for s, e in blocks:
             block = masked(s, e)
-            # Erase as TIES' `combine`: mᵢ·τᵢ·ηᵢ = σ·relu(σ·τᵢ)·ηᵢ for σ = ±1 the elected sign (a sign-bit
-            # XOR; rounding is symmetric), sums over the inputs as `stacked_sum` (torch's bytes)
-            flip = stacked_sum(block.unbind(0)).view(bits).bitwise_and_(torch.iinfo(bits).min)
-            kept = torch.bitwise_xor(block.view(bits), flip, out=block.view(bits)).view(block.dtype).relu_()
-            agree = [torch.gt(row, 0, out=torch.empty_like(row)) for row in kept.unbind(0)]
-            mixed = stacked_sum([row.mul_(w) for row, w in zip(kept.unbind(0), weights.view(-1).tolist())])
+            # Erase as TIES' `combine`: mᵢ·τᵢ·ηᵢ = σ·relu(σ·τᵢ)·ηᵢ (`agreeing`), sums over the inputs as
+            # `stacked_sum` (torch's bytes)
+            flip = sign_flip(stacked_sum(block.unbind(0)))
+            kept = agreeing(block.unbind(0), flip)
+            agree = [torch.gt(row, 0, out=torch.empty_like(row)) for row in kept]
+            mixed = stacked_sum([row.mul_(w) for row, w in zip(kept, weights.view(-1).tolist())])
             # σ back; +0 stays +0 (an ηᵢ of 0 can leave nothing where σ = -1; mergekit's sum gives +0 there)
-            mixed.view(bits).bitwise_xor_(flip.mul_(torch.ne(mixed, 0, out=torch.empty_like(flip))))
+            as_bits(mixed).bitwise_xor_(flip.mul_(torch.ne(mixed, 0, out=torch.empty_like(flip))))
             torch.add(flat_base[0, s:e], mixed.div_(stacked_sum(agree, weights.view(-1)).clamp_(min=1e-6)), out=out[s:e])
         return out.view(base.shape)
 

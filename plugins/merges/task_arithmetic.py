@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen, stacked_sum
+from ._base import Operator, combine, frozen
 from ._select import block_ranges
 from ._sparsify import held_bytes, l1_factor, sparsifier
 
@@ -64,47 +64,6 @@ BLOCK = 1 << 17
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
 CONSENSUS = (None, "sum", "count")
-
-
-def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: str | None,
-            normalize: bool) -> torch.Tensor:
-    """Σᵢ mᵢ·δᵢ (÷ Σᵢ mᵢ·wᵢ with `normalize`), mᵢ = [sign δᵢ = elected sign]; `weights` (N,) in the
-    deltas' dtype. The same sums over the stacked inputs as mergekit's `get_mask` (`stacked_sum`),
-    so the same roundings. The deltas are overwritten.
-
-    With the sign elected by the sum s = Σⱼ δⱼ (TIES' rule, ≥ 0 elects +), mᵢ·δᵢ = σ·relu(σ·δᵢ) for
-    σ = ±1: each σ·δᵢ is δᵢ with its sign bit flipped where s < 0 (an XOR), and a sum of the flipped
-    terms is the flipped sum, exactly (rounding to nearest is symmetric). Four cheap operations an
-    input (XOR, relu, a comparison and the sums) instead of sign, comparison and product masks
-    (bf16, one thread: 1.2 ns an entry and input against 2.1)."""
-    if consensus is None:
-        mixed = stacked_sum(deltas)
-    elif consensus == "sum":
-        votes = stacked_sum(deltas)  # rounded: never -0 (the sum starts at +0), so its sign bit is s < 0
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[votes.element_size()]
-        flip = votes.view(bits).bitwise_and_(torch.iinfo(bits).min)
-        kept = [torch.bitwise_xor(delta.view(bits), flip, out=delta.view(bits)).view(delta.dtype).relu_()
-                for delta in deltas]
-        mixed = stacked_sum(kept)
-        mixed.view(bits).bitwise_xor_(flip)
-        masks = [torch.gt(k, 0, out=torch.empty_like(k)) for k in kept] if normalize else []
-    else:
-        signs = [delta.sign() for delta in deltas]
-        votes = stacked_sum(signs)
-        elected = (votes >= 0).to(votes.dtype) * 2 - 1  # a tie (sum exactly 0) elects +, as TIES' code and mergekit
-        # 0/1 in the deltas' dtype, not bool: δ·m then stays in one dtype (a bf16 × bool product
-        # takes 1.5 ms for 2²⁰ entries on one thread, bf16 × bf16 0.2); a zero δ agrees with neither sign
-        masks = [torch.eq(sign, elected, out=torch.empty_like(sign)) for sign in signs]
-        mixed = stacked_sum([delta.mul_(mask) for delta, mask in zip(deltas, masks)])
-    if not normalize:  # (the divisor is made only to divide by)
-        return mixed
-    if consensus is None:
-        divisor = weights.sum()
-        divisor[divisor.abs() < 1e-8] = 1
-    else:  # 0 becomes 1, as mergekit's: + [divisor = 0]
-        divisor = stacked_sum(masks, weights)
-        divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))
-    return mixed.div_(divisor)
 
 
 @dataclass
