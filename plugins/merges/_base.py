@@ -49,7 +49,8 @@ def _probe(dtype: torch.dtype, length: int) -> int:
     return int(lost.cumprod(0).sum())
 
 
-def stacked_sum(parts: Sequence[torch.Tensor], scales: torch.Tensor | None = None) -> torch.Tensor:
+def stacked_sum(parts: Sequence[torch.Tensor], scales: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """`torch.stack(parts).sum(dim=0)` to the byte, without the stack: one accumulator in float32
     (the inputs' dtype for float32 and float64), from zero, that each part is added to, rounded once,
     and for more than 4 parts the last `interleaved_tail` entries summed as torch sums them. Half-
@@ -65,7 +66,8 @@ def stacked_sum(parts: Sequence[torch.Tensor], scales: torch.Tensor | None = Non
             scales is None and not parts[0].is_floating_point()):  # (one entry: torch sums a column of N)
         if scales is not None:
             parts = [part * scale for part, scale in zip(parts, scales.unbind(0))]
-        return torch.stack(list(parts)).sum(dim=0)
+        total = torch.stack(list(parts)).sum(dim=0)
+        return total if out is None else out.copy_(total)
     dtype = parts[0].dtype if scales is None else scales.dtype
     # from +0 as torch's sum: -0 + -0 would stay -0 where torch's gives +0
     total = torch.zeros(parts[0].shape, dtype=torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
@@ -87,7 +89,7 @@ def stacked_sum(parts: Sequence[torch.Tensor], scales: torch.Tensor | None = Non
         for k in range(1, INTERLEAVED):
             sums[0].add_(sums[k])
         total.view(-1)[-tail:] = sums[0]
-    return total.to(dtype)
+    return total.to(dtype) if out is None else out.copy_(total)
 
 
 def as_bits(tensor: torch.Tensor) -> torch.Tensor:
