@@ -205,9 +205,9 @@ class TrainSettings(Protocol):
 class MergeOptions(Protocol):
     """Attributes a merge method may set (read with `option`): `random` it draws random numbers and takes
     `generators`, one seeded torch.Generator per input; `takes_base` False: a recipe's base is one more input
-    (as in mergekit); `elementwise` big tensors may come in row blocks; `serial_kernels` its work includes
-    single-threaded kernels (whole-tensor sorts, numpy's, torch.dot), so tensors merge faster side by side on the
-    cores, one torch thread each, than one at a time on all of them; `block_upcast` floating inputs come
+    (as in mergekit); `elementwise` big tensors may come in row blocks; `serial_kernels` its tensors merge faster
+    side by side on the cores, one torch thread each, than one at a time on all of them (single-threaded kernels:
+    whole-tensor sorts, numpy's, torch.dot; or many steps over cache-sized blocks); `block_upcast` floating inputs come
     as read (stored dtype; float32 where an adapter delta was added) with the keyword `dtype`, the compute
     dtype, which the method converts them to block by block; `ignored_params` per-model
     parameters mergekit accepts for this method but does not use (a recipe giving one gets a warning)."""

@@ -35,8 +35,9 @@ class MultiSlerp(Operator):
     name = "multislerp"
     params = frozen({"weight": None, "normalize_weights": True, "eps": 1e-8})
     per_model = frozenset({"weight"})
-    # two workers of one thread each, blocks of 2¹⁷ entries (were one worker of two threads, 2²⁰): this
-    # machine, one thread in process 5.75 → 4.60 s; the whole command 2.79 → 2.74 s of work (median of 5);
+    # two workers of one thread each (its kernels are threaded, but its many steps over blocks of 2¹⁷ entries
+    # run faster side by side; were one worker of two threads and blocks of 2²⁰): the AMX machine, one
+    # thread in process 5.75 → 4.40 s; the whole command's work 2.79 → 2.74 s and 3.27 → 2.83 s (A/Bs of 5);
     # 1B: 23.4 → 21.3 s, peak 1407 → 1417 MB (the scheduler runs the big tensors alone)
     serial_kernels = True
 
