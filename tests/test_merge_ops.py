@@ -482,6 +482,25 @@ def test_slerp_matches_mergekit(case):
         assert_close(op("slerp").merge([b], a, t=t), mergekit("slerp", [b], a, t=t), **TIGHT)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keep", [0, 1 << 20])
+def test_slerp_gives_mergekits_bytes_over_chunks(monkeypatch, dtype, keep):
+    """Norms and cos Ω summed over several of mergekit's chunks, with the inputs converted to float32
+    once for the three passes (up to KEEP_BYTES) or chunk by chunk in each: mergekit's bytes."""
+    import mergekit.merge_methods.slerp as theirs
+
+    from adaptkit_plugins.merges import slerp as ours
+
+    monkeypatch.setattr(ours, "CHUNK", 64)
+    monkeypatch.setattr(theirs, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(ours, "KEEP_BYTES", keep)
+    (a, b), _ = make(shape=(10, 37), count=2, seed=3)
+    a, b = a.to(dtype), b.to(dtype)
+    for t in (0.25, 0.6):
+        merged, expected = op("slerp").merge([a, b], None, t=t), mergekit("slerp", [b], a, t=t)
+        assert merged.dtype == expected.dtype == dtype and torch.equal(merged, expected)
+
+
 @pytest.mark.parametrize("filter_wise", [False, True])
 @pytest.mark.parametrize("shape", [(10, 20), (30,), (4, 5, 6)])
 def test_model_stock_matches_mergekit(filter_wise, shape):
