@@ -223,6 +223,12 @@ def test_ranks_from_the_bit_histogram_are_kthvalues(dtype):
         for rank, got in zip(ranks, smallest(flat, ranks)):
             want = torch.kthvalue(flat.float(), rank + 1).values.to(dtype)
             assert got.dtype == dtype and got.item() == want.item(), (rank, got, want)
+    # a NaN of either sign, with any payload, anywhere: none (kthvalue then ranks them)
+    bits = torch.tensor(float("inf"), dtype=dtype).view(torch.int16).item()
+    for pattern in (bits + 1, 0x7FFF, -0x8000 | (bits + 1), -1):
+        with_nan = values.clone()
+        with_nan.view(torch.int16)[12345] = pattern
+        assert torch.isnan(with_nan).any() and smallest(with_nan, (0, 25_000)) is None, hex(pattern)
 
 
 # -------------------------------------------------------------------------------------------- memory

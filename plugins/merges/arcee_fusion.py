@@ -74,24 +74,28 @@ def threshold(scores: torch.Tensor) -> torch.Tensor:
     flat = scores.reshape(-1)
     last = flat.numel() - 1
     ranks = (last // 4, last // 2, 3 * last // 4)
-    if flat.element_size() == 2 and not bool(torch.isnan(flat).any()):
-        q1, q2, q3 = smallest(flat, ranks)
-    else:
-        q1, q2, q3 = (torch.kthvalue(flat, k + 1).values for k in ranks)
+    found = smallest(flat, ranks) if flat.element_size() == 2 else None
+    q1, q2, q3 = found or [torch.kthvalue(flat, k + 1).values for k in ranks]  # (NaNs: kthvalue's order)
     return q2 + 1.5 * (q3 - q1)
 
 
-def smallest(flat: torch.Tensor, ranks: tuple[int, ...]) -> list[torch.Tensor]:
+def smallest(flat: torch.Tensor, ranks: tuple[int, ...]) -> list[torch.Tensor] | None:
     """The values of 0-based rank `ranks` among the 16-bit floats `flat` sorted ascending, as
     `torch.kthvalue` gives them, from one histogram of the 2¹⁶ bit patterns (taken in blocks; kthvalue
     copies the tensor and makes int64 indices, 5 times its memory). The patterns are mapped to keys
     that sort as the values do: +x keeps its bits, −x becomes −1 − (bits of |x|). (−0 sorts before +0
-    here, equal to kthvalue's value in every comparison.)"""
+    here, equal to kthvalue's value in every comparison.) None where a NaN is among them: NaN
+    patterns (|bits| above infinity's) are the histogram's two ends, read from it instead of a pass of
+    `isnan` over the scores (168M job, one thread: 3.58 → 3.14 s; the whole command, on two threads,
+    within the noise)."""
     counts = torch.zeros(1 << 16, dtype=torch.int64)
     for s in range(0, flat.numel(), ROW_BLOCK):
         bits = flat[s:s + ROW_BLOCK].view(torch.int16).to(torch.int32)
         keys = torch.where(bits < 0, -1 - (bits & 0x7FFF), bits) + (1 << 15)
         counts += torch.bincount(keys, minlength=1 << 16)
+    inf = int(torch.tensor(float("inf"), dtype=flat.dtype).view(torch.int16))
+    if counts[:(1 << 15) - 1 - inf].any() or counts[(1 << 15) + inf + 1:].any():  # −NaN keys, +NaN keys
+        return None
     cumulative = counts.cumsum(0)
     values = []
     for rank in ranks:
