@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.card import model_card
-from adaptkit.merge.engine import Plan, run_merge
+from adaptkit.merge.engine import Plan, default_threads, run_merge
 from adaptkit.merge.recipe import load_recipe
 
 LAYERS = 3
@@ -219,7 +219,9 @@ def test_dry_run_shows_parameters_after_gradients(models, tmp_path, case):
     for (value, layers, count), (want, want_layers, want_count) in zip(found, expected):
         assert value == pytest.approx(want) and (layers, count) == (want_layers, want_count), found
     assert sum(len(g["tensors"]) for g in summary["groups"]) == summary["tensors"] == 3 + 9 * LAYERS
-    assert summary["estimated_peak_bytes"] == Plan(load_recipe(recipe)).summary(1)["estimated_peak_bytes"] > 0
+    plan = Plan(load_recipe(recipe))  # the workers the merge itself would use (2 for elementwise methods)
+    assert summary["threads"] == default_threads(plan)
+    assert summary["estimated_peak_bytes"] == plan.summary(default_threads(plan))["estimated_peak_bytes"] > 0
     code, text = adaptkit("merge", path, "-o", tmp_path / "out", "--dry-run")
     assert code == 0 and "estimated peak" in text and not (tmp_path / "out").exists()
     lines = text.splitlines()

@@ -124,7 +124,8 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @click.option("--compute-dtype", type=DType(), help="Compute in this dtype instead of --dtype, as a recipe's `compute_dtype`; "
               "float32 computes from the inputs as stored and rounds once to the output dtype.")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@click.option("--threads", type=POSITIVE, help="Tensors merged in parallel (default: 2 for elementwise methods, else 1 using all cores).")
+@click.option("--threads", type=POSITIVE, help="Tensors merged in parallel (default: 2 for elementwise methods and those that "
+              "merge faster side by side, e.g. ties, dare_*, della, sce, karcher, multislerp; else 1 using all cores).")
 @FORCE
 @DRY_RUN
 @click.option("--no-card", is_flag=True, help="Write no model card (README.md) or recipe copy (adaptkit_recipe.yml).")
@@ -164,7 +165,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
     """
     with heavy_imports():
         from ..merge.card import describe_group, parameter_groups
-        from ..merge.engine import Plan, run_merge
+        from ..merge.engine import Plan, default_threads, run_merge
         from ..merge.recipe import load_recipe
         from .report import human_bytes
 
@@ -201,7 +202,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
         return
     if dry_run:
         plan = Plan(parsed, allow_pickle=allow_pickle)
-        summary = plan.summary(threads or 1)
+        summary = plan.summary(threads or default_threads(plan))  # (the workers the merge would use)
         summary["groups"] = parameter_groups(plan)
         if as_json:
             return emit_json(summary)
