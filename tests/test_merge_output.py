@@ -221,7 +221,9 @@ def test_dry_run_shows_parameters_after_gradients(models, tmp_path, case):
     assert sum(len(g["tensors"]) for g in summary["groups"]) == summary["tensors"] == 3 + 9 * LAYERS
     plan = Plan(load_recipe(recipe))  # the workers the merge itself would use (2 for elementwise methods)
     assert summary["threads"] == default_threads(plan)
-    assert summary["estimated_peak_bytes"] == plan.summary(default_threads(plan))["estimated_peak_bytes"] > 0
+    assert summary["working_bytes"] == plan.peak_bytes(default_threads(plan)) > 0
+    assert summary["estimated_peak_bytes"] == summary["working_bytes"] + summary["process_bytes"]
+    assert summary["process_bytes"] > 50e6  # (Python with torch imported: the floor under the merge's peak)
     code, text = adaptkit("merge", path, "-o", tmp_path / "out", "--dry-run")
     assert code == 0 and "estimated peak" in text and not (tmp_path / "out").exists()
     lines = text.splitlines()

@@ -208,7 +208,8 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
             return emit_json(summary)
         click.echo(f"{summary['method']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters from "
                    f"{len(summary['inputs'])} input(s); output {human_bytes(summary['output_bytes'])}, "
-                   f"estimated peak {human_bytes(summary['estimated_peak_bytes'])}")
+                   f"estimated peak {human_bytes(summary['estimated_peak_bytes'])} ({human_bytes(summary['working_bytes'])} "
+                   f"working memory over this process's {human_bytes(summary['process_bytes'])})")
         _echo_inputs(parsed)
         click.echo(f"parameters by tensor ({len(summary['groups'])} group(s); per-model values in input order):")
         for group in summary["groups"]:

@@ -161,7 +161,13 @@ class Plan:
                 "base": str(self.base.ref) if self.base else None, "tensors": len(self.layout),
                 "parameters": sum(math.prod(s) for _, _, s in self.layout),
                 "output_bytes": sum(math.prod(s) * code_to_torch(d).itemsize for _, d, s in self.layout),
-                "estimated_peak_bytes": self.peak_bytes(threads), "threads": threads}
+                **estimate(self.peak_bytes(threads)), "threads": threads}
+
+
+def estimate(working: int) -> dict[str, int]:
+    """The estimated peak: the merge's working memory on top of this process as it is (Python, torch)."""
+    process = allocator.resident_peak()
+    return {"estimated_peak_bytes": process + working, "working_bytes": working, "process_bytes": process}
 
 
 def _open(recipe: Recipe, ref, allow_pickle: bool) -> ModelSource:
