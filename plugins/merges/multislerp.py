@@ -38,7 +38,7 @@ class MultiSlerp(Operator):
     # two workers of one thread each (its kernels are threaded, but its many steps over blocks of 2¹⁷ entries
     # run faster side by side; were one worker of two threads and blocks of 2²⁰): the AMX machine, one
     # thread in process 5.75 → 4.40 s; the whole command's work 2.79 → 2.74 s and 3.27 → 2.83 s (A/Bs of 5);
-    # 1B: 23.4 → 21.3 s, peak 1407 → 1417 MB (the scheduler runs the big tensors alone)
+    # 1B: 23.4 → 21.3 s, peak 1407 → 1412-1430 MB in three runs (the scheduler runs the big tensors alone)
     serial_kernels = True
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
