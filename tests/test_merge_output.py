@@ -353,6 +353,15 @@ def test_multi_stage_dry_run(models, tmp_path):
     plan = json.loads(out)
     assert [(s["name"], s["method"], s["uses"]) for s in plan["stages"]] == [("mix", "linear", []),
                                                                             (None, "slerp", ["mix"])]
+    # the stage on existing models is planned as a recipe of its own; the one on its result cannot be yet
+    first, final = plan["stages"]
+    alone = Plan(load_recipe({k: v for k, v in stages(models)[0].items() if k != "name"}))
+    assert first["plan"]["working_bytes"] == alone.peak_bytes(default_threads(alone)) > 0
+    assert first["plan"]["estimated_peak_bytes"] == first["plan"]["working_bytes"] + first["plan"]["process_bytes"]
+    assert [g["parameters"]["weight"] for g in first["plan"]["groups"]] == [[0.7, 0.3]]
+    assert first["plan"]["tensors"] == 3 + 9 * LAYERS and final["plan"] is None
+    code, text = adaptkit("merge", tmp_path / "m.yml", "-o", tmp_path / "out", "--dry-run")
+    assert code == 0 and text.count("estimated peak") == 1 and "weight=[0.7, 0.3]" in text, text
     assert not (tmp_path / "out").exists()
 
 

@@ -43,7 +43,9 @@ def _multi_stage(recipe, out, force, dry_run, card, as_json, options) -> bool:
     if not multi.is_multi(docs):
         return False
     if dry_run:
-        summary = multi.describe_stages(recipe, docs)
+        from ..merge.card import describe_group
+
+        summary = multi.describe_stages(recipe, docs, threads=options["threads"], allow_pickle=options["allow_pickle"])
         if as_json:
             emit_json(summary)
             return True
@@ -51,6 +53,10 @@ def _multi_stage(recipe, out, force, dry_run, card, as_json, options) -> bool:
             base = f" (base {stage['base']})" if stage["base"] else ""
             inputs = ", ".join(stage["inputs"])
             click.echo(f"stage {i}, {stage['name'] or 'the output'}: {stage['method']} of {inputs}{base}")
+            if stage["plan"]:  # (a stage using another's result is planned when that exists)
+                click.echo(f"  {_plan_line(stage['plan'])}")
+                for group in stage["plan"]["groups"]:
+                    click.echo(f"  {describe_group(group)}")
         return True
     report = multi.run_stages(recipe, out, force=force, card=card, docs=docs, **options)
     if as_json:
@@ -60,6 +66,16 @@ def _multi_stage(recipe, out, force, dry_run, card, as_json, options) -> bool:
     click.echo(f"merged {len(report['stages'])} stages into {report['output']} (the last: {report['tensors']} tensors "
                f"with {report['method']}; {seconds:.1f} s in all)")
     return True
+
+
+def _plan_line(summary: dict) -> str:
+    """A plan's size and estimated peak, as --dry-run prints them."""
+    from .report import human_bytes
+
+    return (f"{summary['tensors']} tensors, {summary['parameters']:,} parameters from {len(summary['inputs'])} "
+            f"input(s); output {human_bytes(summary['output_bytes'])}, estimated peak "
+            f"{human_bytes(summary['estimated_peak_bytes'])} ({human_bytes(summary['working_bytes'])} working memory "
+            f"over this process's {human_bytes(summary['process_bytes'])})")
 
 
 def _echo_inputs(parsed) -> None:
@@ -167,7 +183,6 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
         from ..merge.card import describe_group, parameter_groups
         from ..merge.engine import Plan, default_threads, run_merge
         from ..merge.recipe import load_recipe
-        from .report import human_bytes
 
     if bool(recipe) == bool(models):
         raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")
@@ -206,10 +221,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
         summary["groups"] = parameter_groups(plan)
         if as_json:
             return emit_json(summary)
-        click.echo(f"{summary['method']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters from "
-                   f"{len(summary['inputs'])} input(s); output {human_bytes(summary['output_bytes'])}, "
-                   f"estimated peak {human_bytes(summary['estimated_peak_bytes'])} ({human_bytes(summary['working_bytes'])} "
-                   f"working memory over this process's {human_bytes(summary['process_bytes'])})")
+        click.echo(f"{summary['method']}: {_plan_line(summary)}")
         _echo_inputs(parsed)
         click.echo(f"parameters by tensor ({len(summary['groups'])} group(s); per-model values in input order):")
         for group in summary["groups"]:
