@@ -434,16 +434,16 @@ def test_matches_mergekit_bytes_on_tensors_big_enough_to_split(two_threads, dtyp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("n", [1, 16_383, 1 << 14, 3 * (1 << 14) + 5, 700_001])
 def test_l1_parts_do_not_depend_on_the_thread_count(two_threads, dtype, n):
-    """The L1 norms of the random methods' rescale: partial sums over runs of L1_ROW entries, each one
-    thread's serial sum, so 1 and 2 threads give the same floats, and their math.fsum is the norm."""
-    from plugins.merges._sparsify import L1_ROW, l1_parts
+    """The L1 norms of the random methods' rescale: partial sums of |τ| over runs of ROW entries, each
+    one thread's serial sum, so 1 and 2 threads give the same floats, and their math.fsum is the norm."""
+    from plugins.merges._select import ROW, row_sums
 
     g = torch.Generator().manual_seed(n)
     block = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 3)).to(dtype)
-    two = l1_parts(block)
+    two = row_sums(block.abs())
     torch.set_num_threads(1)
-    one = l1_parts(block)
-    assert one == two and len(one) == -(-n // L1_ROW)
+    one = row_sums(block.abs())
+    assert one == two and len(one) == -(-n // ROW)
     assert math.fsum(one) == pytest.approx(block.double().abs().sum().item(), rel=1e-6)
 
 

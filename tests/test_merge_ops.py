@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import pytest
 import torch
 from mergekit.merge_methods import registry as mk_registry
@@ -18,7 +19,7 @@ from torch.testing import assert_close
 from adaptkit import registry
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import MergeMethod
-from adaptkit_plugins.merges._sparsify import Draws, unpack
+from adaptkit_plugins.merges._sparsify import Draws
 
 NAMES = ["linear", "average", "interpolate", "slerp", "task_arithmetic", "ties", "dare_linear",
          "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties", "model_stock"]
@@ -48,6 +49,13 @@ def mergekit(name, tensors, base=None, **params):
     inputs = ([base] if base is not None else []) + list(tensors)
     group = TensorGroup.from_tensors(inputs, base_index=0 if base is not None else None)
     return mergekit_method(name)([group], parameters=params)[0]
+
+
+def unpack(bits, start, count):
+    """Entries start … start + count − 1 of a `pack`ed mask (little bit order), 0/1 as a flat uint8 tensor."""
+    first, offset = start // 8, start % 8
+    return torch.from_numpy(numpy.unpackbits(bits[first:(start + count + 7) // 8], count=offset + count,
+                                             bitorder="little")[offset:])
 
 
 def top_fraction(tau, density):
@@ -199,7 +207,7 @@ def test_magnitudes_cut_where_mergekits_sort_cuts(dtype, descending, nan):
     float32 first, as mergekit's copy is) followed through the sort's partitions (`_introsort`)
     instead of sorted."""
     from adaptkit_plugins.merges._introsort import follows_torch
-    from adaptkit_plugins.merges._sparsify import _sorted_range, unpack
+    from adaptkit_plugins.merges._sparsify import _sorted_range
 
     assert follows_torch()  # the pinned torch: the partitions are followed, not the fallback sort
     tau = (torch.randn(200_000, generator=torch.Generator().manual_seed(5)) * 1e-3).to(dtype)
@@ -252,7 +260,7 @@ def test_a_heapsorted_segment_falls_back_to_mergekits_sort():
     """An organ pipe spends the sort's depth budget, so torch heapsorts the segments that decide:
     `kept_range` says None and `_sorted_range` sorts as mergekit does, with its bytes."""
     from adaptkit_plugins.merges._introsort import kept_range
-    from adaptkit_plugins.merges._sparsify import _sorted_range, unpack
+    from adaptkit_plugins.merges._sparsify import _sorted_range
 
     values = torch.cat([torch.arange(500), torch.arange(500).flip(0)]).float()
     assert kept_range(values.view(torch.int32).numpy().copy(), 0, 500) is None
@@ -265,7 +273,7 @@ def test_another_torchs_sort_is_run_as_mergekit_runs_it(monkeypatch):
     build), TIES' and SCE's mergekit cuts run torch's own, with mergekit's choice, and the memory count
     says so: a float32 copy, its sorted values, the int64 order and range (24 B an entry) for 4 B of places."""
     from adaptkit_plugins.merges import _introsort
-    from adaptkit_plugins.merges._sparsify import _sorted_range, held_bytes, unpack
+    from adaptkit_plugins.merges._sparsify import _sorted_range, held_bytes
     from adaptkit_plugins.merges.sce import select_mask
 
     followed = held_bytes("magnitude", 3, 2, "mergekit")

@@ -15,7 +15,7 @@ import torch
 
 from . import _introsort
 from ._base import as_bits
-from ._select import ROW, block_ranges, row_sums, top_cut
+from ._select import block_ranges, row_sums, top_cut
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -179,13 +179,6 @@ def _spread(size: int) -> numpy.ndarray:
     return -bits.astype({2: numpy.int16, 4: numpy.int32, 8: numpy.int64}[size])
 
 
-def unpack(bits: numpy.ndarray, start: int, count: int) -> torch.Tensor:
-    """Entries start … start + count − 1 of a `pack`ed mask, 0/1 as a flat uint8 tensor."""
-    first, offset = start // 8, start % 8
-    return torch.from_numpy(numpy.unpackbits(bits[first:(start + count + 7) // 8], count=offset + count,
-                                             bitorder="little")[offset:])
-
-
 def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, generator,
                tie_break: str = "mergekit") -> Keep | None:
     """A `Keep` for one task vector, or None when every entry is kept (density ≥ 1, as mergekit).
@@ -211,7 +204,7 @@ def l1_factor(tau, ranges, prune) -> float | None:
     """mergekit's rescale, ‖τ‖₁ / ‖prune(τ)‖₁ in τ's dtype: the kept entries scaled so that their L1
     norm equals the unpruned one (None: no rescaling, where a norm rounds below 1e-7). `prune(start,
     block)` prunes a block (in place or not), here given |τ|: the prunes keep by magnitude alone. The
-    norms are `l1_parts` summed with math.fsum and rounded once to the dtype: the same on any number
+    norms are `_select.row_sums` summed with math.fsum and rounded once to the dtype: the same on any number
     of threads, where a whole-tensor torch sum (mergekit's) changes its last bits with torch's thread
     count."""
     before: list[float] = []
@@ -225,11 +218,3 @@ def l1_factor(tau, ranges, prune) -> float | None:
     norms = [torch.tensor(math.fsum(parts), dtype=dtype) for parts in (before, after)]
     return None if norms[0] < 1e-7 or norms[1] < 1e-7 else float(norms[0] / norms[1])
 
-
-L1_ROW = ROW  # entries per partial sum: under torch's parallel grain size (32768)
-
-
-def l1_parts(block: torch.Tensor) -> list[float]:
-    """Partial sums of |block| in float32 over runs of `L1_ROW` entries (`_select.row_sums`): they
-    depend on the values only, never on the thread count (tested on 1 and 2 threads)."""
-    return row_sums(block.reshape(-1).abs())
