@@ -161,6 +161,7 @@ class SelectCalculateErase(Operator):
         del squares
         weights = matrix_weights(torch.stack(means), dtype if upcast else None).view(-1, 1)
         out = torch.empty(base.numel(), dtype=weights.dtype)
+        scalars = weights.view(-1).tolist()
         for s, e in blocks:
             block = masked(s, e)
             # Erase as TIES' `combine`: mᵢ·τᵢ·ηᵢ = σ·relu(σ·τᵢ)·ηᵢ (`agreeing`), sums over the inputs as
@@ -168,7 +169,7 @@ class SelectCalculateErase(Operator):
             flip = sign_flip(stacked_sum(block.unbind(0)))
             kept = agreeing(block.unbind(0), flip)
             agree = [torch.gt(row, 0, out=torch.empty_like(row)) for row in kept]
-            mixed = stacked_sum([row.mul_(w) for row, w in zip(kept, weights.view(-1).tolist())])
+            mixed = stacked_sum([row.mul_(w) for row, w in zip(kept, scalars)])
             # σ back; +0 stays +0 (an ηᵢ of 0 can leave nothing where σ = -1; mergekit's sum gives +0 there)
             as_bits(mixed).bitwise_xor_(flip.mul_(torch.ne(mixed, 0, out=torch.empty_like(flip))))
             torch.add(flat_base[0, s:e], mixed.div_(stacked_sum(agree, weights.view(-1)).clamp_(min=1e-6)), out=out[s:e])

@@ -143,9 +143,10 @@ class TaskArithmetic(Operator):
     def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor) -> None:
         """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order of operations), where
         `deltas_at(a, b, base block)` gives the inputs' task vectors there, sparsified and rescaled."""
+        scalars = weights.tolist()  # (Python floats of the dtype-rounded weights: see `merge`)
         for start, stop in blocks:
             base_block = base_at(start, stop)
-            deltas = [d.mul_(w) for d, w in zip(deltas_at(start, stop, base_block), weights.tolist())]
+            deltas = [d.mul_(w) for d, w in zip(deltas_at(start, stop, base_block), scalars)]
             mixed = combine(deltas, weights, self.consensus, s.normalize)
             if s.scale != 1:
                 mixed.mul_(s.scale)
