@@ -180,8 +180,8 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
       adaptkit merge --base llama-4bit/ -m my-qlora -o merged/ --requantize   # into a quantized base
     """
     with heavy_imports():
-        from ..merge.card import describe_group, parameter_groups
-        from ..merge.engine import Plan, default_threads, run_merge
+        from ..merge.card import describe_group
+        from ..merge.engine import Plan, run_merge
         from ..merge.recipe import load_recipe
 
     if bool(recipe) == bool(models):
@@ -216,9 +216,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
         _echo_inputs(parsed)
         return
     if dry_run:
-        plan = Plan(parsed, allow_pickle=allow_pickle)
-        summary = plan.summary(threads or default_threads(plan))  # (the workers the merge would use)
-        summary["groups"] = parameter_groups(plan)
+        summary = Plan(parsed, allow_pickle=allow_pickle).dry_run(threads)
         if as_json:
             return emit_json(summary)
         click.echo(f"{summary['method']}: {_plan_line(summary)}")

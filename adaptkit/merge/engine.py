@@ -29,7 +29,7 @@ from .. import allocator, registry, spec
 from ..io.dtypes import code_to_torch, parse_dtype, torch_to_code
 from ..errors import AdaptkitError
 from ..io.store import open_store
-from .card import drop_card, write_card
+from .card import drop_card, parameter_groups, write_card
 from .slices import Job, Stack, output_config, slice_jobs, source_place
 from .precision import recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
@@ -162,6 +162,10 @@ class Plan:
                 "parameters": sum(math.prod(s) for _, _, s in self.layout),
                 "output_bytes": sum(math.prod(s) * code_to_torch(d).itemsize for _, d, s in self.layout),
                 **estimate(self.peak_bytes(threads)), "threads": threads}
+
+    def dry_run(self, threads: int | None = None) -> dict[str, Any]:
+        """`--dry-run`'s plan: the summary at the workers the merge would use, with the parameter groups."""
+        return {**self.summary(threads or default_threads(self)), "groups": parameter_groups(self)}
 
 
 def estimate(working: int) -> dict[str, int]:

@@ -211,17 +211,14 @@ def describe_stages(path: str | Path, docs: list[Any] | None = None, *, threads:
     """The stages in run order with their method and inputs (`merge --dry-run`). A stage that uses no other
     stage's result also gets its `plan`, as a recipe of its own has (parameter groups, estimated peak);
     one that does cannot be planned before that result exists (`plan` None)."""
-    from .card import parameter_groups
-    from .engine import Plan, default_threads  # (torch: only to plan)
+    from .engine import Plan  # (torch: only to plan)
 
     stages = load_stages(path, docs)
     rows = []
     for stage in stages:
         recipe = _recipe(path, stage, {})
-        plan = None
-        if not stage.needs and recipe.output_kind != "adapter":
-            planned = Plan(recipe, allow_pickle=allow_pickle)
-            plan = {**planned.summary(threads or default_threads(planned)), "groups": parameter_groups(planned)}
+        planned = not stage.needs and recipe.output_kind != "adapter"
+        plan = Plan(recipe, allow_pickle=allow_pickle).dry_run(threads) if planned else None
         rows.append({"name": stage.name, "method": recipe.method, "inputs": [str(r) for r in recipe.models],
                      "base": str(recipe.base) if recipe.base else None, "uses": stage.needs, "plan": plan})
     return {"stages": rows, "final": stages[-1].name}
