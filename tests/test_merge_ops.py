@@ -869,8 +869,12 @@ def test_registry_loads_every_operator(name):
     tensors, base = make(shape=(4, 6), count=2)
     params = {k: v for k, v in {"weight": 1.0, "t": 0.5, "alpha": 0.5}.items() if k in obj.params}
     extra = {"generators": seeded(1, 2)} if obj.random else {}
+    if name in ("slerp", "interpolate"):  # two ends: a base beside two inputs is refused
+        with pytest.raises(AdaptkitError, match="needs exactly 2 models, the base and 1 other; got the base and 2"):
+            obj.merge(tensors, base, **params)
+        base = None
     out = obj.merge(tensors, base, **params, **extra) if name != "model_stock" else obj.merge(tensors, base)
-    assert out.shape == base.shape and out.dtype == torch.float32
+    assert out.shape == tensors[0].shape and out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)

@@ -220,8 +220,12 @@ class Operator:
         return base
 
     def endpoints(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two ends (A, B) of an interpolation: both inputs, or the base and the one input."""
-        if len(tensors) == 1 and base is not None:
+        """The two ends (A, B) of an interpolation: both inputs, or the base and the one input (a base beside
+        two inputs is an error, as in mergekit: one of the three would be left out)."""
+        if base is not None:
+            if len(tensors) != 1:
+                raise self.error(f"needs exactly 2 models, the base and 1 other; got the base and {len(tensors)} "
+                                 "(list the base among the models or leave base_model out)")
             self.check_inputs([base, tensors[0]])
             return base, tensors[0]
         if len(tensors) != 2:
