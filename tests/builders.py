@@ -55,6 +55,18 @@ def state(folder) -> dict:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+def mergekit_merge(recipe: dict, out, **options) -> dict:
+    """mergekit's own merge of `recipe` into `out` (no tokenizer copy or card unless `options` say), its tensors."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions
+    from mergekit.merge import run_merge as mk_run
+
+    settings = dict(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False, **options)
+    mk_run(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(recipe))), str(out), MergeOptions(**settings))
+    return state(out)
+
+
 def llama_finetunes(root, count: int = 3, noise: float = 0.02):
     """`root`/base, a tiny Llama, and `root`/ft1.. ftN, each the base plus N(0, noise²) from seed i (float32)."""
     import torch

@@ -14,23 +14,13 @@ from safetensors.torch import load_file, save_file
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.engine import layer_positions, run_merge
 from adaptkit.merge.positions import evaluate
-from builders import llama_finetunes, state, tiny_gpt2, tiny_llama
+from builders import llama_finetunes, mergekit_merge, state, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A base and three fine-tunes of a tiny Llama (float32)."""
     return llama_finetunes(tmp_path_factory.mktemp("models"))
-
-
-def mergekit_merge(recipe: dict, out) -> dict[str, torch.Tensor]:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions
-    from mergekit.merge import run_merge as mk_run
-
-    mk_run(MergeConfiguration.model_validate(recipe), str(out),
-           MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False))
-    return state(out)
 
 
 def recipe_for(models, method, params, global_params=None, base=True, n=3):
@@ -263,7 +253,6 @@ def test_cli_recipe_and_quick_form(models, tmp_path):
     ({"merge_methd": "ties"}, "unknown key 'merge_methd'; did you mean 'merge_method'"),
     ({"merge_method": "tie"}, r"unknown merge method 'tie' \(methods: .*\bties\b"),
     ({"parameters": {"desnity": 0.5}}, "'ties' has no parameter 'desnity'; did you mean 'density'"),
-    ({"modules": {}}, "'modules' is a mergekit feature adaptkit does not support yet"),
 ])
 def test_recipe_errors_name_the_nearest(models, tmp_path, change, message):
     recipe = recipe_for(models, "ties", [{"weight": 0.5}] * 3)

@@ -17,7 +17,7 @@ from adaptkit.errors import AdaptkitError
 from adaptkit.merge.engine import Plan, run_merge
 from adaptkit.merge.recipe import load_recipe
 from adaptkit.merge.slices import BEFORE_LAYERS, AFTER_LAYERS
-from builders import tiny_llama
+from builders import mergekit_merge, tiny_llama
 
 LAYERS = 4
 
@@ -83,16 +83,6 @@ def sliced_ties(models, dtype="float32"):
 
 RECIPES = {"frankenmerge": frankenmerge, "frankenmerge_scaled": lambda m, d: frankenmerge(m, d, scale=[1.0, 0.5]),
            "gradient_slerp": gradient_slerp, "sliced_linear": sliced_linear, "sliced_ties": sliced_ties}
-
-
-def mergekit_merge(recipe: dict, out) -> dict[str, torch.Tensor]:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions
-    from mergekit.merge import run_merge as mk_run
-
-    mk_run(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(recipe))), str(out),
-           MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False))
-    return state(out)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -283,14 +273,16 @@ BAD = {
     "two_inputs_to_passthrough": (lambda r: r["slices"][0]["sources"].append(
         {"model": r["slices"][1]["sources"][0]["model"], "layer_range": [0, 3]}),
         "passthrough: takes exactly one model per tensor"),
-    "unknown_slice_key": (lambda r: r["slices"][0].update(residual_weight=0.5),
-                          r"slices\[0\]: 'residual_weight' is a mergekit feature adaptkit does not support yet"),
+    "unknown_slice_key": (lambda r: r["slices"][0].update(residual_wieght=0.5),
+                          r"slices\[0\]: unknown key 'residual_wieght'; did you mean 'residual_weight'"),
+    "residual_weight_not_a_number": (lambda r: r["slices"][0].update(residual_weight="half"),
+                                     r"slices\[0\].residual_weight must be a finite number"),
     "misspelled_source_key": (lambda r: r["slices"][0]["sources"][0].update(layer_rnage=[0, 1]),
                               r"slices\[0\]\.sources\[0\]: unknown key 'layer_rnage'; did you mean 'layer_range'"),
     "misspelled_parameter": (lambda r: r["slices"][0]["sources"][0].update(parameters={"scael": 1}),
                              r"slices\[0\]\.sources\[0\]\.parameters: 'passthrough' has no parameter 'scael'"),
     "models_and_slices": (lambda r: r.update(models=[r["slices"][0]["sources"][0]["model"]]),
-                          "give 'models' or 'slices', not both"),
+                          "give one of 'models', 'slices' and 'modules', not models and slices"),
     "same_model_twice": (lambda r: r["slices"][0]["sources"].append(dict(r["slices"][0]["sources"][0])),
                          r"slices\[0\]: a model is listed twice among its sources"),
     "base_not_in_slice": (lambda r: r.update(merge_method="slerp", parameters={"t": 0.5},
@@ -322,12 +314,6 @@ def test_layers_of_other_shapes_are_refused(models, tmp_path):
         run_merge(recipe, tmp_path / "out", progress=False, card=False)
 
 
-def test_modules_key_is_refused_by_name(models, tmp_path):
-    recipe = {"modules": {"text_decoder": {"slices": frankenmerge(models)["slices"]}}, "merge_method": "passthrough"}
-    with pytest.raises(AdaptkitError, match="'modules' is a mergekit feature adaptkit does not support yet"):
-        run_merge(recipe, tmp_path / "out", progress=False, card=False)
-
-
 def test_yaml_file_and_cli(models, tmp_path):
     from click.testing import CliRunner
 
@@ -339,3 +325,15 @@ def test_yaml_file_and_cli(models, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["tensors"] == 3 + 9 * 6 and re.search("m1", " ".join(report["inputs"]))
+
+
+def test_residual_weight_is_a_warning_and_changes_nothing(models, tmp_path):
+    """mergekit's slice schema has `residual_weight`, which none of its code reads: accepted with a warning."""
+    plain = frankenmerge(models)
+    weighted = yaml.safe_load(yaml.safe_dump(plain))
+    weighted["slices"][1]["residual_weight"] = 0.5
+    with pytest.warns(UserWarning, match=r"slices\[1\]: 'residual_weight' is ignored, as mergekit ignores it"):
+        run_merge(weighted, tmp_path / "weighted", progress=False, card=False)
+    run_merge(plain, tmp_path / "plain", progress=False, card=False)
+    assert (tmp_path / "weighted/model.safetensors").read_bytes() == (tmp_path / "plain/model.safetensors").read_bytes()
+    assert mergekit_merge(weighted, tmp_path / "mk").keys() == state(tmp_path / "plain").keys()

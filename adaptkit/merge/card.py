@@ -115,15 +115,22 @@ def _stage(recipe: Recipe, aliases: dict[str, str], level: str) -> str:
     """One recipe's method, its inputs with their parameters, and its global parameters."""
     base = f", with {_model(recipe.base, aliases)} as the base" if recipe.base else ""
     lines = [f"Method: `{recipe.method}`{base}.", "", f"{level} Inputs", "", "| model | parameters |", "|---|---|"]
-    if recipe.slices:
-        lines[-2:] = ["| output slice | model | layers | parameters |", "|---|---|---|---|"]
+    if recipe.parts:
+        module = "module | " if recipe.modules else ""
+        lines[-2:] = [f"| {module}output slice | model | layers | parameters |", f"|{'---|' * (4 + bool(module))}"]
         notes = []
-        for i, part in enumerate(recipe.slices):
-            lines += [f"| {i} | {_model(s.ref, aliases)} | {list(s.layers)} | {_params(s.parameters)} |"
-                      for s in part.sources]
-            if part.base or part.parameters:
-                base = f"base {_model(part.base, aliases)}" if part.base else ""
-                notes.append(f"Slice {i}: " + "; ".join(filter(None, [base, _params(part.parameters)])))
+        for m in recipe.parts:
+            cell = f"{m.name} | " if m.name else ""
+            if m.parameters:
+                notes.append(f"Module {m.name}: {_params(m.parameters)}")
+            for i, part in enumerate(m.slices):
+                lines += [f"| {cell}{'' if m.whole else i} | {_model(s.ref, aliases)} | "
+                          f"{'all' if s.layers is None else list(s.layers)} | {_params(s.parameters)} |"
+                          for s in part.sources]
+                if part.base or part.parameters:
+                    base = f"base {_model(part.base, aliases)}" if part.base else ""
+                    notes.append(f"{m.name + ' s' if m.name else 'S'}lice {i}: "
+                                 + "; ".join(filter(None, [base, _params(part.parameters)])))
         lines += ["", *notes] if notes else []
     else:
         lines += [f"| {_model(ref, aliases)} | {_params(p)} |" for ref, p in zip(recipe.models, recipe.model_params)]
@@ -156,12 +163,17 @@ def _params(params: dict[str, Any]) -> str:
 def parameter_groups(plan) -> list[dict[str, Any]]:
     """The engine's Plan as groups of output tensors whose operator parameters are equal once gradients
     and filters are resolved (`Plan.parameters`), in model order: each with its parameters (per-model ones
-    as one value per input), the layer indices it covers and its tensors."""
+    as one value per input), the layer indices it covers and its tensors; in a multimodal model, per module
+    (its `module`), whose layers are numbered on their own."""
+    from .modules import DEFAULT, architecture_modules, owner
+
+    modules = architecture_modules(plan.config or (plan.base or plan.inputs[0]).config)
     groups: dict[str, dict[str, Any]] = {}
     for name in plan.names:
         params = plan.parameters(name)
-        group = groups.setdefault(json.dumps(params, sort_keys=True, default=str),
-                                  {"parameters": params, "layers": [], "tensors": []})
+        module = {} if modules is DEFAULT else {"module": owner(name, modules)}
+        group = groups.setdefault(json.dumps([module, params], sort_keys=True, default=str),
+                                  {**module, "parameters": params, "layers": [], "tensors": []})
         group["tensors"].append(name)
         found = LAYER_INDEX.search(name)
         if found and int(found.group(1)) not in group["layers"]:
@@ -177,7 +189,8 @@ def describe_group(group: dict[str, Any]) -> str:
     if layers and any(not LAYER_INDEX.search(n) for n in group["tensors"]):
         where += " and outside them"
     values = ", ".join(f"{k}={_number(v)}" for k, v in group["parameters"].items()) or "no parameters"
-    return f"{where} ({count} tensor{'s' if count != 1 else ''}): {values}"
+    module = f"{group['module']}: " if group.get("module") else ""
+    return f"{module}{where} ({count} tensor{'s' if count != 1 else ''}): {values}"
 
 
 def _ranges(indices: list[int]) -> str:

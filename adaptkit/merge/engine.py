@@ -30,7 +30,8 @@ from ..io.dtypes import code_to_torch, parse_dtype, torch_to_code
 from ..errors import AdaptkitError
 from ..io.store import open_store
 from .card import drop_card, parameter_groups, write_card
-from .slices import Job, Stack, output_config, slice_jobs, source_place
+from .modules import part_jobs
+from .slices import Job, source_place
 from .precision import recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, load_recipe, recipe_inputs
@@ -63,11 +64,11 @@ class Plan:
         takes_base = spec.option(self.method, "takes_base")
         # with slices, each slice's base is one of its sources (mergekit's rule), not an input of its own
         self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base and takes_base \
-            and not recipe.slices else None
+            and not recipe.parts else None
         self.inputs = [_open(recipe, ref, allow_pickle) for ref in recipe.models]
         check_same_architecture(self.sources)
         reference = self.base or self.inputs[0]
-        self.jobs, self.config = self._slices(takes_base, allow_pickle) if recipe.slices else (None, None)
+        self.jobs, self.config = self._slices(takes_base, allow_pickle) if recipe.parts else (None, None)
         self.names = list(self.jobs) if self.jobs else reference.keys()
         # the recipe's name of each source (an adapter opened as base+adapter keeps its own)
         self.refs = ([str(recipe.base)] if self.base else []) + [str(ref) for ref in recipe.models]
@@ -91,14 +92,14 @@ class Plan:
             self.layout.append((name, torch_to_code(dtype) if floating else info.dtype, shape))
 
     def _slices(self, takes_base: bool, allow_pickle: bool) -> tuple[dict[str, Job], dict]:
-        """The output tensors of a `slices:` recipe and its config.json (see slices.py): mergekit's, from
-        the base model (read for that alone when it is none of the sources), else the first source."""
-        stacks = {str(ref): Stack(source) for ref, source in zip(self.recipe.models, self.inputs)}
-        jobs = slice_jobs(self.recipe.slices, stacks, self.recipe.base if takes_base else None, takes_base)
-        base, first = self.recipe.base, stacks[str(self.recipe.slices[0].sources[0].ref)].source
-        self.donor = stacks[str(base)].source if str(base) in stacks else _open(self.recipe, base, allow_pickle) \
-            if base else first
-        return jobs, output_config(self.donor.config, self.recipe.slices, stacks)
+        """The output tensors of a `slices:` or `modules:` recipe and its config.json (slices.py, modules.py):
+        mergekit's, from the base model (read for that alone when it is none of the sources), else the
+        first source."""
+        recipe, opened = self.recipe, dict(zip(map(str, self.recipe.models), self.inputs))
+        base = recipe.base
+        self.donor = opened[str(base)] if str(base) in opened else _open(recipe, base, allow_pickle) if base \
+            else opened[str(recipe.parts[0].slices[0].sources[0].ref)]
+        return part_jobs(recipe, opened, self.donor, takes_base)
 
     def job(self, name: str) -> Job:
         """Where output tensor `name` comes from; without slices, the same name in every input."""
@@ -178,8 +179,8 @@ def _open(recipe: Recipe, ref, allow_pickle: bool) -> ModelSource:
     try:
         return open_input(ref, allow_pickle=allow_pickle, base=recipe.base)
     except AdaptkitError as error:
-        if recipe.slices:  # say which slice names it
-            raise AdaptkitError(f"{source_place(recipe.slices, ref)}: {error}") from None
+        if recipe.parts:  # say which slice names it
+            raise AdaptkitError(f"{source_place(recipe.parts, ref)}: {error}") from None
         raise
 
 

@@ -1,6 +1,7 @@
 """Merge recipes: mergekit's YAML configuration format, checked strictly, plus adaptkit's additions.
 
-mergekit keys: `models` (each `model:` with optional `parameters:`) or `slices` (slices.py), `base_model`, `merge_method`,
+mergekit keys: `models` (each `model:` with optional `parameters:`), `slices` (slices.py) or `modules` (modules.py),
+`base_model`, `merge_method`,
 `parameters`, `dtype`, `out_dtype`, `tokenizer_source` or `tokenizer`, `chat_template` (tokenizer.py). Additions: `seed` (for random methods),
 `compute_dtype` (see `dtypes` in engine.py: `dtype` is what tensors are loaded and computed in, as in
 mergekit; `compute_dtype: float32` computes in float32 and rounds once to the output dtype),
@@ -30,13 +31,13 @@ from ..errors import AdaptkitError, closest
 from ..io.paths import regular_file
 from .tokenizer import TokenizerSettings, parse_settings
 from ..validate import short
-from .slices import Slice, parameter_groups, parse_slices, slice_models
+from .modules import Module, parse_modules
+from .slices import Slice, parameter_groups, parse_slices, place, slice_models
 
 RECIPE_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-               "compute_dtype", "seed", "output", "slices", "tokenizer", "chat_template"}
-NOT_SUPPORTED = {"modules"}
+               "compute_dtype", "seed", "output", "slices", "modules", "tokenizer", "chat_template"}
 MODEL_KEYS = {"model", "parameters"}
-SLICE_KEYS = {"sources", "base_model", "parameters"}
+SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}  # residual_weight: warned of, dropped
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 OUTPUT_KEYS = {"kind", "rank"}
 FIELD_TYPES = {"merge_method": v.text, "base_model": v.optional(v.either(v.text, v.mapping, must="a path or repo id")),
@@ -86,14 +87,18 @@ class Recipe:
     template: str | None = None  # `chat_template`: a template's text, or "auto"
     source: dict[str, Any] = field(default_factory=dict)  # the mapping as given (for adaptkit_recipe.yml)
     slices: list[Slice] | None = None  # mergekit's `slices:`; `models` then lists each model once
+    modules: list[Module] | None = None  # mergekit's `modules:` (the same)
+
+    @property
+    def parts(self) -> list[Module] | None:
+        """The sliced parts: the modules, or a `slices:` recipe as one part; None for a `models:` recipe."""
+        return self.modules or ([Module(None, self.slices)] if self.slices else None)
 
 
-def _check_keys(where: str, given: dict, allowed: set[str], unsupported: set[str] = frozenset()) -> None:
+def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
     for key in given:
         if not isinstance(key, str):
             raise AdaptkitError(f"{where}: keys must be names, got {short(key)}")
-        if key in unsupported:
-            raise AdaptkitError(f"{where}: '{key}' is a mergekit feature adaptkit does not support yet")
         if key not in allowed:
             hint = closest(key, allowed)
             raise AdaptkitError(f"{where}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
@@ -111,7 +116,7 @@ def load_recipe(source: str | Path | dict) -> Recipe:
             raise AdaptkitError(f"{path}: the recipe is empty")
     if not isinstance(data, dict):
         raise AdaptkitError(f"{src}: a recipe is a mapping with at least 'merge_method' and 'models', got {short(data)}")
-    _check_keys(src, data, RECIPE_KEYS, NOT_SUPPORTED)
+    _check_keys(src, data, RECIPE_KEYS)
     v.check_fields(data, FIELD_TYPES, src)
     if "merge_method" not in data:
         raise AdaptkitError(f"{src}: 'merge_method' is missing")
@@ -120,15 +125,19 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         methods = ", ".join(sorted(registry.names("merge")))
         raise AdaptkitError(f"unknown merge method '{method_name}' (methods: {methods})")
     method = registry.get("merge", method_name)
-    if "slices" in data and "models" in data:
-        raise AdaptkitError(f"{src}: give 'models' or 'slices', not both")
+    if len(given := [key for key in ("models", "slices", "modules") if key in data]) > 1:
+        raise AdaptkitError(f"{src}: give one of 'models', 'slices' and 'modules', not {' and '.join(given)}")
+    base = Ref.parse(data["base_model"], f"{src}: base_model") if data.get("base_model") else None
     slices = parse_slices(src, data["slices"], _slice_part) if "slices" in data else None
-    models, model_params = _models(src, data.get("models") or []) if slices is None else slice_models(slices)
-    recipe = Recipe(method_name, models, model_params,
-                    base=Ref.parse(data["base_model"], f"{src}: base_model") if data.get("base_model") else None,
+    modules = parse_modules(src, data["modules"], _check_keys, _slice_part, _models, _parameters, base) \
+        if "modules" in data else None
+    models, model_params = _models(src, data.get("models") or []) if not (slices or modules) else \
+        slice_models([part for m in modules or [Module(None, slices)] for part in m.slices])
+    recipe = Recipe(method_name, models, model_params, base=base,
                     parameters=_parameters(f"{src}: parameters", data.get("parameters")), dtype=data.get("dtype"),
                     out_dtype=data.get("out_dtype"), compute_dtype=data.get("compute_dtype"), seed=data.get("seed", 0),
-                    tokenizer_source=data.get("tokenizer_source"), slices=slices, source=copy.deepcopy(data))
+                    tokenizer_source=data.get("tokenizer_source"), slices=slices, modules=modules,
+                    source=copy.deepcopy(data))
     output = data.get("output") or {}
     _check_keys(f"{src}: output", output, OUTPUT_KEYS)
     v.check_fields(output, OUTPUT_TYPES, f"{src}: output")
@@ -140,15 +149,16 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         raise AdaptkitError(f"{src}: tokenizer settings and chat_template apply to model outputs, not adapters")
     if recipe.output_kind not in ("model", "adapter"):
         raise AdaptkitError(f"{src}: output.kind must be 'model' or 'adapter', got {short(recipe.output_kind)}")
-    if slices is not None and recipe.output_kind != "model":
-        raise AdaptkitError(f"{src}: slices make a model; an adapter output takes 'models'")
-    if (slices is None and recipe.output_kind == "model" and recipe.base and not spec.option(method, "takes_base")
+    if recipe.parts and recipe.output_kind != "model":
+        raise AdaptkitError(f"{src}: {'modules' if modules else 'slices'} make a model; an adapter output takes "
+                            "'models'")
+    if (not recipe.parts and recipe.output_kind == "model" and recipe.base and not spec.option(method, "takes_base")
             and str(recipe.base) not in map(str, models)):
         # mergekit's rule: a base model the method has no separate use for is one more input,
         # with only the global parameters. (For an adapter output the base only serves ΔW.)
         models.append(recipe.base)
         model_params.append({})
-    if slices is None and recipe.output_kind == "model" and recipe.base and spec.option(method, "takes_base"):
+    if not recipe.parts and recipe.output_kind == "model" and recipe.base and spec.option(method, "takes_base"):
         _base_not_an_input(recipe)
     check_parameters(recipe, method)
     return recipe
@@ -176,7 +186,13 @@ def _models(src: str, entries: Any) -> tuple[list[Ref], list[dict[str, Any]]]:
 
 def _slice_part(where: str, entry: Any, ref_key: str) -> tuple[Ref | None, dict[str, Any]]:
     """A slice (ref_key `base_model`) or one of its sources (`model`): keys checked, reference, parameters."""
-    _check_keys(where, v.mapping(entry, where), SOURCE_KEYS if ref_key == "model" else SLICE_KEYS, {"residual_weight"})
+    v.mapping(entry, where)
+    if ref_key == "base_model" and "residual_weight" in entry:  # in mergekit's slice schema, read by nothing
+        if entry["residual_weight"] is not None:
+            v.number(entry["residual_weight"], f"{where}.residual_weight")
+        warnings.warn(f"{where}: 'residual_weight' is ignored, as mergekit ignores it")
+        entry = {k: value for k, value in entry.items() if k != "residual_weight"}
+    _check_keys(where, entry, SOURCE_KEYS if ref_key == "model" else SLICE_KEYS)
     ref = Ref.parse(entry.get(ref_key), f"{where}.{ref_key}") if ref_key == "model" or entry.get(ref_key) else None
     return ref, _parameters(f"{where}.parameters", entry.get("parameters"))
 
@@ -237,8 +253,15 @@ def check_parameters(recipe: Recipe, method) -> None:
     per_model = set(getattr(method, "per_model", ()))
     _drop_ignored(recipe, set(spec.option(method, "ignored_params")) - known)
     _known_names(recipe, "parameters", recipe.parameters, known, known)
-    groups = parameter_groups(recipe.slices, recipe.base, spec.option(method, "takes_base")) \
-        if recipe.slices else [("", {}, [(f"models[{i}]", p) for i, p in enumerate(recipe.model_params)])]
+    groups = [("", {}, [(f"models[{i}]", p) for i, p in enumerate(recipe.model_params)])]
+    if recipe.parts:
+        groups = []
+        for part in recipe.parts:
+            if part.name:
+                _known_names(recipe, f"{part.label}parameters", part.parameters, known, known)
+            groups += [(label, {**part.parameters, **shared}, own) for label, shared, own in
+                       parameter_groups(part.slices, recipe.base, spec.option(method, "takes_base"), part.label,
+                                        part.whole)]
     for label, shared, own in groups:
         if label:
             _known_names(recipe, f"{label}.parameters", shared, known, known)
@@ -256,9 +279,11 @@ def _drop_ignored(recipe: Recipe, ignored: set[str]) -> None:
     # models by name: a base listed among them may already be gone (`_base_not_an_input`), shifting indices
     scopes = [("parameters", recipe.parameters),
               *((f"model {ref}", p) for ref, p in zip(recipe.models, recipe.model_params))]
-    for i, part in enumerate(recipe.slices or []):
-        scopes += [(f"slices[{i}]", part.parameters), *((f"slices[{i}].sources[{j}]", s.parameters)
-                                                         for j, s in enumerate(part.sources))]
+    for module in recipe.parts or []:
+        scopes += [(f"modules.{module.name}", module.parameters)] if module.name else []
+        for i, part in enumerate(module.slices):
+            scopes += [(place(module.label, module.whole, i), part.parameters),
+                       *((place(module.label, module.whole, i, j), s.parameters) for j, s in enumerate(part.sources))]
     for key in sorted(ignored):
         places = [where for where, params in scopes if params.pop(key, None) is not None]
         if places:

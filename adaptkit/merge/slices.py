@@ -8,13 +8,14 @@ own layers (t = k / (n − 1); a one-layer slice takes t = 1, mergekit's rule). 
 layers take t = 0: the ones before them (embeddings) come from the first slice's sources, with its
 parameters and base, the ones after them (final norm, LM head) from the last slice's.
 
-A layer tensor is named `<prefix>.<i>.<rest>` (its first numbered component, one prefix per model:
-several numbered stacks are mergekit's multi-module `modules:`); a tensor outside the layers is
-before them when its name says embedding (`emb`, `wte`, `wpe`, GPT-NeoX's `embed_out` excepted), as in
-mergekit's architecture tables, else after them.
+A layer tensor is named `<prefix>.<i>.<rest>` (its first numbered component, one prefix per model, or
+per module of a multimodal model: modules.py); a tensor outside the layers is before them when its name
+says embedding or input (`emb`, `wte`, `wpe`, a vision tower's `patch_conv`, `ln_pre`, an encoder's
+`conv1`; GPT-NeoX's `embed_out` excepted), as in mergekit's architecture tables, else after them.
 """
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 #: Keys of config.json that hold the layer count, by architecture family (mergekit's `num_layers_config_key`).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 LAYER_NAME = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
-BEFORE_LAYERS = re.compile(r"emb|wte|wpe|relative_pe|position_ids")
+BEFORE_LAYERS = re.compile(r"emb|wte|wpe|relative_pe|position_ids|patch_conv|ln_pre|layernorm_pre|pre_layrnorm|conv\d")
 AFTER_LAYERS = re.compile(r"embed_out|lm_head")
 
 
@@ -116,69 +117,98 @@ def slice_models(slices: list[Slice]) -> tuple[list[Ref], list[dict]]:
     return models, [{} for _ in models]
 
 
-def parameter_groups(slices: list[Slice], base: Ref | None,
-                     uses_base: bool) -> list[tuple[str, dict, list[tuple[str, dict]]]]:
-    """(where, the slice's parameters, [(where, parameters)] of each source that is an input) per slice.
-    A slice's base (its own `base_model`, else `base`) is no input when the method `uses_base`: its
-    parameters are unused, with a warning, as in mergekit."""
+def place(label: str, whole: bool, i: int, j: int | None = None) -> str:
+    """Where slice i (source j) of a part is in the recipe: `slices[i].sources[j]`, after a module's
+    `label` (`modules.<name>.`); in a module given as `models:` (`whole`), `models[j]`."""
+    if whole:
+        return label.rstrip(".") if j is None else f"{label}models[{j}]"
+    return f"{label}slices[{i}]" + ("" if j is None else f".sources[{j}]")
+
+
+def parameter_groups(slices: list[Slice], base: Ref | None, uses_base: bool, label: str = "",
+                     whole: bool = False) -> list[tuple[str, dict, list[tuple[str, dict]]]]:
+    """(where, the slice's parameters, [(where, parameters)] of each source that is an input) per slice
+    (`label`, `whole`: see `place`). A slice's base (its own `base_model`, else `base`) is no input when
+    the method `uses_base`: its parameters are unused, with a warning, as in mergekit."""
     groups = []
     for i, part in enumerate(slices):
         own = []
         for j, s in enumerate(part.sources):
             if not uses_base or str(s.ref) != str(part.base or base):
-                own.append((f"slices[{i}].sources[{j}]", s.parameters))
+                own.append((place(label, whole, i, j), s.parameters))
             elif s.parameters:
-                warnings.warn(f"slices[{i}].sources[{j}]: {s.ref} is the slice's base; its parameters are unused")
-        groups.append((f"slices[{i}]", part.parameters, own))
+                warnings.warn(f"{place(label, whole, i, j)}: {s.ref} is the {'module' if whole else 'slice'}'s base; its parameters are unused")
+        groups.append((place(label, whole, i), part.parameters, own))
     return groups
 
 
-def layer_count(config: dict | None) -> tuple[str, int] | None:
-    """(key, value) of config.json's layer count, or None."""
-    return next(((k, config[k]) for k in LAYER_COUNT_KEYS if isinstance((config or {}).get(k), int)), None)
+def config_value(config: dict | None, key: str) -> Any:
+    """config.json's value at a dotted key (`text_config.num_hidden_layers`), or None."""
+    value = config or {}
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def layer_count(config: dict | None, keys: tuple[str, ...] = LAYER_COUNT_KEYS) -> tuple[str, int] | None:
+    """(key, value) of the first of `keys` that config.json holds as a count, or None."""
+    return next(((k, n) for k in keys if type(n := config_value(config, k)) is int), None)
 
 
 class Stack:
-    """One model's tensors split into the numbered layers (`prefix.i.rest`) and the rest."""
+    """One model's tensors (or one module's: `names`) split into the numbered layers (`prefix.i.rest`)
+    and the rest, the layers counted at the first of `keys` config.json has, or `fixed`; with neither
+    (a module without layers) every tensor is outside them."""
 
-    def __init__(self, source: Any):
-        self.source, self.layers, self.outside = source, {}, []
+    def __init__(self, source: Any, names: list[str] | None = None, keys: tuple[str, ...] = LAYER_COUNT_KEYS,
+                 fixed: int | None = None, module: str | None = None):
+        self.source, self.layers, self.outside, self.key = source, {}, [], None
+        where = f"{source.ref}" + (f" (module {module})" if module else "")
+        layered = bool(keys) or fixed is not None
         prefixes = set()
-        for name in source.keys():
-            if m := LAYER_NAME.match(name):
+        for name in source.keys() if names is None else names:
+            if layered and (m := LAYER_NAME.match(name)):
                 prefixes.add(m.group(1))
                 self.layers.setdefault(int(m.group(2)), []).append(m.group(3))
             else:
                 self.outside.append(name)
         if len(prefixes) > 1:
-            raise AdaptkitError(f"{source.ref} has several stacks of numbered layers ({', '.join(sorted(prefixes))}): "
-                                "slices take one (mergekit's per-module `modules:` is not supported)")
+            raise AdaptkitError(f"{where} has several stacks of numbered layers ({', '.join(sorted(prefixes))}): "
+                                "slices take one (a multimodal model's modules are sliced one by one with "
+                                "`modules:`, for the architectures in modules.py)")
         self.prefix = prefixes.pop() if prefixes else ""
-        counted = layer_count(source.config)
+        self.count = 0
+        if not layered:
+            return
+        counted = ("a fixed count", fixed) if fixed is not None else layer_count(source.config, keys)
         if counted is None:
-            raise AdaptkitError(f"{source.ref}: config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)}), "
+            raise AdaptkitError(f"{where}: config.json has no layer count ({', '.join(keys)}), "
                                 "which a slices recipe renumbers")
-        self.count = counted[1]
+        (self.key, self.count) = (None if fixed is not None else counted[0]), counted[1]
         if sorted(self.layers) != list(range(self.count)):
-            raise AdaptkitError(f"{source.ref}: config.json's {counted[0]} is {self.count} but its tensors have "
+            raise AdaptkitError(f"{where}: config.json's {counted[0]} is {self.count} but its tensors have "
                                 f"{len(self.layers)} numbered layers")
 
     def name(self, layer: int, rest: str) -> str:
         return f"{self.prefix}.{layer}.{rest}"
 
 
-def slice_jobs(slices: list[Slice], stacks: dict[str, Stack], base: Ref | None, uses_base: bool) -> dict[str, Job]:
+def slice_jobs(slices: list[Slice], stacks: dict[str, Stack], base: Ref | None, uses_base: bool,
+               label: str = "", whole: bool = False, shared: dict[str, Any] | None = None) -> dict[str, Job]:
     """Output tensor name -> its Job, in output order: tensors before the layers, the layers, the rest.
     `stacks` has every source by str(ref); a slice's base is its own `base_model`, else `base`, and is
-    read only when the method `uses_base`."""
+    read only when the method `uses_base`. A module's slices (`label`, `whole`: see `place`) have its
+    `shared` parameters after their own."""
     def base_of(part: Slice) -> Ref | None:
         return (part.base or base) if uses_base else None
 
     first, last = slices[0], slices[-1]
+    scopes = [shared] if shared else []
     for i, part in enumerate(slices):
-        _check_slice(i, part, stacks, base_of(part))
+        _check_slice(place(label, whole, i), part, stacks, base_of(part))
     reference = stacks[str(first.sources[0].ref)]
-    jobs = {n: _outside(first, first.sources, stacks, base_of(first), n) for n in reference.outside if _before(n)}
+    jobs = {n: _outside(first, first.sources, stacks, base_of(first), n, scopes) for n in reference.outside
+            if _before(n)}
     j = 0
     for i, part in enumerate(slices):
         n = part.sources[0].layers[1] - part.sources[0].layers[0]
@@ -187,21 +217,22 @@ def slice_jobs(slices: list[Slice], stacks: dict[str, Stack], base: Ref | None, 
             for s in part.sources:
                 have = sorted(stacks[str(s.ref)].layers[s.layers[0] + k])
                 if rests is not None and have != rests:
-                    raise AdaptkitError(f"slices[{i}]: layer {s.layers[0] + k} of {s.ref} has other tensors than "
+                    raise AdaptkitError(f"{place(label, whole, i)}: layer {s.layers[0] + k} of {s.ref} has other tensors than "
                                         f"layer {part.sources[0].layers[0] + k} of {part.sources[0].ref}")
                 rests = have
             for rest in rests:
                 names = [stacks[str(s.ref)].name(s.layers[0] + k, rest) for s in part.sources]
                 shapes = {tuple(stacks[str(s.ref)].source.info(m).shape) for s, m in zip(part.sources, names)}
                 if len(shapes) > 1:
-                    raise AdaptkitError(f"slices[{i}]: tensor '{names[0]}' has different shapes in its sources "
+                    raise AdaptkitError(f"{place(label, whole, i)}: tensor '{names[0]}' has different shapes in its sources "
                                         f"({', '.join(map(str, sorted(shapes)))})")
                 t = k / (n - 1) if n > 1 else 1.0
-                jobs[reference.name(j, rest)] = _job(part, part.sources, names, stacks, base_of(part), t)
+                jobs[reference.name(j, rest)] = _job(part, part.sources, names, stacks, base_of(part), t, scopes)
             j += 1
     # mergekit pairs the last slice's sources with as many inputs as the first slice has
     tail = last.sources[:len(first.sources)]
-    jobs.update((n, _outside(last, tail, stacks, base_of(last), n)) for n in reference.outside if not _before(n))
+    jobs.update((n, _outside(last, tail, stacks, base_of(last), n, scopes)) for n in reference.outside
+                if not _before(n))
     return jobs
 
 
@@ -209,18 +240,19 @@ def _before(name: str) -> bool:
     return bool(BEFORE_LAYERS.search(name)) and not AFTER_LAYERS.search(name)
 
 
-def _outside(part: Slice, sources: list[SliceSource], stacks: dict[str, Stack], base: Ref | None, name: str) -> Job:
+def _outside(part: Slice, sources: list[SliceSource], stacks: dict[str, Stack], base: Ref | None, name: str,
+             scopes: list[dict]) -> Job:
     for s in sources:
         if name not in stacks[str(s.ref)].outside:
             raise AdaptkitError(f"tensor '{name}' is missing from {s.ref}")
-    return _job(part, sources, [name] * len(sources), stacks, base, 0.0)
+    return _job(part, sources, [name] * len(sources), stacks, base, 0.0, scopes)
 
 
 def _job(part: Slice, sources: list[SliceSource], names: list[str], stacks: dict[str, Stack], base: Ref | None,
-         t: float) -> Job:
+         t: float, scopes: list[dict]) -> Job:
     """The base (one of the slice's sources, as mergekit requires) is read as the base; the other sources
     are the inputs, with their own parameters (mergekit gives the base no per-model ones)."""
-    job = Job([], None, t, [], [part.parameters])
+    job = Job([], None, t, [], [part.parameters, *scopes])
     for s, name in zip(sources, names):
         pair = (stacks[str(s.ref)].source, name)
         if base is not None and str(s.ref) == str(base):
@@ -231,40 +263,50 @@ def _job(part: Slice, sources: list[SliceSource], names: list[str], stacks: dict
     return job
 
 
-def _check_slice(i: int, part: Slice, stacks: dict[str, Stack], base: Ref | None) -> None:
+def _check_slice(where: str, part: Slice, stacks: dict[str, Stack], base: Ref | None) -> None:
     if base is not None and str(base) not in {str(s.ref) for s in part.sources}:
-        raise AdaptkitError(f"slices[{i}]: the base model {base} is not among its sources "
+        raise AdaptkitError(f"{where}: the base model {base} is not among its sources "
                             f"({', '.join(str(s.ref) for s in part.sources)}); mergekit requires it there")
+    if len({s.layers[1] - s.layers[0] for s in part.sources}) > 1:  # (a module's models: their own counts)
+        raise AdaptkitError(f"{where}: its sources have different numbers of layers "
+                            f"({', '.join(f'{s.ref}: {s.layers[1] - s.layers[0]}' for s in part.sources)})")
     for j, s in enumerate(part.sources):
         count = stacks[str(s.ref)].count
         if s.layers[1] > count:
-            raise AdaptkitError(f"slices[{i}].sources[{j}]: layer_range {list(s.layers)} is past the {count} layers "
+            raise AdaptkitError(f"{where}.sources[{j}]: layer_range {list(s.layers)} is past the {count} layers "
                                 f"of {s.ref}")
 
 
-def source_place(slices: list[Slice], ref: Ref) -> str:
-    """Where a model first appears among the slices' sources (`slices[i].sources[j]`), for messages."""
-    return next((f"slices[{i}].sources[{j}]" for i, part in enumerate(slices) for j, s in enumerate(part.sources)
-                 if str(s.ref) == str(ref)), "base_model")
+def source_place(parts: list, ref: Ref) -> str:
+    """Where a model first appears among the sliced parts' sources (`place`), for messages."""
+    return next((place(m.label, m.whole, i, j) for m in parts for i, part in enumerate(m.slices)
+                 for j, s in enumerate(part.sources) if str(s.ref) == str(ref)), "base_model")
 
 
-def output_config(config: dict, slices: list[Slice], stacks: dict[str, Stack]) -> dict:
-    """The donor's config.json with the output's layer count; per-layer lists (`layer_types`) taken
-    from each output layer's first source, so they keep describing the layers."""
-    if layer_count(config) is None:
-        raise AdaptkitError(f"config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)}) to set for the slices")
-    key, count = layer_count(config)
-    out = dict(config)
-    out[key] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in slices)
-    for name, value in config.items():
-        if isinstance(value, list) and len(value) == count and name.startswith("layer_"):
-            per_layer = []
-            for part in slices:
-                src = part.sources[0]
-                theirs = (stacks[str(src.ref)].source.config or {}).get(name)
-                if not isinstance(theirs, list) or len(theirs) != stacks[str(src.ref)].count:
-                    raise AdaptkitError(f"{src.ref}: config.json's '{name}' does not list its layers, so the "
-                                        "output's cannot be built")
-                per_layer.extend(theirs[src.layers[0]:src.layers[1]])
-            out[name] = per_layer
+def output_config(config: dict, parts: list[tuple[list[Slice], dict[str, Stack]]]) -> dict:
+    """The donor's config.json with each sliced part's layer count (a module's at its own key, such as
+    `text_config.num_hidden_layers`); per-layer lists beside the count (`layer_types`) taken from each
+    output layer's first source, so they keep describing the layers."""
+    out = copy.deepcopy(config)
+    for slices, stacks in parts:
+        key = stacks[str(slices[0].sources[0].ref)].key
+        if key is None:  # a module without layers
+            continue
+        if layer_count(config, (key,)) is None:
+            raise AdaptkitError(f"config.json has no layer count at '{key}' to set for the slices")
+        *path, leaf = key.split(".")
+        theirs_at = lambda cfg: config_value(cfg, ".".join(path)) if path else cfg  # noqa: E731
+        held, count = theirs_at(out), theirs_at(config)[leaf]
+        held[leaf] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in slices)
+        for name, value in theirs_at(config).items():
+            if isinstance(value, list) and len(value) == count and name.startswith("layer_"):
+                per_layer = []
+                for part in slices:
+                    src = part.sources[0]
+                    theirs = (theirs_at(stacks[str(src.ref)].source.config) or {}).get(name)
+                    if not isinstance(theirs, list) or len(theirs) != stacks[str(src.ref)].count:
+                        raise AdaptkitError(f"{src.ref}: config.json's '{name}' does not list its layers, so the "
+                                            "output's cannot be built")
+                    per_layer.extend(theirs[src.layers[0]:src.layers[1]])
+                held[name] = per_layer
     return out

@@ -1,0 +1,285 @@
+"""mergekit's `modules:` (modules.py): a multimodal model's text decoder, vision tower and projector each
+merged from its own slices or models with its own parameters; bytes and config.json against mergekit's
+own merge of the same YAML on tiny Mistral 3 models, the layers of a `models:` recipe counted per
+module, the output running in transformers, bad modules."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptkit.errors import AdaptkitError
+from adaptkit.merge.card import describe_group
+from adaptkit.merge.engine import Plan, run_merge
+from adaptkit.merge.modules import ARCHITECTURES, architecture_modules, owner
+from adaptkit.merge.recipe import load_recipe
+from adaptkit.merge.slices import AFTER_LAYERS, BEFORE_LAYERS
+from builders import mergekit_merge, state, tiny_llama
+
+TEXT_LAYERS, VISION_LAYERS = 3, 2
+
+
+def tiny_mistral3(seed: int, text_layers: int = TEXT_LAYERS):
+    """A Mistral 3 (Pixtral vision tower, projector, Mistral text decoder) of 32 wide, weights N(0, 0.05²), bf16."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=100, head_dim=8, tie_word_embeddings=False)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=VISION_LAYERS,
+                  num_attention_heads=4, image_size=32, patch_size=8, head_dim=8)
+    model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                            image_token_index=5)).to(torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm")
+    for i in range(3):
+        tiny_mistral3(i).save_pretrained(root / f"m{i}")
+    return root
+
+
+def per_module(vlm, method="slerp", dtype="bfloat16"):
+    """Text layers sliced from two models (a slice's parameters over the module's), the vision tower and
+    projector merged whole; a global t under both."""
+    m = [str(vlm / f"m{i}") for i in range(3)]
+    return {"modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": m[0], "layer_range": [0, 2]},
+                                                 {"model": m[1], "layer_range": [1, 3]}], "parameters": {"t": 0.3}},
+                                    {"sources": [{"model": m[2], "layer_range": [0, 3]},
+                                                 {"model": m[0], "layer_range": [0, 3]}]}],
+                         "parameters": {"t": [0.1, 0.9]}},
+        "vision_tower": {"models": [{"model": m[0]}, {"model": m[1]}], "parameters": {"t": [0.2, 0.6]}},
+        "multi_modal_projector": {"models": [{"model": m[0]}, {"model": m[1]}]}},
+        "merge_method": method, "base_model": m[0], "parameters": {"t": 0.5}, "dtype": dtype}
+
+
+def ties_per_module(vlm, dtype="bfloat16"):
+    """TIES with the base added to each module's models (as mergekit adds it), a filter and a gradient
+    in module parameters, a per-model weight."""
+    m = [str(vlm / f"m{i}") for i in range(3)]
+    return {"modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": m[0], "layer_range": [0, 3]},
+                                                 {"model": m[1], "layer_range": [0, 3], "parameters": {"weight": 0.7}},
+                                                 {"model": m[2], "layer_range": [0, 3]}]}],
+                         "parameters": {"density": [0.3, 0.9]}},
+        "vision_tower": {"models": [{"model": m[1], "parameters": {"weight": 0.4}}, {"model": m[2]}],
+                         "parameters": {"density": {"filter": "mlp", "value": 0.2}}},
+        "multi_modal_projector": {"models": [{"model": m[1]}, {"model": m[2]}]}},
+        "merge_method": "ties", "base_model": m[0], "parameters": {"weight": 1.0, "density": 0.5}, "dtype": dtype}
+
+
+def linear_with_base(vlm, dtype="float16"):
+    """linear takes no base: the base is one more input of every module, with the global weight."""
+    m = [str(vlm / f"m{i}") for i in range(3)]
+    return {"modules": {
+        "text_decoder": {"models": [{"model": m[1], "parameters": {"weight": [1, 2]}}, {"model": m[2]}]},
+        "vision_tower": {"models": [{"model": m[1]}, {"model": m[2]}], "parameters": {"weight": 0.25}},
+        "multi_modal_projector": {"models": [{"model": m[1]}, {"model": m[2]}]}},
+        "merge_method": "linear", "base_model": m[0], "parameters": {"weight": 1.0}, "dtype": dtype}
+
+
+def frankenmerge(vlm, dtype="bfloat16"):
+    """Passthrough: 5 text layers from three models, vision layers renumbered, one model's projector."""
+    m = [str(vlm / f"m{i}") for i in range(3)]
+    return {"modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": m[1], "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": m[2], "layer_range": [1, 3]}]},
+                                    {"sources": [{"model": m[0], "layer_range": [2, 3]}]}]},
+        "vision_tower": {"slices": [{"sources": [{"model": m[1], "layer_range": [1, 2]}]},
+                                    {"sources": [{"model": m[2], "layer_range": [0, 2]}]}]},
+        "multi_modal_projector": {"models": [{"model": m[2]}]}},
+        "merge_method": "passthrough", "dtype": dtype}
+
+
+def models_gradient(vlm, dtype="bfloat16"):
+    """No modules: a `models:` recipe, whose gradient mergekit spreads over each module's own layers."""
+    m = [str(vlm / f"m{i}") for i in range(2)]
+    return {"models": [{"model": m[0]}, {"model": m[1]}], "merge_method": "slerp", "base_model": m[0],
+            "parameters": {"t": [0, 0.3, 1]}, "dtype": dtype}
+
+
+RECIPES = {"per_module": per_module, "ties_per_module": ties_per_module, "linear_with_base": linear_with_base,
+           "frankenmerge": frankenmerge, "models_gradient": models_gradient}
+
+
+@pytest.mark.parametrize("case", RECIPES)
+def test_bytes_and_config_equal_mergekit(vlm, tmp_path, case):
+    recipe = RECIPES[case](vlm)
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        assert torch.equal(got[name], expected[name]), name
+    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "mk"))
+    for key in ("text_config", "vision_config"):
+        assert ours[key]["num_hidden_layers"] == theirs[key]["num_hidden_layers"], key
+    if case == "frankenmerge":
+        assert (ours["text_config"]["num_hidden_layers"], ours["vision_config"]["num_hidden_layers"]) == (5, 3)
+        assert "vision_tower.transformer.layers.2.attention.q_proj.weight" in got
+
+
+def test_positions_are_counted_per_module(vlm):
+    """t = i / (N − 1) over each module's own N layers: vision layer 1 of 2 is at 1 (counted over the text
+    decoder's 3 layers it was at 0.5 before, against mergekit); tensors outside the layers at 0."""
+    plan = Plan(load_recipe(models_gradient(vlm)))
+    vision = "vision_tower.transformer.layers.{}.feed_forward.up_proj.weight"
+    text = "language_model.model.layers.{}.mlp.up_proj.weight"
+    assert [plan.positions[vision.format(i)] for i in range(2)] == [0.0, 1.0]
+    assert [plan.positions[text.format(i)] for i in range(3)] == [0.0, 0.5, 1.0]
+    assert plan.positions["multi_modal_projector.linear_1.weight"] == plan.positions["vision_tower.ln_pre.weight"] == 0
+
+
+def test_a_single_layer_is_at_one_as_mergekit(tmp_path):
+    """mergekit plans a `models:` recipe as one slice, and a one-layer slice takes t = 1 (not 0)."""
+    for seed in (1, 2):
+        tiny_llama(seed=seed, num_hidden_layers=1).save_pretrained(tmp_path / f"l{seed}")
+    recipe = {"models": [{"model": str(tmp_path / "l1")}, {"model": str(tmp_path / "l2")}], "merge_method": "slerp",
+              "base_model": str(tmp_path / "l1"), "parameters": {"t": [0.0, 0.3]}, "dtype": "float32"}
+    assert Plan(load_recipe(recipe)).positions["model.layers.0.mlp.up_proj.weight"] == 1.0
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_output_runs_in_transformers(vlm, tmp_path):
+    from transformers import Mistral3ForConditionalGeneration
+
+    run_merge(frankenmerge(vlm), tmp_path / "out", progress=False)
+    model = Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert model.config.text_config.num_hidden_layers == 5 and model.config.vision_config.num_hidden_layers == 3
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 7, 9, 11]])).logits
+    assert logits.shape == (1, 4, 100) and torch.isfinite(logits).all()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| module | output slice | model | layers | parameters |" in card
+    assert "| vision_tower | 1 |" in card and "| multi_modal_projector |  |" in card
+
+
+def test_dry_run_groups_say_the_module(vlm):
+    groups = Plan(load_recipe(per_module(vlm))).dry_run()["groups"]
+    assert {g["module"] for g in groups} == {"text_decoder", "vision_tower", "multi_modal_projector"}
+    vision = [g for g in groups if g["module"] == "vision_tower" and g["layers"] == [1]]
+    assert vision and vision[0]["parameters"]["t"] == pytest.approx(0.6)  # the module's gradient at layer 1 of 2
+    assert describe_group(vision[0]).startswith("vision_tower: layer 1 (")
+
+
+def test_default_module_is_a_slices_recipe(tmp_path):
+    """A model of one stack has one module, `default` (mergekit's name): the same merge as `slices:`."""
+    for seed in (1, 2):
+        tiny_llama(seed=seed, num_hidden_layers=3).save_pretrained(tmp_path / f"m{seed}")
+    slices = [{"sources": [{"model": str(tmp_path / "m1"), "layer_range": [0, 2]}]},
+              {"sources": [{"model": str(tmp_path / "m2"), "layer_range": [1, 3]}]}]
+    run_merge({"slices": slices, "merge_method": "passthrough"}, tmp_path / "a", progress=False, card=False)
+    run_merge({"modules": {"default": {"slices": slices}}, "merge_method": "passthrough"}, tmp_path / "b",
+              progress=False, card=False)
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "b/config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_every_tensor_has_one_module():
+    names = {"language_model.model.layers.0.mlp.up_proj.weight": "text_decoder",
+             "language_model.lm_head.weight": "text_decoder", "model.language_model.norm.weight": "text_decoder",
+             "vision_tower.transformer.layers.1.attention.q_proj.weight": "vision_tower",
+             "multi_modal_projector.linear_1.weight": "multi_modal_projector"}
+    modules = architecture_modules({"model_type": "mistral3"})
+    assert {n: owner(n, modules) for n in names} == names
+    qwen = architecture_modules({"model_type": "qwen2_vl"})  # no prefix of their own: the longest prefix wins
+    assert [owner(n, qwen) for n in ("model.layers.0.mlp.up_proj.weight", "lm_head.weight", "visual.blocks.0.norm1.weight",
+                                     "visual.merger.mlp.0.weight")] == \
+        ["text_decoder", "text_decoder", "vision_tower", "multi_modal_projector"]
+    assert architecture_modules({"model_type": "llama"}) == {"default": architecture_modules(None)["default"]}
+
+
+def test_modules_as_mergekits_architecture_tables():
+    """Each of mergekit's modular architectures is in the table with the same module names, and a layered
+    module's pre-weights are named as before its layers, its post-weights as after them."""
+    import importlib.resources
+
+    from mergekit import _data
+
+    checked = 0
+    for path in importlib.resources.files(_data).joinpath("architectures").iterdir():
+        arch = json.loads(path.read_text()) if path.name.endswith(".json") else {}
+        if arch.get("kind") != "modular":
+            continue
+        ours = ARCHITECTURES[arch["model_type"]] if arch["model_type"] in ARCHITECTURES else \
+            ARCHITECTURES[{"qwen3_vl_dense": "qwen3_vl"}.get(path.stem, path.stem)]
+        assert set(ours) == set(arch["modules"]), path.name
+        for name, module in arch["modules"].items():
+            info = module["architecture"]
+            if not ours[name].layered or "override_num_layers" in info:  # (no layers: nothing before or after)
+                continue
+            for w in info["pre_weights"]:
+                assert BEFORE_LAYERS.search(w["name"]) and not AFTER_LAYERS.search(w["name"]), (path.name, w["name"])
+            for w in info["post_weights"]:
+                assert not BEFORE_LAYERS.search(w["name"]) or AFTER_LAYERS.search(w["name"]), (path.name, w["name"])
+            checked += 1
+    assert checked >= 15
+
+
+def bad(vlm, edit):
+    recipe = per_module(vlm)
+    edit(recipe)
+    return recipe
+
+
+BAD = {
+    "unknown_module": (lambda r: r["modules"].update(text_encoder=r["modules"].pop("text_decoder")),
+                       r"modules.text_encoder: .*m0 has no module 'text_encoder' \(its modules: text_decoder, "
+                       r"vision_tower, multi_modal_projector\)"),
+    "module_left_out": (lambda r: r["modules"].pop("vision_tower"),
+                        r"modules: vision_tower of .*m0 is not in the recipe, so the output would lack its 20 tensors"),
+    "slices_and_models": (lambda r: r["modules"]["vision_tower"].update(slices=[]),
+                          r"modules.vision_tower: give 'slices' or 'models' \(one of them\)"),
+    "misspelled_key": (lambda r: r["modules"]["vision_tower"].update(parameter={}),
+                       r"modules.vision_tower: unknown key 'parameter'; did you mean 'parameters'"),
+    "not_a_mapping": (lambda r: r.update(modules=[r["modules"]]), "modules must be a mapping of module names"),
+    "with_models": (lambda r: r.update(models=[{"model": "x"}]),
+                    "give one of 'models', 'slices' and 'modules', not models and modules"),
+    "projector_sliced": (lambda r: r["modules"].update(multi_modal_projector={"slices": [
+        {"sources": [{"model": r["base_model"], "layer_range": [0, 1]}]}]}),
+        r"modules.multi_modal_projector.slices\[0\].sources\[0\]: layer_range \[0, 1\] is past the 0 layers"),
+    "module_parameter": (lambda r: r["modules"]["vision_tower"]["parameters"].update(tt=1),
+                         r"modules.vision_tower.parameters: 'slerp' has no parameter 'tt'; did you mean 't'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_modules_are_one_line(vlm, tmp_path, case):
+    edit, message = BAD[case]
+    with pytest.raises(AdaptkitError, match=message) as info:
+        run_merge(bad(vlm, edit), tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_plain_slices_of_a_modular_model_are_refused(vlm, tmp_path):
+    recipe = {"slices": [{"sources": [{"model": str(vlm / "m0"), "layer_range": [0, 2]}]}],
+              "merge_method": "passthrough"}
+    with pytest.raises(AdaptkitError, match=r"is a mistral3 model of modules \(text_decoder, vision_tower, "
+                                            r"multi_modal_projector\): slice it with `modules:`"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_models_of_a_module_with_other_layer_counts_are_refused(vlm, tmp_path):
+    tiny_mistral3(5, text_layers=2).save_pretrained(tmp_path / "short")
+    recipe = linear_with_base(vlm)
+    recipe["modules"]["text_decoder"]["models"][1]["model"] = str(tmp_path / "short")
+    with pytest.raises(AdaptkitError, match=r"modules.text_decoder: its sources have different numbers of layers"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_a_base_beside_two_models_is_refused_by_two_ended_methods(vlm, tmp_path):
+    """slerp (and interpolate) merge two models: with a base that is neither, mergekit refuses (3 inputs);
+    adaptkit used to interpolate the two and leave the base out."""
+    recipe = {"models": [{"model": str(vlm / "m1")}, {"model": str(vlm / "m2")}], "merge_method": "slerp",
+              "base_model": str(vlm / "m0"), "parameters": {"t": 0.5}}
+    with pytest.raises(AdaptkitError, match="slerp: needs exactly 2 models, the base and 1 other; got the base and 2"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
