@@ -125,6 +125,60 @@ def test_bytes_and_config_equal_mergekit(vlm, tmp_path, case):
         assert "vision_tower.transformer.layers.2.attention.q_proj.weight" in got
 
 
+def tiny_qwen2_vl(seed: int, folder) -> None:
+    """A Qwen2-VL (text under `model.`, vision and projector under `visual.`) saved with its text layer
+    count at the top of config.json too, as transformers 4 wrote it (and mergekit reads it)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=TEXT_LAYERS, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100, head_dim=8, bos_token_id=1, eos_token_id=2)
+    vision = dict(depth=VISION_LAYERS, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision)).to(torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": TEXT_LAYERS}))
+
+
+def test_qwen2_vl_modules_without_prefixes_equal_mergekit(tmp_path):
+    """Qwen2-VL's modules share prefixes (`visual.` holds the vision tower and, under `visual.merger.`,
+    the projector; `lm_head` is the text decoder's): the longest prefix decides. Text layers counted at
+    both of config.json's keys, which agree (mergekit sets only the top one; transformers 5 reads the other)."""
+    q = [tmp_path / f"q{i}" for i in range(3)]
+    for i, folder in enumerate(q):
+        tiny_qwen2_vl(i, folder)
+    q = list(map(str, q))
+    recipe = {"modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": q[0], "layer_range": [0, 2]},
+                                                 {"model": q[1], "layer_range": [1, 3]}]},
+                                    {"sources": [{"model": q[0], "layer_range": [2, 3]},
+                                                 {"model": q[2], "layer_range": [0, 1]}]}], "parameters": {"t": [0.1, 0.9]}},
+        "vision_tower": {"models": [{"model": q[0]}, {"model": q[1]}], "parameters": {"t": [0.2, 0.6]}},
+        "multi_modal_projector": {"models": [{"model": q[0]}, {"model": q[2]}]}},
+        "merge_method": "slerp", "base_model": q[0], "parameters": {"t": 0.5}, "dtype": "bfloat16"}
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
+    config = json.loads((tmp_path / "ours/config.json").read_text())
+    assert config["num_hidden_layers"] == config["text_config"]["num_hidden_layers"] == 3
+    assert config["vision_config"]["depth"] == VISION_LAYERS
+    frankenmerge = {"modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": q[1], "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": q[2], "layer_range": [1, 3]}]}]},
+        "vision_tower": {"slices": [{"sources": [{"model": q[2], "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": q[1], "layer_range": [1, 2]}]}]},
+        "multi_modal_projector": {"models": [{"model": q[1]}]}}, "merge_method": "passthrough", "dtype": "bfloat16"}
+    run_merge(frankenmerge, tmp_path / "ours2", progress=False, card=False)
+    expected, got = mergekit_merge(frankenmerge, tmp_path / "mk2"), state(tmp_path / "ours2")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
+    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours2", "mk2"))
+    assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == ours["text_config"]["num_hidden_layers"] == 4
+    assert ours["vision_config"]["depth"] == theirs["vision_config"]["depth"] == 3
+
+
 def test_positions_are_counted_per_module(vlm):
     """t = i / (N − 1) over each module's own N layers: vision layer 1 of 2 is at 1 (counted over the text
     decoder's 3 layers it was at 0.5 before, against mergekit); tensors outside the layers at 0."""

@@ -162,7 +162,7 @@ class Stack:
 
     def __init__(self, source: Any, names: list[str] | None = None, keys: tuple[str, ...] = LAYER_COUNT_KEYS,
                  fixed: int | None = None, module: str | None = None):
-        self.source, self.layers, self.outside, self.key = source, {}, [], None
+        self.source, self.layers, self.outside, self.key, self.keys = source, {}, [], None, keys
         where = f"{source.ref}" + (f" (module {module})" if module else "")
         layered = bool(keys) or fixed is not None
         prefixes = set()
@@ -285,28 +285,34 @@ def source_place(parts: list, ref: Ref) -> str:
 
 def output_config(config: dict, parts: list[tuple[list[Slice], dict[str, Stack]]]) -> dict:
     """The donor's config.json with each sliced part's layer count (a module's at its own key, such as
-    `text_config.num_hidden_layers`); per-layer lists beside the count (`layer_types`) taken from each
-    output layer's first source, so they keep describing the layers."""
+    `text_config.num_hidden_layers`, and at any other of its keys holding the same count: transformers 5
+    reads Qwen2-VL's from `text_config`, mergekit and older configs from the top); per-layer lists beside
+    a count (`layer_types`) taken from each output layer's first source, so they keep describing the layers."""
     out = copy.deepcopy(config)
     for slices, stacks in parts:
-        key = stacks[str(slices[0].sources[0].ref)].key
-        if key is None:  # a module without layers
+        first = stacks[str(slices[0].sources[0].ref)]
+        if first.key is None:  # a module without layers
             continue
-        if layer_count(config, (key,)) is None:
-            raise AdaptkitError(f"config.json has no layer count at '{key}' to set for the slices")
-        *path, leaf = key.split(".")
-        theirs_at = lambda cfg: config_value(cfg, ".".join(path)) if path else cfg  # noqa: E731
-        held, count = theirs_at(out), theirs_at(config)[leaf]
-        held[leaf] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in slices)
-        for name, value in theirs_at(config).items():
-            if isinstance(value, list) and len(value) == count and name.startswith("layer_"):
-                per_layer = []
-                for part in slices:
-                    src = part.sources[0]
-                    theirs = (theirs_at(stacks[str(src.ref)].source.config) or {}).get(name)
-                    if not isinstance(theirs, list) or len(theirs) != stacks[str(src.ref)].count:
-                        raise AdaptkitError(f"{src.ref}: config.json's '{name}' does not list its layers, so the "
-                                            "output's cannot be built")
-                    per_layer.extend(theirs[src.layers[0]:src.layers[1]])
-                held[name] = per_layer
+        if (found := layer_count(config, (first.key,))) is None:
+            raise AdaptkitError(f"config.json has no layer count at '{first.key}' to set for the slices")
+        for key in (k for k in first.keys if layer_count(config, (k,)) == (k, found[1])):
+            _set_count(config, out, key, slices, stacks)
     return out
+
+
+def _set_count(config: dict, out: dict, key: str, slices: list[Slice], stacks: dict[str, Stack]) -> None:
+    *path, leaf = key.split(".")
+    at = lambda cfg: config_value(cfg, ".".join(path)) if path else cfg  # noqa: E731
+    count = at(config)[leaf]
+    at(out)[leaf] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in slices)
+    for name, value in at(config).items():
+        if isinstance(value, list) and len(value) == count and name.startswith("layer_"):
+            per_layer = []
+            for part in slices:
+                src = part.sources[0]
+                theirs = (at(stacks[str(src.ref)].source.config) or {}).get(name)
+                if not isinstance(theirs, list) or len(theirs) != stacks[str(src.ref)].count:
+                    raise AdaptkitError(f"{src.ref}: config.json's '{name}' does not list its layers, so the "
+                                        "output's cannot be built")
+                per_layer.extend(theirs[src.layers[0]:src.layers[1]])
+            at(out)[name] = per_layer
