@@ -62,7 +62,7 @@ def mergekit_merge(recipe: dict, out, **options) -> dict:
     from mergekit.merge import MergeOptions
     from mergekit.merge import run_merge as mk_run
 
-    settings = dict(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False, **options)
+    settings = {**dict(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False), **options}
     mk_run(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(recipe))), str(out), MergeOptions(**settings))
     return state(out)
 

@@ -125,6 +125,37 @@ def test_bytes_and_config_equal_mergekit(vlm, tmp_path, case):
         assert "vision_tower.transformer.layers.2.attention.q_proj.weight" in got
 
 
+def test_tokenizer_union_aligns_the_text_decoders_rows_as_mergekit(tmp_path):
+    """A union vocabulary over two Mistral 3 models (64 tokens, and 66 with ChatML): the text decoder's
+    embedding rows re-indexed, config.json's text_config.vocab_size set, bytes equal to mergekit's."""
+    from test_merge_tokenizers import CHATML, make_tokenizer
+
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    folders = []
+    for seed, (rows, added) in enumerate([(64, []), (66, CHATML)]):
+        torch.manual_seed(seed)
+        text = dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=rows, tie_word_embeddings=False)
+        vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=8,
+                      num_attention_heads=4, image_size=32, patch_size=8)
+        model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                                image_token_index=5))
+        folders.append(tmp_path / f"v{seed}")
+        model.save_pretrained(folders[-1])
+        make_tokenizer(added).save_pretrained(folders[-1])
+    models = [{"model": str(f), "parameters": {"weight": 0.5}} for f in folders]
+    recipe = {"modules": {m: {"models": models} for m in ("text_decoder", "vision_tower", "multi_modal_projector")},
+              "merge_method": "linear", "tokenizer_source": "union", "dtype": "float32"}
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    expected, got = mergekit_merge(recipe, tmp_path / "mk", copy_tokenizer=True), state(tmp_path / "ours")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
+    assert got["language_model.model.embed_tokens.weight"].shape[0] == 66
+    config = json.loads((tmp_path / "ours/config.json").read_text())
+    assert config["text_config"]["vocab_size"] == json.loads((tmp_path / "mk/config.json").read_text())[
+        "text_config"]["vocab_size"] == 66
+
+
 def tiny_qwen2_vl(seed: int, folder) -> None:
     """A Qwen2-VL (text under `model.`, vision and projector under `visual.`) saved with its text layer
     count at the top of config.json too, as transformers 4 wrote it (and mergekit reads it)."""
@@ -337,3 +368,24 @@ def test_a_base_beside_two_models_is_refused_by_two_ended_methods(vlm, tmp_path)
     with pytest.raises(AdaptkitError, match="slerp: needs exactly 2 models, the base and 1 other; got the base and 2"):
         run_merge(recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_token_indexed_tensors_include_mergekits():
+    """Every tensor mergekit's architecture tables index by token (`vocabulary_axis`, module prefix
+    included) is one the tokenizer settings align (phi-1's head, named after the layer count, aside)."""
+    import importlib.resources
+
+    from mergekit import _data
+
+    from adaptkit.merge.tokenizer import VOCABULARY_TENSORS
+
+    marked = set()
+    for path in importlib.resources.files(_data).joinpath("architectures").iterdir():
+        arch = json.loads(path.read_text()) if path.name.endswith(".json") else {}
+        modules = arch.get("modules", {}).values() if arch.get("kind") == "modular" else [{"architecture": arch}]
+        for module in modules:
+            prefix = (module.get("weight_prefix") or "").rstrip(".") + "." if module.get("weight_prefix") else ""
+            info = module["architecture"]
+            marked |= {prefix + w["name"] for w in info.get("pre_weights", []) + info.get("post_weights", [])
+                       if w.get("vocabulary_axis") is not None and "${" not in w["name"]}
+    assert len(marked) > 20 and marked <= VOCABULARY_TENSORS, sorted(marked - VOCABULARY_TENSORS)

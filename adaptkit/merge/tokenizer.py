@@ -48,7 +48,10 @@ VOCABULARY_TENSORS = frozenset({
     "embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight",
     "cls.predictions.bias", "distilbert.embeddings.word_embeddings.weight", "vocab_projector.weight",
     "vocab_projector.bias", "roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight",
-    "lm_head.linear.weight", "lm_head.linear.bias", "layers.0.wte.weight"})
+    "lm_head.linear.weight", "lm_head.linear.bias", "layers.0.wte.weight",
+    # multimodal models' text decoders (modules.py) and Whisper's decoder
+    "language_model.model.embed_tokens.weight", "language_model.lm_head.weight", "model.decoder.embed_tokens.weight",
+    "proj_out.weight"})
 #: Files a saved tokenizer may consist of: a rebuilt tokenizer replaces all the donor's.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
