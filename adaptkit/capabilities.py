@@ -209,14 +209,12 @@ class MergeOptions(Protocol):
     side by side on the cores, one torch thread each, than one at a time on all of them (single-threaded kernels:
     whole-tensor sorts, numpy's, torch.dot; or many steps over cache-sized blocks); `block_upcast` floating inputs come
     as read (stored dtype; float32 where an adapter delta was added) with the keyword `dtype`, the compute
-    dtype, which the method converts them to block by block; `ignored_params` per-model
-    parameters mergekit accepts for this method but does not use (a recipe giving one gets a warning)."""
+    dtype, which the method converts them to block by block."""
     random: bool
     takes_base: bool
     elementwise: bool
     serial_kernels: bool
     block_upcast: bool
-    ignored_params: frozenset[str]
 
 
 @runtime_checkable

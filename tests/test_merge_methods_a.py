@@ -336,7 +336,7 @@ def test_merge_equals_mergekit(models, tmp_path, case, dtype):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_merge(recipe, tmp_path / "ours", progress=False)
-    ignores_weight = "weight" in spec.option(op(method), "ignored_params")
+    ignores_weight = "weight" not in op(method).params
     assert any("does not use 'weight'" in str(w.message) for w in caught) == ignores_weight
     mk_run(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"),
            MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False))

@@ -269,6 +269,40 @@ def test_ignored_weight_is_a_warning_and_changes_nothing(models, tmp_path, metho
     assert (tmp_path / "weighted/model.safetensors").read_bytes() == (tmp_path / "plain/model.safetensors").read_bytes()
 
 
+LAZYMERGEKIT = {"normalize": True, "int8_mask": True, "rescale": True, "filter_wise": False, "smooth": False,
+                "allow_negative_weights": False, "lambda": 1.0, "select_topk": 0.1}
+
+
+def test_other_methods_parameters_are_one_warning_and_mergekits_bytes(tmp_path):
+    """A LazyMergekit-style recipe gives every method every parameter (and mergekit-evolve's settings):
+    mergekit reads the ones the method has and ignores the rest, so adaptkit drops those with one warning
+    line and gives mergekit's bytes; a name no method has is still an error."""
+    from builders import llama_finetunes, mergekit_merge, state
+
+    models = llama_finetunes(tmp_path / "zoo", count=2)
+    recipe = {"merge_method": "sce", "base_model": str(models / "base"), "dtype": "bfloat16", "parameters": LAZYMERGEKIT,
+              "models": [{"model": str(models / f"ft{i}"), "parameters": {"weight": 1.0, "density": 0.9}} for i in (1, 2)]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    lines = [str(w.message) for w in caught if "does not use" in str(w.message)]
+    assert len(lines) == 1 and lines[0].startswith("'sce' does not use 'allow_negative_weights' (given in parameters), "
+                                                   "'density' (given in model ")
+    assert lines[0].endswith("'weight' (given in model %s, model %s): ignored, as mergekit ignores them" % (
+        models / "ft1", models / "ft2"))
+    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
+    with pytest.raises(AdaptkitError, match=r"parameters: 'sce' has no parameter 'normalise' \(parameters: int8_mask, "):
+        load_recipe({**recipe, "parameters": {"normalise": True}})
+
+
+def test_older_mergekits_embed_slerp_is_a_warning(models):
+    recipe = {"merge_method": "slerp", "base_model": str(models / "base"), "models": [str(models / "ft1")],
+              "parameters": {"t": 0.5, "embed_slerp": True}}
+    with pytest.warns(UserWarning, match="'slerp' does not use 'embed_slerp' \\(given in parameters\\): ignored"):
+        assert load_recipe(recipe).parameters == {"t": 0.5}
+
+
 def test_ignored_weight_prints_one_warning_line(models, tmp_path):
     recipe = {"merge_method": "slerp", "base_model": str(models / "base"), "parameters": {"t": 0.5},
               "models": [{"model": str(models / f"ft{i}"), "parameters": {"weight": 0.5}} for i in (1, 2)]}
@@ -280,12 +314,20 @@ def test_ignored_weight_prints_one_warning_line(models, tmp_path):
         f"warning: 'slerp' does not use 'weight' (given in model {models / 'ft2'}): ignored, as mergekit ignores it"]
 
 
-@pytest.mark.parametrize("method, key", [("slerp", "weigth"), ("model_stock", "wieght"), ("slerp", "density")])
-def test_misspelled_or_foreign_parameter_is_an_error(models, method, key):
+@pytest.mark.parametrize("method, key", [("slerp", "weigth"), ("model_stock", "wieght"), ("slerp", "densty")])
+def test_misspelled_parameter_is_an_error(models, method, key):
     with pytest.raises(AdaptkitError, match=f"models\\[0\\].parameters: '{method}' has no parameter '{key}'"):
         load_recipe({"merge_method": method, "base_model": str(models / "base"),
                      "parameters": {"t": 0.5} if method == "slerp" else {},
                      "models": [{"model": str(models / "ft1"), "parameters": {key: 0.5}}, str(models / "ft2")]})
+
+
+def test_another_methods_parameter_is_a_warning(models):
+    """`density` is TIES's; slerp does not read it, and mergekit ignores it (a warning, not an error)."""
+    with pytest.warns(UserWarning, match=r"'slerp' does not use 'density' \(given in model .*ft1\): ignored"):
+        recipe = load_recipe({"merge_method": "slerp", "base_model": str(models / "base"), "parameters": {"t": 0.5},
+                              "models": [{"model": str(models / "ft1"), "parameters": {"density": 0.5}}]})
+    assert recipe.model_params == [{}]
 
 
 # -- multi-stage recipes --------------------------------------------------------------------------------------

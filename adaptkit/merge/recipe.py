@@ -13,8 +13,10 @@ layer i of N takes position t = i / (N − 1); tensors outside the layers take t
 or a list of `{filter: substring, value: ...}` conditions where the first matching filter (or one
 without a filter) wins — the same rules as mergekit, so its recipes give the same numbers.
 Unlike mergekit, an unknown key or parameter is an error naming the nearest valid one, an unknown method
-one listing the methods (never a near name: nuslerp is not slerp); a parameter mergekit accepts and the
-method does not use (the plugin's `ignored_params`) is dropped with a warning.
+one listing the methods (never a near name: nuslerp is not slerp). mergekit ignores every parameter a
+method does not read, and recipes rely on it (its own give `weight` to slerp; LazyMergekit-style ones give
+every method `normalize`, `rescale`, `lambda`, ...): a parameter of another merge method, or one of the
+settings below that mergekit's recipes carry, is dropped with a warning instead.
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}  # residual_weight: warned of, dropped
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 OUTPUT_KEYS = {"kind", "rank"}
+#: Parameter names recipes carry that no merge method reads: mergekit-evolve's genome settings (`smooth`,
+#: `allow_negative_weights`, written into recipes by GUIs) and older mergekit's `embed_slerp` (a tokenizer
+#: union's embeddings merged by slerp; mergekit 0.1.5 merges them by the recipe's method, as adaptkit does).
+MERGEKIT_SETTINGS = frozenset({"smooth", "allow_negative_weights", "embed_slerp"})
 FIELD_TYPES = {"merge_method": v.text, "base_model": v.optional(v.either(v.text, v.mapping, must="a path or repo id")),
                "parameters": v.optional(v.mapping), "dtype": v.optional(v.text), "out_dtype": v.optional(v.text),
                "compute_dtype": v.optional(v.text),
@@ -251,7 +257,8 @@ def check_parameters(recipe: Recipe, method) -> None:
     """Every parameter is one the method has; per-model ones may also be given globally (or per slice)."""
     known = set(method.params)
     per_model = set(getattr(method, "per_model", ()))
-    _drop_ignored(recipe, set(spec.option(method, "ignored_params")) - known)
+    _drop_ignored(recipe, (MERGEKIT_SETTINGS | {p for name in registry.names("merge")
+                                                for p in registry.get("merge", name).params}) - known)
     _known_names(recipe, "parameters", recipe.parameters, known, known)
     groups = [("", {}, [(f"models[{i}]", p) for i, p in enumerate(recipe.model_params)])]
     if recipe.parts:
@@ -274,8 +281,9 @@ def check_parameters(recipe: Recipe, method) -> None:
 
 
 def _drop_ignored(recipe: Recipe, ignored: set[str]) -> None:
-    """Parameters mergekit accepts for the method but does not use (`ignored_params`), wherever given:
-    dropped, with one warning each (a misspelled name is still an error, in `_known_names`)."""
+    """Parameters mergekit accepts and the method does not use (`ignored`: other methods' and
+    MERGEKIT_SETTINGS), wherever given: dropped, with one warning each (a misspelled name is still an error,
+    in `_known_names`)."""
     # models by name: a base listed among them may already be gone (`_base_not_an_input`), shifting indices
     scopes = [("parameters", recipe.parameters),
               *((f"model {ref}", p) for ref, p in zip(recipe.models, recipe.model_params))]
@@ -284,11 +292,14 @@ def _drop_ignored(recipe: Recipe, ignored: set[str]) -> None:
         for i, part in enumerate(module.slices):
             scopes += [(place(module.label, module.whole, i), part.parameters),
                        *((place(module.label, module.whole, i, j), s.parameters) for j, s in enumerate(part.sources))]
+    dropped = []
     for key in sorted(ignored):
         places = [where for where, params in scopes if params.pop(key, None) is not None]
         if places:
-            warnings.warn(f"'{recipe.method}' does not use '{key}' (given in {', '.join(places)}): ignored, as mergekit "
-                          "ignores it")
+            dropped.append(f"'{key}' (given in {', '.join(places)})")
+    if dropped:  # one line for them all (a LazyMergekit-style recipe brings half a dozen)
+        warnings.warn(f"'{recipe.method}' does not use {', '.join(dropped)}: ignored, as mergekit ignores "
+                      f"{'it' if len(dropped) == 1 else 'them'}")
 
 
 def _known_names(recipe: Recipe, where: str, params: dict, allowed: set[str], known: set[str]) -> None:

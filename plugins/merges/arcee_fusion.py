@@ -30,7 +30,6 @@ class ArceeFusion(Operator):
 
     name = "arcee_fusion"
     # mergekit's recipes (and its tests) give every model a `weight`; Arcee Fusion mixes by its importance mask alone.
-    ignored_params = frozenset({"weight"})
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         if len(tensors) != 1:

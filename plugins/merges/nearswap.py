@@ -28,7 +28,6 @@ class NearSwap(Operator):
     elementwise = True
     params = frozen({"t": None})
     # mergekit's recipes (and its tests) give every model a `weight`; NearSwap mixes by distance alone.
-    ignored_params = frozenset({"weight"})
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         if len(tensors) != 1:

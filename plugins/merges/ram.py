@@ -34,7 +34,6 @@ class RamOperator(Operator):
     """The RAM methods' threshold ε, checked: non-negative. A per-model `weight`, which mergekit
     accepts for them and ignores (its own RAM recipes give one), is ignored with a warning."""
 
-    ignored_params = frozenset({"weight"})
 
     def threshold(self, bound: dict[str, Any]) -> float:
         epsilon = self.real("epsilon", bound["epsilon"])

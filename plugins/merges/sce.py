@@ -118,7 +118,6 @@ class SelectCalculateErase(Operator):
 
     name = "sce"
     params = frozen({"int8_mask": False, "select_topk": 1.0, "tie_break": "mergekit"})
-    ignored_params = frozenset({"weight"})  # mergekit's own sce recipes give weights it does not use
     serial_kernels = True  # the variance cut: torch.topk or torch.bincount, one thread
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
