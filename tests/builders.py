@@ -67,6 +67,24 @@ def mergekit_merge(recipe: dict, out, **options) -> dict:
     return state(out)
 
 
+def merges_like_mergekit(recipe: dict, folder, ours: str = "ours", theirs: str = "mk", **options) -> tuple:
+    """adaptkit's and mergekit's merge of `recipe` into `folder`/`ours` and `folder`/`theirs`, checked to have the
+    same tensors, dtypes and bytes; (the tensors, adaptkit's config.json, mergekit's)."""
+    import json
+
+    import torch
+
+    from adaptkit.merge.engine import run_merge
+
+    run_merge(recipe, folder / ours, progress=False, card=False)
+    expected, got = mergekit_merge(recipe, folder / theirs, **options), state(folder / ours)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        assert torch.equal(got[name], expected[name]), name
+    return got, *(json.loads((folder / d / "config.json").read_text()) for d in (ours, theirs))
+
+
 def llama_finetunes(root, count: int = 3, noise: float = 0.02):
     """`root`/base, a tiny Llama, and `root`/ft1.. ftN, each the base plus N(0, noise²) from seed i (float32)."""
     import torch

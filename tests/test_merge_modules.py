@@ -15,7 +15,7 @@ from adaptkit.merge.engine import Plan, run_merge
 from adaptkit.merge.modules import ARCHITECTURES, architecture_modules, owner
 from adaptkit.merge.recipe import load_recipe
 from adaptkit.merge.slices import AFTER_LAYERS, BEFORE_LAYERS
-from builders import mergekit_merge, state, tiny_llama
+from builders import merges_like_mergekit, tiny_llama
 
 TEXT_LAYERS, VISION_LAYERS = 3, 2
 
@@ -110,14 +110,7 @@ RECIPES = {"per_module": per_module, "ties_per_module": ties_per_module, "linear
 
 @pytest.mark.parametrize("case", RECIPES)
 def test_bytes_and_config_equal_mergekit(vlm, tmp_path, case):
-    recipe = RECIPES[case](vlm)
-    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
-    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
-    assert sorted(got) == sorted(expected)
-    for name in expected:
-        assert got[name].dtype == expected[name].dtype, name
-        assert torch.equal(got[name], expected[name]), name
-    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "mk"))
+    got, ours, theirs = merges_like_mergekit(RECIPES[case](vlm), tmp_path)
     for key in ("text_config", "vision_config"):
         assert ours[key]["num_hidden_layers"] == theirs[key]["num_hidden_layers"], key
     if case == "frankenmerge":
@@ -147,13 +140,9 @@ def test_tokenizer_union_aligns_the_text_decoders_rows_as_mergekit(tmp_path):
     models = [{"model": str(f), "parameters": {"weight": 0.5}} for f in folders]
     recipe = {"modules": {m: {"models": models} for m in ("text_decoder", "vision_tower", "multi_modal_projector")},
               "merge_method": "linear", "tokenizer_source": "union", "dtype": "float32"}
-    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
-    expected, got = mergekit_merge(recipe, tmp_path / "mk", copy_tokenizer=True), state(tmp_path / "ours")
-    assert sorted(got) == sorted(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
+    got, ours, theirs = merges_like_mergekit(recipe, tmp_path, copy_tokenizer=True)
     assert got["language_model.model.embed_tokens.weight"].shape[0] == 66
-    config = json.loads((tmp_path / "ours/config.json").read_text())
-    assert config["text_config"]["vocab_size"] == json.loads((tmp_path / "mk/config.json").read_text())[
-        "text_config"]["vocab_size"] == 66
+    assert ours["text_config"]["vocab_size"] == theirs["text_config"]["vocab_size"] == 66
 
 
 def tiny_qwen2_vl(seed: int, folder) -> None:
@@ -190,10 +179,7 @@ def test_qwen2_vl_modules_without_prefixes_equal_mergekit(tmp_path):
         "vision_tower": {"models": [{"model": q[0]}, {"model": q[1]}], "parameters": {"t": [0.2, 0.6]}},
         "multi_modal_projector": {"models": [{"model": q[0]}, {"model": q[2]}]}},
         "merge_method": "slerp", "base_model": q[0], "parameters": {"t": 0.5}, "dtype": "bfloat16"}
-    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
-    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
-    assert sorted(got) == sorted(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
-    config = json.loads((tmp_path / "ours/config.json").read_text())
+    _, config, _ = merges_like_mergekit(recipe, tmp_path)
     assert config["num_hidden_layers"] == config["text_config"]["num_hidden_layers"] == 3
     assert config["vision_config"]["depth"] == VISION_LAYERS
     frankenmerge = {"modules": {
@@ -202,10 +188,7 @@ def test_qwen2_vl_modules_without_prefixes_equal_mergekit(tmp_path):
         "vision_tower": {"slices": [{"sources": [{"model": q[2], "layer_range": [0, 2]}]},
                                     {"sources": [{"model": q[1], "layer_range": [1, 2]}]}]},
         "multi_modal_projector": {"models": [{"model": q[1]}]}}, "merge_method": "passthrough", "dtype": "bfloat16"}
-    run_merge(frankenmerge, tmp_path / "ours2", progress=False, card=False)
-    expected, got = mergekit_merge(frankenmerge, tmp_path / "mk2"), state(tmp_path / "ours2")
-    assert sorted(got) == sorted(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
-    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours2", "mk2"))
+    _, ours, theirs = merges_like_mergekit(frankenmerge, tmp_path, "ours2", "mk2")
     assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == ours["text_config"]["num_hidden_layers"] == 4
     assert ours["vision_config"]["depth"] == theirs["vision_config"]["depth"] == 3
 
@@ -228,9 +211,7 @@ def test_a_single_layer_is_at_one_as_mergekit(tmp_path):
     recipe = {"models": [{"model": str(tmp_path / "l1")}, {"model": str(tmp_path / "l2")}], "merge_method": "slerp",
               "base_model": str(tmp_path / "l1"), "parameters": {"t": [0.0, 0.3]}, "dtype": "float32"}
     assert Plan(load_recipe(recipe)).positions["model.layers.0.mlp.up_proj.weight"] == 1.0
-    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
-    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
-    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    merges_like_mergekit(recipe, tmp_path)
 
 
 def test_output_runs_in_transformers(vlm, tmp_path):

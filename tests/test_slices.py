@@ -17,7 +17,7 @@ from adaptkit.errors import AdaptkitError
 from adaptkit.merge.engine import Plan, run_merge
 from adaptkit.merge.recipe import load_recipe
 from adaptkit.merge.slices import BEFORE_LAYERS, AFTER_LAYERS
-from builders import mergekit_merge, tiny_llama
+from builders import mergekit_merge, merges_like_mergekit, tiny_llama
 
 LAYERS = 4
 
@@ -88,14 +88,7 @@ RECIPES = {"frankenmerge": frankenmerge, "frankenmerge_scaled": lambda m, d: fra
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case", RECIPES)
 def test_bytes_equal_mergekit(models, tmp_path, case, dtype):
-    recipe = RECIPES[case](models, dtype)
-    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
-    expected, got = mergekit_merge(recipe, tmp_path / "mk"), state(tmp_path / "ours")
-    assert sorted(got) == sorted(expected)
-    for name in expected:
-        assert got[name].dtype == expected[name].dtype, name
-        assert torch.equal(got[name], expected[name]), name
-    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "mk"))
+    got, ours, theirs = merges_like_mergekit(RECIPES[case](models, dtype), tmp_path)
     assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == len(
         {n.split(".")[2] for n in got if n.startswith("model.layers.")})
 
