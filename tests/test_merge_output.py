@@ -296,6 +296,23 @@ def test_other_methods_parameters_are_one_warning_and_mergekits_bytes(tmp_path):
         load_recipe({**recipe, "parameters": {"normalise": True}})
 
 
+def test_task_arithmetic_density_is_a_warning_and_mergekits_bytes(tmp_path):
+    """mergekit's task_arithmetic takes density and rescale and reads neither: every entry is kept."""
+    from builders import llama_finetunes, merges_like_mergekit
+
+    models = llama_finetunes(tmp_path / "zoo", count=2)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(models / "base"), "dtype": "bfloat16",
+              "parameters": {"rescale": True},
+              "models": [{"model": str(models / f"ft{i}"), "parameters": {"weight": 0.5, "density": 0.3}} for i in (1, 2)]}
+    with pytest.warns(UserWarning, match=r"'task_arithmetic' does not use 'density' \(given in model .*ft1, model "
+                                         r".*ft2\), 'rescale' \(given in parameters\): ignored, as mergekit ignores them"):
+        merges_like_mergekit(recipe, tmp_path)
+    plain = {**recipe, "parameters": {}, "models": [{"model": str(models / f"ft{i}"), "parameters": {"weight": 0.5}}
+                                                    for i in (1, 2)]}
+    run_merge(plain, tmp_path / "plain", progress=False, card=False)
+    assert (tmp_path / "plain/model.safetensors").read_bytes() == (tmp_path / "ours/model.safetensors").read_bytes()
+
+
 def test_older_mergekits_embed_slerp_is_a_warning(models):
     recipe = {"merge_method": "slerp", "base_model": str(models / "base"), "models": [str(models / "ft1")],
               "parameters": {"t": 0.5, "embed_slerp": True}}

@@ -31,8 +31,9 @@ Additions and differences, on purpose:
   first finds the cut (or draws the masks, or sums the L1 norms), the second applies it and mixes;
   which of the entries tied at an `index` cut are kept is settled in the second (`_select.Cut`).
 - Bad values are errors: density outside (0, 1], gamma outside [0, 1), weights summing to zero
-  with `normalize`, density ≠ 1 where nothing is sparsified. `int8_mask` changes no number
-  (mergekit's int8 sign mask gives the same comparisons) and is accepted.
+  with `normalize`. `int8_mask` changes no number (mergekit's int8 sign mask gives the same
+  comparisons) and is accepted. task_arithmetic has no `density` or `rescale` (mergekit's takes them and
+  reads neither: a recipe giving them gets a warning, and every entry kept).
 
 Arithmetic and rounding are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`), so
 inputs in any compute dtype give its bytes: everything is computed in the compute dtype (the keyword
@@ -93,9 +94,11 @@ class TaskArithmetic(Operator):
         self.random, self.elementwise = sparsify == "random", sparsify is None
         self.serial_kernels = sparsify is not None  # torch.bincount cuts, numpy partitions and draws: one thread
         self.block_upcast = True  # takes inputs as read and converts block by block to `dtype`
-        params = {"weight": None, "density": 1.0, "lambda": 1.0, "normalize": normalize,
-                  "rescale": rescale, "int8_mask": False}
-        per_model = {"weight", "density"}
+        params = {"weight": None, "lambda": 1.0, "normalize": normalize, "int8_mask": False}
+        per_model = {"weight"}
+        if sparsify is not None:  # (mergekit's task_arithmetic takes density and rescale and reads neither: a
+            params.update(density=1.0, rescale=rescale)  # recipe giving them gets the core's warning)
+            per_model.add("density")
         if sparsify == "magnitude_outliers":
             params["gamma"] = 0.01
             per_model.add("gamma")
@@ -157,16 +160,15 @@ class TaskArithmetic(Operator):
 
     def settings(self, bound: dict[str, Any]) -> Settings:
         weight = [self.real("weight", w) for w in bound["weight"]]
-        density = [self.real("density", d) for d in bound["density"]]
+        density = [self.real("density", d) for d in bound.get("density", [1.0] * len(weight))]
         gamma = [self.real("gamma", g) for g in bound.get("gamma", [0.0] * len(weight))]
         for d in density:
             if not 0 < d <= 1:
                 raise self.error(f"density must be in (0, 1], got {d}")
-            if d != 1 and self.sparsify is None:
-                raise self.error(f"density {d} has no effect: {self.name} keeps every entry (use ties, dare_linear or magnitude_prune)")
         if (bad := next((g for g in gamma if not 0 <= g < 1), None)) is not None:
             raise self.error(f"gamma must be in [0, 1), got {bad}")
-        rescale = "l1" if bound["rescale"] is True else bound["rescale"]  # mergekit's meaning of true
+        rescale = bound.get("rescale", False)
+        rescale = "l1" if rescale is True else rescale  # mergekit's meaning of true
         if rescale not in (False, "l1", "inverse"):
             raise self.error(f"rescale must be true (mergekit's L1 match, also written 'l1'), 'inverse' (÷ the keep "
                              f"probability, as the DARE paper) or false, got {bound['rescale']!r}")
