@@ -15,7 +15,7 @@ from adaptkit.merge.engine import Plan, run_merge
 from adaptkit.merge.modules import ARCHITECTURES, architecture_modules, owner
 from adaptkit.merge.recipe import load_recipe
 from adaptkit.merge.slices import AFTER_LAYERS, BEFORE_LAYERS
-from builders import merges_like_mergekit, tiny_llama
+from builders import merges_like_mergekit, state, tiny_llama
 
 TEXT_LAYERS, VISION_LAYERS = 3, 2
 
@@ -191,6 +191,37 @@ def test_qwen2_vl_modules_without_prefixes_equal_mergekit(tmp_path):
     _, ours, theirs = merges_like_mergekit(frankenmerge, tmp_path, "ours2", "mk2")
     assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == ours["text_config"]["num_hidden_layers"] == 4
     assert ours["vision_config"]["depth"] == theirs["vision_config"]["depth"] == 3
+
+
+def test_llava_next_modules_merge_load_and_run(tmp_path):
+    """LLaVA-NeXT, which mergekit has no table for: named as its other Llava-style models, with the
+    top-level `image_newline` in the projector. Layers renumbered per module, the output loads and runs."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100, head_dim=8)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=16, patch_size=4, projection_dim=32)
+    m = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        LlavaNextForConditionalGeneration(LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=5)
+                                          ).save_pretrained(tmp_path / f"n{seed}")
+        m.append(str(tmp_path / f"n{seed}"))
+    recipe = {"modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": m[0], "layer_range": [0, 3]}]},
+                                    {"sources": [{"model": m[1], "layer_range": [1, 3]}]}]},
+        "vision_tower": {"slices": [{"sources": [{"model": m[1], "layer_range": [0, 1]}]}]},
+        "multi_modal_projector": {"models": [{"model": m[0]}]}}, "merge_method": "passthrough"}
+    run_merge(recipe, tmp_path / "out", progress=False, card=False)
+    got, first = state(tmp_path / "out"), state(tmp_path / "n1")
+    assert torch.equal(got["image_newline"], first["image_newline"])
+    assert torch.equal(got["language_model.model.layers.4.mlp.up_proj.weight"],
+                       state(tmp_path / "n2")["language_model.model.layers.2.mlp.up_proj.weight"])
+    model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert model.config.text_config.num_hidden_layers == 5 and model.config.vision_config.num_hidden_layers == 1
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 7, 9]])).logits).all()
 
 
 def test_positions_are_counted_per_module(vlm):

@@ -45,12 +45,14 @@ class ModuleSpec:
 
 
 def _vision_language(vision: str, vision_prefix: str) -> dict[str, ModuleSpec]:
-    """Llava-style models (Mistral 3, Gemma 3, Llama 4): language model, vision part, projector, each
-    under its own prefix (also under `model.`, as transformers 5 saves them)."""
+    """Llava-style models (LLaVA, Mistral 3, Gemma 3, Llama 4, PaliGemma): language model, vision part,
+    projector, each under its own prefix (also under `model.`, as transformers 5 saves them); LLaVA-NeXT's
+    `image_newline` (the row it appends to each image row) goes with the projector."""
     return {"text_decoder": ModuleSpec(("language_model.", "model.language_model.", "lm_head."),
                                        ("text_config.num_hidden_layers",)),
             vision: ModuleSpec((vision_prefix, f"model.{vision_prefix}"), ("vision_config.num_hidden_layers",)),
-            "multi_modal_projector": ModuleSpec(("multi_modal_projector.", "model.multi_modal_projector."))}
+            "multi_modal_projector": ModuleSpec(("multi_modal_projector.", "model.multi_modal_projector.",
+                                                 "image_newline", "model.image_newline"))}
 
 
 def _qwen_vl(deepstack: bool) -> dict[str, ModuleSpec]:
@@ -62,8 +64,12 @@ def _qwen_vl(deepstack: bool) -> dict[str, ModuleSpec]:
             "multi_modal_projector": ModuleSpec(projector, fixed=3 if deepstack else None)}
 
 
-#: model_type -> module name -> what it owns (names from mergekit's architecture tables)
+#: model_type -> module name -> what it owns (names from mergekit's architecture tables; LLaVA, LLaVA-NeXT
+#: and PaliGemma, which mergekit has none for, named as its other Llava-style models)
 ARCHITECTURES: dict[str, dict[str, ModuleSpec]] = {
+    "llava": _vision_language("vision_tower", "vision_tower."),
+    "llava_next": _vision_language("vision_tower", "vision_tower."),
+    "paligemma": _vision_language("vision_tower", "vision_tower."),
     "mistral3": _vision_language("vision_tower", "vision_tower."),
     "gemma3": _vision_language("vision_tower", "vision_tower."),
     "llama4": _vision_language("vision_model", "vision_model."),
