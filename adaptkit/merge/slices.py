@@ -137,7 +137,8 @@ def parameter_groups(slices: list[Slice], base: Ref | None, uses_base: bool, lab
             if not uses_base or str(s.ref) != str(part.base or base):
                 own.append((place(label, whole, i, j), s.parameters))
             elif s.parameters:
-                warnings.warn(f"{place(label, whole, i, j)}: {s.ref} is the {'module' if whole else 'slice'}'s base; its parameters are unused")
+                warnings.warn(f"{place(label, whole, i, j)}: {s.ref} is the {'module' if whole else 'slice'}'s base; "
+                              "its parameters are unused")
         groups.append((place(label, whole, i), part.parameters, own))
     return groups
 
@@ -180,14 +181,14 @@ class Stack:
         self.count = 0
         if not layered:
             return
-        counted = ("a fixed count", fixed) if fixed is not None else layer_count(source.config, keys)
+        counted = ("layer count", fixed) if fixed is not None else layer_count(source.config, keys)
         if counted is None:
             raise AdaptkitError(f"{where}: config.json has no layer count ({', '.join(keys)}), "
                                 "which a slices recipe renumbers")
         (self.key, self.count) = (None if fixed is not None else counted[0]), counted[1]
         if sorted(self.layers) != list(range(self.count)):
-            raise AdaptkitError(f"{where}: config.json's {counted[0]} is {self.count} but its tensors have "
-                                f"{len(self.layers)} numbered layers")
+            said = f"the module's {counted[0]}" if fixed is not None else f"config.json's {counted[0]}"
+            raise AdaptkitError(f"{where}: {said} is {self.count} but its tensors have {len(self.layers)} numbered layers")
 
     def name(self, layer: int, rest: str) -> str:
         return f"{self.prefix}.{layer}.{rest}"
