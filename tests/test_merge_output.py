@@ -503,3 +503,75 @@ def test_a_stage_may_be_the_model_a_tokenizer_comes_from(part, expected):
     from adaptkit.merge.multi import _rewrite
 
     assert _rewrite(part, lambda name: {"mix": "/w/mix"}.get(name, name)) == expected
+
+
+# -- output heads tied to the embeddings -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tied_zoo(tmp_path_factory):
+    """Three tiny Llamas, bf16: `untied0` and `untied2` store lm_head.weight, `tied1` ties it to its embeddings
+    (tie_word_embeddings: true, so its checkpoint has no lm_head.weight)."""
+    from builders import tiny_llama
+
+    root = tmp_path_factory.mktemp("tied")
+    for seed, name in enumerate(("untied0", "tied1", "untied2")):
+        model = tiny_llama(seed=10 + seed, tie_word_embeddings=name.startswith("tied")).to(torch.bfloat16)
+        model.save_pretrained(root / name)
+    return root
+
+
+def tied_recipe(zoo, first, second, method="linear", **extra):
+    return {"models": [{"model": str(zoo / first), "parameters": {"weight": 0.5, **extra}},
+                       {"model": str(zoo / second), "parameters": {"weight": 0.5, **extra}}],
+            "merge_method": method, "dtype": "bfloat16"}
+
+
+def test_a_head_tied_to_the_embeddings_is_read_from_them(tied_zoo, tmp_path):
+    """As mergekit's `tied_names`: a model that leaves lm_head.weight out (tied) gives its embeddings for it,
+    θ = (0.5·head₀ + 0.5·E₁) / (0.5 + 0.5) in float32, rounded once; adaptkit refused the recipe before."""
+    from builders import merges_like_mergekit, state
+
+    got, _, _ = merges_like_mergekit(tied_recipe(tied_zoo, "untied0", "tied1"), tmp_path)
+    head, embed = state(tied_zoo / "untied0")["lm_head.weight"], state(tied_zoo / "tied1")["model.embed_tokens.weight"]
+    assert torch.equal(got["lm_head.weight"], ((0.5 * head.float() + 0.5 * embed.float()) / 1.0).bfloat16())
+
+
+def test_a_head_other_inputs_store_is_in_the_output(tied_zoo, tmp_path):
+    """The first model ties its head, the other stores one: the output has lm_head.weight (mergekit's optional
+    weight, present when any input has it), and a warning says the first model's config ties it."""
+    from builders import merges_like_mergekit
+
+    with pytest.warns(UserWarning, match=r"the output has 'lm_head.weight' \(other inputs store it\), but its "
+                                         r"config.json, from .*tied1, says tie_word_embeddings: true"):
+        got, _, _ = merges_like_mergekit(tied_recipe(tied_zoo, "tied1", "untied0"), tmp_path)
+    assert "lm_head.weight" in got
+
+
+@pytest.mark.parametrize("layout", ["ties", "slices"])
+def test_a_tied_base_equals_mergekit(tied_zoo, tmp_path, layout):
+    from builders import merges_like_mergekit
+
+    if layout == "ties":
+        recipe = {**tied_recipe(tied_zoo, "untied0", "untied2", "ties", density=0.5), "base_model": str(tied_zoo / "tied1")}
+    else:
+        recipe = {"slices": [{"sources": [{"model": str(tied_zoo / "tied1"), "layer_range": [0, 2]},
+                                          {"model": str(tied_zoo / "untied0"), "layer_range": [0, 2]}]}],
+                  "merge_method": "slerp", "base_model": str(tied_zoo / "tied1"), "parameters": {"t": 0.3},
+                  "dtype": "bfloat16"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tied config's warning: the test above)
+        got, _, _ = merges_like_mergekit(recipe, tmp_path)
+    assert "lm_head.weight" in got
+
+
+def test_a_missing_tensor_without_a_tie_is_still_an_error(tied_zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tied_zoo / "untied0", broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AdaptkitError, match=r"tensor 'model.norm.weight' of .*untied2 is missing from .*broken"):
+        run_merge({**tied_recipe(tied_zoo, "untied2", "x"), "parameters": {"weight": 0.5},
+                   "models": [str(tied_zoo / "untied2"), str(broken)]}, tmp_path / "out", progress=False)

@@ -232,8 +232,9 @@ def slice_jobs(slices: list[Slice], stacks: dict[str, Stack], base: Ref | None, 
             j += 1
     # mergekit pairs the last slice's sources with as many inputs as the first slice has
     tail = last.sources[:len(first.sources)]
-    jobs.update((n, _outside(last, tail, stacks, base_of(last), n, scopes)) for n in reference.outside
-                if not _before(n))
+    tied = reference.source.tied_extra([stacks[str(s.ref)].source for s in tail])  # (with the part they are tied in)
+    after = reference.outside + [n for n in tied if reference.source.stored(n) in reference.outside]
+    jobs.update((n, _outside(last, tail, stacks, base_of(last), n, scopes)) for n in after if not _before(n))
     return jobs
 
 
@@ -244,7 +245,7 @@ def _before(name: str) -> bool:
 def _outside(part: Slice, sources: list[SliceSource], stacks: dict[str, Stack], base: Ref | None, name: str,
              scopes: list[dict]) -> Job:
     for s in sources:
-        if name not in stacks[str(s.ref)].outside:
+        if not stacks[str(s.ref)].source.stored(name):  # (a head tied to the embeddings: read from them)
             raise AdaptkitError(f"tensor '{name}' is missing from {s.ref}")
     return _job(part, sources, [name] * len(sources), stacks, base, 0.0, scopes)
 

@@ -6,6 +6,7 @@ variant plugin; a saved full module (`modules_to_save`) replaces the base tensor
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,25 @@ from ..spec import AdapterFiles
 from ..quant.unpacked import open_unpacked
 
 
+#: Tensors a checkpoint leaves out when they are tied to another it stores, and those read in their place,
+#: as mergekit's architecture tables say (`tied_names`): a model that stores its output head merges with one
+#: that ties it to the input embeddings. Unlike mergekit, a head is read from the embeddings only when the
+#: model's config.json does not say `tie_word_embeddings: false` (a checkpoint without its untied head is
+#: incomplete: an error); T5's per-stack embeddings are always its `shared` one.
+TIED = {
+    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.language_model.embed_tokens.weight",
+                       "backbone.embeddings.weight", "wte.weight", "shared.weight"),
+    "language_model.lm_head.weight": ("language_model.model.embed_tokens.weight",),
+    "output.weight": ("model.tok_embeddings.weight",),
+    "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
+    "lm_head.decoder.weight": ("roberta.embeddings.word_embeddings.weight",),
+    "vocab_projector.weight": ("distilbert.embeddings.word_embeddings.weight",),
+    "proj_out.weight": ("model.decoder.embed_tokens.weight",),
+    "encoder.embed_tokens.weight": ("shared.weight",),
+    "decoder.embed_tokens.weight": ("shared.weight",),
+}
+
+
 class ModelSource:
     """One merge input: a model store plus adapters merged into it, read tensor by tensor."""
 
@@ -35,6 +55,7 @@ class ModelSource:
         self._deltas: dict[str, list[tuple[AdapterFiles, str, str, tuple[int, int] | None]]] = {}
         self._saved: dict[str, tuple[AdapterFiles, str]] = {}
         self.placed = False  # some module lies under another name in the base (its format's `base_key`)
+        self._key_set: set[str] | None = None
         for adapter in adapters:
             self._index(adapter)
 
@@ -86,8 +107,30 @@ class ModelSource:
     def keys(self) -> list[str]:
         return self.store.keys()
 
+    def stored(self, name: str) -> str | None:
+        """The tensor read for `name`: itself, or the one it is tied to where the checkpoint leaves it out
+        (`TIED`); None when neither is stored."""
+        if name in self._names:
+            return name
+        config = self.config or {}
+        untied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings")) is False
+        if untied and not name.endswith("embed_tokens.weight"):
+            return None
+        return next((t for t in TIED.get(name, ()) if t in self._names), None)
+
+    @property
+    def _names(self) -> set[str]:
+        if self._key_set is None:
+            self._key_set = set(self.store.keys())
+        return self._key_set
+
+    def tied_extra(self, others: list[ModelSource]) -> list[str]:
+        """Tensors other inputs store that this one leaves out, tied: a merge's output has them (mergekit's
+        optional tied weights: present when any input has them)."""
+        return [n for n in TIED if n not in self._names and self.stored(n) and any(n in o._names for o in others)]
+
     def info(self, name: str) -> TensorInfo:
-        return self.store.info(name)
+        return self.store.info(self.stored(name) or name)
 
     def has_deltas(self, name: str) -> bool:
         return name in self._deltas
@@ -100,7 +143,7 @@ class ModelSource:
             adapter, key = self._saved[name]
             tensor = adapter.store.get(key, rows=rows)
         else:
-            tensor = self.store.get(name, rows=rows)
+            tensor = self.store.get(self.stored(name) or name, rows=rows)
         if not float32:
             return tensor
         tensor = tensor.float()
@@ -121,13 +164,11 @@ class ModelSource:
     def check_matches(self, reference: ModelSource, rows_may_differ: frozenset[str] = frozenset()) -> None:
         """Same tensor names and shapes as the reference input (but for the first dimension of the
         tensors in `rows_may_differ`: token-indexed ones, aligned later), or one clear error."""
-        mine, theirs = set(self.keys()), set(reference.keys())
-        if mine != theirs:
-            missing = sorted(theirs - mine)
-            if missing:
-                raise AdaptkitError(f"tensor '{missing[0]}' of {reference.ref} is missing from {self.ref}")
-            raise AdaptkitError(f"{self.ref} has tensor '{sorted(mine - theirs)[0]}' that {reference.ref} lacks")
-        for name in reference.keys():
+        if missing := sorted(n for n in reference.keys() if not self.stored(n)):
+            raise AdaptkitError(f"tensor '{missing[0]}' of {reference.ref} is missing from {self.ref}")
+        if extra := sorted(n for n in self.keys() if not reference.stored(n)):
+            raise AdaptkitError(f"{self.ref} has tensor '{extra[0]}' that {reference.ref} lacks")
+        for name in reference.keys() + reference.tied_extra([self]):
             a, b = self.info(name).shape, reference.info(name).shape
             cut = 1 if name in rows_may_differ else 0
             if tuple(a[cut:]) != tuple(b[cut:]):
@@ -162,6 +203,19 @@ def _naming_hint(store: TensorStore, module: str) -> str:
             return (f"it has '{'.'.join(parts[cut:])}', without the prefix '{prefix}' (a component saved on its own); "
                     f"merge into a model whose names include '{prefix}'")
     return "an adapter for a different base?"
+
+
+def warn_tied_config(names: list[str], donor: ModelSource) -> None:
+    """A head the output has because other inputs store it, where the model whose config.json the output
+    takes ties it to its embeddings (`tie_word_embeddings: true`, kept as mergekit keeps it): a loader that
+    honours the flag uses the embeddings as the head (transformers 5 keeps a stored head that differs from
+    them, and warns)."""
+    heads = [n for n in names if n in TIED and donor.stored(n) != n]
+    config = donor.config or {}
+    if heads and config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings")) is True:
+        warnings.warn(f"the output has '{heads[0]}' (other inputs store it), but its config.json, from {donor.ref}, "
+                      "says tie_word_embeddings: true, as mergekit's does: a loader that honours it uses the embeddings "
+                      "as that head; set it to false in the output's config.json to use the merged one")
 
 
 def open_input(ref: Ref, *, allow_pickle: bool = False, base: Ref | None = None) -> ModelSource:
