@@ -112,9 +112,7 @@ class ModelSource:
         (`TIED`); None when neither is stored."""
         if name in self._names:
             return name
-        config = self.config or {}
-        untied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings")) is False
-        if untied and not name.endswith("embed_tokens.weight"):
+        if tie_flag(self.config) is False and not name.endswith("embed_tokens.weight"):
             return None
         return next((t for t in TIED.get(name, ()) if t in self._names), None)
 
@@ -205,14 +203,19 @@ def _naming_hint(store: TensorStore, module: str) -> str:
     return "an adapter for a different base?"
 
 
+def tie_flag(config: dict | None) -> bool | None:
+    """config.json's `tie_word_embeddings` (a multimodal model's in `text_config`), None when not given."""
+    config = config or {}
+    return config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings"))
+
+
 def warn_tied_config(names: list[str], donor: ModelSource) -> None:
     """A head the output has because other inputs store it, where the model whose config.json the output
     takes ties it to its embeddings (`tie_word_embeddings: true`, kept as mergekit keeps it): a loader that
     honours the flag uses the embeddings as the head (transformers 5 keeps a stored head that differs from
     them, and warns)."""
     heads = [n for n in names if n in TIED and donor.stored(n) != n]
-    config = donor.config or {}
-    if heads and config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings")) is True:
+    if heads and tie_flag(donor.config) is True:
         warnings.warn(f"the output has '{heads[0]}' (other inputs store it), but its config.json, from {donor.ref}, "
                       "says tie_word_embeddings: true, as mergekit's does: a loader that honours it uses the embeddings "
                       "as that head; set it to false in the output's config.json to use the merged one")
