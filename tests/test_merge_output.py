@@ -575,3 +575,100 @@ def test_a_missing_tensor_without_a_tie_is_still_an_error(tied_zoo, tmp_path):
     with pytest.raises(AdaptkitError, match=r"tensor 'model.norm.weight' of .*untied2 is missing from .*broken"):
         run_merge({**tied_recipe(tied_zoo, "untied2", "x"), "parameters": {"weight": 0.5},
                    "models": [str(tied_zoo / "untied2"), str(broken)]}, tmp_path / "out", progress=False)
+
+
+# -- checkpoints that name the same tensors otherwise --------------------------------------------------------------
+
+def gpt2_checkpoints(root):
+    """`hub`: GPT-2 saved as its own checkpoint is (from the bare GPT2Model: `h.0.…`, `wte.weight`, with the
+    causal-mask buffers `h.N.attn.bias` and `attn.masked_bias`, config GPT2LMHeadModel); `lm`: a fine-tune
+    saved from GPT2LMHeadModel (`transformer.h.0.…`, no buffers)."""
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    torch.manual_seed(0)
+    GPT2Model(config).save_pretrained(root / "hub")
+    torch.manual_seed(1)
+    GPT2LMHeadModel(config).save_pretrained(root / "lm")
+    settings = json.loads((root / "hub/config.json").read_text())
+    (root / "hub/config.json").write_text(json.dumps({**settings, "architectures": ["GPT2LMHeadModel"]}))
+    tensors = load_file(root / "hub/model.safetensors")
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, root / "hub/model.safetensors", metadata={"format": "pt"})
+    return root / "hub", root / "lm"
+
+
+def test_a_bare_model_checkpoint_merges_with_a_language_model_one(tmp_path):
+    """As mergekit's aliases: GPT-2's own checkpoint (bare names, mask buffers) and a fine-tune saved with the
+    `transformer.` prefix; the buffers left out with a warning. The output keeps the first model's names and
+    mergekit's values, and loads and runs in transformers."""
+    from transformers import GPT2LMHeadModel
+
+    from builders import mergekit_merge, state
+
+    hub, lm = gpt2_checkpoints(tmp_path)
+    for order in ((hub, lm), (lm, hub)):
+        recipe = {"models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in order],
+                  "merge_method": "linear", "dtype": "float32"}
+        out = tmp_path / f"ours-{order[0].name}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_merge(recipe, out, progress=False, card=False)
+        said = [str(w.message) for w in caught if "buffer" in str(w.message)]  # (only the first model's names are kept)
+        assert said == (["4 buffer(s) such as 'h.0.attn.bias' are left out of the output: some inputs do not store "
+                         "them (transformers makes them when it loads the model)"] if order[0] == hub else [])
+        got, expected = state(out), mergekit_merge(recipe, tmp_path / f"mk-{order[0].name}")
+        canonical = {n if n.startswith(("transformer.", "lm_head")) else "transformer." + n: t for n, t in got.items()}
+        assert sorted(canonical) == sorted(expected) and all(torch.equal(canonical[n], expected[n]) for n in expected)
+        assert next(iter(sorted(got))).startswith("transformer.") == (order[0] == lm)
+        with torch.no_grad():
+            assert torch.isfinite(GPT2LMHeadModel.from_pretrained(out)(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_layer_norm_gamma_and_beta_are_weight_and_bias(tmp_path):
+    """BERT checkpoints converted from TensorFlow name LayerNorm's weight and bias gamma and beta."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    from builders import state
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=64)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        BertForMaskedLM(config).save_pretrained(tmp_path / f"b{seed}")
+    tensors = load_file(tmp_path / "b1/model.safetensors")
+    shutil.copytree(tmp_path / "b1", tmp_path / "tf")
+    save_file({n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+               for n, t in tensors.items()}, tmp_path / "tf/model.safetensors", metadata={"format": "pt"})
+    recipe = {"models": [{"model": str(tmp_path / m), "parameters": {"weight": 0.5}} for m in ("b0", "tf")],
+              "merge_method": "linear", "dtype": "float32"}
+    run_merge(recipe, tmp_path / "out", progress=False, card=False)
+    got, a = state(tmp_path / "out"), state(tmp_path / "b0")
+    assert sorted(got) == sorted(a) and any(".LayerNorm.weight" in n for n in got)
+    assert all(torch.equal(got[n], (0.5 * a[n] + 0.5 * tensors[n]) / 1.0) for n in a)
+
+
+def test_buffers_stay_where_every_input_has_them(tmp_path):
+    from safetensors.torch import load_file
+
+    from builders import state, tiny_llama
+
+    for seed in (0, 1, 2):
+        tiny_llama(seed=seed).save_pretrained(tmp_path / f"m{seed}")
+    frequencies = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+    for seed in (0, 1):
+        tensors = load_file(tmp_path / f"m{seed}/model.safetensors")
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = frequencies
+        save_file(tensors, tmp_path / f"m{seed}/model.safetensors", metadata={"format": "pt"})
+    both = {"models": [str(tmp_path / "m0"), str(tmp_path / "m1")], "merge_method": "linear",
+            "parameters": {"weight": 0.5}, "dtype": "float32"}
+    run_merge(both, tmp_path / "both", progress=False, card=False)
+    assert torch.equal(state(tmp_path / "both")["model.layers.0.self_attn.rotary_emb.inv_freq"], frequencies)
+    with pytest.warns(UserWarning, match="1 buffer"):
+        run_merge({**both, "models": [str(tmp_path / "m0"), str(tmp_path / "m2")]}, tmp_path / "one", progress=False,
+                  card=False)
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in state(tmp_path / "one")

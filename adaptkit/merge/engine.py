@@ -36,7 +36,7 @@ from .precision import recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, load_recipe, recipe_inputs
 from .schedule import run_within
-from .sources import ModelSource, check_same_architecture, open_input, warn_tied_config
+from .sources import ModelSource, check_same_architecture, merge_names, open_input, warn_tied_config
 from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
 from ..io.readers import dump_json, read_json
@@ -69,7 +69,7 @@ class Plan:
         check_same_architecture(self.sources)
         reference = self.base or self.inputs[0]
         self.jobs, self.config = self._slices(takes_base, allow_pickle) if recipe.parts else (None, None)
-        self.names = list(self.jobs) if self.jobs else reference.keys() + reference.tied_extra(self.sources)
+        self.names = list(self.jobs) if self.jobs else merge_names(reference, self.sources)
         warn_tied_config(self.names, self.donor if self.jobs else reference)
         # the recipe's name of each source (an adapter opened as base+adapter keeps its own)
         self.refs = ([str(recipe.base)] if self.base else []) + [str(ref) for ref in recipe.models]

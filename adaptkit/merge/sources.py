@@ -6,6 +6,7 @@ variant plugin; a saved full module (`modules_to_save`) replaces the base tensor
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,17 @@ TIED = {
     "encoder.embed_tokens.weight": ("shared.weight",),
     "decoder.embed_tokens.weight": ("shared.weight",),
 }
+
+
+#: The prefix a model class puts before its bare model's tensors (transformers' `base_model_prefix`), by
+#: model_type: a checkpoint saved from the bare class (GPT-2's own: `h.0.…`) merges with one saved from the
+#: language-model class (`transformer.h.0.…`), as mergekit's tables alias them; BERT-family checkpoints
+#: converted from TensorFlow also name LayerNorm's weight and bias `gamma` and `beta`.
+PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert."}
+LAYER_NORM = ((".LayerNorm.weight", ".LayerNorm.gamma"), (".LayerNorm.bias", ".LayerNorm.beta"))
+#: Buffers older checkpoints store and newer ones do not (rotary frequencies, GPT-2's causal masks): left out
+#: of a merge's output where an input lacks them, as mergekit's tables never list them.
+BUFFERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)h\.\d+\.attn\.(attention\.)?(masked_)?bias$")
 
 
 class ModelSource:
@@ -112,9 +124,22 @@ class ModelSource:
         (`TIED`); None when neither is stored."""
         if name in self._names:
             return name
+        if alias := next((a for a in self._aliases(name) if a in self._names), None):
+            return alias
         if tie_flag(self.config) is False and not name.endswith("embed_tokens.weight"):
             return None
         return next((t for t in TIED.get(name, ()) if t in self._names), None)
+
+    def _aliases(self, name: str) -> list[str]:
+        """Other names the checkpoint may store `name` under (`PREFIXES`, `LAYER_NORM`)."""
+        prefix = PREFIXES.get((self.config or {}).get("model_type"))
+        if prefix is None:
+            return []
+        names = [name.removeprefix(prefix) if name.startswith(prefix) else prefix + name]
+        for new, old in LAYER_NORM:
+            names += [n.removesuffix(new) + old for n in (name, names[0]) if n.endswith(new)]
+            names += [n.removesuffix(old) + new for n in (name, names[0]) if n.endswith(old)]
+        return names
 
     @property
     def _names(self) -> set[str]:
@@ -162,11 +187,13 @@ class ModelSource:
     def check_matches(self, reference: ModelSource, rows_may_differ: frozenset[str] = frozenset()) -> None:
         """Same tensor names and shapes as the reference input (but for the first dimension of the
         tensors in `rows_may_differ`: token-indexed ones, aligned later), or one clear error."""
-        if missing := sorted(n for n in reference.keys() if not self.stored(n)):
+        if missing := sorted(n for n in reference.keys() if not self.stored(n) and not BUFFERS.search(n)):
             raise AdaptkitError(f"tensor '{missing[0]}' of {reference.ref} is missing from {self.ref}")
-        if extra := sorted(n for n in self.keys() if not reference.stored(n)):
+        if extra := sorted(n for n in self.keys() if not reference.stored(n) and not BUFFERS.search(n)):
             raise AdaptkitError(f"{self.ref} has tensor '{extra[0]}' that {reference.ref} lacks")
         for name in reference.keys() + reference.tied_extra([self]):
+            if not self.stored(name):  # (a buffer it lacks: left out of the output)
+                continue
             a, b = self.info(name).shape, reference.info(name).shape
             cut = 1 if name in rows_may_differ else 0
             if tuple(a[cut:]) != tuple(b[cut:]):
@@ -201,6 +228,17 @@ def _naming_hint(store: TensorStore, module: str) -> str:
             return (f"it has '{'.'.join(parts[cut:])}', without the prefix '{prefix}' (a component saved on its own); "
                     f"merge into a model whose names include '{prefix}'")
     return "an adapter for a different base?"
+
+
+def merge_names(reference: ModelSource, sources: list[ModelSource]) -> list[str]:
+    """The tensors a merge of `sources` writes, under the reference's names: its own, and heads that others
+    store and it ties (`TIED`), without the buffers (`BUFFERS`) an input lacks (with a warning)."""
+    names = reference.keys() + reference.tied_extra(sources)
+    dropped = [n for n in names if BUFFERS.search(n) and not all(s.stored(n) for s in sources)]
+    if dropped:
+        warnings.warn(f"{len(dropped)} buffer(s) such as '{dropped[0]}' are left out of the output: some inputs do "
+                      "not store them (transformers makes them when it loads the model)")
+    return [n for n in names if n not in dropped]
 
 
 def tie_flag(config: dict | None) -> bool | None:
