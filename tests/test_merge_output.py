@@ -628,6 +628,19 @@ def test_a_bare_model_checkpoint_merges_with_a_language_model_one(tmp_path):
             assert torch.isfinite(GPT2LMHeadModel.from_pretrained(out)(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_a_bare_model_checkpoint_in_slices(tmp_path):
+    """The same checkpoints in a slices recipe: each layer's buffers are left out where a source lacks them."""
+    from builders import mergekit_merge, state
+
+    hub, lm = gpt2_checkpoints(tmp_path)
+    recipe = {"slices": [{"sources": [{"model": str(m), "layer_range": [0, 2]} for m in (hub, lm)]}],
+              "merge_method": "slerp", "base_model": str(hub), "parameters": {"t": 0.3}, "dtype": "float32"}
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    got, expected = state(tmp_path / "ours"), mergekit_merge(recipe, tmp_path / "mk")
+    assert sorted("transformer." + n for n in got) == sorted(expected)
+    assert all(torch.equal(got[n], expected["transformer." + n]) for n in got)
+
+
 def test_layer_norm_gamma_and_beta_are_weight_and_bias(tmp_path):
     """BERT checkpoints converted from TensorFlow name LayerNorm's weight and bias gamma and beta."""
     from safetensors.torch import load_file

@@ -32,6 +32,9 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 LAYER_NAME = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 BEFORE_LAYERS = re.compile(r"emb|wte|wpe|relative_pe|position_ids|patch_conv|ln_pre|layernorm_pre|pre_layrnorm|conv\d")
 AFTER_LAYERS = re.compile(r"embed_out|lm_head")
+#: Buffers older checkpoints store and newer ones do not (rotary frequencies, GPT-2's causal masks): left out
+#: of a merge's output where an input lacks them, as mergekit's tables never list them.
+BUFFERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)h\.\d+\.attn\.(attention\.)?(masked_)?bias$")
 
 
 @dataclass
@@ -214,14 +217,16 @@ def slice_jobs(slices: list[Slice], stacks: dict[str, Stack], base: Ref | None, 
     for i, part in enumerate(slices):
         n = part.sources[0].layers[1] - part.sources[0].layers[0]
         for k in range(n):
-            rests = None
+            rests, buffers = None, None
             for s in part.sources:
-                have = sorted(stacks[str(s.ref)].layers[s.layers[0] + k])
+                stack, at = stacks[str(s.ref)], s.layers[0] + k
+                held = {r for r in stack.layers[at] if BUFFERS.search(stack.name(at, r))}
+                have = sorted(set(stack.layers[at]) - held)
                 if rests is not None and have != rests:
-                    raise AdaptkitError(f"{place(label, whole, i)}: layer {s.layers[0] + k} of {s.ref} has other tensors than "
+                    raise AdaptkitError(f"{place(label, whole, i)}: layer {at} of {s.ref} has other tensors than "
                                         f"layer {part.sources[0].layers[0] + k} of {part.sources[0].ref}")
-                rests = have
-            for rest in rests:
+                rests, buffers = have, held if buffers is None else buffers & held  # (buffers: where all have them)
+            for rest in rests + sorted(buffers):
                 names = [stacks[str(s.ref)].name(s.layers[0] + k, rest) for s in part.sources]
                 shapes = {tuple(stacks[str(s.ref)].source.info(m).shape) for s, m in zip(part.sources, names)}
                 if len(shapes) > 1:

@@ -6,7 +6,6 @@ variant plugin; a saved full module (`modules_to_save`) replaces the base tensor
 """
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from ..io.store import TensorStore, open_store
 from ..files.lowrank import module_delta, settle_layout
 from ..io.safetensors_file import TensorInfo
 from .recipe import Ref
+from .slices import BUFFERS
 from ..spec import AdapterFiles
 from ..quant.unpacked import open_unpacked
 
@@ -50,9 +50,6 @@ TIED = {
 #: converted from TensorFlow also name LayerNorm's weight and bias `gamma` and `beta`.
 PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert."}
 LAYER_NORM = ((".LayerNorm.weight", ".LayerNorm.gamma"), (".LayerNorm.bias", ".LayerNorm.beta"))
-#: Buffers older checkpoints store and newer ones do not (rotary frequencies, GPT-2's causal masks): left out
-#: of a merge's output where an input lacks them, as mergekit's tables never list them.
-BUFFERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)h\.\d+\.attn\.(attention\.)?(masked_)?bias$")
 
 
 class ModelSource:
