@@ -257,8 +257,7 @@ def check_parameters(recipe: Recipe, method) -> None:
     """Every parameter is one the method has; per-model ones may also be given globally (or per slice)."""
     known = set(method.params)
     per_model = set(getattr(method, "per_model", ()))
-    _drop_ignored(recipe, (MERGEKIT_SETTINGS | {p for name in registry.names("merge")
-                                                for p in registry.get("merge", name).params}) - known)
+    _drop_ignored(recipe, known)
     _known_names(recipe, "parameters", recipe.parameters, known, known)
     groups = [("", {}, [(f"models[{i}]", p) for i, p in enumerate(recipe.model_params)])]
     if recipe.parts:
@@ -280,9 +279,9 @@ def check_parameters(recipe: Recipe, method) -> None:
             raise AdaptkitError((f"{label}: " if label else "") + f"'{recipe.method}' needs parameter '{missing[0]}'")
 
 
-def _drop_ignored(recipe: Recipe, ignored: set[str]) -> None:
-    """Parameters mergekit accepts and the method does not use (`ignored`: other methods' and
-    MERGEKIT_SETTINGS), wherever given: dropped, with one warning each (a misspelled name is still an error,
+def _drop_ignored(recipe: Recipe, known: set[str]) -> None:
+    """Parameters mergekit accepts and the method does not use (not `known`, but another method's or in
+    MERGEKIT_SETTINGS), wherever given: dropped, with one warning line (a misspelled name is still an error,
     in `_known_names`)."""
     # models by name: a base listed among them may already be gone (`_base_not_an_input`), shifting indices
     scopes = [("parameters", recipe.parameters),
@@ -292,8 +291,11 @@ def _drop_ignored(recipe: Recipe, ignored: set[str]) -> None:
         for i, part in enumerate(module.slices):
             scopes += [(place(module.label, module.whole, i), part.parameters),
                        *((place(module.label, module.whole, i, j), s.parameters) for j, s in enumerate(part.sources))]
+    if all(key in known for _, params in scopes for key in params):
+        return  # (the usual case: no other method's plugin need be loaded)
+    ignored = MERGEKIT_SETTINGS | {p for name in registry.names("merge") for p in registry.get("merge", name).params}
     dropped = []
-    for key in sorted(ignored):
+    for key in sorted(ignored - known):
         places = [where for where, params in scopes if params.pop(key, None) is not None]
         if places:
             dropped.append(f"'{key}' (given in {', '.join(places)})")
