@@ -85,6 +85,28 @@ def merges_like_mergekit(recipe: dict, folder, ours: str = "ours", theirs: str =
     return got, *(json.loads((folder / d / "config.json").read_text()) for d in (ours, theirs))
 
 
+def mergekit_architectures():
+    """(file name, table) for each architecture table mergekit ships, in name order."""
+    import importlib.resources
+    import json
+
+    from mergekit import _data
+
+    for path in sorted(importlib.resources.files(_data).joinpath("architectures").iterdir(), key=lambda p: p.name):
+        if path.name.endswith(".json"):
+            yield path.name, json.loads(path.read_text())
+
+
+def assert_before_and_after(info: dict, where: str) -> None:
+    """A table's pre_weights are named as before the layers (slices.BEFORE_LAYERS), its post_weights as after."""
+    from adaptkit.merge.slices import AFTER_LAYERS, BEFORE_LAYERS
+
+    for w in info["pre_weights"]:
+        assert BEFORE_LAYERS.search(w["name"]) and not AFTER_LAYERS.search(w["name"]), (where, w["name"])
+    for w in info["post_weights"]:
+        assert not BEFORE_LAYERS.search(w["name"]) or AFTER_LAYERS.search(w["name"]), (where, w["name"])
+
+
 def llama_finetunes(root, count: int = 3, noise: float = 0.02):
     """`root`/base, a tiny Llama, and `root`/ft1.. ftN, each the base plus N(0, noise²) from seed i (float32)."""
     import torch

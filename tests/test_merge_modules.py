@@ -14,8 +14,7 @@ from adaptkit.merge.card import describe_group
 from adaptkit.merge.engine import Plan, run_merge
 from adaptkit.merge.modules import ARCHITECTURES, architecture_modules, owner
 from adaptkit.merge.recipe import load_recipe
-from adaptkit.merge.slices import AFTER_LAYERS, BEFORE_LAYERS
-from builders import merges_like_mergekit, state, tiny_llama
+from builders import assert_before_and_after, mergekit_architectures, merges_like_mergekit, state, tiny_llama
 
 TEXT_LAYERS, VISION_LAYERS = 3, 2
 
@@ -297,27 +296,17 @@ def test_every_tensor_has_one_module():
 def test_modules_as_mergekits_architecture_tables():
     """Each of mergekit's modular architectures is in the table with the same module names, and a layered
     module's pre-weights are named as before its layers, its post-weights as after them."""
-    import importlib.resources
-
-    from mergekit import _data
-
     checked = 0
-    for path in importlib.resources.files(_data).joinpath("architectures").iterdir():
-        arch = json.loads(path.read_text()) if path.name.endswith(".json") else {}
+    for file, arch in mergekit_architectures():
         if arch.get("kind") != "modular":
             continue
         ours = ARCHITECTURES[arch["model_type"]] if arch["model_type"] in ARCHITECTURES else \
-            ARCHITECTURES[{"qwen3_vl_dense": "qwen3_vl"}.get(path.stem, path.stem)]
-        assert set(ours) == set(arch["modules"]), path.name
+            ARCHITECTURES[{"qwen3_vl_dense.json": "qwen3_vl"}.get(file, file.removesuffix(".json"))]
+        assert set(ours) == set(arch["modules"]), file
         for name, module in arch["modules"].items():
-            info = module["architecture"]
-            if not ours[name].layered or "override_num_layers" in info:  # (no layers: nothing before or after)
-                continue
-            for w in info["pre_weights"]:
-                assert BEFORE_LAYERS.search(w["name"]) and not AFTER_LAYERS.search(w["name"]), (path.name, w["name"])
-            for w in info["post_weights"]:
-                assert not BEFORE_LAYERS.search(w["name"]) or AFTER_LAYERS.search(w["name"]), (path.name, w["name"])
-            checked += 1
+            if ours[name].layered and "override_num_layers" not in module["architecture"]:  # (else nothing
+                assert_before_and_after(module["architecture"], f"{file} {name}")  # is before or after them)
+                checked += 1
     assert checked >= 15
 
 
@@ -385,15 +374,10 @@ def test_a_base_beside_two_models_is_refused_by_two_ended_methods(vlm, tmp_path)
 def test_token_indexed_tensors_include_mergekits():
     """Every tensor mergekit's architecture tables index by token (`vocabulary_axis`, module prefix
     included) is one the tokenizer settings align (phi-1's head, named after the layer count, aside)."""
-    import importlib.resources
-
-    from mergekit import _data
-
     from adaptkit.merge.tokenizer import VOCABULARY_TENSORS
 
     marked = set()
-    for path in importlib.resources.files(_data).joinpath("architectures").iterdir():
-        arch = json.loads(path.read_text()) if path.name.endswith(".json") else {}
+    for _, arch in mergekit_architectures():
         modules = arch.get("modules", {}).values() if arch.get("kind") == "modular" else [{"architecture": arch}]
         for module in modules:
             prefix = (module.get("weight_prefix") or "").rstrip(".") + "." if module.get("weight_prefix") else ""

@@ -16,8 +16,7 @@ from adaptkit import registry
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.engine import Plan, run_merge
 from adaptkit.merge.recipe import load_recipe
-from adaptkit.merge.slices import BEFORE_LAYERS, AFTER_LAYERS
-from builders import mergekit_merge, merges_like_mergekit, tiny_llama
+from builders import assert_before_and_after, mergekit_architectures, mergekit_merge, merges_like_mergekit, tiny_llama
 
 LAYERS = 4
 
@@ -228,19 +227,11 @@ def test_passthrough_matches_mergekit():
 def test_before_and_after_the_layers_as_mergekit_architectures():
     """Every single-stack architecture mergekit knows: its pre_weights are named as before the layers,
     its post_weights as after them."""
-    import importlib.resources
-
-    from mergekit import _data
-
     checked = 0
-    for path in importlib.resources.files(_data).joinpath("architectures").iterdir():
-        arch = json.loads(path.read_text()) if path.name.endswith(".json") else {}
-        if "pre_weights" not in arch or path.name == "phi-1.json":  # phi-1 numbers its embedding as a layer
+    for name, arch in mergekit_architectures():
+        if "pre_weights" not in arch or name == "phi-1.json":  # phi-1 numbers its embedding as a layer
             continue
-        for w in arch["pre_weights"]:
-            assert BEFORE_LAYERS.search(w["name"]) and not AFTER_LAYERS.search(w["name"]), (path.name, w["name"])
-        for w in arch["post_weights"]:
-            assert not BEFORE_LAYERS.search(w["name"]) or AFTER_LAYERS.search(w["name"]), (path.name, w["name"])
+        assert_before_and_after(arch, name)
         checked += 1
     assert checked > 40
 
