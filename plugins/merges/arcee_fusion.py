@@ -29,7 +29,6 @@ class ArceeFusion(Operator):
     """
 
     name = "arcee_fusion"
-    # mergekit's recipes (and its tests) give every model a `weight`; Arcee Fusion mixes by its importance mask alone.
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         if len(tensors) != 1:

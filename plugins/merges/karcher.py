@@ -34,7 +34,6 @@ class Karcher(Operator):
     name = "karcher"
     takes_base = False
     params = frozen({"max_iter": 10, "tol": 1e-5})
-    # mergekit's recipes (and its tests) give every model a `weight`; the Karcher mean weighs every input alike.
     serial_kernels = True  # torch.dot of bf16 runs on one thread: two workers, A/B median of 7, 0.84 of the wall
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:

@@ -29,7 +29,6 @@ class ModelStock(Operator):
 
     name = "model_stock"
     params = frozen({"filter_wise": False})
-    # mergekit's recipes (and its tests) give every model a `weight`; Model Stock derives its own mix.
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         self.check_inputs(tensors, minimum=2)

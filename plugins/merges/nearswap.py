@@ -27,7 +27,6 @@ class NearSwap(Operator):
     name = "nearswap"
     elementwise = True
     params = frozen({"t": None})
-    # mergekit's recipes (and its tests) give every model a `weight`; NearSwap mixes by distance alone.
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         if len(tensors) != 1:

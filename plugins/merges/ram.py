@@ -32,8 +32,7 @@ def classify(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float
 
 class RamOperator(Operator):
     """The RAM methods' threshold ε, checked: non-negative. A per-model `weight`, which mergekit
-    accepts for them and ignores (its own RAM recipes give one), is ignored with a warning."""
-
+    accepts for them and ignores (its own RAM recipes give one), is ignored with a warning (the core's, for any other method's parameter)."""
 
     def threshold(self, bound: dict[str, Any]) -> float:
         epsilon = self.real("epsilon", bound["epsilon"])

@@ -32,7 +32,6 @@ class Slerp(Operator):
 
     name = "slerp"
     params = frozen({"t": None})
-    # mergekit's recipes (and its tests) give every model a `weight`; SLERP mixes by `t` alone.
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         a, b = self.endpoints(tensors, base)
