@@ -25,12 +25,11 @@ from ..spec import AdapterFiles
 from ..quant.unpacked import open_unpacked
 
 
-#: Tensors a checkpoint leaves out when they are tied to another it stores, and those read in their place,
-#: as mergekit's architecture tables say (`tied_names`): a model that stores its output head merges with one
-#: that ties it to the input embeddings. Unlike mergekit, a head is read from the embeddings only when the
-#: model's config.json does not say `tie_word_embeddings: false` (a checkpoint without its untied head is
-#: incomplete: an error); T5's per-stack embeddings are always its `shared` one.
-TIED = {
+#: Output heads a checkpoint leaves out when they are tied to its input embeddings, and the embeddings read
+#: in their place, as mergekit's architecture tables say (`tied_names`): a model that stores its head merges
+#: with one that ties it. Unlike mergekit, only where the model's config.json does not say
+#: `tie_word_embeddings: false` (a checkpoint without its untied head is incomplete: an error).
+TIED_HEADS = {
     "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.language_model.embed_tokens.weight",
                        "backbone.embeddings.weight", "wte.weight", "shared.weight"),
     "language_model.lm_head.weight": ("language_model.model.embed_tokens.weight",),
@@ -39,9 +38,10 @@ TIED = {
     "lm_head.decoder.weight": ("roberta.embeddings.word_embeddings.weight",),
     "vocab_projector.weight": ("distilbert.embeddings.word_embeddings.weight",),
     "proj_out.weight": ("model.decoder.embed_tokens.weight",),
-    "encoder.embed_tokens.weight": ("shared.weight",),
-    "decoder.embed_tokens.weight": ("shared.weight",),
 }
+#: T5's per-stack embeddings, which are its `shared` one whatever the config says.
+SHARED_EMBEDDINGS = {"encoder.embed_tokens.weight": ("shared.weight",), "decoder.embed_tokens.weight": ("shared.weight",)}
+TIED = TIED_HEADS | SHARED_EMBEDDINGS
 
 
 #: The prefix a model class puts before its bare model's tensors (transformers' `base_model_prefix`), by
@@ -64,7 +64,7 @@ class ModelSource:
         self._deltas: dict[str, list[tuple[AdapterFiles, str, str, tuple[int, int] | None]]] = {}
         self._saved: dict[str, tuple[AdapterFiles, str]] = {}
         self.placed = False  # some module lies under another name in the base (its format's `base_key`)
-        self._key_set: set[str] | None = None
+        self._names = set(store.keys())
         for adapter in adapters:
             self._index(adapter)
 
@@ -123,9 +123,8 @@ class ModelSource:
             return name
         if alias := next((a for a in self._aliases(name) if a in self._names), None):
             return alias
-        if tie_flag(self.config) is False and not name.endswith("embed_tokens.weight"):
-            return None
-        return next((t for t in TIED.get(name, ()) if t in self._names), None)
+        ties = (SHARED_EMBEDDINGS if tie_flag(self.config) is False else TIED).get(name, ())
+        return next((t for t in ties if t in self._names), None)
 
     def _aliases(self, name: str) -> list[str]:
         """Other names the checkpoint may store `name` under (`PREFIXES`, `LAYER_NORM`)."""
@@ -137,12 +136,6 @@ class ModelSource:
             names += [n.removesuffix(new) + old for n in (name, names[0]) if n.endswith(new)]
             names += [n.removesuffix(old) + new for n in (name, names[0]) if n.endswith(old)]
         return names
-
-    @property
-    def _names(self) -> set[str]:
-        if self._key_set is None:
-            self._key_set = set(self.store.keys())
-        return self._key_set
 
     def tied_extra(self, others: list[ModelSource]) -> list[str]:
         """Tensors other inputs store that this one leaves out, tied: a merge's output has them (mergekit's
@@ -249,7 +242,7 @@ def warn_tied_config(names: list[str], donor: ModelSource) -> None:
     takes ties it to its embeddings (`tie_word_embeddings: true`, kept as mergekit keeps it): a loader that
     honours the flag uses the embeddings as the head (transformers 5 keeps a stored head that differs from
     them, and warns)."""
-    heads = [n for n in names if n in TIED and donor.stored(n) != n]
+    heads = [n for n in names if n in TIED_HEADS and donor.stored(n) != n]
     if heads and tie_flag(donor.config) is True:
         warnings.warn(f"the output has '{heads[0]}' (other inputs store it), but its config.json, from {donor.ref}, "
                       "says tie_word_embeddings: true, as mergekit's does: a loader that honours it uses the embeddings "
