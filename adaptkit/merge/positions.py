@@ -119,25 +119,21 @@ def layer_positions(names: list[str], config: dict | None) -> dict[str, float]:
     """t ∈ [0, 1] per tensor: layer i of N -> i / (N − 1), a single layer -> 1; outside the layers -> 0
     (mergekit's rules, as it plans a recipe's `models:` as one slice over all layers). A multimodal model's
     layers are counted module by module (modules.py), as mergekit's slices over each module are."""
-    from .modules import DEFAULT, architecture_modules, owner
+    from .modules import architecture_modules, owner
     from .slices import LAYER_NAME, layer_count
 
     modules, config = architecture_modules(config), config or {}
-    if modules is DEFAULT:
-        indices = {n: int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))}
-        count = config.get("num_hidden_layers") or config.get("n_layer") or (max(indices.values(), default=-1) + 1)
-        return {n: _position(indices[n], count) if n in indices else 0.0 for n in names}
-    positions = dict.fromkeys(names, 0.0)  # (a tensor of no module: outside the layers)
-    by_module: dict[str, list[str]] = {}
+    positions = dict.fromkeys(names, 0.0)  # (outside the layers, or in no module)
+    by_module: dict[str | None, list[str]] = {}
     for name in names:
         by_module.setdefault(owner(name, modules), []).append(name)
     for module, owned in by_module.items():
-        if module is None:
+        spec = modules.get(module)
+        if spec is None or not spec.layered:
             continue
-        spec = modules[module]
-        indices = {n: int(m.group(2)) for n in owned if spec.layered and (m := LAYER_NAME.match(n))}
+        indices = {n: int(m.group(2)) for n in owned if (m := LAYER_NAME.match(n))}
         count = spec.fixed or (layer_count(config, spec.count_keys) or (None, max(indices.values(), default=-1) + 1))[1]
-        positions.update((n, _position(indices[n], count) if n in indices else 0.0) for n in owned)
+        positions.update((n, _position(i, count)) for n, i in indices.items())
     return positions
 
 
