@@ -67,6 +67,19 @@ def mergekit_merge(recipe: dict, out, **options) -> dict:
     return state(out)
 
 
+def mergekit_moe(config: dict, out, seed: int | None = None):
+    """mergekit 0.1.5's `mergekit-moe` (its `build`, in process, on CPU) of a config into `out`."""
+    import torch
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.options import MergeOptions
+    from mergekit.scripts.moe import build
+
+    if seed is not None:
+        torch.manual_seed(seed)  # what mergekit's --random-seed does (transformers' set_seed) for CPU torch
+    build(MoEMergeConfig.model_validate(config), str(out), MergeOptions(device="cpu"), device="cpu")
+    return out
+
+
 def merges_like_mergekit(recipe: dict, folder, ours: str = "ours", theirs: str = "mk", **options) -> tuple:
     """adaptkit's and mergekit's merge of `recipe` into `folder`/`ours` and `folder`/`theirs`, checked to have the
     same tensors, dtypes and bytes; (the tensors, adaptkit's config.json, mergekit's)."""

@@ -22,13 +22,15 @@ from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, OUT, SEED, dty
 @JSON
 @click.pass_context
 def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, force, dry_run, allow_pickle, as_json):
-    """Build a Mixtral mixture of experts from Llama or Mistral models (mergekit-moe's YAML).
+    """Build a mixture of experts from dense models (mergekit-moe's YAML).
 
     Attention, norms and embeddings come from base_model; each expert's MLPs become one expert per
     layer; the routers come from gate_mode: hidden (the base's hidden states for each expert's
-    positive_prompts), cheap_embed (the prompts' token embeddings) or random. --seed drives random gates
-    and expert noise (mergekit-moe's --random-seed gives the same numbers); --dtype overrides the
-    config's dtype (also the output's).
+    positive_prompts), cheap_embed (the prompts' token embeddings) or random. The output is a Mixtral
+    (Llama or Mistral inputs), a DeepSeek MoE or Qwen2-MoE (with shared_experts) or a Qwen3-MoE (Qwen3
+    inputs), chosen as mergekit-moe chooses it or by `architecture:`. --seed drives random gates and
+    expert noise (mergekit-moe's --random-seed gives the same numbers); --dtype overrides the config's
+    dtype (also the output's).
 
     \b
     Examples:
@@ -46,14 +48,19 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, force, dr
         summary = MoePlan(parsed, allow_pickle=allow_pickle, dtype=dtype).summary()
         if as_json:
             return emit_json(summary)
-        click.echo(f"Mixtral with {len(summary['experts'])} experts ({summary['experts_per_token']} per token), "
-                   f"{summary['layers']} layers, gates {summary['gate_mode']}: {summary['tensors']} tensors, "
+        click.echo(f"{_described(summary)}, {summary['layers']} layers: {summary['tensors']} tensors, "
                    f"{summary['parameters']:,} parameters, output {human_bytes(summary['output_bytes'])}")
         return
     report = build_moe(parsed, out, force=force, seed=seed, dtype=dtype, shard_size=shard_size, device=device,
                        allow_pickle=allow_pickle, progress=not ctx.obj["quiet"])
     if as_json:
         return emit_json(report)
-    click.echo(f"wrote a Mixtral with {len(report['experts'])} experts ({report['experts_per_token']} per token, "
-               f"gates {report['gate_mode']}) into {report['output']} ({len(report['files'])} file(s), "
+    click.echo(f"wrote a {_described(report)} into {report['output']} ({len(report['files'])} file(s), "
                f"{report['seconds']:.1f} s)")
+
+
+def _described(summary: dict) -> str:
+    """'Qwen MoE with 4 experts + 1 shared (2 per token, gates hidden)'."""
+    shared = f" + {len(summary['shared_experts'])} shared" if summary["shared_experts"] else ""
+    return (f"{summary['output_kind']} with {len(summary['experts'])} experts{shared} "
+            f"({summary['experts_per_token']} per token, gates {summary['gate_mode']})")

@@ -1,6 +1,6 @@
 """Router (gate) weights of a mixture of experts made from dense models, as mergekit-moe computes them.
 
-A Mixtral layer routes a token with hidden state x to the experts with the largest logits W·x,
+A mixture-of-experts layer routes a token with hidden state x to the experts with the largest logits W·x,
 W of shape (experts, hidden). mergekit-moe fills W per `gate_mode` (docs/moe.md in mergekit):
 
 - `hidden` (= `hidden_last`): W[l, e] is the base model's hidden state at the input of layer l for
