@@ -346,6 +346,8 @@ def test_lora_merged_into_a_pipeline_folder_equals_diffusers_fuse(pipeline, tmp_
     with torch.no_grad():
         assert rel(merged.unet(**x).sample, fused.unet(**x).sample) < 1e-4
         assert rel(merged.text_encoder(ids)[0], fused.text_encoder(ids)[0]) < 1e-4
+    merge_into(root / "base", kohya, tmp_path / "carded")  # the card names the library that loads the folder
+    assert "library_name: diffusers" in (tmp_path / "carded" / "README.md").read_text()
 
 
 def test_unet_folder_merges_the_unet_and_refuses_text_encoder_parts(pipeline, tmp_path):

@@ -55,6 +55,9 @@ class TensorStore:
     #: Serve reads of MAP_MIN bytes or more from private maps of the file (see `get`). For callers whose
     #: tensors are short-lived (the merge engine): each live map holds a file descriptor.
     map_reads = False
+    #: Opened from one weights file: the files beside it (its `root`) may belong to other models, so
+    #: nothing is copied from there into an output.
+    lone = False
 
     def __init__(self, root: Path, infos: dict[str, TensorInfo], metadata: dict[str, str], *, index: Path | None = None):
         self.root = root
@@ -196,12 +199,17 @@ def open_store(path: str | Path, *, allow_pickle: bool = False) -> TensorStore:
         if os.path.lexists(folder / PIPELINE_INDEX):
             return _open_pipeline(folder, allow_pickle)
         return _open_folder(folder, allow_pickle)
+    store = _open_file(path, allow_pickle)
+    store.lone = not path.name.endswith(".index.json")  # (an index names the files of its own folder)
+    return store
+
+
+def _open_file(path: Path, allow_pickle: bool) -> TensorStore:
     regular_file(path, "weights file")
     if path.name.endswith(".index.json"):
         return _open_index(path, allow_pickle)
     if path.suffix == ".safetensors":
-        infos, meta = read_safetensors_header(path)
-        return TensorStore(path.parent, infos, meta)
+        return TensorStore(path.parent, *read_safetensors_header(path))
     if path.suffix in PICKLE_SUFFIXES:
         return _open_pickle([path], path.parent, allow_pickle)
     raise AdaptkitError(f"{path}: not a weights file (expected .safetensors, an index .json, or a folder)")
@@ -238,13 +246,13 @@ def _open_folder(folder: Path, allow_pickle: bool) -> TensorStore:
     indexes = sorted(p for p in folder.glob("*.safetensors.index.json") if _weight_file(p))
     files = indexes or sorted(p for p in folder.glob("*.safetensors") if _weight_file(p))
     if len(files) == 1:
-        return open_store(inside(files[0], folder), allow_pickle=allow_pickle)
+        return _open_file(inside(files[0], folder), allow_pickle)
     if len(files) > 1:
         names = ", ".join(f.name for f in files[:4])
         raise AdaptkitError(f"{folder}: several weight files and no index ({names}); pass one file")
     pickle_indexes = sorted(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}.index.json") if _weight_file(p))
     if len(pickle_indexes) == 1:
-        return open_store(inside(pickle_indexes[0], folder), allow_pickle=allow_pickle)
+        return _open_file(inside(pickle_indexes[0], folder), allow_pickle)
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and _weight_file(p))
     if pickles:
         return _open_pickle([inside(p, folder) for p in pickles], folder, allow_pickle)

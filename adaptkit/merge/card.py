@@ -53,6 +53,10 @@ def hub_repo(model: str) -> str | None:
     return parse_ref(model)[0] if is_hub_ref(model) else None
 
 
+#: (library_name, the file it loads a folder by), as the Hub tells them apart.
+LIBRARIES = (("diffusers", "model_index.json"), ("transformers", "config.json"))
+
+
 def write_card(folder: Path, stages: list[tuple[str | None, Recipe]], *, model: bool = True,
                aliases: dict[str, str] | None = None) -> None:
     """README.md and adaptkit_recipe.yml into `folder` for `stages` ((name, recipe) in run order, one
@@ -62,7 +66,10 @@ def write_card(folder: Path, stages: list[tuple[str | None, Recipe]], *, model: 
     docs = [{**({"name": name} if name else {}), **recipe_document(r)} for name, r in stages]
     given = all(r.source for _, r in stages)  # else a recipe built in code: no file to copy
     text = yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True) if given else None
-    (folder / CARD).write_text(model_card(stages, text, model=model, aliases=aliases or {}), encoding="utf-8")
+    # the library that loads the folder, by the file it reads first (none for weights alone)
+    library = next((lib for lib, f in LIBRARIES if (folder / f).is_file()), None) if model else None
+    (folder / CARD).write_text(model_card(stages, text, model=model, aliases=aliases or {}, library=library),
+                               encoding="utf-8")
     if text is not None:
         (folder / RECIPE_FILE).write_text(text, encoding="utf-8")
 
@@ -75,7 +82,7 @@ def drop_card(folder: Path) -> None:
 
 
 def model_card(stages: list[tuple[str | None, Recipe]], recipe_text: str | None, *, model: bool = True,
-               aliases: dict[str, str] | None = None) -> str:
+               aliases: dict[str, str] | None = None, library: str | None = "transformers") -> str:
     """The card's text (see the module docstring). Its title names the (last) method, not the output folder:
     the same merge written to two folders gives the same files."""
     import yaml
@@ -91,8 +98,8 @@ def model_card(stages: list[tuple[str | None, Recipe]], recipe_text: str | None,
         if model:
             meta["base_model_relation"] = "merge"
     meta["tags"] = list(TAGS)
-    if model:
-        meta["library_name"] = "transformers"
+    if model and library:
+        meta["library_name"] = library
     what = "model" if model else "adapter"
     if len(stages) == 1:
         intro = f"This {what} was merged with adaptkit from the recipe below (mergekit's format).\n\n"

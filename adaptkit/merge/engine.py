@@ -119,14 +119,18 @@ class Plan:
         pairs = self.jobs[name].sources if self.jobs else [(source, name) for source in self.sources]
         return stored_dtype([source.info(n).dtype for source, n in pairs])
 
-    def side_files(self) -> Path:
+    def side_files(self) -> Path | None:
         """The folder whose config and tokenizer files the output gets, as mergekit picks it: the base model
-        (also for a method that takes none, such as linear), else the first model; with slices, the donor."""
+        (also for a method that takes none, such as linear), else the first model; with slices, the donor.
+        None where that model is a lone weights file (mergekit-pytorch's inputs): the files beside it may
+        belong to anything, so the output gets none."""
         if self.jobs:
-            return self.donor.root
-        if self.base is None and self.recipe.base is not None:
-            return _open(self.recipe, self.recipe.base, self.allow_pickle).root  # headers only
-        return (self.base or self.inputs[0]).root
+            source = self.donor
+        elif self.base is None and self.recipe.base is not None:
+            source = _open(self.recipe, self.recipe.base, self.allow_pickle)  # headers only
+        else:
+            source = self.base or self.inputs[0]
+        return None if source.store.lone else source.root
 
     @property
     def sources(self) -> list[ModelSource]:
@@ -311,8 +315,8 @@ def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: 
     if reference.components:  # a pipeline: its other files as they are (configs, tokenizer, scheduler)
         copy_tree(reference.root, folder, [Path("."), *(f.parent for f in writer.writers)])
         return files
-    if not (mirrored and Path((plan.base or plan.inputs[0]).ref.model).is_file()):  # a lone checkpoint's
-        copy_side_files(plan.side_files(), folder)  # neighbours belong to other models
+    if (side := plan.side_files()) is not None:
+        copy_side_files(side, folder)
     if plan.config is not None:  # slices: the output's own layer count
         (folder / "config.json").write_text(dump_json(plan.config, "config.json"))
     floating = {code for _, code, _ in plan.layout if code_to_torch(code).is_floating_point}

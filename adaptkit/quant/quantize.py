@@ -172,7 +172,8 @@ def quantize_into(store, method: str, chosen: set[str], folder: Path, *, layout:
         writer.abort()
         raise
     files = writer.close()
-    copy_side_files(store.root, folder)
+    if not store.lone:  # (a lone file's neighbours may belong to anything)
+        copy_side_files(store.root, folder)
     bar.close()
     before = sum(store.info(n).nbytes for n in names)
     after = sum(math.prod(shape) * SIZES[code] for _, code, shape in layout)

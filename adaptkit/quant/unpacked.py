@@ -53,6 +53,7 @@ class UnpackedStore(TensorStore):
             elif key not in hidden:
                 infos[key] = store.info(key)
         super().__init__(store.root, infos, store.metadata, index=store.index)
+        self.lone = store.lone
 
     def _packed(self, name: str) -> dict:
         return {key: self.inner.get(stored) for key, stored in self.groups[name].items()}
