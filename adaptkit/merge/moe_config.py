@@ -26,6 +26,7 @@ CONFIG_KEYS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts
                          "architecture"})
 EXPERT_KEYS = frozenset({"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"})
 
+
 @dataclass
 class Expert:
     ref: Ref
