@@ -217,6 +217,7 @@ def run_mergekit(recipe: Recipe, path: Path, out: Path) -> None:
         from mergekit.moe.config import MoEMergeConfig
         from mergekit.scripts.moe import build
 
+        options.apply_global_options()  # as mergekit-moe's command does: --random-seed seeds torch's generator
         build(MoEMergeConfig.model_validate(docs[0]), str(out), options, device="cpu")
     elif recipe.kind == "multi":  # mergekit-multi's task graph, as its command runs it
         from mergekit.graph import Executor
@@ -237,8 +238,9 @@ def run_mergekit(recipe: Recipe, path: Path, out: Path) -> None:
 def run_adaptkit(recipe: Recipe, path: Path, out: Path) -> None:
     from adaptkit.cli import cli
 
-    command = "moe" if recipe.kind == "moe" else "merge"
-    cli.main(["--debug", "-q", command, str(path), "-o", str(out)], prog_name="adaptkit", standalone_mode=False)
+    # a MoE's random gates and noise come from one torch generator in both tools: the same seed, the same bytes
+    command = ["moe", "--seed", "0"] if recipe.kind == "moe" else ["merge"]
+    cli.main(["--debug", "-q", *command, str(path), "-o", str(out)], prog_name="adaptkit", standalone_mode=False)
 
 
 def _failure(error: BaseException) -> tuple[str, str]:
