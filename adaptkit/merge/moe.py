@@ -33,7 +33,7 @@ from ..io.paths import inside, regular_file
 from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 from .moe_config import CONFIG_KEYS, EXPERT_KEYS, MoeConfig, dtype_of, load_moe_config
 from .moe_gates import HIDDEN_MODES, RANDOM_MODES, degenerate_layers, gate_vectors
-from .moe_outputs import ATTENTION, EXTRA_ATTENTION, SOURCE_TYPES, Output, named
+from .moe_outputs import ATTENTION, EXTRA_ATTENTION, MIXTRAL, SOURCE_TYPES, Output, named
 from .sources import ModelSource, open_input
 
 _TOP = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
@@ -103,7 +103,7 @@ class MoePlan:
         if not fits:
             raise AdaptkitError("no mergekit-moe output takes this config: " +
                                 "; ".join(f"{name} {why}" for name, why in refusals.items()))
-        if len(fits) > 1 and fits[0].name != "Mixtral":
+        if len(fits) > 1 and fits[0] is not MIXTRAL:
             warnings.warn(f"{' and '.join(o.name for o in fits)} both take this config; writing {fits[0].name}, as "
                           "mergekit does (set architecture to choose)", stacklevel=3)
         return fits[0]
