@@ -99,6 +99,8 @@ PEER = [
     ("deepseek-llama-random-noise", "llama", "random", 0, False, 3, {"noise": True}, "DeepSeek MoE"),
     ("deepseek-llama-hidden-bf16", "llama", "hidden", 0, False, None, {"dtype": "bfloat16"}, "DeepSeek MoE"),
     ("deepseek-no-shared", "llama", "cheap_embed", None, False, None, {"architecture": "DeepSeek"}, "DeepSeek MoE"),
+    ("deepseek-uniform_random", "llama", "uniform_random", 0, False, 4, {"dtype": "float16"}, "DeepSeek MoE"),
+    ("qwen-llama-hidden_avg", "llama", "hidden_avg", 0, True, None, {}, "Qwen MoE"),
     ("qwen3-cheap_embed-bf16", "qwen3", "cheap_embed", None, False, None, {"dtype": "bfloat16"}, "Qwen3 MoE"),
     ("qwen3-random-noise", "qwen3", "random", None, False, 7, {"noise": True}, "Qwen3 MoE"),
 ]
