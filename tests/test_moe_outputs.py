@@ -10,6 +10,7 @@ base (another model fails there with AttributeError); adaptkit takes any model o
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -295,3 +296,25 @@ def test_dry_run_and_json_name_the_output(tmp_path, models):
     assert (report["architecture"], report["output_kind"], report["seed"]) == ("Qwen2MoeForCausalLM", "Qwen MoE", 1)
     assert report["tensors"] == len(load_file(tmp_path / "out" / "model.safetensors"))
     assert report["shared_experts"] == [str(models["llama"][0])]
+
+
+def test_the_card_says_what_was_built_and_no_card_writes_none(tmp_path, models):
+    """README.md: tags, the output, each expert with its prompts and scales, the config as given
+    (mergekit-moe writes no card); --no-card leaves out the card and the config copy, as merge's does."""
+    config = _config(models["llama"], "hidden", shared=0, dtype="bfloat16")
+    config["experts"][1].update(noise_scale=0.5, residual_scale=2.0)
+    config["experts"][0]["positive_prompts"] = ["a | b", "red cat"]
+    recipe = tmp_path / "moe.yml"
+    recipe.write_text(yaml.safe_dump(config))
+    assert run_cli("moe", recipe, "-o", tmp_path / "out", "--seed", "0").exit_code == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    front, body = text.split("---\n")[1], text.split("---\n", 2)[2]
+    assert yaml.safe_load(front) == {"tags": ["moe", "merge", "adaptkit"], "library_name": "transformers"}
+    assert body.startswith("\n# A Qwen MoE of 2 experts and 1 shared expert\n")
+    assert f"| 0 | `{models['llama'][1]}` | \"a \\| b\", \"red cat\" |  |  |  |" in body
+    assert f"| 1 | `{models['llama'][2]}` | \"the dog sat on the mat\" | \"good film\" | 0.5 | 2 |" in body
+    assert f"| shared | `{models['llama'][0]}` | \"nine ten eleven\" |" in body
+    assert body.endswith(f"## Config\n\n```yaml\n{recipe.read_text()}```\n")
+    assert (tmp_path / "out" / "mergekit_moe_config.yml").read_text() == recipe.read_text()
+    assert run_cli("moe", recipe, "-o", tmp_path / "bare", "--seed", "0", "--no-card").exit_code == 0
+    assert not {"README.md", "mergekit_moe_config.yml"} & set(os.listdir(tmp_path / "bare"))

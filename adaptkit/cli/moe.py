@@ -16,12 +16,13 @@ from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, OUT, SEED, dty
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--allow-same-experts", "--i-understand-this-is-not-useful-without-training", "allow_same", is_flag=True,
               help="Allow every expert to be the same model with prompt-based gates (e.g. to train the MoE further).")
+@click.option("--no-card", is_flag=True, help="Write no model card (README.md) or config copy (mergekit_moe_config.yml).")
 @FORCE
 @DRY_RUN
 @ALLOW_PICKLE
 @JSON
 @click.pass_context
-def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, force, dry_run, allow_pickle, as_json):
+def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, force, dry_run, allow_pickle, as_json):
     """Build a mixture of experts from dense models (mergekit-moe's YAML).
 
     Attention, norms and embeddings come from base_model; each expert's MLPs become one expert per
@@ -52,7 +53,7 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, force, dr
                    f"{summary['parameters']:,} parameters, output {human_bytes(summary['output_bytes'])}")
         return
     report = build_moe(parsed, out, force=force, seed=seed, dtype=dtype, shard_size=shard_size, device=device,
-                       allow_pickle=allow_pickle, progress=not ctx.obj["quiet"])
+                       allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card)
     if as_json:
         return emit_json(report)
     click.echo(f"wrote a {_described(report)} into {report['output']} ({len(report['files'])} file(s), "

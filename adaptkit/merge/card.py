@@ -114,6 +114,40 @@ def model_card(stages: list[tuple[str | None, Recipe]], recipe_text: str | None,
     return f"---\n{front}---\n\n# A {stages[-1][1].method} merge\n\n{intro}{body}{recipe}"
 
 
+def moe_card(config, summary: dict[str, Any], config_text: str | None) -> str:
+    """`adaptkit moe`'s card: the output, its base and experts with their prompts, the gates, and the
+    mergekit-moe config (mergekit-moe writes none). `config` is a moe_config.MoeConfig, `summary` its
+    MoePlan's."""
+    import yaml
+
+    parts = [p for ref in (config.base, *(e.ref for e in (*config.experts, *config.shared)))
+             for p in (ref.model, *ref.adapters)]
+    meta: dict[str, Any] = {}
+    if hub := list(dict.fromkeys(r for p in parts if (r := hub_repo(p)))):
+        meta.update(base_model=hub, base_model_relation="merge")
+    meta.update(tags=["moe", *TAGS], library_name="transformers")
+    shared = f" and {len(config.shared)} shared expert" if config.shared else ""
+    lines = [f"# A {summary['output_kind']} of {len(config.experts)} experts{shared}", "",
+             f"This model was built with adaptkit from the mergekit-moe config below: a "
+             f"`{summary['architecture']}` whose attention, norms and embeddings are "
+             f"{_model(config.base, {})}'s and whose experts are these models' MLPs. Each token goes to "
+             f"{config.experts_per_token} of the experts{' and to the shared one' if config.shared else ''}; the "
+             f"routers come from gate mode `{config.gate_mode}`.", "",
+             "| expert | model | positive prompts | negative prompts | noise scale | residual scale |",
+             "|---|---|---|---|---|---|"]
+    def cell(value: Any) -> str:  # prompts quoted one by one, as JSON strings
+        text = ", ".join(json.dumps(p, ensure_ascii=False) for p in value) if isinstance(value, list) else \
+            "" if value is None else _number(value)
+        return text.replace("|", "\\|")
+
+    rows = [(str(i), e) for i, e in enumerate(config.experts)] + [("shared", e) for e in config.shared]
+    lines += [f"| {label} | {_model(e.ref, {})} | {cell(e.positive)} | {cell(e.negative)} | {cell(e.noise_scale)} | "
+              f"{cell(e.residual_scale)} |" for label, e in rows]
+    recipe = f"\n## Config\n\n```yaml\n{config_text}```\n" if config_text else ""
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    return f"---\n{front}---\n\n" + "\n".join(lines) + "\n" + recipe
+
+
 def _refs(recipe: Recipe) -> list[Ref]:
     return [*recipe.models, *([recipe.base] if recipe.base else [])]
 
@@ -157,13 +191,15 @@ def _model(ref: Ref, aliases: dict[str, str]) -> str:
 
 def _params(params: dict[str, Any]) -> str:
     """`key: value` pairs as YAML writes them inline (a gradient [a, b], conditions {filter, value})."""
+    shown = ", ".join(f"{k}: {_inline(v)}" for k, v in params.items())
+    return shown.replace("|", "\\|")
+
+
+def _inline(value: Any) -> str:
+    """A value as YAML writes it on one line."""
     import yaml
 
-    def inline(value: Any) -> str:
-        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-
-    shown = ", ".join(f"{k}: {inline(v)}" for k, v in params.items())
-    return shown.replace("|", "\\|")
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 # -- the plan --dry-run shows ----------------------------------------------------------------------

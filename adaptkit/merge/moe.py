@@ -31,6 +31,7 @@ from ..io.dtypes import code_to_torch, torch_to_code
 from ..io.outputs import atomic_output, check_output
 from ..io.paths import inside, regular_file
 from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
+from .card import CARD, moe_card
 from .moe_config import CONFIG_KEYS, EXPERT_KEYS, MoeConfig, dtype_of, load_moe_config
 from .moe_gates import HIDDEN_MODES, RANDOM_MODES, degenerate_layers, gate_vectors
 from .moe_outputs import ATTENTION, EXTRA_ATTENTION, MIXTRAL, SOURCE_TYPES, Output, named
@@ -195,8 +196,9 @@ def _natural(name: str) -> tuple:
 
 def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: int | None = None,
               dtype: str | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, device: str = "cpu",
-              allow_pickle: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Write the mixture of experts `config` describes into the folder `out` (whole or not at all);
+              allow_pickle: bool = False, progress: bool = False, card: bool = True) -> dict[str, Any]:
+    """Write the mixture of experts `config` describes into the folder `out` (whole or not at all), with a
+    model card (README.md) and the config as given (mergekit_moe_config.yml) unless `card` is false;
     returns a report (the CLI's --json)."""
     import torch
 
@@ -213,8 +215,10 @@ def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: 
     with atomic_output(out, force=force, inputs=config.inputs()) as tmp:
         (tmp / "config.json").write_text(readers.dump_json(plan.output_config(), tmp / "config.json"))
         _copy_tokenizer(plan.base.root, tmp)
-        if config.text is not None:
-            (tmp / "mergekit_moe_config.yml").write_text(config.text, encoding="utf-8")
+        if card:
+            (tmp / CARD).write_text(moe_card(config, report, config.text), encoding="utf-8")
+            if config.text is not None:
+                (tmp / "mergekit_moe_config.yml").write_text(config.text, encoding="utf-8")
         layout = plan.layout(torch_to_code(gates.dtype))
         writer = ShardedWriter(tmp, layout, shard_size=shard_size,
                                metadata={"format": "pt", "adaptkit.moe_gate_mode": config.gate_mode})
