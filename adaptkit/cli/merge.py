@@ -6,7 +6,7 @@ import click
 from .. import registry
 from ..errors import AdaptkitError
 from .boundary import heavy_imports
-from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, DType, JSON, OUT, PLOT, POSITIVE, RANK, SEED, base_option,
+from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, NO_CARD, DType, JSON, OUT, PLOT, POSITIVE, RANK, SEED, base_option,
                       dtype_option, emit_json, settings_option)
 
 
@@ -144,7 +144,7 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
               "merge faster side by side, e.g. ties, dare_*, della, sce, karcher, multislerp; else 1 using all cores).")
 @FORCE
 @DRY_RUN
-@click.option("--no-card", is_flag=True, help="Write no model card (README.md) or recipe copy (adaptkit_recipe.yml).")
+@NO_CARD
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
 @ALLOW_PICKLE
 @click.option("--requantize", is_flag=True, help="With a quantized base: pack the result again with the base's "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .boundary import heavy_imports
-from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, OUT, SEED, dtype_option, emit_json
+from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, SEED, dtype_option, emit_json
 
 
 @click.command(context_settings=CONTEXT)
@@ -16,7 +16,7 @@ from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, OUT, SEED, dty
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--allow-same-experts", "--i-understand-this-is-not-useful-without-training", "allow_same", is_flag=True,
               help="Allow every expert to be the same model with prompt-based gates (e.g. to train the MoE further).")
-@click.option("--no-card", is_flag=True, help="Write no model card (README.md) or config copy (mergekit_moe_config.yml).")
+@NO_CARD
 @FORCE
 @DRY_RUN
 @ALLOW_PICKLE
