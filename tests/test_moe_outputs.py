@@ -318,3 +318,21 @@ def test_the_card_says_what_was_built_and_no_card_writes_none(tmp_path, models):
     assert (tmp_path / "out" / "mergekit_moe_config.yml").read_text() == recipe.read_text()
     assert run_cli("moe", recipe, "-o", tmp_path / "bare", "--seed", "0", "--no-card").exit_code == 0
     assert not {"README.md", "mergekit_moe_config.yml"} & set(os.listdir(tmp_path / "bare"))
+
+
+def test_plot_draws_the_routers_and_json_reports_them(tmp_path, models):
+    """--plot: the routers' picture (experts' similarity, per-layer conditions); --json carries the numbers:
+    the similarity of a row with itself is 1, a layer is degenerate where its condition passes 5."""
+    recipe = tmp_path / "moe.yml"
+    recipe.write_text(yaml.safe_dump(_config(models["llama"], "cheap_embed", shared=0)))
+    result = run_cli("moe", recipe, "-o", tmp_path / "out", "--plot", tmp_path / "routers.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    similarity, conditions = report["router_similarity"], report["router_conditions"]
+    assert len(similarity) == 3 and all(row[i] == pytest.approx(1, abs=1e-4) for i, row in enumerate(similarity))
+    assert len(conditions) == 2 and report["degenerate_layers"] == [i for i, c in enumerate(conditions) if c > 5]
+    assert (tmp_path / "routers.png").stat().st_size > 5000
+    for args, fragment in ((["--plot", tmp_path / "r.jpg"], "ends in .png or .svg"),
+                           (["--plot", tmp_path / "r.png", "--dry-run"], "--dry-run computes none")):
+        assert_one_line_error(run_cli("moe", recipe, "-o", tmp_path / "again", *args), fragment)
+        assert not (tmp_path / "again").exists()

@@ -249,6 +249,22 @@ def test_quantize_and_merge_mark_the_worst():
     assert ax.texts[0].get_text() == "worst: 1.q\n0.09"
 
 
+def test_routing_marks_the_degenerate_layers_and_writes_each_similarity():
+    similarity = [[1.0, 0.96], [0.96, 1.0]]
+    fig = plots.routing_figure(similarity, [1.5, 7.0, 2.0], ["0: a", "1: b"], threshold=5.0)
+    heat, layers = fig.axes[:2]
+    assert [t.get_text() for t in heat.texts] == ["1.00", "0.96", "0.96", "1.00"]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["0: a", "1: b"]
+    bars = layers.patches
+    assert [round(b.get_height(), 6) for b in bars] == [1.5, 7.0, 2.0]
+    red = (0.839, 0.153, 0.157)  # tab:red: the degenerate layer alone
+    assert [b.get_facecolor()[:3] == pytest.approx(red, abs=1e-3) for b in bars] == [False, True, False]
+    assert layers.get_title() == "routers per layer: 1 of 3 degenerate" and layers.get_yscale() == "linear"
+    assert plots.routing_figure(similarity, [1.0, 1e6], ["a", "b"], 5.0).axes[1].get_yscale() == "log"
+    with pytest.raises(AdaptkitError, match="a row per expert and a condition per layer"):
+        plots.routing_figure(similarity, [], ["a", "b"], 5.0)
+
+
 def test_training_curves_average_the_loss_and_show_the_evaluation():
     records = [{"step": i, "loss": float(i % 2)} for i in range(1, 101)]
     records[49]["eval_loss"], records[99]["eval_loss"], records[99]["eval_accuracy"] = 0.7, 0.5, 0.75

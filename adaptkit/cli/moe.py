@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import click
 
+from ..errors import AdaptkitError
 from .boundary import heavy_imports
-from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, SEED, dtype_option, emit_json
+from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, SEED, dtype_option, emit_json
 
 
 @click.command(context_settings=CONTEXT)
@@ -20,9 +21,11 @@ from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, 
 @FORCE
 @DRY_RUN
 @ALLOW_PICKLE
+@PLOT
 @JSON
 @click.pass_context
-def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, force, dry_run, allow_pickle, as_json):
+def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, force, dry_run, allow_pickle, plot,
+        as_json):
     """Build a mixture of experts from dense models (mergekit-moe's YAML).
 
     Attention, norms and embeddings come from base_model; each expert's MLPs become one expert per
@@ -31,11 +34,13 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, 
     (Llama or Mistral inputs), a DeepSeek MoE or Qwen2-MoE (with shared_experts) or a Qwen3-MoE (Qwen3
     inputs), chosen as mergekit-moe chooses it or by `architecture:`. --seed drives random gates and
     expert noise (mergekit-moe's --random-seed gives the same numbers); --dtype overrides the config's
-    dtype (also the output's).
+    dtype (also the output's). --plot draws the routers: how alike the experts' rows are (cosine,
+    mean over layers) and each layer's condition number against the degenerate threshold.
 
     \b
     Examples:
       adaptkit moe clowncar.yml -o clowncar-moe/
+      adaptkit moe clowncar.yml -o clowncar-moe/ --plot routers.png
       adaptkit moe upcycle.yml -o moe/ --seed 0 --dtype bfloat16   # gate_mode: random
       adaptkit moe clowncar.yml -o moe/ --device cuda --json
       adaptkit moe clowncar.yml -o moe/ --dry-run
@@ -45,6 +50,12 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, 
         from .report import human_bytes
 
     parsed = load_moe_config(config, allow_same=allow_same)
+    if plot is not None:  # checked before any work
+        if dry_run:
+            raise AdaptkitError("--plot draws the routers the build computes; --dry-run computes none")
+        from ..plots import check_target
+
+        check_target(plot)
     if dry_run:
         summary = MoePlan(parsed, allow_pickle=allow_pickle, dtype=dtype).summary()
         if as_json:
@@ -53,7 +64,7 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, 
                    f"{summary['parameters']:,} parameters, output {human_bytes(summary['output_bytes'])}")
         return
     report = build_moe(parsed, out, force=force, seed=seed, dtype=dtype, shard_size=shard_size, device=device,
-                       allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card)
+                       allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card, plot=plot)
     if as_json:
         return emit_json(report)
     click.echo(f"wrote a {_described(report)} into {report['output']} ({len(report['files'])} file(s), "

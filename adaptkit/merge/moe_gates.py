@@ -59,10 +59,21 @@ def gate_vectors(mode: str, experts: list, *, layers: int, hidden: int, base_fol
     return torch.stack(vectors, dim=0).permute(1, 0, 2)  # (experts, layers, hidden) -> (layers, experts, hidden)
 
 
-def degenerate_layers(gates: torch.Tensor) -> list[int]:
-    """Layers whose gate matrix has a condition number above DEGENERATE_CONDITION: prompts too alike
+def conditions(gates: torch.Tensor) -> list[float]:
+    """Each layer's condition number of its router matrix (rows × hidden, in float32, as mergekit computes it)."""
+    return [float(torch.linalg.cond(gates[i].float())) for i in range(gates.shape[0])]
+
+
+def similarity(gates: torch.Tensor) -> list[list[float]]:
+    """The cosine similarity of every two router rows, averaged over the layers (rows × rows)."""
+    unit = gates.float() / gates.float().norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    return (unit @ unit.transpose(1, 2)).mean(dim=0).tolist()
+
+
+def degenerate_layers(conditions: list[float]) -> list[int]:
+    """Layers whose router matrix has a condition number above DEGENERATE_CONDITION: prompts too alike
     to tell the experts apart (mergekit warns of the same), with a one-line warning."""
-    found = [i for i in range(gates.shape[0]) if torch.linalg.cond(gates[i].float()) > DEGENERATE_CONDITION]
+    found = [i for i, c in enumerate(conditions) if c > DEGENERATE_CONDITION]
     if found:
         warnings.warn(f"degenerate routing in layer(s) {', '.join(map(str, found))}: the experts' prompts are "
                       "too alike, some experts will be little used", stacklevel=2)
@@ -133,4 +144,5 @@ def _hidden_states(model, tokenized, *, average: bool) -> torch.Tensor:
     return states.sum(dim=1) / states.shape[1]
 
 
-__all__ = ["GATE_MODES", "HIDDEN_MODES", "RANDOM_MODES", "degenerate_layers", "gate_vectors"]
+__all__ = ["DEGENERATE_CONDITION", "GATE_MODES", "HIDDEN_MODES", "RANDOM_MODES", "conditions", "degenerate_layers",
+           "gate_vectors", "similarity"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from .figure import check_target, draw
 from .metrics import read_metrics
-from .pictures import greedy_figure, merge_figure, quantize_figure, sweep_figure, training_figure
+from .pictures import greedy_figure, merge_figure, quantize_figure, routing_figure, sweep_figure, training_figure
 from .spectrum import SERVICE_RANK_CAP, adapter_spectra, energy, spectrum_figure
 
 __all__ = ["SERVICE_RANK_CAP", "adapter_spectra", "check_target", "draw", "energy", "greedy_figure", "merge_figure",
-           "quantize_figure", "read_metrics", "spectrum_figure", "sweep_figure", "training_figure"]
+           "quantize_figure", "read_metrics", "routing_figure", "spectrum_figure", "sweep_figure", "training_figure"]

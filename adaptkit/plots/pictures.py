@@ -5,6 +5,7 @@ as its --json prints them), so each is testable without running the command. `fi
 - `greedy_figure`: a greedy soup's score as each ingredient is tried, the kept ones marked;
 - `quantize_figure`: quantization's relative error per tensor (histogram) and the worst tensors by name;
 - `merge_figure`: an adapter→adapter merge's refactoring error per module, the worst marked;
+- `routing_figure`: a mixture of experts' routers: how alike the experts' rows are, how well-conditioned each layer's;
 - `training_figure`: training's loss and evaluation metrics against the step (metrics.jsonl's records).
 """
 from __future__ import annotations
@@ -118,6 +119,38 @@ def merge_figure(errors: Mapping[str, float], rank: int | None = None):
            title=f"refactoring error per module{f' at rank {rank}' if rank else ''}: mean {mean:.3g}, "
                  f"max {errors[worst]:.3g}")
     ax.margins(y=0.2)
+    return fig
+
+
+def routing_figure(similarity: Sequence[Sequence[float]], conditions: Sequence[float], labels: Sequence[str],
+                   threshold: float):
+    """A mixture of experts' routers from `adaptkit moe`: the cosine similarity of the experts' router rows
+    (mean over the layers; near 1 the router cannot tell two experts apart) and each layer's condition number
+    of its router matrix, against the threshold above which mergekit and adaptkit call the layer degenerate."""
+    if not conditions or len(similarity) != len(labels):
+        raise AdaptkitError(f"routers to draw need a row per expert and a condition per layer, got {len(labels)} "
+                            f"experts, {len(similarity)} rows and {len(conditions)} layers")
+    fig, (left, right) = new_figure(2, width=5.6, height=4.6)
+    left.grid(False)
+    image = left.imshow(similarity, vmin=-1, vmax=1, cmap="RdBu_r")
+    for i, row in enumerate(similarity):
+        for j, value in enumerate(row):
+            left.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                      color="white" if abs(value) > 0.6 else "black")
+    ticks = list(range(len(labels)))
+    left.set_xticks(ticks, labels, rotation=30, ha="right", fontsize=8)
+    left.set_yticks(ticks, labels, fontsize=8)
+    left.set_title("router rows: cosine similarity (mean over layers)")
+    fig.colorbar(image, ax=left, shrink=0.8)
+    layers = list(range(len(conditions)))
+    bad = [c > threshold for c in conditions]
+    right.bar(layers, conditions, color=[BEST if b else "tab:blue" for b in bad])
+    right.axhline(threshold, color=BEST, linestyle="--", label=f"degenerate above {threshold:g}")
+    if max(conditions) > 10 * threshold:  # (a degenerate layer's condition can be 10⁶ or infinite)
+        right.set_yscale("log")
+    right.set(xlabel="layer", ylabel="condition number of the router",
+              title=f"routers per layer: {sum(bad)} of {len(layers)} degenerate")
+    right.legend(loc="best")
     return fig
 
 
