@@ -1,6 +1,8 @@
 """`adaptkit moe` (added to the root group in adaptkit/cli/__init__.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..errors import AdaptkitError
@@ -13,7 +15,8 @@ from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, 
 @OUT
 @SEED
 @dtype_option()
-@click.option("--device", default="cpu", show_default=True, help="Where the base model runs for gate_mode hidden (cpu, cuda).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the base model runs for gate_mode hidden (cpu, cuda).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--allow-same-experts", "--i-understand-this-is-not-useful-without-training", "allow_same", is_flag=True,
               help="Allow every expert to be the same model with prompt-based gates (e.g. to train the MoE further).")
@@ -64,11 +67,25 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, 
                    f"{summary['parameters']:,} parameters, output {human_bytes(summary['output_bytes'])}")
         return
     report = build_moe(parsed, out, force=force, seed=seed, dtype=dtype, shard_size=shard_size, device=device,
-                       allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card, plot=plot)
+                       allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card)
+    if plot is not None:
+        _draw_routers(report, plot)
     if as_json:
         return emit_json(report)
     click.echo(f"wrote a {_described(report)} into {report['output']} ({len(report['files'])} file(s), "
                f"{report['seconds']:.1f} s)")
+
+
+def _draw_routers(report: dict, plot: str) -> None:
+    """--plot: the report's router similarity and conditions; rows past the experts are shared experts'."""
+    from ..merge.moe_gates import DEGENERATE_CONDITION
+    from ..plots import draw, routing_figure
+
+    names = [f"{i}: {Path(e).name}" for i, e in enumerate(report["experts"])]
+    shared = [f"shared: {Path(e).name}" for e in report["shared_experts"]]
+    names += shared[:len(report["router_similarity"]) - len(names)]
+    conditions = [float("inf") if c is None else c for c in report["router_conditions"]]
+    draw(routing_figure(report["router_similarity"], conditions, names, DEGENERATE_CONDITION), plot)
 
 
 def _described(summary: dict) -> str:

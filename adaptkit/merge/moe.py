@@ -33,8 +33,7 @@ from ..io.paths import inside, regular_file
 from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 from .card import CARD, moe_card
 from .moe_config import CONFIG_KEYS, EXPERT_KEYS, MoeConfig, dtype_of, load_moe_config
-from .moe_gates import (DEGENERATE_CONDITION, HIDDEN_MODES, RANDOM_MODES, conditions, degenerate_layers, gate_vectors,
-                        similarity)
+from .moe_gates import HIDDEN_MODES, RANDOM_MODES, conditions, degenerate_layers, gate_vectors, similarity
 from .moe_outputs import ATTENTION, EXTRA_ATTENTION, MIXTRAL, SOURCE_TYPES, Output, named
 from .sources import ModelSource, open_input
 
@@ -197,11 +196,10 @@ def _natural(name: str) -> tuple:
 
 def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: int | None = None,
               dtype: str | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, device: str = "cpu",
-              allow_pickle: bool = False, progress: bool = False, card: bool = True,
-              plot: str | Path | None = None) -> dict[str, Any]:
+              allow_pickle: bool = False, progress: bool = False, card: bool = True) -> dict[str, Any]:
     """Write the mixture of experts `config` describes into the folder `out` (whole or not at all), with a
-    model card (README.md) and the config as given (mergekit_moe_config.yml) unless `card` is false, and
-    (`plot`) a picture of the routers; returns a report (the CLI's --json)."""
+    model card (README.md) and the config as given (mergekit_moe_config.yml) unless `card` is false;
+    returns a report (the CLI's --json, which draws its routers with --plot)."""
     import torch
 
     start = time.perf_counter()
@@ -239,12 +237,6 @@ def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: 
                                                                    for c in conds],
                   router_similarity=[[round(v, 4) for v in row] for row in alike],
                   seconds=round(time.perf_counter() - start, 3))
-    if plot is not None:
-        from ..plots import draw, routing_figure
-
-        names = [f"{i}: {Path(e.ref.model).name}" for i, e in enumerate(config.experts)]
-        names += [f"shared: {Path(e.ref.model).name}" for e in config.gated()[len(config.experts):]]
-        draw(routing_figure(alike, conds, names, DEGENERATE_CONDITION), plot)
     return report
 
 
