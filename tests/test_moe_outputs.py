@@ -336,3 +336,19 @@ def test_plot_draws_the_routers_and_json_reports_them(tmp_path, models):
                            (["--plot", tmp_path / "r.png", "--dry-run"], "--dry-run computes none")):
         assert_one_line_error(run_cli("moe", recipe, "-o", tmp_path / "again", *args), fragment)
         assert not (tmp_path / "again").exists()
+
+
+def test_the_card_names_the_hub_models_among_the_inputs(models):
+    """A card's `base_model` lists the Hub repositories the MoE is made of (base, experts, shared, adapters),
+    each once, never a local folder."""
+    from adaptkit.merge.card import moe_card
+
+    config = load_moe_config({"base_model": "org-a/base", "gate_mode": "random", "experts": [
+        {"source_model": "org-b/chat+org-c/lora"}, {"source_model": str(models["llama"][1])}],
+        "shared_experts": [{"source_model": "org-a/base@v2"}]})
+    text = moe_card(config, {"output_kind": "DeepSeek MoE", "architecture": "DeepseekForCausalLM"}, None)
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == ["org-a/base", "org-b/chat", "org-c/lora"]
+    assert meta["base_model_relation"] == "merge" and "## Config" not in text
+    assert "| 0 | [org-b/chat](https://huggingface.co/org-b/chat) + [org-c/lora](https://huggingface.co/org-c/lora) |" \
+        in text
