@@ -86,7 +86,7 @@ def _echo_inputs(parsed) -> None:
         values = ", ".join(f"{k}={v}" for k, v in params.items())
         click.echo(f"  input  {ref}{f'  ({values})' if values else ''}")
     dtypes = [f"{k} {v}" for k, v in (("dtype", parsed.dtype), ("out_dtype", parsed.out_dtype),
-                                       ("compute_dtype", parsed.compute_dtype)) if v]
+                                       ("compute_dtype", parsed.compute_dtype), ("tensors", parsed.tensors)) if v]
     click.echo(f"  seed   {parsed.seed}{'; ' + ', '.join(dtypes) if dtypes else ''}")
 
 
@@ -139,6 +139,10 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @click.option("--out-dtype", type=DType(), help="Output dtype for floating tensors, as a recipe's `out_dtype` (default: --dtype).")
 @click.option("--compute-dtype", type=DType(), help="Compute in this dtype instead of --dtype, as a recipe's `compute_dtype`; "
               "float32 computes from the inputs as stored and rounds once to the output dtype.")
+@click.option("--tensors", type=click.Choice(["union", "intersection"]),
+              help="Inputs holding different tensors: write every tensor any input has, each merged over the inputs "
+                   "that have it, or only those all have (mergekit-pytorch's --tensor-union, --tensor-intersection; "
+                   "a recipe's `tensors`).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--threads", type=POSITIVE, help="Tensors merged in parallel (default: 2 for elementwise methods and those that "
               "merge faster side by side, e.g. ties, dare_*, della, sce, karcher, multislerp; else 1 using all cores).")
@@ -152,7 +156,7 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @JSON
 @PLOT
 @click.pass_context
-def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, out_dtype, compute_dtype, shard_size,
+def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, out_dtype, compute_dtype, tensors, shard_size,
           threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, requantize, as_json, plot):
     """Merge models or adapters by a recipe (mergekit's YAML format) or the quick form.
 
@@ -177,6 +181,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
       adaptkit merge --method ties -m lora1 -m lora2 --rank 8 -o lora-ties/ --plot errors.png
       adaptkit merge soup.yaml -o merged/ --dry-run
       adaptkit merge soup.yaml -o merged/ --compute-dtype float32     # bf16 recipe, rounded once
+      adaptkit merge --method linear -m a.safetensors -m b.safetensors --tensors union -o ab/
       adaptkit merge --base llama-4bit/ -m my-qlora -o merged/ --requantize   # into a quantized base
     """
     with heavy_imports():
@@ -192,7 +197,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
         raise AdaptkitError(f"{', '.join(quick)}: only with the quick form (-m ...); a recipe file gives them itself")
     if plot:
         _check_plot(plot, recipe, dry_run)
-    dtypes = dict(dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype)
+    dtypes = dict(dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype, tensors=tensors)  # (the recipe's replaced)
     options = dict(shard_size=shard_size, threads=threads, seed=seed, **dtypes, allow_nonfinite=allow_nonfinite,
                    allow_pickle=allow_pickle, requantize=requantize, progress=not ctx.obj["quiet"])
     if recipe and _multi_stage(recipe, out, force, dry_run, not no_card, as_json, options):

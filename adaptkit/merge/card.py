@@ -207,14 +207,17 @@ def parameter_groups(plan) -> list[dict[str, Any]]:
     """The engine's Plan as groups of output tensors whose operator parameters are equal once gradients
     and filters are resolved (`Plan.parameters`), in model order: each with its parameters (per-model ones
     as one value per input), the layer indices it covers and its tensors; in a multimodal model, per module
-    (its `module`), whose layers are numbered on their own."""
+    (its `module`), whose layers are numbered on their own; where a union's tensors are in only some
+    inputs, those (`inputs`), whose values the per-model ones are."""
     from .modules import DEFAULT, architecture_modules, owner
 
     modules = architecture_modules(plan.config or (plan.base or plan.inputs[0]).config)
     groups: dict[str, dict[str, Any]] = {}
     for name in plan.names:
-        params = plan.parameters(name)
+        params, job = plan.parameters(name), plan.job(name)
         module = {} if modules is DEFAULT else {"module": owner(name, modules)}
+        if not plan.jobs and len(job.inputs) < len(plan.inputs):  # (`tensors: union`: the inputs that have it)
+            module["inputs"] = [str(source.ref) for source, _ in job.inputs]
         group = groups.setdefault(json.dumps([module, params], sort_keys=True, default=str),
                                   {**module, "parameters": params, "layers": [], "tensors": []})
         group["tensors"].append(name)
@@ -233,7 +236,8 @@ def describe_group(group: dict[str, Any]) -> str:
         where += " and outside them"
     values = ", ".join(f"{k}={_number(v)}" for k, v in group["parameters"].items()) or "no parameters"
     module = f"{group['module']}: " if group.get("module") else ""
-    return f"{module}{where} ({count} tensor{'s' if count != 1 else ''}): {values}"
+    inputs = f" of {', '.join(group['inputs'])}" if group.get("inputs") else ""
+    return f"{module}{where} ({count} tensor{'s' if count != 1 else ''}{inputs}): {values}"
 
 
 def _ranges(indices: list[int]) -> str:

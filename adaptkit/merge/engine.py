@@ -34,9 +34,9 @@ from .modules import part_jobs
 from .slices import Job, source_place
 from .precision import recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
-from .recipe import Recipe, load_recipe, recipe_inputs
+from .recipe import Recipe, check_tensor_set, load_recipe, recipe_inputs
 from .schedule import run_within
-from .sources import ModelSource, check_same_architecture, merge_names, open_input, warn_tied_config
+from .sources import ModelSource, check_inputs, check_same_architecture, merge_names, open_input, warn_tied_config
 from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
 from ..io.readers import dump_json, read_json
@@ -56,10 +56,9 @@ WORKING_MEMORY = 1024 * 1024 * 1024
 class Plan:
     """What a merge will do: inputs, tensor layout, output dtypes and a memory estimate."""
 
-    def __init__(self, recipe: Recipe, *, allow_pickle: bool = False, dtype: str | None = None):
-        """`dtype`: the recipe's `dtype` replaced (the CLI's --dtype)."""
+    def __init__(self, recipe: Recipe, *, allow_pickle: bool = False):
         self.recipe, self.allow_pickle = recipe, allow_pickle
-        recipe.dtype = dtype or recipe.dtype
+        check_tensor_set(recipe)
         self.method = registry.get("merge", recipe.method)
         takes_base = spec.option(self.method, "takes_base")
         # with slices, each slice's base is one of its sources (mergekit's rule), not an input of its own
@@ -69,15 +68,14 @@ class Plan:
         check_same_architecture(self.sources)
         reference = self.base or self.inputs[0]
         self.jobs, self.config = self._slices(takes_base, allow_pickle) if recipe.parts else (None, None)
-        self.names = list(self.jobs) if self.jobs else merge_names(reference, self.sources)
+        self.names = list(self.jobs) if self.jobs else merge_names(reference, self.sources, recipe.tensors, self.base)
         warn_tied_config(self.names, self.donor if self.jobs else reference)
         # the recipe's name of each source (an adapter opened as base+adapter keeps its own)
         self.refs = ([str(recipe.base)] if self.base else []) + [str(ref) for ref in recipe.models]
-        self.vocabulary = build_vocabulary(recipe, self.refs, self.sources, self.names) if recipe.tokenizer_settings \
-            else None
+        self.vocabulary = recipe.tokenizer_settings and build_vocabulary(recipe, self.refs, self.sources, self.names)
         aligned = self.vocabulary.tensors if self.vocabulary else frozenset()
-        for source in self.sources if not self.jobs else ():  # slices: checked layer by layer (slices.py)
-            source.check_matches(reference, rows_may_differ=aligned)
+        if not self.jobs:  # (slices: checked layer by layer, slices.py)
+            check_inputs(self.names, reference, self.sources, aligned, recipe.tensors)
         # output and compute dtypes (None: the inputs' promoted stored dtype, per tensor; see precision.py)
         out, self.compute = recipe_dtypes(recipe, any(s.store.method for s in self.sources))
         self.positions = {n: job.t for n, job in self.jobs.items()} if self.jobs else \
@@ -85,7 +83,7 @@ class Plan:
         check_positions(recipe, self.positions)
         self.layout = []
         for name in self.names:
-            source, stored = self.jobs[name].sources[0] if self.jobs else (reference, name)
+            source, stored = self.job(name).sources[0]
             info = source.info(stored)
             floating = code_to_torch(info.dtype).is_floating_point
             shape = (self.vocabulary.rows, *info.shape[1:]) if name in aligned else info.shape
@@ -103,21 +101,22 @@ class Plan:
         return part_jobs(recipe, opened, self.donor, takes_base)
 
     def job(self, name: str) -> Job:
-        """Where output tensor `name` comes from; without slices, the same name in every input."""
+        """Where output tensor `name` comes from; without slices, the same name in every input (`tensors: union`:
+        in every input that has it), each input with its own parameters."""
         if self.jobs:
             return self.jobs[name]
-        return Job([(s, name) for s in self.inputs], (self.base, name) if self.base else None, self.positions[name])
+        have = [i for i, s in enumerate(self.inputs) if self.recipe.tensors != "union" or s.stored(name)]
+        return Job([(self.inputs[i], name) for i in have], (self.base, name) if self.base else None,
+                   self.positions[name], [self.recipe.model_params[i] for i in have])
 
     def parameters(self, name: str) -> dict[str, Any]:
         """The operator's parameters for output tensor `name`, gradients and filters resolved (--dry-run)."""
         job = self.job(name)
-        return resolve_params(self.recipe, self.method, name, job.t, job.shared,
-                              list(zip(job.own, (n for _, n in job.inputs))) if self.jobs else None)
+        return resolve_params(self.recipe, self.method, name, job.t, job.shared, job.scopes)
 
     def stored_dtype(self, name: str) -> torch.dtype:
         """The dtype mergekit would load the inputs of `name` in without a `dtype` (promoted)."""
-        pairs = self.jobs[name].sources if self.jobs else [(source, name) for source in self.sources]
-        return stored_dtype([source.info(n).dtype for source, n in pairs])
+        return stored_dtype([source.info(n).dtype for source, n in self.job(name).sources])
 
     def side_files(self) -> Path | None:
         """The folder whose config and tokenizer files the output gets, as mergekit picks it: the base model
@@ -238,15 +237,21 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
         refs = [plan.refs[plan.sources.index(source)] for source, _ in job.sources]  # (the recipe's names)
         aligned = plan.vocabulary.align(name, refs, ([base] if base is not None else []) + tensors, compute)
         base, tensors = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
-    params = operator_params(plan.recipe, plan.method, name, job.t, len(tensors), job.shared,
-                             list(zip(job.own, (n for _, n in job.inputs))) if plan.jobs else None)
-    return plan.method.merge(tensors, base, **params, **({"dtype": compute} if lazy else {}))
+    if not tensors:  # (`tensors: union`, a tensor only the base has: the base's, see sources.py `merge_names`)
+        return base.to(compute)
+    params = operator_params(plan.recipe, plan.method, name, job.t, len(tensors), job.shared, job.scopes)
+    try:
+        return plan.method.merge(tensors, base, **params, **({"dtype": compute} if lazy else {}))
+    except AdaptkitError as error:  # (`tensors: union`: say that the inputs lacking it are why)
+        if len(tensors) < len(plan.inputs) and not plan.jobs:
+            raise AdaptkitError(f"tensor '{name}' is in {len(tensors)} of {len(plan.inputs)} inputs: {error}") from None
+        raise
 
 
 def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: bool = False,
               shard_size: int | str = DEFAULT_SHARD_SIZE, threads: int | None = None, seed: int | None = None,
               dtype: str | None = None, out_dtype: str | None = None, compute_dtype: str | None = None,
-              allow_nonfinite: bool = False, allow_pickle: bool = False, requantize: bool = False,
+              tensors: str | None = None, allow_nonfinite: bool = False, allow_pickle: bool = False, requantize: bool = False,
               progress: bool = True, card: bool = True) -> dict[str, Any]:
     """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json). With `card`, the
     output also gets a model card and the recipe (`card.py` here).
@@ -254,11 +259,11 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
     Quantized inputs are read unpacked (`adaptkit.quant.unpacked`), and the output is floating point; with
     `requantize` the tensors the quantized base had packed are packed again with its quantizer,
     and the report's `requantized` gives that extra rounding error (relative, per tensor).
-    `dtype`, `out_dtype`, `compute_dtype` replace the recipe's (`precision.py` here)."""
+    `dtype`, `out_dtype`, `compute_dtype` (`precision.py` here) and `tensors` replace the recipe's."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if seed is not None:
         recipe.seed = seed
-    for key, value in (("dtype", dtype), ("out_dtype", out_dtype), ("compute_dtype", compute_dtype)):
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype), ("compute_dtype", compute_dtype), ("tensors", tensors)):
         setattr(recipe, key, value or getattr(recipe, key))
     if recipe.output_kind == "adapter":
         if requantize:

@@ -5,7 +5,8 @@ mergekit keys: `models` (each `model:` with optional `parameters:`), `slices` (s
 `parameters`, `dtype`, `out_dtype`, `tokenizer_source` or `tokenizer`, `chat_template` (tokenizer.py). Additions: `seed` (for random methods),
 `compute_dtype` (see `dtypes` in engine.py: `dtype` is what tensors are loaded and computed in, as in
 mergekit; `compute_dtype: float32` computes in float32 and rounds once to the output dtype),
-`output: {kind: model|adapter, rank: R}`. A model reference is a folder, `org/name[@rev]`, or
+`output: {kind: model|adapter, rank: R}`, `tensors: union|intersection` (mergekit-pytorch's --tensor-union
+and --tensor-intersection: inputs with different tensor sets, sources.py `merge_names`). A model reference is a folder, `org/name[@rev]`, or
 `base+adapter` (the adapter merged into that model first), as mergekit writes them.
 
 A parameter value is a scalar, a gradient (a list of numbers interpolated over the layer index:
@@ -37,7 +38,7 @@ from .modules import Module, parse_modules
 from .slices import Slice, parameter_groups, parse_slices, place, slice_models
 
 RECIPE_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-               "compute_dtype", "seed", "output", "slices", "modules", "tokenizer", "chat_template"}
+               "compute_dtype", "seed", "output", "slices", "modules", "tokenizer", "chat_template", "tensors"}
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}  # residual_weight: warned of, dropped
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -48,7 +49,7 @@ OUTPUT_KEYS = {"kind", "rank"}
 MERGEKIT_SETTINGS = frozenset({"smooth", "allow_negative_weights", "embed_slerp"})
 FIELD_TYPES = {"merge_method": v.text, "base_model": v.optional(v.either(v.text, v.mapping, must="a path or repo id")),
                "parameters": v.optional(v.mapping), "dtype": v.optional(v.text), "out_dtype": v.optional(v.text),
-               "compute_dtype": v.optional(v.text),
+               "compute_dtype": v.optional(v.text), "tensors": v.optional(v.text),
                "tokenizer_source": v.optional(v.text), "seed": v.count, "output": v.optional(v.mapping)}
 OUTPUT_TYPES = {"kind": v.text, "rank": v.optional(v.positive_int)}
 
@@ -85,6 +86,7 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     compute_dtype: str | None = None  # adaptkit: compute in this instead of `dtype` (engine.py `dtypes`)
+    tensors: str | None = None  # adaptkit: "union" or "intersection" of inputs' tensors (sources.py `merge_names`)
     seed: int = 0
     output_kind: str = "model"
     output_rank: int | None = None
@@ -142,6 +144,7 @@ def load_recipe(source: str | Path | dict) -> Recipe:
     recipe = Recipe(method_name, models, model_params, base=base,
                     parameters=_parameters(f"{src}: parameters", data.get("parameters")), dtype=data.get("dtype"),
                     out_dtype=data.get("out_dtype"), compute_dtype=data.get("compute_dtype"), seed=data.get("seed", 0),
+                    tensors=data.get("tensors"),
                     tokenizer_source=data.get("tokenizer_source"), slices=slices, modules=modules,
                     source=copy.deepcopy(data))
     output = data.get("output") or {}
@@ -167,7 +170,19 @@ def load_recipe(source: str | Path | dict) -> Recipe:
     if not recipe.parts and recipe.output_kind == "model" and recipe.base and spec.option(method, "takes_base"):
         _base_not_an_input(recipe)
     check_parameters(recipe, method)
+    check_tensor_set(recipe, src)
     return recipe
+
+
+def check_tensor_set(recipe: Recipe, src: str = "recipe") -> None:
+    """`tensors:` (or --tensors) is union or intersection, for a `models:` recipe that makes a model."""
+    if recipe.tensors is None:
+        return
+    if recipe.tensors not in ("union", "intersection"):
+        raise AdaptkitError(f"{src}: tensors must be 'union' or 'intersection', got {short(recipe.tensors)}")
+    if recipe.parts or recipe.output_kind != "model":
+        what = "slices name their tensors layer by layer" if recipe.parts else "an adapter output merges modules"
+        raise AdaptkitError(f"{src}: tensors: {recipe.tensors} applies to a `models:` recipe that makes a model; {what}")
 
 
 def _base_not_an_input(recipe: Recipe) -> None:

@@ -72,6 +72,11 @@ class Job:
         return ([self.base] if self.base else []) + self.inputs
 
     @property
+    def scopes(self) -> list[tuple[dict[str, Any], str]]:
+        """Each input's own parameters and its tensor name (`positions.resolve_params`'s `inputs`)."""
+        return list(zip(self.own, (n for _, n in self.inputs)))
+
+    @property
     def reference(self) -> Any:
         return self.sources[0][0]
 

@@ -178,9 +178,9 @@ class ModelSource:
         """Same tensor names and shapes as the reference input (but for the first dimension of the
         tensors in `rows_may_differ`: token-indexed ones, aligned later), or one clear error."""
         if missing := sorted(n for n in reference.keys() if not self.stored(n) and not BUFFERS.search(n)):
-            raise AdaptkitError(f"tensor '{missing[0]}' of {reference.ref} is missing from {self.ref}")
+            raise AdaptkitError(f"tensor '{missing[0]}' of {reference.ref} is missing from {self.ref}{SETS_HINT}")
         if extra := sorted(n for n in self.keys() if not reference.stored(n) and not BUFFERS.search(n)):
-            raise AdaptkitError(f"{self.ref} has tensor '{extra[0]}' that {reference.ref} lacks")
+            raise AdaptkitError(f"{self.ref} has tensor '{extra[0]}' that {reference.ref} lacks{SETS_HINT}")
         for name in reference.keys() + reference.tied_extra([self]):
             if not self.stored(name):  # (a buffer it lacks: left out of the output)
                 continue
@@ -220,15 +220,72 @@ def _naming_hint(store: TensorStore, module: str) -> str:
     return "an adapter for a different base?"
 
 
-def merge_names(reference: ModelSource, sources: list[ModelSource]) -> list[str]:
+#: A recipe's `tensors:` (adaptkit's name for mergekit-pytorch's --tensor-union and --tensor-intersection):
+#: which tensors a merge of inputs holding different sets writes. Without it, the sets must be equal.
+TENSOR_SETS = ("union", "intersection")
+SETS_HINT = " (to merge inputs with different tensors: `tensors: union` or `intersection`, or --tensors)"
+
+
+def merge_names(reference: ModelSource, sources: list[ModelSource], tensors: str | None = None,
+                base: ModelSource | None = None) -> list[str]:
     """The tensors a merge of `sources` writes, under the reference's names: its own, and heads that others
-    store and it ties (`TIED`), without the buffers (`BUFFERS`) an input lacks (with a warning)."""
+    store and it ties (`TIED`), without the buffers (`BUFFERS`) an input lacks (with a warning).
+
+    `tensors`: "intersection" keeps only those every source stores; "union" adds those any source stores,
+    each merged over the inputs that have it (`Plan.job`), as mergekit-pytorch does, but for two cases:
+    a tensor only the `base` has is the base's (mergekit leaves it out of the output, which then does not
+    load), and one the base lacks where the method takes a base is an error naming it (as mergekit's)."""
     names = reference.keys() + reference.tied_extra(sources)
+    if tensors is not None:  # (the union: an intersection says how many it leaves out)
+        seen = set(names)
+        for source in sources:
+            extra = [n for n in source.keys() if n not in seen and not reference.stored(n)]
+            names += extra
+            seen.update(extra)
+    if tensors is not None:
+        return _sized(names, sources, tensors, base)
     dropped = [n for n in names if BUFFERS.search(n) and not all(s.stored(n) for s in sources)]
     if dropped:
         warnings.warn(f"{len(dropped)} buffer(s) such as '{dropped[0]}' are left out of the output: some inputs do "
                       "not store them (transformers makes them when it loads the model)")
     return [n for n in names if n not in dropped]
+
+
+def _sized(names: list[str], sources: list[ModelSource], tensors: str, base: ModelSource | None) -> list[str]:
+    """`merge_names` for a `tensors:` setting: the names kept, each tensor's shapes checked to agree (but
+    for token rows, aligned later), and one warning saying how many tensors are not in every source."""
+    partial = [n for n in names if not all(s.stored(n) for s in sources)]
+    if base is not None and tensors == "union":
+        if lacking := [n for n in partial if not base.stored(n)]:
+            raise AdaptkitError(f"tensor '{lacking[0]}' is not in the base model {base.ref}: the merge method "
+                                "takes a base for every tensor (`tensors: intersection` leaves such tensors out)")
+    if partial:
+        what = "each merged over the inputs that have it" if tensors == "union" else "left out"
+        warnings.warn(f"{len(partial)} tensor(s) such as '{min(partial)}' are not in every input: {what} "
+                      f"(tensors: {tensors})")
+    if tensors == "intersection":
+        names = [n for n in names if n not in set(partial)]
+        if not names:
+            raise AdaptkitError("the inputs have no tensor in common (tensors: intersection)")
+    return names
+
+
+def check_inputs(names: list[str], reference: ModelSource, sources: list[ModelSource],
+                 rows_may_differ: frozenset[str], tensors: str | None) -> None:
+    """Each source has the reference's tensors (`check_matches`); with a `tensors:` setting, each tensor has
+    one shape in every source that has it (but for the first dimension of token-indexed ones, aligned
+    later). Else one clear error."""
+    if tensors is None:
+        for source in sources:
+            source.check_matches(reference, rows_may_differ)
+        return
+    for name in names:
+        have = [s for s in sources if s.stored(name)]
+        cut = 1 if name in rows_may_differ else 0
+        for other in have[1:]:
+            a, b = other.info(name).shape, have[0].info(name).shape
+            if tuple(a[cut:]) != tuple(b[cut:]):
+                raise AdaptkitError(f"tensor '{name}' has shape {a} in {other.ref} but {b} in {have[0].ref}")
 
 
 def tie_flag(config: dict | None) -> bool | None:
