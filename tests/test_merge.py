@@ -297,6 +297,42 @@ def test_different_architectures(models, tmp_path):
         run_merge(recipe, tmp_path / "out", progress=False)
 
 
+def test_mixed_architectures(tmp_path):
+    """A Llama and a Mistral of one shape: refused (as mergekit refuses without --allow-crimes), and with
+    --allow-mixed-architectures merged by tensor name with mergekit's --allow-crimes bytes; config.json is
+    the first model's; a warning says so."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from builders import tiny_llama_config
+    from hostile import run_cli
+
+    tiny_llama(seed=1).save_pretrained(tmp_path / "llama")
+    torch.manual_seed(2)
+    MistralForCausalLM(MistralConfig(**tiny_llama_config().to_diff_dict() | {"model_type": "mistral"})).save_pretrained(
+        tmp_path / "mistral")
+    recipe = {"merge_method": "linear", "dtype": "bfloat16",
+              "models": [{"model": str(tmp_path / n), "parameters": {"weight": w}} for n, w in (("llama", 0.3), ("mistral", 0.7))]}
+    with pytest.raises(AdaptkitError, match=r"different architectures: .*llama is llama, .*mistral is mistral "
+                                            r"\(--allow-mixed-architectures merges them"):
+        run_merge(recipe, tmp_path / "refused", progress=False)
+    with pytest.raises(RuntimeError, match="allow-crimes"):
+        mergekit_merge(recipe, tmp_path / "mk-refused")
+    with pytest.warns(UserWarning, match="different architectures: .*: merged by tensor name and shape"):
+        run_merge(recipe, tmp_path / "ours", progress=False, allow_mixed_architectures=True)
+    expected, got = mergekit_merge(recipe, tmp_path / "mk", allow_crimes=True), state(tmp_path / "ours")
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "mk")]
+    # mergekit takes the base's, else the first of a set of models: either one, by the process's hash seed
+    assert configs[0]["model_type"] == "llama" and configs[1]["model_type"] in ("llama", "mistral")
+    recipe_file = tmp_path / "r.yml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    for extra in (["--dry-run"], []):
+        result = run_cli("merge", recipe_file, "-o", tmp_path / "cli", "--allow-mixed-architectures", *extra)
+        assert result.exit_code == 0, result.output
+    assert all(torch.equal(t, got[n]) for n, t in state(tmp_path / "cli").items())
+
+
 def test_adapter_for_a_different_base(models, tmp_path):
     adapter = peft_adapter(tiny_llama(hidden_size=48), tmp_path / "wide", r=2, lora_alpha=2, target_modules=["q_proj"])
     with pytest.raises(AdaptkitError, match=r"q_proj' gives ΔW of shape \(48, 48\) but .* has \(32, 32\): wrong base"):

@@ -35,7 +35,7 @@ def _quick_recipe(method, base, models, parameters, rank) -> dict:
     return recipe
 
 
-def _multi_stage(recipe, out, force, dry_run, card, as_json, options) -> bool:
+def _multi_stage(recipe, out, force, dry_run, card, as_json, options, overrides) -> bool:
     """Run (with --dry-run: show) a multi-stage recipe; False when the file holds one plain recipe."""
     from ..merge import multi
 
@@ -45,7 +45,8 @@ def _multi_stage(recipe, out, force, dry_run, card, as_json, options) -> bool:
     if dry_run:
         from ..merge.card import describe_group
 
-        summary = multi.describe_stages(recipe, docs, threads=options["threads"], allow_pickle=options["allow_pickle"])
+        summary = multi.describe_stages(recipe, docs, threads=options["threads"], allow_pickle=options["allow_pickle"],
+                                        overrides=overrides)
         if as_json:
             emit_json(summary)
             return True
@@ -151,13 +152,17 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @NO_CARD
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
 @ALLOW_PICKLE
+@click.option("--allow-mixed-architectures", is_flag=True,
+              help="Merge models of different architectures (config.json's model_type) by tensor name and shape, "
+                   "as mergekit's --allow-crimes; the output's config.json is the base's, else the first model's.")
 @click.option("--requantize", is_flag=True, help="With a quantized base: pack the result again with the base's "
               "quantizer (default: write it unpacked, bfloat16) and report the extra rounding error.")
 @JSON
 @PLOT
 @click.pass_context
 def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, out_dtype, compute_dtype, tensors, shard_size,
-          threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, requantize, as_json, plot):
+          threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, allow_mixed_architectures, requantize, as_json,
+          plot):
     """Merge models or adapters by a recipe (mergekit's YAML format) or the quick form.
 
     Modes: models -> model; base + adapters -> model (each adapter's ΔW added into the streamed
@@ -187,7 +192,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
     with heavy_imports():
         from ..merge.card import describe_group
         from ..merge.engine import Plan, run_merge
-        from ..merge.recipe import load_recipe
+        from ..merge.recipe import apply_overrides, load_recipe
 
     if bool(recipe) == bool(models):
         raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")
@@ -199,15 +204,14 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
         _check_plot(plot, recipe, dry_run)
     dtypes = dict(dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype, tensors=tensors)  # (the recipe's replaced)
     options = dict(shard_size=shard_size, threads=threads, seed=seed, **dtypes, allow_nonfinite=allow_nonfinite,
-                   allow_pickle=allow_pickle, requantize=requantize, progress=not ctx.obj["quiet"])
-    if recipe and _multi_stage(recipe, out, force, dry_run, not no_card, as_json, options):
+                   allow_pickle=allow_pickle, allow_mixed_architectures=allow_mixed_architectures,
+                   requantize=requantize, progress=not ctx.obj["quiet"])
+    overrides = {**dtypes, "mixed_architectures": allow_mixed_architectures, "seed": seed}  # (what --dry-run shows)
+    if recipe and _multi_stage(recipe, out, force, dry_run, not no_card, as_json, options, overrides):
         return
     spec = recipe if recipe else _quick_recipe(method, base, models, settings, rank)
     parsed = load_recipe(spec)
-    for key, value in dtypes.items():
-        setattr(parsed, key, value or getattr(parsed, key))
-    if seed is not None:  # as run_merge sets it: --dry-run shows the seed the merge would use
-        parsed.seed = seed
+    apply_overrides(parsed, overrides)
     if plot:
         _check_plot(plot, recipe, dry_run, parsed)
     if dry_run and parsed.output_kind == "adapter":

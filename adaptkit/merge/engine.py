@@ -32,14 +32,14 @@ from ..io.store import open_store
 from .card import drop_card, parameter_groups, write_card
 from .modules import part_jobs
 from .slices import Job, source_place
-from .precision import recipe_dtypes, state_dtype, stored_dtype
+from .precision import drop_quantization_config, recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
-from .recipe import Recipe, check_tensor_set, load_recipe, recipe_inputs
+from .recipe import Recipe, apply_overrides, check_tensor_set, load_recipe, recipe_inputs
 from .schedule import run_within
 from .sources import ModelSource, check_inputs, check_same_architecture, merge_names, open_input, warn_tied_config
 from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
-from ..io.readers import dump_json, read_json
+from ..io.readers import dump_json
 from ..io.outputs import atomic_output
 from ..io.writer import DEFAULT_SHARD_SIZE, MirrorWriter, ShardedWriter, copy_side_files, copy_tree, parse_size
 
@@ -65,7 +65,7 @@ class Plan:
         self.base = open_input(recipe.base, allow_pickle=allow_pickle) if recipe.base and takes_base \
             and not recipe.parts else None
         self.inputs = [_open(recipe, ref, allow_pickle) for ref in recipe.models]
-        check_same_architecture(self.sources)
+        check_same_architecture(self.sources, allowed=recipe.mixed_architectures)
         reference = self.base or self.inputs[0]
         self.jobs, self.config = self._slices(takes_base, allow_pickle) if recipe.parts else (None, None)
         self.names = list(self.jobs) if self.jobs else merge_names(reference, self.sources, recipe.tensors, self.base)
@@ -251,20 +251,20 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
 def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: bool = False,
               shard_size: int | str = DEFAULT_SHARD_SIZE, threads: int | None = None, seed: int | None = None,
               dtype: str | None = None, out_dtype: str | None = None, compute_dtype: str | None = None,
-              tensors: str | None = None, allow_nonfinite: bool = False, allow_pickle: bool = False, requantize: bool = False,
-              progress: bool = True, card: bool = True) -> dict[str, Any]:
+              tensors: str | None = None, allow_nonfinite: bool = False, allow_pickle: bool = False,
+              allow_mixed_architectures: bool = False, requantize: bool = False, progress: bool = True,
+              card: bool = True) -> dict[str, Any]:
     """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json). With `card`, the
     output also gets a model card and the recipe (`card.py` here).
 
     Quantized inputs are read unpacked (`adaptkit.quant.unpacked`), and the output is floating point; with
     `requantize` the tensors the quantized base had packed are packed again with its quantizer,
     and the report's `requantized` gives that extra rounding error (relative, per tensor).
-    `dtype`, `out_dtype`, `compute_dtype` (`precision.py` here) and `tensors` replace the recipe's."""
+    `dtype`, `out_dtype`, `compute_dtype` (`precision.py` here) and `tensors` replace the recipe's;
+    `allow_mixed_architectures` merges models of different architectures (`sources.check_same_architecture`)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if seed is not None:
-        recipe.seed = seed
-    for key, value in (("dtype", dtype), ("out_dtype", out_dtype), ("compute_dtype", compute_dtype), ("tensors", tensors)):
-        setattr(recipe, key, value or getattr(recipe, key))
+    apply_overrides(recipe, dict(seed=seed, dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype, tensors=tensors,
+                                 mixed_architectures=allow_mixed_architectures))
     if recipe.output_kind == "adapter":
         if requantize:
             raise AdaptkitError("--requantize applies to model outputs; this recipe makes an adapter")
@@ -282,7 +282,7 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
         folder.mkdir(exist_ok=True)
         files = _write(plan, folder, threads, shard_size, allow_nonfinite, progress)
         if not packed and any(s.store.method for s in plan.sources):
-            _drop_quantization_config(folder)
+            drop_quantization_config(folder)
         if packed:
             from ..quant.quantize import quantize_into
 
@@ -328,16 +328,6 @@ def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: 
     if len(floating) == 1 and not mirrored:  # the dtype transformers loads the model in (mergekit sets it too)
         state_dtype(folder, code_to_torch(floating.pop()))
     return files
-
-
-def _drop_quantization_config(folder: Path) -> None:
-    """An unpacked output keeps the base's config.json minus `quantization_config` (which transformers
-    would otherwise act on when loading the floating-point weights)."""
-    path = folder / "config.json"
-    if path.is_file():
-        config = read_json(path)
-        if config.pop("quantization_config", None) is not None:
-            path.write_text(dump_json(config, "config.json"))
 
 
 def _quantized_base(plan: Plan) -> tuple[str, set[str]]:

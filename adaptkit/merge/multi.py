@@ -27,7 +27,7 @@ from ..io.paths import regular_file
 from ..io.readers import read_yaml_documents
 from ..validate import short
 from .card import write_card
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, apply_overrides, load_recipe
 
 NAME = "name"  # the key mergekit-multi adds to a recipe
 STAGE_NAME = re.compile(r"[\w-][\w.-]*")  # a folder name; not ".final", which is the final stage's
@@ -207,16 +207,17 @@ def _recipe(path, stage: Stage, swaps: dict[str, str]) -> Recipe:
 
 
 def describe_stages(path: str | Path, docs: list[Any] | None = None, *, threads: int | None = None,
-                    allow_pickle: bool = False) -> dict[str, Any]:
+                    allow_pickle: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stages in run order with their method and inputs (`merge --dry-run`). A stage that uses no other
     stage's result also gets its `plan`, as a recipe of its own has (parameter groups, estimated peak);
-    one that does cannot be planned before that result exists (`plan` None)."""
+    one that does cannot be planned before that result exists (`plan` None). `overrides`: the command
+    line's settings over each stage's (`recipe.apply_overrides`), as `run_stages` passes them to each."""
     from .engine import Plan  # (torch: only to plan)
 
     stages = load_stages(path, docs)
     rows = []
     for stage in stages:
-        recipe = _recipe(path, stage, {})
+        recipe = apply_overrides(_recipe(path, stage, {}), overrides or {})
         planned = not stage.needs and recipe.output_kind != "adapter"
         plan = Plan(recipe, allow_pickle=allow_pickle).dry_run(threads) if planned else None
         rows.append({"name": stage.name, "method": recipe.method, "inputs": [str(r) for r in recipe.models],

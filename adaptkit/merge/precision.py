@@ -74,3 +74,13 @@ def state_dtype(folder: Path, dtype: torch.dtype) -> None:
     if "torch_dtype" in config:
         config["torch_dtype"] = name
     path.write_text(dump_json(config, "config.json"))
+
+
+def drop_quantization_config(folder: Path) -> None:
+    """An unpacked output keeps the base's config.json minus `quantization_config` (which transformers
+    would otherwise act on when loading the floating-point weights)."""
+    path = folder / "config.json"
+    if path.is_file():
+        config = read_json(path)
+        if config.pop("quantization_config", None) is not None:
+            path.write_text(dump_json(config, "config.json"))

@@ -87,6 +87,7 @@ class Recipe:
     out_dtype: str | None = None
     compute_dtype: str | None = None  # adaptkit: compute in this instead of `dtype` (engine.py `dtypes`)
     tensors: str | None = None  # adaptkit: "union" or "intersection" of inputs' tensors (sources.py `merge_names`)
+    mixed_architectures: bool = False  # --allow-mixed-architectures (mergekit's --allow-crimes; not a recipe key)
     seed: int = 0
     output_kind: str = "model"
     output_rank: int | None = None
@@ -171,6 +172,14 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         _base_not_an_input(recipe)
     check_parameters(recipe, method)
     check_tensor_set(recipe, src)
+    return recipe
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """The command line's settings (--dtype, --seed, --tensors, ...: Recipe fields) over the recipe's, where given."""
+    for key, value in overrides.items():
+        if value is not None and value is not False:
+            setattr(recipe, key, value)
     return recipe
 
 

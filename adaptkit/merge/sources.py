@@ -327,7 +327,10 @@ def _must_be_adapter(ref: str, allow_pickle: bool) -> AdapterFiles:
     return adapter
 
 
-def check_same_architecture(sources: list[ModelSource]) -> None:
+def check_same_architecture(sources: list[ModelSource], allowed: bool = False) -> None:
+    """One model type (config.json's `model_type`) among the inputs that say one, or an error; `allowed`
+    (--allow-mixed-architectures, mergekit's --allow-crimes): a warning, and the merge goes by tensor names
+    and shapes, as mergekit's does."""
     seen: dict[str, Any] = {}
     for source in sources:
         cfg = source.config or {}
@@ -335,5 +338,11 @@ def check_same_architecture(sources: list[ModelSource]) -> None:
         if arch[0] is None:
             continue
         if seen and arch[0] != seen["arch"][0]:
-            raise AdaptkitError(f"different architectures: {seen['ref']} is {seen['arch'][0]}, {source.ref} is {arch[0]}")
+            mixed = f"different architectures: {seen['ref']} is {seen['arch'][0]}, {source.ref} is {arch[0]}"
+            if not allowed:
+                raise AdaptkitError(f"{mixed} (--allow-mixed-architectures merges them by tensor name and shape, "
+                                    "as mergekit's --allow-crimes)")
+            warnings.warn(f"{mixed}: merged by tensor name and shape; the output's config.json is one model's "
+                          "(the base's, else the first's)")
+            return
         seen = seen or {"arch": arch, "ref": source.ref}
