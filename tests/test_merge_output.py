@@ -420,6 +420,9 @@ def test_multi_stage_dry_run(models, tmp_path):
     assert first["plan"]["estimated_peak_bytes"] == first["plan"]["working_bytes"] + first["plan"]["process_bytes"]
     assert [g["parameters"]["weight"] for g in first["plan"]["groups"]] == [[0.7, 0.3]]
     assert first["plan"]["tensors"] == 3 + 9 * LAYERS and final["plan"] is None
+    for dtype, size in (("float16", 2), ("float32", 4)):  # the command line's settings planned as each stage runs
+        code, out = adaptkit("merge", tmp_path / "m.yml", "-o", tmp_path / "out", "--dry-run", "--json", "--out-dtype", dtype)
+        assert json.loads(out)["stages"][0]["plan"]["output_bytes"] == size * first["plan"]["parameters"]
     code, text = adaptkit("merge", tmp_path / "m.yml", "-o", tmp_path / "out", "--dry-run")
     assert code == 0 and text.count("estimated peak") == 1 and "weight=[0.7, 0.3]" in text, text
     assert not (tmp_path / "out").exists()
