@@ -277,7 +277,17 @@ def test_shape_mismatch(models, tmp_path):
     bad = edited_copy(models / "ft2", tmp_path / "bad", lambda t: t.update({"lm_head.weight": torch.zeros(3, 3)}))
     recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
     recipe["models"][1]["model"] = str(bad)
-    with pytest.raises(AdaptkitError, match=r"'lm_head.weight' has shape \(3, 3\) in .*bad but \(128, 32\)"):
+    with pytest.raises(AdaptkitError, match=r"'lm_head.weight' has shape \(3, 3\) in .*bad but \(128, 32\)$"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_vocabulary_mismatch_says_how_to_align(models, tmp_path):
+    """Token rows that differ in number only: the error names the tokenizer settings that align them."""
+    bad = edited_copy(models / "ft2", tmp_path / "bad", lambda t: t.update({"lm_head.weight": torch.zeros(130, 32)}))
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    recipe["models"][1]["model"] = str(bad)
+    with pytest.raises(AdaptkitError, match=r"has shape \(130, 32\) in .*bad but \(128, 32\) in .* \(the vocabularies "
+                                            r"differ: `tokenizer_source: union`, `base` or `model:<path>` aligns rows"):
         run_merge(recipe, tmp_path / "out", progress=False)
 
 

@@ -21,6 +21,7 @@ from ..files.lowrank import module_delta, settle_layout
 from ..io.safetensors_file import TensorInfo
 from .recipe import Ref
 from .slices import BUFFERS
+from .tokenizer import VOCABULARY_TENSORS
 from ..spec import AdapterFiles
 from ..quant.unpacked import open_unpacked
 
@@ -184,10 +185,7 @@ class ModelSource:
         for name in reference.keys() + reference.tied_extra([self]):
             if not self.stored(name):  # (a buffer it lacks: left out of the output)
                 continue
-            a, b = self.info(name).shape, reference.info(name).shape
-            cut = 1 if name in rows_may_differ else 0
-            if tuple(a[cut:]) != tuple(b[cut:]):
-                raise AdaptkitError(f"tensor '{name}' has shape {a} in {self.ref} but {b} in {reference.ref}")
+            _same_shape(name, self, reference, rows_may_differ)
 
 
 def weight_key(store: TensorStore, module: str) -> str | None:
@@ -281,11 +279,19 @@ def check_inputs(names: list[str], reference: ModelSource, sources: list[ModelSo
         return
     for name in names:
         have = [s for s in sources if s.stored(name)]
-        cut = 1 if name in rows_may_differ else 0
         for other in have[1:]:
-            a, b = other.info(name).shape, have[0].info(name).shape
-            if tuple(a[cut:]) != tuple(b[cut:]):
-                raise AdaptkitError(f"tensor '{name}' has shape {a} in {other.ref} but {b} in {have[0].ref}")
+            _same_shape(name, other, have[0], rows_may_differ)
+
+
+def _same_shape(name: str, source: ModelSource, reference: ModelSource, rows_may_differ: frozenset[str]) -> None:
+    """Tensor `name` has one shape in both (but for the first dimension of token-indexed ones, aligned later),
+    or an error, which for token-indexed rows says how to align them."""
+    a, b = source.info(name).shape, reference.info(name).shape
+    cut = 1 if name in rows_may_differ else 0
+    if tuple(a[cut:]) != tuple(b[cut:]):
+        hint = " (the vocabularies differ: `tokenizer_source: union`, `base` or `model:<path>` aligns rows by token)" \
+            if name in VOCABULARY_TENSORS and tuple(a[1:]) == tuple(b[1:]) else ""
+        raise AdaptkitError(f"tensor '{name}' has shape {a} in {source.ref} but {b} in {reference.ref}{hint}")
 
 
 def tie_flag(config: dict | None) -> bool | None:
