@@ -227,6 +227,35 @@ def test_weighted_adapters_and_plus_reference(llama_dir, tmp_path):
         torch.testing.assert_close(plus[name], got[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_plus_reference_like_mergekit(tmp_path, dtype):
+    """A `base+lora` model reference gives mergekit's bytes where mergekit adds the LoRA in float32
+    (--lora-merge-dtype float32): ΔW added in float32 to the base as stored, then converted to `dtype`.
+    With mergekit's default, it saves the merged weights in the base's dtype (bf16 here) before converting
+    them: the same bytes for a bf16 recipe here, up to that rounding for a float32 one."""
+    from peft import LoraConfig, get_peft_model
+
+    tiny_llama(seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    torch.manual_seed(3)
+    lora = get_peft_model(tiny_llama(seed=1).to(torch.bfloat16), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    recipe = {"merge_method": "linear", "dtype": dtype,
+              "models": [{"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}", "parameters": {"weight": 1.0}}]}
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    got = state(tmp_path / "ours")
+    exact = mergekit_merge(recipe, tmp_path / "mk32", lora_merge_cache=str(tmp_path / "c32"), lora_merge_dtype="float32")
+    default = mergekit_merge(recipe, tmp_path / "mk", lora_merge_cache=str(tmp_path / "c"))
+    assert sorted(got) == sorted(exact) == sorted(default)
+    changed = [n for n in got if "q_proj" in n or "v_proj" in n]
+    assert len(changed) == 4 and all(got[n].dtype == exact[n].dtype == getattr(torch, dtype) for n in got)
+    assert all(torch.equal(got[n], exact[n]) for n in got)
+    assert all(torch.equal(got[n], default[n]) for n in got if n not in changed or dtype == "bfloat16")
+    if dtype == "float32":  # mergekit's bf16 cache: within a bf16 rounding of the exact sum
+        for n in changed:
+            torch.testing.assert_close(default[n], got[n], rtol=2 ** -8, atol=0)
+
+
 # -- recipes and the CLI ------------------------------------------------------------------------------
 
 def test_cli_recipe_and_quick_form(models, tmp_path):
