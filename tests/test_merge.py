@@ -336,6 +336,35 @@ def test_different_architectures(models, tmp_path):
         run_merge(recipe, tmp_path / "out", progress=False)
 
 
+def test_unsafe_truncate_embeddings(models, tmp_path):
+    """--unsafe-truncate-embeddings: each input's first 128 token rows, mergekit's bytes; config.json's
+    vocab_size says 128 (mergekit's keeps a donor's 130: that output does not load), and transformers
+    loads the output. Tensors that would be cut to different counts, and tokenizer settings, are said."""
+    from transformers import AutoModelForCausalLM
+
+    from hostile import run_cli
+
+    tiny_llama(seed=2, vocab_size=130).save_pretrained(tmp_path / "v130")
+    recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
+    recipe["models"][0]["model"] = str(tmp_path / "v130")
+    recipe["dtype"] = "bfloat16"
+    with pytest.warns(UserWarning, match=r"token rows cut to the first 128 \(the inputs have 128, 130; "):
+        run_merge(recipe, tmp_path / "ours", progress=False, unsafe_truncate_embeddings=True)
+    expected, got = mergekit_merge(recipe, tmp_path / "mk", unsafe_truncate_embeddings=True), state(tmp_path / "ours")
+    assert sorted(got) == sorted(expected) and got["lm_head.weight"].shape[0] == 128
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 128
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("merge", tmp_path / "r.yml", "-o", tmp_path / "cli", "--unsafe-truncate-embeddings")
+    assert result.exit_code == 0 and all(torch.equal(t, got[n]) for n, t in state(tmp_path / "cli").items())
+    odd = edited_copy(models / "ft2", tmp_path / "odd", lambda t: t.update({"lm_head.weight": torch.zeros(120, 32)}))
+    recipe["models"][1]["model"] = str(odd)
+    with pytest.raises(AdaptkitError, match=r"would be cut to different row counts \(lm_head.weight: 120, "
+                                            r"model.embed_tokens.weight: 128\)"):
+        run_merge(recipe, tmp_path / "odd-out", progress=False, unsafe_truncate_embeddings=True)
+
+
 def test_mixed_architectures(tmp_path):
     """A Llama and a Mistral of one shape: refused (as mergekit refuses without --allow-crimes), and with
     --allow-mixed-architectures merged by tensor name with mergekit's --allow-crimes bytes; config.json is

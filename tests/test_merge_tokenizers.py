@@ -169,6 +169,18 @@ def test_union_of_several_new_tokens(zoo, tmp_path):
             assert torch.equal(got[name][v_ours[tok]], expected[name][i]), (name, tok)
 
 
+def test_settings_win_over_truncation(zoo, tmp_path):
+    """--unsafe-truncate-embeddings beside tokenizer settings: they align the rows (as mergekit's do), said
+    in a warning; the output is the one without the option."""
+    given = recipe(zoo, ["base", "tools"], tokenizer_source="union")
+    with pytest.warns(UserWarning, match="the recipe's tokenizer settings align the token rows instead"):
+        run_merge(given, tmp_path / "cut", progress=False, unsafe_truncate_embeddings=True)
+    run_merge(given, tmp_path / "plain", progress=False)
+    cut, plain = state(tmp_path / "cut"), state(tmp_path / "plain")
+    assert sorted(cut) == sorted(plain) and all(torch.equal(cut[n], plain[n]) for n in plain)
+    assert vocab(tmp_path / "cut") == vocab(tmp_path / "plain")
+
+
 def test_union_rows_follow_the_rules(zoo, tmp_path):
     """Written out: a token only chatml has keeps chatml's row in every aligned input, so a linear
     merge of weights 1, 1 (normalized) gives that row; the base's own tokens merge as usual; unused

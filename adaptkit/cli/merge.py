@@ -155,14 +155,18 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @click.option("--allow-mixed-architectures", is_flag=True,
               help="Merge models of different architectures (config.json's model_type) by tensor name and shape, "
                    "as mergekit's --allow-crimes; the output's config.json is the base's, else the first model's.")
+@click.option("--unsafe-truncate-embeddings", is_flag=True,
+              help="Without tokenizer settings, cut embeddings and LM heads whose rows differ in number to the "
+                   "fewest any input has (mergekit's option: it assumes the ids they share mean the same tokens); "
+                   "config.json's vocab_size follows.")
 @click.option("--requantize", is_flag=True, help="With a quantized base: pack the result again with the base's "
               "quantizer (default: write it unpacked, bfloat16) and report the extra rounding error.")
 @JSON
 @PLOT
 @click.pass_context
 def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, out_dtype, compute_dtype, tensors, shard_size,
-          threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, allow_mixed_architectures, requantize, as_json,
-          plot):
+          threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, allow_mixed_architectures,
+          unsafe_truncate_embeddings, requantize, as_json, plot):
     """Merge models or adapters by a recipe (mergekit's YAML format) or the quick form.
 
     Modes: models -> model; base + adapters -> model (each adapter's ΔW added into the streamed
@@ -205,8 +209,10 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
     dtypes = dict(dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype, tensors=tensors)  # (the recipe's replaced)
     options = dict(shard_size=shard_size, threads=threads, seed=seed, **dtypes, allow_nonfinite=allow_nonfinite,
                    allow_pickle=allow_pickle, allow_mixed_architectures=allow_mixed_architectures,
-                   requantize=requantize, progress=not ctx.obj["quiet"])
-    overrides = {**dtypes, "mixed_architectures": allow_mixed_architectures, "seed": seed}  # (what --dry-run shows)
+                   unsafe_truncate_embeddings=unsafe_truncate_embeddings, requantize=requantize,
+                   progress=not ctx.obj["quiet"])
+    overrides = {**dtypes, "mixed_architectures": allow_mixed_architectures, "seed": seed,  # (what --dry-run shows)
+                 "truncate_embeddings": unsafe_truncate_embeddings}
     if recipe and _multi_stage(recipe, out, force, dry_run, not no_card, as_json, options, overrides):
         return
     spec = recipe if recipe else _quick_recipe(method, base, models, settings, rank)

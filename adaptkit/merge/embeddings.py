@@ -108,3 +108,37 @@ def _aligned(vocab: Vocabulary, old: torch.Tensor, perm: torch.Tensor, forced: t
     if vocab.rows > vocab.size:  # padding rows: the mean row (see the module docstring)
         new[vocab.size:] = torch.mean(new[:vocab.size], dim=0)
     return new
+
+
+class Truncation:
+    """mergekit's --unsafe-truncate-embeddings, the row plan of a merge without tokenizer settings whose
+    token-indexed tensors differ in rows: every input's first `rows` rows (the fewest any input has), on
+    the assumption that token ids below that mean the same in every input (nothing checks it). The
+    interface of `tokenizer.Vocabulary` the engine uses; unlike mergekit, config.json's vocab_size then
+    says `rows` (mergekit's keeps the donor's, and the output does not load where that is more)."""
+
+    def __init__(self, tensors: frozenset[str], rows: int, sizes: list[int]):
+        self.tensors, self.rows = tensors, rows
+        warnings.warn(f"token rows cut to the first {rows} (the inputs have {', '.join(map(str, sizes))}; "
+                      f"--unsafe-truncate-embeddings) and config.json's vocab_size with them: ids from {rows} on "
+                      "of the output's tokenizer have no row")
+
+    def align(self, name: str, refs: list[str], tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        return [t[:self.rows] for t in tensors]
+
+    def write(self, folder) -> None:
+        from .tokenizer import set_vocab_size
+
+        set_vocab_size(folder, self.rows)
+
+
+def truncation(sources: list, names: list[str]) -> Truncation | None:
+    """The cut of `names` (token-indexed tensors) to the fewest rows any source has, where sources differ."""
+    counts = {n: sorted({s.info(n).shape[0] for s in sources if s.stored(n)}) for n in names}
+    cut = {n: c for n, c in counts.items() if len(c) > 1}
+    if not cut:
+        return None
+    if len({c[0] for c in cut.values()}) > 1:
+        raise AdaptkitError(f"--unsafe-truncate-embeddings: the token-indexed tensors would be cut to different "
+                            f"row counts ({', '.join(f'{n}: {c[0]}' for n, c in cut.items())})")
+    return Truncation(frozenset(cut), next(iter(cut.values()))[0], sorted({r for c in cut.values() for r in c}))

@@ -72,7 +72,7 @@ class Plan:
         warn_tied_config(self.names, self.donor if self.jobs else reference)
         # the recipe's name of each source (an adapter opened as base+adapter keeps its own)
         self.refs = ([str(recipe.base)] if self.base else []) + [str(ref) for ref in recipe.models]
-        self.vocabulary = recipe.tokenizer_settings and build_vocabulary(recipe, self.refs, self.sources, self.names)
+        self.vocabulary = build_vocabulary(recipe, self.refs, self.sources, self.names)
         aligned = self.vocabulary.tensors if self.vocabulary else frozenset()
         if not self.jobs:  # (slices: checked layer by layer, slices.py)
             check_inputs(self.names, reference, self.sources, aligned, recipe.tensors)
@@ -252,8 +252,8 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
               shard_size: int | str = DEFAULT_SHARD_SIZE, threads: int | None = None, seed: int | None = None,
               dtype: str | None = None, out_dtype: str | None = None, compute_dtype: str | None = None,
               tensors: str | None = None, allow_nonfinite: bool = False, allow_pickle: bool = False,
-              allow_mixed_architectures: bool = False, requantize: bool = False, progress: bool = True,
-              card: bool = True) -> dict[str, Any]:
+              allow_mixed_architectures: bool = False, unsafe_truncate_embeddings: bool = False,
+              requantize: bool = False, progress: bool = True, card: bool = True) -> dict[str, Any]:
     """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json). With `card`, the
     output also gets a model card and the recipe (`card.py` here).
 
@@ -261,10 +261,11 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
     `requantize` the tensors the quantized base had packed are packed again with its quantizer,
     and the report's `requantized` gives that extra rounding error (relative, per tensor).
     `dtype`, `out_dtype`, `compute_dtype` (`precision.py` here) and `tensors` replace the recipe's;
-    `allow_mixed_architectures` merges models of different architectures (`sources.check_same_architecture`)."""
+    `allow_mixed_architectures` merges models of different architectures (`sources.check_same_architecture`),
+    `unsafe_truncate_embeddings` token rows that differ in number (`embeddings.Truncation`)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     apply_overrides(recipe, dict(seed=seed, dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype, tensors=tensors,
-                                 mixed_architectures=allow_mixed_architectures))
+                                 mixed_architectures=allow_mixed_architectures, truncate_embeddings=unsafe_truncate_embeddings))
     if recipe.output_kind == "adapter":
         if requantize:
             raise AdaptkitError("--requantize applies to model outputs; this recipe makes an adapter")

@@ -88,6 +88,7 @@ class Recipe:
     compute_dtype: str | None = None  # adaptkit: compute in this instead of `dtype` (engine.py `dtypes`)
     tensors: str | None = None  # adaptkit: "union" or "intersection" of inputs' tensors (sources.py `merge_names`)
     mixed_architectures: bool = False  # --allow-mixed-architectures (mergekit's --allow-crimes; not a recipe key)
+    truncate_embeddings: bool = False  # --unsafe-truncate-embeddings (mergekit's; not a recipe key)
     seed: int = 0
     output_kind: str = "model"
     output_rank: int | None = None

@@ -297,12 +297,19 @@ class Vocabulary:
         files, and config.json's vocab_size set to the output's rows."""
         _set_template(self.tokenizer, self.template, self.folders)
         _save(self.tokenizer, folder)
-        path = folder / "config.json"
-        if path.is_file():
-            config = read_json(path)
-            holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
-            holder["vocab_size"] = self.rows
-            path.write_text(dump_json(config, "config.json"))
+        set_vocab_size(folder, self.rows)
+
+
+def set_vocab_size(folder: Path, rows: int) -> int | None:
+    """config.json's vocab_size (a multimodal model's in `text_config`) set to `rows`; the size it said."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+    said, holder["vocab_size"] = holder.get("vocab_size"), rows
+    path.write_text(dump_json(config, "config.json"))
+    return said
 
 
 def _set_template(tokenizer, template: str | None, folders: dict[str, Path]) -> None:
@@ -341,9 +348,16 @@ def vocabulary_tensors(names: list[str]) -> list[str]:
     return listed
 
 
-def build_vocabulary(recipe, refs: list[str], sources: list, names: list[str]) -> Vocabulary:
+def build_vocabulary(recipe, refs: list[str], sources: list, names: list[str]) -> Vocabulary | Any:
     """The recipe's output vocabulary over the plan's inputs (`refs` name `sources`, a `ModelSource`
-    each) and its token-indexed tensors among `names`."""
+    each) and its token-indexed tensors among `names`; without tokenizer settings, None, or with
+    --unsafe-truncate-embeddings the common prefix of token rows that differ (`embeddings.Truncation`)."""
+    if recipe.tokenizer_settings is None:
+        from .embeddings import truncation
+
+        return truncation(sources, [n for n in names if n in VOCABULARY_TENSORS]) if recipe.truncate_embeddings else None
+    if recipe.truncate_embeddings:
+        warnings.warn("--unsafe-truncate-embeddings: the recipe's tokenizer settings align the token rows instead")
     by_ref = dict(zip(refs, sources))
     order = [str(m) for m in recipe.models] + ([str(recipe.base)] if recipe.base else [])
     inputs = [(ref, by_ref[ref].root, by_ref[ref].config) for ref in dict.fromkeys(order) if ref in by_ref]
@@ -357,7 +371,7 @@ def write_tokenizer(vocabulary: Vocabulary | None, recipe, refs: list[str], sour
     model) saved again with the recipe's chat template; else the donor's files stay as copied."""
     if vocabulary is not None:
         vocabulary.write(folder)
-    elif recipe.template:
+    if recipe.template and not isinstance(vocabulary, Vocabulary):
         folders = {ref: source.root for ref, source in zip(refs, sources)}
         donor = folders[str(recipe.base)] if recipe.base and str(recipe.base) in folders else folders[str(recipe.models[0])]
         write_chat_template(recipe.template, donor, folders, folder)
