@@ -10,11 +10,13 @@ mean_i A_m[i]. Arithmetic is in the merge's compute dtype.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import AdaptkitError, short
+from ..io.readers import dump_json, read_json
 
 if TYPE_CHECKING:
     from .tokenizer import Vocabulary
@@ -126,9 +128,7 @@ class Truncation:
     def align(self, name: str, refs: list[str], tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         return [t[:self.rows] for t in tensors]
 
-    def write(self, folder) -> None:
-        from .tokenizer import set_vocab_size
-
+    def write(self, folder: Path) -> None:
         set_vocab_size(folder, self.rows)
 
 
@@ -142,3 +142,13 @@ def truncation(sources: list, names: list[str]) -> Truncation | None:
         raise AdaptkitError(f"--unsafe-truncate-embeddings: the token-indexed tensors would be cut to different "
                             f"row counts ({', '.join(f'{n}: {c[0]}' for n, c in cut.items())})")
     return Truncation(frozenset(cut), next(iter(cut.values()))[0], sorted({r for c in cut.values() for r in c}))
+
+
+def set_vocab_size(folder: Path, rows: int) -> None:
+    """config.json's vocab_size (a multimodal model's in `text_config`) set to `rows`, the output's token rows."""
+    path = folder / "config.json"
+    if path.is_file():
+        config = read_json(path)
+        holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+        holder["vocab_size"] = rows
+        path.write_text(dump_json(config, "config.json"))

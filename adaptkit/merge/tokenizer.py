@@ -297,19 +297,9 @@ class Vocabulary:
         files, and config.json's vocab_size set to the output's rows."""
         _set_template(self.tokenizer, self.template, self.folders)
         _save(self.tokenizer, folder)
+        from .embeddings import set_vocab_size
+
         set_vocab_size(folder, self.rows)
-
-
-def set_vocab_size(folder: Path, rows: int) -> int | None:
-    """config.json's vocab_size (a multimodal model's in `text_config`) set to `rows`; the size it said."""
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    config = read_json(path)
-    holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
-    said, holder["vocab_size"] = holder.get("vocab_size"), rows
-    path.write_text(dump_json(config, "config.json"))
-    return said
 
 
 def _set_template(tokenizer, template: str | None, folders: dict[str, Path]) -> None:
