@@ -34,7 +34,6 @@ from typing import Any
 
 from .. import validate as v
 from ..errors import AdaptkitError, closest, short
-from ..io.readers import dump_json, read_json
 from .chat_templates import TEMPLATES
 
 #: Tensors whose rows (axis 0) are indexed by token id, by name, as mergekit's architecture
