@@ -395,8 +395,8 @@ def test_mixed_architectures(tmp_path):
     assert configs[0]["model_type"] == "llama" and configs[1]["model_type"] in ("llama", "mistral")
     recipe_file = tmp_path / "r.yml"
     recipe_file.write_text(yaml.safe_dump(recipe))
-    for extra in (["--dry-run"], []):
-        result = run_cli("merge", recipe_file, "-o", tmp_path / "cli", "--allow-mixed-architectures", *extra)
+    for flag, extra in (("--allow-mixed-architectures", ["--dry-run"]), ("--allow-crimes", [])):  # (mergekit's name too)
+        result = run_cli("merge", recipe_file, "-o", tmp_path / "cli", flag, *extra)
         assert result.exit_code == 0, result.output
     assert all(torch.equal(t, got[n]) for n, t in state(tmp_path / "cli").items())
 

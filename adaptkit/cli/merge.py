@@ -152,7 +152,7 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @NO_CARD
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
 @ALLOW_PICKLE
-@click.option("--allow-mixed-architectures", is_flag=True,
+@click.option("--allow-mixed-architectures", "--allow-crimes", "allow_mixed_architectures", is_flag=True,
               help="Merge models of different architectures (config.json's model_type) by tensor name and shape, "
                    "as mergekit's --allow-crimes; the output's config.json is the base's, else the first model's.")
 @click.option("--unsafe-truncate-embeddings", is_flag=True,
