@@ -196,3 +196,29 @@ def test_cli(files, tmp_path):
     assert {g["tensors"][0]: g.get("inputs") for g in groups if len(g["tensors"]) == 1}["only2"] == [str(files[2])]
     result = run_cli("merge", recipe, "--tensors", "both", "-o", tmp_path / "x")
     assert result.exit_code != 0 and "'both' is not one of 'union', 'intersection'" in result.output
+
+
+def test_pipeline_folders(tmp_path):
+    """Pipeline folders keep the first input's files and names in the output: a union tensor it lacks has
+    no place there (refused, naming the way out); the other order, and an intersection, merge."""
+    for name, extra in (("p1", {}), ("p2", {"extra.weight": torch.ones(3)})):
+        (tmp_path / name / "unet").mkdir(parents=True)
+        save_file({"conv_in.weight": torch.full((2, 2), float(len(extra))), **extra},
+                  tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors")
+        (tmp_path / name / "model_index.json").write_text(json.dumps(
+            {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+
+    def recipe(*names, mode):
+        return {"merge_method": "linear", "tensors": mode,
+                "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0}} for n in names]}
+
+    with pytest.warns(UserWarning), pytest.raises(AdaptkitError, match=r"'unet.extra.weight' is not in .*p1, whose files "
+                                                                   r"and names the output keeps .*: list first an input"):
+        run_merge(recipe("p1", "p2", mode="union"), tmp_path / "o1", progress=False)
+    assert not (tmp_path / "o1").exists()
+    with pytest.warns(UserWarning):
+        run_merge(recipe("p2", "p1", mode="union"), tmp_path / "o2", progress=False)
+        run_merge(recipe("p1", "p2", mode="intersection"), tmp_path / "o3", progress=False)
+    union = load_file(tmp_path / "o2" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(union["extra.weight"], torch.ones(3)) and torch.equal(union["conv_in.weight"], torch.full((2, 2), 0.5))
+    assert set(load_file(tmp_path / "o3" / "unet" / "diffusion_pytorch_model.safetensors")) == {"conv_in.weight"}

@@ -310,6 +310,9 @@ def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: 
     if mirrored and parse_size(shard_size) != DEFAULT_SHARD_SIZE:
         raise AdaptkitError(f"--shard-size: the output keeps the files of {reference.root} (a pipeline folder, "
                             "a single-file checkpoint or a component folder), which tools load by name")
+    if mirrored and (extra := next((n for n, _, _ in plan.layout if n not in reference), None)):  # (tensors: union)
+        raise AdaptkitError(f"'{extra}' is not in {reference.root}, whose files and names the output keeps (a pipeline or a "
+                            "single-file checkpoint): list first an input that has every tensor, or `tensors: intersection`")
     writer = MirrorWriter(folder, plan.layout, reference, metadata=metadata) if mirrored else \
         ShardedWriter(folder, plan.layout, shard_size=shard_size, metadata=metadata)
     try:
