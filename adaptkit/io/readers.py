@@ -11,7 +11,8 @@ Python object is built: a "billion laughs" document costs what its file costs, n
 expansion, and a document that refers to itself is refused as such. Files are opened only once
 `paths.regular_file` says they are one (a FIFO would block the read).
 
-Writing: `dump_json(value, where)` refuses NaN and infinities (JSON has no such numbers, and a
+Writing: `update_json(path, change)` rewrites a JSON object file (an output's config.json) in place;
+`dump_json(value, where)` refuses NaN and infinities (JSON has no such numbers, and a
 config holding one would be read back as something else), naming the field. What the values must
 be is `adaptkit.validate`'s part.
 """
@@ -23,7 +24,7 @@ import codecs
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import AdaptkitError, short
 from .paths import regular_file
@@ -121,6 +122,16 @@ def json_kind(value: Any) -> str:
     """What a parsed JSON value is, for messages ("a list", "null", ...)."""
     kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
     return kinds.get(type(value), "a number")
+
+
+def update_json(path: Path, change: Callable[[dict], bool | None]) -> None:
+    """The JSON object file `path` rewritten with `change` applied to it in place; nothing where the file is
+    absent or `change` returns False (it changed nothing)."""
+    if not path.is_file():
+        return
+    value = read_json(path)
+    if change(value) is not False:
+        path.write_text(dump_json(value, path.name))
 
 
 def dump_json(value: Any, where: str | Path, *, end: str = "\n") -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import AdaptkitError, short
-from ..io.readers import dump_json, read_json
+from ..io.readers import update_json
 
 if TYPE_CHECKING:
     from .tokenizer import Vocabulary
@@ -146,9 +146,8 @@ def truncation(sources: list, names: list[str]) -> Truncation | None:
 
 def set_vocab_size(folder: Path, rows: int) -> None:
     """config.json's vocab_size (a multimodal model's in `text_config`) set to `rows`, the output's token rows."""
-    path = folder / "config.json"
-    if path.is_file():
-        config = read_json(path)
+    def change(config: dict) -> None:
         holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
         holder["vocab_size"] = rows
-        path.write_text(dump_json(config, "config.json"))
+
+    update_json(folder / "config.json", change)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import AdaptkitError
 from ..io.dtypes import COMPUTE, code_to_torch, parse_dtype
-from ..io.readers import dump_json, read_json
+from ..io.readers import update_json
 
 if TYPE_CHECKING:
     import torch
@@ -65,22 +65,17 @@ def stored_dtype(codes: list[str]) -> torch.dtype:
 
 def state_dtype(folder: Path, dtype: torch.dtype) -> None:
     """config.json's `dtype` (and `torch_dtype`, where the file has that older key) set to `dtype`."""
-    path = folder / "config.json"
-    if not path.is_file():
-        return
-    config = read_json(path)
     name = str(dtype).removeprefix("torch.")
-    config["dtype"] = name
-    if "torch_dtype" in config:
-        config["torch_dtype"] = name
-    path.write_text(dump_json(config, "config.json"))
+
+    def change(config: dict) -> None:
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+
+    update_json(folder / "config.json", change)
 
 
 def drop_quantization_config(folder: Path) -> None:
     """An unpacked output keeps the base's config.json minus `quantization_config` (which transformers
     would otherwise act on when loading the floating-point weights)."""
-    path = folder / "config.json"
-    if path.is_file():
-        config = read_json(path)
-        if config.pop("quantization_config", None) is not None:
-            path.write_text(dump_json(config, "config.json"))
+    update_json(folder / "config.json", lambda config: config.pop("quantization_config", None) is not None)

@@ -88,7 +88,7 @@ def _describe_for_transformers(store, method: str, chosen: set[str], folder: Pat
     config.json as `quantization_config`, the weights left unpacked as its skipped modules, so
     `from_pretrained` loads the folder quantized (transformers packs linear layers only: embeddings
     must be skipped for it)."""
-    from ..io.readers import dump_json, read_json
+    from ..io.readers import update_json
 
     quantizer = registry.get("quantizer", method)
     path = folder / "config.json"
@@ -97,9 +97,7 @@ def _describe_for_transformers(store, method: str, chosen: set[str], folder: Pat
     skipped = sorted({k.rsplit(".", 1)[0] for k in select(store) if k not in chosen})
     dtypes = sorted({store.info(k).dtype for k in chosen})
     dtype = compute_dtype(dtypes[0]) if len(dtypes) == 1 else "float32"
-    config = read_json(path)
-    config["quantization_config"] = quantizer.transformers_config(skipped, dtype)
-    path.write_text(dump_json(config, "config.json"))
+    update_json(path, lambda config: config.update(quantization_config=quantizer.transformers_config(skipped, dtype)))
 
 
 def plan_layout(store, method: str, chosen: set[str], *,
