@@ -5,6 +5,7 @@ import click
 
 from .. import registry
 from ..errors import AdaptkitError
+from ..merge import TENSOR_SETS
 from .boundary import heavy_imports
 from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, NO_CARD, DType, JSON, OUT, PLOT, POSITIVE, RANK, SEED, base_option,
                       dtype_option, emit_json, settings_option)
@@ -140,7 +141,7 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @click.option("--out-dtype", type=DType(), help="Output dtype for floating tensors, as a recipe's `out_dtype` (default: --dtype).")
 @click.option("--compute-dtype", type=DType(), help="Compute in this dtype instead of --dtype, as a recipe's `compute_dtype`; "
               "float32 computes from the inputs as stored and rounds once to the output dtype.")
-@click.option("--tensors", type=click.Choice(["union", "intersection"]),
+@click.option("--tensors", type=click.Choice(TENSOR_SETS),
               help="Inputs holding different tensors: write every tensor any input has, each merged over the inputs "
                    "that have it, or only those all have (mergekit-pytorch's --tensor-union, --tensor-intersection; "
                    "a recipe's `tensors`).")

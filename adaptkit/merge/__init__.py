@@ -5,6 +5,11 @@ model soups (`soup`). The methods are merge plugins."""
 
 import importlib
 
+#: A recipe's `tensors:` (adaptkit's name for mergekit-pytorch's --tensor-union and --tensor-intersection): which
+#: tensors a merge of inputs holding different sets writes (sources.py `merge_names`); without it the sets must
+#: be equal. Here, where the command line reads it without importing the recipe reader.
+TENSOR_SETS = ("union", "intersection")
+
 # The public functions, imported on first use (they need torch; the submodules stay importable alone).
 _EXPORTS = {'run_merge': '.engine', 'Plan': '.engine', 'load_recipe': '.recipe', 'merge_adapters': '.to_adapter',
             'run_stages': '.multi', 'build_moe': '.moe', 'load_moe_config': '.moe'}

@@ -34,7 +34,7 @@ from .modules import part_jobs
 from .slices import Job, source_place
 from .precision import drop_quantization_config, recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
-from .recipe import Recipe, apply_overrides, check_tensor_set, load_recipe, recipe_inputs
+from .recipe import Recipe, apply_overrides, load_recipe, recipe_inputs
 from .schedule import run_within
 from .sources import ModelSource, check_inputs, check_same_architecture, merge_names, open_input, warn_tied_config
 from .tokenizer import build_vocabulary, write_tokenizer
@@ -58,7 +58,6 @@ class Plan:
 
     def __init__(self, recipe: Recipe, *, allow_pickle: bool = False):
         self.recipe, self.allow_pickle = recipe, allow_pickle
-        check_tensor_set(recipe)
         self.method = registry.get("merge", recipe.method)
         takes_base = spec.option(self.method, "takes_base")
         # with slices, each slice's base is one of its sources (mergekit's rule), not an input of its own

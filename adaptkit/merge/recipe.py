@@ -34,6 +34,7 @@ from ..errors import AdaptkitError, closest
 from ..io.paths import regular_file
 from .tokenizer import TokenizerSettings, parse_settings
 from ..validate import short
+from . import TENSOR_SETS
 from .modules import Module, parse_modules
 from .slices import Slice, parameter_groups, parse_slices, place, slice_models
 
@@ -177,10 +178,12 @@ def load_recipe(source: str | Path | dict) -> Recipe:
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
-    """The command line's settings (--dtype, --seed, --tensors, ...: Recipe fields) over the recipe's, where given."""
+    """The command line's settings (--dtype, --seed, --tensors, ...: Recipe fields) over the recipe's, where
+    given, and checked as the recipe's own are."""
     for key, value in overrides.items():
         if value is not None and value is not False:
             setattr(recipe, key, value)
+    check_tensor_set(recipe)
     return recipe
 
 
@@ -188,7 +191,7 @@ def check_tensor_set(recipe: Recipe, src: str = "recipe") -> None:
     """`tensors:` (or --tensors) is union or intersection, for a `models:` recipe that makes a model."""
     if recipe.tensors is None:
         return
-    if recipe.tensors not in ("union", "intersection"):
+    if recipe.tensors not in TENSOR_SETS:
         raise AdaptkitError(f"{src}: tensors must be 'union' or 'intersection', got {short(recipe.tensors)}")
     if recipe.parts or recipe.output_kind != "model":
         what = "slices name their tensors layer by layer" if recipe.parts else "an adapter output merges modules"

@@ -218,9 +218,6 @@ def _naming_hint(store: TensorStore, module: str) -> str:
     return "an adapter for a different base?"
 
 
-#: A recipe's `tensors:` (adaptkit's name for mergekit-pytorch's --tensor-union and --tensor-intersection):
-#: which tensors a merge of inputs holding different sets writes. Without it, the sets must be equal.
-TENSOR_SETS = ("union", "intersection")
 SETS_HINT = " (to merge inputs with different tensors: `tensors: union` or `intersection`, or --tensors)"
 
 
@@ -234,13 +231,12 @@ def merge_names(reference: ModelSource, sources: list[ModelSource], tensors: str
     a tensor only the `base` has is the base's (mergekit leaves it out of the output, which then does not
     load), and one the base lacks where the method takes a base is an error naming it (as mergekit's)."""
     names = reference.keys() + reference.tied_extra(sources)
-    if tensors is not None:  # (the union: an intersection says how many it leaves out)
+    if tensors is not None:  # from the union (an intersection says how many it leaves out)
         seen = set(names)
         for source in sources:
             extra = [n for n in source.keys() if n not in seen and not reference.stored(n)]
             names += extra
             seen.update(extra)
-    if tensors is not None:
         return _sized(names, sources, tensors, base)
     dropped = [n for n in names if BUFFERS.search(n) and not all(s.stored(n) for s in sources)]
     if dropped:
@@ -250,8 +246,8 @@ def merge_names(reference: ModelSource, sources: list[ModelSource], tensors: str
 
 
 def _sized(names: list[str], sources: list[ModelSource], tensors: str, base: ModelSource | None) -> list[str]:
-    """`merge_names` for a `tensors:` setting: the names kept, each tensor's shapes checked to agree (but
-    for token rows, aligned later), and one warning saying how many tensors are not in every source."""
+    """`merge_names` for a `tensors:` setting: the names kept (every one for a union, those every source
+    has for an intersection), and one warning saying how many tensors are not in every source."""
     partial = [n for n in names if not all(s.stored(n) for s in sources)]
     if base is not None and tensors == "union":
         if lacking := [n for n in partial if not base.stored(n)]:

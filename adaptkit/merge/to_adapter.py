@@ -41,7 +41,7 @@ from ..files.convert import check_kernels_known, kernel_factors
 from ..files.lowrank import factor_matrix, module_delta, settle_layout
 from .card import write_card
 from .positions import check_positions, layer_positions, operator_params, seeded_generators
-from .recipe import Recipe, check_tensor_set, recipe_inputs
+from .recipe import Recipe, recipe_inputs
 from ..hub.repos import resolve_path
 from .sources import open_input, weight_key
 from ..spec import AdapterFiles
@@ -125,7 +125,6 @@ def rank_report(recipe: Recipe, factors: dict, errors: dict[str, float], rank: i
 
 def read_inputs(recipe: Recipe, allow_pickle: bool = False) -> list[AdapterFiles]:
     """Each recipe input as an adapter; a full model or a `model+adapter` input is an error."""
-    check_tensor_set(recipe)  # (a --tensors given to an adapter merge: refused)
     adapters = []
     for ref in recipe.models:
         adapter = None if ref.adapters else read_adapter(resolve_path(ref.model), allow_pickle=allow_pickle)
