@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..hub.repos import is_hub_ref, lock_entry, parse_ref
+from ..io.readers import read_json
+from ..io.store import PIPELINE_INDEX
 from .positions import LAYER_INDEX
 from .recipe import RECIPE_KEYS, Recipe, Ref
 
@@ -53,8 +55,13 @@ def hub_repo(model: str) -> str | None:
     return parse_ref(model)[0] if is_hub_ref(model) else None
 
 
-#: (library_name, the file it loads a folder by), as the Hub tells them apart.
-LIBRARIES = (("diffusers", "model_index.json"), ("transformers", "config.json"))
+def library_name(folder: Path) -> str | None:
+    """The Hub's `library_name` of a model folder: a pipeline's is the library that wrote its index, which
+    says so in a `_<library>_version` key; a folder with a config.json is transformers'; weights alone, none."""
+    if (folder / PIPELINE_INDEX).is_file():
+        keys = read_json(folder / PIPELINE_INDEX)
+        return next((k.strip("_").removesuffix("_version") for k in keys if k.endswith("_version")), None)
+    return "transformers" if (folder / "config.json").is_file() else None
 
 
 def write_card(folder: Path, stages: list[tuple[str | None, Recipe]], *, model: bool = True,
@@ -66,8 +73,7 @@ def write_card(folder: Path, stages: list[tuple[str | None, Recipe]], *, model: 
     docs = [{**({"name": name} if name else {}), **recipe_document(r)} for name, r in stages]
     given = all(r.source for _, r in stages)  # else a recipe built in code: no file to copy
     text = yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True) if given else None
-    # the library that loads the folder, by the file it reads first (none for weights alone)
-    library = next((lib for lib, f in LIBRARIES if (folder / f).is_file()), None) if model else None
+    library = library_name(folder) if model else None
     (folder / CARD).write_text(model_card(stages, text, model=model, aliases=aliases or {}, library=library),
                                encoding="utf-8")
     if text is not None:
