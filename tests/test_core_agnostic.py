@@ -60,7 +60,6 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "alpha": frozenset({"soup"}),  # WiSE-FT's α in the results of soup.sweep and of cli/soup.py's sweep
     "linear": frozenset({"layer", "targets"}),  # the kind of an nn.Linear layer (layer.Target.kind)
     "num_layers": frozenset({"slices", "modules"}),  # a model's layer count (mergekit's slices, T5's encoder); also PEFT's prompt-learning shape
-    "int8": frozenset({"dtypes"}),  # torch.int8's name in the dtype table
 }
 
 # Attribute names of ordinary objects: `x.name` with one of these is not a plugin lookup.

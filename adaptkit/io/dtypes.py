@@ -28,6 +28,12 @@ class DType:
     aliases: tuple[str, ...] = ()  # more names users may give (`parse_dtype`)
 
 
+def _integer(code: str, struct: str, torch: bool = True) -> DType:
+    """An integer row, whose name, size and torch attribute follow from its code ("I8": int8, 1 byte)."""
+    bits, kind = int(code[1:]), "int" if code[0] == "I" else "uint"
+    return DType(code, f"{kind}{bits}", bits // 8, kind, f"{kind}{bits}" if torch else None, struct)
+
+
 TABLE = (
     DType("F64", "float64", 8, "float", "float64", "<d", ("fp64",)),
     DType("F32", "float32", 4, "float", "float32", "<f", ("fp32", "f32")),
@@ -35,14 +41,9 @@ TABLE = (
     DType("BF16", "bfloat16", 2, "float", "bfloat16", None, ("bf16",)),
     DType("F8_E4M3", "float8_e4m3", 1, "float8", "float8_e4m3fn"),
     DType("F8_E5M2", "float8_e5m2", 1, "float8", "float8_e5m2"),
-    DType("I64", "int64", 8, "int", "int64", "<q"),
-    DType("I32", "int32", 4, "int", "int32", "<i"),
-    DType("I16", "int16", 2, "int", "int16", "<h"),
-    DType("I8", "int8", 1, "int", "int8", "<b"),
-    DType("U64", "uint64", 8, "uint", None, "<Q"),
-    DType("U32", "uint32", 4, "uint", None, "<I"),
-    DType("U16", "uint16", 2, "uint", None, "<H"),
-    DType("U8", "uint8", 1, "uint", "uint8", "<B"),
+    _integer("I64", "<q"), _integer("I32", "<i"), _integer("I16", "<h"), _integer("I8", "<b"),
+    _integer("U64", "<Q", torch=False), _integer("U32", "<I", torch=False), _integer("U16", "<H", torch=False),
+    _integer("U8", "<B"),
     DType("BOOL", "bool", 1, "bool", "bool", "<?"),
 )
 BY_CODE = {d.code: d for d in TABLE}
