@@ -36,12 +36,11 @@ from .moe_config import CONFIG_KEYS, EXPERT_KEYS, MoeConfig, dtype_of, load_moe_
 from .moe_gates import HIDDEN_MODES, RANDOM_MODES, conditions, degenerate_layers, gate_vectors, similarity
 from .moe_outputs import ATTENTION, EXTRA_ATTENTION, MIXTRAL, SOURCE_TYPES, Output, named
 from .sources import ModelSource, open_input
+from .tokenizer import TOKENIZER_FILES
 
 _TOP = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                    "generation_config.json")
+_TOKENIZER_FILES = (*TOKENIZER_FILES, "generation_config.json")  # (the base's, copied as they are)
 
 
 class MoePlan:

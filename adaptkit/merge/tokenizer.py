@@ -30,11 +30,14 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import validate as v
 from ..errors import AdaptkitError, closest, short
 from .chat_templates import TEMPLATES
+
+if TYPE_CHECKING:
+    from .embeddings import Truncation
 
 #: Tensors whose rows (axis 0) are indexed by token id, by name, as mergekit's architecture
 #: definitions list them (every one there has its vocabulary on axis 0).
@@ -337,7 +340,7 @@ def vocabulary_tensors(names: list[str]) -> list[str]:
     return listed
 
 
-def build_vocabulary(recipe, refs: list[str], sources: list, names: list[str]) -> Vocabulary | Any:
+def build_vocabulary(recipe, refs: list[str], sources: list, names: list[str]) -> Vocabulary | Truncation | None:
     """The recipe's output vocabulary over the plan's inputs (`refs` name `sources`, a `ModelSource`
     each) and its token-indexed tensors among `names`; without tokenizer settings, None, or with
     --unsafe-truncate-embeddings the common prefix of token rows that differ (`embeddings.Truncation`)."""
