@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import pytest
 import torch
 import yaml
@@ -87,6 +88,34 @@ def test_rank_order_is_the_stable_argsort(dtype):
     order = rank_order(magnitude)
     assert order.dtype == torch.int64
     assert torch.equal(order, torch.argsort(magnitude.double(), dim=1, stable=True))
+
+
+def test_rank_order_of_long_rows():
+    """Rows longer than 2¹⁶ (16-bit patterns with 32-bit columns) rank as the stable argsort too."""
+    from adaptkit_plugins.merges.della import rank_order
+
+    values = torch.randint(0, 50, (2, 70_001), generator=torch.Generator().manual_seed(6)).bfloat16().div_(4)
+    assert torch.equal(rank_order(values), torch.argsort(values.double(), dim=1, stable=True))
+
+
+def test_draw_keep_compares_rank_ordered_draws_with_the_ramp():
+    """Entry j of a row is kept where the draw of its rank, U = k/2³² for the next 32-bit integer k in rank
+    order, is below its keep probability p: k < ⌈p·2³²⌉. Written out entry by entry, then the kept
+    fraction of each rank against p over many rows."""
+    from adaptkit_plugins.merges._sparsify import uniform32
+    from adaptkit_plugins.merges.della import draw_keep
+
+    magnitude = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.5, 0.25, 4.0, 1.0]])  # ranks [3, 0, 1, 2], [1, 0, 3, 2]
+    k = uniform32(numpy.random.SFC64(7), 8).reshape(2, 4).astype(numpy.int64)
+    p = [0.4, 0.4 + 0.2 / 3, 0.4 + 0.4 / 3, 0.6]  # by rank: 0.4 + 0.2·rank/3 (density 0.5, ε 0.1)
+    bound = [math.ceil(numpy.float32(q) * 2.0**32) for q in p]
+    expected = [[k[0, 3] < bound[3], k[0, 0] < bound[0], k[0, 1] < bound[1], k[0, 2] < bound[2]],
+                [k[1, 1] < bound[1], k[1, 0] < bound[0], k[1, 3] < bound[3], k[1, 2] < bound[2]]]
+    assert draw_keep(magnitude, 0.5, 0.1, numpy.random.SFC64(7)).tolist() == expected
+    rows = torch.rand(20_000, 5, generator=torch.Generator().manual_seed(8))
+    keep = draw_keep(rows, 0.5, 0.3, numpy.random.SFC64(9))
+    by_rank = keep.gather(1, torch.argsort(rows, dim=1)).float().mean(dim=0)  # each rank's kept fraction
+    assert_close(by_rank, torch.tensor([0.2, 0.35, 0.5, 0.65, 0.8]), atol=0.015, rtol=0)  # (σ ≤ 0.0036)
 
 
 def della_masks(tensors, base, dens, eps, seeds):

@@ -87,7 +87,7 @@ class Draws:
     PLANES = 12
 
     def __init__(self, generator: torch.Generator):
-        self.bits = numpy.random.SFC64(int(torch.randint(0, 2**62, (), generator=generator)))
+        self.bits = bit_generator(generator)
         self.drawn: dict[int, tuple[int, numpy.ndarray]] = {}  # block start -> (entries, packed mask)
 
     def below(self, start: int, count: int, p: float) -> numpy.ndarray:
@@ -127,10 +127,21 @@ class Draws:
         ties = where[bits >> 6] * 64 + (bits & 63)
         ties = ties[ties < n]
         if ties.size:
-            more = self.bits.random_raw((ties.size + 1) // 2).astype("<u8", copy=False).view("<u4")[:ties.size]
+            more = uniform32(self.bits, ties.size)
             below = ties[more < tail]
             numpy.bitwise_or.at(mask, below >> 3, (1 << (below & 7)).astype(numpy.uint8))
         return mask
+
+
+def bit_generator(generator: torch.Generator) -> numpy.random.SFC64:
+    """numpy's SFC64 seeded by one draw from a torch generator (the engine's, one per tensor and input):
+    random bits several times as fast as torch's CPU generator (Mersenne Twister), and as reproducible."""
+    return numpy.random.SFC64(int(torch.randint(0, 2**62, (), generator=generator)))
+
+
+def uniform32(bits: numpy.random.SFC64, count: int) -> numpy.ndarray:
+    """`count` independent uniform 32-bit unsigned integers (a uint32 vector), two from each 64-bit draw."""
+    return bits.random_raw((count + 1) // 2).astype("<u8", copy=False).view("<u4")[:count]
 
 
 def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> numpy.ndarray:
