@@ -262,6 +262,22 @@ def test_della_computes_in_the_compute_dtype():
     assert upcast.dtype == torch.float32 and torch.equal(upcast, same)
 
 
+@pytest.mark.parametrize("rescale", [False, "inverse"])
+def test_della_keeps_float64_task_vectors_float64(rescale):
+    """In float64 a kept entry is τ (or τ/p) to float64's precision, not rounded through float32."""
+    from adaptkit_plugins.merges.della import keep_probabilities
+
+    tensors, base = make((30, 40), count=1)
+    tensors, base = [tensors[0].double() + 1e-12], base.double()
+    out = op("della_linear").merge(tensors, base, weight=1.0, density=0.5, epsilon=0.2, rescale=rescale,
+                                   generators=seeded(4))
+    tau = tensors[0] - base
+    kept = (out - base) != 0
+    expected = tau if rescale is False else tau / keep_probabilities(tau.abs(), 0.5, 0.2).double()
+    assert 0.3 < kept.double().mean() < 0.7
+    assert_close(out[kept], (base + expected)[kept], rtol=1e-15, atol=0)
+
+
 def test_della_at_density_one_is_ties_without_trimming():
     tensors, base = make()
     w = [1.0, 0.5, 0.8]
