@@ -67,8 +67,9 @@ def mergekit_merge(recipe: dict, out, **options) -> dict:
     return state(out)
 
 
-def mergekit_moe(config: dict, out, seed: int | None = None):
-    """mergekit 0.1.5's `mergekit-moe` (its `build`, in process, on CPU) of a config into `out`."""
+def mergekit_moe(config: dict, out, seed: int | None = None, **options):
+    """mergekit 0.1.5's `mergekit-moe` (its `build`, in process, on CPU) of a config into `out`; `options`:
+    its other command-line settings (load_in_4bit, load_in_8bit)."""
     import torch
     from mergekit.moe.config import MoEMergeConfig
     from mergekit.options import MergeOptions
@@ -76,7 +77,7 @@ def mergekit_moe(config: dict, out, seed: int | None = None):
 
     if seed is not None:
         torch.manual_seed(seed)  # what mergekit's --random-seed does (transformers' set_seed) for CPU torch
-    build(MoEMergeConfig.model_validate(config), str(out), MergeOptions(device="cpu"), device="cpu")
+    build(MoEMergeConfig.model_validate(config), str(out), MergeOptions(device="cpu"), device="cpu", **options)
     return out
 
 

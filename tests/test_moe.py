@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,57 @@ def test_every_tensor_and_the_config_equal_mergekit(tmp_path, models, arch, mode
     mine, peer = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "ours", theirs))
     assert {k: v for k, v in mine.items() if k not in drop} == {k: v for k, v in peer.items() if k not in drop}
     assert report["seed"] == seed and report["tensors"] == len(ours)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_base_loaded_in_4_or_8_bits_gives_mergekits_routers(tmp_path, bits):
+    """mergekit-moe's --load-in-4bit / --load-in-8bit: the base's hidden pass quantized by bitsandbytes
+    (transformers' BitsAndBytesConfig defaults), as mergekit loads it: every tensor bitwise equal, the
+    routers different from the bfloat16 pass's (the option took effect) and close to them. (bitsandbytes'
+    CPU 4-bit kernel needs rows of a multiple of its 64-entry blocks: a wider model than the others.)"""
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"wide{seed}")
+        tiny_llama(seed, hidden_size=128, intermediate_size=256, vocab_size=vocab_size(), bos_token_id=2,
+                   eos_token_id=3, pad_token_id=0).save_pretrained(paths[-1])
+        save_tokenizer(paths[-1])
+    config = _config(paths, "hidden", 2, dtype="bfloat16")
+    flag = {f"load_in_{bits}bit": True}
+    expected = load_file(mergekit_moe(config, tmp_path / "mergekit", **flag) / "model.safetensors")
+    report = run_cli("moe", _recipe(tmp_path, config), "-o", tmp_path / "ours", f"--load-in-{bits}bit", "--json")
+    assert report.exit_code == 0, report.stderr
+    ours = _as_mergekit(load_file(tmp_path / "ours" / "model.safetensors"), 2, 2)
+    assert sorted(ours) == sorted(expected) and all(torch.equal(ours[k], v) for k, v in expected.items())
+    build_moe(load_moe_config(config), tmp_path / "plain")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    routers = [router_name(layer) for layer in range(2)]
+    quantized = load_file(tmp_path / "ours" / "model.safetensors")
+    assert any(not torch.equal(quantized[r], plain[r]) for r in routers)
+    for r in routers:  # unit rows, each within a few degrees of the unquantized one
+        assert (quantized[r].float() * plain[r].float()).sum(dim=1).min() > 0.9
+
+
+def test_load_in_bits_refusals_are_one_line(tmp_path, models, monkeypatch):
+    """--load-in-Nbit quantizes the base of a hidden pass: with another gate mode it would change nothing
+    (mergekit ignores it), both at once are ambiguous (mergekit takes 4), a base bitsandbytes cannot run
+    fails in it, and without bitsandbytes it cannot run; nothing is written."""
+    hidden = _recipe(tmp_path, _config(models["llama"], "hidden", 2))
+    random = _recipe(tmp_path, _config(models["llama"], "random", 2, prompts=False), "random.yml")
+    for args, fragment in (((random, "--load-in-4bit"), "--load-in-4bit quantizes the base run for hidden-state gates"),
+                           ((random, "--load-in-8bit", "--dry-run"), "gate_mode random runs no model"),
+                           ((hidden, "--load-in-4bit", "--load-in-8bit"), "not both"),
+                           # (rows of 32 entries: bitsandbytes' CPU 4-bit kernel fails on them, as in mergekit)
+                           ((hidden, "--load-in-4bit"), "--load-in-4bit: bitsandbytes cannot run this base quantized")):
+        assert_one_line_error(run_cli("moe", *args, "-o", tmp_path / "out"), fragment)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # (an import of it fails)
+    with pytest.raises(AdaptkitError, match="^--load-in-8bit needs bitsandbytes"):
+        build_moe(load_moe_config(_config(models["llama"], "hidden", 2)), tmp_path / "out", base_bits=8)
+    assert not (tmp_path / "out").exists()
+
+
+def _recipe(folder: Path, config: dict, name: str = "moe.yml") -> Path:
+    (folder / name).write_text(yaml.safe_dump(config))
+    return folder / name
 
 
 def test_expert_noise_and_residual_scale_equal_mergekit_under_one_seed(tmp_path, models):

@@ -17,6 +17,10 @@ from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, 
 @dtype_option()
 @click.option("--device", default="cpu", show_default=True,
               help="Where the base model runs for gate_mode hidden (cpu, cuda).")
+@click.option("--load-in-4bit", "base_4bit", is_flag=True,
+              help="Run the base for gate_mode hidden quantized to 4 bits by bitsandbytes (mergekit-moe's option).")
+@click.option("--load-in-8bit", "base_8bit", is_flag=True,
+              help="Run the base for gate_mode hidden quantized to 8 bits by bitsandbytes (mergekit-moe's option).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--allow-same-experts", "--i-understand-this-is-not-useful-without-training", "allow_same", is_flag=True,
               help="Allow every expert to be the same model with prompt-based gates (e.g. to train the MoE further).")
@@ -27,8 +31,8 @@ from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, 
 @PLOT
 @JSON
 @click.pass_context
-def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, force, dry_run, allow_pickle, plot,
-        as_json):
+def moe(ctx, config, out, seed, dtype, device, base_4bit, base_8bit, shard_size, allow_same, no_card, force, dry_run,
+        allow_pickle, plot, as_json):
     """Build a mixture of experts from dense models (mergekit-moe's YAML).
 
     Attention, norms and embeddings come from base_model; each expert's MLPs become one expert per
@@ -46,13 +50,18 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, 
       adaptkit moe clowncar.yml -o clowncar-moe/ --plot routers.png
       adaptkit moe upcycle.yml -o moe/ --seed 0 --dtype bfloat16   # gate_mode: random
       adaptkit moe clowncar.yml -o moe/ --device cuda --json
+      adaptkit moe clowncar.yml -o moe/ --load-in-4bit       # the base's hidden pass in 4 bits
       adaptkit moe clowncar.yml -o moe/ --dry-run
     """
     with heavy_imports():
-        from ..merge.moe import MoePlan, build_moe, load_moe_config
+        from ..merge.moe import MoePlan, build_moe, check_base_bits, load_moe_config
         from .report import human_bytes
 
+    if base_4bit and base_8bit:
+        raise AdaptkitError("give --load-in-4bit or --load-in-8bit, not both")
+    base_bits = 4 if base_4bit else 8 if base_8bit else None
     parsed = load_moe_config(config, allow_same=allow_same)
+    check_base_bits(parsed, base_bits)
     if plot is not None:  # checked before any work
         if dry_run:
             raise AdaptkitError("--plot draws the routers the build computes; --dry-run computes none")
@@ -67,7 +76,7 @@ def moe(ctx, config, out, seed, dtype, device, shard_size, allow_same, no_card, 
                    f"{summary['parameters']:,} parameters, output {human_bytes(summary['output_bytes'])}")
         return
     report = build_moe(parsed, out, force=force, seed=seed, dtype=dtype, shard_size=shard_size, device=device,
-                       allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card)
+                       base_bits=base_bits, allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card)
     if plot is not None:
         _draw_routers(report, plot)
     if as_json:

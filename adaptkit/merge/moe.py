@@ -193,14 +193,27 @@ def _natural(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
+def check_base_bits(config: MoeConfig, bits: int | None) -> None:
+    """mergekit-moe's --load-in-4bit / --load-in-8bit (`bits`) quantize the base it runs for hidden-state
+    gates; any other gate mode loads no model, and the option would change nothing: refused by name."""
+    if bits not in (None, 4, 8):
+        raise AdaptkitError(f"the base can be loaded in 4 or 8 bits for the hidden states, not {bits}")
+    if bits is not None and config.gate_mode not in HIDDEN_MODES:
+        raise AdaptkitError(f"--load-in-{bits}bit quantizes the base run for hidden-state gates (gate_mode hidden or "
+                            f"hidden_avg); gate_mode {config.gate_mode} runs no model")
+
+
 def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: int | None = None,
               dtype: str | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, device: str = "cpu",
-              allow_pickle: bool = False, progress: bool = False, card: bool = True) -> dict[str, Any]:
+              base_bits: int | None = None, allow_pickle: bool = False, progress: bool = False,
+              card: bool = True) -> dict[str, Any]:
     """Write the mixture of experts `config` describes into the folder `out` (whole or not at all), with a
     model card (README.md) and the config as given (mergekit_moe_config.yml) unless `card` is false;
-    returns a report (the CLI's --json, which draws its routers with --plot)."""
+    returns a report (the CLI's --json, which draws its routers with --plot). `base_bits` (4 or 8): the
+    base runs for hidden gates quantized by bitsandbytes (`check_base_bits`)."""
     import torch
 
+    check_base_bits(config, base_bits)
     start = time.perf_counter()
     check_output(out, force=force, inputs=config.inputs())  # before the hidden pass, not after it
     plan = MoePlan(config, allow_pickle=allow_pickle, dtype=dtype)
@@ -208,7 +221,8 @@ def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: 
     seed = generator.manual_seed(seed).initial_seed() if seed is not None else generator.seed()
     embed = plan.base.get("model.embed_tokens.weight", float32=False) if config.gate_mode == "cheap_embed" else None
     gates = gate_vectors(config.gate_mode, config.gated(), layers=plan.layers, hidden=plan.hidden,
-                         base_folder=plan.base.root, embed=embed, generator=generator, device=device)
+                         base_folder=plan.base.root, embed=embed, generator=generator, device=device,
+                         base_bits=base_bits)
     conds, alike = conditions(gates), similarity(gates)
     degenerate = degenerate_layers(conds)
     report = plan.summary()

@@ -32,9 +32,11 @@ DEGENERATE_CONDITION = 5.0
 
 
 def gate_vectors(mode: str, experts: list, *, layers: int, hidden: int, base_folder: Path,
-                 embed: torch.Tensor | None, generator: torch.Generator, device: str = "cpu") -> torch.Tensor:
+                 embed: torch.Tensor | None, generator: torch.Generator, device: str = "cpu",
+                 base_bits: int | None = None) -> torch.Tensor:
     """W of shape (layers, experts, hidden) for `mode`; `experts` have `positive` and `negative`
-    prompt lists; `embed` is the base's embedding matrix (read only for cheap_embed)."""
+    prompt lists; `embed` is the base's embedding matrix (read only for cheap_embed); `base_bits` (4 or 8)
+    runs the base for hidden states quantized by bitsandbytes, as mergekit-moe's --load-in-4bit/8bit."""
     if mode == "random":
         return torch.randn((layers, len(experts), hidden), generator=generator)
     if mode == "uniform_random":
@@ -45,10 +47,16 @@ def gate_vectors(mode: str, experts: list, *, layers: int, hidden: int, base_fol
         def encode(prompts: list[str]) -> torch.Tensor:
             return _cheap_embedding(embed, _tokenize(prompts, tokenizer), layers)
     else:
-        model = _hidden_model(base_folder, device)
+        model = _hidden_model(base_folder, device, base_bits)
 
         def encode(prompts: list[str]) -> torch.Tensor:
-            return _hidden_states(model, _tokenize(prompts, tokenizer).to(device), average=mode == "hidden_avg").cpu()
+            try:
+                return _hidden_states(model, _tokenize(prompts, tokenizer).to(device), average=mode == "hidden_avg").cpu()
+            except RuntimeError as e:  # (e.g. its CPU 4-bit kernel: layers whose inputs are not 64-entry blocks)
+                if base_bits is None:
+                    raise
+                raise AdaptkitError(f"--load-in-{base_bits}bit: bitsandbytes cannot run this base quantized "
+                                    f"({str(e).splitlines()[0]}); run without the option") from None
     vectors = []
     for expert in experts:
         v = encode(expert.positive)
@@ -113,7 +121,10 @@ def _cheap_embedding(embed: torch.Tensor, tokenized, layers: int) -> torch.Tenso
     return (summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)).repeat(layers, 1)
 
 
-def _hidden_model(folder: Path, device: str):
+def _hidden_model(folder: Path, device: str, bits: int | None = None):
+    """The base in bfloat16 on `device`; with `bits`, its linear layers quantized on loading by
+    bitsandbytes (transformers' BitsAndBytesConfig(load_in_4bit / load_in_8bit), its defaults, as
+    mergekit-moe loads it: the same numbers, a quarter or half of the memory)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -121,23 +132,36 @@ def _hidden_model(folder: Path, device: str):
                             "cheap_embed and random do not") from None
     from transformers.utils import logging
 
+    options: dict = {}
+    if bits is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise AdaptkitError(f"--load-in-{bits}bit needs bitsandbytes (pip install bitsandbytes)") from None
+        from transformers import BitsAndBytesConfig
+
+        # (placed by device_map: a model quantized by bitsandbytes cannot be moved with .to)
+        options = {"quantization_config": BitsAndBytesConfig(**{f"load_in_{bits}bit": True}), "device_map": device}
     shown = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # a bar per load is noise beside one line of report
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, trust_remote_code=False,
+                                                     **options)
     except (OSError, ValueError) as e:
         raise AdaptkitError(f"{folder}: cannot load the base model for the hidden states "
                             f"({str(e).splitlines()[0]})") from None
     finally:
         if shown:
             logging.enable_progress_bar()
-    return model.to(device).eval()
+    return (model if bits is not None else model.to(device)).eval()
 
 
 def _hidden_states(model, tokenized, *, average: bool) -> torch.Tensor:
     """(layers, hidden): the input of each layer (the embeddings, then each layer's output but the
     last) at the last position, or averaged over positions, then averaged over the prompts."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # (bitsandbytes' 8-bit matmul says at every layer that it computes bf16 inputs in fp16: its way, and mergekit's)
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         output = model(**tokenized, output_hidden_states=True, return_dict=True)
     states = torch.stack(output.hidden_states[:-1])  # (layers, batch, seq, hidden)
     states = states.sum(dim=2) / states.shape[2] if average else states[:, :, -1, :]
