@@ -228,3 +228,31 @@ def test_heavy_imports_pause_the_collector_and_freeze_what_they_load():
     command in the same process, which imports nothing new, freezes nothing."""
     proc = subprocess.run([sys.executable, "-c", HEAVY], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("script,command", [("run_yaml", "merge"), ("multimerge", "merge"), ("merge_raw_pytorch", "merge"),
+                                            ("moe", "moe")])
+def test_every_mergekit_option_is_taken_or_answered(tmp_path, script, command):
+    """Each command-line option of mergekit's script (read off its click command) is either one adaptkit's
+    command takes, or refused in one line that says what adaptkit does instead, never click's guess by
+    spelling (it offered --allow-pickle, which unpickles untrusted files, for --lazy-unpickle); an option
+    such a line names ("here --seed") is one the command takes."""
+    import importlib
+    import re
+
+    from adaptkit.cli import cli
+
+    peer = importlib.import_module(f"mergekit.scripts.{script}").main
+    ours = cli.commands[command]
+    taken = {o for p in ours.params for o in (*p.opts, *p.secondary_opts)}
+    answered = 0
+    for option in (o for p in peer.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")):
+        if option in taken:
+            continue
+        line = assert_one_line_error(run_cli(command, tmp_path / "recipe.yml", "-o", tmp_path / "out", option),
+                                     f"no such option '{option}' (mergekit's): ")
+        assert "did you mean" not in line.lower(), line
+        for named in re.findall(r"here (--?[\w-]+)", line):
+            assert named in taken, line
+        answered += 1
+    assert answered > 20 and not (tmp_path / "out").exists()

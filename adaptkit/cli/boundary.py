@@ -24,6 +24,9 @@ import click
 
 from .. import allocator
 from ..errors import AdaptkitError
+from . import mergekit_options
+
+MERGEKIT_COMMANDS = ("merge", "moe")  # the commands that read mergekit's files, whose users type its options
 
 
 class Group(click.Group):
@@ -81,6 +84,9 @@ def _usage_line(e: click.ClickException) -> str:
     where = ""
     if isinstance(e, click.UsageError) and e.ctx is not None:
         where = f" (see '{e.ctx.command_path} --help')"
+        if isinstance(e, click.NoSuchOption) and e.ctx.command.name in MERGEKIT_COMMANDS and (
+                advice := mergekit_options.hint(e.option_name, e.ctx.command.name)):
+            return f"no such option '{e.option_name}' (mergekit's): {advice}"
     return f"{_lower_first(e.format_message().rstrip('.'))}{where}"
 
 

@@ -1,0 +1,80 @@
+"""What mergekit's command-line options are here: a user who types one gets the adaptkit way in the
+error line instead of click's guess by spelling (which offered --allow-pickle for --lazy-unpickle, an
+option that would unpickle untrusted files, and --base for --verbose).
+
+The options of mergekit 0.1.5's mergekit-yaml, mergekit-moe, mergekit-multi and mergekit-pytorch
+(`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
+does take (--allow-crimes, --unsafe-truncate-embeddings, --load-in-4bit, --load-in-8bit,
+--i-understand-this-is-not-useful-without-training) are not listed.
+"""
+from __future__ import annotations
+
+_GPU = "adaptkit merge computes on the CPU, streaming in bounded memory; drop the option"
+_THREADS = "here --threads, the tensors merged side by side (torch's own threads: OMP_NUM_THREADS)"
+_STAGES = ("the stages' results live in the output's temporary folder, each removed once no later stage needs "
+           "it; drop the option")
+_WRITES = "not needed: each tensor is written straight to its place in the output shards; drop the option"
+
+HINTS = {
+    "--cuda": _GPU, "--device": _GPU, "--low-cpu-memory": _GPU, "--read-to-gpu": _GPU, "--multi-gpu": _GPU,
+    "--gpu-rich": _GPU,
+    "--lazy-unpickle": "tensors are always read lazily; a pickle checkpoint also needs --allow-pickle, which runs "
+                       "code from the file: only for files you trust",
+    "--out-shard-size": "here --shard-size, in bytes (default 2GB), where mergekit's counts parameters "
+                        "(5B: about 10GB in bfloat16)",
+    "--copy-tokenizer": "the output gets the tokenizer files by default (tokenizer_source / tokenizer: in the "
+                        "recipe choose which); drop the option",
+    "--no-copy-tokenizer": "the output always gets the tokenizer files the recipe's tokenizer settings give",
+    "--clone-tensors": "not needed: every output tensor is its own copy, so a layer may repeat; drop the option",
+    "--trust-remote-code": "adaptkit never runs code from a model repository; merges read only weights and "
+                           "config files",
+    "--random-seed": "here --seed",
+    "--write-model-card": "the card (README.md) is written by default; drop the option",
+    "--no-write-model-card": "here --no-card",
+    "--safe-serialization": "the output is always safetensors; drop the option",
+    "--no-safe-serialization": "adaptkit writes safetensors only (a pickle checkpoint can run code when loaded)",
+    "-v": "no log levels here: a progress bar and a one-line report (--json: the whole report; --debug: tracebacks)",
+    "--verbose": "no log levels here: a progress bar and a one-line report (--json: the whole report; --debug: "
+                 "tracebacks)",
+    "-j": _THREADS, "--num-threads": _THREADS,
+    "--async-write": _WRITES, "--no-async-write": _WRITES, "--write-threads": _WRITES,
+    "--transformers-cache": "Hub models are read from huggingface_hub's cache: set HF_HUB_CACHE (or HF_HOME)",
+    "--lora-merge-cache": "not needed: a LoRA is merged into its base while the base streams, nothing is cached",
+    "--lora-merge-dtype": "a LoRA is merged into its base in float32 and rounded once to the recipe's dtype "
+                          "(mergekit's --lora-merge-dtype float32 gives the same bytes)",
+    "-u": "here --tensors union", "--tensor-union": "here --tensors union",
+    "-i": "here --tensors intersection", "--tensor-intersection": "here --tensors intersection",
+    "-I": _STAGES, "--intermediate-dir": _STAGES,
+    "--lazy": "every stage runs each time: no intermediate folder is kept to reuse; drop the option",
+    "--no-lazy": "every stage runs each time already; drop the option",
+    "--out-path": "here -o/--out",
+    **dict.fromkeys(("--no-allow-crimes", "--no-unsafe-truncate-embeddings", "--no-cuda", "--no-low-cpu-memory",
+                     "--no-clone-tensors", "--no-trust-remote-code", "--no-lazy-unpickle", "--no-quiet", "--no-read-to-gpu",
+                     "--no-multi-gpu"), "off by default here too; drop the option"),
+}
+
+
+# mergekit-moe takes mergekit-yaml's options; where adaptkit moe's answer differs
+_HIDDEN = "the hidden pass runs where --device says, the experts are copied on the CPU; drop the option"
+MOE_HINTS = {
+    "--cuda": "here --device cuda (where the hidden pass runs)", "--low-cpu-memory": _HIDDEN,
+    "--read-to-gpu": _HIDDEN, "--multi-gpu": _HIDDEN, "--gpu-rich": _HIDDEN,
+    "-j": "the hidden pass uses torch's threads (OMP_NUM_THREADS); drop the option",
+    "--num-threads": "the hidden pass uses torch's threads (OMP_NUM_THREADS); drop the option",
+    # (mergekit-moe takes these two and reads them nowhere)
+    "--allow-crimes": "experts of another architecture than the base are refused (mergekit-moe takes the option "
+                      "and reads it nowhere); drop it",
+    "--unsafe-truncate-embeddings": "the output's embeddings are the base's, the experts' are not read (mergekit-moe "
+                                    "takes the option and reads it nowhere); drop it",
+}
+MERGE_ONLY = {"-u", "--tensor-union", "-i", "--tensor-intersection", "-I", "--intermediate-dir", "--lazy", "--no-lazy",
+              "--out-path"}  # (mergekit-pytorch's and mergekit-multi's)
+
+
+def hint(option: str, command: str) -> str | None:
+    """The line for mergekit's `option` (as typed: `--cuda`, `-j`) given to adaptkit's `command` ("merge" or
+    "moe"), or None for an option mergekit's matching script lacks."""
+    option = option.split("=", 1)[0]
+    if command == "moe":
+        return None if option in MERGE_ONLY else MOE_HINTS.get(option, HINTS.get(option))
+    return HINTS.get(option)
