@@ -52,6 +52,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "inference_mode": None,  # PEFT's field of every adapter config (the adapter in its saved form)
     "layers_pattern": None,  # PEFT's targeting key (beside target_modules, layers_to_transform), applied by
     #                          the core's targeting for every variant
+    "scale": frozenset({"bakllama"}),  # a field of mergekit's bakllama configs (`layer_slices[i].scale`), read there
     "use_rslora": frozenset({"spec"}),  # the scaling rule of the canonical LowRankAdapter, defined there
     # Ordinary words that also name something of the core's own:
     "modules": None,  # reports count adapted modules under it; mergekit recipes' `modules` section

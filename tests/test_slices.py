@@ -321,3 +321,66 @@ def test_residual_weight_is_a_warning_and_changes_nothing(models, tmp_path):
     run_merge(plain, tmp_path / "plain", progress=False, card=False)
     assert (tmp_path / "weighted/model.safetensors").read_bytes() == (tmp_path / "plain/model.safetensors").read_bytes()
     assert mergekit_merge(weighted, tmp_path / "mk").keys() == state(tmp_path / "plain").keys()
+
+
+# ---- bakllama configs ---------------------------------------------------------------------------
+
+def _bakllama_models(tmp_path):
+    paths = [tmp_path / f"m{seed}" for seed in range(2)]
+    for seed, path in enumerate(paths):
+        tiny_llama(seed, num_hidden_layers=4).save_pretrained(path)
+    return paths
+
+
+def test_bakllama_config_is_the_passthrough_recipe_mergekit_means(tmp_path):
+    """A bakllama config merges as mergekit's bakllama script builds it: one passthrough slice per entry,
+    `scale` on the slice's down_proj only (its filter), layers renumbered. (mergekit 0.1.5's script hands
+    its slices over where pydantic wants output slices and fails on every config; its recipe, each slice
+    wrapped as meant, is run through mergekit's own types and merge here.)"""
+    from hostile import run_cli
+    from mergekit.config import ConditionalParameter, InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
+    from mergekit.merge import MergeOptions
+    from mergekit.merge import run_merge as mk_run
+
+    a, b = _bakllama_models(tmp_path)
+    config = {"layer_slices": [{"model": str(a), "start": 0, "end": 3},
+                               {"model": str(b), "start": 1, "end": 4, "scale": 0.5}],
+              "embedding_source": str(a), "lm_head_source": str(b)}
+    (tmp_path / "bak.yml").write_text(yaml.safe_dump(config))
+    result = run_cli("merge", tmp_path / "bak.yml", "-o", tmp_path / "ours", "--no-card")
+    assert result.exit_code == 0, result.stderr
+    slices = [OutputSliceDefinition(sources=[InputSliceDefinition(
+        model=s["model"], layer_range=(s["start"], s["end"]),
+        parameters={"scale": ConditionalParameter(value=s["scale"], filter="down_proj")} if "scale" in s else {})])
+        for s in config["layer_slices"]]
+    mk_run(MergeConfiguration(merge_method="passthrough", slices=slices), str(tmp_path / "mk"),
+           MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    ours, theirs = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "mk" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_hidden_layers"] == 3 + 3
+    source = load_file(b / "model.safetensors")  # output layer 3 is b's layer 1: down_proj halved, the rest as is
+    assert torch.equal(ours["model.layers.3.mlp.down_proj.weight"], source["model.layers.1.mlp.down_proj.weight"] * 0.5)
+    assert torch.equal(ours["model.layers.3.mlp.up_proj.weight"], source["model.layers.1.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda c: c.update(merge_method="linear"), "unknown key in a bakllama config: merge_method"),
+    (lambda c: c["layer_slices"][0].pop("end"), "layer_slices[0]: 'end' is missing"),
+    (lambda c: c["layer_slices"][1].update(scale="half"), "layer_slices[1].scale"),
+    (lambda c: c["layer_slices"][0].update(weight=1), "layer_slices[0]: unknown key weight"),
+    (lambda c: c.update(layer_slices=[]), "layer_slices must be a non-empty list"),
+    (lambda c: c.update(lm_head_source=c["layer_slices"][0]["model"]), "lm_head_source"),
+    (lambda c: c["layer_slices"][1].update(end=9), "layer_range [1, 9] is past the 4 layers"),
+], ids=["other format's key", "no end", "scale not a number", "unknown slice key", "no slices",
+        "lm head from another model", "past the layers"])
+def test_bad_bakllama_configs_are_one_line(tmp_path, edit, fragment):
+    """Refused by name: keys of neither format, missing or mistyped fields, and an embedding or LM head
+    source other than the slice that gives it (mergekit reads those keys nowhere)."""
+    from hostile import assert_one_line_error, run_cli
+
+    a, b = _bakllama_models(tmp_path)
+    config = {"layer_slices": [{"model": str(a), "start": 0, "end": 3}, {"model": str(b), "start": 1, "end": 4}]}
+    edit(config)
+    (tmp_path / "bak.yml").write_text(yaml.safe_dump(config))
+    assert_one_line_error(run_cli("merge", tmp_path / "bak.yml", "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()

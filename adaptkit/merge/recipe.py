@@ -34,7 +34,7 @@ from ..errors import AdaptkitError, closest
 from ..io.paths import regular_file
 from .tokenizer import TokenizerSettings, parse_settings
 from ..validate import short
-from . import TENSOR_SETS
+from . import TENSOR_SETS, bakllama
 from .modules import Module, parse_modules
 from .slices import Slice, parameter_groups, parse_slices, place, slice_models
 
@@ -127,6 +127,8 @@ def load_recipe(source: str | Path | dict) -> Recipe:
             raise AdaptkitError(f"{path}: the recipe is empty")
     if not isinstance(data, dict):
         raise AdaptkitError(f"{src}: a recipe is a mapping with at least 'merge_method' and 'models', got {short(data)}")
+    if bakllama.is_bakllama(data):
+        data = bakllama.as_recipe(data, src)
     _check_keys(src, data, RECIPE_KEYS)
     v.check_fields(data, FIELD_TYPES, src)
     if "merge_method" not in data:
