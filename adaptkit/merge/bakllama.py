@@ -27,7 +27,7 @@ from .. import validate as v
 from ..errors import AdaptkitError
 
 KEYS = ("layer_slices", "embedding_source", "lm_head_source")
-SLICE = v.record({"model": v.text, "start": v.count, "end": v.count, "scale": v.optional(v.number)})
+SLICE = {"model": v.text, "start": v.count, "end": v.count, "scale": v.optional(v.number)}  # an entry's keys
 
 
 def is_bakllama(data: Any) -> bool:
@@ -47,9 +47,9 @@ def as_recipe(data: dict[str, Any], src: str) -> dict[str, Any]:
     slices = []
     for i, entry in enumerate(entries):
         where = f"{src}: layer_slices[{i}]"
-        SLICE(entry, where)
-        if unknown := sorted(map(str, set(entry) - {"model", "start", "end", "scale"})):
-            raise AdaptkitError(f"{where}: unknown key {', '.join(unknown)} (keys: model, start, end, scale)")
+        v.record(SLICE)(entry, where)
+        if unknown := sorted(map(str, set(entry) - set(SLICE))):
+            raise AdaptkitError(f"{where}: unknown key {', '.join(unknown)} (keys: {', '.join(SLICE)})")
         if missing := [key for key in ("model", "start", "end") if key not in entry]:
             raise AdaptkitError(f"{where}: '{missing[0]}' is missing")
         source: dict[str, Any] = {"model": entry["model"], "layer_range": [entry["start"], entry["end"]]}
