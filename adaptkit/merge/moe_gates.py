@@ -16,6 +16,7 @@ gates are mergekit's numbers; each prompt is `<bos>` + text, left-padded with th
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -130,20 +131,25 @@ def _hidden_model(folder: Path, device: str, bits: int | None = None):
     except ImportError:
         raise AdaptkitError("gate_mode hidden needs transformers (pip install 'adaptkit[train]'); "
                             "cheap_embed and random do not") from None
-    from transformers.utils import logging
+    from transformers.utils import logging as hf_logging
 
     options: dict = {}
     if bits is not None:
+        quiet = logging.getLogger("bitsandbytes")  # (on importing, a CPU-only install logs that an optional
+        level = quiet.level                         # faster kernel package is absent: not this command's news)
+        quiet.setLevel(logging.ERROR)
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise AdaptkitError(f"--load-in-{bits}bit needs bitsandbytes (pip install bitsandbytes)") from None
+        finally:
+            quiet.setLevel(level)
         from transformers import BitsAndBytesConfig
 
         # (placed by device_map: a model quantized by bitsandbytes cannot be moved with .to)
         options = {"quantization_config": BitsAndBytesConfig(**{f"load_in_{bits}bit": True}), "device_map": device}
-    shown = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()  # a bar per load is noise beside one line of report
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per load is noise beside one line of report
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, trust_remote_code=False,
                                                      **options)
@@ -152,7 +158,7 @@ def _hidden_model(folder: Path, device: str, bits: int | None = None):
                             f"({str(e).splitlines()[0]})") from None
     finally:
         if shown:
-            logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()
     return (model if bits is not None else model.to(device)).eval()
 
 
@@ -160,7 +166,7 @@ def _hidden_states(model, tokenized, *, average: bool) -> torch.Tensor:
     """(layers, hidden): the input of each layer (the embeddings, then each layer's output but the
     last) at the last position, or averaged over positions, then averaged over the prompts."""
     with torch.no_grad(), warnings.catch_warnings():
-        # (bitsandbytes' 8-bit matmul says at every layer that it computes bf16 inputs in fp16: its way, and mergekit's)
+        # (bitsandbytes' 8-bit matmul says at every layer that it computes bf16 inputs in fp16: its way and mergekit's)
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         output = model(**tokenized, output_hidden_states=True, return_dict=True)
     states = torch.stack(output.hidden_states[:-1])  # (layers, batch, seq, hidden)
