@@ -2,8 +2,8 @@
 error line instead of click's guess by spelling (which offered --allow-pickle for --lazy-unpickle, an
 option that would unpickle untrusted files, and --base for --verbose).
 
-The options of mergekit 0.1.5's mergekit-yaml, mergekit-moe, mergekit-multi and mergekit-pytorch
-(`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
+The options of mergekit 0.1.5's mergekit-yaml, mergekit-moe, mergekit-multi, mergekit-pytorch and
+mergekit-legacy (`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
 does take (--allow-crimes, --unsafe-truncate-embeddings, --load-in-4bit, --load-in-8bit,
 --i-understand-this-is-not-useful-without-training) are not listed.
 """
@@ -48,6 +48,19 @@ HINTS = {
     "--lazy": "every stage runs each time: no intermediate folder is kept to reuse; drop the option",
     "--no-lazy": "every stage runs each time already; drop the option",
     "--out-path": "here -o/--out",
+    # mergekit-legacy's, whose merges are adaptkit merge's quick form
+    "--merge": "here -m PATH[:WEIGHT], once per model (the quick form)",
+    "--weight": "here -m PATH:WEIGHT",
+    "--density": "here --set density=D",
+    "--base-model": "here --base",
+    "--normalize": "here --set normalize=true", "--no-normalize": "here --set normalize=false",
+    "--int8-mask": "it changes no number (--set int8_mask=true is accepted); drop the option",
+    "--no-int8-mask": "off by default here too; drop the option",
+    "--bf16": "here --dtype bfloat16", "--no-bf16": "the inputs' own dtype is the default here too; drop the option",
+    **dict.fromkeys(("--naive-count", "--no-naive-count"), "mergekit reads the consensus_method it sets nowhere (TIES elects "
+                    "signs by the weighted sum); drop the option"),
+    **dict.fromkeys(("--print-yaml", "--no-print-yaml"), "--dry-run prints the plan, and the output keeps the recipe "
+                    "(adaptkit_recipe.yml); drop the option"),
     **dict.fromkeys(("--no-allow-crimes", "--no-unsafe-truncate-embeddings", "--no-cuda", "--no-low-cpu-memory",
                      "--no-clone-tensors", "--no-trust-remote-code", "--no-lazy-unpickle", "--no-quiet", "--no-read-to-gpu",
                      "--no-multi-gpu"), "off by default here too; drop the option"),
@@ -68,7 +81,9 @@ MOE_HINTS = {
                                     "takes the option and reads it nowhere); drop it",
 }
 MERGE_ONLY = {"-u", "--tensor-union", "-i", "--tensor-intersection", "-I", "--intermediate-dir", "--lazy", "--no-lazy",
-              "--out-path"}  # (mergekit-pytorch's and mergekit-multi's)
+              "--out-path", "--merge", "--weight", "--density", "--base-model", "--normalize", "--no-normalize",
+              "--int8-mask", "--no-int8-mask", "--bf16", "--no-bf16", "--naive-count", "--no-naive-count", "--print-yaml",
+              "--no-print-yaml"}  # (mergekit-pytorch's, mergekit-multi's and mergekit-legacy's)
 
 
 def hint(option: str, command: str) -> str | None:
