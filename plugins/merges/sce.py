@@ -49,23 +49,25 @@ def variances(tvs, blocks: list[tuple[int, int]], out: torch.Tensor) -> torch.Te
     return out
 
 
-def variance(rows: torch.Tensor) -> torch.Tensor:
+def variance(rows: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """`torch.var(rows, dim=0, unbiased=False)` to the byte, 4-10× as fast on the CPU (bf16, 3 × 2²⁰:
     15-50 ms against 150). torch's CPU kernel runs Welford's update in float64 one column at a time;
     here the same updates run over all columns at once: mean₁ = x₁, m2₁ = 0; for i ≥ 2:
     δ = xᵢ − meanᵢ₋₁, meanᵢ = meanᵢ₋₁ + δ/i, m2ᵢ = m2ᵢ₋₁ + δ·(xᵢ − meanᵢ), the product and the sum
     rounded apart (the kernel fuses no multiply-add: a fused one differs from it in float64); then
     var = m2ₖ/k, rounded to float32 and then to the rows' dtype, as the kernel's float64 result is
-    converted (to half types through float). Elsewhere than the CPU, torch.var itself."""
-    if rows.device.type != "cpu":
-        return torch.var(rows, dim=0, unbiased=False)
-    mean, m2 = rows[0].to(torch.float64, copy=True), torch.zeros(rows.shape[1:], dtype=torch.float64)
-    for i in range(1, rows.shape[0]):
+    converted (to half types through float). Elsewhere than the CPU, torch.var itself. `rows`: a stacked
+    tensor, or its rows (not stacked: a copy fewer)."""
+    first = rows[0]
+    if first.device.type != "cpu":
+        return torch.var(rows if isinstance(rows, torch.Tensor) else torch.stack(list(rows)), dim=0, unbiased=False)
+    mean, m2 = first.to(torch.float64, copy=True), torch.zeros(first.shape, dtype=torch.float64)
+    for i in range(1, len(rows)):
         delta = rows[i] - mean
         mean.add_(delta / (i + 1))
         m2.add_(delta.mul_(rows[i] - mean))
-    var = m2.div_(rows.shape[0])
-    return var if rows.dtype == torch.float64 else var.to(torch.float32).to(rows.dtype)
+    var = m2.div_(len(rows))
+    return var if first.dtype == torch.float64 else var.to(torch.float32).to(first.dtype)
 
 
 def _first_by_index(var: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,14 +140,14 @@ class SelectCalculateErase(Operator):
         flat_base, inputs = base.reshape(1, -1), [t.reshape(1, -1) for t in tensors]
         blocks = block_ranges(base.numel(), BLOCK)
 
-        def tvs(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> torch.Tensor:
-            return torch.cat([t[:, s:e] - flat_base[:, s:e] for t in rows])
+        def tvs(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> list[torch.Tensor]:
+            return [t[0, s:e] - flat_base[0, s:e] for t in rows]  # (rows apart: no stacked copy)
 
         dtype = torch.promote_types(base.dtype, tensors[0].dtype)
         mask = select_mask(tvs, blocks, fraction, dtype, bound["tie_break"]) if fraction < 1 else None
 
-        def masked(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> torch.Tensor:
-            return tvs(s, e, rows) * mask[s:e] if mask is not None else tvs(s, e, rows)
+        def masked(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> list[torch.Tensor]:
+            return [tv.mul_(mask[s:e]) for tv in tvs(s, e, rows)] if mask is not None else tvs(s, e, rows)
 
         # one input's squares at a time (`row_mean`), rounded in the task vectors' dtype as mergekit's,
         # held in float32: the copy torch's mean of half-precision squares would make is this buffer
@@ -165,8 +167,8 @@ class SelectCalculateErase(Operator):
             block = masked(s, e)
             # Erase as TIES' `combine`: mᵢ·τᵢ·ηᵢ = σ·relu(σ·τᵢ)·ηᵢ (`agreeing`), sums over the inputs as
             # `stacked_sum` (torch's bytes)
-            flip = sign_flip(stacked_sum(block.unbind(0)))
-            kept = agreeing(block.unbind(0), flip)
+            flip = sign_flip(stacked_sum(block))
+            kept = agreeing(block, flip)
             agree = [torch.gt(row, 0, out=torch.empty_like(row)) for row in kept]
             mixed = stacked_sum([row.mul_(w) for row, w in zip(kept, scalars)])
             # σ back; +0 stays +0 (an ηᵢ of 0 can leave nothing where σ = -1; mergekit's sum gives +0 there)
