@@ -136,7 +136,10 @@ def test_base_loaded_in_4_or_8_bits_gives_mergekits_routers(tmp_path, bits):
     assert report.exit_code == 0, report.stderr
     ours = _as_mergekit(load_file(tmp_path / "ours" / "model.safetensors"), 2, 2)
     assert sorted(ours) == sorted(expected) and all(torch.equal(ours[k], v) for k, v in expected.items())
+    assert json.loads(report.stdout)["base_bits"] == bits  # and the card says how the routers were made:
+    assert f"quantized to {bits} bits by bitsandbytes" in (tmp_path / "ours" / "README.md").read_text()
     build_moe(load_moe_config(config), tmp_path / "plain")
+    assert "bitsandbytes" not in (tmp_path / "plain" / "README.md").read_text()
     plain = load_file(tmp_path / "plain" / "model.safetensors")
     routers = [router_name(layer) for layer in range(2)]
     quantized = load_file(tmp_path / "ours" / "model.safetensors")

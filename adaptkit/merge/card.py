@@ -138,7 +138,7 @@ def moe_card(config, summary: dict[str, Any], config_text: str | None) -> str:
              f"`{summary['architecture']}` whose attention, norms and embeddings are "
              f"{_model(config.base, {})}'s and whose experts are these models' MLPs. Each token goes to "
              f"{config.experts_per_token} of the experts{' and to the shared one' if config.shared else ''}; the "
-             f"routers come from gate mode `{config.gate_mode}`.", "",
+             f"routers come from gate mode `{config.gate_mode}`{_quantized_pass(summary.get('base_bits'))}.", "",
              "| expert | model | positive prompts | negative prompts | noise scale | residual scale |",
              "|---|---|---|---|---|---|"]
     def cell(value: Any) -> str:  # prompts quoted one by one, as JSON strings
@@ -152,6 +152,11 @@ def moe_card(config, summary: dict[str, Any], config_text: str | None) -> str:
     recipe = f"\n## Config\n\n```yaml\n{config_text}```\n" if config_text else ""
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     return f"---\n{front}---\n\n" + "\n".join(lines) + "\n" + recipe
+
+
+def _quantized_pass(bits: int | None) -> str:
+    return "" if bits is None else (f", the base's hidden states computed with its linear layers quantized to {bits} "
+                                    f"bits by bitsandbytes (mergekit-moe's --load-in-{bits}bit)")
 
 
 def _refs(recipe: Recipe) -> list[Ref]:

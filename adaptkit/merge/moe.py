@@ -225,7 +225,7 @@ def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: 
                          base_bits=base_bits)
     conds, alike = conditions(gates), similarity(gates)
     degenerate = degenerate_layers(conds)
-    report = plan.summary()
+    report = {**plan.summary(), "base_bits": base_bits}  # (the routers depend on it: the card says so)
     with atomic_output(out, force=force, inputs=config.inputs()) as tmp:
         (tmp / "config.json").write_text(readers.dump_json(plan.output_config(), tmp / "config.json"))
         _copy_tokenizer(plan.base.root, tmp)
