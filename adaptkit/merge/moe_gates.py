@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -135,15 +137,11 @@ def _hidden_model(folder: Path, device: str, bits: int | None = None):
 
     options: dict = {}
     if bits is not None:
-        quiet = logging.getLogger("bitsandbytes")  # (on importing, a CPU-only install logs that an optional
-        level = quiet.level                         # faster kernel package is absent: not this command's news)
-        quiet.setLevel(logging.ERROR)
         try:
-            import bitsandbytes  # noqa: F401
+            with _quiet_bitsandbytes():
+                import bitsandbytes  # noqa: F401
         except ImportError:
             raise AdaptkitError(f"--load-in-{bits}bit needs bitsandbytes (pip install bitsandbytes)") from None
-        finally:
-            quiet.setLevel(level)
         from transformers import BitsAndBytesConfig
 
         # (placed by device_map: a model quantized by bitsandbytes cannot be moved with .to)
@@ -162,12 +160,24 @@ def _hidden_model(folder: Path, device: str, bits: int | None = None):
     return (model if bits is not None else model.to(device)).eval()
 
 
+@contextmanager
+def _quiet_bitsandbytes() -> Iterator[None]:
+    """bitsandbytes' warnings kept below ERROR out: on importing, a CPU-only install logs that an optional
+    faster kernel package is absent, and its 8-bit matmul logs at every layer that it computes bf16 inputs
+    in fp16 (its way, and mergekit's). Neither is news to this command's user."""
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
 def _hidden_states(model, tokenized, *, average: bool) -> torch.Tensor:
     """(layers, hidden): the input of each layer (the embeddings, then each layer's output but the
     last) at the last position, or averaged over positions, then averaged over the prompts."""
-    with torch.no_grad(), warnings.catch_warnings():
-        # (bitsandbytes' 8-bit matmul says at every layer that it computes bf16 inputs in fp16: its way and mergekit's)
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    with torch.no_grad(), _quiet_bitsandbytes():
         output = model(**tokenized, output_hidden_states=True, return_dict=True)
     states = torch.stack(output.hidden_states[:-1])  # (layers, batch, seq, hidden)
     states = states.sum(dim=2) / states.shape[2] if average else states[:, :, -1, :]
