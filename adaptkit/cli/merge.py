@@ -168,7 +168,7 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, out_dtype, compute_dtype, tensors, shard_size,
           threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, allow_mixed_architectures,
           unsafe_truncate_embeddings, requantize, as_json, plot):
-    """Merge models or adapters by a recipe (mergekit's YAML format) or the quick form.
+    """Merge models or adapters by a recipe (mergekit's YAML format; bakllama configs too) or the quick form.
 
     Modes: models -> model; base + adapters -> model (each adapter's ΔW added into the streamed
     base); adapters -> adapter (`output: {kind: adapter, rank: R}` or --rank). A recipe file of several
