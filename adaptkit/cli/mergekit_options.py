@@ -14,10 +14,12 @@ _THREADS = "here --threads, the tensors merged side by side (torch's own threads
 _STAGES = ("the stages' results live in the output's temporary folder, each removed once no later stage needs "
            "it; drop the option")
 _WRITES = "not needed: each tensor is written straight to its place in the output shards; drop the option"
+_LOGS = "no log levels here: a progress bar and a one-line report (--json: the whole report; --debug: tracebacks)"
+_OFF = "off by default here too; drop the option"
 
-HINTS = {
-    "--cuda": _GPU, "--device": _GPU, "--low-cpu-memory": _GPU, "--read-to-gpu": _GPU, "--multi-gpu": _GPU,
-    "--gpu-rich": _GPU,
+#: mergekit's MergeOptions, which every one of its merge scripts takes (adaptkit merge's answers)
+SHARED = {
+    **dict.fromkeys(("--cuda", "--device", "--low-cpu-memory", "--read-to-gpu", "--multi-gpu", "--gpu-rich"), _GPU),
     "--lazy-unpickle": "tensors are always read lazily; a pickle checkpoint also needs --allow-pickle, which runs "
                        "code from the file: only for files you trust",
     "--out-shard-size": "here --shard-size, in bytes (default 2GB), where mergekit's counts parameters "
@@ -33,63 +35,58 @@ HINTS = {
     "--no-write-model-card": "here --no-card",
     "--safe-serialization": "the output is always safetensors; drop the option",
     "--no-safe-serialization": "adaptkit writes safetensors only (a pickle checkpoint can run code when loaded)",
-    "-v": "no log levels here: a progress bar and a one-line report (--json: the whole report; --debug: tracebacks)",
-    "--verbose": "no log levels here: a progress bar and a one-line report (--json: the whole report; --debug: "
-                 "tracebacks)",
+    "-v": _LOGS, "--verbose": _LOGS,
     "-j": _THREADS, "--num-threads": _THREADS,
-    "--async-write": _WRITES, "--no-async-write": _WRITES, "--write-threads": _WRITES,
+    **dict.fromkeys(("--async-write", "--no-async-write", "--write-threads"), _WRITES),
     "--transformers-cache": "Hub models are read from huggingface_hub's cache: set HF_HUB_CACHE (or HF_HOME)",
     "--lora-merge-cache": "not needed: a LoRA is merged into its base while the base streams, nothing is cached",
     "--lora-merge-dtype": "a LoRA is merged into its base in float32 and rounded once to the recipe's dtype "
                           "(mergekit's --lora-merge-dtype float32 gives the same bytes)",
+    **dict.fromkeys(("--no-allow-crimes", "--no-unsafe-truncate-embeddings", "--no-cuda", "--no-low-cpu-memory",
+                     "--no-clone-tensors", "--no-trust-remote-code", "--no-lazy-unpickle", "--no-quiet", "--no-read-to-gpu",
+                     "--no-multi-gpu"), _OFF),
+}
+
+#: the options of mergekit-pytorch, mergekit-multi and mergekit-legacy (whose merges are the quick form)
+MERGE = {
     "-u": "here --tensors union", "--tensor-union": "here --tensors union",
     "-i": "here --tensors intersection", "--tensor-intersection": "here --tensors intersection",
     "-I": _STAGES, "--intermediate-dir": _STAGES,
     "--lazy": "every stage runs each time: no intermediate folder is kept to reuse; drop the option",
     "--no-lazy": "every stage runs each time already; drop the option",
     "--out-path": "here -o/--out",
-    # mergekit-legacy's, whose merges are adaptkit merge's quick form
     "--merge": "here -m PATH[:WEIGHT], once per model (the quick form)",
     "--weight": "here -m PATH:WEIGHT",
     "--density": "here --set density=D",
     "--base-model": "here --base",
     "--normalize": "here --set normalize=true", "--no-normalize": "here --set normalize=false",
     "--int8-mask": "it changes no number (--set int8_mask=true is accepted); drop the option",
-    "--no-int8-mask": "off by default here too; drop the option",
+    "--no-int8-mask": _OFF,
     "--bf16": "here --dtype bfloat16", "--no-bf16": "the inputs' own dtype is the default here too; drop the option",
     **dict.fromkeys(("--naive-count", "--no-naive-count"), "mergekit reads the consensus_method it sets nowhere (TIES elects "
                     "signs by the weighted sum); drop the option"),
     **dict.fromkeys(("--print-yaml", "--no-print-yaml"), "--dry-run prints the plan, and the output keeps the recipe "
                     "(adaptkit_recipe.yml); drop the option"),
-    **dict.fromkeys(("--no-allow-crimes", "--no-unsafe-truncate-embeddings", "--no-cuda", "--no-low-cpu-memory",
-                     "--no-clone-tensors", "--no-trust-remote-code", "--no-lazy-unpickle", "--no-quiet", "--no-read-to-gpu",
-                     "--no-multi-gpu"), "off by default here too; drop the option"),
 }
 
-
-# mergekit-moe takes mergekit-yaml's options; where adaptkit moe's answer differs
 _HIDDEN = "the hidden pass runs where --device says, the experts are copied on the CPU; drop the option"
-MOE_HINTS = {
-    "--cuda": "here --device cuda (where the hidden pass runs)", "--low-cpu-memory": _HIDDEN,
-    "--read-to-gpu": _HIDDEN, "--multi-gpu": _HIDDEN, "--gpu-rich": _HIDDEN,
-    "-j": "the hidden pass uses torch's threads (OMP_NUM_THREADS); drop the option",
-    "--num-threads": "the hidden pass uses torch's threads (OMP_NUM_THREADS); drop the option",
+_TORCH_THREADS = "the hidden pass uses torch's threads (OMP_NUM_THREADS); drop the option"
+#: where adaptkit moe's answer to mergekit-moe's (MergeOptions) differs from adaptkit merge's
+MOE = {
+    "--cuda": "here --device cuda (where the hidden pass runs)",
+    **dict.fromkeys(("--low-cpu-memory", "--read-to-gpu", "--multi-gpu", "--gpu-rich"), _HIDDEN),
+    "-j": _TORCH_THREADS, "--num-threads": _TORCH_THREADS,
     # (mergekit-moe takes these two and reads them nowhere)
     "--allow-crimes": "experts of another architecture than the base are refused (mergekit-moe takes the option "
                       "and reads it nowhere); drop it",
     "--unsafe-truncate-embeddings": "the output's embeddings are the base's, the experts' are not read (mergekit-moe "
                                     "takes the option and reads it nowhere); drop it",
 }
-MERGE_ONLY = {"-u", "--tensor-union", "-i", "--tensor-intersection", "-I", "--intermediate-dir", "--lazy", "--no-lazy",
-              "--out-path", "--merge", "--weight", "--density", "--base-model", "--normalize", "--no-normalize",
-              "--int8-mask", "--no-int8-mask", "--bf16", "--no-bf16", "--naive-count", "--no-naive-count", "--print-yaml",
-              "--no-print-yaml"}  # (mergekit-pytorch's, mergekit-multi's and mergekit-legacy's)
 
 
 def hint(option: str, command: str) -> str | None:
     """The line for mergekit's `option` (as typed: `--cuda`, `-j`) given to adaptkit's `command` ("merge" or
-    "moe"), or None for an option mergekit's matching script lacks."""
+    "moe"), or None for an option mergekit's matching scripts lack."""
     option = option.split("=", 1)[0]
-    if command == "moe":
-        return None if option in MERGE_ONLY else MOE_HINTS.get(option, HINTS.get(option))
-    return HINTS.get(option)
+    own = MOE if command == "moe" else MERGE
+    return own.get(option, SHARED.get(option))
