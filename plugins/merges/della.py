@@ -69,8 +69,6 @@ def keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float,
     from density − ε for the smallest of a row to density + ε for its largest, linear in the rank;
     equal magnitudes ranked by position. `order`: the rows' `rank_order`, where already known."""
     rows, n = magnitude.shape
-    if n == 1:
-        return torch.full(magnitude.shape, density, dtype=torch.float32)
     order = rank_order(magnitude) if order is None else order
     return torch.empty(magnitude.shape, dtype=torch.float32).scatter_(1, order, ramp(n, density, epsilon).expand(rows, n))
 
@@ -85,10 +83,8 @@ def draw_keep(magnitude: torch.Tensor, density: float, epsilon: float, bits: num
     rows, n = magnitude.shape
     # ⌈p·2³²⌉ fits 32 bits: p ≤ density + ε < 1 is at most 1 − 2⁻²⁴ in float32 (uint32 against uint32
     # compares 3× as fast as against int64)
-    thresholds = ramp(n, density, epsilon).double().mul_(2.0 ** 32).ceil_().to(torch.int64).numpy().astype(numpy.uint32)
+    thresholds = ramp(n, density, epsilon).double().mul_(2.0 ** 32).ceil_().numpy().astype(numpy.uint32)
     below = torch.from_numpy(uniform32(bits, rows * n).reshape(rows, n) < thresholds)
-    if n == 1:
-        return below
     order = rank_order(magnitude) if order is None else order
     return torch.empty(magnitude.shape, dtype=torch.bool).scatter_(1, order, below)
 
@@ -165,7 +161,7 @@ class Della(TaskArithmetic):
             if i in masks and not keep_mask:  # 0/1: the same values as τ·m rounded once
                 return masked(tau, masks[i], start * n)
             magnitude = tau.abs()
-            order = rank_order(magnitude) if tau.shape[1] > 1 else None
+            order = rank_order(magnitude)  # (for the draws, and for p with `inverse`)
             keep = draw_keep(magnitude, s.density[i], epsilon[i], bits[i], order)  # this input's draws only
             if keep_mask:
                 if i not in masks:
