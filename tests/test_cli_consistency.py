@@ -50,7 +50,9 @@ UNIFIED = {
     "--plot": options.PLOT,
 }
 #: (command, option) pairs that keep the name but not the table's type or help, and why.
-EXEMPT = {("plot", "--out"): "`adaptkit plot` writes one picture file, not an output folder"}
+EXEMPT = {("plot", "--out"): "`adaptkit plot` writes one picture file, not an output folder",
+          ("tokensurgeon", "--batch-size"): "tokens approximated at once (mergekit-tokensurgeon's option: default 512, "
+                                            "-1 for all), not examples through a model"}
 #: Options in several commands whose help may differ, and why (the name and its role stay the same).
 DIFFERENT = {
     "--model": "each command says which input it is (a merge input, a soup ingredient, the fine-tuned model)",

@@ -60,6 +60,8 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "train": None,  # the `train` command and its progress bar
     "alpha": frozenset({"soup"}),  # WiSE-FT's α in the results of soup.sweep and of cli/soup.py's sweep
     "linear": frozenset({"layer", "targets"}),  # the kind of an nn.Linear layer (layer.Target.kind)
+    "num_attention_heads": frozenset({"tokensurgeon"}),  # a model's config.json key (mp_rope's RoPE heads); also PEFT's
+    #                                                    prompt-learning shape
     "num_layers": frozenset({"slices", "modules"}),  # a model's layer count (mergekit's slices, T5's encoder); also PEFT's prompt-learning shape
 }
 

@@ -2,8 +2,8 @@
 error line instead of click's guess by spelling (which offered --allow-pickle for --lazy-unpickle, an
 option that would unpickle untrusted files, and --base for --verbose).
 
-The options of mergekit 0.1.5's mergekit-yaml, mergekit-moe, mergekit-multi, mergekit-pytorch and
-mergekit-legacy (`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
+The options of mergekit 0.1.5's mergekit-yaml, mergekit-moe, mergekit-multi, mergekit-pytorch,
+mergekit-legacy and mergekit-tokensurgeon (`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
 does take (--allow-crimes, --unsafe-truncate-embeddings, --load-in-4bit, --load-in-8bit,
 --i-understand-this-is-not-useful-without-training) are not listed.
 """
@@ -84,9 +84,27 @@ MOE = {
 }
 
 
+_SURGERY_GPU = "adaptkit tokensurgeon computes on the CPU; drop the option"
+_SURGERY_THREADS = "the approximations use torch's threads (OMP_NUM_THREADS); drop the option"
+#: mergekit-tokensurgeon's long spellings adaptkit does not take (its short ones it does), and where adaptkit tokensurgeon's answer to MergeOptions differs
+TOKENSURGEON = {
+    "--approximation-method": "here --method (or -a)", "--k": "here -k",
+    **dict.fromkeys(("--cuda", "--device", "--low-cpu-memory", "--read-to-gpu", "--multi-gpu", "--gpu-rich"), _SURGERY_GPU),
+    "-j": _SURGERY_THREADS, "--num-threads": _SURGERY_THREADS,
+    "--copy-tokenizer": "the output always gets the donor's tokenizer files; drop the option",
+    "--no-copy-tokenizer": "the output always gets the donor's tokenizer files: the vocabulary its rows follow",
+    "--trust-remote-code": "adaptkit never runs code from a model repository; tokenizers load without it",
+    "--lora-merge-cache": "not needed: a LoRA given as MODEL+LORA is merged into the model while it is read",
+    **dict.fromkeys(("--allow-crimes", "--unsafe-truncate-embeddings"),
+                    "mergekit-tokensurgeon takes the option and reads it nowhere; drop it"),
+    **dict.fromkeys(("--write-model-card", "--no-write-model-card"), "mergekit-tokensurgeon writes no card whatever "
+                    "this says; adaptkit writes one unless --no-card"),
+}
+COMMANDS = {"merge": MERGE, "moe": MOE, "tokensurgeon": TOKENSURGEON}
+
+
 def hint(option: str, command: str) -> str | None:
-    """The line for mergekit's `option` (as typed: `--cuda`, `-j`) given to adaptkit's `command` ("merge" or
-    "moe"), or None for an option mergekit's matching scripts lack."""
+    """The line for mergekit's `option` (as typed: `--cuda`, `-j`) given to adaptkit's `command` ("merge",
+    "moe" or "tokensurgeon"), or None for an option mergekit's matching scripts lack."""
     option = option.split("=", 1)[0]
-    own = MOE if command == "moe" else MERGE
-    return own.get(option, SHARED.get(option))
+    return COMMANDS[command].get(option, SHARED.get(option))

@@ -154,6 +154,30 @@ def moe_card(config, summary: dict[str, Any], config_text: str | None) -> str:
     return f"---\n{front}---\n\n" + "\n".join(lines) + "\n" + recipe
 
 
+def surgery_card(report: dict[str, Any]) -> str:
+    """`adaptkit tokensurgeon`'s card: the model, the donor whose tokenizer it now has, how each row was
+    made, and the options (mergekit-tokensurgeon writes no card)."""
+    import yaml
+
+    meta: dict[str, Any] = {}
+    if hub := [r for p in (report["model"], report["donor"]) for part in p.split("+") if (r := hub_repo(part))]:
+        meta["base_model"] = list(dict.fromkeys(hub))
+    meta.update(tags=["tokensurgeon", *TAGS], library_name="transformers")
+    lines = [f"# {report['model']} with {report['donor']}'s tokenizer", "",
+             f"This model is `{report['model']}` with the tokenizer of `{report['donor']}`, made with adaptkit "
+             f"tokensurgeon: {report['vocab_size']} token rows (the model had {report['model_vocab_size']}). A token "
+             "both tokenizers have keeps the model's row; the others were approximated by "
+             f"`{report['method']}` from the tokens they share.", "",
+             "| tensor | same token | byte token | prefix | approximated | zero |", "|---|---|---|---|---|---|"]
+    lines += [f"| `{name}` | {c['exact']} | {c['byte']} | {c['prefix']} | {c['approximated']} | {c['zeroed']} |"
+              for name, c in report["tensors"].items()]
+    options = {k: v for k, v in report["options"].items() if v is not None}
+    lines += ["", "Options: " + ", ".join(f"`{k}: {_inline(v)}`" for k, v in options.items())
+              + (f", seed {report['seed']}" if report.get("seed") is not None else "") + "."]
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    return f"---\n{front}---\n\n" + "\n".join(lines) + "\n"
+
+
 def _quantized_pass(bits: int | None) -> str:
     return "" if bits is None else (f", the base's hidden states computed with its linear layers quantized to {bits} "
                                     f"bits by bitsandbytes (mergekit-moe's --load-in-{bits}bit)")
