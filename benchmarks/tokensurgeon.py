@@ -11,7 +11,8 @@ seconds after imports, peak RSS polled and the kernel's high-water mark). Jobs:
 
   omp                   mergekit's default (k 64)
   omp-k8                k 8
-  common_interpolation  k 8, euclidean distances, distance-proportional weights
+  common_interpolation  k 8, euclidean distances, distance-proportional weights (mergekit 0.1.5 fails on bf16
+                        models: its weights stay bf16 and meet float32 rows in one bmm)
   subword               the model's tokenizer splits each new token (mean of the pieces)
 
 The outputs are compared tensor by tensor (max |Δ|; mergekit takes the new tokens in its tokenizer's
@@ -122,20 +123,35 @@ def main() -> None:
     M.warm_cache(*paths.values())
     rows = []
     for job in args.jobs.split(","):
-        runs = {tool: M.run_tool(tool, command(tool, paths, WORK / "out" / f"{job}-{tool}", JOBS[job]),
-                                 WORK / "out" / f"{job}-{tool}", args.runs) for tool in ("mergekit", "adaptkit")}
-        detail = compare(WORK / "out" / f"{job}-adaptkit", WORK / "out" / f"{job}-mergekit")
+        runs = {}
+        for tool in ("mergekit", "adaptkit"):
+            try:
+                runs[tool] = M.run_tool(tool, command(tool, paths, WORK / "out" / f"{job}-{tool}", JOBS[job]),
+                                        WORK / "out" / f"{job}-{tool}", args.runs)
+            except M.ToolFailed as e:
+                if tool == "adaptkit":
+                    raise
+                runs[tool] = str(e).rstrip().splitlines()[-1]  # (mergekit's common_interpolation fails on bf16)
         peer, ours = runs["mergekit"], runs["adaptkit"]
+        if isinstance(peer, str):
+            detail = f"mergekit fails: {peer}"
+            print(f"{job:<22} adaptkit {ours.seconds:6.2f} s (work {ours.work:6.2f}, {ours.peak_mb:5.0f} MB)  {detail}",
+                  flush=True)
+        else:
+            detail = compare(WORK / "out" / f"{job}-adaptkit", WORK / "out" / f"{job}-mergekit")
+            print(f"{job:<22} mergekit {peer.seconds:6.2f} s (work {peer.work:6.2f}, {peer.peak_mb:5.0f} MB)  adaptkit "
+                  f"{ours.seconds:6.2f} s (work {ours.work:6.2f}, {ours.peak_mb:5.0f} MB)  time "
+                  f"{ours.seconds / peer.seconds:.3f}  RSS {ours.peak_mb / peer.peak_mb:.3f}  {detail}", flush=True)
         rows.append((job, peer, ours, detail))
-        print(f"{job:<22} mergekit {peer.seconds:6.2f} s (work {peer.work:6.2f}, {peer.peak_mb:5.0f} MB)  adaptkit "
-              f"{ours.seconds:6.2f} s (work {ours.work:6.2f}, {ours.peak_mb:5.0f} MB)  time "
-              f"{ours.seconds / peer.seconds:.3f}  RSS {ours.peak_mb / peer.peak_mb:.3f}  {detail}", flush=True)
     config = json.loads((WORK / "out" / f"{rows[0][0]}-adaptkit" / "config.json").read_text())
     print(f"\noutput vocab_size {config['vocab_size']}")
     print("\n| job | mergekit s | adaptkit s | time ratio | work s mergekit / adaptkit | work ratio | peak MB mergekit / "
           "adaptkit | RSS ratio | outputs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for job, peer, ours, detail in rows:
+        if isinstance(peer, str):
+            print(f"| {job} | — | {ours.seconds:.2f} | — | — / {ours.work:.2f} | — | — / {ours.peak_mb:.0f} | — | {detail} |")
+            continue
         print(f"| {job} | {peer.seconds:.2f} | {ours.seconds:.2f} | {ours.seconds / peer.seconds:.3f} | "
               f"{peer.work:.2f} / {ours.work:.2f} | {ours.work / peer.work:.3f} | {peer.peak_mb:.0f} / {ours.peak_mb:.0f} "
               f"| {ours.peak_mb / peer.peak_mb:.3f} | {detail} |")

@@ -58,7 +58,8 @@ def pair(tmp_path_factory):
     donor = tiny_llama(1, vocab_size=len(donor_tok), hidden_size=48, intermediate_size=96, bos_token_id=0,
                        eos_token_id=0, pad_token_id=1, tie_word_embeddings=True)
     for name, net, tok in (("model", model, model_tok), ("donor", donor, donor_tok)):
-        for suffix, dtype in (("", torch.float32), ("-bf16", torch.bfloat16)):
+        # float32, bfloat16, and bfloat16's values held in float32 ("-bf16up")
+        for suffix, dtype in (("", torch.float32), ("-bf16", torch.bfloat16), ("-bf16up", torch.float32)):
             net.to(dtype).save_pretrained(root / (name + suffix))
             tok.save_pretrained(root / (name + suffix))
     return root
@@ -128,6 +129,22 @@ def test_bfloat16_models_give_mergekits_bytes(pair, tmp_path, case):
     mergekit(pair, tmp_path / "mk", "model-bf16", "donor-bf16", *theirs)
     assert_same(tmp_path / "ours", tmp_path / "mk")
     assert state(tmp_path / "ours")["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("case", ["common_interpolation", "barycentric"])
+def test_common_interpolation_of_bfloat16_models_is_mergekits_float32_rounded(pair, tmp_path, case):
+    """mergekit 0.1.5's common_interpolation fails on bfloat16 models (its weights stay bfloat16 and meet float32
+    rows in one bmm); adaptkit weighs in float32: mergekit's result on the same values held in float32, rounded
+    once to bfloat16."""
+    ours, theirs = CASES[case]
+    surgery(str(pair / "model-bf16"), str(pair / "donor-bf16"), tmp_path / "ours", SurgeryOptions(**ours), card=False)
+    expected = mergekit(pair, tmp_path / "mk", "model-bf16up", "donor-bf16up", *theirs)
+    got = state(tmp_path / "ours")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name].dtype == torch.bfloat16
+        torch.testing.assert_close(got[name], expected[name].to(torch.bfloat16), rtol=0,
+                                   atol=0 if case == "common_interpolation" else 1e-3, msg=name)
 
 
 def _rows(tensor):
@@ -368,6 +385,16 @@ def test_the_output_loads_and_runs_with_the_donors_tokenizer(pair, tmp_path):
     ids = tok("the cat sat on the mat", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], 400)
     assert model.config.pad_token_id == 1 and model.config.bos_token_id == 0
+
+
+def test_dry_run_counts_what_the_run_does_and_writes_nothing(pair, tmp_path):
+    options = SurgeryOptions(k=8, byte_match="yes", prefix_match="lm_head", magikarp=True)
+    planned = surgery(str(pair / "model"), str(pair / "donor"), tmp_path / "out", options, dry_run=True)
+    assert not (tmp_path / "out").exists() and planned["dry_run"]
+    done = surgery(str(pair / "model"), str(pair / "donor"), tmp_path / "out", options, card=False)
+    assert planned["tensors"] == done["tensors"] and planned["vocab_size"] == done["vocab_size"] == 400
+    result = run_cli("tokensurgeon", pair / "model", pair / "donor", "-o", tmp_path / "none", "--dry-run")
+    assert result.exit_code == 0 and "to approximate by omp" in result.stdout and not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -12,7 +12,7 @@ import warnings
 import click
 
 from .. import __version__
-from . import convert, generate, hub, inspect, merge, moe, plot, plugins, quantize, soup, tokensurgeon, train
+from . import convert, generate, hub, inspect, layershuffle, merge, moe, plot, plugins, quantize, soup, tokensurgeon, train
 from .boundary import Group, be_quiet, end_process, one_line_warning
 from .options import CONTEXT
 
@@ -42,6 +42,7 @@ cli.add_command(inspect.inspect_cmd)
 cli.add_command(merge.merge)
 cli.add_command(moe.moe)
 cli.add_command(tokensurgeon.tokensurgeon)
+cli.add_command(layershuffle.layershuffle)
 cli.add_command(soup.soup)
 cli.add_command(convert.convert)
 cli.add_command(convert.extract)

@@ -7,8 +7,9 @@ from .. import registry
 from ..errors import AdaptkitError
 from ..merge import TENSOR_SETS
 from .boundary import heavy_imports
-from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, NO_CARD, DType, JSON, OUT, PLOT, POSITIVE, RANK, SEED, base_option,
-                      dtype_option, emit_json, settings_option)
+from .options import (ALLOW_MIXED, ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, RANK, SEED,
+                      SHARD_SIZE, THREADS, UNSAFE_TRUNCATE, DType, base_option, dtype_option, emit_json, settings_option,
+                      split_weight)
 
 
 def _quick_recipe(method, base, models, parameters, rank) -> dict:
@@ -17,13 +18,8 @@ def _quick_recipe(method, base, models, parameters, rank) -> dict:
     takes_weight = method in registry.names("merge") and "weight" in registry.get("merge", method).params
     entries = []
     for spec in models:
-        path, sep, weight = spec.rpartition(":")
-        try:
-            value = float(weight) if sep else None
-        except ValueError:
-            value = None
-        if value is None:
-            path, value = spec, 1.0
+        path, value = split_weight(spec)
+        value = 1.0 if value is None else value
         entries.append({"model": path, "parameters": {"weight": value}} if takes_weight else {"model": path})
     recipe = {"merge_method": method, "models": entries, "parameters": parameters}
     if base:
@@ -145,21 +141,15 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
               help="Inputs holding different tensors: write every tensor any input has, each merged over the inputs "
                    "that have it, or only those all have (mergekit-pytorch's --tensor-union, --tensor-intersection; "
                    "a recipe's `tensors`).")
-@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@click.option("--threads", type=POSITIVE, help="Tensors merged in parallel (default: 2 for elementwise methods and those that "
-              "merge faster side by side, e.g. ties, dare_*, della, sce, karcher, multislerp; else 1 using all cores).")
+@SHARD_SIZE
+@THREADS
 @FORCE
 @DRY_RUN
 @NO_CARD
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of stopping.")
 @ALLOW_PICKLE
-@click.option("--allow-mixed-architectures", "--allow-crimes", "allow_mixed_architectures", is_flag=True,
-              help="Merge models of different architectures (config.json's model_type) by tensor name and shape, "
-                   "as mergekit's --allow-crimes; the output's config.json is the base's, else the first model's.")
-@click.option("--unsafe-truncate-embeddings", is_flag=True,
-              help="Without tokenizer settings, cut embeddings and LM heads whose rows differ in number to the "
-                   "fewest any input has (mergekit's option: it assumes the ids they share mean the same tokens); "
-                   "config.json's vocab_size follows.")
+@ALLOW_MIXED
+@UNSAFE_TRUNCATE
 @click.option("--requantize", is_flag=True, help="With a quantized base: pack the result again with the base's "
               "quantizer (default: write it unpacked, bfloat16) and report the extra rounding error.")
 @JSON

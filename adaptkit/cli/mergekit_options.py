@@ -3,7 +3,7 @@ error line instead of click's guess by spelling (which offered --allow-pickle fo
 option that would unpickle untrusted files, and --base for --verbose).
 
 The options of mergekit 0.1.5's mergekit-yaml, mergekit-moe, mergekit-multi, mergekit-pytorch,
-mergekit-legacy and mergekit-tokensurgeon (`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
+mergekit-legacy, mergekit-tokensurgeon and mergekit-layershuffle (`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
 does take (--allow-crimes, --unsafe-truncate-embeddings, --load-in-4bit, --load-in-8bit,
 --i-understand-this-is-not-useful-without-training) are not listed.
 """
@@ -100,11 +100,19 @@ TOKENSURGEON = {
     **dict.fromkeys(("--write-model-card", "--no-write-model-card"), "mergekit-tokensurgeon writes no card whatever "
                     "this says; adaptkit writes one unless --no-card"),
 }
-COMMANDS = {"merge": MERGE, "moe": MOE, "tokensurgeon": TOKENSURGEON}
+#: mergekit-layershuffle's own options adaptkit layershuffle does not take
+LAYERSHUFFLE = {
+    "-w": "here -m PATH:WEIGHT", "--weight": "here -m PATH:WEIGHT",
+    **dict.fromkeys(("--print-yaml", "--no-print-yaml"), "--dry-run prints the recipe, --write-yaml PATH keeps it, and the "
+                    "output's card keeps it (adaptkit_recipe.yml)"),
+    "--fp16": "here --dtype float16", "--no-fp16": "the inputs' own dtype is the default here too; drop the option",
+    "--no-full-random": _OFF,
+}
+COMMANDS = {"merge": MERGE, "moe": MOE, "tokensurgeon": TOKENSURGEON, "layershuffle": LAYERSHUFFLE}
 
 
 def hint(option: str, command: str) -> str | None:
-    """The line for mergekit's `option` (as typed: `--cuda`, `-j`) given to adaptkit's `command` ("merge",
-    "moe" or "tokensurgeon"), or None for an option mergekit's matching scripts lack."""
+    """The line for mergekit's `option` (as typed: `--cuda`, `-j`) given to adaptkit's `command` (a key of
+    COMMANDS), or None for an option mergekit's matching scripts lack."""
     option = option.split("=", 1)[0]
     return COMMANDS[command].get(option, SHARED.get(option))

@@ -7,7 +7,8 @@ import click
 
 from ..errors import AdaptkitError
 from .boundary import heavy_imports
-from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, SEED, dtype_option, emit_json
+from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, SEED, SHARD_SIZE, dtype_option,
+                      emit_json)
 
 
 @click.command(context_settings=CONTEXT)
@@ -21,7 +22,7 @@ from .options import ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, 
               help="Run the base for gate_mode hidden quantized to 4 bits by bitsandbytes (mergekit-moe's option).")
 @click.option("--load-in-8bit", "base_8bit", is_flag=True,
               help="Run the base for gate_mode hidden quantized to 8 bits by bitsandbytes (mergekit-moe's option).")
-@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@SHARD_SIZE
 @click.option("--allow-same-experts", "--i-understand-this-is-not-useful-without-training", "allow_same", is_flag=True,
               help="Allow every expert to be the same model with prompt-based gates (e.g. to train the MoE further).")
 @NO_CARD

@@ -176,6 +176,32 @@ DRY_RUN = click.option("--dry-run", is_flag=True, help="Check the inputs and pri
 #: --no-card: the commands that write a model (merge, moe) write a card and a copy of what they ran.
 NO_CARD = click.option("--no-card", is_flag=True, help="Write no model card (README.md) and no copy of the recipe "
                        "or config (adaptkit_recipe.yml, mergekit_moe_config.yml).")
+#: mergekit's merge options of the commands that run a recipe (merge, layershuffle).
+ALLOW_MIXED = click.option(
+    "--allow-mixed-architectures", "--allow-crimes", "allow_mixed_architectures", is_flag=True,
+    help="Merge models of different architectures (config.json's model_type) by tensor name and shape, as mergekit's "
+         "--allow-crimes; the output's config.json is the base's, else the first model's.")
+UNSAFE_TRUNCATE = click.option(
+    "--unsafe-truncate-embeddings", is_flag=True,
+    help="Without tokenizer settings, cut embeddings and LM heads whose rows differ in number to the fewest any "
+         "input has (mergekit's option: it assumes the ids they share mean the same tokens); config.json's vocab_size "
+         "follows.")
+THREADS = click.option("--threads", type=POSITIVE, help="Tensors merged in parallel (default: 2 for elementwise methods "
+                       "and those that merge faster side by side, e.g. ties, dare_*, della, sce, karcher, multislerp; else "
+                       "1 using all cores).")
+#: --shard-size of the commands that write a model (merge, moe, tokensurgeon, layershuffle).
+SHARD_SIZE = click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
+
+
+def split_weight(spec: str) -> tuple[str, float | None]:
+    """`-m PATH[:WEIGHT]` -> (PATH, WEIGHT or None); a tail after ':' that is no number stays in the path."""
+    path, sep, weight = spec.rpartition(":")
+    try:
+        return (path, float(weight)) if sep else (spec, None)
+    except ValueError:
+        return spec, None
+
+
 #: --batch-size, --precision and --max-length of the commands that run a model (train, eval, ...).
 BATCH_SIZE = click.option("--batch-size", type=POSITIVE, default=8, show_default=True,
                           help="Examples per batch (training: per micro-batch and process).")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from .boundary import heavy_imports
-from .options import ALLOW_PICKLE, CONTEXT, FORCE, JSON, NO_CARD, OUT, POSITIVE, SEED, Finite, emit_json
+from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, POSITIVE, SEED, SHARD_SIZE, Finite,
+                      emit_json)
 
 # (the choices are written here so that --help needs no torch; tests check them against the library's)
 METHODS = ("omp", "common_interpolation", "subword", "mean", "zero", "randn", "john_hewitt", "landmark_pca", "stb",
@@ -40,15 +41,16 @@ MATCHES = ("no", "embed", "lm_head", "yes")
 @click.option("--new-vocab-scale", "-nvs", "new_vocab_scale", type=Finite(), default=None,
               help="Multiply the approximated rows by this.")
 @SEED
-@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@SHARD_SIZE
 @NO_CARD
 @FORCE
+@DRY_RUN
 @ALLOW_PICKLE
 @JSON
 @click.pass_context
 def tokensurgeon(ctx, model, donor, out, method, k, cosine, weight_scheme, subword_method, batch_size, prefix_match,
-                 byte_match, magikarp, new_vocab_noise, new_vocab_scale, seed, shard_size, no_card, force, allow_pickle,
-                 as_json):
+                 byte_match, magikarp, new_vocab_noise, new_vocab_scale, seed, shard_size, no_card, force, dry_run,
+                 allow_pickle, as_json):
     """Give MODEL the tokenizer of DONOR (mergekit-tokensurgeon; its short options work too).
 
     The output is MODEL with DONOR's vocabulary: its input embedding and LM head get one row per
@@ -65,6 +67,7 @@ def tokensurgeon(ctx, model, donor, out, method, k, cosine, weight_scheme, subwo
       adaptkit tokensurgeon ./llama ./qwen -o out/ --method common_interpolation -k 8 --weight-scheme barycentric
       adaptkit tokensurgeon ./llama ./qwen -o out/ --byte-match yes --prefix-match lm_head --magikarp
       adaptkit tokensurgeon ./llama ./qwen -o out/ --method subword --subword-method first_last --json
+      adaptkit tokensurgeon ./llama ./qwen -o out/ --dry-run        # how many rows are kept, approximated
     """
     with heavy_imports():
         from ..merge.tokensurgeon import SurgeryOptions, surgery
@@ -74,11 +77,18 @@ def tokensurgeon(ctx, model, donor, out, method, k, cosine, weight_scheme, subwo
                              byte_match=byte_match, magikarp=magikarp, new_vocab_noise=new_vocab_noise,
                              new_vocab_scale=new_vocab_scale)
     report = surgery(model, donor, out, options, force=force, seed=seed, shard_size=shard_size,
-                     allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card)
+                     allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card, dry_run=dry_run)
     if as_json:
         return emit_json(report)
+    if dry_run:
+        click.echo(f"{report['model']} with {report['donor']}'s {report['vocab_size']} tokens (it has "
+                   f"{report['model_vocab_size']}):")
+        for name, c in report["tensors"].items():
+            click.echo(f"  {name}: {c['exact']} same token, {c['byte']} byte token, {c['prefix']} prefix, "
+                       f"{c['approximated']} to approximate by {method}, {c['zeroed']} zero")
+        return
     counts = next(iter(report["tensors"].values()))  # the input embedding's (the head's differ by --*-match only)
     kept = counts["exact"] + counts["byte"] + counts["prefix"]
     click.echo(f"wrote {report['model']} with {report['donor']}'s {report['vocab_size']} tokens into "
-               f"{report['output']} ({kept} tokens kept the model's rows, {counts['approximated']} approximated by {method}; "
-               f"{report['seconds']:.1f} s)")
+               f"{report['output']} ({kept} tokens kept the model's rows, {counts['approximated']} approximated by "
+               f"{method}; {report['seconds']:.1f} s)")

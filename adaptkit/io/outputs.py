@@ -30,12 +30,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import shutil
 import signal
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import AdaptkitError
 
@@ -264,3 +266,29 @@ def _write_failure(e: OSError, out: Path, tmp: Path) -> str | None:
 
 
 __all__ = ["Terminated", "atomic_output", "beside", "check_output", "move_into_place", "output_lock", "recover_output"]
+
+
+def check_file_target(path: str | Path, what: str = "file") -> Path:
+    """A file `path` this run may write: not a folder, in a folder that exists (checked before any work)."""
+    target = Path(path)
+    if target.is_dir():
+        raise AdaptkitError(f"{path} is a folder; give the {what}'s file name")
+    if not target.parent.is_dir():
+        raise AdaptkitError(f"{path}: the folder {target.parent} does not exist")
+    return target
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """The single file `path`, written into a hidden file beside it and renamed into place only once the
+    block ends without error: an error or a kill leaves no half-written file (and an older one stands).
+    Created with the process's umask, as any file the user writes."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -42,6 +42,12 @@ WEIGHT_SCHEMES = ("distance_proportional", "barycentric", "least_squares")
 SUBWORD_METHODS = ("mean", "sum", "weighted_mean", "first_last")
 
 
+def check_k(k: int, shared: int) -> None:
+    """k shared tokens must exist to pick them."""
+    if k > shared:
+        raise AdaptkitError(f"k {k} is more than the {shared} tokens the two vocabularies share: give a smaller -k")
+
+
 def _work(t: torch.Tensor) -> torch.Tensor:
     """float32 for half precisions, else as given (mergekit's work dtype)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
@@ -58,8 +64,7 @@ def omp(targets: torch.Tensor, points: torch.Tensor, k: int, eps: float = 1e-8,
     R c = Qᵀ y is solved (upper triangular)."""
     batch, width = targets.shape
     count = points.shape[0]
-    if k > count:
-        raise AdaptkitError(f"k {k} is more than the {count} tokens the two vocabularies share: give a smaller -k")
+    check_k(k, count)
     y, p = _work(targets), points.to(_work(targets).dtype)
     q = torch.zeros((batch, width, k), dtype=y.dtype)
     r = torch.zeros((batch, k, k), dtype=y.dtype)
@@ -133,8 +138,7 @@ def mp_rope(targets: torch.Tensor, points_a: torch.Tensor, points_b: torch.Tenso
     are re-fitted by least squares on the rotated atoms, and the row in space b is Σ cᵢ RoPE(bᵢ, pᵢ) with
     space b's heads and base. `heads`, `bases`: (donor's, model's) attention heads and RoPE bases."""
     batch, count = targets.shape[0], points_a.shape[0]
-    if k > count:
-        raise AdaptkitError(f"k {k} is more than the {count} tokens the two vocabularies share: give a smaller -k")
+    check_k(k, count)
     dtype = targets.dtype
     y, a, b = _work(targets), points_a.to(_work(targets).dtype), points_b.to(_work(targets).dtype)
     chosen = torch.zeros((batch, k), dtype=torch.long)
@@ -171,9 +175,8 @@ def combine(coefficients: torch.Tensor, indices: torch.Tensor, rows: torch.Tenso
 def common_interpolation(targets: torch.Tensor, points: torch.Tensor, k: int | None, *, cosine: bool = False,
                          scheme: str = "distance_proportional") -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest `points` to each target and their weights (module docstring)."""
-    if k is not None and k > points.shape[0]:
-        raise AdaptkitError(f"k {k} is more than the {points.shape[0]} tokens the two vocabularies share: "
-                            "give a smaller -k")
+    if k is not None:
+        check_k(k, points.shape[0])
     if cosine:
         scale = (targets.norm(p=2, dim=1, keepdim=True) * points.norm(p=2, dim=1, keepdim=True).t()).clamp(min=1e-6)
         distances = 1 - torch.mm(targets, points.t()) / scale
@@ -226,9 +229,7 @@ def token_basis(orig: torch.Tensor, donor: torch.Tensor, k: int) -> tuple[torch.
     object where k goes and fails; this is what its functions compute with k."""
     width = min(orig.shape[1], donor.shape[1])
     source = donor if donor.shape[1] < orig.shape[1] else orig
-    if k > source.shape[0]:
-        raise AdaptkitError(f"k {k} is more than the {source.shape[0]} tokens the two vocabularies share: "
-                            "give a smaller -k")
+    check_k(k, source.shape[0])
     centred = (source - source.mean(dim=0)).to(torch.float32)
     axes = torch.linalg.svd((centred.T @ centred) / source.shape[0])[0][:, :width]
     indices, weights = omp(axes.t(), centred, k)

@@ -44,6 +44,7 @@ from .tokenizer import TOKENIZER_FILES, VOCABULARY_TENSORS, _load
 
 METHODS = ("omp", "common_interpolation", "subword", "mean", "zero", "randn", "john_hewitt", "landmark_pca", "stb",
            "mp_rope")
+SHARED_K = ("omp", "common_interpolation", "stb", "mp_rope")  # the methods that take k of the shared tokens
 RANDOM = ("randn", "john_hewitt", "landmark_pca")  # (landmark_pca: torch.pca_lowrank's random projections)
 MATCHES = ("no", "embed", "lm_head", "yes")
 #: Token-indexed tensors that are output heads (the rest of `VOCABULARY_TENSORS` with two axes are
@@ -113,30 +114,42 @@ class Counts:
     zeroed: int = 0
 
 
-def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, junk: set[int], rows: int,
-                 options: SurgeryOptions, lm_head: bool, split: Callable[[str], list[int]], generator,
-                 counts: Counts, rope: tuple | None = None):
-    """The new matrix (`rows` × the model's width, its dtype) for one of embedding / LM head."""
-    import torch
-
-    mine = model_vocab.where(lambda _, i: i < orig.shape[0])
-    theirs = donor_vocab.where(lambda _, i: i < donor.shape[0])
-    out = torch.zeros(rows, orig.shape[1], dtype=orig.dtype)
-    new: list[tuple[int, Any]] = []
+def match_rows(mine: Vocabulary, donor_vocab: Vocabulary, donor_rows: int, junk: set[int], options: SurgeryOptions,
+               lm_head: bool, counts: Counts) -> tuple[list[tuple[int, int]], list[tuple[int, Any]]]:
+    """The donor ids that take a row of the model's (`mine`: its tokens within its matrix) as (id, row),
+    and those to approximate as (id, key); each counted by how it matched, or as zeroed (past the donor's
+    rows, or `junk`)."""
+    kept, new = [], []
     for i, key in sorted(donor_vocab.keys.items()):
-        if i >= donor.shape[0] or i in junk:
+        if i >= donor_rows or i in junk:
             counts.zeroed += 1
             continue
         for kind, match in (("exact", lambda k, ids: ids.get(k)), ("byte", byte_match), ("prefix", prefix_match)):
             if kind != "exact" and not options.allows(f"{kind}_match", lm_head):
                 continue
             if (found := match(key, mine.ids)) is not None:
-                out[i] = orig[found]
+                kept.append((i, found))
                 setattr(counts, kind, getattr(counts, kind) + 1)
                 break
         else:
             new.append((i, key))
     counts.approximated += len(new)
+    return kept, new
+
+
+def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, junk: set[int], rows: int,
+                 options: SurgeryOptions, lm_head: bool, split: Callable[[str], list[int]], generator,
+                 counts: Counts, rope: tuple | None = None, progress: str | None = None):
+    """The new matrix (`rows` × the model's width, its dtype) for one of embedding / LM head; `progress`: a
+    progress bar's title, for the approximations."""
+    import torch
+
+    mine = model_vocab.where(lambda _, i: i < orig.shape[0])
+    theirs = donor_vocab.where(lambda _, i: i < donor.shape[0])
+    out = torch.zeros(rows, orig.shape[1], dtype=orig.dtype)
+    kept, new = match_rows(mine, donor_vocab, donor.shape[0], junk, options, lm_head, counts)
+    for i, found in kept:
+        out[i] = orig[found]
     shared = sorted(set(mine.ids) & set(theirs.ids), key=lambda k: theirs.ids[k])
     context = {"orig": orig, "donor": donor, "lm_head": lm_head, "split": split, "generator": generator, "rope": rope,
                "orig_shared": orig[torch.tensor([mine.ids[k] for k in shared], dtype=torch.long)],
@@ -146,16 +159,20 @@ def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, 
         pick = torch.tensor([mine.ids[k] for k in kept], dtype=torch.long), \
             torch.tensor([theirs.ids[k] for k in kept], dtype=torch.long)
         context["basis"] = ta.token_basis(orig[pick[0]], donor[pick[1]], options.k)
+    if new and options.method in SHARED_K:  # (before the progress bar starts)
+        ta.check_k(options.k, len(shared))
     size = options.batch_size if options.batch_size and options.batch_size > 0 else max(len(new), 1)
-    for start in range(0, len(new), size):
-        batch = new[start:start + size]
-        rows_new = approximate(options, [i for i, _ in batch], [text_of(k) for _, k in batch], context)
-        if options.new_vocab_noise:
-            noise = torch.randn(rows_new.shape, dtype=rows_new.dtype, generator=generator)
-            rows_new = rows_new + noise * options.new_vocab_noise
-        if options.new_vocab_scale:
-            rows_new = rows_new * options.new_vocab_scale
-        out[torch.tensor([i for i, _ in batch], dtype=torch.long)] = rows_new
+    with tqdm(total=len(new), unit="token", desc=progress, disable=progress is None, leave=False) as bar:
+        for start in range(0, len(new), size):
+            batch = new[start:start + size]
+            rows_new = approximate(options, [i for i, _ in batch], [text_of(k) for _, k in batch], context)
+            if options.new_vocab_noise:
+                noise = torch.randn(rows_new.shape, dtype=rows_new.dtype, generator=generator)
+                rows_new = rows_new + noise * options.new_vocab_noise
+            if options.new_vocab_scale:
+                rows_new = rows_new * options.new_vocab_scale
+            out[torch.tensor([i for i, _ in batch], dtype=torch.long)] = rows_new
+            bar.update(len(batch))
     return out
 
 
@@ -196,15 +213,18 @@ def approximate(options: SurgeryOptions, ids: list[int], texts: list[str], c: di
 
 def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = SurgeryOptions(), *,
             force: bool = False, seed: int | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
-            allow_pickle: bool = False, progress: bool = False, card: bool = True) -> dict[str, Any]:
+            allow_pickle: bool = False, progress: bool = False, card: bool = True,
+            dry_run: bool = False) -> dict[str, Any]:
     """Write `model` with `donor`'s tokenizer into the folder `out` (whole or not at all); returns a
     report (the CLI's --json). `seed` drives randn, john_hewitt, landmark_pca and --new-vocab-noise
-    (mergekit's --random-seed gives the same draws)."""
+    (mergekit's --random-seed gives the same draws). `dry_run`: the report of how the rows would be made
+    (kept, approximated, zeroed), nothing approximated or written."""
     import torch
 
     start = time.perf_counter()
     refs = (Ref.parse(model, "model"), Ref.parse(donor, "donor"))
-    check_output(out, force=force, inputs=[r.model for r in refs] + [a for r in refs for a in r.adapters])
+    if not dry_run:
+        check_output(out, force=force, inputs=[r.model for r in refs] + [a for r in refs for a in r.adapters])
     source, giver = (open_input(r, allow_pickle=allow_pickle) for r in refs)
     tokenizers = [_load_tokenizer(s, what) for s, what in ((source, "model"), (giver, "donor"))]
     vocabs = [Vocabulary.of(t) for t in tokenizers]
@@ -221,8 +241,18 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
     rows = max(vocabs[1].keys) + 1
     split = _splitter(tokenizers[0])
     counts = {name: Counts() for name in matrices}
+    report = {"model": str(refs[0]), "donor": str(refs[1]), "output": str(out), "method": options.method,
+              "options": {k: v for k, v in vars(options).items() if k != "method"}, "vocab_size": rows,
+              "model_vocab_size": max(vocabs[0].keys) + 1, "tensors": {n: vars(c) for n, c in counts.items()},
+              "seed": seed if options.method in RANDOM or options.new_vocab_noise else None}
+    if dry_run:
+        for name, (mine, theirs) in matrices.items():
+            match_rows(model_vocab.where(lambda _, i, m=mine: i < m.shape[0]), donor_vocab, theirs.shape[0], junk,
+                       options, name == head, counts[name])
+        return {**report, "dry_run": True}
     built = {name: build_matrix(mine, theirs, model_vocab, donor_vocab, junk, rows, options, name == head, split,
-                                generator, counts[name], rope) for name, (mine, theirs) in matrices.items()}
+                                generator, counts[name], rope, f"{options.method} ({name})" if progress else None)
+             for name, (mine, theirs) in matrices.items()}
     layout = [(n, torch_to_code(built[n].dtype) if n in built else source.info(n).dtype,
                (rows, *source.info(n).shape[1:]) if n in built or n in biases else source.info(n).shape)
               for n in source.keys()]
@@ -246,11 +276,7 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
             writer.abort()
             raise
         files = writer.close()
-        report = {"model": str(refs[0]), "donor": str(refs[1]), "output": str(out), "method": options.method,
-                  "options": {k: v for k, v in vars(options).items() if k != "method"}, "vocab_size": rows,
-                  "model_vocab_size": max(vocabs[0].keys) + 1, "tensors": {n: vars(c) for n, c in counts.items()},
-                  "seed": seed if options.method in RANDOM or options.new_vocab_noise else None,
-                  "files": [f.name for f in files]}
+        report["files"] = [f.name for f in files]
         if card:
             from .card import CARD, surgery_card
 

@@ -9,13 +9,12 @@ nothing outlives the call and a library caller's own pyplot state is left alone.
 """
 from __future__ import annotations
 
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdaptkitError
+from ..io.outputs import atomic_file, check_file_target
 
 #: The picture formats, chosen by the file's suffix.
 FORMATS = {".png": "png", ".svg": "svg"}
@@ -32,10 +31,7 @@ def check_target(path: str | Path) -> tuple[Path, str]:
     if fmt is None:
         raise AdaptkitError(f"{path}: a picture's file name ends in .png or .svg (the format), "
                             f"not '{target.suffix or 'nothing'}'")
-    if target.is_dir():
-        raise AdaptkitError(f"{path} is a folder; give the picture's file name")
-    if not target.parent.is_dir():
-        raise AdaptkitError(f"{path}: the folder {target.parent} does not exist")
+    check_file_target(target, "picture")
     _matplotlib()
     return target, fmt
 
@@ -65,17 +61,12 @@ def draw(fig, path: str | Path) -> str:
     """Write `fig` to `path` (PNG or SVG by the suffix): into a hidden file beside it, renamed into place only
     once complete, so an error or a kill leaves no half-written picture (and an older picture stands)."""
     target, fmt = check_target(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:  # created with the process's umask, as any file the user writes
+        with atomic_file(target) as f:
             if fmt == "png":
                 _save_png(fig, f)
             else:
                 fig.savefig(f, format="svg", metadata=SVG_METADATA)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         fig.clear()  # the figure's artists go now, whatever holds the figure itself
     return str(path)
