@@ -387,6 +387,31 @@ def test_the_output_loads_and_runs_with_the_donors_tokenizer(pair, tmp_path):
     assert model.config.pad_token_id == 1 and model.config.bos_token_id == 0
 
 
+def test_a_model_with_an_adapter_is_the_merged_model(pair, tmp_path):
+    """MODEL+LORA: the adapter's ΔW is in every tensor it changes (added in float32, rounded once), as
+    `adaptkit merge` would merge it; the vocabulary rows come from the merged embedding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(pair / "model"))
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"],
+                                           init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    merged = lora.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(pair / "model")).save_pretrained(tmp_path / "merged")
+    surgery(f"{pair / 'model'}+{tmp_path / 'lora'}", str(pair / "donor"), tmp_path / "ours", SurgeryOptions(k=8),
+            card=False)
+    surgery(str(tmp_path / "merged"), str(pair / "donor"), tmp_path / "theirs", SurgeryOptions(k=8), card=False)
+    got, expected = state(tmp_path / "ours"), state(tmp_path / "theirs")
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                           state(pair / "model")["model.layers.0.self_attn.q_proj.weight"])
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_dry_run_counts_what_the_run_does_and_writes_nothing(pair, tmp_path):
     options = SurgeryOptions(k=8, byte_match="yes", prefix_match="lm_head", magikarp=True)
     planned = surgery(str(pair / "model"), str(pair / "donor"), tmp_path / "out", options, dry_run=True)

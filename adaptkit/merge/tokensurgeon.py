@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..errors import AdaptkitError
 from ..io import readers
-from ..io.dtypes import torch_to_code
+from ..io.dtypes import code_to_torch, torch_to_code
 from ..io.outputs import atomic_output, check_output
 from ..io.paths import inside, regular_file
 from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
@@ -229,10 +229,10 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
     tokenizers = [_load_tokenizer(s, what) for s, what in ((source, "model"), (giver, "donor"))]
     vocabs = [Vocabulary.of(t) for t in tokenizers]
     (embed, head, biases), (donor_embed, donor_head, _) = roles(source, "model"), roles(giver, "donor")
-    matrices = {embed: (source.get(embed, float32=False), giver.get(donor_embed, float32=False))}
+    matrices = {embed: (_read(source, embed), _read(giver, donor_embed))}
     if head is not None:
         donor_head = donor_head or giver.stored("lm_head.weight") or donor_embed  # a tied donor's head is its embedding
-        matrices[head] = (source.get(head, float32=False), giver.get(donor_head, float32=False))
+        matrices[head] = (_read(source, head), _read(giver, donor_head))
     rope = _rope(source.config, giver.config, refs) if options.method == "mp_rope" else None
     generator = torch.Generator()
     seed = generator.manual_seed(seed).initial_seed() if seed is not None else generator.seed()
@@ -268,7 +268,7 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
             for name, _, _ in tqdm(layout, unit="tensor", desc="tokensurgeon", disable=not progress, leave=False):
                 tensor = built.get(name)
                 if tensor is None:
-                    tensor = source.get(name, float32=False)
+                    tensor = _read(source, name)
                     if name in biases:
                         tensor = _remapped(tensor, model_vocab, donor_vocab, rows)
                 writer.write(name, tensor)
@@ -283,6 +283,14 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
             (tmp / CARD).write_text(surgery_card(report), encoding="utf-8")
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+def _read(source: ModelSource, name: str):
+    """A tensor of an input in its stored dtype; with an adapter's ΔW (MODEL+ADAPTER) added in float32 and
+    rounded once to that dtype."""
+    if not source.has_deltas(name):
+        return source.get(name, float32=False)
+    return source.get(name).to(code_to_torch(source.info(name).dtype))
 
 
 def _load_tokenizer(source: ModelSource, what: str):
