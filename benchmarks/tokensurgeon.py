@@ -90,7 +90,11 @@ def command(tool: str, paths: dict[str, Path], out: Path, args: list[str]) -> li
         return M.stamped("from mergekit.scripts.tokensurgeon import main",
                          ["mergekit-tokensurgeon", str(paths["model"]), str(paths["donor"]), str(out), *args], "main()")
     ours = [{"-a": "--method"}.get(a, a) for a in args]
-    return M.stamped(M.HEAVY_IMPORTS.format(modules="import adaptkit.merge.tokensurgeon; import transformers"),
+    # the imports the command makes before its work (transformers' tokenizer and Llama config modules, which
+    # mergekit imports at start), so that "work" leaves them out for both tools
+    modules = ("import adaptkit.merge.tokensurgeon; from transformers import AutoTokenizer; "
+               "import transformers.models.llama.configuration_llama")
+    return M.stamped(M.HEAVY_IMPORTS.format(modules=modules),
                      ["adaptkit", "--quiet", "tokensurgeon", str(paths["model"]), str(paths["donor"]), "-o", str(out),
                       *ours, "--force"], "sys.exit(main())")
 

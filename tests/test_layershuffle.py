@@ -131,3 +131,15 @@ def test_bad_input_is_one_line(trio, tmp_path, args, fragment):
     args = [a.format(str(trio / "m0"), str(trio / "m1"), tmp=tmp_path) for a in args]
     assert_one_line_error(run_cli("layershuffle", *args, "-o", tmp_path / "out", "--seed", 0), fragment)
     assert not (tmp_path / "out").exists() and not (tmp_path / "missing").exists()
+
+
+def test_the_python_api_gives_the_commands_merge(trio, tmp_path):
+    from adaptkit.merge import run_layershuffle
+
+    paths = [str(trio / f"m{i}") for i in range(2)]
+    report = run_layershuffle([paths[0], (paths[1], 3)], tmp_path / "api", seed=4, progress=False, card=False)
+    assert report["recipe"]["slices"] == expected_slices(paths, [1, 3], 4, 4)
+    assert run_cli("layershuffle", "-m", paths[0], "-m", f"{paths[1]}:3", "-o", tmp_path / "cli", "--seed", 4,
+                   "--no-card").exit_code == 0
+    got, expected = state(tmp_path / "api"), state(tmp_path / "cli")
+    assert all(torch.equal(got[n], expected[n]) for n in expected) and got.keys() == expected.keys()

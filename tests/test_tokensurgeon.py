@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -268,8 +269,6 @@ def test_mp_rope_runs_on_rope_models_and_refuses_others(pair, tmp_path):
     report = surgery(str(pair / "model"), str(pair / "donor"), tmp_path / "out", SurgeryOptions(method="mp_rope", k=8),
                      card=False)
     assert report["tensors"]["lm_head.weight"]["approximated"] == 400 - len(_kept_ids(pair))
-    import shutil
-
     shutil.copytree(pair / "donor", tmp_path / "norope")
     config = json.loads((tmp_path / "norope" / "config.json").read_text())
     config.pop("rope_parameters", None), config.pop("rope_theta", None)
@@ -442,5 +441,11 @@ def test_bad_inputs_are_one_line(pair, tmp_path):
     (tmp_path / "out").mkdir()
     assert_one_line_error(run_cli("tokensurgeon", pair / "model", pair / "donor", "-o", tmp_path / "out"), "--force")
     assert list((tmp_path / "out").iterdir()) == []
+    broken = tmp_path / "broken"
+    shutil.copytree(pair / "donor", broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}')  # JSON, not a tokenizer
+    assert_one_line_error(run_cli("tokensurgeon", pair / "model", broken, "-o", tmp_path / "out2"),
+                          "cannot load its tokenizer (KeyError: 'added_tokens')")
+    assert not (tmp_path / "out2").exists()
     with pytest.raises(AdaptkitError, match="unknown subword method"):
         SurgeryOptions(subword_method="median")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from ..errors import AdaptkitError
 from .boundary import heavy_imports
 from .options import (ALLOW_MIXED, ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, SEED, SHARD_SIZE,
                       THREADS, UNSAFE_TRUNCATE, dtype_option, emit_json, split_weight)
@@ -45,32 +44,22 @@ def layershuffle(ctx, models, out, full_random, write_yaml, seed, dtype, shard_s
       adaptkit layershuffle -m ./llama-a:2 -m ./llama-b:1 -o shuffled/ --dry-run
       adaptkit layershuffle -m ./a:0.5 -m ./b:0.5 --full-random -o shuffled/ --write-yaml shuffle.yml --json
     """
-    import random
-
     import yaml
-
-    with heavy_imports():
-        from ..merge.layershuffle import layers_of, shuffle_recipe
 
     from ..io.outputs import atomic_file, check_file_target
 
+    with heavy_imports():
+        from ..merge.layershuffle import run_layershuffle
+
     if write_yaml:
         check_file_target(write_yaml, "recipe")
-    if len(models) < 2:
-        raise AdaptkitError("give at least two models to draw layers from: -m PATH[:WEIGHT] -m PATH[:WEIGHT]")
-    pairs = [(path, 1.0 if weight is None else weight) for path, weight in map(split_weight, models)]
-    seed = random.SystemRandom().randrange(2 ** 32) if seed is None else seed
-    layers = [layers_of(path, allow_pickle) for path, _ in pairs]
-    recipe = shuffle_recipe(pairs, layers, random.Random(seed), full_random=full_random, dtype=dtype)
-    text = yaml.safe_dump(recipe, sort_keys=False)
-    report = {"seed": seed, "recipe": recipe}
-    if not dry_run:
-        with heavy_imports():
-            from ..merge.engine import run_merge
-        report = {**run_merge(recipe, out, force=force, shard_size=shard_size, threads=threads, allow_pickle=allow_pickle,
-                              allow_mixed_architectures=allow_mixed_architectures,
+    report = run_layershuffle(list(map(_weighted, models)), out, seed=seed, full_random=full_random, dtype=dtype,
+                              dry_run=dry_run, allow_pickle=allow_pickle, force=force, shard_size=shard_size,
+                              threads=threads, allow_mixed_architectures=allow_mixed_architectures,
                               unsafe_truncate_embeddings=unsafe_truncate_embeddings, progress=not ctx.obj["quiet"],
-                              card=not no_card), **report}
+                              card=not no_card)
+    recipe, seed = report["recipe"], report["seed"]
+    text = yaml.safe_dump(recipe, sort_keys=False)
     if write_yaml:  # (after the merge: a failed one leaves nothing)
         with atomic_file(write_yaml) as f:
             f.write(text.encode())
@@ -79,5 +68,10 @@ def layershuffle(ctx, models, out, full_random, write_yaml, seed, dtype, shard_s
     if as_json:
         return emit_json(report)
     count = sum(end - start for s in recipe["slices"] for start, end in [s["sources"][0]["layer_range"]])
-    click.echo(f"shuffled {count} layers from {len(pairs)} models into {report['output']} in {len(recipe['slices'])} "
+    click.echo(f"shuffled {count} layers from {len(models)} models into {report['output']} in {len(recipe['slices'])} "
                f"slices (seed {seed}; {report['seconds']:.1f} s)")
+
+
+def _weighted(spec: str) -> tuple[str, float]:
+    path, weight = split_weight(spec)
+    return path, 1.0 if weight is None else weight

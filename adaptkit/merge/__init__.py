@@ -1,7 +1,8 @@
 """Merging (the tensor plane): recipes in mergekit's format (`recipe`), inputs read tensor by tensor with
 adapters added on the fly (`sources`), the streaming engine that writes a model (`engine`), merging
-adapters into an adapter (`to_adapter`), the output's card (`card`), multi-stage recipes (`multi`) and
-model soups (`soup`). The methods are merge plugins."""
+adapters into an adapter (`to_adapter`), the output's card (`card`), multi-stage recipes (`multi`),
+model soups (`soup`), mixtures of experts (`moe`), random frankenmerges (`layershuffle`) and another
+model's tokenizer (`tokensurgeon`). The methods are merge plugins."""
 
 import importlib
 
@@ -12,7 +13,8 @@ TENSOR_SETS = ("union", "intersection")
 
 # The public functions, imported on first use (they need torch; the submodules stay importable alone).
 _EXPORTS = {'run_merge': '.engine', 'Plan': '.engine', 'load_recipe': '.recipe', 'merge_adapters': '.to_adapter',
-            'run_stages': '.multi', 'build_moe': '.moe', 'load_moe_config': '.moe'}
+            'run_stages': '.multi', 'build_moe': '.moe', 'load_moe_config': '.moe', 'surgery': '.tokensurgeon',
+            'SurgeryOptions': '.tokensurgeon', 'run_layershuffle': '.layershuffle'}
 
 
 def __getattr__(name):
@@ -21,5 +23,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ['Plan', 'build_moe', 'card', 'engine', 'load_moe_config', 'load_recipe', 'merge_adapters', 'moe', 'multi', 'recipe', 'run_merge',
-           'run_stages', 'slices', 'soup', 'sources', 'to_adapter', 'tokenizer']
+__all__ = ['Plan', 'SurgeryOptions', 'build_moe', 'card', 'engine', 'layershuffle', 'load_moe_config', 'load_recipe',
+           'merge_adapters', 'moe', 'multi', 'recipe', 'run_layershuffle', 'run_merge', 'run_stages', 'slices', 'soup',
+           'sources', 'surgery', 'to_adapter', 'tokenizer', 'tokensurgeon']

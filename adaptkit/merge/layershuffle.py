@@ -14,6 +14,7 @@ order, so a seed gives the same recipe each time; the recipe is what the output'
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 from .. import registry
@@ -63,3 +64,22 @@ def shuffle_recipe(models: list[tuple[str, float]], layers: list[int], rng: rand
     if dtype is not None:
         recipe["dtype"] = dtype
     return recipe
+
+
+def run_layershuffle(models: list[str | tuple[str, float]], out: str | Path, *, seed: int | None = None,
+                     full_random: bool = False, dtype: str | None = None, dry_run: bool = False,
+                     allow_pickle: bool = False, **merge_options: Any) -> dict[str, Any]:
+    """Draw a random frankenmerge of `models` (paths, or (path, weight) pairs; weight 1 by default) and merge
+    it into `out` with `run_merge` (`merge_options`: its keywords); the report has the `seed` (drawn when not
+    given) and the `recipe`. `dry_run`: only the draws ({"seed", "recipe"}), nothing read but the configs."""
+    pairs = [(m, 1.0) if isinstance(m, str) else (m[0], float(m[1])) for m in models]
+    if len(pairs) < 2:
+        raise AdaptkitError("give at least two models to draw layers from: -m PATH[:WEIGHT] -m PATH[:WEIGHT]")
+    seed = random.SystemRandom().randrange(2 ** 32) if seed is None else seed
+    layers = [layers_of(path, allow_pickle) for path, _ in pairs]
+    recipe = shuffle_recipe(pairs, layers, random.Random(seed), full_random=full_random, dtype=dtype)
+    if dry_run:
+        return {"seed": seed, "recipe": recipe}
+    from .engine import run_merge
+
+    return {**run_merge(recipe, out, allow_pickle=allow_pickle, **merge_options), "seed": seed, "recipe": recipe}

@@ -170,8 +170,10 @@ def _load(folder: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise AdaptkitError(f"{folder}: cannot load its tokenizer ({str(e).strip().splitlines()[0]})") from None
+    except Exception as e:  # (any failure of transformers' or tokenizers' parsers on the files is the files')
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = text if isinstance(e, (OSError, ValueError, TypeError)) else f"{type(e).__name__}: {text}"
+        raise AdaptkitError(f"{folder}: cannot load its tokenizer ({what})") from None
 
 
 def _stripped(tokenizer, size: int | None, folder: Path):
