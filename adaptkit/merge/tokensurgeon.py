@@ -161,6 +161,8 @@ def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, 
         context["basis"] = ta.token_basis(orig[pick[0]], donor[pick[1]], options.k)
     if new and options.method in SHARED_K:  # (before the progress bar starts)
         ta.check_k(options.k, len(shared))
+        if options.method == "omp":
+            ta.check_width(options.k, donor.shape[1])
     size = options.batch_size if options.batch_size and options.batch_size > 0 else max(len(new), 1)
     with tqdm(total=len(new), unit="token", desc=progress, disable=progress is None, leave=False) as bar:
         for start in range(0, len(new), size):
