@@ -277,6 +277,13 @@ def test_mp_rope_runs_on_rope_models_and_refuses_others(pair, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_the_models_own_tokenizer_gives_the_model_back(pair, tmp_path):
+    report = surgery(str(pair / "model"), str(pair / "model"), tmp_path / "out", card=False)
+    assert report["tensors"]["lm_head.weight"]["approximated"] == 0
+    got, expected = state(tmp_path / "out"), state(pair / "model")
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+
+
 def test_omp_recovers_a_sparse_combination_and_its_coefficients():
     """y = 2·p₃ − 0.5·p₇: OMP with k = 2 picks {3, 7} and solves the coefficients exactly (points: the unit
     axes and ten short random ones, so that the greedy choice is the right one)."""
