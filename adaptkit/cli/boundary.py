@@ -26,7 +26,7 @@ from .. import allocator
 from ..errors import AdaptkitError
 from . import mergekit_options
 
-MERGEKIT_COMMANDS = ("merge", "moe", "tokensurgeon", "layershuffle")  # the commands that read mergekit's files, whose users type its options
+MERGEKIT_COMMANDS = tuple(mergekit_options.COMMANDS)  # the commands that read mergekit's files, whose users type its options
 
 
 class Group(click.Group):

@@ -173,7 +173,8 @@ EVAL_DATA = click.option("--eval", "eval_data", type=click.Path(dir_okay=False),
                          help="Evaluation data, JSON lines as --data's: loss, and accuracy for classification.")
 #: --dry-run: check everything and say what would be done; nothing written.
 DRY_RUN = click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan; write nothing.")
-#: --no-card: the commands that write a model (merge, moe) write a card and a copy of what they ran.
+#: --no-card: the commands that write a model (merge, moe, tokensurgeon, layershuffle) write a card and a copy of
+#: what they ran (tokensurgeon: its options, in the card).
 NO_CARD = click.option("--no-card", is_flag=True, help="Write no model card (README.md) and no copy of the recipe "
                        "or config (adaptkit_recipe.yml, mergekit_moe_config.yml).")
 #: mergekit's merge options of the commands that run a recipe (merge, layershuffle).

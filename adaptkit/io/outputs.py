@@ -265,7 +265,6 @@ def _write_failure(e: OSError, out: Path, tmp: Path) -> str | None:
     return f"{out}: cannot write {name}: {e.strerror or e}"
 
 
-__all__ = ["Terminated", "atomic_output", "beside", "check_output", "move_into_place", "output_lock", "recover_output"]
 
 
 def check_file_target(path: str | Path, what: str = "file") -> Path:
@@ -292,3 +291,7 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+__all__ = ["Terminated", "atomic_file", "atomic_output", "beside", "check_file_target", "check_output",
+           "move_into_place", "output_lock", "recover_output"]

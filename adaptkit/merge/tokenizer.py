@@ -165,7 +165,8 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES[:7])
 
 
-def _load(folder: Path):
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in `folder` (transformers' fast tokenizer, never remote code), or one line."""
     from transformers import AutoTokenizer
 
     try:
@@ -209,7 +210,7 @@ def _union(base, others: list[tuple[Any, int]]):
                 added.setdefault(info.content, info)
     with tempfile.TemporaryDirectory() as tmp:  # a copy, so the base's own vocabulary stays as it was
         base.save_pretrained(tmp)
-        out = _load(Path(tmp))
+        out = load_tokenizer(Path(tmp))
     known = base.get_vocab()
     for tok in dict.fromkeys(plain):
         if tok not in added and tok not in known:
@@ -234,12 +235,12 @@ class Vocabulary:
         self.folders = folders = {ref: folder for ref, folder, _ in inputs}
         sizes = {ref: vocab_size(config) for ref, _, config in inputs}
         first = base or self.order[0]
-        base_tok = _stripped(_load(folders[first]), sizes[first], folders[first])
+        base_tok = _stripped(load_tokenizer(folders[first]), sizes[first], folders[first])
         tokenizers = {first: base_tok}
         for ref in self.order:
             if ref not in tokenizers:
                 if _has_tokenizer(folders[ref]):
-                    tokenizers[ref] = _load(folders[ref])
+                    tokenizers[ref] = load_tokenizer(folders[ref])
                 else:
                     warnings.warn(f"{ref} has no tokenizer: taken to be the same as {first}'s")
         self.vocabs = {ref: tok.get_vocab() for ref, tok in tokenizers.items()}
@@ -251,7 +252,7 @@ class Vocabulary:
         else:
             from ..hub.repos import resolve_path
 
-            out = _load(resolve_path(settings.source))
+            out = load_tokenizer(resolve_path(settings.source))
         for tok in settings.tokens:
             if tok not in out.get_vocab():
                 out.add_tokens(tok)
@@ -310,7 +311,7 @@ def _set_template(tokenizer, template: str | None, folders: dict[str, Path]) -> 
     if template == "auto":
         seen = []
         for folder in folders.values():
-            found = _load(folder).chat_template if _has_tokenizer(folder) else None
+            found = load_tokenizer(folder).chat_template if _has_tokenizer(folder) else None
             found = found.get("default") if isinstance(found, dict) else found
             if found:
                 seen.append(found.strip())
@@ -327,7 +328,7 @@ def _save(tokenizer, folder: Path) -> None:
 
 def write_chat_template(template: str, donor: Path, folders: dict[str, Path], folder: Path) -> None:
     """No tokenizer settings but a chat template: the donor's tokenizer saved again with it."""
-    tokenizer = _load(donor)
+    tokenizer = load_tokenizer(donor)
     _set_template(tokenizer, template, folders)
     _save(tokenizer, folder)
 

@@ -40,7 +40,7 @@ from .embeddings import set_vocab_size
 from .recipe import Ref
 from .sources import ModelSource, open_input
 from .token_keys import Vocabulary, byte_match, prefix_match, text_of
-from .tokenizer import TOKENIZER_FILES, VOCABULARY_TENSORS, _load
+from .tokenizer import TOKENIZER_FILES, VOCABULARY_TENSORS, load_tokenizer
 
 METHODS = ("omp", "common_interpolation", "subword", "mean", "zero", "randn", "john_hewitt", "landmark_pca", "stb",
            "mp_rope")
@@ -298,7 +298,7 @@ def _read(source: ModelSource, name: str):
 def _load_tokenizer(source: ModelSource, what: str):
     if not any((source.root / name).is_file() for name in TOKENIZER_FILES):
         raise AdaptkitError(f"{what} {source.ref} has no tokenizer files: tokensurgeon matches tokens by their text")
-    return _load(source.root)
+    return load_tokenizer(source.root)
 
 
 def _rope(model: dict | None, donor: dict | None, refs: tuple[Ref, Ref]) -> tuple[tuple[int, int], tuple[float, float]]:
