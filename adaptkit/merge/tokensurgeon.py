@@ -17,7 +17,10 @@ lost: additional special tokens are keyed by their text under any transformers v
 lists them in `special_tokens_map`, where mergekit gives all of them one key, so one survives, chosen by
 hash order, and the rest get zero rows); two tokens with one key keep the lower id; the tokens to
 approximate are taken in donor id order (mergekit takes the tokenizer's hash order, so its random draws
-go to other tokens from run to run, and least-squares weights differ in the last bits).
+go to other tokens from run to run, and least-squares weights differ in the last bits). Where mergekit
+fails or writes wrong rows, at the function that differs (`token_approx`, `SurgeryOptions.allows`): bf16
+common_interpolation, stb, mp_rope's configs, k past OMP's width, weighted_mean's order, the matches'
+embed/lm_head.
 """
 from __future__ import annotations
 
