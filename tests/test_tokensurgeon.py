@@ -195,6 +195,14 @@ def test_noise_is_seeded_draws_after_each_batch(pair, tmp_path):
     assert report["seed"] == 3 and report["tensors"]["lm_head.weight"]["approximated"] == len(new)
 
 
+def test_a_scale_of_zero_zeroes_the_approximated_rows(pair, tmp_path):
+    """mergekit reads --new-vocab-scale 0 as no scale; a 0 given is a 0 here."""
+    surgery(str(pair / "model"), str(pair / "donor"), tmp_path / "out", SurgeryOptions(k=8, new_vocab_scale=0.0),
+            card=False)
+    new = sorted(set(range(400)) - _kept_ids(pair))
+    assert not state(tmp_path / "out")["model.embed_tokens.weight"][new].any()
+
+
 def test_a_donor_that_is_the_model_rotated_gives_back_the_models_rows(tmp_path, pair):
     """The donor's embedding is the model's times an orthogonal Q (the same tokens, 12 of them missing from
     the model): omp with k = width, least_squares, landmark_pca and stb then recover the missing rows."""

@@ -20,7 +20,7 @@ MATCHES = ("no", "embed", "lm_head", "yes")
 @click.option("--method", "-a", type=click.Choice(METHODS), default="omp", show_default=True,
               help="How rows of tokens the model lacks are made.")
 @click.option("-k", "k", type=POSITIVE, default=64, show_default=True,
-              help="Shared tokens per approximated token (omp, common_interpolation, stb).")
+              help="Shared tokens per approximated token (omp, common_interpolation, stb, mp_rope).")
 @click.option("--cosine-similarity/--no-cosine-similarity", "-c/-nc", "cosine", default=False, show_default=True,
               help="common_interpolation: nearest tokens by cosine instead of euclidean distance.")
 @click.option("--weight-scheme", "-w", type=click.Choice(["distance_proportional", "barycentric", "least_squares"]),
@@ -39,7 +39,7 @@ MATCHES = ("no", "embed", "lm_head", "yes")
 @click.option("--new-vocab-noise", "-nvn", "new_vocab_noise", type=Finite(0), default=None,
               help="Add N(0, σ²) noise of this σ to the approximated rows.")
 @click.option("--new-vocab-scale", "-nvs", "new_vocab_scale", type=Finite(), default=None,
-              help="Multiply the approximated rows by this.")
+              help="Multiply the approximated rows by this (0 too: mergekit ignores a 0).")
 @SEED
 @SHARD_SIZE
 @NO_CARD

@@ -174,7 +174,7 @@ def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, 
             if options.new_vocab_noise:
                 noise = torch.randn(rows_new.shape, dtype=rows_new.dtype, generator=generator)
                 rows_new = rows_new + noise * options.new_vocab_noise
-            if options.new_vocab_scale:
+            if options.new_vocab_scale is not None:  # (0 too: mergekit skips a scale of 0 as if none were given)
                 rows_new = rows_new * options.new_vocab_scale
             out[torch.tensor([i for i, _ in batch], dtype=torch.long)] = rows_new
             bar.update(len(batch))
