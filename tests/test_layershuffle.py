@@ -126,9 +126,12 @@ def test_without_a_seed_one_is_picked_and_reported(trio, tmp_path):
     (["-m", "{0}", "-m", "{1}", "-w", "1"], "no such option '-w' (mergekit's): here -m PATH:WEIGHT"),
     (["-m", "{0}", "-m", "{1}", "--fp16"], "here --dtype float16"),
     (["-m", "{0}:1", "-m", "{tmp}/nothing"], "nothing"),
+    (["-m", "{0}", "-m", "{short}"], "has 2 layers, fewer than the 4 positions of"),
 ])
 def test_bad_input_is_one_line(trio, tmp_path, args, fragment):
-    args = [a.format(str(trio / "m0"), str(trio / "m1"), tmp=tmp_path) for a in args]
+    if "{short}" in args:
+        tiny_llama(5, num_hidden_layers=2).save_pretrained(tmp_path / "short")
+    args = [a.format(str(trio / "m0"), str(trio / "m1"), tmp=tmp_path, short=tmp_path / "short") for a in args]
     assert_one_line_error(run_cli("layershuffle", *args, "-o", tmp_path / "out", "--seed", 0), fragment)
     assert not (tmp_path / "out").exists() and not (tmp_path / "missing").exists()
 

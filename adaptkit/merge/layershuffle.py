@@ -77,6 +77,11 @@ def run_layershuffle(models: list[str | tuple[str, float]], out: str | Path, *, 
         raise AdaptkitError("give at least two models to draw layers from: -m PATH[:WEIGHT] -m PATH[:WEIGHT]")
     seed = random.SystemRandom().randrange(2 ** 32) if seed is None else seed
     layers = [layers_of(path, allow_pickle) for path, _ in pairs]
+    short = [(path, n) for (path, w), n in zip(pairs, layers) if w > 0 and n < layers[0]]
+    if short and not full_random:
+        raise AdaptkitError(f"{short[0][0]} has {short[0][1]} layers, fewer than the {layers[0]} positions of "
+                            f"{pairs[0][0]} that each model may be drawn for: give models with as many layers, or "
+                            "--full-random")
     recipe = shuffle_recipe(pairs, layers, random.Random(seed), full_random=full_random, dtype=dtype)
     if dry_run:
         return {"seed": seed, "recipe": recipe}
