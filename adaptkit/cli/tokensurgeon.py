@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import click
 
+from ..merge.token_keys import MATCHES, METHODS, SUBWORD_METHODS, WEIGHT_SCHEMES
 from .boundary import heavy_imports
 from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, POSITIVE, SEED, SHARD_SIZE, Finite,
                       emit_json)
 
-# (the choices are written here so that --help needs no torch; tests check them against the library's)
-METHODS = ("omp", "common_interpolation", "subword", "mean", "zero", "randn", "john_hewitt", "landmark_pca", "stb",
-           "mp_rope")
-MATCHES = ("no", "embed", "lm_head", "yes")
 
 
 @click.command(context_settings=CONTEXT)
@@ -23,9 +20,9 @@ MATCHES = ("no", "embed", "lm_head", "yes")
               help="Shared tokens per approximated token (omp, common_interpolation, stb, mp_rope).")
 @click.option("--cosine-similarity/--no-cosine-similarity", "-c/-nc", "cosine", default=False, show_default=True,
               help="common_interpolation: nearest tokens by cosine instead of euclidean distance.")
-@click.option("--weight-scheme", "-w", type=click.Choice(["distance_proportional", "barycentric", "least_squares"]),
+@click.option("--weight-scheme", "-w", type=click.Choice(WEIGHT_SCHEMES),
               default="distance_proportional", show_default=True, help="common_interpolation: the neighbours' weights.")
-@click.option("--subword-method", "-s", type=click.Choice(["mean", "sum", "weighted_mean", "first_last"]),
+@click.option("--subword-method", "-s", type=click.Choice(SUBWORD_METHODS),
               default="mean", show_default=True, help="subword: how the rows of the model's pieces of a token are combined.")
 @click.option("--batch-size", type=click.IntRange(min=-1), default=512, show_default=True,
               help="Tokens approximated at once (-1 or 0: all at once).")

@@ -29,14 +29,13 @@ from ..errors import AdaptkitError
 from ..io import readers
 from ..io.dtypes import code_to_torch, torch_to_code
 from ..io.outputs import atomic_output, check_output
-from ..io.paths import inside, regular_file
 from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 from .card import CARD, moe_card
 from .moe_config import CONFIG_KEYS, EXPERT_KEYS, MoeConfig, dtype_of, load_moe_config
 from .moe_gates import HIDDEN_MODES, RANDOM_MODES, conditions, degenerate_layers, gate_vectors, similarity
 from .moe_outputs import ATTENTION, EXTRA_ATTENTION, MIXTRAL, SOURCE_TYPES, Output, named
 from .sources import ModelSource, open_input
-from .tokenizer import TOKENIZER_FILES
+from .tokenizer import TOKENIZER_FILES, copy_tokenizer
 
 _TOP = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -228,7 +227,7 @@ def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: 
     report = {**plan.summary(), "base_bits": base_bits}  # (the routers depend on it: the card says so)
     with atomic_output(out, force=force, inputs=config.inputs()) as tmp:
         (tmp / "config.json").write_text(readers.dump_json(plan.output_config(), tmp / "config.json"))
-        _copy_tokenizer(plan.base.root, tmp)
+        copy_tokenizer(plan.base.root, tmp, _TOKENIZER_FILES)
         if card:
             (tmp / CARD).write_text(moe_card(config, report, config.text), encoding="utf-8")
             if config.text is not None:
@@ -279,14 +278,6 @@ def _stream(plan: MoePlan, writer: ShardedWriter, dtypes: dict, gates, generator
         write(plan.output.router_name(layer), gates[layer, :routed].contiguous())
         if plan.output.shared_gate:
             write(plan.output.shared_gate.format(layer=layer), gates[layer, routed:].contiguous())
-
-
-def _copy_tokenizer(source: Path, dest: Path) -> None:
-    """The base's tokenizer files (and generation config), as they are."""
-    for name in _TOKENIZER_FILES:
-        path = source / name
-        if path.exists():
-            (dest / name).write_bytes(regular_file(inside(path, source), "tokenizer file").read_bytes())
 
 
 __all__ = ["CONFIG_KEYS", "EXPERT_KEYS", "MoeConfig", "MoePlan", "build_moe", "load_moe_config"]

@@ -38,8 +38,6 @@ import torch
 
 from ..errors import AdaptkitError
 
-WEIGHT_SCHEMES = ("distance_proportional", "barycentric", "least_squares")
-SUBWORD_METHODS = ("mean", "sum", "weighted_mean", "first_last")
 
 
 def check_k(k: int, shared: int) -> None:
@@ -56,7 +54,7 @@ def check_width(k: int, width: int) -> None:
                             f"can be independent there; give -k {width} or less")
 
 
-def _work(t: torch.Tensor) -> torch.Tensor:
+def working(t: torch.Tensor) -> torch.Tensor:
     """float32 for half precisions, else as given (mergekit's work dtype)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
@@ -74,7 +72,7 @@ def omp(targets: torch.Tensor, points: torch.Tensor, k: int, eps: float = 1e-8,
     count = points.shape[0]
     check_k(k, count)
     check_width(k, width)
-    y, p = _work(targets), points.to(_work(targets).dtype)
+    y, p = working(targets), points.to(working(targets).dtype)
     # Q as (B, D, k) views of a (B, k, D) buffer: each qₜ a contiguous row, so the products with Q's first
     # columns read contiguous rows (the same values as mergekit's (B, D, k) layout, 0.6 of the time of those
     # batched products; 0.87 of omp's time at B 512, D 384, 9000 points, k 64)
@@ -82,14 +80,9 @@ def omp(targets: torch.Tensor, points: torch.Tensor, k: int, eps: float = 1e-8,
     r = torch.zeros((batch, k, k), dtype=y.dtype)
     chosen = torch.zeros((batch, k), dtype=torch.long)
     used = torch.zeros((batch, count), dtype=torch.bool)
-    rows = torch.arange(batch)
     residual = y.clone()
     for t in range(k):
-        inner = (residual @ p.T).abs_()  # (in place: the same values, one (B, N) buffer less per step)
-        inner.masked_fill_(used, -float("inf"))
-        new = torch.max(inner, dim=1)[1]
-        chosen[:, t] = new
-        used[rows, new] = True
+        chosen[:, t] = new = _most_correlated(residual, p, used)
         atom = p[new]
         if t == 0:
             r[:, 0, 0] = atom.norm(dim=1)
@@ -152,18 +145,14 @@ def mp_rope(targets: torch.Tensor, points_a: torch.Tensor, points_b: torch.Tenso
     batch, count = targets.shape[0], points_a.shape[0]
     check_k(k, count)
     dtype = targets.dtype
-    y, a, b = _work(targets), points_a.to(_work(targets).dtype), points_b.to(_work(targets).dtype)
+    y, a, b = working(targets), points_a.to(working(targets).dtype), points_b.to(working(targets).dtype)
     chosen = torch.zeros((batch, k), dtype=torch.long)
     coefficients = torch.zeros((batch, k), dtype=y.dtype)
     positions = torch.zeros((batch, k), dtype=y.dtype)
     used = torch.zeros((batch, count), dtype=torch.bool)
     residual = y.clone()
     for t in range(k):
-        inner = (residual @ a.T).abs_()
-        inner.masked_fill_(used, -float("inf"))
-        new = torch.max(inner, dim=1)[1]
-        chosen[:, t] = new
-        used[torch.arange(batch), new] = True
+        chosen[:, t] = new = _most_correlated(residual, a, used)
         atom = a[new]
         ahead = rope_position(atom, residual, heads[0], bases[0]).squeeze(-1)
         behind = rope_position(atom, -residual, heads[0], bases[0]).squeeze(-1)
@@ -177,6 +166,15 @@ def mp_rope(targets: torch.Tensor, points_a: torch.Tensor, points_b: torch.Tenso
     coefficients = torch.linalg.lstsq(rotated.transpose(1, 2), y.unsqueeze(-1)).solution.squeeze(-1)
     atoms = rope(b[chosen], positions.unsqueeze(-1), heads[1], bases[1])
     return (atoms * coefficients.unsqueeze(-1)).sum(dim=1).to(dtype)
+
+
+def _most_correlated(residual: torch.Tensor, points: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Each row's unused point of largest |⟨residual, point⟩| (the first of equals), marked used."""
+    inner = (residual @ points.T).abs_()  # (in place: the same values, one (B, N) buffer less per step)
+    inner.masked_fill_(used, -float("inf"))
+    new = torch.max(inner, dim=1)[1]
+    used[torch.arange(len(new)), new] = True
+    return new
 
 
 def combine(coefficients: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

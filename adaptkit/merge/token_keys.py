@@ -5,7 +5,8 @@ A key is ("word_start", rest) for a token that starts with the tokenizer's word-
 (SentencePiece's `▁`, byte-level BPE's `Ġ`: both mean "starts a word"), ("special", role) for a BOS,
 EOS, UNK, PAD, ... token (the donor's BOS matches the model's BOS whatever their texts), and the token
 itself otherwise. A one-byte character and its `<0xNN>` byte token may stand for each other
-(`byte_match`), and a token for its longest prefix (`prefix_match`).
+(`byte_match`), and a token for its longest prefix (`prefix_match`). Also the values tokensurgeon's
+options take, here where the command line reads them without importing torch.
 """
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+#: tokensurgeon's approximation methods, weight schemes (common_interpolation), subword methods, and the
+#: matrices a byte or prefix match may apply to
+METHODS = ("omp", "common_interpolation", "subword", "mean", "zero", "randn", "john_hewitt", "landmark_pca", "stb",
+           "mp_rope")
+WEIGHT_SCHEMES = ("distance_proportional", "barycentric", "least_squares")
+SUBWORD_METHODS = ("mean", "sum", "weighted_mean", "first_last")
+MATCHES = ("no", "embed", "lm_head", "yes")
 GPT2_STYLE = {"GPT2Tokenizer", "GPT2TokenizerFast", "OpenAIGPTTokenizer", "OpenAIGPTTokenizerFast", "Qwen2Tokenizer",
               "Qwen2TokenizerFast"}
 SP_STYLE = {"LlamaTokenizer", "LlamaTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "GemmaTokenizer",

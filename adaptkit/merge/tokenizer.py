@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import validate as v
 from ..errors import AdaptkitError, closest, short
+from ..io.paths import inside, regular_file
 from .chat_templates import TEMPLATES
 
 if TYPE_CHECKING:
@@ -161,8 +162,17 @@ def vocab_size(config: dict | None) -> int | None:
     return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
 
-def _has_tokenizer(folder: Path) -> bool:
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer (its vocabulary files, not only a chat template)."""
     return any((folder / name).is_file() for name in TOKENIZER_FILES[:7])
+
+
+def copy_tokenizer(source: Path, dest: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> None:
+    """The tokenizer files (`names`) of the folder `source` copied into `dest` as they are."""
+    for name in names:
+        path = source / name
+        if path.exists():
+            (dest / name).write_bytes(regular_file(inside(path, source), "tokenizer file").read_bytes())
 
 
 def load_tokenizer(folder: Path):
@@ -239,7 +249,7 @@ class Vocabulary:
         tokenizers = {first: base_tok}
         for ref in self.order:
             if ref not in tokenizers:
-                if _has_tokenizer(folders[ref]):
+                if has_tokenizer(folders[ref]):
                     tokenizers[ref] = load_tokenizer(folders[ref])
                 else:
                     warnings.warn(f"{ref} has no tokenizer: taken to be the same as {first}'s")
@@ -311,7 +321,7 @@ def _set_template(tokenizer, template: str | None, folders: dict[str, Path]) -> 
     if template == "auto":
         seen = []
         for folder in folders.values():
-            found = load_tokenizer(folder).chat_template if _has_tokenizer(folder) else None
+            found = load_tokenizer(folder).chat_template if has_tokenizer(folder) else None
             found = found.get("default") if isinstance(found, dict) else found
             if found:
                 seen.append(found.strip())

@@ -36,20 +36,17 @@ from ..errors import AdaptkitError
 from ..io import readers
 from ..io.dtypes import code_to_torch, torch_to_code
 from ..io.outputs import atomic_output, check_output
-from ..io.paths import inside, regular_file
 from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 from . import token_approx as ta
 from .embeddings import set_vocab_size
 from .recipe import Ref
 from .sources import ModelSource, open_input
-from .token_keys import Vocabulary, byte_match, prefix_match, text_of
-from .tokenizer import TOKENIZER_FILES, VOCABULARY_TENSORS, load_tokenizer
+from .token_keys import (MATCHES, METHODS, SUBWORD_METHODS, WEIGHT_SCHEMES, Vocabulary, byte_match, prefix_match,
+                         text_of)
+from .tokenizer import VOCABULARY_TENSORS, copy_tokenizer, has_tokenizer, load_tokenizer
 
-METHODS = ("omp", "common_interpolation", "subword", "mean", "zero", "randn", "john_hewitt", "landmark_pca", "stb",
-           "mp_rope")
 SHARED_K = ("omp", "common_interpolation", "stb", "mp_rope")  # the methods that take k of the shared tokens
 RANDOM = ("randn", "john_hewitt", "landmark_pca")  # (landmark_pca: torch.pca_lowrank's random projections)
-MATCHES = ("no", "embed", "lm_head", "yes")
 #: Token-indexed tensors that are output heads (the rest of `VOCABULARY_TENSORS` with two axes are
 #: input embeddings, with one a head's bias).
 HEADS = frozenset({"lm_head.weight", "output.weight", "embed_out.weight", "transformer.output_layer.weight",
@@ -77,8 +74,8 @@ class SurgeryOptions:
     new_vocab_scale: float | None = None
 
     def __post_init__(self):
-        for name, allowed in (("method", METHODS), ("weight_scheme", ta.WEIGHT_SCHEMES), ("prefix_match", MATCHES),
-                              ("subword_method", ta.SUBWORD_METHODS), ("byte_match", MATCHES)):
+        for name, allowed in (("method", METHODS), ("weight_scheme", WEIGHT_SCHEMES), ("prefix_match", MATCHES),
+                              ("subword_method", SUBWORD_METHODS), ("byte_match", MATCHES)):
             if getattr(self, name) not in allowed:
                 raise AdaptkitError(f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}; one of: "
                                     f"{', '.join(allowed)}")
@@ -151,17 +148,17 @@ def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, 
     theirs = donor_vocab.where(lambda _, i: i < donor.shape[0])
     out = torch.zeros(rows, orig.shape[1], dtype=orig.dtype)
     kept, new = match_rows(mine, donor_vocab, donor.shape[0], junk, options, lm_head, counts)
-    for i, found in kept:
-        out[i] = orig[found]
+    if kept:
+        out[torch.tensor([i for i, _ in kept])] = orig[torch.tensor([j for _, j in kept])]
     shared = sorted(set(mine.ids) & set(theirs.ids), key=lambda k: theirs.ids[k])
     context = {"orig": orig, "donor": donor, "lm_head": lm_head, "split": split, "generator": generator, "rope": rope,
                "orig_shared": orig[torch.tensor([mine.ids[k] for k in shared], dtype=torch.long)],
                "donor_shared": donor[torch.tensor([theirs.ids[k] for k in shared], dtype=torch.long)]}
     if options.method == "stb" and new:  # its basis from the shared tokens less the donor's junk (mergekit's)
-        kept = [k for k in shared if theirs.ids[k] not in junk]
-        pick = torch.tensor([mine.ids[k] for k in kept], dtype=torch.long), \
-            torch.tensor([theirs.ids[k] for k in kept], dtype=torch.long)
-        context["basis"] = ta.token_basis(orig[pick[0]], donor[pick[1]], options.k)
+        trained = [k for k in shared if theirs.ids[k] not in junk]
+        context["basis"] = ta.token_basis(orig[torch.tensor([mine.ids[k] for k in trained], dtype=torch.long)],
+                                          donor[torch.tensor([theirs.ids[k] for k in trained], dtype=torch.long)],
+                                          options.k)
     if new and options.method in SHARED_K:  # (before the progress bar starts)
         ta.check_k(options.k, len(shared))
         if options.method == "omp":
@@ -210,7 +207,7 @@ def approximate(options: SurgeryOptions, ids: list[int], texts: list[str], c: di
     if method == "omp":
         indices, coefficients = ta.omp(targets, c["donor_shared"], options.k)
     else:
-        work = ta._work(targets)
+        work = ta.working(targets)
         indices, coefficients = ta.common_interpolation(work, c["donor_shared"].to(work.dtype), options.k,
                                                         cosine=options.cosine, scheme=options.weight_scheme)
     return ta.combine(coefficients, indices, c["orig_shared"])
@@ -248,26 +245,24 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
     counts = {name: Counts() for name in matrices}
     report = {"model": str(refs[0]), "donor": str(refs[1]), "output": str(out), "method": options.method,
               "options": {k: v for k, v in vars(options).items() if k != "method"}, "vocab_size": rows,
-              "model_vocab_size": max(vocabs[0].keys) + 1, "tensors": {n: vars(c) for n, c in counts.items()},
+              "model_vocab_size": max(vocabs[0].keys) + 1,
               "seed": seed if options.method in RANDOM or options.new_vocab_noise else None}
     if dry_run:
         for name, (mine, theirs) in matrices.items():
             match_rows(model_vocab.where(lambda _, i, m=mine: i < m.shape[0]), donor_vocab, theirs.shape[0], junk,
                        options, name == head, counts[name])
-        return {**report, "dry_run": True}
+        return {**report, "tensors": {n: vars(c) for n, c in counts.items()}, "dry_run": True}
     built = {name: build_matrix(mine, theirs, model_vocab, donor_vocab, junk, rows, options, name == head, split,
                                 generator, counts[name], rope, f"{options.method} ({name})" if progress else None)
              for name, (mine, theirs) in matrices.items()}
+    report["tensors"] = {n: vars(c) for n, c in counts.items()}
     layout = [(n, torch_to_code(built[n].dtype) if n in built else source.info(n).dtype,
                (rows, *source.info(n).shape[1:]) if n in built or n in biases else source.info(n).shape)
               for n in source.keys()]
     with atomic_output(out, force=force, inputs=[r.model for r in refs]) as tmp:
         (tmp / "config.json").write_text(readers.dump_json(_config(source.config, giver.config), tmp / "config.json"))
         set_vocab_size(tmp, rows)
-        for name in TOKENIZER_FILES:
-            path = giver.root / name
-            if path.exists():
-                (tmp / name).write_bytes(regular_file(inside(path, giver.root), "tokenizer file").read_bytes())
+        copy_tokenizer(giver.root, tmp)
         writer = ShardedWriter(tmp, layout, shard_size=shard_size, metadata={"format": "pt"})
         try:
             for name, _, _ in tqdm(layout, unit="tensor", desc="tokensurgeon", disable=not progress, leave=False):
@@ -299,7 +294,7 @@ def _read(source: ModelSource, name: str):
 
 
 def _load_tokenizer(source: ModelSource, what: str):
-    if not any((source.root / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(source.root):
         raise AdaptkitError(f"{what} {source.ref} has no tokenizer files: tokensurgeon matches tokens by their text")
     return load_tokenizer(source.root)
 
@@ -340,10 +335,10 @@ def _magikarp(vocabs: list[Vocabulary], matrices: dict, embed: str, head: str | 
 
 def _config(model: dict | None, donor: dict | None) -> dict:
     """The model's config.json with the donor's special token ids (vocab_size is set after)."""
-    config = dict(model or {})
-    for key in TOKEN_KEYS:
-        if key in (donor or {}) or key in config and key != "padding_side":
-            config[key] = (donor or {}).get(key)
+    config, donor = dict(model or {}), donor or {}
+    for key in TOKEN_KEYS:  # the donor's; a token id only the model's config has names an old token: null
+        if key in donor or (key in config and key != "padding_side"):
+            config[key] = donor.get(key)
     return config
 
 
