@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge as M  # noqa: E402  (the launcher and the measuring of benchmarks/merge.py)
+from moe import tensors  # noqa: E402  (every tensor of an output folder)
 
 WORK = M.ROOT / "_work" / "tokensurgeon"
 JOBS = {"omp": [], "omp-k8": ["-k", "8"], "common_interpolation": ["-a", "common_interpolation", "-k", "8"],
@@ -110,12 +111,6 @@ def compare(ours: Path, theirs: Path) -> str:
         return f"{len(m)} tensors byte-identical"
     worst = max(unequal, key=unequal.get)
     return f"{len(unequal)}/{len(m)} tensors differ, max |Δ| {unequal[worst]:.3g} ({worst})"
-
-
-def tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdaptkitError
+from .tokenizer import load_tokenizer
 
 HIDDEN_MODES = ("hidden", "hidden_avg", "hidden_last")
 RANDOM_MODES = ("random", "uniform_random")
@@ -94,13 +95,10 @@ def degenerate_layers(conditions: list[float]) -> list[int]:
 def _tokenizer(folder: Path):
     """The base's tokenizer as mergekit sets it up for the prompts: left padding with BOS (else EOS)."""
     try:
-        from transformers import AutoTokenizer
+        import transformers  # noqa: F401  (load_tokenizer's)
     except ImportError:
         raise AdaptkitError("gate modes from prompts need transformers (pip install 'adaptkit[train]')") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise AdaptkitError(f"{folder}: cannot load the base model's tokenizer ({str(e).splitlines()[0]})") from None
+    tokenizer = load_tokenizer(folder)
     tokenizer.padding_side = "left"
     if tokenizer.bos_token_id is not None:
         tokenizer.pad_token_id = tokenizer.bos_token_id
