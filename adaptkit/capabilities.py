@@ -209,12 +209,14 @@ class MergeOptions(Protocol):
     side by side on the cores, one torch thread each, than one at a time on all of them (single-threaded kernels:
     whole-tensor sorts, numpy's, torch.dot; or many steps over cache-sized blocks); `block_upcast` floating inputs come
     as read (stored dtype; float32 where an adapter delta was added) with the keyword `dtype`, the compute
-    dtype, which the method converts them to block by block."""
+    dtype, which the method converts them to block by block; `accelerated` False: it computes on the CPU whatever
+    `--device` says (a copy, say, where moving the inputs would cost more than it saves)."""
     random: bool
     takes_base: bool
     elementwise: bool
     serial_kernels: bool
     block_upcast: bool
+    accelerated: bool
 
 
 @runtime_checkable

@@ -1,5 +1,7 @@
 """CUDA paths, run where a GPU is present (skipped elsewhere; CI has none): fp16 training with loss
-scaling, QLoRA layers unpacked on the GPU, and training resumed byte-identically with CUDA RNG state."""
+scaling, QLoRA layers unpacked on the GPU, training resumed byte-identically with CUDA RNG state, and
+`merge --device cuda` giving the CPU's bytes (issue 15; the cases are test_merge_device.py's, which runs
+them on a stand-in device everywhere)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +9,11 @@ import json
 import pytest
 import torch
 
+from adaptkit.merge.engine import run_merge
 from adaptkit.quant.quantized import QuantizedLinear
 from adaptkit.train.loop import train
+from builders import state
+from test_merge_device import CASES, recipe_for, write_models
 from text_models import counting, llama_dir, write_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -79,3 +84,20 @@ def test_4bit_unpacking_on_the_gpu_is_bit_identical(method, shape):
         packed = quantizer.quantize(torch.randn(shape).to(dtype))
         on_gpu = {k: v.cuda() if "quant_state" not in k else v for k, v in packed.items()}
         assert torch.equal(quantizer.dequantize(on_gpu).cpu(), quantizer.dequantize(packed))
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    return write_models(tmp_path_factory.mktemp("device"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("case", CASES)
+def test_a_merge_on_the_gpu_gives_the_cpu_bytes(stored, tmp_path, case, dtype):
+    """The issue's promise for deterministic methods; the random ones draw on the CPU, so theirs too."""
+    recipe = recipe_for(stored / dtype, case, dtype)
+    run_merge(recipe, tmp_path / "cpu", progress=False, card=False)
+    assert run_merge(recipe, tmp_path / "gpu", progress=False, card=False, device="cuda")["device"] == "cuda:0"
+    cpu, gpu = state(tmp_path / "cpu"), state(tmp_path / "gpu")
+    differ = [n for n in cpu if not torch.equal(gpu[n].view(torch.uint8), cpu[n].view(torch.uint8))]
+    assert not differ, f"{len(differ)} of {len(cpu)} tensors differ, e.g. {differ[:3]}"

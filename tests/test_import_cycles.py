@@ -163,7 +163,7 @@ LAYERS = [
     ("errors", ["adaptkit.errors"]),
     ("io", ["adaptkit.io"]),
     ("plugin contracts and registry", ["adaptkit.spec", "adaptkit.capabilities", "adaptkit.registry",
-                                       "adaptkit.validate", "adaptkit.allocator", "adaptkit.adapter"]),
+                                       "adaptkit.validate", "adaptkit.allocator", "adaptkit.devices", "adaptkit.adapter"]),
     ("quant", ["adaptkit.quant"]),
     ("hub", ["adaptkit.hub"]),
     ("files", ["adaptkit.files"]),

@@ -7,7 +7,7 @@ from .. import registry
 from ..errors import AdaptkitError
 from ..merge import TENSOR_SETS
 from .boundary import heavy_imports
-from .options import (ALLOW_MIXED, ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, RANK, SEED,
+from .options import (ALLOW_MIXED, ALLOW_PICKLE, CONTEXT, DEVICE, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, RANK, SEED,
                       SHARD_SIZE, THREADS, UNSAFE_TRUNCATE, DType, base_option, dtype_option, emit_json, settings_option,
                       split_weight)
 
@@ -143,6 +143,7 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
                    "a recipe's `tensors`).")
 @SHARD_SIZE
 @THREADS
+@DEVICE
 @FORCE
 @DRY_RUN
 @NO_CARD
@@ -156,7 +157,7 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @PLOT
 @click.pass_context
 def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, out_dtype, compute_dtype, tensors, shard_size,
-          threads, force, dry_run, no_card, allow_nonfinite, allow_pickle, allow_mixed_architectures,
+          threads, device, force, dry_run, no_card, allow_nonfinite, allow_pickle, allow_mixed_architectures,
           unsafe_truncate_embeddings, requantize, as_json, plot):
     """Merge models or adapters by a recipe (mergekit's YAML format; bakllama configs too) or the quick form.
 
@@ -167,6 +168,9 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
 
     Quick form: --set gives the method's parameters (mergekit's names). --seed and --dtype override a
     recipe's `seed` and `dtype` (mergekit's meaning of dtype: also the output's, unless --out-dtype).
+
+    --device cuda computes on a GPU (every method but passthrough, which only copies): inputs are read
+    and the output written on the CPU side, each tensor moved to the GPU and its result back.
 
     --dry-run prints the inputs as resolved, and per group of tensors the parameters after gradients
     and filters, and the estimated peak memory. An adapter output reports each module's relative error ‖ΔW − B·A‖/‖ΔW‖ (the worst and the median;
@@ -180,6 +184,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
       adaptkit merge --method linear -m lora1:0.5 -m lora2:0.5 --rank 16 -o lora-mix/
       adaptkit merge --method ties -m lora1 -m lora2 --rank 8 -o lora-ties/ --plot errors.png
       adaptkit merge soup.yaml -o merged/ --dry-run
+      adaptkit merge ties.yaml -o merged/ --device cuda
       adaptkit merge soup.yaml -o merged/ --compute-dtype float32     # bf16 recipe, rounded once
       adaptkit merge --method linear -m a.safetensors -m b.safetensors --tensors union -o ab/
       adaptkit merge --base llama-4bit/ -m my-qlora -o merged/ --requantize   # into a quantized base
@@ -188,7 +193,9 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
         from ..merge.card import describe_group
         from ..merge.engine import Plan, run_merge
         from ..merge.recipe import apply_overrides, load_recipe
+    from ..devices import compute_device
 
+    compute_device(device)  # (a device this machine lacks: refused before any work, --dry-run too)
     if bool(recipe) == bool(models):
         raise AdaptkitError("give a recipe file or the quick form (-m PATH[:WEIGHT] ...), not both or neither")
     quick = [flag for flag, given in (("--method", method), ("--base", base), ("--set", settings), ("--rank", rank))
@@ -198,7 +205,7 @@ def merge(ctx, recipe, out, method, base, models, settings, rank, seed, dtype, o
     if plot:
         _check_plot(plot, recipe, dry_run)
     dtypes = dict(dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype, tensors=tensors)  # (the recipe's replaced)
-    options = dict(shard_size=shard_size, threads=threads, seed=seed, **dtypes, allow_nonfinite=allow_nonfinite,
+    options = dict(shard_size=shard_size, threads=threads, device=device, seed=seed, **dtypes, allow_nonfinite=allow_nonfinite,
                    allow_pickle=allow_pickle, allow_mixed_architectures=allow_mixed_architectures,
                    unsafe_truncate_embeddings=unsafe_truncate_embeddings, requantize=requantize,
                    progress=not ctx.obj["quiet"])

@@ -9,7 +9,8 @@ does take (--allow-crimes, --unsafe-truncate-embeddings, --load-in-4bit, --load-
 """
 from __future__ import annotations
 
-_GPU = "adaptkit merge computes on the CPU, streaming in bounded memory; drop the option"
+_READ = ("inputs are read on the CPU, and each tensor moved to --device as it is merged (memory bounded either "
+         "way); drop the option")
 _THREADS = "here --threads, the tensors merged side by side (torch's own threads: OMP_NUM_THREADS)"
 _STAGES = ("the stages' results live in the output's temporary folder, each removed once no later stage needs "
            "it; drop the option")
@@ -19,7 +20,9 @@ _OFF = "off by default here too; drop the option"
 
 #: mergekit's MergeOptions, which every one of its merge scripts takes (adaptkit merge's answers)
 SHARED = {
-    **dict.fromkeys(("--cuda", "--device", "--low-cpu-memory", "--read-to-gpu", "--multi-gpu", "--gpu-rich"), _GPU),
+    "--cuda": "here --device cuda", "--gpu-rich": "here --device cuda",
+    **dict.fromkeys(("--low-cpu-memory", "--read-to-gpu"), _READ),
+    "--multi-gpu": "one GPU per run here (--device cuda:N); drop the option",
     "--lazy-unpickle": "tensors are always read lazily; a pickle checkpoint also needs --allow-pickle, which runs "
                        "code from the file: only for files you trust",
     "--out-shard-size": "here --shard-size, in bytes (default 2GB), where mergekit's counts parameters "
@@ -73,8 +76,8 @@ _HIDDEN = "the hidden pass runs where --device says, the experts are copied on t
 _TORCH_THREADS = "the hidden pass uses torch's threads (OMP_NUM_THREADS); drop the option"
 #: where adaptkit moe's answer to mergekit-moe's (MergeOptions) differs from adaptkit merge's
 MOE = {
-    "--cuda": "here --device cuda (where the hidden pass runs)",
-    **dict.fromkeys(("--low-cpu-memory", "--read-to-gpu", "--multi-gpu", "--gpu-rich"), _HIDDEN),
+    "--cuda": "here --device cuda (where the hidden pass runs)", "--gpu-rich": "here --device cuda (where the hidden pass runs)",
+    **dict.fromkeys(("--low-cpu-memory", "--read-to-gpu", "--multi-gpu"), _HIDDEN),
     "-j": _TORCH_THREADS, "--num-threads": _TORCH_THREADS,
     # (mergekit-moe takes these two and reads them nowhere)
     "--allow-crimes": "experts of another architecture than the base are refused (mergekit-moe takes the option "
@@ -107,6 +110,8 @@ LAYERSHUFFLE = {
                     "output's card keeps it (adaptkit_recipe.yml)"),
     "--fp16": "here --dtype float16", "--no-fp16": "the inputs' own dtype is the default here too; drop the option",
     "--no-full-random": _OFF,
+    **dict.fromkeys(("--cuda", "--device", "--gpu-rich", "--low-cpu-memory", "--read-to-gpu", "--multi-gpu"),
+                    "every layer is copied as it is (passthrough): there is nothing to compute on a GPU; drop the option"),
 }
 COMMANDS = {"merge": MERGE, "moe": MOE, "tokensurgeon": TOKENSURGEON, "layershuffle": LAYERSHUFFLE}
 

@@ -7,7 +7,7 @@ import click
 
 from ..errors import AdaptkitError
 from .boundary import heavy_imports
-from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, SEED, SHARD_SIZE, dtype_option,
+from .options import (ALLOW_PICKLE, CONTEXT, DEVICE, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, SEED, SHARD_SIZE, dtype_option,
                       emit_json)
 
 
@@ -16,8 +16,7 @@ from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT,
 @OUT
 @SEED
 @dtype_option()
-@click.option("--device", default="cpu", show_default=True,
-              help="Where the base model runs for gate_mode hidden (cpu, cuda).")
+@DEVICE
 @click.option("--load-in-4bit", "base_4bit", is_flag=True,
               help="Run the base for gate_mode hidden quantized to 4 bits by bitsandbytes (mergekit-moe's option).")
 @click.option("--load-in-8bit", "base_8bit", is_flag=True,
@@ -37,8 +36,8 @@ def moe(ctx, config, out, seed, dtype, device, base_4bit, base_8bit, shard_size,
     """Build a mixture of experts from dense models (mergekit-moe's YAML).
 
     Attention, norms and embeddings come from base_model; each expert's MLPs become one expert per
-    layer; the routers come from gate_mode: hidden (the base's hidden states for each expert's
-    positive_prompts), cheap_embed (the prompts' token embeddings) or random. The output is a Mixtral
+    layer; the routers come from gate_mode: hidden (the base's hidden states, run on --device, for each
+    expert's positive_prompts), cheap_embed (the prompts' token embeddings) or random. The output is a Mixtral
     (Llama or Mistral inputs), a DeepSeek MoE or Qwen2-MoE (with shared_experts) or a Qwen3-MoE (Qwen3
     inputs), chosen as mergekit-moe chooses it or by `architecture:`. --seed drives random gates and
     expert noise (mergekit-moe's --random-seed gives the same numbers); --dtype overrides the config's
@@ -57,7 +56,9 @@ def moe(ctx, config, out, seed, dtype, device, base_4bit, base_8bit, shard_size,
     with heavy_imports():
         from ..merge.moe import MoePlan, build_moe, check_base_bits, load_moe_config
         from .report import human_bytes
+    from ..devices import compute_device
 
+    compute_device(device)  # (a device this machine lacks: refused before any work, --dry-run too)
     if base_4bit and base_8bit:
         raise AdaptkitError("give --load-in-4bit or --load-in-8bit, not both")
     base_bits = 4 if base_4bit else 8 if base_8bit else None

@@ -195,6 +195,9 @@ THREADS = click.option("--threads", type=POSITIVE, help="Tensors merged in paral
                        "and those that merge faster side by side, e.g. ties, dare_*, della, sce, karcher, multislerp; else "
                        "1 using all cores).")
 #: --shard-size of the commands that write a model (merge, moe, tokensurgeon, layershuffle).
+DEVICE = click.option("--device", default="cpu", show_default=True,
+                      help="Where the arithmetic runs: cpu, cuda, cuda:N or auto (a GPU where there is one); files are "
+                           "read and written on the CPU.")
 SHARD_SIZE = click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard.")
 
 

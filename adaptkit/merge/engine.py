@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .. import allocator, registry, spec
+from ..devices import compute_device
 from ..io.dtypes import code_to_torch, parse_dtype, torch_to_code
 from ..errors import AdaptkitError
 from ..io.store import open_store
@@ -213,10 +214,10 @@ def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
     return blocks
 
 
-def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
-                 rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """The merged tensor `name` (or its rows) as the operator returns it from inputs converted to the
-    compute dtype; non-float tensors come from the reference."""
+def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False, rows: tuple[int, int] | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """The merged tensor `name` (or its rows) as the operator returns it from inputs converted to the compute
+    dtype, read, checked and aligned on the CPU, then on `device` for an `accelerated` one; non-float: the reference's."""
     job = plan.job(name)
     if not code_to_torch(job.reference.info(job.reference_name).dtype).is_floating_point:
         return job.reference.get(job.reference_name, float32=False, rows=rows)
@@ -238,6 +239,8 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False,
         base, tensors = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
     if not tensors:  # (`tensors: union`, a tensor only the base has: the base's, see sources.py `merge_names`)
         return base.to(compute)
+    if device is not None and device.type != "cpu" and spec.option(plan.method, "accelerated"):
+        base, tensors = None if base is None else base.to(device), [t.to(device) for t in tensors]
     params = operator_params(plan.recipe, plan.method, name, job.t, len(tensors), job.shared, job.scopes)
     try:
         return plan.method.merge(tensors, base, **params, **({"dtype": compute} if lazy else {}))
@@ -252,7 +255,7 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
               dtype: str | None = None, out_dtype: str | None = None, compute_dtype: str | None = None,
               tensors: str | None = None, allow_nonfinite: bool = False, allow_pickle: bool = False,
               allow_mixed_architectures: bool = False, unsafe_truncate_embeddings: bool = False,
-              requantize: bool = False, progress: bool = True, card: bool = True) -> dict[str, Any]:
+              requantize: bool = False, progress: bool = True, card: bool = True, device: str | None = None) -> dict[str, Any]:
     """Merge per `recipe` into the folder `out`; returns a report (the CLI's --json). With `card`, the
     output also gets a model card and the recipe (`card.py` here).
 
@@ -261,11 +264,15 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
     and the report's `requantized` gives that extra rounding error (relative, per tensor).
     `dtype`, `out_dtype`, `compute_dtype` (`precision.py` here) and `tensors` replace the recipe's;
     `allow_mixed_architectures` merges models of different architectures (`sources.check_same_architecture`),
-    `unsafe_truncate_embeddings` token rows that differ in number (`embeddings.Truncation`)."""
+    `unsafe_truncate_embeddings` token rows that differ in number (`embeddings.Truncation`); operators
+    compute on `device` (`adaptkit.devices`: cpu, cuda, cuda:N, auto), files are read and written on the CPU."""
+    where = compute_device(device)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     apply_overrides(recipe, dict(seed=seed, dtype=dtype, out_dtype=out_dtype, compute_dtype=compute_dtype, tensors=tensors,
                                  mixed_architectures=allow_mixed_architectures, truncate_embeddings=unsafe_truncate_embeddings))
     if recipe.output_kind == "adapter":
+        if where.type != "cpu":
+            raise AdaptkitError(f"--device {device}: an adapter output is factored on the CPU; drop the option")
         if requantize:
             raise AdaptkitError("--requantize applies to model outputs; this recipe makes an adapter")
         if recipe.compute_dtype and parse_dtype(recipe.compute_dtype) != torch.float32:
@@ -280,7 +287,7 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
     with atomic_output(out, force=force, inputs=recipe_inputs(recipe)) as tmp:
         folder = tmp / ".unquantized" if packed else tmp
         folder.mkdir(exist_ok=True)
-        files = _write(plan, folder, threads, shard_size, allow_nonfinite, progress)
+        files = _write(plan, folder, threads, shard_size, allow_nonfinite, progress, where)
         if not packed and any(s.store.method for s in plan.sources):
             drop_quantization_config(folder)
         if packed:
@@ -298,11 +305,11 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
         else:
             drop_card(tmp)
     report.update(output=str(out), files=[Path(f).name for f in files], seconds=round(time.perf_counter() - start, 3),
-                  seed=recipe.seed)
+                  seed=recipe.seed, device=str(where))
     return report
 
 
-def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: bool, progress: bool) -> list[Path]:
+def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: bool, progress: bool, device) -> list[Path]:
     metadata = {"format": "pt", "adaptkit.merge_method": plan.recipe.method, "adaptkit.seed": str(plan.recipe.seed)}
     reference = (plan.base or plan.inputs[0]).store
     mirrored = not plan.jobs and any(s.mirrored for s in plan.sources)
@@ -315,7 +322,7 @@ def _write(plan: Plan, folder: Path, threads: int, shard_size, allow_nonfinite: 
     writer = MirrorWriter(folder, plan.layout, reference, metadata=metadata) if mirrored else \
         ShardedWriter(folder, plan.layout, shard_size=shard_size, metadata=metadata)
     try:
-        _stream(plan, writer, threads, allow_nonfinite, progress)
+        _stream(plan, writer, threads, allow_nonfinite, progress, device)
     except BaseException:
         writer.abort()
         raise
@@ -353,7 +360,7 @@ def default_threads(plan: Plan) -> int:
     return min(2, os.cpu_count() or 1) if two else 1
 
 
-def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool) -> None:
+def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool, device) -> None:
     dtypes = {name: code_to_torch(code) for name, code, _ in plan.layout}
     shapes = {name: shape for name, _, shape in plan.layout}
     # freed blocks' or tensors' memory kept for the next (the command only: allocator.py)
@@ -374,8 +381,8 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
             allocator.release()
             torch.set_num_threads(intra_op)
         try:
-            merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows)
-            writer.write(name, merged.to(dtypes[name]), row=rows[0] if rows else 0)
+            merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows, device=device)
+            writer.write(name, merged.to(dtypes[name]).cpu(), row=rows[0] if rows else 0)
         finally:
             torch.set_num_threads(shared)
         with lock:

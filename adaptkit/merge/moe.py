@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..devices import compute_device
 from ..errors import AdaptkitError
 from ..io import readers
 from ..io.dtypes import code_to_torch, torch_to_code
@@ -213,6 +214,7 @@ def build_moe(config: MoeConfig, out: str | Path, *, force: bool = False, seed: 
     import torch
 
     check_base_bits(config, base_bits)
+    device = str(compute_device(device))  # (refused before any work where this machine lacks it)
     start = time.perf_counter()
     check_output(out, force=force, inputs=config.inputs())  # before the hidden pass, not after it
     plan = MoePlan(config, allow_pickle=allow_pickle, dtype=dtype)

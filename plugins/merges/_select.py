@@ -144,20 +144,21 @@ def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
     if k <= 0:
         return Cut(float("inf"))
     ranges = block_ranges(n)
-    dtype = blocks(0, 1).dtype
+    first = blocks(0, 1)
+    dtype, device = first.dtype, first.device
     if dtype in (torch.bfloat16, torch.float16):  # one histogram of the 15-bit patterns
-        counts = torch.zeros(1 << 15, dtype=torch.int64)
+        counts = torch.zeros(1 << 15, dtype=torch.int64, device=device)
         for s, e in ranges:
             counts += torch.bincount(blocks(s, e).view(torch.int16), minlength=1 << 15)
         bin_, above = _from_top(counts, k)
         threshold = float(torch.tensor([bin_], dtype=torch.int16).view(dtype))
         need, equal = k - above, int(counts[bin_])
     else:  # the upper 16 bits, then the lower 16 within the upper's bin
-        high = torch.zeros(1 << 15, dtype=torch.int64)
+        high = torch.zeros(1 << 15, dtype=torch.int64, device=device)
         for s, e in ranges:
             high += torch.bincount(blocks(s, e).float().view(torch.int32) >> 16, minlength=1 << 15)
         high_bin, above = _from_top(high, k)
-        low = torch.zeros(1 << 16, dtype=torch.int64)
+        low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
         for s, e in ranges:
             # Entries of the high bin map to 1..2¹⁶, lower ones to 0 and higher ones to 2¹⁶ + 1: one
             # clamp instead of selecting the bin's entries (several times faster).

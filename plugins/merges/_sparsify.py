@@ -179,7 +179,7 @@ def masked(tau: torch.Tensor, bits: numpy.ndarray, start: int) -> torch.Tensor:
     everything after adds them to sums that start at +0 or takes their magnitudes."""
     first, offset = start // 8, start % 8
     spread = numpy.take(_spread(tau.element_size()), bits[first:(start + tau.numel() + 7) // 8], axis=0)
-    ones = torch.from_numpy(spread.reshape(-1)[offset:offset + tau.numel()])
+    ones = torch.from_numpy(spread.reshape(-1)[offset:offset + tau.numel()]).to(tau.device)
     return as_bits(tau).bitwise_and_(ones.view(tau.shape)).view(tau.dtype)
 
 

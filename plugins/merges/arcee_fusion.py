@@ -39,7 +39,7 @@ class ArceeFusion(Operator):
         scores = importance(other, base)
         cut = threshold(scores)
         # Memory (issue 15): the float32 mask and sum in blocks into the float32 result, the same operations.
-        out = torch.empty(base.shape, dtype=torch.promote_types(base.dtype, torch.float32))
+        out = torch.empty(base.shape, dtype=torch.promote_types(base.dtype, torch.float32), device=base.device)
         flat, ends, result, flat_scores = base.reshape(-1), other.reshape(-1), out.view(-1), scores.reshape(-1)
         for s in range(0, flat.numel(), ROW_BLOCK):
             part = slice(s, s + ROW_BLOCK)
@@ -86,7 +86,7 @@ def smallest(flat: torch.Tensor, ranks: tuple[int, ...]) -> list[torch.Tensor] |
     patterns (|bits| above infinity's) are the histogram's two ends, read from it instead of a pass of
     `isnan` over the scores (168M job, one thread: 3.58 → 3.14 s; the whole command, on two threads,
     within the noise)."""
-    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    counts = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
     for s in range(0, flat.numel(), ROW_BLOCK):
         bits = flat[s:s + ROW_BLOCK].view(torch.int16).to(torch.int32)
         keys = torch.where(bits < 0, -1 - (bits & 0x7FFF), bits) + (1 << 15)

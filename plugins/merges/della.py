@@ -160,7 +160,7 @@ class Della(TaskArithmetic):
                 return tau
             if i in masks and not keep_mask:  # 0/1: the same values as τ·m rounded once
                 return masked(tau, masks[i], start * n)
-            magnitude = tau.abs()
+            magnitude = tau.abs().cpu()  # (ranked and drawn by numpy, on the CPU whatever τ's device)
             order = rank_order(magnitude)  # (for the draws, and for p with `inverse`)
             keep = draw_keep(magnitude, s.density[i], epsilon[i], bits[i], order)  # this input's draws only
             if keep_mask:
@@ -170,8 +170,9 @@ class Della(TaskArithmetic):
                 packed = masks[i][first:first + (tau.numel() + 7) // 8] = pack(keep.numpy())
                 if s.rescale != "inverse":
                     return masked(tau, packed, 0)
+            keep = keep.to(tau.device)
             if s.rescale == "inverse":  # τ·m/p rounded once to the dtype (computed in float32, or float64)
-                p = keep_probabilities(magnitude, s.density[i], epsilon[i], order)
+                p = keep_probabilities(magnitude, s.density[i], epsilon[i], order).to(tau.device)
                 return tau.to(torch.promote_types(tau.dtype, torch.float32)).masked_fill_(~keep, 0).div_(p).to(dtype)
             return tau.masked_fill_(~keep, 0)
 
@@ -185,8 +186,9 @@ class Della(TaskArithmetic):
             deltas = [magprune(i, torch.sub(rows[i][start:stop].to(dtype), base_block), start) for i in range(len(tensors))]
             return [d if f is None else d.mul_(f) for d, f in zip(deltas, factors)]
 
-        out = torch.empty(base_rows.shape, dtype=dtype)
-        self.mix(blocks, lambda a, b: base_rows[a:b].to(dtype), deltas_at, s, torch.tensor(s.weight, dtype=dtype), out)
+        out = torch.empty(base_rows.shape, dtype=dtype, device=base.device)
+        self.mix(blocks, lambda a, b: base_rows[a:b].to(dtype), deltas_at, s,
+                 torch.tensor(s.weight, dtype=dtype, device=base.device), out)
         return from_rows(out, base.shape)
 
     def epsilons(self, values: Sequence[Any], density: Sequence[float]) -> list[float]:

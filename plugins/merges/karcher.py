@@ -68,7 +68,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     the 168M merge mapped and faulted in about 7 tensor-sized buffers per tensor."""
     exact = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     scratch = torch.empty(tensors[0].numel() * max(exact.itemsize, *(x.element_size() for x in tensors)),
-                          dtype=torch.uint8)
+                          dtype=torch.uint8, device=tensors[0].device)
 
     def norm(x: torch.Tensor) -> torch.Tensor:  # ‖x.to(exact)‖: the same copy, into the scratch buffer
         if x.dtype == exact:

@@ -41,7 +41,7 @@ class Linear(Operator):
         first = tensors[0]
         dtype = _accumulator(first)
         ones = (1,) * first.dim()  # coefficients broadcast as 1-element tensors, as mergekit's
-        coefficients = torch.tensor(weights, dtype=dtype)
+        coefficients = torch.tensor(weights, dtype=dtype, device=first.device)
         out = torch.zeros_like(first, dtype=dtype)
         for tensor, coefficient in zip(tensors, coefficients.unbind(0)):
             out.addcmul_(tensor, coefficient.reshape(ones))

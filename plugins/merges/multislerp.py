@@ -63,7 +63,8 @@ class MultiSlerp(Operator):
         # once, not three times: 168M job, in one process 0.81-0.89 of the time, the whole command 0.83-0.88
         # of the wall (medians of 5-7); one row more of memory (1B: peak 1265 → 1406 MB).
         count, shape = len(tensors), tensors[0].shape
-        flat = torch.empty(count + 1, tensors[0].numel(), dtype=reduce(torch.promote_types, [t.dtype for t in tensors]))
+        flat = torch.empty(count + 1, tensors[0].numel(), dtype=reduce(torch.promote_types, [t.dtype for t in tensors]),
+                           device=tensors[0].device)
         units, row = flat[:count], flat[count]
         for i, t in enumerate(tensors):
             if base is not None:
@@ -80,7 +81,7 @@ class MultiSlerp(Operator):
         blocks = block_ranges(flat.shape[1], BLOCK)
         norms = torch.linalg.vector_norm(units, dim=-1, keepdim=True)
         divisor = norms + eps
-        scratch = torch.empty(2, count, max(e - s for s, e in blocks), dtype=flat.dtype)
+        scratch = torch.empty(2, count, max(e - s for s, e in blocks), dtype=flat.dtype, device=flat.device)
 
         def weighted_sum(vectors: torch.Tensor, out: torch.Tensor) -> None:  # (vectors * column).sum(0)
             stacked_sum(list(torch.mul(vectors, column, out=scratch[0, :, :vectors.shape[1]])), out=out)
@@ -98,7 +99,7 @@ class MultiSlerp(Operator):
             out = (vectors[0] * weights[0] + vectors[1] * weights[1]).view(shape)
             return out + base if base is not None else out
         torch.div(mean, mean_norm, out=mean)
-        dots = torch.empty(count, 1, dtype=flat.dtype)
+        dots = torch.empty(count, 1, dtype=flat.dtype, device=flat.device)
         alone = torch.get_num_threads() == 1  # (one thread sums a row alone in the order it has in a stack)
         for i in range(count):
             torch.mul(units[i], mean, out=row)

@@ -22,6 +22,7 @@ class Passthrough(Operator):
     name = "passthrough"
     elementwise = True
     takes_base = False
+    accelerated = False  # a copy (or one product): moving it to a GPU and back would cost more than it saves
     params = frozen({"scale": 1.0})
     per_model = frozenset({"scale"})
 

@@ -22,23 +22,24 @@ def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int,
     for more than n/64 of them its std::nth_element, followed along its partitions (`_introsort`:
     int32 places, where topk copies the input as (value, index) pairs, 16 bytes an entry), else its
     partial sort itself; "index" the lowest flat indices first (an exact radix select over blocks)."""
-    var = variances(tvs, blocks, torch.empty(blocks[-1][1], dtype=dtype))
+    device = tvs(0, 1)[0].device
+    var = variances(tvs, blocks, torch.empty(blocks[-1][1], dtype=dtype, device=device))
     k = int(torch.count_nonzero(var) * fraction)
     if k == 0:
         return torch.zeros_like(var)
     if tie_break == "index":
         return _first_by_index(var, k)
     if k * 64 > var.numel() and var.dtype != torch.float64 and _introsort.follows_torch():
-        kept = _introsort.kept_range(_introsort.keys_of(var.abs_()).numpy(), 0, k, _introsort.SELECT)
+        kept = _introsort.kept_range(_introsort.keys_of(var.abs_()).cpu().numpy(), 0, k, _introsort.SELECT)
         if kept is not None:
             del var  # (before the mask is made: not one more tensor at the peak)
-            return torch.from_numpy(kept).to(dtype)
+            return torch.from_numpy(kept).to(device=device, dtype=dtype)
         variances(tvs, blocks, var)  # (scrambled by a segment topk would heapsort)
     # (abs in place: the same values.) Unsorted: mergekit's topk sorts the k it keeps afterwards, which
     # changes their order, not which they are.
     indices = torch.topk(_introsort.keys_of(var.abs_()), k=k, largest=True, sorted=False).indices
     del var
-    return torch.zeros(blocks[-1][1], dtype=dtype).index_fill_(0, indices, 1)
+    return torch.zeros(blocks[-1][1], dtype=dtype, device=device).index_fill_(0, indices, 1)
 
 
 def variances(tvs, blocks: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ class SelectCalculateErase(Operator):
         # held in float32: the copy torch's mean of half-precision squares would make is this buffer
         # (1B model: 262 MB, where all three inputs' squares took 786 MB)
         upcast = dtype in (torch.bfloat16, torch.float16) and base.device.type == "cpu"
-        squares = torch.empty(base.numel(), dtype=torch.float32 if upcast else dtype)
+        squares = torch.empty(base.numel(), dtype=torch.float32 if upcast else dtype, device=base.device)
         means = []
         for row in inputs:
             for s, e in blocks:
@@ -161,7 +162,7 @@ class SelectCalculateErase(Operator):
             means.append(row_mean(squares, len(inputs)))
         del squares
         weights = matrix_weights(torch.stack(means), dtype if upcast else None).view(-1, 1)
-        out = torch.empty(base.numel(), dtype=weights.dtype)
+        out = torch.empty(base.numel(), dtype=weights.dtype, device=base.device)
         scalars = weights.view(-1).tolist()
         for s, e in blocks:
             block = masked(s, e)

@@ -45,7 +45,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     coefficients as float32 tensors, each element cₐ·a + c_b·b rounded once to the inputs' dtype."""
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     x, y = a.reshape(1, -1), b.reshape(1, -1)
-    t = torch.tensor([[t]], dtype=dtype)
+    t = torch.tensor([[t]], dtype=dtype, device=a.device)
     if not x.shape[1]:
         return ((1 - t) * x + t * y).reshape(a.shape).to(a.dtype)
     chunks = range(0, x.shape[1], CHUNK)
