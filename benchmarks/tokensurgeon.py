@@ -18,7 +18,10 @@ seconds after imports, peak RSS polled and the kernel's high-water mark). Jobs:
 The outputs are compared tensor by tensor (max |Δ|; mergekit takes the new tokens in its tokenizer's
 hash order, adaptkit in id order, so batched least squares may differ in the last bits).
 
-    .venv/bin/python benchmarks/tokensurgeon.py [--runs N] [--jobs a,b]
+    .venv/bin/python benchmarks/tokensurgeon.py [--runs N] [--jobs a,b] [--device cuda]
+
+--device cuda (on a machine with a GPU and mergekit installed) runs both tools' approximations there
+(`--device cuda` is an option of both); the outputs are then compared as above.
 """
 from __future__ import annotations
 
@@ -86,7 +89,8 @@ def models() -> dict[str, Path]:
     return paths
 
 
-def command(tool: str, paths: dict[str, Path], out: Path, args: list[str]) -> list[str]:
+def command(tool: str, paths: dict[str, Path], out: Path, args: list[str], device: str = "cpu") -> list[str]:
+    args = [*args, "--device", device] if device != "cpu" else args  # (both tools' option: mergekit's MergeOptions)
     if tool == "mergekit":
         return M.stamped("from mergekit.scripts.tokensurgeon import main",
                          ["mergekit-tokensurgeon", str(paths["model"]), str(paths["donor"]), str(out), *args], "main()")
@@ -117,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--jobs", default=",".join(JOBS))
+    parser.add_argument("--device", default="cpu", help="both tools compute there (cuda: on a GPU machine)")
     args = parser.parse_args()
     paths = models()
     M.warm_cache(*paths.values())
@@ -125,7 +130,7 @@ def main() -> None:
         runs = {}
         for tool in ("mergekit", "adaptkit"):
             try:
-                runs[tool] = M.run_tool(tool, command(tool, paths, WORK / "out" / f"{job}-{tool}", JOBS[job]),
+                runs[tool] = M.run_tool(tool, command(tool, paths, WORK / "out" / f"{job}-{tool}", JOBS[job], args.device),
                                         WORK / "out" / f"{job}-{tool}", args.runs)
             except M.ToolFailed as e:
                 if tool == "adaptkit":

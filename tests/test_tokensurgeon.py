@@ -21,6 +21,7 @@ from adaptkit.merge import token_approx as ta
 from adaptkit.merge.token_keys import Vocabulary, byte_match, prefix_match
 from adaptkit.merge.tokensurgeon import SurgeryOptions, surgery
 from builders import state, tiny_llama
+from fake_gpu import fake_cuda
 from hostile import assert_one_line_error, run_cli
 
 TEXT = ["the cat sat on the mat and the dog ran in the park " * 3,
@@ -283,6 +284,49 @@ def test_mp_rope_runs_on_rope_models_and_refuses_others(pair, tmp_path):
     with pytest.raises(AdaptkitError, match="mp_rope needs a RoPE model: .*norope's config.json has no rope_theta"):
         surgery(str(pair / "model"), str(tmp_path / "norope"), tmp_path / "out2", SurgeryOptions(method="mp_rope"))
     assert not (tmp_path / "out2").exists()
+
+
+DEVICE_CASES = {**{case: options for case, (options, _) in CASES.items()}, "stb": {"method": "stb", "k": 8},
+                "mp_rope": {"method": "mp_rope", "k": 8}, "randn": {"method": "randn"},
+                "john_hewitt": {"method": "john_hewitt"}, "noise": {"k": 8, "new_vocab_noise": 0.1, "batch_size": 50}}
+
+
+@pytest.mark.parametrize("suffix", ["", "-bf16"])
+@pytest.mark.parametrize("case", DEVICE_CASES)
+def test_on_a_device_every_method_gives_the_cpu_rows(pair, tmp_path, case, suffix):
+    """`--device`: the approximations on a stand-in GPU (tests/fake_gpu.py: CPU numbers, CUDA's placement
+    rules) give the CPU run's bytes; the random draws stay on the CPU. Batched least squares (LAPACK) vary in
+    their last bits from one float32 run to the next on the CPU alone (by the buffers' alignment, at any
+    thread count): those are compared to 1e-6, and where rounded to bfloat16 (stb, 1.2e-4 seen near 0) an
+    entry may be one step of bfloat16 or 2⁻¹² apart."""
+    options = SurgeryOptions(**DEVICE_CASES[case])
+    inputs = str(pair / f"model{suffix}"), str(pair / f"donor{suffix}")
+    surgery(*inputs, tmp_path / "cpu", options, seed=3, card=False)
+    with fake_cuda():
+        report = surgery(*inputs, tmp_path / "gpu", options, seed=3, card=False, device="cuda")
+    assert report["device"] == "cuda:0"
+    lapack = case in ("barycentric", "least_squares", "stb")
+    if not (lapack and suffix):
+        return assert_same(tmp_path / "gpu", tmp_path / "cpu", atol=1e-6 if lapack else 0)
+    cpu, gpu = state(tmp_path / "cpu"), state(tmp_path / "gpu")
+    for name in cpu:
+        steps = (gpu[name].view(torch.int16).int() - cpu[name].view(torch.int16).int()).abs()
+        assert ((steps <= 1) | ((gpu[name].float() - cpu[name].float()).abs() <= 2**-12)).all(), name
+
+
+def test_a_device_this_machine_lacks_is_one_line(pair, tmp_path):
+    result = run_cli("tokensurgeon", pair / "model", pair / "donor", "-o", tmp_path / "out", "--device", "cuda")
+    assert_one_line_error(result, "--device cuda: this machine has no CUDA GPU that torch can use")
+    assert not (tmp_path / "out").exists()
+
+
+def test_stb_runs_on_bfloat16_models(pair, tmp_path):
+    """Its rows are computed in float32 and rounded once to the model's dtype (the output's rows were float32
+    and the run stopped on writing them into the bfloat16 matrix)."""
+    report = surgery(str(pair / "model-bf16"), str(pair / "donor-bf16"), tmp_path / "out",
+                     SurgeryOptions(method="stb", k=8), card=False)
+    assert report["tensors"]["lm_head.weight"]["approximated"] == 400 - len(_kept_ids(pair))
+    assert all(t.dtype == torch.bfloat16 for n, t in state(tmp_path / "out").items() if "embed" in n or "lm_head" in n)
 
 
 def test_the_models_own_tokenizer_gives_the_model_back(pair, tmp_path):

@@ -5,7 +5,7 @@ import click
 
 from ..merge.token_keys import MATCHES, METHODS, SUBWORD_METHODS, WEIGHT_SCHEMES
 from .boundary import heavy_imports
-from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT, POSITIVE, SEED, SHARD_SIZE, Finite,
+from .options import (ALLOW_PICKLE, CONTEXT, DEVICE, DRY_RUN, FORCE, JSON, NO_CARD, OUT, POSITIVE, SEED, SHARD_SIZE, Finite,
                       emit_json)
 
 
@@ -38,6 +38,7 @@ from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT,
 @click.option("--new-vocab-scale", "-nvs", "new_vocab_scale", type=Finite(), default=None,
               help="Multiply the approximated rows by this (0 too: mergekit ignores a 0).")
 @SEED
+@DEVICE
 @SHARD_SIZE
 @NO_CARD
 @FORCE
@@ -46,8 +47,8 @@ from .options import (ALLOW_PICKLE, CONTEXT, DRY_RUN, FORCE, JSON, NO_CARD, OUT,
 @JSON
 @click.pass_context
 def tokensurgeon(ctx, model, donor, out, method, k, cosine, weight_scheme, subword_method, batch_size, prefix_match,
-                 byte_match, magikarp, new_vocab_noise, new_vocab_scale, seed, shard_size, no_card, force, dry_run,
-                 allow_pickle, as_json):
+                 byte_match, magikarp, new_vocab_noise, new_vocab_scale, seed, device, shard_size, no_card, force,
+                 dry_run, allow_pickle, as_json):
     """Give MODEL the tokenizer of DONOR (mergekit-tokensurgeon; its short options work too).
 
     The output is MODEL with DONOR's vocabulary: its input embedding and LM head get one row per
@@ -56,7 +57,8 @@ def tokensurgeon(ctx, model, donor, out, method, k, cosine, weight_scheme, subwo
     are approximated from the tokens they share: omp (orthogonal matching pursuit, mergekit's default)
     writes the token's DONOR row as a sparse mix of k shared tokens' rows and takes the same mix of
     MODEL's rows. The same options give mergekit-tokensurgeon's numbers; --seed drives the random
-    methods and --new-vocab-noise (mergekit's --random-seed gives the same draws).
+    methods and --new-vocab-noise (mergekit's --random-seed gives the same draws). --device cuda runs
+    the approximations on a GPU (random draws stay on the CPU; landmark_pca's small SVDs too).
 
     \b
     Examples:
@@ -65,6 +67,7 @@ def tokensurgeon(ctx, model, donor, out, method, k, cosine, weight_scheme, subwo
       adaptkit tokensurgeon ./llama ./qwen -o out/ --byte-match yes --prefix-match lm_head --magikarp
       adaptkit tokensurgeon ./llama ./qwen -o out/ --method subword --subword-method first_last --json
       adaptkit tokensurgeon ./llama ./qwen -o out/ --dry-run        # how many rows are kept, approximated
+      adaptkit tokensurgeon ./llama ./qwen -o out/ --device cuda    # OMP on a GPU
     """
     with heavy_imports():
         from ..merge.tokensurgeon import SurgeryOptions, surgery
@@ -74,7 +77,8 @@ def tokensurgeon(ctx, model, donor, out, method, k, cosine, weight_scheme, subwo
                              byte_match=byte_match, magikarp=magikarp, new_vocab_noise=new_vocab_noise,
                              new_vocab_scale=new_vocab_scale)
     report = surgery(model, donor, out, options, force=force, seed=seed, shard_size=shard_size,
-                     allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card, dry_run=dry_run)
+                     allow_pickle=allow_pickle, progress=not ctx.obj["quiet"], card=not no_card, dry_run=dry_run,
+                     device=device)
     if as_json:
         return emit_json(report)
     if dry_run:

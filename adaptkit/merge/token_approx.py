@@ -76,10 +76,10 @@ def omp(targets: torch.Tensor, points: torch.Tensor, k: int, eps: float = 1e-8,
     # Q as (B, D, k) views of a (B, k, D) buffer: each qₜ a contiguous row, so the products with Q's first
     # columns read contiguous rows (the same values as mergekit's (B, D, k) layout, 0.6 of the time of those
     # batched products; 0.87 of omp's time at B 512, D 384, 9000 points, k 64)
-    q = torch.zeros((batch, k, width), dtype=y.dtype).transpose(1, 2)
-    r = torch.zeros((batch, k, k), dtype=y.dtype)
-    chosen = torch.zeros((batch, k), dtype=torch.long)
-    used = torch.zeros((batch, count), dtype=torch.bool)
+    q = torch.zeros((batch, k, width), dtype=y.dtype, device=y.device).transpose(1, 2)
+    r = torch.zeros((batch, k, k), dtype=y.dtype, device=y.device)
+    chosen = torch.zeros((batch, k), dtype=torch.long, device=y.device)
+    used = torch.zeros((batch, count), dtype=torch.bool, device=y.device)
     residual = y.clone()
     for t in range(k):
         chosen[:, t] = new = _most_correlated(residual, p, used)
@@ -109,7 +109,7 @@ def rope(x: torch.Tensor, position: torch.Tensor, heads: int, base: float) -> to
     """Rotary position embedding of `x` (..., heads·head_dim) at `position` (..., 1), as transformers' Llama
     rotates (the two halves of each head paired): θᵢ = position·base^(−2i/head_dim)."""
     width = x.shape[-1] // heads
-    theta = position.unsqueeze(-1) * _inverse_frequencies(base, width)
+    theta = position.unsqueeze(-1) * _inverse_frequencies(base, width).to(x.device)
     parts = x.view(*x.shape[:-1], heads, width)
     first, second = parts[..., :width // 2], parts[..., width // 2:]
     cos, sin = torch.cos(theta), torch.sin(theta)
@@ -125,7 +125,7 @@ def rope_position(x: torch.Tensor, y: torch.Tensor, heads: int, base: float) -> 
     the unit vector of the inverse frequencies (every head's), scaled by √heads·‖frequencies‖ (mergekit's
     estimate), as (..., 1)."""
     width = x.shape[-1] // heads
-    frequencies = _inverse_frequencies(base, width)
+    frequencies = _inverse_frequencies(base, width).to(x.device)
     direction = frequencies.view(1, 1, width // 2).expand(x.shape[:-1] + (heads, width // 2)).reshape(*x.shape[:-1], -1)
     direction = direction / (torch.norm(direction, dim=-1, keepdim=True) + 1e-8)
     a, b = x.view(*x.shape[:-1], heads, width), y.view(*y.shape[:-1], heads, width)
@@ -146,10 +146,10 @@ def mp_rope(targets: torch.Tensor, points_a: torch.Tensor, points_b: torch.Tenso
     check_k(k, count)
     dtype = targets.dtype
     y, a, b = working(targets), points_a.to(working(targets).dtype), points_b.to(working(targets).dtype)
-    chosen = torch.zeros((batch, k), dtype=torch.long)
-    coefficients = torch.zeros((batch, k), dtype=y.dtype)
-    positions = torch.zeros((batch, k), dtype=y.dtype)
-    used = torch.zeros((batch, count), dtype=torch.bool)
+    chosen = torch.zeros((batch, k), dtype=torch.long, device=y.device)
+    coefficients = torch.zeros((batch, k), dtype=y.dtype, device=y.device)
+    positions = torch.zeros((batch, k), dtype=y.dtype, device=y.device)
+    used = torch.zeros((batch, count), dtype=torch.bool, device=y.device)
     residual = y.clone()
     for t in range(k):
         chosen[:, t] = new = _most_correlated(residual, a, used)
@@ -173,7 +173,7 @@ def _most_correlated(residual: torch.Tensor, points: torch.Tensor, used: torch.T
     inner = (residual @ points.T).abs_()  # (in place: the same values, one (B, N) buffer less per step)
     inner.masked_fill_(used, -float("inf"))
     new = torch.max(inner, dim=1)[1]
-    used[torch.arange(len(new)), new] = True
+    used[torch.arange(len(new), device=used.device), new] = True
     return new
 
 
@@ -196,7 +196,7 @@ def common_interpolation(targets: torch.Tensor, points: torch.Tensor, k: int | N
         indices = torch.topk(distances, k=k, dim=1, largest=False)[1]
         distances = distances.gather(1, indices)
     else:
-        indices = torch.arange(points.shape[0]).expand(targets.shape[0], -1)
+        indices = torch.arange(points.shape[0], device=points.device).expand(targets.shape[0], -1)
     near = points[indices]
     if scheme == "distance_proportional":
         weights = 1 - distances if cosine else 1 / distances.clamp_min(1e-6)
@@ -211,10 +211,11 @@ def common_interpolation(targets: torch.Tensor, points: torch.Tensor, k: int | N
 def _barycentric(targets: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
     """Weights w minimizing ‖Σ wᵢ nᵢ − y‖ with Σ wᵢ = 1: the KKT system [[NNᵀ, 1], [1ᵀ, 0]] [w; λ] = [Ny; 1]."""
     batch, count, _ = near.shape
+    ones = {"dtype": near.dtype, "device": near.device}
     gram = torch.bmm(near, near.transpose(1, 2))
-    system = torch.cat([torch.cat([gram, torch.ones((batch, count, 1))], dim=2),
-                        torch.cat([torch.ones((batch, 1, count)), torch.zeros((batch, 1, 1))], dim=2)], dim=1)
-    rhs = torch.cat([torch.bmm(targets.unsqueeze(1), near.transpose(1, 2)).squeeze(1), torch.ones((batch, 1))], dim=1)
+    system = torch.cat([torch.cat([gram, torch.ones((batch, count, 1), **ones)], dim=2),
+                        torch.cat([torch.ones((batch, 1, count), **ones), torch.zeros((batch, 1, 1), **ones)], dim=2)], dim=1)
+    rhs = torch.cat([torch.bmm(targets.unsqueeze(1), near.transpose(1, 2)).squeeze(1), torch.ones((batch, 1), **ones)], dim=1)
     return torch.linalg.lstsq(system, rhs.unsqueeze(-1)).solution.squeeze(-1)[..., :count]
 
 
@@ -255,7 +256,8 @@ def sparse_token_basis(targets: torch.Tensor, orig_shared: torch.Tensor, donor_s
     donor_basis, orig_basis = (b.to(torch.float32) for b in basis)
     centred = targets.to(torch.float32) - donor_shared.float().mean(dim=0)
     coefficients = torch.linalg.lstsq(donor_basis.T, centred.T).solution.T
-    return coefficients @ orig_basis + orig_shared.float().mean(dim=0)
+    return (coefficients @ orig_basis + orig_shared.float().mean(dim=0)).to(orig_shared.dtype)  # (computed in
+    # float32, rounded once to the model's dtype, as the other methods)
 
 
 def subword(embed: torch.Tensor, texts: list[str], split: Callable[[str], list[int]], method: str,
@@ -264,7 +266,7 @@ def subword(embed: torch.Tensor, texts: list[str], split: Callable[[str], list[i
     the one that matters most, the last for an input embedding and the first for an LM head, as
     first_last picks them and mergekit's comment says; mergekit 0.1.5's code has the weights the
     other way round."""
-    out = torch.zeros(len(texts), embed.shape[1], dtype=embed.dtype)
+    out = torch.zeros(len(texts), embed.shape[1], dtype=embed.dtype, device=embed.device)
     for row, text in enumerate(texts):
         ids = split(text)
         if method in ("mean", "sum"):
@@ -298,7 +300,8 @@ def john_hewitt(embed: torch.Tensor, count: int, generator: torch.Generator) -> 
     if not torch.distributions.constraints.positive_definite.check(covariance).all() or info.item():
         raise AdaptkitError("john_hewitt: the embedding's covariance is not positive definite (fewer rows than its "
                             "width, or collinear rows); use another --method")
-    z = torch.empty((count, rows.shape[1]), dtype=mean.dtype).normal_(generator=generator)
+    z = torch.empty((count, rows.shape[1]), dtype=mean.dtype).normal_(generator=generator).to(mean.device)  # (drawn
+    # where the generator is: the CPU's draws on any device)
     return (mean + torch.matmul(factor, z.unsqueeze(-1)).squeeze(-1)).to(embed.dtype)
 
 

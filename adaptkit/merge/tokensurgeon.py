@@ -32,6 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..devices import compute_device
 from ..errors import AdaptkitError
 from ..io import readers
 from ..io.dtypes import code_to_torch, torch_to_code
@@ -139,9 +140,10 @@ def match_rows(mine: Vocabulary, donor_vocab: Vocabulary, donor_rows: int, junk:
 
 def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, junk: set[int], rows: int,
                  options: SurgeryOptions, lm_head: bool, split: Callable[[str], list[int]], generator,
-                 counts: Counts, rope: tuple | None = None, progress: str | None = None):
+                 counts: Counts, rope: tuple | None = None, progress: str | None = None, device=None):
     """The new matrix (`rows` × the model's width, its dtype) for one of embedding / LM head; `progress`: a
-    progress bar's title, for the approximations."""
+    progress bar's title, for the approximations, which run on `device` (the matrices moved there, each
+    batch's rows back; random draws made on the CPU, where the generator is)."""
     import torch
 
     mine = model_vocab.where(lambda _, i: i < orig.shape[0])
@@ -151,14 +153,15 @@ def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, 
     if kept:
         out[torch.tensor([i for i, _ in kept])] = orig[torch.tensor([j for _, j in kept])]
     shared = sorted(set(mine.ids) & set(theirs.ids), key=lambda k: theirs.ids[k])
+    orig, donor = orig.to(device), donor.to(device)
     context = {"orig": orig, "donor": donor, "lm_head": lm_head, "split": split, "generator": generator, "rope": rope,
-               "orig_shared": orig[torch.tensor([mine.ids[k] for k in shared], dtype=torch.long)],
-               "donor_shared": donor[torch.tensor([theirs.ids[k] for k in shared], dtype=torch.long)]}
+               "orig_shared": orig[torch.tensor([mine.ids[k] for k in shared], dtype=torch.long, device=device)],
+               "donor_shared": donor[torch.tensor([theirs.ids[k] for k in shared], dtype=torch.long, device=device)]}
     if options.method == "stb" and new:  # its basis from the shared tokens less the donor's junk (mergekit's)
         trained = [k for k in shared if theirs.ids[k] not in junk]
-        context["basis"] = ta.token_basis(orig[torch.tensor([mine.ids[k] for k in trained], dtype=torch.long)],
-                                          donor[torch.tensor([theirs.ids[k] for k in trained], dtype=torch.long)],
-                                          options.k)
+        rows_of = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)  # noqa: E731
+        context["basis"] = ta.token_basis(orig[rows_of([mine.ids[k] for k in trained])],
+                                          donor[rows_of([theirs.ids[k] for k in trained])], options.k)
     if new and options.method in SHARED_K:  # (before the progress bar starts)
         ta.check_k(options.k, len(shared))
         if options.method == "omp":
@@ -167,7 +170,7 @@ def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, 
     with tqdm(total=len(new), unit="token", desc=progress, disable=progress is None, leave=False) as bar:
         for start in range(0, len(new), size):
             batch = new[start:start + size]
-            rows_new = approximate(options, [i for i, _ in batch], [text_of(k) for _, k in batch], context)
+            rows_new = approximate(options, [i for i, _ in batch], [text_of(k) for _, k in batch], context).cpu()
             if options.new_vocab_noise:
                 noise = torch.randn(rows_new.shape, dtype=rows_new.dtype, generator=generator)
                 rows_new = rows_new + noise * options.new_vocab_noise
@@ -193,13 +196,13 @@ def approximate(options: SurgeryOptions, ids: list[int], texts: list[str], c: di
         return ta.john_hewitt(orig, count, c["generator"])
     if method == "subword":
         return ta.subword(orig, texts, c["split"], options.subword_method, c["lm_head"])
-    targets = c["donor"][torch.tensor(ids, dtype=torch.long)]
+    targets = c["donor"][torch.tensor(ids, dtype=torch.long, device=c["donor"].device)]
     if method == "stb":
         return ta.sparse_token_basis(targets, c["orig_shared"], c["donor_shared"], c["basis"])
-    if method == "landmark_pca":
+    if method == "landmark_pca":  # (on the CPU: a GPU's pca_lowrank would draw from its own generator)
         with torch.random.fork_rng(devices=[]):  # pca_lowrank's projections from the run's generator
             torch.set_rng_state(c["generator"].get_state())
-            rows = ta.landmark_pca(targets, c["donor_shared"], c["orig_shared"])
+            rows = ta.landmark_pca(targets.cpu(), c["donor_shared"].cpu(), c["orig_shared"].cpu())
             c["generator"].set_state(torch.get_rng_state())
         return rows
     if method == "mp_rope":
@@ -216,13 +219,15 @@ def approximate(options: SurgeryOptions, ids: list[int], texts: list[str], c: di
 def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = SurgeryOptions(), *,
             force: bool = False, seed: int | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
             allow_pickle: bool = False, progress: bool = False, card: bool = True,
-            dry_run: bool = False) -> dict[str, Any]:
+            dry_run: bool = False, device: str | None = None) -> dict[str, Any]:
     """Write `model` with `donor`'s tokenizer into the folder `out` (whole or not at all); returns a
     report (the CLI's --json). `seed` drives randn, john_hewitt, landmark_pca and --new-vocab-noise
     (mergekit's --random-seed gives the same draws). `dry_run`: the report of how the rows would be made
-    (kept, approximated, zeroed), nothing approximated or written."""
+    (kept, approximated, zeroed), nothing approximated or written. The approximations run on `device`
+    (`adaptkit.devices`: cpu, cuda, cuda:N, auto)."""
     import torch
 
+    where = compute_device(device)
     start = time.perf_counter()
     refs = (Ref.parse(model, "model"), Ref.parse(donor, "donor"))
     if not dry_run:
@@ -246,14 +251,14 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
     report = {"model": str(refs[0]), "donor": str(refs[1]), "output": str(out), "method": options.method,
               "options": {k: v for k, v in vars(options).items() if k != "method"}, "vocab_size": rows,
               "model_vocab_size": max(vocabs[0].keys) + 1,
-              "seed": seed if options.method in RANDOM or options.new_vocab_noise else None}
+              "seed": seed if options.method in RANDOM or options.new_vocab_noise else None, "device": str(where)}
     if dry_run:
         for name, (mine, theirs) in matrices.items():
             match_rows(model_vocab.where(lambda _, i, m=mine: i < m.shape[0]), donor_vocab, theirs.shape[0], junk,
                        options, name == head, counts[name])
         return {**report, "tensors": {n: vars(c) for n, c in counts.items()}, "dry_run": True}
     built = {name: build_matrix(mine, theirs, model_vocab, donor_vocab, junk, rows, options, name == head, split,
-                                generator, counts[name], rope, f"{options.method} ({name})" if progress else None)
+                                generator, counts[name], rope, f"{options.method} ({name})" if progress else None, where)
              for name, (mine, theirs) in matrices.items()}
     report["tensors"] = {n: vars(c) for n, c in counts.items()}
     layout = [(n, torch_to_code(built[n].dtype) if n in built else source.info(n).dtype,
