@@ -232,7 +232,7 @@ def test_heavy_imports_pause_the_collector_and_freeze_what_they_load():
 
 @pytest.mark.parametrize("script,command", [("run_yaml", "merge"), ("multimerge", "merge"), ("merge_raw_pytorch", "merge"),
                                             ("legacy", "merge"), ("moe", "moe"), ("tokensurgeon", "tokensurgeon"),
-                                            ("layershuffle", "layershuffle")])
+                                            ("layershuffle", "layershuffle"), ("extract_lora", "extract")])
 def test_every_mergekit_option_is_taken_or_answered(tmp_path, script, command):
     """Each command-line option of mergekit's script (read off its click command) is either one adaptkit's
     command takes, or refused in one line that says what adaptkit does instead, never click's guess by

@@ -17,6 +17,7 @@ from adaptkit.files.convert import convert, extract, to_lowrank
 from adaptkit.errors import AdaptkitError
 from adaptkit.files.lowrank import factor_matrix, factor_product
 from builders import tiny_gpt2, tiny_llama
+from fake_gpu import fake_cuda
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -132,6 +133,27 @@ def test_extract_gpt2_conv1d_in_bf16(tmp_path):
     assert config["fan_in_fan_out"] is True
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base).float(), tmp_path / "lora").eval()
     torch.testing.assert_close(logits(peft_model), logits(ft.float()), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2-bf16"])
+def test_extract_on_a_device_gives_the_cpu_factors(tmp_path, model):
+    """`--device`: each ΔW factored on a stand-in GPU (tests/fake_gpu.py: CPU numbers, CUDA's placement
+    rules) gives the CPU run's files byte for byte; on a real GPU the SVD is the GPU library's."""
+    base = tiny_llama() if model == "llama" else tiny_gpt2().to(torch.bfloat16)
+    ft = fine_tune(base.float(), skip=()).to(base.dtype)
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    options = dict(rank=8, embed_lora=True, progress=False)
+    extract(tmp_path / "ft", tmp_path / "base", tmp_path / "cpu", **options)
+    with fake_cuda():
+        report = extract(tmp_path / "ft", tmp_path / "base", tmp_path / "gpu", device="cuda", **options)
+    assert report["device"] == "cuda:0" and report["modules"]
+    cpu, gpu = load_file(tmp_path / "cpu" / "adapter_model.safetensors"), load_file(tmp_path / "gpu" / "adapter_model.safetensors")
+    assert cpu.keys() == gpu.keys() and all(torch.equal(cpu[k], gpu[k]) for k in cpu)
+    result = CliRunner().invoke(cli, ["extract", "-m", str(tmp_path / "ft"), "--base", str(tmp_path / "base"), "--rank",
+                                      "4", "-o", str(tmp_path / "x"), "--device", "cuda"])
+    assert result.exit_code == 1 and "--device cuda: this machine has no CUDA GPU" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_extract_bad_input(tmp_path):

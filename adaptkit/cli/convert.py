@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .boundary import heavy_imports
-from .options import ALLOW_PICKLE, CONTEXT, ENERGY, FORCE, JSON, OUT, RANK, base_option, emit_json
+from .options import ALLOW_PICKLE, CONTEXT, DEVICE, ENERGY, FORCE, JSON, OUT, RANK, base_option, emit_json
 
 
 def _summary(report: dict) -> str:
@@ -66,27 +66,30 @@ def convert(adapter, to, out, rank, energy, base, force, allow_pickle, as_json):
 @RANK
 @ENERGY
 @click.option("--embed-lora", is_flag=True, help="Factor embeddings and the output head too (default: keep them whole).")
+@DEVICE
 @FORCE
 @ALLOW_PICKLE
 @JSON
 @click.pass_context
-def extract(ctx, model, base, out, rank, energy, embed_lora, force, allow_pickle, as_json):
+def extract(ctx, model, base, out, rank, energy, embed_lora, device, force, allow_pickle, as_json):
     """Extract a LoRA (a PEFT folder) from a full fine-tune: ΔW = FT − base of each matrix, truncated SVD.
 
     A = √S·Vᵀ and B = U·√S per module (lora_alpha = rank, so the scale is 1); changed vectors
     (norms, biases) and, unless --embed-lora, embeddings and the output head are saved whole as
-    modules_to_save. Works on GPT-2 Conv1D layers and on half-precision models.
+    modules_to_save. Works on GPT-2 Conv1D layers and on half-precision models. --device cuda factors
+    on a GPU (mergekit-extract-lora's --device; its SVDs round otherwise than the CPU's).
 
     \b
     Examples:
       adaptkit extract --model my-finetune --base meta-llama/Llama-3.2-1B --rank 32 -o my-lora/
       adaptkit extract --model ft/ --base base/ --energy 0.9 -o lora/ --json
+      adaptkit extract --model ft/ --base base/ --rank 64 -o lora/ --device cuda
     """
     with heavy_imports():
         from ..files.convert import extract as run
 
     report = run(model, base, out, rank=rank, energy=energy, embed_lora=embed_lora, force=force,
-                 allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"))
+                 allow_pickle=allow_pickle, progress=not (ctx.obj or {}).get("quiet"), device=device)
     if as_json:
         return emit_json(report)
     click.echo(f"extracted {_summary(report)} into {out}")

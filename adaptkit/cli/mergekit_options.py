@@ -3,7 +3,7 @@ error line instead of click's guess by spelling (which offered --allow-pickle fo
 option that would unpickle untrusted files, and --base for --verbose).
 
 The options of mergekit 0.1.5's mergekit-yaml, mergekit-moe, mergekit-multi, mergekit-pytorch,
-mergekit-legacy, mergekit-tokensurgeon and mergekit-layershuffle (`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
+mergekit-legacy, mergekit-tokensurgeon, mergekit-layershuffle and mergekit-extract-lora (`mergekit/options.py` and its scripts) that adaptkit does not take under the same name; the ones it
 does take (--allow-crimes, --unsafe-truncate-embeddings, --load-in-4bit, --load-in-8bit,
 --i-understand-this-is-not-useful-without-training) are not listed.
 """
@@ -115,7 +115,34 @@ LAYERSHUFFLE = {
     **dict.fromkeys(("--cuda", "--device", "--gpu-rich", "--low-cpu-memory", "--read-to-gpu", "--multi-gpu"),
                     "every layer is copied as it is (passthrough): there is nothing to compute on a GPU; drop the option"),
 }
-COMMANDS = {"merge": MERGE, "moe": MOE, "tokensurgeon": TOKENSURGEON, "layershuffle": LAYERSHUFFLE}
+_EXTRACT_ALL = "every changed matrix is factored (vectors, and embeddings unless --embed-lora, saved whole); drop the option"
+_EXTRACT_SAME = "the fine-tune and the base must hold the same tensors in the same shapes here; drop the option"
+_EXTRACT_PLAIN = "extract reads plain models (a folder or a Hub name, no MODEL+LORA); drop the option"
+#: mergekit-extract-lora's options adaptkit extract does not take, and where its answer to MergeOptions differs
+EXTRACT = {
+    "--base-model": "here --base", "--out-path": "here -o/--out",
+    "--max-rank": "here --rank (every module's rank; --energy picks each module's instead)",
+    "--sv-epsilon": "here --energy, the share of Σσ² each module keeps (singular values at float32 round-off are "
+                    "dropped already)",
+    **dict.fromkeys(("--distribute-scale", "--no-distribute-scale"), "the singular values are split between A = √S·Vᵀ "
+                    "and B = U·√S already (lora_alpha = rank: scale 1); drop the option"),
+    "--no-embed-lora": "embeddings and the output head are saved whole by default; drop the option",
+    **dict.fromkeys(("--save-module", "-e", "--exclude-regex", "-i", "--include-regex", "--skip-undecomposable"),
+                    _EXTRACT_ALL),
+    **dict.fromkeys(("--allow-crimes", "--no-allow-crimes", "--unsafe-truncate-embeddings",
+                     "--no-unsafe-truncate-embeddings"), _EXTRACT_SAME),
+    **dict.fromkeys(("--lora-merge-cache", "--lora-merge-dtype"), _EXTRACT_PLAIN),
+    **dict.fromkeys(("--low-cpu-memory", "--read-to-gpu"), "each ΔW is read on the CPU and moved to --device to be "
+                    "factored; drop the option"),
+    "--out-shard-size": "the adapter is one file (adapter_model.safetensors); drop the option",
+    **dict.fromkeys(("--copy-tokenizer", "--no-copy-tokenizer"), "an adapter folder holds no tokenizer; drop the option"),
+    "--trust-remote-code": "adaptkit never runs code from a model repository; extract reads only weights and config files",
+    "--random-seed": "nothing is drawn at random (each ΔW gets a full SVD); drop the option",
+    **dict.fromkeys(("--write-model-card", "--no-write-model-card"), "the adapter folder gets PEFT's files only; drop "
+                    "the option"),
+    **dict.fromkeys(("-j", "--num-threads"), "the SVDs use torch's threads (OMP_NUM_THREADS); drop the option"),
+}
+COMMANDS = {"merge": MERGE, "moe": MOE, "tokensurgeon": TOKENSURGEON, "layershuffle": LAYERSHUFFLE, "extract": EXTRACT}
 
 
 def hint(option: str, command: str) -> str | None:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .. import registry, spec, validate
 from ..adapter import read_adapter
 from ..io.dtypes import code_to_torch, compute_dtype, parse_dtype
+from ..devices import compute_device
 from ..errors import AdaptkitError
 from ..io.store import open_store
 from .lowrank import Factored, factor_kernel, factor_matrix, factor_product, module_delta, settle_layout, stored_transposed
@@ -307,8 +308,10 @@ def _write_as_stored(adapter: AdapterFiles, plugin, out, *, force: bool, inputs)
 
 def extract(model: str | Path, base: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, embed_lora: bool = False, force: bool = False,
-            allow_pickle: bool = False, progress: bool = True) -> dict[str, Any]:
-    """A PEFT LoRA folder approximating `model` − `base` (see the module docstring); the report."""
+            allow_pickle: bool = False, progress: bool = True, device: str | None = None) -> dict[str, Any]:
+    """A PEFT LoRA folder approximating `model` − `base` (see the module docstring); the report. Each ΔW is
+    factored on `device` (`adaptkit.devices`: cpu, cuda, cuda:N, auto), read and written on the CPU."""
+    where = compute_device(device)
     if rank is None and energy is None:
         raise AdaptkitError("give --rank R or --energy E")
     _check_rank(rank, energy)
@@ -322,10 +325,11 @@ def extract(model: str | Path, base: str | Path, out: str | Path, *, rank: int |
     lowrank = LowRankAdapter(config={"base_model_name_or_path": str(base)})
     report = Report()
     for name in tqdm(ref.keys(), unit="tensor", desc="extract", disable=not progress, leave=False):
-        _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, config)
+        _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, config, where)
     report.warn_clamped()
     files = write(lowrank, registry.default("format"), out, force=force, inputs=[model, base])
-    return {"model": str(model), "base": str(base), "files": [str(f) for f in files], **report.as_dict()}
+    return {"model": str(model), "base": str(base), "files": [str(f) for f in files], **report.as_dict(),
+            "device": str(where)}
 
 
 def _changed(name: str, ft, ref, block_rows: int) -> bool:
@@ -338,7 +342,7 @@ def _changed(name: str, ft, ref, block_rows: int) -> bool:
                for r in range(0, shape[0], block_rows))
 
 
-def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, config) -> None:
+def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, config, device) -> None:
     a_info, b_info = ft.info(name), ref.info(name)
     if a_info.shape != b_info.shape:
         raise AdaptkitError(f"'{name}': fine-tune {tuple(a_info.shape)} vs base {tuple(b_info.shape)}")
@@ -351,8 +355,9 @@ def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, confi
     is_matrix = len(b_info.shape) == 2 and name.endswith(".weight")
     if len(b_info.shape) in (3, 4, 5) and name.endswith(".weight"):  # a Conv1d/2d/3d kernel: a conv LoRA (LoCon)
         tuned = ft.get(name)
-        f, a, b = factor_kernel(tuned.float() - ref.get(name).float(), rank, energy)
-        lowrank.modules[name[: -len(".weight")]] = LowRankModule(a.to(tuned.dtype), b.to(tuned.dtype), float(f.rank))
+        f, a, b = factor_kernel((tuned.float() - ref.get(name).float()).to(device), rank, energy)
+        lowrank.modules[name[: -len(".weight")]] = LowRankModule(a.to(tuned.dtype).cpu(), b.to(tuned.dtype).cpu(),
+                                                                 float(f.rank))
         report.add(name[: -len(".weight")], f, f.rank, False)
         return
     if not is_matrix or (embedding and not embed_lora):
@@ -360,11 +365,11 @@ def _extract_one(name, ft, ref, lowrank, report, rank, energy, embed_lora, confi
         report.saved.append(name)
         return
     tuned = ft.get(name)
-    delta = tuned.float().sub_(ref.get(name).float())
+    delta = tuned.float().sub_(ref.get(name).float()).to(device)
     module = name[: -len(".weight")]
     as_embedding = embedding and not name.endswith(("lm_head.weight", "embed_out.weight"))
     flip = as_embedding or bool(stored_transposed(config, module))  # math layout out × in
     f = factor_matrix(delta.T if flip else delta, rank, energy)
-    lowrank.modules[module] = LowRankModule(f.a.to(tuned.dtype), f.b.to(tuned.dtype), float(f.rank),
+    lowrank.modules[module] = LowRankModule(f.a.to(tuned.dtype).cpu(), f.b.to(tuned.dtype).cpu(), float(f.rank),
                                             embedding=as_embedding, transposed=flip)
     report.add(module, f, f.rank, False)
