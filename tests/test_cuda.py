@@ -101,3 +101,28 @@ def test_a_merge_on_the_gpu_gives_the_cpu_bytes(stored, tmp_path, case, dtype):
     cpu, gpu = state(tmp_path / "cpu"), state(tmp_path / "gpu")
     differ = [n for n in cpu if not torch.equal(gpu[n].view(torch.uint8), cpu[n].view(torch.uint8))]
     assert not differ, f"{len(differ)} of {len(cpu)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_extract_on_the_gpu_matches_the_cpu(tmp_path):
+    """A GPU's SVD picks its own signs and rounds otherwise: the adapters' products B·A agree, not the bytes."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from adaptkit.files.convert import extract
+    from builders import tiny_llama
+
+    base = tiny_llama()
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    for device in ("cpu", "cuda"):
+        extract(tmp_path / "ft", tmp_path / "base", tmp_path / device, rank=8, progress=False, device=device)
+    cpu, gpu = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("cpu", "cuda"))
+    assert cpu.keys() == gpu.keys()
+    for key in (k for k in cpu if k.endswith("lora_A.weight")):
+        other = key.replace("lora_A", "lora_B")
+        torch.testing.assert_close(gpu[other] @ gpu[key], cpu[other] @ cpu[key], rtol=1e-4, atol=1e-5)

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.card import model_card
-from adaptkit.merge.engine import Plan, default_threads, run_merge
+from adaptkit.merge.engine import Plan, run_merge
+from adaptkit.merge.schedule import default_workers
 from adaptkit.merge.recipe import load_recipe
 
 LAYERS = 3
@@ -220,8 +221,8 @@ def test_dry_run_shows_parameters_after_gradients(models, tmp_path, case):
         assert value == pytest.approx(want) and (layers, count) == (want_layers, want_count), found
     assert sum(len(g["tensors"]) for g in summary["groups"]) == summary["tensors"] == 3 + 9 * LAYERS
     plan = Plan(load_recipe(recipe))  # the workers the merge itself would use (2 for elementwise methods)
-    assert summary["threads"] == default_threads(plan)
-    assert summary["working_bytes"] == plan.peak_bytes(default_threads(plan)) > 0
+    assert summary["threads"] == default_workers(plan.method)
+    assert summary["working_bytes"] == plan.peak_bytes(default_workers(plan.method)) > 0
     assert summary["estimated_peak_bytes"] == summary["working_bytes"] + summary["process_bytes"]
     assert summary["process_bytes"] > 50e6  # (Python with torch imported: the floor under the merge's peak)
     code, text = adaptkit("merge", path, "-o", tmp_path / "out", "--dry-run")
@@ -416,7 +417,7 @@ def test_multi_stage_dry_run(models, tmp_path):
     # the stage on existing models is planned as a recipe of its own; the one on its result cannot be yet
     first, final = plan["stages"]
     alone = Plan(load_recipe({k: v for k, v in stages(models)[0].items() if k != "name"}))
-    assert first["plan"]["working_bytes"] == alone.peak_bytes(default_threads(alone)) > 0
+    assert first["plan"]["working_bytes"] == alone.peak_bytes(default_workers(alone.method)) > 0
     assert first["plan"]["estimated_peak_bytes"] == first["plan"]["working_bytes"] + first["plan"]["process_bytes"]
     assert [g["parameters"]["weight"] for g in first["plan"]["groups"]] == [[0.7, 0.3]]
     assert first["plan"]["tensors"] == 3 + 9 * LAYERS and final["plan"] is None

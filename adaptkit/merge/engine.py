@@ -13,7 +13,6 @@ thread count or order. Adapters enter as `base+adapter` inputs (see `sources.py`
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import threading
 import time
@@ -36,7 +35,7 @@ from .slices import Job, source_place
 from .precision import drop_quantization_config, recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_inputs
-from .schedule import run_within
+from .schedule import default_workers, run_within
 from .sources import ModelSource, check_inputs, check_same_architecture, merge_names, open_input, warn_tied_config
 from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
@@ -52,6 +51,10 @@ BLOCK_ELEMENTS = 1024 * 1024
 #: 768 MiB: the 168M benchmark's TIES and breadcrumbs embeddings (estimated 885 MB) merge beside smaller
 #: tensors (median of 5: 0.85 and 0.81 of the wall, peak +150 MB); at 1B every method still peaks < 1.5 GB.
 WORKING_MEMORY = 1024 * 1024 * 1024
+#: What reading and writing hold besides the pieces' working memory (read buffers, the writer's, the
+#: allocator's slack), counted in the estimate: the 168M benchmark's elementwise merges peaked up to 31 MB
+#: above the pieces' working memory (2026-12-06), whole-tensor ones well under it (their inputs count as float32).
+IO_BYTES = 32 * 1024 * 1024
 
 
 class Plan:
@@ -159,7 +162,7 @@ class Plan:
         largest = max((math.prod(shape) for _, _, shape in self.layout), default=0)
         if spec.option(self.method, "elementwise"):
             largest = min(largest, BLOCK_ELEMENTS)
-        return max(self.working_bytes(largest), min(WORKING_MEMORY, self.working_bytes(largest) * threads))
+        return IO_BYTES + max(self.working_bytes(largest), min(WORKING_MEMORY, self.working_bytes(largest) * threads))
 
     def summary(self, threads: int) -> dict[str, Any]:
         return {"method": self.recipe.method, "inputs": [str(s.ref) for s in self.inputs],
@@ -170,7 +173,7 @@ class Plan:
 
     def dry_run(self, threads: int | None = None) -> dict[str, Any]:
         """`--dry-run`'s plan: the summary at the workers the merge would use, with the parameter groups."""
-        return {**self.summary(threads or default_threads(self)), "groups": parameter_groups(self)}
+        return {**self.summary(threads or default_workers(self.method)), "groups": parameter_groups(self)}
 
 
 def estimate(working: int) -> dict[str, int]:
@@ -281,7 +284,7 @@ def run_merge(recipe: Recipe | dict | str | Path, out: str | Path, *, force: boo
         return merge_adapters(recipe, out, force=force, progress=progress, allow_pickle=allow_pickle, card=card)
     start = time.perf_counter()
     plan = Plan(recipe, allow_pickle=allow_pickle)
-    threads = threads or default_threads(plan)
+    threads = threads or default_workers(plan.method)
     packed = _quantized_base(plan) if requantize else None
     report = plan.summary(threads)
     with atomic_output(out, force=force, inputs=recipe_inputs(recipe)) as tmp:
@@ -348,16 +351,6 @@ def _quantized_base(plan: Plan) -> tuple[str, set[str]]:
             return source.store.method, {n for n in plan.names
                                          if any(s is source and s.store.packed(m) for s, m in plan.job(n).sources)}
     raise AdaptkitError("--requantize: no input is a quantized model (to quantize the result, run adaptkit quantize)")
-
-
-def default_threads(plan: Plan) -> int:
-    """Row blocks of elementwise operators overlap reading and arithmetic well on two workers, and so do
-    whole tensors for operators with single-threaded kernels (`serial_kernels`: measured on the 168M
-    benchmark, median of 3, one worker → two: TIES 32.4 → 26.4 s, breadcrumbs 34.7 → 25.4, SCE 13.4 → 11.6,
-    DELLA 9.3 → 8.5); other whole-tensor operators run as fast on one worker using all of torch's own
-    threads, with less memory."""
-    two = spec.option(plan.method, "elementwise") or spec.option(plan.method, "serial_kernels")
-    return min(2, os.cpu_count() or 1) if two else 1
 
 
 def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool, device) -> None:
