@@ -6,9 +6,14 @@ GPU. Printed per job: the merge's seconds on each (after imports, as `--json` re
 first job also pays CUDA's start-up, so a warm-up merge runs first), the ratio, the GPU's peak memory
 (torch.cuda.max_memory_allocated) and whether every output tensor is byte-identical to the CPU's.
 
-    PYTHONPATH=. python3 benchmarks/gpu_merge.py [--quick] [--methods a,b] [--out FILE.md]
+    python3 benchmarks/gpu_merge.py [--quick] [--methods a,b] [--out FILE.md]
 
 --quick uses benchmarks/merge.py's small shape (39M). Models are built once into benchmarks/_work/gpu/.
+On the lent GPU machine (no network; its python3 has torch, transformers, safetensors, click, tqdm, peft),
+one command checks the device path and times it (adaptkit installed from the tree without its pins):
+
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -m pytest -q tests/test_cuda.py \
+        && python3 benchmarks/gpu_merge.py --out $OUT/gpu_merge.md
 """
 from __future__ import annotations
 
