@@ -7,8 +7,8 @@ import click
 
 from ..errors import AdaptkitError
 from .boundary import heavy_imports
-from .options import (ALLOW_PICKLE, CONTEXT, DEVICE, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, SEED, SHARD_SIZE, dtype_option,
-                      emit_json)
+from .options import (ALLOW_PICKLE, CONTEXT, DEVICE, DRY_RUN, FORCE, JSON, NO_CARD, OUT, PLOT, SEED, SHARD_SIZE,
+                      dtype_option, emit_json)
 
 
 @click.command(context_settings=CONTEXT)

@@ -5,8 +5,8 @@ import click
 
 from ..merge.token_keys import MATCHES, METHODS, SUBWORD_METHODS, WEIGHT_SCHEMES
 from .boundary import heavy_imports
-from .options import (ALLOW_PICKLE, CONTEXT, DEVICE, DRY_RUN, FORCE, JSON, NO_CARD, OUT, POSITIVE, SEED, SHARD_SIZE, Finite,
-                      emit_json)
+from .options import (ALLOW_PICKLE, CONTEXT, DEVICE, DRY_RUN, FORCE, JSON, NO_CARD, OUT, POSITIVE, SEED, SHARD_SIZE,
+                      Finite, emit_json)
 
 
 

@@ -211,11 +211,13 @@ def common_interpolation(targets: torch.Tensor, points: torch.Tensor, k: int | N
 def _barycentric(targets: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
     """Weights w minimizing ‖Σ wᵢ nᵢ − y‖ with Σ wᵢ = 1: the KKT system [[NNᵀ, 1], [1ᵀ, 0]] [w; λ] = [Ny; 1]."""
     batch, count, _ = near.shape
-    ones = {"dtype": near.dtype, "device": near.device}
+    like = {"dtype": near.dtype, "device": near.device}
     gram = torch.bmm(near, near.transpose(1, 2))
-    system = torch.cat([torch.cat([gram, torch.ones((batch, count, 1), **ones)], dim=2),
-                        torch.cat([torch.ones((batch, 1, count), **ones), torch.zeros((batch, 1, 1), **ones)], dim=2)], dim=1)
-    rhs = torch.cat([torch.bmm(targets.unsqueeze(1), near.transpose(1, 2)).squeeze(1), torch.ones((batch, 1), **ones)], dim=1)
+    system = torch.cat([torch.cat([gram, torch.ones((batch, count, 1), **like)], dim=2),
+                        torch.cat([torch.ones((batch, 1, count), **like), torch.zeros((batch, 1, 1), **like)], dim=2)],
+                       dim=1)
+    rhs = torch.cat([torch.bmm(targets.unsqueeze(1), near.transpose(1, 2)).squeeze(1), torch.ones((batch, 1), **like)],
+                    dim=1)
     return torch.linalg.lstsq(system, rhs.unsqueeze(-1)).solution.squeeze(-1)[..., :count]
 
 

@@ -140,8 +140,8 @@ class TaskArithmetic(Operator):
             return deltas
 
         out = torch.empty_like(base_flat, dtype=dtype)  # blocks: temporaries stay small whatever the size
-        self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, torch.tensor(s.weight, dtype=dtype, device=base.device),
-                 out)
+        weights = torch.tensor(s.weight, dtype=dtype, device=base.device)
+        self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, weights, out)
         return out.view(base.shape)
 
     def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor) -> None:
