@@ -121,18 +121,22 @@ def assert_before_and_after(info: dict, where: str) -> None:
         assert not BEFORE_LAYERS.search(w["name"]) or AFTER_LAYERS.search(w["name"]), (where, w["name"])
 
 
-def llama_finetunes(root, count: int = 3, noise: float = 0.02):
-    """`root`/base, a tiny Llama, and `root`/ft1.. ftN, each the base plus N(0, noise²) from seed i (float32)."""
+def llama_finetunes(root, count: int = 3, noise: float = 0.02, dtypes: dict | None = None):
+    """`root`/base, a tiny Llama, and `root`/ft1.. ftN, each the base plus N(0, noise²) from seed i (float32);
+    with `dtypes` ({name: torch dtype}) each saved in each dtype under `root`/name/ instead."""
+    import copy
+
     import torch
 
-    tiny_llama(seed=0).save_pretrained(root / "base")
-    for i in range(1, count + 1):
-        ft = tiny_llama(seed=0)
+    for i in range(count + 1):
+        model = tiny_llama(seed=0)
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
-            for p in ft.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * noise)
-        ft.save_pretrained(root / f"ft{i}")
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * noise * (i > 0))
+        tag = f"ft{i}" if i else "base"
+        for name, dtype in (dtypes or {"": None}).items():
+            (copy.deepcopy(model).to(dtype) if dtype else model).save_pretrained(root / name / tag)
     return root
 
 

@@ -8,7 +8,6 @@ real GPU's kernels give is tests/test_cuda.py's (run where one is present).
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 from adaptkit import registry
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge.engine import run_merge
-from builders import state, tiny_llama
+from builders import llama_finetunes, state
 from fake_gpu import OnGpu, fake_cuda
 from hostile import run_cli
 
@@ -62,16 +61,7 @@ def stored(tmp_path_factory):
 def write_models(root):
     """root/{float32,bfloat16}/{base,ft1,ft2}: a tiny Llama and two noisy copies (bf16: many equal |τ|,
     so the magnitude cuts go through ties)."""
-    base = tiny_llama(seed=0)
-    for i, tag in enumerate(["base", "ft1", "ft2"]):
-        model = copy.deepcopy(base)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.02 * (i > 0))
-        for dtype in (torch.float32, torch.bfloat16):
-            copy.deepcopy(model).to(dtype).save_pretrained(root / str(dtype).split(".")[1] / tag)
-    return root
+    return llama_finetunes(root, count=2, dtypes={"float32": torch.float32, "bfloat16": torch.bfloat16})
 
 
 def recipe_for(folder, case: str, dtype: str) -> dict:

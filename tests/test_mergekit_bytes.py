@@ -15,7 +15,7 @@ import torch
 
 from adaptkit import registry
 from adaptkit.merge.engine import run_merge
-from builders import state, tiny_llama
+from builders import llama_finetunes, state, tiny_llama
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,16 +23,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     """{dtype name: folder with base/, ft1/, ft2/ stored in that dtype}."""
-    root = tmp_path_factory.mktemp("half")
-    base = tiny_llama(seed=0)
-    for i, tag in enumerate(["base", "ft1", "ft2"]):
-        model = copy.deepcopy(base)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.02 * (i > 0))
-        for name, dtype in DTYPES.items():
-            copy.deepcopy(model).to(dtype).save_pretrained(root / name / tag)
+    root = llama_finetunes(tmp_path_factory.mktemp("half"), count=2, dtypes=DTYPES)
     return {name: root / name for name in DTYPES}
 
 
