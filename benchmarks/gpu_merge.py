@@ -24,21 +24,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge as bench  # noqa: E402  (benchmarks/merge.py: shapes, models, recipes)
+from moe import tensors  # noqa: E402  (every tensor of an output folder)
 
 from adaptkit.merge.engine import run_merge  # noqa: E402
 
 WORK = bench.ROOT / "_work" / "gpu"
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def same_bytes(a: dict, b: dict) -> tuple[int, int]:

@@ -43,24 +43,22 @@ def _on_gpu(device) -> bool:
     return device is not None and not isinstance(device, torch.Tensor) and torch.device(device).type == "cuda"
 
 
-def _target(func, args, kwargs) -> tuple[bool | None, tuple, dict]:
-    """(True: the result is on the GPU, False: on the CPU, None: where the inputs are; the arguments
+def _target(func, args, kwargs) -> tuple[bool | None, object, tuple, dict]:
+    """(True: the result is on the GPU, False: on the CPU, None: where the inputs are; the call to make,
     with any "cuda" replaced by "cpu")."""
     name = getattr(func, "__name__", "")
-    if name == "cpu":
-        return False, args, kwargs
-    if name == "cuda":
-        return True, args[:1], {"device": "cpu"}
+    if name in ("cpu", "cuda"):  # a move: .to("cpu") here
+        return name == "cuda", torch.Tensor.to, args[:1], {"device": "cpu"}
     device = kwargs.get("device")
     if name == "to":
         moved = [a for a in args[1:] if isinstance(a, (str, torch.device))]
         device = moved[0] if moved else device
         if isinstance(device, torch.Tensor):  # .to(other): where the other is
-            return type(device) is OnGpu, args, kwargs
+            return type(device) is OnGpu, func, args, kwargs
         args = tuple(a for a in args if not isinstance(a, (str, torch.device)))
     if device is None:
-        return None, args, kwargs
-    return _on_gpu(device), args, {**kwargs, "device": "cpu"}
+        return None, func, args, kwargs
+    return _on_gpu(device), func, args, {**kwargs, "device": "cpu"}
 
 
 class _Mode(TorchFunctionMode):
@@ -78,13 +76,13 @@ class _Mode(TorchFunctionMode):
         if gpu and host and name not in ("to", "copy_", "__setitem__"):  # (copies go between devices)
             raise RuntimeError(f"{name}: Expected all tensors to be on the same device, but found at least two "
                                f"devices, cuda:0 and cpu! (CPU tensors of shape {host})")
-        there, args, kwargs = _target(func, args, kwargs)
+        there, call, args, kwargs = _target(func, args, kwargs)
         plain = tree_map(lambda t: t.as_subclass(torch.Tensor) if type(t) is OnGpu else t, (args, kwargs))
-        out = func(*plain[0], **plain[1]) if name != "cuda" else plain[0][0].to("cpu")
+        out = call(*plain[0], **plain[1])
         if name in ("to", "cpu", "cuda") and there is not None and there != (type(args[0]) is OnGpu):
             out = out.clone() if out.data_ptr() == plain[0][0].data_ptr() else out  # a move copies
-        if name in ("copy_", "__setitem__"):  # in place: where the destination is
-            return args[0] if name == "copy_" else out
+        if name == "copy_":  # in place: where the destination is
+            return args[0]
         if there is None:  # where the inputs are (numbers read out of a tensor are numbers)
             there = gpu
         if not there or not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):

@@ -92,9 +92,7 @@ _SURGERY_THREADS = "the approximations use torch's threads (OMP_NUM_THREADS); dr
 #: mergekit-tokensurgeon's long spellings adaptkit does not take (its short ones it does), and where adaptkit tokensurgeon's answer to MergeOptions differs
 TOKENSURGEON = {
     "--approximation-method": "here --method (or -a)", "--k": "here -k",
-    "--cuda": "here --device cuda", "--gpu-rich": "here --device cuda",
     **dict.fromkeys(("--low-cpu-memory", "--read-to-gpu"), _SURGERY_READ),
-    "--multi-gpu": "one GPU here (--device cuda:N); drop the option",
     "-j": _SURGERY_THREADS, "--num-threads": _SURGERY_THREADS,
     "--copy-tokenizer": "the output always gets the donor's tokenizer files; drop the option",
     "--no-copy-tokenizer": "the output always gets the donor's tokenizer files: the vocabulary its rows follow",

@@ -48,6 +48,9 @@ from .tokenizer import VOCABULARY_TENSORS, copy_tokenizer, has_tokenizer, load_t
 
 SHARED_K = ("omp", "common_interpolation", "stb", "mp_rope")  # the methods that take k of the shared tokens
 RANDOM = ("randn", "john_hewitt", "landmark_pca")  # (landmark_pca: torch.pca_lowrank's random projections)
+# the methods that run on the CPU whatever --device says: landmark_pca's pca_lowrank would draw from a GPU's own
+# generator; zero and randn compute nothing
+ON_CPU = ("landmark_pca", "zero", "randn")
 #: Token-indexed tensors that are output heads (the rest of `VOCABULARY_TENSORS` with two axes are
 #: input embeddings, with one a head's bias).
 HEADS = frozenset({"lm_head.weight", "output.weight", "embed_out.weight", "transformer.output_layer.weight",
@@ -142,9 +145,12 @@ def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, 
                  options: SurgeryOptions, lm_head: bool, split: Callable[[str], list[int]], generator,
                  counts: Counts, rope: tuple | None = None, progress: str | None = None, device=None):
     """The new matrix (`rows` × the model's width, its dtype) for one of embedding / LM head; `progress`: a
-    progress bar's title, for the approximations, which run on `device` (the matrices moved there, each
-    batch's rows back; random draws made on the CPU, where the generator is)."""
+    progress bar's title, for the approximations, which run on `device` but for ON_CPU's (the matrices moved
+    there, each batch's rows back; random draws made on the CPU, where the generator is)."""
     import torch
+
+    device = None if options.method in ON_CPU else device
+    rows_of = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)  # noqa: E731  (indices into them)
 
     mine = model_vocab.where(lambda _, i: i < orig.shape[0])
     theirs = donor_vocab.where(lambda _, i: i < donor.shape[0])
@@ -155,11 +161,10 @@ def build_matrix(orig, donor, model_vocab: Vocabulary, donor_vocab: Vocabulary, 
     shared = sorted(set(mine.ids) & set(theirs.ids), key=lambda k: theirs.ids[k])
     orig, donor = orig.to(device), donor.to(device)
     context = {"orig": orig, "donor": donor, "lm_head": lm_head, "split": split, "generator": generator, "rope": rope,
-               "orig_shared": orig[torch.tensor([mine.ids[k] for k in shared], dtype=torch.long, device=device)],
-               "donor_shared": donor[torch.tensor([theirs.ids[k] for k in shared], dtype=torch.long, device=device)]}
+               "orig_shared": orig[rows_of([mine.ids[k] for k in shared])],
+               "donor_shared": donor[rows_of([theirs.ids[k] for k in shared])]}
     if options.method == "stb" and new:  # its basis from the shared tokens less the donor's junk (mergekit's)
         trained = [k for k in shared if theirs.ids[k] not in junk]
-        rows_of = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)  # noqa: E731
         context["basis"] = ta.token_basis(orig[rows_of([mine.ids[k] for k in trained])],
                                           donor[rows_of([theirs.ids[k] for k in trained])], options.k)
     if new and options.method in SHARED_K:  # (before the progress bar starts)
@@ -199,10 +204,10 @@ def approximate(options: SurgeryOptions, ids: list[int], texts: list[str], c: di
     targets = c["donor"][torch.tensor(ids, dtype=torch.long, device=c["donor"].device)]
     if method == "stb":
         return ta.sparse_token_basis(targets, c["orig_shared"], c["donor_shared"], c["basis"])
-    if method == "landmark_pca":  # (on the CPU: a GPU's pca_lowrank would draw from its own generator)
+    if method == "landmark_pca":  # (on the CPU: ON_CPU)
         with torch.random.fork_rng(devices=[]):  # pca_lowrank's projections from the run's generator
             torch.set_rng_state(c["generator"].get_state())
-            rows = ta.landmark_pca(targets.cpu(), c["donor_shared"].cpu(), c["orig_shared"].cpu())
+            rows = ta.landmark_pca(targets, c["donor_shared"], c["orig_shared"])
             c["generator"].set_state(torch.get_rng_state())
         return rows
     if method == "mp_rope":

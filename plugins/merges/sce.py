@@ -14,15 +14,15 @@ BLOCK = 1 << 17  # elements per column block of the per-position steps: they sta
 
 
 def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int, int]], fraction: float,
-                dtype: torch.dtype, tie_break: str = "mergekit") -> torch.Tensor:
+                dtype: torch.dtype, tie_break: str = "mergekit", device=None) -> torch.Tensor:
     """1 at the ⌊fraction·k⌋ positions of largest variance across the inputs (k: positions whose
     variance is not 0), else 0; flat, in the task vectors' dtype. Counted and picked as mergekit does;
     the variances (per position) over blocks `tvs(start, stop)` of the (N, n) task vectors. Of the
     positions whose variance equals the cut's, `tie_break` "mergekit" keeps those torch.topk keeps:
     for more than n/64 of them its std::nth_element, followed along its partitions (`_introsort`:
     int32 places, where topk copies the input as (value, index) pairs, 16 bytes an entry), else its
-    partial sort itself; "index" the lowest flat indices first (an exact radix select over blocks)."""
-    device = tvs(0, 1)[0].device
+    partial sort itself; "index" the lowest flat indices first (an exact radix select over blocks). The
+    mask is made on `device`, where the task vectors are."""
     var = variances(tvs, blocks, torch.empty(blocks[-1][1], dtype=dtype, device=device))
     k = int(torch.count_nonzero(var) * fraction)
     if k == 0:
@@ -145,7 +145,7 @@ class SelectCalculateErase(Operator):
             return [t[0, s:e] - flat_base[0, s:e] for t in rows]  # (rows apart: no stacked copy)
 
         dtype = torch.promote_types(base.dtype, tensors[0].dtype)
-        mask = select_mask(tvs, blocks, fraction, dtype, bound["tie_break"]) if fraction < 1 else None
+        mask = select_mask(tvs, blocks, fraction, dtype, bound["tie_break"], base.device) if fraction < 1 else None
 
         def masked(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> list[torch.Tensor]:
             return [tv.mul_(mask[s:e]) for tv in tvs(s, e, rows)] if mask is not None else tvs(s, e, rows)
