@@ -13,8 +13,8 @@ Each recipe is written once with local paths and run by both tools in this proce
 Then the outputs are compared, and each recipe gets one status:
 
   equal             every tensor byte-identical (torch.equal, same dtype and shape), and config.json's layer
-                    count, vocab size and dtype agree (and the tokenizer's vocabulary and chat template,
-                    when the recipe asks for tokenizer work);
+                    count, vocab size and dtype agree (and the tokenizer's vocabulary and what its chat
+                    template renders of a conversation, when the recipe asks for tokenizer work);
   close             deterministic: all tensors within rtol 1e-2, atol 1e-3 but not byte-identical (the
                     detail gives the largest |difference| and where). Random methods (dare_*, della*, MoE
                     random gates), which cannot give the same bytes: same tensors, and over the whole model
@@ -73,6 +73,8 @@ FAMILIES = {
     "picollama": ("LlamaConfig", "LlamaForCausalLM", _PICO),
     "picogranite": ("GraniteConfig", "GraniteForCausalLM", dict(_PICO, num_attention_heads=2, num_key_value_heads=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=16, n_head=2, n_positions=64, vocab_size=64)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_SMALL, num_key_value_heads=1)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8)),
 }
 
 
@@ -291,6 +293,12 @@ def _config_facts(folder: Path) -> dict:
             "dtype": pick("torch_dtype", "dtype")}
 
 
+# a conversation each output's chat template renders (with and without the generation prompt): two
+# templates written differently that render it alike count as the same template (no system turn: some formats refuse one)
+CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "2+2?"}]
+
+
 def _tokenizer_facts(folder: Path) -> dict:
     from transformers import AutoTokenizer
 
@@ -298,7 +306,14 @@ def _tokenizer_facts(folder: Path) -> dict:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
         return {"error": type(e).__name__}
-    return {"vocab": tok.get_vocab(), "chat_template": tok.chat_template}
+    rendered = None
+    if tok.chat_template:
+        try:
+            rendered = [tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=prompt)
+                        for prompt in (False, True)]
+        except Exception as e:  # noqa: BLE001 (a template that fails to render is a fact to compare too)
+            rendered = f"fails to render: {type(e).__name__}: {e}"
+    return {"vocab": tok.get_vocab(), "chat_template": rendered}
 
 
 def compare(recipe: Recipe, ours: Path, theirs: Path, base: str | None) -> tuple[str, str]:
@@ -451,12 +466,15 @@ def totals(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", type=Path, default=RECIPES, metavar="PATH",
+                        help="The recipe file (default: mergekit's own, mergekit_recipes.yml; wild_recipes.yml: "
+                             "recipes published with merged models).")
     parser.add_argument("--only", action="append", metavar="ID", help="Run this recipe (repeatable; a substring of ids).")
     parser.add_argument("--list", action="store_true", help="List the recipes and the doc blocks not run, and exit.")
     parser.add_argument("--json", metavar="PATH", help="Write the table and totals as JSON.")
     parser.add_argument("--keep", action="store_true", help="Keep both outputs under benchmarks/_work/mergekit_suite/runs/.")
     args = parser.parse_args(argv)
-    models, hub, recipes, not_run = load_suite()
+    models, hub, recipes, not_run = load_suite(args.recipes)
     if args.only:
         recipes = [r for r in recipes if any(o == r.id or o in r.id for o in args.only)]
     if args.list:

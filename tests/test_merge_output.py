@@ -435,6 +435,10 @@ MULTI_ERRORS = {
               "the stages use each other in a cycle: again -> mix -> again"),
     "unknown name": (lambda d: [d[0], dict(d[1], models=[d[1]["models"][0], "mixx"])],
                      "stage (final): 'mixx' is neither a stage (stages: mix) nor a folder nor a Hub reference"),
+    # as recipes written for mergekit-multi --intermediate-dir ./intermediates name a stage's folder
+    "stage by its folder": (lambda d: [d[0], dict(d[1], models=[d[1]["models"][0], "./intermediates/mix"])],
+                            "'./intermediates/mix' is neither a stage (stages: mix) nor a folder nor a Hub "
+                            "reference; for the result of stage 'mix', write 'mix'"),
     "same name twice": (lambda d: [d[0], d[0], d[1]], "two stages are named 'mix'"),
     "two unnamed": (lambda d: [d[0], d[1], d[1]], "two documents have no name"),
     "unused stage": (lambda d: [d[0], dict(d[0], name="spare"), d[1]], "does not use stage 'spare'"),

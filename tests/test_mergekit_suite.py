@@ -49,6 +49,7 @@ MUST_PASS = {
     "tests/test_tokenizer.py::test_model_token_id": "equal",
     "tests/test_tokenizer.py::test_pad_to_multiple_of": "equal",
     "tests/test_chat_template.py::test_template_literal_jinja": "equal",
+    "tests/test_chat_template.py::test_template_chatml": "equal",  # (written otherwise, renders alike)
 }
 
 

@@ -92,8 +92,12 @@ def _need(path, stage: Stage, part: str, names: set[str]) -> str:
             stage.needs.append(part)
     elif not Path(part).expanduser().exists() and not is_reference(part):
         listing = ", ".join(sorted(names)) or "none"
+        # mergekit-multi keeps stage X in <intermediate dir>/X, and recipes written for a run of it sometimes
+        # name that folder: a hint, not a guess (the folder could hold another model)
+        hint = (f"; for the result of stage '{Path(part).name}', write '{Path(part).name}'"
+                if Path(part).name in names else "")
         raise AdaptkitError(f"{path}: stage{_called(stage) or ' (final)'}: '{part}' is neither a stage (stages: "
-                            f"{listing}) nor a folder nor a Hub reference")
+                            f"{listing}) nor a folder nor a Hub reference{hint}")
     return part
 
 
