@@ -219,6 +219,7 @@ def test_karcher_dots_side_by_side_give_mergekits_bytes(monkeypatch, threads, dt
     calls, tangents = [], []
     side_by_side, zeros_like = karcher._side_by_side, torch.zeros_like
     monkeypatch.setattr(karcher, "_side_by_side", lambda *a: calls.append(a[2]) or side_by_side(*a))
+    monkeypatch.setattr(karcher, "SIDE_BY_SIDE_MIN", 0)  # (these 3200 entries would take their dots in turn)
     monkeypatch.setattr(karcher.torch, "zeros_like", lambda *a, **k: tangents.append(1) or zeros_like(*a, **k))
     tensors, _ = make(shape=(64, 50), count=3, seed=7, dtype=dtype)
     if directions == "apart":
@@ -240,6 +241,46 @@ def test_karcher_dots_side_by_side_give_mergekits_bytes(monkeypatch, threads, dt
         assert len(calls) >= (3 if parallel else 0) and ours_zeros == 2  # iterated; one tangent (+ the mean's zeros)
     else:
         assert len(calls) == parallel and ours_zeros == 1  # one pass of dots, no tangent: only the mean's zeros
+
+
+# (dtype, seed, shape, count) of `make` inputs whose means come back within a few iterations (measured:
+# 7 to 33 iterations run of 200)
+CYCLING = [(torch.bfloat16, 2, (16, 24), 2), (torch.bfloat16, 7, (16, 24), 3), (torch.float16, 0, (64, 64), 2),
+           (torch.float16, 2, (64, 64), 2)]
+
+
+@pytest.mark.parametrize("max_iter", [200, 201])
+@pytest.mark.parametrize("dtype, seed, shape, count", CYCLING)
+def test_karcher_leaves_a_cycle_with_the_bytes_of_every_iteration(monkeypatch, dtype, seed, shape, count, max_iter):
+    """Half-precision means come back to earlier ones; from there the iteration is skipped ahead to the
+    mean max_iter iterations would give. mergekit runs every iteration: the same bytes, for an odd and
+    an even number of iterations left, with far fewer iterations run here."""
+    from adaptkit_plugins.merges import karcher
+
+    ran = []
+    ends = karcher.Cycle.ends
+    monkeypatch.setattr(karcher.Cycle, "ends", lambda self, i, m: ran.append(i) or ends(self, i, m))
+    tensors, _ = make(shape=shape, count=count, seed=seed, dtype=dtype)
+    ours = op("karcher").merge(tensors, None, max_iter=max_iter, tol=1e-10)
+    theirs = mergekit("karcher", tensors, None, max_iter=max_iter, tol=1e-10)
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    assert max(ran) < 40
+
+
+def test_karcher_cycle_check_is_exact():
+    """A fingerprint seen again is only a candidate: the skip needs the mean itself, bit for bit, again.
+    Here the mean flips between +0 and -0 in one entry under an unchanging fingerprint (as the loop runs:
+    `ends`, the state's fingerprint, the update): no skip until a state really repeats."""
+    from adaptkit_plugins.merges.karcher import Cycle
+
+    mean = torch.tensor([1.0, 0.0], dtype=torch.bfloat16)
+    cycle = Cycle(mean)
+    for iteration, following in enumerate([-0.0, 0.0, -0.0, -0.0]):
+        assert not cycle.ends(iteration, 100), iteration  # the candidate of period 1 fails on ±0 each time
+        cycle.note(torch.tensor(0.5))
+        cycle.seen(iteration, torch.tensor(0.25))
+        mean[1] = following
+    assert cycle.ends(4, 100) and cycle.stop == 4  # -0 after -0: the same bits, a fixed point: done
 
 
 # ---- bad input --------------------------------------------------------------------------------
