@@ -101,8 +101,13 @@ class Recipe:
 
 
 def load_suite(path: Path = RECIPES) -> tuple[dict, dict, list[Recipe], list[dict]]:
-    """(models, hub, recipes, not_run) from the recipe file; template entries filled in."""
+    """(models, hub, recipes, not_run) from the recipe file; template entries filled in. LoRA adapters
+    (`loras`: Hub name -> {base: a model's name, rank}) join `models` as models of kind "lora", each named
+    by its Hub name."""
     data = yaml.safe_load(Path(path).read_text())
+    for name, lora in (data.get("loras") or {}).items():
+        data["models"][_lora_name(name)] = dict(lora, kind="lora", seed=lora.get("seed", len(name)))
+        data["hub"][name] = _lora_name(name)
     recipes = []
     for entry in data["recipes"]:
         text = entry.get("recipe") or _fill(data["templates"][entry["template"]], entry["with"])
@@ -144,6 +149,22 @@ def _tokenizer(spec):
     return result
 
 
+def _lora_name(hub_name: str) -> str:
+    return "lora_" + "".join(c if c.isalnum() else "_" for c in hub_name)
+
+
+def build_lora(spec: dict, base_folder: Path, folder: Path) -> None:
+    """A PEFT LoRA adapter (random A and B, rank `rank`, every linear layer) for the model in `base_folder`."""
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(spec["seed"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_folder))
+    config = peft.LoraConfig(r=spec.get("rank", 8), lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(str(folder))
+
+
 def build_model(spec: dict, folder: Path) -> None:
     import torch
     import transformers
@@ -177,12 +198,17 @@ def build_model(spec: dict, folder: Path) -> None:
 def ensure_models(names, models: dict, where: Path) -> dict[str, str]:
     """Build the named models under `where` (once: a folder holding the spec it was built from is kept)."""
     paths = {}
-    for name in sorted(names):
+    names = set(names) | {models[n]["base"] for n in names if models[n].get("kind") == "lora"}
+    for name in sorted(names, key=lambda n: models[n].get("kind") == "lora"):  # (a LoRA's base first)
         folder = where / name
-        stamp = json.dumps(dict(models[name], build=BUILD), sort_keys=True)
+        spec = models[name]
+        stamp = json.dumps(dict(spec, build=BUILD), sort_keys=True)
         if not (folder / "suite_spec.json").exists() or (folder / "suite_spec.json").read_text() != stamp:
             shutil.rmtree(folder, ignore_errors=True)
-            build_model(models[name], folder)
+            if spec.get("kind") == "lora":
+                build_lora(spec, Path(paths[spec["base"]]), folder)
+            else:
+                build_model(spec, folder)
             (folder / "suite_spec.json").write_text(stamp)
         paths[name] = str(folder)
     return paths
@@ -196,16 +222,27 @@ def _walk(node, visit):
     return visit(node) if isinstance(node, str) else node
 
 
+def _parts(text: str) -> list[str]:
+    """A reference's parts: `model+lora` (mergekit's LoRA syntax) is two."""
+    return text.split("+") if "+" in text and "" not in text.split("+") else [text]
+
+
 def model_names(recipe: Recipe, models: dict, hub: dict) -> set[str]:
     found = set()
-    _walk(recipe.docs, lambda s: found.add(hub.get(s, s)) if hub.get(s, s) in models else None)
+    _walk(recipe.docs, lambda s: found.update(hub.get(p, p) for p in _parts(s) if hub.get(p, p) in models))
     return found
 
 
 def localize(recipe: Recipe, hub: dict, paths: dict[str, str]) -> str:
-    """The recipe's YAML with every model name (a Hub name or a local model's name) as its folder."""
-    docs = _walk(recipe.docs, lambda s: paths.get(hub.get(s, s), s))
-    return yaml.safe_dump_all(docs, sort_keys=False)
+    """The recipe's YAML with every model name (a Hub name or a local model's name, either side of a `+`)
+    as its folder."""
+    def local(text: str) -> str:
+        parts = _parts(text)
+        if not all(hub.get(p, p) in paths for p in parts):
+            return text
+        return "+".join(paths[hub.get(p, p)] for p in parts)
+
+    return yaml.safe_dump_all(_walk(recipe.docs, local), sort_keys=False)
 
 
 # ---- the two tools ---------------------------------------------------------------------------------
@@ -213,7 +250,8 @@ def localize(recipe: Recipe, hub: dict, paths: dict[str, str]) -> str:
 def run_mergekit(recipe: Recipe, path: Path, out: Path) -> None:
     from mergekit.options import MergeOptions
 
-    options = MergeOptions(device="cpu", quiet=True, random_seed=0)
+    # (a `model+lora` reference needs a folder for the model with the LoRA merged in)
+    options = MergeOptions(device="cpu", quiet=True, random_seed=0, lora_merge_cache=str(out.parent / "mergekit-lora"))
     docs = list(yaml.safe_load_all(path.read_text()))
     if recipe.kind == "moe":
         from mergekit.moe.config import MoEMergeConfig

@@ -283,6 +283,17 @@ def test_karcher_cycle_check_is_exact():
     assert cycle.ends(4, 100) and cycle.stop == 4  # -0 after -0: the same bits, a fixed point: done
 
 
+@pytest.mark.parametrize("written, meant", [(1.0, True), (1, True), (0.0, False), (0, False)])
+def test_flags_written_as_numbers_read_as_mergekit_reads_them(written, meant):
+    """Published recipes write `normalize: 1.0`; mergekit reads it as true. 0.5 means nothing: refused."""
+    tensors, base = make(shape=(8, 12), count=2, seed=5, dtype=torch.bfloat16)
+    params = {"weight": [0.3, 0.6], "density": 0.5}
+    assert torch.equal(op("ties").merge(tensors, base, normalize=written, **params),
+                       op("ties").merge(tensors, base, normalize=meant, **params))
+    with pytest.raises(AdaptkitError, match=r"'normalize' must be true or false \(or 1 or 0\), got 0.5"):
+        op("ties").merge(tensors, base, normalize=0.5, **params)
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 BAD = [  # name, inputs, with a base, parameters, message

@@ -297,6 +297,23 @@ def test_other_methods_parameters_are_one_warning_and_mergekits_bytes(tmp_path):
         load_recipe({**recipe, "parameters": {"normalise": True}})
 
 
+def test_top_level_merge_parameters_are_a_warning_and_mergekits_bytes(tmp_path):
+    """Published recipes put `normalize: true` beside `merge_method`; mergekit reads parameters only under
+    `parameters:`, so it merged without it: dropped with a warning, mergekit's bytes. Any other unknown
+    top-level key is still an error."""
+    from builders import llama_finetunes, merges_like_mergekit
+
+    models = llama_finetunes(tmp_path / "zoo", count=2)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(models / "base"), "dtype": "bfloat16",
+              "normalize": True, "int8_mask": True,
+              "models": [{"model": str(models / f"ft{i}"), "parameters": {"weight": 0.7}} for i in (1, 2)]}
+    with pytest.warns(UserWarning, match=r"recipe: top-level 'normalize', 'int8_mask' not read, as mergekit does not "
+                                         r"read them there \(a merge parameter goes under 'parameters:'\)"):
+        merges_like_mergekit(recipe, tmp_path)
+    with pytest.raises(AdaptkitError, match="unknown key 'normalise'"):
+        load_recipe({**recipe, "normalise": True})
+
+
 def test_task_arithmetic_density_is_a_warning_and_mergekits_bytes(tmp_path):
     """mergekit's task_arithmetic takes density and rescale and reads neither: every entry is kept."""
     from builders import llama_finetunes, merges_like_mergekit

@@ -116,6 +116,23 @@ def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
                                 + f" (valid: {', '.join(sorted(allowed))})")
 
 
+def _drop_stray_parameters(src: str, data: dict) -> dict:
+    """The recipe without top-level keys that are merge parameters (`normalize: true` beside `merge_method`,
+    seen in published recipes): mergekit reads parameters only under `parameters:` and ignores these, so
+    they are dropped with a warning, and the merge is the one mergekit made. Other unknown keys stay, to be
+    refused with the nearest valid name."""
+    unknown = [key for key in data if isinstance(key, str) and key not in RECIPE_KEYS]
+    if not unknown:
+        return data
+    parameters = MERGEKIT_SETTINGS | {p for name in registry.names("merge") for p in registry.get("merge", name).params}
+    stray = [key for key in unknown if key in parameters]
+    if stray:
+        names = ", ".join(f"'{key}'" for key in stray)
+        warnings.warn(f"{src}: top-level {names} not read, as mergekit does not read {'it' if len(stray) == 1 else 'them'}"
+                      f" there (a merge parameter goes under 'parameters:')")
+    return {key: value for key, value in data.items() if key not in stray}
+
+
 def load_recipe(source: str | Path | dict) -> Recipe:
     """Read and check a recipe from a YAML file or a dict; messages name the file (else "recipe")."""
     if isinstance(source, dict):
@@ -129,6 +146,7 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         raise AdaptkitError(f"{src}: a recipe is a mapping with at least 'merge_method' and 'models', got {short(data)}")
     if bakllama.is_bakllama(data):
         data = bakllama.as_recipe(data, src)
+    data = _drop_stray_parameters(src, data)
     _check_keys(src, data, RECIPE_KEYS)
     v.check_fields(data, FIELD_TYPES, src)
     if "merge_method" not in data:

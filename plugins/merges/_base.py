@@ -200,8 +200,13 @@ class Operator:
         return float(value)
 
     def flag(self, key: str, value: Any) -> bool:
+        """A true/false parameter. 1 and 0 (also 1.0, 0.0) are read as true and false, as mergekit reads
+        them (published recipes write `normalize: 1.0`); any other value is refused, where mergekit would
+        take every non-zero number as true."""
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value in (0, 1):
+            return bool(value)
         if not isinstance(value, bool):
-            raise self.error(f"'{key}' must be true or false, got {value!r}")
+            raise self.error(f"'{key}' must be true or false (or 1 or 0), got {value!r}")
         return value
 
     def check_inputs(self, tensors: Sequence[torch.Tensor], minimum: int = 1) -> None:
