@@ -314,6 +314,16 @@ def test_top_level_merge_parameters_are_a_warning_and_mergekits_bytes(tmp_path):
         load_recipe({**recipe, "normalise": True})
 
 
+def test_a_model_listed_twice_is_two_inputs_with_a_warning(models):
+    """A published karcher recipe lists one of its 17 models twice: both entries are inputs (the model
+    counts twice), and the warning says so (mergekit 0.1.5 refuses such a recipe)."""
+    recipe = {"merge_method": "linear", "parameters": {"weight": 1.0},
+              "models": [str(models / "ft1"), str(models / "ft2"), str(models / "ft1")]}
+    with pytest.warns(UserWarning, match=r"recipe: .*ft1 is listed more than once under models: each entry is one "
+                                         r"more input \(mergekit 0.1.5 refuses duplicate inputs\)"):
+        assert len(load_recipe(recipe).models) == 3
+
+
 def test_task_arithmetic_density_is_a_warning_and_mergekits_bytes(tmp_path):
     """mergekit's task_arithmetic takes density and rescale and reads neither: every entry is kept."""
     from builders import llama_finetunes, merges_like_mergekit

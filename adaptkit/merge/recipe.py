@@ -192,6 +192,9 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         model_params.append({})
     if not recipe.parts and recipe.output_kind == "model" and recipe.base and spec.option(method, "takes_base"):
         _base_not_an_input(recipe)
+    if twice := sorted({str(m) for m in recipe.models if list(map(str, recipe.models)).count(str(m)) > 1}):
+        warnings.warn(f"{src}: {', '.join(twice)} {'is' if len(twice) == 1 else 'are'} listed more than once under "
+                      "models: each entry is one more input (mergekit 0.1.5 refuses duplicate inputs)")
     check_parameters(recipe, method)
     check_tensor_set(recipe, src)
     return recipe
