@@ -192,7 +192,8 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         model_params.append({})
     if not recipe.parts and recipe.output_kind == "model" and recipe.base and spec.option(method, "takes_base"):
         _base_not_an_input(recipe)
-    if twice := sorted({str(m) for m in recipe.models if list(map(str, recipe.models)).count(str(m)) > 1}):
+    twice = sorted({str(m) for m in recipe.models if list(map(str, recipe.models)).count(str(m)) > 1})
+    if twice and recipe.output_kind == "model":  # (an adapter output is no recipe mergekit runs)
         warnings.warn(f"{src}: {', '.join(twice)} {'is' if len(twice) == 1 else 'are'} listed more than once under "
                       "models: each entry is one more input (mergekit 0.1.5 refuses duplicate inputs)")
     check_parameters(recipe, method)
