@@ -77,6 +77,12 @@ def wild():
 
 
 @pytest.fixture(scope="module")
+def wild_models(tmp_path_factory):
+    """One folder for the published recipes' stand-ins: a model two recipes share is built once."""
+    return tmp_path_factory.mktemp("wild-models")
+
+
+@pytest.fixture(scope="module")
 def paths(loaded, tmp_path_factory, one_thread):
     models, hub, recipes, _ = loaded
     wanted = [r for r in recipes if r.id in MUST_PASS or r.expect == "refused"]
@@ -103,10 +109,10 @@ def test_what_mergekit_refuses_adaptkit_refuses(loaded, paths, tmp_path):
 
 
 @pytest.mark.parametrize("recipe_id", sorted(WILD_MUST_PASS))
-def test_published_recipe_gives_mergekits_numbers(recipe_id, wild, tmp_path_factory, tmp_path, one_thread):
+def test_published_recipe_gives_mergekits_numbers(recipe_id, wild, wild_models, tmp_path, one_thread):
     models, hub, recipes, _ = wild
     (recipe,) = [r for r in recipes if r.id == recipe_id]
-    paths = suite.ensure_models(suite.model_names(recipe, models, hub), models, tmp_path_factory.mktemp("wild-models"))
+    paths = suite.ensure_models(suite.model_names(recipe, models, hub), models, wild_models)
     row = suite.run_one(recipe, hub, paths, tmp_path)
     assert row["status"] == WILD_MUST_PASS[recipe_id], row["detail"]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,12 @@ def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
                                 + f" (valid: {', '.join(sorted(allowed))})")
 
 
+def _mergekit_parameters() -> set[str]:
+    """Every merge method's parameter names and the settings mergekit's recipes carry (loads every merge
+    plugin: called only where a name is not the recipe's own)."""
+    return MERGEKIT_SETTINGS | {p for name in registry.names("merge") for p in registry.get("merge", name).params}
+
+
 def _drop_stray_parameters(src: str, data: dict) -> dict:
     """The recipe without top-level keys that are merge parameters (`normalize: true` beside `merge_method`,
     seen in published recipes): mergekit reads parameters only under `parameters:` and ignores these, so
@@ -124,8 +131,7 @@ def _drop_stray_parameters(src: str, data: dict) -> dict:
     unknown = [key for key in data if isinstance(key, str) and key not in RECIPE_KEYS]
     if not unknown:
         return data
-    parameters = MERGEKIT_SETTINGS | {p for name in registry.names("merge") for p in registry.get("merge", name).params}
-    stray = [key for key in unknown if key in parameters]
+    stray = [key for key in unknown if key in _mergekit_parameters()]
     if stray:
         names = ", ".join(f"'{key}'" for key in stray)
         warnings.warn(f"{src}: top-level {names} not read, as mergekit does not read {'it' if len(stray) == 1 else 'them'}"
@@ -192,7 +198,7 @@ def load_recipe(source: str | Path | dict) -> Recipe:
         model_params.append({})
     if not recipe.parts and recipe.output_kind == "model" and recipe.base and spec.option(method, "takes_base"):
         _base_not_an_input(recipe)
-    twice = sorted({str(m) for m in recipe.models if list(map(str, recipe.models)).count(str(m)) > 1})
+    twice = sorted(ref for ref, count in Counter(map(str, recipe.models)).items() if count > 1)
     if twice and recipe.output_kind == "model":  # (an adapter output is no recipe mergekit runs)
         warnings.warn(f"{src}: {', '.join(twice)} {'is' if len(twice) == 1 else 'are'} listed more than once under "
                       "models: each entry is one more input (mergekit 0.1.5 refuses duplicate inputs)")
@@ -345,7 +351,7 @@ def _drop_ignored(recipe: Recipe, known: set[str]) -> None:
                        *((place(module.label, module.whole, i, j), s.parameters) for j, s in enumerate(part.sources))]
     if all(key in known for _, params in scopes for key in params):
         return  # (the usual case: no other method's plugin need be loaded)
-    ignored = MERGEKIT_SETTINGS | {p for name in registry.names("merge") for p in registry.get("merge", name).params}
+    ignored = _mergekit_parameters()
     dropped = []
     for key in sorted(ignored - known):
         places = [where for where, params in scopes if params.pop(key, None) is not None]
