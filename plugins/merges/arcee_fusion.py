@@ -80,17 +80,20 @@ def threshold(scores: torch.Tensor) -> torch.Tensor:
 def smallest(flat: torch.Tensor, ranks: tuple[int, ...]) -> list[torch.Tensor] | None:
     """The values of 0-based rank `ranks` among the 16-bit floats `flat` sorted ascending, as
     `torch.kthvalue` gives them, from one histogram of the 2¹⁶ bit patterns (taken in blocks; kthvalue
-    copies the tensor and makes int64 indices, 5 times its memory). The patterns are mapped to keys
-    that sort as the values do: +x keeps its bits, −x becomes −1 − (bits of |x|). (−0 sorts before +0
+    copies the tensor and makes int64 indices, 5 times its memory). The patterns' counts are then
+    reordered by keys that sort as the values do: +x keeps its bits, −x becomes −1 − (bits of |x|).
+    (Counting the raw patterns and reordering 2¹⁶ counts once is 5× faster than mapping every entry to
+    its key: 2.9 against 14.6 ms a block of 2²⁰, one thread.) (−0 sorts before +0
     here, equal to kthvalue's value in every comparison.) None where a NaN is among them: NaN
     patterns (|bits| above infinity's) are the histogram's two ends, read from it instead of a pass of
     `isnan` over the scores (168M job, one thread: 3.58 → 3.14 s; the whole command, on two threads,
     within the noise)."""
-    counts = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
+    patterns = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
     for s in range(0, flat.numel(), ROW_BLOCK):
-        bits = flat[s:s + ROW_BLOCK].view(torch.int16).to(torch.int32)
-        keys = torch.where(bits < 0, -1 - (bits & 0x7FFF), bits) + (1 << 15)
-        counts += torch.bincount(keys, minlength=1 << 16)
+        patterns += torch.bincount(flat[s:s + ROW_BLOCK].view(torch.uint16).to(torch.int32), minlength=1 << 16)
+    raw = torch.arange(1 << 16, device=flat.device)
+    counts = torch.empty_like(patterns)
+    counts[torch.where(raw < 1 << 15, raw + (1 << 15), (1 << 15) - 1 - (raw & 0x7FFF))] = patterns
     inf = int(torch.tensor(float("inf"), dtype=flat.dtype).view(torch.int16))
     if counts[:(1 << 15) - 1 - inf].any() or counts[(1 << 15) + inf + 1:].any():  # −NaN keys, +NaN keys
         return None
