@@ -75,6 +75,22 @@ FAMILIES = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=16, n_head=2, n_positions=64, vocab_size=64)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_SMALL, num_key_value_heads=1)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8)),
+    # arch_recipes.yml: one family for each of these mergekit architecture files
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8,
+                                                      tie_word_embeddings=True)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8,
+                                                              sliding_window=16)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_SMALL, num_key_value_heads=1, num_local_experts=4,
+                                                           num_experts_per_tok=2)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(_SMALL, num_key_value_heads=1)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_SMALL, pad_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(_SMALL)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(_SMALL)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=16, num_attention_heads=2, num_kv_heads=2,
+                                                         vocab_size=128, new_decoder_architecture=True,
+                                                         tie_word_embeddings=False)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_SMALL)),
 }
 
 

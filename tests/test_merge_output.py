@@ -720,3 +720,54 @@ def test_buffers_stay_where_every_input_has_them(tmp_path):
         run_merge({**both, "models": [str(tmp_path / "m0"), str(tmp_path / "m2")]}, tmp_path / "one", progress=False,
                   card=False)
     assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in state(tmp_path / "one")
+
+
+def tiny_mixtral_files(folder, seed: int) -> None:
+    """One Mixtral layer of two experts, tensors named as the checkpoint stores them (config.json written directly)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = "model.layers.0."
+    shapes = {"model.embed_tokens.weight": (32, 8), "model.norm.weight": (8,), "lm_head.weight": (32, 8),
+              layer + "block_sparse_moe.gate.weight": (2, 8), layer + "self_attn.q_proj.weight": (8, 8)}
+    for e in range(2):
+        for w, shape in (("w1", (16, 8)), ("w2", (8, 16)), ("w3", (16, 8))):
+            shapes[f"{layer}block_sparse_moe.experts.{e}.{w}.weight"] = shape
+    folder.mkdir(parents=True)
+    save_file({n: torch.randn(s, generator=g) for n, s in shapes.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                                                    "num_hidden_layers": 1, "num_local_experts": 2}))
+
+
+@pytest.mark.parametrize("method, filtered, why", [
+    ("slerp", True, "each statistic covers all experts at once and its filters match the fused names"),
+    ("slerp", False, "each statistic covers all experts at once"),
+    ("linear", True, "its filters match the fused names"),
+    ("linear", False, None),
+])
+def test_experts_mergekit_merges_fused_are_a_warning(tmp_path, models, method, filtered, why):
+    """mergekit 0.1.5 merges a Mixtral's experts in transformers 5's fused layout (all experts' w1 and w3 as one
+    `mlp.experts.gate_up_proj`), so a per-tensor statistic or a filter gives other numbers there: a warning
+    names the tensor and why (benchmarks/arch_recipes.yml measured it). An elementwise method without filters
+    gives the same numbers either way: no warning. Nor for a model without per-expert tensors."""
+    for i in range(2):
+        tiny_mixtral_files(tmp_path / f"m{i}", seed=i)
+    value = [{"filter": "mlp", "value": 0.3}, {"value": 0.6}] if filtered else 0.6
+
+    def recipe(first, second) -> dict:
+        if method == "slerp":
+            return {"merge_method": "slerp", "base_model": str(first), "models": [{"model": str(second)}],
+                    "parameters": {"t": value}, "dtype": "float32"}
+        return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": value}}
+                                                     for m in (first, second)], "dtype": "float32"}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_merge(recipe(tmp_path / "m0", tmp_path / "m1"), tmp_path / "out", progress=False, card=False)
+        run_merge(recipe(models / "base", models / "ft1"), tmp_path / "llama", progress=False, card=False)
+    fused = [str(w.message) for w in caught if "fused layout" in str(w.message)]
+    if why is None:
+        assert fused == []
+        return
+    assert fused == [f"mixtral: mergekit 0.1.5 merges these experts in transformers 5's fused layout "
+                     f"('model.layers.0.block_sparse_moe.experts.0.w1.weight' as part of "
+                     f"'model.layers.0.mlp.experts.gate_up_proj'), where {why}: its numbers differ from these. "
+                     f"adaptkit merges and writes the checkpoint's tensors as stored"]

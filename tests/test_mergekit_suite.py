@@ -66,6 +66,24 @@ WILD_MUST_PASS = {
 }
 
 
+# one set of recipe shapes on ten architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
+# q/k norms (Qwen3), fused projections (Phi-3, Falcon), Gemma-3's four norms, OLMo-2's post-norms, StarCoder2's
+# biases, and a Mixtral's experts, which mergekit 0.1.5 merges in transformers 5's fused layout: the same numbers
+# for an elementwise method without filters; different for slerp, with adaptkit's warning (adaptkit/merge/converted.py)
+ARCH_MUST_PASS = {
+    "qwen3/ties": "equal",
+    "qwen3/slerp_gradient": "equal",
+    "phi3/slerp_gradient": "equal",
+    "gemma3/ties": "equal",
+    "olmo2/passthrough": "equal",
+    "starcoder2/slerp_gradient": "equal",
+    "falcon/ties": "equal",
+    "mixtral/linear": "equal",
+    "mixtral/passthrough": "equal",
+    "mixtral/slerp_gradient": "different",
+}
+
+
 @pytest.fixture(scope="module")
 def loaded():
     return suite.load_suite()
@@ -74,6 +92,11 @@ def loaded():
 @pytest.fixture(scope="module")
 def wild():
     return suite.load_suite(suite.ROOT / "wild_recipes.yml")
+
+
+@pytest.fixture(scope="module")
+def arch():
+    return suite.load_suite(suite.ROOT / "arch_recipes.yml")
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +140,21 @@ def test_published_recipe_gives_mergekits_numbers(recipe_id, wild, wild_models, 
     assert row["status"] == WILD_MUST_PASS[recipe_id], row["detail"]
 
 
-@pytest.mark.parametrize("which", ["mergekit's", "published"])
-def test_every_model_name_resolves(which, loaded, wild):
+@pytest.mark.parametrize("recipe_id", sorted(ARCH_MUST_PASS))
+def test_architecture_recipe_gives_mergekits_numbers(recipe_id, arch, wild_models, tmp_path, one_thread):
+    models, hub, recipes, _ = arch
+    (recipe,) = [r for r in recipes if r.id == recipe_id]
+    paths = suite.ensure_models(suite.model_names(recipe, models, hub), models, wild_models)
+    row = suite.run_one(recipe, hub, paths, tmp_path)
+    assert row["status"] == ARCH_MUST_PASS[recipe_id], row["detail"]
+
+
+@pytest.mark.parametrize("which", ["mergekit's", "published", "architectures"])
+def test_every_model_name_resolves(which, loaded, wild, arch):
     """A Hub name missing from the table would reach both tools unchanged and fail offline as 'not found',
     counted against the wrong thing; every model reference (each side of `model+lora`) must be a local
     model or an earlier stage, except the published recipes' misspelled stage folders."""
-    models, hub, recipes, _ = loaded if which == "mergekit's" else wild
+    models, hub, recipes, _ = {"mergekit's": loaded, "published": wild, "architectures": arch}[which]
     assert len({r.id for r in recipes}) == len(recipes)
     for recipe in recipes:
         stages = {d.get("name") for d in recipe.docs}

@@ -36,6 +36,7 @@ from .precision import drop_quantization_config, recipe_dtypes, state_dtype, sto
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_inputs
 from .schedule import default_workers, run_within
+from .converted import warn_converted
 from .sources import ModelSource, check_inputs, check_same_architecture, merge_names, open_input, warn_tied_config
 from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
@@ -73,6 +74,7 @@ class Plan:
         self.jobs, self.config = self._slices(takes_base, allow_pickle) if recipe.parts else (None, None)
         self.names = list(self.jobs) if self.jobs else merge_names(reference, self.sources, recipe.tensors, self.base)
         warn_tied_config(self.names, self.donor if self.jobs else reference)
+        warn_converted(self.names, reference.config, self.method, recipe.source)
         # the recipe's name of each source (an adapter opened as base+adapter keeps its own)
         self.refs = ([str(recipe.base)] if self.base else []) + [str(ref) for ref in recipe.models]
         self.vocabulary = build_vocabulary(recipe, self.refs, self.sources, self.names)
