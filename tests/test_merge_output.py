@@ -722,52 +722,112 @@ def test_buffers_stay_where_every_input_has_them(tmp_path):
     assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in state(tmp_path / "one")
 
 
-def tiny_mixtral_files(folder, seed: int) -> None:
-    """One Mixtral layer of two experts, tensors named as the checkpoint stores them (config.json written directly)."""
+def tiny_mixtral_files(folder, seed: int, layers: int = 2) -> None:
+    """A Mixtral of two experts a layer, tensors named as the checkpoint stores them (config.json written directly)."""
     g = torch.Generator().manual_seed(seed)
-    layer = "model.layers.0."
-    shapes = {"model.embed_tokens.weight": (32, 8), "model.norm.weight": (8,), "lm_head.weight": (32, 8),
-              layer + "block_sparse_moe.gate.weight": (2, 8), layer + "self_attn.q_proj.weight": (8, 8)}
-    for e in range(2):
-        for w, shape in (("w1", (16, 8)), ("w2", (8, 16)), ("w3", (16, 8))):
-            shapes[f"{layer}block_sparse_moe.experts.{e}.{w}.weight"] = shape
+    shapes = {"model.embed_tokens.weight": (32, 8), "model.norm.weight": (8,), "lm_head.weight": (32, 8)}
+    for i in range(layers):
+        shapes |= {f"model.layers.{i}.block_sparse_moe.gate.weight": (2, 8), f"model.layers.{i}.self_attn.q_proj.weight": (8, 8)}
+        for e in range(2):
+            for w, shape in (("w1", (16, 8)), ("w2", (8, 16)), ("w3", (16, 8))):
+                shapes[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"] = shape
     folder.mkdir(parents=True)
     save_file({n: torch.randn(s, generator=g) for n, s in shapes.items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-                                                    "num_hidden_layers": 1, "num_local_experts": 2}))
+                                                    "num_hidden_layers": layers, "num_local_experts": 2}))
 
 
-@pytest.mark.parametrize("method, filtered, why", [
-    ("slerp", True, "each statistic covers all experts at once and its filters match the fused names"),
-    ("slerp", False, "each statistic covers all experts at once"),
-    ("linear", True, "its filters match the fused names"),
-    ("linear", False, None),
-])
-def test_experts_mergekit_merges_fused_are_a_warning(tmp_path, models, method, filtered, why):
-    """mergekit 0.1.5 merges a Mixtral's experts in transformers 5's fused layout (all experts' w1 and w3 as one
-    `mlp.experts.gate_up_proj`), so a per-tensor statistic or a filter gives other numbers there: a warning
-    names the tensor and why (benchmarks/arch_recipes.yml measured it). An elementwise method without filters
-    gives the same numbers either way: no warning. Nor for a model without per-expert tensors."""
+@pytest.fixture(scope="module")
+def mixtrals(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixtrals")
     for i in range(2):
-        tiny_mixtral_files(tmp_path / f"m{i}", seed=i)
-    value = [{"filter": "mlp", "value": 0.3}, {"value": 0.6}] if filtered else 0.6
+        tiny_mixtral_files(root / f"m{i}", seed=i)
+    return root
 
-    def recipe(first, second) -> dict:
-        if method == "slerp":
-            return {"merge_method": "slerp", "base_model": str(first), "models": [{"model": str(second)}],
-                    "parameters": {"t": value}, "dtype": "float32"}
-        return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": value}}
-                                                     for m in (first, second)], "dtype": "float32"}
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run_merge(recipe(tmp_path / "m0", tmp_path / "m1"), tmp_path / "out", progress=False, card=False)
-        run_merge(recipe(models / "base", models / "ft1"), tmp_path / "llama", progress=False, card=False)
-    fused = [str(w.message) for w in caught if "fused layout" in str(w.message)]
-    if why is None:
-        assert fused == []
-        return
-    assert fused == [f"mixtral: mergekit 0.1.5 merges these experts in transformers 5's fused layout "
-                     f"('model.layers.0.block_sparse_moe.experts.0.w1.weight' as part of "
-                     f"'model.layers.0.mlp.experts.gate_up_proj'), where {why}: its numbers differ from these. "
-                     f"adaptkit merges and writes the checkpoint's tensors as stored"]
+def fused_slerp(folders, layer: int, t_experts: float, t_gate: float) -> dict:
+    """Layer `layer`'s expert and router tensors slerped by hand as mergekit 0.1.5 merges them in transformers 5's
+    layout: w1 and w3 of every expert stacked (experts first) and the two stacks concatenated on their rows (one
+    `mlp.experts.gate_up_proj`), the w2s stacked (`mlp.experts.down_proj`), each one slerp; the router is
+    `mlp.gate.weight` there, so `filter: mlp` gives it t_gate."""
+    from safetensors.torch import load_file
+
+    from adaptkit import registry
+    a, b = (load_file(f / "model.safetensors") for f in folders)
+    slerp, out = registry.get("merge", "slerp"), {}
+    at = f"model.layers.{layer}.block_sparse_moe."
+
+    def stack(m, w):
+        return torch.stack([m[f"{at}experts.{e}.{w}.weight"] for e in range(2)])
+
+    gate_up = slerp.merge([torch.cat([stack(b, "w1"), stack(b, "w3")], dim=1)],
+                          torch.cat([stack(a, "w1"), stack(a, "w3")], dim=1), t=t_experts)
+    down = slerp.merge([stack(b, "w2")], stack(a, "w2"), t=t_experts)
+    for e in range(2):
+        out |= {f"{at}experts.{e}.w1.weight": gate_up[e, :16], f"{at}experts.{e}.w3.weight": gate_up[e, 16:],
+                f"{at}experts.{e}.w2.weight": down[e]}
+    out[f"{at}gate.weight"] = slerp.merge([b[f"{at}gate.weight"]], a[f"{at}gate.weight"], t=t_gate)
+    return out
+
+
+@pytest.mark.parametrize("layers", [None, (1, 2)])
+def test_experts_merge_as_mergekit_merges_them(mixtrals, tmp_path, layers):
+    """mergekit 0.1.5 merges a Mixtral's experts in transformers 5's fused layout, where slerp takes one angle
+    over all experts of a layer and `filter: mlp` matches the router (`mlp.gate`): the same here, written back
+    in the checkpoint's layout (converted.py); with slices, a layer taken from another place in the sources."""
+    from safetensors.torch import load_file
+
+    t = [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]
+    recipe = {"merge_method": "slerp", "base_model": str(mixtrals / "m0"), "dtype": "float32", "parameters": {"t": t}}
+    if layers:
+        recipe["slices"] = [{"sources": [{"model": str(mixtrals / m), "layer_range": list(layers)} for m in ("m0", "m1")]}]
+    else:
+        recipe["models"] = [{"model": str(mixtrals / "m1")}]
+    run_merge(recipe, tmp_path / "out", progress=False, card=False)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    source_layer, output_layer = (1, 0) if layers else (0, 0)
+    want = fused_slerp([mixtrals / "m0", mixtrals / "m1"], source_layer, 0.3, 0.3)
+    experts = {k.replace(f".{source_layer}.", f".{output_layer}.", 1) for k in want if ".experts." in k}
+    if not layers:  # (both layers merged)
+        experts |= {k.replace(".0.", ".1.", 1) for k in experts}
+    assert {k for k in merged if ".experts." in k} == experts  # (the checkpoint's names, each expert's own)
+    for name, value in want.items():
+        assert torch.equal(merged[name.replace(f".{source_layer}.", f".{output_layer}.", 1)], value), name
+    per_expert = fused_slerp([mixtrals / "m0", mixtrals / "m1"], source_layer, 0.6, 0.6)  # (what merging each
+    assert not torch.equal(merged[f"model.layers.{output_layer}.block_sparse_moe.gate.weight"],  # stored name gave)
+                           per_expert[f"model.layers.{source_layer}.block_sparse_moe.gate.weight"])
+
+
+def test_experts_stay_as_stored_where_that_changes_no_number(mixtrals, models):
+    """An elementwise method without filters gives the same numbers in either layout: nothing is fused (and
+    transformers' table is not read); nor is a model without per-expert tensors."""
+    from adaptkit.merge.engine import Plan
+
+    linear = {"merge_method": "linear", "models": [{"model": str(mixtrals / m), "parameters": {"weight": 0.5}}
+                                                   for m in ("m0", "m1")]}
+    assert Plan(load_recipe(linear)).fused == {}
+    slerp = {"merge_method": "slerp", "base_model": str(models / "base"), "models": [str(models / "ft1")],
+             "parameters": {"t": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]}}
+    assert Plan(load_recipe(slerp)).fused == {}
+    fused = Plan(load_recipe({**slerp, "base_model": str(mixtrals / "m0"), "models": [str(mixtrals / "m1")]}))
+    assert sorted(fused.fused) == [f"model.layers.{i}.mlp.{n}" for i in range(2)
+                                   for n in ("experts.down_proj", "experts.gate_up_proj", "gate.weight")]
+
+
+def test_a_conversion_step_not_followed_is_a_warning(mixtrals, tmp_path, monkeypatch):
+    """A step of transformers' table other than stacking and concatenating is not followed: the merge warns that
+    mergekit's numbers differ, and merges the tensors as stored."""
+    import transformers.conversion_mapping as table
+    from transformers.core_model_loading import MergeModulelist, Transpose, WeightConverter
+
+    odd = [WeightConverter([".experts.*.w2.weight"], [".experts.down_proj"], operations=[MergeModulelist(dim=0),
+                                                                                           Transpose(dim0=1, dim1=2)])]
+    monkeypatch.setattr(table, "get_checkpoint_conversion_mapping", lambda model_type: odd)
+    recipe = {"merge_method": "slerp", "base_model": str(mixtrals / "m0"), "models": [str(mixtrals / "m1")],
+              "parameters": {"t": 0.6}}
+    with pytest.warns(UserWarning, match=r"^mixtral: mergekit 0.1.5 merges these experts in transformers 5's fused "
+                                         r"layout \('model.layers.0.block_sparse_moe.experts.0.w2.weight' as part of "
+                                         r"'model.layers.0.block_sparse_moe.experts.down_proj'\), where each statistic "
+                                         r"covers all experts at once: its numbers differ from these. adaptkit merges "
+                                         r"and writes the checkpoint's tensors as stored$"):
+        run_merge(recipe, tmp_path / "out", progress=False, card=False)

@@ -68,8 +68,8 @@ WILD_MUST_PASS = {
 
 # one set of recipe shapes on ten architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
 # q/k norms (Qwen3), fused projections (Phi-3, Falcon), Gemma-3's four norms, OLMo-2's post-norms, StarCoder2's
-# biases, and a Mixtral's experts, which mergekit 0.1.5 merges in transformers 5's fused layout: the same numbers
-# for an elementwise method without filters; different for slerp, with adaptkit's warning (adaptkit/merge/converted.py)
+# biases, and a Mixtral's experts, which mergekit 0.1.5 merges in transformers 5's fused layout, as adaptkit does
+# then (adaptkit/merge/converted.py)
 ARCH_MUST_PASS = {
     "qwen3/ties": "equal",
     "qwen3/slerp_gradient": "equal",
@@ -80,7 +80,8 @@ ARCH_MUST_PASS = {
     "falcon/ties": "equal",
     "mixtral/linear": "equal",
     "mixtral/passthrough": "equal",
-    "mixtral/slerp_gradient": "different",
+    "mixtral/slerp_gradient": "equal",
+    "mixtral/ties": "equal",
 }
 
 

@@ -1,55 +1,201 @@
-"""Checkpoint tensors that transformers 5 fuses on load, and where mergekit 0.1.5's numbers differ for them.
+"""A checkpoint's tensors as transformers 5 loads them (its conversion table): the layout mergekit 0.1.5 merges in.
 
 mergekit 0.1.5 reads a checkpoint through transformers 5's conversion table (`transformers.conversion_mapping`;
 its `architecture/conversion.py`) and merges the tensors as a transformers 5 model holds them: a Mixtral's
-`block_sparse_moe.experts.{e}.w1.weight` and `w3` of every expert become one `mlp.experts.gate_up_proj`,
-the `w2`s one `mlp.experts.down_proj`, and that is what it writes. adaptkit merges the tensors as the
-checkpoint stores them and writes them so, a layout that transformers 4 and 5 both load.
+`block_sparse_moe.experts.{e}.w1.weight` and `w3` of every expert become one `mlp.experts.gate_up_proj`
+(the experts stacked, then w1's and w3's stacks concatenated on their rows), the `w2`s one
+`mlp.experts.down_proj`, its router `block_sparse_moe.gate` is `mlp.gate`.
 
 An elementwise method without filters gives the same numbers either way. Any other method takes its
-statistics per tensor (an angle, a top-k, a variance, a norm), so it sees one expert's matrix where
-mergekit sees all experts' at once; and a `filter:` matches the names each tool sees (`mlp` matches
-mergekit's `mlp.experts.down_proj`, not the checkpoint's `block_sparse_moe.experts.0.w2.weight`). For
-such recipes the merge gets a warning that says so, rather than numbers that differ from mergekit's in
-silence (measured: `benchmarks/arch_recipes.yml`, Mixtral's slerp and TIES).
+statistics per tensor (an angle, a top-k, a variance, a norm), so mergekit's see all experts of a layer at
+once; and a `filter:` matches the names it sees (`mlp` matches `mlp.experts.down_proj`, not the checkpoint's
+`block_sparse_moe.experts.0.w2.weight`). For those merges the plan does the same (`fuse`): each group of
+checkpoint tensors is one merge, under transformers 5's name, of the inputs' tensors built as transformers
+builds them; the result is split back and written as the checkpoint stores it, a layout transformers 4 and
+5 both load (mergekit writes the fused one). Measured on `benchmarks/arch_recipes.yml`: Mixtral's slerp over
+slices and TIES, which differed, are mergekit's bytes this way. A conversion step other than stacking and
+concatenating is not followed: the merge then warns that mergekit's numbers differ.
+
+Only a model with per-expert tensors is read through the table (importing it takes about 2 s, which every
+filtered recipe would pay otherwise). A rename alone changes no number but what a filter matches: a filter
+written for a name only transformers 5 has (GraniteMoE's `experts.gate_up_proj`, a multimodal checkpoint's
+`model.language_model.` for `language_model.model.`) matches the names as stored here.
 """
 from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from .. import spec
+from .slices import Job
 
 #: A per-expert tensor, the only kind transformers 5's tables fuse (its renames alone change no number, only
 #: what a filter matches, and come with the fused experts in the MoE models that have them).
 EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
-def warn_converted(names: list[str], config: dict[str, Any], method: Any, source: dict[str, Any]) -> None:
-    """Warn where mergekit 0.1.5 would merge these tensors in transformers 5's fused layout and get other
-    numbers: per-expert tensors merged by a method that is not elementwise or with filters. transformers'
-    table is read only then (importing it takes about 2.5 s)."""
-    filtered, config = _has_filter(source), config or {}
-    if not any(EXPERT.search(n) for n in names) or (spec.option(method, "elementwise") and not filtered):
-        return
+@dataclass
+class Group:
+    """Checkpoint tensors that are one tensor in transformers 5's layout: `members[p][e]` is source pattern p's
+    tensor of expert e (`[[name]]`: a tensor renamed only), stacked on a new first axis per pattern and the
+    stacks concatenated on axis `axis`."""
+
+    name: str
+    members: list[list[str]]
+    stacked: bool = False
+    axis: int = 1
+
+    def build(self, parts: list[list[torch.Tensor]]) -> torch.Tensor:
+        if not self.stacked:
+            return parts[0][0]
+        stacks = [torch.stack(p) for p in parts]
+        return torch.cat(stacks, dim=self.axis) if len(stacks) > 1 else stacks[0]
+
+    def split(self, fused: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Each member's part of a tensor built by `build` (views)."""
+        if not self.stacked:
+            return [(self.members[0][0], fused)]
+        out, start = [], 0
+        for pattern in self.members:
+            size = fused.shape[self.axis] // len(self.members)  # (the patterns' stacks are alike)
+            out += [(m, fused.narrow(self.axis, start, size)[e]) for e, m in enumerate(pattern)]
+            start += size
+        return out
+
+    def shape(self, member: tuple[int, ...]) -> tuple[int, ...]:
+        if not self.stacked:
+            return member
+        stacked = (len(self.members[0]), *member)
+        return stacked[:self.axis] + (stacked[self.axis] * len(self.members),) + stacked[self.axis + 1:]
+
+
+class FusedSource:
+    """An input read in transformers 5's layout: a group's name gives the group built from its members; the
+    rest is the input's own (`ModelSource`)."""
+
+    def __init__(self, source: Any, groups: dict[str, Group]):
+        self.source, self.groups = source, groups
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.source, attr)
+
+    def info(self, name: str):
+        info = self.source.info(self.groups[name].members[0][0])
+        return replace(info, name=name, shape=self.groups[name].shape(tuple(info.shape)))
+
+    def stored(self, name: str) -> str | None:
+        return name if all(self.source.stored(m) for p in self.groups[name].members for m in p) else None
+
+    def has_deltas(self, name: str) -> bool:
+        return any(self.source.has_deltas(m) for p in self.groups[name].members for m in p)
+
+    def get(self, name: str, *, float32: bool = True, rows=None) -> torch.Tensor:
+        group = self.groups[name]
+        return group.build([[self.source.get(m, float32=float32) for m in p] for p in group.members])
+
+
+def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
+    """The plan's output names with each group of checkpoint tensors that transformers 5 fuses or renames as
+    one name (at its first member's place), that group's job and the groups by name; the names unchanged
+    where that changes no number (no per-expert tensors, or an elementwise method without filters)."""
+    names, recipe = plan.names, plan.recipe
+    filtered = _has_filter(recipe.source)
+    if not any(EXPERT.search(n) for n in names) or (spec.option(plan.method, "elementwise") and not filtered):
+        return names, {}, {}
+    config = (plan.donor if plan.jobs else plan.base or plan.inputs[0]).config or {}
+    groups = converted_groups(names, config, plan.method, filtered)
+    if not groups:
+        return names, {}, {}
+    jobs = {}
+    for name, group in groups.items():
+        member_jobs = [[plan.job(m) for m in p] for p in group.members]
+        inputs = [[s for s, _ in j.sources] for p in member_jobs for j in p]
+        if any(i != inputs[0] for i in inputs):  # (`tensors: union` where an input lacks some experts)
+            _warn(config, group.members[0][0], name, plan.method, filtered)
+            return names, {}, {}
+        first = member_jobs[0][0]
+        sources = [_reading(first.sources[k], group, member_jobs, k) for k in range(len(first.sources))]
+        jobs[name] = Job(sources[1:] if first.base else sources, sources[0] if first.base else None, first.t,
+                         first.own, first.shared)
+    place = {m: g for g in groups.values() for p in g.members for m in p}
+    # each group once, where its first member was
+    merged = [place[n].name if n in place else n for n in names if n not in place or n == place[n].members[0][0]]
+    return merged, jobs, groups
+
+
+def _reading(source: tuple[Any, str], group: Group, member_jobs: list[list[Job]], k: int) -> tuple[FusedSource, str]:
+    """A job's source k, reading the group from the tensors it gives each member (with slices, another layer's)."""
+    stored = stored_name(source[1], group)
+    theirs = Group(stored, [[j.sources[k][1] for j in p] for p in member_jobs], group.stacked, group.axis)
+    return FusedSource(source[0], {stored: theirs}), stored
+
+
+def stored_name(member: str, group: Group) -> str:
+    """The group's name for a source that stores its first member as `member` (slices: another layer's)."""
+    first = group.members[0][0]
+    layer = re.compile(r"\.(\d+)\.")
+    mine, theirs = layer.search(first), layer.search(member)
+    if mine and theirs and first[:mine.start()] == member[:theirs.start()]:
+        return group.name.replace(f".{mine.group(1)}.", f".{theirs.group(1)}.", 1)
+    return group.name
+
+
+def converted_groups(names: list[str], config: dict[str, Any], method: Any, filtered: bool) -> dict[str, Group]:
+    """The groups transformers 5's table makes of `names` (model_type from `config`), by their name there; {}
+    with a warning where a step of the table is not stacking and concatenating (mergekit's numbers then
+    differ, as the warning says); {} where transformers has no table (an older transformers, mergekit's too)."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
         transforms = get_checkpoint_conversion_mapping(config.get("model_type")) or []
-    except (ImportError, KeyError, ValueError):  # (a transformers without the table, or no model_type)
-        return
+    except (ImportError, KeyError, ValueError):
+        return {}
+    found: dict[str, dict] = {}  # name there -> {(pattern, expert) or None: checkpoint name}
+    axes: dict[str, int] = {}
     for name in names:
-        fused = name
+        fused, slot = name, None
         for transform in transforms:
             renamed, pattern = transform.rename_source_key(fused)
-            fused = renamed if pattern is not None else fused
+            if pattern is None:
+                continue
+            if isinstance(transform, WeightConverter):
+                ops = [(type(o), getattr(o, "dim", None)) for o in transform.operations]
+                wildcard = re.search(re.escape(pattern).replace(r"\*", r"([^.]*)"), fused)
+                if ops[:1] != [(MergeModulelist, 0)] or len(ops) > 2 or any(o is not Concatenate for o, _ in ops[1:]) \
+                        or wildcard is None or not wildcard.group(1).isdigit():
+                    _warn(config, name, renamed, method, filtered)
+                    return {}
+                slot = (transform.source_patterns.index(pattern), int(wildcard.group(1)))
+                axes[renamed] = ops[1][1] if len(ops) > 1 else 0
+            fused = renamed
         if fused != name:
-            why = " and ".join(([] if spec.option(method, "elementwise") else ["each statistic covers all experts at once"])
-                               + (["its filters match the fused names"] if filtered else []))
-            warnings.warn(f"{config.get('model_type')}: mergekit 0.1.5 merges these experts in transformers 5's fused "
-                          f"layout ('{name}' as part of '{fused}'), where {why}: its numbers differ from these. "
-                          "adaptkit merges and writes the checkpoint's tensors as stored")
-            return
+            found.setdefault(fused, {})[slot] = name
+    groups = {}
+    for fused, members in found.items():
+        if None in members:  # renamed only: one tensor
+            if len(members) > 1:
+                _warn(config, members[None], fused, method, filtered)
+                return {}
+            groups[fused] = Group(fused, [[members[None]]])
+            continue
+        patterns, experts = sorted({p for p, _ in members}), sorted({e for _, e in members})
+        if experts != list(range(len(experts))) or len(members) != len(patterns) * len(experts):
+            _warn(config, next(iter(members.values())), fused, method, filtered)  # (an expert missing)
+            return {}
+        groups[fused] = Group(fused, [[members[p, e] for e in experts] for p in patterns], True, axes[fused])
+    return groups
+
+
+def _warn(config: dict[str, Any], name: str, fused: str, method: Any, filtered: bool) -> None:
+    why = " and ".join(([] if spec.option(method, "elementwise") else ["each statistic covers all experts at once"])
+                       + (["its filters match the fused names"] if filtered else []))
+    warnings.warn(f"{config.get('model_type')}: mergekit 0.1.5 merges these experts in transformers 5's fused "
+                  f"layout ('{name}' as part of '{fused}'), where {why}: its numbers differ from these. "
+                  "adaptkit merges and writes the checkpoint's tensors as stored")
 
 
 def _has_filter(node: Any) -> bool:

@@ -36,7 +36,7 @@ from .precision import drop_quantization_config, recipe_dtypes, state_dtype, sto
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_inputs
 from .schedule import default_workers, run_within
-from .converted import warn_converted
+from .converted import fuse
 from .sources import ModelSource, check_inputs, check_same_architecture, merge_names, open_input, warn_tied_config
 from .tokenizer import build_vocabulary, write_tokenizer
 from .to_adapter import merge_adapters
@@ -72,9 +72,9 @@ class Plan:
         check_same_architecture(self.sources, allowed=recipe.mixed_architectures)
         reference = self.base or self.inputs[0]
         self.jobs, self.config = self._slices(takes_base, allow_pickle) if recipe.parts else (None, None)
+        self.fused: dict[str, Job] = {}  # output tensors merged in transformers 5's layout (`fuse`, below)
         self.names = list(self.jobs) if self.jobs else merge_names(reference, self.sources, recipe.tensors, self.base)
         warn_tied_config(self.names, self.donor if self.jobs else reference)
-        warn_converted(self.names, reference.config, self.method, recipe.source)
         # the recipe's name of each source (an adapter opened as base+adapter keeps its own)
         self.refs = ([str(recipe.base)] if self.base else []) + [str(ref) for ref in recipe.models]
         self.vocabulary = build_vocabulary(recipe, self.refs, self.sources, self.names)
@@ -94,6 +94,7 @@ class Plan:
             shape = (self.vocabulary.rows, *info.shape[1:]) if name in aligned else info.shape
             dtype = out or self.stored_dtype(name)
             self.layout.append((name, torch_to_code(dtype) if floating else info.dtype, shape))
+        self.names, self.fused, self.groups = fuse(self)  # (the layout stays the checkpoint's: converted.py)
 
     def _slices(self, takes_base: bool, allow_pickle: bool) -> tuple[dict[str, Job], dict]:
         """The output tensors of a `slices:` or `modules:` recipe and its config.json (slices.py, modules.py):
@@ -108,8 +109,8 @@ class Plan:
     def job(self, name: str) -> Job:
         """Where output tensor `name` comes from; without slices, the same name in every input (`tensors: union`:
         in every input that has it), each input with its own parameters."""
-        if self.jobs:
-            return self.jobs[name]
+        if self.jobs or name in self.fused:
+            return self.fused.get(name) or self.jobs[name]
         have = [i for i, s in enumerate(self.inputs) if self.recipe.tensors != "union" or s.stored(name)]
         return Job([(self.inputs[i], name) for i in have], (self.base, name) if self.base else None,
                    self.positions[name], [self.recipe.model_params[i] for i in have])
@@ -161,7 +162,8 @@ class Plan:
         return numel * per_element
 
     def peak_bytes(self, threads: int) -> int:
-        largest = max((math.prod(shape) for _, _, shape in self.layout), default=0)
+        largest = max([math.prod(shape) for _, _, shape in self.layout] + [math.prod(j.reference.info(
+            j.reference_name).shape) for j in self.fused.values()], default=0)  # (a group of experts: merged whole)
         if spec.option(self.method, "elementwise"):
             largest = min(largest, BLOCK_ELEMENTS)
         return IO_BYTES + max(self.working_bytes(largest), min(WORKING_MEMORY, self.working_bytes(largest) * threads))
@@ -204,7 +206,7 @@ def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
     job = plan.job(name)
     shape = job.reference.info(job.reference_name).shape
     numel = math.prod(shape)
-    if (not spec.option(plan.method, "elementwise") or numel <= BLOCK_ELEMENTS or len(shape) < 2
+    if (not spec.option(plan.method, "elementwise") or numel <= BLOCK_ELEMENTS or len(shape) < 2 or name in plan.fused
             or (plan.vocabulary is not None and name in plan.vocabulary.tensors)
             or any(source.has_deltas(n) or source.store.packed(n) for source, n in job.sources)):
         return [None]
@@ -350,14 +352,15 @@ def _quantized_base(plan: Plan) -> tuple[str, set[str]]:
     for source in plan.sources:
         if source.store.method is not None:
             # (with slices, an output tensor is packed again when the layer it comes from was)
-            return source.store.method, {n for n in plan.names
+            return source.store.method, {n for n, _, _ in plan.layout  # (the checkpoint's names: `fuse`)
                                          if any(s is source and s.store.packed(m) for s, m in plan.job(n).sources)}
     raise AdaptkitError("--requantize: no input is a quantized model (to quantize the result, run adaptkit quantize)")
 
 
 def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bool, progress: bool, device) -> None:
     dtypes = {name: code_to_torch(code) for name, code, _ in plan.layout}
-    shapes = {name: shape for name, _, shape in plan.layout}
+    shapes = {name: shape for name, _, shape in plan.layout} | {n: j.reference.info(j.reference_name).shape
+                                                                for n, j in plan.fused.items()}
     # freed blocks' or tensors' memory kept for the next (the command only: allocator.py)
     allocator.tune("blocks" if spec.option(plan.method, "elementwise") else "tensors")
     intra_op = torch.get_num_threads()
@@ -377,7 +380,8 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
             torch.set_num_threads(intra_op)
         try:
             merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows, device=device)
-            writer.write(name, merged.to(dtypes[name]).cpu(), row=rows[0] if rows else 0)
+            for out, part in plan.groups[name].split(merged) if name in plan.groups else [(name, merged)]:
+                writer.write(out, part.to(dtypes[out]).cpu(), row=rows[0] if rows else 0)
         finally:
             torch.set_num_threads(shared)
         with lock:
