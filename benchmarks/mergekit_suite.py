@@ -91,6 +91,8 @@ FAMILIES = {
                                                          vocab_size=128, new_decoder_architecture=True,
                                                          tie_word_embeddings=False)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_SMALL)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8, num_experts=4,
+                                                                num_experts_per_tok=2, moe_intermediate_size=16)),
 }
 
 

@@ -66,10 +66,10 @@ WILD_MUST_PASS = {
 }
 
 
-# one set of recipe shapes on ten architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
+# one set of recipe shapes on eleven architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
 # q/k norms (Qwen3), fused projections (Phi-3, Falcon), Gemma-3's four norms, OLMo-2's post-norms, StarCoder2's
-# biases, and a Mixtral's experts, which mergekit 0.1.5 merges in transformers 5's fused layout, as adaptkit does
-# then (adaptkit/merge/converted.py)
+# biases, and a Mixtral's and a Qwen3-MoE's experts, which mergekit 0.1.5 merges in transformers 5's fused layout,
+# as adaptkit does then (adaptkit/merge/converted.py)
 ARCH_MUST_PASS = {
     "qwen3/ties": "equal",
     "qwen3/slerp_gradient": "equal",
@@ -82,6 +82,7 @@ ARCH_MUST_PASS = {
     "mixtral/passthrough": "equal",
     "mixtral/slerp_gradient": "equal",
     "mixtral/ties": "equal",
+    "qwen3_moe/ties": "equal",
 }
 
 
