@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -59,7 +60,7 @@ KEEP_TOLERANCE = 0.02  # absolute, on the whole model's keep fraction
 NORM_TOLERANCE = 0.05  # relative, on the whole model's norm of output minus base
 CLOSE = dict(rtol=1e-2, atol=1e-3)
 TOKENIZER_KEYS = {"tokenizer", "tokenizer_source", "chat_template"}
-BUILD = 2  # raise when build_model changes what it writes: models built before are built again
+BUILD = 3  # raise when build_model changes what it writes: models built before are built again
 STATUSES = ("equal", "close", "different", "adaptkit-refused", "adaptkit-crashed", "mergekit-failed")
 
 # Tiny shapes per family (transformers config class, keyword arguments); a model's `config` overrides.
@@ -91,6 +92,19 @@ FAMILIES = {
                                                          vocab_size=128, new_decoder_architecture=True,
                                                          tie_word_embeddings=False)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_SMALL)),
+    # vision-language models: `layers` is the text decoder's (their config's top level has no layer count)
+    "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
+        text_config=dict(_SMALL, vocab_size=300, num_key_value_heads=1, head_dim=8, sliding_window=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, vision_use_head=False),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", dict(
+        text_config=dict(_SMALL, vocab_size=300, num_key_value_heads=1, bos_token_id=0, eos_token_id=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+                           fullatt_block_indexes=[1], window_size=16, patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=299, video_token_id=298, vision_start_token_id=297)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8, num_experts=4,
                                                                 num_experts_per_tok=2, moe_intermediate_size=16)),
 }
@@ -196,9 +210,10 @@ def build_model(spec: dict, folder: Path) -> None:
         model = transformers.LlavaForConditionalGeneration(config)
     else:
         config_class, model_class, shape = FAMILIES[spec["family"]]
-        kwargs = dict(shape, **spec.get("config", {}))
+        kwargs = copy.deepcopy(dict(shape, **spec.get("config", {})))
         if "layers" in spec:
-            kwargs["n_layer" if spec["family"] == "gpt2" else "num_hidden_layers"] = spec["layers"]
+            (kwargs.get("text_config") or kwargs)["n_layer" if spec["family"] == "gpt2" else "num_hidden_layers"] = \
+                spec["layers"]
         model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
     model.save_pretrained(folder, safe_serialization=True)
     if spec["family"] == "picollava":
@@ -209,6 +224,14 @@ def build_model(spec: dict, folder: Path) -> None:
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
                   metadata={"format": "pt"})
+    if spec["family"] == "gemma3_vl":
+        # transformers 5 writes the SigLIP tower without its `vision_model.` level; Google's checkpoints (and
+        # mergekit's gemma3vl table) have it, and transformers loads either
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(folder / "model.safetensors")
+        save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
     if "tokenizer" in spec:
         _tokenizer(spec["tokenizer"]).save_pretrained(folder)
 

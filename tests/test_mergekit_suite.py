@@ -66,10 +66,10 @@ WILD_MUST_PASS = {
 }
 
 
-# one set of recipe shapes on eleven architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
+# one set of recipe shapes on thirteen architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
 # q/k norms (Qwen3), fused projections (Phi-3, Falcon), Gemma-3's four norms, OLMo-2's post-norms, StarCoder2's
-# biases, and a Mixtral's and a Qwen3-MoE's experts, which mergekit 0.1.5 merges in transformers 5's fused layout,
-# as adaptkit does then (adaptkit/merge/converted.py)
+# biases, Gemma-3's and Qwen2.5-VL's modules, and a Mixtral's and a Qwen3-MoE's experts, which mergekit 0.1.5
+# merges in transformers 5's fused layout, as adaptkit does then (adaptkit/merge/converted.py)
 ARCH_MUST_PASS = {
     "qwen3/ties": "equal",
     "qwen3/slerp_gradient": "equal",
@@ -83,6 +83,9 @@ ARCH_MUST_PASS = {
     "mixtral/slerp_gradient": "equal",
     "mixtral/ties": "equal",
     "qwen3_moe/ties": "equal",
+    "qwen2_5_vl/ties": "equal",  # (the projector MLP at its module's last layer, as mergekit's table places it)
+    "qwen2_5_vl/modules_slerp": "equal",
+    "gemma3_vl/modules_slerp": "equal",
 }
 
 

@@ -256,7 +256,8 @@ def parameter_groups(plan) -> list[dict[str, Any]]:
         group = groups.setdefault(json.dumps([module, params], sort_keys=True, default=str),
                                   {**module, "parameters": params, "layers": [], "tensors": []})
         group["tensors"].append(name)
-        found = LAYER_INDEX.search(name)
+        spec = modules.get(owner(name, modules))
+        found = None if spec and any(p in name for p in spec.last_layer) else LAYER_INDEX.search(name)  # (mlp.0: no layer)
         if found and int(found.group(1)) not in group["layers"]:
             group["layers"].append(int(found.group(1)))
     return list(groups.values())

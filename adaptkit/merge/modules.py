@@ -38,6 +38,10 @@ class ModuleSpec:
     prefixes: tuple[str, ...]
     count_keys: tuple[str, ...] = ()
     fixed: int | None = None
+    #: Tensors (name substrings) that mergekit's table lists as layer weights without a layer index, beside
+    #: `override_num_layers: 2`: each layer's plan merges them again and the last one's is written, so their
+    #: gradient position is 1 (Qwen2-VL's projector MLP; measured: a density gradient's last value, TIES).
+    last_layer: tuple[str, ...] = ()
 
     @property
     def layered(self) -> bool:
@@ -61,7 +65,8 @@ def _qwen_vl(deepstack: bool) -> dict[str, ModuleSpec]:
     projector = ("visual.merger.", "model.visual.merger.") + (("model.visual.deepstack_merger_list.",) if deepstack else ())
     return {"text_decoder": ModuleSpec(("model.", "lm_head."), ("text_config.num_hidden_layers", "num_hidden_layers")),
             "vision_tower": ModuleSpec(("visual.", "model.visual."), ("vision_config.depth",)),
-            "multi_modal_projector": ModuleSpec(projector, fixed=3 if deepstack else None)}
+            "multi_modal_projector": ModuleSpec(projector, fixed=3 if deepstack else None,
+                                                last_layer=() if deepstack else ("merger.mlp.",))}
 
 
 #: model_type -> module name -> what it owns (names from mergekit's architecture tables; LLaVA, LLaVA-NeXT
@@ -192,7 +197,10 @@ def part_jobs(recipe, opened: dict[str, Any], donor, takes_base: bool) -> tuple[
                              part.name) for ref, source in opened.items()}
         slices = [Slice([SliceSource(s.ref, (0, stacks[str(s.ref)].count), s.parameters) for s in one.sources],
                         one.base, one.parameters) for one in part.slices] if part.whole else part.slices
-        jobs.update(slice_jobs(slices, stacks, base if takes_base else None, takes_base, part.label, part.whole,
-                               part.parameters))
+        made = slice_jobs(slices, stacks, base if takes_base else None, takes_base, part.label, part.whole,
+                          part.parameters)
+        for name, job in made.items():  # (`ModuleSpec.last_layer`)
+            job.t = 1.0 if any(p in name for p in spec.last_layer) else job.t
+        jobs.update(made)
         counted.append((slices, stacks))
     return jobs, output_config(donor.config, counted)
