@@ -67,6 +67,7 @@ STATUSES = ("equal", "close", "different", "adaptkit-refused", "adaptkit-crashed
 # pico*: mergekit's tests/common.py fixtures as written there.
 _SMALL = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
               max_position_embeddings=64)
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # (within the stand-ins' vocabulary)
 _PICO = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", _SMALL),
@@ -92,6 +93,19 @@ FAMILIES = {
                                                          vocab_size=128, new_decoder_architecture=True,
                                                          tie_word_embeddings=False)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_SMALL)),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(_SMALL, num_key_value_heads=1, sliding_window=16, **_IDS)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8, **_IDS)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(_SMALL, num_key_value_heads=1, **_IDS)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8, n_routed_experts=4,
+                                                             num_experts_per_tok=2, moe_intermediate_size=16,
+                                                             n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                                                             topk_group=1, **_IDS)),
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(_SMALL, num_key_value_heads=1, **_IDS,
+                                                   layer_types=["conv", "full_attention", "conv", "full_attention"])),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(_SMALL, **_IDS)),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", dict(_SMALL, max_position_embeddings=8192, **_IDS)),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(_SMALL, **_IDS)),
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(hidden_size=16, state_size=4, vocab_size=128, **_IDS)),
     # vision-language models: `layers` is the text decoder's (their config's top level has no layer count)
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(_SMALL, vocab_size=300, num_key_value_heads=1, head_dim=8, sliding_window=16),
@@ -361,6 +375,15 @@ def _loaded(folder: Path) -> tuple[dict, list[str]]:
     return {k: v.detach() for k, v in model.state_dict().items()}, sorted(info["missing_keys"])
 
 
+def _loads(folder: Path) -> str:
+    """Whether transformers loads a model output whole (for the recipes mergekit cannot run)."""
+    try:
+        _, missing = _loaded(folder)
+    except Exception as error:  # noqa: BLE001 (any failure is the answer)
+        return f"transformers cannot load the output: {_failure(error)[1]}"
+    return f"transformers finds {_short(missing)} missing in the output" if missing else "transformers loads the output"
+
+
 def _config_facts(folder: Path) -> dict:
     config = json.loads((Path(folder) / "config.json").read_text())
     inner = config.get("text_config") or {}
@@ -498,7 +521,7 @@ def run_one(recipe: Recipe, hub: dict, paths: dict[str, str], work: Path, keep: 
         ours = _failure(e)
     row["adaptkit_s"] = round(time.perf_counter() - start, 2)
     if peer_error is not None:
-        did = "ran it" if ours is None else f"{ours[0].split('-')[1]}: {ours[1]}"
+        did = f"ran it ({_loads(folder / 'adaptkit')})" if ours is None else f"{ours[0].split('-')[1]}: {ours[1]}"
         expected = " (mergekit's test expects this error)" if recipe.expect == "refused" else ""
         row.update(status="mergekit-failed", detail=f"{peer_error}{expected}; adaptkit {did}")
     elif ours is not None:

@@ -66,7 +66,7 @@ WILD_MUST_PASS = {
 }
 
 
-# one set of recipe shapes on thirteen architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
+# one set of recipe shapes on twenty-two architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
 # q/k norms (Qwen3), fused projections (Phi-3, Falcon), Gemma-3's four norms, OLMo-2's post-norms, StarCoder2's
 # biases, Gemma-3's and Qwen2.5-VL's modules, and a Mixtral's and a Qwen3-MoE's experts, which mergekit 0.1.5
 # merges in transformers 5's fused layout, as adaptkit does then (adaptkit/merge/converted.py)
@@ -86,6 +86,9 @@ ARCH_MUST_PASS = {
     "qwen2_5_vl/ties": "equal",  # (the projector MLP at its module's last layer, as mergekit's table places it)
     "qwen2_5_vl/modules_slerp": "equal",
     "gemma3_vl/modules_slerp": "equal",
+    "glm4_moe/ties": "equal",  # (routed experts stacked, the shared expert and the router's correction bias not)
+    "lfm2/ties": "equal",
+    "mamba/slerp_gradient": "equal",
 }
 
 
