@@ -86,7 +86,10 @@ ARCH_MUST_PASS = {
     "qwen2_5_vl/ties": "equal",  # (the projector MLP at its module's last layer, as mergekit's table places it)
     "qwen2_5_vl/modules_slerp": "equal",
     "gemma3_vl/modules_slerp": "equal",
-    "glm4_moe/ties": "equal",  # (routed experts stacked, the shared expert and the router's correction bias not)
+    "glm4_moe/ties": "equal",
+    "mixtral/moe_model_stock": "equal",
+    "qwen3_moe/moe_karcher": "equal",
+    "mixtral/moe_dare_ties": "close",  # (routed experts stacked, the shared expert and the router's correction bias not)
     "lfm2/ties": "equal",
     "mamba/slerp_gradient": "equal",
 }
