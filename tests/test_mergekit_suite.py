@@ -142,22 +142,16 @@ def test_what_mergekit_refuses_adaptkit_refuses(loaded, paths, tmp_path):
         assert row["status"] == "mergekit-failed" and "adaptkit refused" in row["detail"], row["detail"]
 
 
-@pytest.mark.parametrize("recipe_id", sorted(WILD_MUST_PASS))
-def test_published_recipe_gives_mergekits_numbers(recipe_id, wild, wild_models, tmp_path, one_thread):
-    models, hub, recipes, _ = wild
+@pytest.mark.parametrize("collection, recipe_id", [("published", r) for r in sorted(WILD_MUST_PASS)]
+                         + [("architectures", r) for r in sorted(ARCH_MUST_PASS)])
+def test_collected_recipe_gives_mergekits_numbers(collection, recipe_id, wild, arch, wild_models, tmp_path, one_thread):
+    """A published recipe (wild_recipes.yml) or an architecture's (arch_recipes.yml); their stand-ins share a folder."""
+    (models, hub, recipes, _), want = {"published": (wild, WILD_MUST_PASS), "architectures": (arch, ARCH_MUST_PASS)}[
+        collection]
     (recipe,) = [r for r in recipes if r.id == recipe_id]
     paths = suite.ensure_models(suite.model_names(recipe, models, hub), models, wild_models)
     row = suite.run_one(recipe, hub, paths, tmp_path)
-    assert row["status"] == WILD_MUST_PASS[recipe_id], row["detail"]
-
-
-@pytest.mark.parametrize("recipe_id", sorted(ARCH_MUST_PASS))
-def test_architecture_recipe_gives_mergekits_numbers(recipe_id, arch, wild_models, tmp_path, one_thread):
-    models, hub, recipes, _ = arch
-    (recipe,) = [r for r in recipes if r.id == recipe_id]
-    paths = suite.ensure_models(suite.model_names(recipe, models, hub), models, wild_models)
-    row = suite.run_one(recipe, hub, paths, tmp_path)
-    assert row["status"] == ARCH_MUST_PASS[recipe_id], row["detail"]
+    assert row["status"] == want[recipe_id], row["detail"]
 
 
 @pytest.mark.parametrize("which", ["mergekit's", "published", "architectures"])
