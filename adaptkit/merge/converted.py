@@ -12,9 +12,10 @@ once; and a `filter:` matches the names it sees (`mlp` matches `mlp.experts.down
 `block_sparse_moe.experts.0.w2.weight`). For those merges the plan does the same (`fuse`): each group of
 checkpoint tensors is one merge, under transformers 5's name, of the inputs' tensors built as transformers
 builds them; the result is split back and written as the checkpoint stores it, a layout transformers 4 and
-5 both load (mergekit writes the fused one). Measured on `benchmarks/arch_recipes.yml`: Mixtral's slerp over
-slices and TIES, which differed, are mergekit's bytes this way. A conversion step other than stacking and
-concatenating is not followed: the merge then warns that mergekit's numbers differ.
+5 both load (mergekit writes the fused one). Measured on `benchmarks/arch_recipes.yml`'s Mixtral, Qwen3-MoE
+and GLM-4-MoE stand-ins: every deterministic method gives mergekit's bytes this way, where merging each
+expert's matrix alone differed (slerp over slices: 12 of 39 tensors). A conversion step other than stacking
+and concatenating is not followed: the merge then warns that mergekit's numbers differ.
 
 Only a model with per-expert tensors is read through the table (importing it takes about 2 s, which every
 filtered recipe would pay otherwise). A rename alone changes no number but what a filter matches: a filter
