@@ -385,3 +385,19 @@ def test_token_indexed_tensors_include_mergekits():
             marked |= {prefix + w["name"] for w in info.get("pre_weights", []) + info.get("post_weights", [])
                        if w.get("vocabulary_axis") is not None and "${" not in w["name"]}
     assert len(marked) > 20 and marked <= VOCABULARY_TENSORS, sorted(marked - VOCABULARY_TENSORS)
+
+
+def test_qwen2_vl_projector_mlp_sits_at_its_modules_last_layer():
+    """mergekit's Qwen2-VL tables list the projector's MLP as layer weights without an index beside
+    `override_num_layers: 2`: each layer's plan merges them and the last is written (t = 1); its norm is a
+    pre-weight (t = 0). The vision blocks and text layers keep their own positions."""
+    from adaptkit.merge.positions import layer_positions
+
+    names = ["visual.merger.ln_q.weight", "visual.merger.mlp.0.weight", "visual.merger.mlp.2.bias",
+             "visual.blocks.0.attn.qkv.weight", "visual.blocks.1.attn.qkv.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.3.mlp.up_proj.weight"]
+    config = {"model_type": "qwen2_5_vl", "vision_config": {"depth": 2}, "text_config": {"num_hidden_layers": 4}}
+    assert layer_positions(names, config) == {
+        "visual.merger.ln_q.weight": 0.0, "visual.merger.mlp.0.weight": 1.0, "visual.merger.mlp.2.bias": 1.0,
+        "visual.blocks.0.attn.qkv.weight": 0.0, "visual.blocks.1.attn.qkv.weight": 1.0,
+        "model.layers.0.mlp.up_proj.weight": 0.0, "model.layers.3.mlp.up_proj.weight": 1.0}

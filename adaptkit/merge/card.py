@@ -257,7 +257,7 @@ def parameter_groups(plan) -> list[dict[str, Any]]:
                                   {**module, "parameters": params, "layers": [], "tensors": []})
         group["tensors"].append(name)
         spec = modules.get(owner(name, modules))
-        found = None if spec and any(p in name for p in spec.last_layer) else LAYER_INDEX.search(name)  # (mlp.0: no layer)
+        found = None if spec and spec.at_last_layer(name) else LAYER_INDEX.search(name)  # (its mlp.0 is no layer)
         if found and int(found.group(1)) not in group["layers"]:
             group["layers"].append(int(found.group(1)))
     return list(groups.values())

@@ -43,6 +43,9 @@ class ModuleSpec:
     #: gradient position is 1 (Qwen2-VL's projector MLP; measured: a density gradient's last value, TIES).
     last_layer: tuple[str, ...] = ()
 
+    def at_last_layer(self, name: str) -> bool:
+        return any(part in name for part in self.last_layer)
+
     @property
     def layered(self) -> bool:
         return bool(self.count_keys) or self.fixed is not None
@@ -200,7 +203,7 @@ def part_jobs(recipe, opened: dict[str, Any], donor, takes_base: bool) -> tuple[
         made = slice_jobs(slices, stacks, base if takes_base else None, takes_base, part.label, part.whole,
                           part.parameters)
         for name, job in made.items():  # (`ModuleSpec.last_layer`)
-            job.t = 1.0 if any(p in name for p in spec.last_layer) else job.t
+            job.t = 1.0 if spec.at_last_layer(name) else job.t
         jobs.update(made)
         counted.append((slices, stacks))
     return jobs, output_config(donor.config, counted)

@@ -129,7 +129,7 @@ def layer_positions(names: list[str], config: dict | None) -> dict[str, float]:
         by_module.setdefault(owner(name, modules), []).append(name)
     for module, owned in by_module.items():
         spec = modules.get(module)
-        positions.update((n, 1.0) for n in owned if spec and any(part in n for part in spec.last_layer))
+        positions.update((n, 1.0) for n in owned if spec and spec.at_last_layer(n))
         if spec is None or not spec.layered:
             continue
         indices = {n: int(m.group(2)) for n in owned if (m := LAYER_NAME.match(n))}
