@@ -820,6 +820,9 @@ def test_a_conversion_step_not_followed_is_a_warning(mixtrals, tmp_path, monkeyp
     import transformers.conversion_mapping as table
     from transformers.core_model_loading import MergeModulelist, Transpose, WeightConverter
 
+    from adaptkit.merge import converted
+
+    monkeypatch.delitem(converted.TABLE, "mixtral")  # (read from transformers' table, then)
     odd = [WeightConverter([".experts.*.w2.weight"], [".experts.down_proj"], operations=[MergeModulelist(dim=0),
                                                                                            Transpose(dim0=1, dim1=2)])]
     monkeypatch.setattr(table, "get_checkpoint_conversion_mapping", lambda model_type: odd)
@@ -831,3 +834,45 @@ def test_a_conversion_step_not_followed_is_a_warning(mixtrals, tmp_path, monkeyp
                                          r"covers all experts at once: its numbers differ from these. adaptkit merges "
                                          r"and writes the checkpoint's tensors as stored$"):
         run_merge(recipe, tmp_path / "out", progress=False, card=False)
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("adaptkit.merge.converted", fromlist=["TABLE"]).TABLE))
+def test_built_in_conversion_steps_are_transformers(model_type):
+    """converted.TABLE writes out transformers 5's conversion table for the MoE checkpoints most merged (so
+    that merging them does not import it): each step as transformers' (patterns, stacking, concatenation
+    axis), and the same new name for per-expert and renamed tensors."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    from adaptkit.merge.converted import TABLE
+
+    theirs, ours = get_checkpoint_conversion_mapping(model_type), TABLE[model_type]
+    assert len(theirs) == len(ours)
+    for t, step in zip(theirs, ours):
+        assert (list(t.source_patterns), list(t.target_patterns)) == (list(step.sources), [step.target])
+        ops = [(type(o), getattr(o, "dim", None)) for o in getattr(t, "operations", None) or []]
+        want = [(MergeModulelist, 0)] + ([(Concatenate, step.axis)] if len(step.sources) > 1 else [])
+        assert isinstance(t, WeightConverter) == step.stack and ops == (want if step.stack else [])
+    names = [f"model.layers.3.{where}.{e}.{w}.weight" for where in ("block_sparse_moe.experts", "mlp.experts",
+             "feed_forward.experts") for e in (0, 7) for w in ("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj")]
+    for name in names + ["model.layers.3.block_sparse_moe.gate.weight", "model.layers.3.self_attn.q_proj.weight"]:
+        mine = theirs_ = name
+        for t, step in zip(theirs, ours):
+            theirs_, mine = t.rename_source_key(theirs_)[0], step.apply(mine)[0]
+        assert mine == theirs_, name
+
+
+def test_built_in_steps_import_no_transformers(tmp_path):
+    """A merge of a Mixtral whose experts are stacked reads converted.TABLE, not transformers' table."""
+    import subprocess
+    import sys
+
+    for i in range(2):
+        tiny_mixtral_files(tmp_path / f"m{i}", seed=i)
+    recipe = write(tmp_path / "r.yml", {"merge_method": "slerp", "base_model": str(tmp_path / "m0"),
+                                        "models": [str(tmp_path / "m1")], "parameters": {"t": 0.3}})
+    code = ("import sys; from adaptkit.merge.engine import Plan; from adaptkit.merge.recipe import load_recipe; "
+            f"plan = Plan(load_recipe({str(recipe)!r})); assert plan.fused, 'not stacked'; "
+            "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]

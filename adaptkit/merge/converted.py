@@ -145,33 +145,89 @@ def stored_name(member: str, group: Group) -> str:
     return group.name
 
 
-def converted_groups(names: list[str], config: dict[str, Any], method: Any, filtered: bool) -> dict[str, Group]:
-    """The groups transformers 5's table makes of `names` (model_type from `config`), by their name there; {}
-    with a warning where a step of the table is not stacking and concatenating (mergekit's numbers then
-    differ, as the warning says); {} where transformers has no table (an older transformers, mergekit's too)."""
+@dataclass(frozen=True)
+class Step:
+    """One step of transformers 5's conversion table: a rename (`sources` -> `target`), or per-expert tensors
+    (`*` the expert) stacked into `target`, the stacks of several sources concatenated on `axis`; `rename`:
+    transformers' own matching, where the step is read from its table (None: whole-pattern replacement)."""
+
+    sources: tuple[str, ...]
+    target: str
+    stack: bool = False
+    axis: int = 0
+    rename: Any = None
+    followed: bool = True  # (False: a step other than these, which a merge does not follow)
+
+    def apply(self, key: str) -> tuple[str, str | None]:
+        """(the key renamed, the source pattern that matched) or (key, None)."""
+        if self.rename is not None:
+            return self.rename(key)
+        for pattern in self.sources:
+            if found := re.search(re.escape(pattern).replace(r"\*", r"[^.]*"), key):
+                return key[:found.start()] + self.target + key[found.end():], pattern
+        return key, None
+
+
+def _experts(gate: str, up: str, down: str, where: str = "mlp.experts") -> tuple[Step, ...]:
+    return (Step((f"{where}.*.{gate}.weight", f"{where}.*.{up}.weight"), f"{where}.gate_up_proj", True, 1),
+            Step((f"{where}.*.{down}.weight",), f"{where}.down_proj", True, 0))
+
+
+_BLOCK_SPARSE = (Step((".block_sparse_moe.",), ".mlp."),) + _experts("w1", "w3", "w2", ".experts")
+#: transformers 5's conversion table for the MoE checkpoints most merged, written out so that merging them
+#: does not import it (`transformers.conversion_mapping` takes about 2 s: on a 106M Mixtral, slerp's work was
+#: 2.0 s against mergekit's 1.0). tests/test_merge_output.py checks each against transformers' own table;
+#: another model type with per-expert tensors reads transformers' table.
+TABLE: dict[str, tuple[Step, ...]] = {
+    "mixtral": _BLOCK_SPARSE, "minimax": _BLOCK_SPARSE,
+    **dict.fromkeys(("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"),
+                    _experts("gate_proj", "up_proj", "down_proj")),
+    "jamba": _experts("gate_proj", "up_proj", "down_proj", "feed_forward.experts"),
+    "lfm2_moe": _experts("w1", "w3", "w2", "feed_forward.experts"),
+}
+
+
+def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
+    """transformers 5's conversion steps for a model type (`TABLE`, else its own table; () without one)."""
+    if model_type in TABLE:
+        return TABLE[model_type]
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
-        transforms = get_checkpoint_conversion_mapping(config.get("model_type")) or []
-    except (ImportError, KeyError, ValueError):
-        return {}
-    found: dict[str, dict] = {}  # name there -> {(pattern, expert) or None: checkpoint name}
+        transforms = get_checkpoint_conversion_mapping(model_type) or []
+    except (ImportError, KeyError, ValueError):  # (a transformers without the table: mergekit 0.1.5 needs it)
+        return ()
+    steps = []
+    for t in transforms:
+        ops = [(type(o), getattr(o, "dim", None)) for o in getattr(t, "operations", None) or []]
+        if not isinstance(t, WeightConverter):
+            steps.append(Step(tuple(t.source_patterns), "", rename=t.rename_source_key))
+        else:
+            followed = ops[:1] == [(MergeModulelist, 0)] and len(ops) <= 2 and all(o is Concatenate for o, _ in ops[1:])
+            steps.append(Step(tuple(t.source_patterns), "", True, ops[-1][1] if len(ops) > 1 else 0,
+                              t.rename_source_key, followed))
+    return tuple(steps)
+
+
+def converted_groups(names: list[str], config: dict[str, Any], method: Any, filtered: bool) -> dict[str, Group]:
+    """The groups transformers 5's conversion steps make of `names` (model_type from `config`), by their name
+    there; {} with a warning where a step is one adaptkit does not follow or an expert is missing (mergekit's
+    numbers then differ, as the warning says)."""
+    steps = conversion_steps(config.get("model_type"))
+    found: dict[str, dict] = {}  # name there -> {(source pattern, expert) or None: checkpoint name}
     axes: dict[str, int] = {}
     for name in names:
         fused, slot = name, None
-        for transform in transforms:
-            renamed, pattern = transform.rename_source_key(fused)
+        for step in steps:
+            renamed, pattern = step.apply(fused)
             if pattern is None:
                 continue
-            if isinstance(transform, WeightConverter):
-                ops = [(type(o), getattr(o, "dim", None)) for o in transform.operations]
-                wildcard = re.search(re.escape(pattern).replace(r"\*", r"([^.]*)"), fused)
-                if ops[:1] != [(MergeModulelist, 0)] or len(ops) > 2 or any(o is not Concatenate for o, _ in ops[1:]) \
-                        or wildcard is None or not wildcard.group(1).isdigit():
+            if step.stack:
+                expert = re.search(re.escape(pattern).replace(r"\*", r"([^.]*)"), fused)
+                if not step.followed or expert is None or not expert.group(1).isdigit():
                     _warn(config, name, renamed, method, filtered)
                     return {}
-                slot = (transform.source_patterns.index(pattern), int(wildcard.group(1)))
-                axes[renamed] = ops[1][1] if len(ops) > 1 else 0
+                slot, axes[renamed] = (step.sources.index(pattern), int(expert.group(1))), step.axis
             fused = renamed
         if fused != name:
             found.setdefault(fused, {})[slot] = name
