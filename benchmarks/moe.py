@@ -127,6 +127,24 @@ def compare(ours: Path, theirs: Path, job: str) -> str:
     return f"{len(unequal)}/{len(m)} tensors differ, worst {worst}"
 
 
+def line(job: str, peer, ours, detail: str) -> None:
+    """One job's result as it finishes (mergekit's and adaptkit's `merge.Run`s)."""
+    print(f"{job:<16} mergekit {peer.seconds:6.2f} s (work {peer.work:5.2f}, {peer.peak_mb:5.0f} MB)  adaptkit "
+          f"{ours.seconds:6.2f} s (work {ours.work:5.2f}, {ours.peak_mb:5.0f} MB)  time {ours.seconds / peer.seconds:.3f}"
+          f"  work {ours.work / peer.work:.3f}  RSS {ours.peak_mb / peer.peak_mb:.3f}  {detail}", flush=True)
+
+
+def table(first: str, rows: list) -> None:
+    """The jobs as a markdown table: (name, mergekit's Run, adaptkit's Run, outputs) each."""
+    print(f"\n| {first} | mergekit s | adaptkit s | time ratio | work s mergekit / adaptkit | work ratio | peak MB "
+          "mergekit / adaptkit | RSS ratio | outputs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for job, peer, ours, detail in rows:
+        print(f"| {job} | {peer.seconds:.2f} | {ours.seconds:.2f} | {ours.seconds / peer.seconds:.3f} | "
+              f"{peer.work:.2f} / {ours.work:.2f} | {ours.work / peer.work:.3f} | {peer.peak_mb:.0f} / {ours.peak_mb:.0f} "
+              f"| {ours.peak_mb / peer.peak_mb:.3f} | {detail} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -143,16 +161,8 @@ def main() -> None:
         detail = compare(WORK / "out" / f"{job}-adaptkit", WORK / "out" / f"{job}-mergekit", job)
         peer, ours = runs["mergekit"], runs["adaptkit"]
         rows.append((job, peer, ours, detail))
-        print(f"{job:<16} mergekit {peer.seconds:6.2f} s (work {peer.work:5.2f}, {peer.peak_mb:5.0f} MB)  adaptkit "
-              f"{ours.seconds:6.2f} s (work {ours.work:5.2f}, {ours.peak_mb:5.0f} MB)  time {ours.seconds / peer.seconds:.3f}"
-              f"  work {ours.work / peer.work:.3f}  RSS {ours.peak_mb / peer.peak_mb:.3f}  {detail}", flush=True)
-    print("\n| job | mergekit s | adaptkit s | time ratio | work s mergekit / adaptkit | work ratio | peak MB mergekit / "
-          "adaptkit | RSS ratio | outputs |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for job, peer, ours, detail in rows:
-        print(f"| {job} | {peer.seconds:.2f} | {ours.seconds:.2f} | {ours.seconds / peer.seconds:.3f} | "
-              f"{peer.work:.2f} / {ours.work:.2f} | {ours.work / peer.work:.3f} | {peer.peak_mb:.0f} / {ours.peak_mb:.0f} "
-              f"| {ours.peak_mb / peer.peak_mb:.3f} | {detail} |")
+        line(job, peer, ours, detail)
+    table("job", rows)
     print(f"\n(median of {args.runs}; {statistics.median([r[1].seconds for r in rows]):.1f} s mergekit's median job)")
 
 

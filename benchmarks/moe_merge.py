@@ -87,15 +87,8 @@ def main() -> None:
                           out["adaptkit"], args.runs)
         detail = moe.compare(out["adaptkit"], out["mergekit"], "mixtral")
         rows.append((job, peer, ours, detail))
-        print(f"{job:<12} mergekit {peer.seconds:6.2f} s (work {peer.work:5.2f}, {peer.peak_mb:5.0f} MB)  adaptkit "
-              f"{ours.seconds:6.2f} s (work {ours.work:5.2f}, {ours.peak_mb:5.0f} MB)  {detail}", flush=True)
-    print("\n| method | mergekit s | adaptkit s | time ratio | work s mergekit / adaptkit | work ratio | peak MB "
-          "mergekit / adaptkit | RSS ratio | outputs |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for job, peer, ours, detail in rows:
-        print(f"| {job} | {peer.seconds:.2f} | {ours.seconds:.2f} | {ours.seconds / peer.seconds:.3f} | "
-              f"{peer.work:.2f} / {ours.work:.2f} | {ours.work / peer.work:.3f} | {peer.peak_mb:.0f} / {ours.peak_mb:.0f} "
-              f"| {ours.peak_mb / peer.peak_mb:.3f} | {detail} |")
+        moe.line(job, peer, ours, detail)
+    moe.table("method", rows)
     print(f"\n(median of {args.runs} runs; largest peak)")
 
 
