@@ -876,3 +876,25 @@ def test_built_in_steps_import_no_transformers(tmp_path):
             "print('transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_stacked_experts_of_a_quantized_base_are_packed_again(mixtrals, tmp_path):
+    """--requantize with a quantized Mixtral base whose experts merge stacked: each expert's merged matrix is
+    packed again, as the base's quantizer packs the same merge written plainly."""
+    from adaptkit import registry
+    from adaptkit.io.store import open_store
+
+    quantized = tmp_path / "m0q"
+    assert adaptkit("quantize", mixtrals / "m0", "--method", "nf4", "-o", quantized)[0] == 0
+    recipe = write(tmp_path / "r.yml", {"merge_method": "slerp", "base_model": str(quantized),
+                                        "models": [str(mixtrals / "m1")], "parameters": {"t": 0.6}})
+    for out, extra in (("packed", ["--requantize"]), ("plain", [])):
+        code, output = adaptkit("merge", recipe, "-o", tmp_path / out, *extra)
+        assert code == 0, output
+    nf4, name = registry.get("quantizer", "nf4"), "model.layers.1.block_sparse_moe.experts.1.w3.weight"
+    with open_store(tmp_path / "packed") as packed, open_store(tmp_path / "plain") as plain:
+        got = {k.replace(name, "weight", 1): packed.get(k) for k in packed.keys() if k.startswith(name)}
+        want = nf4.quantize(plain.get(name))
+    assert got.keys() == want.keys() and len(got) > 1
+    for key in got:
+        assert torch.equal(got[key], want[key]), key
