@@ -250,13 +250,14 @@ def parameter_groups(plan) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = {}
     for name in plan.names:
         params, job = plan.parameters(name), plan.job(name)
-        module = {} if modules is DEFAULT else {"module": owner(name, modules)}
+        where = owner(name, modules)
+        module = {} if modules is DEFAULT else {"module": where}
         if not plan.jobs and len(job.inputs) < len(plan.inputs):  # (`tensors: union`: the inputs that have it)
             module["inputs"] = [str(source.ref) for source, _ in job.inputs]
         group = groups.setdefault(json.dumps([module, params], sort_keys=True, default=str),
                                   {**module, "parameters": params, "layers": [], "tensors": []})
         group["tensors"].append(name)
-        spec = modules.get(owner(name, modules))
+        spec = modules.get(where)
         found = None if spec and spec.at_last_layer(name) else LAYER_INDEX.search(name)  # (its mlp.0 is no layer)
         if found and int(found.group(1)) not in group["layers"]:
             group["layers"].append(int(found.group(1)))

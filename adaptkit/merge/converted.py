@@ -108,7 +108,16 @@ def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
     if not any(EXPERT.search(n) for n in names) or (spec.option(plan.method, "elementwise") and not filtered):
         return names, {}, {}
     config = (plan.donor if plan.jobs else plan.base or plan.inputs[0]).config or {}
-    groups = converted_groups(names, config, plan.method, filtered)
+
+    def warn(name: str, there: str) -> None:
+        why = " and ".join(([] if spec.option(plan.method, "elementwise") else ["each statistic covers all experts at once"])
+                           + (["its filters match the fused names"] if filtered else []))
+        warnings.warn(f"{config.get('model_type')}: mergekit 0.1.5 merges these experts in transformers 5's fused "
+                      f"layout ('{name}' as part of '{there}'), where {why}: its numbers differ from these. "
+                      "adaptkit merges and writes the checkpoint's tensors as stored")
+
+    steps = conversion_steps(config.get("model_type"))
+    groups = converted_groups(names, steps, warn)
     if not groups:
         return names, {}, {}
     jobs = {}
@@ -116,10 +125,10 @@ def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
         member_jobs = [[plan.job(m) for m in p] for p in group.members]
         inputs = [[s for s, _ in j.sources] for p in member_jobs for j in p]
         if any(i != inputs[0] for i in inputs):  # (`tensors: union` where an input lacks some experts)
-            _warn(config, group.members[0][0], name, plan.method, filtered)
+            warn(group.members[0][0], name)
             return names, {}, {}
         first = member_jobs[0][0]
-        sources = [_reading(first.sources[k], group, member_jobs, k) for k in range(len(first.sources))]
+        sources = [_reading(first.sources[k], group, member_jobs, k, steps) for k in range(len(first.sources))]
         jobs[name] = Job(sources[1:] if first.base else sources, sources[0] if first.base else None, first.t,
                          first.own, first.shared)
     place = {m: g for g in groups.values() for p in g.members for m in p}
@@ -128,21 +137,13 @@ def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
     return merged, jobs, groups
 
 
-def _reading(source: tuple[Any, str], group: Group, member_jobs: list[list[Job]], k: int) -> tuple[FusedSource, str]:
-    """A job's source k, reading the group from the tensors it gives each member (with slices, another layer's)."""
-    stored = stored_name(source[1], group)
+def _reading(source: tuple[Any, str], group: Group, member_jobs: list[list[Job]], k: int,
+             steps: tuple[Step, ...]) -> tuple[FusedSource, str]:
+    """A job's source k, reading the group from the tensors it gives each member (with slices, another layer's),
+    under the name the same steps give those tensors there."""
+    stored = _convert(source[1], steps)[0]
     theirs = Group(stored, [[j.sources[k][1] for j in p] for p in member_jobs], group.stacked, group.axis)
     return FusedSource(source[0], {stored: theirs}), stored
-
-
-def stored_name(member: str, group: Group) -> str:
-    """The group's name for a source that stores its first member as `member` (slices: another layer's)."""
-    first = group.members[0][0]
-    layer = re.compile(r"\.(\d+)\.")
-    mine, theirs = layer.search(first), layer.search(member)
-    if mine and theirs and first[:mine.start()] == member[:theirs.start()]:
-        return group.name.replace(f".{mine.group(1)}.", f".{theirs.group(1)}.", 1)
-    return group.name
 
 
 @dataclass(frozen=True)
@@ -209,50 +210,51 @@ def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def converted_groups(names: list[str], config: dict[str, Any], method: Any, filtered: bool) -> dict[str, Group]:
-    """The groups transformers 5's conversion steps make of `names` (model_type from `config`), by their name
-    there; {} with a warning where a step is one adaptkit does not follow or an expert is missing (mergekit's
+def _convert(name: str, steps: tuple[Step, ...]) -> tuple[str, tuple[int, int] | None, int, bool]:
+    """(the name in transformers 5's layout, (source pattern, expert) where a step stacks it else None, the
+    stacks' concatenation axis, whether every step it went through is one a merge follows)."""
+    fused, slot, axis = name, None, 0
+    for step in steps:
+        renamed, pattern = step.apply(fused)
+        if pattern is None:
+            continue
+        if step.stack:
+            expert = re.search(re.escape(pattern).replace(r"\*", r"([^.]*)"), fused)
+            if not step.followed or expert is None or not expert.group(1).isdigit():
+                return renamed, None, 0, False
+            slot, axis = (step.sources.index(pattern), int(expert.group(1))), step.axis
+        fused = renamed
+    return fused, slot, axis, True
+
+
+def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[str, Group]:
+    """The groups transformers 5's conversion `steps` make of `names`, by their name there; {} after
+    `warn(name, name there)` where a step is one adaptkit does not follow or an expert is missing (mergekit's
     numbers then differ, as the warning says)."""
-    steps = conversion_steps(config.get("model_type"))
     found: dict[str, dict] = {}  # name there -> {(source pattern, expert) or None: checkpoint name}
     axes: dict[str, int] = {}
     for name in names:
-        fused, slot = name, None
-        for step in steps:
-            renamed, pattern = step.apply(fused)
-            if pattern is None:
-                continue
-            if step.stack:
-                expert = re.search(re.escape(pattern).replace(r"\*", r"([^.]*)"), fused)
-                if not step.followed or expert is None or not expert.group(1).isdigit():
-                    _warn(config, name, renamed, method, filtered)
-                    return {}
-                slot, axes[renamed] = (step.sources.index(pattern), int(expert.group(1))), step.axis
-            fused = renamed
+        fused, slot, axis, followed = _convert(name, steps)
+        if not followed:
+            warn(name, fused)
+            return {}
         if fused != name:
             found.setdefault(fused, {})[slot] = name
+            axes[fused] = axis
     groups = {}
     for fused, members in found.items():
         if None in members:  # renamed only: one tensor
             if len(members) > 1:
-                _warn(config, members[None], fused, method, filtered)
+                warn(members[None], fused)
                 return {}
             groups[fused] = Group(fused, [[members[None]]])
             continue
         patterns, experts = sorted({p for p, _ in members}), sorted({e for _, e in members})
         if experts != list(range(len(experts))) or len(members) != len(patterns) * len(experts):
-            _warn(config, next(iter(members.values())), fused, method, filtered)  # (an expert missing)
+            warn(next(iter(members.values())), fused)  # (an expert missing)
             return {}
         groups[fused] = Group(fused, [[members[p, e] for e in experts] for p in patterns], True, axes[fused])
     return groups
-
-
-def _warn(config: dict[str, Any], name: str, fused: str, method: Any, filtered: bool) -> None:
-    why = " and ".join(([] if spec.option(method, "elementwise") else ["each statistic covers all experts at once"])
-                       + (["its filters match the fused names"] if filtered else []))
-    warnings.warn(f"{config.get('model_type')}: mergekit 0.1.5 merges these experts in transformers 5's fused "
-                  f"layout ('{name}' as part of '{fused}'), where {why}: its numbers differ from these. "
-                  "adaptkit merges and writes the checkpoint's tensors as stored")
 
 
 def _has_filter(node: Any) -> bool:
