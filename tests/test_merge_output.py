@@ -836,6 +836,26 @@ def test_a_conversion_step_not_followed_is_a_warning(mixtrals, tmp_path, monkeyp
         run_merge(recipe, tmp_path / "out", progress=False, card=False)
 
 
+def test_experts_of_different_shapes_are_one_line(tmp_path):
+    """A checkpoint whose experts of a layer differ in shape cannot be stacked (nor loaded by transformers): one
+    line naming the tensor, before anything is written."""
+    from safetensors.torch import load_file
+
+    for i in range(2):
+        tiny_mixtral_files(tmp_path / f"m{i}", seed=i)
+        weights = load_file(tmp_path / f"m{i}" / "model.safetensors")
+        weights["model.layers.0.block_sparse_moe.experts.1.w1.weight"] = torch.zeros(12, 8)
+        save_file(weights, tmp_path / f"m{i}" / "model.safetensors")
+    recipe = write(tmp_path / "r.yml", {"merge_method": "slerp", "base_model": str(tmp_path / "m0"),
+                                        "models": [str(tmp_path / "m1")], "parameters": {"t": 0.3}})
+    code, output = adaptkit("merge", recipe, "-o", tmp_path / "out")
+    assert code == 1 and output.strip().splitlines() == [
+        f"error: 'model.layers.0.block_sparse_moe.experts.1.w1.weight' of {tmp_path / 'm0'} has shape (12, 8) where "
+        "'model.layers.0.block_sparse_moe.experts.0.w1.weight' has (16, 8): a layer's experts must be alike "
+        "(transformers stacks them)"]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("model_type", sorted(__import__("adaptkit.merge.converted", fromlist=["TABLE"]).TABLE))
 def test_built_in_conversion_steps_are_transformers(model_type):
     """converted.TABLE writes out transformers 5's conversion table for the MoE checkpoints most merged (so

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .. import spec
+from ..errors import AdaptkitError
 from .slices import Job
 
 #: A per-expert tensor, the only kind transformers 5's tables fuse (its renames alone change no number, only
@@ -143,6 +144,11 @@ def _reading(source: tuple[Any, str], group: Group, member_jobs: list[list[Job]]
     under the name the same steps give those tensors there."""
     stored = _convert(source[1], steps)[0]
     theirs = Group(stored, [[j.sources[k][1] for j in p] for p in member_jobs], group.stacked, group.axis)
+    shapes = {m: tuple(source[0].info(m).shape) for p in theirs.members for m in p}
+    first = theirs.members[0][0]
+    if odd := next((m for m, shape in shapes.items() if shape != shapes[first]), None):
+        raise AdaptkitError(f"'{odd}' of {source[0].ref} has shape {shapes[odd]} where '{first}' has "
+                            f"{shapes[first]}: a layer's experts must be alike (transformers stacks them)")
     return FusedSource(source[0], {stored: theirs}), stored
 
 
