@@ -724,17 +724,22 @@ def test_buffers_stay_where_every_input_has_them(tmp_path):
 
 def tiny_mixtral_files(folder, seed: int, layers: int = 2) -> None:
     """A Mixtral of two experts a layer, tensors named as the checkpoint stores them (config.json written directly)."""
-    g = torch.Generator().manual_seed(seed)
     shapes = {"model.embed_tokens.weight": (32, 8), "model.norm.weight": (8,), "lm_head.weight": (32, 8)}
     for i in range(layers):
         shapes |= {f"model.layers.{i}.block_sparse_moe.gate.weight": (2, 8), f"model.layers.{i}.self_attn.q_proj.weight": (8, 8)}
         for e in range(2):
             for w, shape in (("w1", (16, 8)), ("w2", (8, 16)), ("w3", (16, 8))):
                 shapes[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"] = shape
+    tiny_files(folder, {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_hidden_layers": layers,
+                        "num_local_experts": 2}, shapes, seed)
+
+
+def tiny_files(folder, config: dict, shapes: dict, seed: int = 0) -> None:
+    """A checkpoint of these tensor names and shapes, random values from `seed`, and this config.json."""
+    g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True)
     save_file({n: torch.randn(s, generator=g) for n, s in shapes.items()}, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-                                                    "num_hidden_layers": layers, "num_local_experts": 2}))
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -828,8 +833,8 @@ def test_a_conversion_step_not_followed_is_a_warning(mixtrals, tmp_path, monkeyp
     monkeypatch.setattr(table, "get_checkpoint_conversion_mapping", lambda model_type: odd)
     recipe = {"merge_method": "slerp", "base_model": str(mixtrals / "m0"), "models": [str(mixtrals / "m1")],
               "parameters": {"t": 0.6}}
-    with pytest.warns(UserWarning, match=r"^mixtral: mergekit 0.1.5 merges these experts in transformers 5's fused "
-                                         r"layout \('model.layers.0.block_sparse_moe.experts.0.w2.weight' as part of "
+    with pytest.warns(UserWarning, match=r"^mixtral: mergekit 0.1.5 merges these experts in transformers 5's "
+                                         r"layout \('model.layers.0.block_sparse_moe.experts.0.w2.weight' read as "
                                          r"'model.layers.0.block_sparse_moe.experts.down_proj'\), where each statistic "
                                          r"covers all experts at once: its numbers differ from these. adaptkit merges "
                                          r"and writes the checkpoint's tensors as stored$"):
@@ -854,6 +859,45 @@ def test_experts_of_different_shapes_are_one_line(tmp_path):
         "'model.layers.0.block_sparse_moe.experts.0.w1.weight' has (16, 8): a layer's experts must be alike "
         "(transformers stacks them)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tensor_transformers_builds_otherwise_is_a_warning(tmp_path):
+    """A model without per-expert tensors whose transformers 5 table builds a tensor under another name (GTE's
+    `qkv_proj` split into q, k and v): mergekit 0.1.5 merges the parts (each its own slerp angle), adaptkit the
+    tensor as stored, and says so; a step in place (Qwen3-VL-MoE's transposed stacks, which mergekit reads as
+    stored) and an elementwise merge without filters say nothing."""
+    gte = {"embeddings.word_embeddings.weight": (32, 8), "encoder.layer.0.attention.qkv_proj.weight": (24, 8),
+           "encoder.layer.0.attention.o_proj.weight": (8, 8), "encoder.layer.0.mlp.down_proj.weight": (8, 16)}
+    stacked = {"model.language_model.embed_tokens.weight": (32, 8),
+               "model.language_model.layers.0.mlp.experts.gate_up_proj": (2, 8, 32),
+               "model.language_model.layers.0.mlp.experts.down_proj": (2, 16, 8)}
+    for model_type, shapes in (("gte", gte), ("qwen3_vl_moe", stacked)):
+        for i in range(2):
+            tiny_files(tmp_path / model_type / f"m{i}", {"model_type": model_type, "num_hidden_layers": 1}, shapes, i)
+    recipe = {"merge_method": "slerp", "base_model": str(tmp_path / "gte" / "m0"), "models": [str(tmp_path / "gte" / "m1")],
+              "parameters": {"t": 0.3}}
+    with pytest.warns(UserWarning, match=r"^gte: mergekit 0.1.5 merges this model in transformers 5's layout "
+                                         r"\('encoder.layer.0.attention.qkv_proj.weight' read as "
+                                         r"'layers.0.self_attn.q_proj.weight'\), where each statistic covers a tensor as "
+                                         r"transformers 5 builds it: its numbers differ from these"):
+        assert Plan(load_recipe(recipe)).fused == {}
+    quiet = [{"merge_method": "linear", "models": [{"model": str(tmp_path / "gte" / m), "parameters": {"weight": 0.5}}
+                                                    for m in ("m0", "m1")]},
+             {**recipe, "base_model": str(tmp_path / "qwen3_vl_moe" / "m0"), "models": [str(tmp_path / "qwen3_vl_moe" / "m1")]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for r in quiet:
+            assert Plan(load_recipe(r)).fused == {}
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("adaptkit.merge.converted", fromlist=["ONLY_RENAMED"]).ONLY_RENAMED))
+def test_only_renamed_model_types_are_transformers(model_type):
+    """converted.ONLY_RENAMED lists model types whose tensors transformers 5's table at most renames (a merge of
+    one without per-expert tensors then reads nothing from it): no step of theirs builds a tensor."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    assert not any(isinstance(t, WeightConverter) for t in get_checkpoint_conversion_mapping(model_type) or [])
 
 
 @pytest.mark.parametrize("model_type", sorted(__import__("adaptkit.merge.converted", fromlist=["TABLE"]).TABLE))
@@ -882,17 +926,20 @@ def test_built_in_conversion_steps_are_transformers(model_type):
         assert mine == theirs_, name
 
 
-def test_built_in_steps_import_no_transformers(tmp_path):
-    """A merge of a Mixtral whose experts are stacked reads converted.TABLE, not transformers' table."""
+@pytest.mark.parametrize("stacked", [True, False])
+def test_built_in_steps_import_no_transformers(tmp_path, stacked):
+    """A merge of a Mixtral whose experts are stacked reads converted.TABLE, and a filtered slerp of a Llama
+    (converted.ONLY_RENAMED) nothing: neither imports transformers' table."""
     import subprocess
     import sys
 
     for i in range(2):
-        tiny_mixtral_files(tmp_path / f"m{i}", seed=i)
+        (tiny_mixtral_files if stacked else tiny_llama_files)(tmp_path / f"m{i}", seed=i)
     recipe = write(tmp_path / "r.yml", {"merge_method": "slerp", "base_model": str(tmp_path / "m0"),
-                                        "models": [str(tmp_path / "m1")], "parameters": {"t": 0.3}})
+                                        "models": [str(tmp_path / "m1")],
+                                        "parameters": {"t": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]}})
     code = ("import sys; from adaptkit.merge.engine import Plan; from adaptkit.merge.recipe import load_recipe; "
-            f"plan = Plan(load_recipe({str(recipe)!r})); assert plan.fused, 'not stacked'; "
+            f"plan = Plan(load_recipe({str(recipe)!r})); assert bool(plan.fused) == {stacked}, plan.fused; "
             "print('transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr[-2000:]

@@ -17,10 +17,16 @@ and GLM-4-MoE stand-ins: every deterministic method gives mergekit's bytes this 
 expert's matrix alone differed (slerp over slices: 12 of 39 tensors). A conversion step other than stacking
 and concatenating is not followed: the merge then warns that mergekit's numbers differ.
 
-Only a model with per-expert tensors is read through the table (importing it takes about 2 s, which every
-filtered recipe would pay otherwise). A rename alone changes no number but what a filter matches: a filter
-written for a name only transformers 5 has (GraniteMoE's `experts.gate_up_proj`, a multimodal checkpoint's
-`model.language_model.` for `language_model.model.`) matches the names as stored here.
+mergekit converts a tensor only where the name its architecture lists is not in the checkpoint (its
+`io/tasks.py`): a step that keeps the name (a transpose, a permutation in place) is never applied, and for an
+architecture it defines, the names it lists decide (Mixtral's the fused ones, Granite-4's the stored ones).
+Only a model with per-expert tensors is merged in the table's layout. For any other model type whose table
+does more than rename (`ONLY_RENAMED` lists those that do not, so that they read nothing: importing the table
+takes about 2 s), a tensor it builds under another name (GTE's `qkv_proj` split into q, k and v, which mergekit
+merges one by one for an architecture it infers from transformers) is the same warning. A rename alone changes
+no number but what a filter matches: a filter written for a name only transformers 5 has (GraniteMoE's
+`experts.gate_up_proj`, a multimodal checkpoint's `model.language_model.` for `language_model.model.`) matches
+the names as stored here.
 """
 from __future__ import annotations
 
@@ -103,21 +109,34 @@ class FusedSource:
 def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
     """The plan's output names with each group of checkpoint tensors that transformers 5 fuses or renames as
     one name (at its first member's place), that group's job and the groups by name; the names unchanged
-    where that changes no number (no per-expert tensors, or an elementwise method without filters)."""
+    where that changes no number (no per-expert tensors, or an elementwise method without filters). A model
+    without per-expert tensors whose table builds a tensor some other way (a split `qkv`, a concatenation,
+    under another name) gets the warning that mergekit's numbers differ, as a step not followed does."""
     names, recipe = plan.names, plan.recipe
     filtered = _has_filter(recipe.source)
-    if not any(EXPERT.search(n) for n in names) or (spec.option(plan.method, "elementwise") and not filtered):
+    if spec.option(plan.method, "elementwise") and not filtered:
         return names, {}, {}
     config = (plan.donor if plan.jobs else plan.base or plan.inputs[0]).config or {}
+    experts = any(EXPERT.search(n) for n in names)
+    if not experts and config.get("model_type") in ONLY_RENAMED:
+        return names, {}, {}
 
     def warn(name: str, there: str) -> None:
-        why = " and ".join(([] if spec.option(plan.method, "elementwise") else ["each statistic covers all experts at once"])
-                           + (["its filters match the fused names"] if filtered else []))
-        warnings.warn(f"{config.get('model_type')}: mergekit 0.1.5 merges these experts in transformers 5's fused "
-                      f"layout ('{name}' as part of '{there}'), where {why}: its numbers differ from these. "
-                      "adaptkit merges and writes the checkpoint's tensors as stored")
+        why = " and ".join(([] if spec.option(plan.method, "elementwise") else
+                            ["each statistic covers all experts at once" if experts else
+                             "each statistic covers a tensor as transformers 5 builds it"])
+                           + (["its filters match the names there"] if filtered else []))
+        warnings.warn(f"{config.get('model_type')}: mergekit 0.1.5 merges {'these experts' if experts else 'this model'} "
+                      f"in transformers 5's layout ('{name}' read as '{there}'), where {why}: its numbers differ "
+                      "from these. adaptkit merges and writes the checkpoint's tensors as stored")
 
     steps = conversion_steps(config.get("model_type"))
+    if not experts:  # (renames alone are not followed: the module docstring)
+        built = ((name, there) for name in names for there, _, _, followed in [_convert(name, steps)]
+                 if not followed and there != name)
+        if odd := next(built, None):
+            warn(*odd)
+        return names, {}, {}
     groups = converted_groups(names, steps, warn)
     if not groups:
         return names, {}, {}
@@ -194,6 +213,20 @@ TABLE: dict[str, tuple[Step, ...]] = {
 }
 
 
+#: Model types whose tensors transformers 5's table at most renames (no steps, or renames alone; among them the
+#: architectures mergekit 0.1.5 defines): a model of one without per-expert tensors reads nothing from the table
+#: (importing it takes about 2 s). tests/test_merge_output.py checks each against transformers' table.
+ONLY_RENAMED = frozenset({
+    "apertus", "arcee", "aya_vision", "baichuan", "bamba", "bert", "bloom", "chatglm", "codegen", "cohere", "cohere2",
+    "dbrx", "distilbert", "ernie4_5", "exaone", "exaone4", "falcon", "falcon_h1", "gemma", "gemma2", "gemma3",
+    "gemma3_text", "glm", "glm4", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "gptj", "granite", "granitemoe",
+    "granitemoehybrid", "granitemoeshared", "helium", "hunyuan_v1_dense", "internlm2", "internvl", "jais", "jetmoe",
+    "lfm2", "llama", "llama4", "llava", "llava_next", "mamba", "mamba2", "ministral", "mistral", "mistral3", "mllama",
+    "modernbert", "mpt", "nemotron", "olmo", "olmo2", "olmo3", "opt", "paligemma", "persimmon", "phi", "phi3", "qwen",
+    "qwen2", "qwen2_5_vl", "qwen2_vl", "qwen3", "qwen3_vl", "recurrent_gemma", "roberta", "seed_oss", "smollm3",
+    "solar", "stablelm", "starcoder2", "t5", "whisper", "xlm-roberta", "zamba2"})
+
+
 def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
     """transformers 5's conversion steps for a model type (`TABLE`, else its own table; () without one)."""
     if model_type in TABLE:
@@ -241,12 +274,13 @@ def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[st
     axes: dict[str, int] = {}
     for name in names:
         fused, slot, axis, followed = _convert(name, steps)
+        if fused == name:  # (mergekit reads a tensor as stored where it has its name: a step in place, a transpose
+            continue  # or a permutation, is never applied, mergekit's `io/tasks.py`)
         if not followed:
             warn(name, fused)
             return {}
-        if fused != name:
-            found.setdefault(fused, {})[slot] = name
-            axes[fused] = axis
+        found.setdefault(fused, {})[slot] = name
+        axes[fused] = axis
     groups = {}
     for fused, members in found.items():
         if None in members:  # renamed only: one tensor
