@@ -106,6 +106,8 @@ FAMILIES = {
     "apertus": ("ApertusConfig", "ApertusForCausalLM", dict(_SMALL, max_position_embeddings=8192, **_IDS)),
     "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(_SMALL, **_IDS)),
     "mamba": ("MambaConfig", "MambaForCausalLM", dict(hidden_size=16, state_size=4, vocab_size=128, **_IDS)),
+    # no mergekit table: it infers the architecture from transformers 5's model, whose names its table converts to
+    "gte": ("GteConfig", "GteModel", dict(_SMALL, **_IDS)),
     # vision-language models: `layers` is the text decoder's (their config's top level has no layer count)
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(_SMALL, vocab_size=300, num_key_value_heads=1, head_dim=8, sliding_window=16),
@@ -375,6 +377,15 @@ def _loaded(folder: Path) -> tuple[dict, list[str]]:
     return {k: v.detach() for k, v in model.state_dict().items()}, sorted(info["missing_keys"])
 
 
+def _unused(folder: Path) -> list[str]:
+    """The tensors of an output that the model its config.json describes has no place for."""
+    import transformers
+
+    architecture = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+    _, info = getattr(transformers, architecture).from_pretrained(str(folder), output_loading_info=True)
+    return sorted(info["unexpected_keys"])
+
+
 def _loads(folder: Path) -> str:
     """Whether transformers loads a model output whole (for the recipes mergekit cannot run)."""
     try:
@@ -425,6 +436,9 @@ def compare(recipe: Recipe, ours: Path, theirs: Path, base: str | None) -> tuple
     mine, peer = _config_facts(ours), _config_facts(theirs)
     for key in ("layers", "vocab_size", "dtype"):
         if mine[key] != peer[key]:
+            if key == "layers" and (unused := _unused(theirs)):  # (a frankenmerge of an architecture mergekit infers:
+                return "mergekit-failed", (f"mergekit's config.json says {peer[key]} layers where its tensors have "  # no
+                                           f"more: transformers leaves out {len(unused)}, {unused[0]} …; {_loads(ours)}")  # layer key)
             return "different", f"config.json {key}: adaptkit {mine[key]}, mergekit {peer[key]}"
     if recipe.wants_tokenizer:
         mine, peer = _tokenizer_facts(ours), _tokenizer_facts(theirs)

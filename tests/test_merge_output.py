@@ -861,33 +861,66 @@ def test_experts_of_different_shapes_are_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_tensor_transformers_builds_otherwise_is_a_warning(tmp_path):
-    """A model without per-expert tensors whose transformers 5 table builds a tensor under another name (GTE's
-    `qkv_proj` split into q, k and v): mergekit 0.1.5 merges the parts (each its own slerp angle), adaptkit the
-    tensor as stored, and says so; a step in place (Qwen3-VL-MoE's transposed stacks, which mergekit reads as
-    stored) and an elementwise merge without filters say nothing."""
+def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
+    """GTE's checkpoint stores q, k and v as one `qkv_proj`, which transformers 5 splits into three equal row
+    chunks (`self_attn.q_proj` …), and mergekit 0.1.5 merges each (its own slerp angle): so here, written back into
+    the stored tensor; `filter: self_attn` matches them and the renamed `o_proj` (stored `attention.o_proj`), as
+    mergekit's names. A step in place (Qwen3-VL-MoE's transposed stacks, which mergekit reads as stored) changes
+    nothing, and one that is not followed (Kimi-Linear's concatenated convolutions) is the warning."""
+    from safetensors.torch import load_file
+
+    from adaptkit import registry
+
     gte = {"embeddings.word_embeddings.weight": (32, 8), "encoder.layer.0.attention.qkv_proj.weight": (24, 8),
-           "encoder.layer.0.attention.o_proj.weight": (8, 8), "encoder.layer.0.mlp.down_proj.weight": (8, 16)}
+           "encoder.layer.0.attention.qkv_proj.bias": (24,), "encoder.layer.0.attention.o_proj.weight": (8, 8)}
     stacked = {"model.language_model.embed_tokens.weight": (32, 8),
-               "model.language_model.layers.0.mlp.experts.gate_up_proj": (2, 8, 32),
-               "model.language_model.layers.0.mlp.experts.down_proj": (2, 16, 8)}
-    for model_type, shapes in (("gte", gte), ("qwen3_vl_moe", stacked)):
+               "model.language_model.layers.0.mlp.experts.gate_up_proj": (2, 8, 32)}
+    kimi = {"model.embed_tokens.weight": (32, 8), "model.layers.0.self_attn.q_conv1d.weight": (8, 1, 4),
+            "model.layers.0.self_attn.k_conv1d.weight": (8, 1, 4)}
+    for model_type, shapes in (("gte", gte), ("qwen3_vl_moe", stacked), ("kimi_linear", kimi)):
         for i in range(2):
             tiny_files(tmp_path / model_type / f"m{i}", {"model_type": model_type, "num_hidden_layers": 1}, shapes, i)
-    recipe = {"merge_method": "slerp", "base_model": str(tmp_path / "gte" / "m0"), "models": [str(tmp_path / "gte" / "m1")],
-              "parameters": {"t": 0.3}}
-    with pytest.warns(UserWarning, match=r"^gte: mergekit 0.1.5 merges this model in transformers 5's layout "
-                                         r"\('encoder.layer.0.attention.qkv_proj.weight' read as "
-                                         r"'layers.0.self_attn.q_proj.weight'\), where each statistic covers a tensor as "
-                                         r"transformers 5 builds it: its numbers differ from these"):
-        assert Plan(load_recipe(recipe)).fused == {}
-    quiet = [{"merge_method": "linear", "models": [{"model": str(tmp_path / "gte" / m), "parameters": {"weight": 0.5}}
-                                                    for m in ("m0", "m1")]},
-             {**recipe, "base_model": str(tmp_path / "qwen3_vl_moe" / "m0"), "models": [str(tmp_path / "qwen3_vl_moe" / "m1")]}]
+
+    def recipe(model_type):
+        return {"merge_method": "slerp", "base_model": str(tmp_path / model_type / "m0"), "dtype": "float32",
+                "models": [str(tmp_path / model_type / "m1")],
+                "parameters": {"t": [{"filter": "self_attn", "value": 0.3}, {"value": 0.6}]}}
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for r in quiet:
-            assert Plan(load_recipe(r)).fused == {}
+        run_merge(recipe("gte"), tmp_path / "out", progress=False, card=False)
+        assert Plan(load_recipe(recipe("qwen3_vl_moe"))).fused == {}
+    a, b, merged = (load_file(f / "model.safetensors") for f in (tmp_path / "gte" / "m0", tmp_path / "gte" / "m1",
+                                                                  tmp_path / "out"))
+    slerp = registry.get("merge", "slerp")
+    for name in ("encoder.layer.0.attention.qkv_proj.weight", "encoder.layer.0.attention.qkv_proj.bias"):
+        parts = [slerp.merge([y], x, t=0.3) for x, y in zip(a[name].chunk(3), b[name].chunk(3))]
+        assert torch.equal(merged[name], torch.cat(parts)), name
+        assert not torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.3))  # (one angle: not mergekit's)
+    name = "encoder.layer.0.attention.o_proj.weight"
+    assert torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.3))
+    name = "embeddings.word_embeddings.weight"
+    assert torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.6))
+    with pytest.warns(UserWarning, match=r"^kimi_linear: mergekit 0.1.5 merges this model in transformers 5's layout "
+                                         r"\('model.layers.0.self_attn.k_conv1d.weight' read as "
+                                         r"'model.layers.0.self_attn.conv1d.weight'\), where each statistic covers a "
+                                         r"tensor as transformers 5 builds it and its filters match the names there: its "
+                                         r"numbers differ from these"):
+        assert Plan(load_recipe(recipe("kimi_linear"))).fused == {}
+
+
+def test_a_tensor_split_in_unequal_parts_is_one_line(tmp_path):
+    """A `qkv_proj` whose rows do not split into three equal parts cannot be what transformers loads: one line."""
+    shapes = {"embeddings.word_embeddings.weight": (32, 8), "encoder.layer.0.attention.qkv_proj.weight": (25, 8)}
+    for i in range(2):
+        tiny_files(tmp_path / f"m{i}", {"model_type": "gte", "num_hidden_layers": 1}, shapes, i)
+    recipe = write(tmp_path / "r.yml", {"merge_method": "slerp", "base_model": str(tmp_path / "m0"),
+                                        "models": [str(tmp_path / "m1")], "parameters": {"t": 0.3}})
+    code, output = adaptkit("merge", recipe, "-o", tmp_path / "out")
+    assert code == 1 and output.strip().splitlines() == [
+        f"error: 'encoder.layer.0.attention.qkv_proj.weight' of {tmp_path / 'm0'} has shape (25, 8): transformers "
+        "splits it into 3 equal parts on its rows"]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("model_type", sorted(__import__("adaptkit.merge.converted", fromlist=["ONLY_RENAMED"]).ONLY_RENAMED))

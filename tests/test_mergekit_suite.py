@@ -92,6 +92,8 @@ ARCH_MUST_PASS = {
     "mixtral/moe_dare_ties": "close",  # (routed experts stacked, the shared expert and the router's correction bias not)
     "lfm2/ties": "equal",
     "mamba/slerp_gradient": "equal",
+    "gte/slerp_gradient": "equal",  # (q, k, v split from the stored qkv_proj and merged one by one, as mergekit)
+    "gte/passthrough": "mergekit-failed",  # (mergekit's config.json keeps 4 layers of the 6 it writes)
 }
 
 

@@ -18,22 +18,25 @@ expert's matrix alone differed (slerp over slices: 12 of 39 tensors). A conversi
 and concatenating is not followed: the merge then warns that mergekit's numbers differ.
 
 mergekit converts a tensor only where the name its architecture lists is not in the checkpoint (its
-`io/tasks.py`): a step that keeps the name (a transpose, a permutation in place) is never applied, and for an
-architecture it defines, the names it lists decide (Mixtral's the fused ones, Granite-4's the stored ones).
-Only a model with per-expert tensors is merged in the table's layout. For any other model type whose table
-does more than rename (`ONLY_RENAMED` lists those that do not, so that they read nothing: importing the table
-takes about 2 s), a tensor it builds under another name (GTE's `qkv_proj` split into q, k and v, which mergekit
-merges one by one for an architecture it infers from transformers) is the same warning. A rename alone changes
-no number but what a filter matches: a filter written for a name only transformers 5 has (GraniteMoE's
-`experts.gate_up_proj`, a multimodal checkpoint's `model.language_model.` for `language_model.model.`) matches
-the names as stored here.
+`io/tasks.py`): a step that keeps the name (a transpose, a permutation in place) is never applied; for an
+architecture it defines, the names it lists decide (Mixtral's the fused ones, Granite-4's the stored ones),
+and for one it infers from transformers 5 (GTE, Nomic-BERT, …), transformers 5's names are its names. So a
+model type whose table at most renames (`ONLY_RENAMED`: the architectures mergekit defines, and other common
+ones) is read through no table, unless it has per-expert tensors; any other is read through its table, whose
+renames then count for filters (GTE's `attention.o_proj` is `self_attn.o_proj`) and whose splits are followed:
+one stored tensor cut into equal chunks of its rows (GTE's `qkv_proj` into q, k and v) is merged part by
+part, as mergekit merges them, each written back at its rows (measured on `benchmarks/arch_recipes.yml`'s GTE:
+a gradient slerp and TIES differed in 20 and 19 of 68 tensors, now none). Importing transformers' table takes
+about 2 s, which `ONLY_RENAMED` and `TABLE` spare the common models. A rename alone in a model type of
+`ONLY_RENAMED` is not followed: a filter written for a name only transformers 5 has (a multimodal
+checkpoint's `model.language_model.` for `language_model.model.`) matches the names as stored here.
 """
 from __future__ import annotations
 
 import re
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -50,31 +53,38 @@ EXPERT = re.compile(r"\.experts\.\d+\.")
 class Group:
     """Checkpoint tensors that are one tensor in transformers 5's layout: `members[p][e]` is source pattern p's
     tensor of expert e (`[[name]]`: a tensor renamed only), stacked on a new first axis per pattern and the
-    stacks concatenated on axis `axis`."""
+    stacks concatenated on axis `axis`; or, with `part` (i, k), the i-th of k equal chunks of its one member's
+    rows (a `qkv` split into q, k and v)."""
 
     name: str
     members: list[list[str]]
     stacked: bool = False
     axis: int = 1
+    part: tuple[int, int] | None = None
 
     def build(self, parts: list[list[torch.Tensor]]) -> torch.Tensor:
+        if self.part is not None:
+            i, k = self.part
+            return parts[0][0].chunk(k)[i]
         if not self.stacked:
             return parts[0][0]
         stacks = [torch.stack(p) for p in parts]
         return torch.cat(stacks, dim=self.axis) if len(stacks) > 1 else stacks[0]
 
-    def split(self, fused: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Each member's part of a tensor built by `build` (views)."""
+    def split(self, fused: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
+        """Each member's part of a tensor built by `build` (views), and the row of the member it starts at."""
         if not self.stacked:
-            return [(self.members[0][0], fused)]
+            return [(self.members[0][0], fused, self.part[0] * fused.shape[0] if self.part else 0)]
         out, start = [], 0
         for pattern in self.members:
             size = fused.shape[self.axis] // len(self.members)  # (the patterns' stacks are alike)
-            out += [(m, fused.narrow(self.axis, start, size)[e]) for e, m in enumerate(pattern)]
+            out += [(m, fused.narrow(self.axis, start, size)[e], 0) for e, m in enumerate(pattern)]
             start += size
         return out
 
     def shape(self, member: tuple[int, ...]) -> tuple[int, ...]:
+        if self.part is not None:
+            return (member[0] // self.part[1], *member[1:])
         if not self.stacked:
             return member
         stacked = (len(self.members[0]), *member)
@@ -107,11 +117,10 @@ class FusedSource:
 
 
 def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
-    """The plan's output names with each group of checkpoint tensors that transformers 5 fuses or renames as
-    one name (at its first member's place), that group's job and the groups by name; the names unchanged
-    where that changes no number (no per-expert tensors, or an elementwise method without filters). A model
-    without per-expert tensors whose table builds a tensor some other way (a split `qkv`, a concatenation,
-    under another name) gets the warning that mergekit's numbers differ, as a step not followed does."""
+    """The plan's output names with each group of checkpoint tensors that transformers 5 fuses, splits or renames
+    (at its first member's place), that group's job and the groups by name; the names unchanged where that
+    changes no number (an elementwise method without filters), or where mergekit reads the names as stored
+    (a model type of `ONLY_RENAMED` without per-expert tensors: the module docstring)."""
     names, recipe = plan.names, plan.recipe
     filtered = _has_filter(recipe.source)
     if spec.option(plan.method, "elementwise") and not filtered:
@@ -131,12 +140,6 @@ def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
                       "from these. adaptkit merges and writes the checkpoint's tensors as stored")
 
     steps = conversion_steps(config.get("model_type"))
-    if not experts:  # (renames alone are not followed: the module docstring)
-        built = ((name, there) for name in names for there, _, _, followed in [_convert(name, steps)]
-                 if not followed and there != name)
-        if odd := next(built, None):
-            warn(*odd)
-        return names, {}, {}
     groups = converted_groups(names, steps, warn)
     if not groups:
         return names, {}, {}
@@ -151,9 +154,14 @@ def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
         sources = [_reading(first.sources[k], group, member_jobs, k, steps) for k in range(len(first.sources))]
         jobs[name] = Job(sources[1:] if first.base else sources, sources[0] if first.base else None, first.t,
                          first.own, first.shared)
-    place = {m: g for g in groups.values() for p in g.members for m in p}
+    place: dict[str, list[Group]] = {}  # (a split tensor is a member of each of its parts)
+    for g in groups.values():
+        for m in {m for p in g.members for m in p}:
+            place.setdefault(m, []).append(g)
     # each group once, where its first member was
-    merged = [place[n].name if n in place else n for n in names if n not in place or n == place[n].members[0][0]]
+    merged = []
+    for n in names:
+        merged += [g.name for g in place[n] if n == g.members[0][0]] if n in place else [n]
     return merged, jobs, groups
 
 
@@ -161,21 +169,25 @@ def _reading(source: tuple[Any, str], group: Group, member_jobs: list[list[Job]]
              steps: tuple[Step, ...]) -> tuple[FusedSource, str]:
     """A job's source k, reading the group from the tensors it gives each member (with slices, another layer's),
     under the name the same steps give those tensors there."""
-    stored = _convert(source[1], steps)[0]
-    theirs = Group(stored, [[j.sources[k][1] for j in p] for p in member_jobs], group.stacked, group.axis)
+    stored = next(c.name for c in _convert(source[1], steps) if c.part == group.part)
+    theirs = Group(stored, [[j.sources[k][1] for j in p] for p in member_jobs], group.stacked, group.axis, group.part)
     shapes = {m: tuple(source[0].info(m).shape) for p in theirs.members for m in p}
     first = theirs.members[0][0]
     if odd := next((m for m, shape in shapes.items() if shape != shapes[first]), None):
         raise AdaptkitError(f"'{odd}' of {source[0].ref} has shape {shapes[odd]} where '{first}' has "
                             f"{shapes[first]}: a layer's experts must be alike (transformers stacks them)")
+    if group.part and (not shapes[first] or shapes[first][0] % group.part[1]):
+        raise AdaptkitError(f"'{first}' of {source[0].ref} has shape {shapes[first]}: transformers splits it into "
+                            f"{group.part[1]} equal parts on its rows")
     return FusedSource(source[0], {stored: theirs}), stored
 
 
 @dataclass(frozen=True)
 class Step:
     """One step of transformers 5's conversion table: a rename (`sources` -> `target`), or per-expert tensors
-    (`*` the expert) stacked into `target`, the stacks of several sources concatenated on `axis`; `rename`:
-    transformers' own matching, where the step is read from its table (None: whole-pattern replacement)."""
+    (`*` the expert) stacked into `target`, the stacks of several sources concatenated on `axis`, or (`parts`)
+    one tensor split into equal chunks of its rows named by those targets; `rename`: transformers' own
+    matching, where the step is read from its table (None: whole-pattern replacement)."""
 
     sources: tuple[str, ...]
     target: str
@@ -183,6 +195,7 @@ class Step:
     axis: int = 0
     rename: Any = None
     followed: bool = True  # (False: a step other than these, which a merge does not follow)
+    parts: tuple[str, ...] = ()
 
     def apply(self, key: str) -> tuple[str, str | None]:
         """(the key renamed, the source pattern that matched) or (key, None)."""
@@ -192,6 +205,18 @@ class Step:
             if found := re.search(re.escape(pattern).replace(r"\*", r"[^.]*"), key):
                 return key[:found.start()] + self.target + key[found.end():], pattern
         return key, None
+
+
+class Converted(NamedTuple):
+    """A checkpoint tensor's name in transformers 5's layout, (source pattern, expert) where a step stacks it,
+    the stacks' concatenation axis, whether every step it went through is one a merge follows, and (i, k)
+    where a step splits it into k parts (this is part i)."""
+
+    name: str
+    slot: tuple[int, int] | None = None
+    axis: int = 0
+    followed: bool = True
+    part: tuple[int, int] | None = None
 
 
 def _experts(gate: str, up: str, down: str, where: str = "mlp.experts") -> tuple[Step, ...]:
@@ -213,18 +238,20 @@ TABLE: dict[str, tuple[Step, ...]] = {
 }
 
 
-#: Model types whose tensors transformers 5's table at most renames (no steps, or renames alone; among them the
-#: architectures mergekit 0.1.5 defines): a model of one without per-expert tensors reads nothing from the table
-#: (importing it takes about 2 s). tests/test_merge_output.py checks each against transformers' table.
+#: Model types whose tensors mergekit 0.1.5 reads as stored where they have no per-expert tensors: transformers 5's
+#: table has no steps for them, or only renames and mergekit's architecture file lists the stored names (Gemma-3,
+#: Mistral-3 and Granite-4 with their `language_model.`, `block_sparse_moe.` names); a merge of one reads nothing
+#: from the table (importing it takes about 2 s). Llava, PaliGemma, GraniteMoE, … are not here: mergekit infers them
+#: from transformers 5, renamed. tests/test_merge_output.py checks each against transformers' table.
 ONLY_RENAMED = frozenset({
-    "apertus", "arcee", "aya_vision", "baichuan", "bamba", "bert", "bloom", "chatglm", "codegen", "cohere", "cohere2",
-    "dbrx", "distilbert", "ernie4_5", "exaone", "exaone4", "falcon", "falcon_h1", "gemma", "gemma2", "gemma3",
-    "gemma3_text", "glm", "glm4", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "gptj", "granite", "granitemoe",
-    "granitemoehybrid", "granitemoeshared", "helium", "hunyuan_v1_dense", "internlm2", "internvl", "jais", "jetmoe",
-    "lfm2", "llama", "llama4", "llava", "llava_next", "mamba", "mamba2", "ministral", "mistral", "mistral3", "mllama",
-    "modernbert", "mpt", "nemotron", "olmo", "olmo2", "olmo3", "opt", "paligemma", "persimmon", "phi", "phi3", "qwen",
-    "qwen2", "qwen2_5_vl", "qwen2_vl", "qwen3", "qwen3_vl", "recurrent_gemma", "roberta", "seed_oss", "smollm3",
-    "solar", "stablelm", "starcoder2", "t5", "whisper", "xlm-roberta", "zamba2"})
+    "apertus", "arcee", "baichuan", "bamba", "bert", "bloom", "chatglm", "codegen", "cohere", "cohere2", "dbrx",
+    "distilbert", "ernie4_5", "exaone", "exaone4", "falcon", "falcon_h1", "gemma", "gemma2", "gemma3",
+    "gemma3_text", "glm", "glm4", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "gptj", "granite",
+    "granitemoehybrid", "helium", "hunyuan_v1_dense", "internlm2", "jais", "jetmoe", "lfm2", "llama", "llama4",
+    "mamba", "mamba2", "ministral", "mistral", "mistral3", "modernbert", "mpt", "nemotron", "olmo", "olmo2",
+    "olmo3", "opt", "persimmon", "phi", "phi3", "qwen", "qwen2", "qwen2_5_vl", "qwen2_vl", "qwen3", "qwen3_vl",
+    "recurrent_gemma", "roberta", "seed_oss", "smollm3", "solar", "stablelm", "starcoder2", "t5", "whisper",
+    "xlm-roberta", "zamba2"})
 
 
 def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
@@ -233,7 +260,7 @@ def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
         return TABLE[model_type]
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+        from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, WeightConverter
         transforms = get_checkpoint_conversion_mapping(model_type) or []
     except (ImportError, KeyError, ValueError):  # (a transformers without the table: mergekit 0.1.5 needs it)
         return ()
@@ -242,6 +269,8 @@ def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
         ops = [(type(o), getattr(o, "dim", None)) for o in getattr(t, "operations", None) or []]
         if not isinstance(t, WeightConverter):
             steps.append(Step(tuple(t.source_patterns), "", rename=t.rename_source_key))
+        elif ops == [(Chunk, 0)] and t.operations[0].num_shards_attribute is None:  # (else the parts are the config's)
+            steps.append(Step(tuple(t.source_patterns), "", rename=t.rename_source_key, parts=tuple(t.target_patterns)))
         else:
             followed = ops[:1] == [(MergeModulelist, 0)] and len(ops) <= 2 and all(o is Concatenate for o, _ in ops[1:])
             steps.append(Step(tuple(t.source_patterns), "", True, ops[-1][1] if len(ops) > 1 else 0,
@@ -249,21 +278,27 @@ def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def _convert(name: str, steps: tuple[Step, ...]) -> tuple[str, tuple[int, int] | None, int, bool]:
-    """(the name in transformers 5's layout, (source pattern, expert) where a step stacks it else None, the
-    stacks' concatenation axis, whether every step it went through is one a merge follows)."""
+def _convert(name: str, steps: tuple[Step, ...]) -> list[Converted]:
+    """What transformers 5's conversion `steps` make of a checkpoint tensor: one name, or one for each part a
+    step splits it into (each part going on through the steps after that one)."""
     fused, slot, axis = name, None, 0
-    for step in steps:
+    for j, step in enumerate(steps):
         renamed, pattern = step.apply(fused)
         if pattern is None:
             continue
+        if step.parts:  # (the parts' names as mergekit's `_expanded_target_keys` makes them)
+            head, found, tail = renamed.partition(step.parts[0])
+            if not found or slot is not None:
+                return [Converted(renamed, followed=False)]
+            return [c._replace(part=(i, len(step.parts)), followed=c.followed and c.part is None and c.slot is None)
+                    for i, target in enumerate(step.parts) for c in _convert(head + target + tail, steps[j + 1:])]
         if step.stack:
             expert = re.search(re.escape(pattern).replace(r"\*", r"([^.]*)"), fused)
             if not step.followed or expert is None or not expert.group(1).isdigit():
-                return renamed, None, 0, False
+                return [Converted(renamed, followed=False)]
             slot, axis = (step.sources.index(pattern), int(expert.group(1))), step.axis
         fused = renamed
-    return fused, slot, axis, True
+    return [Converted(fused, slot, axis)]
 
 
 def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[str, Group]:
@@ -272,16 +307,20 @@ def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[st
     numbers then differ, as the warning says)."""
     found: dict[str, dict] = {}  # name there -> {(source pattern, expert) or None: checkpoint name}
     axes: dict[str, int] = {}
+    parts: dict[str, tuple[str, tuple[int, int]]] = {}  # name there -> (checkpoint name, (i, k))
     for name in names:
-        fused, slot, axis, followed = _convert(name, steps)
-        if fused == name:  # (mergekit reads a tensor as stored where it has its name: a step in place, a transpose
-            continue  # or a permutation, is never applied, mergekit's `io/tasks.py`)
-        if not followed:
-            warn(name, fused)
-            return {}
-        found.setdefault(fused, {})[slot] = name
-        axes[fused] = axis
-    groups = {}
+        for fused, slot, axis, followed, part in _convert(name, steps):
+            if fused == name:  # (mergekit reads a tensor as stored where it has its name: a step in place, a
+                continue  # transpose or a permutation, is never applied, mergekit's `io/tasks.py`)
+            if not followed or fused in parts or (part and fused in found):
+                warn(name, fused)
+                return {}
+            if part:
+                parts[fused] = (name, part)
+                continue
+            found.setdefault(fused, {})[slot] = name
+            axes[fused] = axis
+    groups = {fused: Group(fused, [[name]], part=part) for fused, (name, part) in parts.items()}
     for fused, members in found.items():
         if None in members:  # renamed only: one tensor
             if len(members) > 1:

@@ -380,8 +380,8 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
             torch.set_num_threads(intra_op)
         try:
             merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows, device=device)
-            for out, part in plan.groups[name].split(merged) if name in plan.groups else [(name, merged)]:
-                writer.write(out, part.to(dtypes[out]).cpu(), row=rows[0] if rows else 0)
+            for out, part, row in plan.groups[name].split(merged) if name in plan.groups else [(name, merged, 0)]:
+                writer.write(out, part.to(dtypes[out]).cpu(), row=row + (rows[0] if rows else 0))
         finally:
             torch.set_num_threads(shared)
         with lock:
