@@ -865,8 +865,10 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
     """GTE's checkpoint stores q, k and v as one `qkv_proj`, which transformers 5 splits into three equal row
     chunks (`self_attn.q_proj` …), and mergekit 0.1.5 merges each (its own slerp angle): so here, written back into
     the stored tensor; `filter: self_attn` matches them and the renamed `o_proj` (stored `attention.o_proj`), as
-    mergekit's names. A step in place (Qwen3-VL-MoE's transposed stacks, which mergekit reads as stored) changes
-    nothing, and one that is not followed (Kimi-Linear's concatenated convolutions) is the warning."""
+    mergekit's names. Kimi-Linear's q, k and v convolutions are one `conv1d` there (concatenated on their rows,
+    one slerp), written back each as stored. A step in place (Qwen3-VL-MoE's transposed stacks, which mergekit
+    reads as stored) changes nothing, and one that is not followed (Inkling's interleaved experts) is the
+    warning."""
     from safetensors.torch import load_file
 
     from adaptkit import registry
@@ -875,9 +877,10 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
            "encoder.layer.0.attention.qkv_proj.bias": (24,), "encoder.layer.0.attention.o_proj.weight": (8, 8)}
     stacked = {"model.language_model.embed_tokens.weight": (32, 8),
                "model.language_model.layers.0.mlp.experts.gate_up_proj": (2, 8, 32)}
-    kimi = {"model.embed_tokens.weight": (32, 8), "model.layers.0.self_attn.q_conv1d.weight": (8, 1, 4),
-            "model.layers.0.self_attn.k_conv1d.weight": (8, 1, 4)}
-    for model_type, shapes in (("gte", gte), ("qwen3_vl_moe", stacked), ("kimi_linear", kimi)):
+    kimi = {"model.embed_tokens.weight": (32, 8), **{f"model.layers.0.self_attn.{x}_conv1d.weight": (8, 1, 4)
+                                                      for x in "qkv"}}
+    inkling = {"model.embed_tokens.weight": (32, 8), "model.layers.0.mlp.experts.w13_weight": (2, 16, 8)}
+    for model_type, shapes in (("gte", gte), ("qwen3_vl_moe", stacked), ("kimi_linear", kimi), ("inkling2_text", inkling)):
         for i in range(2):
             tiny_files(tmp_path / model_type / f"m{i}", {"model_type": model_type, "num_hidden_layers": 1}, shapes, i)
 
@@ -889,6 +892,7 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_merge(recipe("gte"), tmp_path / "out", progress=False, card=False)
+        run_merge(recipe("kimi_linear"), tmp_path / "kimi", progress=False, card=False)
         assert Plan(load_recipe(recipe("qwen3_vl_moe"))).fused == {}
     a, b, merged = (load_file(f / "model.safetensors") for f in (tmp_path / "gte" / "m0", tmp_path / "gte" / "m1",
                                                                   tmp_path / "out"))
@@ -901,12 +905,18 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
     assert torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.3))
     name = "embeddings.word_embeddings.weight"
     assert torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.6))
-    with pytest.warns(UserWarning, match=r"^kimi_linear: mergekit 0.1.5 merges this model in transformers 5's layout "
-                                         r"\('model.layers.0.self_attn.k_conv1d.weight' read as "
-                                         r"'model.layers.0.self_attn.conv1d.weight'\), where each statistic covers a "
+    a, b, merged = (load_file(f / "model.safetensors") for f in (tmp_path / "kimi_linear" / "m0",
+                                                                  tmp_path / "kimi_linear" / "m1", tmp_path / "kimi"))
+    names = [f"model.layers.0.self_attn.{x}_conv1d.weight" for x in "qkv"]
+    conv = slerp.merge([torch.cat([b[n] for n in names])], torch.cat([a[n] for n in names]), t=0.3)
+    for n, part in zip(names, conv.chunk(3)):
+        assert torch.equal(merged[n], part), n
+    with pytest.warns(UserWarning, match=r"^inkling2_text: mergekit 0.1.5 merges this model in transformers 5's layout "
+                                         r"\('model.layers.0.mlp.experts.w13_weight' read as "
+                                         r"'model.layers.0.mlp.experts.gate_up_proj'\), where each statistic covers a "
                                          r"tensor as transformers 5 builds it and its filters match the names there: its "
                                          r"numbers differ from these"):
-        assert Plan(load_recipe(recipe("kimi_linear"))).fused == {}
+        assert Plan(load_recipe(recipe("inkling2_text"))).fused == {}
 
 
 def test_a_tensor_split_in_unequal_parts_is_one_line(tmp_path):

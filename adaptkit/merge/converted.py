@@ -14,8 +14,9 @@ checkpoint tensors is one merge, under transformers 5's name, of the inputs' ten
 builds them; the result is split back and written as the checkpoint stores it, a layout transformers 4 and
 5 both load (mergekit writes the fused one). Measured on `benchmarks/arch_recipes.yml`'s Mixtral, Qwen3-MoE
 and GLM-4-MoE stand-ins: every deterministic method gives mergekit's bytes this way, where merging each
-expert's matrix alone differed (slerp over slices: 12 of 39 tensors). A conversion step other than stacking
-and concatenating is not followed: the merge then warns that mergekit's numbers differ.
+expert's matrix alone differed (slerp over slices: 12 of 39 tensors). A conversion step other than stacking,
+concatenating (stacks, or separate tensors) and splitting one tensor's rows (below) is not followed: the merge
+then warns that mergekit's numbers differ.
 
 mergekit converts a tensor only where the name its architecture lists is not in the checkpoint (its
 `io/tasks.py`): a step that keeps the name (a transpose, a permutation in place) is never applied; for an
@@ -26,7 +27,8 @@ ones) is read through no table, unless it has per-expert tensors; any other is r
 renames then count for filters (GTE's `attention.o_proj` is `self_attn.o_proj`) and whose splits are followed:
 one stored tensor cut into equal chunks of its rows (GTE's `qkv_proj` into q, k and v) is merged part by
 part, as mergekit merges them, each written back at its rows (measured on `benchmarks/arch_recipes.yml`'s GTE:
-a gradient slerp and TIES differed in 20 and 19 of 68 tensors, now none). Importing transformers' table takes
+a gradient slerp and TIES differed in 20 and 19 of 68 tensors, now none), and tensors concatenated into one
+(Kimi-Linear's q, k and v convolutions) are merged as one. Importing transformers' table takes
 about 2 s, which `ONLY_RENAMED` and `TABLE` spare the common models. A rename alone in a model type of
 `ONLY_RENAMED` is not followed: a filter written for a name only transformers 5 has (a multimodal
 checkpoint's `model.language_model.` for `language_model.model.`) matches the names as stored here.
@@ -53,8 +55,8 @@ EXPERT = re.compile(r"\.experts\.\d+\.")
 class Group:
     """Checkpoint tensors that are one tensor in transformers 5's layout: `members[p][e]` is source pattern p's
     tensor of expert e (`[[name]]`: a tensor renamed only), stacked on a new first axis per pattern and the
-    stacks concatenated on axis `axis`; or, with `part` (i, k), the i-th of k equal chunks of its one member's
-    rows (a `qkv` split into q, k and v)."""
+    stacks concatenated on axis `axis` (not `stacked`: one tensor a pattern, the tensors concatenated); or,
+    with `part` (i, k), the i-th of k equal chunks of its one member's rows (a `qkv` split into q, k and v)."""
 
     name: str
     members: list[list[str]]
@@ -66,28 +68,27 @@ class Group:
         if self.part is not None:
             i, k = self.part
             return parts[0][0].chunk(k)[i]
-        if not self.stacked:
-            return parts[0][0]
-        stacks = [torch.stack(p) for p in parts]
+        stacks = [torch.stack(p) for p in parts] if self.stacked else [p[0] for p in parts]
         return torch.cat(stacks, dim=self.axis) if len(stacks) > 1 else stacks[0]
 
     def split(self, fused: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
         """Each member's part of a tensor built by `build` (views), and the row of the member it starts at."""
-        if not self.stacked:
-            return [(self.members[0][0], fused, self.part[0] * fused.shape[0] if self.part else 0)]
+        if self.part is not None:
+            return [(self.members[0][0], fused, self.part[0] * fused.shape[0])]
         out, start = [], 0
         for pattern in self.members:
             size = fused.shape[self.axis] // len(self.members)  # (the patterns' stacks are alike)
-            out += [(m, fused.narrow(self.axis, start, size)[e], 0) for e, m in enumerate(pattern)]
+            block = fused.narrow(self.axis, start, size)
+            out += [(m, block[e] if self.stacked else block, 0) for e, m in enumerate(pattern)]
             start += size
         return out
 
     def shape(self, member: tuple[int, ...]) -> tuple[int, ...]:
         if self.part is not None:
             return (member[0] // self.part[1], *member[1:])
-        if not self.stacked:
-            return member
-        stacked = (len(self.members[0]), *member)
+        stacked = (len(self.members[0]), *member) if self.stacked else member
+        if len(self.members) == 1:
+            return stacked
         return stacked[:self.axis] + (stacked[self.axis] * len(self.members),) + stacked[self.axis + 1:]
 
 
@@ -175,7 +176,9 @@ def _reading(source: tuple[Any, str], group: Group, member_jobs: list[list[Job]]
     first = theirs.members[0][0]
     if odd := next((m for m, shape in shapes.items() if shape != shapes[first]), None):
         raise AdaptkitError(f"'{odd}' of {source[0].ref} has shape {shapes[odd]} where '{first}' has "
-                            f"{shapes[first]}: a layer's experts must be alike (transformers stacks them)")
+                            f"{shapes[first]}: " + ("a layer's experts must be alike (transformers stacks them)"
+                                                    if group.stacked else f"adaptkit joins tensors into '{stored}' "
+                                                    "only where they are alike"))
     if group.part and (not shapes[first] or shapes[first][0] % group.part[1]):
         raise AdaptkitError(f"'{first}' of {source[0].ref} has shape {shapes[first]}: transformers splits it into "
                             f"{group.part[1]} equal parts on its rows")
@@ -185,9 +188,10 @@ def _reading(source: tuple[Any, str], group: Group, member_jobs: list[list[Job]]
 @dataclass(frozen=True)
 class Step:
     """One step of transformers 5's conversion table: a rename (`sources` -> `target`), or per-expert tensors
-    (`*` the expert) stacked into `target`, the stacks of several sources concatenated on `axis`, or (`parts`)
-    one tensor split into equal chunks of its rows named by those targets; `rename`: transformers' own
-    matching, where the step is read from its table (None: whole-pattern replacement)."""
+    (`*` the expert) stacked into `target`, the stacks of several sources concatenated on `axis` (`join`: one
+    tensor of each source, concatenated), or (`parts`) one tensor split into equal chunks of its rows named by
+    those targets; `rename`: transformers' own matching, where the step is read from its table (None:
+    whole-pattern replacement)."""
 
     sources: tuple[str, ...]
     target: str
@@ -196,6 +200,7 @@ class Step:
     rename: Any = None
     followed: bool = True  # (False: a step other than these, which a merge does not follow)
     parts: tuple[str, ...] = ()
+    join: bool = False
 
     def apply(self, key: str) -> tuple[str, str | None]:
         """(the key renamed, the source pattern that matched) or (key, None)."""
@@ -208,15 +213,16 @@ class Step:
 
 
 class Converted(NamedTuple):
-    """A checkpoint tensor's name in transformers 5's layout, (source pattern, expert) where a step stacks it,
-    the stacks' concatenation axis, whether every step it went through is one a merge follows, and (i, k)
-    where a step splits it into k parts (this is part i)."""
+    """A checkpoint tensor's name in transformers 5's layout, (source pattern, expert) where a step stacks it
+    ((source pattern, None) where one joins it with `joined` − 1 others), the concatenation axis, whether every
+    step it went through is one a merge follows, and (i, k) where a step splits it into k parts (this is part i)."""
 
     name: str
-    slot: tuple[int, int] | None = None
+    slot: tuple[int, int | None] | None = None
     axis: int = 0
     followed: bool = True
     part: tuple[int, int] | None = None
+    joined: int = 0
 
 
 def _experts(gate: str, up: str, down: str, where: str = "mlp.experts") -> tuple[Step, ...]:
@@ -246,12 +252,12 @@ TABLE: dict[str, tuple[Step, ...]] = {
 ONLY_RENAMED = frozenset({
     "apertus", "arcee", "baichuan", "bamba", "bert", "bloom", "chatglm", "codegen", "cohere", "cohere2", "dbrx",
     "distilbert", "ernie4_5", "exaone", "exaone4", "falcon", "falcon_h1", "gemma", "gemma2", "gemma3",
-    "gemma3_text", "glm", "glm4", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "gptj", "granite",
-    "granitemoehybrid", "helium", "hunyuan_v1_dense", "internlm2", "jais", "jetmoe", "lfm2", "llama", "llama4",
-    "mamba", "mamba2", "ministral", "mistral", "mistral3", "modernbert", "mpt", "nemotron", "olmo", "olmo2",
-    "olmo3", "opt", "persimmon", "phi", "phi3", "qwen", "qwen2", "qwen2_5_vl", "qwen2_vl", "qwen3", "qwen3_vl",
-    "recurrent_gemma", "roberta", "seed_oss", "smollm3", "solar", "stablelm", "starcoder2", "t5", "whisper",
-    "xlm-roberta", "zamba2"})
+    "gemma3_text", "gemma3n", "glm", "glm4", "glm4v", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "gptj",
+    "granite", "granitemoehybrid", "helium", "hunyuan_v1_dense", "internlm2", "jais", "jetmoe", "lfm2", "llama",
+    "llama4", "llama4_text", "mamba", "mamba2", "ministral", "ministral3", "mistral", "mistral3", "mistral4",
+    "modernbert", "mpt", "nemotron", "olmo", "olmo2", "olmo3", "opt", "persimmon", "phi", "phi3", "qwen", "qwen2",
+    "qwen2_5_vl", "qwen2_vl", "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "recurrent_gemma", "roberta",
+    "seed_oss", "smollm3", "solar", "stablelm", "starcoder2", "t5", "whisper", "xlm-roberta", "zamba2"})
 
 
 def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
@@ -271,6 +277,8 @@ def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
             steps.append(Step(tuple(t.source_patterns), "", rename=t.rename_source_key))
         elif ops == [(Chunk, 0)] and t.operations[0].num_shards_attribute is None:  # (else the parts are the config's)
             steps.append(Step(tuple(t.source_patterns), "", rename=t.rename_source_key, parts=tuple(t.target_patterns)))
+        elif [o for o, _ in ops] == [Concatenate] and t.operations[0].num_shards_attribute is None:
+            steps.append(Step(tuple(t.source_patterns), "", axis=ops[0][1], rename=t.rename_source_key, join=True))
         else:
             followed = ops[:1] == [(MergeModulelist, 0)] and len(ops) <= 2 and all(o is Concatenate for o, _ in ops[1:])
             steps.append(Step(tuple(t.source_patterns), "", True, ops[-1][1] if len(ops) > 1 else 0,
@@ -281,7 +289,7 @@ def conversion_steps(model_type: str | None) -> tuple[Step, ...]:
 def _convert(name: str, steps: tuple[Step, ...]) -> list[Converted]:
     """What transformers 5's conversion `steps` make of a checkpoint tensor: one name, or one for each part a
     step splits it into (each part going on through the steps after that one)."""
-    fused, slot, axis = name, None, 0
+    fused, slot, axis, joined = name, None, 0, 0
     for j, step in enumerate(steps):
         renamed, pattern = step.apply(fused)
         if pattern is None:
@@ -292,24 +300,29 @@ def _convert(name: str, steps: tuple[Step, ...]) -> list[Converted]:
                 return [Converted(renamed, followed=False)]
             return [c._replace(part=(i, len(step.parts)), followed=c.followed and c.part is None and c.slot is None)
                     for i, target in enumerate(step.parts) for c in _convert(head + target + tail, steps[j + 1:])]
+        if step.join:
+            if not step.followed or slot is not None:
+                return [Converted(renamed, followed=False)]
+            slot, axis, joined = (step.sources.index(pattern), None), step.axis, len(step.sources)
         if step.stack:
             expert = re.search(re.escape(pattern).replace(r"\*", r"([^.]*)"), fused)
             if not step.followed or expert is None or not expert.group(1).isdigit():
                 return [Converted(renamed, followed=False)]
             slot, axis = (step.sources.index(pattern), int(expert.group(1))), step.axis
         fused = renamed
-    return [Converted(fused, slot, axis)]
+    return [Converted(fused, slot, axis, joined=joined)]
 
 
 def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[str, Group]:
     """The groups transformers 5's conversion `steps` make of `names`, by their name there; {} after
-    `warn(name, name there)` where a step is one adaptkit does not follow or an expert is missing (mergekit's
-    numbers then differ, as the warning says)."""
-    found: dict[str, dict] = {}  # name there -> {(source pattern, expert) or None: checkpoint name}
+    `warn(name, name there)` where a step is one adaptkit does not follow or an expert or joined tensor is
+    missing (mergekit's numbers then differ, as the warning says)."""
+    found: dict[str, dict] = {}  # name there -> {(source pattern, expert or None) or None: checkpoint name}
     axes: dict[str, int] = {}
+    joins: dict[str, int] = {}  # name there -> how many tensors a step concatenates into it
     parts: dict[str, tuple[str, tuple[int, int]]] = {}  # name there -> (checkpoint name, (i, k))
     for name in names:
-        for fused, slot, axis, followed, part in _convert(name, steps):
+        for fused, slot, axis, followed, part, joined in _convert(name, steps):
             if fused == name:  # (mergekit reads a tensor as stored where it has its name: a step in place, a
                 continue  # transpose or a permutation, is never applied, mergekit's `io/tasks.py`)
             if not followed or fused in parts or (part and fused in found):
@@ -319,7 +332,7 @@ def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[st
                 parts[fused] = (name, part)
                 continue
             found.setdefault(fused, {})[slot] = name
-            axes[fused] = axis
+            axes[fused], joins[fused] = axis, joined
     groups = {fused: Group(fused, [[name]], part=part) for fused, (name, part) in parts.items()}
     for fused, members in found.items():
         if None in members:  # renamed only: one tensor
@@ -328,7 +341,14 @@ def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[st
                 return {}
             groups[fused] = Group(fused, [[members[None]]])
             continue
-        patterns, experts = sorted({p for p, _ in members}), sorted({e for _, e in members})
+        patterns, experts = sorted({p for p, _ in members}), {e for _, e in members}
+        if experts == {None}:  # one tensor of each source, concatenated
+            if len(patterns) != joins[fused]:
+                warn(next(iter(members.values())), fused)  # (a source missing)
+                return {}
+            groups[fused] = Group(fused, [[members[p, None]] for p in patterns], False, axes[fused])
+            continue
+        experts = sorted(experts, key=lambda e: -1 if e is None else e)
         if experts != list(range(len(experts))) or len(members) != len(patterns) * len(experts):
             warn(next(iter(members.values())), fused)  # (an expert missing)
             return {}
