@@ -866,7 +866,7 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
     chunks (`self_attn.q_proj` …), and mergekit 0.1.5 merges each (its own slerp angle): so here, written back into
     the stored tensor; `filter: self_attn` matches them and the renamed `o_proj` (stored `attention.o_proj`), as
     mergekit's names. Kimi-Linear's q, k and v convolutions are one `conv1d` there (concatenated on their rows,
-    one slerp), written back each as stored. A step in place (Qwen3-VL-MoE's transposed stacks, which mergekit
+    however many each has: one slerp), written back each as stored. A step in place (Qwen3-VL-MoE's transposed stacks, which mergekit
     reads as stored) changes nothing, and one that is not followed (Inkling's interleaved experts) is the
     warning."""
     from safetensors.torch import load_file
@@ -877,8 +877,8 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
            "encoder.layer.0.attention.qkv_proj.bias": (24,), "encoder.layer.0.attention.o_proj.weight": (8, 8)}
     stacked = {"model.language_model.embed_tokens.weight": (32, 8),
                "model.language_model.layers.0.mlp.experts.gate_up_proj": (2, 8, 32)}
-    kimi = {"model.embed_tokens.weight": (32, 8), **{f"model.layers.0.self_attn.{x}_conv1d.weight": (8, 1, 4)
-                                                      for x in "qkv"}}
+    kimi = {"model.embed_tokens.weight": (32, 8), **{f"model.layers.0.self_attn.{x}_conv1d.weight": (rows, 1, 4)
+                                                      for x, rows in zip("qkv", (8, 8, 12))}}  # (v's heads wider)
     inkling = {"model.embed_tokens.weight": (32, 8), "model.layers.0.mlp.experts.w13_weight": (2, 16, 8)}
     for model_type, shapes in (("gte", gte), ("qwen3_vl_moe", stacked), ("kimi_linear", kimi), ("inkling2_text", inkling)):
         for i in range(2):
@@ -909,7 +909,7 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
                                                                   tmp_path / "kimi_linear" / "m1", tmp_path / "kimi"))
     names = [f"model.layers.0.self_attn.{x}_conv1d.weight" for x in "qkv"]
     conv = slerp.merge([torch.cat([b[n] for n in names])], torch.cat([a[n] for n in names]), t=0.3)
-    for n, part in zip(names, conv.chunk(3)):
+    for n, part in zip(names, conv.split([8, 8, 12])):
         assert torch.equal(merged[n], part), n
     with pytest.warns(UserWarning, match=r"^inkling2_text: mergekit 0.1.5 merges this model in transformers 5's layout "
                                          r"\('model.layers.0.mlp.experts.w13_weight' read as "

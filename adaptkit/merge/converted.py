@@ -55,14 +55,16 @@ EXPERT = re.compile(r"\.experts\.\d+\.")
 class Group:
     """Checkpoint tensors that are one tensor in transformers 5's layout: `members[p][e]` is source pattern p's
     tensor of expert e (`[[name]]`: a tensor renamed only), stacked on a new first axis per pattern and the
-    stacks concatenated on axis `axis` (not `stacked`: one tensor a pattern, the tensors concatenated); or,
-    with `part` (i, k), the i-th of k equal chunks of its one member's rows (a `qkv` split into q, k and v)."""
+    stacks concatenated on axis `axis` (not `stacked`: one tensor a pattern, the tensors concatenated, `sizes`
+    long on that axis where not alike); or, with `part` (i, k), the i-th of k equal chunks of its one member's
+    rows (a `qkv` split into q, k and v)."""
 
     name: str
     members: list[list[str]]
     stacked: bool = False
     axis: int = 1
     part: tuple[int, int] | None = None
+    sizes: tuple[int, ...] = ()
 
     def build(self, parts: list[list[torch.Tensor]]) -> torch.Tensor:
         if self.part is not None:
@@ -76,8 +78,8 @@ class Group:
         if self.part is not None:
             return [(self.members[0][0], fused, self.part[0] * fused.shape[0])]
         out, start = [], 0
-        for pattern in self.members:
-            size = fused.shape[self.axis] // len(self.members)  # (the patterns' stacks are alike)
+        for i, pattern in enumerate(self.members):
+            size = self.sizes[i] if self.sizes else fused.shape[self.axis] // len(self.members)  # (stacks are alike)
             block = fused.narrow(self.axis, start, size)
             out += [(m, block[e] if self.stacked else block, 0) for e, m in enumerate(pattern)]
             start += size
@@ -89,7 +91,8 @@ class Group:
         stacked = (len(self.members[0]), *member) if self.stacked else member
         if len(self.members) == 1:
             return stacked
-        return stacked[:self.axis] + (stacked[self.axis] * len(self.members),) + stacked[self.axis + 1:]
+        size = sum(self.sizes) if self.sizes else stacked[self.axis] * len(self.members)
+        return stacked[:self.axis] + (size,) + stacked[self.axis + 1:]
 
 
 class FusedSource:
@@ -153,6 +156,7 @@ def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
             return names, {}, {}
         first = member_jobs[0][0]
         sources = [_reading(first.sources[k], group, member_jobs, k, steps) for k in range(len(first.sources))]
+        group.sizes = sources[0][0].groups[sources[0][1]].sizes  # (alike in every input: the plan compares members)
         jobs[name] = Job(sources[1:] if first.base else sources, sources[0] if first.base else None, first.t,
                          first.own, first.shared)
     place: dict[str, list[Group]] = {}  # (a split tensor is a member of each of its parts)
@@ -174,11 +178,15 @@ def _reading(source: tuple[Any, str], group: Group, member_jobs: list[list[Job]]
     theirs = Group(stored, [[j.sources[k][1] for j in p] for p in member_jobs], group.stacked, group.axis, group.part)
     shapes = {m: tuple(source[0].info(m).shape) for p in theirs.members for m in p}
     first = theirs.members[0][0]
+    joined = not group.stacked and len(theirs.members) > 1  # (alike but on the axis they are concatenated on)
+    if joined and all(len(shape) > group.axis for shape in shapes.values()):
+        theirs.sizes = tuple(shapes[p[0]][group.axis] for p in theirs.members)
+        shapes = {m: shape[:group.axis] + shape[group.axis + 1:] for m, shape in shapes.items()}
     if odd := next((m for m, shape in shapes.items() if shape != shapes[first]), None):
-        raise AdaptkitError(f"'{odd}' of {source[0].ref} has shape {shapes[odd]} where '{first}' has "
-                            f"{shapes[first]}: " + ("a layer's experts must be alike (transformers stacks them)"
-                                                    if group.stacked else f"adaptkit joins tensors into '{stored}' "
-                                                    "only where they are alike"))
+        shape = [tuple(source[0].info(m).shape) for m in (odd, first)]
+        raise AdaptkitError(f"'{odd}' of {source[0].ref} has shape {shape[0]} where '{first}' has {shape[1]}: " + (
+            "a layer's experts must be alike (transformers stacks them)" if group.stacked
+            else f"transformers cannot concatenate them into '{stored}'"))
     if group.part and (not shapes[first] or shapes[first][0] % group.part[1]):
         raise AdaptkitError(f"'{first}' of {source[0].ref} has shape {shapes[first]}: transformers splits it into "
                             f"{group.part[1]} equal parts on its rows")
