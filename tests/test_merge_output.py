@@ -874,7 +874,8 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
     from adaptkit import registry
 
     gte = {"embeddings.word_embeddings.weight": (32, 8), "encoder.layer.0.attention.qkv_proj.weight": (24, 8),
-           "encoder.layer.0.attention.qkv_proj.bias": (24,), "encoder.layer.0.attention.o_proj.weight": (8, 8)}
+           "encoder.layer.0.attention.qkv_proj.bias": (24,), "encoder.layer.0.attention.o_proj.weight": (8, 8),
+           "encoder.layer.0.attn_ln.weight": (8,)}
     stacked = {"model.language_model.embed_tokens.weight": (32, 8),
                "model.language_model.layers.0.mlp.experts.gate_up_proj": (2, 8, 32)}
     kimi = {"model.embed_tokens.weight": (32, 8), **{f"model.layers.0.self_attn.{x}_conv1d.weight": (rows, 1, 4)
@@ -903,6 +904,8 @@ def test_a_tensor_transformers_splits_merges_as_its_parts(tmp_path):
         assert not torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.3))  # (one angle: not mergekit's)
     name = "encoder.layer.0.attention.o_proj.weight"
     assert torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.3))
+    name = "encoder.layer.0.attn_ln.weight"  # (renamed `layers.0.post_attention_layernorm.weight`: one vector)
+    assert torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.6))
     name = "embeddings.word_embeddings.weight"
     assert torch.equal(merged[name], slerp.merge([b[name]], a[name], t=0.6))
     a, b, merged = (load_file(f / "model.safetensors") for f in (tmp_path / "kimi_linear" / "m0",

@@ -75,8 +75,8 @@ class Group:
 
     def split(self, fused: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
         """Each member's part of a tensor built by `build` (views), and the row of the member it starts at."""
-        if self.part is not None:
-            return [(self.members[0][0], fused, self.part[0] * fused.shape[0])]
+        if self.part is not None or (len(self.members) == 1 and not self.stacked):  # (a part, a tensor renamed)
+            return [(self.members[0][0], fused, self.part[0] * fused.shape[0] if self.part else 0)]
         out, start = [], 0
         for i, pattern in enumerate(self.members):
             size = self.sizes[i] if self.sizes else fused.shape[self.axis] // len(self.members)  # (stacks are alike)
