@@ -118,8 +118,9 @@ def test_the_same_options_give_mergekits_bytes(pair, tmp_path, case):
         embed, head = report["tensors"]["model.embed_tokens.weight"], report["tensors"]["lm_head.weight"]
         on, off = (head, embed) if case.endswith("head") else (embed, head)
         assert on["byte"] == 3 and on["prefix"] > 10 and off["prefix"] == 0
-    # batched least squares (LAPACK) give the last bits by the batch's order, mergekit's is its hash order
-    assert_same(tmp_path / "ours", tmp_path / "mk", atol=1e-6 if case in ("barycentric", "least_squares") else 0)
+    # batched least squares (LAPACK) give the last bits by the batch's order, mergekit's is its hash order, and its own
+    # float32 result moves from call to call (max |Δ| up to 7.3e-7 in 14 runs, over 1e-6 in 1 of 2 CI runs)
+    assert_same(tmp_path / "ours", tmp_path / "mk", atol=1e-5 if case in ("barycentric", "least_squares") else 0)
 
 
 @pytest.mark.parametrize("case", ["omp", "subword", "mean", "landmark_pca"])
