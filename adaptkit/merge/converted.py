@@ -46,8 +46,8 @@ from .. import spec
 from ..errors import AdaptkitError
 from .slices import Job
 
-#: A per-expert tensor, the only kind transformers 5's tables fuse (its renames alone change no number, only
-#: what a filter matches, and come with the fused experts in the MoE models that have them).
+#: A per-expert tensor: a model with them is read through its table whatever its type (mergekit's architecture
+#: files for MoE models list the stacked names; `ONLY_RENAMED` is for models without).
 EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
