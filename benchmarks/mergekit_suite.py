@@ -364,9 +364,9 @@ def load_tensors(folder: Path) -> dict:
     return tensors
 
 
-def _loaded(folder: Path) -> tuple[dict, list[str]]:
-    """(state dict, the parameters transformers found missing and initialized) of the model transformers
-    loads from `folder` (config.json's architecture). Two layouts of one model load into the same
+def _loaded(folder: Path) -> tuple[dict, list[str], list[str]]:
+    """(state dict, the parameters transformers found missing and initialized, the tensors it had no place for)
+    of the model transformers loads from `folder` (config.json's architecture). Two layouts of one model load into the same
     parameters: MoE outputs (mergekit 0.1.5 writes transformers 5's fused experts, adaptkit Mixtral's
     per-expert tensors) and Llava (older and newer names)."""
     import transformers
@@ -374,22 +374,14 @@ def _loaded(folder: Path) -> tuple[dict, list[str]]:
     architecture = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
     model, info = getattr(transformers, architecture).from_pretrained(str(folder), dtype="auto",
                                                                       output_loading_info=True)
-    return {k: v.detach() for k, v in model.state_dict().items()}, sorted(info["missing_keys"])
-
-
-def _unused(folder: Path) -> list[str]:
-    """The tensors of an output that the model its config.json describes has no place for."""
-    import transformers
-
-    architecture = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
-    _, info = getattr(transformers, architecture).from_pretrained(str(folder), output_loading_info=True)
-    return sorted(info["unexpected_keys"])
+    return ({k: v.detach() for k, v in model.state_dict().items()}, sorted(info["missing_keys"]),
+            sorted(info["unexpected_keys"]))
 
 
 def _loads(folder: Path) -> str:
     """Whether transformers loads a model output whole (for the recipes mergekit cannot run)."""
     try:
-        _, missing = _loaded(folder)
+        _, missing, _ = _loaded(folder)
     except Exception as error:  # noqa: BLE001 (any failure is the answer)
         return f"transformers cannot load the output: {_failure(error)[1]}"
     return f"transformers finds {_short(missing)} missing in the output" if missing else "transformers loads the output"
@@ -436,9 +428,10 @@ def compare(recipe: Recipe, ours: Path, theirs: Path, base: str | None) -> tuple
     mine, peer = _config_facts(ours), _config_facts(theirs)
     for key in ("layers", "vocab_size", "dtype"):
         if mine[key] != peer[key]:
-            if key == "layers" and (unused := _unused(theirs)):  # (a frankenmerge of an architecture mergekit infers:
-                return "mergekit-failed", (f"mergekit's config.json says {peer[key]} layers where its tensors have "  # no
-                                           f"more: transformers leaves out {len(unused)}, {unused[0]} …; {_loads(ours)}")  # layer key)
+            # (a frankenmerge of an architecture mergekit infers, which has no layer count key)
+            if key == "layers" and (unused := _loaded(theirs)[2]):
+                return "mergekit-failed", (f"mergekit's config.json says {peer[key]} layers where its tensors have "
+                                           f"more: transformers leaves out {len(unused)}, {unused[0]} …; {_loads(ours)}")
             return "different", f"config.json {key}: adaptkit {mine[key]}, mergekit {peer[key]}"
     if recipe.wants_tokenizer:
         mine, peer = _tokenizer_facts(ours), _tokenizer_facts(theirs)
@@ -450,7 +443,7 @@ def compare(recipe: Recipe, ours: Path, theirs: Path, base: str | None) -> tuple
         only_a, only_m = sorted(a.keys() - m.keys()), sorted(m.keys() - a.keys())
         named = f"tensors only in adaptkit: {_short(only_a)}; only in mergekit: {_short(only_m)}"
         # the same model in another layout? transformers loads both; what it finds missing it initializes
-        (a, a_missing), (m, m_missing) = _loaded(ours), _loaded(theirs)
+        (a, a_missing, _), (m, m_missing, _) = _loaded(ours), _loaded(theirs)
         if m_missing:  # as mergekit's own test (run_and_check_merge: "Output missing tensor") would fail
             return "mergekit-failed", (f"mergekit's output lacks {len(m_missing)} tensors of the model "
                                        f"({_short(m_missing)})")

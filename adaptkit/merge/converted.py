@@ -139,9 +139,10 @@ def fuse(plan: Any) -> tuple[list[str], dict[str, Job], dict[str, Group]]:
                             ["each statistic covers all experts at once" if experts else
                              "each statistic covers a tensor as transformers 5 builds it"])
                            + (["its filters match the names there"] if filtered else []))
-        warnings.warn(f"{config.get('model_type')}: mergekit 0.1.5 merges {'these experts' if experts else 'this model'} "
-                      f"in transformers 5's layout ('{name}' read as '{there}'), where {why}: its numbers differ "
-                      "from these. adaptkit merges and writes the checkpoint's tensors as stored")
+        what = "these experts" if experts else "this model"
+        warnings.warn(f"{config.get('model_type')}: mergekit 0.1.5 merges {what} in transformers 5's layout ('{name}' "
+                      f"read as '{there}'), where {why}: its numbers differ from these. adaptkit merges and writes "
+                      "the checkpoint's tensors as stored")
 
     steps = conversion_steps(config.get("model_type"))
     groups = converted_groups(names, steps, warn)
@@ -326,8 +327,7 @@ def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[st
     `warn(name, name there)` where a step is one adaptkit does not follow or an expert or joined tensor is
     missing (mergekit's numbers then differ, as the warning says)."""
     found: dict[str, dict] = {}  # name there -> {(source pattern, expert or None) or None: checkpoint name}
-    axes: dict[str, int] = {}
-    joins: dict[str, int] = {}  # name there -> how many tensors a step concatenates into it
+    joins: dict[str, tuple[int, int]] = {}  # name there -> (its axis, how many tensors a step concatenates there)
     parts: dict[str, tuple[str, tuple[int, int]]] = {}  # name there -> (checkpoint name, (i, k))
     for name in names:
         for fused, slot, axis, followed, part, joined in _convert(name, steps):
@@ -340,7 +340,7 @@ def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[st
                 parts[fused] = (name, part)
                 continue
             found.setdefault(fused, {})[slot] = name
-            axes[fused], joins[fused] = axis, joined
+            joins[fused] = axis, joined
     groups = {fused: Group(fused, [[name]], part=part) for fused, (name, part) in parts.items()}
     for fused, members in found.items():
         if None in members:  # renamed only: one tensor
@@ -349,18 +349,18 @@ def converted_groups(names: list[str], steps: tuple[Step, ...], warn) -> dict[st
                 return {}
             groups[fused] = Group(fused, [[members[None]]])
             continue
-        patterns, experts = sorted({p for p, _ in members}), {e for _, e in members}
+        (patterns, experts), (axis, joined) = (sorted({p for p, _ in members}), {e for _, e in members}), joins[fused]
         if experts == {None}:  # one tensor of each source, concatenated
-            if len(patterns) != joins[fused]:
+            if len(patterns) != joined:
                 warn(next(iter(members.values())), fused)  # (a source missing)
                 return {}
-            groups[fused] = Group(fused, [[members[p, None]] for p in patterns], False, axes[fused])
+            groups[fused] = Group(fused, [[members[p, None]] for p in patterns], False, axis)
             continue
-        experts = sorted(experts, key=lambda e: -1 if e is None else e)
-        if experts != list(range(len(experts))) or len(members) != len(patterns) * len(experts):
+        complete = None not in experts and sorted(experts) == list(range(len(experts)))
+        if not complete or len(members) != len(patterns) * len(experts):
             warn(next(iter(members.values())), fused)  # (an expert missing)
             return {}
-        groups[fused] = Group(fused, [[members[p, e] for e in experts] for p in patterns], True, axes[fused])
+        groups[fused] = Group(fused, [[members[p, e] for e in sorted(experts)] for p in patterns], True, axis)
     return groups
 
 
