@@ -24,10 +24,10 @@ of the range instead of n log₂ n compared. torch's topk of k > n/64 entries ru
 whose `__introselect` is that quickselect itself (down to 3 entries). The partition is followed in
 vectorized windows: the stops in each window are found at once and paired with the other end's.
 
-Measured on the 168M benchmark's bf16 task vectors, one thread, half kept: 2.9M entries in 35 ms
-against the sort's 150, 32.8M in 0.3 s against 1.8, holding keys and int32 places (6 bytes an entry)
-where the sort holds keys, an int64 order and the int64 range it fills the order from (18) and topk
-(value, index) pairs (16). A segment whose budget runs out (the sort would heapsort it; an organ pipe
+Measured on the 168M benchmark's bf16 task vectors, one thread, half kept: 2.9M entries in 29 ms
+(35 when every entry's int32 place moved with its key, see `Ends`) against the sort's 150, 32.8M in
+0.37 s against 1.8, holding keys and int32 places (7 bytes an entry with the mask) where the sort holds
+keys, an int64 order and the int64 range it fills the order from (18) and topk (value, index) pairs (16). A segment whose budget runs out (the sort would heapsort it; an organ pipe
 does, real tensors have not) gives None: the caller sorts as mergekit does. `follows_torch` checks
 these rules against torch's own sort and topk once per process.
 """
@@ -62,43 +62,120 @@ def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> nump
     puts the entry in places [lo, hi); with `final=SELECT` and lo = 0, where `std::nth_element` at
     place hi − 1 does (torch's topk of more than 1/64 of the entries), whose `__introselect` makes the
     same partitions along one path and insertion-sorts the last ≤ 3 entries. `keys`: a flat integer
-    array (`keys_of(...).numpy()`), which is scrambled. None where a segment that decides would be heapsorted."""
+    array (`keys_of(...).numpy()`), which is scrambled. None where a segment that decides would be heapsorted.
+
+    Only the entries whose key equals the one at place lo or hi − 1 can end on either side of the
+    range (`Ends`): the others are in it exactly when their key lies between those two. So the moves are
+    made on the keys alone, and of the entries only those tied at an end are followed to their places."""
     n = keys.size
-    # (torch's range, not numpy's: numpy asks for huge pages, which the kernel here compacts memory for
-    # on first touch; the 168M SCE job's 78 ranges took 0.33 s, now 0.10, one thread)
-    ids = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64).numpy()
-    kept = numpy.zeros(n, dtype=bool)
+    lo, hi = max(lo, 0), min(hi, n)
+    if hi <= lo or (lo == 0 and hi == n):
+        return numpy.full(n, hi > lo, dtype=bool)
+    ends = Ends(keys, lo, hi)
     todo = [(0, n, 2 * (n.bit_length() - 1))]
     while todo:
         start, end, budget = todo.pop()
-        if end <= lo or hi <= start:
-            continue
-        if lo <= start and end <= hi:
-            kept[ids[start:end]] = True
-        elif end - start <= final:  # the final insertion sort's turn: a stable sort
-            order = numpy.argsort(-keys[start:end].astype(numpy.int64), kind="stable")
-            kept[ids[start:end][order[max(lo - start, 0):hi - start]]] = True
+        if end <= lo or hi <= start or (lo <= start and end <= hi):
+            continue  # (a part dropped or kept whole: its tied entries' places stay inside it)
+        if end - start <= final:  # the final insertion sort's turn: a stable sort
+            ends.sort(start, end)
         elif budget == 0:
             return None
         else:
-            cut = start + partition(keys[start:end], ids[start:end])
+            cut = partition(keys, start, end, ends.swap)
             todo += [(start, cut, budget - 1), (cut, end, budget - 1)]
-    return kept
+    return ends.kept()
 
 
-def partition(keys: numpy.ndarray, ids: numpy.ndarray) -> int:
-    """`__unguarded_partition_pivot` on one segment of more than 3 entries (the module docstring),
-    moving `ids` with `keys`: returns where the right part starts."""
-    m = keys.size
-    a, b, c = keys[1], keys[m // 2], keys[m - 1]  # __move_median_to_first(first, first+1, mid, last-1)
+class Ends:
+    """The entries tied at an end of the range [lo, hi), followed to their places through the moves.
+
+    With `low` the key at place hi − 1 and `high` the one at place lo (from `numpy.partition`, a
+    vectorized introselect: 33 ms for 32M int16 keys), an entry with low < key < high ends in the
+    range whatever the moves, one outside [low, high] out of it. An entry with key low or high is
+    tracked: `where` holds its place now and `slot`, at that place, its number. Keeping an int32 place
+    for every entry and moving it with its key took as long as moving the keys; these entries are about
+    1 in 70 of the 168M benchmark's bf16 task vectors (two threads side by side, 2.9M entries: 37 ms
+    a range against 42; in the whole TIES job 7.7 thread-seconds of following against 8.5)."""
+
+    def __init__(self, keys: numpy.ndarray, lo: int, hi: int):
+        n = keys.size
+        self.keys, self.lo, self.hi = keys, lo, hi
+        self.low = self.high = None  # (None: no entry is past that end)
+        ranked = buffer(n, keys.dtype)
+        ranked[:] = keys
+        if hi < n:  # (one place at a time: numpy's SIMD introselect takes a single one)
+            ranked.partition(n - hi)
+            self.low, ranked = ranked[n - hi], ranked[n - hi:]
+        if lo > 0:
+            ranked.partition(ranked.size - 1 - lo)
+            self.high = ranked[ranked.size - 1 - lo]
+        del ranked
+        self.inside = buffer(n, bool)
+        self.inside[:] = True
+        if self.low is not None:
+            numpy.greater(keys, self.low, out=self.inside)
+        if self.high is not None:
+            self.inside &= numpy.less(keys, self.high, out=buffer(n, bool))
+        self.origin = numpy.flatnonzero(self.tied(keys, buffer(n, bool)))
+        self.where = self.origin.copy()
+        self.slot = buffer(n, numpy.int32 if self.origin.size < 2**31 else numpy.int64)
+        self.slot[self.origin] = numpy.arange(self.origin.size)
+
+    def tied(self, values: numpy.ndarray, out: numpy.ndarray | None = None) -> numpy.ndarray:
+        """Where `values` hold a key of an end (low or high)."""
+        if self.low is None:
+            marks = numpy.equal(values, self.high, out=out)
+        else:
+            marks = numpy.equal(values, self.low, out=out)
+            if self.high is not None and self.high != self.low:
+                marks |= values == self.high
+        return marks
+
+    def swap(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
+        """Swap the entries at places a[t] and b[t] (disjoint index arrays of one length)."""
+        keys = self.keys
+        at_a, at_b = keys[a], keys[b]
+        keys[a], keys[b] = at_b, at_a
+        tied_a, tied_b = numpy.flatnonzero(self.tied(at_a)), numpy.flatnonzero(self.tied(at_b))
+        if tied_a.size or tied_b.size:
+            from_a, to_a, from_b, to_b = a[tied_a], b[tied_a], b[tied_b], a[tied_b]
+            numbers_a, numbers_b = self.slot[from_a], self.slot[from_b]
+            self.where[numbers_a], self.where[numbers_b] = to_a, to_b
+            self.slot[to_a], self.slot[to_b] = numbers_a, numbers_b
+
+    def sort(self, start: int, end: int) -> None:
+        """The final insertion sort of [start, end): a stable sort, descending."""
+        segment = self.keys[start:end]
+        order = numpy.argsort(-segment.astype(numpy.int64), kind="stable")
+        moved = self.tied(segment[order])  # place start + r gets the entry at start + order[r]
+        self.where[self.slot[start + order[moved]]] = start + numpy.flatnonzero(moved)
+
+    def kept(self) -> numpy.ndarray:
+        kept = self.inside
+        kept[self.origin[(self.where >= self.lo) & (self.where < self.hi)]] = True
+        return kept
+
+
+def buffer(n: int, dtype) -> numpy.ndarray:
+    """An uninitialized numpy array allocated by torch: numpy asks for huge pages for arrays from 4 MiB,
+    which the kernel here compacts memory for on first touch (the 168M SCE job's 78 int32 ranges took
+    0.33 s from numpy, 0.10 from torch, one thread)."""
+    return torch.empty(n * numpy.dtype(dtype).itemsize, dtype=torch.uint8).numpy().view(dtype)
+
+
+def partition(keys: numpy.ndarray, start: int, end: int, swap) -> int:
+    """`__unguarded_partition_pivot` on the segment [start, end) of more than 3 entries (the module
+    docstring), its moves made by `swap(a, b)` (index arrays): returns where the right part starts."""
+    m = end - start
+    a, b, c = keys[start + 1], keys[start + m // 2], keys[end - 1]  # __move_median_to_first(first, first+1, mid, last-1)
     if a > b:
         median = m // 2 if b > c else m - 1 if a > c else 1
     else:
         median = 1 if a > c else m - 1 if b > c else m // 2
-    for array in (keys, ids):
-        array[[0, median]] = array[[median, 0]]
-    pivot = keys[0]
-    first, last = 1, m  # entries not yet swapped: [first, last)
+    swap(numpy.array([start]), numpy.array([start + median]))
+    pivot = keys[start]
+    first, last = start + 1, end  # entries not yet swapped: [first, last)
     left_seen, right_seen = first, last  # scanned for stops: [first, left_seen) and [right_seen, last)
     left = right = numpy.empty(0, dtype=numpy.int64)  # stops scanned, not yet paired
     while True:
@@ -120,8 +197,7 @@ def partition(keys: numpy.ndarray, ids: numpy.ndarray) -> int:
         swaps = int(numpy.count_nonzero(left[:pairs] < right[:pairs]))  # a prefix: L rises, R falls
         if swaps:
             at_left, at_right = left[:swaps], right[:swaps]
-            for array in (keys, ids):
-                array[at_left], array[at_right] = array[at_right], array[at_left]
+            swap(at_left, at_right)
             first, last = int(at_left[-1]) + 1, int(at_right[-1])
             left, right = left[swaps:], right[swaps:]
         if swaps < pairs:
