@@ -24,9 +24,9 @@ of the range instead of n log₂ n compared. torch's topk of k > n/64 entries ru
 whose `__introselect` is that quickselect itself (down to 3 entries). The partition is followed in
 vectorized windows: the stops in each window are found at once and paired with the other end's.
 
-Measured on the 168M benchmark's bf16 task vectors, one thread, half kept: 2.9M entries in 29 ms
-(35 when every entry's int32 place moved with its key, see `Ends`) against the sort's 150, 32.8M in
-0.37 s against 1.8, holding keys and int32 places (7 bytes an entry with the mask) where the sort holds
+Measured on the 168M benchmark's bf16 task vectors, one thread, half kept: 2.9M entries in 26 ms
+(35 when every entry's int32 place moved with its key and every partition swapped, see `Ends`) against
+the sort's 150, 32.8M in 0.40 s (0.48) against 1.8, holding keys and int32 places (7 bytes an entry with the mask) where the sort holds
 keys, an int64 order and the int64 range it fills the order from (18) and topk (value, index) pairs (16). A segment whose budget runs out (the sort would heapsort it; an organ pipe
 does, real tensors have not) gives None: the caller sorts as mergekit does. `follows_torch` checks
 these rules against torch's own sort and topk once per process.
@@ -82,7 +82,7 @@ def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> nump
         elif budget == 0:
             return None
         else:
-            cut = partition(keys, start, end, ends.swap)
+            cut = partition(keys, start, end, ends)
             todo += [(start, cut, budget - 1), (cut, end, budget - 1)]
     return ends.kept()
 
@@ -95,8 +95,8 @@ class Ends:
     range whatever the moves, one outside [low, high] out of it. An entry with key low or high is
     tracked: `where` holds its place now and `slot`, at that place, its number. Keeping an int32 place
     for every entry and moving it with its key took as long as moving the keys; these entries are about
-    1 in 70 of the 168M benchmark's bf16 task vectors (two threads side by side, 2.9M entries: 37 ms
-    a range against 42; in the whole TIES job 7.7 thread-seconds of following against 8.5)."""
+    1 in 70 of the 168M benchmark's bf16 task vectors. With the moves halved where a part is settled
+    (`settles`), the 168M TIES job took 6.4 s against 7.4 (median of 5, alternating)."""
 
     def __init__(self, keys: numpy.ndarray, lo: int, hi: int):
         n = keys.size
@@ -112,9 +112,10 @@ class Ends:
             self.high = ranked[ranked.size - 1 - lo]
         del ranked
         self.inside = buffer(n, bool)
-        self.inside[:] = True
         if self.low is not None:
             numpy.greater(keys, self.low, out=self.inside)
+        else:
+            self.inside[:] = True
         if self.high is not None:
             self.inside &= numpy.less(keys, self.high, out=buffer(n, bool))
         self.origin = numpy.flatnonzero(self.tied(keys, buffer(n, bool)))
@@ -137,12 +138,43 @@ class Ends:
         keys = self.keys
         at_a, at_b = keys[a], keys[b]
         keys[a], keys[b] = at_b, at_a
-        tied_a, tied_b = numpy.flatnonzero(self.tied(at_a)), numpy.flatnonzero(self.tied(at_b))
-        if tied_a.size or tied_b.size:
-            from_a, to_a, from_b, to_b = a[tied_a], b[tied_a], b[tied_b], a[tied_b]
-            numbers_a, numbers_b = self.slot[from_a], self.slot[from_b]
-            self.where[numbers_a], self.where[numbers_b] = to_a, to_b
-            self.slot[to_a], self.slot[to_b] = numbers_a, numbers_b
+        moves = [self._tied(a, at_a), self._tied(b, at_b)]  # (both read before either is written)
+        for (here, numbers), there in zip(moves, (b, a)):
+            self._write(numbers, there[here])
+
+    def move(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
+        """The entries at places a[t] go to places b[t]; the ones there go to a part whose order no
+        longer matters, and none of them is tied at an end (`settles`)."""
+        at_a = self.keys[a]
+        self.keys[b] = at_a
+        self._moved(a, b, at_a)
+
+    def _moved(self, a: numpy.ndarray, b: numpy.ndarray, at_a: numpy.ndarray) -> None:
+        """The tied ones of the entries `at_a` that were at places a[t] are now at b[t]."""
+        here, numbers = self._tied(a, at_a)
+        self._write(numbers, b[here])
+
+    def _tied(self, a: numpy.ndarray, at_a: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """(t where `at_a`, the keys at places a, is tied; those entries' numbers)."""
+        here = numpy.flatnonzero(self.tied(at_a))
+        return here, self.slot[a[here]]
+
+    def _write(self, numbers: numpy.ndarray, places: numpy.ndarray) -> None:
+        self.where[numbers] = places
+        self.slot[places] = numbers
+
+    def settles(self, pivot) -> str | None:
+        """Which part of a partition around `pivot` is settled whole, so that only the other one's order
+        matters: "left" where the pivot is above every tied key (the left part's entries are all above
+        them, so it lies before place lo, or in [0, hi) with lo = 0), "right" where it is below them
+        all (the right part lies after place hi − 1), else None. A tied entry then never stops the scan
+        from the settled side's end, and only half the moves are made."""
+        ends = [key for key in (self.low, self.high) if key is not None]
+        if all(key < pivot for key in ends):
+            return "left"
+        if all(key > pivot for key in ends):
+            return "right"
+        return None
 
     def sort(self, start: int, end: int) -> None:
         """The final insertion sort of [start, end): a stable sort, descending."""
@@ -164,17 +196,20 @@ def buffer(n: int, dtype) -> numpy.ndarray:
     return torch.empty(n * numpy.dtype(dtype).itemsize, dtype=torch.uint8).numpy().view(dtype)
 
 
-def partition(keys: numpy.ndarray, start: int, end: int, swap) -> int:
+def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
     """`__unguarded_partition_pivot` on the segment [start, end) of more than 3 entries (the module
-    docstring), its moves made by `swap(a, b)` (index arrays): returns where the right part starts."""
+    docstring), its moves made through `ends`: returns where the right part starts. Where one part is
+    settled whole (`Ends.settles`), the left and right stops are not swapped but only copied into the
+    other part: two of four gathers and scatters (a third of the 168M TIES job's following, measured)."""
     m = end - start
     a, b, c = keys[start + 1], keys[start + m // 2], keys[end - 1]  # __move_median_to_first(first, first+1, mid, last-1)
     if a > b:
         median = m // 2 if b > c else m - 1 if a > c else 1
     else:
         median = 1 if a > c else m - 1 if b > c else m // 2
-    swap(numpy.array([start]), numpy.array([start + median]))
+    ends.swap(numpy.array([start]), numpy.array([start + median]))
     pivot = keys[start]
+    settled = ends.settles(pivot)
     first, last = start + 1, end  # entries not yet swapped: [first, last)
     left_seen, right_seen = first, last  # scanned for stops: [first, left_seen) and [right_seen, last)
     left = right = numpy.empty(0, dtype=numpy.int64)  # stops scanned, not yet paired
@@ -197,7 +232,12 @@ def partition(keys: numpy.ndarray, start: int, end: int, swap) -> int:
         swaps = int(numpy.count_nonzero(left[:pairs] < right[:pairs]))  # a prefix: L rises, R falls
         if swaps:
             at_left, at_right = left[:swaps], right[:swaps]
-            swap(at_left, at_right)
+            if settled == "left":
+                ends.move(at_left, at_right)
+            elif settled == "right":
+                ends.move(at_right, at_left)
+            else:
+                ends.swap(at_left, at_right)
             first, last = int(at_left[-1]) + 1, int(at_right[-1])
             left, right = left[swaps:], right[swaps:]
         if swaps < pairs:
