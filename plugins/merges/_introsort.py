@@ -221,18 +221,20 @@ def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
             if left_seen >= last:  # no left stop before Rₜ₋₁: the left part ends there
                 return last
             stop = min(left_seen + WINDOW, last)
-            left = numpy.flatnonzero(keys[left_seen:stop] <= pivot) + left_seen
+            left = numpy.flatnonzero(keys[left_seen:stop] <= pivot)
+            left += left_seen
             left_seen = stop
             continue
         if not right.size:
             if right_seen <= first:  # Rₜ is at or before Lₜ₋₁: no more swaps
                 return min(int(left[0]), last)
             begin = max(right_seen - WINDOW, first)
-            right = numpy.flatnonzero(keys[begin:right_seen] >= pivot)[::-1] + begin
+            right = numpy.flatnonzero(keys[begin:right_seen] >= pivot)[::-1]
+            right += begin
             right_seen = begin
             continue
         pairs = min(left.size, right.size)
-        swaps = int(numpy.count_nonzero(left[:pairs] < right[:pairs]))  # a prefix: L rises, R falls
+        swaps = prefix(left, right, pairs)
         if swaps:
             at_left, at_right = left[:swaps], right[:swaps]
             if settled == "left":
@@ -245,6 +247,19 @@ def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
             left, right = left[swaps:], right[swaps:]
         if swaps < pairs:
             return min(int(left[0]), last)
+
+
+def prefix(left: numpy.ndarray, right: numpy.ndarray, pairs: int) -> int:
+    """How many t < pairs have left[t] < right[t]: a prefix, as left rises and right falls (a binary
+    search: a few scalar reads where a comparison of every pair made and counted a mask)."""
+    low, high = 0, pairs  # left[t] < right[t] for t < low; not for t ≥ high
+    while low < high:
+        mid = (low + high) // 2
+        if left[mid] < right[mid]:
+            low = mid + 1
+        else:
+            high = mid
+    return low
 
 
 @functools.cache
