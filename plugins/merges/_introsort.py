@@ -24,12 +24,13 @@ of the range instead of n log₂ n compared. torch's topk of k > n/64 entries ru
 whose `__introselect` is that quickselect itself (down to 3 entries). The partition is followed in
 vectorized windows: the stops in each window are found at once and paired with the other end's.
 
-Measured on the 168M benchmark's bf16 task vectors, one thread, half kept: 2.9M entries in 26 ms
-(35 when every entry's int32 place moved with its key and every partition swapped, see `Ends`) against
-the sort's 150, 32.8M in 0.40 s (0.48) against 1.8, holding keys and int32 places (7 bytes an entry with the mask) where the sort holds
-keys, an int64 order and the int64 range it fills the order from (18) and topk (value, index) pairs (16). A segment whose budget runs out (the sort would heapsort it; an organ pipe
-does, real tensors have not) gives None: the caller sorts as mergekit does. `follows_torch` checks
-these rules against torch's own sort and topk once per process.
+Measured on the 168M benchmark's bf16 task vectors, one thread, half kept: 2.9M entries in 24 ms
+(34 when every entry's int32 place moved with its key and every partition swapped, see `Ends`)
+against the sort's 150, 32.8M in 0.38 s (0.46) against 1.8, holding keys, a mask and int32 places
+(7 bytes an entry) where the sort holds keys, an int64 order and the int64 range it fills the order
+from (18) and topk (value, index) pairs (16). A segment whose budget runs out (the sort would
+heapsort it; an organ pipe does, real tensors have not) gives None: the caller sorts as mergekit
+does. `follows_torch` checks these rules against torch's own sort and topk once per process.
 """
 from __future__ import annotations
 
@@ -203,9 +204,10 @@ def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
     """`__unguarded_partition_pivot` on the segment [start, end) of more than 3 entries (the module
     docstring), its moves made through `ends`: returns where the right part starts. Where one part is
     settled whole (`Ends.settles`), the left and right stops are not swapped but only copied into the
-    other part: two of four gathers and scatters (a third of the 168M TIES job's following, measured)."""
+    other part: two of four gathers and scatters."""
     m = end - start
-    a, b, c = keys[start + 1], keys[start + m // 2], keys[end - 1]  # __move_median_to_first(first, first+1, mid, last-1)
+    # __move_median_to_first(first, first + 1, mid, last − 1)
+    a, b, c = keys[start + 1], keys[start + m // 2], keys[end - 1]
     if a > b:
         median = m // 2 if b > c else m - 1 if a > c else 1
     else:
