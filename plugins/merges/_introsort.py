@@ -35,6 +35,7 @@ does. `follows_torch` checks these rules against torch's own sort and topk once 
 from __future__ import annotations
 
 import functools
+import mmap
 
 import numpy
 import torch
@@ -102,39 +103,31 @@ class Ends:
     def __init__(self, keys: numpy.ndarray, lo: int, hi: int):
         n = keys.size
         self.keys, self.lo, self.hi = keys, lo, hi
-        self.low = self.high = None  # (None: no entry is past that end)
-        ranked = buffer(n, keys.dtype)
-        # (one place at a time, each from the keys as they are: numpy's SIMD introselect takes a single
-        # place, and the second on the first one's output took 10 times as long, measured)
-        if hi < n:
-            ranked[:] = keys
-            ranked.partition(n - hi)
-            self.low = ranked[n - hi]
-        if lo > 0:
-            ranked[:] = keys
-            ranked.partition(n - 1 - lo)
-            self.high = ranked[n - 1 - lo]
-        del ranked
-        self.inside = buffer(n, bool)
+        ends = keys_at(keys, [place for place, past in ((hi - 1, hi < n), (lo, lo > 0)) if past])
+        self.low = ends.pop(0) if hi < n else None  # (None: no entry is past that end)
+        self.high = ends.pop(0) if lo > 0 else None
+        self.inside, scratch = buffer(n, bool), buffer(n, bool)
         if self.low is not None:
             numpy.greater(keys, self.low, out=self.inside)
         else:
             self.inside[:] = True
         if self.high is not None:
-            self.inside &= numpy.less(keys, self.high, out=buffer(n, bool))
-        self.origin = numpy.flatnonzero(self.tied(keys, buffer(n, bool)))
+            self.inside &= numpy.less(keys, self.high, out=scratch)
+        tied = [numpy.flatnonzero(numpy.equal(keys, key, out=scratch)) for key in dict.fromkeys((self.low, self.high))
+                if key is not None]
+        del scratch
+        self.origin = tied[0] if len(tied) == 1 else numpy.concatenate(tied)  # (numbers in any order)
         self.where = self.origin.copy()
         self.slot = buffer(n, numpy.int32 if self.origin.size < 2**31 else numpy.int64)
         self.slot[self.origin] = numpy.arange(self.origin.size)
 
-    def tied(self, values: numpy.ndarray, out: numpy.ndarray | None = None) -> numpy.ndarray:
-        """Where `values` hold a key of an end (low or high)."""
+    def tied(self, values: numpy.ndarray) -> numpy.ndarray:
+        """Where `values` (a few of the keys) hold a key of an end (low or high)."""
         if self.low is None:
-            marks = numpy.equal(values, self.high, out=out)
-        else:
-            marks = numpy.equal(values, self.low, out=out)
-            if self.high is not None and self.high != self.low:
-                marks |= numpy.equal(values, self.high, out=None if out is None else buffer(values.size, bool))
+            return values == self.high
+        marks = values == self.low
+        if self.high is not None and self.high != self.low:
+            marks |= values == self.high
         return marks
 
     def swap(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
@@ -193,11 +186,42 @@ class Ends:
         return kept
 
 
+def keys_at(keys: numpy.ndarray, places: list[int]) -> list:
+    """The keys at `places` of the descending order (place p: the (p + 1)-th largest). 16-bit keys
+    from one histogram over blocks, 2¹⁶ counts and no copy of the keys (a copy partitioned by
+    numpy's introselect, one place at a time, is a transient twice the keys' size); wider keys from
+    such copies."""
+    n = keys.size
+    if keys.itemsize == 2:
+        flat, counts = torch.from_numpy(keys), torch.zeros(1 << 16, dtype=torch.int64)
+        for start in range(0, n, WINDOW * 16):
+            counts += torch.bincount(flat[start:start + WINDOW * 16].to(torch.int32).add_(1 << 15), minlength=1 << 16)
+        above = counts.flip(0).cumsum(0)  # above[j]: the keys ≥ 2¹⁵ − 1 − j
+        found = torch.searchsorted(above, torch.tensor(places, dtype=torch.int64), right=True)
+        return [keys.dtype.type((1 << 15) - 1 - int(j)) for j in found]
+    ranked, found = buffer(n, keys.dtype), []
+    for p in places:
+        ranked[:] = keys
+        ranked.partition(n - 1 - p)
+        found.append(ranked[n - 1 - p])
+    return found
+
+
+MAPPED = 16 << 20  # bytes from which a buffer is mapped straight from the kernel
+
+
 def buffer(n: int, dtype) -> numpy.ndarray:
-    """An uninitialized numpy array allocated by torch: numpy asks for huge pages for arrays from 4 MiB,
-    which the kernel here compacts memory for on first touch (the 168M SCE job's 78 int32 ranges took
-    0.33 s from numpy, 0.10 from torch, one thread)."""
-    return torch.empty(n * numpy.dtype(dtype).itemsize, dtype=torch.uint8).numpy().view(dtype)
+    """An uninitialized array of n entries. From `MAPPED` bytes on, mapped straight from the kernel
+    (anonymous `mmap`) and unmapped when freed: from malloc (numpy's or torch's) the vocabulary-sized
+    ones, just under glibc's 32 MiB ceiling for mapping on its own, stayed in its arenas after each
+    call (the 168M TIES job's anonymous peak: 621 MB, 280 mapped). Smaller ones come from torch,
+    whose malloc reuses their pages (mapped afresh, their page faults cost more than the ranges).
+    Neither asks for huge pages, as numpy does from 4 MiB, which the kernel here compacts memory for
+    on first touch (the 168M SCE job's 78 int32 ranges took 0.33 s from numpy, 0.10 without)."""
+    size = max(1, n) * numpy.dtype(dtype).itemsize
+    if size >= MAPPED:
+        return numpy.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=n)
+    return torch.empty(size, dtype=torch.uint8).numpy().view(dtype)[:n]
 
 
 def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
