@@ -92,13 +92,13 @@ def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> nump
 class Ends:
     """The entries tied at an end of the range [lo, hi), followed to their places through the moves.
 
-    With `low` the key at place hi − 1 and `high` the one at place lo (from `numpy.partition`, a
-    vectorized introselect: 33 ms for 32M int16 keys), an entry with low < key < high ends in the
-    range whatever the moves, one outside [low, high] out of it. An entry with key low or high is
-    tracked: `where` holds its place now and `slot`, at that place, its number. Keeping an int32 place
-    for every entry and moving it with its key took as long as moving the keys; these entries are about
-    1 in 70 of the 168M benchmark's bf16 task vectors. With the moves halved where a part is settled
-    (`settles`), the 168M TIES job took 6.4 s against 7.4 (median of 5, alternating)."""
+    With `low` the key at place hi − 1 and `high` the one at place lo (`keys_at`), an entry with
+    low < key < high ends in the range whatever the moves, one outside [low, high] out of it. An entry
+    with key low or high is tracked: `where` holds its place now and `slot`, at that place, its number.
+    Keeping an int32 place for every entry and moving it with its key took as long as moving the keys;
+    these entries are about 1 in 70 of the 168M benchmark's bf16 task vectors. With the moves halved
+    where a part is settled (`settles`), the 168M TIES job took 6.4 s against 7.4 (median of 5,
+    alternating)."""
 
     def __init__(self, keys: numpy.ndarray, lo: int, hi: int):
         n = keys.size
@@ -214,7 +214,7 @@ def buffer(n: int, dtype) -> numpy.ndarray:
     """An uninitialized array of n entries. From `MAPPED` bytes on, mapped straight from the kernel
     (anonymous `mmap`) and unmapped when freed: from malloc (numpy's or torch's) the vocabulary-sized
     ones, just under glibc's 32 MiB ceiling for mapping on its own, stayed in its arenas after each
-    call (the 168M TIES job's anonymous peak: 621 MB, 280 mapped). Smaller ones come from torch,
+    call (the 168M TIES job's anonymous peak: 621 MB, 334 with these mapped). Smaller ones come from torch,
     whose malloc reuses their pages (mapped afresh, their page faults cost more than the ranges).
     Neither asks for huge pages, as numpy does from 4 MiB, which the kernel here compacts memory for
     on first touch (the 168M SCE job's 78 int32 ranges took 0.33 s from numpy, 0.10 without)."""
