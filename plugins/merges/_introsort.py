@@ -25,22 +25,21 @@ whose `__introselect` is that quickselect itself (down to 3 entries). The partit
 vectorized windows: the stops in each window are found at once and paired with the other end's.
 
 Measured on the 168M benchmark's bf16 task vectors, one thread, half kept: 2.9M entries in 24 ms
-(34 when every entry's int32 place moved with its key and every partition swapped, see `Ends`)
-against the sort's 150, 32.8M in 0.38 s (0.46) against 1.8, holding keys, a mask and int32 places
-(7 bytes an entry) where the sort holds keys, an int64 order and the int64 range it fills the order
-from (18) and topk (value, index) pairs (16). A segment whose budget runs out (the sort would
-heapsort it; an organ pipe does, real tensors have not) gives None: the caller sorts as mergekit
-does. `follows_torch` checks these rules against torch's own sort and topk once per process.
+against the sort's 150, holding keys, a mask and int32 places (7 bytes an entry) where the sort holds
+keys, an int64 order and the int64 range it fills the order from (18) and topk (value, index) pairs
+(16). A segment whose budget runs out (the sort would heapsort it; an organ pipe does, real tensors
+have not) gives None: the caller sorts as mergekit does. `follows_torch` checks these rules against
+torch's own sort and topk once per process.
 """
 from __future__ import annotations
 
 import functools
-import mmap
 
 import numpy
 import torch
 
 from ._base import as_bits
+from ._select import buffer, keys_at
 
 SORT, SELECT = 16, 3  # segments left to a final insertion sort: std::sort's, std::nth_element's
 WINDOW = 1 << 16  # entries scanned for stops at once
@@ -64,11 +63,9 @@ def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> nump
     puts the entry in places [lo, hi); with `final=SELECT` and lo = 0, where `std::nth_element` at
     place hi − 1 does (torch's topk of more than 1/64 of the entries), whose `__introselect` makes the
     same partitions along one path and insertion-sorts the last ≤ 3 entries. `keys`: a flat integer
-    array (`keys_of(...).numpy()`), which is scrambled. None where a segment that decides would be heapsorted.
-
-    Only the entries whose key equals the one at place lo or hi − 1 can end on either side of the
-    range (`Ends`): the others are in it exactly when their key lies between those two. So the moves are
-    made on the keys alone, and of the entries only those tied at an end are followed to their places."""
+    array (`keys_of(...).numpy()`), which is scrambled. None where a segment that decides would be
+    heapsorted. The moves are made on the keys alone; of the entries, those tied at an end are followed
+    (`Ends`)."""
     n = keys.size
     lo, hi = max(lo, 0), min(hi, n)
     if hi <= lo or (lo == 0 and hi == n):
@@ -95,10 +92,8 @@ class Ends:
     With `low` the key at place hi − 1 and `high` the one at place lo (`keys_at`), an entry with
     low < key < high ends in the range whatever the moves, one outside [low, high] out of it. An entry
     with key low or high is tracked: `where` holds its place now and `slot`, at that place, its number.
-    Keeping an int32 place for every entry and moving it with its key took as long as moving the keys;
-    these entries are about 1 in 70 of the 168M benchmark's bf16 task vectors. With the moves halved
-    where a part is settled (`settles`), the 168M TIES job took 6.4 s against 7.4 (median of 5,
-    alternating)."""
+    They are about 1 in 70 of the 168M benchmark's bf16 task vectors; an int32 place moved with every
+    key cost as much as the keys' own moves (benchmarks/RESULTS.md, 2026-12-06 night)."""
 
     def __init__(self, keys: numpy.ndarray, lo: int, hi: int):
         n = keys.size
@@ -106,6 +101,7 @@ class Ends:
         ends = keys_at(keys, [place for place, past in ((hi - 1, hi < n), (lo, lo > 0)) if past])
         self.low = ends.pop(0) if hi < n else None  # (None: no entry is past that end)
         self.high = ends.pop(0) if lo > 0 else None
+        self.tied_keys = [key for key in dict.fromkeys((self.low, self.high)) if key is not None]
         self.inside, scratch = buffer(n, bool), buffer(n, bool)
         if self.low is not None:
             numpy.greater(keys, self.low, out=self.inside)
@@ -113,52 +109,41 @@ class Ends:
             self.inside[:] = True
         if self.high is not None:
             self.inside &= numpy.less(keys, self.high, out=scratch)
-        tied = [numpy.flatnonzero(numpy.equal(keys, key, out=scratch)) for key in dict.fromkeys((self.low, self.high))
-                if key is not None]
+        self.origin = numpy.concatenate([numpy.flatnonzero(numpy.equal(keys, key, out=scratch)) for key in self.tied_keys])
         del scratch
-        self.origin = tied[0] if len(tied) == 1 else numpy.concatenate(tied)  # (numbers in any order)
         self.where = self.origin.copy()
         self.slot = buffer(n, numpy.int32 if self.origin.size < 2**31 else numpy.int64)
         self.slot[self.origin] = numpy.arange(self.origin.size)
 
     def tied(self, values: numpy.ndarray) -> numpy.ndarray:
         """Where `values` (a few of the keys) hold a key of an end (low or high)."""
-        if self.low is None:
-            return values == self.high
-        marks = values == self.low
-        if self.high is not None and self.high != self.low:
-            marks |= values == self.high
+        marks = values == self.tied_keys[0]
+        for key in self.tied_keys[1:]:
+            marks |= values == key
         return marks
 
     def swap(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
         """Swap the entries at places a[t] and b[t] (disjoint index arrays of one length)."""
-        keys = self.keys
-        at_a, at_b = keys[a], keys[b]
-        keys[a], keys[b] = at_b, at_a
-        moves = [self._tied(a, at_a), self._tied(b, at_b)]  # (both read before either is written)
-        for (here, numbers), there in zip(moves, (b, a)):
-            self._write(numbers, there[here])
+        at_a, at_b = self.keys[a], self.keys[b]
+        self.keys[a], self.keys[b] = at_b, at_a
+        self._follow((a, b, at_a), (b, a, at_b))
 
     def move(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
         """The entries at places a[t] go to places b[t]; the ones there go to a part whose order no
         longer matters, and none of them is tied at an end (`settles`)."""
         at_a = self.keys[a]
         self.keys[b] = at_a
-        self._moved(a, b, at_a)
+        self._follow((a, b, at_a))
 
-    def _moved(self, a: numpy.ndarray, b: numpy.ndarray, at_a: numpy.ndarray) -> None:
-        """The tied ones of the entries `at_a` that were at places a[t] are now at b[t]."""
-        here, numbers = self._tied(a, at_a)
-        self._write(numbers, b[here])
-
-    def _tied(self, a: numpy.ndarray, at_a: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """(t where `at_a`, the keys at places a, is tied; those entries' numbers)."""
-        here = numpy.flatnonzero(self.tied(at_a))
-        return here, self.slot[a[here]]
-
-    def _write(self, numbers: numpy.ndarray, places: numpy.ndarray) -> None:
-        self.where[numbers] = places
-        self.slot[places] = numbers
+    def _follow(self, *moves: tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]) -> None:
+        """For each (from, to, keys that were at places `from`): the tied ones are now at `to`."""
+        found = []
+        for origin, target, keys in moves:  # (every number read before any is written)
+            here = numpy.flatnonzero(self.tied(keys))
+            found.append((self.slot[origin[here]], target[here]))
+        for numbers, places in found:
+            self.where[numbers] = places
+            self.slot[places] = numbers
 
     def settles(self, pivot) -> str | None:
         """Which part of a partition around `pivot` is settled whole, so that only the other one's order
@@ -166,10 +151,9 @@ class Ends:
         them, so it lies before place lo, or in [0, hi) with lo = 0), "right" where it is below them
         all (the right part lies after place hi − 1), else None. A tied entry then never stops the scan
         from the settled side's end, and only half the moves are made."""
-        ends = [key for key in (self.low, self.high) if key is not None]
-        if all(key < pivot for key in ends):
+        if all(key < pivot for key in self.tied_keys):
             return "left"
-        if all(key > pivot for key in ends):
+        if all(key > pivot for key in self.tied_keys):
             return "right"
         return None
 
@@ -184,44 +168,6 @@ class Ends:
         kept = self.inside
         kept[self.origin[(self.where >= self.lo) & (self.where < self.hi)]] = True
         return kept
-
-
-def keys_at(keys: numpy.ndarray, places: list[int]) -> list:
-    """The keys at `places` of the descending order (place p: the (p + 1)-th largest). 16-bit keys
-    from one histogram over blocks, 2¹⁶ counts and no copy of the keys (a copy partitioned by
-    numpy's introselect, one place at a time, is a transient twice the keys' size); wider keys from
-    such copies."""
-    n = keys.size
-    if keys.itemsize == 2:
-        flat, counts = torch.from_numpy(keys), torch.zeros(1 << 16, dtype=torch.int64)
-        for start in range(0, n, WINDOW * 16):
-            counts += torch.bincount(flat[start:start + WINDOW * 16].to(torch.int32).add_(1 << 15), minlength=1 << 16)
-        above = counts.flip(0).cumsum(0)  # above[j]: the keys ≥ 2¹⁵ − 1 − j
-        found = torch.searchsorted(above, torch.tensor(places, dtype=torch.int64), right=True)
-        return [keys.dtype.type((1 << 15) - 1 - int(j)) for j in found]
-    ranked, found = buffer(n, keys.dtype), []
-    for p in places:
-        ranked[:] = keys
-        ranked.partition(n - 1 - p)
-        found.append(ranked[n - 1 - p])
-    return found
-
-
-MAPPED = 16 << 20  # bytes from which a buffer is mapped straight from the kernel
-
-
-def buffer(n: int, dtype) -> numpy.ndarray:
-    """An uninitialized array of n entries. From `MAPPED` bytes on, mapped straight from the kernel
-    (anonymous `mmap`) and unmapped when freed: from malloc (numpy's or torch's) the vocabulary-sized
-    ones, just under glibc's 32 MiB ceiling for mapping on its own, stayed in its arenas after each
-    call (the 168M TIES job's anonymous peak: 621 MB, 334 with these mapped). Smaller ones come from torch,
-    whose malloc reuses their pages (mapped afresh, their page faults cost more than the ranges).
-    Neither asks for huge pages, as numpy does from 4 MiB, which the kernel here compacts memory for
-    on first touch (the 168M SCE job's 78 int32 ranges took 0.33 s from numpy, 0.10 without)."""
-    size = max(1, n) * numpy.dtype(dtype).itemsize
-    if size >= MAPPED:
-        return numpy.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=n)
-    return torch.empty(size, dtype=torch.uint8).numpy().view(dtype)[:n]
 
 
 def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
@@ -260,7 +206,16 @@ def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
             right_seen = begin
             continue
         pairs = min(left.size, right.size)
-        swaps = prefix(left, right, pairs)
+        # how many pair and swap: a prefix, as Lₜ rises and Rₜ falls (a binary search, faster than a compared
+        # mask and than bisect with a key)
+        low, high = 0, pairs
+        while low < high:
+            mid = (low + high) // 2
+            if left[mid] < right[mid]:
+                low = mid + 1
+            else:
+                high = mid
+        swaps = low
         if swaps:
             at_left, at_right = left[:swaps], right[:swaps]
             if settled == "left":
@@ -273,19 +228,6 @@ def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
             left, right = left[swaps:], right[swaps:]
         if swaps < pairs:
             return min(int(left[0]), last)
-
-
-def prefix(left: numpy.ndarray, right: numpy.ndarray, pairs: int) -> int:
-    """How many t < pairs have left[t] < right[t]: a prefix, as left rises and right falls (a binary
-    search: a few scalar reads where a comparison of every pair made and counted a mask)."""
-    low, high = 0, pairs  # left[t] < right[t] for t < low; not for t ≥ high
-    while low < high:
-        mid = (low + high) // 2
-        if left[mid] < right[mid]:
-            low = mid + 1
-        else:
-            high = mid
-    return low
 
 
 @functools.cache

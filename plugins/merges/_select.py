@@ -6,13 +6,16 @@ of the 15 value bits of bfloat16 and float16 magnitudes in one pass, of the uppe
 lower 16 bits of float32 ones in two. Histograms add up over blocks, so the whole tensor never has
 to be held as temporaries: a cut costs one or two passes over blocks of a few MB, each computed
 afresh by the caller. Ties at the threshold are kept lowest flat index first, so the result is
-deterministic; which ones those are is settled in the pass that applies the cut (`Cut`).
+deterministic; which ones those are is settled in the pass that applies the cut (`Cut`). `keys_at`
+finds integer keys at places the same way, for `_introsort`, whose big buffers come from `buffer`.
 """
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable
 
+import numpy
 import torch
 
 BLOCK = 1 << 20  # elements per block: small enough to stay in cache, large enough for fast kernels
@@ -168,3 +171,34 @@ def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
         threshold = float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))
         need, equal = k - above - above_low, int(low[low_bin])
     return Cut(threshold, need, equal)
+
+
+def keys_at(keys: numpy.ndarray, places: list[int]) -> list:
+    """The keys at `places` of the descending order (place p: the (p + 1)-th largest): 16-bit keys from
+    one histogram over blocks, with no copy of the keys (a partitioned copy is a transient twice their
+    size); wider keys from such copies, numpy's introselect taking one place at a time."""
+    if keys.itemsize == 2:
+        flat, counts = torch.from_numpy(keys), torch.zeros(1 << 16, dtype=torch.int64)
+        for s, e in block_ranges(keys.size):
+            counts += torch.bincount(flat[s:e].to(torch.int32).add_(1 << 15), minlength=1 << 16)
+        return [keys.dtype.type(_from_top(counts, p + 1)[0] - (1 << 15)) for p in places]
+    ranked, found = buffer(keys.size, keys.dtype), []
+    for p in places:
+        ranked[:] = keys
+        ranked.partition(keys.size - 1 - p)
+        found.append(ranked[keys.size - 1 - p])
+    return found
+
+
+MAPPED = 16 << 20  # bytes from which a buffer is mapped straight from the kernel
+
+
+def buffer(n: int, dtype) -> numpy.ndarray:
+    """An uninitialized array of n entries; from `MAPPED` bytes on, an anonymous `mmap`, unmapped when
+    freed (from malloc, masks just under glibc's 32 MiB mapping ceiling stayed in its arenas after each
+    call: the 168M TIES job's anonymous peak 621 MB, 334 mapped), else from torch (no huge pages, which
+    numpy asks for from 4 MiB and the kernel here compacts memory for on first touch)."""
+    size = max(1, n) * numpy.dtype(dtype).itemsize
+    if size >= MAPPED:
+        return numpy.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=n)
+    return torch.empty(size, dtype=torch.uint8).numpy().view(dtype)[:n]
