@@ -109,7 +109,8 @@ class Ends:
             self.inside[:] = True
         if self.high is not None:
             self.inside &= numpy.less(keys, self.high, out=scratch)
-        self.origin = numpy.concatenate([numpy.flatnonzero(numpy.equal(keys, key, out=scratch)) for key in self.tied_keys])
+        self.origin = numpy.concatenate([numpy.flatnonzero(numpy.equal(keys, key, out=scratch))
+                                         for key in self.tied_keys])
         del scratch
         self.where = self.origin.copy()
         self.slot = buffer(n, numpy.int32 if self.origin.size < 2**31 else numpy.int64)
