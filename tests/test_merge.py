@@ -456,6 +456,19 @@ def test_nan_input(models, tmp_path):
     assert torch.isnan(state(tmp_path / "out")["model.norm.weight"][0])
 
 
+def test_nonfinite_output_from_finite_inputs(models, tmp_path):
+    """A merge whose own steps overflow (λ = 10⁷ in float16: ±Inf, which mergekit writes) is refused, naming
+    the tensor and the dtypes; nothing is written. --allow-nonfinite writes what the steps give."""
+    recipe = recipe_for(models, "task_arithmetic", [{"weight": 1}] * 3, {"lambda": 1e7})
+    recipe["dtype"] = "float16"
+    with pytest.raises(AdaptkitError, match=r"^merging '[^']+' with task_arithmetic gave NaN or Inf values from finite "
+                                            r"inputs \(computed in float16, written as float16\)"):
+        run_merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    run_merge(recipe, tmp_path / "out", allow_nonfinite=True, progress=False)
+    assert torch.isinf(state(tmp_path / "out")["model.layers.0.mlp.up_proj.weight"]).any()
+
+
 def test_existing_output_and_killed_run(models, tmp_path, monkeypatch):
     recipe = recipe_for(models, "linear", [{"weight": 1}] * 2, base=False, n=2)
     out = tmp_path / "out"

@@ -11,6 +11,7 @@ process, a library call never changes it).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import re
@@ -176,7 +177,9 @@ def add_global_options(cmd: click.Command) -> None:
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"warning: {_printable(message)}", err=True)
+    bars = sys.modules.get("tqdm")  # (a warning during a progress bar: the bar moved below it, not broken by it)
+    with bars.tqdm.external_write_mode(file=sys.stderr) if bars else contextlib.nullcontext():
+        click.echo(f"warning: {_printable(message)}", err=True)
 
 
 

@@ -32,7 +32,7 @@ from ..io.store import open_store
 from .card import drop_card, parameter_groups, write_card
 from .modules import part_jobs
 from .slices import Job, source_place
-from .precision import drop_quantization_config, recipe_dtypes, state_dtype, stored_dtype
+from .precision import all_finite, check_written, drop_quantization_config, recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_inputs
 from .schedule import default_workers, run_within
@@ -193,12 +193,6 @@ def _open(recipe: Recipe, ref, allow_pickle: bool) -> ModelSource:
         if recipe.parts:  # say which slice names it
             raise AdaptkitError(f"{source_place(recipe.parts, ref)}: {error}") from None
         raise
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """NaN and ±Inf propagate into a sum, so one fast reduction settles the usual all-finite case;
-    only a non-finite sum (which large finite values can also give) needs the exact check."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def row_blocks(plan: Plan, name: str) -> list[tuple[int, int] | None]:
@@ -381,7 +375,10 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
         try:
             merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows, device=device)
             for out, part, row in plan.groups[name].split(merged) if name in plan.groups else [(name, merged, 0)]:
-                writer.write(out, part.to(dtypes[out]).cpu(), row=row + (rows[0] if rows else 0))
+                part = part.to(dtypes[out]).cpu()
+                if not allow_nonfinite:
+                    check_written(part, out, plan.recipe.method, plan.compute or plan.stored_dtype(name))
+                writer.write(out, part, row=row + (rows[0] if rows else 0))
         finally:
             torch.set_num_threads(shared)
         with lock:
@@ -394,6 +391,6 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
     torch.set_num_threads(shared)
     try:
         run_within(pieces, need, work, threads, WORKING_MEMORY)
-    finally:
+    finally:  # (the bar cleared before an error's line too)
         torch.set_num_threads(intra_op)
-    bar.close()
+        bar.close()

@@ -79,3 +79,21 @@ def drop_quantization_config(folder: Path) -> None:
     """An unpacked output keeps the base's config.json minus `quantization_config` (which transformers
     would otherwise act on when loading the floating-point weights)."""
     update_json(folder / "config.json", lambda config: config.pop("quantization_config", None) is not None)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """NaN and ±Inf propagate into a sum, so one fast reduction settles the usual all-finite case;
+    only a non-finite sum (which large finite values can also give) needs the exact check."""
+    return bool(tensor.sum().isfinite()) or bool(tensor.isfinite().all())
+
+
+def check_written(tensor: torch.Tensor, name: str, method: str, compute: torch.dtype) -> None:
+    """Refuses a merged tensor, as it is written, that holds NaN or ±Inf although its inputs did not (the
+    engine checked them): a model with them is broken. Half precision is the usual cause: mergekit's own
+    steps overflow or underflow there (multislerp's ε = 1e-8 is 0 in float16, and identical inputs,
+    such as untouched norms, then give 0/0) and it writes what they give."""
+    if tensor.is_floating_point() and not all_finite(tensor):
+        raise AdaptkitError(
+            f"merging '{name}' with {method} gave NaN or Inf values from finite inputs (computed in "
+            f"{str(compute).removeprefix('torch.')}, written as {str(tensor.dtype).removeprefix('torch.')}): "
+            f"--compute-dtype float32 may avoid them; --allow-nonfinite writes them")
