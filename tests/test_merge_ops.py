@@ -6,6 +6,7 @@ The formulas below are computed in float64 with plain torch, independently of th
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy
 import pytest
@@ -538,13 +539,38 @@ GTA_CASES = [
     ("breadcrumbs", {"weight": [1.0, 0.7, 0.4], "density": [0.5, 0.3, 0.9], "gamma": [0.05, 0.1, 0.2]}),
     ("breadcrumbs", {"weight": 1.0, "density": 0.5}),
     ("breadcrumbs_ties", {"weight": [1.0, 0.7, 0.4], "density": 0.5, "gamma": 0.1, "normalize": True}),
+    # weights summing to zero with normalize: mergekit's divisor under 1e-8 counts as 1 (ties: each entry's own)
+    ("task_arithmetic", {"weight": [1.0, -1.0, 0.0], "normalize": True}),
+    ("ties", {"weight": [1.0, -0.5, -0.5], "density": 0.5}),
+    ("breadcrumbs_ties", {"weight": [0.5, -0.5, 0.0], "density": 0.6, "gamma": 0.1, "normalize": True}),
 ]
 
 
 @pytest.mark.parametrize(("name", "params"), GTA_CASES)
 def test_task_arithmetic_family_matches_mergekit(name, params):
     tensors, base = make()
-    assert_close(op(name).merge(tensors, base, **params), mergekit(name, tensors, base, **params), **TIGHT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (weights summing to zero: `test_weights_summing_to_zero_...`)
+        ours = op(name).merge(tensors, base, **params)
+    assert_close(ours, mergekit(name, tensors, base, **params), **TIGHT)
+
+
+def test_weights_summing_to_zero_divide_by_one_as_mergekit():
+    """With normalize, Σᵢ wᵢ = 0 leaves the sum undivided (a warning says so); with TIES' consensus the
+    divisor is each entry's Σᵢ mᵢ·wᵢ, and only where that is 0 is it 1 (no warning: the weights' sum is
+    not what divides)."""
+    tensors, base = make()
+    x, b = f64(tensors, base)
+    w = [1.0, -1.0, 0.0]
+    with pytest.warns(UserWarning, match="task_arithmetic: weights summing to zero with normalize: the sum is not divided"):
+        out = op("task_arithmetic").merge(tensors, base, weight=w, normalize=True)
+    assert_close(out.double(), b + sum(wi * (xi - b) for wi, xi in zip(w, x)), **TIGHT)
+    w, dens = [1.0, -0.5, -0.5], [0.5, 0.5, 0.5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = op("ties").merge(tensors, base, weight=w, density=dens)
+    expected = b + disjoint_merge([top_fraction(xi - b, d) for xi, d in zip(x, dens)], w, True)
+    assert_close(out.double(), expected, **TIGHT)
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
@@ -699,8 +725,6 @@ BAD = [
     ("magnitude_prune", {"weight": 1.0, "density": 2}, "density"),
     ("breadcrumbs", {"weight": 1.0, "density": 0.5, "gamma": 1.0}, "gamma"),
     ("task_arithmetic", {"weight": 1.0, "density": 0.5}, "density"),
-    ("task_arithmetic", {"weight": [1.0, -1.0, 0.0], "normalize": True}, "sum to zero"),
-    ("ties", {"weight": [1.0, -0.5, -0.5], "density": 0.5}, "sum to zero"),
     ("linear", {"weight": [1.0, -1.0, 0.0]}, "sum to zero"),
     ("linear", {}, "'weight' is required"),
     ("linear", {"weight": [1.0, 2.0]}, "2 values for 3"),

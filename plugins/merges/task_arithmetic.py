@@ -30,9 +30,10 @@ Additions and differences, on purpose:
   core's cache from one operation to the next), however big the tensor. Two passes at most: the
   first finds the cut (or draws the masks, or sums the L1 norms), the second applies it and mixes;
   which of the entries tied at an `index` cut are kept is settled in the second (`_select.Cut`).
-- Bad values are errors: density outside (0, 1], gamma outside [0, 1), weights summing to zero
-  with `normalize`. `int8_mask` changes no number (mergekit's int8 sign mask gives the same
-  comparisons) and is accepted. task_arithmetic has no `density` or `rescale` (mergekit's takes them and
+- Bad values are errors: density outside (0, 1], gamma outside [0, 1). With `normalize`, a divisor
+  under 1e-8 (Σᵢ wᵢ; with sign consensus an entry's Σᵢ mᵢ·wᵢ, 0 there) counts as 1, as mergekit's:
+  weights summing to zero leave the sum undivided, with a warning. `int8_mask` changes no number
+  (mergekit's int8 sign mask gives the same comparisons) and is accepted. task_arithmetic has no `density` or `rescale` (mergekit's takes them and
   reads neither: a recipe giving them gets a warning, and every entry kept).
 
 Arithmetic and rounding are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`), so
@@ -47,6 +48,7 @@ for magnitude, int(density·n) between the int(γ·n) largest dropped and the sm
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -175,8 +177,9 @@ class TaskArithmetic(Operator):
                              f"probability, as the DARE paper) or false, got {bound['rescale']!r}")
         normalize = self.flag("normalize", bound["normalize"])
         self.flag("int8_mask", bound["int8_mask"])
-        if normalize and abs(sum(weight)) < 1e-8:
-            raise self.error(f"weights {weight} sum to zero; cannot normalize (set normalize: false)")
+        if normalize and self.consensus is None and abs(sum(weight)) < 1e-8:  # (with consensus: each entry's own)
+            warnings.warn(f"{self.name}: weights summing to zero with normalize: the sum is not divided, as mergekit "
+                          f"takes a divisor under 1e-8 as 1")
         tie_break = bound.get("tie_break", "mergekit")
         if tie_break not in ("mergekit", "index"):
             raise self.error(f"tie_break must be 'mergekit' (keep the tied entries mergekit's sort keeps) or 'index' "
