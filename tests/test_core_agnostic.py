@@ -52,6 +52,8 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "inference_mode": None,  # PEFT's field of every adapter config (the adapter in its saved form)
     "layers_pattern": None,  # PEFT's targeting key (beside target_modules, layers_to_transform), applied by
     #                          the core's targeting for every variant
+    "lora": frozenset({"refs", "multi"}),  # mergekit's key for the adapter of a model reference mapping ({model, lora});
+    #                                      the adapter may be of any variant, as after `+` in the string form
     "scale": frozenset({"bakllama"}),  # a field of mergekit's bakllama configs (`layer_slices[i].scale`), read there
     "use_rslora": frozenset({"spec"}),  # the scaling rule of the canonical LowRankAdapter, defined there
     # Ordinary words that also name something of the core's own:

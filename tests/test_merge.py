@@ -430,6 +430,32 @@ def test_a_base_saved_without_the_adapters_prefix_is_named(models, tmp_path):
     assert "different base" not in str(e.value)
 
 
+@pytest.mark.parametrize(("given", "text"), [
+    ("org/name@v1+lora", "org/name@v1+lora"),
+    ({"model": "org/name"}, "org/name"),
+    ({"model": {"path": "org/name", "revision": "main"}, "lora": {"path": "org/adapter"}}, "org/name@main+org/adapter"),
+    ({"model": {"path": "org/name", "revision": None}, "lora": None}, "org/name"),
+])
+def test_model_references_as_mergekit_writes_them(given, text):
+    from adaptkit.merge.refs import Ref
+
+    assert str(Ref.parse(given)) == text
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"model": "org/name", "override_architecture": "MistralForCausalLM"}, "'override_architecture' is not supported"),
+    ({"model": "org/name", "revison": "main"}, "has 'model' and optionally 'lora', got revison"),
+    ({"lora": "org/adapter"}, "got no model"),
+    ({"model": {"path": "org/name", "rev": "x"}}, "a model path mapping has a 'path' string"),
+    ({"model": {"path": "org/name", "revision": 3}}, "revision must be a name or commit"),
+])
+def test_model_reference_mappings_refuse_what_they_do_not_read(given, message):
+    from adaptkit.merge.refs import Ref
+
+    with pytest.raises(AdaptkitError, match=message):
+        Ref.parse(given, "models[0].model")
+
+
 def test_weights_summing_to_zero_with_normalize(models, tmp_path):
     recipe = recipe_for(models, "linear", [{"weight": 1}, {"weight": -1}], base=False, n=2)
     with pytest.raises(AdaptkitError, match="sum to zero"):

@@ -413,6 +413,18 @@ def test_two_stages_equal_running_them_by_hand(models, tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
 
+def test_a_stage_named_in_a_reference_mapping(models, tmp_path):
+    """mergekit's mapping form of a reference ({model: {path: ...}}) names a stage as the string form does."""
+    docs = stages(models)
+    code, out = adaptkit("merge", write(tmp_path / "s.yml", docs, documents=True), "-o", tmp_path / "a")
+    assert code == 0, out
+    docs[1] = dict(docs[1], base_model={"model": {"path": str(models / "base")}},
+                   models=[str(models / "base"), {"model": {"model": {"path": "mix"}}}])
+    code, out = adaptkit("merge", write(tmp_path / "m.yml", docs, documents=True), "-o", tmp_path / "b")
+    assert code == 0, out
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+
+
 def test_intermediates_live_only_until_their_last_use(models, tmp_path, monkeypatch):
     """Three stages in a chain: when the last runs, the first one's result is already gone."""
     from adaptkit.merge import engine

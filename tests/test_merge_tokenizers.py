@@ -131,6 +131,10 @@ CASES = {
             "<renamed>": {"source": {"kind": "model_token", "model": "{chatml}", "token": "<|im_end|>"}},
             "_tok_20": {"source": {"kind": "model_token", "model": "{chatml}", "token_id": 64}, "force": True}}}}),
     "block_base_padded": (["chatml"], "linear", {"tokenizer": {"source": "base", "pad_to_multiple_of": 16}}),
+    # model references written as mergekit's mappings ({model: {path, revision}}) wherever a model is named
+    "source_model_mapping": (["base", "padded", "chatml"], "linear", {"tokenizer_source": {"model": {"path": "{chatml}"}}}),
+    "block_mapping_sources": (["base", "chatml"], "linear", {"tokenizer": {
+        "source": {"model": "{chatml}"}, "tokens": {"_tok_10": {"source": {"model": {"path": "{base}"}}, "force": True}}}}),
     # rows aligned (and means taken) in the compute dtype, as mergekit gathers its inputs
     "union_bf16": (["base", "padded", "chatml"], "linear", {"tokenizer_source": "union", "dtype": "bfloat16"}),
     "union_mean_bf16": (["chatml", "chatml_b"], "task_arithmetic", {"tokenizer_source": "union", "dtype": "bfloat16"}),

@@ -123,16 +123,17 @@ def _order(path, final: Stage, by_name: dict[str | None, Stage]) -> list[Stage]:
 
 
 def _rewrite(doc: Any, swap) -> Any:
-    """`doc` with each model reference (the values of `model` and `base_model`, the items of a
-    `models` list) passed part by part (`base+adapter`) through `swap`, and each model a tokenizer
-    comes from (`tokenizer_source`, the `tokenizer:` block's `source`s); other values as they are."""
+    """`doc` with each model reference (the values of `model` and `base_model`, a reference mapping's `lora`
+    and `path`, the items of a `models` list) passed part by part (`base+adapter`) through `swap`, and
+    each model a tokenizer comes from (`tokenizer_source`, the `tokenizer:` block's `source`s); other
+    values as they are."""
     if isinstance(doc, list):
         return [_rewrite(item, swap) for item in doc]
     if not isinstance(doc, dict):
         return doc
     out = {}
     for key, value in doc.items():
-        if key in ("model", "base_model") and isinstance(value, str):
+        if key in ("model", "base_model", "lora", "path") and isinstance(value, str):  # (lora, path: mappings)
             value = "+".join(swap(part) for part in value.split("+"))
         elif key in ("tokenizer_source", "source") and isinstance(value, str):
             value = _tokenizer_model(value, swap)

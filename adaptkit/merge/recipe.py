@@ -33,6 +33,7 @@ from ..io import readers
 from .. import validate as v
 from ..errors import AdaptkitError, closest
 from ..io.paths import regular_file
+from .refs import Ref
 from .tokenizer import TokenizerSettings, parse_settings
 from ..validate import short
 from . import TENSOR_SETS, bakllama
@@ -52,30 +53,8 @@ MERGEKIT_SETTINGS = frozenset({"smooth", "allow_negative_weights", "embed_slerp"
 FIELD_TYPES = {"merge_method": v.text, "base_model": v.optional(v.either(v.text, v.mapping, must="a path or repo id")),
                "parameters": v.optional(v.mapping), "dtype": v.optional(v.text), "out_dtype": v.optional(v.text),
                "compute_dtype": v.optional(v.text), "tensors": v.optional(v.text),
-               "tokenizer_source": v.optional(v.text), "seed": v.count, "output": v.optional(v.mapping)}
+               "tokenizer_source": v.optional(v.either(v.text, v.mapping, must="base, union or a model")), "seed": v.count, "output": v.optional(v.mapping)}
 OUTPUT_TYPES = {"kind": v.text, "rank": v.optional(v.positive_int)}
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A model reference: `path_or_repo` plus adapters to merge into it first (`base+adapter`)."""
-
-    model: str
-    adapters: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, text: Any, where: str = "model reference") -> Ref:
-        if isinstance(text, dict) and "model" in text:  # mergekit also writes {model: {path: ...}}
-            text = text["model"].get("path") if isinstance(text["model"], dict) else text["model"]
-        if not isinstance(text, str) or not text.strip():
-            raise AdaptkitError(f"{where} must be a path or repo id, got {short(text)}")
-        model, *adapters = text.split("+")
-        if not all(part.strip() for part in (model, *adapters)):
-            raise AdaptkitError(f"model reference {short(text)} has an empty part around '+'")
-        return cls(model, tuple(adapters))
-
-    def __str__(self) -> str:
-        return "+".join((self.model, *self.adapters))
 
 
 @dataclass

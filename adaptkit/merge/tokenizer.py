@@ -1,7 +1,8 @@
 """Tokenizers in merge recipes: the output vocabulary, each input's token rows aligned to it, the chat template.
 
 mergekit's keys and rules:
-- `tokenizer_source: base | union | <model>` (the model may also be written `model:<path>`), or a
+- `tokenizer_source: base | union | <model>` (the model may also be written `model:<path>`, or as a
+  mapping, refs.py), or a
   `tokenizer:` block `{source, tokens, pad_to_multiple_of}` (source `union` unless given), not both.
   `base` is the base model's tokenizer (the first model's without a base) less any token whose id is
   at or past its config's vocab_size; `union` is that one plus every token another input uses (ids
@@ -19,7 +20,10 @@ mergekit's keys and rules:
   have) or a Jinja template, saved with the output's tokenizer.
 
 Unlike mergekit, the ids `union` gives to new tokens do not depend on hash order: the base first,
-then the other inputs in the recipe's order, each one's tokens in its own id order. Building tokenizers needs `transformers`
+then the other inputs in the recipe's order, each one's tokens in its own id order. And with `source:
+base`, mergekit adds the `tokens:` to the base's own tokenizer object, so the base seems to have them
+at ids past its vocabulary: it takes the base's padding rows there, or fails (KeyError) where the
+base has none; adaptkit gives the base the row the entry names. Building tokenizers needs `transformers`
 (an optional extra); recipes without these keys never import it.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .. import validate as v
 from ..errors import AdaptkitError, closest, short
 from ..io.paths import inside, regular_file
 from .chat_templates import TEMPLATES
+from .refs import Ref
 
 if TYPE_CHECKING:
     from .embeddings import Truncation
@@ -98,11 +103,11 @@ def parse_settings(data: dict, src: str, refs: list[str]) -> tuple[TokenizerSett
         raise AdaptkitError(f"{src}: give 'tokenizer_source' or a 'tokenizer' block, not both")
     settings = None
     if given is not None:
-        settings = TokenizerSettings(_source(v.text(given, f"{src}: tokenizer_source")), {})
+        settings = TokenizerSettings(_source(given, f"{src}: tokenizer_source"), {})
     elif block is not None:
         v.mapping(block, f"{src}: tokenizer")
         _keys(f"{src}: tokenizer", block, BLOCK_KEYS)
-        source = _source(v.text(block.get("source", "union"), f"{src}: tokenizer.source"))
+        source = _source(block.get("source", "union"), f"{src}: tokenizer.source")
         tokens = v.mapping(block.get("tokens") or {}, f"{src}: tokenizer.tokens")
         pad = block.get("pad_to_multiple_of")
         settings = TokenizerSettings(source, {str(t): _token(s, f"{src}: tokenizer.tokens.{t}", refs)
@@ -111,7 +116,11 @@ def parse_settings(data: dict, src: str, refs: list[str]) -> tuple[TokenizerSett
     return settings, chat_template(data.get("chat_template"), f"{src}: chat_template")
 
 
-def _source(text: str) -> str:
+def _source(given: Any, where: str) -> str:
+    """`base`, `union`, or a model reference (a string, also written `model:<ref>`, or a mapping) as a string."""
+    if isinstance(given, dict):
+        return str(Ref.parse(given, where))
+    text = v.text(given, where)
     return text if text in ("base", "union") else text.removeprefix("model:")
 
 
@@ -122,7 +131,7 @@ def _token(given: Any, where: str, refs: list[str]) -> TokenSetting:
     force, source = v.flag(given.get("force", False), f"{where}.force"), given.get("source")
     if source is None:
         return TokenSetting(force=force)
-    if isinstance(source, str):
+    if isinstance(source, str) or (isinstance(source, dict) and "kind" not in source):  # (a model reference)
         return TokenSetting("model", _model(source, f"{where}.source", refs), force=force)
     kind = v.mapping(source, f"{where}.source").get("kind")
     if kind not in SOURCE_KEYS:
@@ -139,6 +148,8 @@ def _token(given: Any, where: str, refs: list[str]) -> TokenSetting:
 
 
 def _model(ref: Any, where: str, refs: list[str]) -> str:
+    if isinstance(ref, dict):
+        ref = str(Ref.parse(ref, where))
     if not isinstance(ref, str) or ref not in refs:
         raise AdaptkitError(f"{where}: {short(ref)} is not one of the recipe's models ({', '.join(refs)})")
     return ref
