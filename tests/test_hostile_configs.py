@@ -285,7 +285,7 @@ RECIPES = [
     ("condition-mixed", "merge_method: linear\nparameters: {{weight: [1, {{value: 2}}]}}\n" + TWO,
      "parameters.weight[0]: a list of conditions holds only {filter, value} mappings, got 1"),
     ("model-path-number", "merge_method: linear\nmodels:\n  - model: {{path: 5}}\n",
-     "r.yaml: models[0].model must be a path or repo id, got a mapping of 1 key(s)"),
+     "r.yaml: models[0].model: a model reference mapping has 'model' and optionally 'lora', got path"),
     ("key-not-a-name", "merge_method: linear\n1: x\n" + TWO, "r.yaml: keys must be names, got 1"),
     ("model-path-missing", "merge_method: linear\nmodels:\n  - model: ./missing-model\n    parameters: {{weight: 1}}\n"
      "  - model: {m1}\n    parameters: {{weight: 1}}\n", "./missing-model: no such folder"),
