@@ -1,0 +1,301 @@
+"""Random mergekit recipes through mergekit 0.1.5 and `adaptkit merge`, side by side (issue 15).
+
+The recipe sets of `mergekit_suite.py` are what people wrote; this draws recipes nobody wrote, from a
+seed, to find the combinations they leave out: every method of both tools with its parameters as
+scalars, gradients or `{filter, value}` lists, negative and zero-sum weights, slices, passthrough
+frankenmerges with `scale`, `dtype` (float32, bfloat16, float16) and `out_dtype`; with --tokenizers,
+tokenizer sources (`base`, `union`, a model, written as strings or mergekit's reference mappings), the
+`tokenizer:` block's tokens and padding, and chat templates, over models whose vocabularies differ.
+Each recipe runs through both tools as the suite runs them (`mergekit_suite.run_one`) and gets the
+suite's status, refined where the tools differ on purpose:
+
+  equal-by-token    the same tokens with the same rows, at other ids: mergekit numbers the tokens a
+                    `union` adds in hash order (another order in each process), adaptkit the base first,
+                    then the inputs as listed; methods that look at a whole tensor then see other row
+                    orders in each mergekit run, so only the token rows are compared
+  both-refused      both tools refused the recipe (mergekit's error and adaptkit's line are in the JSON)
+  both-nonfinite    mergekit wrote NaN or Inf where adaptkit refused them (multislerp's ε = 1e-8 is 0 in
+                    float16, so identical inputs give 0/0)
+  other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl)
+  row-order         the same tokens at other ids, and values that differ because the method looks at a
+                    whole tensor (norms, sums, magnitude cuts, random draws) whose rows mergekit orders by
+                    hash in that run: mergekit itself gives other values from one process to the next
+  template          the built-in alpaca template, which mergekit renders with stray blank lines
+
+Anything else that is not equal, close or refused by both is printed with its recipe. The models are
+built once under benchmarks/_work/mergekit_fuzz/ (tiny Llamas, float32).
+
+    .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N] [--tokenizers] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mergekit_suite as suite  # noqa: E402
+
+WORK = suite.ROOT / "_work" / "mergekit_fuzz"
+SHAPE = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}
+MODELS = {f"fz_{k}": {"family": "llama", "layers": 6, "seed": 300 + i, "config": dict(SHAPE, vocab_size=96)}
+          for i, k in enumerate(["base", "a", "b", "c"])}
+TOKENIZED = {  # vocabularies that differ: plain tokens, added ChatML tokens, padding rows, a smaller vocabulary
+    "tk_base": (64, 64, []), "tk_chatml": (66, 64, ["<|im_start|>", "<|im_end|>"]),
+    "tk_padded": (72, 64, ["<UNUSED_0>", "<UNUSED_1>", "<|im_end|>"]), "tk_small": (64, 60, ["<X>"])}
+MODELS.update({name: {"family": "llama", "layers": 4, "seed": 310 + i, "config": dict(SHAPE, vocab_size=rows),
+                      "tokenizer": {"vocab": vocab, "added": added}}
+               for i, (name, (rows, vocab, added)) in enumerate(TOKENIZED.items())})
+FILTERS = ["self_attn", "mlp", "embed_tokens", "lm_head", "q_proj", "input_layernorm"]
+METHODS = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_linear",
+           "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "nearswap",
+           "arcee_fusion", "ram", "ramplus_tl", "passthrough"]
+WEIGHTED = {"linear", "nuslerp", "multislerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+            "breadcrumbs_ties", "della", "della_linear"}
+DENSE = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+
+
+def value(rng, lo, hi, lists=True, filters=True):
+    """A parameter value: a scalar, a gradient, or a list of {filter, value} conditions."""
+    scalar = lambda: round(rng.uniform(lo, hi), 3)  # noqa: E731
+    r = rng.random()
+    if r < 0.55 or not lists:
+        return scalar()
+    if r < 0.8 or not filters:
+        return [scalar() for _ in range(rng.randint(2, 4))]
+    return [{"filter": f, "value": scalar() if rng.random() < 0.7 else [scalar(), scalar()]}
+            for f in rng.sample(FILTERS, rng.randint(1, 2))] + [{"value": scalar()}]
+
+
+def inputs(rng, method, names):
+    """(the models, the base or None) a method takes from `names` (the first is the base)."""
+    base, others = names[0], names[1:]
+    if method in ("slerp", "nearswap", "arcee_fusion"):
+        return [base, rng.choice(others)], base
+    if method == "nuslerp":
+        with_base = rng.random() < 0.5
+        return rng.sample(others, 2) + ([base] if with_base else []), base if with_base else None
+    if method in ("karcher", "linear"):
+        return rng.sample(names, rng.randint(2, len(names))), None
+    if method == "multislerp":
+        with_base = rng.random() < 0.5
+        return rng.sample(others, rng.randint(2, 3)) + ([base] if with_base else []), base if with_base else None
+    return rng.sample(others, rng.randint(1 if method not in ("model_stock", "ram", "ramplus_tl") else 2, 3)) + [base], base
+
+
+def merge_recipe(rng) -> dict:
+    method = rng.choice(METHODS)
+    if method == "passthrough":  # a frankenmerge: slices of layers from any model, some scaled
+        slices = []
+        while not slices or (len(slices) < 4 and rng.random() < 0.7):
+            start = rng.randint(0, 5)
+            source = {"model": rng.choice(["fz_base", "fz_a", "fz_b", "fz_c"]), "layer_range": [start, rng.randint(start + 1, 6)]}
+            if rng.random() < 0.3:
+                source["parameters"] = {"scale": value(rng, 0.0, 1.5)}
+            slices.append({"sources": [source]})
+        return {"slices": slices, "merge_method": method, "dtype": rng.choice(["float32", "bfloat16", "float16"])}
+    models, base = inputs(rng, method, ["fz_base", "fz_a", "fz_b", "fz_c"])
+    shared = {}
+    if method in ("slerp", "nearswap"):
+        shared["t"] = value(rng, 0, 1) if method == "slerp" else value(rng, 0.0001, 0.5, filters=False)
+    for key, choices, p in (("nuslerp_row_wise", [True, False], 0.5), ("nuslerp_flatten", [True, False], 0.5)):
+        if method == "nuslerp" and rng.random() < p:
+            shared[key] = rng.choice(choices)
+    if method == "karcher":
+        shared.update({k: rng.choice(c) for k, c in (("max_iter", [1, 3, 10, 50]), ("tol", [1e-3, 1e-5, 1e-8]))
+                       if rng.random() < 0.5})
+    if method == "multislerp":
+        shared.update({k: rng.choice(c) for k, c in (("normalize_weights", [True, False]), ("eps", [1e-8, 1e-6]))
+                       if rng.random() < 0.3})
+    if method == "model_stock" and rng.random() < 0.4:
+        shared["filter_wise"] = rng.random() < 0.5
+    if method in ("ram", "ramplus_tl") and rng.random() < 0.4:
+        shared["epsilon"] = rng.choice([1e-5, 1e-3])
+    if method == "ramplus_tl":
+        shared.update({k: round(rng.uniform(0.05, 0.5), 3) for k in ("r", "alpha") if rng.random() < 0.5})
+    if method == "sce" and rng.random() < 0.7:
+        shared["select_topk"] = value(rng, 0.1, 1.0)
+    if method in DENSE | {"task_arithmetic", "linear"}:
+        for key in (("normalize",) if method == "linear" else ("normalize", "rescale", "int8_mask")):
+            if rng.random() < 0.25:
+                shared[key] = rng.random() < 0.5
+        if method != "linear" and rng.random() < 0.25:
+            shared["lambda"] = round(rng.uniform(0.5, 1.5), 3)
+    entries = []
+    for model in models:
+        entry, params = {"model": model}, {}
+        if model != base:
+            if method in WEIGHTED:
+                params["weight"] = value(rng, -0.5, 1.5) if method not in ("nuslerp", "multislerp") else value(rng, 0.1, 1)
+            if method in DENSE and rng.random() < 0.8:
+                params["density"] = value(rng, 0.1, 1.0)
+            if method.startswith("breadcrumbs") and rng.random() < 0.6:
+                params["gamma"] = value(rng, 0.0, 0.1, filters=False)
+            if method.startswith("della") and rng.random() < 0.6:
+                params["epsilon"] = round(rng.uniform(0.0, 0.09), 3)
+        if params:
+            entry["parameters"] = params
+        entries.append(entry)
+    weighted = [e["parameters"] for e in entries if "weight" in e.get("parameters", {})]
+    if method in WEIGHTED - {"linear", "nuslerp", "multislerp"} and len(weighted) >= 2 and rng.random() < 0.15:
+        for i, params in enumerate(weighted):  # weights summing to zero (mergekit divides by 1 there)
+            params["weight"] = [0.5, -0.5][i] if i < 2 else 0.0
+    doc = {"merge_method": method}
+    if rng.random() < 0.2 and method not in ("slerp", "nearswap", "arcee_fusion"):
+        start = rng.randint(0, 3)
+        layer_range = [start, start + rng.randint(2, 6 - start)]
+        doc["slices"] = [{"sources": [dict(e, layer_range=layer_range) for e in entries]}]
+    else:
+        doc["models"] = entries
+    if base:
+        doc["base_model"] = base
+    if shared:
+        doc["parameters"] = shared
+    doc["dtype"] = rng.choice(["float32", "bfloat16", "float16", "bfloat16"])
+    if rng.random() < 0.15:
+        doc["out_dtype"] = rng.choice(["float32", "bfloat16", "float16"])
+    return doc
+
+
+def reference(rng, model):
+    """A model named as a string or as one of mergekit's reference mappings."""
+    return rng.choice([model, {"model": model}, {"model": {"path": model}}])
+
+
+def tokenizer_recipe(rng) -> dict:
+    method = rng.choice(["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "karcher", "sce", "model_stock",
+                         "breadcrumbs", "nuslerp", "multislerp", "della"])
+    names = list(TOKENIZED)
+    rng.shuffle(names)
+    models, base = inputs(rng, method, names)
+    entries = []
+    for model in models:
+        params = {}
+        if model != base and method in WEIGHTED:
+            params["weight"] = round(rng.uniform(0.2, 1), 3)
+        if model != base and method in DENSE:
+            params["density"] = round(rng.uniform(0.3, 0.9), 3)
+        entries.append({"model": model, **({"parameters": params} if params else {})})
+    doc = {"merge_method": method, "models": entries, "dtype": rng.choice(["float32", "bfloat16"])}
+    if base:
+        doc["base_model"] = base
+    if method == "slerp":
+        doc["parameters"] = {"t": round(rng.random(), 3)}
+    sources = (["base"] if base else []) + ["union", "model"]
+    source = rng.choice(sources)
+    source = reference(rng, rng.choice(models)) if source == "model" else source
+    if rng.random() < 0.45:
+        doc["tokenizer_source"] = source
+    else:
+        block = {"source": source}
+        if rng.random() < 0.6:
+            block["tokens"] = {}
+            for token in rng.sample(["<|im_start|>", "<|im_end|>", "<UNUSED_0>", "<X>", "_tok_5"], rng.randint(1, 3)):
+                kind = rng.random()
+                row = ({"kind": "zero"} if kind < 0.15 else reference(rng, rng.choice(models)) if kind < 0.8 else
+                       {"kind": "model_token", "model": rng.choice(models), "token": rng.choice(["_tok_7", "<X>", "<|im_end|>"])})
+                block["tokens"][token] = {"source": row, **({"force": True} if rng.random() < 0.3 else {})}
+        if rng.random() < 0.4:
+            block["pad_to_multiple_of"] = rng.choice([8, 32, 64])
+        doc["tokenizer"] = block
+    if rng.random() < 0.3:
+        doc["chat_template"] = rng.choice(["chatml", "alpaca", "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"])
+    return doc
+
+
+def refine(row: dict, folder: Path) -> None:
+    """The suite's status, told apart where the tools differ on purpose (the module docstring)."""
+    status, detail = row["status"], row["detail"]
+    if status == "mergekit-failed" and "; adaptkit refused: " in detail:
+        row["status"] = "both-refused"
+    elif status == "different" and "equal once mergekit's are rounded to adaptkit's dtype" in detail:
+        row["status"] = "other-dtype"
+    elif status == "different" and detail.startswith("tokenizer chat_template") and "### Instruction" in detail:
+        row["status"] = "template"
+    elif status == "different" and detail.startswith("tokenizer vocab"):
+        row["status"], row["detail"] = by_token(folder, random=row["method"] in suite.RANDOM_METHODS)
+    elif status == "adaptkit-refused" and "gave NaN or Inf values from finite inputs" in detail:
+        theirs = suite.load_tensors(folder / "mergekit")
+        if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in theirs.values()):
+            row["status"] = "both-nonfinite"
+
+
+def by_token(folder: Path, random: bool) -> tuple[str, str]:
+    """The outputs compared token by token (the module docstring): equal-by-token, or row-order where a
+    method that looks at whole tensors (norms, sums, magnitude cuts, random draws: positions matter)
+    gives other values with the rows in mergekit's order of that run; different where a tensor's shape
+    or anything outside the token rows differs."""
+    import torch
+
+    def vocab(out: Path) -> dict[str, int]:
+        data = json.loads((out / "tokenizer.json").read_text())
+        return dict(data["model"]["vocab"], **{t["content"]: t["id"] for t in data["added_tokens"]})
+
+    ours, theirs = vocab(folder / "adaptkit"), vocab(folder / "mergekit")
+    if ours.keys() != theirs.keys():
+        return "different", f"token sets differ: {sorted(ours.keys() ^ theirs.keys())[:4]}"
+    a, m = suite.load_tensors(folder / "adaptkit"), suite.load_tensors(folder / "mergekit")
+    moved = []
+    for name in m:
+        if a[name].shape != m[name].shape:
+            return "different", f"{name}: shape {tuple(a[name].shape)} in adaptkit, {tuple(m[name].shape)} in mergekit"
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            order = [(ours[t], theirs[t]) for t in ours]
+            mine, peer = a[name][[i for i, _ in order]], m[name][[j for _, j in order]]
+        else:
+            mine, peer = a[name], m[name]
+        if not torch.equal(mine, peer):
+            moved.append(f"{name} ({int((mine != peer).sum())} entries)")
+    if not moved:
+        return "equal-by-token", "the same tokens and rows at other ids"
+    return "row-order", (f"{'random method; ' if random else ''}ids in another order and {len(moved)} tensors other: "
+                         f"{', '.join(moved[:3])}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="The first recipe's seed (default 0).")
+    parser.add_argument("--count", type=int, default=200, help="Recipes to draw (default 200).")
+    parser.add_argument("--tokenizers", action="store_true", help="Draw tokenizer recipes instead.")
+    parser.add_argument("--json", metavar="PATH", help="Write every row (with its recipe) as JSON.")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    torch.set_num_threads(1)
+    import adaptkit.cli  # noqa: F401
+    import mergekit.merge  # noqa: F401
+    paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
+    draw = tokenizer_recipe if args.tokenizers else merge_recipe
+    rows = []
+    for seed in range(args.seed, args.seed + args.count):
+        doc = draw(random.Random(seed))
+        recipe = suite.Recipe(f"{'tok' if args.tokenizers else 'merge'}{seed}-{doc['merge_method']}",
+                              yaml.safe_dump(doc, sort_keys=False), "merge", "runs", [doc])
+        row = suite.run_one(recipe, {}, paths, WORK / "runs", keep=True)
+        folder = WORK / "runs" / recipe.id
+        refine(row, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        rows.append(dict(row, recipe=recipe.text))
+        if row["status"] not in ("equal", "close", "equal-by-token", "row-order", "both-refused", "both-nonfinite",
+                                 "other-dtype", "template"):
+            print(f"{row['status']:17} {row['id']}  {row['detail'][:300]}\n    "
+                  + recipe.text.rstrip().replace("\n", "\n    "), flush=True)
+    counts = collections.Counter(r["status"] for r in rows)
+    print(f"{len(rows)} recipes (seeds {args.seed}-{args.seed + args.count - 1}"
+          f"{', tokenizers' if args.tokenizers else ''}): " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
