@@ -3,7 +3,8 @@
 The recipe sets of `mergekit_suite.py` are what people wrote; this draws recipes nobody wrote, from a
 seed, to find the combinations they leave out: every method of both tools with its parameters as
 scalars, gradients or `{filter, value}` lists, negative and zero-sum weights, slices, passthrough
-frankenmerges with `scale`, `dtype` (float32, bfloat16, float16) and `out_dtype`; with --tokenizers,
+frankenmerges with `scale`, `dtype` (float32, bfloat16, float16, or none: inputs stored in float32,
+bfloat16 and float16 promoted) and `out_dtype`, `model+lora` inputs, two-stage recipes; with --tokenizers,
 tokenizer sources (`base`, `union`, a model, written as strings or mergekit's reference mappings), the
 `tokenizer:` block's tokens and padding, and chat templates, over models whose vocabularies differ.
 Each recipe runs through both tools as the suite runs them (`mergekit_suite.run_one`) and gets the
@@ -16,7 +17,11 @@ suite's status, refined where the tools differ on purpose:
   both-refused      both tools refused the recipe (mergekit's error and adaptkit's line are in the JSON)
   both-nonfinite    mergekit wrote NaN or Inf where adaptkit refused them (multislerp's ε = 1e-8 is 0 in
                     float16, so identical inputs give 0/0)
-  other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl)
+  other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl;
+                    in two stages, the next stage then merges another input)
+  config-dtype      the same tensors; mergekit's config.json names another dtype than its tensors have (with
+                    inputs stored in several dtypes and neither a base nor `dtype`, it takes one of the
+                    inputs' in set order, another from one process to the next); adaptkit's names its own
   row-order         the same tokens at other ids, and values that differ because the method looks at a
                     whole tensor (norms, sums, magnitude cuts, random draws) whose rows mergekit orders by
                     hash in that run: mergekit itself gives other values from one process to the next
@@ -53,12 +58,17 @@ TOKENIZED = {  # vocabularies that differ: plain tokens, added ChatML tokens, pa
 MODELS.update({name: {"family": "llama", "layers": 4, "seed": 310 + i, "config": dict(SHAPE, vocab_size=rows),
                       "tokenizer": {"vocab": vocab, "added": added}}
                for i, (name, (rows, vocab, added)) in enumerate(TOKENIZED.items())})
+MODELS.update({  # the same Llamas stored in half precision, and a LoRA of the base (`model+lora`)
+    "fz_a_bf16": dict(MODELS["fz_a"], dtype="bfloat16"), "fz_b_fp16": dict(MODELS["fz_b"], dtype="float16"),
+    "fz_lora": {"kind": "lora", "base": "fz_base", "rank": 4, "seed": 320}})
+INPUTS = ["fz_base", "fz_a", "fz_b", "fz_c"]
 FILTERS = ["self_attn", "mlp", "embed_tokens", "lm_head", "q_proj", "input_layernorm"]
 METHODS = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_linear",
            "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "nearswap",
            "arcee_fusion", "ram", "ramplus_tl", "passthrough"]
 WEIGHTED = {"linear", "nuslerp", "multislerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear"}
+FLOAT32_WRITERS = {"arcee_fusion", "ramplus_tl"}  # mergekit writes their float32 results whatever the dtype
 DENSE = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
@@ -90,6 +100,14 @@ def inputs(rng, method, names):
     return rng.sample(others, rng.randint(1 if method not in ("model_stock", "ram", "ramplus_tl") else 2, 3)) + [base], base
 
 
+def variant(rng, name: str) -> str:
+    """A model as drawn, or its copy stored in half precision, or it with the base's LoRA merged in."""
+    r = rng.random()
+    if r < 0.1 and name in ("fz_a", "fz_b"):
+        return {"fz_a": "fz_a_bf16", "fz_b": "fz_b_fp16"}[name]
+    return f"{name}+fz_lora" if r < 0.18 and name != "fz_base" else name
+
+
 def merge_recipe(rng) -> dict:
     method = rng.choice(METHODS)
     if method == "passthrough":  # a frankenmerge: slices of layers from any model, some scaled
@@ -101,7 +119,8 @@ def merge_recipe(rng) -> dict:
                 source["parameters"] = {"scale": value(rng, 0.0, 1.5)}
             slices.append({"sources": [source]})
         return {"slices": slices, "merge_method": method, "dtype": rng.choice(["float32", "bfloat16", "float16"])}
-    models, base = inputs(rng, method, ["fz_base", "fz_a", "fz_b", "fz_c"])
+    models, base = inputs(rng, method, INPUTS)
+    models = [m if m == base else variant(rng, m) for m in models]
     shared = {}
     if method in ("slerp", "nearswap"):
         shared["t"] = value(rng, 0, 1) if method == "slerp" else value(rng, 0.0001, 0.5, filters=False)
@@ -158,10 +177,29 @@ def merge_recipe(rng) -> dict:
         doc["base_model"] = base
     if shared:
         doc["parameters"] = shared
-    doc["dtype"] = rng.choice(["float32", "bfloat16", "float16", "bfloat16"])
+    dtype = rng.choice(["float32", "bfloat16", "float16", "bfloat16", None])  # None: as stored (promoted)
+    if dtype:
+        doc["dtype"] = dtype
     if rng.random() < 0.15:
         doc["out_dtype"] = rng.choice(["float32", "bfloat16", "float16"])
     return doc
+
+
+def stages_recipe(rng) -> list[dict]:
+    """Two stages (mergekit-multi): a merge of whole models named `first`, then one that takes it as an input."""
+    first = merge_recipe(rng)
+    while "slices" in first:
+        first = merge_recipe(rng)
+    final = merge_recipe(rng)
+    while "slices" in final:
+        final = merge_recipe(rng)
+    if final.get("base_model") and rng.random() < 0.3:  # the stage as the base
+        final["models"] = [dict(e, model="first") if e["model"] == final["base_model"] else e for e in final["models"]]
+        final["base_model"] = "first"
+    else:  # the stage as one of the other inputs
+        spots = [i for i, e in enumerate(final["models"]) if e["model"] != final.get("base_model")]
+        final["models"][rng.choice(spots)]["model"] = "first"
+    return [{"name": "first", **first}, final]
 
 
 def reference(rng, model):
@@ -210,13 +248,22 @@ def tokenizer_recipe(rng) -> dict:
     return doc
 
 
-def refine(row: dict, folder: Path) -> None:
+def refine(row: dict, folder: Path, docs: list[dict]) -> None:
     """The suite's status, told apart where the tools differ on purpose (the module docstring)."""
+    import torch
+
     status, detail = row["status"], row["detail"]
     if status == "mergekit-failed" and "; adaptkit refused: " in detail:
         row["status"] = "both-refused"
-    elif status == "different" and "equal once mergekit's are rounded to adaptkit's dtype" in detail:
-        row["status"] = "other-dtype"
+    elif status == "different" and ("equal once mergekit's are rounded to adaptkit's dtype" in detail or (
+            "tensors in another dtype" in detail and FLOAT32_WRITERS & {d.get("merge_method") for d in docs})):
+        row["status"] = "other-dtype"  # (a stage's float32 output is another input to the next)
+    elif status == "different" and detail.startswith("config.json dtype"):
+        a, m = suite.load_tensors(folder / "adaptkit"), suite.load_tensors(folder / "mergekit")
+        written = {str(t.dtype).removeprefix("torch.") for t in a.values()}
+        said = json.loads((folder / "adaptkit" / "config.json").read_text()).get("dtype")
+        if a.keys() == m.keys() and all(torch.equal(a[n], m[n]) for n in m) and written == {said}:
+            row["status"] = "config-dtype"
     elif status == "different" and detail.startswith("tokenizer chat_template") and "### Instruction" in detail:
         row["status"] = "template"
     elif status == "different" and detail.startswith("tokenizer vocab"):
@@ -259,6 +306,22 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
                          f"{', '.join(moved[:3])}")
 
 
+FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "both-nonfinite", "other-dtype",
+        "config-dtype", "template"}
+
+
+def draw(tokenizers: bool, seed: int) -> suite.Recipe:
+    """Recipe `seed` of a kind: a tokenizer recipe, or (one in ten) two stages or (else) one merge."""
+    rng = random.Random(seed)
+    if tokenizers:
+        docs, kind = [tokenizer_recipe(rng)], "tok"
+    else:
+        docs, kind = (stages_recipe(rng), "multi") if rng.random() < 0.1 else ([merge_recipe(rng)], "merge")
+    text = yaml.safe_dump_all(docs, sort_keys=False)
+    return suite.Recipe(f"{kind}{seed}-{docs[-1]['merge_method']}", text, "multi" if len(docs) > 1 else "merge",
+                        "runs", docs)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="The first recipe's seed (default 0).")
@@ -274,19 +337,15 @@ def main(argv=None) -> int:
     import adaptkit.cli  # noqa: F401
     import mergekit.merge  # noqa: F401
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
-    draw = tokenizer_recipe if args.tokenizers else merge_recipe
     rows = []
     for seed in range(args.seed, args.seed + args.count):
-        doc = draw(random.Random(seed))
-        recipe = suite.Recipe(f"{'tok' if args.tokenizers else 'merge'}{seed}-{doc['merge_method']}",
-                              yaml.safe_dump(doc, sort_keys=False), "merge", "runs", [doc])
+        recipe = draw(args.tokenizers, seed)
         row = suite.run_one(recipe, {}, paths, WORK / "runs", keep=True)
         folder = WORK / "runs" / recipe.id
-        refine(row, folder)
+        refine(row, folder, recipe.docs)
         shutil.rmtree(folder, ignore_errors=True)
         rows.append(dict(row, recipe=recipe.text))
-        if row["status"] not in ("equal", "close", "equal-by-token", "row-order", "both-refused", "both-nonfinite",
-                                 "other-dtype", "template"):
+        if row["status"] not in FINE:
             print(f"{row['status']:17} {row['id']}  {row['detail'][:300]}\n    "
                   + recipe.text.rstrip().replace("\n", "\n    "), flush=True)
     counts = collections.Counter(r["status"] for r in rows)

@@ -231,6 +231,8 @@ def build_model(spec: dict, folder: Path) -> None:
             (kwargs.get("text_config") or kwargs)["n_layer" if spec["family"] == "gpt2" else "num_hidden_layers"] = \
                 spec["layers"]
         model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
+    if "dtype" in spec:  # stored in another dtype (config.json says it)
+        model = model.to(getattr(torch, spec["dtype"]))
     model.save_pretrained(folder, safe_serialization=True)
     if spec["family"] == "picollava":
         # transformers 5 writes Llava's older names (language_model.model.*); mergekit 0.1.5's architecture

@@ -2,13 +2,12 @@
 
 A fixed handful of the fuzzer's seeds, each through mergekit 0.1.5 and adaptkit as the benchmark runs
 them: seeds that drew what the issue's recipes lacked (weights summing to zero with `normalize`, float16
-merges mergekit turns into NaN, slices and frankenmerges, reference mappings in tokenizer settings) and
-a run of consecutive ones. The statuses are the fuzzer's (its docstring); none of them may be
+merges mergekit turns into NaN, frankenmerges, `model+lora` and half-precision inputs, two stages,
+reference mappings in tokenizer settings) and a run of consecutive ones. The statuses are the fuzzer's (its docstring); none of them may be
 `different`, `adaptkit-crashed` or a refusal of what mergekit runs.
 """
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -18,14 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import mergekit_fuzz as fuzz  # noqa: E402  (benchmarks/ is not a package)
 import mergekit_suite as suite  # noqa: E402
 
-FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "both-nonfinite", "other-dtype", "template"}
-SEEDS = {  # seed -> the status it must have (None: any of FINE)
-    ("merge", 90): "equal",  # ties, weights [0.5, -0.5] with normalize: each entry's own divisor
-    ("merge", 223): "equal",  # breadcrumbs_ties, the same
-    ("merge", 107): "close",  # dare_linear, the same, undivided
-    ("merge", 14): "both-nonfinite",  # multislerp in float16
-    ("merge", 5): "equal",  # a passthrough frankenmerge
-    ("merge", 20): "equal",  # karcher over slices
+SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE ones)
+    ("merge", 723): "equal",  # ties, weights [0.5, -0.5] with normalize: each entry's own divisor
+    ("merge", 951): "equal",  # task_arithmetic (and a `+lora` input), the same: the sum left undivided
+    ("merge", 891): "close",  # della_linear, the same
+    ("merge", 94): "both-nonfinite",  # multislerp in float16
+    ("merge", 85): "equal",  # a passthrough frankenmerge with scales
+    ("merge", 26): "equal",  # ties over `model+lora` inputs
+    ("merge", 237): "equal",  # task_arithmetic without dtype, over inputs stored in float16 and float32
+    ("merge", 513): "equal",  # two stages: karcher over a karcher, the stage's bfloat16 in float16
+    ("merge", 547): "equal",  # two stages: breadcrumbs_ties over an arcee_fusion
     ("tok", 9): "equal",  # model_stock, a token's source as {model: {path}}
     ("tok", 35): "equal",  # breadcrumbs, the same
     **{("merge", s): None for s in range(100, 112)},
@@ -40,9 +41,8 @@ def paths(tmp_path_factory):
 
 @pytest.mark.parametrize("kind, seed", sorted(SEEDS))
 def test_drawn_recipe(kind, seed, paths, tmp_path, one_thread):
-    doc = (fuzz.tokenizer_recipe if kind == "tok" else fuzz.merge_recipe)(random.Random(seed))
-    recipe = suite.Recipe(f"{kind}{seed}", fuzz.yaml.safe_dump(doc, sort_keys=False), "merge", "runs", [doc])
+    recipe = fuzz.draw(kind == "tok", seed)
     row = suite.run_one(recipe, {}, paths, tmp_path, keep=True)
-    fuzz.refine(row, tmp_path / recipe.id)
+    fuzz.refine(row, tmp_path / recipe.id, recipe.docs)
     want = SEEDS[kind, seed]
-    assert row["status"] in FINE and row["status"] == (want or row["status"]), f"{row['detail']}\n{recipe.text}"
+    assert row["status"] in fuzz.FINE and row["status"] == (want or row["status"]), f"{row['detail']}\n{recipe.text}"
