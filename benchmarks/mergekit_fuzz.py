@@ -19,13 +19,17 @@ suite's status, refined where the tools differ on purpose:
                     float16, so identical inputs give 0/0)
   other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl;
                     in two stages, the next stage then merges another input)
-  config-dtype      the same tensors; mergekit's config.json names another dtype than its tensors have (with
-                    inputs stored in several dtypes and neither a base nor `dtype`, it takes one of the
-                    inputs' in set order, another from one process to the next); adaptkit's names its own
+  config-dtype      equal or close tensors; mergekit's config.json names a dtype its tensors do not have (the
+                    base's, or without a base one of the inputs' in set order, another from one process to
+                    the next, where inputs stored in several dtypes are promoted); adaptkit's names its own
   row-order         the same tokens at other ids, and values that differ because the method looks at a
                     whole tensor (norms, sums, magnitude cuts, random draws) whose rows mergekit orders by
                     hash in that run: mergekit itself gives other values from one process to the next
   template          the built-in alpaca template, which mergekit renders with stray blank lines
+  base-alias        `tokenizer: {source: base, tokens: ...}`: mergekit adds the tokens to the base's own
+                    tokenizer, so the base seems to have them (its padding rows, past its vocabulary);
+                    adaptkit gives the base the row the entry names, or refuses an entry naming a model
+                    that lacks the token (only the token rows differ)
 
 Anything else that is not equal, close or refused by both is printed with its recipe. The models are
 built once under benchmarks/_work/mergekit_fuzz/ (tiny Llamas, float32).
@@ -68,6 +72,8 @@ METHODS = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmet
            "arcee_fusion", "ram", "ramplus_tl", "passthrough"]
 WEIGHTED = {"linear", "nuslerp", "multislerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear"}
+TOOLS = ("adaptkit", "mergekit")
+VOCABULARY = {"model.embed_tokens.weight", "lm_head.weight"}
 FLOAT32_WRITERS = {"arcee_fusion", "ramplus_tl"}  # mergekit writes their float32 results whatever the dtype
 DENSE = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
@@ -248,22 +254,32 @@ def tokenizer_recipe(rng) -> dict:
     return doc
 
 
-def refine(row: dict, folder: Path, docs: list[dict]) -> None:
-    """The suite's status, told apart where the tools differ on purpose (the module docstring)."""
-    import torch
-
-    status, detail = row["status"], row["detail"]
-    if status == "mergekit-failed" and "; adaptkit refused: " in detail:
+def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str]) -> None:
+    """The suite's status, told apart where the tools differ on purpose (the module docstring); `folder`
+    holds both outputs, `paths` the models' folders."""
+    status, detail, docs = row["status"], row["detail"], recipe.docs
+    base = paths.get(docs[-1].get("base_model")) if isinstance(docs[-1].get("base_model"), str) else None
+    block = docs[-1].get("tokenizer") or {}
+    if block.get("source") == "base" and block.get("tokens") and (
+            (status == "adaptkit-refused" and "to take its row from" in detail)
+            or (status in ("different", "close") and set(unequal(folder)) <= VOCABULARY)):
+        row["status"] = "base-alias"
+    elif status == "mergekit-failed" and "; adaptkit refused: " in detail:
         row["status"] = "both-refused"
     elif status == "different" and ("equal once mergekit's are rounded to adaptkit's dtype" in detail or (
             "tensors in another dtype" in detail and FLOAT32_WRITERS & {d.get("merge_method") for d in docs})):
         row["status"] = "other-dtype"  # (a stage's float32 output is another input to the next)
     elif status == "different" and detail.startswith("config.json dtype"):
-        a, m = suite.load_tensors(folder / "adaptkit"), suite.load_tensors(folder / "mergekit")
-        written = {str(t.dtype).removeprefix("torch.") for t in a.values()}
-        said = json.loads((folder / "adaptkit" / "config.json").read_text()).get("dtype")
-        if a.keys() == m.keys() and all(torch.equal(a[n], m[n]) for n in m) and written == {said}:
-            row["status"] = "config-dtype"
+        said = {tool: json.loads((folder / tool / "config.json").read_text()).get("dtype") for tool in TOOLS}
+        written = {tool: {str(t.dtype).removeprefix("torch.") for t in suite.load_tensors(folder / tool).values()}
+                   for tool in TOOLS}
+        if written["adaptkit"] == {said["adaptkit"]} and written["mergekit"] != {said["mergekit"]}:
+            # mergekit's config.json names a dtype its tensors do not have: compared as if it named theirs
+            config = folder / "mergekit" / "config.json"
+            config.write_text(json.dumps(dict(json.loads(config.read_text()), dtype=said["adaptkit"])))
+            status, detail = suite.compare(recipe, folder / "adaptkit", folder / "mergekit", base)
+            row["status"] = "config-dtype" if status in ("equal", "close") else status
+            row["detail"] = f"{detail}; mergekit's config.json says {said['mergekit']}"
     elif status == "different" and detail.startswith("tokenizer chat_template") and "### Instruction" in detail:
         row["status"] = "template"
     elif status == "different" and detail.startswith("tokenizer vocab"):
@@ -272,6 +288,14 @@ def refine(row: dict, folder: Path, docs: list[dict]) -> None:
         theirs = suite.load_tensors(folder / "mergekit")
         if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in theirs.values()):
             row["status"] = "both-nonfinite"
+
+
+def unequal(folder: Path) -> list[str]:
+    """The tensors whose bytes differ between the two outputs (same names and shapes assumed)."""
+    import torch
+
+    a, m = suite.load_tensors(folder / "adaptkit"), suite.load_tensors(folder / "mergekit")
+    return [n for n in m if n not in a or a[n].shape != m[n].shape or not torch.equal(a[n], m[n])]
 
 
 def by_token(folder: Path, random: bool) -> tuple[str, str]:
@@ -293,7 +317,7 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
     for name in m:
         if a[name].shape != m[name].shape:
             return "different", f"{name}: shape {tuple(a[name].shape)} in adaptkit, {tuple(m[name].shape)} in mergekit"
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in VOCABULARY:
             order = [(ours[t], theirs[t]) for t in ours]
             mine, peer = a[name][[i for i, _ in order]], m[name][[j for _, j in order]]
         else:
@@ -307,7 +331,7 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
 
 
 FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "both-nonfinite", "other-dtype",
-        "config-dtype", "template"}
+        "config-dtype", "template", "base-alias"}
 
 
 def draw(tokenizers: bool, seed: int) -> suite.Recipe:
@@ -342,7 +366,7 @@ def main(argv=None) -> int:
         recipe = draw(args.tokenizers, seed)
         row = suite.run_one(recipe, {}, paths, WORK / "runs", keep=True)
         folder = WORK / "runs" / recipe.id
-        refine(row, folder, recipe.docs)
+        refine(row, folder, recipe, paths)
         shutil.rmtree(folder, ignore_errors=True)
         rows.append(dict(row, recipe=recipe.text))
         if row["status"] not in FINE:

@@ -29,6 +29,7 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("merge", 547): "equal",  # two stages: breadcrumbs_ties over an arcee_fusion
     ("tok", 9): "equal",  # model_stock, a token's source as {model: {path}}
     ("tok", 35): "equal",  # breadcrumbs, the same
+    ("tok", 270): "base-alias",  # source: base with tokens: mergekit takes the base's padding row
     **{("merge", s): None for s in range(100, 112)},
     **{("tok", s): None for s in range(40, 46)},
 }
@@ -43,6 +44,6 @@ def paths(tmp_path_factory):
 def test_drawn_recipe(kind, seed, paths, tmp_path, one_thread):
     recipe = fuzz.draw(kind == "tok", seed)
     row = suite.run_one(recipe, {}, paths, tmp_path, keep=True)
-    fuzz.refine(row, tmp_path / recipe.id, recipe.docs)
+    fuzz.refine(row, tmp_path / recipe.id, recipe, paths)
     want = SEEDS[kind, seed]
     assert row["status"] in fuzz.FINE and row["status"] == (want or row["status"]), f"{row['detail']}\n{recipe.text}"
