@@ -4,7 +4,8 @@ The recipe sets of `mergekit_suite.py` are what people wrote; this draws recipes
 seed, to find the combinations they leave out: every method of both tools with its parameters as
 scalars, gradients or `{filter, value}` lists, negative and zero-sum weights, slices, passthrough
 frankenmerges with `scale`, `dtype` (float32, bfloat16, float16, or none: inputs stored in float32,
-bfloat16 and float16 promoted) and `out_dtype`, `model+lora` inputs, two-stage recipes; with --tokenizers,
+bfloat16 and float16 promoted) and `out_dtype`, `model+lora` inputs, two-stage recipes; with --moe, mergekit-moe configs (every gate mode, prompts,
+noise and residual scales, shared experts, experts per token, dtype, output architecture); with --tokenizers,
 tokenizer sources (`base`, `union`, a model, written as strings or mergekit's reference mappings), the
 `tokenizer:` block's tokens and padding, and chat templates, over models whose vocabularies differ.
 Each recipe runs through both tools as the suite runs them (`mergekit_suite.run_one`) and gets the
@@ -15,6 +16,8 @@ suite's status, refined where the tools differ on purpose:
                     then the inputs as listed; methods that look at a whole tensor then see other row
                     orders in each mergekit run, so only the token rows are compared
   both-refused      both tools refused the recipe (mergekit's error and adaptkit's line are in the JSON)
+  superset          mergekit refused it and adaptkit wrote a model transformers loads (mergekit-moe asks
+                    prompts of every expert for any gate but `random`, `uniform_random` included)
   both-nonfinite    mergekit wrote NaN or Inf where adaptkit refused them (multislerp's ε = 1e-8 is 0 in
                     float16, so identical inputs give 0/0)
   other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl;
@@ -34,7 +37,7 @@ suite's status, refined where the tools differ on purpose:
 Anything else that is not equal, close or refused by both is printed with its recipe. The models are
 built once under benchmarks/_work/mergekit_fuzz/ (tiny Llamas, float32).
 
-    .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N] [--tokenizers] [--json PATH]
+    .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N] [--tokenizers | --moe] [--json PATH]
 """
 from __future__ import annotations
 
@@ -65,7 +68,11 @@ MODELS.update({name: {"family": "llama", "layers": 4, "seed": 310 + i, "config":
 MODELS.update({  # the same Llamas stored in half precision, and a LoRA of the base (`model+lora`)
     "fz_a_bf16": dict(MODELS["fz_a"], dtype="bfloat16"), "fz_b_fp16": dict(MODELS["fz_b"], dtype="float16"),
     "fz_lora": {"kind": "lora", "base": "fz_base", "rank": 4, "seed": 320}})
+MODELS.update({f"mx_{k}": {"family": "mistral", "layers": 4, "seed": 330 + i, "tokenizer": "chars"}  # MoE experts:
+               for i, k in enumerate(["base", "a", "b", "c"])})                                  # prompts need one
 INPUTS = ["fz_base", "fz_a", "fz_b", "fz_c"]
+PROMPTS = ["As a doctor of medicine,", "> get ye flask", "Das ist ein Satz auf Deutsch.", "def main():", "2 + 2 =",
+           "Once upon a time"]
 FILTERS = ["self_attn", "mlp", "embed_tokens", "lm_head", "q_proj", "input_layernorm"]
 METHODS = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_linear",
            "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "nearswap",
@@ -191,6 +198,38 @@ def merge_recipe(rng) -> dict:
     return doc
 
 
+def moe_recipe(rng) -> dict:
+    """A mergekit-moe config: experts (with prompts, noise and residual scales), shared experts, any gate mode,
+    experts per token, dtype and output architecture."""
+    gate = rng.choice(["hidden", "cheap_embed", "random", "uniform_random"])
+    names = ["mx_base", "mx_a", "mx_b", "mx_c"]
+    prompted = gate in ("hidden", "cheap_embed") or rng.random() < 0.5  # (mergekit-moe wants them but for random)
+
+    def expert(name):
+        entry = {"source_model": name}
+        if prompted:
+            entry["positive_prompts"] = rng.sample(PROMPTS, rng.randint(1, 3))
+        if rng.random() < 0.3:
+            entry["negative_prompts"] = rng.sample(PROMPTS, 1)
+        for key in ("noise_scale", "residual_scale"):
+            if rng.random() < 0.2:
+                entry[key] = round(rng.uniform(0.01, 0.5), 3)
+        return entry
+
+    doc = {"base_model": rng.choice(names), "gate_mode": gate,
+           "experts": [expert(rng.choice(names)) for _ in range(rng.choice([2, 3, 4]))]}
+    if rng.random() < 0.5:
+        doc["experts_per_token"] = rng.randint(1, len(doc["experts"]))
+    if rng.random() < 0.7:
+        doc["dtype"] = rng.choice(["float32", "bfloat16", "float16"])
+    if rng.random() < 0.4:
+        doc["architecture"] = rng.choice(["mixtral", "qwen"])  # (DeepSeek's output needs its remote code to load)
+    if rng.random() < 0.25 or doc.get("architecture") == "qwen":
+        doc["shared_experts"] = [expert(rng.choice(names))]
+        doc["architecture"] = "qwen"  # (else DeepSeek's, which transformers loads only with its remote code)
+    return doc
+
+
 def stages_recipe(rng) -> list[dict]:
     """Two stages (mergekit-multi): a merge of whole models named `first`, then one that takes it as an input."""
     first = merge_recipe(rng)
@@ -266,6 +305,8 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
         row["status"] = "base-alias"
     elif status == "mergekit-failed" and "; adaptkit refused: " in detail:
         row["status"] = "both-refused"
+    elif status == "mergekit-failed" and "; adaptkit ran it (transformers loads the output)" in detail:
+        row["status"] = "superset"
     elif status == "different" and ("equal once mergekit's are rounded to adaptkit's dtype" in detail or (
             "tensors in another dtype" in detail and FLOAT32_WRITERS & {d.get("merge_method") for d in docs})):
         row["status"] = "other-dtype"  # (a stage's float32 output is another input to the next)
@@ -330,20 +371,23 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
                          f"{', '.join(moved[:3])}")
 
 
-FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "both-nonfinite", "other-dtype",
+FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "superset", "both-nonfinite", "other-dtype",
         "config-dtype", "template", "base-alias"}
 
 
-def draw(tokenizers: bool, seed: int) -> suite.Recipe:
-    """Recipe `seed` of a kind: a tokenizer recipe, or (one in ten) two stages or (else) one merge."""
+def draw(kind: str, seed: int) -> suite.Recipe:
+    """Recipe `seed` of a kind: "tok" (a tokenizer recipe), "moe" (a mergekit-moe config) or "merge" (one in
+    ten two stages, else one merge)."""
     rng = random.Random(seed)
-    if tokenizers:
-        docs, kind = [tokenizer_recipe(rng)], "tok"
+    if kind == "tok":
+        docs = [tokenizer_recipe(rng)]
+    elif kind == "moe":
+        docs = [moe_recipe(rng)]
     else:
         docs, kind = (stages_recipe(rng), "multi") if rng.random() < 0.1 else ([merge_recipe(rng)], "merge")
     text = yaml.safe_dump_all(docs, sort_keys=False)
-    return suite.Recipe(f"{kind}{seed}-{docs[-1]['merge_method']}", text, "multi" if len(docs) > 1 else "merge",
-                        "runs", docs)
+    what = docs[-1].get("merge_method") or docs[-1]["gate_mode"]
+    return suite.Recipe(f"{kind}{seed}-{what}", text, {"multi": "multi", "moe": "moe"}.get(kind, "merge"), "runs", docs)
 
 
 def main(argv=None) -> int:
@@ -351,6 +395,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="The first recipe's seed (default 0).")
     parser.add_argument("--count", type=int, default=200, help="Recipes to draw (default 200).")
     parser.add_argument("--tokenizers", action="store_true", help="Draw tokenizer recipes instead.")
+    parser.add_argument("--moe", action="store_true", help="Draw mergekit-moe configs instead.")
     parser.add_argument("--json", metavar="PATH", help="Write every row (with its recipe) as JSON.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -363,7 +408,7 @@ def main(argv=None) -> int:
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
     rows = []
     for seed in range(args.seed, args.seed + args.count):
-        recipe = draw(args.tokenizers, seed)
+        recipe = draw("tok" if args.tokenizers else "moe" if args.moe else "merge", seed)
         row = suite.run_one(recipe, {}, paths, WORK / "runs", keep=True)
         folder = WORK / "runs" / recipe.id
         refine(row, folder, recipe, paths)
@@ -374,7 +419,7 @@ def main(argv=None) -> int:
                   + recipe.text.rstrip().replace("\n", "\n    "), flush=True)
     counts = collections.Counter(r["status"] for r in rows)
     print(f"{len(rows)} recipes (seeds {args.seed}-{args.seed + args.count - 1}"
-          f"{', tokenizers' if args.tokenizers else ''}): " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
+          f"{', tokenizers' if args.tokenizers else ', MoE' if args.moe else ''}): " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -3,7 +3,7 @@
 A fixed handful of the fuzzer's seeds, each through mergekit 0.1.5 and adaptkit as the benchmark runs
 them: seeds that drew what the issue's recipes lacked (weights summing to zero with `normalize`, float16
 merges mergekit turns into NaN, frankenmerges, `model+lora` and half-precision inputs, two stages,
-reference mappings in tokenizer settings) and a run of consecutive ones. The statuses are the fuzzer's (its docstring); none of them may be
+reference mappings in tokenizer settings, mergekit-moe configs) and a run of consecutive ones. The statuses are the fuzzer's (its docstring); none of them may be
 `different`, `adaptkit-crashed` or a refusal of what mergekit runs.
 """
 from __future__ import annotations
@@ -30,6 +30,9 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("tok", 9): "equal",  # model_stock, a token's source as {model: {path}}
     ("tok", 35): "equal",  # breadcrumbs, the same
     ("tok", 270): "base-alias",  # source: base with tokens: mergekit takes the base's padding row
+    ("moe", 41): "equal",  # mergekit-moe: uniform_random gates, a shared expert (Qwen MoE)
+    ("moe", 14): "equal",  # hidden gates from prompts, a shared expert
+    ("moe", 45): "equal",  # random gates
     **{("merge", s): None for s in range(100, 112)},
     **{("tok", s): None for s in range(40, 46)},
 }
@@ -42,7 +45,7 @@ def paths(tmp_path_factory):
 
 @pytest.mark.parametrize("kind, seed", sorted(SEEDS))
 def test_drawn_recipe(kind, seed, paths, tmp_path, one_thread):
-    recipe = fuzz.draw(kind == "tok", seed)
+    recipe = fuzz.draw(kind, seed)
     row = suite.run_one(recipe, {}, paths, tmp_path, keep=True)
     fuzz.refine(row, tmp_path / recipe.id, recipe, paths)
     want = SEEDS[kind, seed]
