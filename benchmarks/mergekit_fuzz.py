@@ -180,10 +180,17 @@ def merge_recipe(rng) -> dict:
         for i, params in enumerate(weighted):  # weights summing to zero (mergekit divides by 1 there)
             params["weight"] = [0.5, -0.5][i] if i < 2 else 0.0
     doc = {"merge_method": method}
-    if rng.random() < 0.2 and method not in ("slerp", "nearswap", "arcee_fusion"):
-        start = rng.randint(0, 3)
-        layer_range = [start, start + rng.randint(2, 6 - start)]
-        doc["slices"] = [{"sources": [dict(e, layer_range=layer_range) for e in entries]}]
+    if rng.random() < 0.25:  # slices: one to three runs of layers, the same range from each model
+        cuts = sorted(rng.sample(range(1, 6), rng.randint(0, 2)))
+        bounds = [0, *cuts, 6]
+        doc["slices"] = []
+        for start, stop in zip(bounds, bounds[1:]):
+            part = {"sources": [dict(e, layer_range=[start, stop]) for e in entries]}
+            if shared and rng.random() < 0.3:  # the slice's own parameters (over the recipe's)
+                key = rng.choice(sorted(shared))
+                if isinstance(shared[key], float) and not isinstance(shared[key], bool):
+                    part["parameters"] = {key: round(shared[key] * rng.uniform(0.5, 1.0), 3)}
+            doc["slices"].append(part)
     else:
         doc["models"] = entries
     if base:
