@@ -3,7 +3,7 @@
 The recipe sets of `mergekit_suite.py` are what people wrote; this draws recipes nobody wrote, from a
 seed, to find the combinations they leave out: every method of both tools with its parameters as
 scalars, gradients or `{filter, value}` lists, negative and zero-sum weights, slices, passthrough
-frankenmerges with `scale`, `dtype` (float32, bfloat16, float16, or none: inputs stored in float32,
+frankenmerges with `scale`, `dtype` (float32, bfloat16, float16, float64, or none: inputs stored in float32,
 bfloat16 and float16 promoted) and `out_dtype`, `model+lora` inputs, two-stage recipes; with --moe, mergekit-moe configs (every gate mode, prompts,
 noise and residual scales, shared experts, experts per token, dtype, output architecture); with --tokenizers,
 tokenizer sources (`base`, `union`, a model, written as strings or mergekit's reference mappings), the
@@ -197,7 +197,8 @@ def merge_recipe(rng) -> dict:
         doc["base_model"] = base
     if shared:
         doc["parameters"] = shared
-    dtype = rng.choice(["float32", "bfloat16", "float16", "bfloat16", None])  # None: as stored (promoted)
+    dtype = rng.choice(["float32", "bfloat16", "float16", "bfloat16", None, "float64" if rng.random() < 0.3 else None])
+    # (None: as stored, promoted)
     if dtype:
         doc["dtype"] = dtype
     if rng.random() < 0.15:

@@ -143,11 +143,23 @@ def test_cli_options_mean_the_recipe_keys(stored, tmp_path, options, keys):
     assert all(ours[n].dtype == dtype and torch.equal(ours[n], t) for n, t in expected.items())
 
 
+@pytest.mark.parametrize("case", METHODS)
+def test_float64_recipe_gives_mergekit_bytes(stored, tmp_path, case):
+    """`dtype: float64` (inputs stored in bfloat16 loaded in float64), as mergekit merges it."""
+    recipe = recipe_for(stored["bfloat16"], case, "float64")
+    run_merge(recipe, tmp_path / "ours", progress=False, card=False)
+    mergekit_run(recipe, tmp_path / "mk")
+    ours, theirs = state(tmp_path / "ours"), state(tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    for name, expected in theirs.items():
+        assert ours[name].dtype == expected.dtype == torch.float64 and torch.equal(ours[name], expected), name
+
+
 @pytest.mark.parametrize(("keys", "message"), [
-    ({"dtype": "float64"}, "dtype must be one of float32, bfloat16, float16"),
+    ({"dtype": "float8_e4m3fn"}, "dtype must be one of float32, bfloat16, float16, float64"),
     ({"compute_dtype": "int8"}, "compute_dtype must be one of"),
     ({"out_dtype": "bf17"}, "out_dtype must be one of"),
-], ids=["float64", "int8", "typo"])
+], ids=["float8", "int8", "typo"])
 def test_dtypes_outside_the_compute_ones_are_refused(stored, tmp_path, keys, message):
     from adaptkit.errors import AdaptkitError
 

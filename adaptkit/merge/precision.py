@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 
+MERGE_DTYPES = (*COMPUTE, "float64")  # mergekit merges in float64 too (inputs stored in it: as stored)
+
+
 def recipe_dtypes(recipe: Recipe, quantized: bool) -> tuple[torch.dtype | None, torch.dtype | None]:
     """(output dtype, compute dtype) a recipe asks for; None: the inputs' promoted stored dtype.
     A quantized input has no stored dtype to keep: computed in float32, written in bfloat16 unless asked."""
@@ -39,8 +42,8 @@ def recipe_dtypes(recipe: Recipe, quantized: bool) -> tuple[torch.dtype | None, 
 
     for key in ("dtype", "out_dtype", "compute_dtype"):
         name = getattr(recipe, key)
-        if name is not None and _parsed(name) not in [getattr(torch, d) for d in COMPUTE]:
-            raise AdaptkitError(f"{key} must be one of {', '.join(COMPUTE)}, got '{name}'")
+        if name is not None and _parsed(name) not in [getattr(torch, d) for d in MERGE_DTYPES]:
+            raise AdaptkitError(f"{key} must be one of {', '.join(MERGE_DTYPES)}, got '{name}'")
     out = parse_dtype(recipe.out_dtype or recipe.dtype or ("bfloat16" if quantized else None))
     compute = parse_dtype(recipe.compute_dtype or recipe.dtype or ("float32" if quantized else None))
     return out, compute
