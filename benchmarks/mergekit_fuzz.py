@@ -16,8 +16,9 @@ suite's status, refined where the tools differ on purpose:
                     then the inputs as listed; methods that look at a whole tensor then see other row
                     orders in each mergekit run, so only the token rows are compared
   both-refused      both tools refused the recipe (mergekit's error and adaptkit's line are in the JSON)
-  superset          mergekit refused it and adaptkit wrote a model transformers loads (mergekit-moe asks
-                    prompts of every expert for any gate but `random`, `uniform_random` included)
+  superset          mergekit refused it and adaptkit wrote a model transformers loads (mergekit-moe checks
+                    `uniform_random` gates as prompt-based ones, adaptkit as `random` ones; a shared expert
+                    that is neither an expert nor the base fails in mergekit)
   both-nonfinite    mergekit wrote NaN or Inf where adaptkit refused them (multislerp's ε = 1e-8 is 0 in
                     float16, so identical inputs give 0/0)
   other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl;
