@@ -5,7 +5,8 @@ seed, to find the combinations they leave out: every method of both tools with i
 scalars, gradients or `{filter, value}` lists, negative and zero-sum weights, slices, passthrough
 frankenmerges with `scale`, `dtype` (float32, bfloat16, float16, float64, or none: inputs stored in float32,
 bfloat16 and float16 promoted) and `out_dtype`, `model+lora` inputs, two-stage recipes; with --moe, mergekit-moe configs (every gate mode, prompts,
-noise and residual scales, shared experts, experts per token, dtype, output architecture); with --tokenizers,
+noise and residual scales, shared experts, experts per token, dtype, output architecture); with
+--modules, vision-language merges (Gemma-3, Qwen2.5-VL) by `modules:`; with --tokenizers,
 tokenizer sources (`base`, `union`, a model, written as strings or mergekit's reference mappings), the
 `tokenizer:` block's tokens and padding, and chat templates, over models whose vocabularies differ.
 Each recipe runs through both tools as the suite runs them (`mergekit_suite.run_one`) and gets the
@@ -38,7 +39,8 @@ suite's status, refined where the tools differ on purpose:
 Anything else that is not equal, close or refused by both is printed with its recipe. The models are
 built once under benchmarks/_work/mergekit_fuzz/ (tiny Llamas, float32).
 
-    .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N] [--tokenizers | --moe] [--json PATH]
+    .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N] [--tokenizers | --moe | --modules]
+                                                 [--json PATH]
 """
 from __future__ import annotations
 
@@ -71,6 +73,9 @@ MODELS.update({  # the same Llamas stored in half precision, and a LoRA of the b
     "fz_lora": {"kind": "lora", "base": "fz_base", "rank": 4, "seed": 320}})
 MODELS.update({f"mx_{k}": {"family": "mistral", "layers": 4, "seed": 330 + i, "tokenizer": "chars"}  # MoE experts:
                for i, k in enumerate(["base", "a", "b", "c"])})                                  # prompts need one
+MODELS.update({f"vl_{family}_{k}": {"family": family, "layers": 4, "seed": 340 + 3 * j + i}  # `modules:`
+               for j, family in enumerate(["gemma3_vl", "qwen2_5_vl"]) for i, k in enumerate(["base", "a", "b"])})
+VL_MODULES = ("text_decoder", "vision_tower", "multi_modal_projector")
 INPUTS = ["fz_base", "fz_a", "fz_b", "fz_c"]
 PROMPTS = ["As a doctor of medicine,", "> get ye flask", "Das ist ein Satz auf Deutsch.", "def main():", "2 + 2 =",
            "Once upon a time"]
@@ -239,6 +244,39 @@ def moe_recipe(rng) -> dict:
     return doc
 
 
+def modules_recipe(rng) -> dict:
+    """A vision-language merge by `modules:`: each module (text decoder, vision tower, projector) with its own
+    models or slices (the decoder's 4 layers) and parameters, one method over all."""
+    family = rng.choice(["gemma3_vl", "qwen2_5_vl"])
+    names = [f"vl_{family}_{k}" for k in ("base", "a", "b")]
+    method = rng.choice(["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "breadcrumbs", "karcher",
+                         "model_stock", "nuslerp", "multislerp", "sce", "della", "nearswap"])
+    models, base = inputs(rng, method, names)
+    doc = {"modules": {}, "merge_method": method}
+    for module in rng.sample(VL_MODULES, rng.randint(1, 3)):
+        entries = []
+        for model in models:
+            params = {}
+            if model != base and method in WEIGHTED:
+                params["weight"] = value(rng, 0.1, 1.0)
+            if model != base and method in DENSE:
+                params["density"] = value(rng, 0.3, 0.9, filters=False)
+            entries.append({"model": model, **({"parameters": params} if params else {})})
+        part = {}
+        if module == "text_decoder" and rng.random() < 0.5:
+            start = rng.randint(0, 2)
+            part["slices"] = [{"sources": [dict(e, layer_range=[start, 4]) for e in entries]}]
+        else:
+            part["models"] = entries
+        if method in ("slerp", "nearswap"):
+            part["parameters"] = {"t": value(rng, 0.0, 1.0) if method == "slerp" else round(rng.uniform(0.01, 0.5), 3)}
+        doc["modules"][module] = part
+    if base:
+        doc["base_model"] = base
+    doc["dtype"] = rng.choice(["float32", "bfloat16"])
+    return doc
+
+
 def stages_recipe(rng) -> list[dict]:
     """Two stages (mergekit-multi): a merge of whole models named `first`, then one that takes it as an input."""
     first = merge_recipe(rng)
@@ -392,6 +430,8 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs = [tokenizer_recipe(rng)]
     elif kind == "moe":
         docs = [moe_recipe(rng)]
+    elif kind == "modules":
+        docs = [modules_recipe(rng)]
     else:
         docs, kind = (stages_recipe(rng), "multi") if rng.random() < 0.1 else ([merge_recipe(rng)], "merge")
     text = yaml.safe_dump_all(docs, sort_keys=False)
@@ -405,6 +445,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=200, help="Recipes to draw (default 200).")
     parser.add_argument("--tokenizers", action="store_true", help="Draw tokenizer recipes instead.")
     parser.add_argument("--moe", action="store_true", help="Draw mergekit-moe configs instead.")
+    parser.add_argument("--modules", action="store_true", help="Draw vision-language merges by modules: instead.")
     parser.add_argument("--json", metavar="PATH", help="Write every row (with its recipe) as JSON.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -417,7 +458,7 @@ def main(argv=None) -> int:
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
     rows = []
     for seed in range(args.seed, args.seed + args.count):
-        recipe = draw("tok" if args.tokenizers else "moe" if args.moe else "merge", seed)
+        recipe = draw("tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "merge", seed)
         row = suite.run_one(recipe, {}, paths, WORK / "runs", keep=True)
         folder = WORK / "runs" / recipe.id
         refine(row, folder, recipe, paths)
@@ -428,7 +469,7 @@ def main(argv=None) -> int:
                   + recipe.text.rstrip().replace("\n", "\n    "), flush=True)
     counts = collections.Counter(r["status"] for r in rows)
     print(f"{len(rows)} recipes (seeds {args.seed}-{args.seed + args.count - 1}"
-          f"{', tokenizers' if args.tokenizers else ', MoE' if args.moe else ''}): " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
+          f"{', tokenizers' if args.tokenizers else ', MoE' if args.moe else ', modules' if args.modules else ''}): " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -18,15 +18,18 @@ import mergekit_fuzz as fuzz  # noqa: E402  (benchmarks/ is not a package)
 import mergekit_suite as suite  # noqa: E402
 
 SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE ones)
-    ("merge", 723): "equal",  # ties, weights [0.5, -0.5] with normalize: each entry's own divisor
-    ("merge", 951): "equal",  # task_arithmetic (and a `+lora` input), the same: the sum left undivided
-    ("merge", 891): "close",  # della_linear, the same
-    ("merge", 94): "both-nonfinite",  # multislerp in float16
-    ("merge", 85): "equal",  # a passthrough frankenmerge with scales
-    ("merge", 26): "equal",  # ties over `model+lora` inputs
-    ("merge", 237): "equal",  # task_arithmetic without dtype, over inputs stored in float16 and float32
+    ("merge", 6422): "equal",  # ties, weights [0.5, -0.5] with normalize: each entry's own divisor
+    ("merge", 4557): "equal",  # breadcrumbs_ties, the same
+    ("merge", 16477): "equal",  # task_arithmetic, the same: the sum left undivided
+    ("merge", 4253): "close",  # dare_linear, the same
+    ("merge", 3050): "both-nonfinite",  # breadcrumbs, the same in float16: 1e-8 is 0 there, mergekit divides by 0
+    ("merge", 94): "both-nonfinite",  # multislerp in float16: ε is 0 there, identical norms give 0/0
+    ("merge", 3095): "equal",  # a passthrough frankenmerge with scales
+    ("merge", 26): "equal",  # ties over a `model+lora` input
+    ("merge", 3105): "equal",  # task_arithmetic without dtype, over inputs stored in half and single precision
+    ("merge", 3152): "equal",  # task_arithmetic in float64
     ("merge", 513): "equal",  # two stages: karcher over a karcher, the stage's bfloat16 in float16
-    ("merge", 547): "equal",  # two stages: breadcrumbs_ties over an arcee_fusion
+    ("merge", 547): "equal",  # two stages, the second in float64
     ("tok", 9): "equal",  # model_stock, a token's source as {model: {path}}
     ("tok", 35): "equal",  # breadcrumbs, the same
     ("tok", 270): "base-alias",  # source: base with tokens: mergekit takes the base's padding row

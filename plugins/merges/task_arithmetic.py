@@ -179,7 +179,7 @@ class TaskArithmetic(Operator):
         self.flag("int8_mask", bound["int8_mask"])
         if normalize and self.consensus is None and abs(sum(weight)) < 1e-8:  # (with consensus: each entry's own)
             warnings.warn(f"{self.name}: weights summing to zero with normalize: the sum is not divided, as mergekit "
-                          f"takes a divisor under 1e-8 as 1")
+                          f"takes a divisor under 1e-8 as 1 (in float16, where 1e-8 is 0, it divides by 0)")
         tie_break = bound.get("tie_break", "mergekit")
         if tie_break not in ("mergekit", "index"):
             raise self.error(f"tie_break must be 'mergekit' (keep the tied entries mergekit's sort keeps) or 'index' "
