@@ -17,6 +17,10 @@ suite's status, refined where the tools differ on purpose:
                     then the inputs as listed; methods that look at a whole tensor then see other row
                     orders in each mergekit run, so only the token rows are compared
   both-refused      both tools refused the recipe (mergekit's error and adaptkit's line are in the JSON)
+  projector-order   only Qwen2.5-VL's projector MLP differs, under a gradient: mergekit's table lists its
+                    tensors in both of the projector's two "layers" without a layer index, so both plans
+                    write them and its task scheduler decides which gradient position each keeps (adaptkit:
+                    the last layer's; adaptkit/merge/modules.py)
   superset          mergekit refused it and adaptkit wrote a model transformers loads (mergekit-moe checks
                     `uniform_random` gates as prompt-based ones, adaptkit as `random` ones; a shared expert
                     that is neither an expert nor the base fails in mergekit)
@@ -115,8 +119,10 @@ def inputs(rng, method, names):
         return rng.sample(names, rng.randint(2, len(names))), None
     if method == "multislerp":
         with_base = rng.random() < 0.5
-        return rng.sample(others, rng.randint(2, 3)) + ([base] if with_base else []), base if with_base else None
-    return rng.sample(others, rng.randint(1 if method not in ("model_stock", "ram", "ramplus_tl") else 2, 3)) + [base], base
+        return rng.sample(others, rng.randint(2, min(3, len(others)))) + ([base] if with_base else []), \
+            base if with_base else None
+    least = 1 if method not in ("model_stock", "ram", "ramplus_tl") else 2
+    return rng.sample(others, rng.randint(least, min(3, len(others)))) + [base], base
 
 
 def variant(rng, name: str) -> str:
@@ -253,7 +259,7 @@ def modules_recipe(rng) -> dict:
                          "model_stock", "nuslerp", "multislerp", "sce", "della", "nearswap"])
     models, base = inputs(rng, method, names)
     doc = {"modules": {}, "merge_method": method}
-    for module in rng.sample(VL_MODULES, rng.randint(1, 3)):
+    for module in rng.sample(VL_MODULES, 3):  # (every module: without one, mergekit writes a model lacking it)
         entries = []
         for model in models:
             params = {}
@@ -350,6 +356,8 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
             (status == "adaptkit-refused" and "to take its row from" in detail)
             or (status in ("different", "close") and set(unequal(folder)) <= VOCABULARY)):
         row["status"] = "base-alias"
+    elif status == "different" and "modules" in docs[-1] and all("merger.mlp." in n for n in unequal(folder)):
+        row["status"] = "projector-order"
     elif status == "mergekit-failed" and "; adaptkit refused: " in detail:
         row["status"] = "both-refused"
     elif status == "mergekit-failed" and "; adaptkit ran it (transformers loads the output)" in detail:
@@ -419,7 +427,7 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
 
 
 FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "superset", "both-nonfinite", "other-dtype",
-        "config-dtype", "template", "base-alias"}
+        "config-dtype", "template", "base-alias", "projector-order"}
 
 
 def draw(kind: str, seed: int) -> suite.Recipe:

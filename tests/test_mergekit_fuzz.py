@@ -3,7 +3,8 @@
 A fixed handful of the fuzzer's seeds, each through mergekit 0.1.5 and adaptkit as the benchmark runs
 them: seeds that drew what the issue's recipes lacked (weights summing to zero with `normalize`, float16
 merges mergekit turns into NaN, frankenmerges, `model+lora` and half-precision inputs, two stages,
-reference mappings in tokenizer settings, mergekit-moe configs) and a run of consecutive ones. The statuses are the fuzzer's (its docstring); none of them may be
+reference mappings in tokenizer settings, mergekit-moe configs, vision-language merges by `modules:`) and a
+run of consecutive ones. The statuses are the fuzzer's (its docstring); none of them may be
 `different`, `adaptkit-crashed` or a refusal of what mergekit runs.
 """
 from __future__ import annotations
@@ -36,6 +37,9 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("moe", 41): "equal",  # mergekit-moe: uniform_random gates, a shared expert (Qwen MoE)
     ("moe", 14): "equal",  # hidden gates from prompts, a shared expert
     ("moe", 45): "equal",  # random gates
+    ("modules", 2): "equal",  # a vision-language slerp by modules:, the decoder sliced
+    ("modules", 8): "equal",  # breadcrumbs by modules:, on Gemma-3
+    ("modules", 7): "projector-order",  # Qwen2.5-VL's projector under a weight gradient (mergekit's task order)
     **{("merge", s): None for s in range(100, 112)},
     **{("tok", s): None for s in range(40, 46)},
 }

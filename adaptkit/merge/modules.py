@@ -39,8 +39,10 @@ class ModuleSpec:
     count_keys: tuple[str, ...] = ()
     fixed: int | None = None
     #: Tensors (name substrings) that mergekit's table lists as layer weights without a layer index, beside
-    #: `override_num_layers: 2`: each layer's plan merges them again and the last one's is written, so their
-    #: gradient position is 1 (Qwen2-VL's projector MLP; measured: a density gradient's last value, TIES).
+    #: `override_num_layers: 2`: each layer's plan merges them again, and which one is written is its task
+    #: scheduler's order; here the last one's, gradient position 1 (Qwen2-VL's projector MLP; measured: a
+    #: density gradient's last value, TIES, and slerp's t; but a weight gradient of task_arithmetic got the
+    #: first layer's value for mlp.2.weight and the last one's for mlp.0.weight: benchmarks/mergekit_fuzz.py).
     last_layer: tuple[str, ...] = ()
 
     def at_last_layer(self, name: str) -> bool:
