@@ -21,7 +21,8 @@ from ..hub.repos import is_hub_ref, lock_entry, parse_ref
 from ..io.readers import read_json
 from ..io.store import PIPELINE_INDEX
 from .positions import LAYER_INDEX
-from .recipe import RECIPE_KEYS, Recipe, Ref
+from .recipe import RECIPE_KEYS, Recipe
+from .refs import Ref
 
 CARD = "README.md"
 RECIPE_FILE = "adaptkit_recipe.yml"

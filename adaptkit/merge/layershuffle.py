@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import registry
 from ..errors import AdaptkitError
-from .recipe import Ref
+from .refs import Ref
 from .slices import layer_count
 from .sources import open_input
 

@@ -20,7 +20,7 @@ from ..io.dtypes import parse_dtype
 from ..io.paths import regular_file
 from .moe_gates import GATE_MODES, RANDOM_MODES
 from .moe_outputs import OUTPUTS, named
-from .recipe import Ref
+from .refs import Ref
 
 CONFIG_KEYS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
                          "architecture"})

@@ -53,7 +53,8 @@ MERGEKIT_SETTINGS = frozenset({"smooth", "allow_negative_weights", "embed_slerp"
 FIELD_TYPES = {"merge_method": v.text, "base_model": v.optional(v.either(v.text, v.mapping, must="a path or repo id")),
                "parameters": v.optional(v.mapping), "dtype": v.optional(v.text), "out_dtype": v.optional(v.text),
                "compute_dtype": v.optional(v.text), "tensors": v.optional(v.text),
-               "tokenizer_source": v.optional(v.either(v.text, v.mapping, must="base, union or a model")), "seed": v.count, "output": v.optional(v.mapping)}
+               "tokenizer_source": v.optional(v.either(v.text, v.mapping, must="base, union or a model")),
+               "seed": v.count, "output": v.optional(v.mapping)}
 OUTPUT_TYPES = {"kind": v.text, "rank": v.optional(v.positive_int)}
 
 

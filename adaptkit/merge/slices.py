@@ -25,7 +25,7 @@ from ..errors import AdaptkitError
 from ..validate import short
 
 if TYPE_CHECKING:
-    from .recipe import Ref
+    from .refs import Ref
 
 #: Keys of config.json that hold the layer count, by architecture family (mergekit's `num_layers_config_key`).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")

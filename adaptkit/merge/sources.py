@@ -19,7 +19,7 @@ from ..hub.repos import resolve_path
 from ..io.store import TensorStore, open_store
 from ..files.lowrank import module_delta, settle_layout
 from ..io.safetensors_file import TensorInfo
-from .recipe import Ref
+from .refs import Ref
 from .slices import BUFFERS
 from .tokenizer import VOCABULARY_TENSORS
 from ..spec import AdapterFiles

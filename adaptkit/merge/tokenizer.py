@@ -2,8 +2,8 @@
 
 mergekit's keys and rules:
 - `tokenizer_source: base | union | <model>` (the model may also be written `model:<path>`, or as a
-  mapping, refs.py), or a
-  `tokenizer:` block `{source, tokens, pad_to_multiple_of}` (source `union` unless given), not both.
+  reference mapping: refs.py), or a `tokenizer:` block `{source, tokens, pad_to_multiple_of}` (source
+  `union` unless given), not both.
   `base` is the base model's tokenizer (the first model's without a base) less any token whose id is
   at or past its config's vocab_size; `union` is that one plus every token another input uses (ids
   below its vocab_size); a model is that model's tokenizer as saved.

@@ -40,7 +40,7 @@ from ..io.outputs import atomic_output, check_output
 from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 from . import token_approx as ta
 from .embeddings import set_vocab_size
-from .recipe import Ref
+from .refs import Ref
 from .sources import ModelSource, open_input
 from .token_keys import (MATCHES, METHODS, SUBWORD_METHODS, WEIGHT_SCHEMES, Vocabulary, byte_match, prefix_match,
                          text_of)
