@@ -9,6 +9,7 @@ runs `adaptkit train` (the CLI) once per run, rank 0 this process (torchrun woul
 variables; one subprocess kept for all runs keeps the test fast)."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -40,10 +41,14 @@ CASES = {"lora": ("lora", dict(r=4), {}), "dora": ("lora", dict(r=4, use_dora=Tr
          "loha": ("loha", dict(r=4), {}), "lokr": ("lokr", dict(r=4), {}), "oft": ("oft", dict(r=0, oft_block_size=8), {}),
          "boft": ("boft", dict(boft_block_size=4), {}), "ia3": ("ia3", {}, {}), "lora_fa": ("lora_fa", dict(r=4), {}),
          "lora_plus": ("lora_plus", dict(r=4), {}), "trainable_tokens": ("trainable_tokens", dict(token_indices=[1, 2, 3]), {})}
-RANK_1 = """import json, sys
+# A collective that never completes fails after this long instead of gloo's default 30 minutes (once, in a
+# full run, both processes waited in AdaLoRA's orthogonality-loss gather; every collective's order and shape
+# agreed under TORCH_DISTRIBUTED_DEBUG=DETAIL, and isolated runs never hung)
+COLLECTIVE_TIMEOUT_S = 240
+RANK_1 = f"""import datetime, json, sys
 import torch.distributed as dist
 from adaptkit.cli import cli
-dist.init_process_group("gloo")
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds={COLLECTIVE_TIMEOUT_S}))
 codes = []
 try:
     for args in json.loads(sys.argv[1]):
@@ -157,7 +162,7 @@ def two_processes(env, one_process):
         for key, value in {**rendezvous, "RANK": "0", "LOCAL_RANK": "0"}.items():
             m.setenv(key, value)
         try:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
             for name, (out, options, variant) in runs.items():
                 sizes = []
 
