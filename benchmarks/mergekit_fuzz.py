@@ -21,6 +21,8 @@ suite's status, refined where the tools differ on purpose:
                     tensors in both of the projector's two "layers" without a layer index, so both plans
                     write them and its task scheduler decides which gradient position each keeps (adaptkit:
                     the last layer's; adaptkit/merge/modules.py)
+  strict-token      a `tokens:` entry names a token its model lacks: adaptkit checks every entry, mergekit
+                    reads one only where some input lacks the token's row (or `force`), and else runs
   superset          mergekit refused it and adaptkit wrote a model transformers loads (mergekit-moe checks
                     `uniform_random` gates as prompt-based ones, adaptkit as `random` ones; a shared expert
                     that is neither an expert nor the base fails in mergekit)
@@ -358,6 +360,8 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
         row["status"] = "base-alias"
     elif status == "different" and "modules" in docs[-1] and all("merger.mlp." in n for n in unequal(folder)):
         row["status"] = "projector-order"
+    elif status == "adaptkit-refused" and detail.startswith("tokenizer.tokens.") and " has no token " in detail:
+        row["status"] = "strict-token"
     elif status == "mergekit-failed" and "; adaptkit refused: " in detail:
         row["status"] = "both-refused"
     elif status == "mergekit-failed" and "; adaptkit ran it (transformers loads the output)" in detail:
@@ -427,7 +431,7 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
 
 
 FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "superset", "both-nonfinite", "other-dtype",
-        "config-dtype", "template", "base-alias", "projector-order"}
+        "config-dtype", "template", "base-alias", "projector-order", "strict-token"}
 
 
 def draw(kind: str, seed: int) -> suite.Recipe:

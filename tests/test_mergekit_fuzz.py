@@ -34,6 +34,7 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("tok", 9): "equal",  # model_stock, a token's source as {model: {path}}
     ("tok", 35): "equal",  # breadcrumbs, the same
     ("tok", 270): "base-alias",  # source: base with tokens: mergekit takes the base's padding row
+    ("tok", 559): "strict-token",  # a tokens: entry naming a token its model lacks (mergekit never reads it)
     ("moe", 41): "equal",  # mergekit-moe: uniform_random gates, a shared expert (Qwen MoE)
     ("moe", 14): "equal",  # hidden gates from prompts, a shared expert
     ("moe", 45): "equal",  # random gates
