@@ -32,7 +32,7 @@ from ..io.store import open_store
 from .card import drop_card, parameter_groups, write_card
 from .modules import part_jobs
 from .slices import Job, source_place
-from .precision import all_finite, check_written, drop_quantization_config, recipe_dtypes, state_dtype, stored_dtype
+from .precision import all_finite, drop_quantization_config, nonfinite_output, recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_inputs
 from .schedule import default_workers, run_within
@@ -376,8 +376,8 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
             merged = merge_tensor(plan, name, allow_nonfinite=allow_nonfinite, rows=rows, device=device)
             for out, part, row in plan.groups[name].split(merged) if name in plan.groups else [(name, merged, 0)]:
                 part = part.to(dtypes[out]).cpu()
-                if not allow_nonfinite:
-                    check_written(part, out, plan.recipe.method, plan.compute or plan.stored_dtype(name))
+                if not (allow_nonfinite or all_finite(part)):  # (the dtypes it names looked up only then)
+                    raise nonfinite_output(out, plan.recipe.method, plan.compute or plan.stored_dtype(name), part.dtype)
                 writer.write(out, part, row=row + (rows[0] if rows else 0))
         finally:
             torch.set_num_threads(shared)

@@ -90,13 +90,11 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(tensor.sum().isfinite()) or bool(tensor.isfinite().all())
 
 
-def check_written(tensor: torch.Tensor, name: str, method: str, compute: torch.dtype) -> None:
-    """Refuses a merged tensor, as it is written, that holds NaN or ±Inf although its inputs did not (the
+def nonfinite_output(name: str, method: str, compute: torch.dtype, written: torch.dtype) -> AdaptkitError:
+    """The error for a merged tensor, as written, that holds NaN or ±Inf although its inputs did not (the
     engine checked them): a model with them is broken. Half precision is the usual cause: mergekit's own
     steps overflow or underflow there (multislerp's ε = 1e-8 is 0 in float16, and identical inputs,
     such as untouched norms, then give 0/0) and it writes what they give."""
-    if tensor.is_floating_point() and not all_finite(tensor):
-        raise AdaptkitError(
-            f"merging '{name}' with {method} gave NaN or Inf values from finite inputs (computed in "
-            f"{str(compute).removeprefix('torch.')}, written as {str(tensor.dtype).removeprefix('torch.')}): "
-            f"--compute-dtype float32 may avoid them; --allow-nonfinite writes them")
+    return AdaptkitError(f"merging '{name}' with {method} gave NaN or Inf values from finite inputs (computed in "
+                         f"{str(compute).removeprefix('torch.')}, written as {str(written).removeprefix('torch.')}): "
+                         f"--compute-dtype float32 may avoid them; --allow-nonfinite writes them")

@@ -176,18 +176,19 @@ def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
 def keys_at(keys: numpy.ndarray, places: list[int]) -> list:
     """The keys at `places` of the descending order (place p: the (p + 1)-th largest): 16-bit keys from
     one histogram over blocks, with no copy of the keys (a partitioned copy is a transient twice their
-    size); wider keys from such copies, numpy's introselect taking one place at a time."""
+    size); wider keys from one copy, numpy's introselect taking one place at a time, each after the
+    last in the part past it."""
     if keys.itemsize == 2:
         flat, counts = torch.from_numpy(keys), torch.zeros(1 << 16, dtype=torch.int64)
         for s, e in block_ranges(keys.size):
             counts += torch.bincount(flat[s:e].to(torch.int32).add_(1 << 15), minlength=1 << 16)
         return [keys.dtype.type(_from_top(counts, p + 1)[0] - (1 << 15)) for p in places]
-    ranked, found = buffer(keys.size, keys.dtype), []
-    for p in places:
-        ranked[:] = keys
-        ranked.partition(keys.size - 1 - p)
-        found.append(ranked[keys.size - 1 - p])
-    return found
+    ranked, found, start = buffer(keys.size, keys.dtype), {}, 0
+    ranked[:] = keys
+    for index in sorted({keys.size - 1 - p for p in places}):  # each later place lies past the one before
+        ranked[start:].partition(index - start)
+        found[index], start = ranked[index], index
+    return [found[keys.size - 1 - p] for p in places]
 
 
 MAPPED = 16 << 20  # bytes from which a buffer is mapped straight from the kernel
