@@ -448,6 +448,8 @@ def test_model_references_as_mergekit_writes_them(given, text):
     ({"lora": "org/adapter"}, "got no model"),
     ({"model": {"path": "org/name", "rev": "x"}}, "a model path mapping has a 'path' string"),
     ({"model": {"path": "org/name", "revision": 3}}, "revision must be a name or commit"),
+    ({"model": 5}, r"models\[0\]\.model\.model must be a path or repo id, got 5"),
+    ({"model": "org/name", "lora": ["a"]}, r"\.lora must be a path or repo id"),
 ])
 def test_model_reference_mappings_refuse_what_they_do_not_read(given, message):
     from adaptkit.merge.refs import Ref

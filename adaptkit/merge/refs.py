@@ -51,10 +51,12 @@ def _from_mapping(given: dict, where: str) -> str:
     return "+".join(parts)
 
 
-def _path(given: Any, where: str) -> Any:
-    """A `{path, revision}` mapping as `path[@revision]`; anything else as it is (checked by the caller)."""
-    if not isinstance(given, dict):
+def _path(given: Any, where: str) -> str:
+    """A path string, or a `{path, revision}` mapping as `path[@revision]`."""
+    if isinstance(given, str):
         return given
+    if not isinstance(given, dict):
+        raise AdaptkitError(f"{where} must be a path or repo id, got {short(given)}")
     unknown = sorted(map(str, set(given) - PATH_KEYS))
     if unknown or not isinstance(given.get("path"), str):
         raise AdaptkitError(f"{where}: a model path mapping has a 'path' string and optionally 'revision', got "
