@@ -206,6 +206,24 @@ def test_same_bytes_as_mergekit(case, dtype):
     assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (5, 1)], ids=str)
+@pytest.mark.parametrize("case", PEERS)
+def test_scalars_and_single_entries_as_mergekit(case, shape):
+    """Scalars (shape (): Apertus's activation parameters), single entries and one-entry rows: mergekit's
+    values in its shape (arcee_fusion once failed on a scalar: it has no last axis). mergekit's karcher
+    returns a float32 scalar for half-precision ones (its float32 norm times its mean, both scalars,
+    promote), which it writes as float32; adaptkit keeps the inputs' dtype: mergekit's value rounded once."""
+    count, with_base, params = PEERS[case]
+    tensors, base = make(shape=shape, count=count, seed=5, dtype=torch.bfloat16)
+    base = base if with_base else None
+    name = case.split("-")[0]
+    ours, theirs = op(name).merge(tensors, base, **params), mergekit(name, tensors, base, **params)
+    if name == "karcher" and shape == ():
+        assert theirs.dtype == torch.float32
+        theirs = theirs.bfloat16()
+    assert ours.shape == theirs.shape == shape and ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("directions", ["apart", "close"])

@@ -36,6 +36,8 @@ class ArceeFusion(Operator):
         base = self.need_base(base, tensors)
         self.bind(params, len(tensors))
         other = tensors[0]
+        if base.dim() == 0:  # a scalar (Apertus's activation parameters) as the one-entry row mergekit makes it
+            return self.merge([other.reshape(1)], base.reshape(1)).reshape(())
         scores = importance(other, base)
         cut = threshold(scores)
         # Memory (issue 15): the float32 mask and sum in blocks into the float32 result, the same operations.
