@@ -8,7 +8,9 @@ bfloat16 and float16 promoted) and `out_dtype`, `model+lora` inputs, two-stage r
 noise and residual scales, shared experts, experts per token, dtype, output architecture); with
 --modules, vision-language merges (Gemma-3, Qwen2.5-VL) by `modules:`; with --tokenizers,
 tokenizer sources (`base`, `union`, a model, written as strings or mergekit's reference mappings), the
-`tokenizer:` block's tokens and padding, and chat templates, over models whose vocabularies differ.
+`tokenizer:` block's tokens and padding, and chat templates, over models whose vocabularies differ; with
+--arch, the merges on 25 other architecture families (4-layer stand-ins built by transformers: MoE, hybrid
+convolution and state-space models, scalars among the tensors, an encoder).
 Each recipe runs through both tools as the suite runs them (`mergekit_suite.run_one`) and gets the
 suite's status, refined where the tools differ on purpose:
 
@@ -23,13 +25,18 @@ suite's status, refined where the tools differ on purpose:
                     the last layer's; adaptkit/merge/modules.py)
   strict-token      a `tokens:` entry names a token its model lacks: adaptkit checks every entry, mergekit
                     reads one only where some input lacks the token's row (or `force`), and else runs
-  superset          mergekit refused it and adaptkit wrote a model transformers loads (mergekit-moe checks
-                    `uniform_random` gates as prompt-based ones, adaptkit as `random` ones; a shared expert
-                    that is neither an expert nor the base fails in mergekit)
+  superset          mergekit refused it, or wrote a model transformers does not load whole, and adaptkit wrote
+                    one it loads: mergekit-moe checks `uniform_random` gates as prompt-based ones, adaptkit as
+                    `random` ones; a shared expert that is neither an expert nor the base fails in mergekit;
+                    with --arch, mergekit's GPT-NeoX table asks for `attention.bias` buffers transformers 5 no
+                    longer writes, its frankenmerges keep the donor's `layer_types` (which transformers then
+                    refuses) or, for GTE, its layer count (the missing layers initialized at random), its DELLA
+                    divides 0 by 0 on rows of one entry (Mamba's conv1d, [C, 1, K]: adaptkit keeps those with
+                    probability `density`), and it fails on a GLM-4-MoE slice starting at an expert layer
   both-nonfinite    mergekit wrote NaN or Inf where adaptkit refused them (multislerp's ε = 1e-8 is 0 in
                     float16, so identical inputs give 0/0)
-  other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl;
-                    in two stages, the next stage then merges another input)
+  other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl,
+                    karcher's scalar tensors; in two stages, the next stage then merges another input)
   config-dtype      equal or close tensors; mergekit's config.json names a dtype its tensors do not have (the
                     base's, or without a base one of the inputs' in set order, another from one process to
                     the next, where inputs stored in several dtypes are promoted); adaptkit's names its own
@@ -45,8 +52,8 @@ suite's status, refined where the tools differ on purpose:
 Anything else that is not equal, close or refused by both is printed with its recipe. The models are
 built once under benchmarks/_work/mergekit_fuzz/ (tiny Llamas, float32).
 
-    .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N] [--tokenizers | --moe | --modules]
-                                                 [--json PATH]
+    .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N]
+                                                 [--tokenizers | --moe | --modules | --arch] [--json PATH]
 """
 from __future__ import annotations
 
@@ -81,6 +88,14 @@ MODELS.update({f"mx_{k}": {"family": "mistral", "layers": 4, "seed": 330 + i, "t
                for i, k in enumerate(["base", "a", "b", "c"])})                                  # prompts need one
 MODELS.update({f"vl_{family}_{k}": {"family": family, "layers": 4, "seed": 340 + 3 * j + i}  # `modules:`
                for j, family in enumerate(["gemma3_vl", "qwen2_5_vl"]) for i, k in enumerate(["base", "a", "b"])})
+# --arch: the same draws over other architecture families (the suite's stand-ins, four of each, 4 layers), with
+# conditions on names found across them
+ARCHES = ["mistral", "gpt2", "qwen2", "gemma2", "qwen3", "phi3", "gemma3", "mixtral", "starcoder2", "olmo2", "gpt_neox",
+          "stablelm", "falcon", "granite", "cohere2", "gemma", "glm4", "glm4_moe", "lfm2", "phi", "apertus", "arcee",
+          "mamba", "gte", "qwen3_moe"]
+ARCH_MODELS = {f"ar_{family}_{k}": {"family": family, "layers": 4, "seed": 400 + 4 * i + j}
+               for i, family in enumerate(ARCHES) for j, k in enumerate(["base", "a", "b", "c"])}
+ARCH_FILTERS = ["attn", "mlp", "embed", "norm", "q_proj", "experts", "lm_head", "dense", "conv", "mixer", "gate", "wte"]
 VL_MODULES = ("text_decoder", "vision_tower", "multi_modal_projector")
 INPUTS = ["fz_base", "fz_a", "fz_b", "fz_c"]
 PROMPTS = ["As a doctor of medicine,", "> get ye flask", "Das ist ein Satz auf Deutsch.", "def main():", "2 + 2 =",
@@ -97,8 +112,9 @@ FLOAT32_WRITERS = {"arcee_fusion", "ramplus_tl"}  # mergekit writes their float3
 DENSE = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
-def value(rng, lo, hi, lists=True, filters=True):
-    """A parameter value: a scalar, a gradient, or a list of {filter, value} conditions."""
+def value(rng, lo, hi, lists=True, filters=FILTERS):
+    """A parameter value: a scalar, a gradient, or a list of {filter, value} conditions on `filters` (none:
+    no such list)."""
     scalar = lambda: round(rng.uniform(lo, hi), 3)  # noqa: E731
     r = rng.random()
     if r < 0.55 or not lists:
@@ -106,7 +122,7 @@ def value(rng, lo, hi, lists=True, filters=True):
     if r < 0.8 or not filters:
         return [scalar() for _ in range(rng.randint(2, 4))]
     return [{"filter": f, "value": scalar() if rng.random() < 0.7 else [scalar(), scalar()]}
-            for f in rng.sample(FILTERS, rng.randint(1, 2))] + [{"value": scalar()}]
+            for f in rng.sample(filters, rng.randint(1, 2))] + [{"value": scalar()}]
 
 
 def inputs(rng, method, names):
@@ -135,22 +151,25 @@ def variant(rng, name: str) -> str:
     return f"{name}+fz_lora" if r < 0.18 and name != "fz_base" else name
 
 
-def merge_recipe(rng) -> dict:
+def merge_recipe(rng, names=INPUTS, layers=6, filters=FILTERS) -> dict:
+    """One merge of `names` (the first is the base; the fuzzer's Llamas by default, which also come in half
+    precision and with a LoRA) of `layers` layers, with `filters` in parameter conditions."""
     method = rng.choice(METHODS)
     if method == "passthrough":  # a frankenmerge: slices of layers from any model, some scaled
         slices = []
         while not slices or (len(slices) < 4 and rng.random() < 0.7):
-            start = rng.randint(0, 5)
-            source = {"model": rng.choice(["fz_base", "fz_a", "fz_b", "fz_c"]), "layer_range": [start, rng.randint(start + 1, 6)]}
+            start = rng.randint(0, layers - 1)
+            source = {"model": rng.choice(names), "layer_range": [start, rng.randint(start + 1, layers)]}
             if rng.random() < 0.3:
-                source["parameters"] = {"scale": value(rng, 0.0, 1.5)}
+                source["parameters"] = {"scale": value(rng, 0.0, 1.5, filters=filters)}
             slices.append({"sources": [source]})
         return {"slices": slices, "merge_method": method, "dtype": rng.choice(["float32", "bfloat16", "float16"])}
-    models, base = inputs(rng, method, INPUTS)
-    models = [m if m == base else variant(rng, m) for m in models]
+    models, base = inputs(rng, method, names)
+    if names == INPUTS:
+        models = [m if m == base else variant(rng, m) for m in models]
     shared = {}
     if method in ("slerp", "nearswap"):
-        shared["t"] = value(rng, 0, 1) if method == "slerp" else value(rng, 0.0001, 0.5, filters=False)
+        shared["t"] = value(rng, 0, 1, filters=filters) if method == "slerp" else value(rng, 0.0001, 0.5, filters=())
     for key, choices, p in (("nuslerp_row_wise", [True, False], 0.5), ("nuslerp_flatten", [True, False], 0.5)):
         if method == "nuslerp" and rng.random() < p:
             shared[key] = rng.choice(choices)
@@ -167,7 +186,7 @@ def merge_recipe(rng) -> dict:
     if method == "ramplus_tl":
         shared.update({k: round(rng.uniform(0.05, 0.5), 3) for k in ("r", "alpha") if rng.random() < 0.5})
     if method == "sce" and rng.random() < 0.7:
-        shared["select_topk"] = value(rng, 0.1, 1.0)
+        shared["select_topk"] = value(rng, 0.1, 1.0, filters=filters)
     if method in DENSE | {"task_arithmetic", "linear"}:
         for key in (("normalize",) if method == "linear" else ("normalize", "rescale", "int8_mask")):
             if rng.random() < 0.25:
@@ -179,11 +198,12 @@ def merge_recipe(rng) -> dict:
         entry, params = {"model": model}, {}
         if model != base:
             if method in WEIGHTED:
-                params["weight"] = value(rng, -0.5, 1.5) if method not in ("nuslerp", "multislerp") else value(rng, 0.1, 1)
+                params["weight"] = (value(rng, -0.5, 1.5, filters=filters) if method not in ("nuslerp", "multislerp")
+                                    else value(rng, 0.1, 1, filters=filters))
             if method in DENSE and rng.random() < 0.8:
-                params["density"] = value(rng, 0.1, 1.0)
+                params["density"] = value(rng, 0.1, 1.0, filters=filters)
             if method.startswith("breadcrumbs") and rng.random() < 0.6:
-                params["gamma"] = value(rng, 0.0, 0.1, filters=False)
+                params["gamma"] = value(rng, 0.0, 0.1, filters=())
             if method.startswith("della") and rng.random() < 0.6:
                 params["epsilon"] = round(rng.uniform(0.0, 0.09), 3)
         if params:
@@ -195,8 +215,8 @@ def merge_recipe(rng) -> dict:
             params["weight"] = [0.5, -0.5][i] if i < 2 else 0.0
     doc = {"merge_method": method}
     if rng.random() < 0.25:  # slices: one to three runs of layers, the same range from each model
-        cuts = sorted(rng.sample(range(1, 6), rng.randint(0, 2)))
-        bounds = [0, *cuts, 6]
+        cuts = sorted(rng.sample(range(1, layers), rng.randint(0, 2)))
+        bounds = [0, *cuts, layers]
         doc["slices"] = []
         for start, stop in zip(bounds, bounds[1:]):
             part = {"sources": [dict(e, layer_range=[start, stop]) for e in entries]}
@@ -268,7 +288,7 @@ def modules_recipe(rng) -> dict:
             if model != base and method in WEIGHTED:
                 params["weight"] = value(rng, 0.1, 1.0)
             if model != base and method in DENSE:
-                params["density"] = value(rng, 0.3, 0.9, filters=False)
+                params["density"] = value(rng, 0.3, 0.9, filters=())
             entries.append({"model": model, **({"parameters": params} if params else {})})
         part = {}
         if module == "text_decoder" and rng.random() < 0.5:
@@ -364,7 +384,8 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
         row["status"] = "strict-token"
     elif status == "mergekit-failed" and "; adaptkit refused: " in detail:
         row["status"] = "both-refused"
-    elif status == "mergekit-failed" and "; adaptkit ran it (transformers loads the output)" in detail:
+    elif status == "mergekit-failed" and ("; adaptkit ran it (transformers loads the output)" in detail
+                                          or detail.endswith("; transformers loads the output; adaptkit ran it")):
         row["status"] = "superset"
     elif status == "different" and ("equal once mergekit's are rounded to adaptkit's dtype" in detail or (
             "tensors in another dtype" in detail and FLOAT32_WRITERS & {d.get("merge_method") for d in docs})):
@@ -435,8 +456,9 @@ FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "supers
 
 
 def draw(kind: str, seed: int) -> suite.Recipe:
-    """Recipe `seed` of a kind: "tok" (a tokenizer recipe), "moe" (a mergekit-moe config) or "merge" (one in
-    ten two stages, else one merge)."""
+    """Recipe `seed` of a kind: "tok" (a tokenizer recipe), "moe" (a mergekit-moe config), "modules" (a
+    vision-language merge), "arch" (a merge of another architecture) or "merge" (one in ten two stages, else
+    one merge)."""
     rng = random.Random(seed)
     if kind == "tok":
         docs = [tokenizer_recipe(rng)]
@@ -444,6 +466,9 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs = [moe_recipe(rng)]
     elif kind == "modules":
         docs = [modules_recipe(rng)]
+    elif kind == "arch":
+        family = rng.choice(ARCHES)
+        docs = [merge_recipe(rng, [f"ar_{family}_{k}" for k in ("base", "a", "b", "c")], 4, ARCH_FILTERS)]
     else:
         docs, kind = (stages_recipe(rng), "multi") if rng.random() < 0.1 else ([merge_recipe(rng)], "merge")
     text = yaml.safe_dump_all(docs, sort_keys=False)
@@ -458,6 +483,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizers", action="store_true", help="Draw tokenizer recipes instead.")
     parser.add_argument("--moe", action="store_true", help="Draw mergekit-moe configs instead.")
     parser.add_argument("--modules", action="store_true", help="Draw vision-language merges by modules: instead.")
+    parser.add_argument("--arch", action="store_true", help="Draw merges of other architecture families instead.")
     parser.add_argument("--json", metavar="PATH", help="Write every row (with its recipe) as JSON.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -468,9 +494,12 @@ def main(argv=None) -> int:
     import adaptkit.cli  # noqa: F401
     import mergekit.merge  # noqa: F401
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
+    if args.arch:
+        paths.update(suite.ensure_models(set(ARCH_MODELS), ARCH_MODELS, WORK / "models"))
+    kind = "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "arch" if args.arch else "merge"
     rows = []
     for seed in range(args.seed, args.seed + args.count):
-        recipe = draw("tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "merge", seed)
+        recipe = draw(kind, seed)
         row = suite.run_one(recipe, {}, paths, WORK / "runs", keep=True)
         folder = WORK / "runs" / recipe.id
         refine(row, folder, recipe, paths)
@@ -481,7 +510,7 @@ def main(argv=None) -> int:
                   + recipe.text.rstrip().replace("\n", "\n    "), flush=True)
     counts = collections.Counter(r["status"] for r in rows)
     print(f"{len(rows)} recipes (seeds {args.seed}-{args.seed + args.count - 1}"
-          f"{', tokenizers' if args.tokenizers else ', MoE' if args.moe else ', modules' if args.modules else ''}): " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
+          f"{'' if kind == 'merge' else ', ' + kind}): " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
