@@ -95,6 +95,13 @@ ARCHES = ["mistral", "gpt2", "qwen2", "gemma2", "qwen3", "phi3", "gemma3", "mixt
           "mamba", "gte", "qwen3_moe"]
 ARCH_MODELS = {f"ar_{family}_{k}": {"family": family, "layers": 4, "seed": 400 + 4 * i + j}
                for i, family in enumerate(ARCHES) for j, k in enumerate(["base", "a", "b", "c"])}
+# --arch --tokenizers: the tokenizer draws over other families' stand-ins with the vocabularies of TOKENIZED (tied
+# embeddings: Gemma, GPT-2, Cohere2, Mamba, StarCoder2; an LM-head bias: Phi; GPT-NeoX's embed_out)
+TOKENIZER_ARCHES = ["gemma", "gpt2", "cohere2", "mamba", "starcoder2", "phi", "gpt_neox", "qwen3", "falcon"]
+ARCH_MODELS.update({f"at_{family}_{name[3:]}": {"family": family, "layers": 2, "seed": 600 + 4 * i + j,
+                                                "config": {"vocab_size": rows}, "tokenizer": {"vocab": vocab, "added": added}}
+                    for i, family in enumerate(TOKENIZER_ARCHES)
+                    for j, (name, (rows, vocab, added)) in enumerate(TOKENIZED.items())})
 ARCH_FILTERS = ["attn", "mlp", "embed", "norm", "q_proj", "experts", "lm_head", "dense", "conv", "mixer", "gate", "wte"]
 VL_MODULES = ("text_decoder", "vision_tower", "multi_modal_projector")
 INPUTS = ["fz_base", "fz_a", "fz_b", "fz_c"]
@@ -107,7 +114,6 @@ METHODS = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmet
 WEIGHTED = {"linear", "nuslerp", "multislerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear"}
 TOOLS = ("adaptkit", "mergekit")
-VOCABULARY = {"model.embed_tokens.weight", "lm_head.weight"}
 FLOAT32_WRITERS = {"arcee_fusion", "ramplus_tl"}  # mergekit writes their float32 results whatever the dtype
 DENSE = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
@@ -327,10 +333,11 @@ def reference(rng, model):
     return rng.choice([model, {"model": model}, {"model": {"path": model}}])
 
 
-def tokenizer_recipe(rng) -> dict:
+def tokenizer_recipe(rng, names=tuple(TOKENIZED)) -> dict:
+    """A merge of `names` (models with the vocabularies of TOKENIZED, in its order) with tokenizer settings."""
     method = rng.choice(["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "karcher", "sce", "model_stock",
                          "breadcrumbs", "nuslerp", "multislerp", "della"])
-    names = list(TOKENIZED)
+    names = list(names)
     rng.shuffle(names)
     models, base = inputs(rng, method, names)
     entries = []
@@ -376,7 +383,7 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
     block = docs[-1].get("tokenizer") or {}
     if block.get("source") == "base" and block.get("tokens") and (
             (status == "adaptkit-refused" and "to take its row from" in detail)
-            or (status in ("different", "close") and set(unequal(folder)) <= VOCABULARY)):
+            or (status in ("different", "close") and set(unequal(folder)) <= vocabulary(folder))):
         row["status"] = "base-alias"
     elif status == "different" and "modules" in docs[-1] and all("merger.mlp." in n for n in unequal(folder)):
         row["status"] = "projector-order"
@@ -411,6 +418,14 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
             row["status"] = "both-nonfinite"
 
 
+def vocabulary(folder: Path) -> set[str]:
+    """The tensors with a row per token in mergekit's output (embeddings, LM heads and their biases, by any
+    architecture's names): their first axis has config.json's vocab_size entries (the stand-ins' hidden
+    sizes are other)."""
+    rows = json.loads((folder / "mergekit" / "config.json").read_text())["vocab_size"]
+    return {n for n, t in suite.load_tensors(folder / "mergekit").items() if t.dim() and t.shape[0] == rows}
+
+
 def unequal(folder: Path) -> list[str]:
     """The tensors whose bytes differ between the two outputs (same names and shapes assumed)."""
     import torch
@@ -434,11 +449,11 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
     if ours.keys() != theirs.keys():
         return "different", f"token sets differ: {sorted(ours.keys() ^ theirs.keys())[:4]}"
     a, m = suite.load_tensors(folder / "adaptkit"), suite.load_tensors(folder / "mergekit")
-    moved = []
+    moved, rows = [], vocabulary(folder)
     for name in m:
         if a[name].shape != m[name].shape:
             return "different", f"{name}: shape {tuple(a[name].shape)} in adaptkit, {tuple(m[name].shape)} in mergekit"
-        if name in VOCABULARY:
+        if name in rows:
             order = [(ours[t], theirs[t]) for t in ours]
             mine, peer = a[name][[i for i, _ in order]], m[name][[j for _, j in order]]
         else:
@@ -466,6 +481,9 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs = [moe_recipe(rng)]
     elif kind == "modules":
         docs = [modules_recipe(rng)]
+    elif kind == "archtok":
+        family = rng.choice(TOKENIZER_ARCHES)
+        docs = [tokenizer_recipe(rng, [f"at_{family}_{name[3:]}" for name in TOKENIZED])]
     elif kind == "arch":
         family = rng.choice(ARCHES)
         docs = [merge_recipe(rng, [f"ar_{family}_{k}" for k in ("base", "a", "b", "c")], 4, ARCH_FILTERS)]
@@ -483,7 +501,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizers", action="store_true", help="Draw tokenizer recipes instead.")
     parser.add_argument("--moe", action="store_true", help="Draw mergekit-moe configs instead.")
     parser.add_argument("--modules", action="store_true", help="Draw vision-language merges by modules: instead.")
-    parser.add_argument("--arch", action="store_true", help="Draw merges of other architecture families instead.")
+    parser.add_argument("--arch", action="store_true", help="Draw merges of other architecture families instead (with "
+                        "--tokenizers: their tokenizer recipes).")
     parser.add_argument("--json", metavar="PATH", help="Write every row (with its recipe) as JSON.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -496,7 +515,7 @@ def main(argv=None) -> int:
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
     if args.arch:
         paths.update(suite.ensure_models(set(ARCH_MODELS), ARCH_MODELS, WORK / "models"))
-    kind = "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "arch" if args.arch else "merge"
+    kind = "archtok" if args.tokenizers and args.arch else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "arch" if args.arch else "merge"
     rows = []
     for seed in range(args.seed, args.seed + args.count):
         recipe = draw(kind, seed)
