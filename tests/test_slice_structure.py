@@ -111,3 +111,52 @@ def test_layers_that_differ_unsaid_keep_their_order(odd_llama, tmp_path):
                                             r"\('mlp.extra.weight'\).*cannot describe the layers"):
         run_merge(passthrough((1, 2), (0, 1), model=odd_llama), tmp_path / "moved", progress=False)
     assert not (tmp_path / "moved").exists()
+
+
+def edit_config(folder, **changes):
+    """config.json with `changes` (a value None: the key removed), as older or other checkpoints write it."""
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        config.pop(key, None) if value is None else config.__setitem__(key, value)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_gemma2_without_layer_types_gets_each_layers_kind(tmp_path):
+    """Gemma-2 checkpoints of 2024 have no `layer_types`: transformers alternates sliding and full attention
+    by index, so a moved layer would change its kind. The output lists each layer's own (transformers' rule
+    applied to its source), which transformers reads before its rule."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(**{k: v for k, v in SMALL.items() if "moe" not in k and "experts" not in k})
+    transformers.Gemma2ForCausalLM(cfg).save_pretrained(tmp_path / "g2")
+    model = edit_config(tmp_path / "g2", layer_types=None)
+    run_merge(passthrough((1, 2), (0, 1), (2, 4), model=model), tmp_path / "out", progress=False, card=False)
+    config = loads_whole(tmp_path / "out")
+    assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    run_merge(passthrough((0, 4), model=model), tmp_path / "same", progress=False, card=False)
+    assert "layer_types" not in json.loads((tmp_path / "same" / "config.json").read_text())  # (nothing moved)
+
+
+def test_per_layer_and_index_lists_follow_their_layers(tmp_path):
+    """A list with one entry per layer under any name with "layer" in it (SmolLM3's `no_rope_layers`), and
+    a list of layer indices (Mllama's `cross_attention_layers`, here on a Llama): each output layer's
+    own, from its source."""
+    folder = tmp_path / "llama"
+    tiny_llama(seed=4, num_hidden_layers=4).save_pretrained(folder)
+    edit_config(folder, no_rope_layers=[1, 0, 1, 1], cross_attention_layers=[1, 3])
+    run_merge(passthrough((3, 4), (0, 2), model=folder), tmp_path / "out", progress=False, card=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["no_rope_layers"] == [1, 1, 0] and config["cross_attention_layers"] == [0, 2]
+    assert config["num_hidden_layers"] == 3
+
+
+def test_a_rule_on_indices_with_no_list_is_refused_when_layers_move(tmp_path):
+    folder = tmp_path / "llama"
+    tiny_llama(seed=5, num_hidden_layers=4).save_pretrained(folder)
+    edit_config(folder, attn_layer_period=2)
+    run_merge(passthrough((0, 3), model=folder), tmp_path / "kept", progress=False, card=False)  # (in place)
+    with pytest.raises(AdaptkitError, match=r"config.json's 'attn_layer_period' gives the layers' kinds by a rule"):
+        run_merge(passthrough((1, 2), (0, 1), model=folder), tmp_path / "moved", progress=False)
+    assert not (tmp_path / "moved").exists()

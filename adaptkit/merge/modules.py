@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from ..errors import AdaptkitError
 from ..validate import short
-from .slices import LAYER_COUNT_KEYS, Job, Slice, SliceSource, Stack, output_config, parse_slices, slice_jobs
+from .layer_config import output_config
+from .slices import LAYER_COUNT_KEYS, Job, Slice, SliceSource, Stack, parse_slices, slice_jobs
 
 
 @dataclass(frozen=True)

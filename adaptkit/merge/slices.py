@@ -15,7 +15,6 @@ says embedding or input (`emb`, `wte`, `wpe`, a vision tower's `patch_conv`, `ln
 """
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -293,93 +292,3 @@ def source_place(parts: list, ref: Ref) -> str:
     """Where a model first appears among the sliced parts' sources (`place`), for messages."""
     return next((place(m.label, m.whole, i, j) for m in parts for i, part in enumerate(m.slices)
                  for j, s in enumerate(part.sources) if str(s.ref) == str(ref)), "base_model")
-
-
-def output_config(config: dict, parts: list[tuple[list[Slice], dict[str, Stack]]]) -> dict:
-    """The donor's config.json with each sliced part's layer count (a module's at its own key, such as
-    `text_config.num_hidden_layers`, and at any other of its keys holding the same count: transformers 5
-    reads Qwen2-VL's from `text_config`, mergekit and older configs from the top); per-layer lists beside
-    a count (`layer_types`) taken from each output layer's first source, so they keep describing the layers."""
-    out = copy.deepcopy(config)
-    for slices, stacks in parts:
-        first = stacks[str(slices[0].sources[0].ref)]
-        if first.key is None:  # a module without layers
-            continue
-        if (found := layer_count(config, (first.key,))) is None:
-            raise AdaptkitError(f"config.json has no layer count at '{first.key}' to set for the slices")
-        for key in (k for k in first.keys if layer_count(config, (k,)) == (k, found[1])):
-            _set_count(config, out, key, slices, stacks)
-    return out
-
-
-def _set_count(config: dict, out: dict, key: str, slices: list[Slice], stacks: dict[str, Stack]) -> None:
-    *path, leaf = key.split(".")
-    at = lambda cfg: config_value(cfg, ".".join(path)) if path else cfg  # noqa: E731
-    count = at(config)[leaf]
-    at(out)[leaf] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in slices)
-    for name, value in at(config).items():
-        if isinstance(value, list) and len(value) == count and name.startswith("layer_"):
-            per_layer = []
-            for part in slices:
-                src = part.sources[0]
-                theirs = (at(stacks[str(src.ref)].source.config) or {}).get(name)
-                if not isinstance(theirs, list) or len(theirs) != stacks[str(src.ref)].count:
-                    raise AdaptkitError(f"{src.ref}: config.json's '{name}' does not list its layers, so the "
-                                        "output's cannot be built")
-                per_layer.extend(theirs[src.layers[0]:src.layers[1]])
-            at(out)[name] = per_layer
-    _set_structure(at(config), at(out), [(stacks[str(p.sources[0].ref)], p.sources[0].layers[0] + k, at)
-                                         for p in slices for k in range(p.sources[0].layers[1] - p.sources[0].layers[0])])
-
-
-def _sparse(config: dict, i: int) -> bool | None:
-    """Whether layer i is a mixture of experts by config.json's keys that say so by index (Qwen-MoE's
-    `mlp_only_layers`, `decoder_sparse_step`; DeepSeek's and GLM-4-MoE's `first_k_dense_replace`,
-    `moe_layer_freq`, as transformers reads them), None where it has none."""
-    if "mlp_only_layers" in config or "decoder_sparse_step" in config:
-        return i not in (config.get("mlp_only_layers") or []) and (i + 1) % (config.get("decoder_sparse_step") or 1) == 0
-    if "first_k_dense_replace" in config:
-        return i >= (config["first_k_dense_replace"] or 0) and i % (config.get("moe_layer_freq") or 1) == 0
-    return None
-
-
-def _set_structure(config: dict, out: dict, layers: list[tuple[Stack, int, Callable]]) -> None:
-    """The output's dense and expert layers (each (stack, layer, config path) of `layers` is an output
-    layer's first source) written in the keys `_sparse` reads, where the donor's values would describe
-    others; then every output layer must have the tensors of the source layers config.json describes
-    alike (layer_* lists, `_sparse`), unless the layers of each kind keep the donor's order: a key adaptkit
-    does not know may tell them apart (refused, not written wrong)."""
-    flags = [_sparse(at(stack.source.config) or {}, i) for stack, i, at in layers]
-    if any(f is not None for f in flags) and flags != [_sparse(config, j) for j in range(len(layers))]:
-        if "mlp_only_layers" in out or "decoder_sparse_step" in out:
-            out.update(decoder_sparse_step=1, mlp_only_layers=[j for j, f in enumerate(flags) if not f])
-        elif "first_k_dense_replace" in out:
-            dense = flags.index(True) if True in flags else len(flags)
-            if any(flags[dense:]) != all(flags[dense:]) or None in flags:
-                raise AdaptkitError("the slices put dense layers after expert layers, which config.json's "
-                                    "first_k_dense_replace cannot describe: "
-                                    + ", ".join("expert" if f else "dense" for f in flags))
-            out.update(first_k_dense_replace=dense, **({"moe_layer_freq": 1} if "moe_layer_freq" in out else {}))
-
-    def kind(stack: Stack, i: int, at: Callable) -> tuple:
-        cfg = at(stack.source.config) or {}
-        lists = tuple((k, v[i]) for k, v in sorted(cfg.items()) if k.startswith("layer_") and isinstance(v, list)
-                      and len(v) == stack.count)
-        return lists + (_sparse(cfg, i),)
-
-    def tensors(stack: Stack, i: int) -> frozenset:
-        return frozenset(r for r in stack.layers[i] if not BUFFERS.search(stack.name(i, r)))
-
-    seen: dict[tuple, tuple[frozenset, Stack, int]] = {}
-    for stack, at in {id(s): (s, at) for s, _, at in layers}.values():
-        for i in range(stack.count):
-            have, other, j = seen.setdefault(kind(stack, i, at), (tensors(stack, i), stack, i))
-            if have == tensors(stack, i):
-                continue
-            first = layers[0][0]  # (unexplained: the output's layers must have the first source's, in its order)
-            if [tensors(s, n) for s, n, _ in layers] != [tensors(first, n) for n in range(min(len(layers), first.count))]:
-                raise AdaptkitError(f"layer {i} of {stack.source.ref} has other tensors than layer {j} of "
-                                    f"{other.source.ref} ({sorted(have ^ tensors(stack, i))[0]!r}) and config.json "
-                                    "says nothing adaptkit knows to tell them apart, so the output's config cannot "
-                                    "describe the layers as the slices order them")
-            return
