@@ -10,7 +10,8 @@ noise and residual scales, shared experts, experts per token, dtype, output arch
 tokenizer sources (`base`, `union`, a model, written as strings or mergekit's reference mappings), the
 `tokenizer:` block's tokens and padding, and chat templates, over models whose vocabularies differ; with
 --arch, the merges on 25 other architecture families (4-layer stand-ins built by transformers: MoE, hybrid
-convolution and state-space models, scalars among the tensors, an encoder).
+convolution and state-space models, scalars among the tensors, an encoder), and with --arch --tokenizers or
+--arch --moe the tokenizer recipes on nine of them and mergekit-moe over Qwen2 and Qwen3 experts.
 Each recipe runs through both tools as the suite runs them (`mergekit_suite.run_one`) and gets the
 suite's status, refined where the tools differ on purpose:
 
@@ -53,7 +54,7 @@ Anything else that is not equal, close or refused by both is printed with its re
 built once under benchmarks/_work/mergekit_fuzz/ (tiny Llamas, float32).
 
     .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N]
-                                                 [--tokenizers | --moe | --modules | --arch] [--json PATH]
+                                                 [--tokenizers | --moe | --modules] [--arch] [--json PATH]
 """
 from __future__ import annotations
 
@@ -102,6 +103,9 @@ ARCH_MODELS.update({f"at_{family}_{name[3:]}": {"family": family, "layers": 2, "
                                                 "config": {"vocab_size": rows}, "tokenizer": {"vocab": vocab, "added": added}}
                     for i, family in enumerate(TOKENIZER_ARCHES)
                     for j, (name, (rows, vocab, added)) in enumerate(TOKENIZED.items())})
+# --arch --moe: mergekit-moe configs over Qwen2 experts (its Qwen MoE output) and Qwen3 ones (Qwen3 MoE)
+ARCH_MODELS.update({f"mq_{family}_{k}": {"family": family, "layers": 4, "seed": 700 + 4 * i + j, "tokenizer": "chars"}
+                    for i, family in enumerate(["qwen2", "qwen3"]) for j, k in enumerate(["base", "a", "b", "c"])})
 ARCH_FILTERS = ["attn", "mlp", "embed", "norm", "q_proj", "experts", "lm_head", "dense", "conv", "mixer", "gate", "wte"]
 VL_MODULES = ("text_decoder", "vision_tower", "multi_modal_projector")
 INPUTS = ["fz_base", "fz_a", "fz_b", "fz_c"]
@@ -246,11 +250,11 @@ def merge_recipe(rng, names=INPUTS, layers=6, filters=FILTERS) -> dict:
     return doc
 
 
-def moe_recipe(rng) -> dict:
-    """A mergekit-moe config: experts (with prompts, noise and residual scales), shared experts, any gate mode,
-    experts per token, dtype and output architecture."""
+def moe_recipe(rng, names=("mx_base", "mx_a", "mx_b", "mx_c")) -> dict:
+    """A mergekit-moe config of `names` (Mistrals by default): experts (with prompts, noise and residual scales),
+    shared experts, any gate mode, experts per token, dtype and output architecture."""
     gate = rng.choice(["hidden", "cheap_embed", "random", "uniform_random"])
-    names = ["mx_base", "mx_a", "mx_b", "mx_c"]
+    names = list(names)
     prompted = gate in ("hidden", "cheap_embed") or rng.random() < 0.5  # (mergekit-moe wants them but for random)
 
     def expert(name):
@@ -481,6 +485,9 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs = [moe_recipe(rng)]
     elif kind == "modules":
         docs = [modules_recipe(rng)]
+    elif kind == "archmoe":
+        family = rng.choice(["qwen2", "qwen3"])
+        docs = [moe_recipe(rng, [f"mq_{family}_{k}" for k in ("base", "a", "b", "c")])]
     elif kind == "archtok":
         family = rng.choice(TOKENIZER_ARCHES)
         docs = [tokenizer_recipe(rng, [f"at_{family}_{name[3:]}" for name in TOKENIZED])]
@@ -491,7 +498,7 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs, kind = (stages_recipe(rng), "multi") if rng.random() < 0.1 else ([merge_recipe(rng)], "merge")
     text = yaml.safe_dump_all(docs, sort_keys=False)
     what = docs[-1].get("merge_method") or docs[-1]["gate_mode"]
-    return suite.Recipe(f"{kind}{seed}-{what}", text, {"multi": "multi", "moe": "moe"}.get(kind, "merge"), "runs", docs)
+    return suite.Recipe(f"{kind}{seed}-{what}", text, {"multi": "multi", "moe": "moe", "archmoe": "moe"}.get(kind, "merge"), "runs", docs)
 
 
 def main(argv=None) -> int:
@@ -502,7 +509,7 @@ def main(argv=None) -> int:
     parser.add_argument("--moe", action="store_true", help="Draw mergekit-moe configs instead.")
     parser.add_argument("--modules", action="store_true", help="Draw vision-language merges by modules: instead.")
     parser.add_argument("--arch", action="store_true", help="Draw merges of other architecture families instead (with "
-                        "--tokenizers: their tokenizer recipes).")
+                        "--tokenizers: their tokenizer recipes; with --moe: mergekit-moe over Qwen2 and Qwen3 experts).")
     parser.add_argument("--json", metavar="PATH", help="Write every row (with its recipe) as JSON.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -515,7 +522,7 @@ def main(argv=None) -> int:
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
     if args.arch:
         paths.update(suite.ensure_models(set(ARCH_MODELS), ARCH_MODELS, WORK / "models"))
-    kind = "archtok" if args.tokenizers and args.arch else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "arch" if args.arch else "merge"
+    kind = "archtok" if args.tokenizers and args.arch else "archmoe" if args.moe and args.arch else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "arch" if args.arch else "merge"
     rows = []
     for seed in range(args.seed, args.seed + args.count):
         recipe = draw(kind, seed)

@@ -46,16 +46,16 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("arch", 163): "superset",  # a GLM-4-MoE slice starting at an expert layer (mergekit fails; adaptkit's loads)
     ("arch", 116): "superset",  # a GTE frankenmerge: mergekit's config keeps 4 layers, the 4th initialized at random
     ("arch", 188): "close",  # DARE on Mamba: a few dt_proj biases carry the norm (the wider tolerance)
+    ("archmoe", 3): "equal",  # mergekit-moe over Qwen2 experts: Qwen MoE with a gated shared expert
+    ("archmoe", 23): "equal",  # over Qwen3 experts: Qwen3 MoE, hidden-state gates
     ("archtok", 91): "base-alias",  # GPT-2's tied wte: a vocabulary tensor by its rows, whatever its name
     **{("merge", s): None for s in range(100, 112)},
     **{("tok", s): None for s in range(40, 46)},
 }
-ARCH_FAMILIES = {"apertus", "glm4_moe", "gte", "mamba", "gpt2"}  # (the models the arch seeds draw)
-
-
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    arch = {n: spec for n, spec in fuzz.ARCH_MODELS.items() if spec["family"] in ARCH_FAMILIES}
+    drawn = "".join(fuzz.draw(kind, seed).text for kind, seed in SEEDS if kind.startswith("arch"))
+    arch = {n: spec for n, spec in fuzz.ARCH_MODELS.items() if n in drawn}  # (only the models those seeds name)
     return suite.ensure_models(set(fuzz.MODELS) | set(arch), {**fuzz.MODELS, **arch}, tmp_path_factory.mktemp("fuzz-models"))
 
 
