@@ -160,3 +160,28 @@ def test_a_rule_on_indices_with_no_list_is_refused_when_layers_move(tmp_path):
     with pytest.raises(AdaptkitError, match=r"config.json's 'attn_layer_period' gives the layers' kinds by a rule"):
         run_merge(passthrough((1, 2), (0, 1), model=folder), tmp_path / "moved", progress=False)
     assert not (tmp_path / "moved").exists()
+
+
+def test_t5_encoder_without_its_first_block_is_refused(tmp_path):
+    """T5 keeps its relative position bias in block 0 alone. An encoder sliced from block 1 on puts a block
+    without it first, where transformers expects it: mergekit 0.1.5 writes that model, and transformers then
+    initializes the bias at random. adaptkit refuses it; slices that keep block 0 first run."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=4,
+                                feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    model = str(tmp_path / "t5")
+
+    def recipe(*ranges):
+        return {"merge_method": "passthrough", "dtype": "float32", "modules": {
+            "encoder": {"slices": [{"sources": [{"model": model, "layer_range": list(r)}]} for r in ranges]},
+            "decoder": {"models": [{"model": model}]}, "shared": {"models": [{"model": model}]}}}
+
+    with pytest.raises(AdaptkitError, match=r"layer 1 of .*t5 has other tensors than layer 0 of .*t5 "
+                                            r"\('layer.0.SelfAttention.relative_attention_bias.weight'\)"):
+        run_merge(recipe((1, 4)), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    run_merge(recipe((0, 2), (1, 4)), tmp_path / "kept", progress=False, card=False)
+    assert loads_whole(tmp_path / "kept")["num_layers"] == 5

@@ -17,8 +17,9 @@ own config class derives for each source is written out (transformers reads a li
 rule with no list behind it (PATTERNS) is refused then. mergekit 0.1.5 sets the count alone.
 
 Last, every output layer must have the tensors of the source layers config.json describes alike (the
-lists and the expert flags above); layers that differ in a way nothing here tells apart must keep their
-order, else the merge is refused: a key adaptkit does not know may say it.
+lists and the expert flags above); layers that differ in a way nothing here tells apart (T5's first block
+alone holds the relative position bias) must keep their places, else the merge is refused: a key adaptkit
+does not know, or the model's code, may say it.
 """
 from __future__ import annotations
 
@@ -156,8 +157,11 @@ def _set_structure(config: dict, out: dict, layers: list[tuple[Stack, int, dict,
             have, other, j = seen.setdefault(kind(i, lists, cfg), (tensors(stack, i), stack, i))
             if have == tensors(stack, i):
                 continue
-            first = layers[0][0]  # (unexplained: the output's layers must have the first source's, in its order)
-            if [tensors(s, n) for s, n, _, _ in layers] != [tensors(first, n) for n in range(min(len(layers), first.count))]:
+            # (unexplained: output layer j must have the first source's layer j's tensors, or its last layer's
+            # past its count, as a rule that singles out some layers (T5's first) then reads them)
+            first = layers[0][0]
+            expected = [tensors(first, min(j, first.count - 1)) for j in range(len(layers))]
+            if [tensors(s, n) for s, n, _, _ in layers] != expected:
                 raise AdaptkitError(f"layer {i} of {stack.source.ref} has other tensors than layer {j} of "
                                     f"{other.source.ref} ({sorted(have ^ tensors(stack, i))[0]!r}) and config.json "
                                     "says nothing adaptkit knows to tell them apart, so the output's config cannot "
