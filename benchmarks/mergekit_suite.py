@@ -123,6 +123,22 @@ FAMILIES = {
         image_token_id=299, video_token_id=298, vision_start_token_id=297)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_SMALL, num_key_value_heads=1, head_dim=8, num_experts=4,
                                                                 num_experts_per_tok=2, moe_intermediate_size=16)),
+    # three deepstack mergers: mergekit's qwen3_vl table (and adaptkit's module) count them as Qwen3-VL has them
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(
+        text_config=dict(_SMALL, vocab_size=300, num_key_value_heads=1, head_dim=8,
+                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=3, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+                           patch_size=4, temporal_patch_size=2, spatial_merge_size=2,
+                           deepstack_visual_indexes=[0, 1, 2], num_position_embeddings=16),
+        image_token_id=299, video_token_id=298, vision_start_token_id=297)),
+    # encoder-decoders, merged by modules (encoder, decoder, shared): T5 v1.1's gated MLP, as mergekit's t5 table has it
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_heads=2,
+                                                          feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+                                                          **_IDS)),
+    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", dict(
+        vocab_size=128, d_model=16, encoder_layers=4, decoder_layers=4, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=16, decoder_start_token_id=1, suppress_tokens=[], begin_suppress_tokens=[], **_IDS)),
 }
 
 

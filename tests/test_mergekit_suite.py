@@ -66,7 +66,7 @@ WILD_MUST_PASS = {
 }
 
 
-# one set of recipe shapes on twenty-two architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
+# one set of recipe shapes on twenty-six architectures (benchmarks/arch_recipes.yml), some of each: tied embeddings and
 # q/k norms (Qwen3), fused projections (Phi-3, Falcon), Gemma-3's four norms, OLMo-2's post-norms, StarCoder2's
 # biases, Gemma-3's and Qwen2.5-VL's modules, and a Mixtral's and a Qwen3-MoE's experts, which mergekit 0.1.5
 # merges in transformers 5's fused layout, as adaptkit does then (adaptkit/merge/converted.py)
@@ -94,6 +94,9 @@ ARCH_MUST_PASS = {
     "mamba/slerp_gradient": "equal",
     "gte/slerp_gradient": "equal",  # (q, k, v split from the stored qkv_proj and merged one by one, as mergekit)
     "gte/passthrough": "mergekit-failed",  # (mergekit's config.json keeps 4 layers of the 6 it writes)
+    "qwen3_vl/modules_slerp": "equal",  # (three deepstack mergers in the projector module)
+    "t5/t5_modules": "equal",  # an encoder-decoder: encoder sliced, decoder and shared embeddings merged
+    "whisper/encoder_decoder_modules": "mergekit-failed",  # (its table names model.decoderembed_tokens.weight)
 }
 
 
