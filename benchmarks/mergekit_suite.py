@@ -61,7 +61,7 @@ NORM_TOLERANCE = 0.05  # relative, on the whole model's norm of output minus bas
 CLOSE = dict(rtol=1e-2, atol=1e-3)
 TOKENIZER_KEYS = {"tokenizer", "tokenizer_source", "chat_template"}
 BUILD = 3  # raise when build_model changes what it writes: models built before are built again
-STATUSES = ("equal", "close", "different", "adaptkit-refused", "adaptkit-crashed", "mergekit-failed")
+STATUSES = ("equal", "close", "different", "unloadable", "adaptkit-refused", "adaptkit-crashed", "mergekit-failed")
 
 # Tiny shapes per family (transformers config class, keyword arguments); a model's `config` overrides.
 # pico*: mergekit's tests/common.py fixtures as written there.
@@ -397,12 +397,15 @@ def _loaded(folder: Path) -> tuple[dict, list[str], list[str]]:
 
 
 def _loads(folder: Path) -> str:
-    """Whether transformers loads a model output whole (for the recipes mergekit cannot run)."""
+    """Whether transformers loads a model output whole: nothing initialized at random, no tensor left over."""
     try:
-        _, missing, _ = _loaded(folder)
+        _, missing, unused = _loaded(folder)
     except Exception as error:  # noqa: BLE001 (any failure is the answer)
         return f"transformers cannot load the output: {_failure(error)[1]}"
-    return f"transformers finds {_short(missing)} missing in the output" if missing else "transformers loads the output"
+    if missing or unused:
+        return (f"transformers finds {_short(missing)} missing in the output" if missing else
+                f"transformers has no place for {_short(unused)} in the output")
+    return "transformers loads the output"
 
 
 def _config_facts(folder: Path) -> dict:
@@ -564,6 +567,9 @@ def run_one(recipe: Recipe, hub: dict, paths: dict[str, str], work: Path, keep: 
         base = recipe.docs[-1].get("base_model")
         base = paths.get(hub.get(base, base)) if isinstance(base, str) else None
         status, detail = compare(recipe, folder / "adaptkit", folder / "mergekit", base)
+        if status in ("equal", "close") and (loads := _loads(folder / "adaptkit")) != "transformers loads the output":
+            # (both tools wrote the same model, which transformers does not build whole: adaptkit should refuse)
+            status, detail = "unloadable", f"{detail}, but {loads}"
         row.update(status=status, detail=detail + ("; adaptkit ran it" if status == "mergekit-failed" else ""))
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
@@ -592,10 +598,11 @@ def by_kind(items) -> str:
 def totals(rows: list[dict]) -> dict:
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     peer_runs = len(rows) - counts["mergekit-failed"]
-    ran = counts["equal"] + counts["close"] + counts["different"]
+    ran = counts["equal"] + counts["close"] + counts["different"] + counts["unloadable"]
     return dict(counts, recipes=len(rows), mergekit_runs=peer_runs, adaptkit_ran=ran,
                 line=f"adaptkit ran {ran} of {peer_runs} that mergekit runs; {counts['equal']} byte-identical, "
-                     f"{counts['close']} close, {counts['different']} different; {counts['adaptkit-refused']} refused, "
+                     f"{counts['close']} close, {counts['different']} different, {counts['unloadable']} as mergekit "
+                     f"but not loaded whole by transformers; {counts['adaptkit-refused']} refused, "
                      f"{counts['adaptkit-crashed']} crashed ({len(rows)} recipes, {counts['mergekit-failed']} "
                      f"that mergekit 0.1.5 cannot run)")
 
