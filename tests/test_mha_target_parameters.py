@@ -98,6 +98,31 @@ class MoE(nn.Module):
         return self.experts(x)
 
 
+class Router(nn.Module):
+    """transformers 5's MoE router: a `weight` parameter (experts × hidden), not an nn.Linear."""
+
+    def __init__(self, n=3, hidden=6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, hidden) / 3)
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class RoutedMoE(nn.Module):
+    """A transformers 5 MoE block as PEFT's all-linear adapts it: the linear layers by target_modules, the
+    router by `gate.weight`, the stacked experts by their bare names (`gate_up_proj`, `down_proj`), which
+    match a parameter of that name in any module."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.gate, self.experts = nn.Linear(6, 6), Router(), Experts()
+
+    def forward(self, x):
+        x = self.proj(x)
+        return self.experts(x) * torch.softmax(self.gate(x), dim=-1).max(dim=-1, keepdim=True).values
+
+
 # (id, model, input, PEFT LoraConfig arguments); the first four are PEFT's own TEST_CASES rows.
 CASES = [
     ("MHA 1 LoRA", ModelMha, (3, 1, 10), {"target_modules": ["mha"]}),
@@ -118,6 +143,10 @@ CASES = [
       "alpha_pattern": {"gate_up_proj": 5}}),
     ("experts nested the other way round", lambda: MoE(down_first=True), (5, 6),
      {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "r": 3, "rank_pattern": {"gate_up_proj": 2}}),
+    # PEFT 0.21's all-linear on a transformers 5 Mixtral writes these (a bare name matches any module's parameter
+    # of that name: `mlp.gate` holds one wrapper, its `weight`; adaptkit once refused the file)
+    ("router, experts and a layer as all-linear on a MoE", RoutedMoE, (5, 6),
+     {"target_modules": ["proj"], "target_parameters": ["gate.weight", "gate_up_proj", "down_proj"], "r": 2}),
 ]
 
 
@@ -461,3 +490,26 @@ def test_hot_swap_takes_the_new_factors(build, shape, kwargs, tmp_path):
     assert rel(run(model, x), outs[0]) < REL
     ak.load_adapter(model, tmp_path / "2", swap=True)
     assert rel(run(model, x), outs[1]) < REL and rel(outs[0], outs[1]) > 1e-3
+
+
+def test_stacked_expert_lora_on_a_per_expert_checkpoint_is_refused_by_name(tmp_path):
+    """PEFT's all-linear on a transformers 5 Mixtral adapts its experts stacked (`mlp.experts.down_proj`), while
+    the checkpoint stores each expert's matrices (`block_sparse_moe.experts.0.w2.weight`): refused, saying so
+    (not "an adapter for a different base?")."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                        num_hidden_layers=1, vocab_size=32, num_local_experts=2, num_experts_per_tok=1)
+    model = transformers.MixtralForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_parameters"]
+    with pytest.raises(AdaptkitError, match=r"targets 'model\.layers\.0\.mlp\.experts\.\w+', which .* does not have: it "
+                                            r"stores each expert's matrices on their own"):
+        run_merge({"merge_method": "linear", "models": [{"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}",
+                                                        "parameters": {"weight": 1.0}}]}, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

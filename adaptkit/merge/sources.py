@@ -6,6 +6,7 @@ variant plugin; a saved full module (`modules_to_save`) replaces the base tensor
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,11 @@ def _naming_hint(store: TensorStore, module: str) -> str:
     lack the adapter's prefix, which adaptkit does not drop (the adapter's other components would
     silently go unmerged); otherwise, probably another base."""
     parts = module.split(".")
+    layer = re.match(r"(.*?\.\d+)\..*\.experts\.[a-z_]+$", module)  # (a layer's stacked experts: `….3.mlp.experts.down_proj`)
+    if layer and any(k.startswith(f"{layer.group(1)}.") and ".experts.0." in k for k in store.keys()):
+        return ("it stores each expert's matrices on their own, and the adapter adapts the experts stacked as "
+                "transformers 5 holds them (PEFT's target_parameters), which adaptkit does not merge into such a "
+                "checkpoint")
     for cut in range(1, len(parts)):
         if weight_key(store, ".".join(parts[cut:])) is not None:
             prefix = ".".join(parts[:cut]) + "."
