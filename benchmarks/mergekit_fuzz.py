@@ -11,7 +11,8 @@ tokenizer sources (`base`, `union`, a model, written as strings or mergekit's re
 `tokenizer:` block's tokens and padding, and chat templates, over models whose vocabularies differ; with
 --arch, the merges on 25 other architecture families (4-layer stand-ins built by transformers: MoE, hybrid
 convolution and state-space models, scalars among the tensors, an encoder), and with --arch --tokenizers or
---arch --moe the tokenizer recipes on nine of them and mergekit-moe over Qwen2 and Qwen3 experts.
+--arch --moe the tokenizer recipes on nine of them and mergekit-moe over Qwen2 and Qwen3 experts; with --arch
+--lora, `model+lora` inputs whose PEFT LoRAs adapt every linear layer (GPT-2's Conv1D, fused projections).
 Each recipe runs through both tools as the suite runs them (`mergekit_suite.run_one`) and gets the
 suite's status, refined where the tools differ on purpose:
 
@@ -54,7 +55,7 @@ Anything else that is not equal, close or refused by both is printed with its re
 built once under benchmarks/_work/mergekit_fuzz/ (tiny Llamas, float32).
 
     .venv/bin/python benchmarks/mergekit_fuzz.py [--seed S] [--count N]
-                                                 [--tokenizers | --moe | --modules] [--arch] [--json PATH]
+                                                 [--tokenizers | --moe | --modules | --lora] [--arch] [--json PATH]
 """
 from __future__ import annotations
 
@@ -106,6 +107,14 @@ ARCH_MODELS.update({f"at_{family}_{name[3:]}": {"family": family, "layers": 2, "
 # --arch --moe: mergekit-moe configs over Qwen2 experts (its Qwen MoE output) and Qwen3 ones (Qwen3 MoE)
 ARCH_MODELS.update({f"mq_{family}_{k}": {"family": family, "layers": 4, "seed": 700 + 4 * i + j, "tokenizer": "chars"}
                     for i, family in enumerate(["qwen2", "qwen3"]) for j, k in enumerate(["base", "a", "b", "c"])})
+# --arch --lora: the merges with `model+lora` inputs, a PEFT LoRA (every linear layer: GPT-2's Conv1D, fused
+# projections) of each family's base. Not Mamba (PEFT refuses its all-linear), nor Mixtral and Qwen3-MoE: PEFT
+# 0.21 adapts their experts stacked as transformers 5 holds them, which adaptkit refuses to merge into their
+# checkpoints' per-expert tensors (mergekit merges them through PEFT)
+LORA_ARCHES = ["gpt2", "phi3", "falcon", "gpt_neox", "phi", "starcoder2", "glm4", "lfm2", "gemma", "stablelm",
+               "qwen3", "olmo2", "cohere2"]
+ARCH_MODELS.update({f"al_{family}_lora": {"kind": "lora", "base": f"ar_{family}_base", "rank": 4, "seed": 800 + i}
+                    for i, family in enumerate(LORA_ARCHES)})
 ARCH_FILTERS = ["attn", "mlp", "embed", "norm", "q_proj", "experts", "lm_head", "dense", "conv", "mixer", "gate", "wte"]
 VL_MODULES = ("text_decoder", "vision_tower", "multi_modal_projector")
 INPUTS = ["fz_base", "fz_a", "fz_b", "fz_c"]
@@ -491,6 +500,13 @@ def draw(kind: str, seed: int) -> suite.Recipe:
     elif kind == "archtok":
         family = rng.choice(TOKENIZER_ARCHES)
         docs = [tokenizer_recipe(rng, [f"at_{family}_{name[3:]}" for name in TOKENIZED])]
+    elif kind == "archlora":
+        family = rng.choice(LORA_ARCHES)
+        doc = merge_recipe(rng, [f"ar_{family}_{k}" for k in ("base", "a", "b", "c")], 4, ARCH_FILTERS)
+        for entry in doc.get("models", []) + [s for part in doc.get("slices", []) for s in part["sources"]]:
+            if entry["model"] != doc.get("base_model") and rng.random() < 0.5:
+                entry["model"] = f"{entry['model']}+al_{family}_lora"
+        docs = [doc]
     elif kind == "arch":
         family = rng.choice(ARCHES)
         docs = [merge_recipe(rng, [f"ar_{family}_{k}" for k in ("base", "a", "b", "c")], 4, ARCH_FILTERS)]
@@ -510,6 +526,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modules", action="store_true", help="Draw vision-language merges by modules: instead.")
     parser.add_argument("--arch", action="store_true", help="Draw merges of other architecture families instead (with "
                         "--tokenizers: their tokenizer recipes; with --moe: mergekit-moe over Qwen2 and Qwen3 experts).")
+    parser.add_argument("--lora", action="store_true", help="With --arch: inputs with a LoRA merged in (model+lora).")
     parser.add_argument("--json", metavar="PATH", help="Write every row (with its recipe) as JSON.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -522,7 +539,7 @@ def main(argv=None) -> int:
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
     if args.arch:
         paths.update(suite.ensure_models(set(ARCH_MODELS), ARCH_MODELS, WORK / "models"))
-    kind = "archtok" if args.tokenizers and args.arch else "archmoe" if args.moe and args.arch else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "arch" if args.arch else "merge"
+    kind = "archlora" if args.lora and args.arch else "archtok" if args.tokenizers and args.arch else "archmoe" if args.moe and args.arch else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "arch" if args.arch else "merge"
     rows = []
     for seed in range(args.seed, args.seed + args.count):
         recipe = draw(kind, seed)

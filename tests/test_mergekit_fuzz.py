@@ -48,6 +48,8 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("arch", 188): "close",  # DARE on Mamba: a few dt_proj biases carry the norm (the wider tolerance)
     ("archmoe", 3): "equal",  # mergekit-moe over Qwen2 experts: Qwen MoE with a gated shared expert
     ("archmoe", 23): "equal",  # over Qwen3 experts: Qwen3 MoE, hidden-state gates
+    ("archlora", 2): "equal",  # nuslerp over GPT-2 inputs with a LoRA merged in (Conv1D: fan_in_fan_out)
+    ("archlora", 14): "equal",  # a Phi-3 frankenmerge of inputs with a LoRA on its fused qkv_proj and gate_up_proj
     ("archtok", 91): "base-alias",  # GPT-2's tied wte: a vocabulary tensor by its rows, whatever its name
     **{("merge", s): None for s in range(100, 112)},
     **{("tok", s): None for s in range(40, 46)},
@@ -55,7 +57,9 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     drawn = "".join(fuzz.draw(kind, seed).text for kind, seed in SEEDS if kind.startswith("arch"))
-    arch = {n: spec for n, spec in fuzz.ARCH_MODELS.items() if n in drawn}  # (only the models those seeds name)
+    named = {n for n in fuzz.ARCH_MODELS if n in drawn}  # (only the models those seeds name, and their LoRAs' bases)
+    named |= {fuzz.ARCH_MODELS[n]["base"] for n in named if fuzz.ARCH_MODELS[n].get("kind") == "lora"}
+    arch = {n: fuzz.ARCH_MODELS[n] for n in named}
     return suite.ensure_models(set(fuzz.MODELS) | set(arch), {**fuzz.MODELS, **arch}, tmp_path_factory.mktemp("fuzz-models"))
 
 
