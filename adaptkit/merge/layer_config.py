@@ -160,7 +160,7 @@ def _set_structure(config: dict, out: dict, layers: list[tuple[Stack, int, dict,
             # (unexplained: output layer j must have the first source's layer j's tensors, or its last layer's
             # past its count, as a rule that singles out some layers (T5's first) then reads them)
             first = layers[0][0]
-            expected = [tensors(first, min(j, first.count - 1)) for j in range(len(layers))]
+            expected = [tensors(first, min(place, first.count - 1)) for place in range(len(layers))]
             if [tensors(s, n) for s, n, _, _ in layers] != expected:
                 raise AdaptkitError(f"layer {i} of {stack.source.ref} has other tensors than layer {j} of "
                                     f"{other.source.ref} ({sorted(have ^ tensors(stack, i))[0]!r}) and config.json "

@@ -209,9 +209,11 @@ def _naming_hint(store: TensorStore, module: str) -> str:
     """Why a targeted module is missing: where the model has it under a shorter name (a pipeline's
     component saved on its own, e.g. a UNet folder for an adapter naming `unet.…`), that its names
     lack the adapter's prefix, which adaptkit does not drop (the adapter's other components would
-    silently go unmerged); otherwise, probably another base."""
+    silently go unmerged); that it stores experts one by one where the adapter has them stacked; otherwise,
+    probably another base."""
     parts = module.split(".")
-    layer = re.match(r"(.*?\.\d+)\..*\.experts\.[a-z_]+$", module)  # (a layer's stacked experts: `….3.mlp.experts.down_proj`)
+    # (a layer's experts stacked, `….3.mlp.experts.down_proj`, where the checkpoint has `….3.….experts.0.…`)
+    layer = re.match(r"(.*?\.\d+)\..*\.experts\.[a-z_]+$", module)
     if layer and any(k.startswith(f"{layer.group(1)}.") and ".experts.0." in k for k in store.keys()):
         return ("it stores each expert's matrices on their own, and the adapter adapts the experts stacked as "
                 "transformers 5 holds them (PEFT's target_parameters), which adaptkit does not merge into such a "

@@ -14,7 +14,6 @@ keys travel in the weights file's metadata).
 from __future__ import annotations
 
 import re
-
 import warnings
 from collections import Counter
 from typing import Any
