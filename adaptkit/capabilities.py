@@ -50,6 +50,14 @@ class StoredDelta(Protocol):
 
 
 @runtime_checkable
+class ExpertDelta(Protocol):
+    """ΔP of expert `expert` of a stored module on a parameter that stacks experts (E × d₁ × d₂, `shape`, the
+    layer as transformers 5 holds it), shaped like one expert (d₁ × d₂): for a checkpoint that stores each
+    expert's matrices on their own, one expert at a time."""
+    def expert_delta(self, adapter: AdapterFiles, module: str, shape: tuple[int, ...], expert: int) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class StoredBiasDelta(Protocol):
     """The change a stored module makes to its layer's bias (`base` the bias or None), or None."""
     def delta_bias(self, adapter: AdapterFiles, module: str, base: torch.Tensor | None) -> torch.Tensor | None: ...

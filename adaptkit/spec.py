@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from .capabilities import (BaseDependent, BaseNames, ChoosesTargets, ExtraLoss, FactorMerge, Factors, FileCheck,
+from .capabilities import (BaseDependent, BaseNames, ChoosesTargets, ExpertDelta, ExtraLoss, FactorMerge, Factors,
+                           FileCheck,
                            FormatOptions,
                            Intervention,
                            LiveBiasDelta, LiveWriter, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
@@ -125,7 +126,7 @@ class Variant(Protocol):
     ΔW comes from `StoredDelta` or, failing that, from `Factors` (`adaptkit.files.lowrank.module_delta`); a
     variant with neither edits activations and says so in `MergeCheck` (`registry.get` checks one of
     the three). Optional capabilities: `VariantOptions`, `FileCheck`, `MergeCheck`, `StoredDelta`,
-    `StoredBiasDelta`, `Factors`, `LowRankStored`, `LowRankWriter`; the module plane: `LiveModule`.
+    `ExpertDelta`, `StoredBiasDelta`, `Factors`, `LowRankStored`, `LowRankWriter`; the module plane: `LiveModule`.
     """
 
     name: str
@@ -247,6 +248,7 @@ HOOKS: dict[str, Hook] = {
     "check_files": Hook(FileCheck, "no check"),  # adalora boft delta_lora lora lora_fa lora_plus oft p_tuning prefix_tuning prompt_tuning trainable_tokens
     "check_mergeable": Hook(MergeCheck, "every adapter has a ΔW"),  # delta_lora lora lora_fa lora_plus loreft p_tuning prefix_tuning prompt_tuning
     "delta": Hook(StoredDelta, "s·B·A from factors"),  # all
+    "expert_delta": Hook(ExpertDelta, "refused"),  # delta_lora lora lora_fa lora_plus
     "delta_bias": Hook(StoredBiasDelta, "the bias stays"),  # delta_lora ia3 lora lora_fa lora_plus
     "factors": Hook(Factors, "ΔW by SVD"),  # adalora delta_lora lora lora_fa lora_plus tied_lora trainable_tokens vera
     "factor_layout": Hook(Factors, "no adapter output"),  # adalora boft delta_lora loha lokr lora lora_fa lora_plus oft tied_lora trainable_tokens vera

@@ -108,11 +108,11 @@ ARCH_MODELS.update({f"at_{family}_{name[3:]}": {"family": family, "layers": 2, "
 ARCH_MODELS.update({f"mq_{family}_{k}": {"family": family, "layers": 4, "seed": 700 + 4 * i + j, "tokenizer": "chars"}
                     for i, family in enumerate(["qwen2", "qwen3"]) for j, k in enumerate(["base", "a", "b", "c"])})
 # --arch --lora: the merges with `model+lora` inputs, a PEFT LoRA (every linear layer: GPT-2's Conv1D, fused
-# projections) of each family's base. Not Mamba (PEFT refuses its all-linear), nor Mixtral and Qwen3-MoE: PEFT
-# 0.21 adapts their experts stacked as transformers 5 holds them, which adaptkit refuses to merge into their
-# checkpoints' per-expert tensors (mergekit merges them through PEFT)
+# projections, Mixtral's experts stacked as transformers 5 holds them and its router) of each family's base. Not
+# Mamba (PEFT refuses its all-linear) nor the Qwen3-MoE stand-in (its experts are square, 16 × 16: which way PEFT
+# saw them the file does not say, so adaptkit refuses them)
 LORA_ARCHES = ["gpt2", "phi3", "falcon", "gpt_neox", "phi", "starcoder2", "glm4", "lfm2", "gemma", "stablelm",
-               "qwen3", "olmo2", "cohere2"]
+               "qwen3", "olmo2", "cohere2", "mixtral"]
 ARCH_MODELS.update({f"al_{family}_lora": {"kind": "lora", "base": f"ar_{family}_base", "rank": 4, "seed": 800 + i}
                     for i, family in enumerate(LORA_ARCHES)})
 ARCH_FILTERS = ["attn", "mlp", "embed", "norm", "q_proj", "experts", "lm_head", "dense", "conv", "mixer", "gate", "wte"]

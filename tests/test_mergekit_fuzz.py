@@ -48,7 +48,8 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("arch", 188): "close",  # DARE on Mamba: a few dt_proj biases carry the norm (the wider tolerance)
     ("archmoe", 3): "equal",  # mergekit-moe over Qwen2 experts: Qwen MoE with a gated shared expert
     ("archmoe", 23): "equal",  # over Qwen3 experts: Qwen3 MoE, hidden-state gates
-    ("archlora", 2): "equal",  # nuslerp over GPT-2 inputs with a LoRA merged in (Conv1D: fan_in_fan_out)
+    ("archlora", 2): "equal",  # slerp over a Mixtral with a LoRA on its stacked experts and router merged in
+    ("archlora", 31): "equal",  # nearswap over GPT-2 inputs with a LoRA merged in (Conv1D: fan_in_fan_out)
     ("archlora", 14): "equal",  # a Phi-3 frankenmerge of inputs with a LoRA on its fused qkv_proj and gate_up_proj
     ("archtok", 91): "base-alias",  # GPT-2's tied wte: a vocabulary tensor by its rows, whatever its name
     **{("merge", s): None for s in range(100, 112)},

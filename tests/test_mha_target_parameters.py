@@ -492,24 +492,33 @@ def test_hot_swap_takes_the_new_factors(build, shape, kwargs, tmp_path):
     assert rel(run(model, x), outs[1]) < REL and rel(outs[0], outs[1]) > 1e-3
 
 
-def test_stacked_expert_lora_on_a_per_expert_checkpoint_is_refused_by_name(tmp_path):
-    """PEFT's all-linear on a transformers 5 Mixtral adapts its experts stacked (`mlp.experts.down_proj`), while
-    the checkpoint stores each expert's matrices (`block_sparse_moe.experts.0.w2.weight`): refused, saying so
-    (not "an adapter for a different base?")."""
+def test_stacked_expert_lora_merges_into_a_per_expert_checkpoint_as_peft(tmp_path):
+    """PEFT's all-linear on a transformers 5 Mixtral adapts its experts stacked (`mlp.experts.gate_up_proj`,
+    `down_proj`) and its router (`mlp.gate.weight`), while the checkpoint stores each expert's matrices
+    (`block_sparse_moe.experts.0.w1.weight`, w2, w3) and `block_sparse_moe.gate.weight`: each stored tensor
+    gets its part of its expert's ΔP (w1 and w3 the two halves of gate_up_proj's rows), equal to PEFT's
+    merge_and_unload saved by transformers. (adaptkit refused this once, as "an adapter for a different base?")"""
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-                                        num_hidden_layers=1, vocab_size=32, num_local_experts=2, num_experts_per_tok=1)
-    model = transformers.MixtralForCausalLM(config)
-    model.save_pretrained(tmp_path / "base")
+    config = transformers.MixtralConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=1,
+                                        num_hidden_layers=2, vocab_size=32, num_local_experts=3, num_experts_per_tok=2)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
+    model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "lora")
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_parameters"]
-    with pytest.raises(AdaptkitError, match=r"targets 'model\.layers\.0\.mlp\.experts\.\w+', which .* does not have: it "
-                                            r"stores each expert's matrices on their own"):
-        run_merge({"merge_method": "linear", "models": [{"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}",
-                                                        "parameters": {"weight": 1.0}}]}, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft")
+    run_merge({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}", "parameters": {"weight": 1.0}}]}, tmp_path / "out",
+        progress=False)
+    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "peft" / "model.safetensors")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and "model.layers.0.block_sparse_moe.experts.2.w3.weight" in ours
+    for name in ("block_sparse_moe.experts.1.w1.weight", "block_sparse_moe.experts.2.w3.weight",
+                 "block_sparse_moe.experts.0.w2.weight", "block_sparse_moe.gate.weight", "self_attn.q_proj.weight"):
+        assert not torch.equal(theirs[f"model.layers.1.{name}"], base[f"model.layers.1.{name}"]), name  # (adapted)
+    for name in theirs:
+        assert rel(ours[name], theirs[name]) < REL, name

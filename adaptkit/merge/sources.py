@@ -2,7 +2,10 @@
 
 An input that is an adapter (and a recipe base is given) becomes `base+adapter`, so merging adapters
 into a base (mode 2) is the same streaming merge as merging models. ΔW comes from each adapter's
-variant plugin; a saved full module (`modules_to_save`) replaces the base tensor.
+variant plugin; a saved full module (`modules_to_save`) replaces the base tensor. A LoRA on a MoE layer's
+experts stacked as transformers 5 holds them (PEFT's target_parameters) goes into a checkpoint that stores
+each expert on its own through transformers' conversion (`converted.py`): each stored tensor takes its part
+of its expert's ΔP (`spec.ExpertDelta`), one expert at a time.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ class ModelSource:
         self._saved: dict[str, tuple[AdapterFiles, str]] = {}
         self.placed = False  # some module lies under another name in the base (its format's `base_key`)
         self._names = set(store.keys())
+        self._groups: dict | None = None  # transformers 5's tensors made of the stored ones (`_converted`)
         for adapter in adapters:
             self._index(adapter)
 
@@ -78,9 +82,26 @@ class ModelSource:
         variant = registry.get("variant", adapter.variant)
         if isinstance(variant, spec.MergeCheck):
             variant.check_mergeable(adapter)  # raises for adapters with no weight-space form
-        places = {module: self._place(adapter, module) for module in adapter.modules}
+        places, stacked = {}, {}
+        for module in adapter.modules:
+            group = self._converted(module) if weight_key(self.store, module) is None else None
+            if group is not None and len(group.members) == 1 and not group.stacked:  # (renamed: MoE routers)
+                places[module] = (group.members[0][0], f"{group.members[0][0].rpartition('.')[0]}.bias", None)
+            elif group is not None:
+                stacked[module] = group
+            else:
+                places[module] = self._place(adapter, module)
         settle_layout(variant, adapter, self.config, self.ref.model,  # Conv1D or Linear: the base's layers say
-                      lambda module: _rows(self.store.get(places[module][0]), places[module][2]))
+                      lambda module: _rows(self.store.get(places[module][0]), places[module][2]) if module in places
+                      else None)
+        for module, group in stacked.items():  # each expert's ΔP on its own tensors
+            if not isinstance(variant, spec.ExpertDelta):
+                raise AdaptkitError(f"adapter {adapter.store.root}: a {variant.name} adapter on '{module}', experts "
+                                    f"{self.ref.model} stores one by one, cannot be merged into it")
+            shape = group.shape(tuple(self.store.info(group.members[0][0]).shape))
+            for p, pattern in enumerate(group.members):
+                for e, member in enumerate(pattern):
+                    self._deltas.setdefault(member, []).append((adapter, module, "expert", (group, shape, p, e)))
         for module, (key, bias, rows) in places.items():
             self._deltas.setdefault(key, []).append((adapter, module, "delta", rows))
             if isinstance(variant, spec.StoredBiasDelta) and bias in self.store:  # it changes the bias too
@@ -107,6 +128,16 @@ class ModelSource:
                                 f"have: {_naming_hint(self.store, module)}")
         self.placed = True
         return found
+
+    def _converted(self, module: str):
+        """The group of stored tensors transformers 5 loads as `module` (a MoE layer's experts stacked, a router
+        renamed: `converted.py`), or None: a LoRA on its parameters names them so (PEFT's target_parameters)."""
+        if self._groups is None:
+            from .converted import conversion_steps, converted_groups
+
+            steps = conversion_steps(self.config.get("model_type"))  # (asked only for a module the store lacks)
+            self._groups = converted_groups(sorted(self._names), steps, lambda *_: None) if steps else {}
+        return self._groups.get(module)
 
     @property
     def mirrored(self) -> bool:
@@ -164,9 +195,16 @@ class ModelSource:
         tensor = tensor.float()
         for adapter, module, hook, span in self._deltas.get(name, ()):
             variant = registry.get("variant", adapter.variant)
+            if hook == "expert":  # this tensor's part of expert e's ΔP in transformers 5's layout
+                group, shape, p, e = span
+                delta, span = variant.expert_delta(adapter, module, shape, e), None
+                if len(group.members) > 1:  # (patterns concatenated on `axis` of the stack, one less of an expert)
+                    size = group.sizes[p] if group.sizes else delta.shape[group.axis - 1] // len(group.members)
+                    delta = delta.narrow(group.axis - 1, sum(group.sizes[:p]) if group.sizes else p * size, size)
             part = _rows(tensor, span)
-            delta = module_delta(variant, adapter, module, part) if hook == "delta" \
-                else variant.delta_bias(adapter, module, base=part)
+            if hook != "expert":
+                delta = module_delta(variant, adapter, module, part) if hook == "delta" \
+                    else variant.delta_bias(adapter, module, base=part)
             if delta is None:
                 continue
             if delta.shape != part.shape:
@@ -215,9 +253,9 @@ def _naming_hint(store: TensorStore, module: str) -> str:
     # (a layer's experts stacked, `….3.mlp.experts.down_proj`, where the checkpoint has `….3.….experts.0.…`)
     layer = re.match(r"(.*?\.\d+)\..*\.experts\.[a-z_]+$", module)
     if layer and any(k.startswith(f"{layer.group(1)}.") and ".experts.0." in k for k in store.keys()):
-        return ("it stores each expert's matrices on their own, and the adapter adapts the experts stacked as "
-                "transformers 5 holds them (PEFT's target_parameters), which adaptkit does not merge into such a "
-                "checkpoint")
+        return ("it stores each expert's matrices on their own, the adapter adapts the experts stacked as "
+                "transformers 5 holds them (PEFT's target_parameters), and transformers' conversion of this model "
+                "type is not one adaptkit follows")
     for cut in range(1, len(parts)):
         if weight_key(store, ".".join(parts[cut:])) is not None:
             prefix = ".".join(parts[:cut]) + "."

@@ -102,19 +102,7 @@ def parameter_delta(adapter, module: str, scaling: float, rank: int, base: torch
     if base is None:
         raise AdaptkitError(f"{module}: a LoRA on a parameter (target_parameters) has a ΔW only against its base "
                             "tensor (it may stack experts); merge it into its base model instead (adaptkit merge)")
-    owner = module.rpartition(".")[0]
-    siblings = [m for m in adapter.modules if on_parameter(adapter.config, m) and m.rpartition(".")[0] == owner]
-    fitting = [m for m in siblings if any(_fits(adapter.shape(m, "lora_A"), adapter.shape(m, "lora_B"), rank,
-                                                tuple(base.shape)))]
-    if len(fitting) != 1:
-        raise AdaptkitError(f"{module}: {len(fitting) or 'none'} of the {len(siblings)} LoRA(s) on parameters of "
-                            f"'{owner}' fit its tensor {list(base.shape)} at rank {rank}"
-                            f"{'; which is its own is unknown' if fitting else ''}")
-    a, b = adapter.tensor(fitting[0], "lora_A").float(), adapter.tensor(fitting[0], "lora_B").float()
-    plain, flipped = _fits(a.shape, b.shape, rank, tuple(base.shape))
-    if plain and flipped:
-        raise AdaptkitError(f"{module}: square experts ({base.shape[1]} × {base.shape[2]}): the file does not say "
-                            "whether PEFT saw them transposed (is_transposed); not supported")
+    a, b, plain = _fitting(adapter, module, rank, tuple(base.shape))
     if base.dim() == 2:
         return scaling * (b @ a)
     experts = base.shape[0]
@@ -122,3 +110,42 @@ def parameter_delta(adapter, module: str, scaling: float, rank: int, base: torch
     b_e = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)  # expert e: columns e, E+e, …
     update = scaling * torch.bmm(b_e, a_e)  # E × out × in
     return update if plain else update.transpose(1, 2)
+
+
+def expert_delta(adapter, module: str, scaling: float, rank: int, shape: tuple[int, ...], expert: int) -> torch.Tensor:
+    """ΔP[e] alone of a parameter of `shape` (E × d₁ × d₂) that stacks experts: s·B_e·A_e, with A_e the rows
+    [e·r, (e+1)·r) of A and B_e the columns e, E+e, … of B (transposed for `is_transposed`), as
+    `parameter_delta` takes each expert's pair (one expert's worth of memory, not the layer's)."""
+    a, b, plain = _fitting(adapter, module, rank, shape)
+    experts = shape[0]
+    update = scaling * (b[:, expert::experts].float() @ a[expert * rank:(expert + 1) * rank].float())
+    return update if plain else update.T
+
+
+def _fitting(adapter, module: str, rank: int, shape: tuple[int, ...]):
+    """(A, B, plain) of the one LoRA on parameters of the module's owner whose factors fit `shape`."""
+    owner = module.rpartition(".")[0]
+    siblings = [m for m in adapter.modules if on_parameter(adapter.config, m) and m.rpartition(".")[0] == owner]
+    fitting = [m for m in siblings if any(_fits(adapter.shape(m, "lora_A"), adapter.shape(m, "lora_B"), rank, shape))]
+    if len(fitting) != 1:
+        raise AdaptkitError(f"{module}: {len(fitting) or 'none'} of the {len(siblings)} LoRA(s) on parameters of "
+                            f"'{owner}' fit its tensor {list(shape)} at rank {rank}"
+                            f"{'; which is its own is unknown' if fitting else ''}")
+    a, b = adapter.tensor(fitting[0], "lora_A").float(), adapter.tensor(fitting[0], "lora_B").float()
+    plain, flipped = _fits(a.shape, b.shape, rank, shape)
+    if plain and flipped:
+        raise AdaptkitError(f"{module}: square experts ({shape[1]} × {shape[2]}): the file does not say "
+                            "whether PEFT saw them transposed (is_transposed); not supported")
+    return a, b, plain
+
+
+class ParameterExperts:
+    """`spec.ExpertDelta` of the LoRA variant: one expert's ΔP of a LoRA on parameters, at its module's scaling
+    and rank (`expert_delta` above)."""
+
+    def expert_delta(self, adapter, module: str, shape: tuple[int, ...], expert: int) -> torch.Tensor:
+        if not on_parameter(adapter.config, module):
+            raise AdaptkitError(f"{module}: not a LoRA on a parameter (target_parameters): it has no experts' ΔP")
+        return expert_delta(adapter, module, self.scaling(adapter, module), self.module_rank(adapter, module),
+                            shape, expert)
+

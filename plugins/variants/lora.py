@@ -32,7 +32,8 @@ from ..formats.peft import rank_config
 from . import _alora, _lora_tensors as _tensors, _lora_tokens as _tokens
 from ._lora_checks import check_files
 from ._lora_lowrank import LowRankForms, conv_product, tucker_down
-from ._lora_params import lookup_path, on_parameter, out_proj_factor, parameter_delta, parameter_rank, refuse_live
+from ._lora_params import (ParameterExperts, lookup_path, on_parameter, out_proj_factor, parameter_delta, parameter_rank,
+                           refuse_live)
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ LORA_CONFIG_KEYS = frozenset({
 })
 
 
-class LoRA(LowRankForms, _alora.Activated, _tensors.OnTensors):
+class LoRA(LowRankForms, _alora.Activated, _tensors.OnTensors, ParameterExperts):
     """LoRA: low-rank update s·B·A (rsLoRA, DoRA, trainable tokens beside it `_lora_tokens`: by its config)."""
 
     def __init__(self, name: str = "lora", *, freeze_a: bool = False, lr_ratio: float | None = None, about: str = ""):
