@@ -132,10 +132,11 @@ class ModelSource:
     def _converted(self, module: str):
         """The group of stored tensors transformers 5 loads as `module` (a MoE layer's experts stacked, a router
         renamed: `converted.py`), or None: a LoRA on its parameters names them so (PEFT's target_parameters)."""
-        if self._groups is None:
-            from .converted import conversion_steps, converted_groups
+        if self._groups is None:  # (asked only for a module the store lacks)
+            from .converted import ONLY_RENAMED, conversion_steps, converted_groups
 
-            steps = conversion_steps(self.config.get("model_type"))  # (asked only for a module the store lacks)
+            kind = (self.config or {}).get("model_type")  # (none: a checkpoint without config.json, such as SD's)
+            steps = conversion_steps(kind) if isinstance(kind, str) and kind not in ONLY_RENAMED else ()
             self._groups = converted_groups(sorted(self._names), steps, lambda *_: None) if steps else {}
         return self._groups.get(module)
 
