@@ -48,11 +48,11 @@ from .io.writer import save_tensors
 if TYPE_CHECKING:
     from .live.adapters import Adapters
     from .live.layer import Target
-    from .live.targets import LAYER_LISTS, find_targets, layer_index
+    from .live.targets import LAYER_LISTS, find_targets, layer_index, matches_target
 
 # The module plane's names: their modules import torch, so they are imported when first asked for.
 _NEEDS_TORCH = {"Adapters": ".live.adapters", "Target": ".live.layer", "LAYER_LISTS": ".live.targets",
-                "find_targets": ".live.targets", "layer_index": ".live.targets"}
+                "find_targets": ".live.targets", "layer_index": ".live.targets", "matches_target": ".live.targets"}
 
 
 def __getattr__(name: str):
@@ -75,5 +75,5 @@ __all__ = [
     # dtypes
     "dtypes",
     # module plane (imports torch on first use)
-    "Adapters", "LAYER_LISTS", "Target", "find_targets", "layer_index",
+    "Adapters", "LAYER_LISTS", "Target", "find_targets", "layer_index", "matches_target",
 ]

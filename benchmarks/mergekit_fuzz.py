@@ -483,6 +483,11 @@ FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "supers
         "config-dtype", "template", "base-alias", "projector-order", "strict-token"}
 
 
+def stand_ins(prefix: str, family: str) -> list[str]:
+    """The four models of a family built for a kind of draw (`ar_`, `mq_`): the base first."""
+    return [f"{prefix}_{family}_{k}" for k in ("base", "a", "b", "c")]
+
+
 def draw(kind: str, seed: int) -> suite.Recipe:
     """Recipe `seed` of a kind: "tok" (a tokenizer recipe), "moe" (a mergekit-moe config), "modules" (a
     vision-language merge), "arch" (a merge of another architecture) or "merge" (one in ten two stages, else
@@ -496,20 +501,20 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs = [modules_recipe(rng)]
     elif kind == "archmoe":
         family = rng.choice(["qwen2", "qwen3"])
-        docs = [moe_recipe(rng, [f"mq_{family}_{k}" for k in ("base", "a", "b", "c")])]
+        docs = [moe_recipe(rng, stand_ins("mq", family))]
     elif kind == "archtok":
         family = rng.choice(TOKENIZER_ARCHES)
         docs = [tokenizer_recipe(rng, [f"at_{family}_{name[3:]}" for name in TOKENIZED])]
     elif kind == "archlora":
         family = rng.choice(LORA_ARCHES)
-        doc = merge_recipe(rng, [f"ar_{family}_{k}" for k in ("base", "a", "b", "c")], 4, ARCH_FILTERS)
+        doc = merge_recipe(rng, stand_ins("ar", family), 4, ARCH_FILTERS)
         for entry in doc.get("models", []) + [s for part in doc.get("slices", []) for s in part["sources"]]:
             if entry["model"] != doc.get("base_model") and rng.random() < 0.5:
                 entry["model"] = f"{entry['model']}+al_{family}_lora"
         docs = [doc]
     elif kind == "arch":
         family = rng.choice(ARCHES)
-        docs = [merge_recipe(rng, [f"ar_{family}_{k}" for k in ("base", "a", "b", "c")], 4, ARCH_FILTERS)]
+        docs = [merge_recipe(rng, stand_ins("ar", family), 4, ARCH_FILTERS)]
     else:
         docs, kind = (stages_recipe(rng), "multi") if rng.random() < 0.1 else ([merge_recipe(rng)], "merge")
     text = yaml.safe_dump_all(docs, sort_keys=False)

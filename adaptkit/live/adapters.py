@@ -27,7 +27,7 @@ from .calls import watch_calls
 from .files import load_adapter_into, save_adapter
 from .inputs import watch_inputs
 from .layer import AdaptedLayer, Branch, ReplacedModule
-from .targets import _matches, _parent, adapted_layers, find_targets, unwrap, variant_config, wrap
+from .targets import _parent, adapted_layers, find_targets, matches_target, unwrap, variant_config, wrap
 
 HANDLE_ATTR = "_adaptkit_adapters"
 
@@ -118,7 +118,7 @@ class Adapters:
         if not patterns:
             return []
         paths = [p for p, m in self.model.named_modules()
-                 if p and _matches(p, patterns) and not isinstance(m, (Branch, AdaptedLayer))
+                 if p and matches_target(p, patterns) and not isinstance(m, (Branch, AdaptedLayer))
                  and ".original" not in p and ".copies." not in p]
         if not paths:
             raise AdaptkitError(f"modules_to_save {patterns!r} match no module")

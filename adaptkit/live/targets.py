@@ -27,7 +27,9 @@ TARGETING = {"target_modules": None, "exclude_modules": None, "layers_to_transfo
 LAYER_LISTS = ("layers", "h", "blocks", "layer")
 
 
-def _matches(path: str, spec: str | Iterable[str]) -> bool:
+def matches_target(path: str, spec: str | Iterable[str]) -> bool:
+    """Whether PEFT's `target_modules` names the module at `path`: a pattern matching the whole path, or a name
+    that is the path or its end."""
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return any(path == s or path.endswith("." + s) for s in spec)
@@ -72,8 +74,8 @@ def find_targets(model: nn.Module, target_modules: Any, *, exclude_modules: Any 
         if target_modules == ALL_LINEAR:
             selected = target is not None and target.kind == "linear" and layer is not head
         else:
-            selected = _matches(path, target_modules)
-        if not selected or (exclude_modules and _matches(path, exclude_modules)):
+            selected = matches_target(path, target_modules)
+        if not selected or (exclude_modules and matches_target(path, exclude_modules)):
             continue
         if layers is not None and layer_index(path, layers_pattern) not in layers:
             continue

@@ -77,13 +77,22 @@ class Group:
         """Each member's part of a tensor built by `build` (views), and the row of the member it starts at."""
         if self.part is not None or (len(self.members) == 1 and not self.stacked):  # (a part, a tensor renamed)
             return [(self.members[0][0], fused, self.part[0] * fused.shape[0] if self.part else 0)]
-        out, start = [], 0
+        out = []
         for i, pattern in enumerate(self.members):
-            size = self.sizes[i] if self.sizes else fused.shape[self.axis] // len(self.members)  # (stacks are alike)
-            block = fused.narrow(self.axis, start, size)
+            block = fused.narrow(self.axis, *self._span(i, fused.shape[self.axis]))
             out += [(m, block[e] if self.stacked else block, 0) for e, m in enumerate(pattern)]
-            start += size
         return out
+
+    def expert_part(self, one: torch.Tensor, i: int) -> torch.Tensor:
+        """Pattern i's part of one expert's slice of a stacked group's tensor (its stacking axis gone): a
+        merged LoRA's ΔP, one expert at a time (`sources.py`)."""
+        return one if len(self.members) == 1 else one.narrow(self.axis - 1, *self._span(i, one.shape[self.axis - 1]))
+
+    def _span(self, i: int, total: int) -> tuple[int, int]:
+        """(start, length) of pattern i on the concatenation axis of `total` entries (stacks are alike)."""
+        if self.sizes:
+            return sum(self.sizes[:i]), self.sizes[i]
+        return i * (total // len(self.members)), total // len(self.members)
 
     def shape(self, member: tuple[int, ...]) -> tuple[int, ...]:
         if self.part is not None:

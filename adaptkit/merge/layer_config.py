@@ -41,6 +41,7 @@ PATTERNS = ("sliding_window_pattern", "max_window_layers", "interleave_moe_layer
 #: Model types whose rule has no key: Gemma-2 alternates sliding and full attention by index (its 2024
 #: checkpoints list no `layer_types`; the later rule-only types, OLMo-3 and gpt-oss, were always saved with it).
 KEYLESS_RULES = frozenset({"gemma2"})
+NO_CONFIG: dict = {}  # (a source without config.json: one object, so `_set_layers` reads it once)
 
 
 def output_config(config: dict, parts: list[tuple[list[Slice], dict[str, Stack]]]) -> dict:
@@ -68,14 +69,17 @@ def _set_layers(config: dict, out: dict, key: str, slices: list[Slice], stacks: 
     count = at(config)[leaf]
     at(out)[leaf] = len(layers)
     moved = any(i != j for j, (_, i) in enumerate(layers))  # (a rule on indices holds for layers in place)
-    known: dict[int, dict[str, list]] = {}
+    known: dict[int, dict[str, list]] = {}  # by config: the donor is often one of the sources
+
+    def of(cfg: dict, layers_in: int) -> dict[str, list]:
+        if id(cfg) not in known:
+            known[id(cfg)] = _lists(cfg, path, layers_in, derive=moved)
+        return known[id(cfg)]
 
     def lists(stack: Stack) -> dict[str, list]:
-        if id(stack) not in known:
-            known[id(stack)] = _lists(stack.source.config or {}, path, stack.count, derive=moved)
-        return known[id(stack)]
+        return of(stack.source.config or NO_CONFIG, stack.count)
 
-    donor = _lists(config, path, count, derive=moved)
+    donor = of(config, count)
     for name in donor:
         theirs = []
         for stack, i in layers:

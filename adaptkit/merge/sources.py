@@ -196,14 +196,11 @@ class ModelSource:
         tensor = tensor.float()
         for adapter, module, hook, span in self._deltas.get(name, ()):
             variant = registry.get("variant", adapter.variant)
-            if hook == "expert":  # this tensor's part of expert e's ΔP in transformers 5's layout
-                group, shape, p, e = span
-                delta, span = variant.expert_delta(adapter, module, shape, e), None
-                if len(group.members) > 1:  # (patterns concatenated on `axis` of the stack, one less of an expert)
-                    size = group.sizes[p] if group.sizes else delta.shape[group.axis - 1] // len(group.members)
-                    delta = delta.narrow(group.axis - 1, sum(group.sizes[:p]) if group.sizes else p * size, size)
-            part = _rows(tensor, span)
-            if hook != "expert":
+            if hook == "expert":  # this tensor's part of expert e's ΔP in transformers 5's layout (all its rows)
+                (group, shape, p, e), span = span, None
+                part, delta = tensor, group.expert_part(variant.expert_delta(adapter, module, shape, e), p)
+            else:
+                part = _rows(tensor, span)
                 delta = module_delta(variant, adapter, module, part) if hook == "delta" \
                     else variant.delta_bias(adapter, module, base=part)
             if delta is None:

@@ -103,27 +103,31 @@ def parameter_delta(adapter, module: str, scaling: float, rank: int, base: torch
         raise AdaptkitError(f"{module}: a LoRA on a parameter (target_parameters) has a ΔW only against its base "
                             "tensor (it may stack experts); merge it into its base model instead (adaptkit merge)")
     a, b, plain = _fitting(adapter, module, rank, tuple(base.shape))
+    a, b = a.float(), b.float()
     if base.dim() == 2:
         return scaling * (b @ a)
-    experts = base.shape[0]
-    a_e = a.reshape(experts, rank, a.shape[1])  # expert e: rows e·r … (e+1)·r − 1
-    b_e = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)  # expert e: columns e, E+e, …
+    a_e, b_e = _per_expert(a, b, rank, base.shape[0])
     update = scaling * torch.bmm(b_e, a_e)  # E × out × in
     return update if plain else update.transpose(1, 2)
 
 
 def expert_delta(adapter, module: str, scaling: float, rank: int, shape: tuple[int, ...], expert: int) -> torch.Tensor:
-    """ΔP[e] alone of a parameter of `shape` (E × d₁ × d₂) that stacks experts: s·B_e·A_e, with A_e the rows
-    [e·r, (e+1)·r) of A and B_e the columns e, E+e, … of B (transposed for `is_transposed`), as
-    `parameter_delta` takes each expert's pair (one expert's worth of memory, not the layer's)."""
+    """ΔP[e] alone of a parameter of `shape` (E × d₁ × d₂) that stacks experts: s·B_e·A_e (`_per_expert`;
+    transposed for `is_transposed`), as `parameter_delta` gives it (one expert's worth of memory, not the layer's)."""
     a, b, plain = _fitting(adapter, module, rank, shape)
-    experts = shape[0]
-    update = scaling * (b[:, expert::experts].float() @ a[expert * rank:(expert + 1) * rank].float())
+    a_e, b_e = _per_expert(a, b, rank, shape[0])
+    update = scaling * (b_e[expert].float() @ a_e[expert].float())  # (only this expert's factors converted)
     return update if plain else update.T
 
 
+def _per_expert(a: torch.Tensor, b: torch.Tensor, rank: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the experts' pairs, E × r × in and E × out × r: expert e's A rows e·r … (e+1)·r − 1, its B
+    columns e, E+e, … (PEFT reshapes B to out × r × E)."""
+    return a.reshape(experts, rank, a.shape[1]), b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)
+
+
 def _fitting(adapter, module: str, rank: int, shape: tuple[int, ...]):
-    """(A, B, plain) of the one LoRA on parameters of the module's owner whose factors fit `shape`."""
+    """(A, B, plain) of the one LoRA on parameters of the module's owner whose factors fit `shape`, as stored."""
     owner = module.rpartition(".")[0]
     siblings = [m for m in adapter.modules if on_parameter(adapter.config, m) and m.rpartition(".")[0] == owner]
     fitting = [m for m in siblings if any(_fits(adapter.shape(m, "lora_A"), adapter.shape(m, "lora_B"), rank, shape))]
@@ -131,7 +135,7 @@ def _fitting(adapter, module: str, rank: int, shape: tuple[int, ...]):
         raise AdaptkitError(f"{module}: {len(fitting) or 'none'} of the {len(siblings)} LoRA(s) on parameters of "
                             f"'{owner}' fit its tensor {list(shape)} at rank {rank}"
                             f"{'; which is its own is unknown' if fitting else ''}")
-    a, b = adapter.tensor(fitting[0], "lora_A").float(), adapter.tensor(fitting[0], "lora_B").float()
+    a, b = adapter.tensor(fitting[0], "lora_A"), adapter.tensor(fitting[0], "lora_B")
     plain, flipped = _fits(a.shape, b.shape, rank, shape)
     if plain and flipped:
         raise AdaptkitError(f"{module}: square experts ({shape[1]} × {shape[2]}): the file does not say "
@@ -148,4 +152,3 @@ class ParameterExperts:
             raise AdaptkitError(f"{module}: not a LoRA on a parameter (target_parameters): it has no experts' ΔP")
         return expert_delta(adapter, module, self.scaling(adapter, module), self.module_rank(adapter, module),
                             shape, expert)
-
