@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from adaptkit.cli import cli
 from adaptkit.errors import AdaptkitError
@@ -411,6 +411,22 @@ def test_two_stages_equal_running_them_by_hand(models, tmp_path):
     assert adaptkit("merge", copy, "-o", tmp_path / "again")[0] == 0
     for name in ("model.safetensors", "adaptkit_recipe.yml"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+
+
+def test_stages_draw_independently_with_one_seed(models, tmp_path):
+    """Stage `first` keeps each entry of τ = ft1 − base with probability ½ (DARE, no rescale); the final stage
+    merges ft1 onto `first` the same way: where `first` kept ft1's entry, τ' = ft1 − first is 0 and the output is
+    ft1's (to float32 rounding), elsewhere it is ft1's where the final stage keeps τ'. With independent draws P(out = ft1) = ½ + ¼;
+    had both stages drawn with the same generators (one seed, one tensor, input 0), the final stage would keep
+    exactly where `first` had, and the output would equal `first` (P = ½)."""
+    dare = {"merge_method": "dare_linear", "dtype": "float32", "parameters": {"rescale": False},
+            "models": [{"model": str(models / "ft1"), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    docs = [dict(dare, name="first", base_model=str(models / "base")), dict(dare, base_model="first")]
+    code, out = adaptkit("merge", write(tmp_path / "multi.yml", docs, documents=True), "-o", tmp_path / "out")
+    assert code == 0, out
+    merged, ft1 = (load_file(tmp_path / "out/model.safetensors"), load_file(models / "ft1/model.safetensors"))
+    same = sum(int(torch.isclose(merged[n], ft1[n], rtol=0, atol=1e-6).sum()) for n in ft1) / sum(t.numel() for t in ft1.values())
+    assert abs(same - 0.75) < 0.02, same  # (about 9000 entries: the spread of `same` is 0.005)
 
 
 def test_a_stage_named_in_a_reference_mapping(models, tmp_path):

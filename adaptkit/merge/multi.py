@@ -208,6 +208,7 @@ def _recipe(path, stage: Stage, swaps: dict[str, str]) -> Recipe:
     except AdaptkitError as e:
         raise AdaptkitError(f"{path}: stage{_called(stage) or ' (final)'}: {e}") from None
     recipe.source = copy.deepcopy(stage.doc)
+    recipe.stage = stage.name
     return recipe
 
 

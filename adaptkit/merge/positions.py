@@ -94,13 +94,17 @@ def _lookup(key: str, scopes: list[dict], tensor_name: str, t: float, default: A
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def seeded_generators(seed: int, name: str, count: int) -> list[torch.Generator]:
-    """One generator per input, seeded from (seed, tensor name, input index)."""
+def seeded_generators(seed: int, name: str, count: int, stage: str | None = None) -> list[torch.Generator]:
+    """One generator per input, seeded from (seed, tensor name, input index) and, in a named stage of a
+    multi-stage recipe, the stage's name: stages draw independently of each other even with one seed
+    (with the same generators, a stage's DARE masks of a tensor were its predecessor's, thinned: a
+    two-stage DARE recipe came out 8 % off mergekit's norm, where each stage alone matched it)."""
     import torch
 
     gens = []
     for i in range(count):
-        digest = hashlib.sha256(f"{seed}\0{name}\0{i}".encode()).digest()
+        key = f"{seed}\0{name}\0{i}" if stage is None else f"{seed}\0{stage}\0{name}\0{i}"
+        digest = hashlib.sha256(key.encode()).digest()
         gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
     return gens
 
@@ -111,7 +115,7 @@ def operator_params(recipe: Recipe, method, name: str, t: float, count: int, sha
     (`shared`, `inputs`: a slice's scopes, see `resolve_params`)."""
     params = resolve_params(recipe, method, name, t, shared, inputs)
     if spec.option(method, "random"):
-        params["generators"] = seeded_generators(recipe.seed, name, count)
+        params["generators"] = seeded_generators(recipe.seed, name, count, recipe.stage)
     return params
 
 

@@ -72,6 +72,7 @@ class Recipe:
     mixed_architectures: bool = False  # --allow-mixed-architectures (mergekit's --allow-crimes; not a recipe key)
     truncate_embeddings: bool = False  # --unsafe-truncate-embeddings (mergekit's; not a recipe key)
     seed: int = 0
+    stage: str | None = None  # a multi-stage recipe's stage name (multi.py), mixed into its seeds (positions.py)
     output_kind: str = "model"
     output_rank: int | None = None
     tokenizer_source: str | None = None
