@@ -6,7 +6,9 @@ with a `name`; a later stage uses an earlier one's result as a model by that nam
 without a name, else the last document) to OUT. Intermediate results live inside OUT's temporary
 folder (`io.outputs.atomic_output`), each deleted once the last stage using it has run; a failure at
 any stage removes that folder, so nothing is left behind and an existing OUT stays as it was. Unlike
-mergekit-multi there is no intermediate folder to keep or reuse: every stage runs each time. Refused
+mergekit-multi there is no intermediate folder to keep or reuse: every stage runs each time. A random
+method's draws in a named stage are seeded with its name too (`positions.seeded_generators`), so no two
+stages draw alike. Refused
 in one line, before any stage runs: two stages with one name, two without one, a name that is no
 plain folder name, a cycle, a reference that is neither a stage, a folder nor a Hub reference, and a
 stage the final one does not use (its result would be thrown away).
