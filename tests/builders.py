@@ -62,6 +62,11 @@ def mergekit_merge(recipe: dict, out, **options) -> dict:
     from mergekit.merge import MergeOptions
     from mergekit.merge import run_merge as mk_run
 
+    from mergekit.io.tasks import LoaderCache
+
+    # mergekit keeps its loaders for the process, by model reference: a `base+lora` read again after other
+    # options (--lora-merge-dtype) would be the first run's merged model
+    LoaderCache.loaders.clear()
     settings = {**dict(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False), **options}
     mk_run(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(recipe))), str(out), MergeOptions(**settings))
     return state(out)

@@ -229,10 +229,10 @@ def test_weighted_adapters_and_plus_reference(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_plus_reference_like_mergekit(tmp_path, dtype):
-    """A `base+lora` model reference gives mergekit's bytes where mergekit adds the LoRA in float32
-    (--lora-merge-dtype float32): ΔW added in float32 to the base as stored, then converted to `dtype`.
-    With mergekit's default, it saves the merged weights in the base's dtype (bf16 here) before converting
-    them: the same bytes for a bf16 recipe here, up to that rounding for a float32 one."""
+    """A `base+lora` model reference is the base with the LoRA merged in, stored as the base is: ΔW added in
+    float32 and rounded once to bf16 (mergekit's default: its LoRA merge saves that model, which it then
+    loads in `dtype`), mergekit's bytes for a bf16 and a float32 recipe. With `compute_dtype` the sum is
+    rounded to the compute dtype alone: mergekit's bytes under --lora-merge-dtype float32."""
     from peft import LoraConfig, get_peft_model
 
     tiny_llama(seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "base")
@@ -243,17 +243,20 @@ def test_plus_reference_like_mergekit(tmp_path, dtype):
     recipe = {"merge_method": "linear", "dtype": dtype,
               "models": [{"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}", "parameters": {"weight": 1.0}}]}
     run_merge(recipe, tmp_path / "ours", progress=False, card=False)
-    got = state(tmp_path / "ours")
-    exact = mergekit_merge(recipe, tmp_path / "mk32", lora_merge_cache=str(tmp_path / "c32"), lora_merge_dtype="float32")
+    run_merge(dict(recipe, compute_dtype=dtype), tmp_path / "ours-exact", progress=False, card=False)
+    got, got_exact = state(tmp_path / "ours"), state(tmp_path / "ours-exact")
     default = mergekit_merge(recipe, tmp_path / "mk", lora_merge_cache=str(tmp_path / "c"))
-    assert sorted(got) == sorted(exact) == sorted(default)
+    exact = mergekit_merge(recipe, tmp_path / "mk32", lora_merge_cache=str(tmp_path / "c32"), lora_merge_dtype="float32")
+    assert sorted(got) == sorted(got_exact) == sorted(default) == sorted(exact)
     changed = [n for n in got if "q_proj" in n or "v_proj" in n]
-    assert len(changed) == 4 and all(got[n].dtype == exact[n].dtype == getattr(torch, dtype) for n in got)
-    assert all(torch.equal(got[n], exact[n]) for n in got)
-    assert all(torch.equal(got[n], default[n]) for n in got if n not in changed or dtype == "bfloat16")
-    if dtype == "float32":  # mergekit's bf16 cache: within a bf16 rounding of the exact sum
+    assert len(changed) == 4 and all(got[n].dtype == default[n].dtype == getattr(torch, dtype) for n in got)
+    assert all(torch.equal(got[n], default[n]) and torch.equal(got_exact[n], exact[n]) for n in got)
+    peft_merged = lora.merge_and_unload().state_dict()  # (PEFT's merge of the bf16 model: the same rounding)
+    assert all(torch.equal(got[n], peft_merged[n].to(got[n].dtype)) for n in changed)
+    if dtype == "float32":  # the exact sum: within a bf16 rounding of the stored one, and not all equal to it
         for n in changed:
-            torch.testing.assert_close(default[n], got[n], rtol=2 ** -8, atol=0)
+            torch.testing.assert_close(got_exact[n], got[n], rtol=2 ** -8, atol=0)
+        assert not all(torch.equal(got_exact[n], got[n]) for n in changed)
 
 
 # -- recipes and the CLI ------------------------------------------------------------------------------

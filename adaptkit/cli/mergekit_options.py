@@ -43,8 +43,9 @@ SHARED = {
     **dict.fromkeys(("--async-write", "--no-async-write", "--write-threads"), _WRITES),
     "--transformers-cache": "Hub models are read from huggingface_hub's cache: set HF_HUB_CACHE (or HF_HOME)",
     "--lora-merge-cache": "not needed: a LoRA is merged into its base while the base streams, nothing is cached",
-    "--lora-merge-dtype": "a LoRA is merged into its base in float32 and rounded once to the recipe's dtype "
-                          "(mergekit's --lora-merge-dtype float32 gives the same bytes)",
+    "--lora-merge-dtype": "a LoRA is merged into its base in float32 and rounded to the base's stored dtype, as "
+                          "mergekit does by default; --compute-dtype DTYPE rounds the sum to DTYPE alone (mergekit's "
+                          "--lora-merge-dtype float32 with dtype: DTYPE)",
     **dict.fromkeys(("--no-allow-crimes", "--no-unsafe-truncate-embeddings", "--no-cuda", "--no-low-cpu-memory",
                      "--no-clone-tensors", "--no-trust-remote-code", "--no-lazy-unpickle", "--no-quiet", "--no-read-to-gpu",
                      "--no-multi-gpu"), _OFF),

@@ -223,10 +223,12 @@ def merge_tensor(plan: Plan, name: str, *, allow_nonfinite: bool = False, rows: 
     if not code_to_torch(job.reference.info(job.reference_name).dtype).is_floating_point:
         return job.reference.get(job.reference_name, float32=False, rows=rows)
     # Operators that convert block by block get inputs as read (half the memory for bf16 models
-    # computed in float32); inputs with adapter deltas come in float32, the delta added before rounding.
+    # computed in float32). An input with adapter deltas is the model with them merged in, as stored (as
+    # mergekit merges `model+lora`); with compute_dtype, in float32, rounded only to the compute dtype.
     lazy = spec.option(plan.method, "block_upcast")
     compute = plan.compute or plan.stored_dtype(name)
-    read = [source.get(n, rows=rows, float32=source.has_deltas(n)) for source, n in job.sources]
+    exact = plan.recipe.compute_dtype is not None
+    read = [source.get(n, rows=rows, float32=exact and source.has_deltas(n)) for source, n in job.sources]
     for i in range(0 if lazy else len(read)):  # one by one: each stored copy freed as its conversion is made
         read[i] = read[i].to(compute)
     base, tensors = (read[0], read[1:]) if job.base else (None, read)

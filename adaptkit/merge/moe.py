@@ -268,7 +268,7 @@ def _stream(plan: MoePlan, writer: ShardedWriter, dtypes: dict, gates, generator
     for name, weight in plan.zeros:
         write(name, torch.zeros(plan.base.info(weight).shape[:1], dtype=dtypes[name]))
     for name, expert, source, tensor_name, down in plan.expert_tensors():
-        tensor = source.get(tensor_name, float32=source.has_deltas(tensor_name))
+        tensor = source.get(tensor_name, float32=False)  # (with a LoRA: merged in, stored as the model is, as mergekit)
         if expert.noise_scale is not None:
             noise = torch.randn(tensor.shape, dtype=tensor.dtype, generator=generator)
             tensor = tensor + noise * expert.noise_scale

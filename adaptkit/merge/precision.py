@@ -14,8 +14,12 @@ mergekit 0.1.5 (the anchor; read from its source):
 adaptkit means the same by `dtype` and `out_dtype`, and adds `compute_dtype`: the dtype tensors are
 converted to instead of `dtype` (`compute_dtype: float32` computes in float32 from the inputs as
 stored and rounds once to the output dtype: more exact than mergekit, not its bytes). The output dtype
-is `out_dtype`, else `dtype`, else the inputs' promoted stored dtype; config.json says it. Inputs with
-adapter deltas (`base+adapter`) have the delta added in float32 before the conversion.
+is `out_dtype`, else `dtype`, else the inputs' promoted stored dtype; config.json says it. An input
+with adapter deltas (`model+adapter`) is, as in mergekit, the model with the adapter merged in and
+stored as the model stores it: ΔW added in float32 and rounded once to the stored dtype (mergekit's
+LoRA merge writes such a model, transformers 5 loading it as stored), then converted like any input;
+with `compute_dtype` the sum is converted to the compute dtype alone (a bf16 model + LoRA computed in
+float32 keeps W + ΔW unrounded).
 """
 from __future__ import annotations
 

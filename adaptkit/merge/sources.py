@@ -183,7 +183,9 @@ class ModelSource:
         return name in self._deltas
 
     def get(self, name: str, *, float32: bool = True, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `name` (float32 unless asked otherwise), or rows [start, stop) of it.
+        """The tensor `name` in float32, or with `float32=False` as stored (adapter deltas added in float32
+        and rounded once to the stored dtype: the tensor of the model with the adapter merged in, as
+        mergekit's `model+lora` and PEFT's merge_and_unload store it); or rows [start, stop) of it.
         Row blocks are only for tensors no adapter changes (see `has_deltas`)."""
         # A saved full tensor replaces the base one; adapter deltas then apply on top of it.
         if name in self._saved:
@@ -191,9 +193,9 @@ class ModelSource:
             tensor = adapter.store.get(key, rows=rows)
         else:
             tensor = self.store.get(self.stored(name) or name, rows=rows)
-        if not float32:
+        if not (float32 or name in self._deltas):
             return tensor
-        tensor = tensor.float()
+        stored, tensor = tensor.dtype, tensor.float()
         for adapter, module, hook, span in self._deltas.get(name, ()):
             variant = registry.get("variant", adapter.variant)
             if hook == "expert":  # this tensor's part of expert e's ΔP in transformers 5's layout (all its rows)
@@ -210,7 +212,7 @@ class ModelSource:
                                     f"{tuple(delta.shape)} but {self.ref.model} has {tuple(part.shape)}: wrong base model?")
             tensor = tensor + delta if span is None else \
                 torch.cat((tensor[:span[0]], part + delta, tensor[span[1]:]))  # its rows of a fused tensor
-        return tensor
+        return tensor if float32 else tensor.to(stored)
 
     def check_matches(self, reference: ModelSource, rows_may_differ: frozenset[str] = frozenset()) -> None:
         """Same tensor names and shapes as the reference input (but for the first dimension of the

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..devices import compute_device
 from ..errors import AdaptkitError
 from ..io import readers
-from ..io.dtypes import code_to_torch, torch_to_code
+from ..io.dtypes import torch_to_code
 from ..io.outputs import atomic_output, check_output
 from ..io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 from . import token_approx as ta
@@ -298,9 +298,7 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
 def _read(source: ModelSource, name: str):
     """A tensor of an input in its stored dtype; with an adapter's ΔW (MODEL+ADAPTER) added in float32 and
     rounded once to that dtype."""
-    if not source.has_deltas(name):
-        return source.get(name, float32=False)
-    return source.get(name).to(code_to_torch(source.info(name).dtype))
+    return source.get(name, float32=False)
 
 
 def _load_tokenizer(source: ModelSource, what: str):
