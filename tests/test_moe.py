@@ -159,10 +159,18 @@ def test_load_in_bits_refusals_are_one_line(tmp_path, models, monkeypatch):
     random = _recipe(tmp_path, _config(models["llama"], "random", 2, prompts=False), "random.yml")
     for args, fragment in (((random, "--load-in-4bit"), "--load-in-4bit quantizes the base run for hidden-state gates"),
                            ((random, "--load-in-8bit", "--dry-run"), "gate_mode random runs no model"),
-                           ((hidden, "--load-in-4bit", "--load-in-8bit"), "not both"),
-                           # (rows of 32 entries: bitsandbytes' CPU 4-bit kernel fails on them, as in mergekit)
-                           ((hidden, "--load-in-4bit"), "--load-in-4bit: bitsandbytes cannot run this base quantized")):
+                           ((hidden, "--load-in-4bit", "--load-in-8bit"), "not both")):
         assert_one_line_error(run_cli("moe", *args, "-o", tmp_path / "out"), fragment)
+    # bitsandbytes' CPU 4-bit kernel fails on rows of 32 entries on some CPUs (those with AVX-512, as in
+    # mergekit) and runs them on others: its failure, made here on any CPU, is one line
+    from bitsandbytes.nn import Linear4bit
+
+    def kernel_fails(self, x):
+        raise RuntimeError("bitsandbytes' kernel failed")
+    with monkeypatch.context() as patch:
+        patch.setattr(Linear4bit, "forward", kernel_fails)
+        assert_one_line_error(run_cli("moe", hidden, "--load-in-4bit", "-o", tmp_path / "out"),
+                              "--load-in-4bit: bitsandbytes cannot run this base quantized (bitsandbytes' kernel failed)")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # (an import of it fails)
     with pytest.raises(AdaptkitError, match="^--load-in-8bit needs bitsandbytes"):
         build_moe(load_moe_config(_config(models["llama"], "hidden", 2)), tmp_path / "out", base_bits=8)
@@ -339,3 +347,27 @@ def test_random_gates_need_no_transformers_and_prompt_gates_say_so(tmp_path, mod
     with pytest.raises(AdaptkitError, match=r"need transformers \(pip install 'adaptkit\[train\]'\)"):
         build_moe(load_moe_config(_config(models["llama"], "cheap_embed", 2)), tmp_path / "cheap")
     assert not (tmp_path / "cheap").exists()
+
+
+def test_an_expert_with_a_lora_is_the_merged_model_as_stored(tmp_path, models):
+    """An expert `model+lora` (mergekit-moe 0.1.5 refuses one: "LoRA not merged") over a bf16 model is that
+    model with the LoRA merged in and stored in bf16, as `adaptkit merge` reads one (and mergekit's merges):
+    PEFT's merge-and-unload, whose bf16 values a float32 output holds exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(1, vocab_size=vocab_size(), bos_token_id=2, eos_token_id=3, pad_token_id=0).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "expert")
+    torch.manual_seed(5)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"],
+                                            init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    config = _config([models["llama"][0], models["llama"][2]], "random", 1, dtype="float32")
+    config["experts"].insert(0, {"source_model": f"{tmp_path / 'expert'}+{tmp_path / 'lora'}"})
+    build_moe(load_moe_config(config), tmp_path / "ours", seed=11)
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    merged = lora.merge_and_unload().state_dict()
+    for layer in range(2):
+        for w, proj in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+            got = ours[expert_name(layer, 0, w)]
+            assert got.dtype == torch.float32
+            assert torch.equal(got, merged[f"model.layers.{layer}.mlp.{proj}.weight"].float()), (layer, w)
