@@ -341,6 +341,40 @@ def stages_recipe(rng) -> list[dict]:
     return [{"name": "first", **first}, final]
 
 
+def chain_recipe(rng) -> list[dict]:
+    """Two to four stages (mergekit-multi), each after the first naming the stage before it and, now and then,
+    earlier ones: as its base, an input, a slice source, or with the base's LoRA merged in (`s0+fz_lora`). Every
+    stage but the last (which has no name) merges whole models, so that its result has their six layers."""
+    count = rng.randint(2, 4)
+    docs = []
+    for k in range(count):
+        doc = merge_recipe(rng)
+        while k < count - 1 and doc["merge_method"] == "passthrough":
+            doc = merge_recipe(rng)
+        if k:
+            name_stages(rng, doc, [f"s{i}" for i in range(k)])
+        docs.append(({"name": f"s{k}"} if k < count - 1 else {}) | doc)
+    return docs
+
+
+def name_stages(rng, doc: dict, stages: list[str]) -> None:
+    """Stage names for some of `doc`'s models (each model in every place it is named): the last of `stages`
+    always, each earlier one with probability 0.4, a stage that is no base now and then with the LoRA."""
+    places: dict[str, list[dict]] = {}
+    for entry in doc.get("models", []) + [s for part in doc.get("slices", []) for s in part["sources"]]:
+        places.setdefault(entry["model"], []).append(entry)
+    models = list(places)
+    rng.shuffle(models)
+    chosen = [stages[-1]] + [s for s in stages[:-1] if rng.random() < 0.4]
+    for model, stage in zip(models, chosen):
+        if model == doc.get("base_model"):
+            doc["base_model"] = stage
+        elif "+" in model or rng.random() < 0.1:
+            stage += "+fz_lora"
+        for entry in places[model]:
+            entry["model"] = stage
+
+
 def reference(rng, model):
     """A model named as a string or as one of mergekit's reference mappings."""
     return rng.choice([model, {"model": model}, {"model": {"path": model}}])
@@ -512,6 +546,8 @@ def draw(kind: str, seed: int) -> suite.Recipe:
             if entry["model"] != doc.get("base_model") and rng.random() < 0.5:
                 entry["model"] = f"{entry['model']}+al_{family}_lora"
         docs = [doc]
+    elif kind == "chain":
+        docs = chain_recipe(rng)
     elif kind == "arch":
         family = rng.choice(ARCHES)
         docs = [merge_recipe(rng, stand_ins("ar", family), 4, ARCH_FILTERS)]
@@ -519,7 +555,7 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs, kind = (stages_recipe(rng), "multi") if rng.random() < 0.1 else ([merge_recipe(rng)], "merge")
     text = yaml.safe_dump_all(docs, sort_keys=False)
     what = docs[-1].get("merge_method") or docs[-1]["gate_mode"]
-    return suite.Recipe(f"{kind}{seed}-{what}", text, {"multi": "multi", "moe": "moe", "archmoe": "moe"}.get(kind, "merge"), "runs", docs)
+    return suite.Recipe(f"{kind}{seed}-{what}", text, {"multi": "multi", "chain": "multi", "moe": "moe", "archmoe": "moe"}.get(kind, "merge"), "runs", docs)
 
 
 def main(argv=None) -> int:
@@ -529,6 +565,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizers", action="store_true", help="Draw tokenizer recipes instead.")
     parser.add_argument("--moe", action="store_true", help="Draw mergekit-moe configs instead.")
     parser.add_argument("--modules", action="store_true", help="Draw vision-language merges by modules: instead.")
+    parser.add_argument("--stages", action="store_true", help="Draw multi-stage recipes of two to four stages instead.")
     parser.add_argument("--arch", action="store_true", help="Draw merges of other architecture families instead (with "
                         "--tokenizers: their tokenizer recipes; with --moe: mergekit-moe over Qwen2 and Qwen3 experts).")
     parser.add_argument("--lora", action="store_true", help="With --arch: inputs with a LoRA merged in (model+lora).")
@@ -544,7 +581,7 @@ def main(argv=None) -> int:
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
     if args.arch:
         paths.update(suite.ensure_models(set(ARCH_MODELS), ARCH_MODELS, WORK / "models"))
-    kind = "archlora" if args.lora and args.arch else "archtok" if args.tokenizers and args.arch else "archmoe" if args.moe and args.arch else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "arch" if args.arch else "merge"
+    kind = "archlora" if args.lora and args.arch else "archtok" if args.tokenizers and args.arch else "archmoe" if args.moe and args.arch else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "chain" if args.stages else "arch" if args.arch else "merge"
     rows = []
     for seed in range(args.seed, args.seed + args.count):
         recipe = draw(kind, seed)

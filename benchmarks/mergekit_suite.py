@@ -311,11 +311,11 @@ def model_names(recipe: Recipe, models: dict, hub: dict) -> set[str]:
 def localize(recipe: Recipe, hub: dict, paths: dict[str, str]) -> str:
     """The recipe's YAML with every model name (a Hub name or a local model's name, either side of a `+`)
     as its folder."""
-    def local(text: str) -> str:
+    def local(text: str) -> str:  # (a part that is no model, such as a stage's name, stays as it is)
         parts = _parts(text)
-        if not all(hub.get(p, p) in paths for p in parts):
+        if not any(hub.get(p, p) in paths for p in parts):
             return text
-        return "+".join(paths[hub.get(p, p)] for p in parts)
+        return "+".join(paths.get(hub.get(p, p), p) for p in parts)
 
     return yaml.safe_dump_all(_walk(recipe.docs, local), sort_keys=False)
 
@@ -323,7 +323,10 @@ def localize(recipe: Recipe, hub: dict, paths: dict[str, str]) -> str:
 # ---- the two tools ---------------------------------------------------------------------------------
 
 def run_mergekit(recipe: Recipe, path: Path, out: Path) -> None:
+    from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
+
+    LoaderCache.loaders.clear()  # (kept for the process by model reference: a name read again would be the old files)
 
     # (a `model+lora` reference needs a folder for the model with the LoRA merged in)
     options = MergeOptions(device="cpu", quiet=True, random_seed=0, lora_merge_cache=str(out.parent / "mergekit-lora"))
