@@ -35,6 +35,9 @@ suite's status, refined where the tools differ on purpose:
                     refuses) or, for GTE, its layer count (the missing layers initialized at random), its DELLA
                     divides 0 by 0 on rows of one entry (Mamba's conv1d, [C, 1, K]: adaptkit keeps those with
                     probability `density`), and it fails on a GLM-4-MoE slice starting at an expert layer
+  mergekit-nonfinite  the tensors that differ are NaN or Inf in mergekit's output and finite in adaptkit's: RAM+
+                    with ε = 0 (a slice's ε rounded to 0.0), where mergekit's ρᵢ is 0/0 for an input with no unique
+                    entry and adaptkit's λᵢ = 1 scales nothing (plugins/merges/ram.py)
   both-nonfinite    mergekit wrote NaN or Inf where adaptkit refused them (multislerp's ε = 1e-8 is 0 in
                     float16, so identical inputs give 0/0)
   other-dtype       mergekit wrote float32 where the recipe's dtype says otherwise (arcee_fusion, ramplus_tl,
@@ -344,12 +347,14 @@ def stages_recipe(rng) -> list[dict]:
 def chain_recipe(rng) -> list[dict]:
     """Two to four stages (mergekit-multi), each after the first naming the stage before it and, now and then,
     earlier ones: as its base, an input, a slice source, or with the base's LoRA merged in (`s0+fz_lora`). Every
-    stage but the last (which has no name) merges whole models, so that its result has their six layers."""
+    stage but the last (which has no name) merges whole models, so that its result has their six layers, by a
+    method mergekit writes in the recipe's dtype (not FLOAT32_WRITERS: its float32 result would be another input
+    to the next stage)."""
     count = rng.randint(2, 4)
     docs = []
     for k in range(count):
         doc = merge_recipe(rng)
-        while k < count - 1 and doc["merge_method"] == "passthrough":
+        while k < count - 1 and doc["merge_method"] in {"passthrough"} | FLOAT32_WRITERS:
             doc = merge_recipe(rng)
         if k:
             name_stages(rng, doc, [f"s{i}" for i in range(k)])
@@ -459,6 +464,10 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
         row["status"] = "template"
     elif status == "different" and detail.startswith("tokenizer vocab"):
         row["status"], row["detail"] = by_token(folder, random=row["method"] in suite.RANDOM_METHODS)
+    elif status == "different" and all(not bool(suite.load_tensors(folder / "mergekit")[n].isfinite().all())
+                                       and bool(suite.load_tensors(folder / "adaptkit")[n].isfinite().all())
+                                       for n in unequal(folder)):
+        row["status"] = "mergekit-nonfinite"
     elif status == "adaptkit-refused" and "gave NaN or Inf values from finite inputs" in detail:
         theirs = suite.load_tensors(folder / "mergekit")
         if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in theirs.values()):
@@ -513,8 +522,8 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
                          f"{', '.join(moved[:3])}")
 
 
-FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "superset", "both-nonfinite", "other-dtype",
-        "config-dtype", "template", "base-alias", "projector-order", "strict-token"}
+FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "superset", "both-nonfinite", "mergekit-nonfinite",
+        "other-dtype", "config-dtype", "template", "base-alias", "projector-order", "strict-token"}
 
 
 def stand_ins(prefix: str, family: str) -> list[str]:

@@ -8,7 +8,8 @@ folder (`io.outputs.atomic_output`), each deleted once the last stage using it h
 any stage removes that folder, so nothing is left behind and an existing OUT stays as it was. Unlike
 mergekit-multi there is no intermediate folder to keep or reuse: every stage runs each time. A random
 method's draws in a named stage are seeded with its name too (`positions.seeded_generators`), so no two
-stages draw alike. Refused
+stages draw alike (mergekit-multi with --random-seed seeds every stage with it again: its stages draw
+the same numbers, and a later stage's DARE masks thin an earlier one's). Refused
 in one line, before any stage runs: two stages with one name, two without one, a name that is no
 plain folder name, a cycle, a reference that is neither a stage, a folder nor a Hub reference, and a
 stage the final one does not use (its result would be thrown away).
