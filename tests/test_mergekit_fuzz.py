@@ -3,7 +3,7 @@
 A fixed handful of the fuzzer's seeds, each through mergekit 0.1.5 and adaptkit as the benchmark runs
 them: seeds that drew what the issue's recipes lacked (weights summing to zero with `normalize`, float16
 merges mergekit turns into NaN, frankenmerges, `model+lora` and half-precision inputs, two stages,
-reference mappings in tokenizer settings, mergekit-moe configs, vision-language merges by `modules:`,
+chains of up to four stages, reference mappings in tokenizer settings, mergekit-moe configs, vision-language merges by `modules:`,
 other architectures: scalar tensors, MoE layers of two kinds, an encoder) and a run of consecutive ones. The statuses are the fuzzer's (its docstring); none of them may be
 `different`, `adaptkit-crashed` or a refusal of what mergekit runs.
 """
@@ -31,6 +31,10 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("merge", 3152): "equal",  # task_arithmetic in float64
     ("merge", 513): "equal",  # two stages: karcher over a karcher, the stage's bfloat16 in float16
     ("merge", 547): "equal",  # two stages, the second in float64
+    ("merge", 9141): "close",  # DARE over a DARE stage: the stages' masks were one draw thinned (norm 8 % off)
+    ("chain", 9): "equal",  # multislerp over a bf16 stage with a LoRA merged in, in float32: the sum rounded to bf16
+    ("chain", 285): "equal",  # four stages; a bf16 stage + LoRA in a float32 multislerp
+    ("chain", 12): "close",  # a frankenmerge of a DELLA stage over a DARE stage (mergekit-multi seeded once)
     ("tok", 9): "equal",  # model_stock, a token's source as {model: {path}}
     ("tok", 35): "equal",  # breadcrumbs, the same
     ("tok", 270): "base-alias",  # source: base with tokens: mergekit takes the base's padding row
