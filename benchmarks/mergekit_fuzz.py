@@ -464,9 +464,7 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
         row["status"] = "template"
     elif status == "different" and detail.startswith("tokenizer vocab"):
         row["status"], row["detail"] = by_token(folder, random=row["method"] in suite.RANDOM_METHODS)
-    elif status == "different" and all(not bool(suite.load_tensors(folder / "mergekit")[n].isfinite().all())
-                                       and bool(suite.load_tensors(folder / "adaptkit")[n].isfinite().all())
-                                       for n in unequal(folder)):
+    elif status == "different" and nonfinite_in_mergekit_only(folder):
         row["status"] = "mergekit-nonfinite"
     elif status == "adaptkit-refused" and "gave NaN or Inf values from finite inputs" in detail:
         theirs = suite.load_tensors(folder / "mergekit")
@@ -480,6 +478,14 @@ def vocabulary(folder: Path) -> set[str]:
     sizes are other)."""
     rows = json.loads((folder / "mergekit" / "config.json").read_text())["vocab_size"]
     return {n for n, t in suite.load_tensors(folder / "mergekit").items() if t.dim() and t.shape[0] == rows}
+
+
+def nonfinite_in_mergekit_only(folder: Path) -> bool:
+    """Whether some tensors differ, and each holds NaN or Inf in mergekit's output and none in adaptkit's."""
+    names = unequal(folder)
+    a, m = suite.load_tensors(folder / "adaptkit"), suite.load_tensors(folder / "mergekit")
+    return bool(names) and all(n in a and a[n].is_floating_point() and bool(a[n].isfinite().all())
+                               and not bool(m[n].isfinite().all()) for n in names)
 
 
 def unequal(folder: Path) -> list[str]:

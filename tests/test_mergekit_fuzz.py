@@ -31,6 +31,7 @@ SEEDS = {  # seed -> the status it must have (None: any of the fuzzer's FINE one
     ("merge", 3152): "equal",  # task_arithmetic in float64
     ("merge", 513): "equal",  # two stages: karcher over a karcher, the stage's bfloat16 in float16
     ("merge", 547): "equal",  # two stages, the second in float64
+    ("merge", 9669): "mergekit-nonfinite",  # RAM+ with a slice's ε rounded to 0: mergekit's ρᵢ = 0/0, adaptkit's λᵢ = 1
     ("merge", 9141): "close",  # DARE over a DARE stage: the stages' masks were one draw thinned (norm 8 % off)
     ("chain", 9): "equal",  # multislerp over a bf16 stage with a LoRA merged in, in float32: the sum rounded to bf16
     ("chain", 285): "equal",  # four stages; a bf16 stage + LoRA in a float32 multislerp
