@@ -136,7 +136,8 @@ def _check_plot(plot: str, recipe: str | None, dry_run: bool, parsed=None) -> No
 @dtype_option()
 @click.option("--out-dtype", type=DType(), help="Output dtype for floating tensors, as a recipe's `out_dtype` (default: --dtype).")
 @click.option("--compute-dtype", type=DType(), help="Compute in this dtype instead of --dtype, as a recipe's `compute_dtype`; "
-              "float32 computes from the inputs as stored and rounds once to the output dtype.")
+              "float32 computes from the inputs as stored (a model+lora input's W + ΔW unrounded) and rounds once "
+              "to the output dtype.")
 @click.option("--tensors", type=click.Choice(TENSOR_SETS),
               help="Inputs holding different tensors: write every tensor any input has, each merged over the inputs "
                    "that have it, or only those all have (mergekit-pytorch's --tensor-union, --tensor-intersection; "
