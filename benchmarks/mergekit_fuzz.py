@@ -48,6 +48,8 @@ suite's status, refined where the tools differ on purpose:
   row-order         the same tokens at other ids, and values that differ because the method looks at a
                     whole tensor (norms, sums, magnitude cuts, random draws) whose rows mergekit orders by
                     hash in that run: mergekit itself gives other values from one process to the next
+  template-base     neither `base_model` nor `chat_template`: adaptkit's tokenizer keeps the first listed input's
+                    chat template, mergekit's that of the input its set order (the process's hash seed) put first
   template          the built-in alpaca template, which mergekit renders with stray blank lines
   base-alias        `tokenizer: {source: base, tokens: ...}`: mergekit adds the tokens to the base's own
                     tokenizer, so the base seems to have them (its padding rows, past its vocabulary);
@@ -427,6 +429,21 @@ def tokenizer_recipe(rng, names=tuple(TOKENIZED)) -> dict:
     return doc
 
 
+def tokenizer_chain(rng) -> list[dict]:
+    """Two tokenizer recipes (mergekit-multi): the second names the first's result (`s0`, whose vocabulary is
+    the one its tokenizer settings made) in place of one of its models, wherever that model is named."""
+    first, final = tokenizer_recipe(rng), tokenizer_recipe(rng)
+    swapped = rng.choice([entry["model"] for entry in final["models"]])
+
+    def swap(value):
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return "s0" if value == swapped else value
+    return [{"name": "s0", **first}, swap(final)]
+
+
 def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str]) -> None:
     """The suite's status, told apart where the tools differ on purpose (the module docstring); `folder`
     holds both outputs, `paths` the models' folders."""
@@ -439,7 +456,7 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
         row["status"] = "base-alias"
     elif status == "different" and "modules" in docs[-1] and all("merger.mlp." in n for n in unequal(folder)):
         row["status"] = "projector-order"
-    elif status == "adaptkit-refused" and detail.startswith("tokenizer.tokens.") and " has no token " in detail:
+    elif status == "adaptkit-refused" and "tokenizer.tokens." in detail and " has no token " in detail:
         row["status"] = "strict-token"
     elif status == "mergekit-failed" and "; adaptkit refused: " in detail:
         row["status"] = "both-refused"
@@ -462,6 +479,8 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
             row["detail"] = f"{detail}; mergekit's config.json says {said['mergekit']}"
     elif status == "different" and detail.startswith("tokenizer chat_template") and "### Instruction" in detail:
         row["status"] = "template"
+    elif status == "different" and detail.startswith("tokenizer chat_template") and template_base(folder, docs[-1], paths):
+        row["status"] = "template-base"
     elif status == "different" and detail.startswith("tokenizer vocab"):
         row["status"], row["detail"] = by_token(folder, random=row["method"] in suite.RANDOM_METHODS)
     elif status == "different" and nonfinite_in_mergekit_only(folder):
@@ -478,6 +497,21 @@ def vocabulary(folder: Path) -> set[str]:
     sizes are other)."""
     rows = json.loads((folder / "mergekit" / "config.json").read_text())["vocab_size"]
     return {n for n, t in suite.load_tensors(folder / "mergekit").items() if t.dim() and t.shape[0] == rows}
+
+
+def template_base(folder: Path, doc: dict, paths: dict[str, str]) -> bool:
+    """Whether, in a merge with neither `base_model` nor `chat_template`, adaptkit's output has the first listed
+    input's chat template and mergekit's another input's (mergekit builds the tokenizer on one of the inputs in
+    set order, by the process's hash seed; a stage's result is read from mergekit's stage folder)."""
+    if doc.get("base_model") or doc.get("chat_template") or not doc.get("models"):
+        return False
+    refs = [e["model"] if isinstance(e["model"], str) else None for e in doc["models"]]
+    if None in refs:
+        return False
+    inputs = [suite._tokenizer_facts(Path(paths[r]) if r in paths else folder / "mergekit-stages" / r)["chat_template"]
+              for r in refs]
+    mine, peer = (suite._tokenizer_facts(folder / tool).get("chat_template") for tool in TOOLS)
+    return mine == inputs[0] and peer in inputs and mine != peer
 
 
 def nonfinite_in_mergekit_only(folder: Path) -> bool:
@@ -529,7 +563,7 @@ def by_token(folder: Path, random: bool) -> tuple[str, str]:
 
 
 FINE = {"equal", "close", "equal-by-token", "row-order", "both-refused", "superset", "both-nonfinite", "mergekit-nonfinite",
-        "other-dtype", "config-dtype", "template", "base-alias", "projector-order", "strict-token"}
+        "other-dtype", "config-dtype", "template", "template-base", "base-alias", "projector-order", "strict-token"}
 
 
 def stand_ins(prefix: str, family: str) -> list[str]:
@@ -563,6 +597,8 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs = [doc]
     elif kind == "chain":
         docs = chain_recipe(rng)
+    elif kind == "tokchain":
+        docs = tokenizer_chain(rng)
     elif kind == "arch":
         family = rng.choice(ARCHES)
         docs = [merge_recipe(rng, stand_ins("ar", family), 4, ARCH_FILTERS)]
@@ -570,7 +606,7 @@ def draw(kind: str, seed: int) -> suite.Recipe:
         docs, kind = (stages_recipe(rng), "multi") if rng.random() < 0.1 else ([merge_recipe(rng)], "merge")
     text = yaml.safe_dump_all(docs, sort_keys=False)
     what = docs[-1].get("merge_method") or docs[-1]["gate_mode"]
-    return suite.Recipe(f"{kind}{seed}-{what}", text, {"multi": "multi", "chain": "multi", "moe": "moe", "archmoe": "moe"}.get(kind, "merge"), "runs", docs)
+    return suite.Recipe(f"{kind}{seed}-{what}", text, {"multi": "multi", "chain": "multi", "tokchain": "multi", "moe": "moe", "archmoe": "moe"}.get(kind, "merge"), "runs", docs)
 
 
 def main(argv=None) -> int:
@@ -580,7 +616,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizers", action="store_true", help="Draw tokenizer recipes instead.")
     parser.add_argument("--moe", action="store_true", help="Draw mergekit-moe configs instead.")
     parser.add_argument("--modules", action="store_true", help="Draw vision-language merges by modules: instead.")
-    parser.add_argument("--stages", action="store_true", help="Draw multi-stage recipes of two to four stages instead.")
+    parser.add_argument("--stages", action="store_true", help="Draw multi-stage recipes of two to four stages instead "
+                        "(with --tokenizers: two tokenizer recipes, the second over the first's result).")
     parser.add_argument("--arch", action="store_true", help="Draw merges of other architecture families instead (with "
                         "--tokenizers: their tokenizer recipes; with --moe: mergekit-moe over Qwen2 and Qwen3 experts).")
     parser.add_argument("--lora", action="store_true", help="With --arch: inputs with a LoRA merged in (model+lora).")
@@ -596,7 +633,7 @@ def main(argv=None) -> int:
     paths = suite.ensure_models(set(MODELS), MODELS, WORK / "models")
     if args.arch:
         paths.update(suite.ensure_models(set(ARCH_MODELS), ARCH_MODELS, WORK / "models"))
-    kind = "archlora" if args.lora and args.arch else "archtok" if args.tokenizers and args.arch else "archmoe" if args.moe and args.arch else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "chain" if args.stages else "arch" if args.arch else "merge"
+    kind = "archlora" if args.lora and args.arch else "archtok" if args.tokenizers and args.arch else "archmoe" if args.moe and args.arch else "tokchain" if args.tokenizers and args.stages else "tok" if args.tokenizers else "moe" if args.moe else "modules" if args.modules else "chain" if args.stages else "arch" if args.arch else "merge"
     rows = []
     for seed in range(args.seed, args.seed + args.count):
         recipe = draw(kind, seed)
