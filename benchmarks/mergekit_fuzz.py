@@ -51,7 +51,7 @@ suite's status, refined where the tools differ on purpose:
   template-base     neither `base_model` nor `chat_template`: adaptkit's tokenizer keeps the first listed input's
                     chat template, mergekit's that of the input its set order (the process's hash seed) put first
   template          the built-in alpaca template, which mergekit renders with stray blank lines
-  base-alias        `tokenizer: {source: base, tokens: ...}`: mergekit adds the tokens to the base's own
+  base-alias        `tokenizer: {source: base, tokens: ...}` (in any stage): mergekit adds the tokens to the base's own
                     tokenizer, so the base seems to have them (its padding rows, past its vocabulary);
                     adaptkit gives the base the row the entry names, or refuses an entry naming a model
                     that lacks the token (only the token rows differ)
@@ -449,8 +449,9 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
     holds both outputs, `paths` the models' folders."""
     status, detail, docs = row["status"], row["detail"], recipe.docs
     base = paths.get(docs[-1].get("base_model")) if isinstance(docs[-1].get("base_model"), str) else None
-    block = docs[-1].get("tokenizer") or {}
-    if block.get("source") == "base" and block.get("tokens") and (
+    aliased = any((d.get("tokenizer") or {}).get("source") == "base" and (d.get("tokenizer") or {}).get("tokens")
+                  for d in docs)  # (in any stage: its token rows go on to the stages after it)
+    if aliased and (
             (status == "adaptkit-refused" and "to take its row from" in detail)
             or (status in ("different", "close") and set(unequal(folder)) <= vocabulary(folder))):
         row["status"] = "base-alias"
