@@ -15,15 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from .capabilities import (BaseDependent, BaseNames, ChoosesTargets, ExpertDelta, ExtraLoss, FactorMerge, Factors,
-                           FileCheck,
-                           FormatOptions,
-                           Intervention,
-                           LiveBiasDelta, LiveWriter, LoadsTensors, LowRankStored, LowRankWriter, MergeCheck, MergeOptions,
-                           PackedLayout, ParamGroups, QuantizerOptions, ReadsInputs, RemoteLayout, Resident, RewritesCall,
-                           SavesTensors, StepEnd,
+                           FileCheck, FormatOptions, Intervention, LiveBiasDelta, LiveWriter, LoadsTensors,
+                           LowRankStored, LowRankWriter, MergeCheck, MergeOptions, PackedLayout, ParamGroups,
+                           QuantizerOptions, ReadsInputs, RemoteLayout, Resident, RewritesCall, SavesTensors, StepEnd,
                            StoredBiasDelta, StoredDelta, TensorTargets, TrainSettings, TrainState, TransformersConfig,
-                           TransformsInput,
-                           UnpackedShape, VariantOptions, WeightSpace, WorkingMemory, Writable, WritesVariants)
+                           TransformsInput, UnpackedShape, VariantOptions, WeightSpace, WorkingMemory, Writable,
+                           WritesVariants)
 
 if TYPE_CHECKING:
     import torch

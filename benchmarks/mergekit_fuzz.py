@@ -346,6 +346,11 @@ def stages_recipe(rng) -> list[dict]:
     return [{"name": "first", **first}, final]
 
 
+def model_entries(doc: dict) -> list[dict]:
+    """A merge recipe's model entries: those of `models:` and every slice's sources (each a dict with `model`)."""
+    return doc.get("models", []) + [s for part in doc.get("slices", []) for s in part["sources"]]
+
+
 def chain_recipe(rng) -> list[dict]:
     """Two to four stages (mergekit-multi), each after the first naming the stage before it and, now and then,
     earlier ones: as its base, an input, a slice source, or with the base's LoRA merged in (`s0+fz_lora`). Every
@@ -368,7 +373,7 @@ def name_stages(rng, doc: dict, stages: list[str]) -> None:
     """Stage names for some of `doc`'s models (each model in every place it is named): the last of `stages`
     always, each earlier one with probability 0.4, a stage that is no base now and then with the LoRA."""
     places: dict[str, list[dict]] = {}
-    for entry in doc.get("models", []) + [s for part in doc.get("slices", []) for s in part["sources"]]:
+    for entry in model_entries(doc):
         places.setdefault(entry["model"], []).append(entry)
     models = list(places)
     rng.shuffle(models)
@@ -449,8 +454,8 @@ def refine(row: dict, folder: Path, recipe: suite.Recipe, paths: dict[str, str])
     holds both outputs, `paths` the models' folders."""
     status, detail, docs = row["status"], row["detail"], recipe.docs
     base = paths.get(docs[-1].get("base_model")) if isinstance(docs[-1].get("base_model"), str) else None
-    aliased = any((d.get("tokenizer") or {}).get("source") == "base" and (d.get("tokenizer") or {}).get("tokens")
-                  for d in docs)  # (in any stage: its token rows go on to the stages after it)
+    blocks = [d.get("tokenizer") or {} for d in docs]
+    aliased = any(b.get("source") == "base" and b.get("tokens") for b in blocks)  # (in any stage: its rows go on)
     if aliased and (
             (status == "adaptkit-refused" and "to take its row from" in detail)
             or (status in ("different", "close") and set(unequal(folder)) <= vocabulary(folder))):
@@ -509,7 +514,7 @@ def template_base(folder: Path, doc: dict, paths: dict[str, str]) -> bool:
     refs = [e["model"] if isinstance(e["model"], str) else None for e in doc["models"]]
     if None in refs:
         return False
-    inputs = [suite._tokenizer_facts(Path(paths[r]) if r in paths else folder / "mergekit-stages" / r)["chat_template"]
+    inputs = [suite._tokenizer_facts(Path(paths[r]) if r in paths else folder / "mergekit-stages" / r).get("chat_template")
               for r in refs]
     mine, peer = (suite._tokenizer_facts(folder / tool).get("chat_template") for tool in TOOLS)
     return mine == inputs[0] and peer in inputs and mine != peer
@@ -592,7 +597,7 @@ def draw(kind: str, seed: int) -> suite.Recipe:
     elif kind == "archlora":
         family = rng.choice(LORA_ARCHES)
         doc = merge_recipe(rng, stand_ins("ar", family), 4, ARCH_FILTERS)
-        for entry in doc.get("models", []) + [s for part in doc.get("slices", []) for s in part["sources"]]:
+        for entry in model_entries(doc):
             if entry["model"] != doc.get("base_model") and rng.random() < 0.5:
                 entry["model"] = f"{entry['model']}+al_{family}_lora"
         docs = [doc]

@@ -241,10 +241,11 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
     tokenizers = [_load_tokenizer(s, what) for s, what in ((source, "model"), (giver, "donor"))]
     vocabs = [Vocabulary.of(t) for t in tokenizers]
     (embed, head, biases), (donor_embed, donor_head, _) = roles(source, "model"), roles(giver, "donor")
-    matrices = {embed: (_read(source, embed), _read(giver, donor_embed))}
+    # (tensors as stored; a MODEL+ADAPTER's ΔW added in float32 and rounded once to that dtype: `ModelSource.get`)
+    matrices = {embed: (source.get(embed, float32=False), giver.get(donor_embed, float32=False))}
     if head is not None:
         donor_head = donor_head or giver.stored("lm_head.weight") or donor_embed  # a tied donor's head is its embedding
-        matrices[head] = (_read(source, head), _read(giver, donor_head))
+        matrices[head] = (source.get(head, float32=False), giver.get(donor_head, float32=False))
     rope = _rope(source.config, giver.config, refs) if options.method == "mp_rope" else None
     generator = torch.Generator()
     seed = generator.manual_seed(seed).initial_seed() if seed is not None else generator.seed()
@@ -278,7 +279,7 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
             for name, _, _ in tqdm(layout, unit="tensor", desc="tokensurgeon", disable=not progress, leave=False):
                 tensor = built.get(name)
                 if tensor is None:
-                    tensor = _read(source, name)
+                    tensor = source.get(name, float32=False)
                     if name in biases:
                         tensor = _remapped(tensor, model_vocab, donor_vocab, rows)
                 writer.write(name, tensor)
@@ -293,12 +294,6 @@ def surgery(model: str, donor: str, out: str | Path, options: SurgeryOptions = S
             (tmp / CARD).write_text(surgery_card(report), encoding="utf-8")
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
-
-
-def _read(source: ModelSource, name: str):
-    """A tensor of an input in its stored dtype; with an adapter's ΔW (MODEL+ADAPTER) added in float32 and
-    rounded once to that dtype."""
-    return source.get(name, float32=False)
 
 
 def _load_tokenizer(source: ModelSource, what: str):
