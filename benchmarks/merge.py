@@ -307,18 +307,25 @@ def use_snapshot(rev: str) -> str:
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
         (snap / "plugins").rename(snap / "adaptkit_plugins")  # its registry.toml links to ../registry.toml
+        if (snap / "adaptkit_plugins/merges/_follow.c").exists():  # its C loops, built as the install builds them
+            subprocess.run([sys.executable, "-c", "from setuptools import Extension, setup; setup(name='snapshot', "
+                            "ext_modules=[Extension('adaptkit_plugins.merges._follow', "
+                            "['adaptkit_plugins/merges/_follow.c'])], script_args=['-q', 'build_ext', '--inplace'])"],
+                           cwd=snap, check=True)
         # Bytecode, as pip compiles an installed package (mergekit's): where PYTHONDONTWRITEBYTECODE is set,
         # every run would otherwise compile the ~45 modules a merge imports again (about 0.1 s).
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(snap)], check=True)
         (snap / ".done").touch()
     ENV["PYTHONPATH"] = str(snap)  # found before the editable install's finder
     sys.path.insert(0, str(snap))  # this process's own imports (adaptkit.io.writer for --scale) too
-    where = subprocess.run([sys.executable, "-c", "import adaptkit, adaptkit_plugins; "
-                            "print(adaptkit.__file__, adaptkit_plugins.__file__)"],
-                           env=ENV, cwd=WORK, capture_output=True, text=True, check=True).stdout.strip()
-    if not all(w.startswith(str(snap)) for w in where.split()):
+    where = subprocess.run([sys.executable, "-c", "import adaptkit, adaptkit_plugins, importlib.util; "
+                            "print(adaptkit.__file__, adaptkit_plugins.__file__, "
+                            "bool(importlib.util.find_spec('adaptkit_plugins.merges._follow')))"],
+                           env=ENV, cwd=WORK, capture_output=True, text=True, check=True).stdout.split()
+    if not all(w.startswith(str(snap)) for w in where[:2]):
         raise SystemExit(f"snapshot not picked up: {where}")
-    return f"adaptkit at {commit} (snapshot of that commit in {snap.relative_to(ROOT)})"
+    loops = ", its C loops built" if where[2] == "True" else ""
+    return f"adaptkit at {commit} (snapshot of that commit in {snap.relative_to(ROOT)}{loops})"
 
 
 def code_state() -> str:

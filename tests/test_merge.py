@@ -127,7 +127,7 @@ def test_block_operators_count_what_they_hold(models):
     """A `block_upcast` operator's working memory is its inputs counted as float32 plus what it says it
     holds (`entry_bytes`), written out here for a 32000 × 1024 embedding (recipe dtype float32, 3 inputs
     and a base): DARE holds the result (4 B an entry) and its masks as bits; TIES with mergekit's tie order
-    also follows the sort of a whole |τ| (4 B of float32 bits, int32 places, a bool mask: 9 B); an operator
+    also follows the sort of a whole |τ| (4 B of float32 bits and a byte for the followed ties); an operator
     without the hook (SCE) keeps the engine's float32 estimate, which makes that tensor take the whole
     budget and run alone, while the others merge beside smaller tensors."""
     from adaptkit.merge import engine
@@ -142,7 +142,7 @@ def test_block_operators_count_what_they_hold(models):
                                         ("sce", "sce", {"select_topk": 0.5})]}
     inputs_as_float32, result_and_bits = 4 * 4, 4 + 3 // 8 + 1
     assert need["dare"] == need["ties-index"] == n * (inputs_as_float32 + result_and_bits)
-    assert need["ties"] == n * (inputs_as_float32 + result_and_bits + 4 + 4 + 1)
+    assert need["ties"] == n * (inputs_as_float32 + result_and_bits + 4 + 1)
     assert need["sce"] == n * (4 * (4 + 2) + 4 * 3 + 8)
     assert need["dare"] < need["ties"] < engine.WORKING_MEMORY <= need["sce"]
 

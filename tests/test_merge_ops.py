@@ -198,17 +198,74 @@ def sorted_range_mask(values: torch.Tensor, descending: bool, lo: int, hi: int) 
     return torch.zeros(values.numel(), dtype=torch.bool).index_fill_(0, order, True)
 
 
+@pytest.fixture(params=["C", "numpy"])
+def walk(request, monkeypatch):
+    """Both walks along torch's sort: the C loops (`_follow.c`, built by the install) and numpy's, which
+    runs where no compiler built them; each must keep what torch keeps."""
+    from adaptkit_plugins.merges import _introsort, _select
+
+    if request.param == "C" and _select.native is None:
+        pytest.skip("the C walk is not built here (no C compiler at install)")
+    if request.param == "numpy":
+        monkeypatch.setattr(_select, "native", None)
+        monkeypatch.setattr(_introsort, "native", None)
+    return request.param
+
+
+def test_the_c_walk_is_built_where_a_compiler_is():
+    """The install compiles `_follow.c` wherever a C compiler is found (it is optional: without one, numpy
+    walks), so a build that silently failed here is caught."""
+    import shutil
+    import sysconfig
+
+    from adaptkit_plugins.merges import _select
+
+    if not shutil.which(sysconfig.get_config_var("CC").split()[0]):
+        pytest.skip("no C compiler")
+    assert _select.native is not None
+
+
+def test_the_c_walk_refuses_an_incomplete_origin():
+    """An entry of a followed key missing from `origin` is an error, never a write past the runs."""
+    from adaptkit_plugins.merges import _select
+
+    if _select.native is None:
+        pytest.skip("the C walk is not built here")
+    keys = numpy.random.default_rng(0).integers(0, 5, 5000).astype(numpy.int16)
+    origin = numpy.flatnonzero(keys == 2)[1:]
+    with pytest.raises(RuntimeError, match="not found"):
+        _select.native.walk(keys, 0, 2500, 16, (2,), origin, numpy.empty(origin.size, dtype=numpy.uint8))
+    with pytest.raises(ValueError, match="int16 or int32"):
+        _select.native.walk(keys.astype(numpy.int64), 0, 2500, 16, (2,), origin, numpy.empty(origin.size, numpy.uint8))
+
+
+def sorted_range_kept(tau: torch.Tensor, descending: bool, lo: int, hi: int, block: int = 30_000) -> torch.Tensor:
+    """τ with the entries `_sparsify._sorted_range` drops set to +0, applied block by block, as the merge
+    applies it; its bits compare with mergekit's choice (`kept_bits`)."""
+    from adaptkit_plugins.merges._sparsify import Keep, _sorted_range
+
+    n = tau.numel()
+    keep = object.__new__(Keep)  # (Keep.apply, with the range asked for)
+    keep.method, keep.whole = "magnitude", _sorted_range(lambda s, e: tau[s:e].clone(), n, descending, lo, hi)
+    return torch.cat([keep.apply(s, tau[s:s + block].clone()) for s in range(0, n, block)])
+
+
+def kept_bits(tau: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """τ where `mask`, else +0, as integers (NaN compares)."""
+    return torch.where(mask, tau, torch.zeros((), dtype=tau.dtype)).view({2: torch.int16, 4: torch.int32,
+                                                                         8: torch.int64}[tau.element_size()])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("descending", [True, False])
 @pytest.mark.parametrize("nan", [False, True])
-def test_magnitudes_cut_where_mergekits_sort_cuts(dtype, descending, nan):
+def test_magnitudes_cut_where_mergekits_sort_cuts(walk, dtype, descending, nan):
     """`_sparsify._sorted_range` keeps the entries mergekit's torch.argsort of a float32 |τ| puts in
     the range, ties at both ends included (thousands of them; a stable sort would keep others), with
     |τ| as integer keys (bf16/fp16 as int16, float32 as int32, NaN after +inf; float64 rounded to
     float32 first, as mergekit's copy is) followed through the sort's partitions (`_introsort`)
     instead of sorted."""
     from adaptkit_plugins.merges._introsort import follows_torch
-    from adaptkit_plugins.merges._sparsify import _sorted_range
 
     assert follows_torch()  # the pinned torch: the partitions are followed, not the fallback sort
     tau = (torch.randn(200_000, generator=torch.Generator().manual_seed(5)) * 1e-3).to(dtype)
@@ -220,9 +277,9 @@ def test_magnitudes_cut_where_mergekits_sort_cuts(dtype, descending, nan):
     assert tau.abs().unique().numel() < 20_000
     n = tau.numel()
     for lo, hi in ((0, n // 2), (n // 10, n // 10 + n // 3), (0, 1), (n - 5, n)):
-        expected = sorted_range_mask(tau, descending, lo, hi)
-        got = unpack(_sorted_range(lambda s, e: tau[s:e].clone(), n, descending, lo, hi), 0, n).bool()
-        assert torch.equal(got, expected), (lo, hi)
+        expected = kept_bits(tau, sorted_range_mask(tau, descending, lo, hi))
+        got = sorted_range_kept(tau, descending, lo, hi)
+        assert torch.equal(got.view(expected.dtype), expected), (lo, hi)
     stable = torch.zeros(n, dtype=torch.bool)
     stable[torch.argsort(tau.abs().float(), descending=descending, stable=True)[: n // 2]] = True
     assert not torch.equal(stable, sorted_range_mask(tau, descending, 0, n // 2))  # ties decide
@@ -231,7 +288,7 @@ def test_magnitudes_cut_where_mergekits_sort_cuts(dtype, descending, nan):
 @pytest.mark.parametrize("shape", ["equal", "two values", "sorted", "reversed", "distinct", "ties"])
 @pytest.mark.parametrize(("n", "window"), [(n, None) for n in (0, 1, 16, 17, 18, 40, 1000, 70_000)]
                          + [(n, 7) for n in (17, 40, 1000, 5000)])
-def test_introsort_ranges_match_torchs_sort(monkeypatch, shape, n, window):
+def test_introsort_ranges_match_torchs_sort(walk, monkeypatch, shape, n, window):
     """`_introsort.kept_range` against torch's own sort on the inputs that stress a partition: all
     equal (every entry stops both scans), two values, sorted, reversed, distinct and many ties;
     segments at and around the 16 entries left to the final insertion sort; ranges at either end and
@@ -257,34 +314,38 @@ def test_introsort_ranges_match_torchs_sort(monkeypatch, shape, n, window):
                 assert torch.equal(torch.from_numpy(kept), expected), (descending, lo, hi)
 
 
-def test_a_heapsorted_segment_falls_back_to_mergekits_sort():
+def test_a_heapsorted_segment_falls_back_to_mergekits_sort(walk):
     """An organ pipe spends the sort's depth budget, so torch heapsorts the segments that decide:
     `kept_range` says None and `_sorted_range` sorts as mergekit does, with its bytes."""
     from adaptkit_plugins.merges._introsort import kept_range
     from adaptkit_plugins.merges._sparsify import _sorted_range
 
     values = torch.cat([torch.arange(500), torch.arange(500).flip(0)]).float()
-    assert kept_range(values.view(torch.int32).numpy().copy(), 0, 500) is None
-    got = unpack(_sorted_range(lambda s, e: values[s:e].clone(), 1000, True, 0, 500), 0, 1000).bool()
-    assert torch.equal(got, sorted_range_mask(values, True, 0, 500))
+    assert kept_range(values.view(torch.int32).numpy().copy(), 0, 501) is None  # (the two 249s straddle the cut)
+    assert isinstance(_sorted_range(lambda s, e: values[s:e].clone(), 1000, True, 0, 501), numpy.ndarray)
+    got = sorted_range_kept(values, True, 0, 501)
+    assert torch.equal(got.view(torch.int32), kept_bits(values, sorted_range_mask(values, True, 0, 501)))
+    # a cut between two values decides without the sort's moves: heapsorted or not, the top 500
+    assert torch.equal(torch.from_numpy(kept_range(values.view(torch.int32).numpy().copy(), 0, 500)),
+                       sorted_range_mask(values, True, 0, 500))
 
 
 def test_another_torchs_sort_is_run_as_mergekit_runs_it(monkeypatch):
     """Where `follows_torch` finds that torch's sort and topk are not the introsort followed here (another
     build), TIES' and SCE's mergekit cuts run torch's own, with mergekit's choice, and the memory count
-    says so: a float32 copy, its sorted values, the int64 order and range (24 B an entry) for 4 B of places."""
+    says so: a bool mask, a float32 copy, its sorted values, the int64 order and range (25 B an entry) for
+    a byte of followed ties."""
     from adaptkit_plugins.merges import _introsort
-    from adaptkit_plugins.merges._sparsify import _sorted_range, held_bytes
+    from adaptkit_plugins.merges._sparsify import held_bytes
     from adaptkit_plugins.merges.sce import select_mask
 
     followed = held_bytes("magnitude", 3, 2, "mergekit")
     monkeypatch.setattr(_introsort, "follows_torch", lambda: False)
     monkeypatch.setattr(_introsort, "kept_range", lambda *a, **k: pytest.fail("followed the sort"))
-    assert held_bytes("magnitude", 3, 2, "mergekit") == followed + 20
+    assert held_bytes("magnitude", 3, 2, "mergekit") == followed + 24
     tau = (torch.randn(50_000, generator=torch.Generator().manual_seed(2)) * 1e-3).bfloat16()
-    bits = _sorted_range(lambda s, e: tau[s:e].clone(), tau.numel(), True, 0, 20_000)
-    got = unpack(bits, 0, tau.numel()).bool()
-    assert torch.equal(got, sorted_range_mask(tau, True, 0, 20_000))
+    got = sorted_range_kept(tau, True, 0, 20_000)
+    assert torch.equal(got.view(torch.int16), kept_bits(tau, sorted_range_mask(tau, True, 0, 20_000)))
     tvs = tau.view(2, -1)
     var = torch.var(tvs, dim=0, unbiased=False)
     kept = torch.topk(var, int(var.count_nonzero() * 0.4)).indices  # mergekit's sce_mask
@@ -315,7 +376,7 @@ def test_topk_of_bits_keeps_the_floats_ties(dtype, fraction):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("fraction", [0.9, 0.4, 0.02, 0.01])
-def test_sce_selects_what_mergekits_topk_selects(monkeypatch, dtype, fraction):
+def test_sce_selects_what_mergekits_topk_selects(walk, monkeypatch, dtype, fraction):
     """SCE's mergekit cut (`sce.select_mask`) keeps the positions mergekit's sce_mask keeps,
     `torch.topk(var.abs(), k)` of the variances, ties included (thousands here): for k > n/64
     (0.9, 0.4, 0.02) by following topk's std::nth_element (`_introsort`, no topk runs), below that

@@ -59,7 +59,7 @@ def _run(args: list[str | Path], *, cwd: Path, env: dict[str, str] | None = None
 
 def _ignore_for_copy(root: Path):
     def ignore(directory: str, names: list[str]) -> set[str]:
-        skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+        skip = {n for n in names if n == "__pycache__" or n.endswith((".egg-info", ".so"))}  # (.so: built in place)
         if Path(directory) == root:
             skip |= NOT_COPIED & set(names)
         return skip
@@ -162,6 +162,19 @@ def test_wheel_ships_registry_toml_as_a_file(wheel):
         assert not is_link, "registry.toml is stored in the wheel as a symlink"
         shipped = zf.read(info).decode()
     assert tomllib.loads(shipped) == tomllib.loads((source / "registry.toml").read_text())
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_walks_in_c(venv):
+    """Where a C compiler is found, the wheel carries `_follow.c` compiled and the installed package runs
+    it (without one, the install goes on and numpy walks: see `_introsort`)."""
+    import shutil
+    import sysconfig
+
+    if not shutil.which(sysconfig.get_config_var("CC").split()[0]):
+        pytest.skip("no C compiler")
+    where = venv.py("from adaptkit_plugins.merges import _select; print(_select.native.__file__)").strip()
+    assert Path(where).resolve().is_relative_to(venv.root.resolve()), where
 
 
 @pytest.mark.slow

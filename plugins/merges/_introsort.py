@@ -21,15 +21,21 @@ So the entries that end in places [lo, hi) are settled by the partitions of the 
 or hi (a part inside the range is kept whole, one outside dropped whole) and, in a final segment, by a
 stable sort of it: quickselect along the sort's own path, about 2n entries partitioned for each end
 of the range instead of n log₂ n compared. torch's topk of k > n/64 entries runs `std::nth_element`,
-whose `__introselect` is that quickselect itself (down to 3 entries). The partition is followed in
-vectorized windows: the stops in each window are found at once and paired with the other end's.
+whose `__introselect` is that quickselect itself (down to 3 entries).
 
-Measured on the 168M benchmark's bf16 task vectors, one thread, half kept: 2.9M entries in 24 ms
-against the sort's 150, holding keys, a mask and int32 places (7 bytes an entry) where the sort holds
-keys, an int64 order and the int64 range it fills the order from (18) and topk (value, index) pairs
-(16). A segment whose budget runs out (the sort would heapsort it; an organ pipe does, real tensors
-have not) gives None: the caller sorts as mergekit does. `follows_torch` checks these rules against
-torch's own sort and topk once per process.
+Only entries whose key is the one at an end and also the one just past it straddle the cut; the
+others are inside or outside by their key alone (`Selection`: bounds), so only the straddling ones
+are followed, and none at all where the keys at the cut differ. The walk runs in C (`_follow.c`,
+built by the install: the stops found in blocks without branches) or, where that was not built, in
+vectorized numpy windows: the stops in each window found at once and paired with the other end's.
+
+Measured on the 168M benchmark's bf16 task vectors (2.9M entries, 1 in 70 of them straddling), one
+thread, half kept, the keys' histogram included: 15.5 ms in C, 46 ms in numpy, against the sort's 183
+(2-core AMD EPYC). Held: the keys and, for each followed entry, its place, number and runs (about 60
+bytes; under a byte an entry), where the sort holds keys, an int64 order and the int64 range it fills
+the order from (18 bytes an entry) and topk (value, index) pairs (16). A segment whose budget runs out
+(the sort would heapsort it; an organ pipe does, real tensors have not) gives None: the caller sorts
+as mergekit does. `follows_torch` checks these rules against torch's own sort and topk once per process.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ import numpy
 import torch
 
 from ._base import as_bits
-from ._select import buffer, keys_at
+from ._select import keys_at, native
 
 SORT, SELECT = 16, 3  # segments left to a final insertion sort: std::sort's, std::nth_element's
 WINDOW = 1 << 16  # entries scanned for stops at once
@@ -58,93 +64,109 @@ def keys_of(magnitudes: torch.Tensor, descending: bool = True) -> torch.Tensor:
     return keys if descending else keys.neg_()
 
 
+def select(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT, free_zero: bool = False) -> Selection | None:
+    """Which entries `std::sort` with comp(x, y) = x > y (descending) puts in places [lo, hi) (with
+    `final=SELECT` and lo = 0: which `std::nth_element` at place hi − 1 puts before it, torch's topk of
+    more than 1/64 of the entries; its `__introselect` makes the same partitions along one path and
+    insertion-sorts the last ≤ 3 entries), as bounds on the keys and the tied entries chosen
+    (`Selection`). `keys`: a flat integer array (`keys_of(...).numpy()`), which is scrambled. None where
+    a segment that decides would be heapsorted. `free_zero`: entries of key 0 may be dropped whatever
+    the sort does (|τ| = 0: kept or not, they add nothing), so they are not followed."""
+    return Ends(keys, lo, hi, free_zero).walk(final)
+
+
 def kept_range(keys: numpy.ndarray, lo: int, hi: int, final: int = SORT) -> numpy.ndarray | None:
-    """A bool mask over the entries: True where `std::sort` with comp(x, y) = x > y (descending)
-    puts the entry in places [lo, hi); with `final=SELECT` and lo = 0, where `std::nth_element` at
-    place hi − 1 does (torch's topk of more than 1/64 of the entries), whose `__introselect` makes the
-    same partitions along one path and insertion-sorts the last ≤ 3 entries. `keys`: a flat integer
-    array (`keys_of(...).numpy()`), which is scrambled. None where a segment that decides would be
-    heapsorted. The moves are made on the keys alone; of the entries, those tied at an end are followed
-    (`Ends`)."""
-    n = keys.size
-    lo, hi = max(lo, 0), min(hi, n)
-    if hi <= lo or (lo == 0 and hi == n):
-        return numpy.full(n, hi > lo, dtype=bool)
-    ends = Ends(keys, lo, hi)
-    todo = [(0, n, 2 * (n.bit_length() - 1))]
-    while todo:
-        start, end, budget = todo.pop()
-        if end <= lo or hi <= start or (lo <= start and end <= hi):
-            continue  # (a part dropped or kept whole: its tied entries' places stay inside it)
-        if end - start <= final:  # the final insertion sort's turn: a stable sort
-            ends.sort(start, end)
-        elif budget == 0:
-            return None
-        else:
-            cut = partition(keys, start, end, ends)
-            todo += [(start, cut, budget - 1), (cut, end, budget - 1)]
-    return ends.kept()
+    """`select` as a bool mask over the entries (True: in the range), every tie followed."""
+    ends = Ends(keys, lo, hi, False)
+    inside = ends.selection(EMPTY).inside(keys)  # (before the walk scrambles the keys)
+    selection = ends.walk(final)
+    if selection is None:
+        return None
+    inside[selection.chosen] = True
+    return inside
+
+
+EMPTY = numpy.empty(0, dtype=numpy.int64)
+
+
+class Selection:
+    """The entries of keys strictly between `low` and `high` (None: no bound on that side) and those at
+    the flat indices `chosen` (sorted; each has a key at a bound)."""
+
+    def __init__(self, low, high, chosen: numpy.ndarray):
+        self.low, self.high, self.chosen = low, high, chosen
+
+    def inside(self, keys: numpy.ndarray) -> numpy.ndarray:
+        """A bool mask: True where low < key < high."""
+        inside = numpy.greater(keys, self.low) if self.low is not None else numpy.ones(keys.size, dtype=bool)
+        if self.high is not None:
+            inside &= keys < self.high
+        return inside
 
 
 class Ends:
     """The entries tied at an end of the range [lo, hi), followed to their places through the moves.
 
-    With `low` the key at place hi − 1 and `high` the one at place lo (`keys_at`), an entry with
-    low < key < high ends in the range whatever the moves, one outside [low, high] out of it. An entry
-    with key low or high is tracked: `where` holds its place now and `slot`, at that place, its number.
-    They are about 1 in 70 of the 168M benchmark's bf16 task vectors; an int32 place moved with every
-    key cost as much as the keys' own moves (benchmarks/RESULTS.md, 2026-12-06 night)."""
+    With `last` the key at place hi − 1 and `past` the one at place hi, an entry above `past` ends
+    in the range whatever the moves where the two differ; where they are equal, an entry of that key
+    straddles the cut and is followed (likewise at lo, with the keys at lo − 1 and lo). `where` holds
+    each followed entry's place now (`origin`: where it began). They are about 1 in 70 of the 168M
+    benchmark's bf16 task vectors: a map from every place to its followed entry (4 bytes an entry, its
+    pages all touched) cost more than finding the few moved ones among the segment's sorted places."""
 
-    def __init__(self, keys: numpy.ndarray, lo: int, hi: int):
+    def __init__(self, keys: numpy.ndarray, lo: int, hi: int, free_zero: bool):
         n = keys.size
+        lo, hi = max(lo, 0), min(hi, n)
         self.keys, self.lo, self.hi = keys, lo, hi
-        ends = keys_at(keys, [place for place, past in ((hi - 1, hi < n), (lo, lo > 0)) if past])
-        self.low = ends.pop(0) if hi < n else None  # (None: no entry is past that end)
-        self.high = ends.pop(0) if lo > 0 else None
-        self.tied_keys = [key for key in dict.fromkeys((self.low, self.high)) if key is not None]
-        self.inside, scratch = buffer(n, bool), buffer(n, bool)
-        if self.low is not None:
-            numpy.greater(keys, self.low, out=self.inside)
-        else:
-            self.inside[:] = True
-        if self.high is not None:
-            self.inside &= numpy.less(keys, self.high, out=scratch)
-        self.origin = numpy.concatenate([numpy.flatnonzero(numpy.equal(keys, key, out=scratch))
-                                         for key in self.tied_keys])
-        del scratch
+        places = ([hi - 1, hi] if hi < n else []) + ([lo - 1, lo] if lo > 0 else []) if lo < hi else []
+        found = dict(zip(places, keys_at(keys, places))) if places else {}
+        self.low = self.high = None if lo < hi else 0  # (an empty range: no key is between 0 and 0)
+        followed = []
+        if lo < hi < n:  # bound below: entries above it are in the range
+            last, past = found[hi - 1], found[hi]
+            self.low = last if last == past else past
+            followed += [last] if last == past and not (free_zero and last == 0) else []
+        if 0 < lo < hi:
+            before, first = found[lo - 1], found[lo]
+            self.high = first if before == first else before
+            followed += [first] if before == first and not (free_zero and first == 0) else []
+        self.tied_keys = list(dict.fromkeys(followed))
+        self.origin = numpy.flatnonzero(self.tied(keys)) if followed else EMPTY
         self.where = self.origin.copy()
-        self.slot = buffer(n, numpy.int32 if self.origin.size < 2**31 else numpy.int64)
-        self.slot[self.origin] = numpy.arange(self.origin.size)
+
+    def selection(self, chosen: numpy.ndarray) -> Selection:
+        return Selection(self.low, self.high, chosen)
+
+    def walk(self, final: int) -> Selection | None:
+        """The sort's partitions along the segments that hold a followed entry and straddle an end."""
+        n, lo, hi = self.keys.size, self.lo, self.hi
+        if not self.origin.size:
+            return self.selection(EMPTY)
+        if native is not None and self.keys.dtype in (numpy.int16, numpy.int32) and self.keys.flags.c_contiguous:
+            kept = numpy.empty(self.origin.size, dtype=numpy.uint8)
+            done = native.walk(self.keys, lo, hi, final, tuple(int(k) for k in self.tied_keys), self.origin, kept)
+            return self.selection(self.origin[kept.view(bool)]) if done else None
+        todo = [(0, n, 2 * (n.bit_length() - 1), numpy.arange(self.origin.size))]
+        while todo:
+            start, end, budget, ids = todo.pop()
+            if not ids.size or end <= lo or hi <= start or (lo <= start and end <= hi):
+                continue  # (a part dropped or kept whole, or without followed entries: nothing to decide)
+            if end - start <= final:  # the final insertion sort's turn: a stable sort
+                self.sort(start, end, ids)
+            elif budget == 0:
+                return None
+            else:
+                cut = partition(self.keys, start, end, Moves(self, ids))
+                left = self.where[ids] < cut
+                todo += [(start, cut, budget - 1, ids[left]), (cut, end, budget - 1, ids[~left])]
+        return self.selection(self.origin[(self.where >= lo) & (self.where < hi)])
 
     def tied(self, values: numpy.ndarray) -> numpy.ndarray:
-        """Where `values` (a few of the keys) hold a key of an end (low or high)."""
+        """Where `values` (some of the keys) hold a followed key."""
         marks = values == self.tied_keys[0]
         for key in self.tied_keys[1:]:
             marks |= values == key
         return marks
-
-    def swap(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
-        """Swap the entries at places a[t] and b[t] (disjoint index arrays of one length)."""
-        at_a, at_b = self.keys[a], self.keys[b]
-        self.keys[a], self.keys[b] = at_b, at_a
-        self._follow((a, b, at_a), (b, a, at_b))
-
-    def move(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
-        """The entries at places a[t] go to places b[t]; the ones there go to a part whose order no
-        longer matters, and none of them is tied at an end (`settles`)."""
-        at_a = self.keys[a]
-        self.keys[b] = at_a
-        self._follow((a, b, at_a))
-
-    def _follow(self, *moves: tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]) -> None:
-        """For each (from, to, keys that were at places `from`): the tied ones are now at `to`."""
-        found = []
-        for origin, target, keys in moves:  # (every number read before any is written)
-            here = numpy.flatnonzero(self.tied(keys))
-            found.append((self.slot[origin[here]], target[here]))
-        for numbers, places in found:
-            self.where[numbers] = places
-            self.slot[places] = numbers
 
     def settles(self, pivot) -> str | None:
         """Which part of a partition around `pivot` is settled whole, so that only the other one's order
@@ -158,22 +180,63 @@ class Ends:
             return "right"
         return None
 
-    def sort(self, start: int, end: int) -> None:
+    def sort(self, start: int, end: int, ids: numpy.ndarray) -> None:
         """The final insertion sort of [start, end): a stable sort, descending."""
-        segment = self.keys[start:end]
-        order = numpy.argsort(-segment.astype(numpy.int64), kind="stable")
-        moved = self.tied(segment[order])  # place start + r gets the entry at start + order[r]
-        self.where[self.slot[start + order[moved]]] = start + numpy.flatnonzero(moved)
-
-    def kept(self) -> numpy.ndarray:
-        kept = self.inside
-        kept[self.origin[(self.where >= self.lo) & (self.where < self.hi)]] = True
-        return kept
+        order = numpy.argsort(-self.keys[start:end].astype(numpy.int64), kind="stable")
+        rank = numpy.empty_like(order)
+        rank[order] = numpy.arange(order.size)  # the entry at start + i goes to start + rank[i]
+        self.where[ids] = start + rank[self.where[ids] - start]
 
 
-def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
+class Moves:
+    """The moves of one partition of a segment, made on the keys and followed for the segment's
+    followed entries `ids`: a moved entry is one of them where its key is tied (`Ends.tied`), and which
+    one is found among their places sorted at the start (every place is moved at most once in a
+    partition, so the places read are the ones found there)."""
+
+    def __init__(self, ends: Ends, ids: numpy.ndarray):
+        self.ends, self.ids, self.places = ends, ids, None
+
+    def begin(self) -> None:
+        places = self.ends.where[self.ids]
+        order = numpy.argsort(places, kind="stable")
+        self.places, self.ids = places[order], self.ids[order]
+
+    def swap(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
+        """Swap the entries at places a[t] and b[t] (disjoint index arrays of one length)."""
+        keys = self.ends.keys
+        at_a, at_b = keys[a], keys[b]
+        keys[a], keys[b] = at_b, at_a
+        self._follow((a, b, at_a), (b, a, at_b))
+
+    def move(self, a: numpy.ndarray, b: numpy.ndarray) -> None:
+        """The entries at places a[t] go to places b[t]; the ones there go to a part whose order no
+        longer matters, and none of them is tied at an end (`Ends.settles`)."""
+        at_a = self.ends.keys[a]
+        self.ends.keys[b] = at_a
+        self._follow((a, b, at_a))
+
+    def _follow(self, *moves: tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]) -> None:
+        """For each (from, to, keys that were at places `from`): the followed ones are now at `to`."""
+        found = []
+        for origin, target, keys in moves:  # (every place read before any is written)
+            here = numpy.flatnonzero(self.ends.tied(keys))
+            if here.size:
+                found.append((self._followed_at(origin[here]), target[here]))
+        for numbers, places in found:
+            self.ends.where[numbers] = places
+
+    def _followed_at(self, places: numpy.ndarray) -> numpy.ndarray:
+        """The numbers of the followed entries at `places` (each holds one)."""
+        if self.places is None:  # (the median's swap, before `begin`: a place or two, looked up as they are)
+            now = self.ends.where[self.ids]
+            return numpy.concatenate([self.ids[now == place] for place in places])
+        return self.ids[numpy.searchsorted(self.places, places)]
+
+
+def partition(keys: numpy.ndarray, start: int, end: int, moves: Moves) -> int:
     """`__unguarded_partition_pivot` on the segment [start, end) of more than 3 entries (the module
-    docstring), its moves made through `ends`: returns where the right part starts. Where one part is
+    docstring), its moves made through `moves`: returns where the right part starts. Where one part is
     settled whole (`Ends.settles`), the left and right stops are not swapped but only copied into the
     other part: two of four gathers and scatters."""
     m = end - start
@@ -183,9 +246,10 @@ def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
         median = m // 2 if b > c else m - 1 if a > c else 1
     else:
         median = 1 if a > c else m - 1 if b > c else m // 2
-    ends.swap(numpy.array([start]), numpy.array([start + median]))
+    moves.swap(numpy.array([start]), numpy.array([start + median]))
+    moves.begin()
     pivot = keys[start]
-    settled = ends.settles(pivot)
+    settled = moves.ends.settles(pivot)
     first, last = start + 1, end  # entries not yet swapped: [first, last)
     left_seen, right_seen = first, last  # scanned for stops: [first, left_seen) and [right_seen, last)
     left = right = numpy.empty(0, dtype=numpy.int64)  # stops scanned, not yet paired
@@ -220,11 +284,11 @@ def partition(keys: numpy.ndarray, start: int, end: int, ends: Ends) -> int:
         if swaps:
             at_left, at_right = left[:swaps], right[:swaps]
             if settled == "left":
-                ends.move(at_left, at_right)
+                moves.move(at_left, at_right)
             elif settled == "right":
-                ends.move(at_right, at_left)
+                moves.move(at_right, at_left)
             else:
-                ends.swap(at_left, at_right)
+                moves.swap(at_left, at_right)
             first, last = int(at_left[-1]) + 1, int(at_right[-1])
             left, right = left[swaps:], right[swaps:]
         if swaps < pairs:

@@ -38,7 +38,7 @@ class Keep:
                  gamma: float, generator: torch.Generator | None, tie_break: str = "mergekit"):
         self.method, self.density = method, density
         self.draws = Draws(generator) if method == "random" else None
-        self.whole: numpy.ndarray | None = None
+        self.whole: Ranked | numpy.ndarray | None = None
         magnitudes = lambda s, e: tau(s, e).abs_()  # noqa: E731
         if method == "magnitude":  # mergekit: the max(1, int(density·n)) largest
             keep = max(1, keep_count(density, n))
@@ -61,6 +61,8 @@ class Keep:
         random drops and mergekit's tie order, else a new tensor)."""
         if self.method == "random":
             return masked(tau, self.draws.below(start, tau.numel(), self.density), 0)
+        if isinstance(self.whole, Ranked):
+            return self.whole.keep(tau, start)
         if self.whole is not None:  # (bits: see `_sorted_range`)
             return masked(tau, self.whole, start)
         first, *rest = self.cuts
@@ -144,10 +146,11 @@ def uniform32(bits: numpy.random.SFC64, count: int) -> numpy.ndarray:
     return bits.random_raw((count + 1) // 2).astype("<u8", copy=False).view("<u4")[:count]
 
 
-def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> numpy.ndarray:
-    """The entries mergekit's `argsort(|τ|.float(), descending)[lo:hi]` picks, as bits (`pack`).
-    bfloat16 and float16 values are exact in float32 and compare alike, so |τ| is kept as it is (a
-    float32 copy for other dtypes, as mergekit's) and its sort followed on integer keys (`_introsort`)."""
+def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> Ranked | numpy.ndarray:
+    """The entries mergekit's `argsort(|τ|.float(), descending)[lo:hi]` picks: a `Ranked`, or bits
+    (`pack`) where torch's own sort ran. bfloat16 and float16 values are exact in float32 and compare
+    alike, so |τ| is kept as it is (a float32 copy for other dtypes, as mergekit's) and its sort
+    followed on integer keys (`_introsort`)."""
     first = tau(0, min(n, 1))
     whole = torch.empty(n, dtype=first.dtype if first.dtype in (torch.bfloat16, torch.float16) else torch.float32)
 
@@ -157,12 +160,44 @@ def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> numpy.ndar
         return whole
 
     if _introsort.follows_torch():
-        kept = _introsort.kept_range(_introsort.keys_of(magnitudes(), descending).numpy(), lo, hi)
-        if kept is not None:
-            return pack(kept)
+        keys = _introsort.keys_of(magnitudes(), descending).numpy()
+        chosen = _introsort.select(keys, lo, hi, free_zero=True)
+        if chosen is not None:
+            bounds = (chosen.low, chosen.high) if descending else tuple(None if b is None else -int(b)
+                                                                     for b in (chosen.high, chosen.low))
+            return Ranked(*bounds, chosen.chosen, whole.dtype)
     # (a segment the sort would heapsort, or another torch's sort: sort as mergekit)
     order = torch.argsort(magnitudes().float(), descending=descending)[lo:hi]
     return pack(torch.zeros(n, dtype=torch.bool).index_fill_(0, order, True).numpy())
+
+
+class Ranked:
+    """Keeps the entries whose |τ|, as bits of `dtype` (`_introsort.keys_of`: NaN after +inf), lies
+    strictly between `above` and `below` (None: no bound), and those at the flat indices `chosen`
+    (sorted): the ties at a bound that mergekit's sort keeps. Applied to a block in one `hardshrink`
+    where only a finite lower bound is set (|x| > λ keeps x; the common case), else by comparing bits."""
+
+    def __init__(self, above: int | None, below: int | None, chosen: numpy.ndarray, dtype: torch.dtype):
+        self.above, self.below, self.chosen, self.dtype = above, below, torch.from_numpy(chosen), dtype
+        self.infinity = int(as_bits(torch.tensor(float("inf"), dtype=dtype)))
+
+    def keep(self, tau: torch.Tensor, start: int) -> torch.Tensor:
+        """The block of τ starting at flat index `start` with the dropped entries set to +0 (a new tensor)."""
+        if tau.dtype == self.dtype and self.below is None and self.above is not None and 0 <= self.above <= self.infinity:
+            out = torch.nn.functional.hardshrink(tau, float(torch.tensor(self.above, dtype=as_bits(tau).dtype).view(tau.dtype)))
+        else:
+            bits = as_bits(tau.abs().to(self.dtype)).clamp(max=self.infinity + 1)  # (every NaN one key)
+            inside = torch.ones_like(bits, dtype=torch.bool)
+            if self.above is not None:
+                inside &= bits > self.above
+            if self.below is not None:
+                inside &= bits < self.below
+            out = torch.where(inside, tau, torch.zeros((), dtype=tau.dtype))
+        first, last = numpy.searchsorted(self.chosen.numpy(), [start, start + tau.numel()])
+        if last > first:
+            chosen = (self.chosen[first:last] - start).to(tau.device)
+            out[chosen] = tau[chosen]
+        return out
 
 
 def pack(mask: numpy.ndarray) -> numpy.ndarray:
@@ -203,11 +238,13 @@ def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, ge
 def held_bytes(sparsify: str | None, inputs: int, compute_size: int, tie_break: str) -> int:
     """Bytes an entry the task-arithmetic family holds for a tensor besides its inputs as read (its
     `entry_bytes`, capabilities.WorkingMemory): the result and each input's mask as bits; mergekit's tie
-    order also holds a whole |τ| and a bool mask, and either `_introsort`'s int32 places or (another
-    torch's sort) a float32 copy sorted into an int64 order from an int64 range."""
+    order also holds a whole |τ| as keys and either `_introsort`'s followed ties (their places and
+    numbers, 8 bytes each, several copies: a byte an entry at the 1 in 70 entries tied of bf16 task
+    vectors) or (another torch's sort) a bool mask and a float32 copy sorted into an int64 order from an
+    int64 range."""
     held = compute_size + inputs // 8 + 1
     if sparsify in ("magnitude", "magnitude_outliers") and tie_break == "mergekit":
-        held += (2 if compute_size == 2 else 4) + 1 + (4 if _introsort.follows_torch() else 24)
+        held += (2 if compute_size == 2 else 4) + (1 if _introsort.follows_torch() else 25)
     return held
 
 

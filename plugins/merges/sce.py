@@ -19,8 +19,8 @@ def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int,
     variance is not 0), else 0; flat, in the task vectors' dtype. Counted and picked as mergekit does;
     the variances (per position) over blocks `tvs(start, stop)` of the (N, n) task vectors. Of the
     positions whose variance equals the cut's, `tie_break` "mergekit" keeps those torch.topk keeps:
-    for more than n/64 of them its std::nth_element, followed along its partitions (`_introsort`:
-    int32 places, where topk copies the input as (value, index) pairs, 16 bytes an entry), else its
+    for more than n/64 of them its std::nth_element, followed along its partitions (`_introsort`: the
+    straddling entries followed, where topk copies the input as (value, index) pairs, 16 bytes an entry), else its
     partial sort itself; "index" the lowest flat indices first (an exact radix select over blocks). The
     mask is made on `device`, where the task vectors are."""
     var = variances(tvs, blocks, torch.empty(blocks[-1][1], dtype=dtype, device=device))

@@ -21,7 +21,7 @@ Additions and differences, on purpose:
   for TIES, ascending for breadcrumbs) without sorting: torch's CPU sort is not stable, so where
   entries of equal magnitude straddle the cut (in bf16 the rule: thousands of entries share each
   magnitude) no position rule reproduces its choice, and its own partitions are followed down to the
-  cut instead (`_introsort`: linear time, 7 bytes an entry against the sort's 18).
+  cut instead (`_introsort`: linear time, a twelfth of the sort's, 3 bytes an entry against its 18).
   `tie_break: index` (an addition) keeps the tied entries lowest flat index first instead: an exact
   radix select over blocks (bounded memory), the same result on every device (mergekit's own choice
   differs between its CPU and CUDA sorts), and a merge that differs from mergekit's only in which of

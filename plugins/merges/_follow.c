@@ -1,0 +1,344 @@
+/* The walk of `_introsort` in C: the partitions torch's CPU sort (libstdc++'s std::sort) and topk
+ * (std::nth_element) make along the segments that hold the places lo and hi, followed for a few
+ * entries. The rules, and the numpy walk this one must agree with, are in _introsort.py; the tests run
+ * both against torch. Optional: where this module is not built, the numpy walk runs.
+ *
+ * walk(keys, lo, hi, final, tied, origin, kept) -> bool
+ *   keys    writable contiguous int16 or int32 (itemsize 2 or 4), scrambled as the sort scrambles it
+ *   tied    a tuple of the one or two keys of the followed entries
+ *   origin  int64, the followed entries' places, ascending
+ *   kept    writable uint8, one per followed entry: set to 1 where the entry ends in [lo, hi)
+ * False where a segment that decides would be heapsorted (kept is then incomplete); RuntimeError where
+ * `origin` is not every entry holding a tied key.
+ *
+ * histogram(keys, counts): counts[key + 32768] += 1 for each int16 key (65536 int64 counts), for
+ * `_select.keys_at`: 0.5 ns an entry, where torch's bincount of the keys widened to int32 took 3-4.
+ *
+ * The followed entries of a segment are a run of `Entry` (place, number) sorted by place; a moved
+ * one is found there by a binary search (a place moves at most once in a partition), and the runs of
+ * the two parts are merged from the ones that stayed and the ones moved in (those come in order). */
+#ifdef KEY_T
+
+/* Move the followed entry at run index j to `place` and keep the run sorted. */
+static void REPLACE(Entry *run, int64_t count, int64_t j, int64_t place)
+{
+    Entry moved = {place, run[j].number};
+    while (j + 1 < count && run[j + 1].place < place) {
+        run[j] = run[j + 1];
+        j++;
+    }
+    while (j > 0 && run[j - 1].place > place) {
+        run[j] = run[j - 1];
+        j--;
+    }
+    run[j] = moved;
+}
+
+static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, const KEY_T *tied, int ntied,
+                Entry *run, int64_t m, Entry *scratch, Entry *merged, uint8_t *gone, uint8_t *kept)
+{
+#define TIED(k) ((k) == tied0 || (k) == tied1)
+    const KEY_T tied0 = tied[0], tied1 = ntied > 1 ? tied[1] : tied[0];  /* (locals: stores to keys may alias tied) */
+    int depth = 0;
+    for (int64_t size = n; size > 1; size >>= 1)
+        depth++;
+    int64_t stops_left[BLOCK], stops_right[BLOCK];
+    Segment stack[256];
+    int top = 0;
+    stack[top++] = (Segment){0, n, 2 * depth, 0, m};
+    while (top) {
+        Segment s = stack[--top];
+        int64_t start = s.start, end = s.end, a = s.a, b = s.b, count = b - a;
+        if (!count || end <= lo || hi <= start)
+            continue;  /* nothing followed, or dropped whole */
+        if (lo <= start && end <= hi) {  /* kept whole */
+            for (int64_t i = a; i < b; i++)
+                kept[run[i].number] = 1;
+            continue;
+        }
+        if (end - start <= final) {  /* the final insertion sort: stable, descending */
+            KEY_T values[16];
+            int64_t from[16], rank[16], length = end - start;
+            for (int64_t i = 0; i < length; i++) {
+                KEY_T v = keys[start + i];
+                int64_t j = i;
+                while (j > 0 && v > values[j - 1]) {
+                    values[j] = values[j - 1];
+                    from[j] = from[j - 1];
+                    j--;
+                }
+                values[j] = v;
+                from[j] = i;
+            }
+            for (int64_t i = 0; i < length; i++) {
+                keys[start + i] = values[i];
+                rank[from[i]] = i;
+            }
+            for (int64_t i = a; i < b; i++) {
+                int64_t place = start + rank[run[i].place - start];
+                kept[run[i].number] = lo <= place && place < hi;
+            }
+            continue;
+        }
+        if (s.budget == 0)
+            return 0;
+        /* __move_median_to_first(first, first + 1, mid, last - 1), comp(x, y) = x > y */
+        int64_t mid = start + (end - start) / 2, median;
+        KEY_T x = keys[start + 1], y = keys[mid], z = keys[end - 1];
+        if (x > y)
+            median = y > z ? mid : x > z ? end - 1 : start + 1;
+        else
+            median = x > z ? start + 1 : y > z ? end - 1 : mid;
+        KEY_T first = keys[start], chosen = keys[median];
+        keys[start] = chosen;
+        keys[median] = first;
+        Entry *r = run + a;
+        int followed_first = TIED(first) && r[0].place == start;
+        int64_t at_median = TIED(chosen) ? find(r, count, median) : -1;
+        if (TIED(chosen) && at_median < 0)
+            return -1;
+        if (followed_first && at_median >= 0) {
+            int64_t number = r[0].number;
+            r[0].number = r[at_median].number;
+            r[at_median].number = number;
+        } else if (followed_first) {
+            REPLACE(r, count, 0, median);
+        } else if (at_median >= 0) {
+            REPLACE(r, count, at_median, start);
+        }
+        /* __unguarded_partition(first + 1, last, first), its stops found in blocks without branches
+           (a scan that branches on each key mispredicts half of them: 13 ns an entry) and then paired:
+           Lₜ and Rₜ swap while Lₜ < Rₜ; the left part ends at min(Lₜ, Rₜ₋₁) for the first t where not.
+           Entries not yet swapped: [first, last); scanned for stops: [first, seen_left), [seen_right, last). */
+        KEY_T pivot = keys[start];
+        int64_t first_ = start + 1, last_ = end, seen_left = first_, seen_right = end, cut;
+        int64_t in_left = 0, in_right = 0, nl = 0, il = 0, nr = 0, ir = 0, at_left = 0, at_right = count - 1;
+        for (;;) {
+            if (il == nl) {
+                if (seen_left >= last_) {
+                    cut = last_;
+                    break;
+                }
+                int64_t stop = seen_left + BLOCK < last_ ? seen_left + BLOCK : last_;
+                nl = il = 0;
+                for (int64_t i = seen_left; i < stop; i++) {
+                    stops_left[nl] = i;
+                    nl += !(keys[i] > pivot);
+                }
+                seen_left = stop;
+                continue;
+            }
+            if (ir == nr) {
+                if (seen_right <= first_) {
+                    cut = stops_left[il] < last_ ? stops_left[il] : last_;
+                    break;
+                }
+                int64_t begin = seen_right - BLOCK > first_ ? seen_right - BLOCK : first_;
+                nr = ir = 0;
+                for (int64_t i = seen_right - 1; i >= begin; i--) {
+                    stops_right[nr] = i;
+                    nr += !(pivot > keys[i]);
+                }
+                seen_right = begin;
+                continue;
+            }
+            int64_t left = stops_left[il], right = stops_right[ir];
+            if (!(left < right)) {
+                cut = left < last_ ? left : last_;
+                break;
+            }
+            KEY_T from_left = keys[left], from_right = keys[right];
+            keys[left] = from_right;
+            keys[right] = from_left;
+            if (TIED(from_right)) {  /* (right stops fall: found by a cursor from the run's end) */
+                while (at_right >= 0 && r[at_right].place > right)
+                    at_right--;
+                if (at_right < 0 || r[at_right].place != right)
+                    return -1;
+                gone[a + at_right] = 1;
+                scratch[a + in_left++] = (Entry){left, r[at_right].number};
+            }
+            if (TIED(from_left)) {  /* (left stops rise: a cursor from the run's start) */
+                while (at_left < count && r[at_left].place < left)
+                    at_left++;
+                if (at_left >= count || r[at_left].place != left)
+                    return -1;
+                gone[a + at_left] = 1;
+                scratch[b - 1 - in_right++] = (Entry){right, r[at_left].number};
+            }
+            first_ = left + 1;
+            last_ = right;
+            il++;
+            ir++;
+        }
+        /* the parts' runs: the entries that stayed merged with those moved in (left places rise as they
+           are filled, right places fall: scratch holds the right part's from b down) */
+        Entry *split = merge_part(run, a, b, gone, cut, 0, scratch + a, in_left, merged + a);
+        merge_part(run, a, b, gone, cut, 1, scratch + b - in_right, in_right, split);
+        memset(gone + a, 0, (size_t)count);
+        memcpy(run + a, merged + a, (size_t)count * sizeof(Entry));
+        if (top + 2 > 256)
+            return 0;
+        stack[top++] = (Segment){start, cut, s.budget - 1, a, split - merged};
+        stack[top++] = (Segment){cut, end, s.budget - 1, split - merged, b};
+    }
+    return 1;
+#undef TIED
+}
+
+#else  /* the module */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct { int64_t place, number; } Entry;
+typedef struct { int64_t start, end; int budget; int64_t a, b; } Segment;
+#define BLOCK 512  /* entries scanned for stops at once */
+
+/* The index in run[0, count) (sorted by place) of the entry at `place`, or -1 (a broken walk). */
+static int64_t find(const Entry *run, int64_t count, int64_t place)
+{
+    int64_t low = 0, high = count;
+    while (low < high) {
+        int64_t mid = low + (high - low) / 2;
+        if (run[mid].place < place)
+            low = mid + 1;
+        else
+            high = mid;
+    }
+    return low < count && run[low].place == place ? low : -1;
+}
+
+/* Appends to out the entries of run[a, b) that stayed (gone[i] == 0) on one side of cut (right: at or
+   past it), merged by place with `moved` (count of them, in place order); returns the new end. */
+static Entry *merge_part(const Entry *run, int64_t a, int64_t b, const uint8_t *gone, int64_t cut, int right,
+                         const Entry *moved, int64_t count, Entry *out)
+{
+    int64_t i = a, j = 0;
+    for (;;) {
+        while (i < b && (gone[i] || (run[i].place >= cut) != right))
+            i++;
+        if (i >= b)
+            break;
+        while (j < count && moved[j].place < run[i].place)
+            *out++ = moved[j++];
+        *out++ = run[i++];
+    }
+    while (j < count)
+        *out++ = moved[j++];
+    return out;
+}
+
+#define KEY_T int16_t
+#define WALK walk16
+#define REPLACE replace16
+#include "_follow.c"
+#undef KEY_T
+#undef WALK
+#undef REPLACE
+#define KEY_T int32_t
+#define WALK walk32
+#define REPLACE replace32
+#include "_follow.c"
+#undef KEY_T
+
+static PyObject *walk(PyObject *self, PyObject *args)
+{
+    Py_buffer keys, origin, kept;
+    Py_ssize_t lo, hi, final;
+    PyObject *tied_keys;
+    if (!PyArg_ParseTuple(args, "w*nnnO!y*w*", &keys, &lo, &hi, &final, &PyTuple_Type, &tied_keys, &origin, &kept))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t ntied = PyTuple_GET_SIZE(tied_keys), m = origin.len / 8;
+    Py_ssize_t n = keys.itemsize ? keys.len / keys.itemsize : 0;
+    long long tied[2] = {0, 0};
+    Entry *run = NULL, *scratch = NULL, *merged = NULL;
+    uint8_t *gone = NULL;
+    if ((keys.itemsize != 2 && keys.itemsize != 4) || ntied < 1 || ntied > 2 || kept.len != m || final > 16
+        || origin.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "walk: int16 or int32 keys, one or two tied keys, int64 origin, "
+                                          "a uint8 kept per followed entry, final ≤ 16");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < ntied; i++) {
+        tied[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(tied_keys, i));
+        if (tied[i] == -1 && PyErr_Occurred())
+            goto done;
+    }
+    run = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
+    scratch = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
+    merged = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
+    gone = PyMem_RawCalloc((size_t)(m ? m : 1), 1);
+    if (!run || !scratch || !merged || !gone) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const int64_t *places = origin.buf;
+    for (Py_ssize_t i = 0; i < m; i++)
+        run[i] = (Entry){places[i], i};
+    memset(kept.buf, 0, (size_t)m);
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    if (keys.itemsize == 2) {
+        int16_t t[2] = {(int16_t)tied[0], (int16_t)tied[1]};
+        ok = walk16(keys.buf, n, lo, hi, final, t, (int)ntied, run, m, scratch, merged, gone, kept.buf);
+    } else {
+        int32_t t[2] = {(int32_t)tied[0], (int32_t)tied[1]};
+        ok = walk32(keys.buf, n, lo, hi, final, t, (int)ntied, run, m, scratch, merged, gone, kept.buf);
+    }
+    Py_END_ALLOW_THREADS
+    if (ok < 0)
+        PyErr_SetString(PyExc_RuntimeError, "walk: a moved entry was not found among the followed ones");
+    else
+        result = PyBool_FromLong(ok);
+done:
+    PyMem_RawFree(run);
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(merged);
+    PyMem_RawFree(gone);
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&origin);
+    PyBuffer_Release(&kept);
+    return result;
+}
+
+static PyObject *histogram(PyObject *self, PyObject *args)
+{
+    Py_buffer keys, counts;
+    if (!PyArg_ParseTuple(args, "y*w*", &keys, &counts))
+        return NULL;
+    if (keys.itemsize != 2 || counts.len != 65536 * 8) {
+        PyErr_SetString(PyExc_ValueError, "histogram: int16 keys and 65536 int64 counts");
+        PyBuffer_Release(&keys);
+        PyBuffer_Release(&counts);
+        return NULL;
+    }
+    const uint16_t *k = keys.buf;
+    int64_t *c = counts.buf;
+    Py_ssize_t n = keys.len / 2;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        c[(uint16_t)(k[i] ^ 0x8000)]++;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&counts);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"walk", walk, METH_VARARGS, "walk(keys, lo, hi, final, tied, origin, kept) -> bool: see _follow.c"},
+    {"histogram", histogram, METH_VARARGS, "histogram(keys, counts): counts[key + 32768] += 1 for int16 keys"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_follow", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__follow(void)
+{
+    return PyModule_Create(&module);
+}
+
+#endif
