@@ -14,9 +14,13 @@
  * histogram(keys, counts): counts[key + 32768] += 1 for each int16 key (65536 int64 counts), for
  * `_select.keys_at`: 0.5 ns an entry, where torch's bincount of the keys widened to int32 took 3-4.
  *
- * The followed entries of a segment are a run of `Entry` (place, number) sorted by place; a moved
- * one is found there by a binary search (a place moves at most once in a partition), and the runs of
- * the two parts are merged from the ones that stayed and the ones moved in (those come in order). */
+ * The followed entries of a segment are a run of `Entry` (place, number) sorted by place. A place moves
+ * at most once in a partition, and left stops rise while right stops fall, so a moved entry is found
+ * in the run by a cursor from each end (a binary search per move cost a third of the walk where 1 in
+ * 70 entries is followed); the runs of the two parts are merged from the entries that stayed and
+ * those moved in, which come in order. Held: 49 bytes a followed entry (three runs and a flag).
+ * Measured: 2.9M bf16 magnitudes with 1 in 70 followed, half kept, one thread: the walk 11 ms, the
+ * whole `_introsort.select` (histogram and ties found) 15.5 ms, numpy's 46. */
 #ifdef KEY_T
 
 /* Move the followed entry at run index j to `place` and keep the run sorted. */

@@ -174,17 +174,24 @@ def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> Ranked | n
 class Ranked:
     """Keeps the entries whose |τ|, as bits of `dtype` (`_introsort.keys_of`: NaN after +inf), lies
     strictly between `above` and `below` (None: no bound), and those at the flat indices `chosen`
-    (sorted): the ties at a bound that mergekit's sort keeps. Applied to a block in one `hardshrink`
-    where only a finite lower bound is set (|x| > λ keeps x; the common case), else by comparing bits."""
+    (sorted): the ties at a bound that mergekit's sort keeps. Where the bounds are finite magnitudes
+    (the rule), applied to a block by one `hardshrink` (|x| > λ keeps x, NaN too) and, for an upper
+    bound, a `where` on |x| < μ (false for NaN, whose key is above every finite one); else by comparing
+    bits (breadcrumbs' two-sided cut on the 168M job: merge 5.47 s against 5.67, median of 3 alternating)."""
 
     def __init__(self, above: int | None, below: int | None, chosen: numpy.ndarray, dtype: torch.dtype):
         self.above, self.below, self.chosen, self.dtype = above, below, torch.from_numpy(chosen), dtype
         self.infinity = int(as_bits(torch.tensor(float("inf"), dtype=dtype)))
 
+    def _value(self, bits: int) -> float:
+        return float(torch.tensor(bits, dtype=as_bits(torch.empty(0, dtype=self.dtype)).dtype).view(self.dtype))
+
     def keep(self, tau: torch.Tensor, start: int) -> torch.Tensor:
         """The block of τ starting at flat index `start` with the dropped entries set to +0 (a new tensor)."""
-        if tau.dtype == self.dtype and self.below is None and self.above is not None and 0 <= self.above <= self.infinity:
-            out = torch.nn.functional.hardshrink(tau, float(torch.tensor(self.above, dtype=as_bits(tau).dtype).view(tau.dtype)))
+        if tau.dtype == self.dtype and all(b is None or 0 <= b <= self.infinity for b in (self.above, self.below)):
+            out = tau.clone() if self.above is None else torch.nn.functional.hardshrink(tau, self._value(self.above))
+            if self.below is not None:
+                out = torch.where(tau.abs() < self._value(self.below), out, 0)
         else:
             bits = as_bits(tau.abs().to(self.dtype)).clamp(max=self.infinity + 1)  # (every NaN one key)
             inside = torch.ones_like(bits, dtype=torch.bool)
