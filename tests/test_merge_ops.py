@@ -867,6 +867,29 @@ def test_ties_at_the_cut_match_mergekit(monkeypatch, name, params):
     assert torch.equal(ours, mergekit(name, tensors, base, **params))
 
 
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "magnitude_prune"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_cut_among_zeros_keeps_mergekits_bytes(name, dtype):
+    """Where the cut falls among entries with τ = 0 (a fine-tune that left most of a tensor as it was),
+    which of them mergekit's sort keeps cannot change a number, so adaptkit does not follow them
+    (`_introsort`, free_zero): the output is still mergekit's, to the byte, signed zeros of the base
+    included."""
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randn(60, 70, generator=g) * 0.02).to(dtype)
+    base[::7] = -0.0
+    tensors = []
+    for _ in range(3):
+        changed = torch.rand(60, 70, generator=g) < 0.3
+        tensors.append(torch.where(changed, base + (torch.randn(60, 70, generator=g) * 1e-3).to(dtype), base))
+    params = {"weight": [0.5, 0.3, 0.4], "density": 0.6}
+    if name == "breadcrumbs":
+        params["gamma"] = 0.05
+    ours = op(name).merge(tensors, base, **params)
+    theirs = mergekit(name, tensors, base, **params)
+    assert torch.equal(ours.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       theirs.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
 def test_sign_election_tie_goes_positive():
     base = torch.zeros(3)
     tensors = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, 1.0, 0.5])]  # Σ τ = [0, -1, 1]
