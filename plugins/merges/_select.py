@@ -187,8 +187,9 @@ def keys_at(keys: numpy.ndarray, places: list[int]) -> list:
         flat, counts = torch.from_numpy(keys), torch.zeros(1 << 16, dtype=torch.int64)
         if native is not None:
             native.histogram(keys, counts.numpy())
-        for s, e in block_ranges(keys.size) if native is None else ():
-            counts += torch.bincount(flat[s:e].to(torch.int32).add_(1 << 15), minlength=1 << 16)
+        else:
+            for s, e in block_ranges(keys.size):
+                counts += torch.bincount(flat[s:e].to(torch.int32).add_(1 << 15), minlength=1 << 16)
         return [keys.dtype.type(_from_top(counts, p + 1)[0] - (1 << 15)) for p in places]
     ranked, found, start = buffer(keys.size, keys.dtype), {}, 0
     ranked[:] = keys

@@ -28,10 +28,11 @@ class Keep:
 
     Magnitudes are kept as mergekit's sort of the whole |τ| keeps them (tie_break "mergekit", the
     default): torch's CPU sort is unstable, so where entries of equal magnitude straddle the cut,
-    only its own moves make its choice, followed down to the cut (`_introsort`); the mask is kept as
-    bits. With tie_break "index", magnitude cuts are found in passes over blocks (see `_select`), and
-    of entries tied at a cut the first in flat order kept. Random masks come from the input's
-    `Draws`, drawn in block order on the first pass over the blocks and the same on every later pass.
+    only its own moves make its choice, followed down to the cut (`_introsort`) and kept as bounds
+    and the chosen ties (`Ranked`). With tie_break "index", magnitude cuts are found in passes over
+    blocks (see `_select`), and of entries tied at a cut the first in flat order kept. Random masks
+    come from the input's `Draws`, drawn in block order on the first pass over the blocks and the
+    same on every later pass.
     """
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
@@ -58,7 +59,7 @@ class Keep:
 
     def apply(self, start: int, tau: torch.Tensor) -> torch.Tensor:
         """The block of τ starting at flat index `start` with the dropped entries set to 0 (in place for
-        random drops and mergekit's tie order, else a new tensor)."""
+        random drops and torch's own sort's bits, else a new tensor)."""
         if self.method == "random":
             return masked(tau, self.draws.below(start, tau.numel(), self.density), 0)
         if isinstance(self.whole, Ranked):
