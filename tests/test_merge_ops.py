@@ -20,7 +20,7 @@ from torch.testing import assert_close
 from adaptkit import registry
 from adaptkit.errors import AdaptkitError
 from adaptkit.spec import MergeMethod
-from adaptkit_plugins.merges._sparsify import Draws
+from adaptkit_plugins.merges._draws import Draws
 
 NAMES = ["linear", "average", "interpolate", "slerp", "task_arithmetic", "ties", "dare_linear",
          "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties", "model_stock"]
@@ -202,13 +202,12 @@ def sorted_range_mask(values: torch.Tensor, descending: bool, lo: int, hi: int) 
 def walk(request, monkeypatch):
     """Both walks along torch's sort: the C loops (`_follow.c`, built by the install) and numpy's, which
     runs where no compiler built them; each must keep what torch keeps."""
-    from adaptkit_plugins.merges import _introsort, _select
+    from adaptkit_plugins.merges import _select
 
     if request.param == "C" and _select.native is None:
         pytest.skip("the C walk is not built here (no C compiler at install)")
     if request.param == "numpy":
         monkeypatch.setattr(_select, "native", None)
-        monkeypatch.setattr(_introsort, "native", None)
     return request.param
 
 
@@ -293,11 +292,11 @@ def test_introsort_ranges_match_torchs_sort(walk, monkeypatch, shape, n, window)
     equal (every entry stops both scans), two values, sorted, reversed, distinct and many ties;
     segments at and around the 16 entries left to the final insertion sort; ranges at either end and
     inside; stops scanned in the default windows and in windows of 7 (pairs across many windows)."""
-    from adaptkit_plugins.merges import _introsort
+    from adaptkit_plugins.merges import _walk
     from adaptkit_plugins.merges._introsort import kept_range
 
     if window:
-        monkeypatch.setattr(_introsort, "WINDOW", window)
+        monkeypatch.setattr(_walk, "WINDOW", window)
 
     g = torch.Generator().manual_seed(n)
     values = {"equal": torch.zeros(n), "two values": torch.randint(0, 2, (n,), generator=g).float(),
@@ -669,7 +668,7 @@ def drawn(draws, start: int, count: int, p: float) -> torch.Tensor:
 
 
 def test_dare_masks_keep_density_and_depend_only_on_the_generator():
-    """The masks (`_sparsify.Draws`): kept fraction ≈ density (binomial: within 5σ), the same for
+    """The masks (`_draws.Draws`): kept fraction ≈ density (binomial: within 5σ), the same for
     the same generator seed, different for another, and the same block's mask again on a later
     pass (replayed from its bits, not drawn anew)."""
     n = 1 << 20

@@ -23,21 +23,6 @@
  * whole `_introsort.select` (histogram and ties found) 15.5 ms, numpy's 46. */
 #ifdef KEY_T
 
-/* Move the followed entry at run index j to `place` and keep the run sorted. */
-static void REPLACE(Entry *run, int64_t count, int64_t j, int64_t place)
-{
-    Entry moved = {place, run[j].number};
-    while (j + 1 < count && run[j + 1].place < place) {
-        run[j] = run[j + 1];
-        j++;
-    }
-    while (j > 0 && run[j - 1].place > place) {
-        run[j] = run[j - 1];
-        j--;
-    }
-    run[j] = moved;
-}
-
 static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, const KEY_T *tied, int ntied,
                 Entry *run, int64_t m, Entry *scratch, Entry *merged, uint8_t *gone, uint8_t *kept)
 {
@@ -106,9 +91,9 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
             r[0].number = r[at_median].number;
             r[at_median].number = number;
         } else if (followed_first) {
-            REPLACE(r, count, 0, median);
+            replace(r, count, 0, median);
         } else if (at_median >= 0) {
-            REPLACE(r, count, at_median, start);
+            replace(r, count, at_median, start);
         }
         /* __unguarded_partition(first + 1, last, first), its stops found in blocks without branches
            (a scan that branches on each key mispredicts half of them: 13 ns an entry) and then paired:
@@ -215,6 +200,21 @@ static int64_t find(const Entry *run, int64_t count, int64_t place)
     return low < count && run[low].place == place ? low : -1;
 }
 
+/* Move the followed entry at run index j to `place` and keep the run sorted. */
+static void replace(Entry *run, int64_t count, int64_t j, int64_t place)
+{
+    Entry moved = {place, run[j].number};
+    while (j + 1 < count && run[j + 1].place < place) {
+        run[j] = run[j + 1];
+        j++;
+    }
+    while (j > 0 && run[j - 1].place > place) {
+        run[j] = run[j - 1];
+        j--;
+    }
+    run[j] = moved;
+}
+
 /* Appends to out the entries of run[a, b) that stayed (gone[i] == 0) on one side of cut (right: at or
    past it), merged by place with `moved` (count of them, in place order); returns the new end. */
 static Entry *merge_part(const Entry *run, int64_t a, int64_t b, const uint8_t *gone, int64_t cut, int right,
@@ -237,14 +237,11 @@ static Entry *merge_part(const Entry *run, int64_t a, int64_t b, const uint8_t *
 
 #define KEY_T int16_t
 #define WALK walk16
-#define REPLACE replace16
 #include "_follow.c"
 #undef KEY_T
 #undef WALK
-#undef REPLACE
 #define KEY_T int32_t
 #define WALK walk32
-#define REPLACE replace32
 #include "_follow.c"
 #undef KEY_T
 

@@ -36,7 +36,8 @@ import numpy
 import torch
 
 from ._base import frozen
-from ._sparsify import bit_generator, l1_factor, masked, pack, uniform32
+from ._draws import bit_generator, uniform32
+from ._sparsify import l1_factor, masked, pack
 from .task_arithmetic import BLOCK, TaskArithmetic
 
 
