@@ -102,7 +102,7 @@ def test_draw_keep_compares_rank_ordered_draws_with_the_ramp():
     """Entry j of a row is kept where the draw of its rank, U = k/2³² for the next 32-bit integer k in rank
     order, is below its keep probability p: k < ⌈p·2³²⌉. Written out entry by entry, then the kept
     fraction of each rank against p over many rows."""
-    from adaptkit_plugins.merges._sparsify import uniform32
+    from adaptkit_plugins.merges._draws import uniform32
     from adaptkit_plugins.merges.della import draw_keep
 
     magnitude = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.5, 0.25, 4.0, 1.0]])  # ranks [3, 0, 1, 2], [1, 0, 3, 2]
