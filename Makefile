@@ -18,8 +18,8 @@ setup: $(STAMP)
 # torch is the CPU build (a local file here); a looser torch pulls gigabytes of CUDA packages.
 # compileall: bytecode, as pip compiles a regular install; an editable one gets none where
 # PYTHONDONTWRITEBYTECODE is set, so every command compiled its modules again (about 0.1 s a merge).
-# (_follow.c: the install compiles it in place, so a changed one needs the install again)
-$(STAMP): pyproject.toml $(PINS) plugins/merges/_follow.c
+# (_follow.c, _mix.c: the install compiles them in place, so a changed one needs the install again)
+$(STAMP): pyproject.toml $(PINS) plugins/merges/_follow.c plugins/merges/_mix.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$$(grep '^pip==' $(PINS))"
 	$(BIN)/python -m pip install --quiet torch==2.13.0

@@ -212,16 +212,16 @@ def walk(request, monkeypatch):
 
 
 def test_the_c_walk_is_built_where_a_compiler_is():
-    """The install compiles `_follow.c` wherever a C compiler is found (it is optional: without one, numpy
+    """The install compiles `_follow.c` and `_mix.c` wherever a C compiler is found (it is optional: without one, numpy
     walks), so a build that silently failed here is caught."""
     import shutil
     import sysconfig
 
-    from adaptkit_plugins.merges import _select
+    from adaptkit_plugins.merges import _base, _select
 
     if not shutil.which(sysconfig.get_config_var("CC").split()[0]):
         pytest.skip("no C compiler")
-    assert _select.native is not None
+    assert _select.native is not None and _base.native is not None
 
 
 def test_the_c_walk_refuses_an_incomplete_origin():
@@ -897,9 +897,22 @@ def test_sign_election_tie_goes_positive():
     assert torch.equal(ours, mergekit("ties", tensors, base, weight=1.0))
 
 
+@pytest.fixture(params=["C", "torch"])
+def sign_mean(request, monkeypatch):
+    """Both ways `combine` takes TIES' sum rule: one pass in C (`_mix.c`, built by the install, for
+    bf16 and float32) and torch's passes, which run where it was not built and for other dtypes."""
+    from adaptkit_plugins.merges import _base
+
+    if request.param == "C" and _base.native is None:
+        pytest.skip("_mix.c is not built here (no C compiler at install)")
+    if request.param == "torch":
+        monkeypatch.setattr(_base, "native", None)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("count", [2, 3, 5])
-def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(dtype, count):
+def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(sign_mean, dtype, count):
     """`combine` elects the sign and sums the agreeing deltas as σ·Σ relu(σ·δᵢ) (σ = ±1 by a sign-bit
     XOR) instead of mergekit's masks: the same bytes as mergekit's `get_mask` arithmetic written out
     on the stacked deltas, on values with zeros of both signs, votes summing to exactly 0, negative
@@ -924,6 +937,56 @@ def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(dtype, count
         got = combine([d.clone() for d in deltas], weights, "sum", normalize)
         bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
         assert torch.equal(got.view(bits), want.view(bits)), normalize
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_the_c_sign_mean_gives_the_torch_paths_bytes_on_hostile_values(dtype):
+    """`_mix.sign_mean` against `combine`'s torch passes, 1 to 16 inputs (from 5 on, the last entries
+    sum interleaved: +1, −1, 0, 0, −2⁻²⁶ first and last, where the two orders elect opposite signs),
+    lengths with and without a tail, both normalizations: values spread over e^±16,
+    zeros of both signs, subnormals, ±inf (inf − inf votes are NaN: torch's bulk rounds a NaN to 0xFFFF,
+    which elects −) and NaN. Equal bits, NaN where NaN."""
+    from adaptkit_plugins.merges import _base
+
+    if _base.native is None:
+        pytest.skip("_mix.c is not built here")
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    g = torch.Generator().manual_seed(7)
+    for count in (1, 2, 3, 4, 5, 8, 16):
+        for n in (2, 33, 1000, 4099, 9 * 1024 + 5):
+            deltas = [(torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 16)).to(dtype)
+                      for _ in range(count)]
+            for d in deltas:
+                for value, share in ((0.0, 0.3), (-0.0, 0.05), (1e-40, 0.02), (float("inf"), 0.01),
+                                     (-float("inf"), 0.01), (float("nan"), 0.002)):
+                    d[torch.rand(n, generator=g) < share] = value
+            for i, value in enumerate([1.0, -1.0, 0.0, 0.0, -(2.0 ** -26)][:count]):  # a tail's sum differs
+                deltas[i][0], deltas[i][-1] = value, value
+            weights = torch.randn(count, generator=g).to(dtype)
+            weights[0] = 0.0  # (a weight of 0: divisors of 0 where only it agrees)
+            for normalize in (False, True):
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(_base, "native", None)
+                    want = _base.combine([d.clone() for d in deltas], weights, "sum", normalize)
+                got = _base.combine([d.clone() for d in deltas], weights, "sum", normalize)
+                nan = want.isnan()
+                assert torch.equal(got.isnan(), nan), (count, n, normalize)
+                assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (count, n, normalize)
+
+
+def test_the_c_sign_mean_refuses_what_it_cannot_sum():
+    """Wrong counts, dtypes and lengths are a ValueError, never a read past a buffer."""
+    from adaptkit_plugins.merges import _base
+
+    if _base.native is None:
+        pytest.skip("_mix.c is not built here")
+    a, out = numpy.zeros(8, numpy.int16), numpy.zeros(8, numpy.int16)
+    for args, match in ((((a,), (1.0, 2.0), True, 0, "bfloat16", out), "as many weights"),
+                        (((a,) * 17, (1.0,) * 17, True, 0, "bfloat16", out), "1 to 16"),
+                        (((a,), (1.0,), True, 0, "float16", out), "bfloat16 or float32"),
+                        (((a[:4],), (1.0,), True, 0, "bfloat16", out), "differ in length")):
+        with pytest.raises(ValueError, match=match):
+            _base.native.sign_mean(*args)
 
 
 def test_index_cut_of_float64_task_vectors_ranks_their_float32_magnitudes():

@@ -166,15 +166,16 @@ def test_wheel_ships_registry_toml_as_a_file(wheel):
 
 @pytest.mark.slow
 def test_the_installed_wheel_walks_in_c(venv):
-    """Where a C compiler is found, the wheel carries `_follow.c` compiled and the installed package runs
-    it (without one, the install goes on and numpy walks: see `_introsort`)."""
+    """Where a C compiler is found, the wheel carries `_follow.c` and `_mix.c` compiled and the installed
+    package runs them (without one, the install goes on: numpy walks, see `_introsort`, and torch mixes)."""
     import shutil
     import sysconfig
 
     if not shutil.which(sysconfig.get_config_var("CC").split()[0]):
         pytest.skip("no C compiler")
-    where = venv.py("from adaptkit_plugins.merges import _select; print(_select.native.__file__)").strip()
-    assert Path(where).resolve().is_relative_to(venv.root.resolve()), where
+    found = venv.py("from adaptkit_plugins.merges import _base, _select\n"
+                    "print(_select.native.__file__); print(_base.native.__file__)").split()
+    assert len(found) == 2 and all(Path(w).resolve().is_relative_to(venv.root.resolve()) for w in found), found
 
 
 @pytest.mark.slow
