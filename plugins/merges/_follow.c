@@ -27,11 +27,13 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
                 Entry *run, int64_t m, Entry *scratch, Entry *merged, uint8_t *gone, uint8_t *kept)
 {
 #define TIED(k) ((k) == tied0 || (k) == tied1)
+#define ONE_TIED(k) ((k) == tied0)
     const KEY_T tied0 = tied[0], tied1 = ntied > 1 ? tied[1] : tied[0];  /* (locals: stores to keys may alias tied) */
     int depth = 0;
     for (int64_t size = n; size > 1; size >>= 1)
         depth++;
-    int64_t stops_left[BLOCK], stops_right[BLOCK];
+    uint16_t stops_left[BLOCK + 16], stops_right[BLOCK + 16];  /* (+16: a vector store may run past the last) */
+    uint16_t moved[BLOCK];
     Segment stack[256];
     int top = 0;
     stack[top++] = (Segment){0, n, 2 * depth, 0, m};
@@ -95,13 +97,15 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
         } else if (at_median >= 0) {
             replace(r, count, at_median, start);
         }
-        /* __unguarded_partition(first + 1, last, first), its stops found in blocks without branches
-           (a scan that branches on each key mispredicts half of them: 13 ns an entry) and then paired:
-           Lₜ and Rₜ swap while Lₜ < Rₜ; the left part ends at min(Lₜ, Rₜ₋₁) for the first t where not.
-           Entries not yet swapped: [first, last); scanned for stops: [first, seen_left), [seen_right, last). */
+        /* __unguarded_partition(first + 1, last, first), its stops found a block at a time (`STOPS`:
+           AVX2 compares, or a loop without branches: one that branches on each key mispredicts half
+           of them, 13 ns an entry) and then paired: Lₜ and Rₜ swap while Lₜ < Rₜ; the left part ends
+           at min(Lₜ, Rₜ₋₁) for the first t where not. Entries not yet swapped: [first, last); scanned
+           for stops: [first, seen_left), [seen_right, last). A stop is an offset from its block's start. */
         KEY_T pivot = keys[start];
         int64_t first_ = start + 1, last_ = end, seen_left = first_, seen_right = end, cut;
         int64_t in_left = 0, in_right = 0, nl = 0, il = 0, nr = 0, ir = 0, at_left = 0, at_right = count - 1;
+        int64_t base_left = 0, base_right = 0;
         for (;;) {
             if (il == nl) {
                 if (seen_left >= last_) {
@@ -109,56 +113,79 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
                     break;
                 }
                 int64_t stop = seen_left + BLOCK < last_ ? seen_left + BLOCK : last_;
-                nl = il = 0;
-                for (int64_t i = seen_left; i < stop; i++) {
-                    stops_left[nl] = i;
-                    nl += !(keys[i] > pivot);
-                }
+                nl = STOPS_LEFT(keys + seen_left, (int)(stop - seen_left), pivot, stops_left);
+                il = 0;
+                base_left = seen_left;
                 seen_left = stop;
                 continue;
             }
             if (ir == nr) {
                 if (seen_right <= first_) {
-                    cut = stops_left[il] < last_ ? stops_left[il] : last_;
+                    int64_t left = base_left + stops_left[il];
+                    cut = left < last_ ? left : last_;
                     break;
                 }
                 int64_t begin = seen_right - BLOCK > first_ ? seen_right - BLOCK : first_;
-                nr = ir = 0;
-                for (int64_t i = seen_right - 1; i >= begin; i--) {
-                    stops_right[nr] = i;
-                    nr += !(pivot > keys[i]);
-                }
+                nr = STOPS_RIGHT(keys + begin, (int)(seen_right - begin), pivot, stops_right);
+                ir = 0;
+                base_right = begin;
                 seen_right = begin;
                 continue;
             }
-            int64_t left = stops_left[il], right = stops_right[ir];
-            if (!(left < right)) {
+            /* the pairs of these two blocks' stops, in a loop that branches only where they cross; the
+               pairs that moved a followed key are noted (without a branch: 1 in 14 pairs here, a
+               branch on them mispredicted a third of the loop's time) and followed after */
+            int64_t pairs = nl - il < nr - ir ? nl - il : nr - ir, left = 0, right = 0, crossed = 0, t = 0;
+            int noted = 0;
+#define PAIRS(tied)                                           \
+    for (; t < pairs; t++) {                                  \
+        left = base_left + stops_left[il + t];                \
+        right = base_right + stops_right[ir + t];             \
+        if (!(left < right)) {                                \
+            crossed = 1;                                      \
+            break;                                            \
+        }                                                     \
+        KEY_T from_left = keys[left], from_right = keys[right]; \
+        keys[left] = from_right;                              \
+        keys[right] = from_left;                              \
+        moved[noted] = (uint16_t)t;                           \
+        noted += tied(from_right) | tied(from_left);          \
+    }
+            if (tied0 == tied1) {  /* (one key followed: one compare a key, 1.5 times as fast) */
+                PAIRS(ONE_TIED)
+            } else {
+                PAIRS(TIED)
+            }
+#undef PAIRS
+            for (int i = 0; i < noted; i++) {
+                int64_t to_left = base_left + stops_left[il + moved[i]], to_right = base_right + stops_right[ir + moved[i]];
+                if (TIED(keys[to_left])) {  /* (came from the right; right stops fall: a cursor from the run's end) */
+                    while (at_right >= 0 && r[at_right].place > to_right)
+                        at_right--;
+                    if (at_right < 0 || r[at_right].place != to_right)
+                        return -1;
+                    gone[a + at_right] = 1;
+                    scratch[a + in_left++] = (Entry){to_left, r[at_right].number};
+                }
+                if (TIED(keys[to_right])) {  /* (came from the left; left stops rise: a cursor from the start) */
+                    while (at_left < count && r[at_left].place < to_left)
+                        at_left++;
+                    if (at_left >= count || r[at_left].place != to_left)
+                        return -1;
+                    gone[a + at_left] = 1;
+                    scratch[b - 1 - in_right++] = (Entry){to_right, r[at_left].number};
+                }
+            }
+            il += t;
+            ir += t;
+            if (t) {  /* (the last pair swapped: the scans stop short of it) */
+                first_ = base_left + stops_left[il - 1] + 1;
+                last_ = base_right + stops_right[ir - 1];
+            }
+            if (crossed) {
                 cut = left < last_ ? left : last_;
                 break;
             }
-            KEY_T from_left = keys[left], from_right = keys[right];
-            keys[left] = from_right;
-            keys[right] = from_left;
-            if (TIED(from_right)) {  /* (right stops fall: found by a cursor from the run's end) */
-                while (at_right >= 0 && r[at_right].place > right)
-                    at_right--;
-                if (at_right < 0 || r[at_right].place != right)
-                    return -1;
-                gone[a + at_right] = 1;
-                scratch[a + in_left++] = (Entry){left, r[at_right].number};
-            }
-            if (TIED(from_left)) {  /* (left stops rise: a cursor from the run's start) */
-                while (at_left < count && r[at_left].place < left)
-                    at_left++;
-                if (at_left >= count || r[at_left].place != left)
-                    return -1;
-                gone[a + at_left] = 1;
-                scratch[b - 1 - in_right++] = (Entry){right, r[at_left].number};
-            }
-            first_ = left + 1;
-            last_ = right;
-            il++;
-            ir++;
         }
         /* the parts' runs: the entries that stayed merged with those moved in (left places rise as they
            are filled, right places fall: scratch holds the right part's from b down) */
@@ -173,6 +200,7 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
     }
     return 1;
 #undef TIED
+#undef ONE_TIED
 }
 
 #else  /* the module */
@@ -235,13 +263,152 @@ static Entry *merge_part(const Entry *run, int64_t a, int64_t b, const uint8_t *
     return out;
 }
 
+/* The stops of a block, as offsets from its start: left stops (keys not above the pivot) ascending,
+   right stops (keys not below it) descending. Returns how many. */
+#define SCALAR_STOPS(name, type)                                                           \
+    static int name##_left(const type *keys, int count, type pivot, uint16_t *out)          \
+    {                                                                                       \
+        int n = 0;                                                                          \
+        for (int i = 0; i < count; i++) {                                                   \
+            out[n] = (uint16_t)i;                                                           \
+            n += !(keys[i] > pivot);                                                        \
+        }                                                                                   \
+        return n;                                                                           \
+    }                                                                                       \
+    static int name##_right(const type *keys, int count, type pivot, uint16_t *out)         \
+    {                                                                                       \
+        int n = 0;                                                                          \
+        for (int i = count - 1; i >= 0; i--) {                                              \
+            out[n] = (uint16_t)i;                                                           \
+            n += !(pivot > keys[i]);                                                        \
+        }                                                                                   \
+        return n;                                                                           \
+    }
+SCALAR_STOPS(stops16, int16_t)
+SCALAR_STOPS(stops32, int32_t)
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* With AVX2: 16 (8) keys compared at once, their stops written from a table of each byte's set bits
+   (`ascending`: the bits' places rising; `descending`: 7 − place, falling), 8 at a time. Measured on a
+   2.9M bf16 task vector, one partition: 0.79 ns an entry against 2.0 for the scalar stops. */
+#include <immintrin.h>
+#define FAST_STOPS 1
+static uint16_t ascending[256][8], descending[256][8];
+static uint8_t bits[256];
+static int have_avx2;
+
+static void tables(void)
+{
+    for (int m = 0; m < 256; m++) {
+        int up = 0, down = 0;
+        for (int b = 0; b < 8; b++)
+            if (m >> b & 1)
+                ascending[m][up++] = (uint16_t)b;
+        for (int b = 7; b >= 0; b--)
+            if (m >> b & 1)
+                descending[m][down++] = (uint16_t)(7 - b);
+        bits[m] = (uint8_t)up;
+    }
+    __builtin_cpu_init();
+    have_avx2 = __builtin_cpu_supports("avx2");
+}
+
+/* `mask`'s 8 bits from bit `shift` of 16-lane masks: entries place..place + 7 (left) or place..place − 7 */
+#define PUT_UP(mask, place)                                                                               \
+    _mm_storeu_si128((__m128i *)(out + n), _mm_add_epi16(_mm_loadu_si128((const __m128i *)ascending[mask]), \
+                                                         _mm_set1_epi16((short)(place))));                  \
+    n += bits[mask]
+#define PUT_DOWN(mask, place)                                                                             \
+    _mm_storeu_si128((__m128i *)(out + n), _mm_sub_epi16(_mm_set1_epi16((short)(place)),                  \
+                                                         _mm_loadu_si128((const __m128i *)descending[mask]))); \
+    n += bits[mask]
+
+__attribute__((target("avx2"))) static int fast16_left(const int16_t *keys, int count, int16_t pivot, uint16_t *out)
+{
+    __m256i p = _mm256_set1_epi16(pivot);
+    int n = 0, i = 0;
+    for (; i + 16 <= count; i += 16) {
+        __m256i above = _mm256_cmpgt_epi16(_mm256_loadu_si256((const __m256i *)(keys + i)), p);
+        unsigned m = ~(unsigned)_mm_movemask_epi8(_mm_packs_epi16(_mm256_castsi256_si128(above),
+                                                                  _mm256_extracti128_si256(above, 1))) & 0xFFFF;
+        PUT_UP(m & 255, i);
+        PUT_UP(m >> 8, i + 8);
+    }
+    for (; i < count; i++) {
+        out[n] = (uint16_t)i;
+        n += !(keys[i] > pivot);
+    }
+    return n;
+}
+
+__attribute__((target("avx2"))) static int fast16_right(const int16_t *keys, int count, int16_t pivot, uint16_t *out)
+{
+    __m256i p = _mm256_set1_epi16(pivot);
+    int n = 0, i = count;
+    for (; i >= 16; i -= 16) {
+        __m256i below = _mm256_cmpgt_epi16(p, _mm256_loadu_si256((const __m256i *)(keys + i - 16)));
+        unsigned m = ~(unsigned)_mm_movemask_epi8(_mm_packs_epi16(_mm256_castsi256_si128(below),
+                                                                  _mm256_extracti128_si256(below, 1))) & 0xFFFF;
+        PUT_DOWN(m >> 8, i - 1);
+        PUT_DOWN(m & 255, i - 9);
+    }
+    for (i--; i >= 0; i--) {
+        out[n] = (uint16_t)i;
+        n += !(pivot > keys[i]);
+    }
+    return n;
+}
+
+__attribute__((target("avx2"))) static int fast32_left(const int32_t *keys, int count, int32_t pivot, uint16_t *out)
+{
+    __m256i p = _mm256_set1_epi32(pivot);
+    int n = 0, i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256i above = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(keys + i)), p);
+        unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(above)) & 255;
+        PUT_UP(m, i);
+    }
+    for (; i < count; i++) {
+        out[n] = (uint16_t)i;
+        n += !(keys[i] > pivot);
+    }
+    return n;
+}
+
+__attribute__((target("avx2"))) static int fast32_right(const int32_t *keys, int count, int32_t pivot, uint16_t *out)
+{
+    __m256i p = _mm256_set1_epi32(pivot);
+    int n = 0, i = count;
+    for (; i >= 8; i -= 8) {
+        __m256i below = _mm256_cmpgt_epi32(p, _mm256_loadu_si256((const __m256i *)(keys + i - 8)));
+        unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(below)) & 255;
+        PUT_DOWN(m, i - 1);
+    }
+    for (i--; i >= 0; i--) {
+        out[n] = (uint16_t)i;
+        n += !(pivot > keys[i]);
+    }
+    return n;
+}
+#define STOPS(size, side, keys, count, pivot, out) \
+    (have_avx2 ? fast##size##_##side(keys, count, pivot, out) : stops##size##_##side(keys, count, pivot, out))
+#else
+#define STOPS(size, side, keys, count, pivot, out) stops##size##_##side(keys, count, pivot, out)
+#endif
+
 #define KEY_T int16_t
 #define WALK walk16
+#define STOPS_LEFT(keys, count, pivot, out) STOPS(16, left, keys, count, pivot, out)
+#define STOPS_RIGHT(keys, count, pivot, out) STOPS(16, right, keys, count, pivot, out)
 #include "_follow.c"
 #undef KEY_T
 #undef WALK
+#undef STOPS_LEFT
+#undef STOPS_RIGHT
 #define KEY_T int32_t
 #define WALK walk32
+#define STOPS_LEFT(keys, count, pivot, out) STOPS(32, left, keys, count, pivot, out)
+#define STOPS_RIGHT(keys, count, pivot, out) STOPS(32, right, keys, count, pivot, out)
 #include "_follow.c"
 #undef KEY_T
 
@@ -339,6 +506,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_follow", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__follow(void)
 {
+#ifdef FAST_STOPS
+    tables();
+#endif
     return PyModule_Create(&module);
 }
 
