@@ -198,17 +198,23 @@ def sorted_range_mask(values: torch.Tensor, descending: bool, lo: int, hi: int) 
     return torch.zeros(values.numel(), dtype=torch.bool).index_fill_(0, order, True)
 
 
-@pytest.fixture(params=["C", "numpy"])
+@pytest.fixture(params=["C", "C-scalar", "numpy"])
 def walk(request, monkeypatch):
-    """Both walks along torch's sort: the C loops (`_follow.c`, built by the install) and numpy's, which
-    runs where no compiler built them; each must keep what torch keeps."""
+    """Both walks along torch's sort: the C loops (`_follow.c`, built by the install; its stops found
+    with AVX2 where the CPU has it, else by a scalar loop) and numpy's, which runs where no compiler built
+    them; each must keep what torch keeps."""
     from adaptkit_plugins.merges import _select
 
-    if request.param == "C" and _select.native is None:
+    if request.param.startswith("C") and _select.native is None:
         pytest.skip("the C walk is not built here (no C compiler at install)")
     if request.param == "numpy":
         monkeypatch.setattr(_select, "native", None)
-    return request.param
+    if request.param == "C-scalar":
+        was = _select.native.vectors(False)
+        yield request.param
+        _select.native.vectors(was)
+        return
+    yield request.param
 
 
 def test_the_c_walk_is_built_where_a_compiler_is():

@@ -14,6 +14,8 @@
  * histogram(keys, counts): counts[key + 32768] += 1 for each int16 key (65536 int64 counts), for
  * `_select.keys_at`: 0.5 ns an entry, where torch's bincount of the keys widened to int32 took 3-4.
  *
+ * vectors(on) -> bool: the stops found with AVX2 (where the CPU has it) or not from now on (tests).
+ *
  * The followed entries of a segment are a run of `Entry` (place, number) sorted by place. A place moves
  * at most once in a partition, and left stops rise while right stops fall, so a moved entry is found
  * in the run by a cursor from each end (a binary search per move cost a third of the walk where 1 in
@@ -496,7 +498,24 @@ static PyObject *histogram(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* vectors(on) -> bool: whether the stops are found with AVX2 from now on (on: where the CPU has it;
+   off: the scalar loop, for the tests), returning whether they were. */
+static PyObject *vectors(PyObject *self, PyObject *args)
+{
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on))
+        return NULL;
+#ifdef FAST_STOPS
+    int was = have_avx2;
+    have_avx2 = on && __builtin_cpu_supports("avx2");
+    return PyBool_FromLong(was);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"vectors", vectors, METH_VARARGS, "vectors(on) -> bool: AVX2 stops from now on (where the CPU has it)"},
     {"walk", walk, METH_VARARGS, "walk(keys, lo, hi, final, tied, origin, kept) -> bool: see _follow.c"},
     {"histogram", histogram, METH_VARARGS, "histogram(keys, counts): counts[key + 32768] += 1 for int16 keys"},
     {NULL, NULL, 0, NULL},
