@@ -905,7 +905,7 @@ def test_sign_election_tie_goes_positive():
 
 @pytest.fixture(params=["C", "torch"])
 def sign_mean(request, monkeypatch):
-    """Both ways `combine` takes TIES' sum rule: one pass in C (`_mix.c`, built by the install, for
+    """Both ways `mix_block` takes TIES' sum rule: one pass in C (`_mix.c`, built by the install, for
     bf16 and float32) and torch's passes, which run where it was not built and for other dtypes."""
     from adaptkit_plugins.merges import _base
 
@@ -920,12 +920,12 @@ def sign_mean(request, monkeypatch):
 @pytest.mark.parametrize("count", [2, 3, 5])
 def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(sign_mean, dtype, count):
     """`combine` elects the sign and sums the agreeing deltas as σ·Σ relu(σ·δᵢ) (σ = ±1 by a sign-bit
-    XOR) instead of mergekit's masks: the same bytes as mergekit's `get_mask` arithmetic written out
-    on the stacked deltas, on values with zeros of both signs, votes summing to exactly 0, negative
+    XOR) instead of mergekit's masks, and `mix_block` weighs τᵢ, scales the result by λ and adds the
+    base: the same bytes as mergekit's `get_mask` arithmetic written out on the stacked deltas, on values with zeros of both signs, votes summing to exactly 0, negative
     weights (divisors of 0) and a length with an interleaved tail (5 parts)."""
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 
-    from adaptkit_plugins.merges.task_arithmetic import combine
+    from adaptkit_plugins.merges._base import mix_block
 
     g = torch.Generator().manual_seed(count)
     n = 4099  # numel mod 32 = 3: torch sums the last entries of 5 stacked parts in four partial sums
@@ -939,15 +939,20 @@ def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(sign_mean, d
     expected = (deltas * mask).sum(dim=0)
     divisor = (weights[:, None] * mask).sum(dim=0)
     divisor[divisor == 0] = 1
-    for normalize, want in ((False, expected), (True, expected / divisor)):
-        got = combine([d.clone() for d in deltas], weights, "sum", normalize)
-        bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
-        assert torch.equal(got.view(bits), want.view(bits)), normalize
+    base = torch.randint(-3, 4, (n,), generator=g).to(dtype) * 0.25
+    base[:9] = -0.0  # (−0 + −0 stays −0)
+    for normalize, mixed in ((False, expected), (True, expected / divisor)):
+        for scale in (1.0, 0.3):  # (mergekit's λ: a float product, then the base added)
+            want = base + mixed * scale if scale != 1 else base + mixed
+            got = torch.empty_like(base)
+            mix_block(base, [v.clone() for v in values], weights, "sum", normalize, scale, got)
+            bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
+            assert torch.equal(got.view(bits), want.view(bits)), (normalize, scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_the_c_sign_mean_gives_the_torch_paths_bytes_on_hostile_values(dtype):
-    """`_mix.sign_mean` against `combine`'s torch passes, 1 to 16 inputs (from 5 on, the last entries
+    """`_mix.sign_mean` against `mix_block`'s torch passes (λ of 1, 0.3 and 1e-30, a base with −0), 1 to 16 inputs (from 5 on, the last entries
     sum interleaved: +1, −1, 0, 0, −2⁻²⁶ first and last, where the two orders elect opposite signs),
     lengths with and without a tail, both normalizations: values spread over e^±16,
     zeros of both signs, subnormals, ±inf (inf − inf votes are NaN: torch's bulk rounds a NaN to 0xFFFF,
@@ -970,14 +975,17 @@ def test_the_c_sign_mean_gives_the_torch_paths_bytes_on_hostile_values(dtype):
                 deltas[i][0], deltas[i][-1] = value, value
             weights = torch.randn(count, generator=g).to(dtype)
             weights[0] = 0.0  # (a weight of 0: divisors of 0 where only it agrees)
-            for normalize in (False, True):
+            base = (torch.randn(n, generator=g) * 4).to(dtype)
+            base[: n // 3] = -0.0
+            for normalize, scale in ((False, 1.0), (True, 1.0), (True, 0.3), (False, 1e-30)):
+                want, got = torch.empty_like(base), torch.empty_like(base)
                 with pytest.MonkeyPatch.context() as patch:
                     patch.setattr(_base, "native", None)
-                    want = _base.combine([d.clone() for d in deltas], weights, "sum", normalize)
-                got = _base.combine([d.clone() for d in deltas], weights, "sum", normalize)
+                    _base.mix_block(base, [d.clone() for d in deltas], weights, "sum", normalize, scale, want)
+                _base.mix_block(base, [d.clone() for d in deltas], weights, "sum", normalize, scale, got)
                 nan = want.isnan()
-                assert torch.equal(got.isnan(), nan), (count, n, normalize)
-                assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (count, n, normalize)
+                assert torch.equal(got.isnan(), nan), (count, n, normalize, scale)
+                assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (count, n, normalize, scale)
 
 
 def test_the_c_sign_mean_refuses_what_it_cannot_sum():

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, combine, frozen
+from ._base import Operator, frozen, mix_block
 from ._select import block_ranges
 from ._sparsify import held_bytes, l1_factor, sparsifier
 
@@ -149,14 +149,10 @@ class TaskArithmetic(Operator):
     def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor) -> None:
         """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order of operations), where
         `deltas_at(a, b, base block)` gives the inputs' task vectors there, sparsified and rescaled."""
-        scalars = weights.tolist()  # (Python floats of the dtype-rounded weights: see `merge`)
         for start, stop in blocks:
             base_block = base_at(start, stop)
-            deltas = [d.mul_(w) for d, w in zip(deltas_at(start, stop, base_block), scalars)]
-            mixed = combine(deltas, weights, self.consensus, s.normalize)
-            if s.scale != 1:
-                mixed.mul_(s.scale)
-            torch.add(base_block, mixed, out=out[start:stop])
+            mix_block(base_block, deltas_at(start, stop, base_block), weights, self.consensus, s.normalize, s.scale,
+                      out[start:stop])
 
     def entry_bytes(self, inputs: int, compute_size: int, params: Mapping[str, Any]) -> int:
         return held_bytes(self.sparsify, inputs, compute_size, params.get("tie_break", "mergekit"))
