@@ -904,8 +904,8 @@ def test_sign_election_tie_goes_positive():
 
 
 @pytest.fixture(params=["C", "torch"])
-def sign_mean(request, monkeypatch):
-    """Both ways `mix_block` takes TIES' sum rule: one pass in C (`_mix.c`, built by the install, for
+def native_mix(request, monkeypatch):
+    """Both ways `mix_block` takes TIES' sum rule (and none): one pass in C (`_mix.c`, built by the install, for
     bf16 and float32) and torch's passes, which run where it was not built and for other dtypes."""
     from adaptkit_plugins.merges import _base
 
@@ -918,11 +918,11 @@ def sign_mean(request, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("count", [2, 3, 5])
-def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(sign_mean, dtype, count):
-    """`combine` elects the sign and sums the agreeing deltas as σ·Σ relu(σ·δᵢ) (σ = ±1 by a sign-bit
-    XOR) instead of mergekit's masks, and `mix_block` weighs τᵢ, scales the result by λ and adds the
-    base: the same bytes as mergekit's `get_mask` arithmetic written out on the stacked deltas, on values with zeros of both signs, votes summing to exactly 0, negative
-    weights (divisors of 0) and a length with an interleaved tail (5 parts)."""
+def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(native_mix, dtype, count):
+    """`combine` elects the sign and sums the agreeing deltas as σ·Σ relu(σ·δᵢ) (σ = ±1 by a sign-bit XOR) instead
+    of mergekit's masks, and `mix_block` weighs τᵢ, scales the result by λ and adds the base: the same bytes as
+    mergekit's `get_mask` arithmetic written out on the stacked deltas, on values with zeros of both signs, votes
+    summing to exactly 0, negative weights (divisors of 0) and a length with an interleaved tail (5 parts)."""
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 
     from adaptkit_plugins.merges._base import mix_block
@@ -950,12 +950,13 @@ def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(sign_mean, d
             assert torch.equal(got.view(bits), want.view(bits)), (normalize, scale)
 
 
+@pytest.mark.parametrize("rule", ["sum", None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_the_c_sign_mean_gives_the_torch_paths_bytes_on_hostile_values(dtype):
-    """`_mix.sign_mean` against `mix_block`'s torch passes (λ of 1, 0.3 and 1e-30, a base with −0), 1 to 16 inputs (from 5 on, the last entries
-    sum interleaved: +1, −1, 0, 0, −2⁻²⁶ first and last, where the two orders elect opposite signs),
-    lengths with and without a tail, both normalizations: values spread over e^±16,
-    zeros of both signs, subnormals, ±inf (inf − inf votes are NaN: torch's bulk rounds a NaN to 0xFFFF,
+def test_the_c_mix_gives_the_torch_paths_bytes_on_hostile_values(dtype, rule):
+    """`_mix.mix` (TIES' sum rule, and none) against `mix_block`'s torch passes (λ of 1, 0.3 and 1e-30, a base with
+    −0), 1 to 16 inputs (from 5 on, the last entries sum interleaved: +1, −1, 0, 0, −2⁻²⁶ first and last, where the
+    two orders elect opposite signs), lengths with and without a tail, both normalizations: values spread over
+    e^±16, zeros of both signs, subnormals, ±inf (inf − inf votes are NaN: torch's bulk rounds a NaN to 0xFFFF,
     which elects −) and NaN. Equal bits, NaN where NaN."""
     from adaptkit_plugins.merges import _base
 
@@ -981,26 +982,31 @@ def test_the_c_sign_mean_gives_the_torch_paths_bytes_on_hostile_values(dtype):
                 want, got = torch.empty_like(base), torch.empty_like(base)
                 with pytest.MonkeyPatch.context() as patch:
                     patch.setattr(_base, "native", None)
-                    _base.mix_block(base, [d.clone() for d in deltas], weights, "sum", normalize, scale, want)
-                _base.mix_block(base, [d.clone() for d in deltas], weights, "sum", normalize, scale, got)
+                    _base.mix_block(base, [d.clone() for d in deltas], weights, rule, normalize, scale, want)
+                _base.mix_block(base, [d.clone() for d in deltas], weights, rule, normalize, scale, got)
                 nan = want.isnan()
                 assert torch.equal(got.isnan(), nan), (count, n, normalize, scale)
                 assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (count, n, normalize, scale)
 
 
-def test_the_c_sign_mean_refuses_what_it_cannot_sum():
-    """Wrong counts, dtypes and lengths are a ValueError, never a read past a buffer."""
+def test_the_c_mix_refuses_what_it_cannot_sum():
+    """Wrong rules, counts, dtypes and lengths are a ValueError, never a read past a buffer."""
     from adaptkit_plugins.merges import _base
 
     if _base.native is None:
         pytest.skip("_mix.c is not built here")
     a, out = numpy.zeros(8, numpy.int16), numpy.zeros(8, numpy.int16)
-    for args, match in ((((a,), (1.0, 2.0), True, 0, "bfloat16", out), "as many weights"),
-                        (((a,) * 17, (1.0,) * 17, True, 0, "bfloat16", out), "1 to 16"),
-                        (((a,), (1.0,), True, 0, "float16", out), "bfloat16 or float32"),
-                        (((a[:4],), (1.0,), True, 0, "bfloat16", out), "differ in length")):
+
+    def call(rule="sum", parts=(a,), weights=(1.0,), dtype="bfloat16", base=None):
+        _base.native.mix(rule, parts, weights, True, 1.0, 0, dtype, out, base, 1.0, True)
+
+    for kwargs, match in (({"weights": (1.0, 2.0)}, "as many weights"),
+                          ({"parts": (a,) * 17, "weights": (1.0,) * 17}, "1 to 16"),
+                          ({"dtype": "float16"}, "bfloat16 or float32"), ({"rule": "count"}, "rule sum or none"),
+                          ({"parts": (a[:4],)}, "deltas and out differ in length"),
+                          ({"base": a[:4]}, "base and out differ in length")):
         with pytest.raises(ValueError, match=match):
-            _base.native.sign_mean(*args)
+            call(**kwargs)
 
 
 def test_index_cut_of_float64_task_vectors_ranks_their_float32_magnitudes():

@@ -143,8 +143,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
     if not normalize:  # (the divisor is made only to divide by)
         return mixed
     if consensus is None:
-        divisor = weights.sum()
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = _weight_sum(weights)
     else:  # 0 becomes 1, as mergekit's: + [divisor = 0]
         divisor = stacked_sum(masks, weights)
         divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))
@@ -154,15 +153,16 @@ def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, consensus: st
 def mix_block(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: torch.Tensor, consensus: str | None,
               normalize: bool, scale: float, out: torch.Tensor) -> None:
     """out = base + λ·combine(wᵢ·τᵢ) for one block, in mergekit's order: each wᵢ·τᵢ rounded to the
-    dtype, their combination, its product by λ, the sum with the base. With TIES' sum rule in bf16 or
-    float32 on the CPU, in one pass in C where the install built `_mix.c` (the same bytes; bf16, three
-    inputs, one thread: 2.1 ns an entry against 15 for the torch passes: the products, the stacked
-    sums, sign bits, relu, masks, the division, λ and the base); else torch's. The τᵢ are overwritten."""
-    if consensus == "sum" and native is not None and _native_ok([*taus, base, out]):
+    dtype, their combination, its product by λ, the sum with the base. With TIES' sum rule or none, in
+    bf16 or float32 on the CPU, in one pass in C where the install built `_mix.c` (the same bytes;
+    bf16, three inputs, one thread, TIES: 2.1 ns an entry against 15 for the torch passes: the
+    products, the stacked sums, sign bits, relu, masks, the division, λ and the base); else torch's.
+    The τᵢ are overwritten."""
+    if consensus in ("sum", None) and native is not None and _native_ok([*taus, base, out]):
         tail = interleaved_tail(out.dtype, out.numel()) if len(taus) > INTERLEAVED else 0
-        native.sign_mean(tuple(as_bits(t).numpy() for t in taus), tuple(weights.tolist()), normalize, tail,
-                         str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), as_bits(base).numpy(),
-                         float(scale), True)
+        native.mix(consensus or "none", tuple(as_bits(t).numpy() for t in taus), tuple(weights.tolist()), normalize,
+                   float(_weight_sum(weights)) if consensus is None and normalize else 1.0, tail,
+                   str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), as_bits(base).numpy(), float(scale), True)
         return
     # scalars as Python floats of values rounded to the dtype: the same products as mergekit's tensors
     # of the dtype, half the time (0.18 ns an entry against 0.34 for a 0-d tensor, bf16, one thread)
@@ -171,6 +171,13 @@ def mix_block(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: torch.T
     if scale != 1:
         mixed.mul_(scale)
     torch.add(base, mixed, out=out)
+
+
+def _weight_sum(weights: torch.Tensor) -> torch.Tensor:
+    """Σ wᵢ in their dtype (1 where it is below 1e-8 in magnitude): the divisor without sign election."""
+    divisor = weights.sum()
+    divisor[divisor.abs() < 1e-8] = 1
+    return divisor
 
 
 def _native_ok(tensors: Sequence[torch.Tensor]) -> bool:

@@ -160,7 +160,8 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
             }
 #undef PAIRS
             for (int i = 0; i < noted; i++) {
-                int64_t to_left = base_left + stops_left[il + moved[i]], to_right = base_right + stops_right[ir + moved[i]];
+                int64_t to_left = base_left + stops_left[il + moved[i]];
+                int64_t to_right = base_right + stops_right[ir + moved[i]];
                 if (TIED(keys[to_left])) {  /* (came from the right; right stops fall: a cursor from the run's end) */
                     while (at_right >= 0 && r[at_right].place > to_right)
                         at_right--;

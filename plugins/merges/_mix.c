@@ -1,19 +1,22 @@
-/* TIES' sign-consensus mean (`_base.mix_block` with the "sum" rule) in one pass over the entries,
- * with torch's roundings: the same bytes as the torch path, which makes about a dozen passes (stacked
- * sums in float32, sign bits, relu, masks, a division), each rounding to the dtype where it does.
+/* Task arithmetic's block step (`_base.mix_block`: wᵢ·τᵢ, TIES' sign-consensus mean or a plain sum, λ,
+ * the base) in one pass over the entries, with torch's roundings: the same bytes as the torch path,
+ * which makes up to a dozen passes (products, stacked sums in float32, sign bits, relu, masks, a
+ * division, λ, the base), each rounding to the dtype where it does.
  * Optional: where this module is not built, the torch path runs; the tests hold the two equal.
  *
- * sign_mean(deltas, weights, normalize, tail, dtype, out[, base, scale, weigh])
+ * mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh)
+ *   rule       "sum": TIES' sign election (below); "none": Σ δᵢ (task arithmetic, DARE-linear, breadcrumbs)
  *   deltas     a tuple of 1 to 16 same-length contiguous buffers (bf16 as int16 bits, or float32)
  *   weights    a tuple of as many floats (the dtype-rounded wᵢ: exact in float32)
- *   normalize  divide by Σᵢ [δᵢ agrees]·wᵢ (0 becomes 1)
+ *   normalize  "sum": divide by Σᵢ [δᵢ agrees]·wᵢ (0 becomes 1); "none": by `divisor`
+ *   divisor    "none" with normalize: the dtype-rounded Σ wᵢ (1 where |Σ wᵢ| < 1e-8), torch's own sum
  *   tail       the last `tail` entries are summed as torch sums a stack's last entries (more than 4
  *              parts: four interleaved partial sums, `_base.interleaved_tail`)
  *   dtype      "bfloat16" or "float32"
  *   out        writable, the deltas' length and type
  *   base       None, or a buffer like out: out = R(base + R(λ·mixed)), task arithmetic's last step
- *   scale      λ (default 1: no product)
- *   weigh      the deltas are τᵢ, each first weighted: δᵢ = R(wᵢ·τᵢ) (default: they are δᵢ)
+ *   scale      λ (1: no product)
+ *   weigh      the deltas are τᵢ, each first weighted: δᵢ = R(wᵢ·τᵢ) (else they are δᵢ)
  *
  * For each entry (R: round to the dtype, to nearest even; every sum from +0 in float32, part after
  * part):  σ = sign bit of R(Σ δᵢ);  kᵢ = relu(σ·δᵢ);  mixed = σ·R(Σ kᵢ);
@@ -80,13 +83,15 @@ static inline float total(const float *parts, int n, int interleaved)
 }
 
 /* One entry: the deltas δᵢ as floats (exact), the result before its last rounding is the caller's. */
-static inline float sign_mean_at(const float *delta, const float *weight, int n, int normalize, int interleaved,
-                                 int bf16)
+static inline float mix_at(const float *delta, const float *weight, int n, int normalize, int interleaved,
+                                 int bf16, int plain, float constant_divisor)
 {
     float kept[MAX_PARTS], mask[MAX_PARTS];
     float votes = total(delta, n, interleaved);
     if (bf16)
         votes = from_bf16(to_bf16(votes));
+    if (plain)
+        return normalize ? votes / constant_divisor : votes;
     int negative = signbit(votes) != 0;
     for (int i = 0; i < n; i++) {
         float k = negative ? -delta[i] : delta[i];
@@ -127,9 +132,9 @@ static inline uint32_t float_bits(float f)
 typedef struct {
     const void *parts[MAX_PARTS];
     float weight[MAX_PARTS];
-    int n, normalize, bf16, weigh;
+    int n, normalize, bf16, weigh, plain;  /* plain: no sign election, Σ δᵢ (÷ divisor) */
     const void *base;  /* NULL: none */
-    float scale;
+    float scale, divisor;
 } Mix;
 
 static inline float rounded(float x, int bf16)
@@ -162,10 +167,10 @@ static inline void store(const Mix *m, void *out, Py_ssize_t j, float value)
         ((float *)out)[j] = value;
 }
 
-/* `sign_mean_at` over entries [start, start + count) (count ≤ CHUNK) of the sequential sums, step by
+/* `mix_at` over entries [start, start + count) (count ≤ CHUNK) of the sequential sums, step by
    step: the deltas (weighted), the votes and their sign bits, the kept sums and weights, the quotient,
    the scale and base. */
-CLONES static void sign_mean_chunk(const Mix *m, Py_ssize_t start, int count, void *out)
+CLONES static void mix_chunk(const Mix *m, Py_ssize_t start, int count, void *out)
 {
     float delta[MAX_PARTS][CHUNK], votes[CHUNK], mixed[CHUNK], divisor[CHUNK];
     uint32_t sign[CHUNK];
@@ -193,6 +198,18 @@ CLONES static void sign_mean_chunk(const Mix *m, Py_ssize_t start, int count, vo
     for (int i = 0; i < n; i++)
         for (int j = 0; j < count; j++)
             votes[j] += delta[i][j];
+    if (m->plain) {
+        for (int j = 0; j < count; j++)
+            mixed[j] = bf16 ? from_bf16(to_bf16(votes[j])) : votes[j];
+        if (m->normalize) {
+            for (int j = 0; j < count; j++)
+                mixed[j] = mixed[j] / m->divisor;
+            if (bf16)
+                for (int j = 0; j < count; j++)
+                    mixed[j] = from_bf16(to_bf16(mixed[j]));
+        }
+        goto finish;
+    }
     for (int j = 0; j < count; j++)
         sign[j] = (bf16 ? (uint32_t)to_bf16(votes[j]) << 16 : float_bits(votes[j])) & 0x80000000u;
     for (int i = 0; i < n; i++) {
@@ -217,6 +234,7 @@ CLONES static void sign_mean_chunk(const Mix *m, Py_ssize_t start, int count, vo
             for (int j = 0; j < count; j++)
                 mixed[j] = from_bf16(to_bf16(mixed[j]));
     }
+finish:
     if (m->scale != 1.0f) {
         float scale = m->scale;
         for (int j = 0; j < count; j++)
@@ -243,25 +261,25 @@ CLONES static void sign_mean_chunk(const Mix *m, Py_ssize_t start, int count, vo
         memcpy((float *)out + start, mixed, (size_t)count * sizeof(float));
 }
 
-static PyObject *sign_mean(PyObject *self, PyObject *args)
+static PyObject *mix_blocks(PyObject *self, PyObject *args)
 {
-    PyObject *deltas, *weights, *base_object = Py_None;
-    int normalize, weigh = 0;
+    PyObject *deltas, *weights, *base_object;
+    int normalize, weigh;
     Py_ssize_t tail;
-    double scale = 1.0;
-    const char *dtype;
+    double scale, divisor;
+    const char *rule, *dtype;
     Py_buffer out, base = {0}, parts[MAX_PARTS];
     Mix mix = {0};
-    if (!PyArg_ParseTuple(args, "O!O!pnsw*|Odp", &PyTuple_Type, &deltas, &PyTuple_Type, &weights, &normalize, &tail,
-                          &dtype, &out, &base_object, &scale, &weigh))
+    if (!PyArg_ParseTuple(args, "sO!O!pdnsw*Odp", &rule, &PyTuple_Type, &deltas, &PyTuple_Type, &weights, &normalize,
+                          &divisor, &tail, &dtype, &out, &base_object, &scale, &weigh))
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(deltas), held = 0;
-    int bf16 = strcmp(dtype, "bfloat16") == 0, size = bf16 ? 2 : 4, have_base = 0;
+    int bf16 = strcmp(dtype, "bfloat16") == 0, size = bf16 ? 2 : 4, have_base = 0, plain = strcmp(rule, "none") == 0;
     PyObject *result = NULL;
     if (n < 1 || n > MAX_PARTS || PyTuple_GET_SIZE(weights) != n || (!bf16 && strcmp(dtype, "float32"))
-        || out.len % size || tail < 0) {
-        PyErr_SetString(PyExc_ValueError, "sign_mean: 1 to 16 deltas and as many weights, dtype bfloat16 or "
-                                          "float32, a tail ≥ 0");
+        || out.len % size || tail < 0 || (!plain && strcmp(rule, "sum"))) {
+        PyErr_SetString(PyExc_ValueError, "mix: rule sum or none, 1 to 16 deltas and as many weights, dtype "
+                                          "bfloat16 or float32, a tail ≥ 0");
         goto done;
     }
     if (base_object != Py_None) {
@@ -269,7 +287,7 @@ static PyObject *sign_mean(PyObject *self, PyObject *args)
             goto done;
         have_base = 1;
         if (base.len != out.len) {
-            PyErr_SetString(PyExc_ValueError, "sign_mean: the base and out differ in length");
+            PyErr_SetString(PyExc_ValueError, "mix: the base and out differ in length");
             goto done;
         }
     }
@@ -282,7 +300,7 @@ static PyObject *sign_mean(PyObject *self, PyObject *args)
         if (PyErr_Occurred())
             goto done;
         if (parts[held - 1].len != out.len) {
-            PyErr_SetString(PyExc_ValueError, "sign_mean: the deltas and out differ in length");
+            PyErr_SetString(PyExc_ValueError, "mix: the deltas and out differ in length");
             goto done;
         }
     }
@@ -292,15 +310,17 @@ static PyObject *sign_mean(PyObject *self, PyObject *args)
     mix.weigh = weigh;
     mix.base = have_base ? base.buf : NULL;
     mix.scale = (float)scale;  /* (torch's float32 opmath takes a Python float scalar as this float) */
+    mix.plain = plain;
+    mix.divisor = (float)divisor;  /* (the dtype-rounded Σ wᵢ: exact) */
     Py_ssize_t entries = out.len / size, bulk = entries - (n > INTERLEAVED ? (tail < entries ? tail : entries) : 0);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t start = 0; start < bulk; start += CHUNK)
-        sign_mean_chunk(&mix, start, bulk - start < CHUNK ? (int)(bulk - start) : CHUNK, out.buf);
+        mix_chunk(&mix, start, bulk - start < CHUNK ? (int)(bulk - start) : CHUNK, out.buf);
     float delta[MAX_PARTS];
     for (Py_ssize_t j = bulk; j < entries; j++) {  /* the interleaved tail, entry by entry */
         for (int i = 0; i < n; i++)
             delta[i] = part_at(&mix, i, j);
-        float m = rounded(sign_mean_at(delta, mix.weight, (int)n, normalize, 1, bf16), bf16);
+        float m = rounded(mix_at(delta, mix.weight, (int)n, normalize, 1, bf16, mix.plain, mix.divisor), bf16);
         store(&mix, out.buf, j, finished(&mix, m, j));
     }
     Py_END_ALLOW_THREADS
@@ -316,8 +336,8 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"sign_mean", sign_mean, METH_VARARGS,
-     "sign_mean(deltas, weights, normalize, tail, dtype, out[, base, scale, weigh]): see _mix.c"},
+    {"mix", mix_blocks, METH_VARARGS,
+     "mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh): see _mix.c"},
     {NULL, NULL, 0, NULL},
 };
 
