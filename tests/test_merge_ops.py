@@ -223,11 +223,11 @@ def test_the_c_walk_is_built_where_a_compiler_is():
     import shutil
     import sysconfig
 
-    from adaptkit_plugins.merges import _base, _select
+    from adaptkit_plugins.merges import _mixing, _select
 
     if not shutil.which(sysconfig.get_config_var("CC").split()[0]):
         pytest.skip("no C compiler")
-    assert _select.native is not None and _base.native is not None
+    assert _select.native is not None and _mixing.native is not None
 
 
 def test_the_c_walk_refuses_an_incomplete_origin():
@@ -907,12 +907,12 @@ def test_sign_election_tie_goes_positive():
 def native_mix(request, monkeypatch):
     """Both ways `mix_block` takes TIES' sum rule (and none): one pass in C (`_mix.c`, built by the install, for
     bf16 and float32) and torch's passes, which run where it was not built and for other dtypes."""
-    from adaptkit_plugins.merges import _base
+    from adaptkit_plugins.merges import _mixing
 
-    if request.param == "C" and _base.native is None:
+    if request.param == "C" and _mixing.native is None:
         pytest.skip("_mix.c is not built here (no C compiler at install)")
     if request.param == "torch":
-        monkeypatch.setattr(_base, "native", None)
+        monkeypatch.setattr(_mixing, "native", None)
     return request.param
 
 
@@ -925,7 +925,7 @@ def test_sign_consensus_by_flipped_signs_gives_mergekits_mask_bytes(native_mix, 
     summing to exactly 0, negative weights (divisors of 0) and a length with an interleaved tail (5 parts)."""
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 
-    from adaptkit_plugins.merges._base import mix_block
+    from adaptkit_plugins.merges._mixing import mix_block
 
     g = torch.Generator().manual_seed(count)
     n = 4099  # numel mod 32 = 3: torch sums the last entries of 5 stacked parts in four partial sums
@@ -958,9 +958,9 @@ def test_the_c_mix_gives_the_torch_paths_bytes_on_hostile_values(dtype, rule):
     two orders elect opposite signs), lengths with and without a tail, both normalizations: values spread over
     e^±16, zeros of both signs, subnormals, ±inf (inf − inf votes are NaN: torch's bulk rounds a NaN to 0xFFFF,
     which elects −) and NaN. Equal bits, NaN where NaN."""
-    from adaptkit_plugins.merges import _base
+    from adaptkit_plugins.merges import _mixing
 
-    if _base.native is None:
+    if _mixing.native is None:
         pytest.skip("_mix.c is not built here")
     bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
     g = torch.Generator().manual_seed(7)
@@ -981,9 +981,9 @@ def test_the_c_mix_gives_the_torch_paths_bytes_on_hostile_values(dtype, rule):
             for normalize, scale in ((False, 1.0), (True, 1.0), (True, 0.3), (False, 1e-30)):
                 want, got = torch.empty_like(base), torch.empty_like(base)
                 with pytest.MonkeyPatch.context() as patch:
-                    patch.setattr(_base, "native", None)
-                    _base.mix_block(base, [d.clone() for d in deltas], weights, rule, normalize, scale, want)
-                _base.mix_block(base, [d.clone() for d in deltas], weights, rule, normalize, scale, got)
+                    patch.setattr(_mixing, "native", None)
+                    _mixing.mix_block(base, [d.clone() for d in deltas], weights, rule, normalize, scale, want)
+                _mixing.mix_block(base, [d.clone() for d in deltas], weights, rule, normalize, scale, got)
                 nan = want.isnan()
                 assert torch.equal(got.isnan(), nan), (count, n, normalize, scale)
                 assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (count, n, normalize, scale)
@@ -991,14 +991,14 @@ def test_the_c_mix_gives_the_torch_paths_bytes_on_hostile_values(dtype, rule):
 
 def test_the_c_mix_refuses_what_it_cannot_sum():
     """Wrong rules, counts, dtypes and lengths are a ValueError, never a read past a buffer."""
-    from adaptkit_plugins.merges import _base
+    from adaptkit_plugins.merges import _mixing
 
-    if _base.native is None:
+    if _mixing.native is None:
         pytest.skip("_mix.c is not built here")
     a, out = numpy.zeros(8, numpy.int16), numpy.zeros(8, numpy.int16)
 
     def call(rule="sum", parts=(a,), weights=(1.0,), dtype="bfloat16", base=None):
-        _base.native.mix(rule, parts, weights, True, 1.0, 0, dtype, out, base, 1.0, True)
+        _mixing.native.mix(rule, parts, weights, True, 1.0, 0, dtype, out, base, 1.0, True)
 
     for kwargs, match in (({"weights": (1.0, 2.0)}, "as many weights"),
                           ({"parts": (a,) * 17, "weights": (1.0,) * 17}, "1 to 16"),

@@ -173,8 +173,8 @@ def test_the_installed_wheel_walks_in_c(venv):
 
     if not shutil.which(sysconfig.get_config_var("CC").split()[0]):
         pytest.skip("no C compiler")
-    found = venv.py("from adaptkit_plugins.merges import _base, _select\n"
-                    "print(_select.native.__file__); print(_base.native.__file__)").split()
+    found = venv.py("from adaptkit_plugins.merges import _mixing, _select\n"
+                    "print(_select.native.__file__); print(_mixing.native.__file__)").split()
     assert len(found) == 2 and all(Path(w).resolve().is_relative_to(venv.root.resolve()) for w in found), found
 
 

@@ -1,4 +1,4 @@
-/* Task arithmetic's block step (`_base.mix_block`: wᵢ·τᵢ, TIES' sign-consensus mean or a plain sum, λ,
+/* Task arithmetic's block step (`_mixing.mix_block`: wᵢ·τᵢ, TIES' sign-consensus mean or a plain sum, λ,
  * the base) in one pass over the entries, with torch's roundings: the same bytes as the torch path,
  * which makes up to a dozen passes (products, stacked sums in float32, sign bits, relu, masks, a
  * division, λ, the base), each rounding to the dtype where it does.
@@ -25,7 +25,7 @@
  * [kᵢ > 0]·wᵢ), or rounded in float32 first exactly as torch's float32 opmath rounds it (λ·mixed,
  * base + mixed).
  * Measured: three bf16 inputs of 2¹⁷ entries with a base, one thread: 2.1 ns an entry with the AVX2
- * copy, against 15 for the torch path (`_base.mix_block`). */
+ * copy, against 15 for the torch path (`_mixing.mix_block`). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>

@@ -56,7 +56,8 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen, mix_block
+from ._base import Operator, frozen
+from ._mixing import mix_block
 from ._select import block_ranges
 from ._sparsify import held_bytes, l1_factor, sparsifier
 
