@@ -307,10 +307,13 @@ def use_snapshot(rev: str) -> str:
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
         (snap / "plugins").rename(snap / "adaptkit_plugins")  # its registry.toml links to ../registry.toml
-        if (snap / "adaptkit_plugins/merges/_follow.c").exists():  # its C loops, built as the install builds them
-            subprocess.run([sys.executable, "-c", "from setuptools import Extension, setup; setup(name='snapshot', "
-                            "ext_modules=[Extension('adaptkit_plugins.merges._follow', "
-                            "['adaptkit_plugins/merges/_follow.c'])], script_args=['-q', 'build_ext', '--inplace'])"],
+        # its C modules (each .c file with a module init), built as the install builds them
+        modules = [str(c.relative_to(snap)) for c in sorted(snap.glob("adaptkit_plugins/**/*.c"))
+                   if "PyMODINIT_FUNC" in c.read_text()]
+        if modules:
+            extensions = ", ".join(f"Extension({m[:-2].replace('/', '.')!r}, [{m!r}])" for m in modules)
+            subprocess.run([sys.executable, "-c", f"from setuptools import Extension, setup; setup(name='snapshot', "
+                            f"ext_modules=[{extensions}], script_args=['-q', 'build_ext', '--inplace'])"],
                            cwd=snap, check=True)
         # Bytecode, as pip compiles an installed package (mergekit's): where PYTHONDONTWRITEBYTECODE is set,
         # every run would otherwise compile the ~45 modules a merge imports again (about 0.1 s).
@@ -318,13 +321,14 @@ def use_snapshot(rev: str) -> str:
         (snap / ".done").touch()
     ENV["PYTHONPATH"] = str(snap)  # found before the editable install's finder
     sys.path.insert(0, str(snap))  # this process's own imports (adaptkit.io.writer for --scale) too
-    where = subprocess.run([sys.executable, "-c", "import adaptkit, adaptkit_plugins, importlib.util; "
-                            "print(adaptkit.__file__, adaptkit_plugins.__file__, "
-                            "bool(importlib.util.find_spec('adaptkit_plugins.merges._follow')))"],
+    where = subprocess.run([sys.executable, "-c", "import adaptkit, adaptkit_plugins, importlib.util, pathlib; "
+                            "print(adaptkit.__file__, adaptkit_plugins.__file__, all(importlib.util.find_spec("
+                            "'adaptkit_plugins.merges.' + c.stem) for c in pathlib.Path(adaptkit_plugins.__file__)"
+                            ".parent.glob('merges/*.c')))"],
                            env=ENV, cwd=WORK, capture_output=True, text=True, check=True).stdout.split()
     if not all(w.startswith(str(snap)) for w in where[:2]):
         raise SystemExit(f"snapshot not picked up: {where}")
-    loops = ", its C loops built" if where[2] == "True" else ""
+    loops = ", its C modules built" if where[2] == "True" and list(snap.glob("adaptkit_plugins/merges/*.c")) else ""
     return f"adaptkit at {commit} (snapshot of that commit in {snap.relative_to(ROOT)}{loops})"
 
 
