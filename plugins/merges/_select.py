@@ -190,7 +190,9 @@ def keys_at(keys: numpy.ndarray, places: list[int]) -> list:
         else:
             for s, e in block_ranges(keys.size):
                 counts += torch.bincount(flat[s:e].to(torch.int32).add_(1 << 15), minlength=1 << 16)
-        return [keys.dtype.type(_from_top(counts, p + 1)[0] - (1 << 15)) for p in places]
+        cumulative = counts.flip(0).cumsum(0)  # (once for every place: `_from_top`'s search alone for each)
+        found = torch.searchsorted(cumulative, torch.tensor([p + 1 for p in places])).tolist()
+        return [keys.dtype.type(counts.numel() - 1 - j - (1 << 15)) for j in found]
     ranked, found, start = buffer(keys.size, keys.dtype), {}, 0
     ranked[:] = keys
     for index in sorted({keys.size - 1 - p for p in places}):  # each later place lies past the one before
