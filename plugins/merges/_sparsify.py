@@ -84,7 +84,11 @@ def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> Ranked | n
 
     def magnitudes():
         for s, e in block_ranges(n):
-            whole[s:e] = tau(s, e).abs_()
+            block = tau(s, e)
+            if block.dtype == whole.dtype:  # (written in place: no copy)
+                torch.abs(block, out=whole[s:e])
+            else:  # float64, rounded to float32 as mergekit's .float()
+                whole[s:e] = block.abs_()
         return whole
 
     if _introsort.follows_torch():
