@@ -989,8 +989,49 @@ def test_the_c_mix_gives_the_torch_paths_bytes_on_hostile_values(dtype, rule):
                 assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (count, n, normalize, scale)
 
 
+@pytest.mark.parametrize("rule", ["sum", None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_the_c_mix_from_the_models_gives_the_torch_paths_bytes(dtype, rule):
+    """`mix_models` makes τᵢ = (modelᵢ − base), its drops (packed bits from any bit offset: `masked`) and its
+    factor in the C pass: the bytes of the torch passes that make them (`TaskArithmetic.merge`'s
+    `deltas_at`) and then `mix_block`, on hostile values, with and without masks and factors."""
+    from adaptkit_plugins.merges import _mixing
+    from adaptkit_plugins.merges._sparsify import masked, pack
+
+    if _mixing.native is None:
+        pytest.skip("_mix.c is not built here")
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    g = torch.Generator().manual_seed(11)
+    for count in (1, 3, 5):
+        n, offset = 4099, 13
+        base = (torch.randn(n, generator=g) * 4).to(dtype)
+        models = [(torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 12)).to(dtype) + base
+                  for _ in range(count)]
+        for m in models:
+            for value, share in ((float("inf"), 0.01), (float("nan"), 0.002), (-0.0, 0.05)):
+                m[torch.rand(n, generator=g) < share] = value
+        m_bits = [pack((torch.rand(n + offset, generator=g) < 0.6).numpy()) for _ in range(count)]
+        masks = [None if i == 1 else (m_bits[i], offset) for i in range(count)]
+        factors = [None if i == 2 else float(torch.tensor(1 / 0.6, dtype=dtype)) for i in range(count)]
+        weights = torch.randn(count, generator=g).to(dtype)
+        for normalize, scale in ((True, 1.0), (False, 0.3)):
+            taus = []
+            for model, mask, factor in zip(models, masks, factors):
+                tau = torch.sub(model, base)
+                tau = tau if mask is None else masked(tau, mask[0], mask[1])
+                taus.append(tau if factor is None else tau.mul_(factor))
+            want, got = torch.empty_like(base), torch.empty_like(base)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(_mixing, "native", None)
+                _mixing.mix_block(base, taus, weights, rule, normalize, scale, want)
+            assert _mixing.mix_models(base, models, masks, factors, weights, rule, normalize, scale, got)
+            nan = want.isnan()
+            assert torch.equal(got.isnan(), nan), (count, normalize)
+            assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (count, normalize)
+
+
 def test_the_c_mix_refuses_what_it_cannot_sum():
-    """Wrong rules, counts, dtypes and lengths are a ValueError, never a read past a buffer."""
+    """Wrong rules, counts, dtypes, lengths and masks are a ValueError, never a read past a buffer."""
     from adaptkit_plugins.merges import _mixing
 
     if _mixing.native is None:
@@ -1007,6 +1048,11 @@ def test_the_c_mix_refuses_what_it_cannot_sum():
                           ({"base": a[:4]}, "base and out differ in length")):
         with pytest.raises(ValueError, match=match):
             call(**kwargs)
+    for masks, match in ((((numpy.zeros(1, numpy.uint8), 1),), "mask shorter than its block"),
+                         (((numpy.zeros(2, numpy.uint8), -1),), "mask shorter than its block"),
+                         ((None, None), "a mask and a factor")):
+        with pytest.raises(ValueError, match=match):
+            _mixing.native.mix("sum", (a,), (1.0,), True, 1.0, 0, "bfloat16", out, a, 1.0, True, masks, (None,))
 
 
 def test_index_cut_of_float64_task_vectors_ranks_their_float32_magnitudes():

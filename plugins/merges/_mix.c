@@ -4,7 +4,7 @@
  * division, λ, the base), each rounding to the dtype where it does.
  * Optional: where this module is not built, the torch path runs; the tests hold the two equal.
  *
- * mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh)
+ * mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh[, masks, factors])
  *   rule       "sum": TIES' sign election (below); "none": Σ δᵢ (task arithmetic, DARE-linear, breadcrumbs)
  *   deltas     a tuple of 1 to 16 same-length contiguous buffers (bf16 as int16 bits, or float32)
  *   weights    a tuple of as many floats (the dtype-rounded wᵢ: exact in float32)
@@ -17,6 +17,10 @@
  *   base       None, or a buffer like out: out = R(base + R(λ·mixed)), task arithmetic's last step
  *   scale      λ (1: no product)
  *   weigh      the deltas are τᵢ, each first weighted: δᵢ = R(wᵢ·τᵢ) (else they are δᵢ)
+ *   masks, factors  (optional) the deltas are the models: τᵢ = R(modelᵢ − base), its entries whose bit
+ *              is 0 in maskᵢ = (packed little-order bits, the bit of the block's first entry) set to
+ *              +0, then τᵢ = R(τᵢ·factorᵢ); a mask or factor of None: none (DARE's drops and rescale,
+ *              read from the models once instead of a torch pass for each step)
  *
  * For each entry (R: round to the dtype, to nearest even; every sum from +0 in float32, part after
  * part):  σ = sign bit of R(Σ δᵢ);  kᵢ = relu(σ·δᵢ);  mixed = σ·R(Σ kᵢ);
@@ -135,6 +139,13 @@ typedef struct {
     int n, normalize, bf16, weigh, plain;  /* plain: no sign election, Σ δᵢ (÷ divisor) */
     const void *base;  /* NULL: none */
     float scale, divisor;
+    /* parts that are the models (`mix_inputs`): τᵢ = R(partᵢ − base), entries whose bit is 0 in maskᵢ
+       set to +0, then τᵢ = R(τᵢ·factorᵢ) */
+    int models;
+    const uint8_t *mask[MAX_PARTS];  /* NULL: every entry kept */
+    int64_t mask_start[MAX_PARTS];   /* the bit of the block's first entry */
+    int has_factor[MAX_PARTS];
+    float factor[MAX_PARTS];
 } Mix;
 
 static inline float rounded(float x, int bf16)
@@ -142,9 +153,26 @@ static inline float rounded(float x, int bf16)
     return bf16 ? from_bf16(to_bf16(x)) : x;
 }
 
+static inline float value_at(const void *buffer, int bf16, Py_ssize_t j)
+{
+    return bf16 ? from_bf16(((const uint16_t *)buffer)[j]) : ((const float *)buffer)[j];
+}
+
+static inline int mask_bit(const uint8_t *mask, int64_t bit)
+{
+    return mask[bit >> 3] >> (bit & 7) & 1;
+}
+
 static inline float part_at(const Mix *m, int i, Py_ssize_t j)
 {
-    float x = m->bf16 ? from_bf16(((const uint16_t *)m->parts[i])[j]) : ((const float *)m->parts[i])[j];
+    float x = value_at(m->parts[i], m->bf16, j);
+    if (m->models) {
+        x = rounded(x - value_at(m->base, m->bf16, j), m->bf16);
+        if (m->mask[i] && !mask_bit(m->mask[i], m->mask_start[i] + j))
+            x = 0.0f;
+        if (m->has_factor[i])
+            x = rounded(x * m->factor[i], m->bf16);
+    }
     return m->weigh ? rounded(x * m->weight[i], m->bf16) : x;
 }
 
@@ -182,6 +210,31 @@ CLONES static void mix_chunk(const Mix *m, Py_ssize_t start, int count, void *ou
                 delta[i][j] = bits_float((uint32_t)d[j] << 16);
         } else {
             memcpy(delta[i], (const float *)m->parts[i] + start, (size_t)count * sizeof(float));
+        }
+        if (m->models) {  /* τᵢ from the model and the base, its mask, its factor */
+            if (bf16) {
+                const uint16_t *b = (const uint16_t *)m->base + start;
+                for (int j = 0; j < count; j++)
+                    delta[i][j] = from_bf16(to_bf16(delta[i][j] - bits_float((uint32_t)b[j] << 16)));
+            } else {
+                const float *b = (const float *)m->base + start;
+                for (int j = 0; j < count; j++)
+                    delta[i][j] -= b[j];
+            }
+            if (m->mask[i]) {
+                const uint8_t *mask = m->mask[i];
+                int64_t first = m->mask_start[i] + start;
+                for (int j = 0; j < count; j++)
+                    delta[i][j] = mask_bit(mask, first + j) ? delta[i][j] : 0.0f;
+            }
+            if (m->has_factor[i]) {
+                float f = m->factor[i];
+                for (int j = 0; j < count; j++)
+                    delta[i][j] *= f;
+                if (bf16)
+                    for (int j = 0; j < count; j++)
+                        delta[i][j] = from_bf16(to_bf16(delta[i][j]));
+            }
         }
         if (m->weigh) {
             float w = m->weight[i];
@@ -263,15 +316,16 @@ finish:
 
 static PyObject *mix_blocks(PyObject *self, PyObject *args)
 {
-    PyObject *deltas, *weights, *base_object;
+    PyObject *deltas, *weights, *base_object, *masks = Py_None, *factors = Py_None;
     int normalize, weigh;
     Py_ssize_t tail;
     double scale, divisor;
     const char *rule, *dtype;
-    Py_buffer out, base = {0}, parts[MAX_PARTS];
+    Py_buffer out, base = {0}, parts[MAX_PARTS], mask_buffers[MAX_PARTS];
+    int mask_held[MAX_PARTS] = {0};
     Mix mix = {0};
-    if (!PyArg_ParseTuple(args, "sO!O!pdnsw*Odp", &rule, &PyTuple_Type, &deltas, &PyTuple_Type, &weights, &normalize,
-                          &divisor, &tail, &dtype, &out, &base_object, &scale, &weigh))
+    if (!PyArg_ParseTuple(args, "sO!O!pdnsw*Odp|OO", &rule, &PyTuple_Type, &deltas, &PyTuple_Type, &weights,
+                          &normalize, &divisor, &tail, &dtype, &out, &base_object, &scale, &weigh, &masks, &factors))
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(deltas), held = 0;
     int bf16 = strcmp(dtype, "bfloat16") == 0, size = bf16 ? 2 : 4, have_base = 0, plain = strcmp(rule, "none") == 0;
@@ -304,6 +358,37 @@ static PyObject *mix_blocks(PyObject *self, PyObject *args)
             goto done;
         }
     }
+    if (masks != Py_None || factors != Py_None) {  /* the parts are the models: τᵢ made here (`mix_inputs`) */
+        if (!have_base || !PyTuple_Check(masks) || !PyTuple_Check(factors) || PyTuple_GET_SIZE(masks) != n
+            || PyTuple_GET_SIZE(factors) != n) {
+            PyErr_SetString(PyExc_ValueError, "mix: models need a base, and a mask and a factor (or None) each");
+            goto done;
+        }
+        mix.models = 1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *mask = PyTuple_GET_ITEM(masks, i), *factor = PyTuple_GET_ITEM(factors, i), *bits;
+            long long first;
+            if (mask != Py_None) {  /* (bits, the bit of the block's first entry) */
+                if (!PyArg_ParseTuple(mask, "OL", &bits, &first))
+                    goto done;
+                if (PyObject_GetBuffer(bits, &mask_buffers[i], PyBUF_C_CONTIGUOUS) < 0)
+                    goto done;
+                mask_held[i] = 1;
+                if (first < 0 || (first + out.len / size + 7) / 8 > mask_buffers[i].len) {
+                    PyErr_SetString(PyExc_ValueError, "mix: a mask shorter than its block");
+                    goto done;
+                }
+                mix.mask[i] = mask_buffers[i].buf;
+                mix.mask_start[i] = first;
+            }
+            if (factor != Py_None) {
+                mix.factor[i] = (float)PyFloat_AsDouble(factor);
+                if (PyErr_Occurred())
+                    goto done;
+                mix.has_factor[i] = 1;
+            }
+        }
+    }
     mix.n = (int)n;
     mix.normalize = normalize;
     mix.bf16 = bf16;
@@ -329,6 +414,9 @@ static PyObject *mix_blocks(PyObject *self, PyObject *args)
 done:
     for (Py_ssize_t i = 0; i < held; i++)
         PyBuffer_Release(&parts[i]);
+    for (int i = 0; i < MAX_PARTS; i++)
+        if (mask_held[i])
+            PyBuffer_Release(&mask_buffers[i]);
     if (have_base)
         PyBuffer_Release(&base);
     PyBuffer_Release(&out);
@@ -337,7 +425,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"mix", mix_blocks, METH_VARARGS,
-     "mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh): see _mix.c"},
+     "mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh[, masks, factors]): "
+     "see _mix.c"},
     {NULL, NULL, 0, NULL},
 };
 

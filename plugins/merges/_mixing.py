@@ -86,3 +86,22 @@ def _native_ok(tensors: Sequence[torch.Tensor]) -> bool:
             and len(tensors) - 2 <= SEQUENTIAL_SUM_MAX
             and all(t.dtype == first.dtype and t.shape == first.shape and t.device.type == "cpu" and t.is_contiguous()
                     for t in tensors))
+
+
+def mix_models(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequence[tuple | None],
+               factors: Sequence[float | None], weights: torch.Tensor, consensus: str | None, normalize: bool,
+               scale: float, out: torch.Tensor) -> bool:
+    """`mix_block` from the models' blocks, where each input's drops are a mask of bits (`Keep.bits`: (packed
+    bits, the bit of the block's first entry), or None) and its rescale a factor (or None): τᵢ = R(modelᵢ −
+    base), masked, times the factor, made in the same C pass, which reads each model once (DARE: 1.0 ns
+    an entry and input for the difference, the drops and the factor, as three torch passes took).
+    False where that pass does not take them: the caller makes the τᵢ."""
+    if consensus not in ("sum", None) or native is None or not _native_ok([*models, base, out]):
+        return False
+    tail = interleaved_tail(out.dtype, out.numel()) if len(models) > INTERLEAVED else 0
+    native.mix(consensus or "none", tuple(as_bits(m).numpy() for m in models), tuple(weights.tolist()), normalize,
+               float(_weight_sum(weights)) if consensus is None and normalize else 1.0, tail,
+               str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), as_bits(base).numpy(), float(scale), True,
+               tuple(masks), tuple(factors))
+    return True
+

@@ -58,6 +58,15 @@ class Keep:
             else:
                 self.cuts = [top_cut(magnitudes, n, n - bottom), top_cut(magnitudes, n, n - bottom - kept)]
 
+    def bits(self, start: int, count: int) -> tuple[numpy.ndarray, int] | None:
+        """The block's drops as (packed bits, the bit of its first entry), where they are such a mask
+        (random drops, torch's own sort's bits), for `_mixing.mix_models`; else None."""
+        if self.method == "random":
+            return self.draws.below(start, count, self.density), 0
+        if isinstance(self.whole, numpy.ndarray):
+            return self.whole, start
+        return None
+
     def apply(self, start: int, tau: torch.Tensor) -> torch.Tensor:
         """The block of τ starting at flat index `start` with the dropped entries set to 0 (in place for
         random drops and torch's own sort's bits, else a new tensor)."""
@@ -85,9 +94,9 @@ def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> Ranked | n
     def magnitudes():
         for s, e in block_ranges(n):
             block = tau(s, e)
-            if block.dtype == whole.dtype:  # (written in place: no copy)
+            if block.dtype == whole.dtype and block.device == whole.device:  # (written in place: no copy)
                 torch.abs(block, out=whole[s:e])
-            else:  # float64, rounded to float32 as mergekit's .float()
+            else:  # float64, rounded to float32 as mergekit's .float(); or from another device
                 whole[s:e] = block.abs_()
         return whole
 

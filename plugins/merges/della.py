@@ -187,9 +187,18 @@ class Della(TaskArithmetic):
             deltas = [magprune(i, torch.sub(rows[i][start:stop].to(dtype), base_block), start) for i in range(len(tensors))]
             return [d if f is None else d.mul_(f) for d, f in zip(deltas, factors)]
 
+        def models_at(start: int, stop: int):
+            """(the models' rows, their drops as bits, factors) for `mix_models`: with the L1 rescale, whose
+            pass kept the masks; None otherwise, or where a model is not in the dtype."""
+            if any(s.density[i] < 1 and i not in masks for i in range(len(tensors))) or any(
+                    r.dtype != dtype for r in rows):
+                return None
+            drops = [(masks[i], start * n) if i in masks else None for i in range(len(tensors))]
+            return [r[start:stop] for r in rows], drops, factors
+
         out = torch.empty(base_rows.shape, dtype=dtype, device=base.device)
         self.mix(blocks, lambda a, b: base_rows[a:b].to(dtype), deltas_at, s,
-                 torch.tensor(s.weight, dtype=dtype, device=base.device), out)
+                 torch.tensor(s.weight, dtype=dtype, device=base.device), out, models_at)
         return from_rows(out, base.shape)
 
     def epsilons(self, values: Sequence[Any], density: Sequence[float]) -> list[float]:

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen
-from ._mixing import mix_block
+from ._mixing import mix_block, mix_models
 from ._select import block_ranges
 from ._sparsify import held_bytes, l1_factor, sparsifier
 
@@ -142,18 +142,28 @@ class TaskArithmetic(Operator):
                 deltas.append(delta if factor is None else delta.mul_(factor))
             return deltas
 
+        def models_at(start: int, stop: int):  # (for `mix_models`; None where a drop is no mask or a dtype differs)
+            masks = [None if keep is None else keep.bits(start, stop - start) for keep in keeps]
+            if any(m is None and k is not None for m, k in zip(masks, keeps)) or any(f.dtype != dtype for f in flat):
+                return None
+            return [f[start:stop] for f in flat], masks, factors
+
         out = torch.empty_like(base_flat, dtype=dtype)  # blocks: temporaries stay small whatever the size
         weights = torch.tensor(s.weight, dtype=dtype, device=base.device)
-        self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, weights, out)
+        self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, weights, out, models_at)
         return out.view(base.shape)
 
-    def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor) -> None:
+    def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor,
+            models_at=None) -> None:
         """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order of operations), where
-        `deltas_at(a, b, base block)` gives the inputs' task vectors there, sparsified and rescaled."""
+        `deltas_at(a, b, base block)` gives the inputs' task vectors there, sparsified and rescaled, and
+        `models_at(a, b)`, where given, the models' blocks, drops and factors that make them in C (or None)."""
         for start, stop in blocks:
-            base_block = base_at(start, stop)
-            mix_block(base_block, deltas_at(start, stop, base_block), weights, self.consensus, s.normalize, s.scale,
-                      out[start:stop])
+            base_block, found = base_at(start, stop), models_at(start, stop) if models_at else None
+            if found is None or not mix_models(base_block, *found, weights, self.consensus, s.normalize, s.scale,
+                                               out[start:stop]):
+                mix_block(base_block, deltas_at(start, stop, base_block), weights, self.consensus, s.normalize,
+                          s.scale, out[start:stop])
 
     def entry_bytes(self, inputs: int, compute_size: int, params: Mapping[str, Any]) -> int:
         return held_bytes(self.sparsify, inputs, compute_size, params.get("tie_break", "mergekit"))
