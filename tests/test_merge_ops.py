@@ -992,18 +992,20 @@ def test_the_c_mix_gives_the_torch_paths_bytes_on_hostile_values(dtype, rule):
 @pytest.mark.parametrize("rule", ["sum", None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_the_c_mix_from_the_models_gives_the_torch_paths_bytes(dtype, rule):
-    """`mix_models` makes τᵢ = (modelᵢ − base), its drops (packed bits from any bit offset: `masked`) and its
-    factor in the C pass: the bytes of the torch passes that make them (`TaskArithmetic.merge`'s
-    `deltas_at`) and then `mix_block`, on hostile values, with and without masks and factors."""
+    """`mix_models` makes τᵢ = (modelᵢ − base), its drops (packed bits from any bit offset: `masked`; or
+    magnitude bounds and chosen ties: `Ranked.keep`, one-sided and two-sided) and its factor in the C pass:
+    the bytes of the torch passes that make them (`TaskArithmetic.merge`'s `deltas_at`) and then
+    `mix_block`, on hostile values, with and without drops and factors."""
     from adaptkit_plugins.merges import _mixing
-    from adaptkit_plugins.merges._sparsify import masked, pack
+    from adaptkit_plugins.merges._base import as_bits
+    from adaptkit_plugins.merges._sparsify import Ranked, masked, pack
 
     if _mixing.native is None:
         pytest.skip("_mix.c is not built here")
     bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
     g = torch.Generator().manual_seed(11)
     for count in (1, 3, 5):
-        n, offset = 4099, 13
+        n, offset, start = 4099, 13, 70000  # (the block's first flat index, for the ranked drops' chosen)
         base = (torch.randn(n, generator=g) * 4).to(dtype)
         models = [(torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 12)).to(dtype) + base
                   for _ in range(count)]
@@ -1012,13 +1014,24 @@ def test_the_c_mix_from_the_models_gives_the_torch_paths_bytes(dtype, rule):
                 m[torch.rand(n, generator=g) < share] = value
         m_bits = [pack((torch.rand(n + offset, generator=g) < 0.6).numpy()) for _ in range(count)]
         masks = [None if i == 1 else (m_bits[i], offset) for i in range(count)]
+        # TIES' and breadcrumbs' cuts: |τ| bounds (as bits of the dtype) and the ties chosen among them
+        level = [float(torch.quantile(torch.sub(m, base).abs().float().nan_to_num(posinf=0), q)) for m, q in
+                 zip(models, (0.3, 0.5, 0.7, 0.2, 0.6))]
+        ranked = [Ranked(int(as_bits(torch.tensor(v, dtype=dtype))), None if i % 2 else
+                         int(as_bits(torch.tensor(v * 4, dtype=dtype))),
+                         numpy.sort(numpy.random.default_rng(i).choice(n, 50, replace=False)) + start, dtype)
+                  for i, v in enumerate(level)]
+        masks = [ranked[i].bounds(start, n, dtype) if i in (0, 3) else mask for i, mask in enumerate(masks)]
         factors = [None if i == 2 else float(torch.tensor(1 / 0.6, dtype=dtype)) for i in range(count)]
         weights = torch.randn(count, generator=g).to(dtype)
         for normalize, scale in ((True, 1.0), (False, 0.3)):
             taus = []
-            for model, mask, factor in zip(models, masks, factors):
+            for i, (model, mask, factor) in enumerate(zip(models, masks, factors)):
                 tau = torch.sub(model, base)
-                tau = tau if mask is None else masked(tau, mask[0], mask[1])
+                if i in (0, 3):
+                    tau = ranked[i].keep(tau, start)
+                elif mask is not None:
+                    tau = masked(tau, mask[0], mask[1])
                 taus.append(tau if factor is None else tau.mul_(factor))
             want, got = torch.empty_like(base), torch.empty_like(base)
             with pytest.MonkeyPatch.context() as patch:

@@ -20,7 +20,8 @@
  *   masks, factors  (optional) the deltas are the models: τᵢ = R(modelᵢ − base), its entries whose bit
  *              is 0 in maskᵢ = (packed little-order bits, the bit of the block's first entry) set to
  *              +0, then τᵢ = R(τᵢ·factorᵢ); a mask or factor of None: none (DARE's drops and rescale,
- *              read from the models once instead of a torch pass for each step)
+ *              read from the models once instead of a torch pass for each step). A mask (above,
+ *              below, chosen) drops by magnitude instead, as `_sparsify.Ranked` (TIES' cut)
  *
  * For each entry (R: round to the dtype, to nearest even; every sum from +0 in float32, part after
  * part):  σ = sign bit of R(Σ δᵢ);  kᵢ = relu(σ·δᵢ);  mixed = σ·R(Σ kᵢ);
@@ -146,7 +147,24 @@ typedef struct {
     int64_t mask_start[MAX_PARTS];   /* the bit of the block's first entry */
     int has_factor[MAX_PARTS];
     float factor[MAX_PARTS];
+    /* or drops by magnitude (`_sparsify.Ranked`): τ kept where not −above ≤ τ ≤ above (a NaN too), then
+       dropped where not |τ| < below, and kept again at the chosen places (offsets in the block, sorted) */
+    int ranked[MAX_PARTS], has_above[MAX_PARTS], has_below[MAX_PARTS];
+    float above[MAX_PARTS], below[MAX_PARTS];
+    const int64_t *chosen[MAX_PARTS];
+    Py_ssize_t chosen_count[MAX_PARTS];
 } Mix;
+
+/* τ after the magnitude drops of part i, for the entry at offset j of a block */
+static inline float ranked_keep(const Mix *m, int i, float tau)
+{
+    float kept = tau;
+    if (m->has_above[i] && tau >= -m->above[i] && tau <= m->above[i])
+        kept = 0.0f;
+    if (m->has_below[i] && !(fabsf(tau) < m->below[i]))
+        kept = 0.0f;
+    return kept;
+}
 
 static inline float rounded(float x, int bf16)
 {
@@ -170,6 +188,12 @@ static inline float part_at(const Mix *m, int i, Py_ssize_t j)
         x = rounded(x - value_at(m->base, m->bf16, j), m->bf16);
         if (m->mask[i] && !mask_bit(m->mask[i], m->mask_start[i] + j))
             x = 0.0f;
+        if (m->ranked[i]) {
+            int chosen = 0;
+            for (Py_ssize_t c = 0; c < m->chosen_count[i] && !chosen; c++)  /* (the tail: a few entries) */
+                chosen = m->chosen[i][c] == j;
+            x = chosen ? x : ranked_keep(m, i, x);
+        }
         if (m->has_factor[i])
             x = rounded(x * m->factor[i], m->bf16);
     }
@@ -226,6 +250,23 @@ CLONES static void mix_chunk(const Mix *m, Py_ssize_t start, int count, void *ou
                 int64_t first = m->mask_start[i] + start;
                 for (int j = 0; j < count; j++)
                     delta[i][j] = mask_bit(mask, first + j) ? delta[i][j] : 0.0f;
+            }
+            if (m->ranked[i]) {
+                float tau[CHUNK];
+                memcpy(tau, delta[i], (size_t)count * sizeof(float));
+                for (int j = 0; j < count; j++)
+                    delta[i][j] = ranked_keep(m, i, tau[j]);
+                const int64_t *chosen = m->chosen[i];  /* (sorted: a binary search to the chunk's first) */
+                Py_ssize_t low = 0, high = m->chosen_count[i];
+                while (low < high) {
+                    Py_ssize_t mid = low + (high - low) / 2;
+                    if (chosen[mid] < start)
+                        low = mid + 1;
+                    else
+                        high = mid;
+                }
+                for (Py_ssize_t c = low; c < m->chosen_count[i] && chosen[c] < start + count; c++)
+                    delta[i][chosen[c] - start] = tau[chosen[c] - start];
             }
             if (m->has_factor[i]) {
                 float f = m->factor[i];
@@ -368,7 +409,29 @@ static PyObject *mix_blocks(PyObject *self, PyObject *args)
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *mask = PyTuple_GET_ITEM(masks, i), *factor = PyTuple_GET_ITEM(factors, i), *bits;
             long long first;
-            if (mask != Py_None) {  /* (bits, the bit of the block's first entry) */
+            if (mask != Py_None && PyTuple_Check(mask) && PyTuple_GET_SIZE(mask) == 3) {
+                /* (above or None, below or None, chosen offsets: sorted int64 in [0, block)) */
+                PyObject *above = PyTuple_GET_ITEM(mask, 0), *below = PyTuple_GET_ITEM(mask, 1);
+                if (PyObject_GetBuffer(PyTuple_GET_ITEM(mask, 2), &mask_buffers[i], PyBUF_C_CONTIGUOUS) < 0)
+                    goto done;
+                mask_held[i] = 1;
+                Py_ssize_t count = mask_buffers[i].len / 8, entries = out.len / size;
+                const int64_t *chosen = mask_buffers[i].buf;
+                for (Py_ssize_t c = 0; c < count; c++)
+                    if (chosen[c] < 0 || chosen[c] >= entries || (c && chosen[c] <= chosen[c - 1])) {
+                        PyErr_SetString(PyExc_ValueError, "mix: chosen places not sorted within the block");
+                        goto done;
+                    }
+                mix.ranked[i] = 1;
+                mix.chosen[i] = chosen;
+                mix.chosen_count[i] = count;
+                if ((mix.has_above[i] = above != Py_None))
+                    mix.above[i] = (float)PyFloat_AsDouble(above);
+                if ((mix.has_below[i] = below != Py_None))
+                    mix.below[i] = (float)PyFloat_AsDouble(below);
+                if (PyErr_Occurred())
+                    goto done;
+            } else if (mask != Py_None) {  /* (bits, the bit of the block's first entry) */
                 if (!PyArg_ParseTuple(mask, "OL", &bits, &first))
                     goto done;
                 if (PyObject_GetBuffer(bits, &mask_buffers[i], PyBUF_C_CONTIGUOUS) < 0)

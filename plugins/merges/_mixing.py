@@ -91,10 +91,9 @@ def _native_ok(tensors: Sequence[torch.Tensor]) -> bool:
 def mix_models(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequence[tuple | None],
                factors: Sequence[float | None], weights: torch.Tensor, consensus: str | None, normalize: bool,
                scale: float, out: torch.Tensor) -> bool:
-    """`mix_block` from the models' blocks, where each input's drops are a mask of bits (`Keep.bits`: (packed
-    bits, the bit of the block's first entry), or None) and its rescale a factor (or None): τᵢ = R(modelᵢ −
-    base), masked, times the factor, made in the same C pass, which reads each model once (DARE: 1.0 ns
-    an entry and input for the difference, the drops and the factor, as three torch passes took).
+    """`mix_block` from the models' blocks, where each input's drops are a mask of bits or magnitude bounds
+    (`Keep.drops`, or None) and its rescale a factor (or None): τᵢ = R(modelᵢ − base), its drops, times
+    the factor, made in the same C pass, which reads each model once instead of a torch pass a step.
     False where that pass does not take them: the caller makes the τᵢ."""
     if consensus not in ("sum", None) or native is None or not _native_ok([*models, base, out]):
         return False

@@ -58,14 +58,16 @@ class Keep:
             else:
                 self.cuts = [top_cut(magnitudes, n, n - bottom), top_cut(magnitudes, n, n - bottom - kept)]
 
-    def bits(self, start: int, count: int) -> tuple[numpy.ndarray, int] | None:
-        """The block's drops as (packed bits, the bit of its first entry), where they are such a mask
-        (random drops, torch's own sort's bits), for `_mixing.mix_models`; else None."""
+    def drops(self, start: int, count: int, dtype: torch.dtype) -> tuple | None:
+        """The drops of the block of `count` entries from flat index `start`, of a τ in `dtype`, for
+        `_mixing.mix_models`: (packed bits, the bit of the block's first entry) where they are such a
+        mask (random drops, torch's own sort), (above, below, chosen offsets) for `Ranked`'s magnitude
+        bounds; None where neither says them (`tie_break: index` cuts, bounds compared as bits)."""
         if self.method == "random":
             return self.draws.below(start, count, self.density), 0
         if isinstance(self.whole, numpy.ndarray):
             return self.whole, start
-        return None
+        return self.whole.bounds(start, count, dtype) if isinstance(self.whole, Ranked) else None
 
     def apply(self, start: int, tau: torch.Tensor) -> torch.Tensor:
         """The block of τ starting at flat index `start` with the dropped entries set to 0 (in place for
@@ -127,9 +129,21 @@ class Ranked:
     def _value(self, bits: int) -> float:
         return float(torch.tensor(bits, dtype=as_bits(torch.empty(0, dtype=self.dtype)).dtype).view(self.dtype))
 
+    def bounds(self, start: int, count: int, dtype: torch.dtype) -> tuple | None:
+        """(above, below, chosen offsets in the block) as `keep`'s `hardshrink` and `where` apply them, for a τ
+        in `dtype`; None where it compares bits instead."""
+        if not self._as_magnitudes(dtype):
+            return None
+        first, last = numpy.searchsorted(self.chosen.numpy(), [start, start + count])
+        return (None if self.above is None else self._value(self.above),
+                None if self.below is None else self._value(self.below), self.chosen.numpy()[first:last] - start)
+
+    def _as_magnitudes(self, dtype: torch.dtype) -> bool:
+        return dtype == self.dtype and all(b is None or 0 <= b <= self.infinity for b in (self.above, self.below))
+
     def keep(self, tau: torch.Tensor, start: int) -> torch.Tensor:
         """The block of τ starting at flat index `start` with the dropped entries set to +0 (a new tensor)."""
-        if tau.dtype == self.dtype and all(b is None or 0 <= b <= self.infinity for b in (self.above, self.below)):
+        if self._as_magnitudes(tau.dtype):
             out = tau.clone() if self.above is None else torch.nn.functional.hardshrink(tau, self._value(self.above))
             if self.below is not None:
                 out = torch.where(tau.abs() < self._value(self.below), out, 0)

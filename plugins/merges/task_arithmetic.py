@@ -143,7 +143,7 @@ class TaskArithmetic(Operator):
             return deltas
 
         def models_at(start: int, stop: int):  # (for `mix_models`; None where a drop is no mask or a dtype differs)
-            masks = [None if keep is None else keep.bits(start, stop - start) for keep in keeps]
+            masks = [None if keep is None else keep.drops(start, stop - start, dtype) for keep in keeps]
             if any(m is None and k is not None for m, k in zip(masks, keeps)) or any(f.dtype != dtype for f in flat):
                 return None
             return [f[start:stop] for f in flat], masks, factors
