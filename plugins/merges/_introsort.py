@@ -30,7 +30,7 @@ built by the install: the stops found in blocks without branches) or, where that
 numpy (`_walk`: vectorized windows); the two walks have one contract.
 
 Measured on the 168M benchmark's bf16 task vectors (2.9M entries, 1 in 70 of them straddling), one
-thread, half kept, the keys' histogram included: 15.5 ms in C, 46 ms in numpy, against the sort's 183
+thread, half kept, the keys' histogram included: 11-12 ms in C, 32 ms in numpy, against the sort's 157-185
 (2-core AMD EPYC). Held: the keys and, for each followed entry, its place, number and runs (about 60
 bytes; under a byte an entry), where the sort holds keys, an int64 order and the int64 range it fills
 the order from (18 bytes an entry) and topk (value, index) pairs (16). A segment whose budget runs out

@@ -21,20 +21,22 @@ Additions and differences, on purpose:
   for TIES, ascending for breadcrumbs) without sorting: torch's CPU sort is not stable, so where
   entries of equal magnitude straddle the cut (in bf16 the rule: thousands of entries share each
   magnitude) no position rule reproduces its choice, and its own partitions are followed down to the
-  cut instead (`_introsort`: linear time, a twelfth of the sort's, 3 bytes an entry against its 18).
+  cut instead (`_introsort`: linear time, a fourteenth of the sort's, 3 bytes an entry against its 18).
   `tie_break: index` (an addition) keeps the tied entries lowest flat index first instead: an exact
   radix select over blocks (bounded memory), the same result on every device (mergekit's own choice
   differs between its CPU and CUDA sorts), and a merge that differs from mergekit's only in which of
   equally large entries it keeps.
 - Everything runs over blocks of the flattened tensor (2¹⁷ entries: a block's temporaries stay in a
   core's cache from one operation to the next), however big the tensor. Two passes at most: the
-  first finds the cut (or draws the masks, or sums the L1 norms), the second applies it and mixes;
-  which of the entries tied at an `index` cut are kept is settled in the second (`_select.Cut`).
+  first finds the cut (or draws the masks, or sums the L1 norms), the second applies it and mixes, in
+  one C loop over the models' blocks where the install built it (`_mixing`, same bytes); which of the
+  entries tied at an `index` cut are kept is settled in the second (`_select.Cut`).
 - Bad values are errors: density outside (0, 1], gamma outside [0, 1). With `normalize`, a divisor
   under 1e-8 (Σᵢ wᵢ; with sign consensus an entry's Σᵢ mᵢ·wᵢ, 0 there) counts as 1, as mergekit's:
   weights summing to zero leave the sum undivided, with a warning. `int8_mask` changes no number
-  (mergekit's int8 sign mask gives the same comparisons) and is accepted. task_arithmetic has no `density` or `rescale` (mergekit's takes them and
-  reads neither: a recipe giving them gets a warning, and every entry kept).
+  (mergekit's int8 sign mask gives the same comparisons) and is accepted. task_arithmetic has no
+  `density` or `rescale` (mergekit's takes them and reads neither: a recipe giving them gets a
+  warning, and every entry kept).
 
 Arithmetic and rounding are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`), so
 inputs in any compute dtype give its bytes: everything is computed in the compute dtype (the keyword
@@ -144,9 +146,8 @@ class TaskArithmetic(Operator):
 
         def models_at(start: int, stop: int):  # (for `mix_models`; None where a drop is no mask or a dtype differs)
             masks = [None if keep is None else keep.drops(start, stop - start, dtype) for keep in keeps]
-            if any(m is None and k is not None for m, k in zip(masks, keeps)) or any(f.dtype != dtype for f in flat):
-                return None
-            return [f[start:stop] for f in flat], masks, factors
+            ok = all(m is not None or k is None for m, k in zip(masks, keeps)) and all(f.dtype == dtype for f in flat)
+            return ([f[start:stop] for f in flat], masks, factors) if ok else None
 
         out = torch.empty_like(base_flat, dtype=dtype)  # blocks: temporaries stay small whatever the size
         weights = torch.tensor(s.weight, dtype=dtype, device=base.device)
@@ -155,9 +156,8 @@ class TaskArithmetic(Operator):
 
     def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor,
             models_at=None) -> None:
-        """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order of operations), where
-        `deltas_at(a, b, base block)` gives the inputs' task vectors there, sparsified and rescaled, and
-        `models_at(a, b)`, where given, the models' blocks, drops and factors that make them in C (or None)."""
+        """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order): `deltas_at(a, b, base block)`
+        gives the τᵢ there, sparsified and rescaled; `models_at(a, b)` the models, drops, factors (or None)."""
         for start, stop in blocks:
             base_block, found = base_at(start, stop), models_at(start, stop) if models_at else None
             if found is None or not mix_models(base_block, *found, weights, self.consensus, s.normalize, s.scale,
