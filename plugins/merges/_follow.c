@@ -101,7 +101,7 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
         } else if (at_median >= 0) {
             replace(r, count, at_median, start);
         }
-        /* __unguarded_partition(first + 1, last, first), its stops found a block at a time (`STOPS`:
+        /* __unguarded_partition(first + 1, last, first), its stops found a block at a time (`STOPS_LEFT`, `STOPS_RIGHT`:
            AVX2 compares, or a loop without branches: one that branches on each key mispredicts half
            of them, 13 ns an entry) and then paired: Lₜ and Rₜ swap while Lₜ < Rₜ; the left part ends
            at min(Lₜ, Rₜ₋₁) for the first t where not. Entries not yet swapped: [first, last); scanned
@@ -271,10 +271,10 @@ static Entry *merge_part(const Entry *run, int64_t a, int64_t b, const uint8_t *
 /* The stops of a block, as offsets from its start: left stops (keys not above the pivot) ascending,
    right stops (keys not below it) descending. Returns how many. */
 #define SCALAR_STOPS(name, type)                                                           \
-    static int name##_left(const type *keys, int count, type pivot, uint16_t *out)          \
+    static int name##_left(const type *keys, int from, int count, type pivot, uint16_t *out) \
     {                                                                                       \
         int n = 0;                                                                          \
-        for (int i = 0; i < count; i++) {                                                   \
+        for (int i = from; i < count; i++) { /* (from: a vector loop's tail) */               \
             out[n] = (uint16_t)i;                                                           \
             n += !(keys[i] > pivot);                                                        \
         }                                                                                   \
@@ -339,11 +339,7 @@ __attribute__((target("avx2"))) static int fast16_left(const int16_t *keys, int 
         PUT_UP(m & 255, i);
         PUT_UP(m >> 8, i + 8);
     }
-    for (; i < count; i++) {
-        out[n] = (uint16_t)i;
-        n += !(keys[i] > pivot);
-    }
-    return n;
+    return n + stops16_left(keys, i, count, pivot, out + n);
 }
 
 __attribute__((target("avx2"))) static int fast16_right(const int16_t *keys, int count, int16_t pivot, uint16_t *out)
@@ -357,11 +353,7 @@ __attribute__((target("avx2"))) static int fast16_right(const int16_t *keys, int
         PUT_DOWN(m >> 8, i - 1);
         PUT_DOWN(m & 255, i - 9);
     }
-    for (i--; i >= 0; i--) {
-        out[n] = (uint16_t)i;
-        n += !(pivot > keys[i]);
-    }
-    return n;
+    return n + stops16_right(keys, i, pivot, out + n);
 }
 
 __attribute__((target("avx2"))) static int fast32_left(const int32_t *keys, int count, int32_t pivot, uint16_t *out)
@@ -373,11 +365,7 @@ __attribute__((target("avx2"))) static int fast32_left(const int32_t *keys, int 
         unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(above)) & 255;
         PUT_UP(m, i);
     }
-    for (; i < count; i++) {
-        out[n] = (uint16_t)i;
-        n += !(keys[i] > pivot);
-    }
-    return n;
+    return n + stops32_left(keys, i, count, pivot, out + n);
 }
 
 __attribute__((target("avx2"))) static int fast32_right(const int32_t *keys, int count, int32_t pivot, uint16_t *out)
@@ -389,22 +377,21 @@ __attribute__((target("avx2"))) static int fast32_right(const int32_t *keys, int
         unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(below)) & 255;
         PUT_DOWN(m, i - 1);
     }
-    for (i--; i >= 0; i--) {
-        out[n] = (uint16_t)i;
-        n += !(pivot > keys[i]);
-    }
-    return n;
+    return n + stops32_right(keys, i, pivot, out + n);
 }
-#define STOPS(size, side, keys, count, pivot, out) \
-    (have_avx2 ? fast##size##_##side(keys, count, pivot, out) : stops##size##_##side(keys, count, pivot, out))
+#define LEFT(size, keys, count, pivot, out) \
+    (have_avx2 ? fast##size##_left(keys, count, pivot, out) : stops##size##_left(keys, 0, count, pivot, out))
+#define RIGHT(size, keys, count, pivot, out) \
+    (have_avx2 ? fast##size##_right(keys, count, pivot, out) : stops##size##_right(keys, count, pivot, out))
 #else
-#define STOPS(size, side, keys, count, pivot, out) stops##size##_##side(keys, count, pivot, out)
+#define LEFT(size, keys, count, pivot, out) stops##size##_left(keys, 0, count, pivot, out)
+#define RIGHT(size, keys, count, pivot, out) stops##size##_right(keys, count, pivot, out)
 #endif
 
 #define KEY_T int16_t
 #define WALK walk16
-#define STOPS_LEFT(keys, count, pivot, out) STOPS(16, left, keys, count, pivot, out)
-#define STOPS_RIGHT(keys, count, pivot, out) STOPS(16, right, keys, count, pivot, out)
+#define STOPS_LEFT(keys, count, pivot, out) LEFT(16, keys, count, pivot, out)
+#define STOPS_RIGHT(keys, count, pivot, out) RIGHT(16, keys, count, pivot, out)
 #include "_follow.c"
 #undef KEY_T
 #undef WALK
@@ -412,8 +399,8 @@ __attribute__((target("avx2"))) static int fast32_right(const int32_t *keys, int
 #undef STOPS_RIGHT
 #define KEY_T int32_t
 #define WALK walk32
-#define STOPS_LEFT(keys, count, pivot, out) STOPS(32, left, keys, count, pivot, out)
-#define STOPS_RIGHT(keys, count, pivot, out) STOPS(32, right, keys, count, pivot, out)
+#define STOPS_LEFT(keys, count, pivot, out) LEFT(32, keys, count, pivot, out)
+#define STOPS_RIGHT(keys, count, pivot, out) RIGHT(32, keys, count, pivot, out)
 #include "_follow.c"
 #undef KEY_T
 
