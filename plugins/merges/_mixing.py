@@ -56,11 +56,7 @@ def mix_block(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: torch.T
     bf16, three inputs, one thread, TIES: 2.1 ns an entry against 15 for the torch passes: the
     products, the stacked sums, sign bits, relu, masks, the division, λ and the base); else torch's.
     The τᵢ are overwritten."""
-    if consensus in ("sum", None) and native is not None and _native_ok([*taus, base, out]):
-        tail = interleaved_tail(out.dtype, out.numel()) if len(taus) > INTERLEAVED else 0
-        native.mix(consensus or "none", tuple(as_bits(t).numpy() for t in taus), tuple(weights.tolist()), normalize,
-                   float(_weight_sum(weights)) if consensus is None and normalize else 1.0, tail,
-                   str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), as_bits(base).numpy(), float(scale), True)
+    if _in_c(taus, base, weights, consensus, normalize, scale, out):
         return
     # scalars as Python floats of values rounded to the dtype: the same products as mergekit's tensors
     # of the dtype, half the time (0.18 ns an entry against 0.34 for a 0-d tensor, bf16, one thread)
@@ -78,14 +74,22 @@ def _weight_sum(weights: torch.Tensor) -> torch.Tensor:
     return divisor
 
 
-def _native_ok(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether `_mix.mix` takes these blocks (the task vectors, the base, out): bf16 or float32 on the
-    CPU, alike and contiguous, more than one entry (torch sums a single one as a column), ≤ 16 inputs."""
-    first = tensors[0]
-    return (first.dtype in (torch.bfloat16, torch.float32) and 1 < first.numel()
-            and len(tensors) - 2 <= SEQUENTIAL_SUM_MAX
-            and all(t.dtype == first.dtype and t.shape == first.shape and t.device.type == "cpu" and t.is_contiguous()
-                    for t in tensors))
+def _in_c(parts, base, weights, consensus, normalize, scale, out, *models) -> bool:
+    """`_mix.mix` over the blocks (task vectors, or with `models` = (drops, factors) the models), where it
+    takes them: TIES' sum rule or none; bf16 or float32 on the CPU, alike and contiguous; more than one
+    entry (torch sums a single one as a column); ≤ 16 inputs. False where not (nothing done)."""
+    tensors = [*parts, base, out]
+    if consensus not in ("sum", None) or native is None or out.dtype not in (torch.bfloat16, torch.float32) or (
+            out.numel() < 2 or len(parts) > SEQUENTIAL_SUM_MAX or not all(
+                t.dtype == out.dtype and t.shape == out.shape and t.device.type == "cpu" and t.is_contiguous()
+                for t in tensors)):
+        return False
+    tail = interleaved_tail(out.dtype, out.numel()) if len(parts) > INTERLEAVED else 0
+    native.mix(consensus or "none", tuple(as_bits(t).numpy() for t in parts), tuple(weights.tolist()), normalize,
+               float(_weight_sum(weights)) if consensus is None and normalize else 1.0, tail,
+               str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), as_bits(base).numpy(), float(scale), True,
+               *models)
+    return True
 
 
 def mix_models(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequence[tuple | None],
@@ -95,12 +99,5 @@ def mix_models(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequen
     (`Keep.drops`, or None) and its rescale a factor (or None): τᵢ = R(modelᵢ − base), its drops, times
     the factor, made in the same C pass, which reads each model once instead of a torch pass a step.
     False where that pass does not take them: the caller makes the τᵢ."""
-    if consensus not in ("sum", None) or native is None or not _native_ok([*models, base, out]):
-        return False
-    tail = interleaved_tail(out.dtype, out.numel()) if len(models) > INTERLEAVED else 0
-    native.mix(consensus or "none", tuple(as_bits(m).numpy() for m in models), tuple(weights.tolist()), normalize,
-               float(_weight_sum(weights)) if consensus is None and normalize else 1.0, tail,
-               str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), as_bits(base).numpy(), float(scale), True,
-               tuple(masks), tuple(factors))
-    return True
+    return _in_c(models, base, weights, consensus, normalize, scale, out, tuple(masks), tuple(factors))
 
