@@ -279,7 +279,7 @@ HOOKS: dict[str, Hook] = {
     "serial_kernels": Hook(MergeOptions, False),  # all
     "block_upcast": Hook(MergeOptions, False),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties della della_linear magnitude_prune task_arithmetic ties
     "accelerated": Hook(MergeOptions, True),  # passthrough
-    "entry_bytes": Hook(WorkingMemory, "float32 copies and temporaries counted"),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties della della_linear magnitude_prune ram ramplus_tl task_arithmetic ties
+    "entry_bytes": Hook(WorkingMemory, "float32 copies and temporaries counted"),  # breadcrumbs breadcrumbs_ties dare_linear dare_ties della della_linear magnitude_prune ram ramplus_tl sce task_arithmetic ties
     "merge_factors": Hook(FactorMerge, "merged as ΔW, refactored by SVD"),  # concat
     "host_keys": Hook(QuantizerOptions, ()),  # binary fp4 fp4_dq nf4 nf4_dq ternary
     "double_quant_form": Hook(QuantizerOptions, None),  # fp4 nf4

@@ -127,24 +127,28 @@ def test_block_operators_count_what_they_hold(models):
     """A `block_upcast` operator's working memory is its inputs counted as float32 plus what it says it
     holds (`entry_bytes`), written out here for a 32000 × 1024 embedding (recipe dtype float32, 3 inputs
     and a base): DARE holds the result (4 B an entry) and its masks as bits; TIES with mergekit's tie order
-    also follows the sort of a whole |τ| (4 B of float32 bits and a byte for the followed ties); an operator
-    without the hook (SCE) keeps the engine's float32 estimate, which makes that tensor take the whole
+    also follows the sort of a whole |τ| (4 B of float32 bits and a byte for the followed ties); SCE at most
+    a bool mask, the mask in the dtype and one input's float32 squares (the variances and a byte for the
+    selection and its followed ties come before, and hold less); an operator without the hook (karcher,
+    three inputs and no base) keeps the engine's float32 estimate, which makes that tensor take the whole
     budget and run alone, while the others merge beside smaller tensors."""
     from adaptkit.merge import engine
     from adaptkit.merge.recipe import load_recipe
 
     n = 32000 * 1024
     params = [{"weight": 0.5, "density": 0.5}] * 3
-    need = {name: engine.Plan(load_recipe(recipe_for(models, method, params if method != "sce" else [{}] * 3,
-                                                     extra))).working_bytes(n)
-            for name, method, extra in [("dare", "dare_ties", None), ("ties", "ties", None),
-                                        ("ties-index", "ties", {"tie_break": "index"}),
-                                        ("sce", "sce", {"select_topk": 0.5})]}
+    need = {name: engine.Plan(load_recipe(recipe_for(models, method, params if method in ("dare_ties", "ties")
+                                                     else [{}] * 3, extra, base))).working_bytes(n)
+            for name, method, extra, base in [("dare", "dare_ties", None, True), ("ties", "ties", None, True),
+                                              ("ties-index", "ties", {"tie_break": "index"}, True),
+                                              ("sce", "sce", {"select_topk": 0.5}, True),
+                                              ("karcher", "karcher", None, False)]}
     inputs_as_float32, result_and_bits = 4 * 4, 4 + 3 // 8 + 1
     assert need["dare"] == need["ties-index"] == n * (inputs_as_float32 + result_and_bits)
     assert need["ties"] == n * (inputs_as_float32 + result_and_bits + 4 + 1)
-    assert need["sce"] == n * (4 * (4 + 2) + 4 * 3 + 8)
-    assert need["dare"] < need["ties"] < engine.WORKING_MEMORY <= need["sce"]
+    assert need["sce"] == n * (inputs_as_float32 + 1 + 4 + 4)
+    assert need["karcher"] == n * (4 * (3 + 2) + 4 * 3 + 8)
+    assert need["dare"] < need["sce"] < need["ties"] < engine.WORKING_MEMORY <= need["karcher"]
 
 
 def test_dare_is_deterministic_across_reruns_and_threads(models, tmp_path):

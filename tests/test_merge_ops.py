@@ -1056,7 +1056,7 @@ def test_the_c_mix_refuses_what_it_cannot_sum():
 
     for kwargs, match in (({"weights": (1.0, 2.0)}, "as many weights"),
                           ({"parts": (a,) * 17, "weights": (1.0,) * 17}, "1 to 16"),
-                          ({"dtype": "float16"}, "bfloat16 or float32"), ({"rule": "count"}, "rule sum or none"),
+                          ({"dtype": "float16"}, "bfloat16 or float32"), ({"rule": "count"}, "rule sum, sce or none"),
                           ({"parts": (a[:4],)}, "deltas and out differ in length"),
                           ({"base": a[:4]}, "base and out differ in length")):
         with pytest.raises(ValueError, match=match):
@@ -1066,6 +1066,87 @@ def test_the_c_mix_refuses_what_it_cannot_sum():
                          ((None, None), "a mask and a factor")):
         with pytest.raises(ValueError, match=match):
             _mixing.native.mix("sum", (a,), (1.0,), True, 1.0, 0, "bfloat16", out, a, 1.0, True, masks, (None,))
+    with pytest.raises(ValueError, match="keep mask of another length"):
+        _mixing.native.mix("sce", (a,), (1.0,), True, 1.0, 0, "bfloat16", out, a, 1.0, True, (numpy.ones(7, bool),),
+                           (None,))
+    # SCE's variances and squares
+    for args, match in ((((a,) * 17, a, "bfloat16", out), "1 to 16"), (((), a, "bfloat16", out), "1 to 16"),
+                        (((a,), a[:4], "bfloat16", out), "differ in length"),
+                        (((a[:4],), a, "bfloat16", out), "different lengths"),
+                        (((a,), a, "float16", out), "bfloat16 or float32")):
+        with pytest.raises(ValueError, match=match):
+            _mixing.native.variance(*args)
+    squares = numpy.zeros(8, numpy.float32)
+    for args, match in (((a, a, numpy.ones(7, bool), "bfloat16", squares), "one length"),
+                        ((a, a[:4], None, "bfloat16", squares), "one length"),
+                        ((a, a, None, "bfloat16", squares[:4]), "one length"),
+                        ((a, a, None, "float64", squares), "bfloat16 or float32")):
+        with pytest.raises(ValueError, match=match):
+            _mixing.native.squares(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_sces_c_passes_give_its_torch_passes_bytes(dtype):
+    """SCE's per-entry steps in C (`_mixing.variance`, `squares`, and `mix_models` with the rule "sce": the
+    weights after the election, +0 kept, the divisor clamped at 1e-6) against its torch passes, through
+    `SCE.merge`: 1 to 16 inputs (from 5 on, torch's interleaved tail), lengths with and without a tail,
+    select_topk 0.5 and 1, an input equal to the base (ηᵢ = 0), one of task vectors 10⁻⁴ the others' (ηᵢ
+    below 10⁻⁶, alone where the others' are 0: the clamped divisor), tiny task vectors (uniform weights), the
+    least subnormal against a base of −0 (ηᵢ·kᵢ rounds to +0, which stays +0), and hostile values: spread
+    over e^±12, zeros of both signs, subnormals, ±inf and NaN. Equal bits, NaN where NaN; the C passes ran."""
+    from adaptkit_plugins.merges import _mixing
+    from adaptkit_plugins.merges.sce import SCE, variance
+
+    if _mixing.native is None:
+        pytest.skip("_mix.c is not built here")
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    g = torch.Generator().manual_seed(5)
+    for count, n, hostile, size in ((1, 1000, False, 1.0), (3, 4099, True, 1.0), (3, 9 * 1024 + 5, False, 1e-5),
+                                    (5, 4099, True, 1.0), (8, 1000, False, 1.0), (16, 2 * 1024 + 7, True, 1.0)):
+        base = (torch.randn(n, generator=g) * 4).to(dtype)
+        base[: n // 5] = -0.0
+        models = [(base.float() + torch.randn(n, generator=g) * size * torch.exp(torch.randn(n, generator=g) * 3)
+                   ).to(dtype) for _ in range(count)]
+        if count > 2:
+            models[1] = base.clone()
+            models[2] = (base.float() + (models[2].float() - base.float()) * 1e-4).to(dtype)
+            alone = torch.rand(n, generator=g) < 0.1
+            for m in models[:2] + models[3:]:
+                m[alone] = base[alone]
+        least = torch.finfo(dtype).tiny * 2.0 ** -(7 if dtype == torch.bfloat16 else 23)
+        base[:8] = -0.0
+        for m in models:
+            m[:8] = -least
+        for m in models[3:] if hostile else []:
+            for value, share in ((float("inf"), 0.005), (-float("inf"), 0.005), (float("nan"), 0.002),
+                                 (-0.0, 0.05), (1e-40, 0.02)):
+                m[torch.rand(n, generator=g) < share] = value
+        taus = [torch.sub(m, base) for m in models]
+        got = torch.empty_like(base)
+        assert _mixing.variance(models, base, got)
+        want = variance(taus)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(bits), want[~nan].view(bits)), count
+        keep = torch.rand(n, generator=g) < 0.5
+        got = torch.empty(n)
+        assert _mixing.squares(models[0], base, keep, got)
+        want = taus[0].mul(keep.to(dtype)).square_().float()
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan]), count
+        calls = []
+        for fraction in (0.5, 1.0):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(_mixing, "native", None)
+                want = SCE.merge(models, base, select_topk=fraction)
+            with pytest.MonkeyPatch.context() as patch:
+                for name in ("variance", "squares", "mix"):  # (the C passes ran)
+                    patch.setattr(_mixing.native, name, lambda *a, f=getattr(_mixing.native, name), name=name:
+                                  calls.append(name) or f(*a), raising=False)
+                got = SCE.merge(models, base, select_topk=fraction)
+            nan = want.isnan()
+            assert torch.equal(got.isnan(), nan), (count, n, fraction)
+            assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (count, n, fraction)
+        assert set(calls) == {"variance", "squares", "mix"}
 
 
 def test_index_cut_of_float64_task_vectors_ranks_their_float32_magnitudes():

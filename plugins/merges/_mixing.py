@@ -1,6 +1,6 @@
 """Task arithmetic's block step: the task vectors weighted, combined (summed, or TIES' sign-consensus
 mean), scaled and added to the base, with mergekit's roundings (not a plugin; used by the
-task-arithmetic family and DELLA). In one C pass (`_mix.c`) where the install built it, else in
+task-arithmetic family, DELLA and SCE, whose per-entry steps are here too). In one C pass (`_mix.c`) where the install built it, else in
 torch's passes; the tests hold the two to the same bytes."""
 from __future__ import annotations
 
@@ -74,21 +74,54 @@ def _weight_sum(weights: torch.Tensor) -> torch.Tensor:
     return divisor
 
 
+def _takes(parts: Sequence[torch.Tensor], like: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether `_mix` takes these: 1 to 16 `parts` and the `others`, all like `like`, bf16 or float32 on
+    the CPU, contiguous, and more than one entry (torch sums a single one as a column)."""
+    return native is not None and like.dtype in (torch.bfloat16, torch.float32) and like.numel() > 1 and (
+        0 < len(parts) <= SEQUENTIAL_SUM_MAX) and all(
+            t.dtype == like.dtype and t.shape == like.shape and t.device.type == "cpu" and t.is_contiguous()
+            for t in (*parts, *others))
+
+
 def _in_c(parts, base, weights, consensus, normalize, scale, out, *models) -> bool:
     """`_mix.mix` over the blocks (task vectors, or with `models` = (drops, factors) the models), where it
-    takes them: TIES' sum rule or none; bf16 or float32 on the CPU, alike and contiguous; more than one
-    entry (torch sums a single one as a column); ≤ 16 inputs. False where not (nothing done)."""
-    tensors = [*parts, base, out]
-    if consensus not in ("sum", None) or native is None or out.dtype not in (torch.bfloat16, torch.float32) or (
-            out.numel() < 2 or len(parts) > SEQUENTIAL_SUM_MAX or not all(
-                t.dtype == out.dtype and t.shape == out.shape and t.device.type == "cpu" and t.is_contiguous()
-                for t in tensors)):
+    takes them (`_takes`): TIES' sum rule, SCE's erase or none. False where not (nothing done)."""
+    keeps = [m for m in (models[0] if models else ()) if isinstance(m, torch.Tensor)]  # (bool masks: SCE's)
+    if consensus not in ("sum", "sce", None) or not _takes(parts, out, base) or not all(
+            k.dtype == torch.bool and k.shape == out.shape and k.is_contiguous() and k.device.type == "cpu"
+            for k in keeps):
         return False
+    if keeps:
+        models = tuple(m.numpy() if isinstance(m, torch.Tensor) else m for m in models[0]), models[1]
     tail = interleaved_tail(out.dtype, out.numel()) if len(parts) > INTERLEAVED else 0
     native.mix(consensus or "none", tuple(as_bits(t).numpy() for t in parts), tuple(weights.tolist()), normalize,
                float(_weight_sum(weights)) if consensus is None and normalize else 1.0, tail,
                str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), as_bits(base).numpy(), float(scale), True,
                *models)
+    return True
+
+
+def variance(models: Sequence[torch.Tensor], base: torch.Tensor, out: torch.Tensor) -> bool:
+    """SCE's variances (`sce.variance`) of τᵢ = R(modelᵢ − base), written into `out`, in one C pass where
+    `_mix` takes them (bf16, three inputs: ~1 ns an entry against ~10 for the task vectors and the float64
+    torch passes); False where not (nothing done)."""
+    if not _takes(models, out, base):
+        return False
+    native.variance(tuple(as_bits(m).numpy() for m in models), as_bits(base).numpy(),
+                    str(out.dtype).removeprefix("torch."), as_bits(out).numpy())
+    return True
+
+
+def squares(model: torch.Tensor, base: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor) -> bool:
+    """SCE's R(R(τ·keep)²), τ = R(model − base), written into float32 `out`, in one C pass where `_mix`
+    takes them (`keep`: a bool mask or None); False where not (nothing done)."""
+    if out.dtype != torch.float32 or not _takes([model], base) or not (
+            out.shape == base.shape and out.is_contiguous() and out.device.type == "cpu") or (
+            keep is not None and not (keep.dtype == torch.bool and keep.shape == base.shape and keep.is_contiguous()
+                                      and keep.device.type == "cpu")):
+        return False
+    native.squares(as_bits(model).numpy(), as_bits(base).numpy(), None if keep is None else keep.numpy(),
+                   str(base.dtype).removeprefix("torch."), out.numpy())
     return True
 
 
@@ -98,6 +131,7 @@ def mix_models(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequen
     """`mix_block` from the models' blocks, where each input's drops are a mask of bits or magnitude bounds
     (`Keep.drops`, or None) and its rescale a factor (or None): τᵢ = R(modelᵢ − base), its drops, times
     the factor, made in the same C pass, which reads each model once instead of a torch pass a step.
-    False where that pass does not take them: the caller makes the τᵢ."""
+    `consensus` "sce": SCE's erase step (`_mix.c`; the drops a bool mask each), here only: its torch
+    passes are SCE's own. False where that pass does not take them: the caller makes the τᵢ."""
     return _in_c(models, base, weights, consensus, normalize, scale, out, tuple(masks), tuple(factors))
 

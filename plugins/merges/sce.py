@@ -1,12 +1,13 @@
 """SCE: select by variance, calculate matrix-level weights, erase sign conflicts (FuseChat)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from . import _introsort
+from . import _introsort, _mixing
 from ._base import Operator, agreeing, as_bits, frozen, sign_flip, stacked_sum
 from ._select import block_ranges, top_cut
 
@@ -16,35 +17,44 @@ BLOCK = 1 << 17  # elements per column block of the per-position steps: they sta
 def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int, int]], fraction: float,
                 dtype: torch.dtype, tie_break: str = "mergekit", device=None) -> torch.Tensor:
     """1 at the ⌊fraction·k⌋ positions of largest variance across the inputs (k: positions whose
-    variance is not 0), else 0; flat, in the task vectors' dtype. Counted and picked as mergekit does;
+    variance is not 0), else 0; flat, in the task vectors' dtype (`select_keep`)."""
+    return select_keep(tvs, blocks, fraction, dtype, tie_break, device).to(dtype)
+
+
+def select_keep(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int, int]], fraction: float,
+                dtype: torch.dtype, tie_break: str = "mergekit", device=None, models=None) -> torch.Tensor:
+    """`select_mask` as a bool mask or in `dtype`, whichever was made. Counted and picked as mergekit does;
     the variances (per position) over blocks `tvs(start, stop)` of the (N, n) task vectors. Of the
     positions whose variance equals the cut's, `tie_break` "mergekit" keeps those torch.topk keeps:
     for more than n/64 of them its std::nth_element, followed along its partitions (`_introsort`: the
     straddling entries followed, where topk copies the input as (value, index) pairs, 16 bytes an entry), else its
     partial sort itself; "index" the lowest flat indices first (an exact radix select over blocks). The
-    mask is made on `device`, where the task vectors are."""
-    var = variances(tvs, blocks, torch.empty(blocks[-1][1], dtype=dtype, device=device))
+    mask is made on `device`, where the task vectors are. `models`: (the models, the base) flat, where
+    the variances may be made from them in one C pass (`_mixing.variance`)."""
+    var = variances(tvs, blocks, torch.empty(blocks[-1][1], dtype=dtype, device=device), models)
     k = int(torch.count_nonzero(var) * fraction)
     if k == 0:
-        return torch.zeros_like(var)
+        return torch.zeros_like(var, dtype=torch.bool)
     if tie_break == "index":
         return _first_by_index(var, k)
     if k * 64 > var.numel() and var.dtype != torch.float64 and _introsort.follows_torch():
         kept = _introsort.kept_range(_introsort.keys_of(var.abs_()).cpu().numpy(), 0, k, _introsort.SELECT)
         if kept is not None:
             del var  # (before the mask is made: not one more tensor at the peak)
-            return torch.from_numpy(kept).to(device=device, dtype=dtype)
-        variances(tvs, blocks, var)  # (scrambled by a segment topk would heapsort)
+            return torch.from_numpy(kept).to(device=device)
+        variances(tvs, blocks, var, models)  # (scrambled by a segment topk would heapsort)
     # (abs in place: the same values.) Unsorted: mergekit's topk sorts the k it keeps afterwards, which
     # changes their order, not which they are.
     indices = torch.topk(_introsort.keys_of(var.abs_()), k=k, largest=True, sorted=False).indices
     del var
-    return torch.zeros(blocks[-1][1], dtype=dtype, device=device).index_fill_(0, indices, 1)
+    return torch.zeros(blocks[-1][1], dtype=torch.bool, device=device).index_fill_(0, indices, True)
 
 
-def variances(tvs, blocks: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+def variances(tvs, blocks: list[tuple[int, int]], out: torch.Tensor, models=None) -> torch.Tensor:
     """`variance` of each block of the task vectors, written into `out` (not a torch.cat of the
-    blocks: an extra copy)."""
+    blocks: an extra copy); from `models` (the models, the base) in one C pass where it takes them."""
+    if models is not None and _mixing.variance(*models, out):
+        return out
     for s, e in blocks:
         out[s:e] = variance(tvs(s, e))
     return out
@@ -123,6 +133,17 @@ class SelectCalculateErase(Operator):
     params = frozen({"int8_mask": False, "select_topk": 1.0, "tie_break": "mergekit"})
     serial_kernels = True  # the variance cut: torch.topk or torch.bincount, one thread
 
+    def entry_bytes(self, inputs: int, compute_size: int, params: Mapping[str, Any]) -> int:
+        """Bytes an entry held besides the inputs (capabilities.WorkingMemory): while selecting, the variances
+        and, for mergekit's tie order, the selection's bool mask and followed ties (a byte), or topk's values
+        and int64 indices (another torch's sort), or the index cut's mask; then the mask (a bool and, for the
+        torch passes, one in the dtype) with one input's float32 squares, and with the result. (The
+        engine's default, 44 bytes an entry, ran the 168M job's two 33M-entry tensors alone, the other
+        worker idle: 2.6-2.8 s of merge against 2.0-2.1.)"""
+        c, tie_break = compute_size, params.get("tie_break", "mergekit")
+        select = c + (c if tie_break == "index" else 2 if _introsort.follows_torch() else c + 8)
+        return max(select, 1 + c + max(4, c))
+
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         self.check_inputs(tensors)
         base = self.need_base(base, tensors)
@@ -145,10 +166,13 @@ class SelectCalculateErase(Operator):
             return [t[0, s:e] - flat_base[0, s:e] for t in rows]  # (rows apart: no stacked copy)
 
         dtype = torch.promote_types(base.dtype, tensors[0].dtype)
-        mask = select_mask(tvs, blocks, fraction, dtype, bound["tie_break"], base.device) if fraction < 1 else None
+        models = [t[0] for t in inputs], flat_base[0]  # (for the C passes: `_mixing`)
+        keep = select_keep(tvs, blocks, fraction, dtype, bound["tie_break"], base.device,
+                           models) if fraction < 1 else None
+        mask = functools.cache(lambda: keep.to(dtype))  # (the torch passes': made once, where they run)
 
         def masked(s: int, e: int, rows: Sequence[torch.Tensor] = inputs) -> list[torch.Tensor]:
-            return [tv.mul_(mask[s:e]) for tv in tvs(s, e, rows)] if mask is not None else tvs(s, e, rows)
+            return [tv.mul_(mask()[s:e]) for tv in tvs(s, e, rows)] if keep is not None else tvs(s, e, rows)
 
         # one input's squares at a time (`row_mean`), rounded in the task vectors' dtype as mergekit's,
         # held in float32: the copy torch's mean of half-precision squares would make is this buffer
@@ -156,13 +180,18 @@ class SelectCalculateErase(Operator):
         upcast = dtype in (torch.bfloat16, torch.float16) and base.device.type == "cpu"
         squares = torch.empty(base.numel(), dtype=torch.float32 if upcast else dtype, device=base.device)
         means = []
+        keep_bool = None if keep is None else keep.bool()  # (the C passes': no copy where it is bool)
         for row in inputs:
-            for s, e in blocks:
-                squares[s:e] = masked(s, e, [row])[0].square_()
+            if not _mixing.squares(row[0], flat_base[0], keep_bool, squares):
+                for s, e in blocks:
+                    squares[s:e] = masked(s, e, [row])[0].square_()
             means.append(row_mean(squares, len(inputs)))
         del squares
         weights = matrix_weights(torch.stack(means), dtype if upcast else None).view(-1, 1)
         out = torch.empty(base.numel(), dtype=weights.dtype, device=base.device)
+        if _mixing.mix_models(flat_base[0], models[0], [keep_bool] * len(inputs), [None] * len(inputs),
+                              weights.view(-1), "sce", True, 1.0, out):
+            return out.view(base.shape)
         scalars = weights.view(-1).tolist()
         for s, e in blocks:
             block = masked(s, e)
