@@ -992,10 +992,11 @@ def test_the_c_mix_gives_the_torch_paths_bytes_on_hostile_values(dtype, rule):
 @pytest.mark.parametrize("rule", ["sum", None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_the_c_mix_from_the_models_gives_the_torch_paths_bytes(dtype, rule):
-    """`mix_models` makes τᵢ = (modelᵢ − base), its drops (packed bits from any bit offset: `masked`; or
-    magnitude bounds and chosen ties: `Ranked.keep`, one-sided and two-sided) and its factor in the C pass:
-    the bytes of the torch passes that make them (`TaskArithmetic.merge`'s `deltas_at`) and then
-    `mix_block`, on hostile values, with and without drops and factors."""
+    """`mix_models` makes τᵢ = (modelᵢ − base), its drops (packed bits from any bit offset, and from whole
+    bytes, which `_mix.c` reads a byte at a time: `masked`; or magnitude bounds and chosen ties: `Ranked.keep`,
+    one-sided and two-sided) and its factor in the C pass: the bytes of the torch passes that make them
+    (`TaskArithmetic.merge`'s `deltas_at`) and then `mix_block`, on hostile values, with and without drops
+    and factors."""
     from adaptkit_plugins.merges import _mixing
     from adaptkit_plugins.merges._base import as_bits
     from adaptkit_plugins.merges._sparsify import Ranked, masked, pack
@@ -1004,8 +1005,8 @@ def test_the_c_mix_from_the_models_gives_the_torch_paths_bytes(dtype, rule):
         pytest.skip("_mix.c is not built here")
     bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
     g = torch.Generator().manual_seed(11)
-    for count in (1, 3, 5):
-        n, offset, start = 4099, 13, 70000  # (the block's first flat index, for the ranked drops' chosen)
+    for count, offset in ((1, 13), (3, 13), (5, 13), (3, 0), (2, 16)):
+        n, start = 4099, 70000  # (the block's first flat index, for the ranked drops' chosen)
         base = (torch.randn(n, generator=g) * 4).to(dtype)
         models = [(torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 12)).to(dtype) + base
                   for _ in range(count)]

@@ -141,20 +141,20 @@ typedef struct {
     Py_ssize_t chosen_count[MAX_PARTS];
 } Mix;
 
-/* τ after the magnitude drops of part i, for the entry at offset j of a block */
+/* τ after the magnitude drops of part i (+0 where dropped). Without a branch on τ, as `keep_bits`. */
 static inline float ranked_keep(const Mix *m, int i, float tau)
 {
-    float kept = tau;
-    if (m->has_above[i] && tau >= -m->above[i] && tau <= m->above[i])
-        kept = 0.0f;
-    if (m->has_below[i] && !(fabsf(tau) < m->below[i]))
-        kept = 0.0f;
-    return kept;
+    uint32_t drop = ((uint32_t)m->has_above[i] & (uint32_t)(tau >= -m->above[i]) & (uint32_t)(tau <= m->above[i]))
+                    | ((uint32_t)m->has_below[i] & (uint32_t)!(fabsf(tau) < m->below[i]));
+    return bits_float(float_bits(tau) & (drop - 1u));
 }
 
-static inline int mask_bit(const uint8_t *mask, int64_t bit)
+/* All ones where the entry's bit is set, else 0: ANDed into τ's bits it keeps τ or makes +0. (A select
+   compiled to a branch on the bit, mispredicted half the time at density 0.5: 13 ns an entry for three
+   DARE inputs, against 1.) */
+static inline uint32_t keep_bits(const uint8_t *mask, int64_t bit)
 {
-    return mask[bit >> 3] >> (bit & 7) & 1;
+    return 0u - (uint32_t)(mask[bit >> 3] >> (bit & 7) & 1);
 }
 
 /* Entries [start, start + count) (count ≤ CHUNK), step by step: the deltas (made from the models,
@@ -186,8 +186,15 @@ CLONES static void mix_chunk(const Mix *m, Py_ssize_t start, int count, int inte
             if (m->mask[i]) {
                 const uint8_t *mask = m->mask[i];
                 int64_t first = m->mask_start[i] + start;
-                for (int j = 0; j < count; j++)
-                    delta[i][j] = mask_bit(mask, first + j) ? delta[i][j] : 0.0f;
+                if (!(first & 7) && !(count & 7))  /* (whole bytes: eight entries a byte, a loop that vectorizes) */
+                    for (int j = 0; j < count; j += 8) {
+                        uint32_t byte = mask[(first + j) >> 3];
+                        for (int t = 0; t < 8; t++)
+                            delta[i][j + t] = bits_float(float_bits(delta[i][j + t]) & (0u - (byte >> t & 1)));
+                    }
+                else
+                    for (int j = 0; j < count; j++)
+                        delta[i][j] = bits_float(float_bits(delta[i][j]) & keep_bits(mask, first + j));
             }
             if (m->keep[i]) {  /* (exact: τ or ±0, inf·0 a NaN, as torch's product) */
                 const uint8_t *keep = m->keep[i] + start;
