@@ -478,9 +478,9 @@ def test_matches_mergekit_bytes_on_tensors_big_enough_to_split(two_threads, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("n", [1, 16_383, 1 << 14, 3 * (1 << 14) + 5, 700_001])
-def test_l1_parts_do_not_depend_on_the_thread_count(two_threads, dtype, n):
-    """The L1 norms of the random methods' rescale: partial sums of |τ| over runs of ROW entries, each
-    one thread's serial sum, so 1 and 2 threads give the same floats, and their math.fsum is the norm."""
+def test_row_sums_do_not_depend_on_the_thread_count(two_threads, dtype, n):
+    """`row_sums` (the exact counts of `count_ones`): partial sums over runs of ROW entries, each one
+    thread's serial sum, so 1 and 2 threads give the same floats, and their math.fsum is the sum."""
     from plugins.merges._select import ROW, row_sums
 
     g = torch.Generator().manual_seed(n)

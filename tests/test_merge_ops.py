@@ -1077,6 +1077,12 @@ def test_the_c_mix_refuses_what_it_cannot_sum():
                         (((a,), a, "float16", out), "bfloat16 or float32")):
         with pytest.raises(ValueError, match=match):
             _mixing.native.variance(*args)
+    for args, match in (((a, a[:4], None, 0, "bfloat16"), "one length"), ((a, a, numpy.zeros(1, numpy.uint8), 1, "bfloat16"),
+                                                                           "bits holding them"),
+                        ((a, a, numpy.zeros(1, numpy.uint8), -1, "bfloat16"), "bits holding them"),
+                        ((a, a, None, 0, "float16"), "bfloat16 or float32")):
+        with pytest.raises(ValueError, match=match):
+            _mixing.native.l1(*args)
     squares = numpy.zeros(8, numpy.float32)
     for args, match in (((a, a, numpy.ones(7, bool), "bfloat16", squares), "one length"),
                         ((a, a[:4], None, "bfloat16", squares), "one length"),
@@ -1084,6 +1090,40 @@ def test_the_c_mix_refuses_what_it_cannot_sum():
                         ((a, a, None, "float64", squares), "bfloat16 or float32")):
         with pytest.raises(ValueError, match=match):
             _mixing.native.squares(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_l1_norms_are_the_exact_ones_rounded_on_either_path(dtype):
+    """The random methods' L1 rescale (`_sparsify.l1_factor`): ‖τ‖₁ and ‖m ⊙ τ‖₁ summed in float64 per block,
+    in C from the models and the drops' bits (`_mixing.l1_sums`, any bit offset) or by torch, within 2⁻³⁶
+    of the exact sums (math.fsum of the entries), so both paths give the same factor, bit for bit, on
+    values spread over e^±12 in blocks of 2¹⁷; inf and NaN give inf and NaN."""
+    from adaptkit_plugins.merges import _mixing
+    from adaptkit_plugins.merges._sparsify import l1_factor, masked, pack
+
+    if _mixing.native is None:
+        pytest.skip("_mix.c is not built here")
+    g = torch.Generator().manual_seed(13)
+    n, block, offset = 300_007, 1 << 17, 5
+    base = (torch.randn(n, generator=g) * 2).to(dtype)
+    model = (base.double() + torch.randn(n, generator=g).double() * torch.exp(torch.randn(n, generator=g) * 4)
+             ).to(dtype)
+    bits = pack((torch.rand(n + offset, generator=g) < 0.4).numpy())
+    ranges = [(s, min(s + block, n)) for s in range(0, n, block)]
+    for s, e in ranges:
+        got = _mixing.l1_sums(model[s:e], base[s:e], (bits, offset + s), dtype)
+        tau = torch.sub(model[s:e], base[s:e]).abs_()
+        kept = masked(tau.clone(), bits, offset + s)
+        exact = [math.fsum(t.double().tolist()) for t in (tau, kept)]
+        assert got[0] == pytest.approx(exact[0], rel=2.0 ** -36) and got[1] == pytest.approx(exact[1], rel=2.0 ** -36)
+    tau = lambda s, e: torch.sub(model[s:e], base[s:e])  # noqa: E731
+    prune = lambda s, magnitude: masked(magnitude, bits, offset + s)  # noqa: E731
+    factor = l1_factor(tau, ranges, prune, dtype, lambda s, e: _mixing.l1_sums(model[s:e], base[s:e], (bits, offset + s),
+                                                                             dtype))
+    assert factor == l1_factor(tau, ranges, prune, dtype) and 1.0 < factor < 10.0
+    model[[7, 200_000]] = torch.tensor([float("inf"), float("nan")], dtype=dtype)
+    sums = [_mixing.l1_sums(model[s:e], base[s:e], None, dtype) for s, e in ranges[:2]]
+    assert sums[0][0] == sums[0][1] == math.inf and math.isnan(sums[1][0]) and math.isnan(sums[1][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -36,7 +36,10 @@
  * copy, against 15 for the torch path (`_mixing.mix_block`).
  *
  * variance(models, base, dtype, out): SCE's per-entry variance of τᵢ = R(modelᵢ − base) (`sce.variance`).
- * squares(model, base, keep, dtype, out): SCE's R(R(τ·keep)²) into float32 `out` (keep: None or bytes). */
+ * squares(model, base, keep, dtype, out): SCE's R(R(τ·keep)²) into float32 `out` (keep: None or bytes).
+ * l1(model, base, bits, first, dtype): (Σ |τ|, Σ kept |τ|) of τ = R(model − base) as floats, summed in float64
+ *   in a fixed order (`_sparsify.l1_factor`); kept: the entries whose bit is set in `bits` from bit `first`
+ *   (None: all). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -555,6 +558,60 @@ static int dtype_size(const char *dtype)
     return 0;
 }
 
+
+/* The float64 sums of |τ| and of its kept entries over entries [start, start + count): four partial sums
+   each, entry j into sum j mod 4, added ((s₀ + s₁) + (s₂ + s₃)) by the caller */
+CLONES static void l1_chunk(const void *model, const void *base, const uint8_t *bits, int64_t first, Py_ssize_t start,
+                            int count, int bf16, double *all, double *kept)
+{
+    float tau[CHUNK];
+    uint32_t keep[CHUNK];
+    task_vector(tau, model, base, start, count, bf16);
+    for (int j = 0; j < count; j++)
+        tau[j] = fabsf(tau[j]);
+    for (int j = 0; j < count; j++)
+        keep[j] = bits ? keep_bits(bits, first + start + j) : ~0u;
+    for (int j = 0; j < count; j++) {
+        all[j & 3] += tau[j];
+        kept[j & 3] += bits_float(float_bits(tau[j]) & keep[j]);
+    }
+}
+
+static PyObject *l1_sums(PyObject *self, PyObject *args)
+{
+    Py_buffer model, base, bits = {0};
+    PyObject *bits_object;
+    Py_ssize_t first;
+    const char *dtype;
+    if (!PyArg_ParseTuple(args, "y*y*Ons", &model, &base, &bits_object, &first, &dtype))
+        return NULL;
+    int size = dtype_size(dtype), held = 0;
+    Py_ssize_t entries = model.len / (size ? size : 1);
+    PyObject *result = NULL;
+    if (size && bits_object != Py_None) {
+        if (PyObject_GetBuffer(bits_object, &bits, PyBUF_C_CONTIGUOUS) == 0)
+            held = 1;
+        else
+            size = 0;
+    }
+    if (size && (model.len % size || base.len != model.len || (held && (first < 0 || (first + entries + 7) / 8 > bits.len))))
+        PyErr_SetString(PyExc_ValueError, "l1: a model and base of one length, and bits holding them");
+    else if (size) {
+        double all[4] = {0}, kept[4] = {0};
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t start = 0; start < entries; start += CHUNK)
+            l1_chunk(model.buf, base.buf, held ? bits.buf : NULL, first, start,
+                     entries - start < CHUNK ? (int)(entries - start) : CHUNK, size == 2, all, kept);
+        Py_END_ALLOW_THREADS
+        result = Py_BuildValue("dd", (all[0] + all[1]) + (all[2] + all[3]), (kept[0] + kept[1]) + (kept[2] + kept[3]));
+    }
+    if (held)
+        PyBuffer_Release(&bits);
+    PyBuffer_Release(&model);
+    PyBuffer_Release(&base);
+    return result;
+}
+
 static PyObject *sce_variance(PyObject *self, PyObject *args)
 {
     PyObject *models;
@@ -627,6 +684,7 @@ static PyMethodDef methods[] = {
      "see _mix.c"},
     {"variance", sce_variance, METH_VARARGS, "variance(models, base, dtype, out): see _mix.c"},
     {"squares", sce_squares, METH_VARARGS, "squares(model, base, keep, dtype, out): see _mix.c"},
+    {"l1", l1_sums, METH_VARARGS, "l1(model, base, bits, first, dtype): see _mix.c"},
     {NULL, NULL, 0, NULL},
 };
 

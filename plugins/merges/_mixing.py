@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy
 import torch
 
 from ._base import INTERLEAVED, SEQUENTIAL_SUM_MAX, agreeing, as_bits, interleaved_tail, sign_flip, stacked_sum
@@ -135,3 +136,14 @@ def mix_models(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequen
     passes are SCE's own. False where that pass does not take them: the caller makes the τᵢ."""
     return _in_c(models, base, weights, consensus, normalize, scale, out, tuple(masks), tuple(factors))
 
+
+
+def l1_sums(model: torch.Tensor, base: torch.Tensor, drops, dtype: torch.dtype) -> tuple[float, float] | None:
+    """(Σ |τ|, Σ kept |τ|) in float64 of τ = R(model − base) over a block, in one C pass (`_sparsify.l1_factor`),
+    where `_mix` takes them and the drops are None or packed bits ((bits, the bit of the block's first entry):
+    DARE's); else None (nothing done)."""
+    if model.dtype != dtype or not _takes([model], base) or not (drops is None or (
+            len(drops) == 2 and isinstance(drops[0], numpy.ndarray))):
+        return None
+    bits, first = drops if drops is not None else (None, 0)
+    return native.l1(as_bits(model).numpy(), as_bits(base).numpy(), bits, first, str(dtype).removeprefix("torch."))

@@ -190,7 +190,8 @@ class Della(TaskArithmetic):
         if s.rescale == "l1":
             for i in range(len(tensors)):
                 if s.density[i] < 1:
-                    factors[i] = l1_factor(partial(task_vector, i), blocks, lambda a, b, i=i: magprune(i, b, a, keep_mask=True))
+                    factors[i] = l1_factor(partial(task_vector, i), blocks, lambda a, b, i=i: magprune(i, b, a, keep_mask=True),
+                                           dtype)
 
         def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
             deltas = [magprune(i, torch.sub(rows[i][start:stop].to(dtype), base_block), start) for i in range(len(tensors))]
