@@ -237,6 +237,31 @@ def test_della_replays_its_masks_from_bits_across_blocks(monkeypatch, width):
     assert kept[True].double().abs().sum().item() == pytest.approx(tau.double().abs().sum().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["della", "della_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_random_merges_give_the_same_bytes_with_or_without_the_c_passes(monkeypatch, name, dtype):
+    """DELLA's and DARE's L1 sums made in C from the models (`_mixing.l1_sums`, DELLA's bits drawn first)
+    and the C mix give the torch passes' bytes: the same draws, the same norms (float64 sums either way,
+    rounded once), over blocks of a few rows of a 3-d tensor (ranked along dim 1) and a matrix."""
+    from adaptkit_plugins.merges import _mixing, della
+
+    if _mixing.native is None:
+        pytest.skip("_mix.c is not built here")
+    monkeypatch.setattr(della, "BLOCK", 256)
+    for shape in ((6, 37, 21), (203, 50)):
+        tensors, base = make(shape)
+        tensors, base = [t.to(dtype) for t in tensors], base.to(dtype)
+        params = {"weight": [1.0, 0.5, 0.8], "density": [0.5, 0.3, 0.7], "rescale": True}
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(_mixing.native, "l1", lambda *a, f=_mixing.native.l1: calls.append(1) or f(*a))
+            ours = op(name).merge(tensors, base, generators=seeded(1, 2, 3), **params)
+        with monkeypatch.context() as patch:
+            patch.setattr(_mixing, "native", None)
+            theirs = op(name).merge(tensors, base, generators=seeded(1, 2, 3), **params)
+        assert calls and torch.equal(ours.contiguous().view(torch.uint8), theirs.contiguous().view(torch.uint8)), shape
+
+
 def test_della_is_deterministic_and_uses_only_its_generators():
     tensors, base = make()
     params = {"weight": [1.0, 0.5, 0.8], "density": 0.5, "epsilon": 0.2}

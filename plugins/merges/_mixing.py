@@ -141,9 +141,9 @@ def mix_models(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequen
 def l1_sums(model: torch.Tensor, base: torch.Tensor, drops, dtype: torch.dtype) -> tuple[float, float] | None:
     """(Σ |τ|, Σ kept |τ|) in float64 of τ = R(model − base) over a block, in one C pass (`_sparsify.l1_factor`),
     where `_mix` takes them and the drops are None or packed bits ((bits, the bit of the block's first entry):
-    DARE's); else None (nothing done)."""
-    if model.dtype != dtype or not _takes([model], base) or not (drops is None or (
+    DARE's; or a function giving such bits, called only then: DELLA's draws); else None (nothing done)."""
+    if model.dtype != dtype or not _takes([model], base) or not (drops is None or callable(drops) or (
             len(drops) == 2 and isinstance(drops[0], numpy.ndarray))):
         return None
-    bits, first = drops if drops is not None else (None, 0)
+    bits, first = (drops() if callable(drops) else drops) if drops is not None else (None, 0)
     return native.l1(as_bits(model).numpy(), as_bits(base).numpy(), bits, first, str(dtype).removeprefix("torch."))

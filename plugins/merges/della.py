@@ -38,6 +38,7 @@ import torch
 
 from ._base import frozen
 from ._draws import bit_generator, uniform32
+from ._mixing import l1_sums
 from ._sparsify import l1_factor, masked, pack
 from .task_arithmetic import BLOCK, TaskArithmetic
 
@@ -186,12 +187,20 @@ class Della(TaskArithmetic):
                 return tau.to(torch.promote_types(tau.dtype, torch.float32)).masked_fill_(~keep, 0).div_(p).to(dtype)
             return tau.masked_fill_(~keep, 0)
 
+        def drawn_sums(i: int, a: int, b: int):
+            """Both L1 sums of rows [a, b) in C from the models (`_mixing.l1_sums`), the block's bits drawn
+            first (`magprune` keeps them); None where C does not take the block (nothing drawn)."""
+            def drops() -> tuple[numpy.ndarray, int]:
+                magprune(i, task_vector(i, a, b).abs_(), a, keep_mask=True)
+                return masks[i], a * n
+            return l1_sums(rows[i][a:b], base_rows[a:b], drops, dtype)
+
         factors = [None] * len(tensors)
         if s.rescale == "l1":
             for i in range(len(tensors)):
                 if s.density[i] < 1:
                     factors[i] = l1_factor(partial(task_vector, i), blocks, lambda a, b, i=i: magprune(i, b, a, keep_mask=True),
-                                           dtype)
+                                           dtype, partial(drawn_sums, i))
 
         def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
             deltas = [magprune(i, torch.sub(rows[i][start:stop].to(dtype), base_block), start) for i in range(len(tensors))]
