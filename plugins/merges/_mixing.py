@@ -1,7 +1,7 @@
 """Task arithmetic's block step: the task vectors weighted, combined (summed, or TIES' sign-consensus
 mean), scaled and added to the base, with mergekit's roundings (not a plugin; used by the
-task-arithmetic family, DELLA and SCE, whose per-entry steps are here too). In one C pass (`_mix.c`) where the install built it, else in
-torch's passes; the tests hold the two to the same bytes."""
+task-arithmetic family, DELLA and SCE, whose other per-entry steps are here too). In one C pass
+(`_mix.c`) where the install built it, else in torch's passes; the tests hold the two to the same bytes."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -104,8 +104,8 @@ def _in_c(parts, base, weights, consensus, normalize, scale, out, *models) -> bo
 
 def variance(models: Sequence[torch.Tensor], base: torch.Tensor, out: torch.Tensor) -> bool:
     """SCE's variances (`sce.variance`) of τᵢ = R(modelᵢ − base), written into `out`, in one C pass where
-    `_mix` takes them (bf16, three inputs: ~1 ns an entry against ~10 for the task vectors and the float64
-    torch passes); False where not (nothing done)."""
+    `_mix` takes them (bf16, three inputs, one thread: ~2 ns an entry against ~10 for the task vectors and
+    the float64 torch passes); False where not (nothing done)."""
     if not _takes(models, out, base):
         return False
     native.variance(tuple(as_bits(m).numpy() for m in models), as_bits(base).numpy(),
@@ -135,7 +135,6 @@ def mix_models(base: torch.Tensor, models: Sequence[torch.Tensor], masks: Sequen
     `consensus` "sce": SCE's erase step (`_mix.c`; the drops a bool mask each), here only: its torch
     passes are SCE's own. False where that pass does not take them: the caller makes the τᵢ."""
     return _in_c(models, base, weights, consensus, normalize, scale, out, tuple(masks), tuple(factors))
-
 
 
 def l1_sums(model: torch.Tensor, base: torch.Tensor, drops, dtype: torch.dtype) -> tuple[float, float] | None:
