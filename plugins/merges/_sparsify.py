@@ -16,7 +16,7 @@ import torch
 from . import _introsort
 from ._base import as_bits
 from ._draws import Draws
-from ._select import block_ranges, top_cut
+from ._select import block_ranges, row_sums, top_cut
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -213,20 +213,27 @@ def held_bytes(sparsify: str | None, inputs: int, compute_size: int, tie_break: 
 def l1_factor(tau, ranges, prune, dtype: torch.dtype, sums=None) -> float | None:
     """mergekit's rescale, ‖τ‖₁ / ‖prune(τ)‖₁ in τ's dtype: the kept entries scaled so that their L1
     norm equals the unpruned one (None: no rescaling, where a norm rounds below 1e-7). `prune(start,
-    block)` prunes a block (in place or not), here given |τ|: the prunes keep by magnitude alone. The
-    norms are the exact ones rounded once to the dtype: each block's in float64, from the models in one
-    C pass where `sums(start, stop)` gives them (else None), else torch's float64 sums of |τ|, and the
-    blocks' added with math.fsum. A float64 sum of a block's 2¹⁷ entries is within 2⁻³⁶ of the exact one
-    (relative), far inside the dtype's rounding, so no CPU, thread count or path changes a norm.
-    (mergekit's whole-tensor sum in the dtype changes its last bits with torch's thread count; the float32
-    partial sums before changed theirs with torch's vectorized order; both passes over |τ| and the
-    pruned |τ| took a third of a DARE merge, measured.)"""
+    block)` prunes a block (in place or not), here given |τ|: the prunes keep by magnitude alone.
+    Two sums, each rounded once to the dtype:
+    - with `sums` (random drops: DARE's, DELLA's), the exact norms: each block's in float64, in one C pass
+      from the models where `sums(start, stop)` gives them (else None), else torch's float64 sums of |τ|;
+      a float64 sum of 2¹⁷ entries is within 2⁻³⁶ of the exact one (relative), far inside the dtype's
+      rounding, so no CPU, thread count or path changes a norm (both passes over |τ| and the pruned |τ| in
+      torch took a third of a DARE merge);
+    - without (magnitude drops, where mergekit's bytes are the target), `_select.row_sums`: torch's float32
+      sums of runs of 2¹⁴ entries, which are mergekit's whole-tensor sum for tensors up to 2¹⁴ entries, and
+      the same on any thread count (mergekit's changes its last bits with torch's thread count).
+    The blocks' sums are added with math.fsum."""
     before: list[float] = []
     after: list[float] = []
     for s, e in ranges:
         found = sums(s, e) if sums is not None else None
         if found is None:
             magnitude = tau(s, e).abs_()
+            if sums is None:
+                before += row_sums(magnitude)
+                after += row_sums(prune(s, magnitude))
+                continue
             found = float(magnitude.sum(dtype=torch.float64)), float(prune(s, magnitude).sum(dtype=torch.float64))
         before.append(found[0])
         after.append(found[1])

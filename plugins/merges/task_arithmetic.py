@@ -63,9 +63,8 @@ from ._mixing import l1_sums, mix_block, mix_models
 from ._select import block_ranges
 from ._sparsify import held_bytes, l1_factor, sparsifier
 
-# entries a block: its temporaries stay in a core's cache (2 MiB here) from one operation to the next
-# (TIES with tie_break: index, one thread, profiled: 2¹⁸ took 0.82 of the time of 2²⁰, 2¹⁷ 0.92 of
-# 2¹⁸'s, 2¹⁶ as 2¹⁷ with more calls)
+# entries a block: its temporaries stay in a core's cache (2 MiB here) from one operation to the next (TIES with
+# tie_break: index, one thread, profiled: 2¹⁸ took 0.82 of the time of 2²⁰, 2¹⁷ 0.92 of 2¹⁸'s, 2¹⁶ as 2¹⁷)
 BLOCK = 1 << 17
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers")
@@ -130,10 +129,11 @@ class TaskArithmetic(Operator):
         keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i], s.tie_break)
                  for i in range(len(tensors))]
         # scalars as Python floats of values rounded to the dtype: the same products as mergekit's tensors of the
-        # dtype, half the time (0.18 ns an entry against 0.34 for a 0-d tensor); the L1 sums in C where it can
+        # dtype, half the time (0.18 ns an entry against 0.34 for a 0-d tensor); random drops' exact L1 norms
         factors = [None if k is None or s.rescale is False else float(torch.tensor(1 / s.density[i], dtype=dtype))
-                   if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, k.apply, dtype, lambda a, b, i=i:
-                   l1_sums(flat[i][a:b], base_flat[a:b], keeps[i].drops(a, b - a, dtype), dtype)) for i, k in enumerate(keeps)]
+                   if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, k.apply, dtype, (lambda a, b, i=i: l1_sums(
+                       flat[i][a:b], base_flat[a:b], keeps[i].drops(a, b - a, dtype), dtype)) if k.method == "random" else None)
+                   for i, k in enumerate(keeps)]
 
         def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
             deltas = []
