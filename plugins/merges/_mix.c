@@ -548,6 +548,14 @@ static int get_buffers(PyObject *objects, Py_buffer *buffers, int most, Py_ssize
     return (int)n;
 }
 
+/* 1: `object`'s buffer got (release it), 0: it is None, -1: an error set */
+static int optional_buffer(PyObject *object, Py_buffer *buffer)
+{
+    if (object == Py_None)
+        return 0;
+    return PyObject_GetBuffer(object, buffer, PyBUF_C_CONTIGUOUS) == 0 ? 1 : -1;
+}
+
 static int dtype_size(const char *dtype)
 {
     if (strcmp(dtype, "bfloat16") == 0)
@@ -585,15 +593,11 @@ static PyObject *l1_sums(PyObject *self, PyObject *args)
     const char *dtype;
     if (!PyArg_ParseTuple(args, "y*y*Ons", &model, &base, &bits_object, &first, &dtype))
         return NULL;
-    int size = dtype_size(dtype), held = 0;
+    int size = dtype_size(dtype), held = size ? optional_buffer(bits_object, &bits) : 0;
     Py_ssize_t entries = model.len / (size ? size : 1);
     PyObject *result = NULL;
-    if (size && bits_object != Py_None) {
-        if (PyObject_GetBuffer(bits_object, &bits, PyBUF_C_CONTIGUOUS) == 0)
-            held = 1;
-        else
-            size = 0;
-    }
+    if (held < 0)
+        size = held = 0;
     if (size && (model.len % size || base.len != model.len || (held && (first < 0 || (first + entries + 7) / 8 > bits.len))))
         PyErr_SetString(PyExc_ValueError, "l1: a model and base of one length, and bits holding them");
     else if (size) {
@@ -650,15 +654,11 @@ static PyObject *sce_squares(PyObject *self, PyObject *args)
     Py_buffer model, base, keep = {0}, out;
     if (!PyArg_ParseTuple(args, "y*y*Osw*", &model, &base, &keep_object, &dtype, &out))
         return NULL;
-    int size = dtype_size(dtype), held = 0;
+    int size = dtype_size(dtype), held = size ? optional_buffer(keep_object, &keep) : 0;
     Py_ssize_t entries = model.len / (size ? size : 1);
     PyObject *result = NULL;
-    if (size && keep_object != Py_None) {
-        if (PyObject_GetBuffer(keep_object, &keep, PyBUF_C_CONTIGUOUS) == 0)
-            held = 1;
-        else
-            size = 0;
-    }
+    if (held < 0)
+        size = held = 0;
     if (size && (model.len % size || base.len != model.len || out.len != entries * 4 || (held && keep.len != entries)))
         PyErr_SetString(PyExc_ValueError, "squares: a model, base, keep mask and float32 out of one length");
     else if (size) {
