@@ -1,7 +1,8 @@
-/* Task arithmetic's block step (`_mixing.mix_block`: wᵢ·τᵢ, TIES' sign-consensus mean or a plain sum, λ,
- * the base) in one pass over the entries, with torch's roundings: the same bytes as the torch path,
- * which makes up to a dozen passes (products, stacked sums in float32, sign bits, relu, masks, a
- * division, λ, the base), each rounding to the dtype where it does.
+/* The task-vector methods' per-entry steps, each in one pass over the entries with torch's roundings (the
+ * same bytes as the torch path). Chief among them task arithmetic's block step (`_mixing.mix_block`: wᵢ·τᵢ,
+ * TIES' sign-consensus mean or a plain sum, λ, the base), where the torch path makes up to a dozen passes
+ * (products, stacked sums in float32, sign bits, relu, masks, a division, λ, the base), each rounding to
+ * the dtype where it does; then SCE's variances and squares and the random drops' L1 sums (at the end).
  * Optional: where this module is not built, the torch path runs; the tests hold the two equal.
  *
  * mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh[, masks, factors])
