@@ -84,13 +84,17 @@ def _takes(parts: Sequence[torch.Tensor], like: torch.Tensor, *others: torch.Ten
             for t in (*parts, *others))
 
 
+def _is_keep(keep: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether `_mix` takes `keep` as a bool mask over `like` (SCE's selection)."""
+    return keep.dtype == torch.bool and keep.shape == like.shape and keep.is_contiguous() and keep.device.type == "cpu"
+
+
 def _in_c(parts, base, weights, consensus, normalize, scale, out, *models) -> bool:
     """`_mix.mix` over the blocks (task vectors, or with `models` = (drops, factors) the models), where it
     takes them (`_takes`): TIES' sum rule, SCE's erase or none. False where not (nothing done)."""
     keeps = [m for m in (models[0] if models else ()) if isinstance(m, torch.Tensor)]  # (bool masks: SCE's)
     if consensus not in ("sum", "sce", None) or not _takes(parts, out, base) or not all(
-            k.dtype == torch.bool and k.shape == out.shape and k.is_contiguous() and k.device.type == "cpu"
-            for k in keeps):
+            _is_keep(k, out) for k in keeps):
         return False
     if keeps:
         models = tuple(m.numpy() if isinstance(m, torch.Tensor) else m for m in models[0]), models[1]
@@ -118,8 +122,7 @@ def squares(model: torch.Tensor, base: torch.Tensor, keep: torch.Tensor | None, 
     takes them (`keep`: a bool mask or None); False where not (nothing done)."""
     if out.dtype != torch.float32 or not _takes([model], base) or not (
             out.shape == base.shape and out.is_contiguous() and out.device.type == "cpu") or (
-            keep is not None and not (keep.dtype == torch.bool and keep.shape == base.shape and keep.is_contiguous()
-                                      and keep.device.type == "cpu")):
+            keep is not None and not _is_keep(keep, base)):
         return False
     native.squares(as_bits(model).numpy(), as_bits(base).numpy(), None if keep is None else keep.numpy(),
                    str(base.dtype).removeprefix("torch."), out.numpy())

@@ -224,18 +224,17 @@ def l1_factor(tau, ranges, prune, dtype: torch.dtype, sums=None) -> float | None
       sums of runs of 2¹⁴ entries, which are mergekit's whole-tensor sum for tensors up to 2¹⁴ entries, and
       the same on any thread count (mergekit's changes its last bits with torch's thread count).
     The blocks' sums are added with math.fsum."""
+    parts = row_sums if sums is None else lambda values: [float(values.sum(dtype=torch.float64))]
     before: list[float] = []
     after: list[float] = []
     for s, e in ranges:
         found = sums(s, e) if sums is not None else None
         if found is None:
             magnitude = tau(s, e).abs_()
-            if sums is None:
-                before += row_sums(magnitude)
-                after += row_sums(prune(s, magnitude))
-                continue
-            found = float(magnitude.sum(dtype=torch.float64)), float(prune(s, magnitude).sum(dtype=torch.float64))
-        before.append(found[0])
-        after.append(found[1])
+            found = parts(magnitude), parts(prune(s, magnitude))
+        else:
+            found = [found[0]], [found[1]]
+        before += found[0]
+        after += found[1]
     norms = [torch.tensor(math.fsum(parts), dtype=dtype) for parts in (before, after)]
     return None if norms[0] < 1e-7 or norms[1] < 1e-7 else float(norms[0] / norms[1])

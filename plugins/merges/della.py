@@ -166,22 +166,24 @@ class Della(TaskArithmetic):
         # as bytes in one buffer 196 MB at the 1B job's, measured).
         masks: dict[int, numpy.ndarray] = {}
 
-        def magprune(i: int, tau: torch.Tensor, start: int, keep_mask: bool = False) -> torch.Tensor:
+        def draw_bits(i: int, magnitude: torch.Tensor, start: int) -> numpy.ndarray:
+            """The draws for the rows from `start` of |τ| (the L1 pass), kept as bits in `masks[i]` for the
+            merge pass; those bits."""
+            keep = draw_keep(magnitude.cpu(), s.density[i], epsilon[i], bits[i])  # (numpy's ranks and draws)
+            if i not in masks:
+                masks[i] = numpy.empty((count * n + 7) // 8, dtype=numpy.uint8)
+            first = start * n // 8  # (exact: blocks of rows fill whole bytes)
+            packed = masks[i][first:first + (magnitude.numel() + 7) // 8] = pack(keep.numpy())
+            return packed
+
+        def magprune(i: int, tau: torch.Tensor, start: int) -> torch.Tensor:
             if s.density[i] >= 1:
                 return tau
-            if i in masks and not keep_mask:  # 0/1: the same values as τ·m rounded once
+            if i in masks:  # 0/1: the same values as τ·m rounded once
                 return masked(tau, masks[i], start * n)
             magnitude = tau.abs().cpu()  # (ranked and drawn by numpy, on the CPU whatever τ's device)
             order = rank_order(magnitude)  # (for the draws, and for p with `inverse`)
-            keep = draw_keep(magnitude, s.density[i], epsilon[i], bits[i], order)  # this input's draws only
-            if keep_mask:
-                if i not in masks:
-                    masks[i] = numpy.empty((count * n + 7) // 8, dtype=numpy.uint8)
-                first = start * n // 8  # (exact: blocks of rows fill whole bytes)
-                packed = masks[i][first:first + (tau.numel() + 7) // 8] = pack(keep.numpy())
-                if s.rescale != "inverse":
-                    return masked(tau, packed, 0)
-            keep = keep.to(tau.device)
+            keep = draw_keep(magnitude, s.density[i], epsilon[i], bits[i], order).to(tau.device)  # (its own draws)
             if s.rescale == "inverse":  # τ·m/p rounded once to the dtype (computed in float32, or float64)
                 p = keep_probabilities(magnitude, s.density[i], epsilon[i], order).to(tau.device)
                 return tau.to(torch.promote_types(tau.dtype, torch.float32)).masked_fill_(~keep, 0).div_(p).to(dtype)
@@ -189,9 +191,9 @@ class Della(TaskArithmetic):
 
         def drawn_sums(i: int, a: int, b: int):
             """Both L1 sums of rows [a, b) in C from the models (`_mixing.l1_sums`), the block's bits drawn
-            first (`magprune` keeps them); None where C does not take the block (nothing drawn)."""
+            first (`draw_bits`); None where C does not take the block (nothing drawn)."""
             def drops() -> tuple[numpy.ndarray, int]:
-                magprune(i, task_vector(i, a, b).abs_(), a, keep_mask=True)
+                draw_bits(i, task_vector(i, a, b).abs_(), a)
                 return masks[i], a * n
             return l1_sums(rows[i][a:b], base_rows[a:b], drops, dtype)
 
@@ -199,7 +201,7 @@ class Della(TaskArithmetic):
         if s.rescale == "l1":
             for i in range(len(tensors)):
                 if s.density[i] < 1:
-                    factors[i] = l1_factor(partial(task_vector, i), blocks, lambda a, b, i=i: magprune(i, b, a, keep_mask=True),
+                    factors[i] = l1_factor(partial(task_vector, i), blocks, lambda a, b, i=i: masked(b, draw_bits(i, b, a), 0),
                                            dtype, partial(drawn_sums, i))
 
         def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ def select_mask(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int,
 
 def select_keep(tvs: Callable[[int, int], torch.Tensor], blocks: list[tuple[int, int]], fraction: float,
                 dtype: torch.dtype, tie_break: str = "mergekit", device=None, models=None) -> torch.Tensor:
-    """`select_mask` as a bool mask or in `dtype`, whichever was made. Counted and picked as mergekit does;
+    """`select_mask` as a bool mask. Counted and picked as mergekit does;
     the variances (per position) over blocks `tvs(start, stop)` of the (N, n) task vectors. Of the
     positions whose variance equals the cut's, `tie_break` "mergekit" keeps those torch.topk keeps:
     for more than n/64 of them its std::nth_element, followed along its partitions (`_introsort`: the
@@ -84,7 +84,7 @@ def variance(rows: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 def _first_by_index(var: torch.Tensor, k: int) -> torch.Tensor:
     """The mask of the k largest variances, ties at the cut lowest index first, by blocks."""
     cut = top_cut(lambda s, e: var[s:e], var.numel(), k)  # variances are ≥ 0: |var| = var
-    mask = torch.empty_like(var)
+    mask = torch.empty(var.shape, dtype=torch.bool, device=var.device)
     for s, e in block_ranges(var.numel()):
         mask[s:e] = cut.mask(var[s:e], s)  # (the cut compares half-precision blocks as they are)
     return mask
@@ -180,16 +180,15 @@ class SelectCalculateErase(Operator):
         upcast = dtype in (torch.bfloat16, torch.float16) and base.device.type == "cpu"
         squares = torch.empty(base.numel(), dtype=torch.float32 if upcast else dtype, device=base.device)
         means = []
-        keep_bool = None if keep is None else keep.bool()  # (the C passes': no copy where it is bool)
         for row in inputs:
-            if not _mixing.squares(row[0], flat_base[0], keep_bool, squares):
+            if not _mixing.squares(row[0], flat_base[0], keep, squares):
                 for s, e in blocks:
                     squares[s:e] = masked(s, e, [row])[0].square_()
             means.append(row_mean(squares, len(inputs)))
         del squares
         weights = matrix_weights(torch.stack(means), dtype if upcast else None).view(-1, 1)
         out = torch.empty(base.numel(), dtype=weights.dtype, device=base.device)
-        if _mixing.mix_models(flat_base[0], models[0], [keep_bool] * len(inputs), [None] * len(inputs),
+        if _mixing.mix_models(flat_base[0], models[0], [keep] * len(inputs), [None] * len(inputs),
                               weights.view(-1), "sce", True, 1.0, out):
             return out.view(base.shape)
         scalars = weights.view(-1).tolist()

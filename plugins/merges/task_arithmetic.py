@@ -15,28 +15,25 @@ Parameter names and defaults are mergekit's (`weight`, `density`, `gamma`, `lamb
 `l1`) scales the kept values so that their L1 norm equals the unpruned one, as mergekit does.
 Additions and differences, on purpose:
 
-- `rescale: inverse` divides the kept values by `density` instead, as the DARE paper does (an
-  unbiased estimate of τ: E[τ'] = τ).
-- Magnitude selection keeps the entries mergekit's sort of |τ| keeps (`torch.argsort`, descending
-  for TIES, ascending for breadcrumbs) without sorting: torch's CPU sort is not stable, so where
-  entries of equal magnitude straddle the cut (in bf16 the rule: thousands of entries share each
-  magnitude) no position rule reproduces its choice, and its own partitions are followed down to the
-  cut instead (`_introsort`: linear time, a fourteenth of the sort's, 3 bytes an entry against its 18).
-  `tie_break: index` (an addition) keeps the tied entries lowest flat index first instead: an exact
-  radix select over blocks (bounded memory), the same result on every device (mergekit's own choice
-  differs between its CPU and CUDA sorts), and a merge that differs from mergekit's only in which of
-  equally large entries it keeps.
-- Everything runs over blocks of the flattened tensor (2¹⁷ entries: a block's temporaries stay in a
-  core's cache from one operation to the next), however big the tensor. Two passes at most: the
-  first finds the cut (or draws the masks, or sums the L1 norms), the second applies it and mixes, in
-  one C loop over the models' blocks where the install built it (`_mixing`, same bytes); which of the
-  entries tied at an `index` cut are kept is settled in the second (`_select.Cut`).
-- Bad values are errors: density outside (0, 1], gamma outside [0, 1). With `normalize`, a divisor
-  under 1e-8 (Σᵢ wᵢ; with sign consensus an entry's Σᵢ mᵢ·wᵢ, 0 there) counts as 1, as mergekit's:
-  weights summing to zero leave the sum undivided, with a warning. `int8_mask` changes no number
-  (mergekit's int8 sign mask gives the same comparisons) and is accepted. task_arithmetic has no
-  `density` or `rescale` (mergekit's takes them and reads neither: a recipe giving them gets a
-  warning, and every entry kept).
+- `rescale: inverse` divides the kept values by `density` instead, as the DARE paper does (unbiased: E[τ'] = τ).
+- Magnitude selection keeps the entries mergekit's sort of |τ| keeps (`torch.argsort`, descending for TIES,
+  ascending for breadcrumbs) without sorting: torch's CPU sort is not stable, so where entries of equal
+  magnitude straddle the cut (in bf16 the rule: thousands of entries share each magnitude) no position rule
+  reproduces its choice, and its own partitions are followed down to the cut instead (`_introsort`: linear
+  time, a fourteenth of the sort's, 3 bytes an entry against its 18). `tie_break: index` (an addition) keeps
+  the tied entries lowest flat index first instead: an exact radix select over blocks (bounded memory), the
+  same result on every device (mergekit's own choice differs between its CPU and CUDA sorts), and a merge that
+  differs from mergekit's only in which of equally large entries it keeps.
+- Everything runs over blocks of the flattened tensor (2¹⁷ entries: a block's temporaries stay in a core's
+  cache from one operation to the next), however big the tensor. Two passes at most: the first finds the cut
+  (or draws the masks, or sums the L1 norms), the second applies it and mixes, in one C loop over the models'
+  blocks where the install built it (`_mixing`, same bytes); which of the entries tied at an `index` cut are
+  kept is settled in the second (`_select.Cut`).
+- Bad values are errors: density outside (0, 1], gamma outside [0, 1). With `normalize`, a divisor under 1e-8
+  (Σᵢ wᵢ; with sign consensus an entry's Σᵢ mᵢ·wᵢ, 0 there) counts as 1, as mergekit's: weights summing to
+  zero leave the sum undivided, with a warning. `int8_mask` changes no number (mergekit's int8 sign mask
+  gives the same comparisons) and is accepted. task_arithmetic has no `density` or `rescale` (mergekit's
+  takes them and reads neither: a recipe giving them gets a warning, and every entry kept).
 
 Arithmetic and rounding are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`), so
 inputs in any compute dtype give its bytes: everything is computed in the compute dtype (the keyword
@@ -128,12 +125,15 @@ class TaskArithmetic(Operator):
 
         keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i], s.tie_break)
                  for i in range(len(tensors))]
-        # scalars as Python floats of values rounded to the dtype: the same products as mergekit's tensors of the
-        # dtype, half the time (0.18 ns an entry against 0.34 for a 0-d tensor); random drops' exact L1 norms
-        factors = [None if k is None or s.rescale is False else float(torch.tensor(1 / s.density[i], dtype=dtype))
-                   if s.rescale == "inverse" else l1_factor(task_vector(i), ranges, k.apply, dtype, (lambda a, b, i=i: l1_sums(
-                       flat[i][a:b], base_flat[a:b], keeps[i].drops(a, b - a, dtype), dtype)) if k.method == "random" else None)
-                   for i, k in enumerate(keeps)]
+
+        def rescale(i: int, keep) -> float | None:  # (a Python float of the dtype-rounded value: mergekit's
+            if keep is None or s.rescale is False:  # products, half the time of a 0-d tensor's)
+                return None
+            if s.rescale == "inverse":
+                return float(torch.tensor(1 / s.density[i], dtype=dtype))
+            return l1_factor(task_vector(i), ranges, keep.apply, dtype, None if keep.method != "random" else (
+                lambda a, b: l1_sums(flat[i][a:b], base_flat[a:b], keep.drops(a, b - a, dtype), dtype)))
+        factors = [rescale(i, k) for i, k in enumerate(keeps)]
 
         def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
             deltas = []
