@@ -161,6 +161,35 @@ static inline uint32_t keep_bits(const uint8_t *mask, int64_t bit)
     return 0u - (uint32_t)(mask[bit >> 3] >> (bit & 7) & 1);
 }
 
+/* τ = R(model − base) for entries [start, start + count) as floats */
+static ALWAYS_INLINE void task_vector(float *tau, const void *model, const void *base, Py_ssize_t start, int count,
+                                      int bf16)
+{
+    if (bf16) {
+        const uint16_t *t = (const uint16_t *)model + start, *b = (const uint16_t *)base + start;
+        for (int j = 0; j < count; j++)
+            tau[j] = from_bf16(to_bf16(from_bf16(t[j]) - from_bf16(b[j])));
+    } else {
+        const float *t = (const float *)model + start, *b = (const float *)base + start;
+        for (int j = 0; j < count; j++)
+            tau[j] = t[j] - b[j];
+    }
+}
+
+/* values[j] set to +0 where bit first + j of `bits` is 0 (ANDed in: no branch on the bit) */
+static ALWAYS_INLINE void drop_by_bits(float *values, const uint8_t *bits, int64_t first, int count)
+{
+    if (!(first & 7) && !(count & 7))  /* (whole bytes: eight entries a byte, a loop that vectorizes) */
+        for (int j = 0; j < count; j += 8) {
+            uint32_t byte = bits[(first + j) >> 3];
+            for (int t = 0; t < 8; t++)
+                values[j + t] = bits_float(float_bits(values[j + t]) & (0u - (byte >> t & 1)));
+        }
+    else
+        for (int j = 0; j < count; j++)
+            values[j] = bits_float(float_bits(values[j]) & keep_bits(bits, first + j));
+}
+
 /* Entries [start, start + count) (count ≤ CHUNK), step by step: the deltas (made from the models,
    weighted), the votes and their sign bits, the kept values and agreeing weights, their sums (`interleaved`:
    a stack's last entries), the quotient, the scale and base. */
@@ -170,36 +199,10 @@ CLONES static void mix_chunk(const Mix *m, Py_ssize_t start, int count, int inte
     uint32_t sign[CHUNK];
     int n = m->n, bf16 = m->bf16;
     for (int i = 0; i < n; i++) {
-        if (bf16) {
-            const uint16_t *d = (const uint16_t *)m->parts[i] + start;
-            for (int j = 0; j < count; j++)
-                delta[i][j] = bits_float((uint32_t)d[j] << 16);
-        } else {
-            memcpy(delta[i], (const float *)m->parts[i] + start, (size_t)count * sizeof(float));
-        }
         if (m->models) {  /* τᵢ from the model and the base, its mask, its factor */
-            if (bf16) {
-                const uint16_t *b = (const uint16_t *)m->base + start;
-                for (int j = 0; j < count; j++)
-                    delta[i][j] = from_bf16(to_bf16(delta[i][j] - bits_float((uint32_t)b[j] << 16)));
-            } else {
-                const float *b = (const float *)m->base + start;
-                for (int j = 0; j < count; j++)
-                    delta[i][j] -= b[j];
-            }
-            if (m->mask[i]) {
-                const uint8_t *mask = m->mask[i];
-                int64_t first = m->mask_start[i] + start;
-                if (!(first & 7) && !(count & 7))  /* (whole bytes: eight entries a byte, a loop that vectorizes) */
-                    for (int j = 0; j < count; j += 8) {
-                        uint32_t byte = mask[(first + j) >> 3];
-                        for (int t = 0; t < 8; t++)
-                            delta[i][j + t] = bits_float(float_bits(delta[i][j + t]) & (0u - (byte >> t & 1)));
-                    }
-                else
-                    for (int j = 0; j < count; j++)
-                        delta[i][j] = bits_float(float_bits(delta[i][j]) & keep_bits(mask, first + j));
-            }
+            task_vector(delta[i], m->parts[i], m->base, start, count, bf16);
+            if (m->mask[i])
+                drop_by_bits(delta[i], m->mask[i], m->mask_start[i] + start, count);
             if (m->keep[i]) {  /* (exact: τ or ±0, inf·0 a NaN, as torch's product) */
                 const uint8_t *keep = m->keep[i] + start;
                 for (int j = 0; j < count; j++)
@@ -230,6 +233,12 @@ CLONES static void mix_chunk(const Mix *m, Py_ssize_t start, int count, int inte
                     for (int j = 0; j < count; j++)
                         delta[i][j] = from_bf16(to_bf16(delta[i][j]));
             }
+        } else if (bf16) {
+            const uint16_t *d = (const uint16_t *)m->parts[i] + start;
+            for (int j = 0; j < count; j++)
+                delta[i][j] = bits_float((uint32_t)d[j] << 16);
+        } else {
+            memcpy(delta[i], (const float *)m->parts[i] + start, (size_t)count * sizeof(float));
         }
         if (m->weigh) {
             float w = m->weight[i];
@@ -459,21 +468,6 @@ done:
 }
 
 
-/* τ = R(model − base) for entries [start, start + count) as floats */
-static ALWAYS_INLINE void task_vector(float *tau, const void *model, const void *base, Py_ssize_t start, int count,
-                                      int bf16)
-{
-    if (bf16) {
-        const uint16_t *t = (const uint16_t *)model + start, *b = (const uint16_t *)base + start;
-        for (int j = 0; j < count; j++)
-            tau[j] = from_bf16(to_bf16(from_bf16(t[j]) - from_bf16(b[j])));
-    } else {
-        const float *t = (const float *)model + start, *b = (const float *)base + start;
-        for (int j = 0; j < count; j++)
-            tau[j] = t[j] - b[j];
-    }
-}
-
 /* SCE's variances (`sce.variance`, torch's CPU kernel's Welford updates in float64, one input after the
    other): mean₁ = τ₁, m2₁ = 0; δ = τᵢ − meanᵢ₋₁, meanᵢ = meanᵢ₋₁ + δ/i, m2ᵢ = m2ᵢ₋₁ + δ·(τᵢ − meanᵢ);
    var = m2ₙ/n, to float32, to the dtype. */
@@ -574,16 +568,15 @@ CLONES static void l1_chunk(const void *model, const void *base, const uint8_t *
                             int count, int bf16, double *all, double *kept)
 {
     float tau[CHUNK];
-    uint32_t keep[CHUNK];
     task_vector(tau, model, base, start, count, bf16);
     for (int j = 0; j < count; j++)
         tau[j] = fabsf(tau[j]);
     for (int j = 0; j < count; j++)
-        keep[j] = bits ? keep_bits(bits, first + start + j) : ~0u;
-    for (int j = 0; j < count; j++) {
         all[j & 3] += tau[j];
-        kept[j & 3] += bits_float(float_bits(tau[j]) & keep[j]);
-    }
+    if (bits)
+        drop_by_bits(tau, bits, first + start, count);
+    for (int j = 0; j < count; j++)
+        kept[j & 3] += tau[j];
 }
 
 static PyObject *l1_sums(PyObject *self, PyObject *args)
