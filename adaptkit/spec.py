@@ -36,8 +36,9 @@ class AdapterFiles:
     tensors by role (`lora_A`, `lora_B`, ...: the variant's `param_names`) as keys of `store`.
     `shared` holds tensors used by every module (a role -> key); `saved` holds full replacement
     tensors (PEFT's `modules_to_save`) by parameter path. `transposed` says which modules' base
-    weights are stored in × out (GPT-2 Conv1D): the format's guess, settled from the base model
-    (`files.lowrank.settle_layout`) wherever one is at hand.
+    weights are stored in × out (GPT-2 Conv1D, stacked experts marked `is_transposed`): the format's
+    guess, settled from the base model (`files.lowrank.settle_layout`) wherever one is at hand;
+    `settled` names the base's model_type it came from, so it holds for square weights too.
     """
 
     variant: str
@@ -48,6 +49,7 @@ class AdapterFiles:
     shared: dict[str, str] = field(default_factory=dict)
     saved: dict[str, str] = field(default_factory=dict)
     transposed: dict[str, bool] = field(default_factory=dict)
+    settled: str | None = None
 
     @property
     def base_model(self) -> str | None:

@@ -9,7 +9,8 @@ it, merge_and_unload); injected by adaptkit, saved, and read by PEFT; adaptkit w
 and PEFT loads it. The formulas are written out: ΔW = s·B·A
 on `in_proj_weight` (3E × E); PEFT's out_proj ΔW counted twice (its forward and merge both add it
 twice: huggingface/peft PR #3774); per expert ΔP[e] = s·B[:, e::E]·A[e·r:(e+1)·r] (transposed for
-`is_transposed`). What adaptkit cannot do is refused in one line naming it.
+`is_transposed`; square experts take the layout of the base's model_type, as gpt-oss's real layers do). What
+adaptkit cannot do is refused in one line naming it.
 """
 from __future__ import annotations
 
@@ -382,8 +383,8 @@ def test_parameter_adapter_has_no_adapter_output(tmp_path):
 
 
 def test_square_experts_load_live_as_peft(tmp_path):
-    """Square experts: a file does not say is_transposed (merges refuse it, below), but a live model does,
-    and PEFT reads it there too."""
+    """Square experts: a file does not say is_transposed (merges take it from the base's model_type, or refuse
+    it without one, below), but a live model does, and PEFT reads it there too."""
     torch.manual_seed(0)
     for transposed in (False, True):
         base = block(w=(3, 4, 4))
@@ -522,3 +523,62 @@ def test_stacked_expert_lora_merges_into_a_per_expert_checkpoint_as_peft(tmp_pat
         assert not torch.equal(theirs[f"model.layers.1.{name}"], base[f"model.layers.1.{name}"]), name  # (adapted)
     for name in theirs:
         assert rel(ours[name], theirs[name]) < REL, name
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "mixtral"])
+def test_square_experts_take_the_layout_of_the_base_models_type(kind, tmp_path):
+    """Square stacked experts (hidden = intermediate, so `down_proj` is E × d × d) do not show in their shapes
+    how PEFT saw them. The base's model_type does: gpt-oss stores its experts in × out (transformers marks them
+    `is_transposed`, and PEFT's ΔP[e] is (s·B_e·A_e)ᵀ), Mixtral out × in. Either merge equals PEFT's
+    merge_and_unload saved by transformers; without the model_type it is refused (test above)."""
+    import transformers
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "num_hidden_layers": 2, "vocab_size": 32, "num_local_experts": 3, "num_experts_per_tok": 2}
+    if kind == "gpt_oss":
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(head_dim=8, **shape))
+    else:
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**shape))
+    model.save_pretrained(tmp_path / "base")
+    model = type(model).from_pretrained(tmp_path / "base")
+    assert model.model.layers[0].mlp.experts.down_proj.shape[1:] == (16, 16)
+    assert getattr(model.model.layers[0].mlp.experts, "is_transposed", False) == (kind == "gpt_oss")
+    config = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj",
+                                                                           "mlp.experts.down_proj"],
+                        init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "lora")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft")
+    run_merge({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}", "parameters": {"weight": 1.0}}]}, tmp_path / "out",
+        progress=False)
+    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "peft" / "model.safetensors")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    down = [k for k in theirs if k.endswith(("down_proj", "w2.weight"))]
+    assert down and all(not torch.equal(theirs[k], base[k]) for k in down)  # (adapted)
+    for name in theirs:
+        assert rel(ours[name], theirs[name]) < REL, name
+    for name in down:  # the other layout would be wrong: the experts' ΔP transposed
+        delta = theirs[name] - base[name]
+        assert rel(base[name] + delta.transpose(-1, -2), theirs[name]) > 0.1
+
+
+def test_experts_that_contradict_the_base_models_type_are_refused(tmp_path):
+    """Experts whose LoRA factors fit only the layout the base's model_type does not store (PEFT saw them
+    `is_transposed`, the config says Mixtral): the type's table would be wrong, square experts with it too."""
+    torch.manual_seed(0)
+    model = MoE(transposed=True)
+    save_base(model, tmp_path / "base")
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=[], target_parameters=["experts.gate_up_proj"],
+                                                    r=2, init_lora_weights=False)).save_pretrained(tmp_path / "lora")
+    with pytest.raises(AdaptkitError) as err:
+        run_merge({"base_model": str(tmp_path / "base"), "merge_method": "task_arithmetic",
+                   "models": [{"model": str(tmp_path / "lora"), "parameters": {"weight": 1.0}}]}, tmp_path / "m",
+                  progress=False)
+    assert "experts.gate_up_proj: its LoRA factors do not fit experts stored out × in, as mixtral models" \
+        in str(err.value) and "\n" not in str(err.value)

@@ -136,15 +136,24 @@ def factor_product(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int | N
 #: there (their heads, e.g. `lm_head` or `score`, are `nn.Linear`).
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 CONV1D_LAYERS = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+#: transformers model types whose MoE blocks stack their experts in × out (E × in × out: marked
+#: `use_experts_implementation(is_transposed=True)`, the flag PEFT's `target_parameters` reads), and those
+#: stacked parameters' names in the block's `experts` module. Other stacked experts are E × out × in.
+TRANSPOSED_EXPERTS_MODELS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
+EXPERTS_PARAMETERS = frozenset({"gate_up_proj", "down_proj"})
 
 
 def stored_transposed(model_config: dict[str, Any] | None, module: str) -> bool | None:
-    """Whether the base model stores `module`'s weight in × out (a GPT-2 `Conv1D`), from its config.json's
-    model_type; None where the config names no model_type, so the layer types are unknown."""
+    """Whether the base model stores `module`'s weight in × out (a GPT-2 `Conv1D`, or a parameter of stacked
+    experts marked `is_transposed`), from its config.json's model_type; None where the config names no
+    model_type, so the layer types are unknown."""
     kind = (model_config or {}).get("model_type")
     if kind is None:
         return None
-    return kind in CONV1D_MODELS and module.rsplit(".", 1)[-1] in CONV1D_LAYERS
+    owner, _, name = module.rpartition(".")
+    if kind in TRANSPOSED_EXPERTS_MODELS:
+        return owner.rpartition(".")[2] == "experts" and name in EXPERTS_PARAMETERS
+    return kind in CONV1D_MODELS and name in CONV1D_LAYERS
 
 
 def settle_layout(variant: Any, adapter: spec.AdapterFiles, model_config: dict[str, Any] | None, where: Any,
@@ -154,10 +163,12 @@ def settle_layout(variant: Any, adapter: spec.AdapterFiles, model_config: dict[s
 
     A format's layout is a guess: PEFT saves one flag for all modules, the one it set at the last layer
     it adapted, so with Conv1D and Linear targets it is wrong for some (silently so on square layers).
-    The base's model_type tells Conv1D layers apart. Without one, a non-square weight tells by the shape
+    The base's model_type tells Conv1D layers (and stacked experts stored in × out) apart, square ones
+    included (`adapter.settled`). Without one, a non-square weight tells by the shape
     ΔW fits, and a square one is refused where the adapter holds Conv1D layers (it cannot be told)."""
     if (model_config or {}).get("model_type") is not None:
         adapter.transposed.update({m: bool(stored_transposed(model_config, m)) for m in adapter.modules})
+        adapter.settled = model_config["model_type"]
         return
     square = []
     for module in adapter.modules:

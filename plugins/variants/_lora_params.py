@@ -9,7 +9,9 @@ a live branch cannot hold (`refuse_live`); on a live model they run through `_lo
   expert e's columns at e, E+e, 2E+e, … (PEFT reshapes B to out × r × E). PEFT's default layout
   has in = d₂, out = d₁ and ΔP[e] = s·B_e·A_e; layers marked `is_transposed` have in = d₁,
   out = d₂ and ΔP[e] = (s·B_e·A_e)ᵀ. Which one a file holds shows in its shapes, except for square
-  experts (d₁ = d₂), which are refused. The scaling uses r, the config's rank (`r` /
+  experts (d₁ = d₂): those take the layout of the base model's type (`AdapterFiles.settled`, e.g.
+  gpt-oss's 2880 × 2880 `down_proj` is in × out) and are refused without one. A shape that fits only
+  the layout the type does not have is refused too: the type's table would be wrong. The scaling uses r, the config's rank (`r` /
   `rank_pattern` on the parameter's path), not A's E·r rows. Several parameters of one module are
   nested wrappers whose order the file does not record (the reader files them provisionally): each
   parameter takes the one wrapper of its module whose factors fit its tensor, and a tensor that
@@ -137,9 +139,17 @@ def _fitting(adapter, module: str, rank: int, shape: tuple[int, ...]):
                             f"{'; which is its own is unknown' if fitting else ''}")
     a, b = adapter.tensor(fitting[0], "lora_A"), adapter.tensor(fitting[0], "lora_B")
     plain, flipped = _fits(a.shape, b.shape, rank, shape)
+    if len(shape) == 3 and adapter.settled:  # the base model's type says how it stores its experts
+        flip = bool(adapter.transposed.get(module))
+        if not (flipped if flip else plain):
+            raise AdaptkitError(f"{module}: its LoRA factors do not fit experts stored "
+                                f"{'in × out (is_transposed)' if flip else 'out × in'}, as {adapter.settled} models "
+                                "store them; not supported")
+        return a, b, not flip
     if plain and flipped:
         raise AdaptkitError(f"{module}: square experts ({shape[1]} × {shape[2]}): the file does not say "
-                            "whether PEFT saw them transposed (is_transposed); not supported")
+                            "whether PEFT saw them transposed (is_transposed), and the base model's config.json "
+                            "names no model_type that would; not supported")
     return a, b, plain
 
 
