@@ -262,6 +262,35 @@ def test_random_merges_give_the_same_bytes_with_or_without_the_c_passes(monkeypa
         assert calls and torch.equal(ours.contiguous().view(torch.uint8), theirs.contiguous().view(torch.uint8)), shape
 
 
+@pytest.mark.parametrize("name, params", [
+    ("ties", {"density": [0.5, 0.3, 0.7, 0.5, 0.9]}),
+    ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05, "rescale": True}),
+    ("della", {"density": 0.5, "epsilon": 0.2, "rescale": True}),
+])
+def test_one_c_call_for_the_whole_tensor_gives_the_blocks_bytes(monkeypatch, name, params):
+    """Where no drop is drawn block by block (magnitude cuts; DELLA's bits, drawn in its L1 pass), the C mix
+    takes the whole tensor in one call: the same bytes as the torch passes block by block, five inputs (so a
+    stack's last entries are summed interleaved, `_base.interleaved_tail`) over blocks of 256 entries and a
+    tensor whose size is no multiple of them."""
+    from adaptkit_plugins.merges import _mixing, della, task_arithmetic
+
+    if _mixing.native is None:
+        pytest.skip("_mix.c is not built here")
+    monkeypatch.setattr(task_arithmetic, "BLOCK", 256)
+    monkeypatch.setattr(della, "BLOCK", 256)
+    tensors, base = make((37, 61), count=5)
+    tensors, base = [t.bfloat16() for t in tensors], base.bfloat16()
+    params = {"weight": [1.0, 0.5, 0.8, -0.3, 0.6], **params}
+    calls = []
+    with monkeypatch.context() as patch:
+        patch.setattr(_mixing.native, "mix", lambda *a, f=_mixing.native.mix: calls.append(a[7].size) or f(*a))
+        ours = op(name).merge(tensors, base, generators=seeded(1, 2, 3, 4, 5), **params)
+    with monkeypatch.context() as patch:
+        patch.setattr(_mixing, "native", None)
+        theirs = op(name).merge(tensors, base, generators=seeded(1, 2, 3, 4, 5), **params)
+    assert calls == [37 * 61] and torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+
+
 def test_della_is_deterministic_and_uses_only_its_generators():
     tensors, base = make()
     params = {"weight": [1.0, 0.5, 0.8], "density": 0.5, "epsilon": 0.2}

@@ -219,7 +219,7 @@ class Della(TaskArithmetic):
 
         out = torch.empty(base_rows.shape, dtype=dtype, device=base.device)
         self.mix(blocks, lambda a, b: base_rows[a:b].to(dtype), deltas_at, s,
-                 torch.tensor(s.weight, dtype=dtype, device=base.device), out, models_at)
+                 torch.tensor(s.weight, dtype=dtype, device=base.device), out, models_at, base_rows.dtype == dtype)
         return from_rows(out, base.shape)
 
     def epsilons(self, values: Sequence[Any], density: Sequence[float]) -> list[float]:

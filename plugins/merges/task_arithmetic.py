@@ -17,33 +17,31 @@ Additions and differences, on purpose:
 
 - `rescale: inverse` divides the kept values by `density` instead, as the DARE paper does (unbiased: E[τ'] = τ).
 - Magnitude selection keeps the entries mergekit's sort of |τ| keeps (`torch.argsort`, descending for TIES,
-  ascending for breadcrumbs) without sorting: torch's CPU sort is not stable, so where entries of equal
-  magnitude straddle the cut (in bf16 the rule: thousands of entries share each magnitude) no position rule
-  reproduces its choice, and its own partitions are followed down to the cut instead (`_introsort`: linear
-  time, a fourteenth of the sort's, 3 bytes an entry against its 18). `tie_break: index` (an addition) keeps
-  the tied entries lowest flat index first instead: an exact radix select over blocks (bounded memory), the
-  same result on every device (mergekit's own choice differs between its CPU and CUDA sorts), and a merge that
-  differs from mergekit's only in which of equally large entries it keeps.
+  ascending for breadcrumbs) without sorting: torch's CPU sort is not stable, so where entries of equal magnitude
+  straddle the cut (in bf16 the rule: thousands of entries share each magnitude) no position rule reproduces its
+  choice, and its own partitions are followed down to the cut instead (`_introsort`: linear time, a fourteenth of
+  the sort's, 3 bytes an entry against its 18). `tie_break: index` (an addition) keeps the tied entries lowest
+  flat index first instead: an exact radix select over blocks (bounded memory), the same result on every device
+  (mergekit's own choice differs between its CPU and CUDA sorts), and a merge that differs from mergekit's only in
+  which of equally large entries it keeps.
 - Everything runs over blocks of the flattened tensor (2¹⁷ entries: a block's temporaries stay in a core's
-  cache from one operation to the next), however big the tensor. Two passes at most: the first finds the cut
-  (or draws the masks, or sums the L1 norms), the second applies it and mixes, in one C loop over the models'
-  blocks where the install built it (`_mixing`, same bytes); which of the entries tied at an `index` cut are
-  kept is settled in the second (`_select.Cut`).
+  cache), however big the tensor. Two passes at most: the first finds the cut (or draws the masks, or sums the L1
+  norms), the second applies it and mixes, in one C loop over the models where the install built it (`_mixing`,
+  same bytes); which entries tied at an `index` cut are kept is settled in the second (`_select.Cut`).
 - Bad values are errors: density outside (0, 1], gamma outside [0, 1). With `normalize`, a divisor under 1e-8
-  (Σᵢ wᵢ; with sign consensus an entry's Σᵢ mᵢ·wᵢ, 0 there) counts as 1, as mergekit's: weights summing to
-  zero leave the sum undivided, with a warning. `int8_mask` changes no number (mergekit's int8 sign mask
-  gives the same comparisons) and is accepted. task_arithmetic has no `density` or `rescale` (mergekit's
-  takes them and reads neither: a recipe giving them gets a warning, and every entry kept).
+  (Σᵢ wᵢ; with sign consensus an entry's Σᵢ mᵢ·wᵢ, 0 there) counts as 1, as mergekit's: weights summing to zero
+  leave the sum undivided, with a warning. `int8_mask` changes no number (mergekit's int8 sign mask gives the
+  same comparisons) and is accepted. task_arithmetic has no `density` or `rescale` (mergekit's takes them and
+  reads neither: a recipe giving them gets a warning, and every entry kept).
 
-Arithmetic and rounding are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`), so
-inputs in any compute dtype give its bytes: everything is computed in the compute dtype (the keyword
-`dtype`, default the inputs' promoted dtype; the engine passes the recipe's), in its order: τᵢ rounded,
-masked, rescaled (the L1 norms of the whole tensor rounded to the dtype, summed so that any thread
-count gives the same: `_sparsify.l1_factor`), multiplied by wᵢ rounded to the dtype; the elected sign
-is that of the rounded Σⱼ δⱼ (≥ 0 elects +), Σᵢ mᵢ·δᵢ and Σᵢ mᵢ·wᵢ are sums over the stacked inputs,
-then ÷, ·λ (skipped for λ = 1) and θ₀ + δ each round. Kept counts are mergekit's: max(1, int(density·n))
-for magnitude, int(density·n) between the int(γ·n) largest dropped and the smallest for breadcrumbs
-(0.29·100 keeps 28, as mergekit).
+Arithmetic and rounding are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`), so inputs in any
+compute dtype give its bytes: everything is computed in the compute dtype (the keyword `dtype`, default the
+inputs' promoted dtype; the engine passes the recipe's), in its order: τᵢ rounded, masked, rescaled (the L1 norms
+of the whole tensor rounded to the dtype, summed so that any thread count gives the same: `_sparsify.l1_factor`),
+multiplied by wᵢ rounded to the dtype; the elected sign is that of the rounded Σⱼ δⱼ (≥ 0 elects +), Σᵢ mᵢ·δᵢ and
+Σᵢ mᵢ·wᵢ are sums over the stacked inputs, then ÷, ·λ (skipped for λ = 1) and θ₀ + δ each round. Kept counts are
+mergekit's: max(1, int(density·n)) for magnitude, int(density·n) between the int(γ·n) largest dropped and the
+smallest for breadcrumbs (0.29·100 keeps 28, as mergekit).
 """
 from __future__ import annotations
 
@@ -136,28 +134,30 @@ class TaskArithmetic(Operator):
         factors = [rescale(i, k) for i, k in enumerate(keeps)]
 
         def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
-            deltas = []
-            for i, (keep, factor) in enumerate(zip(keeps, factors)):
-                delta = torch.sub(flat[i][start:stop].to(dtype), base_block)
-                if keep is not None:
-                    delta = keep.apply(start, delta)
-                deltas.append(delta if factor is None else delta.mul_(factor))
-            return deltas
+            deltas = [torch.sub(f[start:stop].to(dtype), base_block) for f in flat]
+            deltas = [d if keep is None else keep.apply(start, d) for d, keep in zip(deltas, keeps)]
+            return [d if factor is None else d.mul_(factor) for d, factor in zip(deltas, factors)]
 
         def models_at(start: int, stop: int):  # (for `mix_models`; None where a drop is no mask or a dtype differs)
             masks = [None if keep is None else keep.drops(start, stop - start, dtype) for keep in keeps]
             ok = all(m is not None or k is None for m, k in zip(masks, keeps)) and all(f.dtype == dtype for f in flat)
             return ([f[start:stop] for f in flat], masks, factors) if ok else None
 
-        out = torch.empty_like(base_flat, dtype=dtype)  # blocks: temporaries stay small whatever the size
-        weights = torch.tensor(s.weight, dtype=dtype, device=base.device)
-        self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, weights, out, models_at)
+        out, weights = torch.empty_like(base_flat, dtype=dtype), torch.tensor(s.weight, dtype=dtype, device=base.device)
+        whole = base_flat.dtype == dtype and not any(keep is not None and keep.draws for keep in keeps)
+        self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, weights, out, models_at, whole)
         return out.view(base.shape)
 
     def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor,
-            models_at=None) -> None:
-        """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order): `deltas_at(a, b, base block)`
-        gives the τᵢ there, sparsified and rescaled; `models_at(a, b)` the models, drops, factors (or None)."""
+            models_at=None, whole: bool = False) -> None:
+        """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order): `deltas_at(a, b, base block)` gives
+        the τᵢ there, sparsified and rescaled; `models_at(a, b)` the models, drops, factors (or None). `whole` (no drops
+        drawn by block, the base in the dtype): all blocks in one `mix_models` call where it can (one a block: a sixth
+        of a TIES merge in Python steps)."""
+        first, last = blocks[0][0], blocks[-1][1]
+        if whole and models_at and (found := models_at(first, last)) is not None and mix_models(
+                base_at(first, last), *found, weights, self.consensus, s.normalize, s.scale, out[first:last]):
+            return
         for start, stop in blocks:
             base_block, found = base_at(start, stop), models_at(start, stop) if models_at else None
             if found is None or not mix_models(base_block, *found, weights, self.consensus, s.normalize, s.scale,
