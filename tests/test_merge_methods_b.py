@@ -65,7 +65,7 @@ def magprune_probabilities(tau, density, epsilon):
 
 
 def test_keep_probabilities_by_hand():
-    from adaptkit_plugins.merges.della import keep_probabilities
+    from adaptkit_plugins.merges._magprune import keep_probabilities
 
     magnitude = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.5, 0.25, 4.0, 1.0]])
     # ranks [3, 0, 1, 2] (the tie at 2.0 by position) and [1, 0, 3, 2]; p = 0.4 + 0.2·rank/3
@@ -79,7 +79,7 @@ def test_rank_order_is_the_stable_argsort(dtype):
     """16-bit magnitudes are ranked by numpy's radix sort of their bit patterns, wider ones by torch's
     sort of theirs: either way each row's stable argsort of the values, ties (many here) by position,
     zeros, subnormals and infinities included."""
-    from adaptkit_plugins.merges.della import rank_order
+    from adaptkit_plugins.merges._magprune import rank_order
 
     g = torch.Generator().manual_seed(5)
     values = torch.randint(-40, 40, (37, 300), generator=g).to(dtype) / 8
@@ -92,7 +92,7 @@ def test_rank_order_is_the_stable_argsort(dtype):
 
 def test_rank_order_of_long_rows():
     """Rows longer than 2¹⁶ (16-bit patterns with 32-bit columns) rank as the stable argsort too."""
-    from adaptkit_plugins.merges.della import rank_order
+    from adaptkit_plugins.merges._magprune import rank_order
 
     values = torch.randint(0, 50, (2, 70_001), generator=torch.Generator().manual_seed(6)).bfloat16().div_(4)
     assert torch.equal(rank_order(values), torch.argsort(values.double(), dim=1, stable=True))
@@ -103,7 +103,7 @@ def test_draw_keep_compares_rank_ordered_draws_with_the_ramp():
     order, is below its keep probability p: k < ⌈p·2³²⌉. Written out entry by entry, then the kept
     fraction of each rank against p over many rows."""
     from adaptkit_plugins.merges._draws import uniform32
-    from adaptkit_plugins.merges.della import draw_keep
+    from adaptkit_plugins.merges._magprune import draw_keep
 
     magnitude = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.5, 0.25, 4.0, 1.0]])  # ranks [3, 0, 1, 2], [1, 0, 3, 2]
     k = uniform32(numpy.random.SFC64(7), 8).reshape(2, 4).astype(numpy.int64)
@@ -116,6 +116,33 @@ def test_draw_keep_compares_rank_ordered_draws_with_the_ramp():
     keep = draw_keep(rows, 0.5, 0.3, numpy.random.SFC64(9))
     by_rank = keep.gather(1, torch.argsort(rows, dim=1)).float().mean(dim=0)  # each rank's kept fraction
     assert_close(by_rank, torch.tensor([0.2, 0.35, 0.5, 0.65, 0.8]), atol=0.015, rtol=0)  # (σ ≤ 0.0036)
+
+
+@pytest.mark.parametrize("dtype, shape", [(torch.bfloat16, (37, 301)), (torch.float32, (5, 203)),
+                                          (torch.bfloat16, (2, 70_001))], ids=["bf16", "float32", "long-rows"])
+def test_draws_packed_in_c_are_draw_keeps_mask(monkeypatch, dtype, shape):
+    """`draw_packed`: the same draws compared, put in place and packed in one C pass (`_mix.c`'s `ranked`) as
+    numpy's compare, torch's scatter and numpy's packbits give them: 32-bit keys (16-bit patterns, rows up to
+    2¹⁶), 64-bit ones (float32, longer rows), ties by position and a bit count that fills no whole byte; and
+    bad buffers refused by name."""
+    from adaptkit_plugins.merges import _magprune, _mixing
+    from adaptkit_plugins.merges._sparsify import pack
+
+    if _mixing.native is None:
+        pytest.skip("_mix.c is not built here")
+    g = torch.Generator().manual_seed(3)
+    magnitude = torch.randint(0, 60, shape, generator=g).to(dtype).div_(8)
+    ours = numpy.full((magnitude.numel() + 7) // 8, 0xA5, dtype=numpy.uint8)  # (stale bits: all overwritten)
+    _magprune.draw_packed(magnitude, 0.4, 0.2, numpy.random.SFC64(4), ours)
+    theirs = pack(_magprune.draw_keep(magnitude, 0.4, 0.2, numpy.random.SFC64(4)).numpy())
+    assert numpy.array_equal(ours, theirs) and 0.3 < numpy.unpackbits(ours).mean() < 0.5
+    keys, draws = _magprune.rank_keys(magnitude), numpy.zeros(shape, dtype=numpy.uint32)
+    limits = _magprune.thresholds(shape[1], 0.4, 0.2)
+    for bad in ((keys[:-1], draws, limits, ours), (keys, draws.astype(numpy.int64), limits, ours),
+                (keys, draws, limits[:-1], ours), (keys, draws, limits, ours[:-1]), (keys.astype(numpy.int16), draws,
+                                                                                     limits, ours)):
+        with pytest.raises(ValueError, match="ranked: rows × n int32 or int64 keys"):
+            _mixing.native.ranked(*bad)
 
 
 def della_masks(tensors, base, dens, eps, seeds):
@@ -173,7 +200,7 @@ DELLA_PEER = [
 def test_della_matches_mergekit_given_the_same_draws(monkeypatch, name, shape, params):
     """mergekit draws its masks with torch.bernoulli(p) from the global generator; handed our draws
     instead, it must get our keep probabilities and give our merge (`rescale: true` in both)."""
-    from adaptkit_plugins.merges.della import keep_probabilities
+    from adaptkit_plugins.merges._magprune import keep_probabilities
 
     tensors, base = make(shape)
     count = len(tensors)
@@ -319,7 +346,7 @@ def test_della_computes_in_the_compute_dtype():
 @pytest.mark.parametrize("rescale", [False, "inverse"])
 def test_della_keeps_float64_task_vectors_float64(rescale):
     """In float64 a kept entry is τ (or τ/p) to float64's precision, not rounded through float32."""
-    from adaptkit_plugins.merges.della import keep_probabilities
+    from adaptkit_plugins.merges._magprune import keep_probabilities
 
     tensors, base = make((30, 40), count=1)
     tensors, base = [tensors[0].double() + 1e-12], base.double()

@@ -40,7 +40,12 @@
  * squares(model, base, keep, dtype, out): SCE's R(R(τ·keep)²) into float32 `out` (keep: None or bytes).
  * l1(model, base, bits, first, dtype): (Σ |τ|, Σ kept |τ|) of τ = R(model − base) as floats, summed in float64
  *   in a fixed order (`_sparsify.l1_factor`); kept: the entries whose bit is set in `bits` from bit `first`
- *   (None: all). */
+ *   (None: all).
+ * ranked(keys, draws, thresholds, out): DELLA's drops put in place (`_magprune.draw_keep`) as packed little-order bits:
+ *   keys (rows × n, int32 or int64), each row sorted ascending, a magnitude's bit pattern·2ᵏ + its column (k = 16 or
+ *   32); draws (rows × n uint32) in rank order; thresholds (n uint32). Bit r·n + column of `out` is set where row r's
+ *   draw at the column's rank k is below thresholds[k]: numpy's compare, torch's scatter of the mask to the columns
+ *   and numpy's packbits in one pass. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -672,6 +677,40 @@ static PyObject *sce_squares(PyObject *self, PyObject *args)
     return result;
 }
 
+static PyObject *ranked_bits(PyObject *self, PyObject *args)
+{
+    Py_buffer keys, draws, thresholds, out;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*", &keys, &draws, &thresholds, &out))
+        return NULL;
+    Py_ssize_t n = thresholds.len / 4, size = keys.itemsize, entries = draws.len / 4;
+    PyObject *result = NULL;
+    if ((size != 4 && size != 8) || draws.itemsize != 4 || thresholds.itemsize != 4 || !n || keys.len != entries * size
+        || entries % n || out.len != (entries + 7) / 8 || (size == 4 && n > 65536))
+        PyErr_SetString(PyExc_ValueError, "ranked: rows × n int32 or int64 keys (int32: n ≤ 65536), as many uint32 "
+                                          "draws, n uint32 thresholds and the bits of rows × n entries");
+    else {
+        const uint32_t *d = draws.buf, *t = thresholds.buf;
+        uint8_t *bits = out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        memset(bits, 0, (size_t)out.len);
+        for (Py_ssize_t row = 0; row < entries; row += n)
+            for (Py_ssize_t k = 0; k < n; k++) {
+                uint64_t column = size == 4 ? ((const uint32_t *)keys.buf)[row + k] & 0xFFFFu
+                                            : ((const uint64_t *)keys.buf)[row + k] & 0xFFFFFFFFu;
+                Py_ssize_t at = row + (Py_ssize_t)column;
+                bits[at >> 3] |= (uint8_t)((d[row + k] < t[k]) << (at & 7));
+            }
+        Py_END_ALLOW_THREADS
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&draws);
+    PyBuffer_Release(&thresholds);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"mix", mix_blocks, METH_VARARGS,
      "mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh[, masks, factors]): "
@@ -679,6 +718,7 @@ static PyMethodDef methods[] = {
     {"variance", sce_variance, METH_VARARGS, "variance(models, base, dtype, out): see _mix.c"},
     {"squares", sce_squares, METH_VARARGS, "squares(model, base, keep, dtype, out): see _mix.c"},
     {"l1", l1_sums, METH_VARARGS, "l1(model, base, bits, first, dtype): see _mix.c"},
+    {"ranked", ranked_bits, METH_VARARGS, "ranked(keys, draws, thresholds, out): see _mix.c"},
     {NULL, NULL, 0, NULL},
 };
 

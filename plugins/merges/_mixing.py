@@ -149,3 +149,12 @@ def l1_sums(model: torch.Tensor, base: torch.Tensor, drops, dtype: torch.dtype) 
         return None
     bits, first = (drops() if callable(drops) else drops) if drops is not None else (None, 0)
     return native.l1(as_bits(model).numpy(), as_bits(base).numpy(), bits, first, str(dtype).removeprefix("torch."))
+
+
+def ranked_bits(keys: numpy.ndarray, draws: numpy.ndarray, thresholds: numpy.ndarray, out: numpy.ndarray) -> bool:
+    """DELLA's drops put in place as packed bits in one C pass (`_mix.c`'s `ranked`: the rows' sorted keys, the
+    draws in rank order, the ramp's thresholds), where `_mix` is built; False where not (nothing done)."""
+    if native is None:
+        return False
+    native.ranked(keys, draws, thresholds, out)
+    return True

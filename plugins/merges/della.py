@@ -20,14 +20,13 @@ density ± ε inside (0, 1), as in mergekit; density 1 keeps the task vector who
 entry, whose rank range is empty (mergekit divides 0 by 0 there), is kept with probability `density`.
 Arithmetic as the family's: in the compute dtype (`dtype`), except that keep probabilities are float32
 (mergekit's), compared with 32-bit random integers (numpy's SFC64, seeded from the input's torch
-generator: `draw_keep`), and τ·m/p is rounded once; random either way, so mergekit's bytes are not a
+generator: `_magprune.draw_keep`), and τ·m/p is rounded once; random either way, so mergekit's bytes are not a
 target: its keep probabilities are (the tests hand mergekit our draws and get our merge).
 Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
 Sampling", arXiv 2406.11617.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from functools import partial, reduce
@@ -37,9 +36,10 @@ import numpy
 import torch
 
 from ._base import frozen
-from ._draws import bit_generator, uniform32
+from ._draws import bit_generator
+from ._magprune import draw_keep, draw_packed, keep_probabilities, rank_order
 from ._mixing import l1_sums
-from ._sparsify import l1_factor, masked, pack
+from ._sparsify import l1_factor, masked
 from .task_arithmetic import BLOCK, TaskArithmetic
 
 
@@ -57,69 +57,6 @@ def from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return rows.reshape(shape)
     moved = (*shape[:1], *shape[2:], shape[1])
     return rows.reshape(moved).movedim(-1, 1)
-
-
-def ramp(n: int, density: float, epsilon: float) -> torch.Tensor:
-    """The keep probability of each rank 0 … n − 1 of a row of n (float32, as mergekit computes it)."""
-    if n == 1:
-        return torch.full((1,), density, dtype=torch.float32)
-    return torch.arange(n, dtype=torch.float32).div_(n - 1).mul_(2 * epsilon).add_(density - epsilon)
-
-
-def keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float,
-                       order: torch.Tensor | None = None) -> torch.Tensor:
-    """pⱼ (float32) of each entry of rows of |τ| (R × n, in τ's dtype, ranked in it as mergekit ranks):
-    from density − ε for the smallest of a row to density + ε for its largest, linear in the rank;
-    equal magnitudes ranked by position. `order`: the rows' `rank_order`, where already known."""
-    rows, n = magnitude.shape
-    order = rank_order(magnitude) if order is None else order
-    return torch.empty(magnitude.shape, dtype=torch.float32).scatter_(1, order, ramp(n, density, epsilon).expand(rows, n))
-
-
-def draw_keep(magnitude: torch.Tensor, density: float, epsilon: float, bits: numpy.random.SFC64,
-              order: torch.Tensor | None = None) -> torch.Tensor:
-    """MagPrune's mask (R × n, bool): entry j kept where Uⱼ < pⱼ, U uniform on multiples of 2⁻³² in [0, 1)
-    (32 bits of `bits`), so P(keep) = ⌈pⱼ·2³²⌉/2³² for the float32 pⱼ of `keep_probabilities`.
-    The draws are made in rank order, the k-th smallest entry of a row compared with the ramp's k-th
-    probability, and the result put back in place: no probability is scattered (the draws are
-    independent of the magnitudes, so which draw meets which entry changes no distribution)."""
-    rows, n = magnitude.shape
-    below = torch.from_numpy(uniform32(bits, rows * n).reshape(rows, n) < thresholds(n, density, epsilon))
-    order = rank_order(magnitude) if order is None else order
-    return torch.empty(magnitude.shape, dtype=torch.bool).scatter_(1, order, below)
-
-
-@functools.lru_cache(maxsize=64)
-def thresholds(n: int, density: float, epsilon: float) -> numpy.ndarray:
-    """⌈pₖ·2³²⌉ for the ramp's probability of each rank k (uint32, read-only): a 32-bit draw below it keeps
-    the entry. It fits 32 bits: p ≤ density + ε < 1 is at most 1 − 2⁻²⁴ in float32 (uint32 against uint32
-    compares 3× as fast as against int64). Kept for the next block: made anew for each (a dozen torch
-    calls on 1024 entries), they took 5% of the 168M DELLA merge."""
-    bounds = ramp(n, density, epsilon).double().mul_(2.0 ** 32).ceil_().numpy().astype(numpy.uint32)
-    bounds.flags.writeable = False
-    return bounds
-
-
-def rank_order(magnitude: torch.Tensor) -> torch.Tensor:
-    """Each row's stable ascending argsort of non-negative magnitudes (R × n, int64).
-
-    Non-negative floats sort like their bit patterns as signed integers of the same width, and with an
-    entry's column in the low bits every key is unique: numpy's sort of pattern·2ᵏ + column (k = 16 for
-    16-bit patterns in rows of up to 2¹⁶, else 32) gives the stable order in its low bits. bf16, rows
-    of 1024, one thread: 2.9 ns an entry, against 6.3 for numpy's stable argsort (a radix sort) of the
-    patterns and 22 for torch's stable argsort (measured). 64-bit patterns sort in torch."""
-    rows, n = magnitude.shape
-    size = magnitude.element_size()
-    if size == 8:
-        return magnitude.view(torch.int64).argsort(dim=1, stable=True)
-    patterns = magnitude.contiguous().view({2: torch.int16, 4: torch.int32}[size]).numpy()
-    wide, shift = (numpy.int32, 16) if size == 2 and n <= 1 << 16 else (numpy.int64, 32)
-    keys = patterns.astype(wide)
-    keys <<= shift
-    keys |= numpy.arange(n, dtype=wide)
-    keys.sort(axis=1)
-    keys &= (1 << shift) - 1
-    return torch.from_numpy(keys).to(torch.int64)
 
 
 class Della(TaskArithmetic):
@@ -169,11 +106,11 @@ class Della(TaskArithmetic):
         def draw_bits(i: int, magnitude: torch.Tensor, start: int) -> numpy.ndarray:
             """The draws for the rows from `start` of |τ| (the L1 pass), kept as bits in `masks[i]` for the
             merge pass; those bits."""
-            keep = draw_keep(magnitude.cpu(), s.density[i], epsilon[i], bits[i])  # (numpy's ranks and draws)
             if i not in masks:
                 masks[i] = numpy.empty((count * n + 7) // 8, dtype=numpy.uint8)
             first = start * n // 8  # (exact: blocks of rows fill whole bytes)
-            packed = masks[i][first:first + (magnitude.numel() + 7) // 8] = pack(keep.numpy())
+            packed = masks[i][first:first + (magnitude.numel() + 7) // 8]
+            draw_packed(magnitude.cpu(), s.density[i], epsilon[i], bits[i], packed)  # (numpy's ranks and draws)
             return packed
 
         def magprune(i: int, tau: torch.Tensor, start: int) -> torch.Tensor:
