@@ -293,12 +293,13 @@ def test_random_merges_give_the_same_bytes_with_or_without_the_c_passes(monkeypa
     ("ties", {"density": [0.5, 0.3, 0.7, 0.5, 0.9]}),
     ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05, "rescale": True}),
     ("della", {"density": 0.5, "epsilon": 0.2, "rescale": True}),
+    ("dare_ties", {"density": 0.5, "rescale": True}),
 ])
 def test_one_c_call_for_the_whole_tensor_gives_the_blocks_bytes(monkeypatch, name, params):
-    """Where no drop is drawn block by block (magnitude cuts; DELLA's bits, drawn in its L1 pass), the C mix
-    takes the whole tensor in one call: the same bytes as the torch passes block by block, five inputs (so a
-    stack's last entries are summed interleaved, `_base.interleaved_tail`) over blocks of 256 entries and a
-    tensor whose size is no multiple of them."""
+    """Where no drop is left to draw (magnitude cuts; DARE's and DELLA's bits, drawn block by block in their
+    L1 pass), the C mix takes the whole tensor in one call: the same bytes as the torch passes block by
+    block, five inputs (so a stack's last entries are summed interleaved, `_base.interleaved_tail`) over
+    blocks of 256 entries and a tensor whose size is no multiple of them."""
     from adaptkit_plugins.merges import _mixing, della, task_arithmetic
 
     if _mixing.native is None:

@@ -692,6 +692,23 @@ def test_dare_masks_keep_density_and_depend_only_on_the_generator():
     assert first.dtype == torch.uint8 and set(first.unique().tolist()) <= {0, 1}
 
 
+def test_a_tensors_masks_drawn_in_one_buffer_are_its_blocks_masks():
+    """With the tensor's size, `Draws` keeps each block's bits in one buffer: the same draws as without it
+    (block by block, in order), and once the blocks cover the tensor one after another, `whole` is those
+    blocks' masks end to end; before that, or where a block starts inside a byte, it is None."""
+    n, blocks = 1000, [(0, 256), (256, 512), (512, 1000)]
+    plain, buffered = Draws(torch.Generator().manual_seed(5)), Draws(torch.Generator().manual_seed(5), n)
+    for i, (start, stop) in enumerate(blocks):
+        assert buffered.whole() is None
+        assert torch.equal(drawn(buffered, start, stop - start, 0.3), drawn(plain, start, stop - start, 0.3))
+    whole = unpack(buffered.whole(), 0, n)
+    assert torch.equal(whole, torch.cat([drawn(plain, a, b - a, 0.3) for a, b in blocks]))
+    assert 0.2 < whole.float().mean() < 0.4
+    odd = Draws(torch.Generator().manual_seed(5), 20)
+    drawn(odd, 0, 12, 0.5), drawn(odd, 12, 8, 0.5)  # (the second block starts inside a byte)
+    assert odd.whole() is None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
 def test_masks_from_bits_zero_what_their_product_zeroes(dtype):
     """`_sparsify.masked` (an AND with each bit spread to an all-ones or zero integer of τ's width)

@@ -17,22 +17,41 @@ class Draws:
     32 for a whole 32-bit U (measured on 1M-entry blocks, one thread: 0.8 ms a mask against 1.3 ms),
     and only as many planes as p's last 1 bit needs where p has no bits past the 12th (0.5: one).
     Each block's mask is drawn once, in block order on the first pass, and kept as bits (n/8 bytes)
-    for later passes (DARE's L1 rescale makes two)."""
+    for later passes (DARE's L1 rescale makes two): with `n`, the tensor's entry count, in one buffer,
+    so that once every block is drawn the whole mask is one (`whole`)."""
 
     PLANES = 12
 
-    def __init__(self, generator: torch.Generator):
+    def __init__(self, generator: torch.Generator, n: int | None = None):
         self.bits = bit_generator(generator)
         self.drawn: dict[int, tuple[int, numpy.ndarray]] = {}  # block start -> (entries, packed mask)
+        self.n, self.mask = n, None if n is None else numpy.empty((n + 7) // 8, dtype=numpy.uint8)
 
     def below(self, start: int, count: int, p: float) -> numpy.ndarray:
         """The mask of the block of `count` entries starting at flat index `start`, as bits (`_sparsify.pack`)."""
         if start not in self.drawn:
-            self.drawn[start] = (count, self._draw(count, p))
+            bits = self._draw(count, p)
+            if self.mask is not None and start % 8 == 0 and start + count <= self.n:  # (its bytes in the buffer)
+                size = (count + 7) // 8
+                self.mask[start // 8:start // 8 + size] = bits[:size]
+                bits = self.mask[start // 8:start // 8 + size]
+            self.drawn[start] = (count, bits)
         drawn, bits = self.drawn[start]
         if drawn != count:  # every pass goes over the same blocks
             raise AssertionError(f"block at {start} drawn with {drawn} entries, asked again with {count}")
         return bits
+
+    def whole(self) -> numpy.ndarray | None:
+        """The mask of all n entries as bits in one buffer, once the blocks drawn in it (each from a whole
+        byte) cover them one after another; else None."""
+        if self.mask is None:
+            return None
+        end = 0
+        for start in sorted(self.drawn):
+            if start != end or start % 8 or self.drawn[start][1].base is not self.mask:
+                return None
+            end += self.drawn[start][0]
+        return self.mask if end == self.n else None
 
     def _draw(self, n: int, p: float) -> numpy.ndarray:
         """[U < p] for n entries, as bits (the class docstring)."""

@@ -567,6 +567,24 @@ static int dtype_size(const char *dtype)
 }
 
 
+/* sums[j mod 4] += values[j] in float64, j rising: in four locals (through `sums` itself, each addition waited
+   for the last one's store, 2.6 ns an entry for the whole L1 pass) */
+static ALWAYS_INLINE void add_fours(double *sums, const float *values, int count)
+{
+    double s0 = sums[0], s1 = sums[1], s2 = sums[2], s3 = sums[3];
+    int j = 0;
+    for (; j + 4 <= count; j += 4) {
+        s0 += values[j];
+        s1 += values[j + 1];
+        s2 += values[j + 2];
+        s3 += values[j + 3];
+    }
+    double *tail[3] = {&s0, &s1, &s2};
+    for (; j < count; j++)
+        *tail[j & 3] += values[j];
+    sums[0] = s0, sums[1] = s1, sums[2] = s2, sums[3] = s3;
+}
+
 /* The float64 sums of |τ| and of its kept entries over entries [start, start + count): four partial sums
    each, entry j into sum j mod 4, added ((s₀ + s₁) + (s₂ + s₃)) by the caller */
 CLONES static void l1_chunk(const void *model, const void *base, const uint8_t *bits, int64_t first, Py_ssize_t start,
@@ -576,12 +594,10 @@ CLONES static void l1_chunk(const void *model, const void *base, const uint8_t *
     task_vector(tau, model, base, start, count, bf16);
     for (int j = 0; j < count; j++)
         tau[j] = fabsf(tau[j]);
-    for (int j = 0; j < count; j++)
-        all[j & 3] += tau[j];
+    add_fours(all, tau, count);
     if (bits)
         drop_by_bits(tau, bits, first + start, count);
-    for (int j = 0; j < count; j++)
-        kept[j & 3] += tau[j];
+    add_fours(kept, tau, count);
 }
 
 static PyObject *l1_sums(PyObject *self, PyObject *args)

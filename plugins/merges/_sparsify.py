@@ -38,8 +38,8 @@ class Keep:
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
                  gamma: float, generator: torch.Generator | None, tie_break: str = "mergekit"):
-        self.method, self.density = method, density
-        self.draws = Draws(generator) if method == "random" else None
+        self.method, self.density, self.n = method, density, n
+        self.draws = Draws(generator, n) if method == "random" else None
         self.whole: Ranked | numpy.ndarray | None = None
         magnitudes = lambda s, e: tau(s, e).abs_()  # noqa: E731
         if method == "magnitude":  # mergekit: the max(1, int(density·n)) largest
@@ -64,10 +64,15 @@ class Keep:
         mask (random drops, torch's own sort), (above, below, chosen offsets) for `Ranked`'s magnitude
         bounds; None where neither says them (`tie_break: index` cuts, bounds compared as bits)."""
         if self.method == "random":
-            return self.draws.below(start, count, self.density), 0
+            whole = self.draws.whole() if (start, count) == (0, self.n) else None  # (every block drawn)
+            return (self.draws.below(start, count, self.density) if whole is None else whole), 0
         if isinstance(self.whole, numpy.ndarray):
             return self.whole, start
         return self.whole.bounds(start, count, dtype) if isinstance(self.whole, Ranked) else None
+
+    def drawn(self) -> bool:
+        """Whether no drop is left to draw: the whole tensor's drops are one mask (`drops(0, n)`), not drawn anew."""
+        return self.draws is None or self.draws.whole() is not None
 
     def apply(self, start: int, tau: torch.Tensor) -> torch.Tensor:
         """The block of τ starting at flat index `start` with the dropped entries set to 0 (in place for

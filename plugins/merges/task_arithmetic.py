@@ -144,15 +144,15 @@ class TaskArithmetic(Operator):
             return ([f[start:stop] for f in flat], masks, factors) if ok else None
 
         out, weights = torch.empty_like(base_flat, dtype=dtype), torch.tensor(s.weight, dtype=dtype, device=base.device)
-        whole = base_flat.dtype == dtype and not any(keep is not None and keep.draws for keep in keeps)
+        whole = base_flat.dtype == dtype and all(keep is None or keep.drawn() for keep in keeps)
         self.mix(ranges, lambda a, b: base_flat[a:b].to(dtype), deltas_at, s, weights, out, models_at, whole)
         return out.view(base.shape)
 
     def mix(self, blocks, base_at, deltas_at, s: Settings, weights: torch.Tensor, out: torch.Tensor,
             models_at=None, whole: bool = False) -> None:
         """out[a:b] = base + λ·combine(wᵢ·τᵢ) block by block (mergekit's order): `deltas_at(a, b, base block)` gives
-        the τᵢ there, sparsified and rescaled; `models_at(a, b)` the models, drops, factors (or None). `whole` (no drops
-        drawn by block, the base in the dtype): all blocks in one `mix_models` call where it can (one a block: a sixth
+        the τᵢ there, sparsified and rescaled; `models_at(a, b)` the models, drops, factors (or None). `whole` (no drop
+        left to draw, the base in the dtype): all blocks in one `mix_models` call where it can (one a block: a sixth
         of a TIES merge in Python steps)."""
         first, last = blocks[0][0], blocks[-1][1]
         if whole and models_at and (found := models_at(first, last)) is not None and mix_models(
