@@ -1223,28 +1223,36 @@ def test_index_cut_of_float64_task_vectors_ranks_their_float32_magnitudes():
     assert torch.equal(kept, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("k", [0, 1, 37, 100, 163, 200, 260])
-def test_cut_keeps_tau_as_its_mask_does_block_by_block(monkeypatch, dtype, k):
-    """`Cut.keep` (one hardshrink, ties added back) zeroes what `Cut.mask` drops, to the bit, over
-    blocks far smaller than the tensor with ties straddling block ends; all kept (k ≥ n) and none
-    (k = 0) too. The ties kept are settled as the blocks come, so blocks out of order are an error."""
+def test_index_cuts_as_bounds_keep_what_their_masks_keep(monkeypatch, dtype, k):
+    """`cut_bounds` (the bounds and the ties kept, which the C mix and `Ranked.keep` apply) keeps what `Cut.mask`
+    keeps block by block, for one cut (TIES: the k largest) and for two (breadcrumbs: the k largest less the
+    j largest, j = k − 30 and k − 3, ties at either bound or at one key for both), over blocks far smaller
+    than the tensor with ties straddling block ends; all kept (k ≥ n) and none (k = 0) too. Zeros (many
+    here) may go either way: they add nothing. A cut's blocks out of order are an error."""
     from adaptkit_plugins.merges import _select
+    from adaptkit_plugins.merges._sparsify import Ranked
 
     monkeypatch.setattr(_select, "BLOCK", 16)
     g = torch.Generator().manual_seed(k)
     tau = (torch.randint(-5, 6, (200,), generator=g).float() * 0.125 * 2.0 ** torch.randint(-2, 2, (200,), generator=g)).to(dtype)
-    cut = _select.top_cut(lambda s, e: tau[s:e].abs(), 200, k)
+    magnitudes = lambda s, e: tau[s:e].abs()  # noqa: E731
     blocks = _select.block_ranges(200)
-    for _ in range(2):  # a second pass over the same blocks gives the same
-        masked = torch.cat([tau[s:e] * cut.mask(tau[s:e].abs(), s) for s, e in blocks])
-        kept = torch.cat([cut.keep(tau[s:e], s) for s, e in blocks])
-        assert torch.equal(kept, masked) and int(torch.count_nonzero(kept)) <= k
-    assert int((cut.mask(tau.abs(), 0) != 0).sum()) == min(k, 200)
-    if 0 < k < 200 and cut.ties < cut.tied:
-        cut.keep(tau[:16], 0)
+    for fewer in (None, k - 30, k - 3):
+        cuts = [_select.top_cut(magnitudes, 200, k)] + ([] if fewer is None else [_select.top_cut(magnitudes, 200, fewer)])
+        mask = torch.cat([cuts[0].mask(tau[s:e].abs(), s) for s, e in blocks]).double()
+        if fewer is not None:
+            mask -= torch.cat([cuts[1].mask(tau[s:e].abs(), s) for s, e in blocks]).double()
+        kept = Ranked(*_select.cut_bounds(magnitudes, 200, *cuts)).keep(tau, 0)
+        assert torch.equal(kept != 0, (tau * mask.to(dtype)) != 0), (fewer, cuts)
+        assert torch.equal(kept[kept != 0], tau[kept != 0])
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}  # (the second cut's entries are the first's)
+        assert int(mask.sum()) == max(0, min(k, 200)) - (0 if fewer is None else max(0, min(fewer, 200)))
+    if 0 < k < 200 and cuts[0].ties < cuts[0].tied:
+        cuts[0].mask(tau[:16].abs(), 0)
         with pytest.raises(AssertionError, match="out of order"):
-            cut.keep(tau[32:48], 32)
+            cuts[0].mask(tau[32:48].abs(), 32)
 
 
 @pytest.mark.parametrize("name", NAMES)

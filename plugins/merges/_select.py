@@ -1,7 +1,7 @@
 """Exact magnitude cuts over a tensor seen in blocks (not a plugin; used by the sparsifiers).
 
 Keeping the k largest |τ| only needs the k-th largest value. Non-negative floats sort like their
-bit patterns as integers, so a radix select finds it exactly from histograms (`torch.bincount`):
+bit patterns as integers, so a radix select finds it exactly from histograms (`_follow.c`'s, torch's):
 of the 15 value bits of bfloat16 and float16 magnitudes in one pass, of the upper and then the
 lower 16 bits of float32 ones in two. Histograms add up over blocks, so the whole tensor never has
 to be held as temporaries: a cut costs one or two passes over blocks of a few MB, each computed
@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import numpy
 import torch
+
+from ._base import as_bits
 
 try:  # the loops in C (_follow.c: the histogram here, `_introsort`'s walk), where they were built
     from . import _follow as native
@@ -46,10 +48,8 @@ RANKED = (torch.bfloat16, torch.float16, torch.float32)  # dtypes top_cut ranks 
 
 class Cut:
     """Keeps the entries above `threshold` and, of the `tied` entries equal to it, the first `ties` in
-    flat order. Which of a block's ties those are is settled as the blocks come, in flat order from
-    the one at 0 (each pass over the tensor starts there again): counting the ties of the blocks before
-    takes no pass of its own, where finding the last kept tie's index first took one more pass over
-    the whole tensor (a quarter of TIES' work with `tie_break: index`)."""
+    flat order (`cut_bounds`: as bounds and the ties kept). Which of a block's ties those are is settled
+    as the blocks come, in flat order from the one at 0 (each pass over the tensor starts there again)."""
 
     def __init__(self, threshold: float, ties: int = 0, tied: int = 0):
         self.threshold, self.ties, self.tied = threshold, ties, tied
@@ -96,25 +96,48 @@ class Cut:
             mask[:end].add_(tied)
         return mask
 
-    def keep(self, tau: torch.Tensor, start: int) -> torch.Tensor:
-        """The block of τ starting at flat index `start` with the entries this cut drops set to 0 (a new
-        tensor; τ is left as it is): one `hardshrink` (|x| > λ keeps x), 0.23 ns an entry on one thread,
-        where the mask and its product took 0.36."""
-        if self.threshold < 0:
-            return tau.clone()
-        if tau.dtype not in RANKED:
-            return tau * self.mask(tau.abs(), start)
-        kept = self._kept_ties(tau.abs, start, tau.numel())
-        bound = self.threshold
-        if kept is None and bound > 0:  # |x| ≥ t is |x| > the value below t, for values of τ's dtype
-            bound = float(torch.nextafter(torch.tensor(bound, dtype=tau.dtype), torch.tensor(0, dtype=tau.dtype)))
-        elif kept is None:
-            bound = -1.0
-        out = torch.nn.functional.hardshrink(tau, bound)
-        if kept:  # the first ties, where the result is 0
-            end, tied = self._first_ties(tau.abs(), kept)
-            out[:end].add_(tau[:end] * tied)
-        return out
+
+def cut_bounds(blocks: Blocks, n: int, keep: Cut, drop: Cut | None = None) -> tuple:
+    """What `keep` keeps less what `drop` keeps (a cut keeping fewer of the largest: breadcrumbs' two), as
+    `_sparsify.Ranked` holds a selection, so that the C mix applies an `index` cut as it applies mergekit's
+    (cut block by block, its ties counted, a hardshrink and a subtraction took half a breadcrumbs merge):
+    the magnitudes' bit patterns strictly between `above` and `below` (None: no bound) and the ties kept at
+    those two by flat index (ascending), found in one pass over the blocks where some are kept and some not;
+    and the dtype they rank in. Ties at 0 are left out, kept or not: a zero adds nothing to a sum, norm or vote."""
+    rank = blocks(0, min(n, 1)).dtype
+    rank = rank if rank in RANKED else torch.float32  # (as `top_cut` ranks them)
+
+    def key(value: float) -> int:
+        return int(as_bits(torch.tensor(value, dtype=rank)))
+
+    def taken(cut: Cut) -> int:  # how many of the ties at its threshold a cut keeps (the first ones)
+        return min(cut.ties, cut.tied)
+
+    infinity = key(float("inf"))
+    above = None if keep.threshold < 0 else infinity + 1 if keep.threshold == float("inf") else key(keep.threshold)
+    below = None if drop is None or drop.threshold == float("inf") else 0 if drop.threshold < 0 else key(drop.threshold)
+    slices = {}  # a bound's key -> the slice of its ties (in flat order) kept
+    if above is not None and above == below:  # both cuts at one key: the ties the first keeps and the second not
+        slices[above] = (taken(drop), taken(keep))
+    else:
+        if above is not None and 0 < above <= infinity and taken(keep) == keep.tied:  # every tie kept: ≥ its key
+            above -= 1
+        elif above is not None:
+            slices[above] = (0, taken(keep))
+        if below is not None and taken(drop) == 0:  # no tie dropped: ≤ its key
+            below += 1
+        elif below is not None:
+            slices[below] = (taken(drop), drop.tied)
+    slices = {k: v for k, v in slices.items() if 0 < k <= infinity and v[0] < v[1]}
+    found: dict[int, list] = {k: [] for k in slices}
+    for s, e in block_ranges(n) if slices else ():  # (up to the last tie kept)
+        bits = as_bits(blocks(s, e).to(rank)).cpu().numpy()
+        for k, places in found.items():
+            places.append(numpy.flatnonzero(bits == k) + s)
+        if all(sum(map(len, found[k])) >= last for k, (_, last) in slices.items()):
+            break
+    chosen = [numpy.concatenate(found[k])[a:b] for k, (a, b) in slices.items()]
+    return above, below, numpy.sort(numpy.concatenate(chosen)) if chosen else numpy.empty(0, numpy.int64), rank
 
 
 def count_ones(mask: torch.Tensor) -> int:
@@ -145,6 +168,20 @@ def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return counts.numel() - 1 - j, int(cumulative[j - 1]) if j > 0 else 0
 
 
+def _patterns(blocks: Blocks, ranges, device: torch.device) -> torch.Tensor:
+    """How many of the half-precision magnitudes have each 15-bit pattern: by `_follow`'s histogram on the CPU
+    (0.5 ns an entry, where torch's bincount took 3-4), else by torch's."""
+    if native is not None and device.type == "cpu":
+        counts = numpy.zeros(1 << 16, dtype=numpy.int64)
+        for s, e in ranges:
+            native.histogram(blocks(s, e).view(torch.int16).contiguous().numpy(), counts)
+        return torch.from_numpy(counts[1 << 15:])  # (the non-negative patterns)
+    counts = torch.zeros(1 << 15, dtype=torch.int64, device=device)
+    for s, e in ranges:
+        counts += torch.bincount(blocks(s, e).view(torch.int16), minlength=1 << 15)
+    return counts
+
+
 def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
     """The cut keeping the k largest of n magnitudes (k ≥ n: all; k ≤ 0: none)."""
     if k >= n:
@@ -155,9 +192,7 @@ def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
     first = blocks(0, 1)
     dtype, device = first.dtype, first.device
     if dtype in (torch.bfloat16, torch.float16):  # one histogram of the 15-bit patterns
-        counts = torch.zeros(1 << 15, dtype=torch.int64, device=device)
-        for s, e in ranges:
-            counts += torch.bincount(blocks(s, e).view(torch.int16), minlength=1 << 15)
+        counts = _patterns(blocks, ranges, device)
         bin_, above = _from_top(counts, k)
         threshold = float(torch.tensor([bin_], dtype=torch.int16).view(dtype))
         need, equal = k - above, int(counts[bin_])

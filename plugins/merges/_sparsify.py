@@ -16,7 +16,7 @@ import torch
 from . import _introsort
 from ._base import as_bits
 from ._draws import Draws
-from ._select import block_ranges, row_sums, top_cut
+from ._select import block_ranges, cut_bounds, row_sums, top_cut
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -27,13 +27,12 @@ def keep_count(fraction: float, n: int) -> int:
 class Keep:
     """Which entries of one task vector survive sparsification, block by block.
 
-    Magnitudes are kept as mergekit's sort of the whole |τ| keeps them (tie_break "mergekit", the
-    default): torch's CPU sort is unstable, so where entries of equal magnitude straddle the cut,
-    only its own moves make its choice, followed down to the cut (`_introsort`) and kept as bounds
-    and the chosen ties (`Ranked`). With tie_break "index", magnitude cuts are found in passes over
-    blocks (see `_select`), and of entries tied at a cut the first in flat order kept. Random masks
-    come from the input's `Draws`, drawn in block order on the first pass over the blocks and the
-    same on every later pass.
+    Magnitudes are kept as mergekit's sort of the whole |τ| keeps them (tie_break "mergekit", the default):
+    torch's CPU sort is unstable, so where entries of equal magnitude straddle the cut, only its own moves
+    make its choice, followed down to the cut (`_introsort`) and kept as bounds and the chosen ties
+    (`Ranked`). With tie_break "index", magnitude cuts are found in passes over blocks (see `_select`), and
+    of entries tied at a cut the first in flat order kept (a `Ranked` too). Random masks come from the
+    input's `Draws`, drawn in block order on the first pass over the blocks and the same on every later pass.
     """
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
@@ -47,7 +46,7 @@ class Keep:
             if tie_break == "mergekit":
                 self.whole = _sorted_range(tau, n, True, 0, keep)
             else:
-                self.cuts = [top_cut(magnitudes, n, keep)]
+                self.whole = Ranked(*cut_bounds(magnitudes, n, top_cut(magnitudes, n, keep)))
         elif method == "magnitude_outliers":
             # mergekit ranks |τ| ascending and keeps ranks [bottom, bottom + kept): the int(γ·n)
             # largest dropped, fewer when needed to keep int(density·n) entries.
@@ -56,13 +55,14 @@ class Keep:
             if tie_break == "mergekit":
                 self.whole = _sorted_range(tau, n, False, bottom, bottom + kept)
             else:
-                self.cuts = [top_cut(magnitudes, n, n - bottom), top_cut(magnitudes, n, n - bottom - kept)]
+                self.whole = Ranked(*cut_bounds(magnitudes, n, top_cut(magnitudes, n, n - bottom),
+                                                top_cut(magnitudes, n, n - bottom - kept)))
 
     def drops(self, start: int, count: int, dtype: torch.dtype) -> tuple | None:
         """The drops of the block of `count` entries from flat index `start`, of a τ in `dtype`, for
         `_mixing.mix_models`: (packed bits, the bit of the block's first entry) where they are such a
         mask (random drops, torch's own sort), (above, below, chosen offsets) for `Ranked`'s magnitude
-        bounds; None where neither says them (`tie_break: index` cuts, bounds compared as bits)."""
+        bounds; None where neither says them (bounds compared as bits)."""
         if self.method == "random":
             whole = self.draws.whole() if (start, count) == (0, self.n) else None  # (every block drawn)
             return (self.draws.below(start, count, self.density) if whole is None else whole), 0
@@ -81,13 +81,7 @@ class Keep:
             return masked(tau, self.draws.below(start, tau.numel(), self.density), 0)
         if isinstance(self.whole, Ranked):
             return self.whole.keep(tau, start)
-        if self.whole is not None:  # (bits: see `_sorted_range`)
-            return masked(tau, self.whole, start)
-        first, *rest = self.cuts
-        kept = first.keep(tau, start)
-        for cut in rest:  # a cut keeping fewer of the largest: what it keeps is subtracted, exactly
-            kept.sub_(cut.keep(tau, start))
-        return kept
+        return masked(tau, self.whole, start)  # (bits: see `_sorted_range`)
 
 
 def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> Ranked | numpy.ndarray:
@@ -213,10 +207,11 @@ def held_bytes(sparsify: str | None, inputs: int, compute_size: int, tie_break: 
     order also holds a whole |τ| as keys and either `_introsort`'s followed ties (their places and
     numbers, 8 bytes each, several copies: a byte an entry at the 1 in 70 entries tied of bf16 task
     vectors) or (another torch's sort) a bool mask and a float32 copy sorted into an int64 order from an
-    int64 range."""
+    int64 range; an `index` cut the places of the ties kept at its bounds (8 bytes each: a byte an entry)."""
     held = compute_size + inputs // 8 + 1
-    if sparsify in ("magnitude", "magnitude_outliers") and tie_break == "mergekit":
-        held += (2 if compute_size == 2 else 4) + (1 if _introsort.follows_torch() else 25)
+    if sparsify in ("magnitude", "magnitude_outliers"):
+        held += 1 if tie_break != "mergekit" else (2 if compute_size == 2 else 4) + (
+            1 if _introsort.follows_torch() else 25)
     return held
 
 

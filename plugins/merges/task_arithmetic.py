@@ -27,7 +27,7 @@ Additions and differences, on purpose:
 - Everything runs over blocks of the flattened tensor (2¹⁷ entries: a block's temporaries stay in a core's
   cache), however big the tensor. Two passes at most: the first finds the cut (or draws the masks, or sums the L1
   norms), the second applies it and mixes, in one C loop over the models where the install built it (`_mixing`,
-  same bytes); which entries tied at an `index` cut are kept is settled in the second (`_select.Cut`).
+  same bytes); the entries tied at an `index` cut that are kept are found before it (`_select.cut_bounds`).
 - Bad values are errors: density outside (0, 1], gamma outside [0, 1). With `normalize`, a divisor under 1e-8
   (Σᵢ wᵢ; with sign consensus an entry's Σᵢ mᵢ·wᵢ, 0 there) counts as 1, as mergekit's: weights summing to zero
   leave the sum undivided, with a warning. `int8_mask` changes no number (mergekit's int8 sign mask gives the
