@@ -1241,6 +1241,8 @@ def test_index_cuts_as_bounds_keep_what_their_masks_keep(monkeypatch, dtype, k):
     blocks = _select.block_ranges(200)
     for fewer in (None, k - 30, k - 3):
         cuts = [_select.top_cut(magnitudes, 200, k)] + ([] if fewer is None else [_select.top_cut(magnitudes, 200, fewer)])
+        both = _select.top_cuts(magnitudes, 200, [k, fewer or k])  # (from one histogram)
+        assert list(map(repr, both)) == [repr(cuts[0]), repr(cuts[-1])]
         mask = torch.cat([cuts[0].mask(tau[s:e].abs(), s) for s, e in blocks]).double()
         if fewer is not None:
             mask -= torch.cat([cuts[1].mask(tau[s:e].abs(), s) for s, e in blocks]).double()

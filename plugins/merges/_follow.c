@@ -12,7 +12,8 @@
  * `origin` is not every entry holding a tied key.
  *
  * histogram(keys, counts): counts[key + 32768] += 1 for each int16 key (65536 int64 counts), for
- * `_select.keys_at`: 0.5 ns an entry, where torch's bincount of the keys widened to int32 took 3-4.
+ * `_select.histogram16` (`_introsort.keys_at`, the `index` cuts): 0.5 ns an entry, where torch's bincount of the keys
+ * widened to int32 took 3-4.
  *
  * vectors(on) -> bool: the stops found with AVX2 (where the CPU has it) or not from now on (tests).
  *

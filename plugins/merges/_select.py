@@ -6,13 +6,11 @@ of the 15 value bits of bfloat16 and float16 magnitudes in one pass, of the uppe
 lower 16 bits of float32 ones in two. Histograms add up over blocks, so the whole tensor never has
 to be held as temporaries: a cut costs one or two passes over blocks of a few MB, each computed
 afresh by the caller. Ties at the threshold are kept lowest flat index first, so the result is
-deterministic; which ones those are is settled in the pass that applies the cut (`Cut`). `keys_at`
-finds integer keys at places the same way, for `_introsort`, whose big buffers come from `buffer`.
+deterministic; which ones those are is settled in the pass that applies the cut (`Cut`, `cut_bounds`).
 """
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Callable
 
 import numpy
@@ -168,14 +166,23 @@ def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return counts.numel() - 1 - j, int(cumulative[j - 1]) if j > 0 else 0
 
 
+def histogram16(parts) -> torch.Tensor:
+    """counts[key + 2¹⁵] of the int16 keys of some CPU tensors: by `_follow`'s histogram (0.5 ns an entry, where
+    torch's bincount of the keys widened to int32 took 3-4), else by torch's."""
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for part in parts:
+        if native is not None:
+            native.histogram(part.contiguous().numpy(), counts.numpy())
+        else:
+            counts += torch.bincount(part.to(torch.int32).add_(1 << 15), minlength=1 << 16)
+    return counts
+
+
 def _patterns(blocks: Blocks, ranges, device: torch.device) -> torch.Tensor:
-    """How many of the half-precision magnitudes have each 15-bit pattern: by `_follow`'s histogram on the CPU
-    (0.5 ns an entry, where torch's bincount took 3-4), else by torch's."""
-    if native is not None and device.type == "cpu":
-        counts = numpy.zeros(1 << 16, dtype=numpy.int64)
-        for s, e in ranges:
-            native.histogram(blocks(s, e).view(torch.int16).contiguous().numpy(), counts)
-        return torch.from_numpy(counts[1 << 15:])  # (the non-negative patterns)
+    """How many of the half-precision magnitudes have each 15-bit pattern (`histogram16`; torch's bincount
+    on another device)."""
+    if device.type == "cpu":
+        return histogram16(blocks(s, e).view(torch.int16) for s, e in ranges)[1 << 15:]
     counts = torch.zeros(1 << 15, dtype=torch.int64, device=device)
     for s, e in ranges:
         counts += torch.bincount(blocks(s, e).view(torch.int16), minlength=1 << 15)
@@ -184,67 +191,37 @@ def _patterns(blocks: Blocks, ranges, device: torch.device) -> torch.Tensor:
 
 def top_cut(blocks: Blocks, n: int, k: int) -> Cut:
     """The cut keeping the k largest of n magnitudes (k ≥ n: all; k ≤ 0: none)."""
-    if k >= n:
-        return Cut(-1.0)
-    if k <= 0:
-        return Cut(float("inf"))
-    ranges = block_ranges(n)
-    first = blocks(0, 1)
+    return top_cuts(blocks, n, [k])[0]
+
+
+def top_cuts(blocks: Blocks, n: int, ks: list[int]) -> list[Cut]:
+    """`top_cut` for each k, from one histogram (float32: the upper 16 bits', then the lower 16 bits' within
+    each k's upper bin): breadcrumbs' two cuts in one pass over the blocks (two for float32), not two (four)."""
+    cuts = [Cut(-1.0) if k >= n else Cut(float("inf")) if k <= 0 else None for k in ks]
+    if all(cuts):
+        return cuts
+    ranges, first = block_ranges(n), blocks(0, 1)
     dtype, device = first.dtype, first.device
     if dtype in (torch.bfloat16, torch.float16):  # one histogram of the 15-bit patterns
         counts = _patterns(blocks, ranges, device)
-        bin_, above = _from_top(counts, k)
-        threshold = float(torch.tensor([bin_], dtype=torch.int16).view(dtype))
-        need, equal = k - above, int(counts[bin_])
-    else:  # the upper 16 bits, then the lower 16 within the upper's bin
-        high = torch.zeros(1 << 15, dtype=torch.int64, device=device)
-        for s, e in ranges:
-            high += torch.bincount(blocks(s, e).float().view(torch.int32) >> 16, minlength=1 << 15)
-        high_bin, above = _from_top(high, k)
-        low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
-        for s, e in ranges:
-            # Entries of the high bin map to 1..2¹⁶, lower ones to 0 and higher ones to 2¹⁶ + 1: one
+        for i, k in enumerate(ks):
+            if cuts[i] is None:
+                bin_, above = _from_top(counts, k)
+                cuts[i] = Cut(float(torch.tensor([bin_], dtype=torch.int16).view(dtype)), k - above, int(counts[bin_]))
+        return cuts
+    high = torch.zeros(1 << 15, dtype=torch.int64, device=device)
+    for s, e in ranges:
+        high += torch.bincount(blocks(s, e).float().view(torch.int32) >> 16, minlength=1 << 15)
+    found = {i: _from_top(high, k) for i, k in enumerate(ks) if cuts[i] is None}  # i -> (upper bin, above it)
+    lows = {b: torch.zeros(1 << 16, dtype=torch.int64, device=device) for b, _ in found.values()}
+    for s, e in ranges:
+        bits = blocks(s, e).float().view(torch.int32)
+        for b, low in lows.items():
+            # Entries of the upper bin map to 1..2¹⁶, lower ones to 0 and higher ones to 2¹⁶ + 1: one
             # clamp instead of selecting the bin's entries (several times faster).
-            offsets = torch.sub(blocks(s, e).float().view(torch.int32), (high_bin << 16) - 1).clamp_(0, (1 << 16) + 1)
-            low += torch.bincount(offsets, minlength=(1 << 16) + 2)[1:-1]
-        low_bin, above_low = _from_top(low, k - above)
-        threshold = float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))
-        need, equal = k - above - above_low, int(low[low_bin])
-    return Cut(threshold, need, equal)
-
-
-def keys_at(keys: numpy.ndarray, places: list[int]) -> list:
-    """The keys at `places` of the descending order (place p: the (p + 1)-th largest): 16-bit keys from
-    one histogram over blocks, with no copy of the keys (a partitioned copy is a transient twice their
-    size); wider keys from one copy, numpy's introselect taking one place at a time, each after the
-    last in the part past it."""
-    if keys.itemsize == 2:
-        flat, counts = torch.from_numpy(keys), torch.zeros(1 << 16, dtype=torch.int64)
-        if native is not None:
-            native.histogram(keys, counts.numpy())
-        else:
-            for s, e in block_ranges(keys.size):
-                counts += torch.bincount(flat[s:e].to(torch.int32).add_(1 << 15), minlength=1 << 16)
-        cumulative = counts.flip(0).cumsum(0)  # (once for every place: `_from_top`'s search alone for each)
-        found = torch.searchsorted(cumulative, torch.tensor([p + 1 for p in places])).tolist()
-        return [keys.dtype.type(counts.numel() - 1 - j - (1 << 15)) for j in found]
-    ranked, found, start = buffer(keys.size, keys.dtype), {}, 0
-    ranked[:] = keys
-    for index in sorted({keys.size - 1 - p for p in places}):  # each later place lies past the one before
-        ranked[start:].partition(index - start)
-        found[index], start = ranked[index], index
-    return [found[keys.size - 1 - p] for p in places]
-
-
-MAPPED = 16 << 20  # bytes from which a buffer is mapped straight from the kernel
-
-
-def buffer(n: int, dtype) -> numpy.ndarray:
-    """An uninitialized array of n entries; from `MAPPED` bytes on, an anonymous `mmap`, unmapped when
-    freed (from malloc, masks just under glibc's 32 MiB mapping ceiling stayed in its arenas after each
-    call: the 168M TIES job's anonymous peak 621 MB, 334 mapped), else from torch (no huge pages, which
-    numpy asks for from 4 MiB and the kernel here compacts memory for on first touch)."""
-    size = max(1, n) * numpy.dtype(dtype).itemsize
-    if size >= MAPPED:
-        return numpy.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=n)
-    return torch.empty(size, dtype=torch.uint8).numpy().view(dtype)[:n]
+            low += torch.bincount(torch.sub(bits, (b << 16) - 1).clamp_(0, (1 << 16) + 1), minlength=(1 << 16) + 2)[1:-1]
+    for i, (b, above) in found.items():
+        low_bin, above_low = _from_top(lows[b], ks[i] - above)
+        threshold = float(torch.tensor([(b << 16) | low_bin], dtype=torch.int32).view(torch.float32))
+        cuts[i] = Cut(threshold, ks[i] - above - above_low, int(lows[b][low_bin]))
+    return cuts

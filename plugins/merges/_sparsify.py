@@ -16,7 +16,7 @@ import torch
 from . import _introsort
 from ._base import as_bits
 from ._draws import Draws
-from ._select import block_ranges, cut_bounds, row_sums, top_cut
+from ._select import block_ranges, cut_bounds, row_sums, top_cut, top_cuts
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -55,8 +55,7 @@ class Keep:
             if tie_break == "mergekit":
                 self.whole = _sorted_range(tau, n, False, bottom, bottom + kept)
             else:
-                self.whole = Ranked(*cut_bounds(magnitudes, n, top_cut(magnitudes, n, n - bottom),
-                                                top_cut(magnitudes, n, n - bottom - kept)))
+                self.whole = Ranked(*cut_bounds(magnitudes, n, *top_cuts(magnitudes, n, [n - bottom, n - bottom - kept])))
 
     def drops(self, start: int, count: int, dtype: torch.dtype) -> tuple | None:
         """The drops of the block of `count` entries from flat index `start`, of a τ in `dtype`, for
