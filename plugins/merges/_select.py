@@ -122,7 +122,7 @@ def cut_bounds(blocks: Blocks, n: int, keep: Cut, drop: Cut | None = None) -> tu
             above -= 1
         elif above is not None:
             slices[above] = (0, taken(keep))
-        if below is not None and taken(drop) == 0:  # no tie dropped: ≤ its key
+        if below is not None and below > 0 and taken(drop) == 0:  # no tie dropped: ≤ its key
             below += 1
         elif below is not None:
             slices[below] = (taken(drop), drop.tied)
@@ -219,7 +219,8 @@ def top_cuts(blocks: Blocks, n: int, ks: list[int]) -> list[Cut]:
         for b, low in lows.items():
             # Entries of the upper bin map to 1..2¹⁶, lower ones to 0 and higher ones to 2¹⁶ + 1: one
             # clamp instead of selecting the bin's entries (several times faster).
-            low += torch.bincount(torch.sub(bits, (b << 16) - 1).clamp_(0, (1 << 16) + 1), minlength=(1 << 16) + 2)[1:-1]
+            offsets = torch.sub(bits, (b << 16) - 1).clamp_(0, (1 << 16) + 1)
+            low += torch.bincount(offsets, minlength=(1 << 16) + 2)[1:-1]
     for i, (b, above) in found.items():
         low_bin, above_low = _from_top(lows[b], ks[i] - above)
         threshold = float(torch.tensor([(b << 16) | low_bin], dtype=torch.int32).view(torch.float32))

@@ -55,7 +55,8 @@ class Keep:
             if tie_break == "mergekit":
                 self.whole = _sorted_range(tau, n, False, bottom, bottom + kept)
             else:
-                self.whole = Ranked(*cut_bounds(magnitudes, n, *top_cuts(magnitudes, n, [n - bottom, n - bottom - kept])))
+                cuts = top_cuts(magnitudes, n, [n - bottom, n - bottom - kept])  # (one histogram)
+                self.whole = Ranked(*cut_bounds(magnitudes, n, *cuts))
 
     def drops(self, start: int, count: int, dtype: torch.dtype) -> tuple | None:
         """The drops of the block of `count` entries from flat index `start`, of a τ in `dtype`, for
