@@ -493,6 +493,20 @@ def test_hot_swap_takes_the_new_factors(build, shape, kwargs, tmp_path):
     assert rel(run(model, x), outs[1]) < REL and rel(outs[0], outs[1]) > 1e-3
 
 
+def peft_and_ours(model, config: LoraConfig, tmp_path) -> tuple[dict, dict, dict]:
+    """PEFT's adapter on `model` (whose base is saved in tmp_path/base) saved to tmp_path/lora; the tensors of
+    adaptkit's merge of base+lora, of PEFT's merge_and_unload saved by transformers, and of the base."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "lora")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft")
+    run_merge({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}", "parameters": {"weight": 1.0}}]}, tmp_path / "out",
+        progress=False)
+    return tuple(load_file(tmp_path / folder / "model.safetensors") for folder in ("out", "peft", "base"))
+
+
 def test_stacked_expert_lora_merges_into_a_per_expert_checkpoint_as_peft(tmp_path):
     """PEFT's all-linear on a transformers 5 Mixtral adapts its experts stacked (`mlp.experts.gate_up_proj`,
     `down_proj`) and its router (`mlp.gate.weight`), while the checkpoint stores each expert's matrices
@@ -506,17 +520,9 @@ def test_stacked_expert_lora_merges_into_a_per_expert_checkpoint_as_peft(tmp_pat
                                         num_hidden_layers=2, vocab_size=32, num_local_experts=3, num_experts_per_tok=2)
     transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
     model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "base")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
-    peft_model.save_pretrained(tmp_path / "lora")
+    ours, theirs, base = peft_and_ours(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False),
+                                       tmp_path)
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_parameters"]
-    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft")
-    run_merge({"merge_method": "linear", "dtype": "float32", "models": [
-        {"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}", "parameters": {"weight": 1.0}}]}, tmp_path / "out",
-        progress=False)
-    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "peft" / "model.safetensors")
-    base = load_file(tmp_path / "base" / "model.safetensors")
     assert sorted(ours) == sorted(theirs) and "model.layers.0.block_sparse_moe.experts.2.w3.weight" in ours
     for name in ("block_sparse_moe.experts.1.w1.weight", "block_sparse_moe.experts.2.w3.weight",
                  "block_sparse_moe.experts.0.w2.weight", "block_sparse_moe.gate.weight", "self_attn.q_proj.weight"):
@@ -547,16 +553,7 @@ def test_square_experts_take_the_layout_of_the_base_models_type(kind, tmp_path):
     config = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj",
                                                                            "mlp.experts.down_proj"],
                         init_lora_weights=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(tmp_path / "lora")
-    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft")
-    run_merge({"merge_method": "linear", "dtype": "float32", "models": [
-        {"model": f"{tmp_path / 'base'}+{tmp_path / 'lora'}", "parameters": {"weight": 1.0}}]}, tmp_path / "out",
-        progress=False)
-    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "peft" / "model.safetensors")
-    base = load_file(tmp_path / "base" / "model.safetensors")
+    ours, theirs, base = peft_and_ours(model, config, tmp_path)
     assert sorted(ours) == sorted(theirs)
     down = [k for k in theirs if k.endswith(("down_proj", "w2.weight"))]
     assert down and all(not torch.equal(theirs[k], base[k]) for k in down)  # (adapted)
