@@ -28,7 +28,10 @@ class Draws:
         self.n, self.mask = n, None if n is None else numpy.empty((n + 7) // 8, dtype=numpy.uint8)
 
     def below(self, start: int, count: int, p: float) -> numpy.ndarray:
-        """The mask of the block of `count` entries starting at flat index `start`, as bits (`_sparsify.pack`)."""
+        """The mask of the block of `count` entries starting at flat index `start`, as bits (`_sparsify.pack`); for
+        the whole tensor, once its blocks are drawn (`whole`), their masks end to end."""
+        if (start, count) == (0, self.n) and (whole := self.whole()) is not None:
+            return whole
         if start not in self.drawn:
             bits = self._draw(count, p)
             if self.mask is not None and start % 8 == 0 and start + count <= self.n:  # (its bytes in the buffer)

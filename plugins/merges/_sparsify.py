@@ -37,7 +37,7 @@ class Keep:
 
     def __init__(self, tau: Callable[[int, int], torch.Tensor], n: int, method: str, density: float,
                  gamma: float, generator: torch.Generator | None, tie_break: str = "mergekit"):
-        self.method, self.density, self.n = method, density, n
+        self.method, self.density = method, density
         self.draws = Draws(generator, n) if method == "random" else None
         self.whole: Ranked | numpy.ndarray | None = None
         magnitudes = lambda s, e: tau(s, e).abs_()  # noqa: E731
@@ -64,8 +64,7 @@ class Keep:
         mask (random drops, torch's own sort), (above, below, chosen offsets) for `Ranked`'s magnitude
         bounds; None where neither says them (bounds compared as bits)."""
         if self.method == "random":
-            whole = self.draws.whole() if (start, count) == (0, self.n) else None  # (every block drawn)
-            return (self.draws.below(start, count, self.density) if whole is None else whole), 0
+            return self.draws.below(start, count, self.density), 0
         if isinstance(self.whole, numpy.ndarray):
             return self.whole, start
         return self.whole.bounds(start, count, dtype) if isinstance(self.whole, Ranked) else None
