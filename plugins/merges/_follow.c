@@ -108,6 +108,11 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
            at min(Lₜ, Rₜ₋₁) for the first t where not. Entries not yet swapped: [first, last); scanned
            for stops: [first, seen_left), [seen_right, last). A stop is an offset from its block's start. */
         KEY_T pivot = keys[start];
+        /* which part is settled whole, its order no longer read (`_walk.Followed.settles`): the left one
+           where every followed key is below the pivot (its entries are all above them: the right part
+           holds every followed entry and the left lies before the range's end), the right one where
+           every followed key is above it */
+        int settled = tied0 < pivot && tied1 < pivot ? SETTLED_LEFT : tied0 > pivot && tied1 > pivot ? SETTLED_RIGHT : 0;
         int64_t first_ = start + 1, last_ = end, seen_left = first_, seen_right = end, cut;
         int64_t in_left = 0, in_right = 0, nl = 0, il = 0, nr = 0, ir = 0, at_left = 0, at_right = count - 1;
         int64_t base_left = 0, base_right = 0;
@@ -139,10 +144,11 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
             }
             /* the pairs of these two blocks' stops, in a loop that branches only where they cross; the
                pairs that moved a followed key are noted (without a branch: 1 in 14 pairs here, a
-               branch on them mispredicted a third of the loop's time) and followed after */
+               branch on them mispredicted a third of the loop's time) and followed after. Where a part
+               is settled whole (`settled`), the stop on its side is only copied into the other part. */
             int64_t pairs = nl - il < nr - ir ? nl - il : nr - ir, left = 0, right = 0, crossed = 0, t = 0;
             int noted = 0;
-#define PAIRS(tied)                                           \
+#define PAIRS(tied, MOVE)                                     \
     for (; t < pairs; t++) {                                  \
         left = base_left + stops_left[il + t];                \
         right = base_right + stops_right[ir + t];             \
@@ -150,22 +156,41 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
             crossed = 1;                                      \
             break;                                            \
         }                                                     \
+        moved[noted] = (uint16_t)t;                           \
+        MOVE(tied)                                            \
+    }
+#define SWAP(tied)                                            \
         KEY_T from_left = keys[left], from_right = keys[right]; \
         keys[left] = from_right;                              \
         keys[right] = from_left;                              \
-        moved[noted] = (uint16_t)t;                           \
-        noted += tied(from_right) | tied(from_left);          \
-    }
-            if (tied0 == tied1) {  /* (one key followed: one compare a key, 1.5 times as fast) */
-                PAIRS(ONE_TIED)
+        noted += tied(from_right) | tied(from_left);
+#define TO_RIGHT(tied)                                        \
+        KEY_T from_left = keys[left];                         \
+        keys[right] = from_left;                              \
+        noted += tied(from_left);
+#define TO_LEFT(tied)                                         \
+        KEY_T from_right = keys[right];                       \
+        keys[left] = from_right;                              \
+        noted += tied(from_right);
+            if (settled == SETTLED_LEFT) {
+                if (tied0 == tied1) { PAIRS(ONE_TIED, TO_RIGHT) } else { PAIRS(TIED, TO_RIGHT) }
+            } else if (settled == SETTLED_RIGHT) {
+                if (tied0 == tied1) { PAIRS(ONE_TIED, TO_LEFT) } else { PAIRS(TIED, TO_LEFT) }
+            } else if (tied0 == tied1) {  /* (one key followed: one compare a key, 1.5 times as fast) */
+                PAIRS(ONE_TIED, SWAP)
             } else {
-                PAIRS(TIED)
+                PAIRS(TIED, SWAP)
             }
 #undef PAIRS
+#undef SWAP
+#undef TO_RIGHT
+#undef TO_LEFT
             for (int i = 0; i < noted; i++) {
                 int64_t to_left = base_left + stops_left[il + moved[i]];
                 int64_t to_right = base_right + stops_right[ir + moved[i]];
-                if (TIED(keys[to_left])) {  /* (came from the right; right stops fall: a cursor from the run's end) */
+                /* (came from the right; right stops fall: a cursor from the run's end. A settled side's
+                   place was not written: its key is stale) */
+                if (settled != SETTLED_LEFT && TIED(keys[to_left])) {
                     while (at_right >= 0 && r[at_right].place > to_right)
                         at_right--;
                     if (at_right < 0 || r[at_right].place != to_right)
@@ -173,7 +198,7 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
                     gone[a + at_right] = 1;
                     scratch[a + in_left++] = (Entry){to_left, r[at_right].number};
                 }
-                if (TIED(keys[to_right])) {  /* (came from the left; left stops rise: a cursor from the start) */
+                if (settled != SETTLED_RIGHT && TIED(keys[to_right])) {  /* (came from the left: a cursor from the start) */
                     while (at_left < count && r[at_left].place < to_left)
                         at_left++;
                     if (at_left >= count || r[at_left].place != to_left)
@@ -219,6 +244,7 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
 typedef struct { int64_t place, number; } Entry;
 typedef struct { int64_t start, end; int budget; int64_t a, b; } Segment;
 #define BLOCK 512  /* entries scanned for stops at once */
+enum { SETTLED_LEFT = 1, SETTLED_RIGHT = 2 };
 
 /* The index in run[0, count) (sorted by place) of the entry at `place`, or -1 (a broken walk). */
 static int64_t find(const Entry *run, int64_t count, int64_t place)
