@@ -127,7 +127,8 @@ def test_block_operators_count_what_they_hold(models):
     """A `block_upcast` operator's working memory is its inputs counted as float32 plus what it says it
     holds (`entry_bytes`), written out here for a 32000 × 1024 embedding (recipe dtype float32, 3 inputs
     and a base): DARE holds the result (4 B an entry) and its masks as bits; TIES with mergekit's tie order
-    also follows the sort of a whole |τ| (4 B of float32 bits and a byte for the followed ties), with
+    also follows the sort of a whole |τ| (4 B of float32 bits, a byte for the followed ties and 2 for the C
+    walk's numbers), with
     `tie_break: index` the places of the ties kept at its cut (a byte); SCE at most
     a bool mask, the mask in the dtype and one input's float32 squares (the variances and a byte for the
     selection and its followed ties come before, and hold less); an operator without the hook (karcher,
@@ -146,7 +147,7 @@ def test_block_operators_count_what_they_hold(models):
                                               ("karcher", "karcher", None, False)]}
     inputs_as_float32, result_and_bits = 4 * 4, 4 + 3 // 8 + 1
     assert need["dare"] == need["ties-index"] - n == n * (inputs_as_float32 + result_and_bits)
-    assert need["ties"] == n * (inputs_as_float32 + result_and_bits + 4 + 1)
+    assert need["ties"] == n * (inputs_as_float32 + result_and_bits + 4 + 1 + 2)
     assert need["sce"] == n * (inputs_as_float32 + 1 + 4 + 4)
     assert need["karcher"] == n * (4 * (3 + 2) + 4 * 3 + 8)
     assert need["dare"] < need["sce"] < need["ties"] < engine.WORKING_MEMORY <= need["karcher"]

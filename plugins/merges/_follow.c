@@ -21,15 +21,160 @@
  * at most once in a partition, and left stops rise while right stops fall, so a moved entry is found
  * in the run by a cursor from each end (a binary search per move cost a third of the walk where 1 in
  * 70 entries is followed); the runs of the two parts are merged from the entries that stayed and
- * those moved in, which come in order. Held: 49 bytes a followed entry (three runs and a flag).
- * Measured: 2.9M bf16 magnitudes with 1 in 70 followed, half kept, one thread: the whole
- * `_introsort.select` (histogram and ties found) 11-12 ms with AVX2 stops (15.5 before them), numpy's 32;
- * of the walk, for 6.8M entries partitioned in 19 partitions: the stops 1.5-2.5 ms, 1.67M pairs
- * swapped 3.5-5.5 ms, the 118k pairs that moved a followed key 1.1-1.6, the runs merged 1.0-1.5. */
+ * those moved in, which come in order. That costs O(followed) a partition, and most partitions keep
+ * nearly all of them (they share one key, and only a pivot of that key splits them), so once a segment
+ * has shrunk to half the entries its numbers ride beside its keys instead (`WALK_IDS`): every move
+ * moves an int32 too, and nothing is looked up or merged. Held: 49 bytes a followed entry (three runs
+ * and a flag) and 2 bytes an entry (the ids of half of them).
+ * Measured (one thread, AVX2 stops; 2.9M bf16 magnitudes, 1 in 70 followed, half kept): the whole
+ * `_introsort.select` (histogram and ties found) 11-12 ms with runs only (15.5 before the AVX2 stops),
+ * numpy's 32; of that walk, for 6.8M entries partitioned in 19 partitions: the stops 1.5-2.5 ms, 1.67M
+ * pairs swapped 3.5-5.5 ms, the 118k pairs that moved a followed key 1.1-1.6, the runs merged 1.0-1.5.
+ * With ids from half the entries and a settled part's stops copied, not swapped: 16 walks of 4 of the
+ * 168M job's tensors (bf16, 1M to 33M entries, top 20/50/90 % and breadcrumbs' two ends) 420-434 ms
+ * against 577 with runs only (a quarter of the entries: 452-467; all of them: 526-531, the ids' fresh
+ * pages cleared by the kernel). */
 #ifdef KEY_T
 
+/* The walk of the segment [start0, end0) with its followed entries' numbers carried beside the keys:
+   `ids[p - start0]` is the number of the followed entry at place p (read only where keys[p] is tied),
+   moved with every key the partitions move, so a move costs a load and a store more and nothing is
+   looked up or merged (the runs cost O(followed) a partition: a quarter of the walk). Held: 4 bytes an
+   entry of the segment, so `WALK` hands a segment over once it has shrunk to `ids`' size. A segment's
+   followed count is carried on the stack: a settled part has none, else the left part is counted. */
+static int WALK_IDS(KEY_T *keys, int64_t start0, int64_t end0, int budget0, int64_t count0, int64_t lo, int64_t hi,
+                    int64_t final, KEY_T tied0, KEY_T tied1, int32_t *ids, uint8_t *kept)
+{
+#define TIED(k) ((k) == tied0 || (k) == tied1)
+#define ID(p) ids[(p) - start0]
+    uint16_t stops_left[BLOCK + 16], stops_right[BLOCK + 16];
+    Segment stack[256];
+    int top = 0;
+    stack[top++] = (Segment){start0, end0, budget0, count0, 0};
+    while (top) {
+        Segment s = stack[--top];
+        int64_t start = s.start, end = s.end, count = s.a;
+        if (!count || end <= lo || hi <= start)
+            continue;
+        if (lo <= start && end <= hi) {  /* kept whole */
+            for (int64_t p = start; p < end; p++)
+                if (TIED(keys[p]))
+                    kept[ID(p)] = 1;
+            continue;
+        }
+        if (end - start <= final) {  /* the final insertion sort: stable, descending */
+            KEY_T values[16];
+            int64_t from[16], length = end - start;
+            for (int64_t i = 0; i < length; i++) {
+                KEY_T v = keys[start + i];
+                int64_t j = i;
+                while (j > 0 && v > values[j - 1]) {
+                    values[j] = values[j - 1];
+                    from[j] = from[j - 1];
+                    j--;
+                }
+                values[j] = v;
+                from[j] = i;
+            }
+            for (int64_t i = 0; i < length; i++)  /* (the entry first at start + from[i] ends at start + i) */
+                if (TIED(values[i]))
+                    kept[ID(start + from[i])] = lo <= start + i && start + i < hi;
+            continue;
+        }
+        if (s.budget == 0)
+            return 0;
+        int64_t mid = start + (end - start) / 2, median;
+        KEY_T x = keys[start + 1], y = keys[mid], z = keys[end - 1];
+        if (x > y)
+            median = y > z ? mid : x > z ? end - 1 : start + 1;
+        else
+            median = x > z ? start + 1 : y > z ? end - 1 : mid;
+        KEY_T first = keys[start];
+        int32_t first_id = ID(start);
+        keys[start] = keys[median];
+        ID(start) = ID(median);
+        keys[median] = first;
+        ID(median) = first_id;
+        KEY_T pivot = keys[start];
+        int settled = tied0 < pivot && tied1 < pivot ? SETTLED_LEFT : tied0 > pivot && tied1 > pivot ? SETTLED_RIGHT : 0;
+        int64_t first_ = start + 1, last_ = end, seen_left = first_, seen_right = end, cut;
+        int64_t nl = 0, il = 0, nr = 0, ir = 0, base_left = 0, base_right = 0;
+        for (;;) {
+            if (il == nl) {
+                if (seen_left >= last_) {
+                    cut = last_;
+                    break;
+                }
+                int64_t stop = seen_left + BLOCK < last_ ? seen_left + BLOCK : last_;
+                nl = STOPS_LEFT(keys + seen_left, (int)(stop - seen_left), pivot, stops_left);
+                il = 0;
+                base_left = seen_left;
+                seen_left = stop;
+                continue;
+            }
+            if (ir == nr) {
+                if (seen_right <= first_) {
+                    int64_t left = base_left + stops_left[il];
+                    cut = left < last_ ? left : last_;
+                    break;
+                }
+                int64_t begin = seen_right - BLOCK > first_ ? seen_right - BLOCK : first_;
+                nr = STOPS_RIGHT(keys + begin, (int)(seen_right - begin), pivot, stops_right);
+                ir = 0;
+                base_right = begin;
+                seen_right = begin;
+                continue;
+            }
+            int64_t pairs = nl - il < nr - ir ? nl - il : nr - ir, left = 0, right = 0, crossed = 0, t = 0;
+#define PAIRS(MOVE)                                           \
+    for (; t < pairs; t++) {                                  \
+        left = base_left + stops_left[il + t];                \
+        right = base_right + stops_right[ir + t];             \
+        if (!(left < right)) {                                \
+            crossed = 1;                                      \
+            break;                                            \
+        }                                                     \
+        MOVE                                                  \
+    }
+            if (settled == SETTLED_LEFT) {
+                PAIRS(keys[right] = keys[left]; ID(right) = ID(left);)
+            } else if (settled == SETTLED_RIGHT) {
+                PAIRS(keys[left] = keys[right]; ID(left) = ID(right);)
+            } else {
+                PAIRS(KEY_T k = keys[left]; int32_t i = ID(left); keys[left] = keys[right]; ID(left) = ID(right);
+                      keys[right] = k; ID(right) = i;)
+            }
+#undef PAIRS
+            il += t;
+            ir += t;
+            if (t) {
+                first_ = base_left + stops_left[il - 1] + 1;
+                last_ = base_right + stops_right[ir - 1];
+            }
+            if (crossed) {
+                cut = left < last_ ? left : last_;
+                break;
+            }
+        }
+        int64_t in_left = settled == SETTLED_LEFT ? 0 : settled == SETTLED_RIGHT ? count : -1;
+        if (in_left < 0) {  /* (the pivot a followed key, or between two: the left part's followed counted) */
+            in_left = 0;
+            for (int64_t p = start; p < cut; p++)
+                in_left += TIED(keys[p]);
+        }
+        if (top + 2 > 256)
+            return 0;
+        stack[top++] = (Segment){start, cut, s.budget - 1, in_left, 0};
+        stack[top++] = (Segment){cut, end, s.budget - 1, count - in_left, 0};
+    }
+    return 1;
+#undef TIED
+#undef ID
+}
+
 static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, const KEY_T *tied, int ntied,
-                Entry *run, int64_t m, Entry *scratch, Entry *merged, uint8_t *gone, uint8_t *kept)
+                Entry *run, int64_t m, Entry *scratch, Entry *merged, uint8_t *gone, uint8_t *kept, int32_t *ids,
+                int64_t ids_size)
 {
 #define TIED(k) ((k) == tied0 || (k) == tied1)
 #define ONE_TIED(k) ((k) == tied0)
@@ -50,6 +195,23 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
         if (lo <= start && end <= hi) {  /* kept whole */
             for (int64_t i = a; i < b; i++)
                 kept[run[i].number] = 1;
+            continue;
+        }
+        if (end - start <= ids_size && end - start > final) {  /* the rest carried beside the keys */
+            int64_t held = 0;  /* (every tied key's id must be written: a missing one would index past kept) */
+            for (int64_t p = start; p < end; p += 1 << 20) {  /* (int32 sums of chunks: a vectorized loop) */
+                int32_t chunk = 0;
+                for (int64_t q = p, e = end - p < 1 << 20 ? end : p + (1 << 20); q < e; q++)
+                    chunk += (keys[q] == tied0) | (keys[q] == tied1);
+                held += chunk;
+            }
+            if (held != count)
+                return -1;
+            for (int64_t i = a; i < b; i++)
+                ids[run[i].place - start] = (int32_t)run[i].number;
+            int done = WALK_IDS(keys, start, end, s.budget, count, lo, hi, final, tied0, tied1, ids, kept);
+            if (done <= 0)
+                return done;
             continue;
         }
         if (end - start <= final) {  /* the final insertion sort: stable, descending */
@@ -417,15 +579,18 @@ __attribute__((target("avx2"))) static int fast32_right(const int32_t *keys, int
 
 #define KEY_T int16_t
 #define WALK walk16
+#define WALK_IDS walk16_ids
 #define STOPS_LEFT(keys, count, pivot, out) LEFT(16, keys, count, pivot, out)
 #define STOPS_RIGHT(keys, count, pivot, out) RIGHT(16, keys, count, pivot, out)
 #include "_follow.c"
 #undef KEY_T
 #undef WALK
+#undef WALK_IDS
 #undef STOPS_LEFT
 #undef STOPS_RIGHT
 #define KEY_T int32_t
 #define WALK walk32
+#define WALK_IDS walk32_ids
 #define STOPS_LEFT(keys, count, pivot, out) LEFT(32, keys, count, pivot, out)
 #define STOPS_RIGHT(keys, count, pivot, out) RIGHT(32, keys, count, pivot, out)
 #include "_follow.c"
@@ -443,6 +608,7 @@ static PyObject *walk(PyObject *self, PyObject *args)
     Py_ssize_t n = keys.itemsize ? keys.len / keys.itemsize : 0;
     long long tied[2] = {0, 0};
     Entry *run = NULL, *scratch = NULL, *merged = NULL;
+    int32_t *ids = NULL;
     uint8_t *gone = NULL;
     if ((keys.itemsize != 2 && keys.itemsize != 4) || ntied < 1 || ntied > 2 || kept.len != m || final > 16
         || origin.len % 8) {
@@ -455,11 +621,14 @@ static PyObject *walk(PyObject *self, PyObject *args)
         if (tied[i] == -1 && PyErr_Occurred())
             goto done;
     }
+    /* segments from half the entries on carried with ids (`WALK_IDS`): 2 bytes an entry; numbers fit int32 */
+    int64_t ids_size = m <= INT32_MAX ? n / 2 : 0;
+    ids = PyMem_RawMalloc((size_t)(ids_size ? ids_size : 1) * sizeof(int32_t));
     run = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
     scratch = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
     merged = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
     gone = PyMem_RawCalloc((size_t)(m ? m : 1), 1);
-    if (!run || !scratch || !merged || !gone) {
+    if (!run || !scratch || !merged || !gone || !ids) {
         PyErr_NoMemory();
         goto done;
     }
@@ -471,10 +640,10 @@ static PyObject *walk(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     if (keys.itemsize == 2) {
         int16_t t[2] = {(int16_t)tied[0], (int16_t)tied[1]};
-        ok = walk16(keys.buf, n, lo, hi, final, t, (int)ntied, run, m, scratch, merged, gone, kept.buf);
+        ok = walk16(keys.buf, n, lo, hi, final, t, (int)ntied, run, m, scratch, merged, gone, kept.buf, ids, ids_size);
     } else {
         int32_t t[2] = {(int32_t)tied[0], (int32_t)tied[1]};
-        ok = walk32(keys.buf, n, lo, hi, final, t, (int)ntied, run, m, scratch, merged, gone, kept.buf);
+        ok = walk32(keys.buf, n, lo, hi, final, t, (int)ntied, run, m, scratch, merged, gone, kept.buf, ids, ids_size);
     }
     Py_END_ALLOW_THREADS
     if (ok < 0)
@@ -483,6 +652,7 @@ static PyObject *walk(PyObject *self, PyObject *args)
         result = PyBool_FromLong(ok);
 done:
     PyMem_RawFree(run);
+    PyMem_RawFree(ids);
     PyMem_RawFree(scratch);
     PyMem_RawFree(merged);
     PyMem_RawFree(gone);
