@@ -240,9 +240,29 @@ def test_the_c_walk_refuses_an_incomplete_origin():
     for missing in (0, -1):  # (the last one is still in place when the segment's numbers go beside its keys)
         origin = numpy.delete(numpy.flatnonzero(keys == 2), missing)
         with pytest.raises(RuntimeError, match="not found"):
-            _select.native.walk(keys.copy(), 0, 2500, 16, (2,), origin, numpy.empty(origin.size, dtype=numpy.uint8))
+            _select.native.walk(keys.copy(), 0, 2500, 16, (2,), origin, numpy.empty(origin.size, dtype=numpy.uint8),
+                                numpy.empty(2500, dtype=numpy.int32))
     with pytest.raises(ValueError, match="int16 or int32"):
-        _select.native.walk(keys.astype(numpy.int64), 0, 2500, 16, (2,), origin, numpy.empty(origin.size, numpy.uint8))
+        _select.native.walk(keys.astype(numpy.int64), 0, 2500, 16, (2,), origin, numpy.empty(origin.size, numpy.uint8),
+                            numpy.empty(2500, dtype=numpy.int32))
+
+
+def test_scratch_memory_is_handed_out_again_only_within_reusing():
+    """The selections of one tensor's inputs share their keys' and walk numbers' memory (`_introsort.reusing`):
+    the same memory for a name again where it fits, a bigger one where not, nothing shared outside the block."""
+    from adaptkit_plugins.merges._introsort import reusing, scratch
+
+    assert not numpy.shares_memory(scratch("x", 1000, numpy.int32), scratch("x", 1000, numpy.int32))
+    with reusing():
+        first = scratch("x", 1000, numpy.int32)
+        assert first.dtype == numpy.int32 and first.size == 1000
+        assert numpy.shares_memory(first, scratch("x", 2000, numpy.int16))
+        assert not numpy.shares_memory(first, scratch("y", 1000, numpy.int32))
+        with reusing():  # (an inner block keeps the outer one's memory)
+            assert numpy.shares_memory(first, scratch("x", 10, numpy.int32))
+        bigger = scratch("x", 2000, numpy.int32)
+        assert bigger.size == 2000 and not numpy.shares_memory(first, bigger)
+    assert not numpy.shares_memory(bigger, scratch("x", 10, numpy.int32))
 
 
 def sorted_range_kept(tau: torch.Tensor, descending: bool, lo: int, hi: int, block: int = 30_000) -> torch.Tensor:

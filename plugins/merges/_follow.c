@@ -3,11 +3,13 @@
  * entries. The rules, and the numpy walk this one must agree with, are in _introsort.py; the tests run
  * both against torch. Optional: where this module is not built, the numpy walk runs.
  *
- * walk(keys, lo, hi, final, tied, origin, kept) -> bool
+ * walk(keys, lo, hi, final, tied, origin, kept, ids) -> bool
  *   keys    writable contiguous int16 or int32 (itemsize 2 or 4), scrambled as the sort scrambles it
  *   tied    a tuple of the one or two keys of the followed entries
  *   origin  int64, the followed entries' places, ascending
  *   kept    writable uint8, one per followed entry: set to 1 where the entry ends in [lo, hi)
+ *   ids     writable int32, room for the numbers of a segment's entries (`WALK_IDS`): segments that fit
+ *           are walked with them (the caller's memory: `_introsort.scratch` reuses it; n / 2 entries)
  * False where a segment that decides would be heapsorted (kept is then incomplete); RuntimeError where
  * `origin` is not every entry holding a tied key.
  *
@@ -23,9 +25,9 @@
  * 70 entries is followed); the runs of the two parts are merged from the entries that stayed and
  * those moved in, which come in order. That costs O(followed) a partition, and most partitions keep
  * nearly all of them (they share one key, and only a pivot of that key splits them), so once a segment
- * has shrunk to half the entries its numbers ride beside its keys instead (`WALK_IDS`): every move
- * moves an int32 too, and nothing is looked up or merged. Held: 49 bytes a followed entry (three runs
- * and a flag) and 2 bytes an entry (the ids of half of them).
+ * fits the caller's `ids` (half the entries) its numbers ride beside its keys instead (`WALK_IDS`):
+ * every move moves an int32 too, and nothing is looked up or merged. Held: 49 bytes a followed entry
+ * (three runs and a flag), and the caller's ids.
  * Measured (one thread, AVX2 stops; 2.9M bf16 magnitudes, 1 in 70 followed, half kept): the whole
  * `_introsort.select` (histogram and ties found) 11-12 ms with runs only (15.5 before the AVX2 stops),
  * numpy's 32; of that walk, for 6.8M entries partitioned in 19 partitions: the stops 1.5-2.5 ms, 1.67M
@@ -40,7 +42,7 @@
    `ids[p - start0]` is the number of the followed entry at place p (read only where keys[p] is tied),
    moved with every key the partitions move, so a move costs a load and a store more and nothing is
    looked up or merged (the runs cost O(followed) a partition: a quarter of the walk). Held: 4 bytes an
-   entry of the segment, so `WALK` hands a segment over once it has shrunk to `ids`' size. A segment's
+   entry of the segment, so `WALK` hands a segment over once it fits `ids`. A segment's
    followed count is carried on the stack: a settled part has none, else the left part is counted. */
 static int WALK_IDS(KEY_T *keys, int64_t start0, int64_t end0, int budget0, int64_t count0, int64_t lo, int64_t hi,
                     int64_t final, KEY_T tied0, KEY_T tied1, int32_t *ids, uint8_t *kept)
@@ -598,22 +600,22 @@ __attribute__((target("avx2"))) static int fast32_right(const int32_t *keys, int
 
 static PyObject *walk(PyObject *self, PyObject *args)
 {
-    Py_buffer keys, origin, kept;
+    Py_buffer keys, origin, kept, room;
     Py_ssize_t lo, hi, final;
     PyObject *tied_keys;
-    if (!PyArg_ParseTuple(args, "w*nnnO!y*w*", &keys, &lo, &hi, &final, &PyTuple_Type, &tied_keys, &origin, &kept))
+    if (!PyArg_ParseTuple(args, "w*nnnO!y*w*w*", &keys, &lo, &hi, &final, &PyTuple_Type, &tied_keys, &origin, &kept,
+                          &room))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t ntied = PyTuple_GET_SIZE(tied_keys), m = origin.len / 8;
     Py_ssize_t n = keys.itemsize ? keys.len / keys.itemsize : 0;
     long long tied[2] = {0, 0};
     Entry *run = NULL, *scratch = NULL, *merged = NULL;
-    int32_t *ids = NULL;
     uint8_t *gone = NULL;
     if ((keys.itemsize != 2 && keys.itemsize != 4) || ntied < 1 || ntied > 2 || kept.len != m || final > 16
-        || origin.len % 8) {
+        || origin.len % 8 || room.itemsize != 4) {
         PyErr_SetString(PyExc_ValueError, "walk: int16 or int32 keys, one or two tied keys, int64 origin, "
-                                          "a uint8 kept per followed entry, final ≤ 16");
+                                          "a uint8 kept per followed entry, final ≤ 16, int32 ids");
         goto done;
     }
     for (Py_ssize_t i = 0; i < ntied; i++) {
@@ -621,14 +623,13 @@ static PyObject *walk(PyObject *self, PyObject *args)
         if (tied[i] == -1 && PyErr_Occurred())
             goto done;
     }
-    /* segments from half the entries on carried with ids (`WALK_IDS`): 2 bytes an entry; numbers fit int32 */
-    int64_t ids_size = m <= INT32_MAX ? n / 2 : 0;
-    ids = PyMem_RawMalloc((size_t)(ids_size ? ids_size : 1) * sizeof(int32_t));
+    int32_t *ids = room.buf;  /* segments up to its size carried with ids (`WALK_IDS`); numbers fit int32 */
+    int64_t ids_size = m <= INT32_MAX ? room.len / 4 : 0;
     run = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
     scratch = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
     merged = PyMem_RawMalloc((size_t)(m ? m : 1) * sizeof(Entry));
     gone = PyMem_RawCalloc((size_t)(m ? m : 1), 1);
-    if (!run || !scratch || !merged || !gone || !ids) {
+    if (!run || !scratch || !merged || !gone) {
         PyErr_NoMemory();
         goto done;
     }
@@ -652,13 +653,13 @@ static PyObject *walk(PyObject *self, PyObject *args)
         result = PyBool_FromLong(ok);
 done:
     PyMem_RawFree(run);
-    PyMem_RawFree(ids);
     PyMem_RawFree(scratch);
     PyMem_RawFree(merged);
     PyMem_RawFree(gone);
     PyBuffer_Release(&keys);
     PyBuffer_Release(&origin);
     PyBuffer_Release(&kept);
+    PyBuffer_Release(&room);
     return result;
 }
 
@@ -703,7 +704,7 @@ static PyObject *vectors(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"vectors", vectors, METH_VARARGS, "vectors(on) -> bool: AVX2 stops from now on (where the CPU has it)"},
-    {"walk", walk, METH_VARARGS, "walk(keys, lo, hi, final, tied, origin, kept) -> bool: see _follow.c"},
+    {"walk", walk, METH_VARARGS, "walk(keys, lo, hi, final, tied, origin, kept, ids) -> bool: see _follow.c"},
     {"histogram", histogram, METH_VARARGS, "histogram(keys, counts): counts[key + 32768] += 1 for int16 keys"},
     {NULL, NULL, 0, NULL},
 };

@@ -89,7 +89,8 @@ def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> Ranked | n
     alike, so |τ| is kept as it is (a float32 copy for other dtypes, as mergekit's) and its sort
     followed on integer keys (`_introsort`)."""
     first = tau(0, min(n, 1))
-    whole = torch.empty(n, dtype=first.dtype if first.dtype in (torch.bfloat16, torch.float16) else torch.float32)
+    dtype = first.dtype if first.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    whole = torch.from_numpy(_introsort.scratch("magnitudes", n * dtype.itemsize, numpy.uint8)).view(dtype)
 
     def magnitudes():
         for s, e in block_ranges(n):
@@ -190,14 +191,15 @@ def _spread(size: int) -> numpy.ndarray:
     return -bits.astype({2: numpy.int16, 4: numpy.int32, 8: numpy.int64}[size])
 
 
-def sparsifier(tau, n: int, method: str | None, density: float, gamma: float, generator,
-               tie_break: str = "mergekit") -> Keep | None:
-    """A `Keep` for one task vector, or None when every entry is kept (density ≥ 1, as mergekit).
+def sparsifiers(taus, n: int, method: str | None, density, gamma, generators,
+                tie_break: str = "mergekit") -> list[Keep | None]:
+    """A `Keep` for each task vector (`taus`: each one's τ(start, stop)), or None where every entry is kept
+    (density ≥ 1, as mergekit), made one after another in the same scratch memory (`_introsort.reusing`).
     `tie_break` says which of the entries tied at a magnitude cut are kept: "mergekit" (those its
     CPU sort keeps) or "index" (lowest flat index first: histogram cuts over blocks)."""
-    if method is None or density >= 1:
-        return None
-    return Keep(tau, n, method, density, gamma, generator, tie_break)
+    with _introsort.reusing():
+        return [None if method is None or d >= 1 else Keep(tau, n, method, d, g, generator, tie_break)
+                for tau, d, g, generator in zip(taus, density, gamma, generators)]
 
 
 def held_bytes(sparsify: str | None, inputs: int, compute_size: int, tie_break: str) -> int:

@@ -13,10 +13,11 @@ WINDOW = 1 << 16  # entries scanned for stops at once
 
 
 def walk(keys: numpy.ndarray, lo: int, hi: int, final: int, tied_keys: tuple, origin: numpy.ndarray,
-         kept: numpy.ndarray) -> bool:
+         kept: numpy.ndarray, ids: numpy.ndarray | None = None) -> bool:
     """The C walk's `walk` (`_follow.c`): `kept[i]` set to whether the entry first at `origin[i]` (every
     entry holding a key of `tied_keys`, ascending) ends in places [lo, hi); `keys` scrambled as the
-    sort scrambles them. False where a segment that decides would be heapsorted."""
+    sort scrambles them. False where a segment that decides would be heapsorted. (`ids`: the C walk's
+    room, unused here.)"""
     n, followed = keys.size, Followed(keys, tied_keys, origin)
     todo = [(0, n, 2 * (n.bit_length() - 1), numpy.arange(origin.size))]
     while todo:

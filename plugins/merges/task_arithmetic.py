@@ -56,7 +56,7 @@ import torch
 from ._base import Operator, frozen
 from ._mixing import l1_sums, mix_block, mix_models
 from ._select import block_ranges
-from ._sparsify import held_bytes, l1_factor, sparsifier
+from ._sparsify import held_bytes, l1_factor, sparsifiers
 
 # entries a block: its temporaries stay in a core's cache (2 MiB here) from one operation to the next (TIES with
 # tie_break: index, one thread, profiled: 2¹⁸ took 0.82 of the time of 2²⁰, 2¹⁷ 0.92 of 2¹⁸'s, 2¹⁶ as 2¹⁷)
@@ -121,8 +121,8 @@ class TaskArithmetic(Operator):
         def task_vector(i: int):
             return lambda s, e: torch.sub(flat[i][s:e].to(dtype), base_flat[s:e].to(dtype))
 
-        keeps = [sparsifier(task_vector(i), n, self.sparsify, s.density[i], s.gamma[i], generators[i], s.tie_break)
-                 for i in range(len(tensors))]
+        keeps = sparsifiers([task_vector(i) for i in range(len(tensors))], n, self.sparsify, s.density, s.gamma,
+                            generators, s.tie_break)
 
         def rescale(i: int, keep) -> float | None:  # (a Python float of the dtype-rounded value: mergekit's
             if keep is None or s.rescale is False:  # products, half the time of a 0-d tensor's)
