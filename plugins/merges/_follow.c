@@ -15,7 +15,7 @@
  *
  * histogram(keys, counts): counts[key + 32768] += 1 for each int16 key (65536 int64 counts), for
  * `_select.histogram16` (`_introsort.keys_at`, the `index` cuts): 0.5 ns an entry, where torch's bincount of the keys
- * widened to int32 took 3-4.
+ * widened to int32 took 3-4 (and one int64 histogram 0.67).
  *
  * vectors(on) -> bool: the stops found with AVX2 (where the CPU has it) or not from now on (tests).
  *
@@ -677,10 +677,26 @@ static PyObject *histogram(PyObject *self, PyObject *args)
     const uint16_t *k = keys.buf;
     int64_t *c = counts.buf;
     Py_ssize_t n = keys.len / 2;
+    /* two uint32 histograms, even and odd entries, added in after: a bin's increments then wait less on
+       the last one's store (33M bf16 magnitudes in blocks of 2²⁰: 0.48 ns an entry against 0.67) */
+    uint32_t *h = n > UINT32_MAX ? NULL : PyMem_RawCalloc(2 << 16, sizeof(uint32_t));
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        c[(uint16_t)(k[i] ^ 0x8000)]++;
+    if (h) {
+        Py_ssize_t i = 0;
+        for (; i + 1 < n; i += 2) {
+            h[(uint16_t)(k[i] ^ 0x8000)]++;
+            h[(1 << 16) + (uint16_t)(k[i + 1] ^ 0x8000)]++;
+        }
+        if (i < n)
+            h[(uint16_t)(k[i] ^ 0x8000)]++;
+        for (int j = 0; j < 1 << 16; j++)
+            c[j] += (int64_t)h[j] + h[(1 << 16) + j];
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++)
+            c[(uint16_t)(k[i] ^ 0x8000)]++;
+    }
     Py_END_ALLOW_THREADS
+    PyMem_RawFree(h);
     PyBuffer_Release(&keys);
     PyBuffer_Release(&counts);
     Py_RETURN_NONE;
