@@ -570,6 +570,26 @@ __attribute__((target("avx2"))) static int fast32_right(const int32_t *keys, int
     }
     return n + stops32_right(keys, i, pivot, out + n);
 }
+/* the offsets of a block's keys equal to t0 or t1, ascending (`places`) */
+__attribute__((target("avx2"))) static int fast16_equal(const int16_t *keys, int count, int16_t t0, int16_t t1,
+                                                        uint16_t *out)
+{
+    __m256i a = _mm256_set1_epi16(t0), b = _mm256_set1_epi16(t1);
+    int n = 0, i = 0;
+    for (; i + 16 <= count; i += 16) {
+        __m256i k = _mm256_loadu_si256((const __m256i *)(keys + i));
+        __m256i hit = _mm256_or_si256(_mm256_cmpeq_epi16(k, a), _mm256_cmpeq_epi16(k, b));
+        unsigned m = (unsigned)_mm_movemask_epi8(_mm_packs_epi16(_mm256_castsi256_si128(hit),
+                                                                 _mm256_extracti128_si256(hit, 1))) & 0xFFFF;
+        PUT_UP(m & 255, i);
+        PUT_UP(m >> 8, i + 8);
+    }
+    for (; i < count; i++) {
+        out[n] = (uint16_t)i;
+        n += keys[i] == t0 || keys[i] == t1;
+    }
+    return n;
+}
 #define LEFT(size, keys, count, pivot, out) \
     (have_avx2 ? fast##size##_left(keys, count, pivot, out) : stops##size##_left(keys, 0, count, pivot, out))
 #define RIGHT(size, keys, count, pivot, out) \
@@ -718,9 +738,58 @@ static PyObject *vectors(PyObject *self, PyObject *args)
 #endif
 }
 
+/* places(keys, tied, out) -> int: the places of the int16 keys equal to one of the one or two `tied`, ascending,
+   into int64 `out`; returns how many there are (only the first len(out) are written). With AVX2 16 keys
+   compared at once and their places written from a table (`_introsort.Ends`: 0.1 ns an entry against 0.4 for
+   numpy's compare and flatnonzero). */
+static PyObject *places(PyObject *self, PyObject *args)
+{
+    Py_buffer keys, out;
+    PyObject *tied_keys;
+    if (!PyArg_ParseTuple(args, "y*O!w*", &keys, &PyTuple_Type, &tied_keys, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t ntied = PyTuple_GET_SIZE(tied_keys);
+    long t[2] = {0, 0};
+    if (keys.itemsize != 2 || out.itemsize != 8 || ntied < 1 || ntied > 2) {
+        PyErr_SetString(PyExc_ValueError, "places: int16 keys, one or two tied keys, int64 out");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < ntied; i++)
+        if ((t[i] = PyLong_AsLong(PyTuple_GET_ITEM(tied_keys, i))) == -1 && PyErr_Occurred())
+            goto done;
+    int16_t t0 = (int16_t)t[0], t1 = (int16_t)t[ntied - 1];
+    const int16_t *k = keys.buf;
+    int64_t *o = out.buf, n = keys.len / 2, capacity = out.len / 8, found = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint16_t offsets[BLOCK + 16];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = (int)(n - start < BLOCK ? n - start : BLOCK), hits = 0;
+#ifdef FAST_STOPS
+        if (have_avx2)
+            hits = fast16_equal(k + start, count, t0, t1, offsets);
+        else
+#endif
+            for (int i = 0; i < count; i++) {
+                offsets[hits] = (uint16_t)i;
+                hits += k[start + i] == t0 || k[start + i] == t1;
+            }
+        for (int i = 0; i < hits; i++, found++)
+            if (found < capacity)
+                o[found] = start + offsets[i];
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLongLong(found);
+done:
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"vectors", vectors, METH_VARARGS, "vectors(on) -> bool: AVX2 stops from now on (where the CPU has it)"},
     {"walk", walk, METH_VARARGS, "walk(keys, lo, hi, final, tied, origin, kept, ids) -> bool: see _follow.c"},
+    {"places", places, METH_VARARGS, "places(keys, tied, out) -> int: the places of the tied keys, see _follow.c"},
     {"histogram", histogram, METH_VARARGS, "histogram(keys, counts): counts[key + 32768] += 1 for int16 keys"},
     {NULL, NULL, 0, NULL},
 };

@@ -45,7 +45,11 @@
  *   keys (rows × n, int32 or int64), each row sorted ascending, a magnitude's bit pattern·2ᵏ + its column (k = 16 or
  *   32); draws (rows × n uint32) in rank order; thresholds (n uint32). Bit r·n + column of `out` is set where row r's
  *   draw at the column's rank k is below thresholds[k]: numpy's compare, torch's scatter of the mask to the columns
- *   and numpy's packbits in one pass. */
+ *   and numpy's packbits in one pass.
+ * keys(model, base, descending, keys, counts): the keys of |τ|, τ = R(model − base) in bf16, and their histogram,
+ *   for mergekit's magnitude cuts (`_introsort.keys_of`, `_select.histogram16`, in one pass): keys (int16, the
+ *   models' length) the bits of |τ|, every NaN 0x7F81 (after +inf), negated where not `descending`; counts
+ *   (65536 int64) += how many of each key (counts[key + 32768]). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -727,6 +731,65 @@ static PyObject *ranked_bits(PyObject *self, PyObject *args)
     return result;
 }
 
+/* |τ|'s keys of a chunk (`magnitude_keys`): a loop that vectorizes */
+CLONES static void keys_chunk(const uint16_t *model, const uint16_t *base, int count, int descending, int16_t *out)
+{
+    for (int j = 0; j < count; j++) {
+        uint16_t magnitude = to_bf16(from_bf16(model[j]) - from_bf16(base[j])) & 0x7FFF;
+        magnitude = magnitude > 0x7F80 ? 0x7F81 : magnitude;  /* (every NaN one key, after +inf) */
+        out[j] = descending ? (int16_t)magnitude : (int16_t)-magnitude;
+    }
+}
+
+static PyObject *magnitude_keys(PyObject *self, PyObject *args)
+{
+    Py_buffer model, base, keys, counts;
+    int descending;
+    if (!PyArg_ParseTuple(args, "y*y*pw*w*", &model, &base, &descending, &keys, &counts))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = model.len / 2;
+    uint32_t *h = NULL;
+    if (model.itemsize != 2 || base.len != model.len || keys.len != model.len || keys.itemsize != 2
+        || counts.len != 65536 * 8)
+        PyErr_SetString(PyExc_ValueError, "keys: bf16 model and base (int16 bits), int16 keys of their length, "
+                                          "65536 int64 counts");
+    else if (!(h = PyMem_RawCalloc(2 << 16, sizeof(uint32_t))))
+        PyErr_NoMemory();
+    else {
+        int64_t *c = counts.buf;
+        const uint16_t *k = keys.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t start = 0; start < n; start += CHUNK) {
+            int count = (int)(n - start < CHUNK ? n - start : CHUNK);
+            keys_chunk((const uint16_t *)model.buf + start, (const uint16_t *)base.buf + start, count, descending,
+                       (int16_t *)keys.buf + start);
+            int j = 0;  /* (two histograms, even and odd entries, as `_follow.c`'s: uint32 counts of a chunk's
+                           entries, added into the int64 ones every 2³¹ entries) */
+            for (; j + 1 < count; j += 2) {
+                h[(uint16_t)(k[start + j] ^ 0x8000)]++;
+                h[(1 << 16) + (uint16_t)(k[start + j + 1] ^ 0x8000)]++;
+            }
+            if (j < count)
+                h[(uint16_t)(k[start + j] ^ 0x8000)]++;
+            if ((start / CHUNK + 1) % ((Py_ssize_t)1 << 23) == 0 || start + CHUNK >= n)
+                for (int b = 0; b < 1 << 16; b++) {
+                    c[b] += (int64_t)h[b] + h[(1 << 16) + b];
+                    h[b] = h[(1 << 16) + b] = 0;
+                }
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyMem_RawFree(h);
+    PyBuffer_Release(&model);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&counts);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"mix", mix_blocks, METH_VARARGS,
      "mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh[, masks, factors]): "
@@ -735,6 +798,7 @@ static PyMethodDef methods[] = {
     {"squares", sce_squares, METH_VARARGS, "squares(model, base, keep, dtype, out): see _mix.c"},
     {"l1", l1_sums, METH_VARARGS, "l1(model, base, bits, first, dtype): see _mix.c"},
     {"ranked", ranked_bits, METH_VARARGS, "ranked(keys, draws, thresholds, out): see _mix.c"},
+    {"keys", magnitude_keys, METH_VARARGS, "keys(model, base, descending, keys, counts): see _mix.c"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,6 +16,7 @@ import torch
 from . import _introsort
 from ._base import as_bits
 from ._draws import Draws
+from ._mixing import magnitude_keys
 from ._select import block_ranges, cut_bounds, row_sums, top_cut, top_cuts
 
 
@@ -101,9 +102,10 @@ def _sorted_range(tau, n: int, descending: bool, lo: int, hi: int) -> Ranked | n
                 whole[s:e] = block.abs_()
         return whole
 
-    if _introsort.follows_torch():
-        keys = _introsort.keys_of(magnitudes(), descending).numpy()
-        chosen = _introsort.select(keys, lo, hi, free_zero=True)
+    if _introsort.follows_torch():  # (|τ|'s keys and their histogram from the models in one C pass, where it can)
+        counts = magnitude_keys(tau, whole, descending)
+        keys = (as_bits(whole) if counts is not None else _introsort.keys_of(magnitudes(), descending)).numpy()
+        chosen = _introsort.select(keys, lo, hi, free_zero=True, counts=counts)
         if chosen is not None:
             bounds = (chosen.low, chosen.high) if descending else tuple(None if b is None else -int(b)
                                                                      for b in (chosen.high, chosen.low))

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, frozen
-from ._mixing import l1_sums, mix_block, mix_models
+from ._mixing import TaskVector, l1_sums, mix_block, mix_models
 from ._select import block_ranges
 from ._sparsify import held_bytes, l1_factor, sparsifiers
 
@@ -118,8 +118,8 @@ class TaskArithmetic(Operator):
         base_flat, n, flat = base.reshape(-1), base.numel(), [t.reshape(-1) for t in tensors]
         ranges = block_ranges(n, BLOCK)
 
-        def task_vector(i: int):
-            return lambda s, e: torch.sub(flat[i][s:e].to(dtype), base_flat[s:e].to(dtype))
+        def task_vector(i: int) -> TaskVector:
+            return TaskVector(flat[i], base_flat, dtype)
 
         keeps = sparsifiers([task_vector(i) for i in range(len(tensors))], n, self.sparsify, s.density, s.gamma,
                             generators, s.tie_break)
