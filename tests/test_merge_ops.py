@@ -311,6 +311,36 @@ def test_magnitudes_cut_where_mergekits_sort_cuts(walk, dtype, descending, nan):
     assert not torch.equal(stable, sorted_range_mask(tau, descending, 0, n // 2))  # ties decide
 
 
+@pytest.mark.parametrize("descending", [True, False])
+def test_keys_made_from_the_models_are_torchs_magnitudes_and_their_histogram(walk, descending):
+    """`_mixing.magnitude_keys` (one C pass from a `TaskVector`'s bf16 models) gives `keys_of`'s keys of torch's
+    R(model − base) magnitudes and `histogram16`'s counts, NaN and ±inf included, and takes nothing else; the
+    tied entries' places (`_introsort.tied_places`: AVX2, scalar or numpy) are numpy's."""
+    from adaptkit_plugins.merges import _introsort, _mixing
+    from adaptkit_plugins.merges._select import histogram16
+
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(70_001, generator=g) * 1e-2).bfloat16()
+    model = (base.float() + torch.randn(70_001, generator=g) * 1e-3).bfloat16()
+    model[[5, 9, 11]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.bfloat16)
+    base[[11, 13]] = torch.tensor([-float("inf"), float("inf")], dtype=torch.bfloat16)
+    tau = _mixing.TaskVector(model, base, torch.bfloat16)
+    expected = _introsort.keys_of(tau(0, model.numel()).abs_(), descending)
+    out = torch.empty_like(model)
+    counts = _mixing.magnitude_keys(tau, out, descending)
+    if _mixing.native is None:
+        assert counts is None
+        return
+    assert torch.equal(out.view(torch.int16), expected) and torch.equal(counts, histogram16([expected]))
+    keys = expected.numpy()
+    sign = 1 if descending else -1  # (NaN and −inf − (−inf) after +inf; inf − x and x − inf +inf's)
+    assert keys[[5, 11]].tolist() == [sign * 0x7F81] * 2 and keys[[9, 13]].tolist() == [sign * 0x7F80] * 2
+    for tied in ([int(keys[100])], [int(keys[100]), int(keys[200])], [int(keys[5])]):
+        assert numpy.array_equal(_introsort.tied_places(keys, tied, counts), numpy.flatnonzero(numpy.isin(keys, tied)))
+    as_float = _mixing.TaskVector(model.float(), base.float(), torch.float32)
+    assert _mixing.magnitude_keys(as_float, torch.empty(model.shape), descending) is None
+
+
 @pytest.mark.parametrize("shape", ["equal", "two values", "sorted", "reversed", "distinct", "ties"])
 @pytest.mark.parametrize(("n", "window"), [(n, None) for n in (0, 1, 16, 17, 18, 40, 1000, 70_000)]
                          + [(n, 7) for n in (17, 40, 1000, 5000)])
