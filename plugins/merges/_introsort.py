@@ -33,8 +33,8 @@ Measured on the 168M benchmark's bf16 task vectors (2.9M entries, 1 in 70 of the
 thread, half kept, the keys' histogram included: 11-12 ms in C (the walk before it carried numbers beside the
 keys: 7.5 of them walking, 4.9 since), 32 ms in numpy, against the sort's 157-185 (2-core AMD EPYC). Held: the
 keys, for each followed entry its place, number and runs (about 60 bytes; under a byte an entry), and in C an
-int32 number beside each of half the keys (2 bytes an entry), where the sort holds keys, an int64 order and the int64 range it fills
-the order from (18 bytes an entry) and topk (value, index) pairs (16). A segment whose budget runs out
+int32 number beside each of half the keys (2 bytes an entry), where the sort holds keys, an int64 order and
+the int64 range it fills the order from (18 bytes an entry) and topk (value, index) pairs (16). A segment whose budget runs out
 (the sort would heapsort it; an organ pipe does, real tensors have not) gives None: the caller sorts
 as mergekit does. `follows_torch` checks these rules against torch's own sort and topk once per process.
 """
@@ -174,8 +174,8 @@ def follows_torch() -> bool:
 
 def tied_places(keys: numpy.ndarray, tied_keys: list, counts: torch.Tensor | None) -> numpy.ndarray:
     """The places of the entries holding one of `tied_keys`, ascending: 16-bit keys counted in `counts` (their
-    histogram) in one pass of `_follow.c` (AVX2: 0.1 ns an entry, where numpy's compare and flatnonzero took
-    0.4), else by numpy."""
+    histogram) in one pass of `_follow.c` (AVX2, 33M keys: 0.3 ns an entry, where numpy's compare and flatnonzero
+    took 0.6), else by numpy."""
     if _select.native is None or counts is None or keys.itemsize != 2:
         return numpy.flatnonzero(_walk.tied(keys, tied_keys))
     origin = numpy.empty(sum(int(counts[int(key) + (1 << 15)]) for key in tied_keys), dtype=numpy.int64)
@@ -186,9 +186,9 @@ def tied_places(keys: numpy.ndarray, tied_keys: list, counts: torch.Tensor | Non
 
 def keys_at(keys: numpy.ndarray, places: list[int], counts: torch.Tensor | None = None) -> list:
     """The keys at `places` of the descending order (place p: the (p + 1)-th largest): 16-bit keys from
-    one histogram over blocks (or `counts`, where it is made already), with no copy of the keys (a partitioned copy is a transient twice their
-    size); wider keys from one copy, numpy's introselect taking one place at a time, each after the
-    last in the part past it."""
+    one histogram over blocks (or `counts`, where it is made already), with no copy of the keys (a partitioned
+    copy is a transient twice their size); wider keys from one copy, numpy's introselect taking one place at a
+    time, each after the last in the part past it."""
     if keys.itemsize == 2:
         flat = torch.from_numpy(keys)
         counts = histogram16(flat[s:e] for s, e in block_ranges(keys.size)) if counts is None else counts
@@ -211,8 +211,8 @@ def reusing() -> Iterator[None]:
     """Within the block, `scratch` hands this thread the same memory again for each name (the selections of
     one tensor's inputs, one after another), freed at its end. A fresh mapping costs its pages' faults and
     zeroing, and unmapping it stops the other worker to flush its TLB: on the 168M TIES job (two workers),
-    the two 33M-entry tensors' keys and walk numbers mapped anew for each input made the whole merge
-    1.97 s against 1.64 with them kept for the next input (medians of 3, alternating)."""
+    the two 33M-entry tensors' keys and walk numbers mapped anew for each input made the whole merge take
+    2.04 s against 1.78 with them kept for the next input (medians of 3, alternating)."""
     outer = getattr(_held, "buffers", None)
     _held.buffers = {} if outer is None else outer
     try:
