@@ -34,9 +34,9 @@ thread, half kept, the keys' histogram included: 11-12 ms in C (the walk before 
 keys: 7.5 of them walking, 4.9 since), 32 ms in numpy, against the sort's 157-185 (2-core AMD EPYC). Held: the
 keys, for each followed entry its place, number and runs (about 60 bytes; under a byte an entry), and in C an
 int32 number beside each of half the keys (2 bytes an entry), where the sort holds keys, an int64 order and
-the int64 range it fills the order from (18 bytes an entry) and topk (value, index) pairs (16). A segment whose budget runs out
-(the sort would heapsort it; an organ pipe does, real tensors have not) gives None: the caller sorts
-as mergekit does. `follows_torch` checks these rules against torch's own sort and topk once per process.
+the int64 range it fills the order from (18 bytes an entry) and topk (value, index) pairs (16). A segment
+whose budget runs out (the sort would heapsort it; an organ pipe does, real tensors have not) gives None: the
+caller sorts as mergekit does. `follows_torch` checks these rules against torch's own sort and topk once per process.
 """
 from __future__ import annotations
 
