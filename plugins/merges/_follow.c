@@ -38,6 +38,86 @@
  * pages cleared by the kernel). */
 #ifdef KEY_T
 
+/* The steps both walks share, on their own locals (macros: the loops stay one function's, their state in
+   registers). MEDIAN: `__move_median_to_first(first, first + 1, mid, last - 1)`'s choice, comp(x, y) = x > y.
+   REFILL_STOPS: a side's stops found for its next block once it has paired all it had (`STOPS_LEFT`,
+   `STOPS_RIGHT`: AVX2 compares, or a loop without branches: one that branches on each key mispredicts half
+   of them, 13 ns an entry), `continue` after it; `break` with `cut` set where the partition ends. PAIRS: the
+   pairs of the two blocks' stops, MOVE(tied) made for each, in a loop that branches only where they cross.
+   PAIRED: the scans moved past the pairs made (the last pair swapped: they stop short of it), `break` with
+   `cut` set where they crossed. */
+#define MEDIAN()                                                                                    \
+    int64_t mid = start + (end - start) / 2, median;                                                \
+    KEY_T x = keys[start + 1], y = keys[mid], z = keys[end - 1];                                    \
+    if (x > y)                                                                                      \
+        median = y > z ? mid : x > z ? end - 1 : start + 1;                                         \
+    else                                                                                            \
+        median = x > z ? start + 1 : y > z ? end - 1 : mid;
+#define REFILL_STOPS()                                                                              \
+    if (il == nl) {                                                                                 \
+        if (seen_left >= last_) {                                                                   \
+            cut = last_;                                                                            \
+            break;                                                                                  \
+        }                                                                                           \
+        int64_t stop = seen_left + BLOCK < last_ ? seen_left + BLOCK : last_;                       \
+        nl = STOPS_LEFT(keys + seen_left, (int)(stop - seen_left), pivot, stops_left);              \
+        il = 0;                                                                                     \
+        base_left = seen_left;                                                                      \
+        seen_left = stop;                                                                           \
+        continue;                                                                                   \
+    }                                                                                               \
+    if (ir == nr) {                                                                                 \
+        if (seen_right <= first_) {                                                                 \
+            int64_t left = base_left + stops_left[il];                                              \
+            cut = left < last_ ? left : last_;                                                      \
+            break;                                                                                  \
+        }                                                                                           \
+        int64_t begin = seen_right - BLOCK > first_ ? seen_right - BLOCK : first_;                  \
+        nr = STOPS_RIGHT(keys + begin, (int)(seen_right - begin), pivot, stops_right);              \
+        ir = 0;                                                                                     \
+        base_right = begin;                                                                         \
+        seen_right = begin;                                                                         \
+        continue;                                                                                   \
+    }
+#define PAIRS(MOVE, tied)                                     \
+    for (; t < pairs; t++) {                                  \
+        left = base_left + stops_left[il + t];                \
+        right = base_right + stops_right[ir + t];             \
+        if (!(left < right)) {                                \
+            crossed = 1;                                      \
+            break;                                            \
+        }                                                     \
+        MOVE(tied)                                            \
+    }
+#define PAIRED()                                                                                    \
+    il += t;                                                                                        \
+    ir += t;                                                                                        \
+    if (t) {                                                                                        \
+        first_ = base_left + stops_left[il - 1] + 1;                                                \
+        last_ = base_right + stops_right[ir - 1];                                                   \
+    }                                                                                               \
+    if (crossed) {                                                                                  \
+        cut = left < last_ ? left : last_;                                                          \
+        break;                                                                                      \
+    }
+
+/* The final insertion sort of a segment of at most 16 entries, stable, descending: values[i] is the key that
+   ends at its offset i, from[i] the offset it came from. */
+static inline void SORT_FINAL(const KEY_T *keys, int64_t length, KEY_T *values, int64_t *from)
+{
+    for (int64_t i = 0; i < length; i++) {
+        KEY_T v = keys[i];
+        int64_t j = i;
+        while (j > 0 && v > values[j - 1]) {
+            values[j] = values[j - 1];
+            from[j] = from[j - 1];
+            j--;
+        }
+        values[j] = v;
+        from[j] = i;
+    }
+}
+
 /* The walk of the segment [start0, end0) with its followed entries' numbers carried beside the keys:
    `ids[p - start0]` is the number of the followed entry at place p (read only where keys[p] is tied),
    moved with every key the partitions move, so a move costs a load and a store more and nothing is
@@ -67,17 +147,7 @@ static int WALK_IDS(KEY_T *keys, int64_t start0, int64_t end0, int budget0, int6
         if (end - start <= final) {  /* the final insertion sort: stable, descending */
             KEY_T values[16];
             int64_t from[16], length = end - start;
-            for (int64_t i = 0; i < length; i++) {
-                KEY_T v = keys[start + i];
-                int64_t j = i;
-                while (j > 0 && v > values[j - 1]) {
-                    values[j] = values[j - 1];
-                    from[j] = from[j - 1];
-                    j--;
-                }
-                values[j] = v;
-                from[j] = i;
-            }
+            SORT_FINAL(keys + start, length, values, from);
             for (int64_t i = 0; i < length; i++)  /* (the entry first at start + from[i] ends at start + i) */
                 if (TIED(values[i]))
                     kept[ID(start + from[i])] = lo <= start + i && start + i < hi;
@@ -85,12 +155,7 @@ static int WALK_IDS(KEY_T *keys, int64_t start0, int64_t end0, int budget0, int6
         }
         if (s.budget == 0)
             return 0;
-        int64_t mid = start + (end - start) / 2, median;
-        KEY_T x = keys[start + 1], y = keys[mid], z = keys[end - 1];
-        if (x > y)
-            median = y > z ? mid : x > z ? end - 1 : start + 1;
-        else
-            median = x > z ? start + 1 : y > z ? end - 1 : mid;
+        MEDIAN()
         KEY_T first = keys[start];
         int32_t first_id = ID(start);
         keys[start] = keys[median];
@@ -102,61 +167,28 @@ static int WALK_IDS(KEY_T *keys, int64_t start0, int64_t end0, int budget0, int6
         int64_t first_ = start + 1, last_ = end, seen_left = first_, seen_right = end, cut;
         int64_t nl = 0, il = 0, nr = 0, ir = 0, base_left = 0, base_right = 0;
         for (;;) {
-            if (il == nl) {
-                if (seen_left >= last_) {
-                    cut = last_;
-                    break;
-                }
-                int64_t stop = seen_left + BLOCK < last_ ? seen_left + BLOCK : last_;
-                nl = STOPS_LEFT(keys + seen_left, (int)(stop - seen_left), pivot, stops_left);
-                il = 0;
-                base_left = seen_left;
-                seen_left = stop;
-                continue;
-            }
-            if (ir == nr) {
-                if (seen_right <= first_) {
-                    int64_t left = base_left + stops_left[il];
-                    cut = left < last_ ? left : last_;
-                    break;
-                }
-                int64_t begin = seen_right - BLOCK > first_ ? seen_right - BLOCK : first_;
-                nr = STOPS_RIGHT(keys + begin, (int)(seen_right - begin), pivot, stops_right);
-                ir = 0;
-                base_right = begin;
-                seen_right = begin;
-                continue;
-            }
+            REFILL_STOPS()
             int64_t pairs = nl - il < nr - ir ? nl - il : nr - ir, left = 0, right = 0, crossed = 0, t = 0;
-#define PAIRS(MOVE)                                           \
-    for (; t < pairs; t++) {                                  \
-        left = base_left + stops_left[il + t];                \
-        right = base_right + stops_right[ir + t];             \
-        if (!(left < right)) {                                \
-            crossed = 1;                                      \
-            break;                                            \
-        }                                                     \
-        MOVE                                                  \
-    }
+#define TO_RIGHT(_) keys[right] = keys[left]; ID(right) = ID(left);
+#define TO_LEFT(_) keys[left] = keys[right]; ID(left) = ID(right);
+#define SWAP(_)                                                                                     \
+        KEY_T k = keys[left];                                                                       \
+        int32_t i = ID(left);                                                                       \
+        keys[left] = keys[right];                                                                   \
+        ID(left) = ID(right);                                                                       \
+        keys[right] = k;                                                                            \
+        ID(right) = i;
             if (settled == SETTLED_LEFT) {
-                PAIRS(keys[right] = keys[left]; ID(right) = ID(left);)
+                PAIRS(TO_RIGHT, _)
             } else if (settled == SETTLED_RIGHT) {
-                PAIRS(keys[left] = keys[right]; ID(left) = ID(right);)
+                PAIRS(TO_LEFT, _)
             } else {
-                PAIRS(KEY_T k = keys[left]; int32_t i = ID(left); keys[left] = keys[right]; ID(left) = ID(right);
-                      keys[right] = k; ID(right) = i;)
+                PAIRS(SWAP, _)
             }
-#undef PAIRS
-            il += t;
-            ir += t;
-            if (t) {
-                first_ = base_left + stops_left[il - 1] + 1;
-                last_ = base_right + stops_right[ir - 1];
-            }
-            if (crossed) {
-                cut = left < last_ ? left : last_;
-                break;
-            }
+#undef TO_RIGHT
+#undef TO_LEFT
+#undef SWAP
+            PAIRED()
         }
         int64_t in_left = settled == SETTLED_LEFT ? 0 : settled == SETTLED_RIGHT ? count : -1;
         if (in_left < 0) {  /* (the pivot a followed key, or between two: the left part's followed counted) */
@@ -219,17 +251,7 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
         if (end - start <= final) {  /* the final insertion sort: stable, descending */
             KEY_T values[16];
             int64_t from[16], rank[16], length = end - start;
-            for (int64_t i = 0; i < length; i++) {
-                KEY_T v = keys[start + i];
-                int64_t j = i;
-                while (j > 0 && v > values[j - 1]) {
-                    values[j] = values[j - 1];
-                    from[j] = from[j - 1];
-                    j--;
-                }
-                values[j] = v;
-                from[j] = i;
-            }
+            SORT_FINAL(keys + start, length, values, from);
             for (int64_t i = 0; i < length; i++) {
                 keys[start + i] = values[i];
                 rank[from[i]] = i;
@@ -243,12 +265,7 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
         if (s.budget == 0)
             return 0;
         /* __move_median_to_first(first, first + 1, mid, last - 1), comp(x, y) = x > y */
-        int64_t mid = start + (end - start) / 2, median;
-        KEY_T x = keys[start + 1], y = keys[mid], z = keys[end - 1];
-        if (x > y)
-            median = y > z ? mid : x > z ? end - 1 : start + 1;
-        else
-            median = x > z ? start + 1 : y > z ? end - 1 : mid;
+        MEDIAN()
         KEY_T first = keys[start], chosen = keys[median];
         keys[start] = chosen;
         keys[median] = first;
@@ -281,71 +298,38 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
         int64_t in_left = 0, in_right = 0, nl = 0, il = 0, nr = 0, ir = 0, at_left = 0, at_right = count - 1;
         int64_t base_left = 0, base_right = 0;
         for (;;) {
-            if (il == nl) {
-                if (seen_left >= last_) {
-                    cut = last_;
-                    break;
-                }
-                int64_t stop = seen_left + BLOCK < last_ ? seen_left + BLOCK : last_;
-                nl = STOPS_LEFT(keys + seen_left, (int)(stop - seen_left), pivot, stops_left);
-                il = 0;
-                base_left = seen_left;
-                seen_left = stop;
-                continue;
-            }
-            if (ir == nr) {
-                if (seen_right <= first_) {
-                    int64_t left = base_left + stops_left[il];
-                    cut = left < last_ ? left : last_;
-                    break;
-                }
-                int64_t begin = seen_right - BLOCK > first_ ? seen_right - BLOCK : first_;
-                nr = STOPS_RIGHT(keys + begin, (int)(seen_right - begin), pivot, stops_right);
-                ir = 0;
-                base_right = begin;
-                seen_right = begin;
-                continue;
-            }
+            REFILL_STOPS()
             /* the pairs of these two blocks' stops, in a loop that branches only where they cross; the
                pairs that moved a followed key are noted (without a branch: 1 in 14 pairs here, a
                branch on them mispredicted a third of the loop's time) and followed after. Where a part
                is settled whole (`settled`), the stop on its side is only copied into the other part. */
             int64_t pairs = nl - il < nr - ir ? nl - il : nr - ir, left = 0, right = 0, crossed = 0, t = 0;
             int noted = 0;
-#define PAIRS(tied, MOVE)                                     \
-    for (; t < pairs; t++) {                                  \
-        left = base_left + stops_left[il + t];                \
-        right = base_right + stops_right[ir + t];             \
-        if (!(left < right)) {                                \
-            crossed = 1;                                      \
-            break;                                            \
-        }                                                     \
-        moved[noted] = (uint16_t)t;                           \
-        MOVE(tied)                                            \
-    }
 #define SWAP(tied)                                            \
+        moved[noted] = (uint16_t)t;                           \
         KEY_T from_left = keys[left], from_right = keys[right]; \
         keys[left] = from_right;                              \
         keys[right] = from_left;                              \
         noted += tied(from_right) | tied(from_left);
 #define TO_RIGHT(tied)                                        \
+        moved[noted] = (uint16_t)t;                           \
         KEY_T from_left = keys[left];                         \
         keys[right] = from_left;                              \
         noted += tied(from_left);
 #define TO_LEFT(tied)                                         \
+        moved[noted] = (uint16_t)t;                           \
         KEY_T from_right = keys[right];                       \
         keys[left] = from_right;                              \
         noted += tied(from_right);
             if (settled == SETTLED_LEFT) {
-                if (tied0 == tied1) { PAIRS(ONE_TIED, TO_RIGHT) } else { PAIRS(TIED, TO_RIGHT) }
+                if (tied0 == tied1) { PAIRS(TO_RIGHT, ONE_TIED) } else { PAIRS(TO_RIGHT, TIED) }
             } else if (settled == SETTLED_RIGHT) {
-                if (tied0 == tied1) { PAIRS(ONE_TIED, TO_LEFT) } else { PAIRS(TIED, TO_LEFT) }
+                if (tied0 == tied1) { PAIRS(TO_LEFT, ONE_TIED) } else { PAIRS(TO_LEFT, TIED) }
             } else if (tied0 == tied1) {  /* (one key followed: one compare a key, 1.5 times as fast) */
-                PAIRS(ONE_TIED, SWAP)
+                PAIRS(SWAP, ONE_TIED)
             } else {
-                PAIRS(TIED, SWAP)
+                PAIRS(SWAP, TIED)
             }
-#undef PAIRS
 #undef SWAP
 #undef TO_RIGHT
 #undef TO_LEFT
@@ -371,16 +355,7 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
                     scratch[b - 1 - in_right++] = (Entry){to_right, r[at_left].number};
                 }
             }
-            il += t;
-            ir += t;
-            if (t) {  /* (the last pair swapped: the scans stop short of it) */
-                first_ = base_left + stops_left[il - 1] + 1;
-                last_ = base_right + stops_right[ir - 1];
-            }
-            if (crossed) {
-                cut = left < last_ ? left : last_;
-                break;
-            }
+            PAIRED()
         }
         /* the parts' runs: the entries that stayed merged with those moved in (left places rise as they
            are filled, right places fall: scratch holds the right part's from b down) */
@@ -397,6 +372,11 @@ static int WALK(KEY_T *keys, int64_t n, int64_t lo, int64_t hi, int64_t final, c
 #undef TIED
 #undef ONE_TIED
 }
+
+#undef MEDIAN
+#undef REFILL_STOPS
+#undef PAIRS
+#undef PAIRED
 
 #else  /* the module */
 
@@ -602,17 +582,20 @@ __attribute__((target("avx2"))) static int fast16_equal(const int16_t *keys, int
 #define KEY_T int16_t
 #define WALK walk16
 #define WALK_IDS walk16_ids
+#define SORT_FINAL sort_final16
 #define STOPS_LEFT(keys, count, pivot, out) LEFT(16, keys, count, pivot, out)
 #define STOPS_RIGHT(keys, count, pivot, out) RIGHT(16, keys, count, pivot, out)
 #include "_follow.c"
 #undef KEY_T
 #undef WALK
 #undef WALK_IDS
+#undef SORT_FINAL
 #undef STOPS_LEFT
 #undef STOPS_RIGHT
 #define KEY_T int32_t
 #define WALK walk32
 #define WALK_IDS walk32_ids
+#define SORT_FINAL sort_final32
 #define STOPS_LEFT(keys, count, pivot, out) LEFT(32, keys, count, pivot, out)
 #define STOPS_RIGHT(keys, count, pivot, out) RIGHT(32, keys, count, pivot, out)
 #include "_follow.c"
