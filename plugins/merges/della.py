@@ -37,8 +37,8 @@ import torch
 
 from ._base import frozen
 from ._draws import bit_generator
-from ._magprune import draw_keep, draw_packed, keep_probabilities, rank_order
-from ._mixing import l1_sums
+from ._magprune import draw_keep, draw_packed, keep_probabilities, rank_order, thresholds
+from ._mixing import l1_sums, magprune_sums
 from ._sparsify import l1_factor, masked
 from .task_arithmetic import BLOCK, TaskArithmetic
 
@@ -103,13 +103,16 @@ class Della(TaskArithmetic):
         # as bytes in one buffer 196 MB at the 1B job's, measured).
         masks: dict[int, numpy.ndarray] = {}
 
+        def mask_of(i: int, start: int, stop: int) -> numpy.ndarray:
+            """The bytes of `masks[i]` that hold rows [start, stop) (exact: blocks of rows fill whole bytes)."""
+            if i not in masks:
+                masks[i] = numpy.empty((count * n + 7) // 8, dtype=numpy.uint8)
+            return masks[i][start * n // 8:(stop * n + 7) // 8]
+
         def draw_bits(i: int, magnitude: torch.Tensor, start: int) -> numpy.ndarray:
             """The draws for the rows from `start` of |τ| (the L1 pass), kept as bits in `masks[i]` for the
             merge pass; those bits."""
-            if i not in masks:
-                masks[i] = numpy.empty((count * n + 7) // 8, dtype=numpy.uint8)
-            first = start * n // 8  # (exact: blocks of rows fill whole bytes)
-            packed = masks[i][first:first + (magnitude.numel() + 7) // 8]
+            packed = mask_of(i, start, start + magnitude.shape[0])
             draw_packed(magnitude.cpu(), s.density[i], epsilon[i], bits[i], packed)  # (numpy's ranks and draws)
             return packed
 
@@ -127,8 +130,13 @@ class Della(TaskArithmetic):
             return tau.masked_fill_(~keep, 0)
 
         def drawn_sums(i: int, a: int, b: int):
-            """Both L1 sums of rows [a, b) in C from the models (`_mixing.l1_sums`), the block's bits drawn
-            first (`draw_bits`); None where C does not take the block (nothing drawn)."""
+            """Both L1 sums of rows [a, b) in C from the models, the block's bits drawn in the same pass
+            (`_mixing.magprune_sums`) or first (`draw_bits`, then `_mixing.l1_sums`); None where C does not
+            take the block (nothing drawn)."""
+            if dtype == torch.bfloat16 and (found := magprune_sums(
+                    rows[i][a:b], base_rows[a:b], bits[i], thresholds(n, s.density[i], epsilon[i]), mask_of(i, a, b))):
+                return found
+
             def drops() -> tuple[numpy.ndarray, int]:
                 draw_bits(i, task_vector(i, a, b).abs_(), a)
                 return masks[i], a * n
