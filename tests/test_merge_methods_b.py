@@ -145,12 +145,13 @@ def test_draws_packed_in_c_are_draw_keeps_mask(monkeypatch, dtype, shape):
             _mixing.native.ranked(*bad)
 
 
-@pytest.mark.parametrize("shape", [(37, 301), (24, 1024), (2, 70_001)], ids=["odd-rows", "whole-bytes", "long-rows"])
-def test_magprune_in_c_draws_draw_packeds_bits_and_l1s_sums(shape):
-    """`_mixing.magprune_sums`: one C pass from bf16 models gives `draw_packed`'s bits for |τ| = |R(model − base)|
-    (ranks by counting: ties by position, zeros, ±inf; the generator stepped in C as numpy steps it, rows that
-    split a 64-bit draw) and `l1_sums`' two sums with those bits, block after block on one generator; bad
-    buffers refused by name."""
+@pytest.mark.parametrize("shape, block", [((37, 301), 16), ((24, 1024), 5), ((2, 70_001), 2)],
+                         ids=["odd-rows", "whole-bytes", "long-rows"])
+def test_magprune_in_c_draws_draw_packeds_bits_and_l1s_sums(shape, block):
+    """`_mixing.magprune_sums`: one C pass from bf16 models gives, block by block, `draw_packed`'s bits for
+    |τ| = |R(model − base)| (ranks by counting: ties by position, zeros, ±inf; the generator stepped in C as numpy
+    steps it, rows that split a 64-bit draw, blocks that start a draw afresh) and `l1_sums`' two sums with those
+    bits; bad buffers and blocks refused by name."""
     from adaptkit_plugins.merges import _magprune, _mixing
 
     if _mixing.native is None:
@@ -160,27 +161,29 @@ def test_magprune_in_c_draws_draw_packeds_bits_and_l1s_sums(shape):
     model = (base.float() + torch.randint(-40, 40, shape, generator=g) / 512).to(torch.bfloat16)  # ties, zeros
     model[0, :7] = base[0, :7]
     model[-1, 3], model[-1, 5] = float("inf"), float("-inf")
-    limits = _magprune.thresholds(shape[1], 0.5, 0.15)
+    limits, n = _magprune.thresholds(shape[1], 0.5, 0.15), shape[1]
     ours, theirs = (numpy.full((model.numel() + 7) // 8, 0xA5, dtype=numpy.uint8) for _ in range(2))
     mine, reference = numpy.random.SFC64(6), numpy.random.SFC64(6)
-    cut = shape[0] // 2 // 8 * 8 or shape[0]  # (two blocks, the first of whole bytes)
-    for a, b in ((0, cut), (cut, shape[0])) if cut < shape[0] else ((0, shape[0]),):
-        block_bits = ours[a * shape[1] // 8:(b * shape[1] + 7) // 8]
-        sums = _mixing.magprune_sums(model[a:b], base[a:b], mine, limits, block_bits)
-        magnitude = torch.sub(model[a:b], base[a:b]).abs_()
-        _magprune.draw_packed(magnitude, 0.5, 0.15, reference, theirs[a * shape[1] // 8:(b * shape[1] + 7) // 8])
-        assert numpy.array_equal(block_bits, theirs[a * shape[1] // 8:(b * shape[1] + 7) // 8])
-        assert sums == _mixing.native.l1(_mixing.as_bits(model[a:b]).numpy(), _mixing.as_bits(base[a:b]).numpy(), ours,
-                                         a * shape[1], "bfloat16")
+    sums = _mixing.magprune_sums(model, base, mine, limits, ours, block)
+    starts = range(0, shape[0], block)
+    assert len(sums) == len(starts)
+    for a, found in zip(starts, sums):
+        b = min(a + block, shape[0])
+        _magprune.draw_packed(torch.sub(model[a:b], base[a:b]).abs_(), 0.5, 0.15, reference,
+                              theirs[a * n // 8:(b * n + 7) // 8])
+        assert found == _mixing.native.l1(_mixing.as_bits(model[a:b]).numpy(), _mixing.as_bits(base[a:b]).numpy(),
+                                          theirs, a * n, "bfloat16")
+    assert numpy.array_equal(ours, theirs)
     assert mine.random_raw() == reference.random_raw()  # (as many draws taken)
     assert 0.45 < numpy.unpackbits(ours)[:model.numel()].mean() < 0.55
+    bits = [_mixing.as_bits(t).numpy() for t in (model, base)]
     state = mine.state["state"]["state"]
-    for bad in ((model[:, :-1], base, state, limits, ours), (model, base, state[:3], limits, ours),
-                (model, base, state, limits[:-1], ours), (model, base, state, limits, ours[:-1]),
-                (model.float(), base, state, limits, ours)):
+    for bad in ((bits[0].ravel()[:-1], bits[1], state, limits, ours, n), (*bits, state[:3], limits, ours, n),
+                (*bits, state, limits[:-1], ours, n), (*bits, state, limits, ours[:-1], n),
+                (model.float().numpy(), bits[1], state, limits, ours, n), (*bits, state, limits, ours, n + 1),
+                (*bits, state, limits, ours, 0)):
         with pytest.raises(ValueError, match="magprune: rows × n bf16 model and base"):
-            _mixing.native.magprune(*(b.contiguous().view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32).numpy()
-                                      if isinstance(b, torch.Tensor) else b for b in bad))
+            _mixing.native.magprune(*bad)
 
 
 def della_masks(tensors, base, dens, eps, seeds):
@@ -306,8 +309,9 @@ def test_della_replays_its_masks_from_bits_across_blocks(monkeypatch, width):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_random_merges_give_the_same_bytes_with_or_without_the_c_passes(monkeypatch, name, dtype):
     """DELLA's and DARE's L1 sums made in C from the models (`_mixing.l1_sums`, DELLA's bits drawn first, or
-    with them in one pass: `_mixing.magprune_sums`) and the C mix give the torch passes' bytes: the same draws, the same norms (float64 sums either way,
-    rounded once), over blocks of a few rows of a 3-d tensor (ranked along dim 1) and a matrix."""
+    with them in one pass: `_mixing.magprune_sums`) and the C mix give the torch passes' bytes: the same draws,
+    the same norms (float64 sums either way, rounded once), over blocks of a few rows of a 3-d tensor (ranked
+    along dim 1) and a matrix."""
     from adaptkit_plugins.merges import _mixing, della
 
     if _mixing.native is None:

@@ -46,11 +46,12 @@
  *   32); draws (rows × n uint32) in rank order; thresholds (n uint32). Bit r·n + column of `out` is set where row r's
  *   draw at the column's rank k is below thresholds[k]: numpy's compare, torch's scatter of the mask to the columns
  *   and numpy's packbits in one pass.
- * magprune(model, base, state, thresholds, out): DELLA's drops of rows × n entries of τ = R(model − base) (bf16)
- *   as `ranked` puts them, and (Σ |τ|, Σ kept |τ|) as `l1` sums them, in one pass from the models: each row's |τ|
- *   ranked by counting its bf16 patterns, its draws made by numpy's SFC64 from `state` (4 uint64: a, b, c,
- *   counter; advanced in place) as `_draws.uniform32` makes them, compared with `thresholds` (n uint32) in rank
- *   order, and the bits into `out` (those of rows × n entries, the last byte's spare bits 0).
+ * magprune(model, base, state, thresholds, out, block): DELLA's drops of rows × n entries of τ = R(model − base)
+ *   (bf16) as `ranked` puts them, and each block's (Σ |τ|, Σ kept |τ|) as `l1` sums it (a list, a pair a block of
+ *   `block` entries, whole rows and bytes), in one pass from the models: each row's |τ| ranked by counting its bf16
+ *   patterns, its draws made by numpy's SFC64 from `state` (4 uint64: a, b, c, counter; advanced in place) as
+ *   `_draws.uniform32` makes a block's, compared with `thresholds` (n uint32) in rank order, and the bits into
+ *   `out` (those of rows × n entries, the last byte's spare bits 0).
  * keys(model, base, descending, keys, counts): the keys of |τ|, τ = R(model − base) in bf16, and their histogram,
  *   for mergekit's magnitude cuts (`_introsort.keys_of`, `_select.histogram16`, in one pass): keys (int16, the
  *   models' length) the bits of |τ|, every NaN 0x7F81 (after +inf), negated where not `descending`; counts
@@ -909,32 +910,53 @@ CLONES static void magprune_row(const uint16_t *model, const uint16_t *base, Py_
 static PyObject *magprune(PyObject *self, PyObject *args)
 {
     Py_buffer model, base, state, thresholds, out;
-    if (!PyArg_ParseTuple(args, "y*y*w*y*w*", &model, &base, &state, &thresholds, &out))
+    Py_ssize_t block;
+    if (!PyArg_ParseTuple(args, "y*y*w*y*w*n", &model, &base, &state, &thresholds, &out, &block))
         return NULL;
-    Py_ssize_t n = thresholds.len / 4, entries = model.len / 2;
+    Py_ssize_t n = thresholds.len / 4, entries = model.len / 2, blocks = block > 0 ? (entries + block - 1) / block : 0;
     PyObject *result = NULL;
-    Prune p = {.state = state.buf, .all = {0}, .sums = {0}};
+    Prune p = {.state = state.buf};
     char *memory = NULL;
+    double *sums = NULL;
     if (model.itemsize != 2 || base.len != model.len || state.len != 32 || thresholds.itemsize != 4 || !n
-        || entries % n || n > 0xFFFFFFFF || out.len != (entries + 7) / 8)
+        || entries % n || n > 0xFFFFFFFF || out.len != (entries + 7) / 8 || block <= 0 || block % n
+        || (block % 8 && block < entries))
         PyErr_SetString(PyExc_ValueError, "magprune: rows × n bf16 model and base (int16 bits), SFC64's state (4 "
-                                          "uint64), n uint32 thresholds and the bits of rows × n entries");
-    else if (!(memory = PyMem_RawMalloc((size_t)n * 18 + (0x7FFF + 1) * sizeof(uint32_t))))
+                                          "uint64), n uint32 thresholds, the bits of rows × n entries and blocks of "
+                                          "whole rows and bytes");
+    else if (!(memory = PyMem_RawMalloc((size_t)n * 18 + (0x7FFF + 1) * sizeof(uint32_t)))
+             || !(sums = PyMem_RawMalloc((size_t)(blocks ? blocks : 1) * 2 * sizeof(double))))
         PyErr_NoMemory();
     else {
         p.draws = (uint32_t *)memory, p.counts = p.draws + n, p.magnitude = (float *)(p.counts + 0x7FFF + 1);
-        p.left = p.magnitude + n, p.key = (uint16_t *)(p.left + n), p.bucket = p.key + n, p.keep = (uint8_t *)(p.bucket + n), p.kept = p.keep + n;
+        p.left = p.magnitude + n, p.key = (uint16_t *)(p.left + n), p.bucket = p.key + n;
+        p.keep = (uint8_t *)(p.bucket + n), p.kept = p.keep + n;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t row = 0; row < entries; row += n)
-            magprune_row((const uint16_t *)model.buf + row, (const uint16_t *)base.buf + row, n, thresholds.buf, &p,
-                         out.buf, row);
+        for (Py_ssize_t k = 0; k < blocks; k++) {  /* each block as a call of its own: its draws from an even entry */
+            Py_ssize_t first = k * block, end = first + block < entries ? first + block : entries;
+            for (int t = 0; t < 4; t++)
+                p.all[t] = p.sums[t] = 0.0;
+            for (Py_ssize_t row = first; row < end; row += n)
+                magprune_row((const uint16_t *)model.buf + row, (const uint16_t *)base.buf + row, n, thresholds.buf,
+                             &p, (uint8_t *)out.buf + first / 8, row - first);
+            sums[2 * k] = (p.all[0] + p.all[1]) + (p.all[2] + p.all[3]);
+            sums[2 * k + 1] = (p.sums[0] + p.sums[1]) + (p.sums[2] + p.sums[3]);
+        }
         if (entries & 7)  /* (the last byte's bits past the entries: 0, as numpy's packbits leaves them) */
             ((uint8_t *)out.buf)[entries >> 3] &= (uint8_t)((1u << (entries & 7)) - 1);
         Py_END_ALLOW_THREADS
-        result = Py_BuildValue("dd", (p.all[0] + p.all[1]) + (p.all[2] + p.all[3]),
-                               (p.sums[0] + p.sums[1]) + (p.sums[2] + p.sums[3]));
+        if ((result = PyList_New(blocks)))
+            for (Py_ssize_t k = 0; k < blocks; k++) {
+                PyObject *pair = Py_BuildValue("dd", sums[2 * k], sums[2 * k + 1]);
+                if (!pair) {
+                    Py_CLEAR(result);
+                    break;
+                }
+                PyList_SET_ITEM(result, k, pair);
+            }
     }
     PyMem_RawFree(memory);
+    PyMem_RawFree(sums);
     PyBuffer_Release(&model);
     PyBuffer_Release(&base);
     PyBuffer_Release(&state);
@@ -951,7 +973,7 @@ static PyMethodDef methods[] = {
     {"squares", sce_squares, METH_VARARGS, "squares(model, base, keep, dtype, out): see _mix.c"},
     {"l1", l1_sums, METH_VARARGS, "l1(model, base, bits, first, dtype): see _mix.c"},
     {"ranked", ranked_bits, METH_VARARGS, "ranked(keys, draws, thresholds, out): see _mix.c"},
-    {"magprune", magprune, METH_VARARGS, "magprune(model, base, state, thresholds, out): see _mix.c"},
+    {"magprune", magprune, METH_VARARGS, "magprune(model, base, state, thresholds, out, block): see _mix.c"},
     {"keys", magnitude_keys, METH_VARARGS, "keys(model, base, descending, keys, counts): see _mix.c"},
     {NULL, NULL, 0, NULL},
 };

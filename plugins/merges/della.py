@@ -130,13 +130,8 @@ class Della(TaskArithmetic):
             return tau.masked_fill_(~keep, 0)
 
         def drawn_sums(i: int, a: int, b: int):
-            """Both L1 sums of rows [a, b) in C from the models, the block's bits drawn in the same pass
-            (`_mixing.magprune_sums`) or first (`draw_bits`, then `_mixing.l1_sums`); None where C does not
-            take the block (nothing drawn)."""
-            if dtype == torch.bfloat16 and (found := magprune_sums(
-                    rows[i][a:b], base_rows[a:b], bits[i], thresholds(n, s.density[i], epsilon[i]), mask_of(i, a, b))):
-                return found
-
+            """Both L1 sums of rows [a, b) in C from the models (`_mixing.l1_sums`), the block's bits drawn
+            first (`draw_bits`); None where C does not take the block (nothing drawn)."""
             def drops() -> tuple[numpy.ndarray, int]:
                 draw_bits(i, task_vector(i, a, b).abs_(), a)
                 return masks[i], a * n
@@ -146,8 +141,14 @@ class Della(TaskArithmetic):
         if s.rescale == "l1":
             for i in range(len(tensors)):
                 if s.density[i] < 1:
-                    factors[i] = l1_factor(partial(task_vector, i), blocks, lambda a, b, i=i: masked(b, draw_bits(i, b, a), 0),
-                                           dtype, partial(drawn_sums, i))
+                    # every block's draws and sums in one C call where it takes the models (bf16), else block by block
+                    whole = dtype == torch.bfloat16 and magprune_sums(
+                        rows[i], base_rows, bits[i], thresholds(n, s.density[i], epsilon[i]), mask_of(i, 0, count),
+                        step)
+                    sums = lambda a, b, by=dict(zip(blocks, whole or [])): by[a, b]  # noqa: E731
+                    factors[i] = l1_factor(partial(task_vector, i), blocks,
+                                           lambda a, b, i=i: masked(b, draw_bits(i, b, a), 0), dtype,
+                                           sums if whole else partial(drawn_sums, i))
 
         def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
             deltas = [magprune(i, torch.sub(rows[i][start:stop].to(dtype), base_block), start) for i in range(len(tensors))]
