@@ -182,8 +182,8 @@ def magprune_sums(model: torch.Tensor, base: torch.Tensor, bits: numpy.random.SF
     (whole bytes of bits), as `_magprune.draw_packed` and `l1_sums` make them block by block (the same draws,
     ranks, bits and sums), in one C pass from bf16 models (`_mix.c`'s `magprune`: each row's |τ| ranked by
     counting its bf16 patterns, `bits` stepped in C); None where `_mix` is not built or does not take the models
-    (nothing drawn). Three 1024 × 1024 inputs of the 168M job, one thread: 2.8-3.1 ns an entry, against 8.5-12
-    for torch's |τ|, numpy's draws and row sort, `ranked_bits` and `l1_sums`."""
+    (nothing drawn). A 1024 × 1024 input of the 168M job, one thread: 2.6-3.0 ns an entry, against 8.3-12 for
+    torch's |τ|, numpy's draws and row sort, `ranked_bits` and `l1_sums`."""
     if model.dtype != torch.bfloat16 or not _takes([model], base):
         return None
     state = bits.state
