@@ -186,6 +186,26 @@ def test_magprune_in_c_draws_draw_packeds_bits_and_l1s_sums(shape, block):
             _mixing.native.magprune(*bad)
 
 
+def test_magprune_in_c_ranks_a_row_spanning_every_pattern():
+    """A row whose |τ| runs from the smallest bf16 subnormal to a NaN (every pattern between lies in its
+    counts' range, the most there is) gets the same bits as `draw_packed`'s; its sum of |τ| is NaN, and so is
+    the kept entries' where the NaN is kept."""
+    from adaptkit_plugins.merges import _magprune, _mixing
+
+    if _mixing.native is None:
+        pytest.skip("_mix.c is not built here")
+    base = torch.zeros(3, 40, dtype=torch.bfloat16)
+    model = torch.linspace(-2, 2, 120).reshape(3, 40).to(torch.bfloat16)
+    model[1, 4] = torch.tensor([1], dtype=torch.int16).view(torch.bfloat16)  # 2⁻¹³³, pattern 0x0001
+    model[1, 9] = float("nan")
+    limits = _magprune.thresholds(40, 0.4, 0.3)
+    ours, theirs = (numpy.zeros(15, dtype=numpy.uint8) for _ in range(2))
+    (total, kept), = _mixing.magprune_sums(model, base, numpy.random.SFC64(2), limits, ours, 3)
+    _magprune.draw_packed(torch.sub(model, base).abs_(), 0.4, 0.3, numpy.random.SFC64(2), theirs)
+    assert numpy.array_equal(ours, theirs) and math.isnan(total)
+    assert math.isnan(kept) == bool(ours[49 // 8] >> 49 % 8 & 1)  # (entry 49: the NaN)
+
+
 def della_masks(tensors, base, dens, eps, seeds):
     """Each input's keep mask, read off a single-input della_linear run on its own generator."""
     masks = []
