@@ -52,6 +52,10 @@
  *   patterns, its draws made by numpy's SFC64 from `state` (4 uint64: a, b, c, counter; advanced in place) as
  *   `_draws.uniform32` makes a block's, compared with `thresholds` (n uint32) in rank order, and the bits into
  *   `out` (those of rows × n entries, the last byte's spare bits 0).
+ * tangent(units, mean, dots, weights, dtype, out): multislerp's tangent, out = R(Σᵢ R(wᵢ·R(uᵢ − R(dᵢ·m)))) for up to
+ *   four units (the sum from +0 in float32, `stacked_sum`'s), and spherical_end(mean, row, cos, sin, scale, base,
+ *   dtype, out): its last step, out = R(R(R(R(m·cos) + R(v·sin))·scale) + base) (base None: no sum), each in one
+ *   pass where torch makes four and five (`multislerp.py`).
  * keys(model, base, descending, keys, counts): the keys of |τ|, τ = R(model − base) in bf16, and their histogram,
  *   for mergekit's magnitude cuts (`_introsort.keys_of`, `_select.histogram16`, in one pass): keys (int16, the
  *   models' length) the bits of |τ|, every NaN 0x7F81 (after +inf), negated where not `descending`; counts
@@ -1001,6 +1005,138 @@ static PyObject *magprune(PyObject *self, PyObject *args)
     return result;
 }
 
+/* R(x): to the dtype, to nearest even (bf16), or x (float32) */
+static ALWAYS_INLINE float rounded(float x, int bf16)
+{
+    return bf16 ? from_bf16(to_bf16(x)) : x;
+}
+
+static ALWAYS_INLINE void load_chunk(float *values, const void *from, Py_ssize_t start, int count, int bf16)
+{
+    if (bf16)
+        for (int j = 0; j < count; j++)
+            values[j] = from_bf16(((const uint16_t *)from)[start + j]);
+    else
+        memcpy(values, (const float *)from + start, (size_t)count * sizeof(float));
+}
+
+static ALWAYS_INLINE void store_chunk(void *to, const float *values, Py_ssize_t start, int count, int bf16)
+{
+    if (bf16)
+        for (int j = 0; j < count; j++)
+            ((uint16_t *)to)[start + j] = to_bf16(values[j]);
+    else
+        memcpy((float *)to + start, values, (size_t)count * sizeof(float));
+}
+
+/* multislerp's tangent (`tangent`): out = R(Σᵢ R(wᵢ·R(uᵢ − R(dᵢ·m)))), the sum from +0 in float32 */
+CLONES static void tangent_chunk(const void **units, int n, const void *mean, const float *dots, const float *weights,
+                                 Py_ssize_t start, int count, int bf16, void *out)
+{
+    float m[CHUNK], u[CHUNK], total[CHUNK];
+    load_chunk(m, mean, start, count, bf16);
+    for (int j = 0; j < count; j++)
+        total[j] = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float d = dots[i], w = weights[i];
+        load_chunk(u, units[i], start, count, bf16);
+        if (bf16)
+            for (int j = 0; j < count; j++)
+                total[j] += rounded(w * rounded(u[j] - rounded(d * m[j], 1), 1), 1);
+        else
+            for (int j = 0; j < count; j++)
+                total[j] += w * (u[j] - d * m[j]);
+    }
+    store_chunk(out, total, start, count, bf16);
+}
+
+/* multislerp's last step (`spherical_end`): out = R(R(R(R(m·cos) + R(v·sin))·scale) + base) (no base: no sum) */
+CLONES static void end_chunk(const void *mean, const void *row, float c, float s, float scale, const void *base,
+                             Py_ssize_t start, int count, int bf16, void *out)
+{
+    float m[CHUNK], v[CHUNK], b[CHUNK];
+    load_chunk(m, mean, start, count, bf16);
+    load_chunk(v, row, start, count, bf16);
+    if (base)
+        load_chunk(b, base, start, count, bf16);
+    for (int j = 0; j < count; j++) {
+        float part = rounded(rounded(rounded(m[j] * c, bf16) + rounded(v[j] * s, bf16), bf16) * scale, bf16);
+        m[j] = base ? part + b[j] : part;
+    }
+    store_chunk(out, m, start, count, bf16);
+}
+
+static PyObject *tangent(PyObject *self, PyObject *args)
+{
+    PyObject *units, *dots, *weights;
+    const char *dtype;
+    Py_buffer mean, out, parts[INTERLEAVED];
+    if (!PyArg_ParseTuple(args, "O!y*O!O!sw*", &PyTuple_Type, &units, &mean, &PyTuple_Type, &dots, &PyTuple_Type,
+                          &weights, &dtype, &out))
+        return NULL;
+    int size = dtype_size(dtype), n = 0;
+    Py_ssize_t entries = out.len / (size ? size : 1);
+    PyObject *result = NULL;
+    float d[INTERLEAVED], w[INTERLEAVED];
+    if (size && (mean.len != out.len || out.len % size || PyTuple_GET_SIZE(dots) != PyTuple_GET_SIZE(units)
+                 || PyTuple_GET_SIZE(weights) != PyTuple_GET_SIZE(units)))
+        PyErr_SetString(PyExc_ValueError, "tangent: units, a mean and out of one length, a dot and weight a unit");
+    else if (size && (n = get_buffers(units, parts, INTERLEAVED, entries, size)) > 0) {
+        const void *bufs[INTERLEAVED];
+        for (int i = 0; i < n; i++) {
+            bufs[i] = parts[i].buf;
+            d[i] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(dots, i));
+            w[i] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(weights, i));
+        }
+        if (!PyErr_Occurred()) {
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t start = 0; start < entries; start += CHUNK)
+                tangent_chunk(bufs, n, mean.buf, d, w, start, entries - start < CHUNK ? (int)(entries - start) : CHUNK,
+                              size == 2, out.buf);
+            Py_END_ALLOW_THREADS
+            result = Py_None;
+            Py_INCREF(result);
+        }
+        for (int i = 0; i < n; i++)
+            PyBuffer_Release(&parts[i]);
+    }
+    PyBuffer_Release(&mean);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *spherical_end(PyObject *self, PyObject *args)
+{
+    PyObject *base_object;
+    const char *dtype;
+    double c, s, scale;
+    Py_buffer mean, row, base = {0}, out;
+    if (!PyArg_ParseTuple(args, "y*y*dddOsw*", &mean, &row, &c, &s, &scale, &base_object, &dtype, &out))
+        return NULL;
+    int size = dtype_size(dtype), held = size ? optional_buffer(base_object, &base) : 0;
+    Py_ssize_t entries = out.len / (size ? size : 1);
+    PyObject *result = NULL;
+    if (held < 0)
+        size = held = 0;
+    if (size && (mean.len != out.len || row.len != out.len || out.len % size || (held && base.len != out.len)))
+        PyErr_SetString(PyExc_ValueError, "spherical_end: a mean, a row, a base and out of one length");
+    else if (size) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t start = 0; start < entries; start += CHUNK)
+            end_chunk(mean.buf, row.buf, (float)c, (float)s, (float)scale, held ? base.buf : NULL, start,
+                      entries - start < CHUNK ? (int)(entries - start) : CHUNK, size == 2, out.buf);
+        Py_END_ALLOW_THREADS
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    if (held)
+        PyBuffer_Release(&base);
+    PyBuffer_Release(&mean);
+    PyBuffer_Release(&row);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"mix", mix_blocks, METH_VARARGS,
      "mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh[, masks, factors]): "
@@ -1010,6 +1146,8 @@ static PyMethodDef methods[] = {
     {"l1", l1_sums, METH_VARARGS, "l1(model, base, bits, first, dtype): see _mix.c"},
     {"ranked", ranked_bits, METH_VARARGS, "ranked(keys, draws, thresholds, out): see _mix.c"},
     {"magprune", magprune, METH_VARARGS, "magprune(model, base, state, thresholds, out, block): see _mix.c"},
+    {"tangent", tangent, METH_VARARGS, "tangent(units, mean, dots, weights, dtype, out): see _mix.c"},
+    {"spherical_end", spherical_end, METH_VARARGS, "spherical_end(mean, row, cos, sin, scale, base, dtype, out): see _mix.c"},
     {"keys", magnitude_keys, METH_VARARGS, "keys(model, base, descending, keys, counts): see _mix.c"},
     {NULL, NULL, 0, NULL},
 };

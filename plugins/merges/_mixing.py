@@ -106,6 +106,29 @@ def _in_c(parts, base, weights, consensus, normalize, scale, out, *models) -> bo
     return True
 
 
+def tangent(units: Sequence[torch.Tensor], mean: torch.Tensor, dots: torch.Tensor, weights: torch.Tensor,
+            out: torch.Tensor) -> bool:
+    """multislerp's tangent step, out = R(Σᵢ R(wᵢ·R(uᵢ − R(dᵢ·m)))) (the sum `stacked_sum`'s), in one C pass
+    where `_mix` takes the units (up to four: no interleaved tail); False where not (nothing done)."""
+    if len(units) > INTERLEAVED or not _takes(units, out, mean):
+        return False
+    native.tangent(tuple(as_bits(u).numpy() for u in units), as_bits(mean).numpy(), tuple(dots.view(-1).tolist()),
+                   tuple(weights.tolist()), str(out.dtype).removeprefix("torch."), as_bits(out).numpy())
+    return True
+
+
+def spherical_end(mean: torch.Tensor, row: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor,
+                  base: torch.Tensor | None, out: torch.Tensor) -> bool:
+    """multislerp's last step, out = R(R(R(R(m·cos) + R(v·sin))·scale) + base) (the 0-d factors in the dtype),
+    in one C pass where `_mix` takes the tensors; False where not (nothing done)."""
+    if not _takes([row], out, mean, *([] if base is None else [base])):
+        return False
+    native.spherical_end(as_bits(mean).numpy(), as_bits(row).numpy(), float(cos), float(sin), float(scale),
+                         None if base is None else as_bits(base).numpy(), str(out.dtype).removeprefix("torch."),
+                         as_bits(out).numpy())
+    return True
+
+
 def variance(models: Sequence[torch.Tensor], base: torch.Tensor, out: torch.Tensor) -> bool:
     """SCE's variances (`sce.variance`) of τᵢ = R(modelᵢ − base), written into `out`, in one C pass where
     `_mix` takes them (bf16, three inputs, one thread: ~2 ns an entry against ~10 for the task vectors and
