@@ -210,7 +210,8 @@ def held_bytes(sparsify: str | None, inputs: int, compute_size: int, tie_break: 
     order also holds a whole |τ| as keys and either `_introsort`'s followed ties (their places and
     numbers, 8 bytes each, several copies: a byte an entry at the 1 in 70 entries tied of bf16 task
     vectors; and the C walk's int32 numbers beside half the keys: 2 bytes an entry) or (another torch's
-    sort) a bool mask and a float32 copy sorted into an int64 order from an int64 range; an `index` cut the places of the ties kept at its bounds (8 bytes each: a byte an entry)."""
+    sort) a bool mask and a float32 copy sorted into an int64 order from an int64 range; an `index` cut
+    the places of the ties kept at its bounds (8 bytes each: a byte an entry)."""
     held = compute_size + inputs // 8 + 1
     if sparsify in ("magnitude", "magnitude_outliers"):
         held += 1 if tie_break != "mergekit" else (2 if compute_size == 2 else 4) + (

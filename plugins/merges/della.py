@@ -145,10 +145,9 @@ class Della(TaskArithmetic):
                     whole = dtype == torch.bfloat16 and magprune_sums(
                         rows[i], base_rows, bits[i], thresholds(n, s.density[i], epsilon[i]), mask_of(i, 0, count),
                         step)
-                    sums = lambda a, b, by=dict(zip(blocks, whole or [])): by[a, b]  # noqa: E731
+                    sums = (lambda a, b, by=dict(zip(blocks, whole)): by[a, b]) if whole else partial(drawn_sums, i)
                     factors[i] = l1_factor(partial(task_vector, i), blocks,
-                                           lambda a, b, i=i: masked(b, draw_bits(i, b, a), 0), dtype,
-                                           sums if whole else partial(drawn_sums, i))
+                                           lambda a, b, i=i: masked(b, draw_bits(i, b, a), 0), dtype, sums)
 
         def deltas_at(start: int, stop: int, base_block: torch.Tensor) -> list[torch.Tensor]:
             deltas = [magprune(i, torch.sub(rows[i][start:stop].to(dtype), base_block), start) for i in range(len(tensors))]

@@ -108,14 +108,14 @@ class MultiSlerp(Operator):
         for i in range(count):
             torch.mul(units[i], mean, out=row)
             dots[i] = row.sum() if alone else flat[count - 1:].sum(-1)[1]
-        for s, e in blocks if not _mixing.tangent(list(units), mean, dots, weights, row) else ():  # (else in C)
-            along = torch.mul(dots, mean[s:e], out=scratch[1, :, :e - s])  # the step over the products' row
-            weighted_sum(torch.sub(units[:, s:e], along, out=scratch[1, :, :e - s]), row[s:e])
+        if not _mixing.tangent(list(units), mean, dots, weights, row):  # (in one C pass where it is built)
+            for s, e in blocks:  # the step over the products' row
+                along = torch.mul(dots, mean[s:e], out=scratch[1, :, :e - s])
+                weighted_sum(torch.sub(units[:, s:e], along, out=scratch[1, :, :e - s]), row[s:e])
         length = torch.linalg.vector_norm(row) + eps
         cos, sin = torch.cos(length), torch.sin(length) / length
         scale = (norms.squeeze(-1) * weights).sum()
-        flat_base = None if base is None else base.reshape(-1)
-        if _mixing.spherical_end(mean, row, cos, sin, scale, flat_base, mean):  # (in one C pass where it is built)
+        if _mixing.spherical_end(mean, row, cos, sin, scale, None if base is None else base.reshape(-1), mean):
             return mean.view(shape)
         for s, e in blocks:  # the result over the mean's buffer: ((m·cos + v·sin/s)·scale) (+ θ₀)
             part, step = scratch[0, 0, :e - s], scratch[1, 0, :e - s]

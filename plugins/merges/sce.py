@@ -138,9 +138,8 @@ class SelectCalculateErase(Operator):
         and, for mergekit's tie order, the selection's bool mask and followed ties (a byte) and the C walk's
         numbers (2), or topk's values and int64 indices (another torch's sort), or the index cut's mask; then
         the mask (a bool and, for the torch passes, one in the dtype) with one input's float32 squares, and
-        with the result. (The
-        engine's default, 44 bytes an entry, ran the 168M job's two 33M-entry tensors alone, the other
-        worker idle: 2.6-2.8 s of merge against 2.0-2.1.)"""
+        with the result. (The engine's default, 44 bytes an entry, ran the 168M job's two 33M-entry tensors
+        alone, the other worker idle: 2.6-2.8 s of merge against 2.0-2.1.)"""
         c, tie_break = compute_size, params.get("tie_break", "mergekit")
         select = c + (c if tie_break == "index" else 4 if _introsort.follows_torch() else c + 8)
         return max(select, 1 + c + max(4, c))
