@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, as_bits, frozen
+from ._norm import float_norm
 from ._select import block_ranges
 
 BLOCK = 1 << 20  # elements per block of the per-element steps
@@ -72,10 +73,11 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     scratch = torch.empty(tensors[0].numel() * max(exact.itemsize, *(x.element_size() for x in tensors)),
                           dtype=torch.uint8, device=tensors[0].device)
 
-    def norm(x: torch.Tensor) -> torch.Tensor:  # ‖x.to(exact)‖: the same copy, into the scratch buffer
+    def norm(x: torch.Tensor) -> torch.Tensor:  # ‖x.to(exact)‖: no copy (bf16, `float_norm`) or into the scratch buffer
         if x.dtype == exact:
             return torch.linalg.vector_norm(x)
-        return torch.linalg.vector_norm(scratch.view(exact).view(x.shape).copy_(x))
+        fast = float_norm(x) if exact == torch.float32 else None
+        return fast if fast is not None else torch.linalg.vector_norm(scratch.view(exact).view(x.shape).copy_(x))
 
     norms = [norm(x) for x in tensors]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
