@@ -84,9 +84,9 @@ def _normalized(name: str) -> str:
 
 def _third_party_entries() -> list[PluginEntry]:
     wanted = {_normalized(w) for w in os.environ.get("ADAPTKIT_PLUGINS", "").split(",") if w.strip()}
-    entries = []
+    entries, installed = [], importlib.metadata.entry_points()  # (read once: each group's call read them all again)
     for kind in KINDS:
-        for ep in importlib.metadata.entry_points(group=f"adaptkit.{kind}"):
+        for ep in installed.select(group=f"adaptkit.{kind}"):
             dist = ep.dist.name if ep.dist else "unknown distribution"
             if wanted and _normalized(dist) not in wanted and _normalized(ep.name) not in wanted:
                 continue
