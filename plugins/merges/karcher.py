@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._base import Operator, as_bits, frozen
-from ._norm import float_norm
+from ._norm import float_norm, unit_dots
 from ._select import block_ranges
 
 BLOCK = 1 << 20  # elements per block of the per-element steps
@@ -38,6 +38,7 @@ class Karcher(Operator):
     takes_base = False
     params = frozen({"max_iter": 10, "tol": 1e-5})
     serial_kernels = True  # torch.dot of bf16 runs on one thread: two workers, A/B median of 7, 0.84 of the wall
+    # (with the C dots still 0.72 of it: median of 6, 1.08 → 0.77 s of work)
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         self.check_inputs(tensors)
@@ -108,11 +109,13 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     tangent = None
     # torch's dot of half-precision vectors runs on one thread (2.2 ns an entry, bf16: oneDNN's 1×1 matmul
     # on an AVX-512 CPU; `mv` and (1, n)×(n, N) products take 3-20× less time but sum in another order,
-    # and mergekit's dots are these). Given more threads (a tensor merged alone), the inputs' dots run
-    # side by side, each unit vector in its own slot of the scratch buffer (two fit where the inputs
-    # have half float32's size). 168M job's embeddings, two threads, three inputs: 150 ms a pass of
-    # dots instead of 230; the whole command, median of 7, 0.96 of the wall, same peak.
-    # (not for small tensors: a thread pool each iteration costs more than their dots, 4× the time of a
+    # and mergekit's dots are these). Where `_norm.unit_dots` applies (bf16, that matmul's order probed), the
+    # dots are one C pass from the inputs, the unit vectors made in registers: the 168M merge's work in one
+    # process 1.24 → 0.68 s (alternating, medians of 6), the same bytes. Else, given more threads (a tensor
+    # merged alone), the inputs' torch dots run side by side, each unit vector in its own slot of the scratch
+    # buffer (two fit where the inputs have half float32's size): 168M job's embeddings, two threads, three
+    # inputs, 150 ms a pass of dots instead of 230; the whole command, median of 7, 0.96 of the wall.
+    # (neither for small tensors: a thread pool each iteration costs more than their dots, 4× the time of a
     # tiny 40-layer model's 1200-iteration merge)
     slots = min(torch.get_num_threads(), len(valid), scratch.numel() // max(1, flat.numel() * flat.element_size()))
     slots = slots if flat.numel() >= SIDE_BY_SIDE_MIN else 1
@@ -125,10 +128,12 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
         if cycle.ends(iteration, max_iter):
             break
         moved = False
-        dots = _side_by_side(dot, valid, slots) if slots > 1 else None
+        dots = unit_dots(flat, [tensors[i] for i in valid], [norms[i] for i in valid], max(1, slots))
+        if dots is None:
+            dots = _side_by_side(dot, valid, slots) if slots > 1 else [None] * len(valid)
         for k, (alpha, i) in enumerate(zip(alphas, valid)):
-            u = None if dots else unit(i)
-            cos = torch.clamp(dots[k] if dots else torch.dot(flat, u.view(-1)), -1.0, 1.0)
+            u = None if dots[k] is not None else unit(i)
+            cos = torch.clamp(dots[k] if u is None else torch.dot(flat, u.view(-1)), -1.0, 1.0)
             omega = torch.arccos(cos)
             cycle.note(cos)
             if omega.item() < tol:
