@@ -18,6 +18,8 @@ examples/plugin-example to this). The groups:
 - Files: `TensorStore` (lazy tensors by name, headers first; what `detect` is given),
   `parse_json` / `dump_json` (JSON read with bounded nesting and no repeated key; JSON written with
   NaN refused by name), `save_tensors` (a state dict written as safetensors files, sharded by size).
+- Merging: `command_threads()`, torch's thread count in the merge command's own thread while its
+  workers run with fewer (else None): the count whose split of a whole-tensor sum an operator reproduces.
 - Dtypes: `dtypes`, a namespace; `dtypes.COMPUTE` (the float dtypes weights are computed in) and
   `dtypes.scalar(code, raw)` (one stored number decoded without torch).
 - Module plane (these import torch, so they load on first use: import them inside the functions
@@ -44,6 +46,7 @@ from .io.store import TensorStore
 from .io.readers import dump_json, parse_json
 from .spec import AdapterFiles, LowRankAdapter, LowRankModule
 from .io.writer import save_tensors
+from .merge.schedule import command_threads
 
 if TYPE_CHECKING:
     from .live.adapters import Adapters
@@ -72,6 +75,8 @@ __all__ = [
     "validate",
     # files
     "TensorStore", "dump_json", "parse_json", "save_tensors",
+    # merging
+    "command_threads",
     # dtypes
     "dtypes",
     # module plane (imports torch on first use)

@@ -35,7 +35,7 @@ from .slices import Job, source_place
 from .precision import all_finite, drop_quantization_config, nonfinite_output, recipe_dtypes, state_dtype, stored_dtype
 from .positions import check_positions, layer_positions, operator_params, resolve_params
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_inputs
-from .schedule import default_workers, run_within
+from .schedule import command_threads_held, default_workers, run_within
 from .converted import fuse
 from .sources import ModelSource, check_inputs, check_same_architecture, merge_names, open_input, warn_tied_config
 from .tokenizer import build_vocabulary, write_tokenizer
@@ -392,7 +392,8 @@ def _stream(plan: Plan, writer: ShardedWriter, threads: int, allow_nonfinite: bo
                leave=False)
     torch.set_num_threads(shared)
     try:
-        run_within(pieces, need, work, threads, WORKING_MEMORY)
+        with command_threads_held(intra_op):
+            run_within(pieces, need, work, threads, WORKING_MEMORY)
     finally:  # (the bar cleared before an error's line too)
         torch.set_num_threads(intra_op)
         bar.close()

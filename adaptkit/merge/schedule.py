@@ -15,12 +15,35 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from .. import spec
 
 Piece = TypeVar("Piece")
+
+_command_threads: int | None = None
+
+
+def command_threads() -> int | None:
+    """torch's thread count in the merge command's own thread while its workers run with fewer, else None.
+
+    torch splits a whole-tensor reduction (a sum to one number) over its threads, rounding each part's sum to
+    the dtype, so the bytes depend on the count; an operator whose tensors merge on workers with fewer threads
+    reproduces this count's sums, which a plain process (mergekit's, or this one with one worker) gives."""
+    return _command_threads
+
+
+@contextmanager
+def command_threads_held(count: int) -> Iterator[None]:
+    """`command_threads()` says `count` within (the engine's workers run with fewer)."""
+    global _command_threads
+    previous, _command_threads = _command_threads, count
+    try:
+        yield
+    finally:
+        _command_threads = previous
 
 
 def default_workers(method: Any) -> int:

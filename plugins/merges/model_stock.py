@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen
+from ._base import Operator, frozen, whole_sum
 from ._select import block_ranges
 
 BLOCK = 1 << 20  # elements per block (of rows with filter_wise)
@@ -29,6 +29,9 @@ class ModelStock(Operator):
 
     name = "model_stock"
     params = frozen({"filter_wise": False})
+    # Two workers of one torch thread each, the sums to one number split as the command's threads split them
+    # (`whole_sum`): the 168M merge's work in one process 1.19 → 0.81 s (alternating, medians of 10); the same bytes.
+    serial_kernels = True
 
     def merge(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
         self.check_inputs(tensors, minimum=2)
@@ -96,7 +99,10 @@ def interpolation_ratio(offset: Callable[[int, torch.Tensor | None], torch.Tenso
             first, other = made(i), made(j)
             last = count <= 3 and j == count - 1
             product = torch.mul(first, other, out=first if last else (spare.pop() if spare else None))
-            cosines.append((product.sum(dim=-1) / (norm[i] * norm[j]).clamp(min=1e-6)).clamp(-1, 1))
+            # (a sum to one number is split over torch's threads; rows are summed one a thread, in any count)
+            whole = product.shape[:-1].numel() == 1
+            total = whole_sum(product.view(-1)).view(product.shape[:-1]) if whole else product.sum(dim=-1)
+            cosines.append((total / (norm[i] * norm[j]).clamp(min=1e-6)).clamp(-1, 1))
             spare.append(product)
             if count > 3:  # made again when needed: this pair's buffers serve the next
                 spare += [kept.pop(j)] + ([kept.pop(i)] if j == count - 1 else [])
