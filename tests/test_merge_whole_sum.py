@@ -1,6 +1,6 @@
 """Sums to one number on workers with fewer threads (`_base.whole_sum`, `schedule.command_threads`): torch splits such
-a sum over its threads and rounds each part, so a worker reproduces the command's split, and model_stock on two
-workers gives the bytes of one worker on all of torch's threads (mergekit's)."""
+a sum over its threads and rounds each part, so a worker reproduces the command's split: model_stock on two workers,
+and slerp and nuslerp on `--threads 2`, give the bytes of one worker on all of torch's threads (mergekit's)."""
 from __future__ import annotations
 
 import json
@@ -63,9 +63,10 @@ def write_model(folder, seed: int) -> None:
               layer + "mlp.down_proj.weight": (256, 512), layer + "input_layernorm.weight": (256,),
               layer + "post_attention_layernorm.weight": (256,)}
     base = {name: torch.randn(shape, generator=g) * 0.05 for name, shape in shapes.items()}
-    g.manual_seed(seed)
+    shared = {name: torch.randn(shape, generator=g) * 0.01 for name, shape in shapes.items()}
+    g.manual_seed(seed)  # (task vectors at cos ≈ 0.8: near 0, the angle's bf16 rounding hides a sum's last bit)
     folder.mkdir()
-    save_file({name: (w + (torch.randn(w.shape, generator=g) * 0.01 if seed else 0)).bfloat16()
+    save_file({name: (w + (shared[name] + torch.randn(w.shape, generator=g) * 0.005 if seed else 0)).bfloat16()
                for name, w in base.items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
@@ -98,4 +99,38 @@ def test_model_stock_on_two_workers_gives_one_workers_bytes(tmp_path, monkeypatc
     if default_workers(model_stock.MODEL_STOCK) > 1 and torch.get_num_threads() > 1:
         # each worker's own sums would differ: the split is what keeps the bytes
         plain = merged("plain", model_stock, "whole_sum", lambda x: x.sum())
+        assert any(not same(one[k], plain[k]) for k in one)
+
+
+SPHERICAL = {
+    "nuslerp": lambda d: f"base_model: {d / 'm0'}\nmodels:\n" + "".join(
+        f"  - model: {d / f'm{s}'}\n    parameters: {{weight: {w}}}\n" for s, w in ((1, 0.3), (2, 0.7))),
+    "slerp": lambda d: f"base_model: {d / 'm1'}\nmodels:\n  - model: {d / 'm1'}\n  - model: {d / 'm2'}\n"
+                       "parameters: {t: 0.3}\n",
+}
+
+
+@pytest.mark.parametrize("method", sorted(SPHERICAL))
+def test_spherical_methods_give_the_same_bytes_on_any_threads(tmp_path, monkeypatch, threads, method):
+    """slerp's and nuslerp's angles of whole tensors are sums to one number: on two workers (`--threads 2`) each is
+    split as one worker on all of torch's threads splits it."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    for seed in range(3):
+        write_model(tmp_path / f"m{seed}", seed)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(SPHERICAL[method](tmp_path) + f"merge_method: {method}\ndtype: bfloat16\n")
+
+    def merged(name: str, threads: int) -> dict:
+        run_merge(str(recipe), str(tmp_path / name), force=True, card=False, progress=False, threads=threads)
+        return load_file(tmp_path / name / "model.safetensors")
+
+    one, two = merged("one", 1), merged("two", 2)
+    assert one.keys() == two.keys() and all(same(one[k], two[k]) for k in one)
+    if torch.get_num_threads() > 1:
+        monkeypatch.setattr(importlib.import_module(f"adaptkit_plugins.merges.{method}"), "whole_sum",
+                            lambda x: x.sum())
+        plain = merged("plain", 2)
         assert any(not same(one[k], plain[k]) for k in one)

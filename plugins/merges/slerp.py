@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen
+from ._base import Operator, frozen, whole_sum
 
 # mergekit's constants: above this |cos Ω| the two tensors count as parallel (or antiparallel)
 # and the division by sin Ω would only amplify rounding, so plain lerp is used instead.
@@ -67,7 +67,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     dots = []
     for s in chunks:
         cx, cy = widened(s)
-        dots.append(cx.div_(norm_x).mul_(cy.div_(norm_y)).sum(dim=1, keepdim=True))
+        # (a sum to one number, split as the command's threads split it: the same bytes on any --threads)
+        dots.append(whole_sum(cx.div_(norm_x).mul_(cy.div_(norm_y)).view(-1)).view(1, 1))
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > DOT_THRESHOLD
     omega = torch.acos(torch.where(linear, 0, dot))
