@@ -58,6 +58,8 @@
  *   one pass where torch makes four and five (`multislerp.py`).
  * norm(x, dtype): ‖x‖₂ of x converted to float32, as torch's norm kernel takes it (`vector_norm(x.float())`), as a
  *   float (at the end).
+ * nearswap(base, other, t, dtype, out): NearSwap's blend in one pass (at the end); False where an input is an inf or
+ *   a NaN (out then to be redone).
  * dots(mean, inputs, norms): karcher's ⟨m, R(xᵢ/nᵢ)⟩ of bf16 buffers of one length, in float32 as torch's `dot` sums
  *   them (at the end), a float an input, or None where the sum may not be torch's.
  * keys(model, base, descending, keys, counts): the keys of |τ|, τ = R(model − base) in bf16, and their histogram,
@@ -1377,6 +1379,78 @@ static PyObject *unit_dots(PyObject *self, PyObject *args)
     return result;
 }
 
+/* NearSwap per entry in torch's operations and roundings (`nearswap.py`): d = R(θ₀ − θ₁), c = max(|d|, floor) (floor:
+   1e-6 in the dtype, as torch's clamp takes it), w = clamp(R(R(1/c)·t), 0, 1) (torch's t / c is reciprocal(c)·t),
+   out = R(R(w·θ₁) + R(R(1 − w)·θ₀)): one pass where torch makes nine. Sets *odd where an input is an inf or a NaN
+   (whose bit patterns torch's steps may give otherwise; the caller redoes those with torch). */
+/* R(x) in 32-bit operations only (gcc vectorizes none of these loops with `rounded`'s 16-bit steps); no NaN rule:
+   a NaN here comes from an input the caller redoes with torch */
+static ALWAYS_INLINE float round32(float x, int bf16)
+{
+    uint32_t u = float_bits(x);
+    return bf16 ? bits_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u) : x;
+}
+
+/* the clamps compare bits (c and w are ≥ 0: the float order): float compares in a select made gcc keep branches */
+static ALWAYS_INLINE void nearswap_steps(const float *b, const float *o, float t, float floor, int count, int bf16,
+                                         float *r)
+{
+    uint32_t least = float_bits(floor), one = float_bits(1.0f);
+    for (int j = 0; j < count; j++) {
+        uint32_t c = float_bits(round32(b[j] - o[j], bf16)) & 0x7FFFFFFFu;
+        c = c < least ? least : c;
+        uint32_t w = float_bits(round32(round32(1.0f / bits_float(c), bf16) * t, bf16));
+        w = (int32_t)w < 0 ? 0u : w;
+        w = w > one ? one : w;
+        r[j] = round32(bits_float(w) * o[j], bf16) + round32(round32(1.0f - bits_float(w), bf16) * b[j], bf16);
+    }
+}
+
+CLONES static void nearswap_chunk(const void *base, const void *other, float t, float floor, Py_ssize_t start,
+                                  int count, int bf16, void *out, int *odd)
+{
+    float b[CHUNK], o[CHUNK], r[CHUNK];
+    load_chunk(b, base, start, count, bf16);
+    load_chunk(o, other, start, count, bf16);
+    uint32_t bad = 0;
+    for (int j = 0; j < count; j++)
+        bad |= ((float_bits(b[j]) & 0x7F800000u) == 0x7F800000u) | ((float_bits(o[j]) & 0x7F800000u) == 0x7F800000u);
+    if (bf16)
+        nearswap_steps(b, o, t, floor, count, 1, r);
+    else
+        nearswap_steps(b, o, t, floor, count, 0, r);
+    store_chunk(out, r, start, count, bf16);
+    *odd |= bad != 0;
+}
+
+static PyObject *nearswap(PyObject *self, PyObject *args)
+{
+    Py_buffer base, other, out;
+    double t;
+    const char *dtype;
+    if (!PyArg_ParseTuple(args, "y*y*dsw*", &base, &other, &t, &dtype, &out))
+        return NULL;
+    int size = dtype_size(dtype), odd = 0;
+    PyObject *result = NULL;
+    if (size && (base.len != out.len || other.len != out.len || out.len % size))
+        PyErr_SetString(PyExc_ValueError, "nearswap: a base, other and out of one length");
+    else if (size) {
+        Py_ssize_t entries = out.len / size;
+        float floor = (float)1e-6, tf = (float)t;
+        floor = size == 2 ? from_bf16(to_bf16(floor)) : floor;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t start = 0; start < entries; start += CHUNK)
+            nearswap_chunk(base.buf, other.buf, tf, floor, start, chunk_count(entries, start), size == 2, out.buf,
+                           &odd);
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(!odd);
+    }
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&other);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"mix", mix_blocks, METH_VARARGS,
      "mix(rule, deltas, weights, normalize, divisor, tail, dtype, out, base, scale, weigh[, masks, factors]): "
@@ -1391,6 +1465,7 @@ static PyMethodDef methods[] = {
      "spherical_end(mean, row, cos, sin, scale, base, dtype, out): see _mix.c"},
     {"norm", norm, METH_VARARGS, "norm(x, dtype): see _mix.c"},
     {"dots", unit_dots, METH_VARARGS, "dots(mean, inputs, norms): see _mix.c"},
+    {"nearswap", nearswap, METH_VARARGS, "nearswap(base, other, t, dtype, out): see _mix.c"},
     {"keys", magnitude_keys, METH_VARARGS, "keys(model, base, descending, keys, counts): see _mix.c"},
     {NULL, NULL, 0, NULL},
 };
