@@ -67,8 +67,9 @@ def test_multislerp_in_blocks_gives_the_whole_tensor_bytes(small_blocks):
 @pytest.mark.parametrize("count", [2, 3, 4, 5])
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "no-base"])
 def test_multislerp_c_steps_give_the_torch_steps_bytes(monkeypatch, dtype, count, with_base):
-    """The tangent and the last step in one C pass each (`_mixing.tangent`, `spherical_end`) give the torch
-    steps' bytes, with and without a base; five inputs (past the C pass's four) stay in torch."""
+    """The weighted mean of the units, the tangent and the last step in one C pass each (`_mixing.weighted_sum`,
+    `tangent`, `spherical_end`) give the torch steps' bytes, with and without a base; five inputs (past the tangent
+    pass's four) take torch's tangent step, and their weighted sums the interleaved tail."""
     from adaptkit_plugins.merges import _mixing
 
     if _mixing.native is None:
@@ -77,13 +78,13 @@ def test_multislerp_c_steps_give_the_torch_steps_bytes(monkeypatch, dtype, count
     weights = [0.3, -0.2, 0.5, 0.25, 0.1][:count]
     calls = []
     with monkeypatch.context() as patch:
-        for step in ("tangent", "spherical_end"):
+        for step in ("mix", "tangent", "spherical_end"):
             patch.setattr(_mixing.native, step, lambda *a, f=getattr(_mixing.native, step): calls.append(1) or f(*a))
         ours = op("multislerp").merge(tensors, base if with_base else None, weight=weights)
     with monkeypatch.context() as patch:
         patch.setattr(_mixing, "native", None)
         theirs = op("multislerp").merge(tensors, base if with_base else None, weight=weights)
-    assert same(ours, theirs) and len(calls) == (1 if count > 4 else 2)
+    assert same(ours, theirs) and len(calls) == 3  # (five: the torch tangent's weighted sum is a C `mix` too)
 
 
 @pytest.mark.parametrize("ours", [1, 2])

@@ -106,6 +106,17 @@ def _in_c(parts, base, weights, consensus, normalize, scale, out, *models) -> bo
     return True
 
 
+def weighted_sum(parts: Sequence[torch.Tensor], weights: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = R(Σᵢ R(wᵢ·partᵢ)) (the sum `stacked_sum`'s, its interleaved tail included) in one C pass where `_mix`
+    takes the parts (`mix` with no rule, no base); False where not (nothing done)."""
+    if not _takes(parts, out):
+        return False
+    tail = interleaved_tail(out.dtype, out.numel()) if len(parts) > INTERLEAVED else 0
+    native.mix("none", tuple(as_bits(p).numpy() for p in parts), tuple(weights.tolist()), False, 1.0, tail,
+               str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), None, 1.0, True)
+    return True
+
+
 def tangent(units: Sequence[torch.Tensor], mean: torch.Tensor, dots: torch.Tensor, weights: torch.Tensor,
             out: torch.Tensor) -> bool:
     """multislerp's tangent step, out = R(Σᵢ R(wᵢ·R(uᵢ − R(dᵢ·m)))) (the sum `stacked_sum`'s), in one C pass
