@@ -1,4 +1,4 @@
-"""Sums to one number on workers with fewer threads (`_base.whole_sum`, `schedule.command_threads`): torch splits such
+"""Sums to one number on workers with fewer threads (`_split.whole_sum`, `schedule.command_threads`): torch splits such
 a sum over its threads and rounds each part, so a worker reproduces the command's split: model_stock on two workers,
 and slerp and nuslerp on `--threads 2`, give the bytes of one worker on all of torch's threads (mergekit's)."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ def threads():
 
 
 def test_whole_sum_is_the_commands_threads_sum(threads):
-    from adaptkit_plugins.merges._base import whole_sum
+    from adaptkit_plugins.merges._split import whole_sum
 
     split_matters = 0
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -50,6 +50,27 @@ def test_whole_sum_is_the_commands_threads_sum(threads):
                 assert same(whole_sum(x), x.sum())  # outside a merge's workers: torch's sum as it is
     assert split_matters  # (without the split, these sums would differ)
     assert command_threads() is None
+
+
+def test_where_torch_splits_otherwise_the_worker_sums_on_the_commands_threads(threads, monkeypatch):
+    """A torch whose split is not `_split_sum`'s (another build) fails the probe; the worker then sums on the
+    command's count of threads itself: torch's bytes either way."""
+    from adaptkit_plugins.merges import _split as _base
+
+    assert _base._splits_as_torch(2) and _base._splits_as_torch(3)
+    monkeypatch.setattr(_base, "_split_sum", lambda x, threads: x[:-1].sum() + x[-1])  # (adds otherwise)
+    _base._splits_as_torch.cache_clear()
+    try:
+        assert not _base._splits_as_torch(2)
+        x = spread(100_003, 7, torch.bfloat16)
+        torch.set_num_threads(2)
+        expected = x.sum()
+        torch.set_num_threads(1)
+        with command_threads_held(2):
+            assert same(_base.whole_sum(x), expected)
+        assert torch.get_num_threads() == 1
+    finally:
+        _base._splits_as_torch.cache_clear()
 
 
 def write_model(folder, seed: int) -> None:

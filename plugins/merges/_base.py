@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from adaptkit.plugin import AdaptkitError, closest, command_threads
+from adaptkit.plugin import AdaptkitError, closest
 
 
 #: Up to this many tensors, torch's CPU `stack(parts).sum(dim=0)` adds them one after the other in
@@ -24,33 +24,6 @@ from adaptkit.plugin import AdaptkitError, closest, command_threads
 #: 17 parts, not for 18). Its last entries it sums otherwise: see `interleaved_tail`.
 SEQUENTIAL_SUM_MAX = 16
 INTERLEAVED = 4  # partial sums of torch's reduction of a stack's last entries
-
-
-GRAIN = 32768  # torch's internal GRAIN_SIZE: a reduction of fewer entries runs on one thread
-
-
-def whole_sum(x: torch.Tensor) -> torch.Tensor:
-    """`x.sum()` of a 1-D CPU tensor as the merge command's own thread sums it (`command_threads()`, T), also on
-    a worker with fewer threads. From GRAIN entries on, torch's CPU sum to one number (TensorIterator's two-pass
-    reduction) sums min(T, ⌈n/GRAIN⌉) parts of ⌈n/parts⌉ entries, one a thread, into a buffer of T entries of
-    the dtype (+0 where no part), then that buffer on one thread; here each part is summed on one thread in turn.
-    The same bytes for bf16, float16 and float32, T = 2 to 16, 10³ to 3·10⁷ entries (150 of 150 against torch;
-    one thread's own sum differs from two threads' on a quarter of them)."""
-    threads, now = command_threads(), torch.get_num_threads()
-    if threads is None or threads == now or x.dim() != 1 or x.numel() < GRAIN or x.device.type != "cpu":
-        return x.sum()
-    parts = min(threads, math.ceil(x.numel() / GRAIN))
-    size = math.ceil(x.numel() / parts)
-    buffer = torch.zeros(threads, dtype=x.dtype)
-    if now != 1:
-        torch.set_num_threads(1)
-    try:
-        for p in range(parts):
-            buffer[p] = x[p * size:(p + 1) * size].sum()
-        return buffer.sum()
-    finally:
-        if now != 1:
-            torch.set_num_threads(now)
 
 
 def interleaved_tail(dtype: torch.dtype, numel: int) -> int:

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen, whole_sum
+from ._base import Operator, frozen
+from ._split import whole_sum
 from ._select import block_ranges
 
 BLOCK = 1 << 20  # elements per block (of rows with filter_wise)

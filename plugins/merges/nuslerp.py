@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen, whole_sum
+from ._base import Operator, frozen
+from ._split import whole_sum
 from ._select import block_ranges
 
 # mergekit's constants: 1 − cos²Ω ≤ PARALLEL² counts as parallel (plain lerp there), and a vector

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from ._base import Operator, frozen, whole_sum
+from ._base import Operator, frozen
+from ._split import whole_sum
 
 # mergekit's constants: above this |cos Ω| the two tensors count as parallel (or antiparallel)
 # and the division by sin Ω would only amplify rounding, so plain lerp is used instead.
