@@ -96,13 +96,17 @@ static inline float from_bf16(uint16_t bits)
     return f;
 }
 
+/* a float32's bits rounded to bf16's to nearest even, in the high half (the low half 0); on plain words or
+   vectors of them (NaNs aside) */
+#define BF16_ROUNDED(u) (((u) + 0x7FFFu + (((u) >> 16) & 1u)) & 0xFFFF0000u)
+
 /* torch's vectorized rounding to bf16 (`cvtfp32_bf16`): to nearest even, every NaN to 0xFFFF (its
    scalar path, c10::BFloat16, makes 0x7FC0: a NaN vote elects − in the bulk of a tensor, + in a tail) */
 static inline uint16_t to_bf16(float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
-    uint16_t rounded = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    uint16_t rounded = (uint16_t)(BF16_ROUNDED(u) >> 16);
     return f != f ? 0xFFFF : rounded;  /* (a select: the loops over it vectorize) */
 }
 
@@ -1236,6 +1240,9 @@ static PyObject *norm(PyObject *self, PyObject *args)
 #define DOT_LANES 16
 #define DOT_PAIRS (DOT_CHUNK / 2)
 #define DOT_TINY 0x26800000u  /* 2⁻⁵⁰'s float32 bits */
+/* 1 where a magnitude's bits `a` (a word, or a vector of them) are nonzero and below 2⁻⁵⁰, or an inf or a NaN, else
+   0: from sign bits, no compares (gcc made 16-lane compares scalar code in the AVX2 copy, 7× the time) */
+#define DOT_UNUSUAL(a) (((((a) - DOT_TINY) & ~((a) - 1u)) | ~((a) - 0x7F800000u)) >> 31)
 #if defined(__x86_64__) && defined(__has_attribute) && defined(__GNUC__)
 #if __has_attribute(target_clones)
 #define DOT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -1258,12 +1265,10 @@ static ALWAYS_INLINE void chunk_major(uint32_t (*rows)[DOT_LANES], const uint16_
             memcpy(&rows[k][j], x + (j * DOT_CHUNK + 2 * k), 4);
 }
 
-/* 1 in the lanes of a nonzero magnitude below 2⁻⁵⁰, an inf or a NaN (from sign bits: gcc made 16-lane compares
-   scalar code in the AVX2 copy, 7× the time) */
-static ALWAYS_INLINE dot_words unusual(dot_words bits)
+static ALWAYS_INLINE dot_words unusual(dot_words bits)  /* DOT_UNUSUAL of a lane's magnitude */
 {
     dot_words a = bits & 0x7FFFFFFFu;
-    return (((a - DOT_TINY) & ~(a - 1u)) | ~(a - 0x7F800000u)) >> 31;
+    return DOT_UNUSUAL(a);
 }
 
 static ALWAYS_INLINE dot_floats as_floats(dot_words w)
@@ -1287,8 +1292,8 @@ DOT_CLONES static void lane_dots(const uint32_t (*mean_rows)[DOT_LANES], const u
         dot_floats q1 = as_floats(p & 0xFFFF0000u) / norm, q0 = as_floats(p << 16) / norm;
         memcpy(&odd, &q1, sizeof odd);
         memcpy(&even, &q0, sizeof even);
-        odd = zero ? odd & 0u : ((odd + 0x7FFFu + ((odd >> 16) & 1u)) >> 16) << 16;  /* R(q) */
-        even = zero ? even & 0u : ((even + 0x7FFFu + ((even >> 16) & 1u)) >> 16) << 16;
+        odd = zero ? odd & 0u : BF16_ROUNDED(odd);  /* R(q) */
+        even = zero ? even & 0u : BF16_ROUNDED(even);
         bad |= unusual(m & 0xFFFF0000u) | unusual(m << 16) | unusual(odd) | unusual(even);
         acc += as_floats(m & 0xFFFF0000u) * as_floats(odd);
         acc += as_floats(m << 16) * as_floats(even);
@@ -1307,12 +1312,13 @@ static float chunk_dot(const uint16_t *m, const uint16_t *x, Py_ssize_t count, f
         for (int h = k + 1 < count; h >= 0; h--) {  /* the odd entry first */
             uint16_t u = zero ? 0 : to_bf16(from_bf16(x[k + h]) / norm);
             uint32_t a = float_bits(from_bf16(m[k + h])) & 0x7FFFFFFFu, b = float_bits(from_bf16(u)) & 0x7FFFFFFFu;
-            *flag |= (a && (a < DOT_TINY || a >= 0x7F800000u)) || (b && (b < DOT_TINY || b >= 0x7F800000u));
+            *flag |= DOT_UNUSUAL(a) | DOT_UNUSUAL(b);
             acc += from_bf16(m[k + h]) * from_bf16(u);
         }
     return acc;
 }
 
+/* totals (from +0: a chunk's sum is never −0, so the same as starting from the first) and flags of every input */
 static void unit_dots_of(const uint16_t *m, const uint16_t *const *xs, const float *norms, int n, Py_ssize_t entries,
                          float *totals, uint32_t *flags)
 {
@@ -1326,15 +1332,14 @@ static void unit_dots_of(const uint16_t *m, const uint16_t *const *xs, const flo
             lane_dots((const uint32_t (*)[DOT_LANES])mean_rows, xs[i] + start, norms[i], norms[i] == 0.0f, sums,
                       &flags[i]);
             for (int j = 0; j < DOT_LANES; j++)
-                totals[i] = start == 0 && j == 0 ? sums[0] : totals[i] + sums[j];
+                totals[i] += sums[j];
         }
     }
 #endif
     for (; start < entries; start += DOT_CHUNK) {
         Py_ssize_t count = entries - start < DOT_CHUNK ? entries - start : DOT_CHUNK;
         for (int i = 0; i < n; i++) {
-            float sum = chunk_dot(m + start, xs[i] + start, count, norms[i], norms[i] == 0.0f, &flags[i]);
-            totals[i] = start == 0 ? sum : totals[i] + sum;
+            totals[i] += chunk_dot(m + start, xs[i] + start, count, norms[i], norms[i] == 0.0f, &flags[i]);
         }
     }
 }
@@ -1379,16 +1384,11 @@ static PyObject *unit_dots(PyObject *self, PyObject *args)
     return result;
 }
 
-/* NearSwap per entry in torch's operations and roundings (`nearswap.py`): d = R(θ₀ − θ₁), c = max(|d|, floor) (floor:
-   1e-6 in the dtype, as torch's clamp takes it), w = clamp(R(R(1/c)·t), 0, 1) (torch's t / c is reciprocal(c)·t),
-   out = R(R(w·θ₁) + R(R(1 − w)·θ₀)): one pass where torch makes nine. Sets *odd where an input is an inf or a NaN
-   (whose bit patterns torch's steps may give otherwise; the caller redoes those with torch). */
-/* R(x) in 32-bit operations only (gcc vectorizes none of these loops with `rounded`'s 16-bit steps); no NaN rule:
-   a NaN here comes from an input the caller redoes with torch */
+/* R(x) in 32-bit operations only (gcc vectorizes none of nearswap's loops with `rounded`'s 16-bit steps); no NaN
+   rule: a NaN here comes from an input the caller redoes with torch */
 static ALWAYS_INLINE float round32(float x, int bf16)
 {
-    uint32_t u = float_bits(x);
-    return bf16 ? bits_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u) : x;
+    return bf16 ? bits_float(BF16_ROUNDED(float_bits(x))) : x;
 }
 
 /* the clamps compare bits (c and w are ≥ 0: the float order): float compares in a select made gcc keep branches */
@@ -1406,6 +1406,10 @@ static ALWAYS_INLINE void nearswap_steps(const float *b, const float *o, float t
     }
 }
 
+/* NearSwap per entry in torch's operations and roundings (`nearswap.py`): d = R(θ₀ − θ₁), c = max(|d|, floor) (floor:
+   1e-6 in the dtype, as torch's clamp takes it), w = clamp(R(R(1/c)·t), 0, 1) (torch's t / c is reciprocal(c)·t),
+   out = R(R(w·θ₁) + R(R(1 − w)·θ₀)): one pass where torch makes nine. Sets *odd where an input is an inf or a NaN
+   (whose bit patterns torch's steps may give otherwise; the caller redoes those with torch). */
 CLONES static void nearswap_chunk(const void *base, const void *other, float t, float floor, Py_ssize_t start,
                                   int count, int bf16, void *out, int *odd)
 {
