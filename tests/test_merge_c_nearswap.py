@@ -12,11 +12,11 @@ from adaptkit import registry
 
 @pytest.fixture
 def nearswap_module():
-    from adaptkit_plugins.merges import nearswap
+    from adaptkit_plugins.merges import _mixing
 
-    if nearswap.native is None:
+    if _mixing.native is None:
         pytest.skip("_mix.c is not built here")
-    return nearswap
+    return _mixing
 
 
 def torch_steps(module, monkeypatch, base, other, t):

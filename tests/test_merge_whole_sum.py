@@ -119,7 +119,7 @@ def test_model_stock_on_two_workers_gives_one_workers_bytes(tmp_path, monkeypatc
     assert all(same(one[k], two[k]) for k in one)
     if default_workers(model_stock.MODEL_STOCK) > 1 and torch.get_num_threads() > 1:
         # each worker's own sums would differ: the split is what keeps the bytes
-        plain = merged("plain", model_stock, "whole_sum", lambda x: x.sum())
+        plain = merged("plain", model_stock, "whole_sum", lambda x, keepdim=False: x.sum(dim=-1, keepdim=keepdim))
         assert any(not same(one[k], plain[k]) for k in one)
 
 
@@ -152,6 +152,6 @@ def test_spherical_methods_give_the_same_bytes_on_any_threads(tmp_path, monkeypa
     assert one.keys() == two.keys() and all(same(one[k], two[k]) for k in one)
     if torch.get_num_threads() > 1:
         monkeypatch.setattr(importlib.import_module(f"adaptkit_plugins.merges.{method}"), "whole_sum",
-                            lambda x: x.sum())
+                            lambda x, keepdim=False: x.sum(dim=-1, keepdim=keepdim))
         plain = merged("plain", 2)
         assert any(not same(one[k], plain[k]) for k in one)

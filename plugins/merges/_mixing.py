@@ -76,12 +76,16 @@ def _weight_sum(weights: torch.Tensor) -> torch.Tensor:
 
 
 def _takes(parts: Sequence[torch.Tensor], like: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether `_mix` takes these: 1 to 16 `parts` and the `others`, all like `like`, bf16 or float32 on
-    the CPU, contiguous, and more than one entry (torch sums a single one as a column)."""
-    return native is not None and like.dtype in (torch.bfloat16, torch.float32) and like.numel() > 1 and (
-        0 < len(parts) <= SEQUENTIAL_SUM_MAX) and all(
-            t.dtype == like.dtype and t.shape == like.shape and t.device.type == "cpu" and t.is_contiguous()
-            for t in (*parts, *others))
+    """Whether `_mix`'s sums take these: 1 to 16 `parts` and the `others` (`_fits`), and more than one entry
+    (torch sums a single one as a column)."""
+    return like.numel() > 1 and 0 < len(parts) <= SEQUENTIAL_SUM_MAX and _fits((*parts, *others), like)
+
+
+def _fits(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> bool:
+    """Whether `_mix` is built and takes `tensors`: all like `like`, bf16 or float32 on the CPU, contiguous."""
+    return native is not None and like.dtype in (torch.bfloat16, torch.float32) and all(
+        t.dtype == like.dtype and t.shape == like.shape and t.device.type == "cpu" and t.is_contiguous()
+        for t in tensors)
 
 
 def _is_keep(keep: torch.Tensor, like: torch.Tensor) -> bool:
@@ -115,6 +119,16 @@ def weighted_sum(parts: Sequence[torch.Tensor], weights: torch.Tensor, out: torc
     native.mix("none", tuple(as_bits(p).numpy() for p in parts), tuple(weights.tolist()), False, 1.0, tail,
                str(out.dtype).removeprefix("torch."), as_bits(out).numpy(), None, 1.0, True)
     return True
+
+
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor | None:
+    """NearSwap's blend in one C pass with torch's roundings where `_mix` takes the tensors and neither has an inf
+    or a NaN; else None."""
+    if not _fits((base, other), base):
+        return None
+    out = torch.empty_like(base)
+    return out if native.nearswap(as_bits(base).numpy(), as_bits(other).numpy(), t, str(base.dtype).removeprefix(
+        "torch."), as_bits(out).numpy()) else None
 
 
 def tangent(units: Sequence[torch.Tensor], mean: torch.Tensor, dots: torch.Tensor, weights: torch.Tensor,

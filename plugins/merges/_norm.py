@@ -85,7 +85,7 @@ PROBE_LENGTHS = (4097, 5000, 8192, 8193, 9001, 16383, 16896, 20001, 25087, 40000
 def exact_dots() -> bool:
     """Whether `_mix`'s dots are torch's on this install (probed once: 20 sums built to sit on a bf16 rounding
     boundary, with divisions by 1 and 3; every other chunk size, no chunks, or the even entry first, differs on
-    some, `test_merge_c_norm.py`)."""
+    some, `test_merge_c_dots.py`)."""
     if native is None:
         return False
     generator = torch.Generator().manual_seed(0)

@@ -20,22 +20,25 @@ from ._base import as_bits
 GRAIN = 32768  # torch's internal GRAIN_SIZE: a reduction of fewer entries runs on one thread
 
 
-def whole_sum(x: torch.Tensor) -> torch.Tensor:
-    """`x.sum()` of a 1-D CPU tensor as the merge command's own thread sums it (`command_threads()`, T), also on
-    a worker with fewer threads. From GRAIN entries on, torch's CPU sum to one number (TensorIterator's two-pass
-    reduction) sums min(T, ⌈n/GRAIN⌉) parts of ⌈n/parts⌉ entries, one a thread, into a buffer of T entries of
-    the dtype (+0 where no part), then that buffer on one thread; here each part is summed on one thread in turn.
-    The same bytes for bf16, float16 and float32, T = 2 to 16, 10³ to 3·10⁷ entries (150 of 150 against torch;
-    one thread's own sum differs from two threads' on a quarter of them). Where a probe finds torch splitting
-    otherwise (another build), the worker sums on T threads itself (slower: its OpenMP team spins beside the
-    other worker's)."""
-    threads, now = command_threads(), torch.get_num_threads()
-    if threads is None or threads == now or x.dim() != 1 or x.numel() < GRAIN or x.device.type != "cpu":
-        return x.sum()
-    with _threads(threads if not _splits_as_torch(threads) else 1):
-        if torch.get_num_threads() == threads:
-            return x.sum()
-        return _split_sum(x, threads)
+def whole_sum(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """`x.sum(dim=-1, keepdim=keepdim)` as the merge command's own thread sums it (`command_threads()`, T), also on
+    a worker with fewer threads, where the result is one number (one row) on the CPU. From GRAIN entries on,
+    torch's CPU sum to one number (TensorIterator's two-pass reduction) sums min(T, ⌈n/GRAIN⌉) parts of
+    ⌈n/parts⌉ entries, one a thread, into a buffer of T entries of the dtype (+0 where no part), then that buffer
+    on one thread; here each part is summed on one thread in turn. The same bytes for bf16, float16 and float32,
+    T = 2 to 16, 10³ to 3·10⁷ entries (150 of 150 against torch; one thread's own sum differs from two threads' on
+    a quarter of them). Where a probe finds torch splitting otherwise (another build), the worker sums on T
+    threads itself (slower: its OpenMP team spins beside the other worker's)."""
+    threads = command_threads()
+    if threads in (None, torch.get_num_threads()) or x.shape[:-1].numel() != 1 or x.shape[-1] < GRAIN or (
+            x.device.type != "cpu"):
+        return x.sum(dim=-1, keepdim=keepdim)
+    shape = x.shape[:-1] + ((1,) if keepdim else ())
+    if not _splits_as_torch(threads):
+        with _threads(threads):
+            return x.sum(dim=-1, keepdim=keepdim)
+    with _threads(1):
+        return _split_sum(x.reshape(-1), threads).view(shape)
 
 
 def _split_sum(x: torch.Tensor, threads: int) -> torch.Tensor:

@@ -100,10 +100,7 @@ def interpolation_ratio(offset: Callable[[int, torch.Tensor | None], torch.Tenso
             first, other = made(i), made(j)
             last = count <= 3 and j == count - 1
             product = torch.mul(first, other, out=first if last else (spare.pop() if spare else None))
-            # (a sum to one number is split over torch's threads; rows are summed one a thread, in any count)
-            whole = product.shape[:-1].numel() == 1
-            total = whole_sum(product.view(-1)).view(product.shape[:-1]) if whole else product.sum(dim=-1)
-            cosines.append((total / (norm[i] * norm[j]).clamp(min=1e-6)).clamp(-1, 1))
+            cosines.append((whole_sum(product) / (norm[i] * norm[j]).clamp(min=1e-6)).clamp(-1, 1))
             spare.append(product)
             if count > 3:  # made again when needed: this pair's buffers serve the next
                 spare += [kept.pop(j)] + ([kept.pop(i)] if j == count - 1 else [])

@@ -87,7 +87,7 @@ def whole(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, t: float)
     product = a / norm_a
     for s, e in blocks:  # (in place: the same rounding as unit_a * unit_b)
         product[s:e].mul_(b[s:e] / norm_b)
-    cos = whole_sum(product).view(1).clamp(-1, 1)  # (split as the command's threads split it: any --threads)
+    cos = whole_sum(product, keepdim=True).clamp(-1, 1)  # (split as the command's threads split it: any --threads)
     del product
     parallel = (1 - cos.square()) <= PARALLEL**2
     omega = torch.acos(torch.where(parallel, 0, cos))
@@ -109,8 +109,7 @@ def spherical(a: torch.Tensor, b: torch.Tensor, t: float, *, axis: int, flatten:
         a, b = a.transpose(axis, -1), b.transpose(axis, -1)
     unit_a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
     unit_b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
-    product = unit_a * unit_b
-    cos = (whole_sum(product).view(1) if product.dim() == 1 else product.sum(dim=-1, keepdim=True)).clamp(-1, 1)
+    cos = whole_sum(unit_a * unit_b, keepdim=True).clamp(-1, 1)
     parallel = (1 - cos.square()) <= PARALLEL**2
     # acos of a stand-in 0 where parallel: the spherical branch stays finite there, then is replaced.
     omega = torch.acos(torch.where(parallel, 0, cos))

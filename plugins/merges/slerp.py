@@ -69,7 +69,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     for s in chunks:
         cx, cy = widened(s)
         # (a sum to one number, split as the command's threads split it: the same bytes on any --threads)
-        dots.append(whole_sum(cx.div_(norm_x).mul_(cy.div_(norm_y)).view(-1)).view(1, 1))
+        dots.append(whole_sum(cx.div_(norm_x).mul_(cy.div_(norm_y)), keepdim=True))
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > DOT_THRESHOLD
     omega = torch.acos(torch.where(linear, 0, dot))
